@@ -1,0 +1,33 @@
+# Quickstart targets. Each creates .venv/ on first use and installs everything it needs.
+#   make demo   set up, then run the main job on the bundled default input
+#   make test   set up, then run the test suite (scoring tests in both native and fallback modes)
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.scalselect-installed
+# torch is pinned so pip takes the CPU build from this machine's disk instead of a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+
+.PHONY: setup demo test bench clean
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/scalselect demo --out demo-out
+
+test: $(STAMP)
+	SCALSELECT_FORCE_FALLBACK=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_native.py tests/test_scoring.py
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: $(STAMP)
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf build *.egg-info scalselect_fast/*.so demo-out

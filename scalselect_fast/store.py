@@ -1,0 +1,537 @@
+"""Representation store: the on-disk hand-off between extraction and selection.
+
+A store is a directory of shards plus a manifest::
+
+    store/
+      manifest.json          d, dtype, total count, provenance, one record per committed shard
+      shard-00000.npy        (count, d) matrix in numpy's .npy format (memory-mappable);
+                             bfloat16 is stored as uint16 bit patterns
+      shard-00000.ids.txt    one sample id per line, UTF-8, same order as the rows
+
+Shards are committed atomically: data and ids are written to temporary names, fsynced and renamed,
+and only then is the shard recorded in the manifest (itself replaced atomically). A shard that is on
+disk but not in the manifest is therefore never read; a rerun overwrites it. Each record carries a
+CRC-32 of the matrix payload, verified while the rows are streamed.
+
+This module also defines :class:`MatrixSource`, the one interface every streaming consumer (subspace
+fit, scoring, baselines, Dask) reads rows through, and :func:`open_source`, which turns an ndarray, a
+memmap, a ``.npy`` path or a store directory into one. It is not a database: it does not index ids
+or support updates in place.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+__all__ = [
+    "StoreError",
+    "ShardInfo",
+    "MatrixSource",
+    "ArraySource",
+    "StoreSource",
+    "StoreWriter",
+    "open_source",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "SUPPORTED_DTYPES",
+]
+
+FORMAT_NAME = "scalselect-store"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+#: storage dtype name -> numpy dtype of the bytes on disk
+SUPPORTED_DTYPES = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32, "float64": np.float64}
+DEFAULT_BLOCK_ROWS = 16384
+
+
+class StoreError(ValueError):
+    """A store, shard or input matrix is malformed; the message names the file and the fix."""
+
+
+# --------------------------------------------------------------------------------------------------
+# atomic file helpers
+# --------------------------------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see either the old file or the complete new one."""
+    with _atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    """Atomically write ``obj`` as indented JSON (see :func:`atomic_write_bytes`)."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _crc32_array(a: np.ndarray) -> str:
+    return f"crc32:{zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1)) & 0xFFFFFFFF:08x}"
+
+
+# --------------------------------------------------------------------------------------------------
+# sources
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShardInfo:
+    """One contiguous run of rows.
+
+    Attributes
+    ----------
+    name : str
+        Shard name (``"shard-00000"``; ``"array"`` for in-memory sources).
+    offset : int
+        Global index of the shard's first row.
+    count : int
+        Number of rows.
+    path : str or None
+        Path of the ``.npy`` matrix, or None for in-memory data.
+    ids_path : str or None
+        Path of the ids file, or None when ids are row numbers.
+    checksum : str or None
+        ``"crc32:xxxxxxxx"`` of the matrix payload, or None.
+    """
+
+    name: str
+    offset: int
+    count: int
+    path: str | None = None
+    ids_path: str | None = None
+    checksum: str | None = None
+
+
+class MatrixSource:
+    """A read-only (n, d) matrix that is streamed in row blocks.
+
+    Subclasses provide :meth:`_shard_array`. Consumers use :meth:`iter_blocks`, which yields
+    ``(row_offset, block)`` with ``block`` a C-contiguous array of the storage dtype (float16,
+    float32, float64, or uint16 holding bfloat16 bits when :attr:`is_bf16`). Blocks never span
+    shards, so a shard can be processed where it lives.
+
+    Attributes
+    ----------
+    n, d : int
+        Shape of the matrix.
+    dtype : str
+        Storage dtype name, one of ``float16``, ``bfloat16``, ``float32``, ``float64``.
+    shards : list of ShardInfo
+    provenance : dict
+    """
+
+    n: int
+    d: int
+    dtype: str
+    shards: list[ShardInfo]
+    provenance: dict
+
+    @property
+    def is_bf16(self) -> bool:
+        return self.dtype == "bfloat16"
+
+    @property
+    def itemsize(self) -> int:
+        return np.dtype(SUPPORTED_DTYPES[self.dtype]).itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.n * self.d * self.itemsize
+
+    def _shard_array(self, shard: ShardInfo) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def iter_shard_blocks(self, shard: ShardInfo, block_rows: int = DEFAULT_BLOCK_ROWS,
+                          verify: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(global_row_offset, block)`` for one shard, optionally verifying its checksum.
+
+        With ``verify=True`` the CRC-32 of the payload is accumulated as blocks are yielded and a
+        :class:`StoreError` naming the shard is raised after its last block if it does not match.
+        """
+        if block_rows < 1:
+            raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+        arr = self._shard_array(shard)
+        crc = 0
+        check = verify and shard.checksum is not None
+        for start in range(0, shard.count, block_rows):
+            block = np.ascontiguousarray(arr[start:start + block_rows])
+            if check:
+                crc = zlib.crc32(block.view(np.uint8).reshape(-1), crc)
+            yield shard.offset + start, block
+        if check:
+            got = f"crc32:{crc & 0xFFFFFFFF:08x}"
+            if got != shard.checksum:
+                raise StoreError(
+                    f"checksum mismatch in shard {shard.name!r} ({shard.path}): manifest says "
+                    f"{shard.checksum}, data has {got}. The shard was modified or truncated after it "
+                    f"was written; re-extract it (delete the shard and rerun extraction) or restore it.")
+
+    def iter_blocks(self, block_rows: int = DEFAULT_BLOCK_ROWS, verify: bool = False
+                    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(global_row_offset, block)`` over all shards in order. See :meth:`iter_shard_blocks`."""
+        for shard in self.shards:
+            yield from self.iter_shard_blocks(shard, block_rows, verify)
+
+    def shard_array(self, shard: ShardInfo) -> np.ndarray:
+        """The shard's rows as a (possibly memory-mapped) array of the storage dtype."""
+        return self._shard_array(shard)
+
+    def read_rows(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Gather arbitrary global rows as float32 (bfloat16 decoded). Shape ``(len(rows), d)``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((rows.size, self.d), dtype=np.float32)
+        if rows.size == 0:
+            return out
+        if rows.min() < 0 or rows.max() >= self.n:
+            raise IndexError(f"row index out of range [0, {self.n})")
+        offsets = np.array([s.offset for s in self.shards], dtype=np.int64)
+        which = np.searchsorted(offsets, rows, side="right") - 1
+        for si in np.unique(which):
+            sel = np.nonzero(which == si)[0]
+            shard = self.shards[si]
+            local = rows[sel] - shard.offset
+            out[sel] = to_float32(self._shard_array(shard)[local], self.is_bf16)
+        return out
+
+    def to_array(self, dtype=np.float32) -> np.ndarray:
+        """Materialise the whole matrix (for small data, tests and quadratic baselines)."""
+        out = np.empty((self.n, self.d), dtype=dtype)
+        for off, block in self.iter_blocks():
+            out[off:off + block.shape[0]] = to_float32(block, self.is_bf16)
+        return out
+
+    def ids(self) -> list[str]:
+        """Sample ids in row order (row numbers as strings where the source has none)."""
+        out: list[str] = []
+        for shard in self.shards:
+            if shard.ids_path is None:
+                out.extend(str(i) for i in range(shard.offset, shard.offset + shard.count))
+            else:
+                out.extend(_read_ids(shard))
+        return out
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(n={self.n}, d={self.d}, dtype={self.dtype}, shards={len(self.shards)})"
+
+
+def to_float32(block: np.ndarray, is_bf16: bool = False) -> np.ndarray:
+    """Decode a block of the storage dtype to float32 (bfloat16 bits -> float32 exactly)."""
+    if is_bf16:
+        return (block.astype(np.uint32) << 16).view(np.float32)
+    return block.astype(np.float32, copy=False)
+
+
+def _read_ids(shard: ShardInfo) -> list[str]:
+    with open(shard.ids_path, encoding="utf-8") as fh:
+        ids = fh.read().split("\n")
+    if ids and ids[-1] == "":
+        ids.pop()
+    if len(ids) != shard.count:
+        raise StoreError(f"shard {shard.name!r}: {shard.ids_path} holds {len(ids)} ids but the matrix has "
+                         f"{shard.count} rows; the shard is damaged, re-extract it.")
+    return ids
+
+
+class ArraySource(MatrixSource):
+    """An in-memory ndarray or ``np.memmap`` of shape (n, d) as a single-shard source.
+
+    Parameters
+    ----------
+    array : ndarray, shape (n, d)
+        float16, float32 or float64 (other dtypes are rejected; convert first).
+    ids : sequence of str, optional
+        Sample ids; defaults to row numbers.
+    name : str
+        Shown in error messages.
+    """
+
+    def __init__(self, array: np.ndarray, ids: Sequence[str] | None = None, name: str = "array",
+                 path: str | None = None):
+        if array.ndim != 2:
+            raise StoreError(f"{name}: expected a 2-D (n, d) matrix, got shape {array.shape}")
+        dt = np.dtype(array.dtype)
+        names = {np.dtype(np.float16): "float16", np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
+        if dt not in names:
+            raise StoreError(f"{name}: dtype {dt} is not supported; use float16, float32 or float64 "
+                             f"(bfloat16 only inside a store)")
+        self._array = array
+        self.n, self.d = int(array.shape[0]), int(array.shape[1])
+        self.dtype = names[dt]
+        self._ids = list(map(str, ids)) if ids is not None else None
+        if self._ids is not None and len(self._ids) != self.n:
+            raise StoreError(f"{name}: {len(self._ids)} ids for {self.n} rows")
+        self.shards = [ShardInfo(name=name, offset=0, count=self.n, path=path)]
+        self.provenance = {}
+
+    def _shard_array(self, shard: ShardInfo) -> np.ndarray:
+        return self._array
+
+    def ids(self) -> list[str]:
+        return self._ids if self._ids is not None else super().ids()
+
+
+class StoreSource(MatrixSource):
+    """A representation store directory opened for reading (see the module docstring)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        mpath = self.path / MANIFEST
+        if not mpath.is_file():
+            raise StoreError(f"{self.path}: no {MANIFEST}; this is not a representation store "
+                             f"(create one with `scalselect extract` or StoreWriter)")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise StoreError(f"{mpath}: unreadable manifest ({exc})") from exc
+        if manifest.get("format") != FORMAT_NAME:
+            raise StoreError(f"{mpath}: not a {FORMAT_NAME} manifest")
+        self.manifest = manifest
+        self.d = int(manifest["d"])
+        self.dtype = manifest["dtype"]
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise StoreError(f"{mpath}: unsupported dtype {self.dtype!r}")
+        self.provenance = manifest.get("provenance", {})
+        self.shards = []
+        offset = 0
+        for rec in sorted(manifest.get("shards", []), key=lambda r: r["name"]):
+            self.shards.append(ShardInfo(
+                name=rec["name"], offset=offset, count=int(rec["count"]),
+                path=str(self.path / rec["rows_file"]), ids_path=str(self.path / rec["ids_file"]),
+                checksum=rec.get("checksum")))
+            offset += int(rec["count"])
+        self.n = offset
+        self._cache: dict[str, np.ndarray] = {}
+
+    def _shard_array(self, shard: ShardInfo) -> np.ndarray:
+        arr = self._cache.get(shard.name)
+        if arr is not None:
+            return arr
+        try:
+            arr = np.load(shard.path, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"shard {shard.name!r}: cannot read {shard.path} ({exc}); "
+                             f"re-extract the shard or restore the file") from exc
+        want = np.dtype(SUPPORTED_DTYPES[self.dtype])
+        if arr.ndim != 2 or arr.shape[1] != self.d or arr.dtype != want:
+            raise StoreError(
+                f"shard {shard.name!r}: {shard.path} has shape {arr.shape} dtype {arr.dtype}, but the "
+                f"manifest says d={self.d} dtype={self.dtype}; shards of different models/dtypes "
+                f"cannot be mixed in one store")
+        if arr.shape[0] != shard.count:
+            raise StoreError(f"shard {shard.name!r}: {shard.path} has {arr.shape[0]} rows, manifest says "
+                             f"{shard.count}; the file was truncated or replaced, re-extract it")
+        self._cache[shard.name] = arr
+        return arr
+
+
+def open_source(source, ids: Sequence[str] | None = None) -> MatrixSource:
+    """Turn what a user passes into a :class:`MatrixSource`.
+
+    Parameters
+    ----------
+    source : MatrixSource, ndarray, np.memmap, str or PathLike
+        An existing source (returned as is), an (n, d) array, a ``.npy`` file (memory-mapped;
+        a single-shard store with ids = row numbers) or a store directory.
+    ids : sequence of str, optional
+        Ids for an array source.
+
+    Raises
+    ------
+    StoreError
+        If the path does not exist or is not a ``.npy`` file or store.
+    """
+    if isinstance(source, MatrixSource):
+        return source
+    if isinstance(source, np.ndarray):
+        return ArraySource(source, ids=ids)
+    if isinstance(source, (str, os.PathLike)):
+        p = Path(source)
+        if p.is_dir():
+            return StoreSource(p)
+        if p.suffix == ".npy" and p.is_file():
+            try:
+                arr = np.load(p, mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                raise StoreError(f"{p}: cannot read as .npy ({exc})") from exc
+            return ArraySource(arr, ids=ids, name=p.name, path=str(p))
+        if not p.exists():
+            raise StoreError(f"{p}: no such file or directory")
+        raise StoreError(f"{p}: expected a .npy matrix or a representation store directory")
+    raise TypeError(f"cannot read representations from {type(source).__name__}; pass an ndarray, "
+                    f"a .npy path or a store directory")
+
+
+# --------------------------------------------------------------------------------------------------
+# writer
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class StoreWriter:
+    """Append shards to a store directory, committing each one atomically.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        Store directory (created if missing).
+    d : int
+        Representation width.
+    dtype : {"float16", "bfloat16", "float32"}
+        Storage dtype. Rows passed as float32/float64 are cast (bfloat16 with round-to-nearest-even).
+    provenance : dict, optional
+        Model, layer, threshold, data fingerprint, ... Must match an existing store's provenance
+        unless ``force`` (an existing store from a different run is refused, never mixed).
+    prefix : str
+        Shard name prefix; per-rank writers use ``"rank003-shard"`` so ranks never collide.
+
+    Examples
+    --------
+    >>> w = StoreWriter("reps", d=4, dtype="float32")            # doctest: +SKIP
+    >>> w.write_shard(np.zeros((2, 4)), ["a", "b"])              # doctest: +SKIP
+    """
+
+    path: str | os.PathLike
+    d: int
+    dtype: str = "float16"
+    provenance: dict = field(default_factory=dict)
+    prefix: str = "shard"
+    force: bool = False
+
+    def __post_init__(self):
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise StoreError(f"unsupported store dtype {self.dtype!r}; choose one of {sorted(SUPPORTED_DTYPES)}")
+        self.path = Path(self.path)
+        if self.path.exists() and not self.path.is_dir():
+            raise StoreError(f"{self.path} exists and is not a directory; choose another output path")
+        self.path.mkdir(parents=True, exist_ok=True)
+        mpath = self.path / MANIFEST
+        if mpath.exists():
+            m = json.loads(mpath.read_text())
+            same = m.get("d") == self.d and m.get("dtype") == self.dtype and \
+                m.get("provenance", {}) == json.loads(json.dumps(self.provenance))
+            if not same and not self.force:
+                raise StoreError(
+                    f"{self.path} already holds a store from a different run (d={m.get('d')}, "
+                    f"dtype={m.get('dtype')}, provenance differs); use another directory or force=True "
+                    f"(--force) to discard it")
+            if not same:
+                self._reset()
+        if not mpath.exists():
+            atomic_write_json(mpath, self._manifest([]))
+
+    def _reset(self):
+        for p in self.path.glob("*"):
+            if p.name == MANIFEST or p.suffix in (".npy", ".txt"):
+                p.unlink()
+
+    def _manifest(self, shards: list[dict]) -> dict:
+        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "d": self.d, "dtype": self.dtype,
+                "count": int(sum(s["count"] for s in shards)), "provenance": self.provenance,
+                "shards": sorted(shards, key=lambda s: s["name"])}
+
+    def committed(self) -> dict[str, dict]:
+        """Records of the shards already committed, by name (for resuming)."""
+        m = json.loads((self.path / MANIFEST).read_text())
+        return {s["name"]: s for s in m.get("shards", [])}
+
+    def shard_name(self, index: int) -> str:
+        return f"{self.prefix}-{index:05d}"
+
+    def write_shard(self, rows: np.ndarray, ids: Sequence[str], index: int | None = None,
+                    extra: dict | None = None) -> dict:
+        """Write one shard and commit it to the manifest.
+
+        Parameters
+        ----------
+        rows : ndarray, shape (count, d)
+            float16/float32/float64 values, or uint16 bfloat16 bits when ``dtype="bfloat16"``.
+        ids : sequence of str
+            One id per row; ids may not contain newlines.
+        index : int, optional
+            Shard number; defaults to one past the highest committed shard of this prefix.
+        extra : dict, optional
+            Extra fields stored in the shard record (e.g. the input range it covers).
+
+        Returns
+        -------
+        dict
+            The committed shard record.
+        """
+        rows = np.asarray(rows)
+        if rows.ndim != 2 or rows.shape[1] != self.d:
+            raise StoreError(f"{self.path}: shard rows have shape {rows.shape}, expected (count, {self.d})")
+        ids = [str(i) for i in ids]
+        if len(ids) != rows.shape[0]:
+            raise StoreError(f"{self.path}: {len(ids)} ids for {rows.shape[0]} rows")
+        for i in ids:
+            if "\n" in i or "\r" in i:
+                raise StoreError(f"sample id {i!r} contains a newline; ids must be single-line strings")
+        data = _encode(rows, self.dtype)
+        if index is None:
+            mine = [int(n.rsplit("-", 1)[1]) for n in self.committed() if n.startswith(self.prefix + "-")]
+            index = max(mine, default=-1) + 1
+        name = self.shard_name(index)
+        rows_file, ids_file = f"{name}.npy", f"{name}.ids.txt"
+        with _atomic_path(self.path / rows_file) as tmp:
+            with open(tmp, "wb") as fh:  # a file object: np.save would append ".npy" to a bare path
+                np.save(fh, data, allow_pickle=False)
+        atomic_write_bytes(self.path / ids_file, ("\n".join(ids) + ("\n" if ids else "")).encode("utf-8"))
+        rec = {"name": name, "count": int(rows.shape[0]), "rows_file": rows_file, "ids_file": ids_file,
+               "checksum": _crc32_array(data), **(extra or {})}
+        self._commit(rec)
+        return rec
+
+    def _commit(self, rec: dict) -> None:
+        # Serialise manifest updates between processes (per-rank writers share one store).
+        import fcntl
+
+        with open(self.path / ".manifest.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                shards = self.committed()
+                shards[rec["name"]] = rec
+                atomic_write_json(self.path / MANIFEST, self._manifest(list(shards.values())))
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _encode(rows: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        if rows.dtype == np.uint16:
+            return np.ascontiguousarray(rows)
+        f = np.ascontiguousarray(rows, dtype=np.float32)
+        bits = f.view(np.uint32)
+        # round to nearest even on the dropped 16 bits; NaN stays NaN
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        return np.where(np.isnan(f), np.uint16(0x7FC0), rounded)
+    return np.ascontiguousarray(rows, dtype=SUPPORTED_DTYPES[dtype])
