@@ -1,0 +1,341 @@
+"""Instruction-attended pooling of one decoder layer's hidden states, without the attention map.
+
+ScalSelect represents a sample by the mean hidden state of the visual tokens that the instruction
+tokens attend to most in one decoder layer. The reference recipe asks the model for the full
+``[B, H, L, L]`` attention map; this module computes the same vector from the layer's post-RoPE
+``q``/``k`` with memory linear in ``L``:
+
+* ``torch`` backend: loops over chunks of instruction rows; per chunk it materialises the logits of
+  those rows only (``H x chunk x L``), takes the row log-sum-exp over all visible keys in fp32 and
+  accumulates the column sums over visual keys. Runs on CPU and CUDA.
+* ``triton`` backend: two kernels, :func:`_row_lse_kernel` (online log-sum-exp per instruction row over
+  all visible keys) and :func:`_visual_colsum_kernel` (instruction->visual column sums of
+  ``exp(q.k*scale - lse)``, one program per key block, no atomics), both accumulating in fp32.
+  Runs compiled on CUDA and under ``TRITON_INTERPRET=1`` on CPU tensors (tests).
+
+The final sort / threshold / mean-pool is O(L log L) per sample and done with torch on the host.
+This module does not run models; :mod:`scalselect_fast.extract` feeds it the layer's ``q``, ``k`` and
+output hidden states.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+__all__ = ["instruction_attended_pool", "instruction_column_attention"]
+
+_BACKENDS = ("auto", "torch", "triton")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Elements of fp32 logits one chunk of the torch backend may hold (H x chunk x L); 4M = 16 MiB.
+_TORCH_CHUNK_ELEMS = 1 << 22
+
+
+# --------------------------------------------------------------------------------------------------
+# Input validation and dispatch
+# --------------------------------------------------------------------------------------------------
+def _check_mask(name: str, m, B: int, L: int, device) -> torch.Tensor:
+    if not isinstance(m, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of dtype bool with shape ({B}, {L}), got {type(m)!r}")
+    if m.dtype != torch.bool:
+        raise TypeError(f"{name} must have dtype torch.bool (True = token belongs to the set), got {m.dtype}")
+    if tuple(m.shape) != (B, L):
+        raise ValueError(f"{name} must have shape (batch, seqlen) = ({B}, {L}), got {tuple(m.shape)}")
+    if m.device != device:
+        raise ValueError(f"{name} is on {m.device} but q is on {device}; move all inputs to one device")
+    return m
+
+
+def _validate(q, k, query_mask, key_mask, attention_mask, scale, hidden=None, threshold=None):
+    """Check shapes/dtypes/devices; return (B, Hq, Hkv, L, Dh, scale, qmask, vmask, amask)."""
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t)!r}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, heads, seqlen, head_dim), got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    B, Hq, L, Dh = q.shape
+    Bk, Hkv, Lk, Dhk = k.shape
+    if (Bk, Lk, Dhk) != (B, L, Dh):
+        raise ValueError(
+            f"k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)}: need the same batch, "
+            "seqlen and head_dim (layout (batch, heads, seqlen, head_dim))"
+        )
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv}) for GQA")
+    if q.dtype != k.dtype:
+        raise TypeError(f"q and k must share a dtype, got q {q.dtype} and k {k.dtype}")
+    if k.device != q.device:
+        raise ValueError(f"k is on {k.device} but q is on {q.device}; move all inputs to one device")
+    if hidden is not None:
+        if not isinstance(hidden, torch.Tensor):
+            raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden)!r}")
+        if hidden.dim() != 3 or tuple(hidden.shape[:2]) != (B, L):
+            raise ValueError(
+                f"hidden must have shape (batch, seqlen, hidden_dim) = ({B}, {L}, D), got {tuple(hidden.shape)}"
+            )
+        if not hidden.is_floating_point():
+            raise TypeError(f"hidden must be a floating-point tensor, got {hidden.dtype}")
+        if hidden.device != q.device:
+            raise ValueError(f"hidden is on {hidden.device} but q is on {q.device}; move all inputs to one device")
+    if threshold is not None:
+        t = float(threshold)
+        if not (0.0 < t <= 1.0) or math.isnan(t):
+            raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+    if scale is None:
+        scale = Dh ** -0.5
+    else:
+        scale = float(scale)
+        if not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"scale must be a positive finite number or None (= head_dim**-0.5), got {scale!r}")
+    _check_mask("query_mask", query_mask, B, L, q.device)
+    _check_mask("key_mask", key_mask, B, L, q.device)
+    if attention_mask is None:
+        amask = torch.ones(B, L, dtype=torch.bool, device=q.device)
+    else:
+        amask = _check_mask("attention_mask", attention_mask, B, L, q.device)
+    # Padding positions are never instruction rows nor visual keys, whatever the role masks say.
+    qmask = query_mask & amask
+    vmask = key_mask & amask
+    return B, Hq, Hkv, L, Dh, scale, qmask, vmask, amask
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton":
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                "backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+                "before importing scalselect_fast.ops (or use backend='torch')"
+            )
+        if device.type not in ("cpu", "cuda"):
+            raise RuntimeError(f"backend='triton' supports CUDA (or CPU under TRITON_INTERPRET=1), got {device}")
+    return backend
+
+
+# --------------------------------------------------------------------------------------------------
+# torch backend: chunked over instruction rows
+# --------------------------------------------------------------------------------------------------
+def _colsum_torch(q, k, qmask, vmask, amask, scale, chunk_size=None):
+    """Un-normalised instruction->visual column sums with the torch backend.
+
+    Returns float64 ``(B, L)``: ``c[b, j] = sum_{h, i in instr(b)} p^h_ij`` for visual ``j``
+    (0 elsewhere), with ``p^h_ij`` the causal, padding-masked softmax of ``q_i.k_j*scale`` in fp32.
+    Peak extra memory per chunk: about 3 x ``Hq x chunk x L`` fp32 values plus one fp32 copy of
+    ``k[b]`` when the inputs are half precision.
+    """
+    B, Hq, L, Dh = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    out = torch.zeros(B, L, dtype=torch.float64, device=q.device)
+    if chunk_size is None:
+        chunk_size = max(1, _TORCH_CHUNK_ELEMS // max(1, Hq * L))
+    chunk_size = int(chunk_size)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    pos = torch.arange(L, device=q.device)
+    for b in range(B):
+        rows = torch.nonzero(qmask[b]).flatten()
+        cols = torch.nonzero(vmask[b]).flatten()
+        if rows.numel() == 0 or cols.numel() == 0:
+            continue
+        kb = k[b].float()  # (Hkv, L, Dh); a no-op for fp32 inputs
+        acc = torch.zeros(cols.numel(), dtype=torch.float64, device=q.device)
+        for start in range(0, rows.numel(), chunk_size):
+            r = rows[start:start + chunk_size]
+            # Causality: these rows see keys < last_row + 1 only, so the logits stop there.
+            n_keys = int(r[-1]) + 1
+            n_cols = int(torch.searchsorted(cols, n_keys))
+            if n_cols == 0:
+                continue  # no visual key precedes these rows: they contribute nothing
+            qc = q[b][:, r, :].float().view(Hkv, G, r.numel(), Dh)
+            logits = torch.matmul(qc, kb[:, None, :n_keys, :].transpose(-1, -2))  # (Hkv, G, C, n_keys)
+            logits.mul_(scale)
+            visible = (pos[None, :n_keys] <= r[:, None]) & amask[b, None, :n_keys]  # (C, n_keys)
+            logits.masked_fill_(~visible, float("-inf"))
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # each row sees itself: finite
+            c = cols[:n_cols]
+            p = torch.exp(logits[..., c] - lse)  # masked entries are exp(-inf) = 0
+            acc[:n_cols] += p.sum(dim=(0, 1, 2), dtype=torch.float64)
+            del logits, p, lse, visible, qc
+        out[b, cols] = acc
+    return out
+
+
+def _colsum_triton(q, k, qmask, vmask, amask, scale):
+    raise NotImplementedError("the Triton backend is not on main yet; use backend='torch'")
+
+
+# --------------------------------------------------------------------------------------------------
+# Host selection + pooling
+# --------------------------------------------------------------------------------------------------
+def _normalise(colsum, qmask, vmask):
+    """Column sums (B, L) -> attention over visual tokens a (B, L) float32, valid (B,) bool."""
+    colsum = torch.where(vmask, colsum.double(), torch.zeros((), dtype=torch.float64, device=colsum.device))
+    total = colsum.sum(dim=1)
+    # A sample is usable only if it has instruction rows, visual tokens, and the instruction rows
+    # put some mass on them (all instruction tokens before the image would give an all-zero row).
+    valid = qmask.any(dim=1) & vmask.any(dim=1) & (total > 0)
+    a = colsum / torch.where(valid, total, torch.ones_like(total))[:, None]
+    a = a.float()
+    a[~valid] = float("nan")
+    return a, valid
+
+
+def _select_and_pool(a, valid, vmask, hidden, threshold):
+    """Per sample: sort visual attention descending (ties -> lower position), keep the shortest
+    prefix whose running sum exceeds ``threshold`` (>= 1 token, <= all), mean-pool ``hidden`` there.
+    """
+    B, L = a.shape
+    D = hidden.shape[-1]
+    pooled = torch.full((B, D), float("nan"), dtype=torch.float32, device=hidden.device)
+    n_kept = torch.zeros(B, dtype=torch.int64, device=hidden.device)
+    for b in range(B):
+        if not bool(valid[b]):
+            continue
+        cols = torch.nonzero(vmask[b]).flatten()
+        av = a[b, cols].double()
+        order = torch.sort(av, descending=True, stable=True).indices
+        if threshold >= 1.0:
+            # The running sum of a normalised vector never exceeds 1 in exact arithmetic: keep all
+            # (decided here so float rounding of the cumsum cannot cut the tail).
+            n = cols.numel()
+        else:
+            csum = torch.cumsum(av[order], dim=0)
+            n = min(int((csum <= threshold).sum()) + 1, cols.numel())
+        kept = cols[order[:n]]
+        pooled[b] = hidden[b, kept].double().mean(dim=0).float()
+        n_kept[b] = n
+    return pooled, n_kept
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+def instruction_column_attention(q, k, query_mask, key_mask, attention_mask=None, scale=None,
+                                 backend="auto", *, chunk_size=None):
+    """Visual-token attention of the instruction tokens, normalised over visual tokens.
+
+    Computes, for every visual token ``j`` of each sample,
+
+    ``a_j = c_j / sum_{j' visual} c_j'``,  ``c_j = sum_h sum_{i instr} softmax_j'(s^h_ij')``,
+
+    with ``s^h_ij = scale * q[b, h, i] . k[b, h // (Hq/Hkv), j]`` for visible keys ``j <= i`` that are
+    not padding (``-inf`` otherwise). The head mean and instruction-row mean of the paper cancel in the
+    normalisation. This is the intermediate of :func:`instruction_attended_pool`, exposed so low-
+    precision kernels can be compared on a smooth quantity (the kept set can flip near the threshold).
+
+    Parameters
+    ----------
+    q : Tensor, (batch, q_heads, seqlen, head_dim), float16 / bfloat16 / float32
+        Post-RoPE queries of the layer.
+    k : Tensor, (batch, kv_heads, seqlen, head_dim), same dtype as ``q``
+        Post-RoPE keys; ``q_heads % kv_heads == 0`` (GQA: query head h uses kv head h // (q_heads/kv_heads)).
+    query_mask : Tensor, (batch, seqlen), bool
+        Instruction tokens (the softmax rows to average).
+    key_mask : Tensor, (batch, seqlen), bool
+        Visual tokens (the columns to score).
+    attention_mask : Tensor, (batch, seqlen), bool, optional
+        True for real tokens, False for padding (left or right). Default: no padding.
+    scale : float, optional
+        Softmax scale; default ``head_dim ** -0.5``.
+    backend : {"auto", "torch", "triton"}
+        ``auto`` = Triton on CUDA, torch otherwise.
+    chunk_size : int, optional
+        torch backend only: instruction rows per chunk (default: ~16 MiB of fp32 logits).
+
+    Returns
+    -------
+    a : Tensor, (batch, seqlen), float32
+        Normalised attention on visual tokens (sums to 1 per valid sample), 0 on other tokens,
+        NaN rows for invalid samples.
+    valid : Tensor, (batch,), bool
+        False where a sample has no instruction token, no visual token, or no instruction token that
+        can see a visual token (all instructions precede the image).
+
+    Notes
+    -----
+    Softmax statistics and column sums are accumulated in fp32 (torch: per-chunk sums added into
+    fp64; Triton: fp32 per key block, heads summed on the host in fp32), whatever the input dtype.
+    """
+    B, Hq, Hkv, L, Dh, scale, qmask, vmask, amask = _validate(q, k, query_mask, key_mask, attention_mask, scale)
+    backend = _resolve_backend(backend, q.device)
+    if backend == "torch":
+        colsum = _colsum_torch(q, k, qmask, vmask, amask, scale, chunk_size)
+    else:
+        colsum = _colsum_triton(q, k, qmask, vmask, amask, scale)
+    return _normalise(colsum, qmask, vmask)
+
+
+def instruction_attended_pool(q, k, hidden, query_mask, key_mask, attention_mask=None, threshold=0.9,
+                              scale=None, backend="auto", *, return_valid=False, return_stats=False,
+                              chunk_size=None):
+    """Mean hidden state of the visual tokens the instruction tokens attend to most (ScalSelect).
+
+    For each sample: compute the normalised visual attention ``a`` of
+    :func:`instruction_column_attention` (layer attention averaged over heads and instruction rows,
+    normalised over visual tokens); sort it descending (ties -> lower position first); keep the
+    tokens up to and including the first whose running sum exceeds ``threshold`` (at least one,
+    at most all; ``threshold == 1`` keeps all); return the fp32 mean of ``hidden`` over the kept tokens.
+    No ``[B, H, L, L]`` tensor is ever built.
+
+    Parameters
+    ----------
+    q : Tensor, (batch, q_heads, seqlen, head_dim), float16 / bfloat16 / float32
+        Post-RoPE queries of the layer.
+    k : Tensor, (batch, kv_heads, seqlen, head_dim), same dtype as ``q``
+        Post-RoPE keys, ``q_heads % kv_heads == 0``.
+    hidden : Tensor, (batch, seqlen, hidden_dim), any float dtype
+        Hidden states at the OUTPUT of the layer (``hidden_states[layer + 1]``).
+    query_mask : Tensor, (batch, seqlen), bool
+        Instruction tokens.
+    key_mask : Tensor, (batch, seqlen), bool
+        Visual tokens.
+    attention_mask : Tensor, (batch, seqlen), bool, optional
+        True = real token, False = padding (left or right); positions stay causal by index.
+    threshold : float in (0, 1], default 0.9
+        Cumulative attention mass to keep.
+    scale : float, optional
+        Softmax scale, default ``head_dim ** -0.5``.
+    backend : {"auto", "torch", "triton"}
+        ``auto`` picks Triton on CUDA and torch elsewhere; ``triton`` on CPU needs ``TRITON_INTERPRET=1``.
+    return_valid : bool, default False
+        Also return the ``(batch,)`` bool validity mask.
+    return_stats : bool, default False
+        Also return the ``(batch,)`` int64 number of kept visual tokens (0 for invalid samples).
+    chunk_size : int, optional
+        torch backend: instruction rows per chunk.
+
+    Returns
+    -------
+    pooled : Tensor, (batch, hidden_dim), float32
+        NaN rows where a sample has no visual token, no instruction token, or no instruction token
+        that sees a visual token. Followed by ``valid`` and/or ``n_kept`` when requested, in that order.
+
+    Examples
+    --------
+    >>> B, H, L, Dh, D = 1, 2, 6, 4, 8
+    >>> q, k = torch.randn(B, H, L, Dh), torch.randn(B, H, L, Dh)
+    >>> vis = torch.tensor([[False, True, True, True, False, False]])
+    >>> pooled = instruction_attended_pool(q, k, torch.randn(B, L, D), ~vis, vis, backend="torch")
+    >>> pooled.shape, pooled.dtype
+    (torch.Size([1, 8]), torch.float32)
+    """
+    _validate(q, k, query_mask, key_mask, attention_mask, scale, hidden=hidden, threshold=threshold)
+    a, valid = instruction_column_attention(q, k, query_mask, key_mask, attention_mask, scale, backend,
+                                            chunk_size=chunk_size)
+    vmask = key_mask if attention_mask is None else key_mask & attention_mask
+    pooled, n_kept = _select_and_pool(a, valid, vmask, hidden, float(threshold))
+    if not (return_valid or return_stats):
+        return pooled
+    out = (pooled,)
+    if return_valid:
+        out += (valid,)
+    if return_stats:
+        out += (n_kept,)
+    return out
