@@ -1,1 +1,15 @@
-"""data subpackage."""
+"""Dataset input and output: readers that turn LLaVA / ShareGPT / JSONL / Parquet records into
+:class:`Sample` objects, image loading with clear failures, the ``skipped.jsonl`` log, writers that
+emit a selected subset in the input's own format, and the bundled demo dataset generator.
+
+Nothing here imports torch; Pillow is imported only when images are loaded or generated.
+"""
+from .images import load_image, resolve_image_path
+from .readers import FORMATS, SOURCE_FIELDS, count_records, detect_format, iter_records, read_dataset
+from .sample import IMAGE_TOKEN, ROLES, DatasetError, ImageError, Sample
+from .skiplog import SkipLog
+
+__all__ = [
+    "DatasetError", "FORMATS", "IMAGE_TOKEN", "ImageError", "ROLES", "SOURCE_FIELDS", "Sample", "SkipLog",
+    "count_records", "detect_format", "iter_records", "load_image", "read_dataset", "resolve_image_path",
+]

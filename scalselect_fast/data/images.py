@@ -1,0 +1,130 @@
+"""Image paths and pixels: confine paths to an image root, decode images fully or fail clearly.
+
+Path confinement is decided on the *resolved* path (``os.path.realpath``), so ``..`` components,
+absolute paths and symlinks are all judged by where they actually lead: a path is accepted when it
+ends up inside the (resolved) root, wherever it was written to point. Pixels are not touched here
+until :func:`load_image` is called.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .sample import (REASON_IMAGE_CORRUPT, REASON_IMAGE_MISSING, REASON_IMAGE_OUTSIDE_ROOT,
+                     REASON_IMAGE_TOO_LARGE, REASON_IMAGE_TRUNCATED, REASON_IMAGE_UNREADABLE,
+                     REASON_INVALID_FIELD, DatasetError, ImageError)
+
+
+class ImagePathError(ValueError):
+    """One image path of a record is unusable (escapes the root, empty, a URL, not a string)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def resolve_root(image_root: str | os.PathLike) -> str:
+    """Return the real path of ``image_root``; raise :class:`DatasetError` if it is not a directory."""
+    root = os.path.realpath(os.fspath(image_root))
+    if not os.path.isdir(root):
+        raise DatasetError(f"--image-root {os.fspath(image_root)!r} is not an existing directory; "
+                           "pass the folder that the dataset's image paths are relative to",
+                           reason="io", path=os.fspath(image_root))
+    return root
+
+
+def resolve_image_path(path: object, root: str | None, base_dir: str) -> str:
+    """Resolve one image path from a record.
+
+    Parameters
+    ----------
+    path : object
+        The value found in the record (must be a non-empty string).
+    root : str or None
+        Real path of ``--image-root`` (see :func:`resolve_root`). When given, relative paths are
+        joined to it and the resolved result must lie inside it. When ``None``, relative paths are
+        joined to ``base_dir`` and nothing is confined.
+    base_dir : str
+        Directory of the dataset file (used only when ``root`` is None).
+
+    Returns
+    -------
+    str
+        Absolute path with symlinks resolved.
+
+    Raises
+    ------
+    ImagePathError
+        With ``reason`` ``"image_outside_root"`` or ``"invalid_field"``.
+    """
+    if not isinstance(path, str) or not path.strip():
+        raise ImagePathError(f"image path must be a non-empty string, got {path!r}", REASON_INVALID_FIELD)
+    if "://" in path:
+        raise ImagePathError(f"image {path!r} is a URL; download the images and pass local paths "
+                             "(relative to --image-root)", REASON_INVALID_FIELD)
+    if "\x00" in path:
+        raise ImagePathError(f"image path {path!r} contains a NUL byte", REASON_INVALID_FIELD)
+    joined = os.path.join(root if root is not None else base_dir, path)  # absolute `path` wins
+    real = os.path.realpath(joined)
+    if root is not None and not (real == root or real.startswith(root.rstrip(os.sep) + os.sep)):
+        how = "an absolute path" if os.path.isabs(path) else (
+            "a '..' path" if ".." in Path(path).parts else "a symlink")
+        raise ImagePathError(
+            f"image {path!r} resolves to {real!r}, outside --image-root {root!r} ({how}); refusing "
+            "to read it. Move the image under the root or pass a root that contains it",
+            REASON_IMAGE_OUTSIDE_ROOT)
+    return real
+
+
+def load_image(path: str | os.PathLike):
+    """Open and fully decode an image as RGB.
+
+    Decoding happens here (``Image.load``), so a truncated or corrupt file fails in this call and not
+    later inside a model's preprocessing.
+
+    Parameters
+    ----------
+    path : str or path-like
+        Image file.
+
+    Returns
+    -------
+    PIL.Image.Image
+        Mode ``"RGB"``, pixels loaded, file closed.
+
+    Raises
+    ------
+    ImageError
+        ``reason`` is ``"image_missing"`` (no such file), ``"image_unreadable"`` (permissions,
+        a directory), ``"image_corrupt"`` (not an image PIL can decode), ``"image_truncated"``
+        or ``"image_too_large"`` (over PIL's decompression-bomb limit).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = os.fspath(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            rgb = im.convert("RGB")
+    except FileNotFoundError:
+        raise ImageError(f"image {path!r} does not exist", path=path, reason=REASON_IMAGE_MISSING) from None
+    except (IsADirectoryError, PermissionError) as e:
+        raise ImageError(f"image {path!r} cannot be read: {e.strerror or e}", path=path,
+                         reason=REASON_IMAGE_UNREADABLE) from None
+    except UnidentifiedImageError:
+        raise ImageError(f"image {path!r} is corrupt or not an image format Pillow can decode",
+                         path=path, reason=REASON_IMAGE_CORRUPT) from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"image {path!r} is too large to decode safely: {e}", path=path,
+                         reason=REASON_IMAGE_TOO_LARGE) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        # Pillow reports truncation as OSError("image file is truncated ...") or, for some
+        # decoders, "broken data stream"; anything else is a corrupt payload.
+        text = str(e)
+        truncated = "truncat" in text.lower() or "broken data stream" in text.lower()
+        raise ImageError(f"image {path!r} is {'truncated' if truncated else 'corrupt'}: {text}",
+                         path=path, reason=REASON_IMAGE_TRUNCATED if truncated else REASON_IMAGE_CORRUPT
+                         ) from None
+    if rgb.width == 0 or rgb.height == 0:
+        raise ImageError(f"image {path!r} has zero size", path=path, reason=REASON_IMAGE_CORRUPT)
+    return rgb

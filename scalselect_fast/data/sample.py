@@ -1,0 +1,144 @@
+"""The in-memory form of one dataset record, and the errors the data layer raises.
+
+A :class:`Sample` is what every reader yields, whatever the file format: an id, the resolved image
+paths, the conversation as ``{"role", "content"}`` messages, and enough provenance (record index,
+line, the untouched original record) to point a user at the exact record and to write the record
+back out unchanged. It holds no pixels: images are decoded later, by :func:`~scalselect_fast.data.
+images.load_image`, so reading stays cheap and streaming.
+
+Image placeholders
+------------------
+Every image of a sample is represented in the text by exactly one :data:`IMAGE_TOKEN` (``"<image>"``)
+inside some message's ``content``, in the same order as ``Sample.images``: the *i*-th placeholder
+(counting across messages, left to right) is ``images[i]``. Readers normalise the input to this rule:
+
+* LLaVA text already carries ``<image>``; it is kept where it is.
+* ShareGPT content given as a list of parts gets one ``<image>`` per image part, at the part's place.
+* A sample with images but no placeholder at all (common in LLaVA-style data, where the trainer
+  prepends it) gets one ``<image>\\n`` per image prepended to its first user message; this is what
+  LLaVA's own preprocessing does.
+* Any other mismatch (placeholders without images, or counts that differ) is ambiguous, so the
+  sample is rejected with reason :data:`REASON_PLACEHOLDER_MISMATCH`.
+
+Model adapters that need another convention (Qwen2-VL's ``<|vision_start|>…``, content parts for
+``apply_chat_template``) rebuild it from this one, e.g. with :meth:`Sample.to_chat`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+#: The image placeholder inside message text; one per image, in ``Sample.images`` order.
+IMAGE_TOKEN = "<image>"
+
+#: Message roles after normalisation.
+ROLES = ("system", "user", "assistant")
+
+# Skip reasons written to ``skipped.jsonl`` (stable strings: reports group by them).
+REASON_MISSING_FIELD = "missing_field"
+REASON_INVALID_FIELD = "invalid_field"
+REASON_IMAGE_OUTSIDE_ROOT = "image_outside_root"
+REASON_PLACEHOLDER_MISMATCH = "image_placeholder_mismatch"
+REASON_IMAGE_MISSING = "image_missing"
+REASON_IMAGE_UNREADABLE = "image_unreadable"
+REASON_IMAGE_CORRUPT = "image_corrupt"
+REASON_IMAGE_TRUNCATED = "image_truncated"
+REASON_IMAGE_TOO_LARGE = "image_too_large"
+
+
+class DatasetError(ValueError):
+    """The dataset file (or one record of it) cannot be used.
+
+    The message names the file and, where there is one, the record index and line, and says what
+    to fix. ``reason`` is a stable short code (one of the ``REASON_*`` constants for per-sample
+    problems, or ``"malformed"``, ``"duplicate_id"``, ``"empty"``, ``"format"``, ``"io"``,
+    ``"selection"`` for file-level ones).
+    """
+
+    def __init__(self, message: str, *, reason: str = "invalid", path: str | None = None,
+                 index: int | None = None, line: int | None = None, sample_id: str | None = None):
+        super().__init__(message)
+        self.reason = reason
+        self.path = path
+        self.index = index
+        self.line = line
+        self.sample_id = sample_id
+
+
+class ImageError(ValueError):
+    """An image could not be loaded; ``path`` is the file and ``reason`` a ``REASON_IMAGE_*`` code."""
+
+    def __init__(self, message: str, *, path: str, reason: str):
+        super().__init__(message)
+        self.path = path
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One record of a multimodal instruction dataset, normalised.
+
+    Attributes
+    ----------
+    id : str
+        The record's ``id`` field as a string (integer ids are converted with ``str``).
+    images : list[str]
+        Absolute, symlink-resolved image paths, in placeholder order (see the module notes). Empty
+        for text-only samples. Existence is not checked here: :func:`load_image` does that.
+    messages : list[dict]
+        ``{"role": "system" | "user" | "assistant", "content": str}`` in conversation order, with one
+        ``"<image>"`` placeholder per image.
+    source : str or None
+        The record's ``source`` / ``dataset`` / ``data_source`` / ``task`` / ``task_type`` /
+        ``category`` field (first present, as a string), for per-source reports and quotas.
+    index : int
+        0-based position of the record in the file (counting every record, skipped ones included).
+    line : int or None
+        1-based line where the record starts (JSON and JSONL); ``None`` for Parquet.
+    raw : dict
+        The original record as parsed, never modified by the readers.
+    """
+
+    id: str
+    images: list[str]
+    messages: list[dict]
+    source: str | None
+    index: int
+    line: int | None
+    raw: dict = field(repr=False, compare=True)
+
+    @property
+    def where(self) -> str:
+        """``"record 12 (line 240)"``: where to look in the file."""
+        return _where(self.index, self.line)
+
+    def to_chat(self) -> list[dict[str, Any]]:
+        """Messages as content-part lists for ``processor.apply_chat_template``.
+
+        Each ``"<image>"`` placeholder becomes ``{"type": "image", "path": <abs path>}`` and the text
+        around it ``{"type": "text", "text": ...}`` (empty text pieces are dropped; the newline that
+        conventionally follows a placeholder is kept in the text so no character is lost).
+
+        Returns
+        -------
+        list of dict
+            ``[{"role": str, "content": [part, ...]}, ...]``.
+        """
+        images = iter(self.images)
+        chat = []
+        for msg in self.messages:
+            pieces = msg["content"].split(IMAGE_TOKEN)
+            parts: list[dict[str, Any]] = []
+            for j, text in enumerate(pieces):
+                if j:
+                    parts.append({"type": "image", "path": next(images)})
+                if text:
+                    parts.append({"type": "text", "text": text})
+            chat.append({"role": msg["role"], "content": parts})
+        return chat
+
+
+def _where(index: int | None, line: int | None) -> str:
+    if index is None:
+        return f"line {line}" if line is not None else "?"
+    return f"record {index}" + (f" (line {line})" if line is not None else "")

@@ -1,0 +1,145 @@
+"""``skipped.jsonl``: the append-only record of every sample a stage did not use, and why.
+
+One JSON object per line: ``{"id", "index", "reason", "detail", ...extra}``. Lines are appended with
+a single ``write`` on an ``O_APPEND`` descriptor (so a crash leaves at most one torn final line, and
+several processes can append to one file without interleaving lines), and flushed to the OS at once,
+so a ``kill -9`` loses nothing already reported. Reopening the file (a resumed run) reads the
+existing entries, drops a torn final line, and ignores re-reports of an entry already present, so a
+stage that re-processes its last unfinished shard does not duplicate lines.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+
+class SkipLog:
+    """Append-only, resumable writer of ``skipped.jsonl``.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The file; created (with parent folders) if missing, otherwise resumed.
+
+    Notes
+    -----
+    An entry's identity is ``(id, index, reason)``: adding it again is a no-op, so the same sample
+    may appear once per distinct reason (e.g. skipped by two stages for two causes).
+
+    Examples
+    --------
+    >>> with SkipLog(tmp / "skipped.jsonl") as log:            # doctest: +SKIP
+    ...     log.add("s1", 4, "image_missing", "image '/d/a.png' does not exist")
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._entries: list[dict] = []
+        self._keys: set[tuple] = set()
+        self._pairs: set[tuple] = set()
+        self._load_existing()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def _load_existing(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        good_end = data.rfind(b"\n") + 1
+        if good_end < len(data):
+            # A torn last line from a crash: cut it so the next append starts on a fresh line.
+            with open(self.path, "rb+") as fh:
+                fh.truncate(good_end)
+        for lineno, raw in enumerate(data[:good_end].splitlines(), start=1):
+            if not raw.strip():
+                continue
+            try:
+                entry = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{self.path}: line {lineno} is not valid JSON ({e.msg}); this file is "
+                                 "written only by scalselect: move it away to start a fresh log") from None
+            self._remember(entry)
+
+    @staticmethod
+    def _key(sample_id, index, reason) -> tuple:
+        return (None if sample_id is None else str(sample_id), index, reason)
+
+    def _remember(self, entry: dict) -> bool:
+        key = self._key(entry.get("id"), entry.get("index"), entry.get("reason"))
+        if key in self._keys:
+            return False
+        self._keys.add(key)
+        self._pairs.add(key[:2])
+        self._entries.append(entry)
+        return True
+
+    def add(self, sample_id: str | None, index: int | None, reason: str, detail: str = "", **extra) -> bool:
+        """Record one skipped sample; return ``False`` if the same entry was already recorded.
+
+        Parameters
+        ----------
+        sample_id : str or None
+            The sample id (``None`` when the record has no usable id).
+        index : int or None
+            0-based record index in the dataset file.
+        reason : str
+            Stable short code (``image_missing``, ``text_only``, ...).
+        detail : str
+            Human-readable explanation naming the file/field and the fix.
+        **extra
+            Further JSON-serialisable fields (``line``, ``stage``, ``path``, ...).
+        """
+        if self._fd is None:
+            raise ValueError(f"SkipLog {self.path} is closed")
+        entry = {"id": None if sample_id is None else str(sample_id), "index": index, "reason": reason,
+                 "detail": detail}
+        entry.update({k: v for k, v in extra.items() if v is not None})
+        if not self._remember(entry):
+            return False
+        line = (json.dumps(entry, ensure_ascii=False, sort_keys=False) + "\n").encode()
+        os.write(self._fd, line)  # one write on O_APPEND: no interleaving, no user-space buffer
+        return True
+
+    def __contains__(self, key) -> bool:
+        """``(id, index, reason)`` or ``(id, index)`` (any reason) membership."""
+        if len(key) == 3:
+            return self._key(*key) in self._keys
+        return self._key(key[0], key[1], None)[:2] in self._pairs
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def entries(self) -> list[dict]:
+        """All entries, existing ones first, in file order."""
+        return list(self._entries)
+
+    def counts(self) -> Counter:
+        """Number of entries per reason."""
+        return Counter(e.get("reason") for e in self._entries)
+
+    def sync(self) -> None:
+        """fsync the file (call at checkpoints; lines are already in the OS after every ``add``)."""
+        if self._fd is not None:
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> SkipLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):  # best effort; explicit close() / with-block is the contract
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass

@@ -1,0 +1,428 @@
+"""Tests for scalselect_fast.data: readers, image-root confinement, errors, images, skip log, writers, demo."""
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from scalselect_fast.data import (IMAGE_TOKEN, DatasetError, ImageError, SkipLog, count_records,
+                                  detect_format, load_image, read_dataset)
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers: tiny datasets written by hand, read back by an obvious reference
+# --------------------------------------------------------------------------------------------------
+def _png(path, colour=(200, 30, 30), size=(8, 6)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def _llava_records():
+    return [
+        {"id": "a1", "image": "img/a.png", "source": "caption",
+         "conversations": [{"from": "human", "value": "<image>\nDescribe the image."},
+                           {"from": "gpt", "value": "A red square."}]},
+        {"id": 7, "image": ["img/a.png", "img/b.png"], "dataset": "vqa", "extra": {"k": [1, 2.5, None]},
+         "conversations": [{"from": "system", "value": "Be brief."},
+                           {"from": "human", "value": "<image> and <image>: same colour?"},
+                           {"from": "gpt", "value": "No."},
+                           {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "Yes \u00e9\u4e2d"}]},
+        {"id": "t3", "conversations": [{"from": "human", "value": "Text only question"},
+                                       {"from": "gpt", "value": "Text only answer"}]},
+        {"id": "noph", "image": "img/b.png", "task": "count",
+         "conversations": [{"from": "human", "value": "How many?"}, {"from": "gpt", "value": "2"}]},
+    ]
+
+
+def _sharegpt_records():
+    return [
+        {"id": "s1", "images": ["img/a.png"], "source": "sg",
+         "messages": [{"role": "user", "content": "<image>What is it?"},
+                      {"role": "assistant", "content": "A square."}]},
+        {"id": "s2", "images": ["img/b.png"],
+         "messages": [{"role": "user", "content": [{"type": "text", "text": "Look: "}, {"type": "image"},
+                                                   {"type": "text", "text": " colour?"}]},
+                      {"role": "assistant", "content": [{"type": "text", "text": "Blue."}]}]},
+        {"id": "s3",
+         "messages": [{"role": "user", "content": [{"type": "image", "image": "img/a.png"},
+                                                   {"type": "text", "text": "and"},
+                                                   {"type": "image_url", "image_url": {"url": "img/b.png"}}]},
+                      {"role": "assistant", "content": "ok"}]},
+    ]
+
+
+@pytest.fixture
+def root(tmp_path):
+    _png(tmp_path / "img" / "a.png")
+    _png(tmp_path / "img" / "b.png", colour=(10, 10, 240))
+    return tmp_path
+
+
+def _write_json(path, records, indent=2):
+    path.write_text(json.dumps(records, indent=indent, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def _write_parquet(path, records):
+    keys = list(dict.fromkeys(k for r in records for k in r))  # from_pylist looks at row 0 only
+    pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in records]), path)
+    return path
+
+
+def _expected_llava(root):
+    a, b = str(root / "img" / "a.png"), str(root / "img" / "b.png")
+    return [
+        ("a1", [a], [("user", "<image>\nDescribe the image."), ("assistant", "A red square.")], "caption"),
+        ("7", [a, b], [("system", "Be brief."), ("user", "<image> and <image>: same colour?"),
+                       ("assistant", "No."), ("user", "Sure?"), ("assistant", "Yes \u00e9\u4e2d")], "vqa"),
+        ("t3", [], [("user", "Text only question"), ("assistant", "Text only answer")], None),
+        # no placeholder in the text: one is prepended to the first user turn (LLaVA convention)
+        ("noph", [b], [("user", "<image>\nHow many?"), ("assistant", "2")], "count"),
+    ]
+
+
+def _expected_sharegpt(root):
+    a, b = str(root / "img" / "a.png"), str(root / "img" / "b.png")
+    return [
+        ("s1", [a], [("user", "<image>What is it?"), ("assistant", "A square.")], "sg"),
+        ("s2", [b], [("user", "Look: <image> colour?"), ("assistant", "Blue.")], None),
+        ("s3", [a, b], [("user", "<image>and<image>"), ("assistant", "ok")], None),
+    ]
+
+
+def _summary(samples):
+    return [(s.id, s.images, [(m["role"], m["content"]) for m in s.messages], s.source) for s in samples]
+
+
+# --------------------------------------------------------------------------------------------------
+# readers
+# --------------------------------------------------------------------------------------------------
+WRITERS = {"json": _write_json, "jsonl": _write_jsonl, "parquet": _write_parquet}
+
+
+@pytest.mark.parametrize("container", ["json", "jsonl", "parquet"])
+@pytest.mark.parametrize("flavour", ["llava", "sharegpt"])
+def test_readers_all_formats(root, container, flavour):
+    records = _llava_records() if flavour == "llava" else _sharegpt_records()
+    expected = _expected_llava(root) if flavour == "llava" else _expected_sharegpt(root)
+    if container == "parquet" and flavour == "sharegpt":
+        # Parquet needs one type per column: content as strings only for this flavour.
+        records = [records[0], {**records[0], "id": "s1b"}]
+        expected = [expected[0], ("s1b",) + expected[0][1:]]
+    if container == "parquet" and flavour == "llava":
+        records = [dict(r, id=str(r["id"]), image=r.get("image") if isinstance(r.get("image"), list) else
+                        ([r["image"]] if r.get("image") else None)) for r in records]
+        records = [{k: v for k, v in r.items() if k != "extra"} for r in records]
+    path = WRITERS[container](root / f"data.{container}", records)
+    assert detect_format(path) == container
+    samples = list(read_dataset(path, image_root=root))
+    assert _summary(samples) == expected
+    assert [s.index for s in samples] == list(range(len(records)))
+    assert count_records(path) == len(records)
+    raws = pq.read_table(path).to_pylist() if container == "parquet" else records
+    for s, r in zip(samples, raws):
+        assert s.raw == r  # untouched original
+        # placeholder rule: one <image> per image, in order
+        assert sum(m["content"].count(IMAGE_TOKEN) for m in s.messages) == len(s.images)
+        assert all(os.path.isabs(p) for p in s.images)
+    if container == "json":
+        text = path.read_text().splitlines()
+        for s in samples:  # `line` points at the record's opening brace
+            assert text[s.line - 1].strip() == "{"
+    elif container == "jsonl":
+        assert [s.line for s in samples] == list(range(1, len(records) + 1))
+    else:
+        assert all(s.line is None for s in samples)
+
+
+def test_to_chat_parts(root):
+    path = _write_json(root / "d.json", _llava_records())
+    s = list(read_dataset(path, image_root=root))[1]
+    chat = s.to_chat()
+    assert chat[1] == {"role": "user", "content": [
+        {"type": "image", "path": s.images[0]}, {"type": "text", "text": " and "},
+        {"type": "image", "path": s.images[1]}, {"type": "text", "text": ": same colour?"}]}
+
+
+def test_relative_paths_without_root_use_dataset_dir(root):
+    sub = root / "sub"
+    sub.mkdir()
+    path = _write_jsonl(sub / "d.jsonl", [{"id": "x", "image": "../img/a.png",
+                                          "conversations": [{"from": "human", "value": "<image>hi"}]}])
+    (s,) = read_dataset(path)
+    assert s.images == [str(root / "img" / "a.png")]
+
+
+def test_format_sniffed_not_extension(root):
+    path = _write_jsonl(root / "misnamed.json", _llava_records())
+    assert detect_format(path) == "jsonl"
+    assert len(list(read_dataset(path, image_root=root))) == 4
+
+
+def test_jsonl_blank_lines_and_crlf(root):
+    recs = _llava_records()[:2]
+    body = json.dumps(recs[0]) + "\r\n\n   \n" + json.dumps(recs[1]) + "\r\n"
+    path = root / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    samples = list(read_dataset(path, image_root=root))
+    assert [(s.id, s.index, s.line) for s in samples] == [("a1", 0, 1), ("7", 1, 4)]
+    assert count_records(path) == 2
+
+
+def test_jsonl_is_streamed(root):
+    # A malformed line far down does not stop the first samples from arriving.
+    recs = [dict(_llava_records()[0], id=f"r{i}") for i in range(5)]
+    path = root / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs) + "{not json\n")
+    it = read_dataset(path, image_root=root)
+    assert next(it).id == "r0"
+    with pytest.raises(DatasetError, match=r"line 6"):
+        list(it)
+
+
+# --------------------------------------------------------------------------------------------------
+# image-root confinement
+# --------------------------------------------------------------------------------------------------
+def _one(image):
+    return [{"id": "x", "image": image, "conversations": [{"from": "human", "value": "<image>hi"}]}]
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_image_root_escape_refused(tmp_path, kind):
+    root = tmp_path / "root"
+    outside = _png(tmp_path / "outside" / "secret.png")
+    _png(root / "ok.png")
+    if kind == "dotdot":
+        image = "../outside/secret.png"
+    elif kind == "absolute":
+        image = str(outside)
+    else:
+        os.symlink(outside, root / "link.png")
+        image = "link.png"
+    path = _write_json(tmp_path / "d.json", _one(image))
+    with pytest.raises(DatasetError, match=r"outside --image-root") as ei:
+        list(read_dataset(path, image_root=root))
+    msg = str(ei.value)
+    assert str(path) in msg and "record 0 (line 2)" in msg and "'x'" in msg
+    assert ei.value.reason == "image_outside_root"
+    # with a skip log: the sample is skipped and logged, the others still read
+    path = _write_json(tmp_path / "d.json", _one(image) + [dict(_one("ok.png")[0], id="y")])
+    with SkipLog(tmp_path / "skipped.jsonl") as log:
+        assert [s.id for s in read_dataset(path, image_root=root, skip_log=log)] == ["y"]
+    (entry,) = [json.loads(x) for x in (tmp_path / "skipped.jsonl").read_text().splitlines()]
+    assert entry["id"] == "x" and entry["index"] == 0 and entry["reason"] == "image_outside_root"
+    assert "outside --image-root" in entry["detail"]
+
+
+def test_image_root_inside_paths_allowed(tmp_path):
+    root = tmp_path / "root"
+    _png(root / "a" / "x.png")
+    os.symlink(root / "a" / "x.png", root / "inner_link.png")
+    recs = [dict(_one(p)[0], id=str(i)) for i, p in
+            enumerate(["a/../a/x.png", str(root / "a" / "x.png"), "inner_link.png"])]
+    path = _write_json(tmp_path / "d.json", recs)
+    assert [s.images for s in read_dataset(path, image_root=root)] == [[str(root / "a" / "x.png")]] * 3
+
+
+def test_image_root_must_exist(tmp_path):
+    path = _write_json(tmp_path / "d.json", _one("a.png"))
+    with pytest.raises(DatasetError, match="not an existing directory"):
+        list(read_dataset(path, image_root=tmp_path / "nope"))
+
+
+# --------------------------------------------------------------------------------------------------
+# error cases
+# --------------------------------------------------------------------------------------------------
+def test_malformed_json_names_line(tmp_path):
+    path = tmp_path / "d.json"
+    good = json.dumps(_llava_records()[:2], indent=2)
+    path.write_text(good[:-1].rstrip() + ",\n  {\"id\": \"b\", \"conversations\": [}\n]")
+    bad_line = path.read_text().splitlines().index('  {"id": "b", "conversations": [}') + 1
+    with pytest.raises(DatasetError) as ei:
+        list(read_dataset(path))
+    assert f"line {bad_line} " in str(ei.value) and str(path) in str(ei.value) and "record 2" in str(ei.value)
+    assert ei.value.reason == "malformed" and ei.value.line == bad_line
+
+
+def test_truncated_json_list(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(_llava_records(), indent=1)[:-30])
+    with pytest.raises(DatasetError, match=r"malformed JSON at line \d+"):
+        list(read_dataset(path))
+
+
+def test_json_top_level_object(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"data": _llava_records()}, indent=2))
+    # sniffed as JSONL (starts with '{'), then line 1 is not a complete object
+    with pytest.raises(DatasetError, match=r"line 1: malformed JSON"):
+        list(read_dataset(path))
+    with pytest.raises(DatasetError, match=r"top level is a JSON object"):
+        list(read_dataset(path, format="json"))
+
+
+def test_malformed_jsonl_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    lines = [json.dumps(r) for r in _llava_records()]
+    lines[2] = lines[2][:-5]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError, match=rf"{path}: line 3: malformed JSON at column \d+") as ei:
+        list(read_dataset(path))
+    assert ei.value.line == 3
+
+
+@pytest.mark.parametrize("field,record,needle", [
+    ("id", {"conversations": [{"from": "human", "value": "hi"}]}, "missing required field 'id'"),
+    ("conversations", {"id": "q"}, "missing required field 'conversations'"),
+    ("value", {"id": "q", "conversations": [{"from": "human"}]}, "conversations[0] has no 'value'"),
+    ("from", {"id": "q", "conversations": [{"value": "hi"}]}, "conversations[0] has no 'from'"),
+    ("role", {"id": "q", "conversations": [{"from": "robot", "value": "hi"}]}, "unknown role 'robot'"),
+    ("placeholder", {"id": "q", "image": "a.png",
+                     "conversations": [{"from": "human", "value": "<image><image>x"}]}, "2 '<image>' placeholder"),
+    ("url", {"id": "q", "image": "http://x/a.png",
+             "conversations": [{"from": "human", "value": "<image>x"}]}, "is a URL"),
+])
+def test_missing_or_invalid_fields(tmp_path, field, record, needle):
+    recs = [_llava_records()[2], record]
+    path = _write_jsonl(tmp_path / "d.jsonl", recs)
+    with pytest.raises(DatasetError) as ei:
+        list(read_dataset(path, image_root=tmp_path))
+    msg = str(ei.value)
+    assert needle in msg and str(path) in msg and "record 1 (line 2)" in msg, msg
+    # skip mode: logged with the same detail, other samples kept
+    log = SkipLog(tmp_path / "skipped.jsonl")
+    assert [s.id for s in read_dataset(path, image_root=tmp_path, skip_log=log)] == ["t3"]
+    (entry,) = log.entries()
+    assert entry["index"] == 1 and needle in entry["detail"] and entry["line"] == 2
+    log.close()
+
+
+def test_duplicate_ids_both_positions(tmp_path):
+    recs = _llava_records()
+    recs[3] = dict(recs[3], id="a1")
+    for container in ("json", "jsonl", "parquet"):
+        rr = recs if container != "parquet" else [
+            {"id": str(r["id"]), "conversations": r["conversations"]} for r in recs]
+        path = WRITERS[container](tmp_path / f"d.{container}", rr)
+        with pytest.raises(DatasetError) as ei:
+            list(read_dataset(path, image_root=tmp_path, skip_log=SkipLog(tmp_path / "s.jsonl")))
+        msg = str(ei.value)
+        assert "duplicate id 'a1'" in msg and "record 0" in msg and "record 3" in msg, msg
+        if container == "jsonl":
+            assert "record 0 (line 1) and record 3 (line 4)" in msg
+
+
+def test_integer_and_string_id_collide(tmp_path):
+    recs = [dict(_llava_records()[2], id=5), dict(_llava_records()[2], id="5")]
+    with pytest.raises(DatasetError, match="duplicate id '5'"):
+        list(read_dataset(_write_jsonl(tmp_path / "d.jsonl", recs)))
+
+
+@pytest.mark.parametrize("content", ["", "[]", "\n\n"])
+def test_empty_dataset(tmp_path, content):
+    path = tmp_path / ("d.json" if content == "[]" else "d.jsonl")
+    path.write_text(content)
+    with pytest.raises(DatasetError, match="empty") as ei:
+        list(read_dataset(path))
+    assert ei.value.reason == "empty"
+
+
+def test_all_records_skipped_is_empty(tmp_path):
+    path = _write_jsonl(tmp_path / "d.jsonl", [{"id": "a"}, {"id": "b"}])
+    log = SkipLog(tmp_path / "skipped.jsonl")
+    with pytest.raises(DatasetError, match=r"all 2 records were skipped \(see .*skipped.jsonl\)"):
+        list(read_dataset(path, skip_log=log))
+    assert len(log) == 2
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DatasetError, match="cannot open dataset"):
+        list(read_dataset(tmp_path / "nope.json"))
+
+
+# --------------------------------------------------------------------------------------------------
+# images
+# --------------------------------------------------------------------------------------------------
+def test_load_image_ok_and_rgb(tmp_path):
+    p = tmp_path / "p.png"
+    Image.new("P", (5, 4), 3).save(p)
+    im = load_image(p)
+    assert im.mode == "RGB" and im.size == (5, 4)
+
+
+def test_load_image_missing(tmp_path):
+    with pytest.raises(ImageError, match="does not exist") as ei:
+        load_image(tmp_path / "nope.png")
+    assert ei.value.reason == "image_missing" and ei.value.path == str(tmp_path / "nope.png")
+
+
+def test_load_image_corrupt(tmp_path):
+    p = tmp_path / "c.png"
+    p.write_bytes(b"this is not an image at all" * 10)
+    with pytest.raises(ImageError, match="corrupt") as ei:
+        load_image(p)
+    assert ei.value.reason == "image_corrupt" and str(p) in str(ei.value)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_load_image_truncated(tmp_path, fmt):
+    import numpy as np
+
+    p = tmp_path / f"t.{fmt.lower()}"
+    pixels = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(p, format=fmt)
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    Image.open(p).close()  # the header still parses: only full decoding can tell
+    with pytest.raises(ImageError) as ei:
+        load_image(p)
+    assert ei.value.reason == "image_truncated" and str(p) in str(ei.value)
+
+
+def test_load_image_directory(tmp_path):
+    with pytest.raises(ImageError) as ei:
+        load_image(tmp_path)
+    assert ei.value.reason == "image_unreadable"
+
+
+# --------------------------------------------------------------------------------------------------
+# skip log
+# --------------------------------------------------------------------------------------------------
+def test_skiplog_resume_no_duplicates(tmp_path):
+    path = tmp_path / "out" / "skipped.jsonl"
+    with SkipLog(path) as log:
+        assert log.add("a", 0, "image_missing", "gone")
+        assert log.add("b", 3, "text_only", "no image", stage="extract")
+        assert not log.add("a", 0, "image_missing", "gone again")
+    # a crash mid-write leaves a torn last line
+    with open(path, "ab") as fh:
+        fh.write(b'{"id": "c", "ind')
+    log = SkipLog(path)
+    assert [e["id"] for e in log.entries()] == ["a", "b"]
+    assert ("a", 0, "image_missing") in log and ("b", 3) in log and ("c", 4) not in log
+    assert not log.add("b", 3, "text_only", "no image")
+    assert log.add("c", 4, "image_corrupt", "bad")
+    assert log.counts() == {"image_missing": 1, "text_only": 1, "image_corrupt": 1}
+    log.close()
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [(e["id"], e["index"], e["reason"]) for e in lines] == [
+        ("a", 0, "image_missing"), ("b", 3, "text_only"), ("c", 4, "image_corrupt")]
+    assert lines[1]["stage"] == "extract"
+
+
+def test_skiplog_lines_visible_before_close(tmp_path):
+    path = tmp_path / "skipped.jsonl"
+    log = SkipLog(path)
+    log.add("a", 0, "r", "d")
+    assert json.loads(path.read_text())["id"] == "a"  # already on disk: nothing buffered
+    log.close()
