@@ -24,6 +24,13 @@ import os
 
 import torch
 
+try:  # Triton is optional (Linux wheels only); the torch backend works without it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+
 __all__ = ["instruction_attended_pool", "instruction_column_attention"]
 
 _BACKENDS = ("auto", "torch", "triton")
@@ -106,7 +113,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        return "triton" if device.type == "cuda" and triton is not None else "torch"
     if backend == "triton":
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError(
@@ -167,8 +174,255 @@ def _colsum_torch(q, k, qmask, vmask, amask, scale, chunk_size=None):
     return out
 
 
+# --------------------------------------------------------------------------------------------------
+# Triton backend: row log-sum-exp, then instruction->visual column sums
+# --------------------------------------------------------------------------------------------------
+# Layout shared by both kernels. Instruction rows of sample b are gathered into ROWS[b, :n_rows[b]]
+# (ascending positions) and visual keys into COLS[b, :n_cols[b]]. The query heads of one kv head g
+# are packed as "virtual rows" v = row * G + head_in_group, so one program reads each k tile once for
+# its whole head group (GQA without repeating k) and both kernels tile over v.
+_LOG2E = 1.4426950408889634
+
+if triton is not None:
+
+    @triton.jit
+    def _row_lse_kernel(
+        Q, K, ROWS, NROWS, AMASK, LSE,
+        stride_qb, stride_qh, stride_ql, stride_qd,
+        stride_kb, stride_kh, stride_kl, stride_kd,
+        stride_rb, stride_ab, stride_lb, stride_lh,
+        L, G, HEAD_DIM, qk_scale_log2,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    ):
+        """Base-2 log-sum-exp of each packed instruction row over all keys it can see.
+
+        ``LSE[b, g, v] = log2 sum_{j <= pos(v), amask[b, j]} 2^(s_vj)``, ``s_vj = q_v . k_j * scale * log2(e)``,
+        computed with an online softmax over key blocks (running max and rescaled sum in fp32; the
+        dot products accumulate in fp32, in IEEE fp32 for fp32 inputs). Keys past the block's last
+        row are never loaded (causality).
+        """
+        pid_m = tl.program_id(0)
+        g = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        n_virtual = tl.load(NROWS + b) * G
+        v = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        v_ok = v < n_virtual
+        row = v // G
+        head = g * G + v % G
+        pos = tl.load(ROWS + b * stride_rb + row, mask=v_ok, other=0)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        q = tl.load(
+            Q + b * stride_qb + head[:, None] * stride_qh + pos[:, None] * stride_ql + d[None, :] * stride_qd,
+            mask=v_ok[:, None] & d_ok[None, :], other=0.0,
+        )
+        if UPCAST_DOT:
+            q = q.to(tl.float32)
+        k_base = K + b * stride_kb + g * stride_kh
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        n_keys = tl.max(tl.where(v_ok, pos, -1)) + 1
+        for start in range(0, n_keys, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            n_ok = n < L
+            real = tl.load(AMASK + b * stride_ab + n, mask=n_ok, other=0) != 0
+            kt = tl.load(k_base + n[None, :] * stride_kl + d[:, None] * stride_kd,
+                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            if UPCAST_DOT:
+                kt = kt.to(tl.float32)
+            s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale_log2
+            seen = (n[None, :] <= pos[:, None]) & real[None, :]
+            s = tl.where(seen, s, -1.0e30)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # where() and not a finite fill alone: a row with no visible key yet has m_new = -1e30.
+            p = tl.where(seen, tl.exp2(s - m_new[:, None]), 0.0)
+            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(p, 1)
+            m_i = m_new
+        lse = m_i + tl.log2(tl.where(v_ok, l_i, 1.0))
+        tl.store(LSE + b * stride_lb + g * stride_lh + v, lse, mask=v_ok)
+
+    @triton.jit
+    def _visual_colsum_kernel(
+        Q, K, ROWS, NROWS, COLS, NCOLS, NBEFORE, LSE, OUT,
+        stride_qb, stride_qh, stride_ql, stride_qd,
+        stride_kb, stride_kh, stride_kl, stride_kd,
+        stride_rb, stride_cb, stride_lb, stride_lh, stride_ob, stride_oh,
+        G, HEAD_DIM, qk_scale_log2,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    ):
+        """Column sums of the instruction rows' probabilities over one block of visual keys.
+
+        ``OUT[b, g, c] = sum_{v packed rows of kv head g, pos(v) >= pos(c)} 2^(s_vc - LSE[b, g, v])``
+        accumulated in fp32 registers. Each program owns one key block of one (sample, kv head), so
+        the result is written once, without atomics (deterministic). Rows that precede the block's
+        first key are skipped: ``NBEFORE[b, c]`` counts instruction rows before visual key ``c``.
+        """
+        pid_n = tl.program_id(0)
+        g = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        n_cols = tl.load(NCOLS + b)
+        n_virtual = tl.load(NROWS + b) * G
+        c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        c_ok = c < n_cols
+        cpos = tl.load(COLS + b * stride_cb + c, mask=c_ok, other=0)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        kt = tl.load(K + b * stride_kb + g * stride_kh + cpos[None, :] * stride_kl + d[:, None] * stride_kd,
+                     mask=c_ok[None, :] & d_ok[:, None], other=0.0)
+        if UPCAST_DOT:
+            kt = kt.to(tl.float32)
+        # Causality: rows before the first (lowest-position) key of the block contribute nothing.
+        first_row = tl.load(NBEFORE + b * stride_cb + pid_n * BLOCK_N, mask=pid_n * BLOCK_N < n_cols,
+                            other=0)
+        first_row = tl.where(pid_n * BLOCK_N < n_cols, first_row, n_virtual)  # empty tile: no work
+        start_v = (first_row * G // BLOCK_M) * BLOCK_M
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for vs in range(start_v, n_virtual, BLOCK_M):
+            v = vs + tl.arange(0, BLOCK_M)
+            v_ok = v < n_virtual
+            row = v // G
+            head = g * G + v % G
+            pos = tl.load(ROWS + b * stride_rb + row, mask=v_ok, other=0)
+            q = tl.load(
+                Q + b * stride_qb + head[:, None] * stride_qh + pos[:, None] * stride_ql + d[None, :] * stride_qd,
+                mask=v_ok[:, None] & d_ok[None, :], other=0.0,
+            )
+            if UPCAST_DOT:
+                q = q.to(tl.float32)
+            lse = tl.load(LSE + b * stride_lb + g * stride_lh + v, mask=v_ok, other=0.0)
+            s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale_log2
+            seen = v_ok[:, None] & c_ok[None, :] & (cpos[None, :] <= pos[:, None])
+            p = tl.where(seen, tl.exp2(s - lse[:, None]), 0.0)
+            acc += tl.sum(p, 0)
+        tl.store(OUT + b * stride_ob + g * stride_oh + c, acc, mask=c_ok)
+
+
+def _triton_launch_config(head_dim: int, dtype: torch.dtype, interpret: bool):
+    """The one place that picks tile sizes and warps.
+
+    Under the interpreter every program is simulated in numpy, so one small fixed tile keeps tests
+    fast. Compiled, ``triton.autotune`` picks among :func:`_autotune_configs` (keyed on head_dim,
+    group size and dtype); this returns ``None`` then.
+    """
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if interpret:
+        return dict(BLOCK_M=16, BLOCK_N=16), block_d
+    return None, block_d
+
+
+def _autotune_configs(block_d_max=256):
+    """Hopper/Ampere candidates: 64-128 packed rows x 32-128 keys, 4/8 warps, 2-3 stages."""
+    cfgs = []
+    for bm in (64, 128):
+        for bn in (32, 64, 128):
+            for warps in (4, 8):
+                for stages in (2, 3):
+                    if bm * bn > 128 * 64 and warps == 4:
+                        continue  # a 128x128 fp32 score tile spills with 4 warps
+                    cfgs.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=warps, num_stages=stages))
+    return cfgs
+
+
+_TUNED = {}
+
+
+def _tuned(kernel):
+    """Autotuned wrapper of a kernel (compiled mode only), built once."""
+    if kernel not in _TUNED:
+        # Both kernels overwrite their outputs (no accumulation into them), so benchmarking
+        # candidate configs needs no reset hooks.
+        key = ["HEAD_DIM", "G", "INPUT_PRECISION", "UPCAST_DOT"]
+        _TUNED[kernel] = triton.autotune(configs=_autotune_configs(), key=key)(kernel)
+    return _TUNED[kernel]
+
+
+def _is_interpreted() -> bool:
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover - triton without the interpreter module
+        return False
+    return isinstance(_row_lse_kernel, InterpretedFunction)
+
+
+def _gather_positions(mask):
+    """bool (B, L) -> (int32 (B, M) ascending positions of True padded with 0, int32 (B,) counts, M)."""
+    counts = mask.sum(dim=1)
+    m = int(counts.max()) if mask.numel() else 0
+    # Stable sort of (not mask) puts True positions first, in ascending order.
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :max(m, 1)]
+    keep = torch.arange(order.shape[1], device=mask.device)[None, :] < counts[:, None]
+    return torch.where(keep, order, 0).to(torch.int32).contiguous(), counts.to(torch.int32).contiguous(), m
+
+
 def _colsum_triton(q, k, qmask, vmask, amask, scale):
-    raise NotImplementedError("the Triton backend is not on main yet; use backend='torch'")
+    """Un-normalised instruction->visual column sums with the Triton kernels; float64 (B, L).
+
+    Launches :func:`_row_lse_kernel` on grid ``(ceil(G*n_rows/BLOCK_M), Hkv, B)`` then
+    :func:`_visual_colsum_kernel` on ``(ceil(n_cols/BLOCK_N), Hkv, B)``; extra memory is
+    ``O(B * (Hq * n_rows + Hkv * n_cols))`` fp32, never ``[B, H, L, L]``.
+    """
+    if triton is None:
+        raise RuntimeError("backend='triton' needs the triton package (pip install triton); use backend='torch'")
+    interpret = _is_interpreted()
+    if q.device.type == "cpu" and not interpret:
+        raise RuntimeError(
+            "backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+            "before scalselect_fast.ops is first imported (or use backend='torch')"
+        )
+    B, Hq, L, Dh = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    out = torch.zeros(B, L, dtype=torch.float64, device=q.device)
+    rows, n_rows, mq = _gather_positions(qmask)
+    cols, n_cols, nk = _gather_positions(vmask)
+    if mq == 0 or nk == 0:
+        return out
+    # Instruction rows strictly before each visual key: lets a key block skip rows it cannot see.
+    before = torch.cumsum(qmask.to(torch.int32), dim=1) - qmask.to(torch.int32)
+    n_before = torch.gather(before, 1, cols.long()).to(torch.int32).contiguous()
+    am8 = amask.to(torch.int8).contiguous()
+    lse = torch.empty(B, Hkv, G * mq, dtype=torch.float32, device=q.device)
+    part = torch.empty(B, Hkv, nk, dtype=torch.float32, device=q.device)
+    # The Triton 3.9 interpreter computes bf16 x bf16 dots wrongly (values off by 1e10), so under the
+    # interpreter bf16 tiles are widened to fp32 first (exact: bf16 -> fp32 is lossless). Compiled
+    # kernels use the native bf16/fp16 MMA with fp32 accumulation.
+    upcast = interpret and q.dtype == torch.bfloat16
+    # fp32 inputs: IEEE products (TF32 would cost ~1e-3 relative); 16-bit inputs: the default MMA.
+    precision = "ieee" if q.dtype == torch.float32 or upcast else None
+    fixed, block_d = _triton_launch_config(Dh, q.dtype, interpret)
+    qk_scale_log2 = float(scale) * _LOG2E
+    common = dict(BLOCK_D=block_d, INPUT_PRECISION=precision, UPCAST_DOT=upcast)
+    if fixed is None:
+        lse_kernel, colsum_kernel = _tuned(_row_lse_kernel), _tuned(_visual_colsum_kernel)
+    else:
+        lse_kernel, colsum_kernel = _row_lse_kernel, _visual_colsum_kernel
+        common.update(fixed)
+
+    def grid_rows(meta):
+        return (triton.cdiv(G * mq, meta["BLOCK_M"]), Hkv, B)
+
+    def grid_cols(meta):
+        return (triton.cdiv(nk, meta["BLOCK_N"]), Hkv, B)
+
+    lse_kernel[grid_rows](
+        q, k, rows, n_rows, am8, lse,
+        *q.stride(), *k.stride(),
+        rows.stride(0), am8.stride(0), lse.stride(0), lse.stride(1),
+        L, G, Dh, qk_scale_log2, **common,
+    )
+    colsum_kernel[grid_cols](
+        q, k, rows, n_rows, cols, n_cols, n_before, lse, part,
+        *q.stride(), *k.stride(),
+        rows.stride(0), cols.stride(0), lse.stride(0), lse.stride(1), part.stride(0), part.stride(1),
+        G, Dh, qk_scale_log2, **common,
+    )
+    # Heads of different kv groups summed here, in a fixed order (deterministic).
+    colsum = part.sum(dim=1, dtype=torch.float64)  # (B, nk)
+    valid = torch.arange(nk, device=q.device)[None, :] < n_cols[:, None]
+    out.scatter_add_(1, cols.long(), torch.where(valid, colsum, torch.zeros((), dtype=torch.float64, device=q.device)))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
