@@ -8,8 +8,142 @@ import argparse
 import sys
 
 
+def _add_fit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--energy", type=float, default=0.9,
+                   help="keep the smallest k whose σ² reach this fraction of the total energy (default 0.9)")
+    p.add_argument("--k", type=int, default=None, help="use exactly k components (overrides --energy)")
+    p.add_argument("--solver", choices=["auto", "exact", "randomized"], default="auto")
+    p.add_argument("--standardize", action="store_true", help="divide centred columns by their std")
+    p.add_argument("--l2-normalize", action="store_true", help="L2-normalise rows after centring/scaling")
+    p.add_argument("--seed", type=int, default=0, help="seed of the randomized solver")
+
+
+def _add_stream_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--block-rows", type=int, default=16384, help="rows per streamed block")
+    p.add_argument("--drop-invalid", action="store_true",
+                   help="exclude rows with NaN/inf (recorded in the report) instead of failing")
+
+
+def _fit_kwargs(args) -> dict:
+    return dict(energy=args.energy, k=args.k, solver=args.solver, standardize=args.standardize,
+                l2_normalize=args.l2_normalize, seed=args.seed)
+
+
+def _core_errors(fn):
+    """Turn the engine's input errors into one clear line and exit status 2 (no traceback)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(args):
+        from .scoring import BudgetError
+        from .store import StoreError
+        from .subspace import SubspaceError
+
+        try:
+            return fn(args)
+        except (StoreError, SubspaceError, BudgetError, FileNotFoundError) as exc:
+            print(f"scalselect {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+    return wrapper
+
+
+@_core_errors
+def _cmd_fit(args) -> int:
+    from .subspace import fit_subspace
+
+    sub = fit_subspace(args.source, block_rows=args.block_rows, drop_invalid=args.drop_invalid,
+                       **_fit_kwargs(args))
+    sub.save(args.out)
+    bad = len(sub.info.get("invalid_rows", []))
+    print(f"fit: {sub.summary()}" + (f"; {bad} invalid rows dropped" if bad else "") + f" -> {args.out}")
+    return 0
+
+
+@_core_errors
+def _cmd_score(args) -> int:
+    import numpy as np
+
+    from .scoring import leverage_scores, write_scores
+    from .subspace import Subspace
+
+    sub = Subspace.load(args.subspace)
+    scores = leverage_scores(args.source, sub, block_rows=args.block_rows,
+                             drop_invalid=True if args.drop_invalid else None)
+    write_scores(args.out, scores)
+    bad = int(np.isnan(scores).sum())
+    print(f"score: {scores.size} rows scored with k={sub.k}" + (f" ({bad} invalid: NaN)" if bad else "")
+          + f" -> {args.out}")
+    return 0
+
+
+def _print_selection(report: dict, out) -> None:
+    frac = report["selected"] / max(report["n"], 1)
+    t = report["timings"]
+    bad = report["invalid_rows"]["count"]
+    print(f"selected {report['selected']} of {report['n']} rows ({frac:.1%}) | k={report['k']} of "
+          f"d={report['d']} captures {report['captured_fraction']:.4f} of the energy | {report['solver']} "
+          f"solver, {report['passes']} pass(es) | fit {t['fit_s']:.2f}s score {t['score_s']:.2f}s "
+          f"select {t['select_s']:.2f}s" + (f" | {bad} invalid rows excluded" if bad else ""))
+    print(f"outputs in {out}: " + ", ".join(sorted(
+        __import__("os").path.basename(p) for p in report["outputs"].values())))
+
+
+@_core_errors
+def _cmd_select(args) -> int:
+    from .scoring import run_selection
+
+    report = run_selection(args.source, args.out, args.budget, subspace=args.subspace,
+                           manifest_format=args.manifest_format, drop_invalid=args.drop_invalid,
+                           block_rows=args.block_rows, **({} if args.subspace else _fit_kwargs(args)))
+    _print_selection(report, args.out)
+    return 0
+
+
+@_core_errors
+def _cmd_demo(args) -> int:
+    from importlib import resources
+
+    from .scoring import run_selection
+
+    reps = resources.files("scalselect_fast") / "assets" / "demo_reps.npy"
+    with resources.as_file(reps) as path:
+        print(f"demo: selecting {args.budget} of the bundled representations {path.name} "
+              f"(synthetic 2000×128 fp16, see scalselect_fast/assets/make_demo_reps.py)")
+        report = run_selection(str(path), args.out, args.budget)
+    _print_selection(report, args.out)
+    return 0
+
+
 def add_core_commands(sub: argparse._SubParsersAction) -> None:
-    """fit | score | select over a store or .npy (core engine)."""
+    """fit | score | select over a store or .npy (core engine), and demo."""
+    p = sub.add_parser("fit", help="fit the dominant subspace of a store or .npy and save it (.npz)")
+    p.add_argument("source", help="representation store directory or .npy matrix (n, d)")
+    p.add_argument("--out", required=True, help="subspace file to write (.npz)")
+    _add_fit_args(p)
+    _add_stream_args(p)
+    p.set_defaults(func=_cmd_fit)
+
+    p = sub.add_parser("score", help="leverage scores of every row under a fitted subspace (.npy)")
+    p.add_argument("source", help="representation store directory or .npy matrix (n, d)")
+    p.add_argument("--subspace", required=True, help="subspace file written by `scalselect fit`")
+    p.add_argument("--out", required=True, help="scores file to write (.npy, float64, NaN = invalid row)")
+    _add_stream_args(p)
+    p.set_defaults(func=_cmd_score)
+
+    p = sub.add_parser("select", help="fit + score + top budget in one go; writes a directory")
+    p.add_argument("source", help="representation store directory or .npy matrix (n, d)")
+    p.add_argument("--budget", required=True, help="rows to keep: a count (100000), fraction (0.16) or 16%%")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--subspace", default=None, help="reuse this fitted subspace instead of fitting")
+    p.add_argument("--manifest-format", choices=["parquet", "jsonl"], default="parquet")
+    _add_fit_args(p)
+    _add_stream_args(p)
+    p.set_defaults(func=_cmd_select)
+
+    p = sub.add_parser("demo", help="run select on the bundled demo representations")
+    p.add_argument("--out", default="demo-out", help="output directory (default demo-out)")
+    p.add_argument("--budget", default="16%", help="rows to keep (default 16%%)")
+    p.set_defaults(func=_cmd_demo)
 
 
 def add_extract_command(sub: argparse._SubParsersAction) -> None:

@@ -1,0 +1,392 @@
+"""Leverage scores over a streamed source, and the deterministic top-k selection.
+
+The hot loops dispatch to :mod:`scalselect_fast.native` (the C++ extension when built, numpy
+otherwise); this module streams blocks, handles invalid rows and resolves budgets. It does not fit
+subspaces (see :mod:`scalselect_fast.subspace`).
+
+Selection order is part of the contract: descending score, ties broken by the lower row index, so
+the same scores always select the same rows whatever the block or shard layout.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from . import native
+from .store import DEFAULT_BLOCK_ROWS, open_source
+from .subspace import InvalidRowsError, Subspace, SubspaceError, describe_rows
+
+__all__ = ["leverage_scores", "top_k", "resolve_budget", "BudgetError", "TOPK_CHUNK"]
+
+#: scores per top_k_block call; the per-chunk winners are merged (same result as one global sort)
+TOPK_CHUNK = 1 << 20
+
+
+class BudgetError(ValueError):
+    """The budget cannot be met (≤ 0, more than the rows available, or unparsable)."""
+
+
+def leverage_scores(source, sub: Subspace, block_rows: int = DEFAULT_BLOCK_ROWS,
+                    drop_invalid: bool | None = None) -> np.ndarray:
+    """Leverage ‖U_k[i]‖² = ‖pre(x_i) V_k Σ_k⁻¹‖² of every row, streaming.
+
+    Parameters
+    ----------
+    source : ndarray (n, d), memmap, ``.npy`` / store path or MatrixSource
+    sub : Subspace
+        From :func:`~scalselect_fast.subspace.fit_subspace` (same d).
+    block_rows : int
+        Rows per streamed block; one (block_rows,) float64 output slice is written per block.
+    drop_invalid : bool, optional
+        Rows with NaN/inf get score NaN instead of raising. Defaults to the setting the subspace was
+        fitted with (``sub.info["drop_invalid"]``).
+
+    Returns
+    -------
+    ndarray, shape (n,), float64
+        Non-negative scores; over the rows the subspace was fitted on they sum to ``sub.k``.
+
+    Raises
+    ------
+    InvalidRowsError
+        A row has NaN/inf (listing the first few ids and the count) and ``drop_invalid`` is false.
+
+    Examples
+    --------
+    >>> import numpy as np, scalselect_fast as ss
+    >>> X = np.random.default_rng(0).standard_normal((300, 8))
+    >>> sub = ss.fit_subspace(X, k=3)
+    >>> round(float(ss.leverage_scores(X, sub).sum()), 6)
+    3.0
+    """
+    src = open_source(source)
+    if src.d != sub.d:
+        raise SubspaceError(f"the subspace has d={sub.d} but the source has d={src.d}; score with a "
+                            f"subspace fitted on representations from the same model and layer")
+    if drop_invalid is None:
+        drop_invalid = bool(sub.info.get("drop_invalid", False))
+    W = sub._W()
+    mean = np.ascontiguousarray(sub.mean, dtype=np.float64)
+    inv_scale = sub.inv_scale
+    out = np.empty(src.n, np.float64)
+    for off, block in src.iter_blocks(block_rows):
+        m = block.shape[0]
+        seg = out[off:off + m]
+        native.leverage_block(block, mean, W, seg, inv_scale, sub.l2_normalize, src.is_bf16)
+        # Non-finite input always yields a non-finite score, so one check of m values finds it.
+        if not np.isfinite(seg).all():
+            bad = np.flatnonzero(~np.isfinite(seg))
+            rows = off + bad
+            if not drop_invalid:
+                more = src.n - off - m
+                raise InvalidRowsError(
+                    f"{bad.size} row(s) with NaN/inf (or values too large) in the block at row {off}: "
+                    f"{describe_rows(src, rows)}" + (f" ({more} rows not checked yet)" if more else "")
+                    + ". Fix them at the source, or pass drop_invalid=True (CLI: --drop-invalid) so they "
+                    "get no score and are never selected.", rows)
+            seg[bad] = np.nan
+    return out
+
+
+def resolve_budget(budget, n: int) -> int:
+    """Turn a budget into a row count.
+
+    Parameters
+    ----------
+    budget : int, float or str
+        A count (``100000``, ``"100000"``, ``100000.0``), a fraction in (0, 1) (``0.16``,
+        ``"0.16"``) or a percentage in (0, 100] (``"16%"``). Fractions round to the nearest row.
+    n : int
+        Rows available.
+
+    Returns
+    -------
+    int
+        ``1 ≤ count ≤ n``.
+
+    Raises
+    ------
+    BudgetError
+        Unparsable, ≤ 0, rounds to 0 rows, or more than n.
+    """
+    raw = budget
+    if isinstance(budget, bool) or budget is None:
+        raise BudgetError(f"budget {raw!r} is not a count, fraction or percentage (e.g. 100000, 0.16, '16%')")
+    if isinstance(budget, str):
+        s = budget.strip()
+        try:
+            if s.endswith("%"):
+                pct = float(s[:-1])
+                if not (0 < pct <= 100):
+                    raise BudgetError(f"budget {raw!r}: a percentage must be in (0, 100]")
+                return _count(pct / 100.0 * n, raw, n)
+            budget = int(s) if s.lstrip("+-").isdigit() else float(s)
+        except ValueError:
+            raise BudgetError(f"budget {raw!r} is not a count, fraction or percentage "
+                              f"(e.g. 100000, 0.16, '16%')") from None
+    if isinstance(budget, numbers.Integral):
+        count = int(budget)
+    elif isinstance(budget, numbers.Real):
+        b = float(budget)
+        if math.isnan(b) or math.isinf(b):
+            raise BudgetError(f"budget {raw!r} is not a number")
+        if 0 < b < 1:
+            return _count(b * n, raw, n)
+        if b != int(b):
+            raise BudgetError(f"budget {raw!r}: use a whole count or a fraction in (0, 1)")
+        count = int(b)
+    else:
+        raise BudgetError(f"budget {raw!r} is not a count, fraction or percentage (e.g. 100000, 0.16, '16%')")
+    return _check_count(count, raw, n)
+
+
+def _count(x: float, raw, n: int) -> int:
+    count = int(math.floor(x + 0.5))
+    if count < 1:
+        raise BudgetError(f"budget {raw!r} of {n} rows rounds to 0 rows; give a larger fraction or a count")
+    return _check_count(count, raw, n)
+
+
+def _check_count(count: int, raw, n: int) -> int:
+    if count <= 0:
+        raise BudgetError(f"budget {raw!r} must select at least 1 row")
+    if count > n:
+        raise BudgetError(f"budget {raw!r} asks for {count} rows but only {n} are available; "
+                          f"give at most {n} (or a fraction/percentage)")
+    return count
+
+
+def top_k(scores: np.ndarray, budget, chunk: int = TOPK_CHUNK) -> np.ndarray:
+    """Indices of the top ``budget`` scores: descending score, ties → lower index.
+
+    Parameters
+    ----------
+    scores : array_like, shape (n,), float
+        NaN marks a row with no score (an invalid row); it is never selected.
+    budget : int, float or str
+        See :func:`resolve_budget` (fractions are of n, all rows).
+    chunk : int
+        Scores per native ``top_k_block`` call before the merge.
+
+    Returns
+    -------
+    ndarray, shape (budget,), int64
+
+    Raises
+    ------
+    BudgetError
+        Budget ≤ 0, or more than the rows that have a score.
+    """
+    scores = np.ascontiguousarray(scores, dtype=np.float64).reshape(-1)
+    n = scores.size
+    m = resolve_budget(budget, n)
+    nan = np.isnan(scores)
+    n_nan = int(nan.sum())
+    if m > n - n_nan:
+        raise BudgetError(f"budget {budget!r} asks for {m} rows but only {n - n_nan} of {n} rows have a "
+                          f"score ({n_nan} invalid); lower the budget")
+    parts = []
+    for a in range(0, n, chunk):
+        s = scores[a:a + chunk]
+        if n_nan and np.isnan(s).any():
+            s = np.where(np.isnan(s), -np.inf, s)  # never ahead of a real score
+        parts.append(native.top_k_block(s, a, m))
+    idx, _ = native.top_k_merge(parts, m) if len(parts) > 1 else parts[0]
+    idx = np.asarray(idx, dtype=np.int64)
+    if n_nan and np.isnan(scores[idx]).any():
+        # only possible when genuine -inf scores tie with the NaN placeholders
+        keep = idx[~np.isnan(scores[idx])]
+        raise BudgetError(f"budget {m} reaches rows scored -inf ({keep.size} rows have a larger score); "
+                          f"lower the budget")
+    return idx
+
+
+# --------------------------------------------------------------------------------------------------
+# fit + score + select into a directory (the `scalselect select` job; reused by `run`)
+# --------------------------------------------------------------------------------------------------
+def _versions() -> dict:
+    import platform
+    import sys
+
+    from . import __version__
+
+    return {"scalselect_fast": __version__, "numpy": np.__version__, "python": sys.version.split()[0],
+            "native_backend": native.BACKEND, "platform": platform.platform()}
+
+
+def shard_ids(src, shard) -> list[str]:
+    """The ids of one shard (row numbers as strings where the source has none)."""
+    from .store import _read_ids
+
+    arr_ids = getattr(src, "_ids", None)
+    if arr_ids is not None:
+        return arr_ids[shard.offset:shard.offset + shard.count]
+    if shard.ids_path is not None:
+        return _read_ids(shard)
+    return [str(i) for i in range(shard.offset, shard.offset + shard.count)]
+
+
+def iter_shard_ids(src):
+    """Yield ``(shard, ids)`` per shard, reading one shard's ids at a time (memory O(shard))."""
+    for shard in src.shards:
+        yield shard, shard_ids(src, shard)
+
+
+def write_scores(path, scores: np.ndarray) -> None:
+    """Atomically write the (n,) float64 scores as ``.npy``."""
+    from .store import _atomic_path
+
+    with _atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, np.asarray(scores, dtype=np.float64), allow_pickle=False)
+
+
+def write_manifest(path, src, scores: np.ndarray, selected: np.ndarray, fmt: str = "parquet") -> None:
+    """Per-row manifest ``id, score, rank, kept`` (Parquet or JSONL), written shard by shard.
+
+    ``rank`` is the 1-based position in the selection order (descending score, ties → lower index)
+    over all rows with a score; rows without a score (invalid) have ``score`` and ``rank`` null.
+    """
+    from .store import _atomic_path
+
+    n = scores.size
+    valid = ~np.isnan(scores)
+    order = np.flatnonzero(valid)
+    order = order[np.lexsort((order, -scores[order]))]
+    rank = np.zeros(n, np.int64)
+    rank[order] = np.arange(1, order.size + 1)
+    kept = np.zeros(n, bool)
+    kept[selected] = True
+    with _atomic_path(path) as tmp:
+        if fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            schema = pa.schema([("id", pa.string()), ("score", pa.float64()), ("rank", pa.int64()),
+                                ("kept", pa.bool_())])
+            with pq.ParquetWriter(tmp, schema) as w:
+                for shard, ids in iter_shard_ids(src):
+                    sl = slice(shard.offset, shard.offset + shard.count)
+                    v = valid[sl]
+                    w.write_table(pa.table({
+                        "id": pa.array(ids, pa.string()),
+                        "score": pa.array(scores[sl], pa.float64(), mask=~v),
+                        "rank": pa.array(rank[sl], pa.int64(), mask=~v),
+                        "kept": pa.array(kept[sl], pa.bool_())}, schema=schema))
+        elif fmt == "jsonl":
+            import json
+
+            with open(tmp, "w", encoding="utf-8") as fh:
+                for shard, ids in iter_shard_ids(src):
+                    for j, sid in enumerate(ids):
+                        i = shard.offset + j
+                        ok = bool(valid[i])
+                        fh.write(json.dumps({"id": sid, "score": float(scores[i]) if ok else None,
+                                             "rank": int(rank[i]) if ok else None,
+                                             "kept": bool(kept[i])}) + "\n")
+        else:
+            raise ValueError(f"unknown manifest format {fmt!r}; use 'parquet' or 'jsonl'")
+
+
+def run_selection(source, out_dir, budget, *, subspace=None, manifest_format: str = "parquet",
+                  drop_invalid: bool = False, block_rows: int = DEFAULT_BLOCK_ROWS, **fit_kwargs) -> dict:
+    """Fit (unless ``subspace`` is given), score and select; write everything into ``out_dir``.
+
+    Writes ``subspace.npz``, ``scores.npy``, ``manifest.parquet`` (or ``.jsonl``), ``selected.txt``
+    (selected ids, one per line, in selection order) and ``report.json``, each atomically.
+
+    Parameters
+    ----------
+    source : anything :func:`~scalselect_fast.store.open_source` accepts
+    out_dir : str or PathLike
+    budget : int, float or str
+        See :func:`resolve_budget`.
+    subspace : Subspace, str or PathLike, optional
+        Reuse a fitted subspace instead of fitting.
+    manifest_format : {"parquet", "jsonl"}
+    drop_invalid : bool
+        Exclude NaN/inf rows (listed in the report) instead of failing.
+    **fit_kwargs
+        Passed to :func:`~scalselect_fast.subspace.fit_subspace` (energy, k, solver, ...).
+
+    Returns
+    -------
+    dict
+        The report (also written to ``report.json``).
+    """
+    import time
+    from pathlib import Path
+
+    from .store import atomic_write_bytes, atomic_write_json
+    from .subspace import fit_subspace
+
+    if manifest_format not in ("parquet", "jsonl"):
+        raise ValueError(f"unknown manifest format {manifest_format!r}; use 'parquet' or 'jsonl'")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise SubspaceError(f"{out} exists and is not a directory; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    src = open_source(source)
+    resolve_budget(budget, src.n)  # fail before any heavy work
+    timings = {}
+    t = time.perf_counter()
+    if subspace is None:
+        sub = fit_subspace(src, block_rows=block_rows, drop_invalid=drop_invalid, **fit_kwargs)
+        reused = None
+    else:
+        sub = subspace if isinstance(subspace, Subspace) else Subspace.load(subspace)
+        reused = None if isinstance(subspace, Subspace) else str(subspace)
+    timings["fit_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    scores = leverage_scores(src, sub, block_rows=block_rows, drop_invalid=drop_invalid)
+    timings["score_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    selected = top_k(scores, budget)
+    timings["select_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    man_path = out / f"manifest.{manifest_format}"
+    sub_path = out / "subspace.npz"
+    sub.save(sub_path)
+    write_scores(out / "scores.npy", scores)
+    write_manifest(man_path, src, scores, selected, manifest_format)
+    invalid = np.flatnonzero(np.isnan(scores))
+    sel_ids = _ids_of(src, selected)
+    atomic_write_bytes(out / "selected.txt", ("".join(f"{i}\n" for i in sel_ids)).encode("utf-8"))
+    timings["write_s"] = time.perf_counter() - t
+    report = {
+        "n": int(src.n), "n_fitted": int(sub.n), "d": int(sub.d), "k": int(sub.k), "energy_target": sub.energy,
+        "captured_energy": sub.captured_energy, "total_energy": sub.total_energy,
+        "captured_fraction": sub.captured_energy / sub.total_energy,
+        "energy_curve": [float(x) for x in sub.energy_curve],
+        "solver": sub.solver, "solver_reason": sub.info.get("solver_reason"), "passes": int(sub.passes),
+        "standardize": sub.scale is not None, "l2_normalize": bool(sub.l2_normalize),
+        "budget": str(budget), "selected": int(selected.size),
+        "invalid_rows": {"count": int(invalid.size), "rows": invalid[:1000].tolist(),
+                         "ids": _ids_of(src, invalid[:1000])},
+        "subspace_reused_from": reused, "source": str(source) if not isinstance(source, np.ndarray) else "ndarray",
+        "source_dtype": src.dtype, "timings": {**timings, "fit_detail": sub.info.get("timings", {})},
+        "outputs": {"subspace": str(sub_path), "scores": str(out / "scores.npy"), "manifest": str(man_path),
+                    "selected": str(out / "selected.txt"), "report": str(out / "report.json")},
+        "versions": _versions(), "provenance": sub.provenance,
+    }
+    atomic_write_json(out / "report.json", report)
+    return report
+
+
+def _ids_of(src, rows: np.ndarray) -> list[str]:
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size == 0:
+        return []
+    out = [""] * rows.size
+    pos = {int(r): j for j, r in enumerate(rows)}
+    want = np.sort(rows)
+    for shard in src.shards:
+        lo, hi = np.searchsorted(want, [shard.offset, shard.offset + shard.count])
+        if hi == lo:
+            continue
+        ids = shard_ids(src, shard)
+        for r in want[lo:hi]:
+            out[pos[int(r)]] = ids[int(r) - shard.offset]
+    return out
