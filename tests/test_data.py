@@ -426,3 +426,141 @@ def test_skiplog_lines_visible_before_close(tmp_path):
     log.add("a", 0, "r", "d")
     assert json.loads(path.read_text())["id"] == "a"  # already on disk: nothing buffered
     log.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# writers: read -> write subset -> read back == subset, fields and bytes preserved
+# --------------------------------------------------------------------------------------------------
+def _many(n=9):
+    recs = []
+    for i in range(n):
+        r = {"id": f"r{i}", "image": "img/a.png" if i % 3 else "img/b.png", "score_hint": i * 0.1,
+             "source": ["caption", "vqa"][i % 2],
+             "conversations": [{"from": "human", "value": f"<image>\nq{i} \u00e9"},
+                               {"from": "gpt", "value": f"a{i}"}]}
+        recs.append(r)
+    return recs
+
+
+def _raw_json_spans(text):
+    """Reference: each record's exact text, found by an independent bracket-depth scan."""
+    spans, depth, start, in_str, esc = [], 0, None, False, False
+    for i, ch in enumerate(text):
+        if in_str:
+            esc = (ch == "\\") and not esc
+            if ch == '"' and not esc:
+                in_str = False
+            continue
+        if ch == '"':
+            in_str, esc = True, False
+        elif ch == "{":
+            if depth == 1:
+                start = i
+            depth += 1
+        elif ch == "[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+            if depth == 1 and ch == "}":
+                spans.append(text[start:i + 1])
+    return spans
+
+
+@pytest.mark.parametrize("container", ["json", "jsonl", "parquet"])
+@pytest.mark.parametrize("order", ["original", "score"])
+def test_write_selected_round_trip(root, container, order):
+    from scalselect_fast.data import write_selected
+
+    recs = _many()
+    # odd spacing/escapes that a re-serialisation would change: must survive verbatim
+    if container == "json":
+        path = root / "d.json"
+        path.write_text(json.dumps(recs, indent=4).replace('"a7"', '"\\u0061\\u0037"').replace("0.2", "2e-1"))
+    else:
+        path = WRITERS[container](root / f"d.{container}", recs)
+    originals = {s.id: s for s in read_dataset(path, image_root=root)}
+    ranked = ["r7", "r2", "r4", "r0"]
+    keep = ranked if order == "score" else set(ranked)
+    out = root / "out" / f"sel.{container}"
+    before = path.read_bytes()
+    assert write_selected(path, out, keep, order=order) == 4
+    assert path.read_bytes() == before  # input untouched
+    assert detect_format(out) == container
+    back = list(read_dataset(out, image_root=root))
+    want = ranked if order == "score" else ["r0", "r2", "r4", "r7"]
+    assert [s.id for s in back] == want
+    for s in back:
+        o = originals[s.id]
+        assert (s.raw, s.images, s.messages, s.source) == (o.raw, o.images, o.messages, o.source)
+    if container == "json":
+        src_spans = dict(zip([f"r{i}" for i in range(9)], _raw_json_spans(path.read_text())))
+        assert _raw_json_spans(out.read_text()) == [src_spans[i] for i in want]
+        assert out.read_text().startswith("[\n    {")  # the input's indentation
+    elif container == "jsonl":
+        src_lines = path.read_bytes().splitlines(keepends=True)
+        assert out.read_bytes() == b"".join(src_lines[int(i[1:])] for i in want)
+    else:
+        assert pq.read_schema(out) == pq.read_schema(path)
+        assert pq.read_schema(out).metadata == pq.read_schema(path).metadata
+    assert os.listdir(out.parent) == [out.name]  # no temp files left
+
+
+def test_write_selected_compact_json_and_empty_and_single(root):
+    from scalselect_fast.data import write_selected
+
+    recs = _many(3)
+    path = root / "c.json"
+    path.write_text(json.dumps(recs))  # compact: ", " separators, no newlines
+    write_selected(path, root / "o.json", ["r2", "r0"], order="score")
+    assert (root / "o.json").read_text() == "[" + ", ".join(json.dumps(recs[i]) for i in (2, 0)) + "]"
+    write_selected(path, root / "e.json", set())
+    assert json.loads((root / "e.json").read_text()) == []
+    one = root / "one.json"
+    one.write_text(json.dumps(recs[:1], indent=2) + "\n")
+    write_selected(one, root / "o1.json", {"r0"})
+    assert (root / "o1.json").read_text() == one.read_text()
+
+
+def test_write_selected_json_jsonl_conversion(root):
+    from scalselect_fast.data import write_selected
+
+    recs = _many(5)
+    path = _write_json(root / "d.json", recs)
+    write_selected(path, root / "o.jsonl", {"r1", "r3"}, format="jsonl")
+    assert [json.loads(x) for x in (root / "o.jsonl").read_text().splitlines()] == [recs[1], recs[3]]
+    path2 = _write_jsonl(root / "d.jsonl", recs)
+    write_selected(path2, root / "o.json", ["r3", "r1"], order="score", format="json")
+    assert json.loads((root / "o.json").read_text()) == [recs[3], recs[1]]
+    with pytest.raises(ValueError, match="Parquet stays Parquet"):
+        write_selected(path, root / "o.parquet", {"r1"}, format="parquet")
+
+
+def test_write_selected_errors(root):
+    from scalselect_fast.data import write_selected
+
+    path = _write_jsonl(root / "d.jsonl", _many(4))
+    out = root / "sel.jsonl"
+    with pytest.raises(DatasetError, match=r"1 selected id\(s\) are not in .*'nope'"):
+        write_selected(path, out, {"r1", "nope"})
+    assert not out.exists() and sorted(os.listdir(root)) == ["d.jsonl", "img"]  # nothing half-written
+    with pytest.raises(ValueError, match="refusing to overwrite the input"):
+        write_selected(path, path, {"r1"})
+    with pytest.raises(ValueError, match="not a set"):
+        write_selected(path, out, {"r1"}, order="score")
+    with pytest.raises(ValueError, match="twice"):
+        write_selected(path, out, ["r1", "r1"])
+    dup = _write_jsonl(root / "dup.jsonl", _many(2) + [_many(2)[1]])
+    with pytest.raises(DatasetError, match="duplicate id 'r1'"):
+        write_selected(dup, out, {"r0"})
+    assert not out.exists()
+
+
+def test_write_selected_parquet_integer_ids(root):
+    from scalselect_fast.data import write_selected
+
+    recs = [{"id": i, "image": ["img/a.png"],
+             "conversations": [{"from": "human", "value": "<image>x"}]} for i in range(6)]
+    path = _write_parquet(root / "d.parquet", recs)
+    write_selected(path, root / "o.parquet", ["4", "1"], order="score")
+    t = pq.read_table(root / "o.parquet")
+    assert t.column("id").to_pylist() == [4, 1] and t.schema == pq.read_schema(path)

@@ -8,8 +8,10 @@ from .images import load_image, resolve_image_path
 from .readers import FORMATS, SOURCE_FIELDS, count_records, detect_format, iter_records, read_dataset
 from .sample import IMAGE_TOKEN, ROLES, DatasetError, ImageError, Sample
 from .skiplog import SkipLog
+from .writers import write_selected
 
 __all__ = [
     "DatasetError", "FORMATS", "IMAGE_TOKEN", "ImageError", "ROLES", "SOURCE_FIELDS", "Sample", "SkipLog",
     "count_records", "detect_format", "iter_records", "load_image", "read_dataset", "resolve_image_path",
+    "write_selected",
 ]
