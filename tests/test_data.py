@@ -564,3 +564,66 @@ def test_write_selected_parquet_integer_ids(root):
     write_selected(path, root / "o.parquet", ["4", "1"], order="score")
     t = pq.read_table(root / "o.parquet")
     assert t.column("id").to_pylist() == [4, 1] and t.schema == pq.read_schema(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# demo dataset
+# --------------------------------------------------------------------------------------------------
+def _tree_bytes(d):
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_demo_deterministic_and_seed_sensitive(tmp_path):
+    from scalselect_fast.data.demo import make_demo_dataset
+
+    t1 = make_demo_dataset(tmp_path / "a", n=60, seed=3)
+    t2 = make_demo_dataset(tmp_path / "b", n=60, seed=3)
+    assert t1 == t2 and _tree_bytes(tmp_path / "a") == _tree_bytes(tmp_path / "b")
+    make_demo_dataset(tmp_path / "c", n=60, seed=4)
+    assert _tree_bytes(tmp_path / "a") != _tree_bytes(tmp_path / "c")
+
+
+def test_demo_structure_matches_truth(tmp_path):
+    import numpy as np
+
+    from scalselect_fast.data.demo import DEMO_DATA, make_demo_dataset
+
+    truth = make_demo_dataset(tmp_path, n=80, seed=1)
+    log = SkipLog(tmp_path / "skipped.jsonl")
+    samples = {s.id: s for s in read_dataset(tmp_path / DEMO_DATA, image_root=tmp_path, skip_log=log)}
+    assert len(samples) == 80 and len(log) == 0
+    assert sum(truth["counts"].values()) == 80 and len(truth["duplicates"]) == 8
+    pixels = {i: np.asarray(load_image(s.images[0]), dtype=np.int16) for i, s in samples.items() if s.images}
+    for dup, orig in truth["duplicates"].items():
+        assert dup != orig
+        assert samples[dup].messages == samples[orig].messages
+        diff = np.abs(pixels[dup] - pixels[orig])
+        assert 0 < diff.max() <= 3  # near-, not exact, duplicates
+    # non-duplicates are not near-identical: the planted pairs are the only ones
+    others = [i for i in pixels if i not in truth["duplicates"]]
+    for a_i, a in enumerate(others):
+        for b in others[a_i + 1:]:
+            assert np.abs(pixels[a] - pixels[b]).max() > 3, (a, b)
+    assert {samples[i].source for i in truth["rare"]} == {"chart"} and len(truth["rare"]) == 8
+    assert sum(s.source == "chart" for s in samples.values()) == 8
+    assert all(not samples[i].images for i in truth["text_only"]) and len(truth["text_only"]) == 2
+    assert sum(not s.images for s in samples.values()) == 2
+    flat = [i for g in truth["duplicate_groups"] for i in g[1:]]
+    assert sorted(flat) == sorted(truth["duplicates"])
+
+
+def test_bundled_demo_is_the_default_generation(tmp_path):
+    import numpy as np
+
+    from scalselect_fast.data.demo import DEMO_DATA, DEMO_DIR, DEMO_TRUTH, make_demo_dataset
+
+    make_demo_dataset(tmp_path)
+    assert (tmp_path / DEMO_DATA).read_text() == (DEMO_DIR / DEMO_DATA).read_text()
+    assert (tmp_path / DEMO_TRUTH).read_text() == (DEMO_DIR / DEMO_TRUTH).read_text()
+    fresh = sorted(p.name for p in (tmp_path / "images").iterdir())
+    assert fresh == sorted(p.name for p in (DEMO_DIR / "images").iterdir())
+    for name in fresh:  # pixels, not PNG bytes: zlib builds may encode differently
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "images" / name)),
+                              np.asarray(Image.open(DEMO_DIR / "images" / name))), name
+    total = sum(p.stat().st_size for p in DEMO_DIR.rglob("*") if p.is_file())
+    assert total < 2_000_000
