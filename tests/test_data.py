@@ -627,3 +627,31 @@ def test_bundled_demo_is_the_default_generation(tmp_path):
                               np.asarray(Image.open(DEMO_DIR / "images" / name))), name
     total = sum(p.stat().st_size for p in DEMO_DIR.rglob("*") if p.is_file())
     assert total < 2_000_000
+
+
+@pytest.mark.parametrize("container", ["json", "jsonl", "parquet"])
+def test_write_selected_disk_full_leaves_no_partial_output(root, container):
+    """A write that runs out of space (file-size limit in a child process) keeps the old output."""
+    import subprocess
+    import sys
+
+    recs = _many(300)
+    path = WRITERS[container](root / f"d.{container}", recs)
+    out = root / "out" / f"sel.{container}"
+    out.parent.mkdir()
+    out.write_bytes(b"previous complete output")
+    script = (
+        "import resource, signal, sys\n"
+        "from scalselect_fast.data import write_selected\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"  # get EFBIG instead of being killed
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+        "try:\n"
+        f"    write_selected({str(path)!r}, {str(out)!r}, {{f'r{{i}}' for i in range(0, 300, 2)}})\n"
+        "except OSError as e:\n"
+        "    print('OSError', e.errno); sys.exit(0)\n"
+        "sys.exit('write unexpectedly succeeded')\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert res.returncode == 0 and "OSError" in res.stdout, res.stdout + res.stderr
+    assert out.read_bytes() == b"previous complete output"
+    assert os.listdir(out.parent) == [out.name]  # temp file removed

@@ -8,6 +8,7 @@ until :func:`load_image` is called.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from .sample import (REASON_IMAGE_CORRUPT, REASON_IMAGE_MISSING, REASON_IMAGE_OUTSIDE_ROOT,
@@ -33,47 +34,76 @@ def resolve_root(image_root: str | os.PathLike) -> str:
     return root
 
 
-def resolve_image_path(path: object, root: str | None, base_dir: str) -> str:
-    """Resolve one image path from a record.
+class ImageResolver:
+    """Resolve and confine image paths, caching the real path of each directory seen.
+
+    ``os.path.realpath`` costs one ``lstat`` per path component; datasets keep millions of images in
+    a few directories, so directories are resolved once and each image then costs a single
+    ``lstat`` (to notice a symlinked file, which is resolved in full).
 
     Parameters
     ----------
-    path : object
-        The value found in the record (must be a non-empty string).
     root : str or None
         Real path of ``--image-root`` (see :func:`resolve_root`). When given, relative paths are
         joined to it and the resolved result must lie inside it. When ``None``, relative paths are
         joined to ``base_dir`` and nothing is confined.
     base_dir : str
         Directory of the dataset file (used only when ``root`` is None).
-
-    Returns
-    -------
-    str
-        Absolute path with symlinks resolved.
-
-    Raises
-    ------
-    ImagePathError
-        With ``reason`` ``"image_outside_root"`` or ``"invalid_field"``.
     """
-    if not isinstance(path, str) or not path.strip():
-        raise ImagePathError(f"image path must be a non-empty string, got {path!r}", REASON_INVALID_FIELD)
-    if "://" in path:
-        raise ImagePathError(f"image {path!r} is a URL; download the images and pass local paths "
-                             "(relative to --image-root)", REASON_INVALID_FIELD)
-    if "\x00" in path:
-        raise ImagePathError(f"image path {path!r} contains a NUL byte", REASON_INVALID_FIELD)
-    joined = os.path.join(root if root is not None else base_dir, path)  # absolute `path` wins
-    real = os.path.realpath(joined)
-    if root is not None and not (real == root or real.startswith(root.rstrip(os.sep) + os.sep)):
-        how = "an absolute path" if os.path.isabs(path) else (
-            "a '..' path" if ".." in Path(path).parts else "a symlink")
-        raise ImagePathError(
-            f"image {path!r} resolves to {real!r}, outside --image-root {root!r} ({how}); refusing "
-            "to read it. Move the image under the root or pass a root that contains it",
-            REASON_IMAGE_OUTSIDE_ROOT)
-    return real
+
+    _MAX_DIRS = 1 << 16
+
+    def __init__(self, root: str | None, base_dir: str):
+        self.root = root
+        self.base_dir = base_dir
+        self._prefix = None if root is None else root.rstrip(os.sep) + os.sep
+        self._dirs: dict[str, str] = {}
+
+    def _realpath(self, joined: str) -> str:
+        head, tail = os.path.split(joined)
+        if tail in ("", ".", ".."):
+            return os.path.realpath(joined)
+        real_head = self._dirs.get(head)
+        if real_head is None:
+            real_head = os.path.realpath(head)
+            if len(self._dirs) >= self._MAX_DIRS:
+                self._dirs.clear()
+            self._dirs[head] = real_head
+        candidate = os.path.join(real_head, tail)
+        try:
+            if stat.S_ISLNK(os.lstat(candidate).st_mode):
+                return os.path.realpath(candidate)
+        except OSError:
+            pass  # missing: load_image reports it; the path itself is what it is
+        return candidate
+
+    def __call__(self, path: object) -> str:
+        """Return the absolute, symlink-resolved path; raise :class:`ImagePathError` if unusable.
+
+        ``reason`` is ``"image_outside_root"`` or ``"invalid_field"`` (empty, not a string, a URL).
+        """
+        if not isinstance(path, str) or not path.strip():
+            raise ImagePathError(f"image path must be a non-empty string, got {path!r}", REASON_INVALID_FIELD)
+        if "://" in path:
+            raise ImagePathError(f"image {path!r} is a URL; download the images and pass local paths "
+                                 "(relative to --image-root)", REASON_INVALID_FIELD)
+        if "\x00" in path:
+            raise ImagePathError(f"image path {path!r} contains a NUL byte", REASON_INVALID_FIELD)
+        joined = os.path.join(self.root if self.root is not None else self.base_dir, path)  # abs wins
+        real = self._realpath(joined)
+        if self.root is not None and not (real == self.root or real.startswith(self._prefix)):
+            how = "an absolute path" if os.path.isabs(path) else (
+                "a '..' path" if ".." in Path(path).parts else "a symlink")
+            raise ImagePathError(
+                f"image {path!r} resolves to {real!r}, outside --image-root {self.root!r} ({how}); "
+                "refusing to read it. Move the image under the root or pass a root that contains it",
+                REASON_IMAGE_OUTSIDE_ROOT)
+        return real
+
+
+def resolve_image_path(path: object, root: str | None, base_dir: str) -> str:
+    """Resolve one image path (uncached convenience form of :class:`ImageResolver`)."""
+    return ImageResolver(root, base_dir)(path)
 
 
 def load_image(path: str | os.PathLike):

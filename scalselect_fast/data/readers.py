@@ -37,7 +37,7 @@ from array import array
 from collections.abc import Iterator
 from typing import Any
 
-from .images import ImagePathError, resolve_image_path, resolve_root
+from .images import ImagePathError, ImageResolver, resolve_root
 from .sample import (IMAGE_TOKEN, REASON_INVALID_FIELD, REASON_MISSING_FIELD,
                      REASON_PLACEHOLDER_MISMATCH, DatasetError, Sample, _where)
 
@@ -166,7 +166,7 @@ def _iter_jsonl_lines(path: str) -> Iterator[tuple[int, int, int, bytes, Any]]:
             if not body.strip():
                 continue
             try:
-                obj = json.loads(body)
+                obj = json.loads(body.decode("utf-8"))
             except json.JSONDecodeError as e:
                 raise DatasetError(f"{path}: line {lineno}: malformed JSON at column {e.colno}: {e.msg}. "
                                    "Each line must hold one complete JSON object", reason="malformed",
@@ -346,7 +346,7 @@ def _messages(record: dict) -> tuple[list[dict], list[Any], int]:
     return messages, part_paths, n_parts
 
 
-def parse_record(record: Any, *, index: int, line: int | None, root: str | None, base_dir: str,
+def parse_record(record: Any, *, index: int, line: int | None, resolve: ImageResolver,
                  id_field: str = "id", sample_id: str | None = None) -> Sample:
     """Normalise one parsed record into a :class:`Sample` (raises ``_Problem`` for per-sample issues)."""
     sid = sample_id if sample_id is not None else record_id(record, id_field)
@@ -376,7 +376,7 @@ def parse_record(record: Any, *, index: int, line: int | None, root: str | None,
     images = []
     for p in raw_paths:
         try:
-            images.append(resolve_image_path(p, root, base_dir))
+            images.append(resolve(p))
         except ImagePathError as e:
             raise _Problem(e.reason, str(e)) from None
     source = None
@@ -421,7 +421,7 @@ def read_dataset(path: str | os.PathLike, image_root: str | os.PathLike | None =
     """
     path = os.fspath(path)
     root = resolve_root(image_root) if image_root is not None else None
-    base_dir = os.path.dirname(os.path.realpath(path))
+    resolve = ImageResolver(root, os.path.dirname(os.path.realpath(path)))
     seen: dict[str, int] = {}
     lines = array("q")  # record index -> line, for duplicate-id messages
     n_records = n_yielded = n_skipped = 0
@@ -438,7 +438,7 @@ def read_dataset(path: str | os.PathLike, image_root: str | os.PathLike | None =
                     f"{path}: duplicate id {sid!r}: {_where(first, l0 if l0 >= 0 else None)} and "
                     f"{_where(index, line)}. Ids must be unique; rename or drop one of them",
                     reason="duplicate_id", path=path, index=index, line=line, sample_id=sid)
-            sample = parse_record(record, index=index, line=line, root=root, base_dir=base_dir,
+            sample = parse_record(record, index=index, line=line, resolve=resolve,
                                   id_field=id_field, sample_id=sid)
         except _Problem as p:
             if skip_log is None:
