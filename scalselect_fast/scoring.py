@@ -15,7 +15,7 @@ import numbers
 import numpy as np
 
 from . import native
-from .store import DEFAULT_BLOCK_ROWS, open_source
+from .store import DEFAULT_BLOCK_ROWS, DEFAULT_PREFETCH, open_source
 from .subspace import InvalidRowsError, Subspace, SubspaceError, describe_rows
 
 __all__ = ["leverage_scores", "top_k", "resolve_budget", "BudgetError", "TOPK_CHUNK"]
@@ -71,7 +71,8 @@ def leverage_scores(source, sub: Subspace, block_rows: int = DEFAULT_BLOCK_ROWS,
     mean = np.ascontiguousarray(sub.mean, dtype=np.float64)
     inv_scale = sub.inv_scale
     out = np.empty(src.n, np.float64)
-    for off, block in src.iter_blocks(block_rows):
+    # read-ahead: leverage_block consumes the raw block before the next one is requested
+    for off, block in src.iter_blocks(block_rows, prefetch=DEFAULT_PREFETCH):
         m = block.shape[0]
         seg = out[off:off + m]
         native.leverage_block(block, mean, W, seg, inv_scale, sub.l2_normalize, src.is_bf16)

@@ -54,6 +54,8 @@ MANIFEST = "manifest.json"
 #: storage dtype name -> numpy dtype of the bytes on disk
 SUPPORTED_DTYPES = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32, "float64": np.float64}
 DEFAULT_BLOCK_ROWS = 16384
+#: blocks the streaming passes read ahead (BlockReader); 0 = memory-mapped views, no thread
+DEFAULT_PREFETCH = 2
 
 
 class StoreError(ValueError):

@@ -65,12 +65,12 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from . import native
-from .store import DEFAULT_BLOCK_ROWS, MatrixSource, StoreError, atomic_write_bytes, open_source
+from .store import DEFAULT_BLOCK_ROWS, DEFAULT_PREFETCH, MatrixSource, StoreError, atomic_write_bytes, open_source
 
 __all__ = [
     "Subspace",
@@ -82,6 +82,7 @@ __all__ = [
     "GramAccumulator",
     "SketchAccumulator",
     "choose_solver",
+    "tree_reduce",
 ]
 
 SUBSPACE_FORMAT = "scalselect-subspace"
@@ -251,6 +252,46 @@ class _InvalidTracker:
 # --------------------------------------------------------------------------------------------------
 # accumulators (picklable, mergeable)
 # --------------------------------------------------------------------------------------------------
+def tree_reduce(items: Iterable[Any], combine: Callable[[Any, Any], Any]):
+    """Combine ``items`` pairwise in a fixed tree whose shape depends only on ``len(items)``.
+
+    A binary counter over the items in order: two partials of equal height are combined as soon as
+    both exist (left = earlier rows), and what remains is folded right to left at the end. It
+    streams (at most log2(n)+1 partials are alive), and ``combine`` may return a Dask future just
+    as well as a value, so the single-node fit and the cluster build the identical tree.
+
+    Parameters
+    ----------
+    items : iterable
+        Non-empty; element i covers rows before those of element i+1.
+    combine : callable(left, right) -> combined
+
+    Returns
+    -------
+    The combination of all items.
+
+    Examples
+    --------
+    >>> tree_reduce(list("abcde"), lambda a, b: f"({a}{b})")
+    '(((ab)(cd))e)'
+    """
+    stack: list[tuple[int, Any]] = []
+    for item in items:
+        height = 0
+        while stack and stack[-1][0] == height:
+            _, left = stack.pop()
+            item = combine(left, item)
+            height += 1
+        stack.append((height, item))
+    if not stack:
+        raise ValueError("tree_reduce needs at least one item")
+    _, out = stack.pop()
+    while stack:
+        _, left = stack.pop()
+        out = combine(left, out)
+    return out
+
+
 class MomentAccumulator:
     """Row count, shifted column sums and shifted column sums of squares, in float64.
 
@@ -367,7 +408,7 @@ class GramAccumulator(MomentAccumulator):
         buf = np.empty((min(block_rows, max(shard.count, 1)), self.d),
                        np.float64 if src.dtype == "float64" else np.float32)
         be = _NumpyBackend()
-        for off, block in src.iter_shard_blocks(shard, block_rows, verify):
+        for off, block in src.iter_shard_blocks(shard, block_rows, verify, prefetch=DEFAULT_PREFETCH):
             b = be.shift_block(block, self.shift, buf[:block.shape[0]], src.is_bf16)
             for a in range(0, b.shape[0], GRAM_CHUNK_ROWS):
                 chunk = b[a:a + GRAM_CHUNK_ROWS]
@@ -713,13 +754,17 @@ class _Pass:
         self._norms = np.empty(m, dtype=self.dtype)
 
     def blocks(self, shift: np.ndarray, verify: bool = False, inv_scale=None, l2: bool = False,
-               known_bad: np.ndarray | None = None):
+               known_bad: np.ndarray | None = None, shard=None):
         """Yield ``(offset, buf, n_valid)``: buf = transformed rows, invalid rows zeroed.
 
         With ``inv_scale``/``l2`` the buffer holds fully transformed rows (shift must be μ). Rows in
-        ``known_bad`` (found on the first pass) are zeroed without scanning.
+        ``known_bad`` (found on the first pass) are zeroed without scanning. ``shard`` limits the
+        pass to one shard. Blocks come from the read-ahead reader (the raw block is only read by
+        ``shift_block``, before the next one is requested, so its buffer may be reused).
         """
-        for off, block in self.src.iter_blocks(self.block_rows, verify=verify):
+        it = (self.src.iter_blocks(self.block_rows, verify=verify, prefetch=DEFAULT_PREFETCH) if shard is None
+              else self.src.iter_shard_blocks(shard, self.block_rows, verify=verify, prefetch=DEFAULT_PREFETCH))
+        for off, block in it:
             m = block.shape[0]
             b = self.be.shift_block(block, shift, self.buf[:m], self.src.is_bf16)
             n_valid = m
@@ -754,8 +799,24 @@ class _Pass:
 def _gram_pass(p: _Pass, acc: GramAccumulator, record: bool, verify: bool, inv_scale=None, l2=False,
                known_bad=None, shift=None) -> None:
     """Stream ``p`` into ``acc``; ``shift`` (default ``acc.shift``) is what the rows are shifted by
-    before the optional scale/normalisation (μ for the l2 pass, whose Gram is then unshifted)."""
-    for off, b, n_valid in p.blocks(acc.shift if shift is None else shift, verify=verify, inv_scale=inv_scale, l2=l2, known_bad=known_bad):
+    before the optional scale/normalisation (μ for the l2 pass, whose Gram is then unshifted).
+
+    Each shard is summed into its own partial, and the partials are combined by
+    :func:`tree_reduce`: the same arithmetic, in the same order, as the per-shard tasks of
+    :mod:`scalselect_fast.distributed`, so a cluster fit is bit-identical to this one.
+    """
+    def shard_partials():
+        for shard in p.src.shards:
+            part = GramAccumulator(acc.d, acc.shift, matmul=acc._matmul)
+            _gram_shard(p, part, shard, record, verify, inv_scale, l2, known_bad, shift)
+            yield part
+
+    acc.merge(tree_reduce(shard_partials(), GramAccumulator.merge))
+
+
+def _gram_shard(p, acc, shard, record, verify, inv_scale, l2, known_bad, shift) -> None:
+    for off, b, n_valid in p.blocks(acc.shift if shift is None else shift, verify=verify, inv_scale=inv_scale,
+                                    l2=l2, known_bad=known_bad, shard=shard):
         m = b.shape[0]
         zeroed_total = m - n_valid
         for a in range(0, m, GRAM_CHUNK_ROWS):
@@ -771,7 +832,18 @@ def _gram_pass(p: _Pass, acc: GramAccumulator, record: bool, verify: bool, inv_s
 
 
 def _moment_pass(p: _Pass, acc: MomentAccumulator, record: bool, verify: bool) -> None:
-    for off, b, n_valid in p.blocks(acc.shift, verify=verify):
+    """Moments of ``p`` into ``acc``, per-shard partials combined by :func:`tree_reduce`."""
+    def shard_partials():
+        for shard in p.src.shards:
+            part = MomentAccumulator(acc.d, acc.shift)
+            _moment_shard(p, part, shard, record, verify)
+            yield part
+
+    acc.merge(tree_reduce(shard_partials(), MomentAccumulator.merge))
+
+
+def _moment_shard(p, acc, shard, record, verify) -> None:
+    for off, b, n_valid in p.blocks(acc.shift, verify=verify, shard=shard):
         m = b.shape[0]
         ones = np.ones(m, dtype=b.dtype)
         cs = ones @ b
