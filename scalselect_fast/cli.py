@@ -146,6 +146,69 @@ def add_core_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
+def add_dask_options(sub: argparse._SubParsersAction) -> None:
+    """--dask-scheduler ADDRESS on fit | score | select: the same job on a Dask cluster (scale)."""
+    for name, dask_cmd in (("fit", _cmd_fit_dask), ("score", _cmd_score_dask), ("select", _cmd_select_dask)):
+        p = sub.choices.get(name)
+        if p is None:
+            continue
+        p.add_argument("--dask-scheduler", metavar="ADDRESS", default=None,
+                       help="run on this Dask scheduler (tcp://host:8786 or a scheduler .json file); "
+                            "every worker must see the store at the same path")
+        p.set_defaults(func=_dask_or_local(p.get_default("func"), dask_cmd))
+
+
+def _dask_or_local(local, dask_cmd):
+    def run(args):
+        return dask_cmd(args) if getattr(args, "dask_scheduler", None) else local(args)
+    return run
+
+
+@_core_errors
+def _cmd_fit_dask(args) -> int:
+    from . import distributed
+
+    with distributed.connect(args.dask_scheduler) as client:
+        sub = distributed.fit_subspace(args.source, client, block_rows=args.block_rows,
+                                       drop_invalid=args.drop_invalid, **_fit_kwargs(args))
+    sub.save(args.out)
+    w = sub.info["distributed"]
+    print(f"fit (dask, {w['workers']} workers, {w['shards']} shards): {sub.summary()} -> {args.out}")
+    return 0
+
+
+@_core_errors
+def _cmd_score_dask(args) -> int:
+    import numpy as np
+
+    from . import distributed
+    from .scoring import write_scores
+    from .subspace import Subspace
+
+    sub = Subspace.load(args.subspace)
+    with distributed.connect(args.dask_scheduler) as client:
+        scores = distributed.leverage_scores(args.source, sub, client, block_rows=args.block_rows,
+                                             drop_invalid=True if args.drop_invalid else None)
+    write_scores(args.out, scores)
+    bad = int(np.isnan(scores).sum())
+    print(f"score (dask): {scores.size} rows scored with k={sub.k}" + (f" ({bad} invalid: NaN)" if bad else "")
+          + f" -> {args.out}")
+    return 0
+
+
+@_core_errors
+def _cmd_select_dask(args) -> int:
+    from . import distributed
+
+    with distributed.connect(args.dask_scheduler) as client:
+        report = distributed.run_selection(args.source, args.out, args.budget, client, subspace=args.subspace,
+                                           manifest_format=args.manifest_format, drop_invalid=args.drop_invalid,
+                                           block_rows=args.block_rows,
+                                           **({} if args.subspace else _fit_kwargs(args)))
+    _print_selection(report, args.out)
+    return 0
+
+
 def add_extract_command(sub: argparse._SubParsersAction) -> None:
     """extract: representations from a VLM into a store."""
 
@@ -167,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"scalselect-fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_core_commands(sub)
+    add_dask_options(sub)
     add_extract_command(sub)
     add_baseline_command(sub)
     add_run_command(sub)
