@@ -19,7 +19,9 @@ BACKENDS = ["torch", "triton"]
 # Slow, obvious reference
 # ------------------------------------------------------------------------------------------------
 def reference_attention(q, k, query_mask, key_mask, attention_mask=None, scale=None):
-    """Full map in float64 -> (a (B, L) float64 normalised over visual tokens, valid (B,) bool)."""
+    """Full map in float64 on CPU -> (a (B, L) float64 normalised over visual tokens, valid (B,) bool)."""
+    q, k, query_mask, key_mask = q.cpu(), k.cpu(), query_mask.cpu(), key_mask.cpu()
+    attention_mask = None if attention_mask is None else attention_mask.cpu()
     B, Hq, L, Dh = q.shape
     G = Hq // k.shape[1]
     if attention_mask is None:
@@ -50,6 +52,8 @@ def reference_attention(q, k, query_mask, key_mask, attention_mask=None, scale=N
 
 def reference_pool(q, k, hidden, query_mask, key_mask, attention_mask=None, threshold=0.9, scale=None):
     a, valid = reference_attention(q, k, query_mask, key_mask, attention_mask, scale)
+    hidden, key_mask = hidden.cpu(), key_mask.cpu()
+    attention_mask = None if attention_mask is None else attention_mask.cpu()
     B, L, D = hidden.shape
     am = torch.ones(B, L, dtype=torch.bool) if attention_mask is None else attention_mask
     out = torch.full((B, D), float("nan"), dtype=torch.float32)

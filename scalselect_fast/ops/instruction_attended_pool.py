@@ -133,8 +133,8 @@ def _colsum_torch(q, k, qmask, vmask, amask, scale, chunk_size=None):
 
     Returns float64 ``(B, L)``: ``c[b, j] = sum_{h, i in instr(b)} p^h_ij`` for visual ``j``
     (0 elsewhere), with ``p^h_ij`` the causal, padding-masked softmax of ``q_i.k_j*scale`` in fp32.
-    Peak extra memory per chunk: about 3 x ``Hq x chunk x L`` fp32 values plus one fp32 copy of
-    ``k[b]`` when the inputs are half precision.
+    Peak extra memory per chunk: one ``Hq x chunk x L`` fp32 buffer (softmax done in place) plus
+    one fp32 copy of ``k[b]`` when the inputs are half precision.
     """
     B, Hq, L, Dh = q.shape
     Hkv = k.shape[1]
@@ -160,16 +160,21 @@ def _colsum_torch(q, k, qmask, vmask, amask, scale, chunk_size=None):
             n_cols = int(torch.searchsorted(cols, n_keys))
             if n_cols == 0:
                 continue  # no visual key precedes these rows: they contribute nothing
-            qc = q[b][:, r, :].float().view(Hkv, G, r.numel(), Dh)
-            logits = torch.matmul(qc, kb[:, None, :n_keys, :].transpose(-1, -2))  # (Hkv, G, C, n_keys)
-            logits.mul_(scale)
+            # Scale folded into the small query chunk instead of the big logits buffer.
+            # GQA: the G query heads of a kv head are stacked as rows of one bmm (no k repeat).
+            qc = (q[b][:, r, :].float() * scale).reshape(Hkv, G * r.numel(), Dh)
+            logits = torch.bmm(qc, kb[:, :n_keys, :].transpose(1, 2))  # (Hkv, G*C, n_keys)
             visible = (pos[None, :n_keys] <= r[:, None]) & amask[b, None, :n_keys]  # (C, n_keys)
-            logits.masked_fill_(~visible, float("-inf"))
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # each row sees itself: finite
-            c = cols[:n_cols]
-            p = torch.exp(logits[..., c] - lse)  # masked entries are exp(-inf) = 0
-            acc[:n_cols] += p.sum(dim=(0, 1, 2), dtype=torch.float64)
-            del logits, p, lse, visible, qc
+            logits.view(Hkv, G, r.numel(), n_keys).masked_fill_(~visible, float("-inf"))
+            # Softmax in place on the one big buffer: exp(l - rowmax), then every row's weight
+            # 1 / rowsum is folded into a single GEMV that sums the rows per key column.
+            # Each row sees itself, so rowmax is finite and rowsum >= 1.
+            logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+            e = logits.view(-1, n_keys)
+            inv_rowsum = e.sum(dim=-1).reciprocal_()
+            col = inv_rowsum[None, :] @ e  # (1, n_keys): sum_rows p_ij over all heads and rows
+            acc[:n_cols] += col[0, cols[:n_cols]].double()
+            del logits, e, visible, qc, col
         out[b, cols] = acc
     return out
 
