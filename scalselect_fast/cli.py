@@ -215,6 +215,92 @@ def add_extract_command(sub: argparse._SubParsersAction) -> None:
 
 def add_baseline_command(sub: argparse._SubParsersAction) -> None:
     """baseline --method NAME, and bench."""
+    from .baselines import METHODS
+
+    p = sub.add_parser("baseline", help="select with a baseline method (random, kcenter, ...)",
+                       description="Run a baseline selection method on the same representations "
+                                   "ScalSelect uses; writes indices.npy, selected_ids.txt, report.json.")
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("source", help="representation store directory or .npy matrix")
+    p.add_argument("--budget", required=True, help="count (100000), fraction (0.16) or percentage (16%%)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-n", type=int, default=None, dest="max_n",
+                   help="facility_location: run dense on a random subset of this many rows")
+    p.add_argument("--knn", type=int, default=None,
+                   help="facility_location: sparse K-nearest-neighbour similarity graph")
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra method option (repeatable), e.g. --opt n_clusters=500 --opt eps=0.1")
+    p.set_defaults(func=_cmd_baseline)
+
+    b = sub.add_parser("bench", help="run the benchmark suite (python -m benchmarks) from a source checkout")
+    b.add_argument("args", nargs=argparse.REMAINDER, help="passed to `python -m benchmarks`")
+    b.set_defaults(func=_cmd_bench)
+
+
+def _parse_opts(items: list[str]) -> dict:
+    import json
+
+    opts = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--opt {item!r}: expected KEY=VALUE")
+        try:
+            opts[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            opts[key.replace("-", "_")] = value  # a bare string such as keep=easy
+    return opts
+
+
+def _cmd_baseline(args) -> int:
+    import time
+    from pathlib import Path
+
+    import numpy as np
+
+    from . import baselines
+    from .scoring import resolve_budget
+    from .store import atomic_write_bytes, atomic_write_json, open_source
+
+    opts = _parse_opts(args.opt)
+    for key in ("max_n", "knn"):
+        if getattr(args, key) is not None:
+            opts[key] = getattr(args, key)
+    src = open_source(args.source)
+    budget = resolve_budget(args.budget, src.n)
+    t0 = time.perf_counter()
+    try:
+        idx = baselines.select(args.method, src, budget, seed=args.seed, **opts)
+    except TypeError as exc:  # an --opt the method does not take
+        raise SystemExit(f"baseline {args.method}: {exc}") from exc
+    seconds = time.perf_counter() - t0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, idx)
+    atomic_write_bytes(out / "indices.npy", buf.getvalue())
+    ids = src.ids()
+    atomic_write_bytes(out / "selected_ids.txt", "".join(f"{ids[i]}\n" for i in idx).encode("utf-8"))
+    atomic_write_json(out / "report.json", {
+        "method": args.method, "source": str(args.source), "n": src.n, "d": src.d, "dtype": src.dtype,
+        "budget": int(budget), "seed": args.seed, "options": opts, "seconds": round(seconds, 4)})
+    print(f"{args.method}: selected {budget} of {src.n} rows in {seconds:.2f} s -> {out}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "__main__.py").is_file():
+        raise SystemExit("the benchmarks live in the source checkout (benchmarks/), which this "
+                         "installation does not have; clone the repository and run `scalselect bench` "
+                         "or `python -m benchmarks` from its root")
+    return subprocess.call([sys.executable, "-m", "benchmarks", *args.args], cwd=root)
 
 
 def add_run_command(sub: argparse._SubParsersAction) -> None:
