@@ -655,3 +655,59 @@ def test_write_selected_disk_full_leaves_no_partial_output(root, container):
     assert res.returncode == 0 and "OSError" in res.stdout, res.stdout + res.stderr
     assert out.read_bytes() == b"previous complete output"
     assert os.listdir(out.parent) == [out.name]  # temp file removed
+
+
+def test_write_selected_output_folder_is_a_file(root):
+    from scalselect_fast.data import write_selected
+
+    path = _write_jsonl(root / "d.jsonl", _many(3))
+    (root / "blocker").write_text("x")
+    with pytest.raises(ValueError, match=r"'.*blocker' is a file, not a folder"):
+        write_selected(path, root / "blocker" / "sub" / "sel.jsonl", {"r1"})
+    with pytest.raises(ValueError, match="is a directory"):
+        write_selected(path, root, {"r1"})
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores folder permissions")
+def test_write_selected_output_folder_not_writable(root):
+    from scalselect_fast.data import write_selected
+
+    path = _write_jsonl(root / "d.jsonl", _many(3))
+    ro = root / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(PermissionError, match="not writable"):
+            write_selected(path, ro / "sel.jsonl", {"r1"})
+    finally:
+        ro.chmod(0o700)
+
+
+def test_image_resolver_matches_realpath_reference(tmp_path):
+    """The cached resolver agrees with plain os.path.realpath on a tree full of links and dots."""
+    from scalselect_fast.data.images import ImageResolver
+
+    root = tmp_path / "root"
+    _png(root / "a" / "x.png")
+    _png(tmp_path / "elsewhere" / "y.png")
+    os.symlink(root / "a", root / "dirlink")
+    os.symlink(tmp_path / "elsewhere", root / "outdir")
+    os.symlink(root / "a" / "x.png", root / "a" / "filelink.png")
+    os.symlink("../a/x.png", root / "a" / "rel_link.png")
+    os.symlink(tmp_path / "elsewhere" / "y.png", root / "a" / "outlink.png")
+    paths = ["a/x.png", "dirlink/x.png", "dirlink/filelink.png", "a/rel_link.png", "a/./x.png", "a//x.png",
+             "a/../a/x.png", "a/missing.png", "dirlink/../a/x.png", "outdir/y.png", "a/outlink.png",
+             "../elsewhere/y.png", str(root / "a" / "x.png"), "a/x.png/..", "a/", "."]
+    res = ImageResolver(None, str(root))
+    for _ in range(2):  # second pass: served from the directory cache
+        for p in paths:
+            assert res(p) == os.path.realpath(os.path.join(root, p)), p
+    confined = ImageResolver(os.path.realpath(root), "/unused")
+    for p in paths:
+        ref = os.path.realpath(os.path.join(root, p))
+        inside = ref == os.path.realpath(root) or ref.startswith(os.path.realpath(root) + os.sep)
+        if inside:
+            assert confined(p) == ref, p
+        else:
+            with pytest.raises(ValueError, match="outside --image-root"):
+                confined(p)

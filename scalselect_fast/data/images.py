@@ -57,19 +57,22 @@ class ImageResolver:
         self.root = root
         self.base_dir = base_dir
         self._prefix = None if root is None else root.rstrip(os.sep) + os.sep
-        self._dirs: dict[str, str] = {}
+        self._dirs: dict[str, str] = {}  # directory as written -> its real path + os.sep
+        self._base = (root if root is not None else base_dir).rstrip(os.sep) + os.sep
 
     def _realpath(self, joined: str) -> str:
-        head, tail = os.path.split(joined)
+        # Plain string splitting: os.path.split/join cost more than the lstat on this hot path.
+        cut = joined.rfind(os.sep)
+        head, tail = joined[:cut] or os.sep, joined[cut + 1:]
         if tail in ("", ".", ".."):
             return os.path.realpath(joined)
         real_head = self._dirs.get(head)
         if real_head is None:
-            real_head = os.path.realpath(head)
+            real_head = os.path.realpath(head).rstrip(os.sep) + os.sep
             if len(self._dirs) >= self._MAX_DIRS:
                 self._dirs.clear()
             self._dirs[head] = real_head
-        candidate = os.path.join(real_head, tail)
+        candidate = real_head + tail
         try:
             if stat.S_ISLNK(os.lstat(candidate).st_mode):
                 return os.path.realpath(candidate)
@@ -89,7 +92,7 @@ class ImageResolver:
                                  "(relative to --image-root)", REASON_INVALID_FIELD)
         if "\x00" in path:
             raise ImagePathError(f"image path {path!r} contains a NUL byte", REASON_INVALID_FIELD)
-        joined = os.path.join(self.root if self.root is not None else self.base_dir, path)  # abs wins
+        joined = path if os.path.isabs(path) else self._base + path
         real = self._realpath(joined)
         if self.root is not None and not (real == self.root or real.startswith(self._prefix)):
             how = "an absolute path" if os.path.isabs(path) else (

@@ -104,6 +104,16 @@ def write_selected(input_path: str | os.PathLike, out_path: str | os.PathLike,
         raise ValueError(f"refusing to overwrite the input {src!r}: choose another output path")
     if os.path.isdir(dst):
         raise ValueError(f"output {dst!r} is a directory; pass a file path")
+    parent = os.path.dirname(os.path.abspath(dst))
+    probe = parent
+    while not os.path.exists(probe):  # the nearest existing ancestor decides
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"cannot write {dst!r}: {probe!r} is a file, not a folder; choose another "
+                         "output path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {dst!r}: folder {probe!r} is not writable; choose another "
+                              "output path or fix its permissions")
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     keep_set, rank = _normalise_keep(keep, order)
