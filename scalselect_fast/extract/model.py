@@ -1,0 +1,388 @@
+"""Model adapters: load a VLM for extraction, encode samples, run the truncated forward.
+
+Supported families (``config.model_type``): ``llava`` (llava-hf layout, LLaVA-1.5), ``qwen2_vl``,
+``qwen2_5_vl``, ``qwen3_vl``; any other model that ``AutoModelForImageTextToText`` knows goes through
+the generic path (its processor expands the image tokens; its language model must expose decoder
+``layers``). Anything else is refused with a clear error.
+
+Early exit has two halves. At load time the text config's ``num_hidden_layers`` is lowered to ℓ+1, so
+the weights of layers > ℓ are never read from disk nor allocated. At run time a hook on layer ℓ stops
+the forward pass (see :mod:`.hook`), so neither the remaining layers nor the LM head run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import roles as R
+from .hook import StopForward, capture_layer, use_capturing_attention
+
+log = logging.getLogger(__name__)
+
+__all__ = ["KNOWN_FAMILIES", "UnsupportedModelError", "VLM", "load_vlm", "Encoded", "resolve_dtype"]
+
+KNOWN_FAMILIES = {
+    "llava": "LlavaForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+}
+_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+           "half": "float16", "fp32": "float32", "float32": "float32", "float": "float32"}
+
+
+class UnsupportedModelError(ValueError):
+    """The model type, layer or setting cannot be used for extraction (message says what to do)."""
+
+
+def resolve_dtype(dtype):
+    """``"bf16"|"fp16"|"fp32"`` (or a torch dtype) -> torch dtype."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = _DTYPES.get(str(dtype).lower())
+    if name is None:
+        raise ValueError(f"unknown dtype {dtype!r}; use bf16, fp16 or fp32")
+    return getattr(torch, name)
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise UnsupportedModelError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return str(device)
+
+
+@dataclass
+class Encoded:
+    """One sample ready for the model (before batching).
+
+    Attributes
+    ----------
+    input_ids : list of int
+        Expanded token ids (one id per visual token).
+    roles : ndarray of int8, shape (len(input_ids),)
+        Role codes from :mod:`.roles`.
+    image_inputs : dict
+        The image processor's outputs for this sample's images (tensors, batched along dim 0).
+    """
+
+    sample_id: str
+    input_ids: list[int]
+    roles: np.ndarray
+    image_inputs: dict = field(default_factory=dict)
+
+
+def _read_chat_template(path: Path, tokenizer) -> str:
+    """The processor's chat template if the checkpoint ships one, else the tokenizer's."""
+    jinja = path / "chat_template.jinja"
+    if jinja.exists():
+        return jinja.read_text()
+    for name in ("chat_template.json", "processor_config.json"):
+        f = path / name
+        if f.exists():
+            with open(f) as fh:
+                tmpl = json.load(fh).get("chat_template")
+            if tmpl:
+                return tmpl
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.chat_template
+    raise UnsupportedModelError(f"{path}: no chat template found (chat_template.jinja, chat_template.json, "
+                                f"processor_config.json or the tokenizer's); token roles need one")
+
+
+class VLM:
+    """A vision-language model prepared for layer-ℓ extraction.
+
+    Use :func:`load_vlm` to build one. Attributes: ``model``, ``family``, ``layer``, ``tokenizer``,
+    ``image_processor``, ``image_token``/``image_token_id``, ``device``, ``dtype``, ``depth`` (the
+    checkpoint's decoder depth), ``final_norm`` (applied when ℓ is the last layer, because
+    ``hidden_states[-1]`` is the normalised output).
+    """
+
+    def __init__(self, model, path, family, layer, depth, tokenizer, image_processor, chat_template,
+                 processor=None, device="cpu", max_length=None):
+        import torch
+
+        self.model = model
+        self.path = str(path)
+        self.family = family
+        self.layer = int(layer)
+        self.depth = int(depth)
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.chat_template = chat_template
+        self.processor = processor
+        self.device = device
+        self.dtype = next(model.parameters()).dtype
+        cfg = model.config
+        tid = getattr(cfg, "image_token_id", None)
+        if tid is None:
+            tid = getattr(cfg, "image_token_index", None)
+        if tid is None and processor is not None:
+            tid = getattr(processor, "image_token_id", None)
+        if tid is None:
+            raise UnsupportedModelError(f"{path}: the config names no image token id (image_token_id / "
+                                        f"image_token_index); cannot tell visual tokens apart")
+        self.image_token_id = int(tid)
+        self.image_token = tokenizer.convert_ids_to_tokens(self.image_token_id)
+        self.language_model = _language_model(model, path)
+        layers = self.language_model.layers
+        if self.layer >= len(layers):
+            raise UnsupportedModelError(f"{path}: layer {self.layer} not loaded ({len(layers)} decoder layers)")
+        self.decoder_layer = layers[self.layer]
+        self.attention = getattr(self.decoder_layer, "self_attn", None)
+        if self.attention is None:
+            raise UnsupportedModelError(f"{path}: decoder layer {self.layer} has no `self_attn` module")
+        self.final_norm = getattr(self.language_model, "norm", None) if self.layer == self.depth - 1 else None
+        use_capturing_attention(self.language_model)
+        text_cfg = cfg.get_text_config()
+        self.max_length = int(max_length) if max_length else int(getattr(text_cfg, "max_position_embeddings", 0) or 0) or None
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.hidden_size = int(text_cfg.hidden_size)
+        self._base = getattr(model, "model", model)
+        import inspect
+
+        self._wants_mm_types = "mm_token_type_ids" in inspect.signature(self._base.forward).parameters
+        if family == "llava":
+            vc = cfg.vision_config
+            strategy = getattr(cfg, "vision_feature_select_strategy", "default")
+            self._llava_side = int(vc.image_size)
+            self._llava_tokens = (vc.image_size // vc.patch_size) ** 2 + (1 if strategy == "full" else 0)
+        torch.set_grad_enabled(False)
+
+    # ------------------------------------------------------------------ encoding
+    def render(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+                                                  add_generation_prompt=False)
+
+    def encode(self, sample_id: str, messages: Sequence[dict], images: list) -> Encoded:
+        """Render, tokenise, assign roles and preprocess the images of one sample.
+
+        Raises :class:`~.roles.SampleError` (skip with reason) for a sample that cannot be encoded.
+        """
+        if not images:
+            raise R.SampleError(f"sample {sample_id}: text-only sample (no image); no visual tokens to pool")
+        chat = R.build_chat_messages(messages, len(images), sample_id)
+        rendered = R.render_conversation(chat, self.render, self.image_token, sample_id)
+        text = rendered.text
+        add_special = not (self.tokenizer.bos_token and text.startswith(self.tokenizer.bos_token))
+        tok = self.tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
+        ids, offsets = list(tok["input_ids"]), [tuple(o) for o in tok["offset_mapping"]]
+        base_roles = R.token_roles(offsets, ids, rendered, self.image_token_id)
+        if self.family in KNOWN_FAMILIES:
+            image_inputs = dict(self.image_processor(images=images, return_tensors="pt"))
+            counts = self._image_token_counts(image_inputs, len(images), sample_id)
+            full_ids, roles = R.expand_image_tokens(ids, base_roles, self.image_token_id, counts, sample_id)
+        else:
+            out = self.processor(text=[text], images=images, return_tensors="pt",
+                                 add_special_tokens=add_special)
+            full_ids = out["input_ids"][0].tolist()
+            roles = R.align_to_processor(ids, base_roles, full_ids, self.image_token_id, sample_id)
+            image_inputs = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask")}
+        if self.max_length and len(full_ids) > self.max_length:
+            raise R.SampleError(f"sample {sample_id}: {len(full_ids)} tokens exceed the maximum length "
+                                f"{self.max_length} (raise --max-length if the model supports it)")
+        return Encoded(sample_id, full_ids, roles, image_inputs)
+
+    def _image_token_counts(self, image_inputs: dict, n_images: int, sample_id: str) -> list[int]:
+        if self.family == "llava":
+            pv = image_inputs["pixel_values"]
+            if tuple(pv.shape[-2:]) != (self._llava_side, self._llava_side):
+                raise R.SampleError(f"sample {sample_id}: image processor produced {tuple(pv.shape[-2:])} pixels, "
+                                    f"the vision tower expects {self._llava_side}x{self._llava_side}")
+            return [self._llava_tokens] * n_images
+        grid = image_inputs["image_grid_thw"]
+        merge = int(getattr(self.image_processor, "merge_size", 2))
+        return [int(g.prod()) // (merge * merge) for g in grid]
+
+    # ------------------------------------------------------------------ batching + forward
+    def collate(self, batch: list[Encoded], padding_side: str = "right") -> dict:
+        """Pad a list of encoded samples into model inputs plus role masks (all torch tensors)."""
+        import torch
+
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        L = max(len(e.input_ids) for e in batch)
+        B = len(batch)
+        ids = torch.full((B, L), self.pad_token_id, dtype=torch.long)
+        att = torch.zeros((B, L), dtype=torch.bool)
+        roles = torch.full((B, L), R.PAD, dtype=torch.int8)
+        for b, e in enumerate(batch):
+            n = len(e.input_ids)
+            sl = slice(L - n, L) if padding_side == "left" else slice(0, n)
+            ids[b, sl] = torch.tensor(e.input_ids, dtype=torch.long)
+            att[b, sl] = True
+            roles[b, sl] = torch.from_numpy(e.roles)
+        inputs = {"input_ids": ids, "attention_mask": att.long()}
+        if self._wants_mm_types:  # M-RoPE models need the per-token modality (1 = image)
+            inputs["mm_token_type_ids"] = (roles == R.VISUAL).long()
+        keys = batch[0].image_inputs.keys()
+        for k in keys:
+            vals = [e.image_inputs[k] for e in batch]
+            if all(isinstance(v, torch.Tensor) for v in vals):
+                inputs[k] = torch.cat(vals, dim=0)
+        return {"inputs": inputs, "roles": roles, "mask": att}
+
+    def forward_layer(self, inputs: dict):
+        """Run vision + embeddings + decoder layers 0..ℓ on ``inputs``; return the :class:`~.hook.Capture`.
+
+        ``capture.hidden`` is (B, L, D) = ``hidden_states[ℓ+1]`` of the full model (final norm applied
+        when ℓ is the checkpoint's last layer); ``capture.query`` (B, Hq, L, Dh) and ``capture.key``
+        (B, Hkv, L, Dh) are post-RoPE.
+        """
+        import torch
+
+        dev_inputs = {}
+        for k, v in inputs.items():
+            if isinstance(v, torch.Tensor):
+                v = v.to(self.device) if not self._device_map else v.to(self._input_device)
+                if v.is_floating_point():
+                    v = v.to(self.dtype)
+            dev_inputs[k] = v
+        with torch.inference_mode(), capture_layer(self.decoder_layer, self.attention) as cap:
+            try:
+                self._base(**dev_inputs, use_cache=False)
+            except StopForward:
+                pass
+        if cap.hidden is None or cap.query is None:
+            raise RuntimeError(f"{self.path}: layer {self.layer} did not run through the capturing attention "
+                               f"(model type {self.family}); this model is not supported by the generic path")
+        if self.final_norm is not None:
+            with torch.inference_mode():
+                cap.hidden = self.final_norm(cap.hidden)
+        return cap
+
+    _device_map = False
+    _input_device = "cpu"
+
+
+def _language_model(model, path):
+    """The text decoder (a module with ``.layers``) inside a ``*ForConditionalGeneration`` model."""
+    candidates = []
+    inner = getattr(model, "model", None)
+    if inner is not None:
+        candidates.append(getattr(inner, "language_model", None))
+    candidates.append(getattr(model, "language_model", None))
+    get_decoder = getattr(model, "get_decoder", None)
+    if callable(get_decoder):
+        try:
+            candidates.append(get_decoder())
+        except Exception:  # noqa: BLE001 - some models do not implement it
+            pass
+    for c in candidates:
+        if c is None:
+            continue
+        if hasattr(c, "layers"):
+            return c
+        sub = getattr(c, "model", None)  # a *ForCausalLM language model
+        if sub is not None and hasattr(sub, "layers"):
+            return sub
+    raise UnsupportedModelError(f"{path}: cannot find the language model's decoder layers "
+                                f"(looked for model.language_model.layers); this architecture is not supported")
+
+
+def _truncate_text_config(text_cfg, keep: int) -> None:
+    text_cfg.num_hidden_layers = keep
+    for name in ("layer_types", "mlp_only_layers"):
+        v = getattr(text_cfg, name, None)
+        if isinstance(v, list) and len(v) > keep and name == "layer_types":
+            setattr(text_cfg, name, v[:keep])
+
+
+def load_vlm(model, layer: int = 0, dtype="fp32", device: str | None = "auto", device_map=None,
+             truncate: bool = True, max_length: int | None = None, trust_remote_code: bool = False) -> VLM:
+    """Load a checkpoint directory (or wrap a loaded model) for layer-``layer`` extraction.
+
+    Parameters
+    ----------
+    model : str, PathLike or VLM
+        A local checkpoint directory (config, weights, tokenizer, image-processor files), or an
+        already-built :class:`VLM` (returned as is).
+    layer : int
+        Decoder layer ℓ (0-based). Must be < the checkpoint's depth.
+    dtype : {"bf16", "fp16", "fp32"} or torch.dtype
+    device : {"auto", "cpu", "cuda", "cuda:N"}
+        Ignored when ``device_map`` is given.
+    device_map : str or dict, optional
+        Passed to ``from_pretrained`` for models that do not fit one device.
+    truncate : bool
+        Load only layers 0..ℓ (default). False loads the whole model (the forward still stops at ℓ).
+    max_length : int, optional
+        Longest sample in tokens; default: the text config's ``max_position_embeddings``.
+    """
+    if isinstance(model, VLM):
+        return model
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
+    path = Path(model)
+    if not (path / "config.json").exists():
+        raise UnsupportedModelError(f"{path}: not a model directory (no config.json); pass a local checkpoint path")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    family = config.model_type
+    if family in KNOWN_FAMILIES:
+        if not hasattr(transformers, KNOWN_FAMILIES[family]):
+            raise UnsupportedModelError(f"{path}: model type {family!r} needs a newer transformers "
+                                        f"(this is {transformers.__version__})")
+        model_cls = getattr(transformers, KNOWN_FAMILIES[family])
+    else:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+        if family not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+            raise UnsupportedModelError(
+                f"{path}: unknown model type {family!r}; supported: {sorted(KNOWN_FAMILIES)} and image-text-to-text "
+                f"models known to AutoModelForImageTextToText")
+        model_cls = transformers.AutoModelForImageTextToText
+    text_cfg = config.get_text_config()
+    depth = int(text_cfg.num_hidden_layers)
+    layer = int(layer)
+    if not 0 <= layer < depth:
+        raise UnsupportedModelError(f"{path}: layer {layer} does not exist; the model has {depth} decoder layers "
+                                    f"(choose --layer between 0 and {depth - 1})")
+    if truncate and layer + 1 < depth:
+        _truncate_text_config(text_cfg, layer + 1)
+    torch_dtype = resolve_dtype(dtype)
+    kw = dict(config=config, dtype=torch_dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code)
+    if device_map is not None:
+        kw["device_map"] = device_map
+    # Quiet the expected "weights of layers > ℓ were not used" report of a truncated load.
+    tlog = transformers.utils.logging
+    old = tlog.get_verbosity()
+    tlog.set_verbosity_error()
+    try:
+        net = model_cls.from_pretrained(path, **kw).eval()
+    finally:
+        tlog.set_verbosity(old)
+    dev = None
+    if device_map is None:
+        dev = resolve_device(device)
+        net = net.to(dev)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    processor = None
+    if family in KNOWN_FAMILIES:
+        image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    else:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        image_processor = processor.image_processor
+        tokenizer = processor.tokenizer
+    chat_template = _read_chat_template(path, tokenizer)
+    vlm = VLM(net, path, family, layer, depth, tokenizer, image_processor, chat_template, processor=processor,
+              device=dev or "cpu", max_length=max_length)
+    if device_map is not None:
+        vlm._device_map = True
+        vlm._input_device = str(net.get_input_embeddings().weight.device)
+    return vlm

@@ -1,0 +1,442 @@
+"""The extraction loop: samples -> one vector each -> the representation store, shard by shard.
+
+:func:`extract_representations` is the streaming core (an iterator of ``(ids, vectors)`` per batch,
+for pipelines that own their data loading); :func:`extract_to_store` wraps it with the dataset
+reader, deterministic shard ranges, resume, per-rank slicing and ``skipped.jsonl``.
+
+Shard ranges. Records are numbered by their position in the dataset file (``Sample.index``, counting
+records the reader skips). With ``world_size`` W and N records, rank r owns records
+``[r*N//W, (r+1)*N//W)``, cut into consecutive shards of ``shard_size`` records; the shard record in
+the manifest stores its ``range``. A shard is committed only when its whole range is processed, so a
+rerun skips the committed ranges and redoes the rest; since ranks take contiguous ranges and shard
+names sort by rank, the merged store has the same rows in the same order as a one-process run.
+
+Skipped samples never vanish: text-only samples, unreadable images, over-long samples and samples
+whose instruction tokens see no visual token are recorded in ``<store>/skipped.jsonl`` (one line per
+sample: id, index, reason code, detail) and counted in the shard record.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from . import roles as R
+from .model import VLM, load_vlm
+
+log = logging.getLogger(__name__)
+
+__all__ = ["extract_representations", "extract_to_store", "encode_and_pool", "data_fingerprint",
+           "rank_range", "REASON_TEXT_ONLY", "REASON_TOO_LONG", "REASON_NO_ATTENTION", "REASON_ENCODE"]
+
+REASON_TEXT_ONLY = "text_only"
+REASON_TOO_LONG = "too_long"
+REASON_NO_ATTENTION = "no_instruction_attention"
+REASON_ENCODE = "encode_error"
+STAGE = "extract"
+
+
+@dataclass
+class _Skip:
+    sample_id: str | None
+    index: int | None
+    reason: str
+    detail: str
+    line: int | None = None
+
+
+@dataclass
+class BatchResult:
+    """Outputs of one batch: kept ids/vectors (input order) and the samples skipped in it."""
+
+    ids: list[str]
+    vectors: np.ndarray
+    skipped: list[_Skip] = field(default_factory=list)
+    n_inputs: int = 0
+    max_index: int | None = None
+
+
+def _classify(err: R.SampleError) -> str:
+    msg = str(err)
+    if "text-only" in msg:
+        return REASON_TEXT_ONLY
+    if "exceed the maximum length" in msg:
+        return REASON_TOO_LONG
+    return REASON_ENCODE
+
+
+def _load_images(paths, loader):
+    return [loader(p) for p in paths]
+
+
+def encode_and_pool(vlm: VLM, samples: list, threshold: float = 0.9, instruction: str = "all",
+                    padding_side: str = "right", backend: str = "auto",
+                    image_loader: Callable | None = None) -> BatchResult:
+    """Encode ``samples``, run the truncated forward once for the batch and pool.
+
+    Parameters
+    ----------
+    vlm : VLM
+    samples : list of Sample-like
+        Objects with ``id``, ``images`` (paths or PIL images), ``messages`` and optionally ``index``.
+    threshold, instruction, padding_side, backend
+        See :func:`extract_representations`.
+
+    Returns
+    -------
+    BatchResult
+        ``vectors`` float32 (n_kept, D) in input order.
+    """
+    import torch
+
+    from ..data import ImageError, load_image
+    from ..ops import instruction_attended_pool
+
+    loader = image_loader or load_image
+    encoded, kept, skipped = [], [], []
+    for s in samples:
+        sid, idx, line = str(s.id), getattr(s, "index", None), getattr(s, "line", None)
+        try:
+            if not s.images:
+                raise R.SampleError(f"sample {sid}: text-only sample (no image); no visual tokens to pool")
+            images = [p if not isinstance(p, (str, os.PathLike)) else loader(p) for p in s.images]
+            encoded.append(vlm.encode(sid, s.messages, images))
+            kept.append(s)
+        except ImageError as e:
+            skipped.append(_Skip(sid, idx, getattr(e, "reason", "image_unreadable"), f"sample {sid}: {e}", line))
+        except R.SampleError as e:
+            skipped.append(_Skip(sid, idx, _classify(e), str(e), line))
+    max_index = max((getattr(s, "index", -1) for s in samples), default=None)
+    if not encoded:
+        return BatchResult([], np.zeros((0, vlm.hidden_size), np.float32), skipped, len(samples), max_index)
+    batch = vlm.collate(encoded, padding_side)
+    cap = vlm.forward_layer(batch["inputs"])
+    dev = cap.query.device
+    roles = batch["roles"].to(dev)
+    mask = batch["mask"].to(dev)
+    qmask = torch.from_numpy(R.instruction_mask(batch["roles"].numpy(), instruction)).to(dev)
+    with torch.inference_mode():
+        pooled, valid = instruction_attended_pool(
+            cap.query, cap.key, cap.hidden.to(dev), qmask, roles == R.VISUAL, mask, threshold=threshold,
+            scale=cap.scaling, backend=backend, return_valid=True)
+    pooled = pooled.float().cpu().numpy()
+    valid = valid.cpu().numpy() & np.isfinite(pooled).all(axis=1)
+    ids = []
+    for s, ok in zip(kept, valid):
+        if ok:
+            ids.append(str(s.id))
+        else:
+            skipped.append(_Skip(str(s.id), getattr(s, "index", None), REASON_NO_ATTENTION,
+                                 f"sample {s.id}: no {instruction!r} instruction token attends to a visual token "
+                                 f"at layer {vlm.layer} (instruction text only before the image?)",
+                                 getattr(s, "line", None)))
+    skipped.sort(key=lambda k: (k.index if k.index is not None else -1))
+    return BatchResult(ids, np.ascontiguousarray(pooled[valid]), skipped, len(samples), max_index)
+
+
+def _batches(samples: Iterable, batch_size: int):
+    buf = []
+    for s in samples:
+        buf.append(s)
+        if len(buf) == batch_size:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def _iter_results(vlm, samples, batch_size, threshold, instruction, padding_side, backend, image_loader,
+                  on_skip) -> Iterator[BatchResult]:
+    for chunk in _batches(samples, batch_size):
+        res = encode_and_pool(vlm, chunk, threshold, instruction, padding_side, backend, image_loader)
+        for sk in res.skipped:
+            on_skip(sk)
+        yield res
+
+
+def _check_args(batch_size, threshold, instruction, padding_side):
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0.0 < float(threshold) <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    if instruction not in ("all", "user"):
+        raise ValueError(f"instruction must be 'all' or 'user', got {instruction!r}")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+
+
+def extract_representations(model, samples: Iterable, batch_size: int = 8, layer: int = 0,
+                            threshold: float = 0.9, instruction: str = "all", dtype="fp32",
+                            device: str | None = "auto", device_map=None, max_length: int | None = None,
+                            padding_side: str = "right", backend: str = "auto", skip_log=None,
+                            image_loader: Callable | None = None) -> Iterator[tuple[list[str], np.ndarray]]:
+    """Yield ``(ids, vectors)`` for each batch of ``samples`` (the ScalSelect representation).
+
+    Parameters
+    ----------
+    model : str, PathLike or VLM
+        Checkpoint directory, or a :class:`~.model.VLM` from :func:`~.model.load_vlm` (then ``layer``,
+        ``dtype``, ``device``, ``device_map`` and ``max_length`` are taken from it).
+    samples : iterable of Sample
+        ``scalselect_fast.data.Sample`` objects (or anything with ``id``, ``images`` = paths or PIL
+        images, ``messages`` = ``[{"role", "content"}]`` with one ``<image>`` per image).
+    batch_size : int
+        Samples per forward pass.
+    layer : int
+        Decoder layer ℓ whose attention selects the visual tokens; vectors are the mean of the kept
+        tokens' hidden states at the output of layer ℓ (``hidden_states[ℓ+1]``).
+    threshold : float in (0, 1]
+        Cumulative attention mass of the kept visual tokens.
+    instruction : {"all", "user"}
+        Attention rows averaged: every non-visual, non-answer token (default), or user text only.
+    dtype : {"bf16", "fp16", "fp32"}
+    device : {"auto", "cpu", "cuda"}
+    device_map : optional, passed to ``from_pretrained``.
+    max_length : int, optional
+        Samples longer than this (in tokens, image tokens included) are skipped.
+    padding_side : {"right", "left"}
+        Batch padding; results do not depend on it (up to float rounding).
+    backend : {"auto", "torch", "triton"}
+        Pooling kernel backend (:func:`scalselect_fast.ops.instruction_attended_pool`).
+    skip_log : SkipLog, optional
+        Where skipped samples are recorded; without it each skip is logged as a warning.
+
+    Yields
+    ------
+    ids : list of str
+        Ids of the samples of this batch that produced a vector, in input order.
+    vectors : ndarray, float32, shape (len(ids), hidden_size)
+    """
+    _check_args(batch_size, threshold, instruction, padding_side)
+    vlm = load_vlm(model, layer=layer, dtype=dtype, device=device, device_map=device_map, max_length=max_length)
+
+    def on_skip(sk: _Skip):
+        if skip_log is not None:
+            skip_log.add(sk.sample_id, sk.index, sk.reason, sk.detail, line=sk.line, stage=STAGE)
+        else:
+            log.warning("skipped %s (%s): %s", sk.sample_id, sk.reason, sk.detail)
+
+    for res in _iter_results(vlm, samples, int(batch_size), threshold, instruction, padding_side, backend,
+                             image_loader, on_skip):
+        yield res.ids, res.vectors
+
+
+# --------------------------------------------------------------------------------------------------
+# store writing
+# --------------------------------------------------------------------------------------------------
+def data_fingerprint(path: str | os.PathLike) -> dict:
+    """SHA-256 and size of the dataset file (identifies the data a store was extracted from)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def rank_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Records ``[lo, hi)`` owned by ``rank`` of ``world_size`` (contiguous, sizes differ by <= 1)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    return rank * n // world_size, (rank + 1) * n // world_size
+
+
+def _env_rank() -> tuple[int, int]:
+    """(rank, world_size) from torchrun / accelerate environment variables, (0, 1) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
+    return rank, world
+
+
+class _RangeSkipLog:
+    """Forward a reader's skip entries to the log only for records this rank owns."""
+
+    def __init__(self, log, lo: int, hi: int, first: bool):
+        self.log, self.lo, self.hi, self.first = log, lo, hi, first
+        self._indices: set[int] = set()
+
+    def add(self, sample_id, index, reason, detail="", **extra):
+        mine = (self.lo <= index < self.hi) if index is not None else self.first
+        if not mine:
+            return False
+        if index is not None:
+            self._indices.add(int(index))
+        return self.log.add(sample_id, index, reason, detail, **extra)
+
+    def count(self, a: int, b: int) -> int:
+        """Distinct records in [a, b) the reader refused during this run."""
+        return sum(1 for i in self._indices if a <= i < b)
+
+    def __contains__(self, key):
+        return key in self.log
+
+
+def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, image_root=None,
+                     format: str = "auto", batch_size: int = 8, layer: int = 0, threshold: float = 0.9,
+                     instruction: str = "all", dtype="fp32", device: str | None = "auto", device_map=None,
+                     store_dtype: str = "float16", shard_size: int = 4096, max_length: int | None = None,
+                     padding_side: str = "right", backend: str = "auto", rank: int | None = None,
+                     world_size: int | None = None, force: bool = False, progress: bool = True,
+                     image_loader: Callable | None = None) -> dict:
+    """Extract every sample of a dataset file into a representation store (resumable, per-rank).
+
+    Parameters
+    ----------
+    model : str, PathLike or VLM
+        Checkpoint directory or a loaded :class:`~.model.VLM`.
+    data : path
+        Dataset file (LLaVA JSON, ShareGPT JSON, JSONL, Parquet; see :mod:`scalselect_fast.data`).
+    out : path
+        Store directory; ``skipped.jsonl`` is written inside it.
+    image_root : path, optional
+        Directory relative image paths are joined to (paths escaping it are refused).
+    store_dtype : {"float16", "bfloat16", "float32"}
+        Storage dtype of the vectors.
+    shard_size : int
+        Records per shard (a shard's input range; skipped records still count).
+    rank, world_size : int, optional
+        Data-parallel slice; default from ``RANK`` / ``WORLD_SIZE`` (torchrun, accelerate launch).
+    force : bool
+        Discard an existing store from a different run instead of refusing.
+    Other parameters are those of :func:`extract_representations`.
+
+    Returns
+    -------
+    dict
+        ``{"store", "rank", "world_size", "range", "rows", "skipped", "shards_written",
+        "shards_resumed"}`` for this process.
+    """
+    from ..data import SkipLog, count_records, read_dataset
+    from ..store import StoreWriter
+
+    _check_args(batch_size, threshold, instruction, padding_side)
+    if int(shard_size) < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    env_rank, env_world = _env_rank()
+    rank = env_rank if rank is None else int(rank)
+    world = env_world if world_size is None else int(world_size)
+    data = Path(data)
+    if not data.exists():
+        raise FileNotFoundError(f"dataset file {data} does not exist")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"output {out} exists and is not a directory; choose another --out")
+    n_records = count_records(data, format)
+    lo, hi = rank_range(n_records, rank, world)
+    if device not in (None, "auto") or device_map is not None or world == 1:
+        dev = device
+    else:  # one process per GPU: torchrun/accelerate set LOCAL_RANK
+        import torch
+
+        dev = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}" if torch.cuda.is_available() else "cpu"
+    vlm = load_vlm(model, layer=layer, dtype=dtype, device=dev, device_map=device_map, max_length=max_length)
+    provenance = {
+        "kind": "scalselect-extract",
+        "model": {"path": str(Path(vlm.path).resolve()), "type": vlm.family, "depth": vlm.depth},
+        "layer": vlm.layer, "threshold": float(threshold), "dtype": str(vlm.dtype).replace("torch.", ""),
+        "instruction": instruction, "max_length": vlm.max_length,
+        "data": {**data_fingerprint(data), "image_root": str(Path(image_root).resolve()) if image_root else None,
+                 "format": format, "records": n_records},
+        "shard_size": int(shard_size), "world_size": world,
+    }
+    writer = StoreWriter(out, d=vlm.hidden_size, dtype=store_dtype, provenance=provenance,
+                         prefix="shard" if world == 1 else f"rank{rank:03d}-shard", force=force)
+    skip_path = out / "skipped.jsonl"
+    if force and skip_path.exists() and not writer.committed():
+        skip_path.unlink()  # a discarded store's skip log must not leak into the new run
+    committed = writer.committed()
+    ranges = [(s, min(hi, s + int(shard_size))) for s in range(lo, hi, int(shard_size))]
+    todo = []
+    resumed = 0
+    for j, (a, b) in enumerate(ranges):
+        rec = committed.get(writer.shard_name(j))
+        if rec is not None and rec.get("range") == [a, b]:
+            resumed += 1
+        else:
+            todo.append((j, a, b))
+    summary = {"store": str(out), "rank": rank, "world_size": world, "range": [lo, hi], "rows": 0, "skipped": 0,
+               "shards_written": 0, "shards_resumed": resumed}
+    if not todo:
+        return summary
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        done_records = sum(b - a for (a, b) in ranges) - sum(b - a for (_, a, b) in todo)
+        bar = tqdm(total=hi - lo, initial=done_records, unit="sample", dynamic_ncols=True,
+                   desc=f"extract{f' rank {rank}' if world > 1 else ''}", smoothing=0.1)
+
+    with SkipLog(skip_path) as slog:
+        reader_log = _RangeSkipLog(slog, lo, hi, first=rank == 0)
+        first = todo[0][1]
+        stream = _Peekable(s for s in read_dataset(data, image_root=image_root, format=format, skip_log=reader_log)
+                           if s.index >= first)
+        for j, a, b in todo:
+            rows: list[np.ndarray] = []
+            ids: list[str] = []
+            n_skip = 0
+            pos = a  # next record index not yet shown on the progress bar
+            batch: list = []
+            while True:
+                s = stream.peek()
+                end = s is None or s.index >= b
+                if not end:
+                    next(stream)
+                    if s.index < a:  # inside an already committed shard
+                        continue
+                    batch.append(s)
+                if batch and (end or len(batch) == batch_size):
+                    res = encode_and_pool(vlm, batch, threshold, instruction, padding_side, backend, image_loader)
+                    for sk in res.skipped:
+                        slog.add(sk.sample_id, sk.index, sk.reason, sk.detail, line=sk.line, stage=STAGE)
+                    n_skip += len(res.skipped)
+                    if res.ids:
+                        rows.append(res.vectors)
+                        ids.extend(res.ids)
+                    if bar is not None:
+                        bar.update(res.max_index + 1 - pos)
+                        pos = res.max_index + 1
+                        bar.set_postfix(rows=summary["rows"] + len(ids), skipped=summary["skipped"] + n_skip,
+                                        refresh=False)
+                    batch = []
+                if end:
+                    break
+            # Records the reader itself refused (bad fields, images outside the root) count as skipped here.
+            n_skip += reader_log.count(a, b)
+            mat = np.concatenate(rows) if rows else np.zeros((0, vlm.hidden_size), np.float32)
+            writer.write_shard(mat, ids, index=j, extra={"range": [a, b], "skipped": n_skip, "rank": rank})
+            slog.sync()
+            summary["rows"] += len(ids)
+            summary["skipped"] += n_skip
+            summary["shards_written"] += 1
+            if bar is not None:
+                bar.update(b - pos)
+    if bar is not None:
+        bar.close()
+    return summary
+
+
+class _Peekable:
+    def __init__(self, it):
+        self._it = iter(it)
+        self._head = self._fill()
+
+    def _fill(self):
+        return next(self._it, None)
+
+    def peek(self):
+        return self._head
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._head is None:
+            raise StopIteration
+        head, self._head = self._head, self._fill()
+        return head
