@@ -211,6 +211,49 @@ def _cmd_select_dask(args) -> int:
 
 def add_extract_command(sub: argparse._SubParsersAction) -> None:
     """extract: representations from a VLM into a store."""
+    p = sub.add_parser(
+        "extract", help="extract ScalSelect representations from a vision-language model into a store",
+        description="Run a VLM up to decoder layer L on every sample and store one instruction-attended "
+                    "vector per sample (resumable; torchrun/accelerate launch for data parallelism).")
+    p.add_argument("--model", required=True, help="local checkpoint directory (LLaVA-1.5 hf, Qwen2/2.5/3-VL, ...)")
+    p.add_argument("--data", required=True, help="dataset file: LLaVA JSON, ShareGPT JSON, JSONL or Parquet")
+    p.add_argument("--image-root", default=None, help="directory relative image paths are joined to")
+    p.add_argument("--out", required=True, help="output store directory")
+    p.add_argument("--layer", type=int, default=0, help="decoder layer (0-based) [0]")
+    p.add_argument("--threshold", type=float, default=0.9, help="cumulative attention mass to keep [0.9]")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per forward pass [8]")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="compute dtype [bf16]")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto [auto]")
+    p.add_argument("--device-map", default=None, help="transformers device_map (e.g. auto) for models that "
+                                                      "do not fit one device")
+    p.add_argument("--instruction", default="all", choices=["all", "user"],
+                   help="attention rows: all non-visual non-answer tokens, or user text only [all]")
+    p.add_argument("--store-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="storage dtype of the vectors [float16]")
+    p.add_argument("--shard-size", type=int, default=4096, help="records per shard [4096]")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="skip samples longer than this many tokens [model max positions]")
+    p.add_argument("--format", default="auto", choices=["auto", "json", "jsonl", "parquet"])
+    p.add_argument("--padding-side", default="right", choices=["left", "right"])
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"], help="pooling kernel")
+    p.add_argument("--force", action="store_true", help="discard an existing store from a different run")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_extract)
+
+
+def _cmd_extract(args) -> int:
+    import json
+
+    from .extract import extract_to_store
+
+    summary = extract_to_store(
+        args.model, args.data, args.out, image_root=args.image_root, format=args.format,
+        batch_size=args.batch_size, layer=args.layer, threshold=args.threshold, instruction=args.instruction,
+        dtype=args.dtype, device=args.device, device_map=args.device_map, store_dtype=args.store_dtype,
+        shard_size=args.shard_size, max_length=args.max_length, padding_side=args.padding_side,
+        backend=args.backend, force=args.force, progress=not args.quiet)
+    print(json.dumps(summary))
+    return 0
 
 
 def add_baseline_command(sub: argparse._SubParsersAction) -> None:

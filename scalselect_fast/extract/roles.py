@@ -14,7 +14,8 @@ silently fails when a word tokenises differently in context):
 3. The rendered text is tokenised with ``return_offsets_mapping``; a token is an answer token if its
    characters overlap an assistant span, user text if they overlap a user message's text, visual if
    its id is the model's image token, and template otherwise (system prompt, role headers, special
-   tokens such as BOS, whose offsets are empty).
+   tokens such as BOS, whose offsets are empty). A token straddling a boundary (byte-level BPE's
+   ``" A"`` after ``"ASSISTANT:"``) takes the role of the text it touches, answer first.
 4. Image placeholders are expanded to the number of visual tokens each image gets; the expanded ids
    must match what the model's processor produces (the tests check this).
 
