@@ -1,0 +1,365 @@
+"""Selection reports: ``report.json`` (machine-readable) and a self-contained ``report.html``.
+
+The JSON report is the record of a run: what was selected, from what, with which subspace, how long
+each stage took and how stable the cut is. The HTML report is rendered from that JSON alone (plus
+nothing else), so it can be regenerated later with :func:`render_html`; its plots are PNGs drawn
+with matplotlib's Agg backend and embedded as base64 data URIs, so the file has no external
+references and opens offline.
+
+This module does not compute anything about the selection itself; callers (the ``run`` pipeline,
+``scalselect select``) assemble the dict with :func:`build_report`'s helpers and hand it here.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import platform
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .store import atomic_write_bytes, atomic_write_json
+
+__all__ = ["score_histogram", "spectrum_summary", "collect_versions", "render_html", "write_report",
+           "REPORT_JSON", "REPORT_HTML"]
+
+REPORT_JSON = "report.json"
+REPORT_HTML = "report.html"
+
+
+# --------------------------------------------------------------------------------------------------
+# pieces of the JSON report
+# --------------------------------------------------------------------------------------------------
+def score_histogram(scores: np.ndarray, cutoff: float | None, bins: int = 60) -> dict:
+    """Summarise a score vector for the report.
+
+    Parameters
+    ----------
+    scores : ndarray, shape (n,)
+        Leverage scores of the valid samples (float64).
+    cutoff : float or None
+        Score of the last kept sample (the selection threshold); None when nothing was kept.
+    bins : int
+        Number of equal-width histogram bins between min and max.
+
+    Returns
+    -------
+    dict
+        ``min, max, mean, median, sum, cutoff, histogram={edges (bins+1), counts (bins)}``; plain
+        Python floats/ints so it serialises to JSON.
+    """
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if s.size == 0:
+        return {"n": 0, "min": None, "max": None, "mean": None, "median": None, "sum": 0.0,
+                "cutoff": cutoff, "histogram": {"edges": [], "counts": []}}
+    lo, hi = float(s.min()), float(s.max())
+    if hi <= lo:
+        hi = lo + max(abs(lo), 1.0) * 1e-9
+    counts, edges = np.histogram(s, bins=bins, range=(lo, hi))
+    return {"n": int(s.size), "min": float(s.min()), "max": float(s.max()), "mean": float(s.mean()),
+            "median": float(np.median(s)), "sum": float(s.sum()),
+            "cutoff": None if cutoff is None else float(cutoff),
+            "histogram": {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}}
+
+
+def spectrum_summary(singular_values: Sequence[float], k: int, energy: float | None,
+                     total_energy: float | None = None, max_points: int = 4096) -> dict:
+    """Spectrum of the centred representation matrix, for the spectrum plot.
+
+    Parameters
+    ----------
+    singular_values : sequence of float, shape (r,)
+        Singular values σ in descending order (as many as the solver computed).
+    k : int
+        Chosen number of components.
+    energy : float or None
+        Energy threshold that chose k (None when k was given directly).
+    total_energy : float, optional
+        Full Frobenius energy Σσ² of the centred matrix. Defaults to the sum of the given σ², which
+        is only right when the solver computed the whole spectrum.
+    max_points : int
+        Keep at most this many leading values (the report stays small for large d).
+
+    Returns
+    -------
+    dict
+        ``singular_values`` (truncated), ``cumulative_energy`` (fraction of the total, same length),
+        ``k``, ``energy``, ``total_energy``, ``captured_energy`` (fraction captured by the first k).
+    """
+    sv = np.asarray(singular_values, dtype=np.float64).reshape(-1)
+    sq = sv ** 2
+    tot = float(total_energy) if total_energy is not None else float(sq.sum())
+    cum = np.cumsum(sq) / tot if tot > 0 else np.zeros_like(sq)
+    k = int(k)
+    captured = float(cum[k - 1]) if 0 < k <= cum.size else None
+    m = min(sv.size, max_points)
+    return {"singular_values": [float(x) for x in sv[:m]], "cumulative_energy": [float(x) for x in cum[:m]],
+            "k": k, "energy": None if energy is None else float(energy), "total_energy": tot,
+            "captured_energy": captured, "computed_components": int(sv.size)}
+
+
+def collect_versions() -> dict:
+    """Versions of Python, the package and the libraries that can change a result."""
+    from importlib import metadata
+
+    from . import __version__
+
+    out = {"scalselect_fast": __version__, "python": platform.python_version(),
+           "platform": platform.platform()}
+    for dist in ("numpy", "scipy", "torch", "transformers", "faiss-cpu", "pyarrow", "pillow", "triton"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    try:
+        from .native import BACKEND
+
+        out["scoring_backend"] = BACKEND
+    except Exception as exc:  # pragma: no cover - the loader never raises by design
+        out["scoring_backend"] = f"unavailable ({exc})"
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# plots
+# --------------------------------------------------------------------------------------------------
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    # metadata={"Software": None} keeps matplotlib's version string out of the PNG bytes
+    fig.savefig(buf, format="png", dpi=96, bbox_inches="tight", metadata={"Software": None})
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _plot_spectrum(spec: Mapping[str, Any]) -> str | None:
+    sv = np.asarray(spec.get("singular_values") or [], dtype=np.float64)
+    if sv.size == 0:
+        return None
+    import matplotlib.pyplot as plt
+
+    cum = np.asarray(spec["cumulative_energy"], dtype=np.float64)
+    k = int(spec["k"])
+    x = np.arange(1, sv.size + 1)
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    sq = sv ** 2
+    ax.semilogy(x, np.where(sq > 0, sq, np.nan), color="#1f77b4", lw=1.4, label="σ² (component energy)")
+    ax.set_xlabel("component")
+    ax.set_ylabel("σ²", color="#1f77b4")
+    ax.axvline(k, color="#d62728", ls="--", lw=1.2, label=f"chosen k = {k}")
+    ax2 = ax.twinx()
+    ax2.plot(x, cum, color="#2ca02c", lw=1.4, label="cumulative energy")
+    ax2.set_ylim(0, 1.02)
+    ax2.set_ylabel("cumulative energy (fraction of total)", color="#2ca02c")
+    if spec.get("energy") is not None:
+        ax2.axhline(float(spec["energy"]), color="#2ca02c", ls=":", lw=1.0,
+                    label=f"threshold {float(spec['energy']):g}")
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="center right", fontsize=8)
+    ax.set_title("Spectrum of the centred representations")
+    return _png(fig)
+
+
+def _plot_histogram(hist: Mapping[str, Any]) -> str | None:
+    h = hist.get("histogram") or {}
+    edges = np.asarray(h.get("edges") or [], dtype=np.float64)
+    counts = np.asarray(h.get("counts") or [], dtype=np.float64)
+    if counts.size == 0:
+        return None
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 3.2))
+    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="#7f7f7f", edgecolor="none")
+    if hist.get("cutoff") is not None:
+        ax.axvline(float(hist["cutoff"]), color="#d62728", ls="--", lw=1.2,
+                   label=f"cut-off {float(hist['cutoff']):.4g} (kept: right of line)")
+        ax.legend(fontsize=8)
+    ax.set_yscale("symlog", linthresh=1)
+    ax.set_xlabel("leverage score ||U_k[i]||²")
+    ax.set_ylabel("samples")
+    ax.set_title("Score distribution")
+    return _png(fig)
+
+
+def _plot_sources(per_source: Mapping[str, Mapping[str, int]], max_bars: int = 30) -> str | None:
+    if not per_source:
+        return None
+    import matplotlib.pyplot as plt
+
+    items = sorted(per_source.items(), key=lambda kv: (-kv[1].get("total", 0), kv[0]))[:max_bars]
+    names = [k for k, _ in items]
+    total = np.array([v.get("total", 0) for _, v in items], dtype=float)
+    kept = np.array([v.get("kept", 0) for _, v in items], dtype=float)
+    y = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(7.5, 0.9 + 0.32 * len(names)))
+    ax.barh(y, total, color="#c7c7c7", label="total")
+    ax.barh(y, kept, color="#1f77b4", label="kept")
+    ax.set_yticks(y, names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("samples")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("Per-source counts: kept vs total")
+    return _png(fig)
+
+
+# --------------------------------------------------------------------------------------------------
+# HTML
+# --------------------------------------------------------------------------------------------------
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:60em;
+color:#222;padding:0 1em}
+h1{font-size:1.5em}h2{font-size:1.15em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;font-size:.9em;margin:.5em 0}td,th{border:1px solid #ddd;padding:.25em .6em;
+text-align:left;vertical-align:top}th{background:#f5f5f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
+img{max-width:100%}code,pre{background:#f6f6f6;font-size:.85em}pre{padding:.6em;overflow-x:auto}
+.warn{color:#a00}
+"""
+
+
+def _esc(x: Any) -> str:
+    return html.escape(str(x))
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        if math.isnan(x) or math.isinf(x):
+            return str(x)
+        return f"{x:.6g}"
+    return str(x)
+
+
+def _kv_table(d: Mapping[str, Any]) -> str:
+    rows = []
+    for k, v in d.items():
+        if isinstance(v, (dict, list)):
+            v = json.dumps(v, sort_keys=True)
+        cls = ' class="num"' if isinstance(v, (int, float)) and not isinstance(v, bool) else ""
+        rows.append(f"<tr><th>{_esc(k)}</th><td{cls}>{_esc(_fmt(v))}</td></tr>")
+    return "<table>" + "".join(rows) + "</table>"
+
+
+def _img(uri: str | None, alt: str) -> str:
+    return f'<p><img alt="{_esc(alt)}" src="{uri}"></p>' if uri else f"<p><em>{_esc(alt)}: no data</em></p>"
+
+
+def render_html(report: Mapping[str, Any]) -> str:
+    """Render a report dict (the content of ``report.json``) as one self-contained HTML page.
+
+    Parameters
+    ----------
+    report : mapping
+        The run report. Known keys are rendered in sections (summary, spectrum, scores, per-source,
+        timings, stability, configuration, versions); missing keys are skipped.
+
+    Returns
+    -------
+    str
+        HTML with every plot embedded as a base64 PNG (no external files or URLs).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>scalselect report</title>"
+             f"<style>{_CSS}</style></head><body>",
+             "<h1>ScalSelect selection report</h1>"]
+    summary_keys = ["n_samples", "n_valid", "n_skipped", "budget", "n_selected", "order",
+                    "config_hash", "created"]
+    summary = {k: report[k] for k in summary_keys if k in report}
+    sub = report.get("subspace") or {}
+    for k in ("k", "solver", "captured_energy"):
+        if k in sub:
+            summary[f"subspace {k}"] = sub[k]
+    parts.append("<h2>Summary</h2>" + _kv_table(summary))
+    outputs = report.get("outputs")
+    if outputs:
+        parts.append("<h2>Outputs</h2>" + _kv_table(outputs))
+
+    spec = report.get("spectrum")
+    if spec:
+        parts.append("<h2>Spectrum and chosen k</h2>" + _img(_plot_spectrum(spec), "spectrum"))
+        parts.append(f"<p>k = {int(spec['k'])} components capture "
+                     f"{_fmt(spec.get('captured_energy'))} of the total energy "
+                     f"(threshold {_fmt(spec.get('energy'))}); {spec.get('computed_components')} "
+                     f"singular values computed.</p>")
+    if sub:
+        parts.append("<h3>Subspace</h3>" + _kv_table({k: v for k, v in sub.items()
+                                                      if k not in ("singular_values",)}))
+    scores = report.get("scores")
+    if scores:
+        parts.append("<h2>Scores and cut-off</h2>" + _img(_plot_histogram(scores), "score histogram"))
+        parts.append(_kv_table({k: v for k, v in scores.items() if k != "histogram"}))
+    per_source = report.get("per_source")
+    if per_source:
+        rows = "".join(
+            f"<tr><td>{_esc(s)}</td><td class='num'>{v.get('kept', 0)}</td><td class='num'>{v.get('total', 0)}"
+            f"</td><td class='num'>{(v.get('kept', 0) / v['total'] * 100 if v.get('total') else 0):.1f}%</td></tr>"
+            for s, v in sorted(per_source.items()))
+        parts.append("<h2>Per-source counts</h2>" + _img(_plot_sources(per_source), "per-source counts")
+                     + "<table><tr><th>source</th><th>kept</th><th>total</th><th>kept %</th></tr>"
+                     + rows + "</table>")
+    skips = report.get("skip_reasons")
+    if skips:
+        parts.append("<h2>Skipped samples</h2><p class='warn'>These samples have no representation and "
+                     "were not eligible (details in skipped.jsonl and the manifest).</p>" + _kv_table(skips))
+    post = report.get("postselect")
+    if post:
+        parts.append("<h2>Post-selection</h2>" + _kv_table(post))
+    timings = report.get("timings")
+    if timings:
+        parts.append("<h2>Stage timings (seconds)</h2>" + _kv_table(
+            {k: round(float(v), 3) for k, v in timings.items()}))
+    stab = report.get("stability")
+    if stab:
+        parts.append("<h2>Stability certificate</h2>" + _kv_table(stab))
+    for key, title in (("fingerprint", "Fingerprints"), ("config", "Configuration"), ("versions", "Versions")):
+        if report.get(key):
+            parts.append(f"<h2>{title}</h2>" + _kv_table(report[key]))
+    parts.append("<h2>Raw report.json</h2><details><summary>show</summary><pre>"
+                 + _esc(json.dumps(report, indent=1, sort_keys=True, default=str)[:200000])
+                 + "</pre></details>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def write_report(out_dir: str | Path, report: Mapping[str, Any], html_report: bool = True) -> dict:
+    """Write ``report.json`` and (optionally) ``report.html`` into ``out_dir`` atomically.
+
+    Returns
+    -------
+    dict
+        ``{"json": path, "html": path or None}``.
+    """
+    out_dir = Path(out_dir)
+    jpath = out_dir / REPORT_JSON
+    atomic_write_json(jpath, _jsonable(report))
+    hpath = None
+    if html_report:
+        hpath = out_dir / REPORT_HTML
+        atomic_write_bytes(hpath, render_html(_jsonable(report)).encode("utf-8"))
+    return {"json": str(jpath), "html": None if hpath is None else str(hpath)}
+
+
+def _jsonable(obj):
+    """Numpy scalars/arrays and paths -> plain JSON types (recursively)."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        v = float(obj)
+        return v if math.isfinite(v) else str(v)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj

@@ -1,0 +1,61 @@
+"""The --plan cost model: sizes follow the formulas, and runs that cannot fit are refused with a fix."""
+import json
+
+import pytest
+
+from scalselect_fast.plan import GiB, count_samples, estimate_run, model_cost
+
+LLAVA_7B = {"model_type": "llava",
+            "text_config": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                            "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064},
+            "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                              "image_size": 336, "patch_size": 14}}
+
+
+def test_model_cost_llava_7b_is_about_7b_params():
+    c = model_cost(LLAVA_7B, layer=0)
+    assert c["d"] == 4096 and c["image_tokens"] == 576
+    assert 6.5e9 < c["full_params"] < 7.5e9
+    # early exit runs one decoder layer: far fewer parameters than the full model
+    assert c["run_params"] < 0.2 * c["full_params"]
+    assert model_cost(LLAVA_7B, layer=3)["flops_per_sample"] > c["flops_per_sample"]
+
+
+def test_estimate_sizes_follow_formulas(tmp_path):
+    est = estimate_run(1_000_000, d=768, out_dir=tmp_path, flops_per_s=1e11, store_dtype="float16",
+                       memory_available=64 * GiB, disk_free=1000 * GiB)
+    assert est.disk_bytes["representation store"] == 1_000_000 * 768 * 2 + 1_000_000 * 25
+    assert est.disk_bytes["scores"] == 8_000_000
+    assert est.seconds["fit"] == pytest.approx((2.0 * 1e6 * 768 ** 2 + 10 * 768 ** 3) / 1e11)
+    assert est.ok and "fits: yes" in est.format()
+
+
+def test_refuses_when_disk_or_memory_too_small(tmp_path):
+    est = estimate_run(50_000_000, model=LLAVA_7B, out_dir=tmp_path, flops_per_s=1e11,
+                       memory_available=8 * GiB, disk_free=10 * GiB)
+    assert not est.ok
+    text = " ".join(est.problems)
+    assert "disk" in text and "--out" in text
+    assert "memory" in text and ("--device cuda" in text or "--solver randomized" in text)
+    assert "CANNOT RUN" in est.format()
+    # a huge d makes the Gram matrix the memory problem, and the fix names the randomized solver
+    est = estimate_run(1000, d=60_000, solver="exact", out_dir=tmp_path, flops_per_s=1e11,
+                       memory_available=16 * GiB, disk_free=1000 * GiB)
+    assert any("--solver randomized" in p for p in est.problems)
+
+
+def test_measured_rate_and_model_dir(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(LLAVA_7B))
+    est = estimate_run(100, model=tmp_path / "m", out_dir=tmp_path)
+    assert est.d == 4096 and est.seconds["extract"] > 0
+    assert float(est.assumptions["matmul_flops_per_s"]) > 1e8
+
+
+def test_count_samples(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_text('{"id": 1}\n\n{"id": 2}\n')
+    assert count_samples(p) == (2, p.stat().st_size)
+    q = tmp_path / "a.json"
+    q.write_text(json.dumps([{"id": i} for i in range(5)]))
+    assert count_samples(q)[0] == 5
