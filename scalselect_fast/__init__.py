@@ -25,6 +25,8 @@ _LAZY = {
     "open_source": "scalselect_fast.store",
     "StoreWriter": "scalselect_fast.store",
     "StoreError": "scalselect_fast.store",
+    "Selector": "scalselect_fast.selector",
+    "extract_representations": "scalselect_fast.extract",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -1,0 +1,860 @@
+"""The end-to-end job behind ``scalselect run``: dataset in, selected dataset + manifest + report out.
+
+Stages and what each one checkpoints (all under ``OUT/.scalselect/``)::
+
+    extract   representation store reps/ (one shard per --shard-size samples, committed atomically
+              by the extraction engine; a rerun resumes after the last committed shard)
+    fit       fit/gram.npz: the running float64 Gram accumulator after each store shard, replaced
+              atomically with the list of shards it covers (exact solver); the randomized solver
+              and l2-normalised fits checkpoint at stage level only (they need several passes)
+    score     scores/<shard>.npy: leverage scores of one store shard, written atomically
+    select    recomputed on every run from the checkpoints (O(N log N), cheap); writes
+              OUT/<input name> (the input's own format), manifest.parquet, report.json/.html,
+              subspace.npz, all through temporary names + rename
+
+``state.json`` records the fingerprints of the model, the data file and the configuration that
+each stage depends on. A rerun whose fingerprints differ from the checkpoints' is refused with a
+message naming what changed; ``--force`` discards the old checkpoints. Selection-only options
+(budget, order, dedup, quota) may change between runs: the last stage is always recomputed.
+
+Nothing here computes representations, subspaces or scores itself: it sequences
+:mod:`scalselect_fast.extract`, :mod:`scalselect_fast.subspace`, :mod:`scalselect_fast.data` and
+:mod:`scalselect_fast.postselect`, and makes the sequence durable.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from .store import atomic_write_bytes, atomic_write_json
+
+__all__ = ["RunConfig", "RunError", "load_config_file", "make_config", "run", "RunResult",
+           "model_fingerprint", "data_fingerprint", "Events"]
+
+WORK = ".scalselect"
+STATE = "state.json"
+STATE_FORMAT = "scalselect-run"
+STATE_VERSION = 1
+
+
+class RunError(RuntimeError):
+    """A run cannot proceed; the message names the file/sample and what to do."""
+
+
+# --------------------------------------------------------------------------------------------------
+# configuration
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class RunConfig:
+    """Everything ``scalselect run`` needs. Field names are the config-file keys (``-`` or ``_``)."""
+
+    model: str | None = None
+    data: str | None = None
+    out: str | None = None
+    image_root: str | None = None
+    format: str = "auto"
+    budget: str = "16%"
+    layer: int = 0
+    threshold: float = 0.9
+    energy: float = 0.9
+    k: int | None = None
+    solver: str = "auto"
+    seed: int = 0
+    batch_size: int = 8
+    device: str = "cpu"
+    dtype: str = "float32"
+    store_dtype: str = "float16"
+    shard_size: int = 4096
+    order: str = "original"
+    dedup_selected: float | None = None
+    quota: list = dataclasses.field(default_factory=list)
+    force: bool = False
+    quiet: bool = False
+    log_json: bool = False
+    plan_check: bool = True
+    html: bool = True
+
+    # fields that change the representations (and so everything downstream)
+    EXTRACT_KEYS = ("layer", "threshold", "batch_size", "device", "dtype", "store_dtype", "shard_size",
+                    "format")
+    FIT_KEYS = ("energy", "k", "solver", "seed")
+    SELECT_KEYS = ("budget", "order", "dedup_selected", "quota")
+
+    def validate(self) -> None:
+        for name in ("model", "data", "out"):
+            if not getattr(self, name):
+                raise RunError(f"--{name} is required (on the command line or in the --config file)")
+        if not (0.0 < float(self.threshold) <= 1.0):
+            raise RunError(f"--threshold {self.threshold}: the attention-mass threshold must be in (0, 1], "
+                           f"e.g. 0.9 (the paper's default)")
+        if self.k is None and not (0.0 < float(self.energy) <= 1.0):
+            raise RunError(f"--energy {self.energy}: the energy fraction must be in (0, 1], e.g. 0.9")
+        if int(self.layer) < 0:
+            raise RunError(f"--layer {self.layer}: decoder layers are numbered from 0")
+        if self.order not in ("original", "score"):
+            raise RunError(f"--order {self.order!r}: use 'original' (input order) or 'score' (best first)")
+        if self.solver not in ("auto", "exact", "randomized"):
+            raise RunError(f"--solver {self.solver!r}: use auto, exact or randomized")
+        if int(self.shard_size) < 1 or int(self.batch_size) < 1:
+            raise RunError("--shard-size and --batch-size must be positive")
+
+
+_FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    """Read a ``run.toml`` / ``run.yaml`` / ``run.json`` into a dict of :class:`RunConfig` fields.
+
+    Keys may use ``-`` or ``_``; a ``[run]`` table (TOML) or ``run:`` mapping (YAML) is accepted as
+    the root. Unknown keys are an error naming the key and the file. Relative paths in the file are
+    resolved against the file's directory.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RunError(f"--config {p}: cannot read ({exc.strerror or exc})") from exc
+    suf = p.suffix.lower()
+    try:
+        if suf == ".toml":
+            import tomllib
+
+            obj = tomllib.loads(text)
+        elif suf in (".yaml", ".yml"):
+            import yaml
+
+            obj = yaml.safe_load(text) or {}
+        elif suf == ".json":
+            obj = json.loads(text)
+        else:
+            raise RunError(f"--config {p}: unknown extension {suf!r}; use .toml, .yaml or .json")
+    except RunError:
+        raise
+    except Exception as exc:  # tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError
+        raise RunError(f"--config {p}: not valid {suf.lstrip('.').upper()}: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise RunError(f"--config {p}: expected a table of settings, got {type(obj).__name__}")
+    if set(obj) == {"run"} and isinstance(obj["run"], dict):
+        obj = obj["run"]
+    out = {}
+    for key, value in obj.items():
+        name = str(key).replace("-", "_")
+        if name not in _FIELDS:
+            raise RunError(f"--config {p}: unknown setting {key!r}; known: "
+                           f"{', '.join(sorted(f.replace('_', '-') for f in _FIELDS))}")
+        if name in ("model", "data", "out", "image_root") and isinstance(value, str) and value:
+            vp = Path(value).expanduser()
+            value = str(vp if vp.is_absolute() else (p.parent / vp))
+        if name == "quota" and isinstance(value, str):
+            value = [value]
+        out[name] = value
+    return out
+
+
+def make_config(config_file: str | os.PathLike | None = None, **overrides) -> RunConfig:
+    """A :class:`RunConfig` from an optional file with keyword overrides (None = not given)."""
+    values = load_config_file(config_file) if config_file else {}
+    for k, v in overrides.items():
+        if k not in _FIELDS:
+            raise TypeError(f"unknown run setting {k!r}")
+        if v is not None and not (k == "quota" and v == []):
+            values[k] = v
+    cfg = RunConfig(**values)
+    cfg.budget = str(cfg.budget)
+    cfg.quota = list(cfg.quota or [])
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# fingerprints
+# --------------------------------------------------------------------------------------------------
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
+_EDGE = 1 << 20
+
+
+def _hash_file(h, path: Path, whole: bool) -> None:
+    size = path.stat().st_size
+    h.update(f"{path.name}\0{size}\0".encode())
+    with open(path, "rb") as fh:
+        if whole or size <= 4 * _EDGE:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+        else:
+            # big weight files: header + tail + size identify a checkpoint without reading GBs
+            h.update(fh.read(_EDGE))
+            fh.seek(size - _EDGE)
+            h.update(fh.read(_EDGE))
+
+
+def model_fingerprint(path: str | os.PathLike) -> str:
+    """sha256 over a model directory: every config/tokenizer file whole, weights by size + head + tail."""
+    p = Path(path)
+    if not p.exists():
+        raise RunError(f"--model {p}: no such file or directory; pass a local Hugging Face model directory "
+                       f"(config.json + weights), e.g. a downloaded llava-hf/llava-1.5-7b-hf")
+    h = hashlib.sha256(b"model\0")
+    files = sorted(f for f in (p.rglob("*") if p.is_dir() else [p]) if f.is_file() and not f.name.startswith("."))
+    for f in files:
+        _hash_file(h, f, whole=not f.name.endswith(_WEIGHT_SUFFIXES))
+    return h.hexdigest()[:32]
+
+
+def data_fingerprint(path: str | os.PathLike, image_root: str | None) -> str:
+    """sha256 of the dataset file's bytes plus the resolved image root (image bytes are not hashed)."""
+    p = Path(path)
+    if not p.is_file():
+        raise RunError(f"--data {p}: no such file; pass a LLaVA JSON, JSONL or Parquet dataset file")
+    h = hashlib.sha256(b"data\0")
+    _hash_file(h, p, whole=True)
+    h.update(str(Path(image_root).resolve() if image_root else "").encode())
+    return h.hexdigest()[:32]
+
+
+def _hash_obj(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def stage_fingerprints(cfg: RunConfig, model_fp: str, data_fp: str) -> dict:
+    """Chained fingerprints: each stage's covers everything it depends on."""
+    ex = _hash_obj({"model": model_fp, "data": data_fp, **{k: getattr(cfg, k) for k in cfg.EXTRACT_KEYS}})
+    fit = _hash_obj({"extract": ex, **{k: getattr(cfg, k) for k in cfg.FIT_KEYS}})
+    return {"model": model_fp, "data": data_fp, "extract": ex, "fit": fit, "score": fit,
+            "config": _hash_obj({k: getattr(cfg, k) for k in
+                                 cfg.EXTRACT_KEYS + cfg.FIT_KEYS + cfg.SELECT_KEYS})}
+
+
+# --------------------------------------------------------------------------------------------------
+# events: progress bars, --quiet, --log-json
+# --------------------------------------------------------------------------------------------------
+class Events:
+    """Human progress (tqdm bars with rate and ETA on stderr) or JSON-lines events on stdout."""
+
+    def __init__(self, quiet: bool = False, log_json: bool = False, stream=None):
+        self.quiet, self.log_json = quiet, log_json
+        self.stream = stream or (sys.stdout if log_json else sys.stderr)
+        self._last_progress = 0.0
+
+    def emit(self, event: str, **fields) -> None:
+        if self.log_json:
+            rec = {"event": event, "time": round(time.time(), 3), **fields}
+            self.stream.write(json.dumps(rec, default=str) + "\n")
+            self.stream.flush()
+
+    def info(self, msg: str, **fields) -> None:
+        if self.log_json:
+            self.emit("info", message=msg, **fields)
+        elif not self.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    def warn(self, msg: str, **fields) -> None:
+        if self.log_json:
+            self.emit("warning", message=msg, **fields)
+        else:  # warnings are shown even with --quiet
+            print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def progress(self, stage: str, total: int | None, unit: str):
+        """Yield ``update(n)``; draws a bar (rate, ETA) or emits throttled ``progress`` events."""
+        t0 = time.perf_counter()
+        done = [0]
+        bar = None
+        if not self.quiet and not self.log_json:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, desc=f"{stage:>8}", unit=unit, file=sys.stderr, dynamic_ncols=True,
+                       smoothing=0.1, mininterval=0.5)
+
+        def update(n: int = 1):
+            done[0] += n
+            if bar is not None:
+                bar.update(n)
+            elif self.log_json:
+                now = time.perf_counter()
+                if now - self._last_progress >= 1.0 or (total and done[0] >= total):
+                    self._last_progress = now
+                    el = now - t0
+                    rate = done[0] / el if el > 0 else None
+                    eta = (total - done[0]) / rate if (rate and total) else None
+                    self.emit("progress", stage=stage, done=done[0], total=total, unit=unit,
+                              rate=None if rate is None else round(rate, 3),
+                              eta_s=None if eta is None else round(eta, 1))
+
+        try:
+            yield update
+        finally:
+            if bar is not None:
+                bar.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# crash points (for durability tests: the process SIGKILLs itself at a named point)
+# --------------------------------------------------------------------------------------------------
+_CRASH_COUNTS: dict[str, int] = {}
+
+
+def _crashpoint(name: str) -> None:
+    """``SCALSELECT_CRASH_AT=name:n`` kills this process with SIGKILL on the n-th time ``name`` is hit.
+
+    Used by the tests to stop a run at an exact place (between two checkpoint commits, or after a
+    temporary file is written but before it is renamed) and prove that a rerun recovers.
+    """
+    spec = os.environ.get("SCALSELECT_CRASH_AT")
+    if not spec:
+        return
+    want, _, nth = spec.partition(":")
+    if want != name:
+        return
+    _CRASH_COUNTS[name] = _CRASH_COUNTS.get(name, 0) + 1
+    if _CRASH_COUNTS[name] >= int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------------------------------
+# run state
+# --------------------------------------------------------------------------------------------------
+class _State:
+    def __init__(self, out: Path, fps: dict, force: bool, events: Events):
+        self.work = out / WORK
+        self.path = self.work / STATE
+        self.fps = fps
+        self.data: dict[str, Any]
+        old = None
+        if self.path.exists():
+            try:
+                old = json.loads(self.path.read_text())
+            except (OSError, json.JSONDecodeError):
+                old = None  # a state file is replaced atomically, so this means someone edited it
+        if old is not None and old.get("format") == STATE_FORMAT:
+            diff = [k for k in ("model", "data", "extract", "fit") if old.get("fingerprints", {}).get(k) != fps[k]]
+            if diff and not force:
+                what = {"model": "the model files", "data": "the dataset file or image root",
+                        "extract": "extraction settings (layer, threshold, dtype, device, batch/shard size)",
+                        "fit": "subspace settings (energy, k, solver, seed)"}
+                changed = [what[k] for k in diff if not (k == "extract" and ("model" in diff or "data" in diff))
+                           and not (k == "fit" and len(diff) > 1)]
+                raise RunError(
+                    f"{out} holds checkpoints of a different run: {'; '.join(changed)} changed since they "
+                    f"were written (fingerprints in {self.path}). Mixing stages from different runs would "
+                    f"give a wrong selection. Rerun with --force to discard them and start over, or choose "
+                    f"another --out.")
+            if diff:
+                events.warn(f"--force: discarding checkpoints in {self.work} from a different run")
+                shutil.rmtree(self.work)
+                old = None
+        elif old is not None or (self.work.exists() and any(self.work.iterdir()) and not self.path.exists()):
+            if not force:
+                raise RunError(f"{self.work} exists but has no readable run state; rerun with --force to "
+                               f"discard it, or choose another --out")
+            shutil.rmtree(self.work)
+            old = None
+        elif force and self.work.exists():
+            shutil.rmtree(self.work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.data = old or {"format": STATE_FORMAT, "version": STATE_VERSION, "fingerprints": fps,
+                            "stages": {}, "timings": {}}
+        self.save()
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.data)
+
+    def done(self, stage: str) -> bool:
+        return bool(self.data["stages"].get(stage, {}).get("done"))
+
+    def mark(self, stage: str, **info) -> None:
+        self.data["stages"][stage] = {"done": True, **info}
+        self.save()
+
+    def add_time(self, stage: str, seconds: float) -> None:
+        t = self.data.setdefault("timings", {})
+        t[stage] = float(t.get(stage, 0.0)) + float(seconds)
+        self.save()
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file, not a directory; choose a directory path (it is created "
+                       f"if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        with open(probe, "wb") as fh:
+            fh.write(b"x")
+        probe.unlink()
+    except OSError as exc:
+        raise RunError(f"--out {out} is not writable ({exc.strerror or exc}); choose a directory you can "
+                       f"write to") from exc
+
+
+def _disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _write_parquet_atomic(path: Path, table) -> None:
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+@dataclasses.dataclass
+class RunResult:
+    """Where a finished run put its outputs, and the report dict."""
+
+    out: Path
+    selected_path: Path
+    manifest_path: Path
+    report_json: Path
+    report_html: Path | None
+    subspace_path: Path
+    n_selected: int
+    report: dict
+
+
+# --------------------------------------------------------------------------------------------------
+# stages
+# --------------------------------------------------------------------------------------------------
+def _store_dir(state: _State) -> Path:
+    return state.work / "reps"
+
+
+def _stage_fit(cfg: RunConfig, state: _State, events: Events, src):
+    """Fit the subspace with a per-shard checkpoint of the Gram accumulator (exact solver)."""
+    from .subspace import GramAccumulator, Subspace, choose_solver, fit_subspace, subspace_from_gram
+
+    sub_path = state.work / "subspace.npz"
+    if state.done("fit") and sub_path.exists():
+        return Subspace.load(sub_path)
+    solver = cfg.solver
+    if solver == "auto":
+        solver, reason = choose_solver(src.n, src.d, cfg.k)
+    else:
+        reason = "requested"
+    t0 = time.perf_counter()
+    events.emit("stage_start", stage="fit", solver=solver)
+    if solver != "exact":
+        # several passes over the data: checkpointed at stage level only
+        sub = fit_subspace(src, energy=cfg.energy, k=cfg.k, solver=solver, seed=cfg.seed)
+    else:
+        ck_path = state.work / "fit" / "gram.npz"
+        acc, covered = None, []
+        if ck_path.exists():
+            with np.load(ck_path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                if meta.get("fingerprint") == state.fps["fit"]:
+                    acc = GramAccumulator(src.d, z["shift"])
+                    acc.n = int(meta["n"])
+                    acc.colsum = z["colsum"].copy()
+                    acc.sumsq = z["sumsq"].copy()
+                    acc.gram = z["gram"].copy()
+                    covered = list(meta["shards"])
+        if acc is None:
+            first = src.shards[0]
+            head = src.read_rows(np.arange(first.offset, first.offset + min(first.count, 4096)))
+            acc = GramAccumulator(src.d, head.astype(np.float64).mean(axis=0))
+        names = [s.name for s in src.shards]
+        if covered != names[:len(covered)]:
+            raise RunError(f"{ck_path}: the fit checkpoint covers shards {covered[:3]}... that do not match "
+                           f"the representation store; rerun with --force")
+        with events.progress("fit", src.n, "rows") as update:
+            update(sum(s.count for s in src.shards[:len(covered)]))
+            for shard in src.shards[len(covered):]:
+                acc.update_shard(src, shard, verify=True)
+                covered.append(shard.name)
+                buf = io.BytesIO()
+                np.savez(buf, shift=acc.shift, colsum=acc.colsum, sumsq=acc.sumsq, gram=acc.gram,
+                         meta=np.array(json.dumps({"n": acc.n, "shards": covered,
+                                                   "fingerprint": state.fps["fit"]})))
+                atomic_write_bytes(ck_path, buf.getvalue())
+                _crashpoint("fit.shard")
+                update(shard.count)
+        t1 = time.perf_counter()
+        fields = subspace_from_gram(acc.centred_gram(), n=acc.n, mean=acc.mean, scale=None, l2_normalize=False,
+                                    energy=cfg.energy, k=cfg.k, src_name=str(_store_dir(state)),
+                                    compute_dtype=np.float64 if src.dtype == "float64" else np.float32)
+        from . import native
+
+        sub = Subspace(solver="exact", passes=1, provenance=dict(src.provenance),
+                       info={"solver_requested": cfg.solver, "solver_reason": reason, "native": native.BACKEND,
+                             "checkpointed_shards": len(covered), "eigh_s": time.perf_counter() - t1,
+                             "seed": cfg.seed}, **fields)
+    sub.provenance = {**dict(src.provenance), "data_fingerprint": state.fps["data"],
+                      "model_fingerprint": state.fps["model"], "layer": cfg.layer, "threshold": cfg.threshold,
+                      "model": cfg.model}
+    sub.save(sub_path)
+    state.add_time("fit", time.perf_counter() - t0)
+    state.mark("fit", k=int(sub.k), solver=sub.solver)
+    events.emit("stage_done", stage="fit", k=int(sub.k), solver=sub.solver)
+    return sub
+
+
+def _stage_score(cfg: RunConfig, state: _State, events: Events, src, sub) -> np.ndarray:
+    """Leverage scores of every stored row, one checkpoint file per store shard."""
+    sdir = state.work / "scores"
+    sdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    events.emit("stage_start", stage="score")
+    out = np.empty(src.n, dtype=np.float64)
+    with events.progress("score", src.n, "rows") as update:
+        for shard in src.shards:
+            p = sdir / f"{shard.name}.npy"
+            s = None
+            if p.exists():
+                with contextlib.suppress(OSError, ValueError):
+                    s = np.load(p, allow_pickle=False)
+                if s is not None and s.shape != (shard.count,):
+                    s = None
+            if s is None:
+                s = np.empty(shard.count, dtype=np.float64)
+                for off, block in src.iter_shard_blocks(shard, verify=True):
+                    s[off - shard.offset: off - shard.offset + block.shape[0]] = sub.score(block, bf16=src.is_bf16)
+                buf = io.BytesIO()
+                np.save(buf, s, allow_pickle=False)
+                atomic_write_bytes(p, buf.getvalue())
+                _crashpoint("score.shard")
+            out[shard.offset: shard.offset + shard.count] = s
+            update(shard.count)
+    if not state.done("score"):
+        state.add_time("score", time.perf_counter() - t0)
+        state.mark("score")
+    events.emit("stage_done", stage="score")
+    return out
+
+
+class _SkipCollector:
+    """Duck-typed SkipLog that only counts (used when re-reading the dataset for the manifest)."""
+
+    def __init__(self):
+        self.entries: list[dict] = []
+
+    def add(self, sample_id, index, reason, detail="", **extra):
+        self.entries.append({"id": sample_id, "index": index, "reason": reason, "detail": detail})
+        return True
+
+
+def _record_table(cfg: RunConfig, fields: Iterable[str]) -> dict:
+    """One pass over the raw records: id, source and any quota field per record index."""
+    from .data import SOURCE_FIELDS, iter_records
+
+    ids: list[str | None] = []
+    cols: dict[str, list] = {f: [] for f in fields}
+    sources: list[str | None] = []
+    for index, _line, rec in iter_records(cfg.data, cfg.format):
+        r = rec if isinstance(rec, dict) else {}
+        v = r.get("id")
+        ids.append(None if v is None or isinstance(v, (dict, list)) else str(v))
+        src = next((str(r[f]) for f in SOURCE_FIELDS if r.get(f) is not None), None)
+        sources.append(src)
+        for f in cols:
+            cols[f].append(src if f == "source" else (None if r.get(f) is None else str(r.get(f))))
+    return {"ids": ids, "sources": sources, "fields": cols}
+
+
+def _resolve_budget(cfg: RunConfig, n_records: int, n_valid: int, skip_counts: Mapping[str, int],
+                    skipped_path: Path) -> int:
+    from .scoring import resolve_budget
+
+    try:
+        budget = resolve_budget(cfg.budget, n_records)
+    except ValueError as exc:
+        raise RunError(f"--budget {cfg.budget}: {exc}") from exc
+    if budget > n_valid:
+        why = ", ".join(f"{k}: {v}" for k, v in sorted(skip_counts.items())) or "none"
+        raise RunError(
+            f"--budget {cfg.budget} asks for {budget} samples but only {n_valid} of the {n_records} records have "
+            f"a representation (skipped: {why}; details in {skipped_path}). Lower --budget to at most "
+            f"{n_valid}, or fix the skipped samples and rerun")
+    if budget < 1:
+        raise RunError(f"--budget {cfg.budget} selects no sample out of {n_records}; raise it")
+    return budget
+
+
+def _stage_select(cfg: RunConfig, state: _State, events: Events, src, sub, scores: np.ndarray,
+                  out: Path, skipped_path: Path) -> RunResult:
+    from .data import write_selected
+    from .postselect import parse_quota, select_ranked
+    from .report import collect_versions, score_histogram, spectrum_summary, write_report
+
+    t0 = time.perf_counter()
+    events.emit("stage_start", stage="select")
+    quotas = [parse_quota(q) for q in cfg.quota]
+    recs = _record_table(cfg, [q.field for q in quotas])
+    n_records = len(recs["ids"])
+    store_ids = src.ids()
+    index_of = {sid: i for i, sid in enumerate(recs["ids"]) if sid is not None}
+    missing = [sid for sid in store_ids if sid not in index_of]
+    if missing:
+        raise RunError(f"the representation store holds ids not in {cfg.data} (e.g. {missing[:3]}); the "
+                       f"dataset changed after extraction. Rerun with --force")
+    row_record = np.fromiter((index_of[s] for s in store_ids), dtype=np.int64, count=len(store_ids))
+    skip_entries = []
+    if skipped_path.exists():
+        for raw in skipped_path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                skip_entries.append(json.loads(raw))
+    skip_reason: dict[int, str] = {}
+    for e in skip_entries:
+        if e.get("index") is not None:
+            skip_reason.setdefault(int(e["index"]), f"{e.get('reason')}: {e.get('detail', '')}".strip(": "))
+    skip_counts: dict[str, int] = {}
+    for e in skip_entries:
+        skip_counts[e.get("reason")] = skip_counts.get(e.get("reason"), 0) + 1
+    n_valid = src.n
+    budget = _resolve_budget(cfg, n_records, n_valid, skip_counts, skipped_path)
+
+    # ranking over stored rows: descending score, ties -> lower row (== top_k's rule)
+    rows = np.arange(src.n, dtype=np.int64)
+    order = np.lexsort((rows, -scores))
+    rank = np.empty(src.n, dtype=np.int64)
+    rank[order] = np.arange(src.n)
+    post_info: dict[str, Any] = {}
+    if cfg.dedup_selected is not None or quotas:
+        labels = {q.field: [recs["fields"][q.field][r] if recs["fields"][q.field][r] is not None else "<none>"
+                            for r in row_record] for q in quotas}
+        kept_rows, post_info = select_ranked(order, budget, labels=labels, quotas=quotas,
+                                             vectors=src.read_rows, dedup_eps=cfg.dedup_selected)
+        if kept_rows.size < budget:
+            events.warn(f"only {kept_rows.size} of the {budget} budgeted samples remain after near-duplicate "
+                        f"removal (--dedup-selected {cfg.dedup_selected}); lower the threshold to keep more")
+    else:
+        from .scoring import top_k
+
+        kept_rows = np.asarray(top_k(scores, budget), dtype=np.int64)
+    kept_mask = np.zeros(src.n, dtype=bool)
+    kept_mask[kept_rows] = True
+    cutoff = float(scores[kept_rows].min()) if kept_rows.size else None
+
+    # the selected dataset, in the input's format; original order unless --order score
+    kept_records = row_record[kept_rows]  # rank order
+    write_order = kept_records if cfg.order == "score" else np.sort(kept_records)
+    sel_path = out / f"selected{_suffix(cfg)}"
+    write_selected(cfg.data, sel_path, keep=write_order, order=cfg.order, format=cfg.format)
+    _crashpoint("select.written")
+
+    # manifest: one row per record of the input
+    import pyarrow as pa
+
+    shard_names = np.empty(src.n, dtype=object)
+    shard_rows = np.empty(src.n, dtype=np.int64)
+    for sh in src.shards:
+        shard_names[sh.offset: sh.offset + sh.count] = sh.name
+        shard_rows[sh.offset: sh.offset + sh.count] = np.arange(sh.count)
+    rec_row = np.full(n_records, -1, dtype=np.int64)
+    rec_row[row_record] = rows
+    has = rec_row >= 0
+    rr = np.where(has, rec_row, 0)
+    rejected = post_info.get("rejected", {})
+    reasons = []
+    for i in range(n_records):
+        if has[i]:
+            r = int(rec_row[i])
+            reasons.append(rejected.get(r) if r in rejected else None)
+        else:
+            reasons.append(skip_reason.get(i, "not extracted (no representation; see skipped.jsonl)"))
+    table = pa.table({
+        "id": pa.array(recs["ids"], pa.string()),
+        "index": pa.array(np.arange(n_records), pa.int64()),
+        "shard": pa.array([shard_names[r] if h else None for r, h in zip(rr.tolist(), has.tolist())], pa.string()),
+        "row": pa.array(np.where(has, rr, 0), pa.int64(), mask=~has),
+        "score": pa.array(np.where(has, scores[rr] if src.n else 0.0, 0.0), pa.float64(), mask=~has),
+        "rank": pa.array(np.where(has, rank[rr] if src.n else 0, 0), pa.int64(), mask=~has),
+        "kept": pa.array(np.where(has, kept_mask[rr] if src.n else False, False), pa.bool_()),
+        "skip_reason": pa.array(reasons, pa.string()),
+    })
+    fps = state.fps
+    table = table.replace_schema_metadata({
+        "scalselect.fingerprint.model": fps["model"], "scalselect.fingerprint.data": fps["data"],
+        "scalselect.fingerprint.config": fps["config"], "scalselect.fingerprint.fit": fps["fit"],
+        "scalselect.budget": str(budget)})
+    man_path = out / "manifest.parquet"
+    _write_parquet_atomic(man_path, table)
+    sub_path = out / "subspace.npz"
+    sub.save(sub_path)
+
+    # per-source counts
+    per_source: dict[str, dict[str, int]] = {}
+    for i, s in enumerate(recs["sources"]):
+        d = per_source.setdefault(s if s is not None else "<none>", {"total": 0, "kept": 0, "valid": 0})
+        d["total"] += 1
+    for r, rec_i in enumerate(row_record.tolist()):
+        s = recs["sources"][rec_i]
+        d = per_source[s if s is not None else "<none>"]
+        d["valid"] += 1
+        d["kept"] += int(kept_mask[r])
+    state.add_time("select", time.perf_counter() - t0)
+    report = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "n_samples": n_records, "n_valid": int(n_valid), "n_skipped": int(n_records - n_valid),
+        "budget": int(budget), "n_selected": int(kept_rows.size), "order": cfg.order,
+        "config_hash": fps["config"],
+        "fingerprint": {k: fps[k] for k in ("model", "data", "config", "extract", "fit")},
+        "spectrum": spectrum_summary(np.sqrt(np.maximum(np.asarray(sub.energy_curve, np.float64), 0)),
+                                     sub.k, sub.energy, sub.total_energy),
+        "subspace": {"k": int(sub.k), "d": int(sub.d), "n": int(sub.n), "solver": sub.solver,
+                     "passes": int(sub.passes), "energy": sub.energy,
+                     "captured_energy": float(sub.captured_energy / sub.total_energy),
+                     "solver_reason": sub.info.get("solver_reason"), "provenance": sub.provenance},
+        "scores": score_histogram(scores, cutoff),
+        "per_source": per_source,
+        "skip_reasons": skip_counts,
+        "postselect": {k: v for k, v in post_info.items() if k != "rejected"} or None,
+        "timings": dict(state.data.get("timings", {})),
+        "stability": _stability(src, sub, scores, kept_rows, budget, cfg),
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items()
+                   if k not in ("quiet", "log_json", "force")},
+        "versions": collect_versions(),
+        "outputs": {"selected": str(sel_path), "manifest": str(man_path), "subspace": str(sub_path),
+                    "skipped": str(skipped_path), "report_html": str(out / "report.html") if cfg.html else None},
+    }
+    paths = write_report(out, report, html_report=cfg.html)
+    events.emit("stage_done", stage="select", n_selected=int(kept_rows.size))
+    return RunResult(out=out, selected_path=sel_path, manifest_path=man_path, report_json=Path(paths["json"]),
+                     report_html=Path(paths["html"]) if paths["html"] else None, subspace_path=sub_path,
+                     n_selected=int(kept_rows.size), report=report)
+
+
+def _suffix(cfg: RunConfig) -> str:
+    from .data import detect_format
+
+    fmt = cfg.format if cfg.format != "auto" else detect_format(cfg.data)
+    suf = Path(cfg.data).suffix
+    return suf if suf else {"json": ".json", "jsonl": ".jsonl", "parquet": ".parquet"}.get(fmt, ".json")
+
+
+def _stability(src, sub, scores, kept_rows, budget, cfg) -> dict:
+    """Stability certificate from the baselines area; the score margin at the cut-off always."""
+    out: dict[str, Any] = {}
+    s_sorted = np.sort(scores)[::-1]
+    if 0 < budget < s_sorted.size:
+        cut, nxt = float(s_sorted[budget - 1]), float(s_sorted[budget])
+        out["score_margin_at_cutoff"] = cut - nxt
+        out["relative_margin_at_cutoff"] = (cut - nxt) / cut if cut > 0 else None
+    try:
+        from .stability import stability_certificate
+    except ImportError as exc:
+        out["certificate"] = f"unavailable ({exc})"
+        return out
+    try:
+        out.update(stability_certificate(src, budget, sub=sub, scores=scores, seed=cfg.seed))
+    except Exception as exc:  # the certificate is advisory; a failure must not lose the selection
+        out["certificate_error"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def _stage_extract(cfg: RunConfig, state: _State, events: Events, skip_log):
+    """Representations into the run's store (resumes after the last committed shard)."""
+    from .extract import extract_to_store
+    from .store import StoreSource
+
+    store = _store_dir(state)
+    if state.done("extract") and (store / "manifest.json").exists():
+        return StoreSource(store)
+    t0 = time.perf_counter()
+    events.emit("stage_start", stage="extract")
+    from .data import count_records
+
+    total = count_records(cfg.data, cfg.format)
+    with events.progress("extract", total, "samples") as update:
+        extract_to_store(cfg.model, cfg.data, store, image_root=cfg.image_root, format=cfg.format,
+                         layer=cfg.layer, threshold=cfg.threshold, batch_size=cfg.batch_size,
+                         dtype=cfg.dtype, device=cfg.device, store_dtype=cfg.store_dtype,
+                         shard_size=cfg.shard_size, skip_log=skip_log, progress=update,
+                         on_shard=lambda *_: _crashpoint("extract.shard"))
+    src = StoreSource(store)
+    state.add_time("extract", time.perf_counter() - t0)
+    state.mark("extract", n=int(src.n), d=int(src.d), shards=len(src.shards))
+    events.emit("stage_done", stage="extract", n=int(src.n), d=int(src.d))
+    return src
+
+
+def _preflight(cfg: RunConfig, out: Path, events: Events, plan_only: bool):
+    from .data import count_records
+    from .plan import PlanError, estimate_run
+
+    n = count_records(cfg.data, cfg.format)
+    try:
+        frac = float(str(cfg.budget).rstrip("%")) / (100.0 if str(cfg.budget).endswith("%") else 1.0)
+    except ValueError:
+        frac = 0.16
+    frac = frac if frac <= 1 else frac / max(n, 1)
+    try:
+        est = estimate_run(n, model=cfg.model, device=cfg.device, dtype=cfg.dtype, store_dtype=cfg.store_dtype,
+                           batch_size=cfg.batch_size, layer=cfg.layer, out_dir=out,
+                           data_bytes=Path(cfg.data).stat().st_size, budget_fraction=frac, solver=cfg.solver)
+    except PlanError as exc:
+        raise RunError(str(exc)) from exc
+    return est
+
+
+def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False):
+    """Run (or resume) the whole job. Returns a :class:`RunResult` (or the plan with ``plan_only``).
+
+    Raises
+    ------
+    RunError
+        Bad configuration, fingerprints that do not match the checkpoints, a run that cannot fit,
+        a full disk. Data and model problems surface as the data/extract layers' errors
+        (``DatasetError``, ``UnsupportedModelError``, ...), whose messages name the file and sample.
+    """
+    cfg.validate()
+    events = events or Events(cfg.quiet, cfg.log_json)
+    out = Path(cfg.out).expanduser()
+    data = Path(cfg.data)
+    if not data.is_file():
+        raise RunError(f"--data {data}: no such file; pass a LLaVA JSON, JSONL or Parquet dataset file")
+    if cfg.image_root is not None and not Path(cfg.image_root).is_dir():
+        raise RunError(f"--image-root {cfg.image_root}: not a directory")
+    model_fp = model_fingerprint(cfg.model)
+    if plan_only:
+        est = _preflight(cfg, out, events, True)
+        return est
+    _check_out_dir(out)
+    if (out / f"selected{_suffix(cfg)}").resolve() == data.resolve():
+        raise RunError(f"--out {out} would overwrite the input {data}; choose another output directory")
+    fps = stage_fingerprints(cfg, model_fp, data_fingerprint(data, cfg.image_root))
+    if cfg.plan_check:
+        est = _preflight(cfg, out, events, False)
+        if not est.ok:
+            raise RunError("this run cannot fit on this machine:\n  - " + "\n  - ".join(est.problems)
+                           + "\n(see `scalselect run --plan ...`; --no-plan-check skips this check)")
+    t_run = time.perf_counter()
+    events.emit("run_start", out=str(out), fingerprints=fps)
+    from .data import SkipLog
+
+    try:
+        state = _State(out, fps, cfg.force, events)
+        with SkipLog(state.work / "skipped.jsonl") as skip_log:
+            src = _stage_extract(cfg, state, events, skip_log)
+        sub = _stage_fit(cfg, state, events, src)
+        scores = _stage_score(cfg, state, events, src, sub)
+        skipped_out = out / "skipped.jsonl"
+        atomic_write_bytes(skipped_out, (state.work / "skipped.jsonl").read_bytes())
+        result = _stage_select(cfg, state, events, src, sub, scores, out, skipped_out)
+    except OSError as exc:
+        if _disk_full(exc):
+            raise RunError(
+                f"disk full while writing {exc.filename or out} ({exc.strerror}); nothing partial was kept "
+                f"(files are written to temporary names and renamed). Free space on {out} or choose another "
+                f"--out, then rerun the same command: finished stages and shards are reused") from exc
+        raise
+    events.emit("done", seconds=round(time.perf_counter() - t_run, 3), selected=str(result.selected_path),
+                manifest=str(result.manifest_path), report=str(result.report_json),
+                report_html=None if result.report_html is None else str(result.report_html),
+                n_selected=result.n_selected)
+    return result

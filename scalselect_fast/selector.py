@@ -1,0 +1,163 @@
+"""``Selector``: the streaming pipeline API for callers that own their data loading.
+
+::
+
+    sel = scalselect_fast.Selector(energy=0.9, solver="auto")
+    for batch_reps in stream:            # any number of (m, d) batches, in any order
+        sel.partial_fit(batch_reps)
+    sub = sel.finalize()                 # -> scalselect_fast.Subspace
+    sub.save("subspace.npz")             # provenance travels with it
+    scores = sub.score(new_reps)         # O(d·k) per row, stateless, picklable
+
+It is a thin shell over the core engine's :class:`~scalselect_fast.subspace.GramAccumulator` (column
+sums and the d×d Gram in float64, shifted by the first batch's mean and re-shifted exactly on
+merge) and :func:`~scalselect_fast.subspace.subspace_from_gram`, so the subspace equals
+``fit_subspace(concatenated, solver="exact")`` up to float rounding whatever the batch order.
+One pass over arbitrary batches cannot run the multi-pass randomized solver; for widths where the
+Gram does not fit, write the representations to a store and call ``fit_subspace`` on it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["Selector"]
+
+#: the largest d×d float64 Gram the Selector will hold (same bound as fit_subspace's auto choice)
+MAX_GRAM_BYTES = 2 * 2**30
+
+
+class Selector:
+    """Accumulate representation batches, then finalize into a :class:`~scalselect_fast.Subspace`.
+
+    Parameters
+    ----------
+    energy : float in (0, 1], default 0.9
+        k = smallest number of components whose σ² reaches this fraction of the total energy.
+    k : int, optional
+        Fixed number of components (overrides ``energy``).
+    solver : {"auto", "exact"}
+        ``auto`` resolves to ``exact`` (a one-pass Gram); ``randomized`` is refused (it needs
+        several passes over the data; use ``fit_subspace`` on a store).
+    standardize : bool
+        Divide centred columns by their standard deviation before the fit.
+    provenance : dict, optional
+        Recorded in the subspace (e.g. ``{"model": ..., "layer": 0, "threshold": 0.9,
+        "data_fingerprint": ...}``) and saved with it.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> X = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
+    >>> sel = Selector(energy=0.9)
+    >>> for b in np.array_split(X, 3):
+    ...     _ = sel.partial_fit(b)
+    >>> sub = sel.finalize()
+    >>> bool(abs(sub.score(X).sum() - sub.k) < 1e-6 * sub.k)
+    True
+    """
+
+    def __init__(self, energy: float = 0.9, k: int | None = None, solver: str = "auto",
+                 standardize: bool = False, provenance: dict | None = None):
+        from .subspace import _check_energy_k
+
+        _check_energy_k(energy, k)
+        if solver not in ("auto", "exact", "randomized"):
+            raise ValueError(f"unknown solver {solver!r}; use 'auto' or 'exact'")
+        if solver == "randomized":
+            raise ValueError("Selector makes one pass over batches in any order, which the multi-pass "
+                             "randomized solver cannot use; use solver='exact'/'auto', or write the "
+                             "representations to a store and call fit_subspace(store, solver='randomized')")
+        self.energy, self.k, self.solver = energy, k, solver
+        self.standardize = bool(standardize)
+        self.provenance = dict(provenance or {})
+        self._acc = None
+        self._dtype = None
+        self.n_batches_ = 0
+
+    @property
+    def n_samples_seen_(self) -> int:
+        return 0 if self._acc is None else int(self._acc.n)
+
+    def partial_fit(self, reps) -> "Selector":
+        """Add a batch of representations.
+
+        Parameters
+        ----------
+        reps : array-like, shape (m, d)
+            float16/float32/float64 rows (torch tensors are accepted via ``numpy()``).
+
+        Returns
+        -------
+        Selector
+            self, for chaining.
+        """
+        from .subspace import GramAccumulator, SubspaceError
+
+        if hasattr(reps, "detach"):  # a torch tensor
+            reps = reps.detach().float().cpu().numpy()
+        X = np.asarray(reps)
+        if X.ndim != 2:
+            raise SubspaceError(f"partial_fit: expected a 2-D (m, d) batch, got shape {X.shape}")
+        if X.dtype.kind != "f":
+            raise SubspaceError(f"partial_fit: expected floating-point rows, got dtype {X.dtype}")
+        if X.shape[0] == 0:
+            return self
+        bad = ~np.isfinite(X).all(axis=1)
+        if bad.any():
+            rows = np.flatnonzero(bad)
+            raise SubspaceError(f"partial_fit: batch {self.n_batches_} has {rows.size} row(s) with NaN/inf "
+                                f"(rows {rows[:5].tolist()}); drop or fix them before fitting")
+        cdt = np.float64 if X.dtype == np.float64 else np.float32
+        if self._acc is None:
+            d = X.shape[1]
+            if 8 * d * d > MAX_GRAM_BYTES:
+                raise SubspaceError(f"partial_fit: d={d} needs a {8 * d * d / 2**30:.1f} GiB Gram; write the "
+                                    f"representations to a store and use fit_subspace(..., solver='randomized')")
+            self._acc = GramAccumulator(d, X.astype(np.float64).mean(axis=0))
+            self._dtype = cdt
+        elif X.shape[1] != self._acc.d:
+            raise SubspaceError(f"partial_fit: batch {self.n_batches_} has width {X.shape[1]}, earlier batches "
+                                f"{self._acc.d}; all representations must come from one model/layer")
+        if cdt == np.float64:
+            self._dtype = np.float64  # any float64 batch makes the rank tolerance float64's
+        buf = (X.astype(np.float64) - self._acc.shift).astype(cdt)
+        self._acc.update(buf)
+        self.n_batches_ += 1
+        return self
+
+    def merge(self, other: "Selector") -> "Selector":
+        """Add another Selector's batches (e.g. from another worker) into this one."""
+        if other._acc is None:
+            return self
+        if self._acc is None:
+            import copy
+
+            self._acc = copy.deepcopy(other._acc)
+            self._dtype = other._dtype
+        else:
+            self._acc.merge(other._acc)
+            if other._dtype == np.float64:
+                self._dtype = np.float64
+        self.n_batches_ += other.n_batches_
+        return self
+
+    def finalize(self):
+        """Eigendecompose the accumulated Gram and return the :class:`~scalselect_fast.Subspace`."""
+        from . import native
+        from .subspace import Subspace, SubspaceError, _scale_from_moments, subspace_from_gram
+
+        if self._acc is None:
+            raise SubspaceError("finalize(): no batches were given to partial_fit")
+        acc = self._acc
+        G = acc.centred_gram()
+        scale, n_const = None, 0
+        if self.standardize:
+            scale, n_const = _scale_from_moments(acc.centred_sumsq / acc.n)
+            G = G / scale[:, None] / scale[None, :]
+        fields = subspace_from_gram(G, n=acc.n, mean=acc.mean, scale=scale, l2_normalize=False,
+                                    energy=self.energy, k=self.k, src_name="Selector",
+                                    compute_dtype=self._dtype)
+        info = {"solver_requested": self.solver, "solver_reason": "Selector: one-pass Gram over batches",
+                "batches": self.n_batches_, "native": native.BACKEND, "standardize": self.standardize,
+                "constant_columns": n_const}
+        return Subspace(solver="exact", passes=1, info=info, provenance=dict(self.provenance), **fields)
