@@ -347,7 +347,148 @@ def _cmd_bench(args) -> int:
 
 
 def add_run_command(sub: argparse._SubParsersAction) -> None:
-    """run: the end-to-end job (extract -> fit -> score -> select -> write dataset and report)."""
+    """run: the end-to-end job (extract -> fit -> score -> select -> write dataset and report), and demo."""
+    p = sub.add_parser(
+        "run", help="dataset -> selected dataset: extract, fit, score, select, write (resumable)",
+        description="Select a subset of a multimodal instruction dataset with ScalSelect, end to end. "
+                    "Every stage checkpoints under OUT/.scalselect; rerun the same command to resume.")
+    p.add_argument("--config", help="run.toml / run.yaml / run.json with any of the options below "
+                                    "(command-line flags override the file)")
+    g = p.add_argument_group("input and output")
+    g.add_argument("--model", help="local Hugging Face VLM directory (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL, ...)")
+    g.add_argument("--data", help="dataset file: LLaVA JSON, ShareGPT JSON, JSONL or Parquet")
+    g.add_argument("--image-root", help="directory that relative image paths are joined to (paths may not "
+                                        "escape it)")
+    g.add_argument("--format", choices=["auto", "json", "jsonl", "parquet"], help="input container (auto)")
+    g.add_argument("--out", help="output directory (created; holds the selection, manifest, report)")
+    g.add_argument("--budget", help="samples to keep: a count (100000), a fraction (0.16) or a percentage "
+                                    "(16%%); default 16%%")
+    g.add_argument("--order", choices=["original", "score"], help="order of the selected dataset "
+                                                                   "(default original)")
+    g = p.add_argument_group("representation and subspace")
+    g.add_argument("--layer", type=int, help="decoder layer whose attention/hidden states are used (0)")
+    g.add_argument("--threshold", type=float, help="cumulative attention mass of kept visual tokens (0.9)")
+    g.add_argument("--energy", type=float, help="spectral energy the subspace keeps (0.9)")
+    g.add_argument("--k", type=int, help="fixed number of components (overrides --energy)")
+    g.add_argument("--solver", choices=["auto", "exact", "randomized"], help="subspace solver (auto)")
+    g.add_argument("--seed", type=int, help="seed of the randomized solver and certificates (0)")
+    g.add_argument("--batch-size", type=int, help="extraction batch size (8)")
+    g.add_argument("--device", help="cpu, cuda, cuda:1 (cpu)")
+    g.add_argument("--dtype", help="model dtype: float32, bfloat16, float16 (float32)")
+    g.add_argument("--store-dtype", choices=["float16", "bfloat16", "float32"],
+                   help="representation store dtype (float16)")
+    g.add_argument("--shard-size", type=int, help="samples per representation shard / checkpoint (4096)")
+    g = p.add_argument_group("beyond the paper (off by default)")
+    g.add_argument("--dedup-selected", type=float, metavar="EPS",
+                   help="drop selected samples within cosine distance EPS of a better-ranked selected one, "
+                        "refilling from the next-ranked (e.g. 0.02)")
+    g.add_argument("--quota", action="append", metavar="FIELD=RULES",
+                   help="per-group share bounds of the budget, e.g. 'source=coco<=40%%,ocr>=10%%' "
+                        "(rules VALUE>=S, VALUE<=S, VALUE=LO:HI, * for every value); repeatable")
+    g.add_argument("--plan", action="store_true", help="print the time/disk/memory estimate and exit "
+                                                       "(exit 3 if it cannot fit)")
+    g.add_argument("--no-plan-check", dest="plan_check", action="store_const", const=False,
+                   help="skip the pre-flight check that refuses runs that cannot fit")
+    g = p.add_argument_group("behaviour")
+    g.add_argument("--force", action="store_const", const=True,
+                   help="discard checkpoints of a different run in OUT and start over")
+    g.add_argument("--quiet", action="store_const", const=True, help="no progress bars or messages")
+    g.add_argument("--log-json", action="store_const", const=True,
+                   help="machine-readable JSON-lines events on stdout instead of progress bars")
+    g.add_argument("--no-html", dest="html", action="store_const", const=False, help="skip report.html")
+    p.set_defaults(func=_cmd_run)
+
+    d = sub.add_parser("demo", help="the main job on the bundled demo dataset with a tiny random model",
+                       description="Build the tiny LLaVA-style model from the shipped config (random weights, "
+                                   "fixed seed, no download) and run `scalselect run` on the bundled demo "
+                                   "dataset (generated images, planted near-duplicates and rare modes).")
+    d.add_argument("--out", default="demo-out", help="output directory (default demo-out)")
+    d.add_argument("--budget", default="16%", help="samples to keep (default 16%%)")
+    d.add_argument("--force", action="store_true", help="discard an earlier demo run in OUT")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.add_argument("--log-json", action="store_true", help="JSON-lines events on stdout")
+    d.set_defaults(func=_cmd_demo)
+
+
+_RUN_FIELDS = ("model", "data", "image_root", "format", "out", "budget", "order", "layer", "threshold",
+               "energy", "k", "solver", "seed", "batch_size", "device", "dtype", "store_dtype", "shard_size",
+               "dedup_selected", "quota", "force", "quiet", "log_json", "plan_check", "html")
+
+
+def _run_errors():
+    """Exception types whose message is the whole story (printed without a traceback)."""
+    from .pipeline import RunError
+    from .postselect import PostSelectError
+    from .store import StoreError
+
+    errs = [RunError, PostSelectError, StoreError]
+    for mod, name in (("scalselect_fast.data", "DatasetError"), ("scalselect_fast.data", "ImageError"),
+                      ("scalselect_fast.subspace", "SubspaceError"),
+                      ("scalselect_fast.extract", "UnsupportedModelError"),
+                      ("scalselect_fast.extract", "ExtractError")):
+        try:
+            import importlib
+
+            errs.append(getattr(importlib.import_module(mod), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errs)
+
+
+def _fail(args, exc) -> int:
+    import json
+
+    if getattr(args, "log_json", False):
+        print(json.dumps({"event": "error", "type": type(exc).__name__, "message": str(exc)}), flush=True)
+    print(f"error: {exc}", file=sys.stderr)
+    return 2
+
+
+def _print_result(res, quiet: bool) -> None:
+    rep = res.report
+    print(f"selected {res.n_selected} of {rep['n_samples']} samples ({rep['n_valid']} usable, "
+          f"k={rep['subspace']['k']} of d={rep['subspace']['d']})")
+    print(f"  selected dataset: {res.selected_path}")
+    print(f"  manifest:         {res.manifest_path}")
+    print(f"  report:           {res.report_html or res.report_json}")
+    if not quiet:
+        print(f"  report.json:      {res.report_json}")
+        print(f"  subspace:         {res.subspace_path}")
+
+
+def _cmd_run(args) -> int:
+    from .pipeline import make_config, run
+
+    try:
+        cfg = make_config(args.config, **{f: getattr(args, f, None) for f in _RUN_FIELDS})
+        if args.plan:
+            est = run(cfg, plan_only=True)
+            if cfg.log_json:
+                import json
+
+                print(json.dumps({"event": "plan", **est.to_dict()}, default=str))
+            else:
+                print(est.format())
+            return 0 if est.ok else 3
+        res = run(cfg)
+    except _run_errors() as exc:
+        return _fail(args, exc)
+    if not cfg.log_json:
+        _print_result(res, cfg.quiet)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .pipeline import run_demo
+
+    try:
+        res = run_demo(args.out, budget=args.budget, force=args.force, quiet=args.quiet, log_json=args.log_json)
+    except _run_errors() as exc:
+        return _fail(args, exc)
+    if not args.log_json:
+        _print_result(res, args.quiet)
+        print(f"open {res.report_html or res.report_json} to see the spectrum, scores and per-source counts")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -75,7 +75,7 @@ class RunConfig:
     seed: int = 0
     batch_size: int = 8
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "fp32"
     store_dtype: str = "float16"
     shard_size: int = 4096
     order: str = "original"
@@ -537,17 +537,6 @@ def _stage_score(cfg: RunConfig, state: _State, events: Events, src, sub) -> np.
     return out
 
 
-class _SkipCollector:
-    """Duck-typed SkipLog that only counts (used when re-reading the dataset for the manifest)."""
-
-    def __init__(self):
-        self.entries: list[dict] = []
-
-    def add(self, sample_id, index, reason, detail="", **extra):
-        self.entries.append({"id": sample_id, "index": index, "reason": reason, "detail": detail})
-        return True
-
-
 def _record_table(cfg: RunConfig, fields: Iterable[str]) -> dict:
     """One pass over the raw records: id, source and any quota field per record index."""
     from .data import SOURCE_FIELDS, iter_records
@@ -586,7 +575,7 @@ def _resolve_budget(cfg: RunConfig, n_records: int, n_valid: int, skip_counts: M
 
 
 def _stage_select(cfg: RunConfig, state: _State, events: Events, src, sub, scores: np.ndarray,
-                  out: Path, skipped_path: Path) -> RunResult:
+                  out: Path, skipped_path: Path, report_extra=None) -> RunResult:
     from .data import write_selected
     from .postselect import parse_quota, select_ranked
     from .report import collect_versions, score_histogram, spectrum_summary, write_report
@@ -641,10 +630,9 @@ def _stage_select(cfg: RunConfig, state: _State, events: Events, src, sub, score
     cutoff = float(scores[kept_rows].min()) if kept_rows.size else None
 
     # the selected dataset, in the input's format; original order unless --order score
-    kept_records = row_record[kept_rows]  # rank order
-    write_order = kept_records if cfg.order == "score" else np.sort(kept_records)
+    kept_ids = [store_ids[r] for r in kept_rows.tolist()]  # rank order
     sel_path = out / f"selected{_suffix(cfg)}"
-    write_selected(cfg.data, sel_path, keep=write_order, order=cfg.order, format=cfg.format)
+    write_selected(cfg.data, sel_path, keep=kept_ids, order=cfg.order, format=cfg.format)
     _crashpoint("select.written")
 
     # manifest: one row per record of the input
@@ -722,6 +710,8 @@ def _stage_select(cfg: RunConfig, state: _State, events: Events, src, sub, score
         "outputs": {"selected": str(sel_path), "manifest": str(man_path), "subspace": str(sub_path),
                     "skipped": str(skipped_path), "report_html": str(out / "report.html") if cfg.html else None},
     }
+    if report_extra is not None:
+        report.update(report_extra(kept_ids))
     paths = write_report(out, report, html_report=cfg.html)
     events.emit("stage_done", stage="select", n_selected=int(kept_rows.size))
     return RunResult(out=out, selected_path=sel_path, manifest_path=man_path, report_json=Path(paths["json"]),
@@ -751,14 +741,18 @@ def _stability(src, sub, scores, kept_rows, budget, cfg) -> dict:
         out["certificate"] = f"unavailable ({exc})"
         return out
     try:
-        out.update(stability_certificate(src, budget, sub=sub, scores=scores, seed=cfg.seed))
+        seeds = tuple(range(cfg.seed, cfg.seed + 3))
+        out.update(stability_certificate(src, sub, scores, budget, seeds=seeds, exact=True))
     except Exception as exc:  # the certificate is advisory; a failure must not lose the selection
         out["certificate_error"] = f"{type(exc).__name__}: {exc}"
     return out
 
 
-def _stage_extract(cfg: RunConfig, state: _State, events: Events, skip_log):
-    """Representations into the run's store (resumes after the last committed shard)."""
+def _stage_extract(cfg: RunConfig, state: _State, events: Events):
+    """Representations into the run's store (the extraction engine resumes after its last shard).
+
+    Skipped samples (text-only, missing/corrupt images, bad records) go to ``reps/skipped.jsonl``.
+    """
     from .extract import extract_to_store
     from .store import StoreSource
 
@@ -767,20 +761,34 @@ def _stage_extract(cfg: RunConfig, state: _State, events: Events, skip_log):
         return StoreSource(store)
     t0 = time.perf_counter()
     events.emit("stage_start", stage="extract")
-    from .data import count_records
-
-    total = count_records(cfg.data, cfg.format)
-    with events.progress("extract", total, "samples") as update:
-        extract_to_store(cfg.model, cfg.data, store, image_root=cfg.image_root, format=cfg.format,
-                         layer=cfg.layer, threshold=cfg.threshold, batch_size=cfg.batch_size,
-                         dtype=cfg.dtype, device=cfg.device, store_dtype=cfg.store_dtype,
-                         shard_size=cfg.shard_size, skip_log=skip_log, progress=update,
-                         on_shard=lambda *_: _crashpoint("extract.shard"))
+    summary = extract_to_store(cfg.model, cfg.data, store, image_root=cfg.image_root, format=cfg.format,
+                               layer=cfg.layer, threshold=cfg.threshold, batch_size=cfg.batch_size,
+                               dtype=cfg.dtype, device=cfg.device, store_dtype=cfg.store_dtype,
+                               shard_size=cfg.shard_size,
+                               # its own tqdm bar (rate + ETA); none under --quiet / --log-json
+                               progress=not (cfg.quiet or cfg.log_json))
     src = StoreSource(store)
+    if src.n == 0:
+        counts = _skip_counts(store / "skipped.jsonl")
+        why = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "unknown"
+        raise RunError(f"no sample of {cfg.data} produced a representation (skipped: {why}; details in "
+                       f"{store / 'skipped.jsonl'}). ScalSelect needs samples with images: check the "
+                       f"image paths and --image-root, or that the dataset is not text-only")
     state.add_time("extract", time.perf_counter() - t0)
     state.mark("extract", n=int(src.n), d=int(src.d), shards=len(src.shards))
-    events.emit("stage_done", stage="extract", n=int(src.n), d=int(src.d))
+    events.emit("stage_done", stage="extract", n=int(src.n), d=int(src.d),
+                shards_written=summary.get("shards_written"), shards_resumed=summary.get("shards_resumed"))
     return src
+
+
+def _skip_counts(path: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    if path.exists():
+        for raw in path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                r = json.loads(raw).get("reason")
+                counts[r] = counts.get(r, 0) + 1
+    return counts
 
 
 def _preflight(cfg: RunConfig, out: Path, events: Events, plan_only: bool):
@@ -802,7 +810,7 @@ def _preflight(cfg: RunConfig, out: Path, events: Events, plan_only: bool):
     return est
 
 
-def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False):
+def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, report_extra=None):
     """Run (or resume) the whole job. Returns a :class:`RunResult` (or the plan with ``plan_only``).
 
     Raises
@@ -835,17 +843,15 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False):
                            + "\n(see `scalselect run --plan ...`; --no-plan-check skips this check)")
     t_run = time.perf_counter()
     events.emit("run_start", out=str(out), fingerprints=fps)
-    from .data import SkipLog
-
     try:
         state = _State(out, fps, cfg.force, events)
-        with SkipLog(state.work / "skipped.jsonl") as skip_log:
-            src = _stage_extract(cfg, state, events, skip_log)
+        src = _stage_extract(cfg, state, events)
         sub = _stage_fit(cfg, state, events, src)
         scores = _stage_score(cfg, state, events, src, sub)
         skipped_out = out / "skipped.jsonl"
-        atomic_write_bytes(skipped_out, (state.work / "skipped.jsonl").read_bytes())
-        result = _stage_select(cfg, state, events, src, sub, scores, out, skipped_out)
+        live = _store_dir(state) / "skipped.jsonl"
+        atomic_write_bytes(skipped_out, live.read_bytes() if live.exists() else b"")
+        result = _stage_select(cfg, state, events, src, sub, scores, out, skipped_out, report_extra)
     except OSError as exc:
         if _disk_full(exc):
             raise RunError(
@@ -858,3 +864,44 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False):
                 report_html=None if result.report_html is None else str(result.report_html),
                 n_selected=result.n_selected)
     return result
+
+
+def run_demo(out: str | os.PathLike = "demo-out", budget: str = "16%", force: bool = False, quiet: bool = False,
+             log_json: bool = False) -> RunResult:
+    """``scalselect demo``: the full ``run`` on the bundled demo dataset with the tiny LLaVA-style model.
+
+    The model is built from the config shipped in ``scalselect_fast/assets/tiny_models/llava.json``
+    with random weights drawn from seed 0 (nothing is downloaded) into ``OUT/tiny-llava``. The report
+    gets a ``demo_truth`` section measured against the dataset's planted ground truth (near-duplicate
+    pairs kept together, rare-mode recall); with random weights these numbers show the plumbing, not
+    the quality of the method.
+    """
+    from .data.demo import DEMO_DATA, DEMO_DIR, DEMO_TRUTH
+    from .extract.tiny import build_tiny_model
+
+    out = Path(out)
+    events = Events(quiet, log_json)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file; choose a directory")
+    events.info(f"demo: building the tiny random-weight LLaVA-style model in {out / 'tiny-llava'} (seed 0)")
+    model = build_tiny_model("llava", out / "tiny-llava", seed=0)
+    truth = json.loads((DEMO_DIR / DEMO_TRUTH).read_text())
+    cfg = make_config(model=str(model), data=str(DEMO_DIR / DEMO_DATA), image_root=str(DEMO_DIR),
+                      out=str(out), budget=budget, batch_size=16, shard_size=64, force=force, quiet=quiet,
+                      log_json=log_json)
+
+    def truth_report(kept_ids):
+        return {"demo_truth": _demo_truth(truth, kept_ids)}
+
+    return run(cfg, events=events, report_extra=truth_report)
+
+
+def _demo_truth(truth: Mapping, kept_ids: list[str]) -> dict:
+    kept = set(map(str, kept_ids))
+    dups = {str(k): str(v) for k, v in (truth.get("duplicates") or {}).items()}
+    both = sum(1 for c, o in dups.items() if c in kept and o in kept)
+    rare = [str(r) for r in (truth.get("rare") or [])]
+    return {"planted_duplicate_pairs": len(dups), "duplicate_pairs_both_kept": both,
+            "rare_samples": len(rare), "rare_kept": sum(r in kept for r in rare),
+            "note": "tiny random-weight model: these numbers exercise the pipeline, they do not measure "
+                    "the method's quality"}

@@ -306,10 +306,11 @@ def estimate_run(n: int, *, model: str | os.PathLike | Mapping | None = None, d:
     block = 16384 * d * 4 * 2
     if cost is not None:
         act = batch_size * cost["seq_tokens"] * (cost["hidden_size"] * 8 + cost["intermediate_size"] * 3) * 4
-        est.memory_bytes["extract"] = BASE_PROCESS_BYTES + cost["full_params"] * wbytes + act \
+        # extraction loads only the layers it runs (vision tower, projector, embeddings, layers 0..ℓ)
+        est.memory_bytes["extract"] = BASE_PROCESS_BYTES + cost["run_params"] * wbytes + act \
             if not str(device).startswith("cuda") else BASE_PROCESS_BYTES + act // 8
         if str(device).startswith("cuda"):
-            est.assumptions["gpu_weights_bytes"] = cost["full_params"] * wbytes + act
+            est.assumptions["gpu_weights_bytes"] = cost["run_params"] * wbytes + act
     est.memory_bytes["fit"] = BASE_PROCESS_BYTES + (3 * d * d * 8 if exact else 3 * d * 2 * k_guess * 8) + block
     est.memory_bytes["score+select"] = BASE_PROCESS_BYTES + n * (8 + 8 + 8 + avg_id_bytes + 56) + block
     est.available = {"disk_free": disk_free if disk_free is not None else _disk_free(out_dir),
@@ -319,7 +320,7 @@ def estimate_run(n: int, *, model: str | os.PathLike | Mapping | None = None, d:
                             "solver": "exact" if exact else "randomized", "k_guess": k_guess,
                             "store_dtype": store_dtype, "model_dtype": dtype})
     if cost is not None:
-        est.assumptions.update({"model_params_loaded": cost["full_params"], "image_tokens": cost["image_tokens"],
+        est.assumptions.update({"model_params_loaded": cost["run_params"], "image_tokens": cost["image_tokens"],
                                 "text_tokens": text_tokens})
     # problems, each with the fix
     free = est.available["disk_free"]
