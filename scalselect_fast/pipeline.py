@@ -401,6 +401,19 @@ def _check_out_dir(out: Path) -> None:
                        f"write to") from exc
 
 
+def _remove_stale_temps(out: Path) -> None:
+    """Delete temporary files a killed run left behind (``.name.XXXX.tmp`` from the atomic writers).
+
+    They were never renamed into place, so nothing refers to them; one run per output directory
+    is the supported use, so no live writer owns them.
+    """
+    for d in (out, out / WORK, out / WORK / "fit", out / WORK / "scores", out / WORK / "reps"):
+        if d.is_dir():
+            for p in d.glob(".*.tmp"):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+
+
 def _disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -632,7 +645,9 @@ def _stage_select(cfg: RunConfig, state: _State, events: Events, src, sub, score
     # the selected dataset, in the input's format; original order unless --order score
     kept_ids = [store_ids[r] for r in kept_rows.tolist()]  # rank order
     sel_path = out / f"selected{_suffix(cfg)}"
-    write_selected(cfg.data, sel_path, keep=kept_ids, order=cfg.order, format=cfg.format)
+    # a set means "input order"; a sequence is taken as rank order
+    write_selected(cfg.data, sel_path, keep=kept_ids if cfg.order == "score" else set(kept_ids),
+                   order=cfg.order, format=cfg.format)
     _crashpoint("select.written")
 
     # manifest: one row per record of the input
@@ -829,6 +844,11 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
     if cfg.image_root is not None and not Path(cfg.image_root).is_dir():
         raise RunError(f"--image-root {cfg.image_root}: not a directory")
     model_fp = model_fingerprint(cfg.model)
+    from .data import count_records
+
+    if count_records(cfg.data, cfg.format) == 0:
+        raise RunError(f"--data {data} is empty (no records); nothing to select from. Pass the dataset file "
+                       f"that holds the samples")
     if plan_only:
         est = _preflight(cfg, out, events, True)
         return est
@@ -843,6 +863,7 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
                            + "\n(see `scalselect run --plan ...`; --no-plan-check skips this check)")
     t_run = time.perf_counter()
     events.emit("run_start", out=str(out), fingerprints=fps)
+    _remove_stale_temps(out)
     try:
         state = _State(out, fps, cfg.force, events)
         src = _stage_extract(cfg, state, events)

@@ -32,7 +32,7 @@ def test_estimate_sizes_follow_formulas(tmp_path):
 
 def test_refuses_when_disk_or_memory_too_small(tmp_path):
     est = estimate_run(50_000_000, model=LLAVA_7B, out_dir=tmp_path, flops_per_s=1e11,
-                       memory_available=8 * GiB, disk_free=10 * GiB)
+                       memory_available=2 * GiB, disk_free=10 * GiB)
     assert not est.ok
     text = " ".join(est.problems)
     assert "disk" in text and "--out" in text

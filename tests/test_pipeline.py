@@ -1,0 +1,386 @@
+"""`scalselect run` end to end on a tiny random-weight LLaVA and a small generated dataset: outputs,
+reuse of checkpoints, fingerprints, crash/resume byte-identity (SIGKILL), and bad input.
+
+Everything is real: the transformers model built from the shipped tiny config, the data readers and
+writers, the store, the core fit, faiss. The dataset has 40 records (2 text-only), so a full run
+takes a few seconds.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+# the stages this file drives come from the core, data, extract and baselines areas
+for _mod in ("scalselect_fast.subspace", "scalselect_fast.data.demo", "scalselect_fast.extract.tiny",
+             "scalselect_fast.stability"):
+    pytest.importorskip(_mod)
+
+import scalselect_fast as ss  # noqa: E402
+from scalselect_fast import cli  # noqa: E402
+from scalselect_fast.pipeline import Events, RunError, load_config_file, make_config, run  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARD = 8  # 40 records -> 5 extraction shards, so every stage has several checkpoints
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from scalselect_fast.data.demo import make_demo_dataset
+    from scalselect_fast.extract.tiny import build_tiny_model
+
+    base = tmp_path_factory.mktemp("pipeline")
+    data_dir = base / "data"
+    truth = make_demo_dataset(data_dir, n=40, seed=3)
+    model = build_tiny_model("llava", base / "tiny-llava", seed=0)
+    return {"base": base, "data": data_dir / "demo.json", "root": data_dir, "model": model, "truth": truth}
+
+
+def _cfg(env, out, **kw):
+    args = dict(model=str(env["model"]), data=str(env["data"]), image_root=str(env["root"]), out=str(out),
+                budget="25%", shard_size=SHARD, batch_size=4, quiet=True)
+    args.update(kw)
+    return make_config(**args)
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def baseline(env):
+    """One uninterrupted run; its outputs' bytes are the reference for the resume tests."""
+    out = env["base"] / "baseline"
+    buf = io.StringIO()
+    data_hash = _sha(env["data"])
+    res = run(_cfg(env, out), events=Events(log_json=True, stream=buf))
+    assert _sha(env["data"]) == data_hash  # the input is never modified
+    events = [json.loads(line) for line in buf.getvalue().splitlines()]
+    return {"out": out, "res": res, "events": events,
+            "selected": (out / "selected.json").read_bytes(),
+            "manifest": (out / "manifest.parquet").read_bytes()}
+
+
+# --------------------------------------------------------------------------------------------------
+# outputs
+# --------------------------------------------------------------------------------------------------
+def test_run_writes_selection_manifest_and_report(env, baseline):
+    out, res = baseline["out"], baseline["res"]
+    records = json.loads(env["data"].read_text())
+    man = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert [m["id"] for m in man] == [r["id"] for r in records]
+    kept_ids = [m["id"] for m in man if m["kept"]]
+    assert len(kept_ids) == res.n_selected == 10  # 25% of 40 records
+    # the selected dataset: LLaVA JSON again, records unchanged, original order
+    sel = json.loads((out / "selected.json").read_text())
+    assert [r["id"] for r in sel] == kept_ids
+    by_id = {r["id"]: r for r in records}
+    assert all(r == by_id[r["id"]] for r in sel)
+    # text-only samples are in the manifest with a reason and no score
+    text_only = set(env["truth"]["text_only"])
+    for m in man:
+        if m["id"] in text_only:
+            assert m["score"] is None and not m["kept"] and m["skip_reason"].startswith("text_only")
+        else:
+            assert m["skip_reason"] is None and m["score"] is not None
+    # scores and the kept set agree with the core engine run directly on the run's store
+    store = out / ".scalselect" / "reps"
+    src = ss.open_source(store)
+    sub = ss.fit_subspace(src, energy=0.9, solver="exact")
+    ref = ss.leverage_scores(src, sub)
+    ids = src.ids()
+    got = {m["id"]: m["score"] for m in man if m["score"] is not None}
+    np.testing.assert_allclose([got[i] for i in ids], ref, rtol=1e-9, atol=1e-12)
+    assert sorted(ids[i] for i in ss.top_k(ref, 10)) == sorted(kept_ids)
+    ranks = {m["id"]: m["rank"] for m in man if m["rank"] is not None}
+    assert sorted(ranks.values()) == list(range(len(ids)))
+    # report
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["n_samples"] == 40 and rep["n_valid"] == 38 and rep["n_selected"] == 10
+    assert rep["skip_reasons"] == {"text_only": 2}
+    assert rep["subspace"]["k"] == sub.k and rep["spectrum"]["k"] == sub.k
+    assert sum(v["total"] for v in rep["per_source"].values()) == 40
+    assert sum(v["kept"] for v in rep["per_source"].values()) == 10
+    assert {"extract", "fit", "score", "select"} <= set(rep["timings"])
+    assert "margin" in rep["stability"] and "overlap_exact_vs_randomized" in rep["stability"]
+    assert rep["config_hash"] and rep["versions"]["numpy"] == np.__version__
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3
+    loaded = ss.Subspace.load(out / "subspace.npz")
+    assert loaded.provenance["layer"] == 0 and loaded.provenance["threshold"] == 0.9
+    assert loaded.provenance["data_fingerprint"] == rep["fingerprint"]["data"]
+    # machine-readable events
+    kinds = [(e["event"], e.get("stage")) for e in baseline["events"]]
+    for stage in ("extract", "fit", "score", "select"):
+        assert ("stage_start", stage) in kinds and ("stage_done", stage) in kinds
+    assert kinds[-1] == ("done", None) and baseline["events"][-1]["n_selected"] == 10
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_rerun_reuses_checkpoints_and_orders_by_score(env, baseline):
+    out = env["base"] / "rerun"
+    shutil.copytree(baseline["out"], out)
+    shards = sorted((out / ".scalselect" / "reps").glob("shard-*.npy"))
+    before = [p.stat().st_mtime_ns for p in shards]
+    buf = io.StringIO()
+    res = run(_cfg(env, out, budget="6", order="score"), events=Events(log_json=True, stream=buf))
+    stages = [json.loads(x).get("stage") for x in buf.getvalue().splitlines()
+              if json.loads(x)["event"] == "stage_start"]
+    assert "extract" not in stages and "fit" not in stages  # done stages are not rerun
+    assert [p.stat().st_mtime_ns for p in shards] == before
+    man = {m["id"]: m for m in pq.read_table(out / "manifest.parquet").to_pylist()}
+    sel = [r["id"] for r in json.loads(res.selected_path.read_text())]
+    assert len(sel) == 6
+    assert [man[i]["rank"] for i in sel] == list(range(6))  # best first
+
+
+def test_changed_settings_are_refused_then_force_restarts(env, baseline):
+    out = env["base"] / "changed"
+    shutil.copytree(baseline["out"], out)
+    with pytest.raises(RunError, match=r"different run: subspace settings .* --force"):
+        run(_cfg(env, out, energy=0.5))
+    with pytest.raises(RunError, match="the dataset file or image root"):
+        run(_cfg(env, out, image_root=str(env["root"] / "images")))
+    res = run(_cfg(env, out, energy=0.5, force=True))
+    assert res.report["spectrum"]["energy"] == 0.5
+    assert res.report["subspace"]["k"] <= baseline["res"].report["subspace"]["k"]
+
+
+def test_config_file_flags_override_and_cli(env, baseline, tmp_path, capsys):
+    out = tmp_path / "cfgrun"
+    shutil.copytree(baseline["out"], out)
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'model = "{env["model"]}"\ndata = "{env["data"]}"\nimage-root = "{env["root"]}"\n'
+                    f'out = "{out}"\nbudget = "50%"\nshard-size = {SHARD}\nbatch-size = 4\n')
+    assert cli.main(["run", "--config", str(toml), "--budget", "3", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "selected 3 of 40 samples" in printed and str(out / "report.html") in printed
+    yml = tmp_path / "run.yaml"
+    yml.write_text("run:\n  budget: 5\n  bogus_key: 1\n")
+    with pytest.raises(RunError, match="unknown setting 'bogus_key'"):
+        load_config_file(yml)
+    # --plan prints the estimate and does not run
+    assert cli.main(["run", "--config", str(toml), "--plan"]) == 0
+    assert "Plan for N=40 samples" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------------
+# kill -9 and resume
+# --------------------------------------------------------------------------------------------------
+def _cli_args(env, out):
+    return [sys.executable, "-m", "scalselect_fast", "run", "--model", str(env["model"]), "--data", str(env["data"]),
+            "--image-root", str(env["root"]), "--out", str(out), "--budget", "25%", "--shard-size", str(SHARD),
+            "--batch-size", "4", "--quiet"]
+
+
+def _spawn(env, out, crash_at=None):
+    e = dict(os.environ, PYTHONPATH=str(ROOT))
+    e.pop("SCALSELECT_CRASH_AT", None)
+    if crash_at:
+        e["SCALSELECT_CRASH_AT"] = crash_at
+    return subprocess.Popen(_cli_args(env, out), cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_sigkill_at_every_stage_then_resume_is_byte_identical(env, baseline, tmp_path):
+    out = tmp_path / "killed"
+    # 1. an external kill -9 in the middle of extraction (after the first shard is committed)
+    p = _spawn(env, out)
+    manifest = out / ".scalselect" / "reps" / "manifest.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        if manifest.exists() and json.loads(manifest.read_text() or "{}").get("shards"):
+            break
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL, p.stderr.read().decode()[-2000:]
+    committed = len(json.loads(manifest.read_text())["shards"])
+    assert 1 <= committed < 5 and not (out / "selected.json").exists()
+    # 2.-4. the process kills itself between two checkpoint commits of fit and score, and after the
+    # selected dataset is renamed into place but before the manifest
+    for point in ("fit.shard:2", "score.shard:3", "select.written:1"):
+        p = _spawn(env, out, crash_at=point)
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == -signal.SIGKILL, (point, err.decode()[-2000:])
+    assert len(json.loads(manifest.read_text())["shards"]) == 5  # extraction resumed and finished
+    # 5. the final rerun completes and reproduces the uninterrupted run byte for byte
+    p = _spawn(env, out)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err.decode()[-2000:]
+    assert (out / "selected.json").read_bytes() == baseline["selected"]
+    assert (out / "manifest.parquet").read_bytes() == baseline["manifest"]
+    assert not list(out.rglob("*.tmp"))
+
+
+# --------------------------------------------------------------------------------------------------
+# bad input
+# --------------------------------------------------------------------------------------------------
+def _write_llava(path: Path, records):
+    path.write_text(json.dumps(records))
+    return path
+
+
+def _rec(i, image="images/demo-0000.png", **extra):
+    question = "<image>\nWhat is shown?" if image is not None else "Tell me about shapes."
+    r = {"id": f"s{i}", "conversations": [{"from": "human", "value": question},
+                                          {"from": "gpt", "value": "A shape."}]}
+    if image is not None:
+        r["image"] = image
+    r.update(extra)
+    return r
+
+
+def test_bad_samples_are_skipped_with_reasons_and_budget_checked(env, tmp_path):
+    root = tmp_path / "imgs"
+    shutil.copytree(env["root"] / "images", root / "images")
+    good = sorted(p.name for p in (root / "images").glob("*.png"))[:6]
+    (root / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    whole = (root / "images" / good[0]).read_bytes()
+    (root / "images" / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "outside.png").write_bytes(whole)
+    records = [_rec(i, f"images/{g}") for i, g in enumerate(good)]
+    no_conv = {"id": "noconv", "image": f"images/{good[0]}"}
+    records += [no_conv, _rec(10, "../outside.png"), _rec(11, "images/missing.png"),
+                _rec(12, "images/corrupt.png"), _rec(13, "images/truncated.png"), _rec(14, image=None)]
+    data = _write_llava(tmp_path / "bad.json", records)
+    out = tmp_path / "out"
+    cfg = dict(model=str(env["model"]), data=str(data), image_root=str(root), out=str(out), batch_size=4,
+               shard_size=SHARD, quiet=True)
+    res = run(make_config(budget="2", **cfg))
+    man = {m["id"]: m["skip_reason"] for m in pq.read_table(out / "manifest.parquet").to_pylist()}
+    assert man["noconv"].startswith("missing_field")
+    assert man["s10"].startswith("image_outside_root")
+    assert man["s11"].startswith("image_missing")
+    assert man["s12"].split(":")[0] in ("image_corrupt", "image_unreadable", "image_truncated")
+    assert man["s13"].split(":")[0] in ("image_truncated", "image_corrupt")
+    assert man["s14"].startswith("text_only")
+    assert all(man[f"s{i}"] is None for i in range(6))
+    assert res.n_selected == 2
+    skipped = [json.loads(x) for x in (out / "skipped.jsonl").read_text().splitlines()]
+    assert len(skipped) == 6
+    # a budget above the usable samples is refused, naming the count and where the reasons are
+    with pytest.raises(RunError, match=r"only 6 of the 12 records have a representation.*skipped\.jsonl"):
+        run(make_config(budget="7", **cfg))
+
+
+@pytest.mark.parametrize("case", ["malformed_jsonl", "duplicate_ids", "empty", "all_text_only"])
+def test_dataset_level_errors_are_clear(env, tmp_path, case):
+    from scalselect_fast.data import DatasetError
+
+    if case == "malformed_jsonl":
+        data = tmp_path / "d.jsonl"
+        data.write_text(json.dumps(_rec(0, "images/demo-0000.png")) + "\n" + json.dumps(_rec(1)) + "\n"
+                        + '{"id": "s2", "conversations": [\n')
+        err, pat = DatasetError, r"line 3"
+    elif case == "duplicate_ids":
+        data = _write_llava(tmp_path / "d.json", [_rec(0), _rec(1), _rec(0)])
+        err, pat = DatasetError, r"duplicate id 's0'"
+    elif case == "empty":
+        data = _write_llava(tmp_path / "d.json", [])
+        err, pat = RunError, r"d\.json is empty \(no records\)"
+    else:
+        data = _write_llava(tmp_path / "d.json", [_rec(i, image=None) for i in range(4)])
+        err, pat = RunError, r"no sample .* produced a representation \(skipped: text_only: 4"
+    cfg = make_config(model=str(env["model"]), data=str(data), image_root=str(env["root"]),
+                      out=str(tmp_path / "out"), budget="1", quiet=True)
+    with pytest.raises(err, match=pat):
+        run(cfg)
+
+
+def test_model_and_setting_errors(env, tmp_path, capsys):
+    from scalselect_fast.extract import UnsupportedModelError
+
+    bad_model = tmp_path / "bert"
+    bad_model.mkdir()
+    (bad_model / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
+    base = dict(data=str(env["data"]), image_root=str(env["root"]), budget="2", quiet=True)
+    with pytest.raises(UnsupportedModelError, match="unknown model type 'bert'"):
+        run(make_config(model=str(bad_model), out=str(tmp_path / "o1"), **base))
+    with pytest.raises(UnsupportedModelError, match="layer 7 does not exist"):
+        run(make_config(model=str(env["model"]), out=str(tmp_path / "o2"), layer=7, **base))
+    for t in (0.0, 1.5):
+        with pytest.raises(RunError, match=r"threshold must be in \(0, 1\]"):
+            run(make_config(model=str(env["model"]), out=str(tmp_path / "o3"), threshold=t, **base))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(RunError, match="is a file, not a directory"):
+        run(make_config(model=str(env["model"]), out=str(afile), **base))
+    with pytest.raises(RunError, match="--model .*no such file"):
+        run(make_config(model=str(tmp_path / "nope"), out=str(tmp_path / "o4"), **base))
+    # the CLI prints the message (no traceback) and exits 2
+    rc = cli.main(["run", "--model", str(env["model"]), "--data", str(env["data"]), "--out", str(tmp_path / "o5"),
+                   "--threshold", "2", "--quiet"])
+    assert rc == 2 and "threshold must be in (0, 1]" in capsys.readouterr().err
+
+
+def _mount_tmpfs(path: Path, size: str, ro: bool = False) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    opts = f"size={size}" + (",ro" if ro else "")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True)
+    return r.returncode == 0
+
+
+def _umount(path: Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_out_dir_not_writable(env, tmp_path):
+    ro = tmp_path / "ro"
+    if os.geteuid() == 0:
+        if not _mount_tmpfs(ro, "64k", ro=True):
+            pytest.skip("running as root without permission to mount a read-only tmpfs")
+    else:
+        ro.mkdir()
+        ro.chmod(0o500)
+    try:
+        with pytest.raises(RunError, match="is not writable"):
+            run(make_config(model=str(env["model"]), data=str(env["data"]), image_root=str(env["root"]),
+                            out=str(ro / "sub"), budget="2", quiet=True))
+    finally:
+        if os.geteuid() == 0:
+            _umount(ro)
+
+
+def test_disk_full_leaves_no_corrupt_output_and_resumes(env, baseline, tmp_path):
+    """A real full disk (a 48 KiB tmpfs; RLIMIT_FSIZE in a subprocess where mounting is not allowed)."""
+    out = tmp_path / "full"
+    if os.geteuid() == 0 and _mount_tmpfs(out, "48k"):
+        try:
+            with pytest.raises(RunError, match=r"disk full while writing .*rerun the same command"):
+                run(_cfg(env, out, plan_check=False))
+            leftovers = [p for p in out.rglob("*") if p.is_file()]
+            assert not [p for p in leftovers if p.name.endswith(".tmp")]
+            assert not (out / "selected.json").exists() and not (out / "manifest.parquet").exists()
+            # every store shard the manifest lists is complete (its checksum verifies)
+            src = ss.open_source(out / ".scalselect" / "reps")
+            for _ in src.iter_blocks(verify=True):
+                pass
+            subprocess.run(["mount", "-o", "remount,size=8m", str(out)], check=True)
+            run(_cfg(env, out))
+            assert (out / "selected.json").read_bytes() == baseline["selected"]
+            assert (out / "manifest.parquet").read_bytes() == baseline["manifest"]
+        finally:
+            _umount(out)
+    else:
+        code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000)); "
+                "from scalselect_fast.cli import main; sys.exit(main(sys.argv[1:]))")
+        args = _cli_args(env, out)[3:] + ["--no-plan-check"]
+        r = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
+                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert r.returncode == 2 and "disk full while writing" in r.stderr, r.stderr[-2000:]
+        assert not list(out.rglob("*.tmp")) and not (out / "selected.json").exists()
+        p = _spawn(env, out)
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-2000:]
+        assert (out / "selected.json").read_bytes() == baseline["selected"]
