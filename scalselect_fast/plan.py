@@ -330,14 +330,13 @@ def estimate_run(n: int, *, model: str | os.PathLike | Mapping | None = None, d:
             f"free; choose another --out on a larger disk, or store representations as "
             f"--store-dtype float16/bfloat16 (now {store_dtype})")
     mem = est.available["memory_available"]
-    if mem is not None and est.peak_memory > mem:
-        stage = max(est.memory_bytes, key=est.memory_bytes.get)
-        fix = {"extract": "use --device cuda, a smaller --dtype (bfloat16) or a lower --batch-size",
-               "fit": "use --solver randomized (memory O(d·k) instead of O(d²))",
-               "score+select": "split the dataset and select per part, or run on a machine with more RAM"}
-        est.problems.append(
-            f"memory: stage '{stage}' needs ~{est.memory_bytes[stage] / GiB:.2f} GiB but "
-            f"{mem / GiB:.2f} GiB is available; {fix.get(stage, 'free memory')}")
+    fix = {"extract": "use --device cuda, a smaller --dtype (bf16) or a lower --batch-size",
+           "fit": "use --solver randomized (memory O(d·k) instead of O(d²))",
+           "score+select": "split the dataset and select per part, or run on a machine with more RAM"}
+    for stage, need in est.memory_bytes.items():
+        if mem is not None and need > mem:
+            est.problems.append(f"memory: stage '{stage}' needs ~{need / GiB:.2f} GiB but {mem / GiB:.2f} GiB "
+                                f"is available; {fix.get(stage, 'free memory')}")
     gpu = est.available.get("gpu_memory")
     need_gpu = est.assumptions.get("gpu_weights_bytes")
     if gpu is not None and need_gpu and need_gpu > gpu:
