@@ -99,23 +99,8 @@ def _cmd_select(args) -> int:
     return 0
 
 
-@_core_errors
-def _cmd_demo(args) -> int:
-    from importlib import resources
-
-    from .scoring import run_selection
-
-    reps = resources.files("scalselect_fast") / "assets" / "demo_reps.npy"
-    with resources.as_file(reps) as path:
-        print(f"demo: selecting {args.budget} of the bundled representations {path.name} "
-              f"(synthetic 2000×128 fp16, see scalselect_fast/assets/make_demo_reps.py)")
-        report = run_selection(str(path), args.out, args.budget)
-    _print_selection(report, args.out)
-    return 0
-
-
 def add_core_commands(sub: argparse._SubParsersAction) -> None:
-    """fit | score | select over a store or .npy (core engine), and demo."""
+    """fit | score | select over a store or .npy (core engine). (`demo` is the run pipeline's.)"""
     p = sub.add_parser("fit", help="fit the dominant subspace of a store or .npy and save it (.npz)")
     p.add_argument("source", help="representation store directory or .npy matrix (n, d)")
     p.add_argument("--out", required=True, help="subspace file to write (.npz)")
@@ -140,10 +125,6 @@ def add_core_commands(sub: argparse._SubParsersAction) -> None:
     _add_stream_args(p)
     p.set_defaults(func=_cmd_select)
 
-    p = sub.add_parser("demo", help="run select on the bundled demo representations")
-    p.add_argument("--out", default="demo-out", help="output directory (default demo-out)")
-    p.add_argument("--budget", default="16%", help="rows to keep (default 16%%)")
-    p.set_defaults(func=_cmd_demo)
 
 
 def add_dask_options(sub: argparse._SubParsersAction) -> None:
@@ -407,7 +388,7 @@ def add_run_command(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--force", action="store_true", help="discard an earlier demo run in OUT")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.add_argument("--log-json", action="store_true", help="JSON-lines events on stdout")
-    d.set_defaults(func=_cmd_demo)
+    d.set_defaults(func=_cmd_run_demo)
 
 
 _RUN_FIELDS = ("model", "data", "image_root", "format", "out", "budget", "order", "layer", "threshold",
@@ -478,7 +459,7 @@ def _cmd_run(args) -> int:
     return 0
 
 
-def _cmd_demo(args) -> int:
+def _cmd_run_demo(args) -> int:
     from .pipeline import run_demo
 
     try:

@@ -1,4 +1,4 @@
-"""`scalselect fit | score | select | demo` end to end, in-process, in a temp directory."""
+"""`scalselect fit | score | select` end to end, in-process, in a temp directory."""
 import json
 
 import numpy as np
@@ -100,11 +100,3 @@ def test_clear_errors(tmp_path, reps, capsys):
     assert "energy must be in (0, 1]" in capsys.readouterr().err
     assert cli.main(["fit", str(path), "--out", str(tmp_path / "s.npz"), "--k", "100"]) == 2
     assert "k=100 exceeds" in capsys.readouterr().err
-
-
-def test_demo(tmp_path, capsys):
-    assert cli.main(["demo", "--out", str(tmp_path / "demo")]) == 0
-    out = capsys.readouterr().out
-    assert "selected 320 of 2000 rows" in out and str(tmp_path / "demo") in out
-    assert {"report.json", "manifest.parquet", "scores.npy", "subspace.npz", "selected.txt"} <= {
-        p.name for p in (tmp_path / "demo").iterdir()}

@@ -384,3 +384,23 @@ def test_disk_full_leaves_no_corrupt_output_and_resumes(env, baseline, tmp_path)
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err.decode()[-2000:]
         assert (out / "selected.json").read_bytes() == baseline["selected"]
+
+
+def test_demo_command_runs_the_pipeline(env, tmp_path, monkeypatch, capsys):
+    """`scalselect demo` = the run pipeline with the tiny model on the bundled dataset (here pointed at
+    the small generated copy to keep the test fast; the bundled copy is checked for consistency)."""
+    import scalselect_fast.data.demo as demo
+    from scalselect_fast.data import count_records
+
+    bundled = json.loads((demo.DEMO_DIR / demo.DEMO_TRUTH).read_text())
+    assert count_records(demo.DEMO_DIR / demo.DEMO_DATA) == sum(bundled["counts"].values()) == 240
+    monkeypatch.setattr(demo, "DEMO_DIR", env["root"])
+    out = tmp_path / "demo-out"
+    assert cli.main(["demo", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert f"selected dataset: {out / 'selected.json'}" in printed and str(out / "report.html") in printed
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["n_samples"] == 40 and rep["n_selected"] == 6  # 16% of 40, rounded down
+    truth = rep["demo_truth"]
+    assert truth["rare_samples"] == len(env["truth"]["rare"])
+    assert truth["planted_duplicate_pairs"] == len(env["truth"]["duplicates"])
