@@ -296,3 +296,29 @@ def test_save_load_roundtrip_and_pickle(tmp_path):
         Subspace.load(tmp_path / "junk.npz")
     with pytest.raises(SubspaceError, match="width 24"):
         sub.score(np.zeros((2, 5)))
+
+
+@pytest.mark.parametrize("d,k", [(2, 1), (2, 2), (37, 5), (130, 130)])
+def test_tridiagonal_top_vectors_match_eigh(d, k):
+    from scalselect_fast.subspace import _tridiagonal
+
+    rng = np.random.default_rng(d)
+    A = rng.standard_normal((3 * d + 2, d)) * np.linspace(2, 0.1, d)
+    G = A.T @ A
+    if d > 4:
+        G[:, 0] = G[0, :] = 0.0  # a zero eigenvalue and a repeated one (0 and the rest)
+        G[0, 0] = G[1, 1] = G[1, 0] = G[0, 1] = 0.0
+    lam, U = np.linalg.eigh(G)
+    tri = _tridiagonal(G)
+    assert _tridiagonal(G[:1, :1]) is None  # d=1 goes through eigh
+    np.testing.assert_allclose(np.sort(tri.eigenvalues()), lam, atol=1e-12 * lam.max())
+    V = tri.top_vectors(k)
+    np.testing.assert_allclose(V.T @ V, np.eye(k), atol=1e-10)
+    np.testing.assert_allclose(np.einsum("ij,ij->j", V, G @ V), lam[::-1][:k], rtol=1e-10, atol=1e-10 * lam.max())
+
+
+def test_one_column():
+    X = np.random.default_rng(0).standard_normal((20, 1))
+    sub = fit_subspace(X)
+    assert sub.k == 1
+    np.testing.assert_allclose(sub.score(X), reference(X)[3], atol=1e-12)
