@@ -1,0 +1,139 @@
+"""Shared plumbing for the benchmarks: machine/version facts, CSV appends, synthetic embeddings.
+
+Not a benchmark itself. Imported by ``bench_scaling.py``, ``bench_quality.py`` and ``__main__.py``.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import platform
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PLOTS = ROOT / "benchmarks" / "plots"
+if str(ROOT) not in sys.path:  # scripts run as `python benchmarks/bench_x.py` from the checkout
+    sys.path.insert(0, str(ROOT))
+
+
+def now_utc() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def memory_gib() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return float("nan")
+
+
+def versions() -> dict:
+    """Versions of what the numbers depend on (missing packages are reported as absent)."""
+    out = {"python": platform.python_version(), "numpy": np.__version__}
+    for mod in ("scipy", "faiss", "torch", "matplotlib"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - any import failure means "not available here"
+            out[mod] = "absent"
+    try:
+        import scalselect_fast
+
+        out["scalselect_fast"] = scalselect_fast.__version__
+        from scalselect_fast import native
+
+        out["native_backend"] = native.BACKEND
+    except Exception as exc:  # noqa: BLE001
+        out["scalselect_fast"] = f"unimportable ({exc})"
+    try:
+        from threadpoolctl import threadpool_info
+
+        blas = [f"{i.get('internal_api')} {i.get('version')} ({i.get('num_threads')} threads)"
+                for i in threadpool_info() if i.get("user_api") == "blas"]
+        out["blas"] = "; ".join(blas) or "unknown"
+    except Exception:  # noqa: BLE001
+        out["blas"] = "unknown"
+    return out
+
+
+def machine() -> dict:
+    return {"host": socket.gethostname(), "cpu": cpu_model(), "cores": os.cpu_count(),
+            "memory_gib": memory_gib(), "os": f"{platform.system()} {platform.release()}"}
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def append_csv(path: Path, rows: list[dict]) -> None:
+    """Append rows; write the header when the file is new. A changed column set starts a new file
+    beside the old one rather than corrupting it."""
+    if not rows:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(rows[0].keys())
+    if path.exists():
+        with open(path, newline="") as fh:
+            header = next(csv.reader(fh), None)
+        if header != fields:
+            path.rename(path.with_suffix(f".old-{now_utc().replace(':', '')}.csv"))
+    new = not path.exists()
+    with open(path, "a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
+def read_latest_run(path: Path) -> list[dict]:
+    """Rows of the most recent ``run_id`` in a CSV written by :func:`append_csv`."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        return []
+    if "run_id" not in rows[0]:
+        return rows
+    last = rows[-1]["run_id"]
+    return [r for r in rows if r["run_id"] == last]
+
+
+def embeddings(n: int, d: int, seed: int = 0, rank: int = 32, clusters: int = 64,
+               chunk: int = 65536) -> np.ndarray:
+    """Clustered low-rank float32 rows plus isotropic noise, like pooled VLM hidden states.
+
+    Rows are generated in chunks seeded by (seed, chunk index), so the first n rows are the same
+    for every larger n: the scaling series measures the same distribution at every size.
+    """
+    base = np.random.default_rng([seed, 10**6])
+    basis = (base.standard_normal((rank, d)) / np.sqrt(rank)).astype(np.float32)
+    centers = (2.0 * base.standard_normal((clusters, rank))).astype(np.float32)
+    out = np.empty((n, d), dtype=np.float32)
+    for ci, start in enumerate(range(0, n, chunk)):
+        rng = np.random.default_rng([seed, ci])
+        m = min(chunk, n - start)
+        z = centers[rng.integers(clusters, size=m)] + rng.standard_normal((m, rank), dtype=np.float32)
+        out[start:start + m] = z @ basis
+        out[start:start + m] += 0.3 * rng.standard_normal((m, d), dtype=np.float32)
+    return out
