@@ -84,6 +84,12 @@ def _print_selection(report: dict, out) -> None:
           f"d={report['d']} captures {report['captured_fraction']:.4f} of the energy | {report['solver']} "
           f"solver, {report['passes']} pass(es) | fit {t['fit_s']:.2f}s score {t['score_s']:.2f}s "
           f"select {t['select_s']:.2f}s" + (f" | {bad} invalid rows excluded" if bad else ""))
+    st = report.get("stability")
+    if st:
+        m = st["margin"]["relative_margin"]
+        print(f"stability: min overlap across re-fits {st['min_overlap_randomized']}, exact vs randomized "
+              f"{st['overlap_exact_vs_randomized']}, relative cut-off margin "
+              f"{'n/a' if m is None else f'{m:.2e}'}, certified={st['certified']} ({st['seconds']:.2f}s)")
     print(f"outputs in {out}: " + ", ".join(sorted(
         __import__("os").path.basename(p) for p in report["outputs"].values())))
 
@@ -92,9 +98,12 @@ def _print_selection(report: dict, out) -> None:
 def _cmd_select(args) -> int:
     from .scoring import run_selection
 
+    seeds = None if args.stability_seeds.strip().lower() == "none" else \
+        tuple(int(v) for v in args.stability_seeds.split(",") if v.strip())
     report = run_selection(args.source, args.out, args.budget, subspace=args.subspace,
                            manifest_format=args.manifest_format, drop_invalid=args.drop_invalid,
-                           block_rows=args.block_rows, **({} if args.subspace else _fit_kwargs(args)))
+                           block_rows=args.block_rows, stability_seeds=seeds,
+                           **({} if args.subspace else _fit_kwargs(args)))
     _print_selection(report, args.out)
     return 0
 
@@ -121,6 +130,9 @@ def add_core_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--subspace", default=None, help="reuse this fitted subspace instead of fitting")
     p.add_argument("--manifest-format", choices=["parquet", "jsonl"], default="parquet")
+    p.add_argument("--stability-seeds", default="0,1,2",
+                   help="randomized-solver seeds re-fitted for the report's stability certificate "
+                        "(default 0,1,2; 'none' skips the certificate, '' keeps margin + exact only)")
     _add_fit_args(p)
     _add_stream_args(p)
     p.set_defaults(func=_cmd_select)

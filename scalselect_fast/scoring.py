@@ -292,7 +292,8 @@ def write_manifest(path, src, scores: np.ndarray, selected: np.ndarray, fmt: str
 
 
 def run_selection(source, out_dir, budget, *, subspace=None, manifest_format: str = "parquet",
-                  drop_invalid: bool = False, block_rows: int = DEFAULT_BLOCK_ROWS, **fit_kwargs) -> dict:
+                  drop_invalid: bool = False, block_rows: int = DEFAULT_BLOCK_ROWS,
+                  stability_seeds=(0, 1, 2), **fit_kwargs) -> dict:
     """Fit (unless ``subspace`` is given), score and select; write everything into ``out_dir``.
 
     Writes ``subspace.npz``, ``scores.npy``, ``manifest.parquet`` (or ``.jsonl``), ``selected.txt``
@@ -309,6 +310,10 @@ def run_selection(source, out_dir, budget, *, subspace=None, manifest_format: st
     manifest_format : {"parquet", "jsonl"}
     drop_invalid : bool
         Exclude NaN/inf rows (listed in the report) instead of failing.
+    stability_seeds : sequence of int or None
+        Randomized-solver seeds of the stability certificate in the report (see
+        :func:`~scalselect_fast.stability.stability_certificate`); ``()`` = cut-off margin and exact
+        comparison only, None = no certificate.
     **fit_kwargs
         Passed to :func:`~scalselect_fast.subspace.fit_subspace` (energy, k, solver, ...).
 
@@ -346,6 +351,13 @@ def run_selection(source, out_dir, budget, *, subspace=None, manifest_format: st
     t = time.perf_counter()
     selected = top_k(scores, budget)
     timings["select_s"] = time.perf_counter() - t
+    stability = None
+    if stability_seeds is not None:
+        from .stability import stability_certificate
+
+        stability = stability_certificate(src, sub, scores, budget, seeds=tuple(stability_seeds),
+                                          drop_invalid=drop_invalid, block_rows=block_rows)
+        timings["stability_s"] = stability["seconds"]
     t = time.perf_counter()
     man_path = out / f"manifest.{manifest_format}"
     sub_path = out / "subspace.npz"
@@ -371,6 +383,7 @@ def run_selection(source, out_dir, budget, *, subspace=None, manifest_format: st
         "outputs": {"subspace": str(sub_path), "scores": str(out / "scores.npy"), "manifest": str(man_path),
                     "selected": str(out / "selected.txt"), "report": str(out / "report.json")},
         "versions": _versions(), "provenance": sub.provenance,
+        "stability": stability,
     }
     atomic_write_json(out / "report.json", report)
     return report

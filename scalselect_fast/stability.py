@@ -71,13 +71,18 @@ def cutoff_margin(scores: np.ndarray, budget: int) -> dict:
 
 
 def _fit_kwargs(sub) -> dict:
-    """Re-fit with the same preprocessing and the same k, so only the solver differs."""
-    return {"k": int(sub.k), "standardize": getattr(sub, "scale", None) is not None,
+    """Re-fit as the user did: same preprocessing, same energy target (or the same k when k was
+    given), so a re-fit differs only by the solver and its seed (k may then differ too, and is
+    reported per run)."""
+    target = getattr(sub, "energy", None)
+    kw = {"energy": float(target)} if target is not None else {"k": int(sub.k)}
+    return {**kw, "standardize": getattr(sub, "scale", None) is not None,
             "l2_normalize": bool(getattr(sub, "l2_normalize", False))}
 
 
 def stability_certificate(source, sub, scores: np.ndarray, budget, seeds=(0, 1, 2),
-                          exact: bool = True, fit_kwargs: dict | None = None) -> dict:
+                          exact: bool = True, fit_kwargs: dict | None = None,
+                          drop_invalid: bool = False, block_rows: int | None = None) -> dict:
     """Overlap of the selected set across solver seeds and exact vs randomized, and the cut-off margin.
 
     Parameters
@@ -95,13 +100,17 @@ def stability_certificate(source, sub, scores: np.ndarray, budget, seeds=(0, 1, 
     exact : bool
         Also compare with the exact solver (reuses ``scores`` when ``sub`` is exact).
     fit_kwargs : dict, optional
-        Extra arguments for the re-fits (e.g. ``block_rows``, ``oversample``, ``n_iter``).
+        Extra arguments for the re-fits (e.g. ``oversample``, ``n_iter``, or ``k`` to pin k).
+    drop_invalid : bool
+        As in the selection: NaN/inf rows are excluded from the re-fits and never selected.
+    block_rows : int, optional
+        Rows per streamed block in the re-fits and re-scoring.
 
     Returns
     -------
     dict
         ``budget``, ``k``, ``reference_solver``, ``margin`` (see :func:`cutoff_margin`),
-        ``runs``: per re-fit ``{solver, seed, overlap, max_abs_score_diff, seconds}`` where overlap
+        ``runs``: per re-fit ``{solver, seed, k, overlap, max_abs_score_diff, seconds}`` where overlap
         is with the reference selection; ``min_overlap_randomized`` (over seeds),
         ``min_pairwise_overlap_randomized`` (seed vs seed), ``overlap_exact_vs_randomized`` (min over
         seeds); ``certified``: every re-fit moved every score by less than half the margin, so all
@@ -133,6 +142,9 @@ def stability_certificate(source, sub, scores: np.ndarray, budget, seeds=(0, 1, 
     ref = top_k(scores, b)
     margin = cutoff_margin(scores, b)
     kw = {**_fit_kwargs(sub), **(fit_kwargs or {})}
+    if fit_kwargs and "k" in fit_kwargs:
+        kw.pop("energy", None)
+    stream = {"drop_invalid": drop_invalid, **({"block_rows": int(block_rows)} if block_rows else {})}
     ref_solver = getattr(sub, "solver", "unknown")
     finite = ~np.isnan(scores)
 
@@ -140,10 +152,11 @@ def stability_certificate(source, sub, scores: np.ndarray, budget, seeds=(0, 1, 
 
     def rerun(solver: str, seed: int | None):
         t = time.perf_counter()
-        s2 = leverage_scores(src, fit_subspace(src, solver=solver, seed=0 if seed is None else seed, **kw))
+        sub2 = fit_subspace(src, solver=solver, seed=0 if seed is None else seed, **kw, **stream)
+        s2 = leverage_scores(src, sub2, **stream)
         sel = top_k(s2, b)
         both = finite & ~np.isnan(s2)
-        runs.append({"solver": solver, "seed": seed, "overlap": overlap(sel, ref),
+        runs.append({"solver": solver, "seed": seed, "k": int(sub2.k), "overlap": overlap(sel, ref),
                      "max_abs_score_diff": float(np.max(np.abs(s2[both] - scores[both]), initial=0.0)),
                      "seconds": round(time.perf_counter() - t, 4)})
         sels[(solver, seed)] = sel

@@ -45,8 +45,10 @@ def test_certificate_on_a_clear_spectrum_is_certified():
     assert cert["budget"] == 480 and cert["k"] == sub.k and cert["reference_solver"] == "exact"
     assert [r["seed"] for r in cert["runs"]] == [0, 1] and all(r["solver"] == "randomized" for r in cert["runs"])
     for r in cert["runs"]:
-        sel = ss.top_k(ss.leverage_scores(x, ss.fit_subspace(x, k=sub.k, solver="randomized", seed=r["seed"])), 480)
-        assert r["overlap"] == overlap(sel, ss.top_k(scores, 480))
+        # a re-fit is the user's fit (same energy target) with another solver/seed
+        re = ss.fit_subspace(x, energy=0.9, solver="randomized", seed=r["seed"])
+        sel = ss.top_k(ss.leverage_scores(x, re), 480)
+        assert r["k"] == re.k and r["overlap"] == overlap(sel, ss.top_k(scores, 480))
         # the certificate's theorem: scores moved less than half the margin -> identical set
         if r["max_abs_score_diff"] < cert["margin"]["margin"] / 2:
             assert r["overlap"] == 1.0
@@ -65,3 +67,28 @@ def test_certificate_from_a_randomized_fit_reuses_its_seed_and_refits_exact():
     assert margin_only["runs"] == [] and margin_only["certified"] is False
     with pytest.raises(ValueError, match="rows"):
         stability_certificate(x, sub, scores[:-1], 100)
+
+
+def test_certificate_skips_invalid_rows_like_the_selection():
+    x = low_rank(seed=3)
+    x[5] = np.nan
+    sub = ss.fit_subspace(x, drop_invalid=True)
+    scores = ss.leverage_scores(x, sub, drop_invalid=True)
+    cert = stability_certificate(x, sub, scores, 50, seeds=(0,), drop_invalid=True)
+    assert cert["runs"][0]["overlap"] >= 0.9 and np.isfinite(cert["runs"][0]["max_abs_score_diff"])
+
+
+def test_select_report_carries_the_certificate(tmp_path):
+    from scalselect_fast.cli import main
+    import json
+
+    x = low_rank(n=800, seed=4)
+    np.save(tmp_path / "x.npy", x)
+    assert main(["select", str(tmp_path / "x.npy"), "--budget", "10%", "--out", str(tmp_path / "a"),
+                 "--manifest-format", "jsonl", "--stability-seeds", "3"]) == 0
+    cert = json.loads((tmp_path / "a" / "report.json").read_text())["stability"]
+    assert cert["budget"] == 80 and [r["seed"] for r in cert["runs"]] == [3]
+    assert cert["margin"]["last_kept"] > cert["margin"]["first_rejected"]
+    assert main(["select", str(tmp_path / "x.npy"), "--budget", "10%", "--out", str(tmp_path / "b"),
+                 "--manifest-format", "jsonl", "--stability-seeds", "none"]) == 0
+    assert json.loads((tmp_path / "b" / "report.json").read_text())["stability"] is None
