@@ -154,10 +154,21 @@ def _check_family(family: str) -> None:
         raise ValueError(f"unknown tiny model family {family!r}; choose one of {list(FAMILIES)}")
 
 
-def tiny_config(family: str, num_layers: int | None = None) -> dict:
-    """The shipped architecture config of a tiny ``family`` model (a dict, see the assets folder)."""
+def _merge(base: dict, over: dict) -> dict:
+    for k, v in over.items():
+        base[k] = _merge(dict(base.get(k) or {}), v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return base
+
+
+def tiny_config(family: str, num_layers: int | None = None, overrides: dict | None = None) -> dict:
+    """The shipped architecture config of a tiny ``family`` model (a dict, see the assets folder).
+
+    ``overrides`` is merged recursively (e.g. ``{"text_config": {"hidden_size": 128}}``).
+    """
     _check_family(family)
     cfg = json.loads((ASSETS / f"{family}.json").read_text())
+    if overrides:
+        cfg = _merge(cfg, copy.deepcopy(overrides))
     if num_layers is not None:
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
@@ -191,7 +202,7 @@ def _config_object(family: str, cfg: dict, tokenizer):
 
 
 def build_tiny_model(family: str, out_dir: str | os.PathLike, num_layers: int | None = None, seed: int = 0,
-                     overwrite: bool = False) -> Path:
+                     overwrite: bool = False, overrides: dict | None = None) -> Path:
     """Build a deterministic random-weight tiny VLM and save it like a real checkpoint.
 
     Parameters
@@ -207,6 +218,8 @@ def build_tiny_model(family: str, out_dir: str | os.PathLike, num_layers: int | 
         Weights are drawn with ``torch.manual_seed(seed)``: the same seed gives the same weights.
     overwrite : bool
         Rebuild even if ``out_dir`` already holds a model built with the same arguments.
+    overrides : dict, optional
+        Recursively merged into the shipped config (benchmarks use it for deeper/wider models).
 
     Returns
     -------
@@ -217,9 +230,9 @@ def build_tiny_model(family: str, out_dir: str | os.PathLike, num_layers: int | 
     import transformers
 
     out = Path(out_dir)
-    cfg_dict = tiny_config(family, num_layers)
+    cfg_dict = tiny_config(family, num_layers, overrides)
     stamp = {"family": family, "num_layers": cfg_dict["text_config"]["num_hidden_layers"], "seed": seed,
-             "transformers": transformers.__version__}
+             "transformers": transformers.__version__, "overrides": overrides or {}}
     stamp_path = out / "tiny_model.json"
     if not overwrite and stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp \
             and (out / "model.safetensors").exists():
