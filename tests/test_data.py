@@ -335,6 +335,18 @@ def test_empty_dataset(tmp_path, content):
     with pytest.raises(DatasetError, match="empty") as ei:
         list(read_dataset(path))
     assert ei.value.reason == "empty"
+    assert count_records(path) == 0
+
+
+def test_record_helpers_match_samples(root):
+    from scalselect_fast.data import record_id_or_none, record_source
+
+    path = _write_json(root / "d.json", _llava_records())
+    samples = list(read_dataset(path, image_root=root))
+    assert [record_id_or_none(s.raw) for s in samples] == [s.id for s in samples]
+    assert [record_source(s.raw) for s in samples] == [s.source for s in samples]
+    assert record_id_or_none({"id": 1.5}) is None and record_id_or_none({"x": 1}) is None
+    assert record_source({"source": "", "dataset": 3}) == "3" and record_source([1]) is None
 
 
 def test_all_records_skipped_is_empty(tmp_path):

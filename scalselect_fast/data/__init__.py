@@ -5,13 +5,15 @@ emit a selected subset in the input's own format, and the bundled demo dataset g
 Nothing here imports torch; Pillow is imported only when images are loaded or generated.
 """
 from .images import load_image, resolve_image_path
-from .readers import FORMATS, SOURCE_FIELDS, count_records, detect_format, iter_records, read_dataset
+from .readers import (FORMATS, SOURCE_FIELDS, count_records, detect_format, iter_records, read_dataset,
+                      record_id_or_none, record_source)
 from .sample import IMAGE_TOKEN, ROLES, DatasetError, ImageError, Sample
 from .skiplog import SkipLog
 from .writers import write_selected
 
 __all__ = [
     "DatasetError", "FORMATS", "IMAGE_TOKEN", "ImageError", "ROLES", "SOURCE_FIELDS", "Sample", "SkipLog",
-    "count_records", "detect_format", "iter_records", "load_image", "read_dataset", "resolve_image_path",
+    "count_records", "detect_format", "iter_records", "load_image", "read_dataset", "record_id_or_none",
+    "record_source", "resolve_image_path",
     "write_selected",
 ]

@@ -220,7 +220,12 @@ def iter_records(path: str | os.PathLike, format: str = "auto") -> Iterator[tupl
 def count_records(path: str | os.PathLike, format: str = "auto") -> int:
     """Number of records in the file (for progress bars); Parquet reads only the footer."""
     path = os.fspath(path)
-    container = _container(path, format)
+    try:
+        container = _container(path, format)
+    except DatasetError as e:
+        if e.reason == "empty":  # an empty file holds zero records; that is an answer, not an error
+            return 0
+        raise
     if container == "parquet":
         return _open_parquet(path).metadata.num_rows
     if container == "jsonl":
@@ -244,7 +249,11 @@ class _Problem(Exception):
 
 
 def record_id(record: Any, id_field: str = "id") -> str:
-    """The record's id as a string; raise :class:`_Problem` if missing or not a string/integer."""
+    """The record's id as a string (what ``Sample.id`` and the writers use).
+
+    Raises an internal ``_Problem`` (reason + detail) if the id is missing or not a string/integer;
+    callers outside the readers can use :func:`record_id_or_none`.
+    """
     if not isinstance(record, dict):
         raise _Problem(REASON_INVALID_FIELD, f"record is a {type(record).__name__}, expected a JSON object")
     if id_field not in record or record[id_field] is None:
@@ -258,6 +267,14 @@ def record_id(record: Any, id_field: str = "id") -> str:
     if not value:
         raise _Problem(REASON_INVALID_FIELD, f"field {id_field!r} is empty")
     return value
+
+
+def record_id_or_none(record: Any, id_field: str = "id") -> str | None:
+    """The record's id as a string, or ``None`` when it has no usable id (such a record is skipped)."""
+    try:
+        return record_id(record, id_field)
+    except _Problem:
+        return None
 
 
 def _image_paths_from_value(value: Any, field: str) -> list[Any]:
@@ -379,14 +396,21 @@ def parse_record(record: Any, *, index: int, line: int | None, resolve: ImageRes
             images.append(resolve(p))
         except ImagePathError as e:
             raise _Problem(e.reason, str(e)) from None
-    source = None
+    return Sample(id=sid, images=images, messages=messages, source=record_source(record), index=index,
+                  line=line, raw=record)
+
+
+def record_source(record: Any) -> str | None:
+    """``Sample.source`` of a raw record: the first of :data:`SOURCE_FIELDS` holding a non-empty
+    string or integer, as a string; ``None`` if there is none (use it to group raw records the way
+    the readers do)."""
+    if not isinstance(record, dict):
+        return None
     for f in SOURCE_FIELDS:
         v = record.get(f)
         if isinstance(v, (str, int)) and not isinstance(v, bool) and str(v):
-            source = str(v)
-            break
-    return Sample(id=sid, images=images, messages=messages, source=source, index=index, line=line,
-                  raw=record)
+            return str(v)
+    return None
 
 
 def read_dataset(path: str | os.PathLike, image_root: str | os.PathLike | None = None,

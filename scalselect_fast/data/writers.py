@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 
 from ..store import _atomic_path, atomic_write_bytes
 from .readers import (_WS, FORMATS, _container, _iter_json_list, _iter_jsonl_lines, _open_parquet,
-                      _read_text, _Problem, record_id)
+                      _read_text, record_id_or_none)
 from .sample import DatasetError, _where
 
 ORDERS = ("original", "score")
@@ -58,13 +58,6 @@ def _note(path: str, found: dict[str, int], sid: str, index: int, line: int | No
         raise DatasetError(f"{path}: duplicate id {sid!r}: record {first} and {_where(index, line)}; a "
                            "selection by id is ambiguous", reason="duplicate_id", path=path, index=index,
                            line=line, sample_id=sid)
-
-
-def _id_or_none(record, id_field: str) -> str | None:
-    try:
-        return record_id(record, id_field)
-    except _Problem:
-        return None  # records without a usable id were never selectable
 
 
 def write_selected(input_path: str | os.PathLike, out_path: str | os.PathLike,
@@ -139,7 +132,7 @@ def _write_from_json(src, dst, keep, rank, out_container, id_field) -> int:
     kept, spans = [], []
     for index, line, start, end, obj in _iter_json_list(text, src):
         spans.append((start, end))
-        sid = _id_or_none(obj, id_field)
+        sid = record_id_or_none(obj, id_field)
         if sid is None:
             continue
         _note(src, found, sid, index, line)
@@ -169,7 +162,7 @@ def _write_from_jsonl(src, dst, keep, rank, out_container, id_field) -> int:
     found: dict[str, int] = {}
     kept = []  # (sid, (offset, length)): the bytes are re-read, so memory stays O(len(keep))
     for index, line, offset, raw, obj in _iter_jsonl_lines(src):
-        sid = _id_or_none(obj, id_field)
+        sid = record_id_or_none(obj, id_field)
         if sid is None:
             continue
         _note(src, found, sid, index, line)
