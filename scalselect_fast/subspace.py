@@ -44,17 +44,21 @@ commutative up to float64 rounding (partials with different shifts are re-shifte
 tree reduction of per-shard partials equals one sequential pass to ~1e-12 relative. Recipe for a
 Dask fit (exact, no l2)::
 
-    shift = first_block_mean                       # any common shift; the same for all shards
+    shift = first_block_mean                       # any shift close to μ (merge re-shifts exactly)
     parts = [GramAccumulator(d, shift).update_shard(src, shard) for shard in src.shards]
-    acc = reduce(GramAccumulator.merge, parts)      # any tree order
-    sub = subspace_from_gram(acc, energy=0.9)       # eigh + k, identical to fit_subspace
+    acc = tree_reduce(parts, GramAccumulator.merge)  # fixed tree: bit-identical to fit_subspace
+    fields = subspace_from_gram(acc.centred_gram(), n=acc.n, mean=acc.mean, scale=None,
+                                l2_normalize=False, energy=0.9, k=None)
+    sub = Subspace(solver="exact", passes=1, **fields)
 
 Array namespace
 ---------------
 Both solvers are written against a small backend object (:func:`_namespace`) holding the array
-module ``xp`` (numpy here; CuPy for the GPU issue), a pluggable ``matmul``, ``eigh``/``qr`` and the
-decode+shift of a host block into a reused device buffer. All array creation in the solvers goes
-through ``backend.xp``. The CuPy backend is a design hook only: CuPy is not installable on the
+module ``xp`` (numpy here; CuPy for the GPU issue), a pluggable ``matmul``, ``eigh`` and the
+decode+shift of a host block into a reused device buffer. The accumulators take ``xp=`` and create
+every array through it; the per-block work (shift, products, finiteness checks, row norms) stays in
+``xp``; only d-sized results (mean, scale, the d×ℓ sketch for its QR) come back to the host. The
+d×d Gram stays in ``xp`` for the eigensolver. The CuPy backend is a design hook only: CuPy is not installable on the
 machine this was written on, so it is not exercised by the tests here.
 """
 from __future__ import annotations
@@ -195,6 +199,22 @@ def _namespace(name: str = "numpy", matmul=None):
     raise SubspaceError(f"unknown array backend {name!r}; use 'numpy' or 'cupy'")
 
 
+def _xp_name(xp) -> str:
+    if xp is None:
+        return "numpy"
+    if isinstance(xp, str):
+        return {"cpu": "numpy", "cuda": "cupy"}.get(xp, xp)
+    return xp.__name__.split(".")[0]
+
+
+def _xp_module(name: str):
+    if name == "numpy":
+        return np
+    import importlib
+
+    return importlib.import_module(name)
+
+
 # --------------------------------------------------------------------------------------------------
 # bad rows
 # --------------------------------------------------------------------------------------------------
@@ -224,7 +244,10 @@ def describe_rows(src: MatrixSource, rows, limit: int = 5) -> str:
 
 def _bad_rows_in(buf: np.ndarray) -> np.ndarray:
     """Local indices of rows of ``buf`` with a non-finite value (only called when a sum was)."""
-    return np.flatnonzero(~np.isfinite(buf).all(axis=1))
+    if isinstance(buf, np.ndarray):
+        return np.flatnonzero(~np.isfinite(buf).all(axis=1))
+    xp = _xp_module(type(buf).__module__.split(".")[0])  # device array: scan there, indices to host
+    return np.asarray(xp.asnumpy(xp.flatnonzero(~xp.isfinite(buf).all(axis=1))), dtype=np.int64)
 
 
 class _InvalidTracker:
@@ -301,33 +324,44 @@ class MomentAccumulator:
     shift : ndarray, shape (d,), float64
         Subtracted from every row before summing (choose something close to the mean, e.g. the
         first block's mean, so the centred second moments do not cancel catastrophically).
+    xp : {"numpy", "cupy"} or the module, optional
+        Array namespace of the sums (and of the blocks passed to ``update``); default numpy.
+        Stored by name so the accumulator pickles.
     """
 
-    def __init__(self, d: int, shift):
+    def __init__(self, d: int, shift, xp=None):
+        self._xp_name = _xp_name(xp)
+        xp = self.xp
         self.d = int(d)
-        self.shift = np.array(shift, dtype=np.float64).reshape(self.d)
+        self.shift = xp.asarray(shift, dtype=xp.float64).reshape(self.d).copy()
         self.n = 0
-        self.colsum = np.zeros(self.d)
-        self.sumsq = np.zeros(self.d)
+        self.colsum = xp.zeros(self.d)
+        self.sumsq = xp.zeros(self.d)
+
+    @property
+    def xp(self):
+        return _xp_module(self._xp_name)
 
     def update(self, buf: np.ndarray, n_rows: int | None = None) -> "MomentAccumulator":
         """Add a block already shifted (``buf = block - shift``); ``n_rows`` excludes zeroed rows."""
-        buf = np.asarray(buf)
+        xp = self.xp
+        buf = xp.asarray(buf)
         self.n += int(buf.shape[0] if n_rows is None else n_rows)
-        ones = np.ones(buf.shape[0], dtype=buf.dtype)
+        ones = xp.ones(buf.shape[0], dtype=buf.dtype)
         self.colsum += ones @ buf
-        self.sumsq += np.einsum("ij,ij->j", buf, buf)
+        self.sumsq += xp.einsum("ij,ij->j", buf, buf)
         return self
 
     def update_block(self, block: np.ndarray, bf16: bool = False) -> "MomentAccumulator":
         """Convenience for distributed callers: shift a raw storage-dtype block and add it."""
-        buf = np.empty(block.shape, np.float64 if block.dtype == np.float64 else np.float32)
-        _NumpyBackend().shift_block(np.ascontiguousarray(block), self.shift, buf, bf16)
+        be = _namespace(self._xp_name)
+        buf = be.xp.empty(block.shape, np.float64 if block.dtype == np.float64 else np.float32)
+        be.shift_block(np.ascontiguousarray(block), self.shift, buf, bf16)
         return self.update(buf)
 
     def _reshifted(self, new_shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # Σ(x-t) = c + n(s-t);  Σ(x-t)² = q + 2(s-t)c + n(s-t)²
-        e = self.shift - new_shift
+        e = self.shift - self.xp.asarray(new_shift)
         return self.colsum + self.n * e, self.sumsq + 2 * e * self.colsum + self.n * e * e
 
     def merge(self, other: "MomentAccumulator") -> "MomentAccumulator":
@@ -347,7 +381,7 @@ class MomentAccumulator:
     @property
     def centred_sumsq(self) -> np.ndarray:
         """Σ (x_j − μ_j)² per column (≥ 0)."""
-        return np.maximum(self.sumsq - self.colsum ** 2 / max(self.n, 1), 0.0)
+        return self.xp.maximum(self.sumsq - self.colsum ** 2 / max(self.n, 1), 0.0)
 
 
 class GramAccumulator(MomentAccumulator):
@@ -360,9 +394,9 @@ class GramAccumulator(MomentAccumulator):
     speed (float64 products are ~2× slower on AVX2).
     """
 
-    def __init__(self, d: int, shift, matmul=None):
-        super().__init__(d, shift)
-        self.gram = np.zeros((self.d, self.d))
+    def __init__(self, d: int, shift, matmul=None, xp=None):
+        super().__init__(d, shift, xp=xp)
+        self.gram = self.xp.zeros((self.d, self.d))
         self._matmul = matmul
         self._g32: np.ndarray | None = None
 
@@ -375,21 +409,21 @@ class GramAccumulator(MomentAccumulator):
     def chunk_gram(self, chunk: np.ndarray) -> np.ndarray:
         """``chunkᵀ chunk`` in the chunk's dtype into a reused buffer (not yet accumulated)."""
         if self._g32 is None or self._g32.dtype != chunk.dtype:
-            self._g32 = np.empty((self.d, self.d), dtype=chunk.dtype)
-        mm = self._matmul or np.matmul
+            self._g32 = self.xp.empty((self.d, self.d), dtype=chunk.dtype)
+        mm = self._matmul or self.xp.matmul
         mm(chunk.T, chunk, out=self._g32)  # numpy routes aᵀa to BLAS syrk
         return self._g32
 
     def add_chunk(self, chunk: np.ndarray, g: np.ndarray, n_rows: int) -> None:
         """Accumulate a chunk whose Gram ``g`` was checked finite."""
         self.n += int(n_rows)
-        self.colsum += np.ones(chunk.shape[0], dtype=chunk.dtype) @ chunk
-        self.sumsq += np.diagonal(g)
+        self.colsum += self.xp.ones(chunk.shape[0], dtype=chunk.dtype) @ chunk
+        self.sumsq += self.xp.diagonal(g)
         self.gram += g
 
     def update(self, buf: np.ndarray, n_rows: int | None = None) -> "GramAccumulator":
         """Add a shifted block (``buf = block - shift``; rows to exclude must be zero)."""
-        buf = np.asarray(buf)
+        buf = self.xp.asarray(buf)
         m = buf.shape[0]
         for a in range(0, m, GRAM_CHUNK_ROWS):
             chunk = buf[a:a + GRAM_CHUNK_ROWS]
@@ -405,15 +439,15 @@ class GramAccumulator(MomentAccumulator):
 
         Non-finite rows raise :class:`InvalidRowsError`.
         """
-        buf = np.empty((min(block_rows, max(shard.count, 1)), self.d),
-                       np.float64 if src.dtype == "float64" else np.float32)
-        be = _NumpyBackend()
+        be = _namespace(self._xp_name)
+        buf = be.xp.empty((min(block_rows, max(shard.count, 1)), self.d),
+                          np.float64 if src.dtype == "float64" else np.float32)
         for off, block in src.iter_shard_blocks(shard, block_rows, verify, prefetch=DEFAULT_PREFETCH):
             b = be.shift_block(block, self.shift, buf[:block.shape[0]], src.is_bf16)
             for a in range(0, b.shape[0], GRAM_CHUNK_ROWS):
                 chunk = b[a:a + GRAM_CHUNK_ROWS]
                 g = self.chunk_gram(chunk)
-                if not np.isfinite(np.diagonal(g)).all():
+                if not bool(self.xp.isfinite(self.xp.diagonal(g)).all()):
                     rows = off + a + _bad_rows_in(chunk)
                     raise InvalidRowsError(f"{rows.size} row(s) with NaN/inf: {describe_rows(src, rows)}; "
                                            f"fix them or fit with drop_invalid=True", rows)
@@ -424,8 +458,10 @@ class GramAccumulator(MomentAccumulator):
         if other.d != self.d:
             raise SubspaceError(f"cannot merge a Gram of width {other.d} into width {self.d}")
         # Σ(x-t)(x-t)ᵀ = G + e cᵀ + c eᵀ + n e eᵀ with e = s - t
-        e = other.shift - self.shift
-        g = other.gram + np.outer(e, other.colsum) + np.outer(other.colsum, e) + other.n * np.outer(e, e)
+        xp = self.xp
+        e = xp.asarray(other.shift) - self.shift
+        oc = xp.asarray(other.colsum)
+        g = xp.asarray(other.gram) + xp.outer(e, oc) + xp.outer(oc, e) + other.n * xp.outer(e, e)
         super().merge(other)
         self.gram += g
         return self
@@ -433,7 +469,7 @@ class GramAccumulator(MomentAccumulator):
     def centred_gram(self) -> np.ndarray:
         """``Σ (x−μ)(x−μ)ᵀ`` (d×d float64, symmetric)."""
         delta = self.colsum / max(self.n, 1)
-        g = self.gram - self.n * np.outer(delta, delta)
+        g = self.gram - self.n * self.xp.outer(delta, delta)
         return (g + g.T) * 0.5
 
 
@@ -444,11 +480,11 @@ class SketchAccumulator(MomentAccumulator):
     first pass). ``centred_product()`` applies the centring correction ``− n δ (δᵀ Q)``.
     """
 
-    def __init__(self, d: int, shift, Q, moments: bool = True, matmul=None, dtype=np.float32):
-        super().__init__(d, shift)
-        self.Q = np.asarray(Q, dtype=np.float64)
+    def __init__(self, d: int, shift, Q, moments: bool = True, matmul=None, dtype=np.float32, xp=None):
+        super().__init__(d, shift, xp=xp)
+        self.Q = self.xp.asarray(Q, dtype=np.float64)
         self.Qc = self.Q.astype(dtype)
-        self.Z = np.zeros((self.d, self.Q.shape[1]))
+        self.Z = self.xp.zeros((self.d, self.Q.shape[1]))
         self.moments = moments
         self._matmul = matmul
         self._t: np.ndarray | None = None
@@ -463,9 +499,9 @@ class SketchAccumulator(MomentAccumulator):
         """``bufᵀ (buf Q)`` in the buffer's dtype, into reused buffers (not yet accumulated)."""
         m, ell = buf.shape[0], self.Q.shape[1]
         if self._t is None or self._t.shape[0] < m or self._t.dtype != buf.dtype:
-            self._t = np.empty((m, ell), buf.dtype)
-            self._z = np.empty((self.d, ell), buf.dtype)
-        mm = self._matmul or np.matmul
+            self._t = self.xp.empty((m, ell), buf.dtype)
+            self._z = self.xp.empty((self.d, ell), buf.dtype)
+        mm = self._matmul or self.xp.matmul
         t = self._t[:m]
         mm(buf, self.Qc if self.Qc.dtype == buf.dtype else self.Q.astype(buf.dtype), out=t)
         mm(buf.T, t, out=self._z)
@@ -479,16 +515,16 @@ class SketchAccumulator(MomentAccumulator):
             self.n += int(n_rows)
 
     def update(self, buf, n_rows=None):
-        buf = np.asarray(buf)
+        buf = self.xp.asarray(buf)
         self.add(buf, self.products(buf), buf.shape[0] if n_rows is None else n_rows)
         return self
 
     def merge(self, other: "SketchAccumulator") -> "SketchAccumulator":
         if other.Z.shape != self.Z.shape:
             raise SubspaceError("cannot merge sketches of different shapes")
-        if not np.array_equal(other.shift, self.shift):
+        if not bool(self.xp.array_equal(self.xp.asarray(other.shift), self.shift)):
             raise SubspaceError("sketch partials must share one shift (use the same shift for every shard)")
-        self.Z += other.Z
+        self.Z += self.xp.asarray(other.Z)
         if self.moments:
             super().merge(other)
         else:
@@ -497,7 +533,8 @@ class SketchAccumulator(MomentAccumulator):
 
     def centred_product(self, delta: np.ndarray, n: int) -> np.ndarray:
         """``AᵀA Q`` for the centred operator: ``Z − n δ (δᵀ Q)``."""
-        return self.Z - n * np.outer(delta, delta @ self.Q)
+        delta = self.xp.asarray(delta)
+        return self.Z - n * self.xp.outer(delta, delta @ self.Q)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -751,7 +788,7 @@ class _Pass:
         self.dtype = _compute_dtype(src)
         m = max(1, min(block_rows, max(s.count for s in src.shards) if src.shards else 1))
         self.buf = be.xp.empty((m, src.d), dtype=self.dtype)
-        self._norms = np.empty(m, dtype=self.dtype)
+        self._norms = be.xp.empty(m, dtype=self.dtype)
 
     def blocks(self, shift: np.ndarray, verify: bool = False, inv_scale=None, l2: bool = False,
                known_bad: np.ndarray | None = None, shard=None):
@@ -774,11 +811,12 @@ class _Pass:
                     b[known_bad[lo:hi] - off] = 0
                     n_valid -= int(hi - lo)
             if inv_scale is not None:
-                b *= inv_scale.astype(self.dtype)
+                b *= self.be.asarray(inv_scale, dtype=self.dtype)
             if l2:
                 norms = self._norms[:m]
-                np.sqrt(np.einsum("ij,ij->i", b, b), out=norms)
-                np.divide(b, norms[:, None], out=b, where=norms[:, None] > 0)
+                xp = self.be.xp
+                xp.sqrt(xp.einsum("ij,ij->i", b, b), out=norms)
+                xp.divide(b, xp.where(norms > 0, norms, 1)[:, None], out=b)
             yield off, b, n_valid
 
     def fix(self, off: int, b: np.ndarray, record: bool) -> int:
@@ -807,7 +845,7 @@ def _gram_pass(p: _Pass, acc: GramAccumulator, record: bool, verify: bool, inv_s
     """
     def shard_partials():
         for shard in p.src.shards:
-            part = GramAccumulator(acc.d, acc.shift, matmul=acc._matmul)
+            part = GramAccumulator(acc.d, acc.shift, matmul=acc._matmul, xp=acc._xp_name)
             _gram_shard(p, part, shard, record, verify, inv_scale, l2, known_bad, shift)
             yield part
 
@@ -824,7 +862,7 @@ def _gram_shard(p, acc, shard, record, verify, inv_scale, l2, known_bad, shift) 
             g = acc.chunk_gram(chunk)
             # Non-finite input shows on the diagonal (a sum of squares cannot cancel to finite).
             zeroed = 0
-            if not np.isfinite(np.diagonal(g)).all():
+            if not bool(acc.xp.isfinite(acc.xp.diagonal(g)).all()):
                 zeroed = p.fix(off + a, chunk, record)
                 g = acc.chunk_gram(chunk)
             acc.add_chunk(chunk, g, chunk.shape[0] - zeroed)
@@ -835,7 +873,7 @@ def _moment_pass(p: _Pass, acc: MomentAccumulator, record: bool, verify: bool) -
     """Moments of ``p`` into ``acc``, per-shard partials combined by :func:`tree_reduce`."""
     def shard_partials():
         for shard in p.src.shards:
-            part = MomentAccumulator(acc.d, acc.shift)
+            part = MomentAccumulator(acc.d, acc.shift, xp=acc._xp_name)
             _moment_shard(p, part, shard, record, verify)
             yield part
 
@@ -845,13 +883,14 @@ def _moment_pass(p: _Pass, acc: MomentAccumulator, record: bool, verify: bool) -
 def _moment_shard(p, acc, shard, record, verify) -> None:
     for off, b, n_valid in p.blocks(acc.shift, verify=verify, shard=shard):
         m = b.shape[0]
-        ones = np.ones(m, dtype=b.dtype)
+        xp = acc.xp
+        ones = xp.ones(m, dtype=b.dtype)
         cs = ones @ b
-        sq = np.einsum("ij,ij->j", b, b)
-        if not (np.isfinite(cs).all() and np.isfinite(sq).all()):
+        sq = xp.einsum("ij,ij->j", b, b)
+        if not (bool(xp.isfinite(cs).all()) and bool(xp.isfinite(sq).all())):
             n_valid -= p.fix(off, b, record)
             cs = ones @ b
-            sq = np.einsum("ij,ij->j", b, b)
+            sq = xp.einsum("ij,ij->j", b, b)
         acc.n += n_valid
         acc.colsum += cs
         acc.sumsq += sq
@@ -933,7 +972,7 @@ def subspace_from_gram(G: np.ndarray, *, n: int, mean: np.ndarray, scale, l2_nor
     """
     be = backend or _NumpyBackend()
     d = G.shape[0]
-    total = float(np.trace(G))
+    total = float(G.trace())
     _check_rows_and_variance_simple(n, total, mean, src_name)
     tri = _tridiagonal(G) if be.name == "numpy" else None
     if tri is not None:
@@ -979,28 +1018,29 @@ def _fit_exact(src, energy, k, standardize, l2_normalize, block_rows, be, tracke
     shift = _first_block_mean(src, block_rows)
     t0 = time.perf_counter()
     if not l2_normalize:
-        acc = GramAccumulator(d, shift, matmul=be.matmul)
+        acc = GramAccumulator(d, shift, matmul=be.matmul, xp=be.xp)
         _gram_pass(p, acc, record=True, verify=True)
         timings["gram_pass_s"] = time.perf_counter() - t0
-        n, mean = acc.n, acc.mean
-        _check_rows_and_variance(src, n, float(acc.centred_sumsq.sum()), mean, tracker.all_rows().size)
-        G = acc.centred_gram()
+        n, mean, csq = acc.n, be.to_host(acc.mean), be.to_host(acc.centred_sumsq)
+        _check_rows_and_variance(src, n, float(csq.sum()), mean, tracker.all_rows().size)
+        G = acc.centred_gram()  # stays in the backend's memory for the eigensolver
         scale, n_const = None, 0
         if standardize:
-            scale, n_const = _scale_from_moments(acc.centred_sumsq / n)
-            G = G / scale[:, None] / scale[None, :]
+            scale, n_const = _scale_from_moments(csq / n)
+            sc = be.asarray(scale)  # same arithmetic as scalselect_fast.distributed (bit-identical fits)
+            G = G / sc[:, None] / sc[None, :]
         passes = 1
     else:
-        mom = MomentAccumulator(d, shift)
+        mom = MomentAccumulator(d, shift, xp=be.xp)
         _moment_pass(p, mom, record=True, verify=True)
         timings["moments_pass_s"] = time.perf_counter() - t0
-        n, mean = mom.n, mom.mean
-        _check_rows_and_variance(src, n, float(mom.centred_sumsq.sum()), mean, tracker.all_rows().size)
+        n, mean, csq = mom.n, be.to_host(mom.mean), be.to_host(mom.centred_sumsq)
+        _check_rows_and_variance(src, n, float(csq.sum()), mean, tracker.all_rows().size)
         scale, n_const = (None, 0)
         if standardize:
-            scale, n_const = _scale_from_moments(mom.centred_sumsq / n)
+            scale, n_const = _scale_from_moments(csq / n)
         t1 = time.perf_counter()
-        acc = GramAccumulator(d, np.zeros(d), matmul=be.matmul)
+        acc = GramAccumulator(d, np.zeros(d), matmul=be.matmul, xp=be.xp)
         _gram_pass(p, acc, record=False, verify=False, inv_scale=None if scale is None else 1.0 / scale,
                    l2=True, known_bad=np.sort(tracker.all_rows()), shift=mean)
         timings["gram_pass_s"] = time.perf_counter() - t1
@@ -1030,25 +1070,25 @@ def _fit_randomized(src, energy, k, standardize, l2_normalize, block_rows, be, t
     omega = rng.standard_normal((d, ell))
     passes = 1
     if not l2_normalize:
-        acc = SketchAccumulator(d, shift, omega, moments=True, matmul=be.matmul, dtype=p.dtype)
+        acc = SketchAccumulator(d, shift, omega, moments=True, matmul=be.matmul, dtype=p.dtype, xp=xp)
         for off, b, n_valid in p.blocks(shift, verify=True):
             z = acc.products(b)
-            cs_ok = np.isfinite(z).all()
+            cs_ok = bool(xp.isfinite(z).all())
             if not cs_ok:
                 n_valid -= p.fix(off, b, True)
                 z = acc.products(b)
             acc.add(b, z, n_valid)
-            if not (np.isfinite(acc.colsum).all() and np.isfinite(acc.sumsq).all()):
+            if not (bool(xp.isfinite(acc.colsum).all()) and bool(xp.isfinite(acc.sumsq).all())):
                 raise SubspaceError(f"{_name(src)}: values too large near row {off}; rescale the data")
         mom = acc
     else:
-        mom = MomentAccumulator(d, shift)
+        mom = MomentAccumulator(d, shift, xp=xp)
         _moment_pass(p, mom, record=True, verify=True)
         acc = None
     timings["pass1_s"] = time.perf_counter() - t0
-    n, mean = mom.n, mom.mean
+    n, mean = mom.n, be.to_host(mom.mean)
     bad = np.sort(tracker.all_rows())
-    csq = mom.centred_sumsq
+    csq = be.to_host(mom.centred_sumsq)
     scale, n_const = (None, 0)
     if standardize:
         scale, n_const = _scale_from_moments(csq / max(n, 1))
@@ -1059,26 +1099,26 @@ def _fit_randomized(src, energy, k, standardize, l2_normalize, block_rows, be, t
         # every valid non-zero row has norm exactly 1 after normalisation
         total = None  # computed on the first sketch pass below
 
-    delta = mom.colsum / n  # μ - shift
+    delta = be.to_host(mom.colsum) / n  # μ - shift
 
     def apply(Q):
         """AᵀA Q for the transformed centred operator, one streaming pass."""
         if l2_normalize:
-            sk = SketchAccumulator(d, mean, Q, moments=False, matmul=be.matmul, dtype=p.dtype)
+            sk = SketchAccumulator(d, mean, Q, moments=False, matmul=be.matmul, dtype=p.dtype, xp=xp)
             row_energy = 0.0
             for off, b, n_valid in p.blocks(mean, inv_scale=inv, l2=True, known_bad=bad):
                 sk.add(b, sk.products(b), n_valid)
-                row_energy += float(np.einsum("ij,ij->", b, b, dtype=np.float64))
-            return sk.Z, row_energy
+                row_energy += float(xp.einsum("ij,ij->", b, b).astype(np.float64))
+            return be.to_host(sk.Z), row_energy
         Qin = Q if inv is None else Q * inv[:, None]
-        sk = SketchAccumulator(d, shift, Qin, moments=False, matmul=be.matmul, dtype=p.dtype)
+        sk = SketchAccumulator(d, shift, Qin, moments=False, matmul=be.matmul, dtype=p.dtype, xp=xp)
         for off, b, n_valid in p.blocks(shift, known_bad=bad):
             sk.add(b, sk.products(b), n_valid)
-        Z = sk.centred_product(delta, n)
+        Z = be.to_host(sk.centred_product(delta, n))
         return (Z if inv is None else Z * inv[:, None]), None
 
     if acc is not None:
-        Z = acc.centred_product(delta, n)
+        Z = be.to_host(acc.centred_product(delta, n))
         if inv is not None:
             Z = Z * inv[:, None]  # = AᵀA (D Ω): a random start with scaled columns, still generic
     else:
@@ -1091,7 +1131,7 @@ def _fit_randomized(src, energy, k, standardize, l2_normalize, block_rows, be, t
     prev = None
     history = []
     while True:
-        Q = be.to_host(be.qr(xp.asarray(Z)))
+        Q = np.linalg.qr(Z)[0]  # d×ℓ: small, on the host
         t1 = time.perf_counter()
         Z, _ = apply(Q)
         passes += 1

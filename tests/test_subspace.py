@@ -265,7 +265,7 @@ def test_gram_accumulator_tree_reduction_equals_one_pass():
 def test_moment_and_sketch_accumulators():
     X = decaying(400, 9, seed=12)
     shift = X[:10].mean(0)
-    m = MomentAccumulator(9, shift).update_block(X[:123]).merge(MomentAccumulator(9, 0 * shift).update_block(X[123:]))
+    m = MomentAccumulator(9, shift, xp=np).update_block(X[:123]).merge(MomentAccumulator(9, 0 * shift).update_block(X[123:]))
     np.testing.assert_allclose(m.mean, X.mean(0), rtol=1e-12)
     np.testing.assert_allclose(m.centred_sumsq, ((X - X.mean(0)) ** 2).sum(0), rtol=1e-10)
     Q = np.random.default_rng(0).standard_normal((9, 3))
