@@ -834,6 +834,56 @@ class _Pass:
 # --------------------------------------------------------------------------------------------------
 # exact solver
 # --------------------------------------------------------------------------------------------------
+class _SingleThreadedBlas:
+    """Run the pass's BLAS calls single-threaded, and the chunk Gram products side by side in threads.
+
+    Why: OpenBLAS gives different bits for the same product with a different thread count (it
+    splits the work differently), so a node with 2 cores, a Dask worker with 1 thread and a node
+    with 64 would all disagree in the last bits, and leverage ranks can flip at near-ties. With one
+    thread per product the bits depend only on the chunk; the cores are kept busy by computing the
+    chunks of a block concurrently (as many threads as BLAS had), which also avoids OpenBLAS's
+    thread synchronisation on a loaded machine. Needs threadpoolctl; without it the products run
+    as before (correct, but the bits then depend on the BLAS thread count).
+    """
+
+    def __init__(self):
+        self.threads = 1
+        self._limit = None
+        self._pool = None
+        self._bufs: list[np.ndarray] = []
+
+    def __enter__(self):
+        try:
+            from threadpoolctl import threadpool_info, threadpool_limits
+        except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+            return self
+        blas = [i.get("num_threads", 1) for i in threadpool_info() if i.get("user_api") == "blas"]
+        self.threads = max(blas, default=1)
+        self._limit = threadpool_limits(limits=1, user_api="blas")
+        if self.threads > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="scalselect-gram")
+        return self
+
+    def __exit__(self, *exc):
+        if self._pool is not None:
+            self._pool.shutdown()
+        if self._limit is not None:
+            self._limit.unregister()
+        return False
+
+    def grams(self, acc: GramAccumulator, chunks: list) -> list:
+        """``cᵀc`` of each chunk (float32 buffers reused across calls; not yet accumulated)."""
+        if self._pool is None or len(chunks) < 2 or acc._matmul is not None or acc.xp is not np:
+            return [acc.chunk_gram(c).copy() if len(chunks) > 1 else acc.chunk_gram(c) for c in chunks]
+        while len(self._bufs) < len(chunks):
+            self._bufs.append(np.empty((acc.d, acc.d), dtype=chunks[0].dtype))
+        outs = [b if b.dtype == c.dtype else np.empty((acc.d, acc.d), c.dtype) for b, c in zip(self._bufs, chunks)]
+        list(self._pool.map(lambda i: np.matmul(chunks[i].T, chunks[i], out=outs[i]), range(len(chunks))))
+        return outs
+
+
 def _gram_pass(p: _Pass, acc: GramAccumulator, record: bool, verify: bool, inv_scale=None, l2=False,
                known_bad=None, shift=None) -> None:
     """Stream ``p`` into ``acc``; ``shift`` (default ``acc.shift``) is what the rows are shifted by
@@ -841,25 +891,27 @@ def _gram_pass(p: _Pass, acc: GramAccumulator, record: bool, verify: bool, inv_s
 
     Each shard is summed into its own partial, and the partials are combined by
     :func:`tree_reduce`: the same arithmetic, in the same order, as the per-shard tasks of
-    :mod:`scalselect_fast.distributed`, so a cluster fit is bit-identical to this one.
+    :mod:`scalselect_fast.distributed`; with single-threaded products (:class:`_SingleThreadedBlas`)
+    a cluster fit is bit-identical to this one whatever the thread counts.
     """
-    def shard_partials():
-        for shard in p.src.shards:
-            part = GramAccumulator(acc.d, acc.shift, matmul=acc._matmul, xp=acc._xp_name)
-            _gram_shard(p, part, shard, record, verify, inv_scale, l2, known_bad, shift)
-            yield part
+    with _SingleThreadedBlas() as blas:
+        def shard_partials():
+            for shard in p.src.shards:
+                part = GramAccumulator(acc.d, acc.shift, matmul=acc._matmul, xp=acc._xp_name)
+                _gram_shard(p, part, shard, record, verify, inv_scale, l2, known_bad, shift, blas)
+                yield part
 
-    acc.merge(tree_reduce(shard_partials(), GramAccumulator.merge))
+        acc.merge(tree_reduce(shard_partials(), GramAccumulator.merge))
 
 
-def _gram_shard(p, acc, shard, record, verify, inv_scale, l2, known_bad, shift) -> None:
+def _gram_shard(p, acc, shard, record, verify, inv_scale, l2, known_bad, shift, blas) -> None:
     for off, b, n_valid in p.blocks(acc.shift if shift is None else shift, verify=verify, inv_scale=inv_scale,
                                     l2=l2, known_bad=known_bad, shard=shard):
         m = b.shape[0]
         zeroed_total = m - n_valid
-        for a in range(0, m, GRAM_CHUNK_ROWS):
-            chunk = b[a:a + GRAM_CHUNK_ROWS]
-            g = acc.chunk_gram(chunk)
+        starts = list(range(0, m, GRAM_CHUNK_ROWS))
+        chunks = [b[a:a + GRAM_CHUNK_ROWS] for a in starts]
+        for a, chunk, g in zip(starts, chunks, blas.grams(acc, chunks)):
             # Non-finite input shows on the diagonal (a sum of squares cannot cancel to finite).
             zeroed = 0
             if not bool(acc.xp.isfinite(acc.xp.diagonal(g)).all()):
@@ -877,7 +929,8 @@ def _moment_pass(p: _Pass, acc: MomentAccumulator, record: bool, verify: bool) -
             _moment_shard(p, part, shard, record, verify)
             yield part
 
-    acc.merge(tree_reduce(shard_partials(), MomentAccumulator.merge))
+    with _SingleThreadedBlas():  # same bits on one node and on 1-thread Dask workers
+        acc.merge(tree_reduce(shard_partials(), MomentAccumulator.merge))
 
 
 def _moment_shard(p, acc, shard, record, verify) -> None:

@@ -17,8 +17,10 @@ from scalselect_fast.cli import main as cli_main  # noqa: E402
 from scalselect_fast.store import StoreError, StoreWriter  # noqa: E402
 from scalselect_fast.subspace import InvalidRowsError, tree_reduce  # noqa: E402
 
-D = 37
-COUNTS = [1000, 777, 1500, 3, 2100]  # odd sizes, a tiny shard, one shard spanning several blocks
+D = 67
+# odd sizes, a tiny shard, and one shard of more than two 8192-row Gram chunks (products run side
+# by side in threads on one node, one at a time in a 1-thread worker: the bits must not change)
+COUNTS = [1000, 777, 17000, 3, 2100]
 
 
 def _rows(rng, c):
@@ -42,7 +44,7 @@ def _store(path, dtype="float16", nan_row=None):
 def client():
     from dask.distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                       silence_logs=40) as cluster, Client(cluster) as c:
         yield c
 
@@ -60,10 +62,12 @@ def test_tree_reduce_shape_is_fixed():
         tree_reduce([], lambda a, b: a)
 
 
-@pytest.mark.parametrize("opts", [{}, {"standardize": True}, {"l2_normalize": True}, {"k": 5}])
+@pytest.mark.parametrize("opts", [{}, {"standardize": True}, {"l2_normalize": True}, {"k": 5},
+                                  {"block_rows": 512}])
 def test_fit_is_bit_identical_and_selection_identical(client, store, opts):
-    sub1 = ss.fit_subspace(store, block_rows=512, **opts)
-    subd = sd.fit_subspace(store, client, block_rows=512, **opts)
+    opts = {"block_rows": 16384, **opts}
+    sub1 = ss.fit_subspace(store, **opts)
+    subd = sd.fit_subspace(store, client, **opts)
     assert subd.k == sub1.k and subd.n == sub1.n and subd.passes == sub1.passes
     # same shift, same blocks, same per-shard sums, same merge tree -> the same bits
     np.testing.assert_array_equal(subd.mean, sub1.mean)
@@ -72,13 +76,13 @@ def test_fit_is_bit_identical_and_selection_identical(client, store, opts):
     np.testing.assert_array_equal(subd.singular_values, sub1.singular_values)
     assert subd.info["distributed"]["shards"] == len(COUNTS)
 
-    s1 = ss.leverage_scores(store, sub1, block_rows=512)
-    sdist = sd.leverage_scores(store, subd, client, block_rows=512)
+    s1 = ss.leverage_scores(store, sub1, block_rows=opts["block_rows"])
+    sdist = sd.leverage_scores(store, subd, client, block_rows=opts["block_rows"])
     # per-row arithmetic is the same; only the BLAS thread count differs (1 per worker here)
     np.testing.assert_allclose(sdist, s1, rtol=1e-12, atol=0)
     budget = 611
     want = ss.top_k(s1, budget)
-    idx, vals = sd.select(store, subd, budget, client, block_rows=512)
+    idx, vals = sd.select(store, subd, budget, client, block_rows=opts["block_rows"])
     np.testing.assert_array_equal(idx, want)
     np.testing.assert_allclose(vals, s1[want], rtol=1e-12)
 
@@ -140,3 +144,15 @@ def test_cli_select_with_dask_scheduler(client, store, tmp_path):
     s = np.load(tmp_path / "scores.npy")
     ref = ss.leverage_scores(store, ss.fit_subspace(store))
     np.testing.assert_allclose(s, ref, rtol=1e-12)
+
+
+def test_single_node_fit_does_not_depend_on_blas_threads(store):
+    # the property that makes cluster and single-node bits agree: each Gram chunk product is one
+    # single-threaded BLAS call whatever the thread count the process was given
+    from threadpoolctl import threadpool_limits
+
+    default = ss.fit_subspace(store)
+    with threadpool_limits(limits=1, user_api="blas"):
+        one = ss.fit_subspace(store)
+    np.testing.assert_array_equal(default.components, one.components)
+    np.testing.assert_array_equal(default.energy_curve, one.energy_curve)
