@@ -273,10 +273,68 @@ def gpu(rows, base, full):
                          verdict=verdict(mr >= 20) if name == "triton" else "", method="cuda max_memory_allocated"))
 
 
+# ------------------------------------------------------------------------------------------------
+# 4. Offline compile check (no GPU needed): resources of every autotune candidate on sm_80 / sm_90
+# ------------------------------------------------------------------------------------------------
+def compile_check(rows, base, archs=(80, 90), dtype=torch.bfloat16, head_dim=128):
+    """Compile each autotune candidate of both kernels to a cubin with the triton wheel's ptxas and
+    read registers / spill (local memory) / shared memory with cuobjdump. Needs TRITON_INTERPRET
+    unset (the kernels must be JIT functions)."""
+    import importlib
+    import re
+    import tempfile
+
+    import triton
+
+    mod = importlib.import_module("scalselect_fast.ops.instruction_attended_pool")
+    if mod._is_interpreted():
+        print("\n[4] compile check skipped: TRITON_INTERPRET=1 is set (run with it unset)")
+        return
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    print(f"\n[4] offline compile of the autotune candidates ({dtype}, head_dim={head_dim}); "
+          "regs/local (spill) from cuobjdump")
+    print(f"  {'arch':<6}{'kernel':<24}{'BM':>5}{'BN':>5}{'warps':>6}{'stages':>7}{'regs':>6}{'spill B':>8}"
+          f"{'smem KiB':>9}{'mma':>7}{'s':>6}")
+    for arch in archs:
+        for kernel in (mod._row_lse_kernel, mod._visual_colsum_kernel):
+            for cfg in mod._autotune_configs():
+                bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+                t0 = time.perf_counter()
+                try:
+                    ck = mod._compile_offline(kernel, dtype, bm, bn, head_dim=head_dim, arch=arch,
+                                              num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                except Exception as exc:  # report and go on: a failing candidate is a finding
+                    print(f"  sm_{arch:<3}{kernel.__name__:<24}{bm:>5}{bn:>5}{cfg.num_warps:>6}{cfg.num_stages:>7}"
+                          f"  FAILED: {type(exc).__name__}: {str(exc)[:80]}")
+                    rows.append(dict(base, section="compile_check", case=f"sm_{arch}", variant=kernel.__name__,
+                                     metric=f"BM{bm}_BN{bn}_w{cfg.num_warps}_s{cfg.num_stages}", value="FAILED"))
+                    continue
+                secs = time.perf_counter() - t0
+                with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                    f.write(ck.asm["cubin"])
+                    f.flush()
+                    usage = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True,
+                                           text=True).stdout
+                regs = int(re.search(r"REG:(\d+)", usage).group(1))
+                local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
+                ptx = ck.asm["ptx"]
+                mma = "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "fma")
+                smem = ck.metadata.shared
+                print(f"  sm_{arch:<3}{kernel.__name__:<24}{bm:>5}{bn:>5}{cfg.num_warps:>6}{cfg.num_stages:>7}"
+                      f"{regs:>6}{local:>8}{smem / 1024:>9.1f}{mma:>7}{secs:>6.1f}")
+                rows.append(dict(base, section="compile_check", case=f"sm_{arch}_{str(dtype)[6:]}_d{head_dim}",
+                                 variant=kernel.__name__, metric=f"BM{bm}_BN{bn}_w{cfg.num_warps}_s{cfg.num_stages}",
+                                 value=f"regs={regs};spill={local};smem={smem};{mma}",
+                                 method="triton.compile offline + cuobjdump -res-usage"))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--full", action="store_true", help="more repeats and a larger CPU timing case")
     ap.add_argument("--skip-memory", action="store_true", help="skip the L=4096 CPU memory section (~5 GiB RAM)")
+    ap.add_argument("--compile-check", action="store_true",
+                    help="only compile every autotune candidate offline for sm_80/sm_90 and report resources "
+                         "(no GPU needed; run with TRITON_INTERPRET unset)")
     ap.add_argument("--_child", nargs=7, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._child:
@@ -287,6 +345,11 @@ def main(argv=None):
     base = dict(timestamp=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), machine=machine(),
                 device="cpu", **versions())
     rows = []
+    if args.compile_check:
+        compile_check(rows, base)
+        append_rows(rows)
+        print(f"\nappended {len(rows)} rows to {RESULTS.relative_to(ROOT)}")
+        return
     if not args.skip_memory:
         cpu_memory(rows, base)
     cpu_time(rows, base, args.full)

@@ -4,6 +4,8 @@ The reference materialises the whole [B, H, L, L] softmax in float64 with repeat
 as the authors' scripts read ``output_attentions``; both backends must match it to 1e-5 in fp32.
 Triton runs under TRITON_INTERPRET=1 here when no CUDA device is present (see conftest.py).
 """
+import importlib
+
 import pytest
 import torch
 
@@ -339,8 +341,6 @@ def test_auto_backend_and_default_return():
 def test_triton_autotune_wrappers_build():
     """The compiled-mode autotuner validates its key names against the kernel signature on
     construction; build both wrappers here so a renamed argument fails on CPU too."""
-    import importlib
-
     # The package attribute of that name is the function; the module lives in sys.modules.
     mod = importlib.import_module("scalselect_fast.ops.instruction_attended_pool")
     if mod.triton is None:
@@ -349,3 +349,38 @@ def test_triton_autotune_wrappers_build():
     assert len(cfgs) >= 8 and all(c.kwargs["BLOCK_M"] >= 16 and c.kwargs["BLOCK_N"] >= 16 for c in cfgs)
     for kernel in (mod._row_lse_kernel, mod._visual_colsum_kernel):
         assert mod._tuned(kernel) is mod._tuned(kernel)
+
+
+_COMPILE_SNIPPET = """
+import importlib, sys, torch
+mod = importlib.import_module("scalselect_fast.ops.instruction_attended_pool")
+for kernel in (mod._row_lse_kernel, mod._visual_colsum_kernel):
+    ck = mod._compile_offline(kernel, torch.bfloat16, 64, 64, head_dim=128, arch=int(sys.argv[1]), num_warps=4)
+    assert len(ck.asm["cubin"]) > 0, "empty cubin"
+    assert "mma" in ck.asm["ptx"], "no tensor-core instruction in the PTX"
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_hopper_offline():
+    """Compiled mode is not exercised by the interpreter: compile both kernels (bf16, head_dim 128,
+    one autotune candidate) to an sm_90 cubin with the triton wheel's ptxas, no GPU needed. Runs in
+    a subprocess because this process has Triton in interpreter mode."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    mod = importlib.import_module("scalselect_fast.ops.instruction_attended_pool")
+    if mod.triton is None:
+        pytest.skip("triton not installed")
+    if not (Path(mod.triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("the triton wheel has no bundled ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", _COMPILE_SNIPPET, "90"], capture_output=True, text=True,
+                         env=env, cwd=root, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

@@ -182,18 +182,20 @@ def _colsum_torch(q, k, qmask, vmask, amask, scale, chunk_size=None):
 # --------------------------------------------------------------------------------------------------
 # Triton backend: row log-sum-exp, then instruction->visual column sums
 # --------------------------------------------------------------------------------------------------
-# Layout shared by both kernels. Instruction rows of sample b are gathered into ROWS[b, :n_rows[b]]
-# (ascending positions) and visual keys into COLS[b, :n_cols[b]]. The query heads of one kv head g
-# are packed as "virtual rows" v = row * G + head_in_group, so one program reads each k tile once for
-# its whole head group (GQA without repeating k) and both kernels tile over v.
+# Layout shared by both kernels. Instruction rows of sample b are listed in ROWS[b, :n_rows[b]]
+# (ascending positions) and visual keys in COLS[b, :n_cols[b]]. The host packs the instruction rows
+# of q as QP[b, g, v] with "virtual rows" v = row * G + head_in_group for kv head g: one program then
+# reads each k tile once for its whole head group (GQA without repeating k), and q tiles are plain
+# contiguous block loads (no per-row indirection), which the compiler can pipeline with cp.async.
+# The packed copy holds only instruction rows: B * Hq * n_rows * Dh elements, O(L * D).
 _LOG2E = 1.4426950408889634
 
 if triton is not None:
 
     @triton.jit
     def _row_lse_kernel(
-        Q, K, ROWS, NROWS, AMASK, LSE,
-        stride_qb, stride_qh, stride_ql, stride_qd,
+        QP, K, ROWS, NROWS, AMASK, LSE,
+        stride_qb, stride_qg, stride_qv, stride_qd,
         stride_kb, stride_kh, stride_kl, stride_kd,
         stride_rb, stride_ab, stride_lb, stride_lh,
         L, G, HEAD_DIM, qk_scale_log2,
@@ -213,15 +215,11 @@ if triton is not None:
         n_virtual = tl.load(NROWS + b) * G
         v = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         v_ok = v < n_virtual
-        row = v // G
-        head = g * G + v % G
-        pos = tl.load(ROWS + b * stride_rb + row, mask=v_ok, other=0)
+        pos = tl.load(ROWS + b * stride_rb + v // G, mask=v_ok, other=0)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
-        q = tl.load(
-            Q + b * stride_qb + head[:, None] * stride_qh + pos[:, None] * stride_ql + d[None, :] * stride_qd,
-            mask=v_ok[:, None] & d_ok[None, :], other=0.0,
-        )
+        q = tl.load(QP + b * stride_qb + g * stride_qg + v[:, None] * stride_qv + d[None, :] * stride_qd,
+                    mask=v_ok[:, None] & d_ok[None, :], other=0.0)
         if UPCAST_DOT:
             q = q.to(tl.float32)
         k_base = K + b * stride_kb + g * stride_kh
@@ -249,8 +247,8 @@ if triton is not None:
 
     @triton.jit
     def _visual_colsum_kernel(
-        Q, K, ROWS, NROWS, COLS, NCOLS, NBEFORE, LSE, OUT,
-        stride_qb, stride_qh, stride_ql, stride_qd,
+        QP, K, ROWS, NROWS, COLS, NCOLS, NBEFORE, LSE, OUT,
+        stride_qb, stride_qg, stride_qv, stride_qd,
         stride_kb, stride_kh, stride_kl, stride_kd,
         stride_rb, stride_cb, stride_lb, stride_lh, stride_ob, stride_oh,
         G, HEAD_DIM, qk_scale_log2,
@@ -287,13 +285,9 @@ if triton is not None:
         for vs in range(start_v, n_virtual, BLOCK_M):
             v = vs + tl.arange(0, BLOCK_M)
             v_ok = v < n_virtual
-            row = v // G
-            head = g * G + v % G
-            pos = tl.load(ROWS + b * stride_rb + row, mask=v_ok, other=0)
-            q = tl.load(
-                Q + b * stride_qb + head[:, None] * stride_qh + pos[:, None] * stride_ql + d[None, :] * stride_qd,
-                mask=v_ok[:, None] & d_ok[None, :], other=0.0,
-            )
+            pos = tl.load(ROWS + b * stride_rb + v // G, mask=v_ok, other=0)
+            q = tl.load(QP + b * stride_qb + g * stride_qg + v[:, None] * stride_qv + d[None, :] * stride_qd,
+                        mask=v_ok[:, None] & d_ok[None, :], other=0.0)
             if UPCAST_DOT:
                 q = q.to(tl.float32)
             lse = tl.load(LSE + b * stride_lb + g * stride_lh + v, mask=v_ok, other=0.0)
@@ -317,17 +311,21 @@ def _triton_launch_config(head_dim: int, dtype: torch.dtype, interpret: bool):
     return None, block_d
 
 
-def _autotune_configs(block_d_max=256):
-    """Hopper/Ampere candidates: 64-128 packed rows x 32-128 keys, 4/8 warps, 2-3 stages."""
-    cfgs = []
-    for bm in (64, 128):
-        for bn in (32, 64, 128):
-            for warps in (4, 8):
-                for stages in (2, 3):
-                    if bm * bn > 128 * 64 and warps == 4:
-                        continue  # a 128x128 fp32 score tile spills with 4 warps
-                    cfgs.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=warps, num_stages=stages))
-    return cfgs
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Screened with `bench_pool.py --compile-check` (offline
+# sm_80/sm_90 cubins, bf16, head_dim 128, 40 candidates): none spills; these 8 use <= 97 KiB of
+# shared memory on sm_80 (so also fit sm_86's 99 KiB) and <= 113 KiB on sm_90, and <= 203
+# registers/thread; 4 warps only on the small tiles. Not yet timed on a GPU (no device here): the
+# autotuner makes the final pick at run time. Eight keep first-call tuning (compile + benchmark each,
+# per head_dim/G/dtype) short.
+_CANDIDATES = (
+    (64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3), (64, 128, 8, 2),
+    (128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2),
+)
+
+
+def _autotune_configs():
+    """Hopper/Ampere candidates for both kernels (tuned separately, keyed on head_dim, G, dtype)."""
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=st) for bm, bn, w, st in _CANDIDATES]
 
 
 _TUNED = {}
@@ -341,6 +339,57 @@ def _tuned(kernel):
         key = ["HEAD_DIM", "G", "INPUT_PRECISION", "UPCAST_DOT"]
         _TUNED[kernel] = triton.autotune(configs=_autotune_configs(), key=key)(kernel)
     return _TUNED[kernel]
+
+
+_PTR_ARGS = {"ROWS": "*i32", "NROWS": "*i32", "COLS": "*i32", "NCOLS": "*i32", "NBEFORE": "*i32",
+             "AMASK": "*i8", "LSE": "*fp32", "OUT": "*fp32"}
+
+
+def _compile_offline(kernel, dtype, block_m, block_n, head_dim=128, arch=90, num_warps=4, num_stages=2):
+    """Compile one kernel config to a cubin for ``sm_<arch>`` without a GPU (ptxas ships in the
+    triton wheel); the process must have been started without ``TRITON_INTERPRET=1``. Used by the tests and by ``bench_pool.py --compile-check`` to catch errors of
+    compiled mode and to read shared-memory / register use of each autotune candidate.
+
+    Returns the ``CompiledKernel`` (``.asm["cubin"]``, ``.metadata.shared``).
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from triton.runtime.autotuner import Autotuner
+
+    if _is_interpreted():
+        # Triton's own standard library is interpreted too in such a process: compile elsewhere.
+        raise RuntimeError("offline compilation needs a process started without TRITON_INTERPRET=1")
+    fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+    tname = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
+    consts = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                  INPUT_PRECISION="ieee" if dtype == torch.float32 else None, UPCAST_DOT=False)
+    # Mirror what the JIT launcher specialises for contiguous (B, H, L, Dh) inputs: unit head_dim
+    # strides become constants, pointers and multiple-of-16 strides carry tt.divisibility=16
+    # (without these the loads are scalar gathers and never pipelined).
+    consts.update(stride_qd=1, stride_kd=1)
+    aligned = set()
+    if head_dim % 16 == 0:
+        aligned = {"stride_qb", "stride_qg", "stride_qv", "stride_kb", "stride_kh", "stride_kl", "HEAD_DIM"}
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+            continue
+        if name in ("QP", "K"):
+            sig[name] = tname
+        elif name in _PTR_ARGS:
+            sig[name] = _PTR_ARGS[name]
+        elif name == "qk_scale_log2":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+        if sig[name].startswith("*") or name in aligned:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(n),): v for n, v in consts.items()},
+                    attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
 def _is_interpreted() -> bool:
@@ -366,6 +415,7 @@ def _colsum_triton(q, k, qmask, vmask, amask, scale):
 
     Launches :func:`_row_lse_kernel` on grid ``(ceil(G*n_rows/BLOCK_M), Hkv, B)`` then
     :func:`_visual_colsum_kernel` on ``(ceil(n_cols/BLOCK_N), Hkv, B)``; extra memory is
+    the packed instruction rows of q (``B x Hq x n_rows x Dh`` in q's dtype) plus
     ``O(B * (Hq * n_rows + Hkv * n_cols))`` fp32, never ``[B, H, L, L]``.
     """
     if triton is None:
@@ -388,6 +438,9 @@ def _colsum_triton(q, k, qmask, vmask, amask, scale):
     before = torch.cumsum(qmask.to(torch.int32), dim=1) - qmask.to(torch.int32)
     n_before = torch.gather(before, 1, cols.long()).to(torch.int32).contiguous()
     am8 = amask.to(torch.int8).contiguous()
+    # (B, mq, Hq, Dh) gather -> (B, Hkv, mq * G, Dh): row-major virtual rows per kv head.
+    qp = q[torch.arange(B, device=q.device)[:, None], :, rows.long()]
+    qp = qp.view(B, mq, Hkv, G, Dh).permute(0, 2, 1, 3, 4).reshape(B, Hkv, mq * G, Dh)
     lse = torch.empty(B, Hkv, G * mq, dtype=torch.float32, device=q.device)
     part = torch.empty(B, Hkv, nk, dtype=torch.float32, device=q.device)
     # The Triton 3.9 interpreter computes bf16 x bf16 dots wrongly (values off by 1e10), so under the
@@ -412,14 +465,14 @@ def _colsum_triton(q, k, qmask, vmask, amask, scale):
         return (triton.cdiv(nk, meta["BLOCK_N"]), Hkv, B)
 
     lse_kernel[grid_rows](
-        q, k, rows, n_rows, am8, lse,
-        *q.stride(), *k.stride(),
+        qp, k, rows, n_rows, am8, lse,
+        *qp.stride(), *k.stride(),
         rows.stride(0), am8.stride(0), lse.stride(0), lse.stride(1),
         L, G, Dh, qk_scale_log2, **common,
     )
     colsum_kernel[grid_cols](
-        q, k, rows, n_rows, cols, n_cols, n_before, lse, part,
-        *q.stride(), *k.stride(),
+        qp, k, rows, n_rows, cols, n_cols, n_before, lse, part,
+        *qp.stride(), *k.stride(),
         rows.stride(0), cols.stride(0), lse.stride(0), lse.stride(1), part.stride(0), part.stride(1),
         G, Dh, qk_scale_log2, **common,
     )
@@ -449,27 +502,31 @@ def _normalise(colsum, qmask, vmask):
 def _select_and_pool(a, valid, vmask, hidden, threshold):
     """Per sample: sort visual attention descending (ties -> lower position), keep the shortest
     prefix whose running sum exceeds ``threshold`` (>= 1 token, <= all), mean-pool ``hidden`` there.
+
+    The ranking and cut-off are batched (one sort over ``(B, L)``, float64 running sums) so a CUDA
+    batch costs two host syncs, not several per sample; the mean is taken per sample over only the
+    kept rows (``n_kept x D``, fp32 result of a float64 sum), so hidden is never copied whole.
     """
     B, L = a.shape
     D = hidden.shape[-1]
     pooled = torch.full((B, D), float("nan"), dtype=torch.float32, device=hidden.device)
-    n_kept = torch.zeros(B, dtype=torch.int64, device=hidden.device)
-    for b in range(B):
-        if not bool(valid[b]):
-            continue
-        cols = torch.nonzero(vmask[b]).flatten()
-        av = a[b, cols].double()
-        order = torch.sort(av, descending=True, stable=True).indices
-        if threshold >= 1.0:
-            # The running sum of a normalised vector never exceeds 1 in exact arithmetic: keep all
-            # (decided here so float rounding of the cumsum cannot cut the tail).
-            n = cols.numel()
-        else:
-            csum = torch.cumsum(av[order], dim=0)
-            n = min(int((csum <= threshold).sum()) + 1, cols.numel())
-        kept = cols[order[:n]]
-        pooled[b] = hidden[b, kept].double().mean(dim=0).float()
-        n_kept[b] = n
+    vmask = vmask & valid[:, None]
+    # Non-visual (and invalid) positions get -1 < any attention value, so they sort last.
+    key = torch.where(vmask, a.double().nan_to_num(0.0), torch.full((), -1.0, dtype=torch.float64, device=a.device))
+    vals, order = torch.sort(key, dim=1, descending=True, stable=True)
+    n_vis = vmask.sum(dim=1)
+    if threshold >= 1.0:
+        # The running sum of a normalised vector never exceeds 1 in exact arithmetic: keep all
+        # (decided here so float rounding of the cumsum cannot cut the tail).
+        n_kept = n_vis
+    else:
+        csum = torch.cumsum(vals.clamp_min(0.0), dim=1)
+        # Count of prefixes not yet above the threshold, +1 for the one that crosses it.
+        n_kept = torch.minimum((csum <= threshold).sum(dim=1) + 1, n_vis)
+    n_kept = n_kept.to(torch.int64)
+    for b, n in enumerate(n_kept.tolist()):
+        if n > 0:
+            pooled[b] = hidden[b].index_select(0, order[b, :n]).double().mean(dim=0).float()
     return pooled, n_kept
 
 
