@@ -348,12 +348,25 @@ class _State:
                 raise RunError(
                     f"{out} holds checkpoints of a different run: {'; '.join(changed)} changed since they "
                     f"were written (fingerprints in {self.path}). Mixing stages from different runs would "
-                    f"give a wrong selection. Rerun with --force to discard them and start over, or choose "
-                    f"another --out.")
-            if diff:
-                events.warn(f"--force: discarding checkpoints in {self.work} from a different run")
+                    f"give a wrong selection. Rerun with --force to discard the affected checkpoints and "
+                    f"recompute them, or choose another --out.")
+            if diff == ["fit"]:
+                # only the subspace settings changed: the representations are still valid, keep them
+                events.warn(f"--force: discarding the fit and score checkpoints in {self.work} (subspace "
+                            f"settings changed; the extracted representations are kept)")
+                for name in ("fit", "scores"):
+                    shutil.rmtree(self.work / name, ignore_errors=True)
+                with contextlib.suppress(FileNotFoundError):
+                    (self.work / "subspace.npz").unlink()
+                for st in ("fit", "score"):
+                    old["stages"].pop(st, None)
+            elif diff:
+                events.warn(f"--force: discarding all checkpoints in {self.work} (model, data or extraction "
+                            f"settings changed)")
                 shutil.rmtree(self.work)
                 old = None
+            if old is not None:
+                old["fingerprints"] = fps
         elif old is not None or (self.work.exists() and any(self.work.iterdir()) and not self.path.exists()):
             if not force:
                 raise RunError(f"{self.work} exists but has no readable run state; rerun with --force to "

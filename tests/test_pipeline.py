@@ -152,9 +152,13 @@ def test_changed_settings_are_refused_then_force_restarts(env, baseline):
         run(_cfg(env, out, energy=0.5))
     with pytest.raises(RunError, match="the dataset file or image root"):
         run(_cfg(env, out, image_root=str(env["root"] / "images")))
+    shards = sorted((out / ".scalselect" / "reps").glob("shard-*.npy"))
+    before = [p.stat().st_mtime_ns for p in shards]
     res = run(_cfg(env, out, energy=0.5, force=True))
     assert res.report["spectrum"]["energy"] == 0.5
     assert res.report["subspace"]["k"] <= baseline["res"].report["subspace"]["k"]
+    # only the subspace changed: --force recomputed fit and scores but kept the representations
+    assert [p.stat().st_mtime_ns for p in shards] == before
 
 
 def test_config_file_flags_override_and_cli(env, baseline, tmp_path, capsys):
@@ -173,6 +177,38 @@ def test_config_file_flags_override_and_cli(env, baseline, tmp_path, capsys):
     # --plan prints the estimate and does not run
     assert cli.main(["run", "--config", str(toml), "--plan"]) == 0
     assert "Plan for N=40 samples" in capsys.readouterr().out
+
+
+def test_dedup_selected_and_quota_options(env, baseline, tmp_path):
+    out = tmp_path / "post"
+    shutil.copytree(baseline["out"], out)
+    src = ss.open_source(out / ".scalselect" / "reps")
+    ids = src.ids()
+    base_man = pq.read_table(baseline["out"] / "manifest.parquet").to_pylist()
+    kept0 = [ids.index(m["id"]) for m in base_man if m["kept"]]
+    U = src.read_rows(kept0).astype(np.float64)
+    U /= np.linalg.norm(U, axis=1, keepdims=True)
+    D = 1.0 - U @ U.T
+    np.fill_diagonal(D, np.inf)
+    eps = float(np.sort(D.ravel())[2]) * 1.0001  # at least one near-duplicate pair among the plain top 10
+    res = run(_cfg(env, out, dedup_selected=eps))
+    man = pq.read_table(out / "manifest.parquet").to_pylist()
+    kept = [ids.index(m["id"]) for m in man if m["kept"]]
+    assert len(kept) == 10
+    V = src.read_rows(kept).astype(np.float64)
+    V /= np.linalg.norm(V, axis=1, keepdims=True)
+    E = 1.0 - V @ V.T
+    np.fill_diagonal(E, np.inf)
+    assert E.min() > eps  # no near-duplicates left inside the selection
+    dropped = [m for m in man if (m["skip_reason"] or "").startswith("near-duplicate")]
+    assert dropped and all(not m["kept"] for m in dropped)
+    assert res.report["postselect"]["n_dedup_dropped"] == len(dropped)
+    # quota: cap the most-kept source at 20% of the budget
+    records = {r["id"]: r for r in json.loads(env["data"].read_text())}
+    top = max(res.report["per_source"], key=lambda k: res.report["per_source"][k]["kept"])
+    res = run(_cfg(env, out, quota=[f"source={top}<=20%"]))
+    sel = json.loads(res.selected_path.read_text())
+    assert len(sel) == 10 and sum(records[r["id"]].get("source") == top for r in sel) <= 2
 
 
 # --------------------------------------------------------------------------------------------------
