@@ -58,7 +58,7 @@ def fl_naive_greedy(s, budget):
     cover = np.zeros(n, dtype=np.float32)
     out = []
     for _ in range(budget):
-        gains = np.array([np.maximum(s[j] - cover, 0.0).sum(dtype=np.float64) for j in range(n)])
+        gains = np.array([float(np.add.reduce(np.maximum(s[j] - cover, np.float32(0)))) for j in range(n)])
         gains[out] = -1.0
         j = int(np.argmax(gains))
         out.append(j)
@@ -66,7 +66,7 @@ def fl_naive_greedy(s, budget):
     return np.array(out)
 
 
-def fl_objective(s, chosen):
+def fl_objective(s, chosen):  # float64 here: the objective, not the greedy's gains
     return float(s[:, chosen].max(axis=1).sum(dtype=np.float64))
 
 

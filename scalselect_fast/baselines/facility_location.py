@@ -167,9 +167,13 @@ def _greedy_dense(s: np.ndarray, budget: int) -> np.ndarray:
     """Lazy greedy on a dense symmetric similarity matrix; column j == row j."""
     n = s.shape[0]
     cover = np.zeros(n, dtype=np.float32)
+    buf = np.empty(n, dtype=np.float32)
 
     def gain(j: int) -> float:
-        return float(np.maximum(s[j] - cover, 0.0).sum(dtype=np.float64))
+        # float32 pairwise sum of non-negative terms: monotone under rounding (see _lazy_greedy)
+        np.subtract(s[j], cover, out=buf)
+        np.maximum(buf, 0.0, out=buf)
+        return float(np.add.reduce(buf))
 
     # first-round gains through gain() itself, so every gain is summed the same way
     gains = np.array([gain(j) for j in range(n)], dtype=np.float64)
@@ -218,14 +222,14 @@ def _greedy_sparse(indptr, clients, val, budget: int) -> np.ndarray:
 
     def gain(j: int) -> float:
         c, v = clients[indptr[j]:indptr[j + 1]], val[indptr[j]:indptr[j + 1]]
-        return float(np.maximum(v - cover[c], 0.0).sum(dtype=np.float64))
+        return float(np.add.reduce(np.maximum(v - cover[c], 0.0)))
 
     def update(j: int) -> None:
         c, v = clients[indptr[j]:indptr[j + 1]], val[indptr[j]:indptr[j + 1]]
         cover[c] = np.maximum(cover[c], v)  # clients are unique per candidate
 
     # first-round gains (cover = 0); same float64 pairwise sums as gain() would give
-    gains = np.array([float(val[indptr[j]:indptr[j + 1]].sum(dtype=np.float64)) for j in range(n)])
+    gains = np.array([gain(j) for j in range(n)], dtype=np.float64)
     return _lazy_greedy(gains, gain, update, budget)
 
 
@@ -233,8 +237,9 @@ def _lazy_greedy(gains: np.ndarray, gain, update, budget: int) -> np.ndarray:
     """Minoux's lazy greedy. Heap keys (-gain, index) so ties go to the lower index.
 
     Marginal gains only shrink as the selection grows (submodularity, and exactly so in floating
-    point: each term max(s - cover, 0) is non-increasing in cover and summed in a fixed order), so
-    a stale gain is an upper bound and a fresh heap top is the true argmax.
+    point: each term max(s - cover, 0) is non-increasing in cover, and a fixed-order sum of
+    non-negative terms is monotone under rounding), so a stale gain is an upper bound and a fresh
+    heap top is the true argmax.
     """
     heap = [(-g, j, 0) for j, g in enumerate(gains.tolist())]
     heapq.heapify(heap)
