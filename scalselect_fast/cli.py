@@ -229,6 +229,8 @@ def add_extract_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default="auto", choices=["auto", "json", "jsonl", "parquet"])
     p.add_argument("--padding-side", default="right", choices=["left", "right"])
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"], help="pooling kernel")
+    p.add_argument("--num-workers", type=int, default=0,
+                   help="processes encoding samples (template, tokenizer, images) one batch ahead [0]")
     p.add_argument("--force", action="store_true", help="discard an existing store from a different run")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_extract)
@@ -244,7 +246,7 @@ def _cmd_extract(args) -> int:
         batch_size=args.batch_size, layer=args.layer, threshold=args.threshold, instruction=args.instruction,
         dtype=args.dtype, device=args.device, device_map=args.device_map, store_dtype=args.store_dtype,
         shard_size=args.shard_size, max_length=args.max_length, padding_side=args.padding_side,
-        backend=args.backend, force=args.force, progress=not args.quiet)
+        backend=args.backend, force=args.force, progress=not args.quiet, num_workers=args.num_workers)
     print(json.dumps(summary))
     return 0
 

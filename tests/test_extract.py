@@ -19,7 +19,6 @@ from _extract_util import eager_reference, make_dataset  # noqa: E402
 from scalselect_fast.data import read_dataset  # noqa: E402
 from scalselect_fast.extract import (UnsupportedModelError, build_tiny_model, encode_and_pool,  # noqa: E402
                                      extract_representations, load_vlm)
-from scalselect_fast.extract import roles as R  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +160,7 @@ def test_generic_path_uses_processor(models, samples):
 
     vlm = load_vlm(models["llava"], dtype="fp32", device="cpu")  # private copy: mutated below
     ref = encode_and_pool(vlm, samples, backend="torch").vectors
-    vlm.family = "generic-test"  # force the generic encoding path on the same weights
-    vlm.processor = AutoProcessor.from_pretrained(models["llava"])
+    vlm.encoder.family = "generic-test"  # force the generic encoding path on the same weights
+    vlm.encoder.processor = AutoProcessor.from_pretrained(models["llava"])
     got = encode_and_pool(vlm, samples, backend="torch").vectors
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)

@@ -159,3 +159,17 @@ def test_cli_in_process(model, dataset, tmp_path, capsys):
     with pytest.raises(Exception, match="layer 2 does not exist"):
         main(["extract", "--model", str(model), "--data", str(data), "--image-root", str(root), "--out",
               str(tmp_path / "o2"), "--layer", "2", "--quiet"])
+
+
+def test_encoding_workers_give_the_same_store(vlm, dataset, tmp_path):
+    """num_workers > 0: samples are encoded in forked processes one batch ahead; same rows, same skips."""
+    ref = tmp_path / "ref"
+    _run(vlm, dataset, ref)
+    out = tmp_path / "workers"
+    summary = _run(vlm, dataset, out, num_workers=2)
+    assert summary["rows"] == 7 and summary["skipped"] == 4
+    assert open_source(out).ids() == open_source(ref).ids()
+    np.testing.assert_array_equal(open_source(out).to_array(), open_source(ref).to_array())
+    assert sorted((out / "skipped.jsonl").read_text().splitlines()) == sorted((ref / "skipped.jsonl").read_text().splitlines())
+    m = json.loads((out / "manifest.json").read_text())
+    assert [s["skipped"] for s in m["shards"]] == [1, 2, 1]

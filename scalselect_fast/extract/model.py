@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -101,67 +100,29 @@ def _read_chat_template(path: Path, tokenizer) -> str:
                                 f"processor_config.json or the tokenizer's); token roles need one")
 
 
-class VLM:
-    """A vision-language model prepared for layer-ℓ extraction.
+class Encoder:
+    """Turns one sample into model inputs: chat template, token roles, image preprocessing.
 
-    Use :func:`load_vlm` to build one. Attributes: ``model``, ``family``, ``layer``, ``tokenizer``,
-    ``image_processor``, ``image_token``/``image_token_id``, ``device``, ``dtype``, ``depth`` (the
-    checkpoint's decoder depth), ``final_norm`` (applied when ℓ is the last layer, because
-    ``hidden_states[-1]`` is the normalised output).
+    Holds only the tokenizer, image processor and a few config numbers (no model), so it can be
+    sent to worker processes (``num_workers`` in :mod:`.pipeline`).
     """
 
-    def __init__(self, model, path, family, layer, depth, tokenizer, image_processor, chat_template,
-                 processor=None, device="cpu", max_length=None):
-        import torch
-
-        self.model = model
-        self.path = str(path)
+    def __init__(self, family, tokenizer, image_processor, chat_template, image_token_id, max_length,
+                 processor=None, config=None):
         self.family = family
-        self.layer = int(layer)
-        self.depth = int(depth)
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.chat_template = chat_template
-        self.processor = processor
-        self.device = device
-        self.dtype = next(model.parameters()).dtype
-        cfg = model.config
-        tid = getattr(cfg, "image_token_id", None)
-        if tid is None:
-            tid = getattr(cfg, "image_token_index", None)
-        if tid is None and processor is not None:
-            tid = getattr(processor, "image_token_id", None)
-        if tid is None:
-            raise UnsupportedModelError(f"{path}: the config names no image token id (image_token_id / "
-                                        f"image_token_index); cannot tell visual tokens apart")
-        self.image_token_id = int(tid)
+        self.image_token_id = int(image_token_id)
         self.image_token = tokenizer.convert_ids_to_tokens(self.image_token_id)
-        self.language_model = _language_model(model, path)
-        layers = self.language_model.layers
-        if self.layer >= len(layers):
-            raise UnsupportedModelError(f"{path}: layer {self.layer} not loaded ({len(layers)} decoder layers)")
-        self.decoder_layer = layers[self.layer]
-        self.attention = getattr(self.decoder_layer, "self_attn", None)
-        if self.attention is None:
-            raise UnsupportedModelError(f"{path}: decoder layer {self.layer} has no `self_attn` module")
-        self.final_norm = getattr(self.language_model, "norm", None) if self.layer == self.depth - 1 else None
-        use_capturing_attention(self.language_model)
-        text_cfg = cfg.get_text_config()
-        self.max_length = int(max_length) if max_length else int(getattr(text_cfg, "max_position_embeddings", 0) or 0) or None
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.hidden_size = int(text_cfg.hidden_size)
-        self._base = getattr(model, "model", model)
-        import inspect
-
-        self._wants_mm_types = "mm_token_type_ids" in inspect.signature(self._base.forward).parameters
+        self.max_length = max_length
+        self.processor = processor
         if family == "llava":
-            vc = cfg.vision_config
-            strategy = getattr(cfg, "vision_feature_select_strategy", "default")
+            vc = config.vision_config
+            strategy = getattr(config, "vision_feature_select_strategy", "default")
             self._llava_side = int(vc.image_size)
             self._llava_tokens = (vc.image_size // vc.patch_size) ** 2 + (1 if strategy == "full" else 0)
-        torch.set_grad_enabled(False)
 
-    # ------------------------------------------------------------------ encoding
     def render(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
                                                   add_generation_prompt=False)
@@ -205,6 +166,75 @@ class VLM:
         grid = image_inputs["image_grid_thw"]
         merge = int(getattr(self.image_processor, "merge_size", 2))
         return [int(g.prod()) // (merge * merge) for g in grid]
+
+
+class VLM:
+    """A vision-language model prepared for layer-ℓ extraction.
+
+    Use :func:`load_vlm` to build one. Attributes: ``model``, ``family``, ``layer``, ``tokenizer``,
+    ``image_processor``, ``image_token``/``image_token_id``, ``device``, ``dtype``, ``depth`` (the
+    checkpoint's decoder depth), ``final_norm`` (applied when ℓ is the last layer, because
+    ``hidden_states[-1]`` is the normalised output).
+    """
+
+    def __init__(self, model, path, family, layer, depth, tokenizer, image_processor, chat_template,
+                 processor=None, device="cpu", max_length=None):
+        import torch
+
+        self.model = model
+        self.path = str(path)
+        self.family = family
+        self.layer = int(layer)
+        self.depth = int(depth)
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.chat_template = chat_template
+        self.processor = processor
+        self.device = device
+        self.dtype = next(model.parameters()).dtype
+        cfg = model.config
+        tid = getattr(cfg, "image_token_id", None)
+        if tid is None:
+            tid = getattr(cfg, "image_token_index", None)
+        if tid is None and processor is not None:
+            tid = getattr(processor, "image_token_id", None)
+        if tid is None:
+            raise UnsupportedModelError(f"{path}: the config names no image token id (image_token_id / "
+                                        f"image_token_index); cannot tell visual tokens apart")
+        self.image_token_id = int(tid)
+        self.language_model = _language_model(model, path)
+        layers = self.language_model.layers
+        if self.layer >= len(layers):
+            raise UnsupportedModelError(f"{path}: layer {self.layer} not loaded ({len(layers)} decoder layers)")
+        self.decoder_layer = layers[self.layer]
+        self.attention = getattr(self.decoder_layer, "self_attn", None)
+        if self.attention is None:
+            raise UnsupportedModelError(f"{path}: decoder layer {self.layer} has no `self_attn` module")
+        self.final_norm = getattr(self.language_model, "norm", None) if self.layer == self.depth - 1 else None
+        use_capturing_attention(self.language_model)
+        text_cfg = cfg.get_text_config()
+        self.max_length = int(max_length) if max_length else int(getattr(text_cfg, "max_position_embeddings", 0) or 0) or None
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.hidden_size = int(text_cfg.hidden_size)
+        self._base = getattr(model, "model", model)
+        import inspect
+
+        self._wants_mm_types = "mm_token_type_ids" in inspect.signature(self._base.forward).parameters
+        self.encoder = Encoder(family, tokenizer, image_processor, chat_template, self.image_token_id,
+                               self.max_length, processor=processor, config=cfg)
+        torch.set_grad_enabled(False)
+
+    # ------------------------------------------------------------------ encoding (see Encoder)
+    def render(self, messages: list[dict]) -> str:
+        return self.encoder.render(messages)
+
+    def encode(self, sample_id: str, messages: Sequence[dict], images: list) -> Encoded:
+        """Encode one sample (see :meth:`Encoder.encode`)."""
+        return self.encoder.encode(sample_id, messages, images)
+
+    @property
+    def image_token(self) -> str:
+        return self.encoder.image_token
 
     # ------------------------------------------------------------------ batching + forward
     def collate(self, batch: list[Encoded], padding_side: str = "right") -> dict:

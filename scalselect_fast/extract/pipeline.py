@@ -70,47 +70,83 @@ def _classify(err: R.SampleError) -> str:
     return REASON_ENCODE
 
 
-def _load_images(paths, loader):
-    return [loader(p) for p in paths]
+def _encode_one(encoder, item, loader):
+    """Encode one packed sample; return an :class:`~.model.Encoded` or a :class:`_Skip`."""
+    from ..data import ImageError
+
+    sid, idx, line, images, messages = item
+    try:
+        if not images:
+            raise R.SampleError(f"sample {sid}: text-only sample (no image); no visual tokens to pool")
+        pix = [p if not isinstance(p, (str, os.PathLike)) else loader(p) for p in images]
+        return encoder.encode(sid, messages, pix)
+    except ImageError as e:
+        return _Skip(sid, idx, getattr(e, "reason", "image_unreadable"), f"sample {sid}: {e}", line)
+    except R.SampleError as e:
+        return _Skip(sid, idx, _classify(e), str(e), line)
 
 
-def encode_and_pool(vlm: VLM, samples: list, threshold: float = 0.9, instruction: str = "all",
-                    padding_side: str = "right", backend: str = "auto",
-                    image_loader: Callable | None = None) -> BatchResult:
-    """Encode ``samples``, run the truncated forward once for the batch and pool.
+def _pack(s):
+    # only what encoding needs travels to workers (not the raw record)
+    return (str(s.id), getattr(s, "index", None), getattr(s, "line", None), list(s.images), s.messages)
 
-    Parameters
-    ----------
-    vlm : VLM
-    samples : list of Sample-like
-        Objects with ``id``, ``images`` (paths or PIL images), ``messages`` and optionally ``index``.
-    threshold, instruction, padding_side, backend
-        See :func:`extract_representations`.
 
-    Returns
-    -------
-    BatchResult
-        ``vectors`` float32 (n_kept, D) in input order.
+_WORKER: dict = {}
+
+
+def _worker_encode(item):
+    return _encode_one(_WORKER["encoder"], item, _WORKER["loader"])
+
+
+class _EncodePool:
+    """Encodes batches in ``workers`` forked processes (0 = in this process, when the batch is run).
+
+    With workers, batch k+1 is encoded while the model runs batch k (see :func:`_pipelined`).
     """
+
+    def __init__(self, encoder, loader, workers: int = 0):
+        import multiprocessing as mp
+
+        self.encoder, self.loader, self.workers, self.pool = encoder, loader, int(workers), None
+        if self.workers > 0:
+            if "fork" not in mp.get_all_start_methods():
+                raise ValueError("num_workers > 0 needs the 'fork' start method (Linux); use num_workers=0")
+            # workers inherit the encoder and the loader by fork (the loader may be a closure)
+            _WORKER.update(encoder=encoder, loader=loader)
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            self.pool = mp.get_context("fork").Pool(self.workers)
+
+    def submit(self, samples):
+        items = [_pack(s) for s in samples]
+        if self.pool is None:
+            return None, items
+        chunk = max(1, len(items) // (2 * self.workers))
+        return self.pool.map_async(_worker_encode, items, chunksize=chunk), items
+
+    def results(self, handle):
+        fut, items = handle
+        if fut is None:
+            return [_encode_one(self.encoder, it, self.loader) for it in items]
+        return fut.get()
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+            _WORKER.clear()
+
+
+def _pool_encoded(vlm: VLM, samples: list, results: list, threshold, instruction, padding_side,
+                  backend) -> BatchResult:
+    """Forward + pooling for one batch whose samples were encoded into ``results``."""
     import torch
 
-    from ..data import ImageError, load_image
     from ..ops import instruction_attended_pool
 
-    loader = image_loader or load_image
-    encoded, kept, skipped = [], [], []
-    for s in samples:
-        sid, idx, line = str(s.id), getattr(s, "index", None), getattr(s, "line", None)
-        try:
-            if not s.images:
-                raise R.SampleError(f"sample {sid}: text-only sample (no image); no visual tokens to pool")
-            images = [p if not isinstance(p, (str, os.PathLike)) else loader(p) for p in s.images]
-            encoded.append(vlm.encode(sid, s.messages, images))
-            kept.append(s)
-        except ImageError as e:
-            skipped.append(_Skip(sid, idx, getattr(e, "reason", "image_unreadable"), f"sample {sid}: {e}", line))
-        except R.SampleError as e:
-            skipped.append(_Skip(sid, idx, _classify(e), str(e), line))
+    encoded = [r for r in results if not isinstance(r, _Skip)]
+    kept = [s for s, r in zip(samples, results) if not isinstance(r, _Skip)]
+    skipped = [r for r in results if isinstance(r, _Skip)]
     max_index = max((getattr(s, "index", -1) for s in samples), default=None)
     if not encoded:
         return BatchResult([], np.zeros((0, vlm.hidden_size), np.float32), skipped, len(samples), max_index)
@@ -139,6 +175,53 @@ def encode_and_pool(vlm: VLM, samples: list, threshold: float = 0.9, instruction
     return BatchResult(ids, np.ascontiguousarray(pooled[valid]), skipped, len(samples), max_index)
 
 
+def encode_and_pool(vlm: VLM, samples: list, threshold: float = 0.9, instruction: str = "all",
+                    padding_side: str = "right", backend: str = "auto",
+                    image_loader: Callable | None = None) -> BatchResult:
+    """Encode ``samples``, run the truncated forward once for the batch and pool.
+
+    Parameters
+    ----------
+    vlm : VLM
+    samples : list of Sample-like
+        Objects with ``id``, ``images`` (paths or PIL images), ``messages`` and optionally ``index``.
+    threshold, instruction, padding_side, backend
+        See :func:`extract_representations`.
+
+    Returns
+    -------
+    BatchResult
+        ``vectors`` float32 (n_kept, D) in input order; ``skipped`` lists the samples without one.
+    """
+    from ..data import load_image
+
+    loader = image_loader or load_image
+    results = [_encode_one(vlm.encoder, _pack(s), loader) for s in samples]
+    return _pool_encoded(vlm, samples, results, threshold, instruction, padding_side, backend)
+
+
+def _pipelined(vlm, items, pool: _EncodePool, threshold, instruction, padding_side, backend):
+    """Map ``("batch", samples)`` items to ``("batch", BatchResult)``, encoding one batch ahead.
+
+    Other items (end-of-shard markers) pass through in order.
+    """
+    pending: list = []  # [(kind, payload, handle)], oldest first
+
+    def n_batches():
+        return sum(1 for p in pending if p[0] == "batch")
+
+    for kind, payload in items:
+        pending.append((kind, payload, pool.submit(payload) if kind == "batch" else None))
+        # emit everything except the newest batch, which keeps encoding while the older one runs
+        while pending and (n_batches() > 1 or pending[0][0] != "batch"):
+            k, pl, h = pending.pop(0)
+            yield (k, _pool_encoded(vlm, pl, pool.results(h), threshold, instruction, padding_side, backend)
+                   if k == "batch" else pl)
+    for k, pl, h in pending:
+        yield (k, _pool_encoded(vlm, pl, pool.results(h), threshold, instruction, padding_side, backend)
+               if k == "batch" else pl)
+
+
 def _batches(samples: Iterable, batch_size: int):
     buf = []
     for s in samples:
@@ -148,15 +231,6 @@ def _batches(samples: Iterable, batch_size: int):
             buf = []
     if buf:
         yield buf
-
-
-def _iter_results(vlm, samples, batch_size, threshold, instruction, padding_side, backend, image_loader,
-                  on_skip) -> Iterator[BatchResult]:
-    for chunk in _batches(samples, batch_size):
-        res = encode_and_pool(vlm, chunk, threshold, instruction, padding_side, backend, image_loader)
-        for sk in res.skipped:
-            on_skip(sk)
-        yield res
 
 
 def _check_args(batch_size, threshold, instruction, padding_side):
@@ -174,6 +248,7 @@ def extract_representations(model, samples: Iterable, batch_size: int = 8, layer
                             threshold: float = 0.9, instruction: str = "all", dtype="fp32",
                             device: str | None = "auto", device_map=None, max_length: int | None = None,
                             padding_side: str = "right", backend: str = "auto", skip_log=None,
+                            num_workers: int = 0,
                             image_loader: Callable | None = None) -> Iterator[tuple[list[str], np.ndarray]]:
     """Yield ``(ids, vectors)`` for each batch of ``samples`` (the ScalSelect representation).
 
@@ -205,6 +280,8 @@ def extract_representations(model, samples: Iterable, batch_size: int = 8, layer
         Pooling kernel backend (:func:`scalselect_fast.ops.instruction_attended_pool`).
     skip_log : SkipLog, optional
         Where skipped samples are recorded; without it each skip is logged as a warning.
+    num_workers : int
+        Processes encoding samples one batch ahead of the model (0: in this process).
 
     Yields
     ------
@@ -221,9 +298,17 @@ def extract_representations(model, samples: Iterable, batch_size: int = 8, layer
         else:
             log.warning("skipped %s (%s): %s", sk.sample_id, sk.reason, sk.detail)
 
-    for res in _iter_results(vlm, samples, int(batch_size), threshold, instruction, padding_side, backend,
-                             image_loader, on_skip):
-        yield res.ids, res.vectors
+    from ..data import load_image
+
+    pool = _EncodePool(vlm.encoder, image_loader or load_image, num_workers)
+    try:
+        items = (("batch", b) for b in _batches(samples, int(batch_size)))
+        for _, res in _pipelined(vlm, items, pool, threshold, instruction, padding_side, backend):
+            for sk in res.skipped:
+                on_skip(sk)
+            yield res.ids, res.vectors
+    finally:
+        pool.close()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -282,7 +367,7 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
                      store_dtype: str = "float16", shard_size: int = 4096, max_length: int | None = None,
                      padding_side: str = "right", backend: str = "auto", rank: int | None = None,
                      world_size: int | None = None, force: bool = False, progress: bool = True,
-                     image_loader: Callable | None = None) -> dict:
+                     num_workers: int = 0, image_loader: Callable | None = None) -> dict:
     """Extract every sample of a dataset file into a representation store (resumable, per-rank).
 
     Parameters
@@ -303,6 +388,9 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
         Data-parallel slice; default from ``RANK`` / ``WORLD_SIZE`` (torchrun, accelerate launch).
     force : bool
         Discard an existing store from a different run instead of refusing.
+    num_workers : int
+        Processes that encode samples (chat template, tokenisation, image decoding and preprocessing)
+        one batch ahead of the model; 0 encodes in this process.
     Other parameters are those of :func:`extract_representations`.
 
     Returns
@@ -311,7 +399,7 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
         ``{"store", "rank", "world_size", "range", "rows", "skipped", "shards_written",
         "shards_resumed"}`` for this process.
     """
-    from ..data import SkipLog, count_records, read_dataset
+    from ..data import SkipLog, count_records, load_image, read_dataset
     from ..store import StoreWriter
 
     _check_args(batch_size, threshold, instruction, padding_side)
@@ -376,22 +464,31 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
         first = todo[0][1]
         stream = _Peekable(s for s in read_dataset(data, image_root=image_root, format=format, skip_log=reader_log)
                            if s.index >= first)
-        for j, a, b in todo:
-            rows: list[np.ndarray] = []
-            ids: list[str] = []
-            n_skip = 0
-            pos = a  # next record index not yet shown on the progress bar
-            batch: list = []
-            while True:
-                s = stream.peek()
-                end = s is None or s.index >= b
-                if not end:
+
+        def items():
+            """("batch", samples) for each todo shard's records, then ("end", shard); never across shards."""
+            for j, a, b in todo:
+                batch: list = []
+                while (s := stream.peek()) is not None and s.index < b:
                     next(stream)
                     if s.index < a:  # inside an already committed shard
                         continue
                     batch.append(s)
-                if batch and (end or len(batch) == batch_size):
-                    res = encode_and_pool(vlm, batch, threshold, instruction, padding_side, backend, image_loader)
+                    if len(batch) == batch_size:
+                        yield "batch", batch
+                        batch = []
+                if batch:
+                    yield "batch", batch
+                yield "end", (j, a, b)
+
+        pool = _EncodePool(vlm.encoder, image_loader or load_image, num_workers)
+        rows: list[np.ndarray] = []
+        ids: list[str] = []
+        n_skip = 0
+        pos = todo[0][1]  # next record index not yet shown on the progress bar
+        try:
+            for kind, res in _pipelined(vlm, items(), pool, threshold, instruction, padding_side, backend):
+                if kind == "batch":
                     for sk in res.skipped:
                         slog.add(sk.sample_id, sk.index, sk.reason, sk.detail, line=sk.line, stage=STAGE)
                     n_skip += len(res.skipped)
@@ -399,23 +496,26 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
                         rows.append(res.vectors)
                         ids.extend(res.ids)
                     if bar is not None:
-                        bar.update(res.max_index + 1 - pos)
-                        pos = res.max_index + 1
+                        bar.update(max(res.max_index + 1 - pos, 0))
+                        pos = max(pos, res.max_index + 1)
                         bar.set_postfix(rows=summary["rows"] + len(ids), skipped=summary["skipped"] + n_skip,
                                         refresh=False)
-                    batch = []
-                if end:
-                    break
-            # Records the reader itself refused (bad fields, images outside the root) count as skipped here.
-            n_skip += reader_log.count(a, b)
-            mat = np.concatenate(rows) if rows else np.zeros((0, vlm.hidden_size), np.float32)
-            writer.write_shard(mat, ids, index=j, extra={"range": [a, b], "skipped": n_skip, "rank": rank})
-            slog.sync()
-            summary["rows"] += len(ids)
-            summary["skipped"] += n_skip
-            summary["shards_written"] += 1
-            if bar is not None:
-                bar.update(b - pos)
+                    continue
+                j, a, b = res
+                # Records the reader itself refused (bad fields, images outside the root) count as skipped.
+                n_skip += reader_log.count(a, b)
+                mat = np.concatenate(rows) if rows else np.zeros((0, vlm.hidden_size), np.float32)
+                writer.write_shard(mat, ids, index=j, extra={"range": [a, b], "skipped": n_skip, "rank": rank})
+                slog.sync()
+                summary["rows"] += len(ids)
+                summary["skipped"] += n_skip
+                summary["shards_written"] += 1
+                rows, ids, n_skip = [], [], 0
+                if bar is not None:
+                    bar.update(max(b - pos, 0))
+                    pos = b
+        finally:
+            pool.close()
     if bar is not None:
         bar.close()
     return summary
