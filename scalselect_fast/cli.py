@@ -22,11 +22,21 @@ def _add_stream_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-rows", type=int, default=16384, help="rows per streamed block")
     p.add_argument("--drop-invalid", action="store_true",
                    help="exclude rows with NaN/inf (recorded in the report) instead of failing")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
+                   help="where the fit's and scores' products run: cuda needs CuPy and a GPU; auto "
+                        "uses the GPU when usable, else the CPU (default cpu)")
 
 
 def _fit_kwargs(args) -> dict:
     return dict(energy=args.energy, k=args.k, solver=args.solver, standardize=args.standardize,
                 l2_normalize=args.l2_normalize, seed=args.seed)
+
+
+def _backend(device: str) -> str:
+    """The subspace fit's array backend for ``--device`` (raises DeviceError if CUDA is missing)."""
+    from .gpu import resolve_device
+
+    return "cupy" if resolve_device(device) == "cuda" else "numpy"
 
 
 def _core_errors(fn):
@@ -35,13 +45,14 @@ def _core_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(args):
+        from .gpu import DeviceError
         from .scoring import BudgetError
         from .store import StoreError
         from .subspace import SubspaceError
 
         try:
             return fn(args)
-        except (StoreError, SubspaceError, BudgetError, FileNotFoundError) as exc:
+        except (StoreError, SubspaceError, BudgetError, DeviceError, FileNotFoundError) as exc:
             print(f"scalselect {args.command}: error: {exc}", file=sys.stderr)
             return 2
     return wrapper
@@ -52,7 +63,7 @@ def _cmd_fit(args) -> int:
     from .subspace import fit_subspace
 
     sub = fit_subspace(args.source, block_rows=args.block_rows, drop_invalid=args.drop_invalid,
-                       **_fit_kwargs(args))
+                       backend=_backend(args.device), **_fit_kwargs(args))
     sub.save(args.out)
     bad = len(sub.info.get("invalid_rows", []))
     print(f"fit: {sub.summary()}" + (f"; {bad} invalid rows dropped" if bad else "") + f" -> {args.out}")
@@ -68,7 +79,7 @@ def _cmd_score(args) -> int:
 
     sub = Subspace.load(args.subspace)
     scores = leverage_scores(args.source, sub, block_rows=args.block_rows,
-                             drop_invalid=True if args.drop_invalid else None)
+                             drop_invalid=True if args.drop_invalid else None, device=args.device)
     write_scores(args.out, scores)
     bad = int(np.isnan(scores).sum())
     print(f"score: {scores.size} rows scored with k={sub.k}" + (f" ({bad} invalid: NaN)" if bad else "")
@@ -102,7 +113,7 @@ def _cmd_select(args) -> int:
         tuple(int(v) for v in args.stability_seeds.split(",") if v.strip())
     report = run_selection(args.source, args.out, args.budget, subspace=args.subspace,
                            manifest_format=args.manifest_format, drop_invalid=args.drop_invalid,
-                           block_rows=args.block_rows, stability_seeds=seeds,
+                           block_rows=args.block_rows, stability_seeds=seeds, device=args.device,
                            **({} if args.subspace else _fit_kwargs(args)))
     _print_selection(report, args.out)
     return 0

@@ -15,6 +15,7 @@ import numbers
 import numpy as np
 
 from . import native
+from .gpu import resolve_device
 from .store import DEFAULT_BLOCK_ROWS, DEFAULT_PREFETCH, open_source
 from .subspace import InvalidRowsError, Subspace, SubspaceError, describe_rows
 
@@ -29,7 +30,7 @@ class BudgetError(ValueError):
 
 
 def leverage_scores(source, sub: Subspace, block_rows: int = DEFAULT_BLOCK_ROWS,
-                    drop_invalid: bool | None = None) -> np.ndarray:
+                    drop_invalid: bool | None = None, device: str = "cpu") -> np.ndarray:
     """Leverage ‖U_k[i]‖² = ‖pre(x_i) V_k Σ_k⁻¹‖² of every row, streaming.
 
     Parameters
@@ -42,6 +43,9 @@ def leverage_scores(source, sub: Subspace, block_rows: int = DEFAULT_BLOCK_ROWS,
     drop_invalid : bool, optional
         Rows with NaN/inf get score NaN instead of raising. Defaults to the setting the subspace was
         fitted with (``sub.info["drop_invalid"]``).
+    device : {"cpu", "cuda", "auto"}
+        Where the products run. ``cuda`` needs CuPy and a GPU (:class:`~scalselect_fast.gpu.DeviceError`
+        otherwise); ``auto`` uses the GPU when one is usable. The top-k stays on the host.
 
     Returns
     -------
@@ -70,25 +74,38 @@ def leverage_scores(source, sub: Subspace, block_rows: int = DEFAULT_BLOCK_ROWS,
     W = sub._W()
     mean = np.ascontiguousarray(sub.mean, dtype=np.float64)
     inv_scale = sub.inv_scale
+    if resolve_device(device) == "cuda":
+        from .gpu import leverage_scores_cupy
+
+        return _check_scores(src, leverage_scores_cupy(src, sub, block_rows), 0, drop_invalid)
     out = np.empty(src.n, np.float64)
     # read-ahead: leverage_block consumes the raw block before the next one is requested
     for off, block in src.iter_blocks(block_rows, prefetch=DEFAULT_PREFETCH):
         m = block.shape[0]
         seg = out[off:off + m]
         native.leverage_block(block, mean, W, seg, inv_scale, sub.l2_normalize, src.is_bf16)
-        # Non-finite input always yields a non-finite score, so one check of m values finds it.
-        if not np.isfinite(seg).all():
-            bad = np.flatnonzero(~np.isfinite(seg))
-            rows = off + bad
-            if not drop_invalid:
-                more = src.n - off - m
-                raise InvalidRowsError(
-                    f"{bad.size} row(s) with NaN/inf (or values too large) in the block at row {off}: "
-                    f"{describe_rows(src, rows)}" + (f" ({more} rows not checked yet)" if more else "")
-                    + ". Fix them at the source, or pass drop_invalid=True (CLI: --drop-invalid) so they "
-                    "get no score and are never selected.", rows)
-            seg[bad] = np.nan
+        _check_scores(src, seg, off, drop_invalid)
     return out
+
+
+def _check_scores(src, seg: np.ndarray, off: int, drop_invalid: bool) -> np.ndarray:
+    """Raise for (or NaN out) non-finite scores in ``seg`` = scores of rows ``off:off+len(seg)``.
+
+    Non-finite input always yields a non-finite score, so one check of the scores finds it.
+    """
+    if np.isfinite(seg).all():
+        return seg
+    bad = np.flatnonzero(~np.isfinite(seg))
+    rows = off + bad
+    if not drop_invalid:
+        more = src.n - off - seg.size
+        raise InvalidRowsError(
+            f"{bad.size} row(s) with NaN/inf (or values too large) in the block at row {off}: "
+            f"{describe_rows(src, rows)}" + (f" ({more} rows not checked yet)" if more else "")
+            + ". Fix them at the source, or pass drop_invalid=True (CLI: --drop-invalid) so they "
+            "get no score and are never selected.", rows)
+    seg[bad] = np.nan
+    return seg
 
 
 def resolve_budget(budget, n: int) -> int:
@@ -293,7 +310,7 @@ def write_manifest(path, src, scores: np.ndarray, selected: np.ndarray, fmt: str
 
 def run_selection(source, out_dir, budget, *, subspace=None, manifest_format: str = "parquet",
                   drop_invalid: bool = False, block_rows: int = DEFAULT_BLOCK_ROWS,
-                  stability_seeds=(0, 1, 2), **fit_kwargs) -> dict:
+                  stability_seeds=(0, 1, 2), device: str = "cpu", **fit_kwargs) -> dict:
     """Fit (unless ``subspace`` is given), score and select; write everything into ``out_dir``.
 
     Writes ``subspace.npz``, ``scores.npy``, ``manifest.parquet`` (or ``.jsonl``), ``selected.txt``
@@ -314,6 +331,8 @@ def run_selection(source, out_dir, budget, *, subspace=None, manifest_format: st
         Randomized-solver seeds of the stability certificate in the report (see
         :func:`~scalselect_fast.stability.stability_certificate`); ``()`` = cut-off margin and exact
         comparison only, None = no certificate.
+    device : {"cpu", "cuda", "auto"}
+        Where the fit's and the scores' products run (see :func:`leverage_scores`).
     **fit_kwargs
         Passed to :func:`~scalselect_fast.subspace.fit_subspace` (energy, k, solver, ...).
 
@@ -339,14 +358,16 @@ def run_selection(source, out_dir, budget, *, subspace=None, manifest_format: st
     timings = {}
     t = time.perf_counter()
     if subspace is None:
-        sub = fit_subspace(src, block_rows=block_rows, drop_invalid=drop_invalid, **fit_kwargs)
+        device = resolve_device(device)
+        sub = fit_subspace(src, block_rows=block_rows, drop_invalid=drop_invalid,
+                           backend="cupy" if device == "cuda" else "numpy", **fit_kwargs)
         reused = None
     else:
         sub = subspace if isinstance(subspace, Subspace) else Subspace.load(subspace)
         reused = None if isinstance(subspace, Subspace) else str(subspace)
     timings["fit_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    scores = leverage_scores(src, sub, block_rows=block_rows, drop_invalid=drop_invalid)
+    scores = leverage_scores(src, sub, block_rows=block_rows, drop_invalid=drop_invalid, device=device)
     timings["score_s"] = time.perf_counter() - t
     t = time.perf_counter()
     selected = top_k(scores, budget)

@@ -150,10 +150,12 @@ class _NumpyBackend:
 
 
 class _CupyBackend(_NumpyBackend):  # pragma: no cover - needs CUDA + CuPy
-    """Device backend (design hook for the GPU issue): same solver code over ``cupy``.
+    """Device backend: the same solver code over ``cupy`` (cuBLAS products, float64 accumulators).
 
-    Host blocks are decoded to float32 on the host (native kernel) and copied into a device buffer;
-    products run as cuBLAS fp32/TF32 GEMMs and are accumulated in float64 on the device.
+    Raw storage-dtype blocks (fp16/bf16 are half the bytes of fp32) go through two pinned host
+    buffers to the device on a separate copy stream, and are decoded and shifted there; the copy of
+    block i+1 overlaps the products of block i, which were queued asynchronously on the compute
+    stream. See :class:`scalselect_fast.gpu.DeviceStaging`.
     """
 
     name = "cupy"
@@ -161,9 +163,11 @@ class _CupyBackend(_NumpyBackend):  # pragma: no cover - needs CUDA + CuPy
     def __init__(self, matmul=None):
         import cupy  # noqa: F401  (ImportError -> clear message in _namespace)
 
+        from .gpu import DeviceStaging
+
         self.xp = cupy
         self.matmul = matmul or cupy.matmul
-        self._host: np.ndarray | None = None
+        self._staging = DeviceStaging()
 
     def to_host(self, a) -> np.ndarray:
         return self.xp.asnumpy(a)
@@ -172,12 +176,7 @@ class _CupyBackend(_NumpyBackend):  # pragma: no cover - needs CUDA + CuPy
         return self.xp.asarray(a, dtype=dtype)
 
     def shift_block(self, block, shift64, out, bf16):
-        m, d = block.shape
-        if self._host is None or self._host.shape[0] < m or self._host.shape[1] != d:
-            self._host = np.empty((max(m, out.shape[0]), d), np.float32)
-        host = native.center_block(block, np.asarray(shift64), self._host[:m], bf16)
-        out.set(host) if out.dtype == np.float32 else out.set(host.astype(np.float64))
-        return out
+        return self._staging.shift_block(block, shift64, out, bf16)
 
     def eigh(self, a):
         return self.xp.linalg.eigh(a)

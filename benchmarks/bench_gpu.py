@@ -1,0 +1,154 @@
+"""GPU floors of the subspace fit and scoring (issue 4), measured side by side in one run.
+
+1. Gram pass throughput on device-resident blocks vs the GPU's measured fp32 GEMM throughput for
+   the same shapes (floor: ≥ 60%).
+2. fit+score of an N×d fp16 matrix streamed from host memory (default 10M × 4096): wall time and
+   effective GB/s against the pinned host→device copy bandwidth measured in the same run.
+   To keep host memory and generation time bounded, the N rows are ``reps`` shards that all view
+   one host buffer of ``N / reps`` rows (stated in the output); the bytes still cross PCIe N times.
+
+Prints a table, appends CSV rows to ``benchmarks/results/gpu.csv``. Without CUDA it says so and
+exits 0 (nothing is measured).
+
+Usage: ``python benchmarks/bench_gpu.py [--n 10000000] [--d 4096] [--reps 10]``
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scalselect_fast.gpu import cuda_available  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "gpu.csv"
+
+
+def _sync(cp):
+    cp.cuda.get_current_stream().synchronize()
+
+
+def _time(cp, fn, repeats=5):
+    ts = []
+    for _ in range(repeats):
+        _sync(cp)
+        t = time.perf_counter()
+        fn()
+        _sync(cp)
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+class RepeatedSource:
+    """Factory for an N-row source of ``reps`` shards that all view one host buffer."""
+
+    def __new__(cls, base: np.ndarray, reps: int):
+        from scalselect_fast.store import MatrixSource, ShardInfo
+
+        class _Repeated(MatrixSource):
+            def _shard_array(self, shard):
+                return base
+
+        src = _Repeated()
+        m = base.shape[0]
+        src.n, src.d, src.dtype, src.provenance = m * reps, base.shape[1], "float16", {}
+        src.shards = [ShardInfo(name=f"rep{r}", offset=r * m, count=m) for r in range(reps)]
+        return src
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=10_000_000)
+    ap.add_argument("--d", type=int, default=4096)
+    ap.add_argument("--reps", type=int, default=10, help="shards viewing one host buffer of n/reps rows")
+    ap.add_argument("--block-rows", type=int, default=65536)
+    args = ap.parse_args(argv)
+    ok, why = cuda_available()
+    if not ok:
+        print(f"bench_gpu: skipped, no CUDA ({why}); nothing measured")
+        return 0
+    import cupy as cp
+
+    import scalselect_fast as ss
+    from scalselect_fast.subspace import GRAM_CHUNK_ROWS
+
+    rows = []
+    dev_name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    d, chunk = args.d, min(GRAM_CHUNK_ROWS, args.block_rows)
+
+    # 1. Gram pass vs bare GEMM of the same shape
+    a = cp.random.standard_normal((chunk, d), dtype=cp.float32)
+    gemm_s = _time(cp, lambda: a.T @ a)
+    gemm_tflops = 2 * chunk * d * d / gemm_s / 1e12
+    blocks = [cp.random.standard_normal((chunk, d), dtype=cp.float32).astype(cp.float16) for _ in range(8)]
+    G = cp.zeros((d, d), cp.float64)
+    shift = cp.zeros(d, cp.float64)
+    buf = cp.empty((chunk, d), cp.float32)
+
+    def gram_pass():
+        for b in blocks:
+            cp.subtract(b, shift, out=buf, casting="unsafe")
+            G[...] += (buf.T @ buf)
+
+    pass_s = _time(cp, gram_pass, repeats=3) / len(blocks)
+    pass_tflops = 2 * chunk * d * d / pass_s / 1e12
+    frac = pass_tflops / gemm_tflops
+    rows.append(("gram_pass_vs_gemm", f"{pass_tflops:.1f} vs {gemm_tflops:.1f} TFLOP/s", f"{frac:.2f}",
+                 "PASS" if frac >= 0.6 else "FAIL", "floor >= 0.60"))
+
+    # 2. H2D bandwidth (pinned) and fit+score streamed from host
+    import cupyx
+
+    host = cupyx.empty_pinned((args.block_rows, d), np.float16)
+    host[...] = 1
+    dbuf = cp.empty((args.block_rows, d), cp.float16)
+    h2d_s = _time(cp, lambda: dbuf.set(host))
+    h2d_gbs = host.nbytes / h2d_s / 1e9
+    m = args.n // args.reps
+    rng = np.random.default_rng(0)
+    r = 64
+    base = np.empty((m, d), np.float16)
+    basis = rng.standard_normal((r, d)).astype(np.float32) * (1.0 / (1 + np.arange(r))[:, None])
+    for s0 in range(0, m, 65536):
+        e = min(m, s0 + 65536)
+        base[s0:e] = rng.standard_normal((e - s0, r), dtype=np.float32) @ basis \
+            + 0.05 * rng.standard_normal((e - s0, d), dtype=np.float32)
+    src = RepeatedSource(base, args.reps)
+    t = time.perf_counter()
+    sub = ss.fit_subspace(src, solver="exact", backend="cupy", block_rows=args.block_rows)
+    t_fit = time.perf_counter() - t
+    t = time.perf_counter()
+    scores = ss.leverage_scores(src, sub, device="cuda", block_rows=args.block_rows)
+    t_score = time.perf_counter() - t
+    ss.top_k(scores, "16%")
+    total = t_fit + t_score
+    gb = 2 * src.n * d * 2 / 1e9  # two passes of fp16 bytes
+    rows.append(("fit+score_streamed", f"{src.n}x{d} fp16 ({args.reps} shards over one {m}-row buffer)",
+                 f"{total:.1f}s", f"{gb / total:.1f} GB/s", f"H2D pinned {h2d_gbs:.1f} GB/s; k={sub.k}"))
+
+    print(f"device: {dev_name}")
+    print(f"{'measure':24} {'what':48} {'value':>10} {'ratio/rate':>12}  note")
+    for name, what, val, ratio, note in rows:
+        print(f"{name:24} {what:48} {val:>10} {ratio:>12}  {note}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    new = not RESULTS.exists()
+    with open(RESULTS, "a", newline="") as fh:
+        w = csv.writer(fh)
+        if new:
+            w.writerow(["timestamp", "machine", "device", "cupy", "measure", "what", "value", "ratio", "note"])
+        for row in rows:
+            w.writerow([dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), platform.node(),
+                        dev_name, cp.__version__, *row])
+    return 1 if any(r[3] == "FAIL" for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""GPU support: device resolution, overlapped host→device streaming, and leverage scoring on CuPy.
+
+What this module is for: choosing the device the user asked for (with a clear message when CUDA,
+CuPy or faiss-gpu is missing, falling back to the CPU only under ``device="auto"``), and moving
+representation blocks to the GPU so that the PCIe copy of block i+1 overlaps the products of
+block i. The solvers themselves live in :mod:`scalselect_fast.subspace` (written over an array
+namespace) and :mod:`scalselect_fast.scoring`; this module only supplies the device plumbing and
+the scoring loop on the device.
+
+What it is not: a CUDA kernel library. Products are cuBLAS GEMMs through CuPy; fp16/bf16 decoding
+happens on the device after the (half-size) copy.
+
+Nothing here runs without CUDA; the tests in ``tests/test_gpu.py`` skip cleanly on CPU machines,
+and ``benchmarks/gpu_check.sh`` runs them on a GPU node.
+"""
+from __future__ import annotations
+
+import logging
+import numpy as np
+
+__all__ = ["DeviceError", "resolve_device", "cuda_available", "DeviceStaging", "leverage_scores_cupy"]
+
+log = logging.getLogger(__name__)
+
+
+class DeviceError(RuntimeError):
+    """The requested device (or the library it needs) is not available; the message says what to do."""
+
+
+def _cupy():
+    try:
+        import cupy  # noqa: F401
+    except ImportError as exc:
+        raise DeviceError(f"device 'cuda' needs CuPy ({exc}); install it with "
+                          f"`pip install scalselect-fast[gpu]` (CUDA 12) or use --device cpu") from exc
+    return cupy
+
+
+def cuda_available() -> tuple[bool, str]:
+    """Whether CuPy can see a CUDA device: ``(ok, reason)`` (reason explains a False)."""
+    try:
+        cp = _cupy()
+    except DeviceError as exc:
+        return False, str(exc)
+    try:
+        n = cp.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # CUDARuntimeError without a driver
+        return False, f"CuPy is installed but no CUDA device/driver is usable ({exc})"
+    if n < 1:
+        return False, "CuPy is installed but reports no CUDA device"
+    return True, f"{n} CUDA device(s)"
+
+
+def resolve_device(device: str | None) -> str:
+    """Map ``"cpu" | "cuda" | "auto"`` (or None = "cpu") to ``"cpu"`` or ``"cuda"``.
+
+    ``cuda`` raises :class:`DeviceError` if CuPy or a CUDA device is missing; only ``auto`` falls
+    back to the CPU (logging why).
+    """
+    d = (device or "cpu").lower()
+    if d in ("cpu", "numpy"):
+        return "cpu"
+    if d not in ("cuda", "gpu", "auto", "cupy"):
+        raise DeviceError(f"unknown device {device!r}; use cpu, cuda or auto")
+    ok, why = cuda_available()
+    if ok:
+        return "cuda"
+    if d == "auto":
+        log.warning("scalselect_fast: --device auto falls back to the CPU: %s", why)
+        return "cpu"
+    raise DeviceError(f"--device {device} was requested but {why}. Use --device cpu, or --device auto "
+                      f"to fall back to the CPU when no GPU is usable.")
+
+
+class DeviceStaging:
+    """Pinned, double-buffered host→device staging of raw storage-dtype blocks, decoded on device.
+
+    ``shift_block(block, shift, out, bf16)`` copies the host block into one of two page-locked
+    buffers, sends it to the device on a dedicated copy stream, makes the compute stream wait for
+    that copy, and decodes + shifts it into ``out`` on the compute stream. Since the caller's
+    products for the previous block were queued asynchronously, the copy of this block overlaps
+    them; a slot is only refilled once the compute stream has finished decoding from it.
+    The bytes cross PCIe in their storage dtype (fp16/bf16: half of fp32).
+    """
+
+    def __init__(self):
+        cp = _cupy()
+        self.cp = cp
+        self.copy_stream = cp.cuda.Stream(non_blocking=True)
+        self._slots: list[dict] = [{}, {}]
+        self._next = 0
+        self._shift_host = None
+        self._shift_dev = None
+
+    def _slot(self, shape, dtype) -> dict:
+        import cupyx
+
+        cp = self.cp
+        s = self._slots[self._next]
+        self._next ^= 1
+        if s.get("pinned") is None or s["pinned"].dtype != dtype or s["pinned"].shape[0] < shape[0] \
+                or s["pinned"].shape[1] != shape[1]:
+            if s.get("done") is not None:
+                s["done"].synchronize()
+            s["pinned"] = cupyx.empty_pinned(shape, dtype=dtype)
+            s["dev"] = cp.empty(shape, dtype=dtype)
+            s["copied"] = cp.cuda.Event(disable_timing=True)
+            s["done"] = None
+        return s
+
+    def shift_block(self, block: np.ndarray, shift64, out, bf16: bool):
+        """``out[...] = float(block) - shift`` on the device; ``block`` is a host array."""
+        cp = self.cp
+        m = block.shape[0]
+        s = self._slot(block.shape, block.dtype)
+        if s["done"] is not None:
+            s["done"].synchronize()  # the last decode from this slot (and so its copy) has finished
+        np.copyto(s["pinned"][:m], block, casting="no")
+        dev = s["dev"][:m]
+        dev.set(s["pinned"][:m], stream=self.copy_stream)
+        s["copied"].record(self.copy_stream)
+        compute = cp.cuda.get_current_stream()
+        compute.wait_event(s["copied"])
+        if self._shift_host is not shift64:
+            self._shift_host = shift64
+            self._shift_dev = cp.asarray(shift64, dtype=cp.float64)
+        x = cp.left_shift(dev.astype(cp.uint32), 16).view(cp.float32) if bf16 else dev
+        # the subtraction in float64, rounded once to out's dtype, as the CPU kernel does
+        out[...] = x.astype(cp.float64) - self._shift_dev
+        done = cp.cuda.Event(disable_timing=True)
+        done.record(compute)
+        s["done"] = done
+        return out
+
+
+def leverage_scores_cupy(src, sub, block_rows: int = 65536) -> np.ndarray:
+    """Leverage scores on the GPU, with the semantics of :func:`scalselect_fast.native.leverage_block`.
+
+    Parameters
+    ----------
+    src : MatrixSource
+    sub : Subspace
+
+    Returns
+    -------
+    ndarray, shape (n,), float64, on the host. Non-finite rows give non-finite scores (as on CPU;
+    the caller raises or drops them).
+
+    Notes
+    -----
+    Blocks are staged through :class:`DeviceStaging` (raw dtype over PCIe, decoded and centred on
+    the device with the subtraction in float64), optionally standardised / L2-normalised, projected
+    with a float32 cuBLAS GEMM against ``W = V_k / σ_k`` and their squared norms summed in float64
+    — the CPU kernel's numerics.
+    """
+    cp = _cupy()
+    W = cp.asarray(sub._W(), dtype=cp.float32)
+    inv_scale = None if sub.inv_scale is None else cp.asarray(sub.inv_scale, dtype=cp.float32)
+    mean = np.ascontiguousarray(sub.mean, dtype=np.float64)
+    rows = max(1, min(block_rows, max((s.count for s in src.shards), default=1)))
+    staging = DeviceStaging()
+    buf = cp.empty((rows, src.d), dtype=cp.float32)
+    out = cp.empty(src.n, dtype=cp.float64)
+    for off, block in src.iter_blocks(rows):
+        m = block.shape[0]
+        z = staging.shift_block(block, mean, buf[:m], src.is_bf16)
+        if inv_scale is not None:
+            z *= inv_scale
+        if sub.l2_normalize:
+            nrm = cp.sqrt((z.astype(cp.float64) ** 2).sum(axis=1, keepdims=True))
+            z[...] = cp.where(nrm > 0, z / cp.where(nrm > 0, nrm, 1.0), 0.0)
+        p = (z @ W).astype(cp.float64)
+        out[off:off + m] = (p * p).sum(axis=1)
+    return cp.asnumpy(out)

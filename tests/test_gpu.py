@@ -1,0 +1,123 @@
+"""GPU paths against their CPU references. Every test here skips cleanly without CUDA.
+
+Run on a GPU node with ``bash benchmarks/gpu_check.sh`` (which also runs the GPU benchmarks).
+"""
+import numpy as np
+import pytest
+
+from scalselect_fast.gpu import DeviceError, cuda_available, resolve_device
+
+HAVE_CUDA, WHY = cuda_available()
+gpu = pytest.mark.skipif(not HAVE_CUDA, reason=f"no CUDA: {WHY}")
+
+
+def _torch_cuda():
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def _structured(n, d, seed=0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    r = min(d, 24)
+    U = rng.standard_normal((n, r))
+    s = 10.0 / (1 + np.arange(r)) ** 1.2
+    V = np.linalg.qr(rng.standard_normal((d, r)))[0]
+    X = (U * s) @ V.T + 0.05 * rng.standard_normal((n, d)) + 3.0
+    return X.astype(dtype)
+
+
+# ---------------------------------------------------------------- device resolution (runs anywhere)
+def test_cpu_always_resolves():
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device(None) == "cpu"
+
+
+def test_unknown_device_is_a_clear_error():
+    with pytest.raises(DeviceError, match="unknown device"):
+        resolve_device("tpu")
+
+
+@pytest.mark.skipif(HAVE_CUDA, reason="checks the no-GPU behaviour")
+def test_cuda_without_gpu_refuses_and_auto_falls_back():
+    with pytest.raises(DeviceError, match="--device cpu"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == "cpu"
+
+
+# ---------------------------------------------------------------- CuPy fit / scoring vs numpy
+@gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("opts", [{}, {"standardize": True}, {"l2_normalize": True}])
+def test_cupy_fit_and_scores_match_numpy(dtype, opts):
+    import scalselect_fast as ss
+
+    X = _structured(5003, 96, dtype=dtype)
+    cpu = ss.fit_subspace(X, solver="exact", **opts)
+    dev = ss.fit_subspace(X, solver="exact", backend="cupy", **opts)
+    assert dev.k == cpu.k
+    s_cpu = ss.leverage_scores(X, cpu)
+    s_dev = ss.leverage_scores(X, dev, device="cuda")
+    np.testing.assert_allclose(s_dev, s_cpu, rtol=1e-6 if dtype == np.float32 else 1e-5, atol=1e-9)
+    np.testing.assert_array_equal(ss.top_k(s_dev, 500), ss.top_k(s_cpu, 500))
+
+
+@gpu
+def test_cupy_scores_bf16_store(tmp_path):
+    import scalselect_fast as ss
+    from scalselect_fast.store import StoreWriter
+
+    X = _structured(3001, 64)
+    w = StoreWriter(tmp_path / "s", d=64, dtype="bfloat16")
+    w.write_shard(X[:2000], [str(i) for i in range(2000)])
+    w.write_shard(X[2000:], [str(i) for i in range(2000, 3001)])
+    sub = ss.fit_subspace(tmp_path / "s", solver="exact")
+    np.testing.assert_allclose(ss.leverage_scores(tmp_path / "s", sub, device="cuda"),
+                               ss.leverage_scores(tmp_path / "s", sub), rtol=1e-6, atol=1e-9)
+
+
+# ---------------------------------------------------------------- compiled Triton vs torch path
+@pytest.mark.skipif(not _torch_cuda(), reason="no CUDA for torch")
+@pytest.mark.parametrize("dtype,atol", [("float32", 1e-5), ("bfloat16", 2e-2)])
+def test_triton_pool_compiled_matches_torch(dtype, atol):
+    import torch
+
+    from scalselect_fast.ops import instruction_attended_pool
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, Hq, Hkv, L, Dh, D = 3, 8, 2, 333, 64, 128
+    dt = getattr(torch, dtype)
+    q = torch.randn(B, Hq, L, Dh, device="cuda", generator=g).to(dt)
+    k = torch.randn(B, Hkv, L, Dh, device="cuda", generator=g).to(dt)
+    h = torch.randn(B, L, D, device="cuda", generator=g).to(dt)
+    vis = torch.zeros(B, L, dtype=torch.bool, device="cuda")
+    vis[:, 10:150] = True
+    ins = ~vis
+    ins[:, 300:] = False
+    att = torch.ones(B, L, dtype=torch.bool, device="cuda")
+    att[1, :20] = False  # left padding
+    ins &= att
+    vis &= att
+    ref = instruction_attended_pool(q.float(), k.float(), h.float(), ins, vis, att, backend="torch")
+    out = instruction_attended_pool(q, k, h, ins, vis, att, backend="triton")
+    if dtype == "float32":
+        torch.testing.assert_close(out, ref, atol=atol, rtol=1e-5)
+    else:  # the kept set may flip at the threshold in bf16; compare where it did not
+        close = (out - ref).abs().amax(dim=1) <= atol * ref.abs().amax(dim=1).clamp_min(1)
+        assert close.float().mean() >= 2 / 3
+
+
+@pytest.mark.skipif(HAVE_CUDA, reason="checks the no-GPU behaviour")
+def test_cli_device_cuda_without_gpu_is_a_clear_error(tmp_path, capsys):
+    from scalselect_fast.cli import main
+
+    np.save(tmp_path / "x.npy", _structured(200, 16))
+    rc = main(["select", str(tmp_path / "x.npy"), "--budget", "10%", "--out", str(tmp_path / "o"),
+               "--device", "cuda"])
+    assert rc == 2
+    assert "--device cpu" in capsys.readouterr().err
+    rc = main(["select", str(tmp_path / "x.npy"), "--budget", "10%", "--out", str(tmp_path / "o"),
+               "--device", "auto", "--stability-seeds", "none"])
+    assert rc == 0 and (tmp_path / "o" / "report.json").exists()
