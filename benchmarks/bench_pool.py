@@ -217,20 +217,20 @@ def cpu_time(rows, base, full):
 # ------------------------------------------------------------------------------------------------
 # 3. GPU
 # ------------------------------------------------------------------------------------------------
-def gpu(rows, base, full):
+def gpu(rows, base, full, dims=(8, 32, 32, 2048, 128, 4096), repeats=None):
     print("\n[3] GPU, B=8 L=2048 H=32 Dh=128 bf16: Triton vs eager softmax(QK^T) + column mean")
     if not torch.cuda.is_available():
         print("  skipped: no CUDA")
         rows.append(dict(base, section="gpu", case="B8_H32_L2048_Dh128_bf16", variant="triton", metric="skipped",
                          value="no CUDA"))
         return
-    B, Hq, Hkv, L, Dh, D = 8, 32, 32, 2048, 128, 4096
+    B, Hq, Hkv, L, Dh, D = dims
     case = f"B{B}_Hq{Hq}_Hkv{Hkv}_L{L}_Dh{Dh}_D{D}_bf16"
     dev = "cuda"
     base = dict(base, device=torch.cuda.get_device_name())
     q, k, hidden, qm, km, am = make_inputs(B, Hq, Hkv, L, Dh, D, torch.bfloat16, dev)
     sync = torch.cuda.synchronize
-    repeats = 20 if full else 10
+    repeats = repeats or (20 if full else 10)
 
     def peak(fn):
         fn()
