@@ -206,7 +206,7 @@ def test_threshold_extremes(backend):
     assert n_one.tolist() == [1, 1, 1]
     a, _ = instruction_column_attention(q, k, qm, km, am, backend=backend)
     top = a.nan_to_num(-1.0).argmax(dim=1)
-    torch.testing.assert_close(one, hidden[torch.arange(3), top], atol=0, rtol=0)
+    torch.testing.assert_close(one, hidden[torch.arange(3, device=DEVICE), top], atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
