@@ -90,8 +90,10 @@ def test_resume_after_crash_gives_the_same_store(vlm, dataset, tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         _run(vlm, dataset, out, image_loader=crashing)
     assert [s.name for s in open_source(out).shards] == ["shard-00000", "shard-00001"]
-    summary = _run(vlm, dataset, out)
+    seen = []
+    summary = _run(vlm, dataset, out, on_progress=lambda done, total: seen.append((done, total)))
     assert summary["shards_resumed"] == 2 and summary["shards_written"] == 1
+    assert seen[-1] == (11, 11) and seen[0][0] > 8 and [d for d, _ in seen] == sorted(d for d, _ in seen)
     a, b = open_source(clean), open_source(out)
     assert a.ids() == b.ids()
     np.testing.assert_array_equal(a.to_array(), b.to_array())
@@ -99,6 +101,9 @@ def test_resume_after_crash_gives_the_same_store(vlm, dataset, tmp_path):
     assert len(entries) == len(set(entries)) == 4  # no duplicate skip lines after the rerun
     # a finished store is left alone; a different run into it is refused
     assert _run(vlm, dataset, out)["shards_written"] == 0
+    from scalselect_fast.extract import ExtractError, UnsupportedModelError
+
+    assert issubclass(UnsupportedModelError, ExtractError)
     with pytest.raises(StoreError, match="different run"):
         _run(vlm, dataset, out, threshold=0.5)
 

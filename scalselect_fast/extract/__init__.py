@@ -22,6 +22,7 @@ _LAZY = {
     "KNOWN_FAMILIES": "scalselect_fast.extract.model",
     "build_tiny_model": "scalselect_fast.extract.tiny",
     "ChatTemplateError": "scalselect_fast.extract.roles",
+    "ExtractError": "scalselect_fast.extract.roles",
     "SampleError": "scalselect_fast.extract.roles",
 }
 

@@ -36,7 +36,7 @@ _DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float
            "half": "float16", "fp32": "float32", "float32": "float32", "float": "float32"}
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(R.ExtractError):
     """The model type, layer or setting cannot be used for extraction (message says what to do)."""
 
 

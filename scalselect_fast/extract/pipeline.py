@@ -367,7 +367,8 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
                      store_dtype: str = "float16", shard_size: int = 4096, max_length: int | None = None,
                      padding_side: str = "right", backend: str = "auto", rank: int | None = None,
                      world_size: int | None = None, force: bool = False, progress: bool = True,
-                     num_workers: int = 0, image_loader: Callable | None = None) -> dict:
+                     num_workers: int = 0, on_progress: Callable[[int, int], None] | None = None,
+                     image_loader: Callable | None = None) -> dict:
     """Extract every sample of a dataset file into a representation store (resumable, per-rank).
 
     Parameters
@@ -391,6 +392,9 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
     num_workers : int
         Processes that encode samples (chat template, tokenisation, image decoding and preprocessing)
         one batch ahead of the model; 0 encodes in this process.
+    on_progress : callable, optional
+        ``on_progress(done, total)`` after every batch and shard: records of this rank's range
+        processed so far (committed shards included) and the range size, for machine-readable logs.
     Other parameters are those of :func:`extract_representations`.
 
     Returns
@@ -486,6 +490,9 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
         ids: list[str] = []
         n_skip = 0
         pos = todo[0][1]  # next record index not yet shown on the progress bar
+        # records in shards finished (earlier runs included) and the start of the shard in progress
+        done_before = sum(b - a for (a, b) in ranges) - sum(b - a for (_, a, b) in todo)
+        shard_start = todo[0][1]
         try:
             for kind, res in _pipelined(vlm, items(), pool, threshold, instruction, padding_side, backend):
                 if kind == "batch":
@@ -500,6 +507,8 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
                         pos = max(pos, res.max_index + 1)
                         bar.set_postfix(rows=summary["rows"] + len(ids), skipped=summary["skipped"] + n_skip,
                                         refresh=False)
+                    if on_progress is not None:
+                        on_progress(done_before + max(res.max_index + 1 - shard_start, 0), hi - lo)
                     continue
                 j, a, b = res
                 # Records the reader itself refused (bad fields, images outside the root) count as skipped.
@@ -513,7 +522,12 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
                 rows, ids, n_skip = [], [], 0
                 if bar is not None:
                     bar.update(max(b - pos, 0))
-                    pos = b
+                done_before += b - a
+                if on_progress is not None:
+                    on_progress(done_before, hi - lo)
+                nxt = next((t for t in todo if t[0] > j), None)
+                if nxt is not None:  # the next shard to do may follow committed ones (already counted)
+                    shard_start = pos = nxt[1]
         finally:
             pool.close()
     if bar is not None:

@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["PAD", "VISUAL", "ANSWER", "USER", "TEMPLATE", "ROLE_NAMES", "SampleError", "ChatTemplateError",
+__all__ = ["ExtractError", "PAD", "VISUAL", "ANSWER", "USER", "TEMPLATE", "ROLE_NAMES", "SampleError", "ChatTemplateError",
            "Rendered", "build_chat_messages", "render_conversation", "token_roles", "expand_image_tokens",
            "instruction_mask"]
 
@@ -42,11 +42,15 @@ IMAGE_MARKER = "<image>"
 _PH_OPEN, _PH_CLOSE = "\ue000", "\ue001"  # private-use code points: never in real text, kept by templates
 
 
+class ExtractError(ValueError):
+    """Base of the extraction errors that stop a run (the message names the file/model and the fix)."""
+
+
 class SampleError(ValueError):
     """A sample cannot be encoded (skipped with this message as the reason)."""
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(ExtractError):
     """The model's chat template does not render message text verbatim; roles cannot be derived."""
 
 
