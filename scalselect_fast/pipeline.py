@@ -414,6 +414,16 @@ def _check_out_dir(out: Path) -> None:
                        f"write to") from exc
 
 
+def _quiet_libraries() -> None:
+    """No transformers / hub progress bars or info warnings under --quiet and --log-json."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    with contextlib.suppress(ImportError):
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+
+
 def _remove_stale_temps(out: Path) -> None:
     """Delete temporary files a killed run left behind (``.name.XXXX.tmp`` from the atomic writers).
 
@@ -789,12 +799,17 @@ def _stage_extract(cfg: RunConfig, state: _State, events: Events):
         return StoreSource(store)
     t0 = time.perf_counter()
     events.emit("stage_start", stage="extract")
-    summary = extract_to_store(cfg.model, cfg.data, store, image_root=cfg.image_root, format=cfg.format,
-                               layer=cfg.layer, threshold=cfg.threshold, batch_size=cfg.batch_size,
-                               dtype=cfg.dtype, device=cfg.device, store_dtype=cfg.store_dtype,
-                               shard_size=cfg.shard_size,
-                               # its own tqdm bar (rate + ETA); none under --quiet / --log-json
-                               progress=not (cfg.quiet or cfg.log_json))
+    watcher = _ShardWatcher(store / "manifest.json", events, cfg) if cfg.log_json else None
+    try:
+        summary = extract_to_store(cfg.model, cfg.data, store, image_root=cfg.image_root, format=cfg.format,
+                                   layer=cfg.layer, threshold=cfg.threshold, batch_size=cfg.batch_size,
+                                   dtype=cfg.dtype, device=cfg.device, store_dtype=cfg.store_dtype,
+                                   shard_size=cfg.shard_size,
+                                   # its own tqdm bar (rate + ETA); none under --quiet / --log-json
+                                   progress=not (cfg.quiet or cfg.log_json))
+    finally:
+        if watcher is not None:
+            watcher.stop()
     src = StoreSource(store)
     if src.n == 0:
         counts = _skip_counts(store / "skipped.jsonl")
@@ -807,6 +822,58 @@ def _stage_extract(cfg: RunConfig, state: _State, events: Events):
     events.emit("stage_done", stage="extract", n=int(src.n), d=int(src.d),
                 shards_written=summary.get("shards_written"), shards_resumed=summary.get("shards_resumed"))
     return src
+
+
+class _ShardWatcher:
+    """``--log-json`` progress for extraction: polls the store manifest once a second and emits
+    ``progress`` events (records covered by committed shards, rate, ETA) at shard granularity.
+
+    The extraction engine draws its own tqdm bar for humans but takes no callback, so machine-readable
+    progress is read from what it commits, which is also what a resume would see.
+    """
+
+    def __init__(self, manifest: Path, events: Events, cfg: RunConfig):
+        import threading
+
+        from .data import count_records
+
+        self.manifest, self.events = manifest, events
+        self.total = count_records(cfg.data, cfg.format)
+        self._stop = threading.Event()
+        self._start_done: int | None = None
+        self._t0 = time.perf_counter()
+        self._last = -1
+        self._thread = threading.Thread(target=self._loop, name="scalselect-extract-progress", daemon=True)
+        self._thread.start()
+
+    def _covered(self) -> int:
+        try:
+            m = json.loads(self.manifest.read_text())
+        except (OSError, json.JSONDecodeError):
+            return 0
+        return int(sum((r.get("range") or [0, 0])[1] - (r.get("range") or [0, 0])[0] for r in m.get("shards", [])))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(1.0):
+            self._report()
+
+    def _report(self) -> None:
+        done = self._covered()
+        if self._start_done is None:
+            self._start_done = done
+        if done == self._last:
+            return
+        self._last = done
+        el = time.perf_counter() - self._t0
+        rate = (done - self._start_done) / el if el > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 else None
+        self.events.emit("progress", stage="extract", done=done, total=self.total, unit="samples",
+                         rate=round(rate, 3), eta_s=None if eta is None else round(eta, 1))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._report()
 
 
 def _skip_counts(path: Path) -> dict[str, int]:
@@ -877,6 +944,8 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
     t_run = time.perf_counter()
     events.emit("run_start", out=str(out), fingerprints=fps)
     _remove_stale_temps(out)
+    if cfg.quiet or cfg.log_json:
+        _quiet_libraries()
     try:
         state = _State(out, fps, cfg.force, events)
         src = _stage_extract(cfg, state, events)
@@ -918,6 +987,8 @@ def run_demo(out: str | os.PathLike = "demo-out", budget: str = "16%", force: bo
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file; choose a directory")
     events.info(f"demo: building the tiny random-weight LLaVA-style model in {out / 'tiny-llava'} (seed 0)")
+    if quiet or log_json:
+        _quiet_libraries()
     model = build_tiny_model("llava", out / "tiny-llava", seed=0)
     truth = json.loads((DEMO_DIR / DEMO_TRUTH).read_text())
     cfg = make_config(model=str(model), data=str(DEMO_DIR / DEMO_DATA), image_root=str(DEMO_DIR),

@@ -307,6 +307,9 @@ def render_html(report: Mapping[str, Any]) -> str:
     if skips:
         parts.append("<h2>Skipped samples</h2><p class='warn'>These samples have no representation and "
                      "were not eligible (details in skipped.jsonl and the manifest).</p>" + _kv_table(skips))
+    truth = report.get("demo_truth")
+    if truth:
+        parts.append("<h2>Demo ground truth</h2>" + _kv_table(truth))
     post = report.get("postselect")
     if post:
         parts.append("<h2>Post-selection</h2>" + _kv_table(post))

@@ -125,6 +125,8 @@ def test_run_writes_selection_manifest_and_report(env, baseline):
     for stage in ("extract", "fit", "score", "select"):
         assert ("stage_start", stage) in kinds and ("stage_done", stage) in kinds
     assert kinds[-1] == ("done", None) and baseline["events"][-1]["n_selected"] == 10
+    prog = [e for e in baseline["events"] if e["event"] == "progress" and e["stage"] == "extract"]
+    assert prog and prog[-1]["done"] == prog[-1]["total"] == 40
     assert not list(out.rglob("*.tmp"))
 
 
