@@ -799,7 +799,7 @@ def _stage_extract(cfg: RunConfig, state: _State, events: Events):
         return StoreSource(store)
     t0 = time.perf_counter()
     events.emit("stage_start", stage="extract")
-    watcher = _ShardWatcher(store / "manifest.json", events, cfg) if cfg.log_json else None
+    watcher = _ShardWatcher(store / "manifest.json", events, cfg) if events.log_json else None
     try:
         summary = extract_to_store(cfg.model, cfg.data, store, image_root=cfg.image_root, format=cfg.format,
                                    layer=cfg.layer, threshold=cfg.threshold, batch_size=cfg.batch_size,
