@@ -181,6 +181,32 @@ def test_config_file_flags_override_and_cli(env, baseline, tmp_path, capsys):
     assert "Plan for N=40 samples" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_output_keeps_the_input_format(env, tmp_path, fmt):
+    import pyarrow as pa
+
+    records = json.loads(env["data"].read_text())[:12]
+    if fmt == "jsonl":
+        data = tmp_path / "d.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    else:
+        data = tmp_path / "d.parquet"
+        pq.write_table(pa.Table.from_pylist(records), data)
+    res = run(make_config(model=str(env["model"]), data=str(data), image_root=str(env["root"]),
+                          out=str(tmp_path / "out"), budget="4", batch_size=4, quiet=True))
+    assert res.selected_path.name == f"selected.{fmt}"
+    if fmt == "jsonl":
+        lines = res.selected_path.read_text().splitlines()
+        src_lines = data.read_text().splitlines()
+        assert len(lines) == 4 and all(line in src_lines for line in lines)  # lines copied verbatim
+    else:
+        got = pq.read_table(res.selected_path)
+        assert got.schema == pq.read_table(data).schema and got.num_rows == 4
+    kept = [m["id"] for m in pq.read_table(res.manifest_path).to_pylist() if m["kept"]]
+    ids = [json.loads(x)["id"] for x in lines] if fmt == "jsonl" else got.column("id").to_pylist()
+    assert ids == kept
+
+
 def test_dedup_selected_and_quota_options(env, baseline, tmp_path):
     out = tmp_path / "post"
     shutil.copytree(baseline["out"], out)
