@@ -52,6 +52,8 @@ def structured(n: int, d: int, seed: int = 0, clusters: int = 20, rare_modes: in
     ``dup_group[i]`` is the row a copy was made from (itself for originals), so rows sharing a
     group are near-duplicates of one another.
     """
+    if d < 32:
+        raise ValueError(f"d={d}: the generator needs d >= 32 (24-dim cluster subspace + room for rare modes)")
     rng = np.random.default_rng(seed)
     n_rare = rare_modes * max(1, int(round(rare_frac * n)))
     n_dup = int(round(dup_frac * n))
