@@ -220,16 +220,21 @@ def test_max_prior_similarity_matches_double_loop():
 
 
 def semdedup_naive(x, assign, dist, eps, keep):
-    """Per cluster: order by distance, drop j if cos(j, any earlier) > 1 - eps; survivors first."""
+    """Per cluster: order by distance, drop j if cos(j, any earlier) > 1 - eps; survivors first,
+    then the dropped rows by their largest similarity to an earlier row, ascending."""
     n = x.shape[0]
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)
     key = -dist if keep == "hard" else dist
     dup = np.zeros(n, dtype=bool)
+    prior = np.full(n, -np.inf)
     for c in np.unique(assign):
         members = sorted(np.nonzero(assign == c)[0], key=lambda i: (key[i], i))
         for pos, j in enumerate(members):
-            dup[j] = any(float(xn[i] @ xn[j]) > 1 - eps for i in members[:pos])
-    return sorted(range(n), key=lambda i: (dup[i], key[i], i)), dup
+            sims = [float(xn[i] @ xn[j]) for i in members[:pos]]
+            dup[j] = any(v > 1 - eps for v in sims)
+            prior[j] = max(sims, default=-np.inf)
+    # survivors by key, then duplicates least similar first
+    return sorted(range(n), key=lambda i: (dup[i], prior[i] if dup[i] else 0.0, key[i], i)), dup
 
 
 @pytest.mark.parametrize("keep", ["hard", "easy"])

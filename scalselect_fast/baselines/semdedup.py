@@ -7,8 +7,9 @@
    its first member. (As in the paper's reference procedure, "earlier" includes rows that were
    themselves dropped; a chain a~b~c with a≁c keeps a only when b precedes c.)
 3. Fill the budget with the surviving rows by the same distance-to-centroid order over all
-   clusters; if fewer survive than the budget, the dropped rows follow in that order (so the
-   budget is always met and duplicates are the last resort).
+   clusters. If fewer survive than the budget, the dropped rows follow, least redundant first
+   (ascending similarity to their nearest earlier row): exactly what raising ``eps`` until the
+   budget is met would keep, so the budget is always met and the closest copies come last.
 
 Pairwise work is O(Σ_c m_c² · d) over cluster sizes m_c, about O(N^1.5·d) with the default
 sqrt(N) clusters; memory is one cluster's rows and a (block × cluster) similarity tile.
@@ -105,13 +106,15 @@ def fill_order(src, assign: np.ndarray, dist: np.ndarray, eps: float = 0.05, kee
     idx = np.lexsort((np.arange(n), key, assign))          # grouped by cluster, priority order
     sizes = np.bincount(assign)
     bounds = np.concatenate([[0], np.cumsum(sizes)])
-    dup = np.zeros(n, dtype=bool)
+    prior = np.full(n, -np.inf, dtype=np.float32)    # max cosine to an earlier row of the cluster
     for c in range(sizes.size):
         members = idx[bounds[c]:bounds[c + 1]]
         if members.size < 2:
             continue
         # rows were checked for NaN/inf while being assigned to clusters
-        m = max_prior_similarity(normalize_rows(src.read_rows(members)), block_rows)
-        dup[members] = m > 1.0 - eps
-    order = np.lexsort((np.arange(n), key, dup)).astype(np.int64)   # survivors first, each by key
+        prior[members] = max_prior_similarity(normalize_rows(src.read_rows(members)), block_rows)
+    dup = prior > 1.0 - eps
+    # survivors first by key; then duplicates by similarity (least redundant first), then key
+    redundancy = np.where(dup, prior, -np.inf)
+    order = np.lexsort((np.arange(n), key, redundancy, dup)).astype(np.int64)
     return order, dup
