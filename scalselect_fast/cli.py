@@ -316,13 +316,20 @@ def _cmd_baseline(args) -> int:
     for key in ("max_n", "knn"):
         if getattr(args, key) is not None:
             opts[key] = getattr(args, key)
-    src = open_source(args.source)
-    budget = resolve_budget(args.budget, src.n)
+    try:
+        src = open_source(args.source)
+        budget = resolve_budget(args.budget, src.n)
+    except ValueError as exc:  # StoreError / BudgetError: one line, no traceback
+        print(f"scalselect baseline: {exc}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     try:
         idx = baselines.select(args.method, src, budget, seed=args.seed, **opts)
     except TypeError as exc:  # an --opt the method does not take
         raise SystemExit(f"baseline {args.method}: {exc}") from exc
+    except (ValueError, MemoryError) as exc:  # bad input, or facility location's size refusal
+        print(f"scalselect baseline {args.method}: {exc}", file=sys.stderr)
+        return 2
     seconds = time.perf_counter() - t0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -333,3 +333,18 @@ def test_cli_baseline_writes_indices_ids_and_report(tmp_path):
     assert (out / "selected_ids.txt").read_text().split() == [str(i) for i in idx]
     with pytest.raises(SystemExit):
         main(["baseline", "--method", "nope", str(tmp_path / "x.npy"), "--budget", "3", "--out", str(out)])
+
+
+def test_cli_baseline_errors_are_one_line(tmp_path, capsys):
+    from scalselect_fast.cli import main
+
+    np.save(tmp_path / "x.npy", gaussian(300, 4))
+    rc = main(["baseline", "--method", "facility_location", str(tmp_path / "x.npy"), "--budget", "10",
+               "--out", str(tmp_path / "o"), "--opt", "max_bytes=1000"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "300x300" in err and "max_n" in err and "Traceback" not in err
+    assert main(["baseline", "--method", "random", str(tmp_path / "x.npy"), "--budget", "301",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert main(["baseline", "--method", "random", str(tmp_path / "missing.npy"), "--budget", "3",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()
