@@ -947,20 +947,27 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
     if cfg.quiet or cfg.log_json:
         _quiet_libraries()
     try:
+        stage = "setup"
         state = _State(out, fps, cfg.force, events)
+        stage = "extract"
         src = _stage_extract(cfg, state, events)
+        stage = "fit"
         sub = _stage_fit(cfg, state, events, src)
+        stage = "score"
         scores = _stage_score(cfg, state, events, src, sub)
+        stage = "select"
         skipped_out = out / "skipped.jsonl"
         live = _store_dir(state) / "skipped.jsonl"
         atomic_write_bytes(skipped_out, live.read_bytes() if live.exists() else b"")
         result = _stage_select(cfg, state, events, src, sub, scores, out, skipped_out, report_extra)
     except OSError as exc:
         if _disk_full(exc):
+            where = exc.filename or f"under {out}"
             raise RunError(
-                f"disk full while writing {exc.filename or out} ({exc.strerror}); nothing partial was kept "
-                f"(files are written to temporary names and renamed). Free space on {out} or choose another "
-                f"--out, then rerun the same command: finished stages and shards are reused") from exc
+                f"disk full in the '{stage}' stage while writing {where} ({exc.strerror}); nothing partial "
+                f"was kept (files are written to temporary names and renamed). Free space on {out} or "
+                f"choose another --out, then rerun the same command: finished stages and shards are "
+                f"reused") from exc
         raise
     events.emit("done", seconds=round(time.perf_counter() - t_run, 3), selected=str(result.selected_path),
                 manifest=str(result.manifest_path), report=str(result.report_json),

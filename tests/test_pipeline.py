@@ -421,7 +421,7 @@ def test_disk_full_leaves_no_corrupt_output_and_resumes(env, baseline, tmp_path)
     out = tmp_path / "full"
     if os.geteuid() == 0 and _mount_tmpfs(out, "48k"):
         try:
-            with pytest.raises(RunError, match=r"disk full while writing .*rerun the same command"):
+            with pytest.raises(RunError, match=r"disk full in the '\w+' stage while writing .*rerun the same command"):
                 run(_cfg(env, out, plan_check=False))
             leftovers = [p for p in out.rglob("*") if p.is_file()]
             assert not [p for p in leftovers if p.name.endswith(".tmp")]
@@ -442,7 +442,7 @@ def test_disk_full_leaves_no_corrupt_output_and_resumes(env, baseline, tmp_path)
         args = _cli_args(env, out)[3:] + ["--no-plan-check"]
         r = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
-        assert r.returncode == 2 and "disk full while writing" in r.stderr, r.stderr[-2000:]
+        assert r.returncode == 2 and "disk full in the 'fit' stage" in r.stderr, r.stderr[-2000:]
         assert not list(out.rglob("*.tmp")) and not (out / "selected.json").exists()
         p = _spawn(env, out)
         _, err = p.communicate(timeout=300)

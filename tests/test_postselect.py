@@ -126,3 +126,13 @@ def test_unknown_quota_field_and_bad_eps():
         select_ranked(np.arange(3), 2, labels={}, quotas=[parse_quota("task=a<=50%")])
     with pytest.raises(PostSelectError, match="cosine-distance"):
         select_ranked(np.arange(3), 2, vectors=lambda r: np.ones((len(r), 2)), dedup_eps=3.0)
+
+
+def test_dedup_hnsw_index_finds_planted_duplicates():
+    # well-separated planted duplicates: the approximate HNSW index must resolve them like the exact one
+    X = _planted(n=997, d=24, n_dups=150, seed=5)
+    order = np.arange(X.shape[0])[::-1]  # duplicates (highest rows) ranked first
+    kept, info = select_ranked(order, 400, vectors=lambda r: X[r], dedup_eps=0.01, index="hnsw", chunk=256)
+    ref = _greedy_dedup_reference(order, 400, X, 0.01)
+    np.testing.assert_array_equal(kept, ref)
+    assert info["index"] == "hnsw" and info["n_dedup_dropped"] > 0
