@@ -130,3 +130,24 @@ def test_alignment_to_processor_ids():
     assert out.tolist() == [R.TEMPLATE, R.USER] + [R.VISUAL] * 4 + [R.ANSWER]
     with pytest.raises(R.SampleError, match="differs"):
         R.align_to_processor(ids, roles, [1, 8, 9, 5], 9)
+
+
+def test_template_with_generation_blocks_and_images_first(vlms):
+    """Templates that render images before the text and wrap answers in {% generation %} blocks."""
+    vlm = vlms["llava"]
+    tmpl = ("{% for m in messages %}{% if m['role'] != 'system' %}{{ m['role'] | upper }}: {% endif %}"
+            "{% for c in m['content'] if c['type'] == 'image' %}<image>\n{% endfor %}"
+            "{% for c in m['content'] if c['type'] == 'text' %}{% if m['role'] == 'assistant' %}"
+            "{% generation %}{{ c['text'] }}{% endgeneration %}{% else %}{{ c['text'] }}{% endif %} {% endfor %}"
+            "{% endfor %}")
+    old = vlm.encoder.chat_template
+    vlm.encoder.chat_template = tmpl
+    try:
+        conv = [{"role": "user", "content": "Look: <image> what is it?"}, {"role": "assistant", "content": "A cat."},
+                {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Yes."}]
+        enc = vlm.encode("x", conv, [_image()])
+    finally:
+        vlm.encoder.chat_template = old
+    assert int((enc.roles == R.VISUAL).sum()) == 16
+    assert _text_of(vlm, enc, R.USER) == "Look:  what is it?Sure?"
+    assert _text_of(vlm, enc, R.ANSWER).split() == ["A", "cat.", "Yes."]
