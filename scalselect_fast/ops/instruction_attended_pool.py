@@ -299,15 +299,19 @@ if triton is not None:
 
 
 def _triton_launch_config(head_dim: int, dtype: torch.dtype, interpret: bool):
-    """The one place that picks tile sizes and warps.
+    """The one place that picks tile sizes and warps; returns (fixed launch kwargs or None, BLOCK_D).
 
     Under the interpreter every program is simulated in numpy, so one small fixed tile keeps tests
     fast. Compiled, ``triton.autotune`` picks among :func:`_autotune_configs` (keyed on head_dim,
-    group size and dtype); this returns ``None`` then.
+    group size and dtype; ``None`` is returned then), except for head_dim < 64 (toy/test models, where
+    tuning would only add compile time) or when ``SCALSELECT_TRITON_AUTOTUNE=0``: then a fixed
+    64 x 64 tile, 4 warps, 3 stages (one of the screened candidates).
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     if interpret:
         return dict(BLOCK_M=16, BLOCK_N=16), block_d
+    if head_dim < 64 or os.environ.get("SCALSELECT_TRITON_AUTOTUNE", "1") == "0":
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3), block_d
     return None, block_d
 
 
