@@ -29,6 +29,10 @@ randomized
     energy target) and grows, keeping the current basis, until the Ritz energy in the sketch
     reaches ``energy`` × total with ``oversample`` spare columns (growing 1.5× at a time); then ``n_iter`` further power
     iterations (QR re-orthonormalisation each time) refine it. Deterministic for a fixed ``seed``.
+    It stops when k is stable and the top-k Ritz values moved < 1e-6 (relative) in the last pass.
+    When the sketch would need more than d/2 columns (d > 256) or has not converged in 10 passes, a
+    sketch pass costs more than the exact Gram, so the exact solver finishes the fit; ``info``
+    records ``randomized_gave_up`` with the reason and the passes spent.
     Reference: Halko, Martinsson & Tropp (2011), Alg. 4.4 / 5.1, applied to ``AᵀA``.
 auto
     Exact when d ≤ 4096 (the Gram is small and one pass is cheapest) or when the flop model
@@ -94,6 +98,8 @@ SUBSPACE_VERSION = 1
 #: rows per BLAS product inside a block; bounds the float32 rounding of each partial Gram (its
 #: error grows with the inner dimension) while keeping the product large enough to run at speed.
 GRAM_CHUNK_ROWS = 8192
+#: above this width the randomized solver hands over to the exact one once its sketch needs > d/2
+SKETCH_SWITCH_MIN_D = 256
 #: a column whose variance is below this fraction of the largest column variance is "constant"
 ZERO_VARIANCE_RTOL = 1e-10
 
@@ -1108,8 +1114,16 @@ def _fit_exact(src, energy, k, standardize, l2_normalize, block_rows, be, tracke
 # --------------------------------------------------------------------------------------------------
 # randomized solver
 # --------------------------------------------------------------------------------------------------
+class _SwitchToExact(Exception):
+    """The randomized solver gave up for a cost or convergence reason; the exact solver takes over."""
+
+    def __init__(self, reason: str, passes: int, history: list):
+        super().__init__(reason)
+        self.reason, self.passes, self.history = reason, passes, history
+
+
 def _fit_randomized(src, energy, k, standardize, l2_normalize, block_rows, be, tracker, timings, seed,
-                    oversample=10, n_iter=2, max_passes=12, init_width=64):
+                    oversample=10, n_iter=2, max_passes=10, init_width=64, ritz_rtol=1e-6):
     d = src.d
     xp = be.xp
     rng = np.random.default_rng(seed)
@@ -1198,6 +1212,12 @@ def _fit_randomized(src, energy, k, standardize, l2_normalize, block_rows, be, t
         if not enough and ell < d and passes < max_passes:
             # 1.5× keeps the overshoot (extra flops in every later pass) moderate
             new = min(d, max(ell + ell // 2, (kk or 0) + oversample))
+            if 2 * new > d > SKETCH_SWITCH_MIN_D:
+                # A pass with ℓ > d/2 columns costs 4·N·d·ℓ > 2·N·d² flops, more than the exact
+                # solver's whole Gram pass: finish exactly instead (the user gets the exact answer).
+                # Small d keeps sketching (up to ℓ = d, where one Rayleigh-Ritz pass is exact).
+                raise _SwitchToExact(f"the sketch needed ℓ={new} > d/2={d // 2} columns (spectrum too "
+                                     f"flat for a low-rank sketch)", passes, history)
             extra = rng.standard_normal((d, new - ell))
             # keep what was learnt: next basis = [current AᵀA Q | fresh random columns]
             Z = np.concatenate([Z, extra * np.linalg.norm(Z) / math.sqrt(Z.size)], axis=1)
@@ -1207,10 +1227,15 @@ def _fit_randomized(src, energy, k, standardize, l2_normalize, block_rows, be, t
             prev = None
             continue
         iters_after_fit += 1
-        converged = prev is not None and abs(captured - prev) <= 1e-4 * captured
-        prev = captured
-        if (iters_after_fit >= n_iter and converged) or passes >= max_passes:
+        # converged when k is stable and the top-k Ritz values stopped moving (they converge about
+        # twice as fast as the vectors, hence the tight tolerance)
+        converged = prev is not None and prev.size >= kk and \
+            float(np.max(np.abs(lam[:kk] - prev[:kk]) / np.maximum(lam[:kk], 1e-300))) <= ritz_rtol
+        prev = lam.copy()
+        if iters_after_fit >= n_iter and converged:
             break
+        if passes >= max_passes:
+            raise _SwitchToExact(f"the sketch did not converge within {max_passes} passes", passes, history)
     if kk is None:
         raise SubspaceError(f"{_name(src)}: the randomized sketch (ℓ={ell}) did not reach energy {energy} "
                             f"within {max_passes} passes; use solver='exact'")
@@ -1336,8 +1361,18 @@ def fit_subspace(source, energy: float = 0.9, k: int | None = None, solver: str 
         fields, passes, extra = _fit_exact(src, energy, k, standardize, l2_normalize, block_rows, be,
                                            tracker, timings)
     else:
-        fields, passes, extra = _fit_randomized(src, energy, k, standardize, l2_normalize, block_rows, be,
-                                                tracker, timings, seed, oversample=oversample, n_iter=n_iter)
+        try:
+            fields, passes, extra = _fit_randomized(src, energy, k, standardize, l2_normalize, block_rows, be,
+                                                    tracker, timings, seed, oversample=oversample,
+                                                    n_iter=n_iter)
+        except _SwitchToExact as sw:
+            tracker = _InvalidTracker(src, drop_invalid)  # the exact pass records the rows again
+            fields, passes, extra = _fit_exact(src, energy, k, standardize, l2_normalize, block_rows, be,
+                                               tracker, timings)
+            passes += sw.passes
+            extra.update(randomized_gave_up=sw.reason, randomized_passes=sw.passes, history=sw.history)
+            chosen = "exact"
+            reason += f"; randomized switched to exact: {sw.reason}"
     timings["fit_s"] = time.perf_counter() - t_start
     invalid = np.sort(tracker.all_rows())
     info = {"solver_requested": solver, "solver_reason": reason, "backend": be.name,

@@ -118,7 +118,7 @@ def test_options_match_reference(standardize, l2):
     k_ref, s_ref, _, lev_ref = reference(X, standardize=standardize, l2=l2)
     for solver in ("exact", "randomized"):
         sub = fit_subspace(X, solver=solver, standardize=standardize, l2_normalize=l2, block_rows=150)
-        assert sub.k == k_ref, solver
+        assert sub.k == k_ref and sub.solver == solver
         if solver == "exact":
             assert sub.passes == 1 + l2
         if standardize:
@@ -206,7 +206,7 @@ def test_randomized_accuracy_and_determinism():
     k_ref, s_ref, _, lev_ref = reference(X)
     a = fit_subspace(X, solver="randomized", seed=7, block_rows=1000)
     b = fit_subspace(X, solver="randomized", seed=7, block_rows=1000)
-    assert a.solver == "randomized" and a.passes >= 3
+    assert a.solver == "randomized" and a.passes >= 3 and "randomized_gave_up" not in a.info
     assert a.k == k_ref
     np.testing.assert_array_equal(a.components, b.components)  # bit-identical for a fixed seed
     np.testing.assert_allclose(a.singular_values, s_ref, rtol=1e-3)
@@ -226,8 +226,20 @@ def test_randomized_grows_sketch():
     X = np.random.default_rng(9).standard_normal((2000, 128))
     k_ref = reference(X)[0]
     sub = fit_subspace(X, solver="randomized", block_rows=512)
-    assert sub.info["growths"] >= 1 and sub.info["sketch_width"] > 64
+    assert sub.info["growths"] >= 1 and sub.info["sketch_width"] > 64 and sub.solver == "randomized"
     assert abs(sub.k - k_ref) <= 1
+
+
+def test_randomized_hands_over_to_exact_when_sketch_too_wide():
+    # flat spectrum, d=300 > 256: 90% of the energy needs ~250 directions, a sketch wider than d/2
+    X = np.random.default_rng(14).standard_normal((1200, 300))
+    sub = fit_subspace(X, solver="randomized", block_rows=400)
+    assert sub.solver == "exact" and "d/2" in sub.info["randomized_gave_up"]
+    assert sub.passes == sub.info["randomized_passes"] + 1
+    assert "switched to exact" in sub.info["solver_reason"]
+    k_ref, s_ref, _, _ = reference(X)
+    assert sub.k == k_ref
+    np.testing.assert_allclose(sub.singular_values, s_ref, rtol=1e-9)
 
 
 def test_randomized_k_override():
