@@ -8,7 +8,7 @@ import glob
 import os
 import sys
 
-from pybind11.setup_helpers import Pybind11Extension, build_ext
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import setup
 
 extra_compile_args = []
@@ -16,6 +16,9 @@ if sys.platform != "win32":
     # -O3 for the hot loops; F16C/AVX2 are selected at run time per function (target attributes),
     # so the binary still loads on older x86-64 CPUs.
     extra_compile_args = ["-O3", "-fvisibility=hidden", "-pthread"]
+
+# Compile the csrc/ files in parallel (one job per core unless NPY_NUM_BUILD_JOBS says otherwise).
+ParallelCompile("NPY_NUM_BUILD_JOBS", default=0).install()
 
 ext_modules = [
     Pybind11Extension(

@@ -1,11 +1,14 @@
 // pybind11 module definition for scalselect_fast._native.
 //
-// Only argument plumbing lives here; each concern (decode, leverage, top-k) gets its own .cpp.
-// The Python-facing contract is documented in scalselect_fast/native.py, which is the only module
+// Only argument plumbing lives here; each concern has its own .cpp (center, leverage, topk, decode,
+// blas). The Python-facing contracts are documented in scalselect_fast/native.py, the only module
 // that imports this extension.
 #include <pybind11/pybind11.h>
 
-#include <string>
+#include "blas.h"
+#include "common.h"
+#include "decode.h"
+#include "kernels.h"
 
 namespace py = pybind11;
 
@@ -25,6 +28,7 @@ py::dict cpu_features() {
     d["fma"] = false;
     d["f16c"] = false;
 #endif
+    d["simd_active"] = ssf::simd_active();
     return d;
 }
 
@@ -32,6 +36,34 @@ py::dict cpu_features() {
 
 PYBIND11_MODULE(_native, m) {
     m.doc() = "Compiled block kernels for scalselect_fast (import via scalselect_fast.native).";
-    m.def("cpu_features", &cpu_features,
-          "Instruction-set extensions the running CPU supports (avx2, fma, f16c).");
+    ssf::load_blas();
+
+    m.def("center_block", &ssf::center_block, py::arg("block"), py::arg("shift"), py::arg("out"),
+          py::arg("bf16") = false, "out = float32(block - shift); see scalselect_fast.native.center_block.");
+    m.def("leverage_block", &ssf::leverage_block, py::arg("block"), py::arg("mean"), py::arg("W"),
+          py::arg("out"), py::arg("inv_scale") = py::none(), py::arg("l2_normalize") = false,
+          py::arg("bf16") = false, py::kw_only(), py::arg("gemm") = "float32", py::arg("tile_rows") = 0,
+          py::arg("threads") = 0,
+          "out[i] = ||pre(block[i]) @ W||^2; see scalselect_fast.native.leverage_block. Keyword-only "
+          "tuning knobs (for benchmarks): gemm='float32'|'float64', tile_rows (0 = auto), threads "
+          "(0 = one worker, BLAS threads the GEMM).");
+    m.def("top_k_block", &ssf::top_k_block, py::arg("scores"), py::arg("offset"), py::arg("budget"),
+          "Top budget of one block; see scalselect_fast.native.top_k_block.");
+    m.def("top_k_merge", &ssf::top_k_merge, py::arg("parts"), py::arg("budget"),
+          "Merge top-k lists; see scalselect_fast.native.top_k_merge.");
+
+    m.def("cpu_features", &cpu_features, "Instruction-set extensions the running CPU supports.");
+    m.def("set_simd_enabled", &ssf::set_simd_enabled, py::arg("on"),
+          "Use (True) or bypass (False) the AVX2/F16C kernels; for tests and benchmarks.");
+    m.def("simd_active", &ssf::simd_active, "Whether the AVX2/F16C kernels are in use.");
+    m.def("blas_info", [] {
+        py::dict d;
+        d["threads_controllable"] = ssf::blas_threads_controllable();
+        d["num_threads"] = ssf::blas_num_threads();
+        return d;
+    }, "Whether the borrowed (scipy) BLAS thread count can be pinned, and its current value.");
+    m.def("num_threads", &ssf::num_threads, "Threads the decode kernels use.");
+    m.def("set_num_threads", &ssf::set_num_threads, py::arg("n"),
+          "Threads the decode kernels use (0 = default: SCALSELECT_NUM_THREADS or the CPUs this "
+          "process may run on).");
 }

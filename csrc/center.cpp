@@ -1,0 +1,50 @@
+// center_block: out = float32(block - shift), the decode + shift pass that feeds the fp32 Gram
+// product of the exact solver.
+#include <pybind11/pybind11.h>
+
+#include "common.h"
+#include "decode.h"
+#include "kernels.h"
+
+namespace ssf {
+
+void center_block(py::array block, py::array shift, py::array out, bool bf16) {
+    const char* fn = "center_block";
+    const Elem e = block_elem(block, bf16, fn, "block");
+    require_ndim(block, 2, fn, "block");
+    require_c_contiguous(block, fn, "block");
+    require_f64(shift, fn, "shift");
+    require_ndim(shift, 1, fn, "shift");
+    require_c_contiguous(shift, fn, "shift");
+    require_f32(out, fn, "out");
+    require_ndim(out, 2, fn, "out");
+    require_c_contiguous(out, fn, "out");
+    require_writeable(out, fn, "out");
+    const auto m = static_cast<std::size_t>(block.shape(0));
+    const auto d = static_cast<std::size_t>(block.shape(1));
+    if (static_cast<std::size_t>(shift.shape(0)) != d)
+        throw py::value_error("center_block: shift has " + std::to_string(shift.shape(0)) +
+                              " entries but block has d=" + std::to_string(d) + " columns");
+    if (static_cast<std::size_t>(out.shape(0)) != m || static_cast<std::size_t>(out.shape(1)) != d)
+        throw py::value_error("center_block: out has shape (" + std::to_string(out.shape(0)) + ", " +
+                              std::to_string(out.shape(1)) + ") but block has shape (" +
+                              std::to_string(m) + ", " + std::to_string(d) +
+                              "); allocate out = np.empty(block.shape, np.float32)");
+    if (m == 0 || d == 0) return;
+
+    const char* x = static_cast<const char*>(block.data());
+    const double* sh = static_cast<const double*>(shift.data());
+    float* o = static_cast<float*>(out.mutable_data());
+    const std::size_t row_bytes = d * elem_size(e);
+    RowKernel<float> kern = pick_row_kernel<float>(e, false, false);
+    const int threads = num_threads();
+
+    py::gil_scoped_release nogil;
+    // At least ~256 KiB of input per thread, so tiny blocks do not pay for thread starts.
+    const std::size_t min_rows = std::max<std::size_t>(1, (256u << 10) / std::max<std::size_t>(1, row_bytes));
+    parallel_rows(m, min_rows, threads, [&](std::size_t b, std::size_t end) {
+        for (std::size_t i = b; i < end; ++i) kern(x + i * row_bytes, sh, nullptr, o + i * d, d);
+    });
+}
+
+}  // namespace ssf
