@@ -42,10 +42,10 @@ PYBIND11_MODULE(_native, m) {
           py::arg("bf16") = false, "out = float32(block - shift); see scalselect_fast.native.center_block.");
     m.def("leverage_block", &ssf::leverage_block, py::arg("block"), py::arg("mean"), py::arg("W"),
           py::arg("out"), py::arg("inv_scale") = py::none(), py::arg("l2_normalize") = false,
-          py::arg("bf16") = false, py::kw_only(), py::arg("gemm") = "float32", py::arg("tile_rows") = 0,
+          py::arg("bf16") = false, py::kw_only(), py::arg("gemm") = "auto", py::arg("tile_rows") = 0,
           py::arg("threads") = 0,
           "out[i] = ||pre(block[i]) @ W||^2; see scalselect_fast.native.leverage_block. Keyword-only "
-          "tuning knobs (for benchmarks): gemm='float32'|'float64', tile_rows (0 = auto), threads "
+          "tuning knobs (for benchmarks): gemm='auto'|'float32'|'float64' (auto: float64 for float64 blocks), tile_rows (0 = auto), threads "
           "(0 = one worker, BLAS threads the GEMM).");
     m.def("top_k_block", &ssf::top_k_block, py::arg("scores"), py::arg("offset"), py::arg("budget"),
           "Top budget of one block; see scalselect_fast.native.top_k_block.");
@@ -62,6 +62,10 @@ PYBIND11_MODULE(_native, m) {
         d["num_threads"] = ssf::blas_num_threads();
         return d;
     }, "Whether the borrowed (scipy) BLAS thread count can be pinned, and its current value.");
+    m.def("stream_threshold_bytes", &ssf::stream_threshold_bytes,
+          "center_block output size (bytes) from which it uses non-temporal stores.");
+    m.def("set_stream_threshold_bytes", &ssf::set_stream_threshold_bytes, py::arg("n"),
+          "Set that size (0 = always stream, a huge value = never); for tests and benchmarks.");
     m.def("num_threads", &ssf::num_threads, "Threads the decode kernels use.");
     m.def("set_num_threads", &ssf::set_num_threads, py::arg("n"),
           "Threads the decode kernels use (0 = default: SCALSELECT_NUM_THREADS or the CPUs this "

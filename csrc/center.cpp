@@ -2,11 +2,21 @@
 // product of the exact solver.
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
+#include <atomic>
+
 #include "common.h"
 #include "decode.h"
 #include "kernels.h"
 
 namespace ssf {
+
+namespace {
+std::atomic<std::size_t> g_stream_threshold{8u << 20};
+}  // namespace
+
+std::size_t stream_threshold_bytes() { return g_stream_threshold.load(std::memory_order_relaxed); }
+void set_stream_threshold_bytes(std::size_t n) { g_stream_threshold.store(n, std::memory_order_relaxed); }
 
 void center_block(py::array block, py::array shift, py::array out, bool bf16) {
     const char* fn = "center_block";
@@ -36,7 +46,10 @@ void center_block(py::array block, py::array shift, py::array out, bool bf16) {
     const double* sh = static_cast<const double*>(shift.data());
     float* o = static_cast<float*>(out.mutable_data());
     const std::size_t row_bytes = d * elem_size(e);
-    RowKernel<float> kern = pick_row_kernel<float>(e, false, false);
+    // Outputs beyond the last-level cache bypass it (the fp32 Gram product that reads them streams
+    // from memory anyway); smaller ones stay cached for the consumer. Override: set_stream_threshold.
+    const bool stream = m * d * sizeof(float) >= stream_threshold_bytes();
+    RowKernel<float> kern = stream ? pick_streaming_center_kernel(e) : pick_row_kernel<float>(e, false, false);
     const int threads = num_threads();
 
     py::gil_scoped_release nogil;
@@ -44,6 +57,7 @@ void center_block(py::array block, py::array shift, py::array out, bool bf16) {
     const std::size_t min_rows = std::max<std::size_t>(1, (256u << 10) / std::max<std::size_t>(1, row_bytes));
     parallel_rows(m, min_rows, threads, [&](std::size_t b, std::size_t end) {
         for (std::size_t i = b; i < end; ++i) kern(x + i * row_bytes, sh, nullptr, o + i * d, d);
+        if (stream) streaming_store_fence();
     });
 }
 

@@ -6,6 +6,7 @@
 // agree bit for bit and match numpy's float64 arithmetic), then rounded once to the output type.
 #include "decode.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -108,9 +109,38 @@ inline void load8(const void* x, std::size_t j, __m256d& lo, __m256d& hi) {
 }
 
 template <Elem E, bool SCALE, bool SUMSQ, class OutT>
+inline double tail_avx2(const void* x, const double* shift, const double* scale, OutT* out, std::size_t j,
+                        std::size_t end) {
+    double s = 0.0;
+    for (; j < end; ++j) {
+        double z;
+        if constexpr (E == Elem::F16)
+            z = static_cast<double>(_cvtsh_ss(static_cast<const std::uint16_t*>(x)[j])) - shift[j];
+        else
+            z = load_scalar<E>(x, j) - shift[j];
+        if constexpr (SCALE) z *= scale[j];
+        if constexpr (SUMSQ) s += z * z;
+        out[j] = static_cast<OutT>(z);
+    }
+    return s;
+}
+
+// STREAM: non-temporal stores for outputs larger than the caches (the consumer reads them from
+// memory anyway), which saves the read-for-ownership of every output line.
+template <Elem E, bool SCALE, bool SUMSQ, class OutT, bool STREAM = false>
 double row_avx2(const void* x, const double* shift, const double* scale, OutT* out, std::size_t d) {
     __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
     std::size_t j = 0;
+    double head = 0.0;
+    if constexpr (STREAM) {
+        // peel until the output is 32-byte aligned (streaming stores need it)
+        const auto addr = reinterpret_cast<std::uintptr_t>(out);
+        std::size_t peel = ((32 - (addr & 31)) & 31) / sizeof(OutT);
+        if (addr % sizeof(OutT)) peel = d;  // misaligned element type: no streaming
+        peel = std::min(peel, d);
+        head = tail_avx2<E, SCALE, SUMSQ, OutT>(x, shift, scale, out, 0, peel);
+        j = peel;
+    }
     for (; j + 8 <= d; j += 8) {
         __m256d lo, hi;
         load8<E>(x, j, lo, hi);
@@ -126,30 +156,25 @@ double row_avx2(const void* x, const double* shift, const double* scale, OutT* o
         }
         if constexpr (sizeof(OutT) == 4) {
             __m256 f = _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo));
-            _mm256_storeu_ps(reinterpret_cast<float*>(out) + j, f);
+            if constexpr (STREAM)
+                _mm256_stream_ps(reinterpret_cast<float*>(out) + j, f);
+            else
+                _mm256_storeu_ps(reinterpret_cast<float*>(out) + j, f);
         } else {
             _mm256_storeu_pd(reinterpret_cast<double*>(out) + j, lo);
             _mm256_storeu_pd(reinterpret_cast<double*>(out) + j + 4, hi);
         }
     }
-    double s = 0.0;
+    double s = head;
     if constexpr (SUMSQ) {
         __m256d a = _mm256_add_pd(acc0, acc1);
         __m128d h = _mm_add_pd(_mm256_castpd256_pd128(a), _mm256_extractf128_pd(a, 1));
-        s = _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+        s += _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
     }
-    for (; j < d; ++j) {
-        double z;
-        if constexpr (E == Elem::F16)
-            z = static_cast<double>(_cvtsh_ss(static_cast<const std::uint16_t*>(x)[j])) - shift[j];
-        else
-            z = load_scalar<E>(x, j) - shift[j];
-        if constexpr (SCALE) z *= scale[j];
-        if constexpr (SUMSQ) s += z * z;
-        out[j] = static_cast<OutT>(z);
-    }
-    return s;
+    return s + tail_avx2<E, SCALE, SUMSQ, OutT>(x, shift, scale, out, j, d);
 }
+
+__attribute__((target("avx2"))) void fence_streaming_stores() { _mm_sfence(); }
 
 #pragma GCC pop_options
 #endif  // SSF_X86
@@ -182,6 +207,26 @@ RowKernel<OutT> pick_flags(bool scale, bool sumsq, bool simd) {
 }
 
 }  // namespace
+
+RowKernel<float> pick_streaming_center_kernel(Elem e) {
+#if SSF_X86
+    if (simd_active()) {
+        switch (e) {
+            case Elem::F16: return row_avx2<Elem::F16, false, false, float, true>;
+            case Elem::BF16: return row_avx2<Elem::BF16, false, false, float, true>;
+            case Elem::F32: return row_avx2<Elem::F32, false, false, float, true>;
+            case Elem::F64: return row_avx2<Elem::F64, false, false, float, true>;
+        }
+    }
+#endif
+    return pick_row_kernel<float>(e, false, false);
+}
+
+void streaming_store_fence() {
+#if SSF_X86
+    if (g_cpu_simd) fence_streaming_stores();
+#endif
+}
 
 bool simd_active() { return g_cpu_simd && g_simd_enabled.load(std::memory_order_relaxed); }
 void set_simd_enabled(bool on) { g_simd_enabled.store(on, std::memory_order_relaxed); }

@@ -21,6 +21,12 @@ using RowKernel = double (*)(const void* x, const double* shift, const double* s
 template <class OutT>
 RowKernel<OutT> pick_row_kernel(Elem e, bool scale, bool want_sumsq);
 
+// center_block's kernel for outputs larger than the caches: like pick_row_kernel<float>(e, false,
+// false) but with non-temporal stores (when SIMD is active). Call streaming_store_fence() on the
+// same thread before its output is read elsewhere.
+RowKernel<float> pick_streaming_center_kernel(Elem e);
+void streaming_store_fence();
+
 // Whether the AVX2/F16C kernels are used (the CPU has them and they are not switched off).
 bool simd_active();
 // Switch the SIMD kernels off/on (tests compare both paths).

@@ -12,6 +12,10 @@ namespace ssf {
 
 namespace py = pybind11;
 
+// center_block uses non-temporal stores when its output has at least this many bytes (default 8 MiB).
+std::size_t stream_threshold_bytes();
+void set_stream_threshold_bytes(std::size_t n);
+
 void center_block(py::array block, py::array shift, py::array out, bool bf16);
 
 void leverage_block(py::array block, py::array mean, py::array W, py::array out, py::object inv_scale,

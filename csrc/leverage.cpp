@@ -24,6 +24,7 @@ void leverage_rows(const char* x, std::size_t row_bytes, Elem e, std::size_t row
                    std::size_t d, const double* mean, const double* scale, const T* w, std::size_t k,
                    double* out, bool l2, std::size_t tile) {
     RowKernel<T> kern = pick_row_kernel<T>(e, scale != nullptr, l2);
+    tile = std::min(tile, row_end - row_begin);  // a small block gets a small buffer
     // Buffers live for the whole call (one allocation per call and thread, not per tile).
     std::vector<T> z(tile * d), p(tile * k);
     std::vector<double> norm2(tile);
@@ -103,9 +104,11 @@ void leverage_block(py::array block, py::array mean, py::array W, py::array out,
                                   " entries but block has d=" + std::to_string(d) + " columns");
         scale = static_cast<const double*>(scale_arr.data());
     }
-    const bool f64 = gemm_type == "float64";
-    if (!f64 && gemm_type != "float32")
-        throw py::value_error("leverage_block: gemm must be 'float32' or 'float64', got '" + gemm_type + "'");
+    // auto: float64 blocks keep a float64 product (whoever stored float64 asked for that precision);
+    // fp16/bf16/fp32 blocks, whose values already carry <= 24 bits, use the 2x faster sgemm.
+    if (gemm_type != "auto" && gemm_type != "float32" && gemm_type != "float64")
+        throw py::value_error("leverage_block: gemm must be 'auto', 'float32' or 'float64', got '" + gemm_type + "'");
+    const bool f64 = gemm_type == "float64" || (gemm_type == "auto" && e == Elem::F64);
     if (tile_rows < 0) throw py::value_error("leverage_block: tile_rows must be >= 0 (0 = automatic)");
     if (threads < 0) throw py::value_error("leverage_block: threads must be >= 0 (0 = automatic)");
     if (d > 0x7fffffffu || k > 0x7fffffffu)
@@ -123,19 +126,25 @@ void leverage_block(py::array block, py::array mean, py::array W, py::array out,
     const std::size_t row_bytes = d * elem_size(e);
     const std::size_t tile = tile_rows > 0 ? static_cast<std::size_t>(tile_rows)
                                            : auto_tile_rows(d, f64 ? 8 : 4);
-    // Workers: by default one per core, each running its own tiles with a single-threaded GEMM,
-    // so nothing synchronises per tile (see SingleThreadedBlas). With one worker (small block, or
-    // threads=1) the BLAS thread pool parallelises each GEMM instead.
+    // Workers take whole tiles, and tiles start at multiples of `tile` from the block start, so
+    // each row's score is a function of (block length, tile size, row) only -- the same bits
+    // whatever the thread count (single-node vs Dask workers agree on a selection). By default one
+    // worker per core, each running single-threaded GEMMs on its own tiles (see SingleThreadedBlas:
+    // no BLAS thread barrier per tile). threads=1 (benchmarks) keeps one worker and lets the BLAS
+    // thread pool split each GEMM instead.
+    const std::size_t ntiles = (m + tile - 1) / tile;
+    const bool pin_blas = threads != 1;
     std::size_t workers = threads > 0 ? static_cast<std::size_t>(threads)
                                       : (blas_threads_controllable() ? num_threads() : 1);
-    workers = std::max<std::size_t>(1, std::min(workers, (m + tile - 1) / tile));
+    workers = std::max<std::size_t>(1, std::min(workers, ntiles));
 
     py::gil_scoped_release nogil;
     std::unique_ptr<SingleThreadedBlas> pin;
-    if (workers > 1) pin = std::make_unique<SingleThreadedBlas>();
+    if (pin_blas) pin = std::make_unique<SingleThreadedBlas>();
     std::vector<float> w32;
     if (!f64) w32.assign(w64, w64 + d * k);
-    parallel_rows(m, tile, static_cast<int>(workers), [&](std::size_t b, std::size_t end) {
+    parallel_rows(ntiles, 1, static_cast<int>(workers), [&](std::size_t tb, std::size_t te) {
+        const std::size_t b = tb * tile, end = std::min(m, te * tile);
         if (f64)
             leverage_rows<double>(x, row_bytes, e, b, end, d, mu, scale, w64, k, o, l2_normalize, tile);
         else

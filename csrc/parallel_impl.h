@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <exception>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -25,13 +26,18 @@ void parallel_rows(std::size_t n, std::size_t min_chunk, int threads, Body&& bod
     const std::size_t step = (n + parts - 1) / parts;
     for (std::size_t p = 1; p < parts; ++p) {
         std::size_t b = std::min(n, p * step), e = std::min(n, (p + 1) * step);
-        pool.emplace_back([&, p, b, e] {
+        auto run = [&, p, b, e] {
             try {
                 body(b, e);
             } catch (...) {
                 errors[p] = std::current_exception();
             }
-        });
+        };
+        try {
+            pool.emplace_back(run);
+        } catch (const std::system_error&) {
+            run();  // no thread available (limits): do this chunk here rather than fail
+        }
     }
     try {
         body(std::size_t(0), std::min(n, step));

@@ -139,6 +139,25 @@ def test_center_block_large_shift_is_exact_in_float64():
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,d", [(3, 1), (5, 7), (9, 33), (31, 769)])
+def test_center_block_streaming_stores_path(dtype, m, d):
+    # large outputs use non-temporal stores with a per-row alignment peel: force it on small ones
+    rng = np.random.default_rng(m + d)
+    block, bf16 = make_block(rng, m, d, dtype)
+    shift = rng.standard_normal(d)
+    prev = N.stream_threshold_bytes()
+    try:
+        N.set_stream_threshold_bytes(0)
+        for offset in (0, 1):  # also an output whose rows start off the 32-byte grid
+            buf = np.empty(m * d + offset, np.float32)[offset:].reshape(m, d)
+            native.center_block(block, shift, buf, bf16)
+            np.testing.assert_array_equal(buf, native._center_block_py(block, shift, np.empty((m, d), np.float32), bf16))
+    finally:
+        N.set_stream_threshold_bytes(prev)
+
+
+@needs_native
 def test_center_block_threaded_equals_single_thread():
     rng = np.random.default_rng(1)
     block = rng.standard_normal((4099, 65)).astype(np.float16)
@@ -158,9 +177,10 @@ def test_center_block_threaded_equals_single_thread():
 # ------------------------------------------------------------------------------------------------
 # leverage_block
 # ------------------------------------------------------------------------------------------------
-# (dtype, atol relative to the largest score, rtol): the input is exact in float64, so the error is
-# the float32 product's and does not depend on the storage dtype; the numpy fallback is float64.
-LEV_TOL = [("float16", 2e-6, 2e-5), ("bfloat16", 2e-6, 2e-5), ("float32", 2e-6, 2e-5), ("float64", 2e-6, 2e-5)]
+# (dtype, atol relative to the largest score, rtol): the input is exact in float64, so for fp16/bf16/
+# fp32 the error is the float32 product's and does not depend on the storage dtype.
+# float64 blocks keep a float64 product.
+LEV_TOL = [("float16", 2e-6, 2e-5), ("bfloat16", 2e-6, 2e-5), ("float32", 2e-6, 2e-5), ("float64", 1e-12, 1e-11)]
 
 
 @pytest.mark.parametrize("dtype,atol,rtol", LEV_TOL)
@@ -271,6 +291,22 @@ def test_leverage_block_workers_tiles_and_gemm_precision(kw):
     np.testing.assert_allclose(out, ref, rtol=tol, atol=tol * 1e-2 * ref.max())
     # the BLAS thread count is restored after a multi-worker call
     assert N.blas_info()["num_threads"] >= 1
+
+
+@needs_native
+def test_leverage_block_bits_do_not_depend_on_thread_count():
+    # workers take whole tiles, so a row's score depends on the block and tile size only
+    rng = np.random.default_rng(10)
+    m, d, k = 1501, 768, 150
+    block = rng.standard_normal((m, d)).astype(np.float16)
+    W, mean = rng.standard_normal((d, k)) / 30, np.zeros(d)
+    outs = []
+    for threads in (0, 2, 3, 5):
+        o = np.empty(m)
+        N.leverage_block(block, mean, W, o, threads=threads, tile_rows=64)
+        outs.append(o)
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0])
 
 
 @needs_native

@@ -37,7 +37,10 @@ def test_leverage_matches_row_norms_of_U(dtype, atol):
     assert lev.dtype == np.float64 and lev.shape == (1013,)
     np.testing.assert_allclose(lev, reference_leverage(X, sub.k), atol=atol, rtol=1e-4)
     assert abs(lev.sum() - sub.k) < 1e-6
-    np.testing.assert_allclose(sub.score(X[100:200]), lev[100:200], rtol=1e-12, atol=1e-15)
+    # a different block partition: the native kernel's float32 product (fp16/fp32 input) may round
+    # a row differently in another tile position; float64 input keeps a float64 product
+    rtol = 1e-12 if dtype == np.float64 or not native.HAVE_NATIVE else 1e-6
+    np.testing.assert_allclose(sub.score(X[100:200]), lev[100:200], rtol=rtol, atol=1e-15)
 
 
 def test_leverage_over_multi_shard_store(tmp_path):
