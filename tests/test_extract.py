@@ -64,6 +64,17 @@ def test_vectors_match_eager_full_map_reference(models, samples, family, layer):
         np.testing.assert_allclose(res.vectors, ref, rtol=1e-5, atol=1e-5, err_msg=f"{side} padding")
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_newer_qwen_families_match_reference(tmp_path, samples, family):
+    """Qwen2.5-VL (windowed vision) and Qwen3-VL (deepstack: features added after layer 0's output)."""
+    path = build_tiny_model(family, tmp_path / family, num_layers=2)
+    vlm = load_vlm(path, layer=0, dtype="fp32", device="cpu")
+    batch = _encode_batch(vlm, samples, "right")
+    res = encode_and_pool(vlm, samples, backend="torch")
+    ref = eager_reference(path, batch["inputs"], batch["roles"].numpy(), 0, 0.9)
+    np.testing.assert_allclose(res.vectors, ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("instruction,threshold", [("user", 0.9), ("all", 0.5), ("all", 1.0)])
 def test_instruction_mode_and_threshold_match_reference(models, samples, instruction, threshold):
     vlm = _vlm(models["llava"])
