@@ -168,6 +168,19 @@ def test_interleaved_images_multi_block(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    """q/k as transformers produces them before SDPA: (B, L, H, Dh) storage viewed as (B, H, L, Dh)."""
+    q, k, hidden, qm, km, am = make_case(2, 4, 2, 29, 16, 6, pad="right", seed=17)
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)
+    kt = k.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not qt.is_contiguous() and not kt.is_contiguous()
+    ref, _, _ = reference_pool(q, k, hidden, qm, km, am)
+    out = instruction_attended_pool(qt, kt, hidden.transpose(0, 1).contiguous().transpose(0, 1), qm, km, am,
+                                    backend=backend)
+    _assert_close_nan(out, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_small_torch_chunks_and_custom_scale(backend):
     q, k, hidden, qm, km, am = make_case(2, 4, 2, 37, 8, 6, pad="left", seed=3)
     ref, _, _ = reference_pool(q.cpu(), k.cpu(), hidden.cpu(), qm.cpu(), km.cpu(), am.cpu(), 0.8, scale=0.05)

@@ -6,8 +6,8 @@ tokens attend to most in one decoder layer. The reference recipe asks the model 
 ``q``/``k`` with memory linear in ``L``:
 
 * ``torch`` backend: loops over chunks of instruction rows; per chunk it materialises the logits of
-  those rows only (``H x chunk x L``), takes the row log-sum-exp over all visible keys in fp32 and
-  accumulates the column sums over visual keys. Runs on CPU and CUDA.
+  those rows only (``H x chunk x L``, fp32), normalises each row over all its visible keys in place
+  and accumulates the column sums over visual keys. Runs on CPU and CUDA.
 * ``triton`` backend: two kernels, :func:`_row_lse_kernel` (online log-sum-exp per instruction row over
   all visible keys) and :func:`_visual_colsum_kernel` (instruction->visual column sums of
   ``exp(q.k*scale - lse)``, one program per key block, no atomics), both accumulating in fp32.
