@@ -113,7 +113,8 @@ def _leverage_block_py(block, mean, W, out, inv_scale=None, l2_normalize=False, 
         z *= inv_scale
     if l2_normalize:
         norms = np.sqrt(np.einsum("ij,ij->i", z, z))
-        np.divide(z, norms[:, None], out=z, where=norms[:, None] > 0)
+        with np.errstate(invalid="ignore"):  # NaN/inf rows stay non-finite; the caller reports them
+            np.divide(z, norms[:, None], out=z, where=norms[:, None] > 0)
         z[norms == 0] = 0.0
     p = z @ W.astype(np.float64, copy=False)
     np.einsum("ij,ij->i", p, p, out=out)
