@@ -391,6 +391,10 @@ def add_run_command(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--store-dtype", choices=["float16", "bfloat16", "float32"],
                    help="representation store dtype (float16)")
     g.add_argument("--shard-size", type=int, help="samples per representation shard / checkpoint (4096)")
+    g.add_argument("--instruction", choices=["all", "user"],
+                   help="attention rows averaged: every non-visual, non-answer token (all) or user text only")
+    g.add_argument("--max-length", type=int, help="skip samples longer than this many tokens")
+    g.add_argument("--num-workers", type=int, help="processes decoding images and encoding samples (0)")
     g = p.add_argument_group("beyond the paper (off by default)")
     g.add_argument("--dedup-selected", type=float, metavar="EPS",
                    help="drop selected samples within cosine distance EPS of a better-ranked selected one, "
@@ -425,7 +429,8 @@ def add_run_command(sub: argparse._SubParsersAction) -> None:
 
 _RUN_FIELDS = ("model", "data", "image_root", "format", "out", "budget", "order", "layer", "threshold",
                "energy", "k", "solver", "seed", "batch_size", "device", "dtype", "store_dtype", "shard_size",
-               "dedup_selected", "quota", "force", "quiet", "log_json", "plan_check", "html")
+               "instruction", "max_length", "num_workers", "dedup_selected", "quota", "force", "quiet",
+               "log_json", "plan_check", "html")
 
 
 def _run_errors():

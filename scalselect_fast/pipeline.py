@@ -78,6 +78,9 @@ class RunConfig:
     dtype: str = "fp32"
     store_dtype: str = "float16"
     shard_size: int = 4096
+    instruction: str = "all"
+    max_length: int | None = None
+    num_workers: int = 0
     order: str = "original"
     dedup_selected: float | None = None
     quota: list = dataclasses.field(default_factory=list)
@@ -89,7 +92,7 @@ class RunConfig:
 
     # fields that change the representations (and so everything downstream)
     EXTRACT_KEYS = ("layer", "threshold", "batch_size", "device", "dtype", "store_dtype", "shard_size",
-                    "format")
+                    "format", "instruction", "max_length")
     FIT_KEYS = ("energy", "k", "solver", "seed")
     SELECT_KEYS = ("budget", "order", "dedup_selected", "quota")
 
@@ -108,6 +111,9 @@ class RunConfig:
             raise RunError(f"--order {self.order!r}: use 'original' (input order) or 'score' (best first)")
         if self.solver not in ("auto", "exact", "randomized"):
             raise RunError(f"--solver {self.solver!r}: use auto, exact or randomized")
+        if self.instruction not in ("all", "user"):
+            raise RunError(f"--instruction {self.instruction!r}: use 'all' (every non-visual, non-answer token) "
+                           f"or 'user' (user text only)")
         if int(self.shard_size) < 1 or int(self.batch_size) < 1:
             raise RunError("--shard-size and --batch-size must be positive")
 
@@ -341,7 +347,8 @@ class _State:
             diff = [k for k in ("model", "data", "extract", "fit") if old.get("fingerprints", {}).get(k) != fps[k]]
             if diff and not force:
                 what = {"model": "the model files", "data": "the dataset file or image root",
-                        "extract": "extraction settings (layer, threshold, dtype, device, batch/shard size)",
+                        "extract": "extraction settings (layer, threshold, instruction, max length, dtype, "
+                                   "device, batch/shard size)",
                         "fit": "subspace settings (energy, k, solver, seed)"}
                 changed = [what[k] for k in diff if not (k == "extract" and ("model" in diff or "data" in diff))
                            and not (k == "fit" and len(diff) > 1)]
@@ -799,17 +806,14 @@ def _stage_extract(cfg: RunConfig, state: _State, events: Events):
         return StoreSource(store)
     t0 = time.perf_counter()
     events.emit("stage_start", stage="extract")
-    watcher = _ShardWatcher(store / "manifest.json", events, cfg) if events.log_json else None
-    try:
-        summary = extract_to_store(cfg.model, cfg.data, store, image_root=cfg.image_root, format=cfg.format,
-                                   layer=cfg.layer, threshold=cfg.threshold, batch_size=cfg.batch_size,
-                                   dtype=cfg.dtype, device=cfg.device, store_dtype=cfg.store_dtype,
-                                   shard_size=cfg.shard_size,
-                                   # its own tqdm bar (rate + ETA); none under --quiet / --log-json
-                                   progress=not (cfg.quiet or cfg.log_json))
-    finally:
-        if watcher is not None:
-            watcher.stop()
+    summary = extract_to_store(cfg.model, cfg.data, store, image_root=cfg.image_root, format=cfg.format,
+                               layer=cfg.layer, threshold=cfg.threshold, batch_size=cfg.batch_size,
+                               instruction=cfg.instruction, max_length=cfg.max_length,
+                               dtype=cfg.dtype, device=cfg.device, store_dtype=cfg.store_dtype,
+                               shard_size=cfg.shard_size, num_workers=cfg.num_workers,
+                               # humans get the engine's own tqdm bar (rate + ETA), machines events
+                               progress=not (cfg.quiet or events.log_json),
+                               on_progress=_json_progress(events, "extract") if events.log_json else None)
     src = StoreSource(store)
     if src.n == 0:
         counts = _skip_counts(store / "skipped.jsonl")
@@ -824,56 +828,24 @@ def _stage_extract(cfg: RunConfig, state: _State, events: Events):
     return src
 
 
-class _ShardWatcher:
-    """``--log-json`` progress for extraction: polls the store manifest once a second and emits
-    ``progress`` events (records covered by committed shards, rate, ETA) at shard granularity.
+def _json_progress(events: Events, stage: str):
+    """``on_progress(done, total)`` callback that emits throttled ``progress`` events (rate, ETA)."""
+    t0 = time.perf_counter()
+    st = {"first": None, "last": 0.0}
 
-    The extraction engine draws its own tqdm bar for humans but takes no callback, so machine-readable
-    progress is read from what it commits, which is also what a resume would see.
-    """
-
-    def __init__(self, manifest: Path, events: Events, cfg: RunConfig):
-        import threading
-
-        from .data import count_records
-
-        self.manifest, self.events = manifest, events
-        self.total = count_records(cfg.data, cfg.format)
-        self._stop = threading.Event()
-        self._start_done: int | None = None
-        self._t0 = time.perf_counter()
-        self._last = -1
-        self._thread = threading.Thread(target=self._loop, name="scalselect-extract-progress", daemon=True)
-        self._thread.start()
-
-    def _covered(self) -> int:
-        try:
-            m = json.loads(self.manifest.read_text())
-        except (OSError, json.JSONDecodeError):
-            return 0
-        return int(sum((r.get("range") or [0, 0])[1] - (r.get("range") or [0, 0])[0] for r in m.get("shards", [])))
-
-    def _loop(self) -> None:
-        while not self._stop.wait(1.0):
-            self._report()
-
-    def _report(self) -> None:
-        done = self._covered()
-        if self._start_done is None:
-            self._start_done = done
-        if done == self._last:
+    def cb(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if st["first"] is None:
+            st["first"] = done  # records already done by an earlier (resumed) run
+        if now - st["last"] < 1.0 and done < total:
             return
-        self._last = done
-        el = time.perf_counter() - self._t0
-        rate = (done - self._start_done) / el if el > 0 else 0.0
-        eta = (self.total - done) / rate if rate > 0 else None
-        self.events.emit("progress", stage="extract", done=done, total=self.total, unit="samples",
-                         rate=round(rate, 3), eta_s=None if eta is None else round(eta, 1))
+        st["last"] = now
+        rate = (done - st["first"]) / (now - t0) if now > t0 else 0.0
+        eta = (total - done) / rate if rate > 0 else None
+        events.emit("progress", stage=stage, done=int(done), total=int(total), unit="samples",
+                    rate=round(rate, 3), eta_s=None if eta is None else round(eta, 1))
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._report()
+    return cb
 
 
 def _skip_counts(path: Path) -> dict[str, int]:
