@@ -730,7 +730,8 @@ def _stage_select(cfg: RunConfig, state: _State, events: Events, src, sub, score
         d = per_source[s if s is not None else "<none>"]
         d["valid"] += 1
         d["kept"] += int(kept_mask[r])
-    state.add_time("select", time.perf_counter() - t0)
+    state.data.setdefault("timings", {})["select"] = time.perf_counter() - t0  # recomputed each run
+    state.save()
     report = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "n_samples": n_records, "n_valid": int(n_valid), "n_skipped": int(n_records - n_valid),
