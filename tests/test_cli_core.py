@@ -100,3 +100,14 @@ def test_clear_errors(tmp_path, reps, capsys):
     assert "energy must be in (0, 1]" in capsys.readouterr().err
     assert cli.main(["fit", str(path), "--out", str(tmp_path / "s.npz"), "--k", "100"]) == 2
     assert "k=100 exceeds" in capsys.readouterr().err
+
+
+def test_select_on_bundled_demo_reps(tmp_path, capsys):
+    from importlib import resources
+
+    from scalselect_fast.assets.make_demo_reps import make
+
+    path = resources.files("scalselect_fast") / "assets" / "demo_reps.npy"
+    np.testing.assert_array_equal(np.load(path), make())  # the committed file is what the script makes
+    assert cli.main(["select", str(path), "--budget", "16%", "--out", str(tmp_path / "o")]) == 0
+    assert "selected 320 of 2000 rows" in capsys.readouterr().out
