@@ -152,6 +152,7 @@ def _colsum_torch(q, k, qmask, vmask, amask, scale, chunk_size=None):
         if rows.numel() == 0 or cols.numel() == 0:
             continue
         kb = k[b].float()  # (Hkv, L, Dh); a no-op for fp32 inputs
+        pad_cols = torch.nonzero(~amask[b]).flatten()
         acc = torch.zeros(cols.numel(), dtype=torch.float64, device=q.device)
         for start in range(0, rows.numel(), chunk_size):
             r = rows[start:start + chunk_size]
@@ -164,8 +165,14 @@ def _colsum_torch(q, k, qmask, vmask, amask, scale, chunk_size=None):
             # GQA: the G query heads of a kv head are stacked as rows of one bmm (no k repeat).
             qc = (q[b][:, r, :].float() * scale).reshape(Hkv, G * r.numel(), Dh)
             logits = torch.bmm(qc, kb[:, :n_keys, :].transpose(1, 2))  # (Hkv, G*C, n_keys)
-            visible = (pos[None, :n_keys] <= r[:, None]) & amask[b, None, :n_keys]  # (C, n_keys)
-            logits.view(Hkv, G, r.numel(), n_keys).masked_fill_(~visible, float("-inf"))
+            lv = logits.view(Hkv, G, r.numel(), n_keys)
+            # Causal mask only where it can bite: keys after the chunk's first row (a C-wide band
+            # when instruction rows are contiguous), not the whole C x L block.
+            band = int(r[0]) + 1
+            if band < n_keys:
+                lv[..., band:].masked_fill_(pos[None, band:n_keys] > r[:, None], float("-inf"))
+            if pad_cols.numel():
+                lv.index_fill_(-1, pad_cols[pad_cols < n_keys], float("-inf"))
             # Softmax in place on the one big buffer: exp(l - rowmax), then every row's weight
             # 1 / rowsum is folded into a single GEMV that sums the rows per key column.
             # Each row sees itself, so rowmax is finite and rowsum >= 1.
@@ -174,7 +181,7 @@ def _colsum_torch(q, k, qmask, vmask, amask, scale, chunk_size=None):
             inv_rowsum = e.sum(dim=-1).reciprocal_()
             col = inv_rowsum[None, :] @ e  # (1, n_keys): sum_rows p_ij over all heads and rows
             acc[:n_cols] += col[0, cols[:n_cols]].double()
-            del logits, e, visible, qc, col
+            del logits, lv, e, qc, col
         out[b, cols] = acc
     return out
 
