@@ -148,7 +148,8 @@ def model_cost(config: Mapping, layer: int = 0, text_tokens: int = 96) -> dict:
     head_dim = h // heads
     layer_params = h * h * 2 + 2 * h * kv * head_dim + 3 * h * inter
     vis = dict(config.get("vision_config") or {})
-    vh = int(vis.get("hidden_size", vis.get("embed_dim", 1024)))
+    # Qwen2-VL's vision "hidden_size" is the merger's output width; its transformer width is embed_dim
+    vh = int(vis.get("embed_dim", vis.get("hidden_size", 1024)))
     v_inter = int(vis.get("intermediate_size", int(vis.get("mlp_ratio", 4) * vh)))
     v_layers = int(vis.get("num_hidden_layers", vis.get("depth", 24)))
     patch = int(vis.get("patch_size", 14))

@@ -59,3 +59,13 @@ def test_count_samples(tmp_path):
     q = tmp_path / "a.json"
     q.write_text(json.dumps([{"id": i} for i in range(5)]))
     assert count_samples(q)[0] == 5
+
+
+def test_model_cost_qwen2_vl_7b_layout():
+    q = {"model_type": "qwen2_vl", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+         "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+         "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "patch_size": 14,
+                           "spatial_merge_size": 2, "hidden_size": 3584}}
+    c = model_cost(q)
+    assert c["d"] == 3584 and c["image_tokens"] == 144  # 24x24 patches merged 2x2
+    assert 7.0e9 < c["full_params"] < 9.5e9  # Qwen2-VL-7B has ~8.3B parameters
