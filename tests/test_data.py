@@ -525,6 +525,9 @@ def test_write_selected_compact_json_and_empty_and_single(root):
     path.write_text(json.dumps(recs))  # compact: ", " separators, no newlines
     write_selected(path, root / "o.json", ["r2", "r0"], order="score")
     assert (root / "o.json").read_text() == "[" + ", ".join(json.dumps(recs[i]) for i in (2, 0)) + "]"
+    # a ranked list with order="original" keeps the input order
+    write_selected(path, root / "orig.json", ["r2", "r0"], order="original")
+    assert (root / "orig.json").read_text() == "[" + ", ".join(json.dumps(recs[i]) for i in (0, 2)) + "]"
     write_selected(path, root / "e.json", set())
     assert json.loads((root / "e.json").read_text()) == []
     one = root / "one.json"

@@ -41,7 +41,7 @@ def _normalise_keep(keep, order: str) -> tuple[set[str], dict[str, int] | None]:
     for i, k in enumerate(ids):
         if rank.setdefault(k, i) != i:
             raise ValueError(f"keep lists id {k!r} twice (positions {rank[k]} and {i})")
-    return set(rank), rank
+    return set(rank), (rank if order == "score" else None)
 
 
 def _check_found(path: str, keep: set[str], found: dict[str, int]) -> None:
