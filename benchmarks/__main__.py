@@ -4,6 +4,7 @@
     python -m benchmarks --quick         # smoke sizes where a bench offers --quick
     python -m benchmarks --full          # --full where a bench offers it (5-minute scaling caps, ...)
     python -m benchmarks --only scaling,quality
+    python -m benchmarks --only scaling --bench-args='--cap 60'
     python -m benchmarks --report-only   # rebuild BENCHMARKS.md from benchmarks/results/ as it is
 
 Each ``benchmarks/bench_<topic>.py`` runs in its own process (bench_core, bench_extract,
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -78,10 +80,10 @@ def md_table(rows: list[dict], drop=COMMON_COLS, limit: int = 80) -> str:
     return "\n".join(out) + "\n"
 
 
-def run_bench(topic: str, mode: str, timeout: float) -> dict:
+def run_bench(topic: str, mode: str, timeout: float, extra: list[str] = ()) -> dict:
     script = ROOT / "benchmarks" / f"bench_{topic}.py"
     help_text = flags_of(script)
-    args = [f"--{mode}"] if mode and f"--{mode}" in help_text else []
+    args = ([f"--{mode}"] if mode and f"--{mode}" in help_text else []) + list(extra)
     before = {p.name: len(csv_rows(p)) for p in RESULTS.glob("*.csv")}
     cmd = [sys.executable, str(script), *args]
     print(f"== {' '.join(['python', f'benchmarks/bench_{topic}.py', *args])}", flush=True)
@@ -219,6 +221,8 @@ def main(argv=None) -> int:
     ap.add_argument("--all", action="store_true", help="also run every other benchmarks/bench_*.py")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per bench before it is stopped")
     ap.add_argument("--report-only", action="store_true", help="only regenerate BENCHMARKS.md")
+    ap.add_argument("--bench-args", default="", help="extra arguments for the benches run (use with --only), "
+                                                      "e.g. --only scaling --bench-args='--cap 60'")
     args = ap.parse_args(argv)
     started, load_start = now_utc(), load_average()
     topics = discover(args.all)
@@ -232,7 +236,7 @@ def main(argv=None) -> int:
     if not args.report_only:
         mode = "quick" if args.quick else "full" if args.full else ""
         for topic in topics:
-            runs.append(run_bench(topic, mode, args.timeout))
+            runs.append(run_bench(topic, mode, args.timeout, shlex.split(args.bench_args)))
     path = write_report(runs, started, load_start)
     print(f"wrote {path}")
     bad = [r for r in runs if r["rc"] != 0]
