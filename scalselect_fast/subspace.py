@@ -880,7 +880,7 @@ class _SingleThreadedBlas:
 
     def grams(self, acc: GramAccumulator, chunks: list) -> list:
         """``cᵀc`` of each chunk (float32 buffers reused across calls; not yet accumulated)."""
-        if self._pool is None or len(chunks) < 2 or acc._matmul is not None or acc.xp is not np:
+        if self._pool is None or len(chunks) < 2 or acc._matmul not in (None, np.matmul) or acc.xp is not np:
             return [acc.chunk_gram(c).copy() if len(chunks) > 1 else acc.chunk_gram(c) for c in chunks]
         while len(self._bufs) < len(chunks):
             self._bufs.append(np.empty((acc.d, acc.d), dtype=chunks[0].dtype))
