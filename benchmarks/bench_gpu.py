@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
-import os
 import platform
 import sys
 import time

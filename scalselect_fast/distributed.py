@@ -39,7 +39,6 @@ import os
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -383,7 +382,6 @@ def run_selection(source, out_dir, budget, client, *, subspace=None, manifest_fo
     """
     from . import scoring
     from .store import atomic_write_bytes, atomic_write_json
-    from .subspace import Subspace
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -391,12 +389,8 @@ def run_selection(source, out_dir, budget, client, *, subspace=None, manifest_fo
     m = scoring.resolve_budget(budget, src.n)
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    if subspace is None:
-        sub = fit_subspace(src, client, block_rows=block_rows, drop_invalid=drop_invalid, **fit_kwargs)
-        reused = None
-    else:
-        sub = subspace if isinstance(subspace, Subspace) else Subspace.load(subspace)
-        reused = None if isinstance(subspace, Subspace) else str(subspace)
+    sub, reused = scoring.fit_or_load(subspace, lambda: fit_subspace(
+        src, client, block_rows=block_rows, drop_invalid=drop_invalid, **fit_kwargs))
     timings["fit_s"] = time.perf_counter() - t
     t = time.perf_counter()
     futs = _score_map(client, src, sub, block_rows, drop_invalid, m, True)

@@ -308,6 +308,15 @@ def write_manifest(path, src, scores: np.ndarray, selected: np.ndarray, fmt: str
             raise ValueError(f"unknown manifest format {fmt!r}; use 'parquet' or 'jsonl'")
 
 
+def fit_or_load(subspace, fit) -> tuple[Subspace, str | None]:
+    """``(subspace, path it was loaded from or None)``: reuse a given Subspace or file, else ``fit()``."""
+    if subspace is None:
+        return fit(), None
+    if isinstance(subspace, Subspace):
+        return subspace, None
+    return Subspace.load(subspace), str(subspace)
+
+
 def run_selection(source, out_dir, budget, *, subspace=None, manifest_format: str = "parquet",
                   drop_invalid: bool = False, block_rows: int = DEFAULT_BLOCK_ROWS,
                   stability_seeds=(0, 1, 2), device: str = "cpu", **fit_kwargs) -> dict:
@@ -357,14 +366,10 @@ def run_selection(source, out_dir, budget, *, subspace=None, manifest_format: st
     resolve_budget(budget, src.n)  # fail before any heavy work
     timings = {}
     t = time.perf_counter()
-    if subspace is None:
-        device = resolve_device(device)
-        sub = fit_subspace(src, block_rows=block_rows, drop_invalid=drop_invalid,
-                           backend="cupy" if device == "cuda" else "numpy", **fit_kwargs)
-        reused = None
-    else:
-        sub = subspace if isinstance(subspace, Subspace) else Subspace.load(subspace)
-        reused = None if isinstance(subspace, Subspace) else str(subspace)
+    device = resolve_device(device)
+    sub, reused = fit_or_load(subspace, lambda: fit_subspace(
+        src, block_rows=block_rows, drop_invalid=drop_invalid,
+        backend="cupy" if device == "cuda" else "numpy", **fit_kwargs))
     timings["fit_s"] = time.perf_counter() - t
     t = time.perf_counter()
     scores = leverage_scores(src, sub, block_rows=block_rows, drop_invalid=drop_invalid, device=device)
