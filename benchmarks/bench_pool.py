@@ -15,7 +15,7 @@ Sections
 Every row is appended to benchmarks/results/pool.csv. Run from the repo root:
 ``python benchmarks/bench_pool.py`` (default: the floors' sizes, ~2 min on 2 cores, ~5 GiB RAM),
 ``--quick`` (memory at L=2048), ``--full`` (more repeats, larger CPU timing case), or
-``--compile-check`` (TRITON_INTERPRET unset: offline sm_80/sm_90 compile of the autotune candidates).
+``--gpu-only`` (section 3 alone), ``--compile-check`` (TRITON_INTERPRET unset: offline sm_80/sm_90 compile of the autotune candidates).
 """
 from __future__ import annotations
 
@@ -339,6 +339,7 @@ def main(argv=None):
     ap.add_argument("--compile-check", action="store_true",
                     help="only compile every autotune candidate offline for sm_80/sm_90 and report resources "
                          "(no GPU needed; run with TRITON_INTERPRET unset)")
+    ap.add_argument("--gpu-only", action="store_true", help="only the GPU section (what gpu_check.sh runs)")
     ap.add_argument("--_child", nargs=7, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._child:
@@ -354,9 +355,10 @@ def main(argv=None):
         append_rows(rows)
         print(f"\nappended {len(rows)} rows to {RESULTS.relative_to(ROOT)}")
         return
-    if not args.skip_memory:
-        cpu_memory(rows, base, L=2048 if args.quick else 4096)
-    cpu_time(rows, base, args.full)
+    if not args.gpu_only:
+        if not args.skip_memory:
+            cpu_memory(rows, base, L=2048 if args.quick else 4096)
+        cpu_time(rows, base, args.full)
     gpu(rows, base, args.full)
     append_rows(rows)
     print(f"\nappended {len(rows)} rows to {RESULTS.relative_to(ROOT)}")

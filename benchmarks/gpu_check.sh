@@ -39,8 +39,8 @@ run() {  # name, timeout seconds, command...
 }
 echo "step,exit_code,seconds" >"$OUTDIR/gpu_check.csv"
 run tests 180 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_ops.py
-run bench_pool 120 $PY benchmarks/bench_pool.py
-run bench_gpu 240 $PY benchmarks/bench_gpu.py --n "${GPU_N:-10000000}" --d "${GPU_D:-4096}" --reps "${GPU_REPS:-10}"
+run bench_pool 120 $PY benchmarks/bench_pool.py --gpu-only
+run bench_gpu 220 $PY benchmarks/bench_gpu.py --n "${GPU_N:-10000000}" --d "${GPU_D:-4096}" --reps "${GPU_REPS:-10}"
 {
   echo "# GPU check $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo

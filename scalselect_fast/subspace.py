@@ -813,7 +813,7 @@ class _Pass:
             if known_bad is not None and known_bad.size:
                 lo, hi = np.searchsorted(known_bad, [off, off + m])
                 if hi > lo:
-                    b[known_bad[lo:hi] - off] = 0
+                    b[self.be.asarray(known_bad[lo:hi] - off)] = 0
                     n_valid -= int(hi - lo)
             if inv_scale is not None:
                 b *= self.be.asarray(inv_scale, dtype=self.dtype)
@@ -832,7 +832,7 @@ class _Pass:
                                 f"block at row {off} although every value is finite; rescale the "
                                 f"representations (e.g. divide by their max norm)")
         self.tracker.found(off, bad, record)
-        b[bad] = 0
+        b[self.be.asarray(bad)] = 0
         return int(bad.size)
 
 
@@ -910,6 +910,8 @@ def _gram_pass(p: _Pass, acc: GramAccumulator, record: bool, verify: bool, inv_s
 
 
 def _gram_shard(p, acc, shard, record, verify, inv_scale, l2, known_bad, shift, blas) -> None:
+    if acc.xp is not np and _gram_shard_unchecked(p, acc, shard, verify, inv_scale, l2, known_bad, shift):
+        return
     for off, b, n_valid in p.blocks(acc.shift if shift is None else shift, verify=verify, inv_scale=inv_scale,
                                     l2=l2, known_bad=known_bad, shard=shard):
         m = b.shape[0]
@@ -924,6 +926,32 @@ def _gram_shard(p, acc, shard, record, verify, inv_scale, l2, known_bad, shift, 
                 g = acc.chunk_gram(chunk)
             acc.add_chunk(chunk, g, chunk.shape[0] - zeroed)
         acc.n -= zeroed_total
+
+
+def _gram_shard_unchecked(p, acc, shard, verify, inv_scale, l2, known_bad, shift) -> bool:
+    """Device fast path: accumulate the whole shard without reading anything back, then check once.
+
+    On a GPU, asking per chunk whether the Gram's diagonal is finite would make the host wait for
+    every product, so the copy of the next block could never overlap them. Here the finiteness of
+    every chunk's diagonal is folded into a device flag and read once, at the end of the shard.
+    Returns False (and leaves ``acc`` as it was) when the shard holds a non-finite value; the
+    caller then streams the shard again through the checked path, which finds and reports the rows.
+    """
+    xp = acc.xp
+    saved = (acc.n, acc.colsum.copy(), acc.sumsq.copy(), acc.gram.copy())
+    finite = xp.ones((), dtype=bool)
+    for off, b, n_valid in p.blocks(acc.shift if shift is None else shift, verify=verify, inv_scale=inv_scale,
+                                    l2=l2, known_bad=known_bad, shard=shard):
+        for a in range(0, b.shape[0], GRAM_CHUNK_ROWS):
+            chunk = b[a:a + GRAM_CHUNK_ROWS]
+            g = acc.chunk_gram(chunk)
+            finite &= xp.isfinite(xp.diagonal(g)).all()
+            acc.add_chunk(chunk, g, chunk.shape[0])
+        acc.n -= b.shape[0] - n_valid
+    if bool(finite):
+        return True
+    acc.n, acc.colsum, acc.sumsq, acc.gram = saved
+    return False
 
 
 def _moment_pass(p: _Pass, acc: MomentAccumulator, record: bool, verify: bool) -> None:

@@ -47,6 +47,21 @@ def test_cuda_without_gpu_refuses_and_auto_falls_back():
     assert resolve_device("auto") == "cpu"
 
 
+def test_copy_rows_splits_exactly():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from scalselect_fast.gpu import copy_rows
+
+    src = np.arange(7 * 5, dtype=np.float16).reshape(7, 5)
+    with ThreadPoolExecutor(3) as pool:
+        for parts in (1, 3, 7, 20):
+            dst = np.zeros_like(src)
+            copy_rows(dst, src, pool, parts)
+            np.testing.assert_array_equal(dst, src)
+    with pytest.raises(ValueError, match="into"):
+        copy_rows(np.zeros((7, 4), np.float16), src)
+
+
 # ---------------------------------------------------------------- CuPy fit / scoring vs numpy
 @gpu
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
@@ -62,6 +77,47 @@ def test_cupy_fit_and_scores_match_numpy(dtype, opts):
     s_dev = ss.leverage_scores(X, dev, device="cuda")
     np.testing.assert_allclose(s_dev, s_cpu, rtol=1e-6 if dtype == np.float32 else 1e-5, atol=1e-9)
     np.testing.assert_array_equal(ss.top_k(s_dev, 500), ss.top_k(s_cpu, 500))
+
+
+@gpu
+def test_cupy_fit_many_blocks_and_shards_matches_numpy(tmp_path):
+    """Blocks of unequal size cycle through both pinned slots; shards are reduced as on the CPU."""
+    import scalselect_fast as ss
+    from scalselect_fast.store import StoreWriter
+
+    X = _structured(7001, 80, dtype=np.float16)
+    w = StoreWriter(tmp_path / "s", d=80, dtype="float16")
+    for a, b in ((0, 3000), (3000, 3001), (3001, 7001)):
+        w.write_shard(X[a:b], [str(i) for i in range(a, b)])
+    cpu = ss.fit_subspace(tmp_path / "s", solver="exact", block_rows=700)
+    dev = ss.fit_subspace(tmp_path / "s", solver="exact", backend="cupy", block_rows=700)
+    assert dev.k == cpu.k
+    np.testing.assert_allclose(dev.singular_values, cpu.singular_values, rtol=1e-6)
+    np.testing.assert_allclose(ss.leverage_scores(tmp_path / "s", dev, device="cuda", block_rows=700),
+                               ss.leverage_scores(tmp_path / "s", cpu), rtol=1e-5, atol=1e-9)
+
+
+@gpu
+@pytest.mark.parametrize("drop", [False, True])
+def test_cupy_fit_finds_invalid_rows_like_numpy(drop):
+    """The device pass checks finiteness once per shard; a bad shard is re-read and reported by row."""
+    import scalselect_fast as ss
+    from scalselect_fast.subspace import InvalidRowsError
+
+    X = _structured(4000, 48)
+    X[[7, 2500]] = np.nan
+    X[3999, 3] = np.inf
+    if not drop:
+        for backend in ("numpy", "cupy"):
+            with pytest.raises(InvalidRowsError) as err:
+                ss.fit_subspace(X, solver="exact", backend=backend)
+            assert sorted(err.value.rows.tolist()) == [7, 2500, 3999]
+        return
+    cpu = ss.fit_subspace(X, solver="exact", drop_invalid=True)
+    dev = ss.fit_subspace(X, solver="exact", backend="cupy", drop_invalid=True)
+    assert dev.n == cpu.n == 3997 and dev.k == cpu.k
+    assert sorted(dev.info["invalid_rows"]) == [7, 2500, 3999]
+    np.testing.assert_allclose(dev.singular_values, cpu.singular_values, rtol=1e-6)
 
 
 @gpu
