@@ -71,6 +71,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -389,6 +390,26 @@ class MomentAccumulator:
         return self.xp.maximum(self.sumsq - self.colsum ** 2 / max(self.n, 1), 0.0)
 
 
+def _device_gram_product() -> str:
+    """How a device backend forms a chunk's ``cᵀc``: ``gemm`` (default) or ``syrk`` (one triangle,
+    half the flops, then mirrored), chosen by ``SCALSELECT_GPU_GRAM``."""
+    mode = os.environ.get("SCALSELECT_GPU_GRAM", "gemm").lower()
+    if mode not in ("gemm", "syrk"):
+        raise SubspaceError(f"SCALSELECT_GPU_GRAM={mode!r}: use 'gemm' or 'syrk'")
+    return mode
+
+
+def _device_syrk(xp, chunk, g):  # pragma: no cover - needs CUDA + CuPy
+    """``chunkᵀ chunk`` through cuBLAS syrk into ``g`` (one triangle), returned as the full matrix."""
+    from cupy import cublas
+
+    g.fill(0)
+    cublas.syrk("T", xp.ascontiguousarray(chunk), out=g, lower=False)
+    full = g + g.T  # whichever triangle syrk filled, the other is zero
+    full -= xp.diag(xp.diagonal(g))
+    return full
+
+
 class GramAccumulator(MomentAccumulator):
     """:class:`MomentAccumulator` plus the shifted Gram ``Σ (x−s)(x−s)ᵀ`` (d×d float64).
 
@@ -415,6 +436,8 @@ class GramAccumulator(MomentAccumulator):
         """``chunkᵀ chunk`` in the chunk's dtype into a reused buffer (not yet accumulated)."""
         if self._g32 is None or self._g32.dtype != chunk.dtype:
             self._g32 = self.xp.empty((self.d, self.d), dtype=chunk.dtype)
+        if self._matmul is None and self.xp is not np and _device_gram_product() == "syrk":
+            return _device_syrk(self.xp, chunk, self._g32)
         mm = self._matmul or self.xp.matmul
         mm(chunk.T, chunk, out=self._g32)  # numpy routes aᵀa to BLAS syrk
         return self._g32
