@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     gemm_tflops = 2 * chunk * d * d / gemm_s / 1e12
     n_blocks = 4
     blocks = [cp.random.standard_normal((args.block_rows, d), dtype=cp.float32) for _ in range(n_blocks)]
-    default_mode = os.environ.get("SCALSELECT_GPU_GRAM", "gemm")
+    default_mode = os.environ.get("SCALSELECT_GPU_GRAM", "syrk")
     for mode in args.gram_modes.split(","):
         os.environ["SCALSELECT_GPU_GRAM"] = mode
         acc = GramAccumulator(d, np.zeros(d), xp=cp)

@@ -38,9 +38,10 @@ run() {  # name, timeout seconds, command...
   [ "$rc" = 0 ] || status=1
 }
 echo "step,exit_code,seconds" >"$OUTDIR/gpu_check.csv"
-run tests 180 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_ops.py
-run bench_pool 120 $PY benchmarks/bench_pool.py --gpu-only
-run bench_gpu 220 $PY benchmarks/bench_gpu.py --n "${GPU_N:-10000000}" --d "${GPU_D:-4096}" --reps "${GPU_REPS:-10}"
+run tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_ops.py
+run tests_gemm 60 env SCALSELECT_GPU_GRAM=gemm $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -k cupy
+run bench_pool 60 $PY benchmarks/bench_pool.py --gpu-only
+run bench_gpu 200 $PY benchmarks/bench_gpu.py --n "${GPU_N:-10000000}" --d "${GPU_D:-4096}" --reps "${GPU_REPS:-10}"
 {
   echo "# GPU check $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo
@@ -48,7 +49,7 @@ run bench_gpu 220 $PY benchmarks/bench_gpu.py --n "${GPU_N:-10000000}" --d "${GP
   echo
   echo "| step | exit code | seconds |"; echo "|---|---|---|"
   tail -n +2 "$OUTDIR/gpu_check.csv" | awk -F, '{print "| "$1" | "$2" | "$3" |"}'
-  for f in tests bench_pool bench_gpu; do
+  for f in tests tests_gemm bench_pool bench_gpu; do
     echo; echo "## $f"; echo '```'; tail -n 25 "$OUTDIR/gpu_$f.log"; echo '```'
   done
 } >"$OUTDIR/gpu_check.md"
