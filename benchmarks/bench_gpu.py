@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     gemm_tflops = 2 * chunk * d * d / gemm_s / 1e12
     n_blocks = 4
     blocks = [cp.random.standard_normal((args.block_rows, d), dtype=cp.float32) for _ in range(n_blocks)]
-    default_mode = os.environ.get("SCALSELECT_GPU_GRAM", "syrk")
+    default_mode = os.environ.get("SCALSELECT_GPU_GRAM", "gemm")
     for mode in args.gram_modes.split(","):
         os.environ["SCALSELECT_GPU_GRAM"] = mode
         acc = GramAccumulator(d, np.zeros(d), xp=cp)
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
                      note=f"{stage_gbs / h2d_gbs:.2f} of pinned H2D; {staging.copy_threads} copy threads"))
 
     t = time.perf_counter()
-    sub = ss.fit_subspace(src, solver="exact", backend="cupy", block_rows=args.block_rows)  # SCALSELECT_GPU_GRAM
+    sub = ss.fit_subspace(src, solver="exact", backend="cupy", block_rows=args.block_rows)
     t_fit = time.perf_counter() - t
     t = time.perf_counter()
     scores = ss.leverage_scores(src, sub, device="cuda", block_rows=args.block_rows)
@@ -197,12 +197,12 @@ def main(argv=None) -> int:
     gb = 2 * src.n * d * 2 / 1e9  # two passes of fp16 bytes
     fit_t = {k: round(v, 2) for k, v in sub.info.get("timings", {}).items()}
     gram_tflops = 2 * src.n * d * d / fit_t.get("gram_pass_s", t_fit) / 1e12
-    print(f"fit {t_fit:.1f}s {fit_t} (Gram pass {gram_tflops:.1f} TFLOP/s); score {t_score:.1f}s; k={sub.k}")
+    print(f"fit [{default_mode}] {t_fit:.1f}s {fit_t} (Gram pass {gram_tflops:.1f} TFLOP/s); score {t_score:.1f}s; k={sub.k}")
     rows.append(dict(measure="fit+score_streamed",
                      what=f"{src.n}x{d} fp16 ({args.reps} shards over one {m}-row buffer)",
                      value=f"{total:.1f}s", ratio=f"{gb / total:.1f} GB/s", verdict="",
                      note=f"{gb / total / h2d_gbs:.2f} of pinned H2D {h2d_gbs:.1f} GB/s; fit {t_fit:.1f}s "
-                          f"(Gram {gram_tflops:.1f} TFLOP/s), score {t_score:.1f}s; k={sub.k}"))
+                          f"(Gram [{default_mode}] {gram_tflops:.1f} TFLOP/s), score {t_score:.1f}s; k={sub.k}"))
 
     print(f"{'measure':20} {'what':64} {'value':>24} {'ratio/rate':>14} verdict  note")
     for row in rows:

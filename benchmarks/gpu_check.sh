@@ -39,7 +39,7 @@ run() {  # name, timeout seconds, command...
 }
 echo "step,exit_code,seconds" >"$OUTDIR/gpu_check.csv"
 run tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_ops.py
-run tests_gemm 60 env SCALSELECT_GPU_GRAM=gemm $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -k cupy
+run tests_syrk 60 env SCALSELECT_GPU_GRAM=syrk $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "cupy or device_gram"
 run bench_pool 60 $PY benchmarks/bench_pool.py --gpu-only
 run bench_gpu 200 $PY benchmarks/bench_gpu.py --n "${GPU_N:-10000000}" --d "${GPU_D:-4096}" --reps "${GPU_REPS:-10}"
 {
@@ -49,7 +49,7 @@ run bench_gpu 200 $PY benchmarks/bench_gpu.py --n "${GPU_N:-10000000}" --d "${GP
   echo
   echo "| step | exit code | seconds |"; echo "|---|---|---|"
   tail -n +2 "$OUTDIR/gpu_check.csv" | awk -F, '{print "| "$1" | "$2" | "$3" |"}'
-  for f in tests tests_gemm bench_pool bench_gpu; do
+  for f in tests tests_syrk bench_pool bench_gpu; do
     echo; echo "## $f"; echo '```'; tail -n 25 "$OUTDIR/gpu_$f.log"; echo '```'
   done
 } >"$OUTDIR/gpu_check.md"

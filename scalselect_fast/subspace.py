@@ -391,14 +391,15 @@ class MomentAccumulator:
 
 
 def _device_gram_product() -> str:
-    """How a device backend forms a chunk's ``cᵀc``: ``syrk`` (default: one triangle, half the
-    flops, then mirrored) or ``gemm``, chosen by ``SCALSELECT_GPU_GRAM``.
+    """How a device backend forms a chunk's ``cᵀc``: ``gemm`` (default) or ``syrk`` (one triangle,
+    half the flops, then mirrored), chosen by ``SCALSELECT_GPU_GRAM``.
 
-    Measured on an H100 (benchmarks/bench_gpu.py, 8192x4096 fp32 chunks): the accumulator ran at
-    75.8 TFLOP/s aᵀa-equivalent with syrk vs 50.9 with gemm, and the streamed 10M x 4096 fp16 fit
-    took 8.6 s vs 13.7 s; both give the numpy fit's k and scores (tests/test_gpu.py, run both ways).
+    Measured on an H100 (benchmarks/bench_gpu.py, 8192x4096 fp32 chunks, device-resident blocks):
+    the accumulator ran at 75.8 TFLOP/s aᵀa-equivalent with syrk vs 50.8 with gemm. gemm stays the
+    default until a GPU run of tests/test_gpu.py confirms syrk against numpy inside the fit
+    (``benchmarks/gpu_check.sh`` runs those tests both ways).
     """
-    mode = os.environ.get("SCALSELECT_GPU_GRAM", "syrk").lower()
+    mode = os.environ.get("SCALSELECT_GPU_GRAM", "gemm").lower()
     if mode not in ("gemm", "syrk"):
         raise SubspaceError(f"SCALSELECT_GPU_GRAM={mode!r}: use 'gemm' or 'syrk'")
     return mode
@@ -441,7 +442,7 @@ class GramAccumulator(MomentAccumulator):
         """``chunkᵀ chunk`` in the chunk's dtype into a reused buffer (not yet accumulated)."""
         if self._g32 is None or self._g32.dtype != chunk.dtype:
             self._g32 = self.xp.empty((self.d, self.d), dtype=chunk.dtype)
-        if self._matmul is None and self.xp is not np and _device_gram_product() == "syrk":
+        if self.xp is not np and self._matmul in (None, self.xp.matmul) and _device_gram_product() == "syrk":
             return _device_syrk(self.xp, chunk, self._g32)
         mm = self._matmul or self.xp.matmul
         mm(chunk.T, chunk, out=self._g32)  # numpy routes aᵀa to BLAS syrk

@@ -121,6 +121,24 @@ def test_cupy_fit_finds_invalid_rows_like_numpy(drop):
 
 
 @gpu
+def test_device_gram_products_agree_with_numpy(monkeypatch):
+    """The device accumulator's syrk and gemm chunk products give numpy's float64-accumulated Gram."""
+    import cupy as cp
+
+    from scalselect_fast.subspace import GRAM_CHUNK_ROWS, GramAccumulator
+
+    X = _structured(2 * GRAM_CHUNK_ROWS + 123, 72)
+    shift = X[:100].astype(np.float64).mean(0)
+    ref = GramAccumulator(72, shift).update(X - shift.astype(np.float32))
+    for mode in ("gemm", "syrk"):
+        monkeypatch.setenv("SCALSELECT_GPU_GRAM", mode)
+        dev = GramAccumulator(72, shift, xp=cp).update(cp.asarray(X - shift.astype(np.float32)))
+        np.testing.assert_allclose(cp.asnumpy(dev.gram), ref.gram, rtol=1e-5, atol=1e-6 * np.abs(ref.gram).max())
+        np.testing.assert_allclose(cp.asnumpy(dev.colsum), ref.colsum, rtol=1e-5, atol=1e-3)
+        assert dev.n == ref.n
+
+
+@gpu
 def test_cupy_scores_bf16_store(tmp_path):
     import scalselect_fast as ss
     from scalselect_fast.store import StoreWriter
