@@ -8,7 +8,8 @@ Run from the repository root::
 Floors (PASS/FAIL printed, one CSV row each in benchmarks/results/core.csv):
 
 (a) fit+score of a 100k×768 fp32 matrix vs one dense thin ``np.linalg.svd`` of the centred matrix
-    (the baseline): ≥ 20× faster; exact solver: same k, Spearman ≥ 0.9999 of the scores and ≥ 99.5%
+    (the baseline): ≥ 20× faster (reported on the flat spectrum below, k≈301, and on a steep one,
+    ``s_i = i^-1`` without noise, k=6); exact solver: same k, Spearman ≥ 0.9999 of the scores and ≥ 99.5%
     overlap of the top 16%; randomized solver: ≥ 99% overlap.
 (b) fit+score time ≤ 1.3× the bare BLAS products it cannot avoid (``XᵀX`` and ``X·W``, float32,
     same sizes, W of the fitted k columns).
@@ -33,7 +34,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -180,12 +180,19 @@ def bench_a_b(n: int, d: int, repeats: int, svd_repeats: int, full_floors: bool)
     ALPHA, NOISE = 1.0, 0.0
     Xs = generate(n, d, seed=3)
     ALPHA, NOISE = saved
-    k_s, lev_s = dense_svd_scores(Xs)
+    t_svd_s, (k_s, lev_s), _ = median_time(lambda: dense_svd_scores(Xs), svd_repeats)
     t_rs, (sub_s, lev_rs), _ = median_time(lambda: fit_score(Xs, "randomized"), max(1, repeats // 2))
     ov_s = overlap(lev_rs, lev_s)
     record("(a) randomized, steep spectrum: overlap", ov_s, ">= 0.99", ov_s >= 0.99, "",
            f"s_i=i^-1; solver={sub_s.solver} k={sub_s.k} (SVD k={k_s}) passes={sub_s.passes} "
            f"sketch={sub_s.info.get('sketch_width')} fit+score {t_rs:.2f}s")
+    # The 20x floor on the steep spectrum too (solver="auto" picks exact at d=768): the score
+    # product is tiny here, so this is the ratio the Gram pass alone allows.
+    fit_score(Xs)
+    t_as, (sub_as, lev_as), _ = median_time(lambda: fit_score(Xs), repeats)
+    record("(a) steep spectrum: speed-up vs dense SVD", t_svd_s / t_as, ">= 20", claim and t_svd_s / t_as >= 20, "x",
+           f"auto->{sub_as.solver} k={sub_as.k} (SVD k={k_s}) {t_as:.3f}s vs SVD {t_svd_s:.2f}s; "
+           f"Spearman {spearman(lev_as, lev_s):.6f}, overlap {overlap(lev_as, lev_s):.4f}")
     del Xs
     bare = t_xtx + t_xw
     record("(b) bare XᵀX + X·W s", bare, "", None, "s", f"XᵀX {t_xtx:.3f}s, X·W {t_xw:.3f}s (k={sub.k})")

@@ -30,8 +30,9 @@ randomized
     reaches ``energy`` × total with ``oversample`` spare columns (growing 1.5× at a time); then ``n_iter`` further power
     iterations (QR re-orthonormalisation each time) refine it. Deterministic for a fixed ``seed``.
     It stops when k is stable and the top-k Ritz values moved < 1e-6 (relative) in the last pass.
-    When the sketch would need more than d/2 columns (d > 256) or has not converged in 10 passes, a
-    sketch pass costs more than the exact Gram, so the exact solver finishes the fit; ``info``
+    When the sketch would need more than d/2 columns (d > 256), or the Ritz spectrum extrapolated
+    after a pass says the remaining passes at the width the target needs would cost more than one
+    Gram pass, or it has not converged in 10 passes, the exact solver finishes the fit; ``info``
     records ``randomized_gave_up`` with the reason and the passes spent.
     Reference: Halko, Martinsson & Tropp (2011), Alg. 4.4 / 5.1, applied to ``AᵀA``.
 auto
@@ -62,8 +63,8 @@ module ``xp`` (numpy here; CuPy for the GPU issue), a pluggable ``matmul``, ``ei
 decode+shift of a host block into a reused device buffer. The accumulators take ``xp=`` and create
 every array through it; the per-block work (shift, products, finiteness checks, row norms) stays in
 ``xp``; only d-sized results (mean, scale, the d×ℓ sketch for its QR) come back to the host. The
-d×d Gram stays in ``xp`` for the eigensolver. The CuPy backend is a design hook only: CuPy is not installable on the
-machine this was written on, so it is not exercised by the tests here.
+d×d Gram stays in ``xp`` for the eigensolver. The CuPy backend (:class:`_CupyBackend`) is run by
+``tests/test_gpu.py`` on a GPU node (``benchmarks/gpu_check.sh``; those tests skip on CPU).
 """
 from __future__ import annotations
 
@@ -1290,6 +1291,16 @@ def _fit_randomized(src, energy, k, standardize, l2_normalize, block_rows, be, t
         history.append({"ell": ell, "k": kk, "captured": captured / total})
         enough = kk is not None and (kk + oversample <= ell or ell == d)
         if not enough and ell < d and passes < max_passes:
+            if d > SKETCH_SWITCH_MIN_D:
+                need = _predict_sketch_width(lam, total, energy, k, oversample, d)
+                # finishing needs at least one pass at that width plus n_iter refinements, each
+                # 4·N·d·ℓ flops; the exact solver's one Gram pass costs N·d²
+                if (n_iter + 1) * 4 * need > d:
+                    raise _SwitchToExact(
+                        f"the sketch would need ℓ≈{need} columns (Ritz spectrum extrapolated after "
+                        f"{passes} passes), and {n_iter + 1} more passes at that width cost more than "
+                        f"one exact Gram pass (flat spectrum; ℓ > d/2={d // 2} would exceed it per pass)",
+                        passes, history)
             # 1.5× keeps the overshoot (extra flops in every later pass) moderate
             new = min(d, max(ell + ell // 2, (kk or 0) + oversample))
             if 2 * new > d > SKETCH_SWITCH_MIN_D:
@@ -1329,6 +1340,34 @@ def _fit_randomized(src, energy, k, standardize, l2_normalize, block_rows, be, t
                   captured_energy=float(lam[:kk].sum()), total_energy=float(total), n=n, d=d)
     return fields, passes, {"sketch_width": ell, "growths": growths, "oversample": oversample,
                             "power_iterations": n_iter, "history": history, "constant_columns": n_const}
+
+
+def _predict_sketch_width(lam: np.ndarray, total: float, energy, k, oversample: int, d: int) -> int:
+    """Sketch width the energy target will need, extrapolated from the current Ritz values.
+
+    ``lam`` (descending) are Ritz values of a sketch that does not yet hold ``energy`` × ``total``.
+    Fits a power law ``λ_i ≈ C·i^-a`` to the middle of the Ritz spectrum (its top is accurate, its
+    last values underestimate) and adds extrapolated eigenvalues until the target is met; a tail
+    that does not decay is extrapolated as flat. Only used to decide, early, that the exact solver
+    is cheaper: a wrong guess costs time, never accuracy (both solvers give the same answer).
+    """
+    ell = lam.size
+    if k is not None:
+        return min(d, int(k) + oversample)
+    pos = lam[lam > 0]
+    if pos.size < 8:
+        return d
+    i = np.arange(1, pos.size + 1, dtype=np.float64)
+    lo, hi = pos.size // 4, (3 * pos.size) // 4
+    slope, icpt = np.polyfit(np.log(i[lo:hi]), np.log(pos[lo:hi]), 1)
+    a = max(-slope, 0.0)
+    j = np.arange(ell + 1, d + 1, dtype=np.float64)
+    tail = np.exp(icpt) * j ** -a if a > 0 else np.full(j.size, pos[-1])
+    tail = np.minimum(tail, pos[-1])
+    missing = energy * total - float(lam.sum())
+    reached = np.flatnonzero(np.cumsum(tail) >= missing)
+    need = (ell + 1 + int(reached[0])) if reached.size else d
+    return int(min(d, need + oversample))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -235,11 +235,27 @@ def test_randomized_hands_over_to_exact_when_sketch_too_wide():
     X = np.random.default_rng(14).standard_normal((1200, 300))
     sub = fit_subspace(X, solver="randomized", block_rows=400)
     assert sub.solver == "exact" and "d/2" in sub.info["randomized_gave_up"]
+    # the Ritz spectrum after the first sketch already says so: no growth passes are spent
+    assert sub.info["randomized_passes"] == 2 and "extrapolated" in sub.info["randomized_gave_up"]
     assert sub.passes == sub.info["randomized_passes"] + 1
     assert "switched to exact" in sub.info["solver_reason"]
     k_ref, s_ref, _, _ = reference(X)
     assert sub.k == k_ref
     np.testing.assert_allclose(sub.singular_values, s_ref, rtol=1e-9)
+
+
+def test_predict_sketch_width_extrapolates_the_ritz_tail():
+    from scalselect_fast.subspace import _predict_sketch_width
+
+    d = 2000
+    lam_all = np.arange(1, d + 1, dtype=np.float64) ** -1.5  # exact power law
+    total = lam_all.sum()
+    true_k = int(np.flatnonzero(np.cumsum(lam_all) >= 0.99 * total)[0]) + 1
+    need = _predict_sketch_width(lam_all[:64], total, 0.99, None, 10, d)
+    assert abs(need - (true_k + 10)) <= 0.05 * true_k  # the power law is recovered from 64 values
+    flat = np.ones(64)  # no decay: 90% of the energy needs 90% of the directions
+    assert _predict_sketch_width(flat, float(d), 0.9, None, 10, d) == int(0.9 * d) + 10
+    assert _predict_sketch_width(lam_all[:64], total, 0.9, 20, 10, d) == 30  # k given: k + oversample
 
 
 def test_randomized_k_override():
