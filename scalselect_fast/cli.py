@@ -280,6 +280,9 @@ def add_baseline_command(sub: argparse._SubParsersAction) -> None:
                    help="facility_location: sparse K-nearest-neighbour similarity graph")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="extra method option (repeatable), e.g. --opt n_clusters=500 --opt eps=0.1")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
+                   help="where faiss runs for semdedup, cluster_balanced and facility_location --knn: cuda "
+                        "needs faiss-gpu (scalselect-fast[gpu]); auto falls back to the CPU [cpu]")
     p.set_defaults(func=_cmd_baseline)
 
     b = sub.add_parser("bench", help="run the benchmark suite (python -m benchmarks) from a source checkout")
@@ -322,12 +325,22 @@ def _cmd_baseline(args) -> int:
     except ValueError as exc:  # StoreError / BudgetError: one line, no traceback
         print(f"scalselect baseline: {exc}", file=sys.stderr)
         return 2
+    import inspect
+
+    from .gpu import DeviceError
+
+    if "device" in inspect.signature(baselines.get(args.method)).parameters:
+        opts.setdefault("device", args.device)
+    elif args.device == "cuda":
+        print(f"scalselect baseline {args.method}: this method has no GPU path (it uses no faiss); "
+              f"use --device cpu or auto", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     try:
         idx = baselines.select(args.method, src, budget, seed=args.seed, **opts)
     except TypeError as exc:  # an --opt the method does not take
         raise SystemExit(f"baseline {args.method}: {exc}") from exc
-    except (ValueError, MemoryError) as exc:  # bad input, or facility location's size refusal
+    except (ValueError, MemoryError, DeviceError) as exc:  # bad input, size refusal, missing faiss-gpu
         print(f"scalselect baseline {args.method}: {exc}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - t0

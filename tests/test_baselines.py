@@ -329,7 +329,7 @@ def test_cli_baseline_writes_indices_ids_and_report(tmp_path):
     assert np.array_equal(idx, facility_location.select(x, 9, knn=6))
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == "facility_location" and report["budget"] == 9 and report["n"] == 90
-    assert report["options"] == {"knn": 6} and report["seed"] == 3
+    assert report["options"] == {"knn": 6, "device": "cpu"} and report["seed"] == 3
     assert (out / "selected_ids.txt").read_text().split() == [str(i) for i in idx]
     with pytest.raises(SystemExit):
         main(["baseline", "--method", "nope", str(tmp_path / "x.npy"), "--budget", "3", "--out", str(out)])
@@ -348,3 +348,52 @@ def test_cli_baseline_errors_are_one_line(tmp_path, capsys):
     assert main(["baseline", "--method", "random", str(tmp_path / "missing.npy"), "--budget", "3",
                  "--out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# faiss device selection (faiss-gpu optional)
+# ------------------------------------------------------------------------------------------------
+def _faiss_gpus() -> int:
+    import faiss
+
+    return int(getattr(faiss, "get_num_gpus", lambda: 0)())
+
+
+@pytest.mark.skipif(_faiss_gpus() > 0, reason="checks the behaviour without faiss-gpu")
+def test_faiss_cuda_without_faiss_gpu_is_a_clear_error_and_auto_falls_back(tmp_path, capsys):
+    from scalselect_fast.baselines._faiss import resolve_faiss_device
+    from scalselect_fast.cli import main
+    from scalselect_fast.gpu import DeviceError
+
+    with pytest.raises(DeviceError, match="--device cpu"):
+        resolve_faiss_device("cuda")
+    with pytest.raises(DeviceError, match="unknown device"):
+        resolve_faiss_device("tpu")
+    assert resolve_faiss_device("auto") == resolve_faiss_device(None) == "cpu"
+    x = gaussian(300, 8)
+    with pytest.raises(DeviceError, match="faiss"):
+        cluster_balanced.select(x, 30, n_clusters=5, device="cuda")
+    np.testing.assert_array_equal(cluster_balanced.select(x, 30, n_clusters=5, device="auto"),
+                                  cluster_balanced.select(x, 30, n_clusters=5))
+    np.save(tmp_path / "x.npy", x)
+    for method in ("semdedup", "kcenter"):
+        rc = main(["baseline", "--method", method, str(tmp_path / "x.npy"), "--budget", "10", "--out",
+                   str(tmp_path / method), "--device", "cuda"])
+        assert rc == 2 and "--device cpu" in capsys.readouterr().err
+    assert main(["baseline", "--method", "semdedup", str(tmp_path / "x.npy"), "--budget", "10", "--out",
+                 str(tmp_path / "auto"), "--device", "auto"]) == 0
+    report = json.loads((tmp_path / "auto" / "report.json").read_text())
+    assert report["options"]["device"] == "auto"
+
+
+@pytest.mark.skipif(_faiss_gpus() == 0, reason="needs faiss-gpu and a GPU")
+def test_faiss_gpu_gives_the_cpu_results():
+    x, _ = planted_duplicates(groups=60, copies=2, d=32)
+    # exact flat search: the same neighbours (well-separated data, so no float ties)
+    a = facility_location.select(x, 40, knn=8)
+    b = facility_location.select(x, 40, knn=8, device="cuda")
+    np.testing.assert_array_equal(a, b)
+    # k-means: same seeded algorithm; the planted groups are found either way
+    ca = cluster_balanced.select(x, 60, n_clusters=60, nredo=3)
+    cb = cluster_balanced.select(x, 60, n_clusters=60, nredo=3, device="cuda")
+    assert len(set(ca.tolist()) & set(cb.tolist())) >= 0.9 * 60

@@ -79,13 +79,14 @@ def default_n_clusters(n: int) -> int:
 
 def faiss_kmeans(src: MatrixSource, n_clusters: int, seed: int, niter: int = 20,
                  l2_normalize: bool = True, max_points_per_centroid: int = 256,
-                 nredo: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 nredo: int = 1, device: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cluster the rows of ``src`` with faiss k-means; assign every row to its nearest centroid.
 
     Training uses a seeded random sample of at most ``n_clusters * max_points_per_centroid`` rows
     (faiss' own default cap), so memory stays O(sample·d + N). ``nredo`` > 1 keeps the best of
     that many seeded initialisations (faiss initialises from random rows, so a small cluster can
-    go unseeded and be merged into a neighbour).
+    go unseeded and be merged into a neighbour). ``device`` ("cpu", "cuda", "auto") runs the
+    training and the assignment on faiss-gpu (see :mod:`scalselect_fast.baselines._faiss`).
 
     Returns
     -------
@@ -96,6 +97,9 @@ def faiss_kmeans(src: MatrixSource, n_clusters: int, seed: int, niter: int = 20,
     """
     import faiss
 
+    from ._faiss import flat_index, resolve_faiss_device
+
+    dev = resolve_faiss_device(device)
     n, d = src.n, src.d
     if not 1 <= n_clusters <= n:
         raise ValueError(f"n_clusters must be in [1, N={n}], got {n_clusters}")
@@ -110,10 +114,10 @@ def faiss_kmeans(src: MatrixSource, n_clusters: int, seed: int, niter: int = 20,
         train = normalize_rows(train)
     km = faiss.Kmeans(d, n_clusters, niter=niter, nredo=int(nredo), seed=int(seed) & 0x7FFFFFFF, verbose=False,
                       spherical=l2_normalize, max_points_per_centroid=max_points_per_centroid,
-                      min_points_per_centroid=1)
+                      min_points_per_centroid=1, gpu=dev == "cuda")
     km.train(np.ascontiguousarray(train, dtype=np.float32))
     centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
-    index = faiss.IndexFlatL2(d)
+    index = flat_index(d, "l2", dev)
     index.add(centroids)
     assign = np.empty(n, dtype=np.int64)
     dist = np.empty(n, dtype=np.float32)

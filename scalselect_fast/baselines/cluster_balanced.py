@@ -53,7 +53,7 @@ def balanced_allocation(sizes: np.ndarray, budget: int) -> np.ndarray:
 
 
 def select(source, budget, seed: int = 0, n_clusters: int | None = None, order: str = "nearest",
-           niter: int = 20, nredo: int = 1, l2_normalize: bool = True) -> np.ndarray:
+           niter: int = 20, nredo: int = 1, l2_normalize: bool = True, device: str = "cpu") -> np.ndarray:
     """Balanced per-cluster selection.
 
     Parameters
@@ -71,6 +71,8 @@ def select(source, budget, seed: int = 0, n_clusters: int | None = None, order: 
         k-means iterations and restarts (best of ``nredo`` initialisations).
     l2_normalize : bool
         Cluster on cosine geometry (spherical k-means on normalised rows), as COINCIDE does.
+    device : {"cpu", "cuda", "auto"}
+        Where faiss runs (``cuda`` needs faiss-gpu; ``auto`` falls back to the CPU).
 
     Returns
     -------
@@ -81,7 +83,8 @@ def select(source, budget, seed: int = 0, n_clusters: int | None = None, order: 
         raise ValueError(f"order must be 'nearest' or 'farthest', got {order!r}")
     src, b = prepare(source, budget)
     k = default_n_clusters(src.n) if n_clusters is None else int(n_clusters)
-    _, assign, dist = faiss_kmeans(src, k, seed, niter=niter, nredo=nredo, l2_normalize=l2_normalize)
+    _, assign, dist = faiss_kmeans(src, k, seed, niter=niter, nredo=nredo, l2_normalize=l2_normalize,
+                                  device=device)
     return pick(assign, dist, b, order)
 
 

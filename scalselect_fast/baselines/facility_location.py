@@ -80,7 +80,7 @@ def estimate(n: int, d: int) -> dict:
 
 
 def select(source, budget, seed: int = 0, max_n: int | None = None, knn: int | None = None,
-           max_bytes: int | None = None, block_rows: int = 2048) -> np.ndarray:
+           max_bytes: int | None = None, block_rows: int = 2048, device: str = "cpu") -> np.ndarray:
     """Greedy facility-location selection.
 
     Parameters
@@ -98,6 +98,8 @@ def select(source, budget, seed: int = 0, max_n: int | None = None, knn: int | N
         Memory the dense matrix may take; default half of the currently available memory.
     block_rows : int
         Rows per block when computing similarities.
+    device : {"cpu", "cuda", "auto"}
+        Where faiss runs the ``knn`` search (``cuda`` needs faiss-gpu; ``auto`` falls back).
 
     Returns
     -------
@@ -137,7 +139,7 @@ def select(source, budget, seed: int = 0, max_n: int | None = None, knn: int | N
     if knn is None:
         order = _greedy_dense(_dense_similarity(x, block_rows), b)
     else:
-        order = _greedy_sparse(*_knn_graph(x, int(knn)), b)
+        order = _greedy_sparse(*_knn_graph(x, int(knn), device), b)
     return order if rows is None else rows[order]
 
 
@@ -180,18 +182,18 @@ def _greedy_dense(s: np.ndarray, budget: int) -> np.ndarray:
     return _lazy_greedy(gains, gain, lambda j: np.maximum(cover, s[j], out=cover), budget)
 
 
-def _knn_graph(x: np.ndarray, k: int):
+def _knn_graph(x: np.ndarray, k: int, device: str = "cpu"):
     """Clients of each candidate in a K-nearest-neighbour cosine graph (faiss exact IP search).
 
     Returns CSR-by-candidate arrays (indptr, clients, sims) with sims = (1 + cos) / 2.
     """
-    import faiss
+    from ._faiss import flat_index, resolve_faiss_device
 
     n, d = x.shape
     if not 1 <= k:
         raise ValueError(f"knn must be >= 1, got {k}")
     k = min(k, n)
-    index = faiss.IndexFlatIP(d)
+    index = flat_index(d, "ip", resolve_faiss_device(device))
     index.add(x)
     sims, nbrs = index.search(x, k)
     clients = np.repeat(np.arange(n, dtype=np.int64), k)

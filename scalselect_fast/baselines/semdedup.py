@@ -49,7 +49,8 @@ def max_prior_similarity(x: np.ndarray, block_rows: int = 2048) -> np.ndarray:
 
 
 def select(source, budget, seed: int = 0, n_clusters: int | None = None, eps: float = 0.05,
-           keep: str = "hard", niter: int = 20, nredo: int = 1, block_rows: int = 2048) -> np.ndarray:
+           keep: str = "hard", niter: int = 20, nredo: int = 1, block_rows: int = 2048,
+           device: str = "cpu") -> np.ndarray:
     """De-duplicate semantically, then fill the budget by distance to the cluster centroid.
 
     Parameters
@@ -68,6 +69,8 @@ def select(source, budget, seed: int = 0, n_clusters: int | None = None, eps: fl
         farthest from the centroid ("hard") or nearest ("easy").
     niter, nredo, block_rows : int
         k-means iterations, restarts (best of ``nredo``), rows per similarity tile.
+    device : {"cpu", "cuda", "auto"}
+        Where faiss k-means runs (``cuda`` needs faiss-gpu; ``auto`` falls back to the CPU).
 
     Returns
     -------
@@ -80,7 +83,7 @@ def select(source, budget, seed: int = 0, n_clusters: int | None = None, eps: fl
         raise ValueError(f"eps must be in [0, 2), got {eps}")
     src, b = prepare(source, budget)
     k = default_n_clusters(src.n) if n_clusters is None else int(n_clusters)
-    _, assign, dist = faiss_kmeans(src, k, seed, niter=niter, nredo=nredo, l2_normalize=True)
+    _, assign, dist = faiss_kmeans(src, k, seed, niter=niter, nredo=nredo, l2_normalize=True, device=device)
     order, _ = fill_order(src, assign, dist, eps, keep, block_rows)
     return order[:b]
 
