@@ -200,6 +200,12 @@ def write_report(runs: list[dict], started: str, load_start: str) -> Path:
             lines += sec
         elif topic in ran:
             lines += [f"### {topic}", "", f"no CSV rows; see `benchmarks/results/{topic}.log`", ""]
+    for md in sorted(RESULTS.glob("gpu_check*/gpu_check.md")):  # GPU runs come back from a GPU node
+        rel = md.relative_to(ROOT)
+        body = md.read_text(encoding="utf-8").strip().splitlines()
+        lines += [f"### GPU check: `{rel}`", "", "_Copied from the GPU node's `gpu_check.sh` output; "
+                  "the full logs sit beside it._", ""] + [
+            "#### " + ln[3:] if ln.startswith("## ") else ln.replace("# GPU check", "GPU check", 1) for ln in body] + [""]
     plots = sorted(p.name for p in PLOTS.glob("*.png")) if PLOTS.exists() else []
     other = [p for p in plots if p not in ("scaling.png", "quality.png")]
     if other:
