@@ -102,6 +102,9 @@ SUBSPACE_VERSION = 1
 GRAM_CHUNK_ROWS = 8192
 #: above this width the randomized solver hands over to the exact one once its sketch needs > d/2
 SKETCH_SWITCH_MIN_D = 256
+#: ``auto`` (and the randomized solver's early hand-over) use the exact solver only while its d×d
+#: float64 Gram takes at most this many bytes
+EXACT_GRAM_MAX_BYTES = 2 * 2**30
 #: a column whose variance is below this fraction of the largest column variance is "constant"
 ZERO_VARIANCE_RTOL = 1e-10
 
@@ -1291,10 +1294,10 @@ def _fit_randomized(src, energy, k, standardize, l2_normalize, block_rows, be, t
         history.append({"ell": ell, "k": kk, "captured": captured / total})
         enough = kk is not None and (kk + oversample <= ell or ell == d)
         if not enough and ell < d and passes < max_passes:
-            if d > SKETCH_SWITCH_MIN_D:
+            if SKETCH_SWITCH_MIN_D < d and 8 * d * d <= EXACT_GRAM_MAX_BYTES:
                 need = _predict_sketch_width(lam, total, energy, k, oversample, d)
                 # finishing needs at least one pass at that width plus n_iter refinements, each
-                # 4·N·d·ℓ flops; the exact solver's one Gram pass costs N·d²
+                # 4·N·d·ℓ flops; the exact solver's one Gram pass costs N·d² (and its Gram fits)
                 if (n_iter + 1) * 4 * need > d:
                     raise _SwitchToExact(
                         f"the sketch would need ℓ≈{need} columns (Ritz spectrum extrapolated after "
@@ -1381,7 +1384,7 @@ def choose_solver(n: int, d: int, k: int | None = None, oversample: int = 10, pa
     an energy target, the sketch then grows as needed).
     """
     gram_bytes = 8 * d * d
-    if gram_bytes > 2 * 2**30:
+    if gram_bytes > EXACT_GRAM_MAX_BYTES:
         return "randomized", f"the d×d float64 Gram would take {gram_bytes / 2**30:.1f} GiB (> 2 GiB)"
     if d <= 4096:
         return "exact", f"d={d} ≤ 4096: one Gram pass (N·d² flops) and a small eigh are cheapest and exact"
