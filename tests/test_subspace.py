@@ -350,3 +350,34 @@ def test_one_column():
     sub = fit_subspace(X)
     assert sub.k == 1
     np.testing.assert_allclose(sub.score(X), reference(X)[3], atol=1e-12)
+
+
+def test_unchecked_device_gram_path_matches_the_checked_one_and_backs_out_on_nan():
+    """The GPU's one-read-back-per-shard Gram path, run here over numpy (its code is xp-generic)."""
+    from scalselect_fast.subspace import (_gram_shard, _gram_shard_unchecked, _InvalidTracker, _NumpyBackend,
+                                          _Pass, _SingleThreadedBlas)
+
+    X = decaying(5000, 40, seed=3).astype(np.float32)
+    src = open_source(X)
+    shift = X[:64].astype(np.float64).mean(0)
+    p = _Pass(src, 1200, _NumpyBackend(), _InvalidTracker(src, drop=False))
+    fast = GramAccumulator(40, shift)
+    assert _gram_shard_unchecked(p, fast, src.shards[0], False, None, False, None, None)
+    ref = GramAccumulator(40, shift)
+    with _SingleThreadedBlas() as blas:
+        _gram_shard(p, ref, src.shards[0], True, False, None, False, None, None, blas)
+    assert fast.n == ref.n == 5000
+    # same float32 chunk products, run with a different BLAS thread count: equal to float32 rounding
+    np.testing.assert_allclose(fast.gram, ref.gram, rtol=0, atol=1e-6 * np.abs(ref.gram).max())
+    np.testing.assert_allclose(fast.colsum, ref.colsum, rtol=0, atol=1e-6 * np.abs(ref.colsum).max())
+
+    Y = X.copy()
+    Y[4321, 7] = np.nan
+    bad_src = open_source(Y)
+    q = _Pass(bad_src, 1200, _NumpyBackend(), _InvalidTracker(bad_src, drop=False))
+    acc = GramAccumulator(40, shift)
+    before = (acc.n, acc.gram.copy(), acc.colsum.copy())
+    assert not _gram_shard_unchecked(q, acc, bad_src.shards[0], False, None, False, None, None)
+    assert acc.n == before[0]
+    np.testing.assert_array_equal(acc.gram, before[1])
+    np.testing.assert_array_equal(acc.colsum, before[2])
