@@ -1,6 +1,6 @@
 """Shared plumbing for the benchmarks: machine/version facts, CSV appends, synthetic embeddings.
 
-Not a benchmark itself. Imported by ``bench_scaling.py``, ``bench_quality.py`` and ``__main__.py``.
+Not a benchmark itself. Imported by the ``bench_*.py`` scripts and ``__main__.py``.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import platform
 import socket
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,29 @@ def versions() -> dict:
 def machine() -> dict:
     return {"host": socket.gethostname(), "cpu": cpu_model(), "cores": os.cpu_count(),
             "memory_gib": memory_gib(), "os": f"{platform.system()} {platform.release()}"}
+
+
+def median_time(fn, repeats: int, sync=None, warmup: bool = False):
+    """Median wall time of ``repeats`` calls of ``fn``.
+
+    ``sync`` (e.g. ``torch.cuda.synchronize``) is called after each call so asynchronous work is
+    inside the timing; ``warmup`` makes one untimed call first (allocators, JIT compiles).
+
+    Returns
+    -------
+    (median_seconds, last_result, all_seconds)
+    """
+    sync = sync or (lambda: None)
+    if warmup:
+        fn()
+        sync()
+    times, result = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), result, times
 
 
 def load_average() -> str:

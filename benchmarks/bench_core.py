@@ -45,6 +45,9 @@ sys.path.insert(0, str(ROOT))
 import scalselect_fast as ss  # noqa: E402
 from scalselect_fast import native  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _suite import cpu_model, median_time  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results" / "core.csv"
 ALPHA, NOISE, OFFSET = 0.6, 0.02, 3.0
 
@@ -79,15 +82,6 @@ def generate(n: int, d: int, dtype=np.float32, out: np.ndarray | None = None, se
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
-def median_time(fn, repeats: int):
-    times, result = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)), result, times
-
-
 def spearman(a, b) -> float:
     from scipy.stats import spearmanr
 
@@ -102,14 +96,7 @@ def overlap(a_scores, b_scores, frac=0.16) -> float:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     try:
         load = os.getloadavg()[0]
     except OSError:

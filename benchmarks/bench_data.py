@@ -19,10 +19,8 @@ import csv
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -32,6 +30,9 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from scalselect_fast.data import read_dataset, write_selected  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _suite import median_time  # noqa: E402
 
 
 def _records(n: int):
@@ -84,15 +85,6 @@ def _baseline(container: str, path: Path) -> int:
     return n
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=20_000)
@@ -107,10 +99,10 @@ def main(argv=None) -> int:
         paths = _write_inputs(d, n)
         keep = {f"s{i:09d}" for i in range(0, n, 6)}  # ~16%
         for container, path in paths.items():
-            t_base = _median_time(lambda: _baseline(container, path), args.repeats)
-            t_read = _median_time(lambda: sum(1 for _ in read_dataset(path, image_root=d)), args.repeats)
+            t_base = median_time(lambda: _baseline(container, path), args.repeats)[0]
+            t_read = median_time(lambda: sum(1 for _ in read_dataset(path, image_root=d)), args.repeats)[0]
             out = d / f"out.{container}"
-            t_write = _median_time(lambda: write_selected(path, out, keep), args.repeats)
+            t_write = median_time(lambda: write_selected(path, out, keep), args.repeats)[0]
             rows.append({"container": container, "n": n, "size_mb": round(path.stat().st_size / 1e6, 1),
                          "baseline_s": t_base, "read_s": t_read, "write_s": t_write,
                          "read_per_s": n / t_read, "read_vs_baseline": t_read / t_base})

@@ -19,16 +19,16 @@ import argparse
 import csv
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _suite import median_time  # noqa: E402
 
 FLOOR = 4.0
 
@@ -71,15 +71,6 @@ def _baseline_pool(out, inputs, roles, layer, threshold):
     for b in range(att.shape[0]):
         vecs.append(hid[b, order[b, : int(k[b])]].mean(0))
     return torch.stack(vecs).numpy()
-
-
-def _median_time(fn, repeats):
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def main(argv=None) -> int:
@@ -166,8 +157,8 @@ def main(argv=None) -> int:
         a, b = np.concatenate(run_ours_e2e()), np.concatenate(run_base_e2e())
         max_diff = float(np.abs(a - b).max())
         for mode, f_ours, f_base in (("end-to-end", run_ours_e2e, run_base_e2e), ("forward", run_ours_fwd, run_base_fwd)):
-            t_base = _median_time(f_base, args.repeats)
-            t_ours = _median_time(f_ours, args.repeats)
+            t_base = median_time(f_base, args.repeats)[0]
+            t_ours = median_time(f_ours, args.repeats)[0]
             rows.append({"mode": mode, "model": f"llava-tiny L{layers} d{hidden}", "layer": args.layer, "n": n,
                          "batch_size": args.batch_size, "mean_tokens": round(seq, 1),
                          "baseline_samples_s": n / t_base, "ours_samples_s": n / t_ours, "speedup": t_base / t_ours,

@@ -51,6 +51,9 @@ import scalselect_fast as ss  # noqa: E402
 from scalselect_fast import native  # noqa: E402
 from scalselect_fast.store import open_source  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _suite import cpu_model, memory_gib  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results" / "large.csv"
 FLOOR_S, FLOOR_ANON = 180.0, 2 * 2 ** 30
 
@@ -130,22 +133,7 @@ def cached_fraction(paths) -> float:
 
 
 def machine() -> dict:
-    cpu = ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = 0
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal:"):
-                mem = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "mem_gib": round(mem / 2 ** 30, 1),
+    return {"host": platform.node(), "cpu": cpu_model(), "cores": os.cpu_count(), "mem_gib": memory_gib(),
             "numpy": np.__version__, "native": native.BACKEND, "python": platform.python_version(),
             "scalselect_fast": ss.__version__}
 

@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -38,6 +37,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from scalselect_fast.ops import instruction_attended_pool, instruction_column_attention  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _suite import median_time as _median_time  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "pool.csv"
 FIELDS = ["timestamp", "machine", "device", "python", "torch", "triton", "section", "case", "variant",
@@ -107,16 +109,9 @@ def append_rows(rows):
             w.writerow({k: r.get(k, "") for k in FIELDS})
 
 
-def median_time(fn, repeats, sync=lambda: None):
-    fn()  # warm-up (allocator, Triton compile/autotune)
-    sync()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+def median_time(fn, repeats, sync=None):
+    """Median seconds after one warm-up call (allocator, Triton compile/autotune)."""
+    return _median_time(fn, repeats, sync=sync, warmup=True)[0]
 
 
 def verdict(ok):

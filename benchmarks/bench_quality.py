@@ -30,7 +30,6 @@ Writes benchmarks/results/quality.csv and benchmarks/plots/quality.png.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
