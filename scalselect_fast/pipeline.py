@@ -479,7 +479,8 @@ def _store_dir(state: _State) -> Path:
 
 def _stage_fit(cfg: RunConfig, state: _State, events: Events, src):
     """Fit the subspace with a per-shard checkpoint of the Gram accumulator (exact solver)."""
-    from .subspace import GramAccumulator, Subspace, choose_solver, fit_subspace, subspace_from_gram
+    from .subspace import (GramAccumulator, Subspace, _first_block_mean, choose_solver, fit_subspace,
+                           subspace_from_gram)
 
     sub_path = state.work / "subspace.npz"
     if state.done("fit") and sub_path.exists():
@@ -507,10 +508,8 @@ def _stage_fit(cfg: RunConfig, state: _State, events: Events, src):
                     acc.sumsq = z["sumsq"].copy()
                     acc.gram = z["gram"].copy()
                     covered = list(meta["shards"])
-        if acc is None:
-            first = src.shards[0]
-            head = src.read_rows(np.arange(first.offset, first.offset + min(first.count, 4096)))
-            acc = GramAccumulator(src.d, head.astype(np.float64).mean(axis=0))
+        if acc is None:  # the shift fit_subspace uses: finite rows of the first non-empty block
+            acc = GramAccumulator(src.d, _first_block_mean(src, 4096))
         names = [s.name for s in src.shards]
         if covered != names[:len(covered)]:
             raise RunError(f"{ck_path}: the fit checkpoint covers shards {covered[:3]}... that do not match "

@@ -468,3 +468,22 @@ def test_demo_command_runs_the_pipeline(env, tmp_path, monkeypatch, capsys):
     truth = rep["demo_truth"]
     assert truth["rare_samples"] == len(env["truth"]["rare"])
     assert truth["planted_duplicate_pairs"] == len(env["truth"]["duplicates"])
+
+
+def test_first_shard_all_text_only_still_fits(env, tmp_path):
+    """A first extraction shard with no representation (every record text-only) is an empty store
+    shard; the fit's shift must come from the first rows that exist, not from an empty mean."""
+    records = json.loads(env["data"].read_text())
+    for r in records[:SHARD]:
+        r.pop("image", None)
+        for turn in r["conversations"]:
+            turn["value"] = turn["value"].replace("<image>\n", "").replace("<image>", "")
+    data = tmp_path / "text_first.json"
+    data.write_text(json.dumps(records))
+    out = tmp_path / "out"
+    run(make_config(model=str(env["model"]), data=str(data), image_root=str(env["root"]), out=str(out),
+                    budget="25%", shard_size=SHARD, batch_size=4, quiet=True))
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_valid"] == sum(1 for r in records if "image" in r) == 30  # demo records 10, 32 are text-only too
+    selected = {r["id"] for r in json.loads((out / "selected.json").read_text())}
+    assert selected and not selected & {r["id"] for r in records[:SHARD]}
