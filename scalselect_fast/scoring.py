@@ -134,16 +134,17 @@ def resolve_budget(budget, n: int) -> int:
         raise BudgetError(f"budget {raw!r} is not a count, fraction or percentage (e.g. 100000, 0.16, '16%')")
     if isinstance(budget, str):
         s = budget.strip()
-        try:
-            if s.endswith("%"):
-                pct = float(s[:-1])
-                if not (0 < pct <= 100):
-                    raise BudgetError(f"budget {raw!r}: a percentage must be in (0, 100]")
-                return _count(pct / 100.0 * n, raw, n)
-            budget = int(s) if s.lstrip("+-").isdigit() else float(s)
+        try:  # only the parsing: the range checks below raise their own, specific BudgetError
+            pct = float(s[:-1]) if s.endswith("%") else None
+            if pct is None:
+                budget = int(s) if s.lstrip("+-").isdigit() else float(s)
         except ValueError:
             raise BudgetError(f"budget {raw!r} is not a count, fraction or percentage "
                               f"(e.g. 100000, 0.16, '16%')") from None
+        if pct is not None:
+            if not (0 < pct <= 100):
+                raise BudgetError(f"budget {raw!r}: a percentage must be in (0, 100]")
+            return _count(pct / 100.0 * n, raw, n)
     if isinstance(budget, numbers.Integral):
         count = int(budget)
     elif isinstance(budget, numbers.Real):

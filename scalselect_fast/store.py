@@ -74,6 +74,15 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it; restored at once, at import (single-threaded)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 @contextlib.contextmanager
 def _atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds."""
@@ -82,6 +91,9 @@ def _atomic_path(path: str | os.PathLike):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        # mkstemp makes the file 0600; give it the mode a plain open() would (others may read
+        # a store or a selection written by this user)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         yield Path(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())

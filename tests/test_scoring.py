@@ -99,7 +99,8 @@ def test_resolve_budget():
     assert resolve_budget(5.0, 10) == 5
     assert resolve_budget("0.5", 3) == 2  # 1.5 rounds half up
     for bad, msg in [(0, "at least 1"), (-3, "at least 1"), (11, "only 10 are available"),
-                     ("0%", "percentage"), ("150%", "percentage"), ("abc", "not a count"),
+                     ("0%", r"must be in \(0, 100\]"), ("150%", r"must be in \(0, 100\]"),
+                     ("0.01%", "rounds to 0"), ("200", "only 10 are available"), ("abc", "not a count"),
                      (2.5, "whole count"), (True, "not a count"), (0.001, "rounds to 0"), ("nan", "not a number")]:
         with pytest.raises(BudgetError, match=msg):
             resolve_budget(bad, 10)

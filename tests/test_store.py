@@ -122,3 +122,24 @@ def test_uncommitted_shard_is_ignored(tmp_path):
 def test_to_float32_bf16_exact():
     bits = np.array([0x3F80, 0xC020, 0x0000, 0x7F80], dtype=np.uint16)
     np.testing.assert_array_equal(to_float32(bits, True), [1.0, -2.5, 0.0, np.inf])
+
+
+def test_atomic_writes_get_the_umask_mode_not_mkstemps_0600(tmp_path):
+    import os
+
+    from scalselect_fast.store import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        import importlib
+
+        import scalselect_fast.store as store
+
+        importlib.reload(store)  # the umask is read once, at import
+        store.atomic_write_bytes(tmp_path / "f.bin", b"x")
+        assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)
+        importlib.reload(store)
+    atomic_write_bytes(tmp_path / "g.bin", b"y")
+    assert (tmp_path / "g.bin").read_bytes() == b"y"
