@@ -178,3 +178,22 @@ def test_encoding_workers_give_the_same_store(vlm, dataset, tmp_path):
     assert sorted((out / "skipped.jsonl").read_text().splitlines()) == sorted((ref / "skipped.jsonl").read_text().splitlines())
     m = json.loads((out / "manifest.json").read_text())
     assert [s["skipped"] for s in m["shards"]] == [1, 2, 1]
+
+
+def test_an_unexpected_encoder_failure_names_the_sample():
+    """Anything the processor/tokenizer raises for one sample stops the run with that sample's id
+    and record index (not a bare traceback from a worker); sample-level problems stay skips."""
+    import pytest
+
+    from scalselect_fast.extract import roles as R
+    from scalselect_fast.extract.pipeline import _encode_one, _Skip
+
+    class Refusing:  # stands in for the processor call that raised; the wrapper is under test
+        def encode(self, sid, messages, pix):
+            raise ValueError("aspect ratio 250 > 200")
+
+    item = ("s-17", 17, 42, [b"img"], [{"role": "user", "content": "hi"}])
+    with pytest.raises(R.ExtractError, match=r"sample s-17 \(record 17, line 42\).*ValueError: aspect ratio"):
+        _encode_one(Refusing(), item, loader=lambda p: p)
+    skipped = _encode_one(Refusing(), ("s-18", 18, None, [], []), loader=lambda p: p)
+    assert isinstance(skipped, _Skip) and "text-only" in skipped.detail

@@ -84,6 +84,11 @@ def _encode_one(encoder, item, loader):
         return _Skip(sid, idx, getattr(e, "reason", "image_unreadable"), f"sample {sid}: {e}", line)
     except R.SampleError as e:
         return _Skip(sid, idx, _classify(e), str(e), line)
+    except R.ExtractError:
+        raise  # a model/template problem, not this sample's: already says what to fix
+    except Exception as e:  # the processor or tokenizer refused this sample: say which one
+        where = f"record {idx}" + (f", line {line}" if line is not None else "")
+        raise R.ExtractError(f"sample {sid} ({where}) could not be encoded: {type(e).__name__}: {e}") from e
 
 
 def _pack(s):
