@@ -88,7 +88,8 @@ def _encode_one(encoder, item, loader):
         raise  # a model/template problem, not this sample's: already says what to fix
     except Exception as e:  # the processor or tokenizer refused this sample: say which one
         where = f"record {idx}" + (f", line {line}" if line is not None else "")
-        raise R.ExtractError(f"sample {sid} ({where}) could not be encoded: {type(e).__name__}: {e}") from e
+        raise R.ExtractError(f"sample {sid} ({where}) could not be encoded: {type(e).__name__}: {e}; "
+                              f"fix or remove that record and rerun (finished shards are kept)") from e
 
 
 def _pack(s):
