@@ -158,8 +158,9 @@ def bench_a_b(n: int, d: int, repeats: int, svd_repeats: int, full_floors: bool)
            f"k={sub_r.k} passes={sub_r.passes} sketch={sub_r.info.get('sketch_width')}"
            + (f"; HANDED OVER TO EXACT: {gave_up}" if gave_up else ""))
     ov_r = overlap(lev_r, lev_ref)
-    record("(a) randomized: top-16% overlap", ov_r, ">= 0.99", ov_r >= 0.99, "",
-           "measures the exact hand-over on this flat spectrum" if gave_up else "")
+    # after a hand-over the answer is the exact solver's: the randomized floor is not measured here
+    record("(a) randomized: top-16% overlap", ov_r, ">= 0.99", None if gave_up else ov_r >= 0.99, "",
+           "n/a: handed over to exact on this flat spectrum (see the steep row)" if gave_up else "")
     record("(a) randomized speed-up vs dense SVD", t_svd / t_rd, "", None, "x")
     # The same floor on a steep spectrum (s_i = i^-1, no noise), where the sketch stays randomized.
     global ALPHA, NOISE
@@ -170,7 +171,8 @@ def bench_a_b(n: int, d: int, repeats: int, svd_repeats: int, full_floors: bool)
     t_svd_s, (k_s, lev_s), _ = median_time(lambda: dense_svd_scores(Xs), svd_repeats)
     t_rs, (sub_s, lev_rs), _ = median_time(lambda: fit_score(Xs, "randomized"), max(1, repeats // 2))
     ov_s = overlap(lev_rs, lev_s)
-    record("(a) randomized, steep spectrum: overlap", ov_s, ">= 0.99", ov_s >= 0.99, "",
+    record("(a) randomized, steep spectrum: overlap", ov_s, ">= 0.99",
+           ov_s >= 0.99 and sub_s.solver == "randomized", "",
            f"s_i=i^-1; solver={sub_s.solver} k={sub_s.k} (SVD k={k_s}) passes={sub_s.passes} "
            f"sketch={sub_s.info.get('sketch_width')} fit+score {t_rs:.2f}s")
     # The 20x floor on the steep spectrum too (solver="auto" picks exact at d=768): the score
@@ -319,7 +321,7 @@ def main(argv=None) -> int:
     fails = [r["metric"] for r in ROWS if r["status"] == "FAIL"]
     print(f"\n{len(ROWS)} rows appended to {RESULTS.relative_to(ROOT)}; "
           + (f"FAIL: {', '.join(fails)}" if fails else "all floors PASS"))
-    return 0
+    return 1 if fails else 0
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ def main(argv=None) -> int:
                         "floor": f"<= {FLOOR}", "status": verdict, "load_start": round(load0, 2),
                         "load_end": round(load1, 2), "machine": json.dumps(machine(), sort_keys=True)})
         print(f"appended a row to {RESULTS.relative_to(ROOT)}")
-        return 0
+        return 1 if verdict == "FAIL" else 0
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -304,6 +304,7 @@ def run(a, store: str) -> int:
     if big:
         ok = total <= FLOOR_S and r["peak_anon"] <= FLOOR_ANON
         print("PASS" if ok else "FAIL", "(10M x 1024 fp16: <= 180 s and <= 2 GiB anonymous memory)")
+        return 0 if ok else 1
     return 0
 
 
