@@ -44,7 +44,7 @@ import numpy as np
 
 from . import native
 from .store import DEFAULT_BLOCK_ROWS, MatrixSource, ShardInfo, StoreError, StoreSource, open_source
-from .subspace import tree_reduce
+from .subspace import EXACT_GRAM_MAX_BYTES, tree_reduce
 
 __all__ = ["tree_reduce", "fit_subspace", "leverage_scores", "select", "run_selection", "connect",
            "ShardView"]
@@ -254,7 +254,7 @@ def fit_subspace(source, client, energy: float = 0.9, k: int | None = None, solv
     if solver not in ("auto", "exact"):
         raise SubspaceError(f"solver={solver!r}: only the exact solver runs on Dask (one Gram tree "
                             f"reduction); use solver='exact' or 'auto', or fit on one node")
-    if 8 * d * d > 2 * 2 ** 30:
+    if 8 * d * d > EXACT_GRAM_MAX_BYTES:
         raise SubspaceError(f"d={d}: the d×d float64 Gram ({8 * d * d / 2 ** 30:.1f} GiB per partial) is too "
                             f"large to reduce on Dask; fit with solver='randomized' on one node")
     if src.n < 2:

@@ -22,8 +22,7 @@ import numpy as np
 
 __all__ = ["Selector"]
 
-#: the largest d×d float64 Gram the Selector will hold (same bound as fit_subspace's auto choice)
-MAX_GRAM_BYTES = 2 * 2**30
+from .subspace import EXACT_GRAM_MAX_BYTES as MAX_GRAM_BYTES  # the largest Gram it will hold, as auto
 
 
 class Selector:
