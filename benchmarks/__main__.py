@@ -104,10 +104,28 @@ def run_bench(topic: str, mode: str, timeout: float, extra: list[str] = ()) -> d
         rows = csv_rows(p)
         if len(rows) > before.get(p.name, 0):
             new_rows[p.name] = rows[before.get(p.name, 0):]
+    verdicts = [ln.strip() for ln in out.splitlines() if VERDICT.match(ln.strip())
+                or ln.strip().startswith(("all floors", "FAIL:"))]
+    verdicts += csv_verdicts(new_rows)
     return {"topic": topic, "cmd": " ".join(["python", f"benchmarks/bench_{topic}.py", *args]), "rc": rc,
-            "wall_s": wall, "verdicts": [ln.strip() for ln in out.splitlines() if VERDICT.match(ln.strip())
-                                          or ln.strip().startswith(("all floors", "FAIL:"))],
-            "new_rows": new_rows, "log": log}
+            "wall_s": wall, "verdicts": verdicts, "new_rows": new_rows, "log": log}
+
+
+def csv_verdicts(new_rows: dict) -> list[str]:
+    """``"core.csv: 6 PASS, 1 FAIL (x)"`` from the status/verdict column of the rows a bench wrote,
+    so a floor that a bench only prints inside a table row still reaches the report."""
+    out = []
+    for name, rows in new_rows.items():
+        passed, failed = 0, []
+        for r in rows:
+            v = (r.get("status") or r.get("verdict") or "").strip()
+            if v == "PASS":
+                passed += 1
+            elif v == "FAIL":
+                failed.append(r.get("metric") or r.get("variant") or r.get("op") or "?")
+        if passed or failed:
+            out.append(f"{name}: {passed} PASS, {len(failed)} FAIL" + (f" ({', '.join(failed)})" if failed else ""))
+    return out
 
 
 def scaling_section() -> list[str]:

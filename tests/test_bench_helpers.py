@@ -53,3 +53,11 @@ def test_quality_metrics_against_direct_computation():
     vs = np.linalg.svd(xs, full_matrices=False)[2][:k].T
     assert m["subspace"] == pytest.approx(np.linalg.norm(ac @ vs) ** 2 / ac_norm, rel=1e-9)
     assert 0 < m["subspace"] <= 1 + 1e-9
+
+
+def test_csv_verdicts_count_floor_rows_by_status_or_verdict():
+    new = {"core.csv": [{"metric": "speed-up", "status": "FAIL"}, {"metric": "slope", "status": "PASS"},
+                        {"metric": "baseline s", "status": ""}],
+           "pool.csv": [{"variant": "triton", "verdict": "PASS"}],
+           "data.csv": [{"container": "json"}]}
+    assert suite_main.csv_verdicts(new) == ["core.csv: 1 PASS, 1 FAIL (speed-up)", "pool.csv: 1 PASS, 0 FAIL"]
