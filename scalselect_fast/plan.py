@@ -292,8 +292,9 @@ def estimate_run(n: int, *, model: str | os.PathLike | Mapping | None = None, d:
     wbytes = _DTYPE_BYTES.get(str(dtype).lower(), 4)
     sbytes = _DTYPE_BYTES.get(str(store_dtype).lower(), 2)
     est = PlanEstimate(n=n, d=d, device=str(device))
-    # the Gram path is the default up to a few thousand dims (see fit_subspace's cost model)
-    exact = solver == "exact" or (solver == "auto" and d <= 8192)
+    from .subspace import choose_solver  # the fit's own auto rule, so the plan budgets the solver it runs
+
+    exact = solver == "exact" or (solver == "auto" and choose_solver(n, d)[0] == "exact")
     k_guess = max(1, d // 4)
     if cost is not None:
         est.seconds["extract"] = n * cost["flops_per_sample"] / (rate * FORWARD_EFFICIENCY)
@@ -352,6 +353,21 @@ def estimate_run(n: int, *, model: str | os.PathLike | Mapping | None = None, d:
 
 
 def _disk_free(path: str | os.PathLike) -> int | None:
+    """Free bytes for writing under ``path``, counting what is already there as free.
+
+    A rerun or a resume overwrites or reuses what an earlier run left under ``path`` (store shards,
+    checkpoints, outputs), so those bytes are available to it too; without them a run that stopped
+    on a full disk would be refused again after the user freed space.
+    """
+    free = _fs_free(path)
+    if free is None:
+        return None
+    p = Path(path)
+    held = sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink()) if p.is_dir() else 0
+    return free + held
+
+
+def _fs_free(path: str | os.PathLike) -> int | None:
     p = Path(path).absolute()
     while not p.exists() and p != p.parent:
         p = p.parent

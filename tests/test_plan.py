@@ -70,3 +70,19 @@ def test_model_cost_qwen2_vl_7b_layout():
     c = model_cost(q)
     assert c["d"] == 3584 and c["image_tokens"] == 144  # 24x24 patches merged 2x2
     assert 7.0e9 < c["full_params"] < 9.5e9  # Qwen2-VL-7B has ~8.3B parameters
+
+
+def test_bytes_already_under_out_count_as_free_for_a_rerun(tmp_path, monkeypatch):
+    """A resume reuses/overwrites what the earlier run wrote, so the preflight must not refuse it
+    for space the earlier run itself took."""
+    from scalselect_fast import plan
+
+    out = tmp_path / "out"
+    (out / ".scalselect" / "store").mkdir(parents=True)
+    (out / ".scalselect" / "store" / "shard-00000.npy").write_bytes(b"x" * 100_000)
+    (out / "report.json").write_bytes(b"y" * 2_000)
+    monkeypatch.setattr(plan, "_fs_free", lambda path: 1_000)  # the filesystem's own free space
+    assert plan._disk_free(out) == 1_000 + 102_000
+    assert plan._disk_free(tmp_path / "missing") == 1_000
+    est = plan.estimate_run(1_000, d=64, out_dir=out, flops_per_s=1e11, memory_available=2**30)
+    assert est.available["disk_free"] == 103_000
