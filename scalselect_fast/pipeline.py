@@ -773,8 +773,16 @@ def _suffix(cfg: RunConfig) -> str:
 
 
 def _stability(src, sub, scores, kept_rows, budget, cfg) -> dict:
-    """Stability certificate from the baselines area; the score margin at the cut-off always."""
-    out: dict[str, Any] = {}
+    """Stability certificate of the top-``budget`` set by score; the score margin at the cut-off always.
+
+    The certificate is about the set the scores pick. When post-selection (``--dedup-selected``,
+    ``--quota``) changed the written selection, ``certifies`` says so.
+    """
+    from .scoring import top_k
+
+    same = np.array_equal(np.sort(np.asarray(kept_rows)), np.sort(top_k(scores, budget)))
+    out: dict[str, Any] = {"certifies": "the written selection (the top budget by score)" if same else
+                           "the top budget by score, before post-selection changed the written selection"}
     s_sorted = np.sort(scores)[::-1]
     if 0 < budget < s_sorted.size:
         cut, nxt = float(s_sorted[budget - 1]), float(s_sorted[budget])

@@ -114,6 +114,7 @@ def test_run_writes_selection_manifest_and_report(env, baseline):
     assert sum(v["kept"] for v in rep["per_source"].values()) == 10
     assert {"extract", "fit", "score", "select"} <= set(rep["timings"])
     assert "margin" in rep["stability"] and "overlap_exact_vs_randomized" in rep["stability"]
+    assert rep["stability"]["certifies"].startswith("the written selection")
     assert rep["config_hash"] and rep["versions"]["numpy"] == np.__version__
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3
@@ -231,6 +232,7 @@ def test_dedup_selected_and_quota_options(env, baseline, tmp_path):
     dropped = [m for m in man if (m["skip_reason"] or "").startswith("near-duplicate")]
     assert dropped and all(not m["kept"] for m in dropped)
     assert res.report["postselect"]["n_dedup_dropped"] == len(dropped)
+    assert "before post-selection" in res.report["stability"]["certifies"]  # says which set it is about
     # quota: cap the most-kept source at 20% of the budget
     records = {r["id"]: r for r in json.loads(env["data"].read_text())}
     top = max(res.report["per_source"], key=lambda k: res.report["per_source"][k]["kept"])
