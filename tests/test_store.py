@@ -124,22 +124,19 @@ def test_to_float32_bf16_exact():
     np.testing.assert_array_equal(to_float32(bits, True), [1.0, -2.5, 0.0, np.inf])
 
 
-def test_atomic_writes_get_the_umask_mode_not_mkstemps_0600(tmp_path):
+def test_atomic_writes_get_the_umask_mode_not_mkstemps_0600(tmp_path, monkeypatch):
     import os
 
-    from scalselect_fast.store import atomic_write_bytes
+    from scalselect_fast import store
 
-    old = os.umask(0o022)
+    old = os.umask(0o027)
     try:
-        import importlib
-
-        import scalselect_fast.store as store
-
-        importlib.reload(store)  # the umask is read once, at import
-        store.atomic_write_bytes(tmp_path / "f.bin", b"x")
-        assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o644
+        assert store._read_umask() == 0o027 and os.umask(0o027) == 0o027  # read, and left as it was
     finally:
         os.umask(old)
-        importlib.reload(store)
-    atomic_write_bytes(tmp_path / "g.bin", b"y")
-    assert (tmp_path / "g.bin").read_bytes() == b"y"
+    monkeypatch.setattr(store, "_UMASK", 0o022)
+    store.atomic_write_bytes(tmp_path / "f.bin", b"x")
+    assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o644 and (tmp_path / "f.bin").read_bytes() == b"x"
+    monkeypatch.setattr(store, "_UMASK", 0o077)
+    store.atomic_write_bytes(tmp_path / "g.bin", b"y")
+    assert (tmp_path / "g.bin").stat().st_mode & 0o777 == 0o600

@@ -86,7 +86,7 @@ def _encode_one(encoder, item, loader):
         return _Skip(sid, idx, _classify(e), str(e), line)
     except R.ExtractError:
         raise  # a model/template problem, not this sample's: already says what to fix
-    except Exception as e:  # the processor or tokenizer refused this sample: say which one
+    except (ValueError, TypeError, KeyError, IndexError) as e:  # the processor/tokenizer refused this sample
         where = f"record {idx}" + (f", line {line}" if line is not None else "")
         raise R.ExtractError(f"sample {sid} ({where}) could not be encoded: {type(e).__name__}: {e}; "
                               f"fix or remove that record and rerun (finished shards are kept)") from e
