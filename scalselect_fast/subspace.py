@@ -279,7 +279,8 @@ class _InvalidTracker:
                 f"selection (they are then listed in the report).", rows)
 
     def all_rows(self) -> np.ndarray:
-        return np.concatenate(self.rows) if self.rows else np.empty(0, np.int64)
+        """Every recorded row, sorted (shards may be scanned side by side)."""
+        return np.sort(np.concatenate(self.rows)) if self.rows else np.empty(0, np.int64)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -914,7 +915,7 @@ class _SingleThreadedBlas:
     def grams(self, acc: GramAccumulator, chunks: list) -> list:
         """``cᵀc`` of each chunk (float32 buffers reused across calls; not yet accumulated)."""
         if self._pool is None or len(chunks) < 2 or acc._matmul not in (None, np.matmul) or acc.xp is not np:
-            return [acc.chunk_gram(c).copy() if len(chunks) > 1 else acc.chunk_gram(c) for c in chunks]
+            return _SequentialGrams.grams(acc, chunks)
         while len(self._bufs) < len(chunks):
             self._bufs.append(np.empty((acc.d, acc.d), dtype=chunks[0].dtype))
         outs = [b if b.dtype == c.dtype else np.empty((acc.d, acc.d), c.dtype) for b, c in zip(self._bufs, chunks)]
@@ -933,13 +934,65 @@ def _gram_pass(p: _Pass, acc: GramAccumulator, record: bool, verify: bool, inv_s
     a cluster fit is bit-identical to this one whatever the thread counts.
     """
     with _SingleThreadedBlas() as blas:
-        def shard_partials():
-            for shard in p.src.shards:
-                part = GramAccumulator(acc.d, acc.shift, matmul=acc._matmul, xp=acc._xp_name)
-                _gram_shard(p, part, shard, record, verify, inv_scale, l2, known_bad, shift, blas)
-                yield part
+        def partial(q: _Pass, shard, products):
+            part = GramAccumulator(acc.d, acc.shift, matmul=acc._matmul, xp=acc._xp_name)
+            _gram_shard(q, part, shard, record, verify, inv_scale, l2, known_bad, shift, products)
+            return part
 
-        acc.merge(tree_reduce(shard_partials(), GramAccumulator.merge))
+        shards = p.src.shards
+        if _shards_side_by_side(blas, acc, shards, p.block_rows):
+            parts = _ordered_parallel(blas, shards, lambda q, shard: partial(q, shard, _SEQUENTIAL_GRAMS),
+                                      lambda: _Pass(p.src, p.block_rows, p.be, p.tracker))
+        else:
+            parts = (partial(p, shard, blas) for shard in shards)
+        acc.merge(tree_reduce(parts, GramAccumulator.merge))
+
+
+class _SequentialGrams:
+    """``grams`` of :class:`_SingleThreadedBlas` without its pool: for a thread that is itself one
+    of the pool's workers (shards side by side)."""
+
+    @staticmethod
+    def grams(acc: GramAccumulator, chunks: list) -> list:
+        return [acc.chunk_gram(c).copy() if len(chunks) > 1 else acc.chunk_gram(c) for c in chunks]
+
+
+_SEQUENTIAL_GRAMS = _SequentialGrams()
+
+
+def _shards_side_by_side(blas: _SingleThreadedBlas, acc: GramAccumulator, shards, block_rows: int) -> bool:
+    """Whether to sum whole shards concurrently instead of a block's chunks.
+
+    A shard's chunks are what the cores share out; shards smaller than ``threads`` chunks (the
+    pipeline writes 4096-row shards, one chunk each) would leave cores idle. Each shard's partial
+    is still summed by one thread in chunk order, so the bits do not change.
+    """
+    if blas._pool is None or acc.xp is not np or acc._matmul not in (None, np.matmul) or len(shards) < 2:
+        return False
+    per_block = min(block_rows, max(s.count for s in shards))
+    return -(-per_block // GRAM_CHUNK_ROWS) < blas.threads
+
+
+def _ordered_parallel(blas: _SingleThreadedBlas, shards, work, make_pass):
+    """Yield ``work(pass, shard)`` for each shard in order, ``blas.threads`` shards at a time, each
+    worker thread with its own :class:`_Pass` (buffers); at most ``2 × threads`` results wait."""
+    import threading
+
+    local = threading.local()
+
+    def run(shard):
+        if not hasattr(local, "p"):
+            local.p = make_pass()
+        return work(local.p, shard)
+
+    window = 2 * blas.threads
+    pending = []
+    for shard in shards:
+        pending.append(blas._pool.submit(run, shard))
+        if len(pending) >= window:
+            yield pending.pop(0).result()
+    for fut in pending:
+        yield fut.result()
 
 
 def _gram_shard(p, acc, shard, record, verify, inv_scale, l2, known_bad, shift, blas) -> None:

@@ -387,3 +387,25 @@ def test_unchecked_device_gram_path_matches_the_checked_one_and_backs_out_on_nan
     assert acc.n == before[0]
     np.testing.assert_array_equal(acc.gram, before[1])
     np.testing.assert_array_equal(acc.colsum, before[2])
+
+
+def test_small_shards_summed_side_by_side_give_the_sequential_bits(tmp_path, monkeypatch):
+    """Shards of one chunk each are summed concurrently (one thread per shard); every shard's
+    partial is still formed the same way, so the subspace is bit-identical to summing them one by
+    one, and invalid rows are found and reported in row order either way."""
+    from scalselect_fast import subspace as S
+
+    X = decaying(9 * 1500 + 7, 48, seed=4).astype(np.float32)
+    X[[20, 3100, 9000]] = np.nan
+    w = StoreWriter(tmp_path / "s", d=48, dtype="float32")
+    for a in range(0, X.shape[0], 1500):
+        w.write_shard(X[a:a + 1500], [str(i) for i in range(a, min(a + 1500, X.shape[0]))])
+    side = fit_subspace(tmp_path / "s", solver="exact", drop_invalid=True)
+    with pytest.raises(InvalidRowsError) as err:
+        fit_subspace(tmp_path / "s", solver="exact")
+    assert err.value.rows.tolist() == [20]  # the first bad shard in row order, as sequentially
+    monkeypatch.setattr(S, "_shards_side_by_side", lambda *a: False)
+    seq = fit_subspace(tmp_path / "s", solver="exact", drop_invalid=True)
+    np.testing.assert_array_equal(side.components, seq.components)
+    np.testing.assert_array_equal(side.singular_values, seq.singular_values)
+    assert side.info["invalid_rows"] == seq.info["invalid_rows"] == [20, 3100, 9000]
