@@ -940,8 +940,9 @@ def _gram_pass(p: _Pass, acc: GramAccumulator, record: bool, verify: bool, inv_s
             return part
 
         shards = p.src.shards
-        if _shards_side_by_side(blas, acc, shards, p.block_rows):
-            parts = _ordered_parallel(blas, shards, lambda q, shard: partial(q, shard, _SEQUENTIAL_GRAMS),
+        workers = _shards_side_by_side(blas, acc, shards, p.block_rows)
+        if workers:
+            parts = _ordered_parallel(blas, workers, shards, lambda q, shard: partial(q, shard, _SEQUENTIAL_GRAMS),
                                       lambda: _Pass(p.src, p.block_rows, p.be, p.tracker))
         else:
             parts = (partial(p, shard, blas) for shard in shards)
@@ -960,22 +961,33 @@ class _SequentialGrams:
 _SEQUENTIAL_GRAMS = _SequentialGrams()
 
 
-def _shards_side_by_side(blas: _SingleThreadedBlas, acc: GramAccumulator, shards, block_rows: int) -> bool:
-    """Whether to sum whole shards concurrently instead of a block's chunks.
+def _shards_side_by_side(blas: _SingleThreadedBlas, acc: GramAccumulator, shards, block_rows: int) -> int:
+    """How many shards to sum concurrently instead of a block's chunks (0: none).
 
     A shard's chunks are what the cores share out; shards smaller than ``threads`` chunks (the
-    pipeline writes 4096-row shards, one chunk each) would leave cores idle. Each shard's partial
-    is still summed by one thread in chunk order, so the bits do not change.
+    pipeline writes 4096-row shards, one chunk each), or blocks of fewer chunks than a many-core
+    node has cores, would leave cores idle. Each shard's partial is still summed by one thread in
+    chunk order, so the bits do not change. Each concurrent shard holds its own float32 block
+    buffer, read-ahead buffers and d×d float64 partial, so their number is capped to keep that
+    extra memory under :data:`SIDE_BY_SIDE_MAX_BYTES`.
     """
     if blas._pool is None or acc.xp is not np or acc._matmul not in (None, np.matmul) or len(shards) < 2:
-        return False
+        return 0
     per_block = min(block_rows, max(s.count for s in shards))
-    return -(-per_block // GRAM_CHUNK_ROWS) < blas.threads
+    if -(-per_block // GRAM_CHUNK_ROWS) >= blas.threads:
+        return 0
+    per_shard = 8 * acc.d * acc.d + per_block * acc.d * (4 + 4 * (DEFAULT_PREFETCH + 1))
+    workers = min(blas.threads, len(shards), SIDE_BY_SIDE_MAX_BYTES // max(per_shard, 1))
+    return workers if workers >= 2 else 0
 
 
-def _ordered_parallel(blas: _SingleThreadedBlas, shards, work, make_pass):
-    """Yield ``work(pass, shard)`` for each shard in order, ``blas.threads`` shards at a time, each
-    worker thread with its own :class:`_Pass` (buffers); at most ``2 × threads`` results wait."""
+#: extra memory the exact fit may spend summing shards side by side (see _shards_side_by_side)
+SIDE_BY_SIDE_MAX_BYTES = 2 * 2**30
+
+
+def _ordered_parallel(blas: _SingleThreadedBlas, workers: int, shards, work, make_pass):
+    """Yield ``work(pass, shard)`` for each shard in order, at most ``workers`` shards in flight,
+    each worker thread with its own :class:`_Pass` (buffers)."""
     import threading
 
     local = threading.local()
@@ -985,11 +997,10 @@ def _ordered_parallel(blas: _SingleThreadedBlas, shards, work, make_pass):
             local.p = make_pass()
         return work(local.p, shard)
 
-    window = 2 * blas.threads
     pending = []
     for shard in shards:
         pending.append(blas._pool.submit(run, shard))
-        if len(pending) >= window:
+        if len(pending) >= workers:
             yield pending.pop(0).result()
     for fut in pending:
         yield fut.result()
