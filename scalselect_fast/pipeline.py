@@ -4,8 +4,9 @@ Stages and what each one checkpoints (all under ``OUT/.scalselect/``)::
 
     extract   representation store reps/ (one shard per --shard-size samples, committed atomically
               by the extraction engine; a rerun resumes after the last committed shard)
-    fit       fit/gram.npz: the running float64 Gram accumulator after each store shard, replaced
-              atomically with the list of shards it covers (exact solver); the randomized solver
+    fit       fit/gram.npz: the running float64 Gram accumulator with the list of store shards it
+              covers, replaced atomically every FIT_CHECKPOINT_SECONDS (env
+              SCALSELECT_FIT_CHECKPOINT_S) and after the last shard (exact solver); the randomized solver
               and l2-normalised fits checkpoint at stage level only (they need several passes)
     score     scores/<shard>.npy: leverage scores of one store shard, written atomically
     select    recomputed on every run from the checkpoints (O(N log N), cheap); writes
@@ -39,7 +40,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from .store import atomic_write_bytes, atomic_write_json
+from .store import _atomic_path, atomic_write_bytes, atomic_write_json
 
 __all__ = ["RunConfig", "RunError", "load_config_file", "make_config", "run", "RunResult",
            "model_fingerprint", "data_fingerprint", "Events"]
@@ -48,6 +49,8 @@ WORK = ".scalselect"
 STATE = "state.json"
 STATE_FORMAT = "scalselect-run"
 STATE_VERSION = 1
+#: seconds between two writes of the fit's Gram checkpoint (a crash loses at most this much fit work)
+FIT_CHECKPOINT_SECONDS = 30.0
 
 
 class RunError(RuntimeError):
@@ -514,16 +517,22 @@ def _stage_fit(cfg: RunConfig, state: _State, events: Events, src):
         if covered != names[:len(covered)]:
             raise RunError(f"{ck_path}: the fit checkpoint covers shards {covered[:3]}... that do not match "
                            f"the representation store; rerun with --force")
+        every = float(os.environ.get("SCALSELECT_FIT_CHECKPOINT_S", FIT_CHECKPOINT_SECONDS))
+        last = time.monotonic()
+        todo = src.shards[len(covered):]
         with events.progress("fit", src.n, "rows") as update:
             update(sum(s.count for s in src.shards[:len(covered)]))
-            for shard in src.shards[len(covered):]:
+            for i, shard in enumerate(todo):
                 acc.update_shard(src, shard, verify=True)
                 covered.append(shard.name)
-                buf = io.BytesIO()
-                np.savez(buf, shift=acc.shift, colsum=acc.colsum, sumsq=acc.sumsq, gram=acc.gram,
-                         meta=np.array(json.dumps({"n": acc.n, "shards": covered,
-                                                   "fingerprint": state.fps["fit"]})))
-                atomic_write_bytes(ck_path, buf.getvalue())
+                # the d×d Gram is written out only now and then: per 4096-row shard it can be
+                # larger than the shard itself (d=4096: 128 MiB vs 32 MiB read)
+                if i == len(todo) - 1 or time.monotonic() - last >= every:
+                    with _atomic_path(ck_path) as tmp, open(tmp, "wb") as fh:
+                        np.savez(fh, shift=acc.shift, colsum=acc.colsum, sumsq=acc.sumsq, gram=acc.gram,
+                                 meta=np.array(json.dumps({"n": acc.n, "shards": covered,
+                                                           "fingerprint": state.fps["fit"]})))
+                    last = time.monotonic()
                 _crashpoint("fit.shard")
                 update(shard.count)
         t1 = time.perf_counter()

@@ -253,6 +253,8 @@ def _cli_args(env, out):
 def _spawn(env, out, crash_at=None):
     e = dict(os.environ, PYTHONPATH=str(ROOT))
     e.pop("SCALSELECT_CRASH_AT", None)
+    e["SCALSELECT_FIT_CHECKPOINT_S"] = "0"  # a Gram checkpoint after every shard: the crash at
+    # fit.shard:2 then leaves one behind, and the rerun must resume from it
     if crash_at:
         e["SCALSELECT_CRASH_AT"] = crash_at
     return subprocess.Popen(_cli_args(env, out), cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -279,6 +281,9 @@ def test_sigkill_at_every_stage_then_resume_is_byte_identical(env, baseline, tmp
         p = _spawn(env, out, crash_at=point)
         _, err = p.communicate(timeout=300)
         assert p.returncode == -signal.SIGKILL, (point, err.decode()[-2000:])
+        if point.startswith("fit"):  # killed after the second shard's checkpoint: the rerun resumes from it
+            with np.load(out / ".scalselect" / "fit" / "gram.npz") as z:
+                assert len(json.loads(str(z["meta"]))["shards"]) == 2
     assert len(json.loads(manifest.read_text())["shards"]) == 5  # extraction resumed and finished
     # 5. the final rerun completes and reproduces the uninterrupted run byte for byte
     p = _spawn(env, out)
