@@ -912,8 +912,9 @@ class _SingleThreadedBlas:
             self._limit.unregister()
         return False
 
-    def grams(self, acc: GramAccumulator, chunks: list) -> list:
-        """``cᵀc`` of each chunk (float32 buffers reused across calls; not yet accumulated)."""
+    def grams(self, acc: GramAccumulator, chunks: list):
+        """``cᵀc`` of each chunk (float32 buffers reused across calls; not yet accumulated), in
+        chunk order; each must be accumulated before the next is taken."""
         if self._pool is None or len(chunks) < 2 or acc._matmul not in (None, np.matmul) or acc.xp is not np:
             return _SequentialGrams.grams(acc, chunks)
         while len(self._bufs) < len(chunks):
@@ -951,11 +952,13 @@ def _gram_pass(p: _Pass, acc: GramAccumulator, record: bool, verify: bool, inv_s
 
 class _SequentialGrams:
     """``grams`` of :class:`_SingleThreadedBlas` without its pool: for a thread that is itself one
-    of the pool's workers (shards side by side)."""
+    of the pool's workers (shards side by side), or no pool at all."""
 
     @staticmethod
-    def grams(acc: GramAccumulator, chunks: list) -> list:
-        return [acc.chunk_gram(c).copy() if len(chunks) > 1 else acc.chunk_gram(c) for c in chunks]
+    def grams(acc: GramAccumulator, chunks: list):
+        """One chunk's product at a time, lazily, in the accumulator's reused buffer: the caller
+        adds each before asking for the next (no d×d copy per chunk)."""
+        return (acc.chunk_gram(c) for c in chunks)
 
 
 _SEQUENTIAL_GRAMS = _SequentialGrams()
