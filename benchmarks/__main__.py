@@ -229,7 +229,7 @@ def write_report(runs: list[dict], started: str, load_start: str) -> Path:
     if other:
         lines += ["### Other plots", ""] + [f"![{p}](benchmarks/plots/{p})" for p in other] + [""]
     path = ROOT / "BENCHMARKS.md"
-    from scalselect_fast.store import atomic_write_bytes
+    from scalselect_fast.atomic import atomic_write_bytes
 
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
     return path

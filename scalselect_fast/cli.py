@@ -313,7 +313,8 @@ def _cmd_baseline(args) -> int:
 
     from . import baselines
     from .scoring import resolve_budget
-    from .store import atomic_write_bytes, atomic_write_json, open_source
+    from .atomic import atomic_write_bytes, atomic_write_json
+    from .store import open_source
 
     opts = _parse_opts(args.opt)
     for key in ("max_n", "knn"):
@@ -448,7 +449,7 @@ _RUN_FIELDS = ("model", "data", "image_root", "format", "out", "budget", "order"
 
 def _run_errors():
     """Exception types whose message is the whole story (printed without a traceback)."""
-    from .pipeline import RunError
+    from .run import RunError
     from .postselect import PostSelectError
     from .store import StoreError
 
@@ -488,7 +489,7 @@ def _print_result(res, quiet: bool) -> None:
 
 
 def _cmd_run(args) -> int:
-    from .pipeline import make_config, run
+    from .run import make_config, run
 
     try:
         cfg = make_config(args.config, **{f: getattr(args, f, None) for f in _RUN_FIELDS})
@@ -510,7 +511,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_run_demo(args) -> int:
-    from .pipeline import run_demo
+    from .run import run_demo
 
     try:
         res = run_demo(args.out, budget=args.budget, force=args.force, quiet=args.quiet, log_json=args.log_json)

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .store import atomic_write_bytes, atomic_write_json
+from .atomic import atomic_write_bytes, atomic_write_json
 
 __all__ = ["score_histogram", "spectrum_summary", "collect_versions", "render_html", "write_report",
            "REPORT_JSON", "REPORT_HTML"]

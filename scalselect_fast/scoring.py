@@ -255,9 +255,9 @@ def iter_shard_ids(src):
 
 def write_scores(path, scores: np.ndarray) -> None:
     """Atomically write the (n,) float64 scores as ``.npy``."""
-    from .store import _atomic_path
+    from .atomic import atomic_path
 
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.save(fh, np.asarray(scores, dtype=np.float64), allow_pickle=False)
 
@@ -268,7 +268,7 @@ def write_manifest(path, src, scores: np.ndarray, selected: np.ndarray, fmt: str
     ``rank`` is the 1-based position in the selection order (descending score, ties → lower index)
     over all rows with a score; rows without a score (invalid) have ``score`` and ``rank`` null.
     """
-    from .store import _atomic_path
+    from .atomic import atomic_path
 
     n = scores.size
     valid = ~np.isnan(scores)
@@ -278,7 +278,7 @@ def write_manifest(path, src, scores: np.ndarray, selected: np.ndarray, fmt: str
     rank[order] = np.arange(1, order.size + 1)
     kept = np.zeros(n, bool)
     kept[selected] = True
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         if fmt == "parquet":
             import pyarrow as pa
             import pyarrow.parquet as pq

@@ -25,7 +25,6 @@ import json
 import mmap
 import os
 import queue
-import tempfile
 import threading
 import zlib
 from dataclasses import dataclass, field
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+
+from .atomic import atomic_path, atomic_write_bytes, atomic_write_json
 
 __all__ = [
     "StoreError",
@@ -43,8 +44,6 @@ __all__ = [
     "BlockReader",
     "StoreWriter",
     "open_source",
-    "atomic_write_bytes",
-    "atomic_write_json",
     "SUPPORTED_DTYPES",
 ]
 
@@ -60,61 +59,6 @@ DEFAULT_PREFETCH = 2
 
 class StoreError(ValueError):
     """A store, shard or input matrix is malformed; the message names the file and the fix."""
-
-
-# --------------------------------------------------------------------------------------------------
-# atomic file helpers
-# --------------------------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _read_umask() -> int:
-    mask = os.umask(0)  # the only way to read it; restored at once, at import (single-threaded)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
-
-
-@contextlib.contextmanager
-def _atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        # mkstemp makes the file 0600; give it the mode a plain open() would (others may read
-        # a store or a selection written by this user)
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        yield Path(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see either the old file or the complete new one."""
-    with _atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-
-
-def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    """Atomically write ``obj`` as indented JSON (see :func:`atomic_write_bytes`)."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _crc32_array(a: np.ndarray) -> str:
@@ -750,7 +694,7 @@ class StoreWriter:
             index = max(mine, default=-1) + 1
         name = self.shard_name(index)
         rows_file, ids_file = f"{name}.npy", f"{name}.ids.txt"
-        with _atomic_path(self.path / rows_file) as tmp:
+        with atomic_path(self.path / rows_file) as tmp:
             with open(tmp, "wb") as fh:  # a file object: np.save would append ".npy" to a bare path
                 np.save(fh, data, allow_pickle=False)
         atomic_write_bytes(self.path / ids_file, ("\n".join(ids) + ("\n" if ids else "")).encode("utf-8"))

@@ -80,7 +80,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from . import native
-from .store import DEFAULT_BLOCK_ROWS, DEFAULT_PREFETCH, MatrixSource, StoreError, atomic_write_bytes, open_source
+from .atomic import atomic_write_bytes
+from .store import DEFAULT_BLOCK_ROWS, DEFAULT_PREFETCH, MatrixSource, StoreError, open_source
 
 __all__ = [
     "Subspace",

@@ -186,7 +186,7 @@ def test_an_unexpected_encoder_failure_names_the_sample():
     import pytest
 
     from scalselect_fast.extract import roles as R
-    from scalselect_fast.extract.pipeline import _encode_one, _Skip
+    from scalselect_fast.extract.loop import _encode_one, _Skip
 
     class Refusing:  # stands in for the processor call that raised; the wrapper is under test
         def encode(self, sid, messages, pix):

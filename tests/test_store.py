@@ -127,7 +127,7 @@ def test_to_float32_bf16_exact():
 def test_atomic_writes_get_the_umask_mode_not_mkstemps_0600(tmp_path, monkeypatch):
     import os
 
-    from scalselect_fast import store
+    from scalselect_fast import atomic as store
 
     old = os.umask(0o027)
     try:

@@ -254,7 +254,7 @@ def make_demo_dataset(out_dir: str | os.PathLike, n: int = DEFAULT_N, seed: int 
         "rare_mode": "bar charts on a white background with chart questions (source 'chart')",
         "text_only": sorted(text_only),
     }
-    from ..store import atomic_write_bytes
+    from ..atomic import atomic_write_bytes
 
     atomic_write_bytes(out / DEMO_DATA, (json.dumps(records, indent=2, ensure_ascii=False) + "\n").encode())
     atomic_write_bytes(out / DEMO_TRUTH, (json.dumps(truth, indent=2) + "\n").encode())

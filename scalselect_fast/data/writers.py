@@ -19,7 +19,7 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 
-from ..store import _atomic_path, atomic_write_bytes
+from ..atomic import atomic_path, atomic_write_bytes
 from .readers import (_WS, FORMATS, _container, _iter_json_list, _iter_jsonl_lines, _open_parquet,
                       _read_text, record_id_or_none)
 from .sample import DatasetError, _where
@@ -170,7 +170,7 @@ def _write_from_jsonl(src, dst, keep, rank, out_container, id_field) -> int:
             kept.append((sid, (offset, len(raw))))
     _check_found(src, keep, found)
     kept = _ranked(kept, rank)
-    with _atomic_path(dst) as tmp, open(src, "rb") as fin, open(tmp, "wb") as fout:
+    with atomic_path(dst) as tmp, open(src, "rb") as fin, open(tmp, "wb") as fout:
         if out_container == "json":
             fout.write(b"[\n")
         for i, (_, (offset, length)) in enumerate(kept):
@@ -202,7 +202,7 @@ def _write_from_parquet(src, dst, keep, rank, id_field) -> int:
     parts = []
     n_written = 0
     index = 0
-    with _atomic_path(dst) as tmp:
+    with atomic_path(dst) as tmp:
         writer = None if rank is not None else pq.ParquetWriter(tmp, schema)
         try:
             for batch in pf.iter_batches(batch_size=65536):

@@ -6,16 +6,16 @@ the attention of layer ℓ, averaged over heads and instruction tokens, picks th
 averaged into one vector. No attention map is built (see :mod:`scalselect_fast.ops`).
 
 Modules: :mod:`.model` (loading, adapters, encoding, truncated forward), :mod:`.roles` (token roles
-from the chat template), :mod:`.hook` (attention capture + early exit), :mod:`.pipeline` (the loop and
+from the chat template), :mod:`.hook` (attention capture + early exit), :mod:`.loop` (the loop and
 the store writer), :mod:`.tiny` (random-weight tiny models for tests and the demo).
 Importing this package is cheap; torch and transformers load on first use.
 """
 from __future__ import annotations
 
 _LAZY = {
-    "extract_representations": "scalselect_fast.extract.pipeline",
-    "extract_to_store": "scalselect_fast.extract.pipeline",
-    "encode_and_pool": "scalselect_fast.extract.pipeline",
+    "extract_representations": "scalselect_fast.extract.loop",
+    "extract_to_store": "scalselect_fast.extract.loop",
+    "encode_and_pool": "scalselect_fast.extract.loop",
     "load_vlm": "scalselect_fast.extract.model",
     "VLM": "scalselect_fast.extract.model",
     "UnsupportedModelError": "scalselect_fast.extract.model",

@@ -104,7 +104,7 @@ class Encoder:
     """Turns one sample into model inputs: chat template, token roles, image preprocessing.
 
     Holds only the tokenizer, image processor and a few config numbers (no model), so it can be
-    sent to worker processes (``num_workers`` in :mod:`.pipeline`).
+    sent to worker processes (``num_workers`` in :mod:`.loop`).
     """
 
     def __init__(self, family, tokenizer, image_processor, chat_template, image_token_id, max_length,

@@ -251,7 +251,7 @@ def build_tiny_model(family: str, out_dir: str | os.PathLike, num_layers: int | 
     tokenizer.save_pretrained(out)
     build_image_processor(family, cfg_dict).save_pretrained(out)
     _save_processor(family, out, cfg_dict, tokenizer)
-    from ..store import atomic_write_json
+    from ..atomic import atomic_write_json
 
     atomic_write_json(stamp_path, stamp)
     return out
@@ -259,7 +259,7 @@ def build_tiny_model(family: str, out_dir: str | os.PathLike, num_layers: int | 
 
 def _save_processor(family: str, out: Path, cfg: dict, tokenizer) -> None:
     """Write processor_config.json + chat template so ``AutoProcessor`` loads the directory."""
-    from ..store import atomic_write_json
+    from ..atomic import atomic_write_json
 
     template = LLAVA_CHAT_TEMPLATE if family == "llava" else QWEN_CHAT_TEMPLATE
     (out / "chat_template.jinja").write_text(template)

@@ -1,4 +1,4 @@
-"""The end-to-end job behind ``scalselect run``: dataset in, selected dataset + manifest + report out.
+"""The stages of ``scalselect run``: dataset in, selected dataset + manifest + report out.
 
 Stages and what each one checkpoints (all under ``OUT/.scalselect/``)::
 
@@ -27,388 +27,27 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import hashlib
 import io
 import json
 import os
-import shutil
-import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from .store import _atomic_path, atomic_write_bytes, atomic_write_json
+from ..atomic import atomic_path, atomic_write_bytes
+from .config import RunConfig, RunError
+from .events import Events, json_progress
+from .fingerprints import data_fingerprint, model_fingerprint, stage_fingerprints
+from .state import WORK, RunState, crashpoint
 
-__all__ = ["RunConfig", "RunError", "load_config_file", "make_config", "run", "RunResult",
-           "model_fingerprint", "data_fingerprint", "Events"]
+__all__ = ["run", "RunResult"]
 
-WORK = ".scalselect"
-STATE = "state.json"
-STATE_FORMAT = "scalselect-run"
-STATE_VERSION = 1
 #: seconds between two writes of the fit's Gram checkpoint (a crash loses at most this much fit work)
 FIT_CHECKPOINT_SECONDS = 30.0
 
 
-class RunError(RuntimeError):
-    """A run cannot proceed; the message names the file/sample and what to do."""
-
-
-# --------------------------------------------------------------------------------------------------
-# configuration
-# --------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class RunConfig:
-    """Everything ``scalselect run`` needs. Field names are the config-file keys (``-`` or ``_``)."""
-
-    model: str | None = None
-    data: str | None = None
-    out: str | None = None
-    image_root: str | None = None
-    format: str = "auto"
-    budget: str = "16%"
-    layer: int = 0
-    threshold: float = 0.9
-    energy: float = 0.9
-    k: int | None = None
-    solver: str = "auto"
-    seed: int = 0
-    batch_size: int = 8
-    device: str = "cpu"
-    dtype: str = "fp32"
-    store_dtype: str = "float16"
-    shard_size: int = 4096
-    instruction: str = "all"
-    max_length: int | None = None
-    num_workers: int = 0
-    order: str = "original"
-    dedup_selected: float | None = None
-    quota: list = dataclasses.field(default_factory=list)
-    force: bool = False
-    quiet: bool = False
-    log_json: bool = False
-    plan_check: bool = True
-    html: bool = True
-
-    # fields that change the representations (and so everything downstream)
-    EXTRACT_KEYS = ("layer", "threshold", "batch_size", "device", "dtype", "store_dtype", "shard_size",
-                    "format", "instruction", "max_length")
-    FIT_KEYS = ("energy", "k", "solver", "seed")
-    SELECT_KEYS = ("budget", "order", "dedup_selected", "quota")
-
-    def validate(self) -> None:
-        for name in ("model", "data", "out"):
-            if not getattr(self, name):
-                raise RunError(f"--{name} is required (on the command line or in the --config file)")
-        if not (0.0 < float(self.threshold) <= 1.0):
-            raise RunError(f"--threshold {self.threshold}: the attention-mass threshold must be in (0, 1], "
-                           f"e.g. 0.9 (the paper's default)")
-        if self.k is None and not (0.0 < float(self.energy) <= 1.0):
-            raise RunError(f"--energy {self.energy}: the energy fraction must be in (0, 1], e.g. 0.9")
-        if int(self.layer) < 0:
-            raise RunError(f"--layer {self.layer}: decoder layers are numbered from 0")
-        if self.order not in ("original", "score"):
-            raise RunError(f"--order {self.order!r}: use 'original' (input order) or 'score' (best first)")
-        if self.solver not in ("auto", "exact", "randomized"):
-            raise RunError(f"--solver {self.solver!r}: use auto, exact or randomized")
-        if self.instruction not in ("all", "user"):
-            raise RunError(f"--instruction {self.instruction!r}: use 'all' (every non-visual, non-answer token) "
-                           f"or 'user' (user text only)")
-        if int(self.shard_size) < 1 or int(self.batch_size) < 1:
-            raise RunError("--shard-size and --batch-size must be positive")
-
-
-_FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
-
-
-def load_config_file(path: str | os.PathLike) -> dict:
-    """Read a ``run.toml`` / ``run.yaml`` / ``run.json`` into a dict of :class:`RunConfig` fields.
-
-    Keys may use ``-`` or ``_``; a ``[run]`` table (TOML) or ``run:`` mapping (YAML) is accepted as
-    the root. Unknown keys are an error naming the key and the file. Relative paths in the file are
-    resolved against the file's directory.
-    """
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise RunError(f"--config {p}: cannot read ({exc.strerror or exc})") from exc
-    suf = p.suffix.lower()
-    try:
-        if suf == ".toml":
-            import tomllib
-
-            obj = tomllib.loads(text)
-        elif suf in (".yaml", ".yml"):
-            import yaml
-
-            obj = yaml.safe_load(text) or {}
-        elif suf == ".json":
-            obj = json.loads(text)
-        else:
-            raise RunError(f"--config {p}: unknown extension {suf!r}; use .toml, .yaml or .json")
-    except RunError:
-        raise
-    except Exception as exc:  # tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError
-        raise RunError(f"--config {p}: not valid {suf.lstrip('.').upper()}: {exc}") from exc
-    if not isinstance(obj, dict):
-        raise RunError(f"--config {p}: expected a table of settings, got {type(obj).__name__}")
-    if set(obj) == {"run"} and isinstance(obj["run"], dict):
-        obj = obj["run"]
-    out = {}
-    for key, value in obj.items():
-        name = str(key).replace("-", "_")
-        if name not in _FIELDS:
-            raise RunError(f"--config {p}: unknown setting {key!r}; known: "
-                           f"{', '.join(sorted(f.replace('_', '-') for f in _FIELDS))}")
-        if name in ("model", "data", "out", "image_root") and isinstance(value, str) and value:
-            vp = Path(value).expanduser()
-            value = str(vp if vp.is_absolute() else (p.parent / vp))
-        if name == "quota" and isinstance(value, str):
-            value = [value]
-        out[name] = value
-    return out
-
-
-def make_config(config_file: str | os.PathLike | None = None, **overrides) -> RunConfig:
-    """A :class:`RunConfig` from an optional file with keyword overrides (None = not given)."""
-    values = load_config_file(config_file) if config_file else {}
-    for k, v in overrides.items():
-        if k not in _FIELDS:
-            raise TypeError(f"unknown run setting {k!r}")
-        if v is not None and not (k == "quota" and v == []):
-            values[k] = v
-    cfg = RunConfig(**values)
-    cfg.budget = str(cfg.budget)
-    cfg.quota = list(cfg.quota or [])
-    return cfg
-
-
-# --------------------------------------------------------------------------------------------------
-# fingerprints
-# --------------------------------------------------------------------------------------------------
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
-_EDGE = 1 << 20
-
-
-def _hash_file(h, path: Path, whole: bool) -> None:
-    size = path.stat().st_size
-    h.update(f"{path.name}\0{size}\0".encode())
-    with open(path, "rb") as fh:
-        if whole or size <= 4 * _EDGE:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-        else:
-            # big weight files: header + tail + size identify a checkpoint without reading GBs
-            h.update(fh.read(_EDGE))
-            fh.seek(size - _EDGE)
-            h.update(fh.read(_EDGE))
-
-
-def model_fingerprint(path: str | os.PathLike) -> str:
-    """sha256 over a model directory: every config/tokenizer file whole, weights by size + head + tail."""
-    p = Path(path)
-    if not p.exists():
-        raise RunError(f"--model {p}: no such file or directory; pass a local Hugging Face model directory "
-                       f"(config.json + weights), e.g. a downloaded llava-hf/llava-1.5-7b-hf")
-    h = hashlib.sha256(b"model\0")
-    files = sorted(f for f in (p.rglob("*") if p.is_dir() else [p]) if f.is_file() and not f.name.startswith("."))
-    for f in files:
-        _hash_file(h, f, whole=not f.name.endswith(_WEIGHT_SUFFIXES))
-    return h.hexdigest()[:32]
-
-
-def data_fingerprint(path: str | os.PathLike, image_root: str | None) -> str:
-    """sha256 of the dataset file's bytes plus the resolved image root (image bytes are not hashed)."""
-    p = Path(path)
-    if not p.is_file():
-        raise RunError(f"--data {p}: no such file; pass a LLaVA JSON, JSONL or Parquet dataset file")
-    h = hashlib.sha256(b"data\0")
-    _hash_file(h, p, whole=True)
-    h.update(str(Path(image_root).resolve() if image_root else "").encode())
-    return h.hexdigest()[:32]
-
-
-def _hash_obj(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
-def stage_fingerprints(cfg: RunConfig, model_fp: str, data_fp: str) -> dict:
-    """Chained fingerprints: each stage's covers everything it depends on."""
-    ex = _hash_obj({"model": model_fp, "data": data_fp, **{k: getattr(cfg, k) for k in cfg.EXTRACT_KEYS}})
-    fit = _hash_obj({"extract": ex, **{k: getattr(cfg, k) for k in cfg.FIT_KEYS}})
-    return {"model": model_fp, "data": data_fp, "extract": ex, "fit": fit, "score": fit,
-            "config": _hash_obj({k: getattr(cfg, k) for k in
-                                 cfg.EXTRACT_KEYS + cfg.FIT_KEYS + cfg.SELECT_KEYS})}
-
-
-# --------------------------------------------------------------------------------------------------
-# events: progress bars, --quiet, --log-json
-# --------------------------------------------------------------------------------------------------
-class Events:
-    """Human progress (tqdm bars with rate and ETA on stderr) or JSON-lines events on stdout."""
-
-    def __init__(self, quiet: bool = False, log_json: bool = False, stream=None):
-        self.quiet, self.log_json = quiet, log_json
-        self.stream = stream or (sys.stdout if log_json else sys.stderr)
-        self._last_progress = 0.0
-
-    def emit(self, event: str, **fields) -> None:
-        if self.log_json:
-            rec = {"event": event, "time": round(time.time(), 3), **fields}
-            self.stream.write(json.dumps(rec, default=str) + "\n")
-            self.stream.flush()
-
-    def info(self, msg: str, **fields) -> None:
-        if self.log_json:
-            self.emit("info", message=msg, **fields)
-        elif not self.quiet:
-            print(msg, file=sys.stderr, flush=True)
-
-    def warn(self, msg: str, **fields) -> None:
-        if self.log_json:
-            self.emit("warning", message=msg, **fields)
-        else:  # warnings are shown even with --quiet
-            print(f"warning: {msg}", file=sys.stderr, flush=True)
-
-    @contextlib.contextmanager
-    def progress(self, stage: str, total: int | None, unit: str):
-        """Yield ``update(n)``; draws a bar (rate, ETA) or emits throttled ``progress`` events."""
-        t0 = time.perf_counter()
-        done = [0]
-        bar = None
-        if not self.quiet and not self.log_json:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=total, desc=f"{stage:>8}", unit=unit, file=sys.stderr, dynamic_ncols=True,
-                       smoothing=0.1, mininterval=0.5)
-
-        def update(n: int = 1):
-            done[0] += n
-            if bar is not None:
-                bar.update(n)
-            elif self.log_json:
-                now = time.perf_counter()
-                if now - self._last_progress >= 1.0 or (total and done[0] >= total):
-                    self._last_progress = now
-                    el = now - t0
-                    rate = done[0] / el if el > 0 else None
-                    eta = (total - done[0]) / rate if (rate and total) else None
-                    self.emit("progress", stage=stage, done=done[0], total=total, unit=unit,
-                              rate=None if rate is None else round(rate, 3),
-                              eta_s=None if eta is None else round(eta, 1))
-
-        try:
-            yield update
-        finally:
-            if bar is not None:
-                bar.close()
-
-
-# --------------------------------------------------------------------------------------------------
-# crash points (for durability tests: the process SIGKILLs itself at a named point)
-# --------------------------------------------------------------------------------------------------
-_CRASH_COUNTS: dict[str, int] = {}
-
-
-def _crashpoint(name: str) -> None:
-    """``SCALSELECT_CRASH_AT=name:n`` kills this process with SIGKILL on the n-th time ``name`` is hit.
-
-    Used by the tests to stop a run at an exact place (between two checkpoint commits, or after a
-    temporary file is written but before it is renamed) and prove that a rerun recovers.
-    """
-    spec = os.environ.get("SCALSELECT_CRASH_AT")
-    if not spec:
-        return
-    want, _, nth = spec.partition(":")
-    if want != name:
-        return
-    _CRASH_COUNTS[name] = _CRASH_COUNTS.get(name, 0) + 1
-    if _CRASH_COUNTS[name] >= int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-# --------------------------------------------------------------------------------------------------
-# run state
-# --------------------------------------------------------------------------------------------------
-class _State:
-    def __init__(self, out: Path, fps: dict, force: bool, events: Events):
-        self.work = out / WORK
-        self.path = self.work / STATE
-        self.fps = fps
-        self.data: dict[str, Any]
-        old = None
-        if self.path.exists():
-            try:
-                old = json.loads(self.path.read_text())
-            except (OSError, json.JSONDecodeError):
-                old = None  # a state file is replaced atomically, so this means someone edited it
-        if old is not None and old.get("format") == STATE_FORMAT:
-            diff = [k for k in ("model", "data", "extract", "fit") if old.get("fingerprints", {}).get(k) != fps[k]]
-            if diff and not force:
-                what = {"model": "the model files", "data": "the dataset file or image root",
-                        "extract": "extraction settings (layer, threshold, instruction, max length, dtype, "
-                                   "device, batch/shard size)",
-                        "fit": "subspace settings (energy, k, solver, seed)"}
-                changed = [what[k] for k in diff if not (k == "extract" and ("model" in diff or "data" in diff))
-                           and not (k == "fit" and len(diff) > 1)]
-                raise RunError(
-                    f"{out} holds checkpoints of a different run: {'; '.join(changed)} changed since they "
-                    f"were written (fingerprints in {self.path}). Mixing stages from different runs would "
-                    f"give a wrong selection. Rerun with --force to discard the affected checkpoints and "
-                    f"recompute them, or choose another --out.")
-            if diff == ["fit"]:
-                # only the subspace settings changed: the representations are still valid, keep them
-                events.warn(f"--force: discarding the fit and score checkpoints in {self.work} (subspace "
-                            f"settings changed; the extracted representations are kept)")
-                for name in ("fit", "scores"):
-                    shutil.rmtree(self.work / name, ignore_errors=True)
-                with contextlib.suppress(FileNotFoundError):
-                    (self.work / "subspace.npz").unlink()
-                for st in ("fit", "score"):
-                    old["stages"].pop(st, None)
-            elif diff:
-                events.warn(f"--force: discarding all checkpoints in {self.work} (model, data or extraction "
-                            f"settings changed)")
-                shutil.rmtree(self.work)
-                old = None
-            if old is not None:
-                old["fingerprints"] = fps
-        elif old is not None or (self.work.exists() and any(self.work.iterdir()) and not self.path.exists()):
-            if not force:
-                raise RunError(f"{self.work} exists but has no readable run state; rerun with --force to "
-                               f"discard it, or choose another --out")
-            shutil.rmtree(self.work)
-            old = None
-        elif force and self.work.exists():
-            shutil.rmtree(self.work)
-        self.work.mkdir(parents=True, exist_ok=True)
-        self.data = old or {"format": STATE_FORMAT, "version": STATE_VERSION, "fingerprints": fps,
-                            "stages": {}, "timings": {}}
-        self.save()
-
-    def save(self) -> None:
-        atomic_write_json(self.path, self.data)
-
-    def done(self, stage: str) -> bool:
-        return bool(self.data["stages"].get(stage, {}).get("done"))
-
-    def mark(self, stage: str, **info) -> None:
-        self.data["stages"][stage] = {"done": True, **info}
-        self.save()
-
-    def add_time(self, stage: str, seconds: float) -> None:
-        t = self.data.setdefault("timings", {})
-        t[stage] = float(t.get(stage, 0.0)) + float(seconds)
-        self.save()
-
-
-# --------------------------------------------------------------------------------------------------
-# helpers
-# --------------------------------------------------------------------------------------------------
 def _check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file, not a directory; choose a directory path (it is created "
@@ -473,16 +112,13 @@ class RunResult:
     report: dict
 
 
-# --------------------------------------------------------------------------------------------------
-# stages
-# --------------------------------------------------------------------------------------------------
-def _store_dir(state: _State) -> Path:
+def _store_dir(state: RunState) -> Path:
     return state.work / "reps"
 
 
-def _stage_fit(cfg: RunConfig, state: _State, events: Events, src):
+def _stage_fit(cfg: RunConfig, state: RunState, events: Events, src):
     """Fit the subspace with a per-shard checkpoint of the Gram accumulator (exact solver)."""
-    from .subspace import (GramAccumulator, Subspace, _first_block_mean, choose_solver, fit_subspace,
+    from ..subspace import (GramAccumulator, Subspace, _first_block_mean, choose_solver, fit_subspace,
                            subspace_from_gram)
 
     sub_path = state.work / "subspace.npz"
@@ -528,18 +164,18 @@ def _stage_fit(cfg: RunConfig, state: _State, events: Events, src):
                 # the d×d Gram is written out only now and then: per 4096-row shard it can be
                 # larger than the shard itself (d=4096: 128 MiB vs 32 MiB read)
                 if i == len(todo) - 1 or time.monotonic() - last >= every:
-                    with _atomic_path(ck_path) as tmp, open(tmp, "wb") as fh:
+                    with atomic_path(ck_path) as tmp, open(tmp, "wb") as fh:
                         np.savez(fh, shift=acc.shift, colsum=acc.colsum, sumsq=acc.sumsq, gram=acc.gram,
                                  meta=np.array(json.dumps({"n": acc.n, "shards": covered,
                                                            "fingerprint": state.fps["fit"]})))
                     last = time.monotonic()
-                _crashpoint("fit.shard")
+                crashpoint("fit.shard")
                 update(shard.count)
         t1 = time.perf_counter()
         fields = subspace_from_gram(acc.centred_gram(), n=acc.n, mean=acc.mean, scale=None, l2_normalize=False,
                                     energy=cfg.energy, k=cfg.k, src_name=str(_store_dir(state)),
                                     compute_dtype=np.float64 if src.dtype == "float64" else np.float32)
-        from . import native
+        from .. import native
 
         sub = Subspace(solver="exact", passes=1, provenance=dict(src.provenance),
                        info={"solver_requested": cfg.solver, "solver_reason": reason, "native": native.BACKEND,
@@ -555,7 +191,7 @@ def _stage_fit(cfg: RunConfig, state: _State, events: Events, src):
     return sub
 
 
-def _stage_score(cfg: RunConfig, state: _State, events: Events, src, sub) -> np.ndarray:
+def _stage_score(cfg: RunConfig, state: RunState, events: Events, src, sub) -> np.ndarray:
     """Leverage scores of every stored row, one checkpoint file per store shard."""
     sdir = state.work / "scores"
     sdir.mkdir(parents=True, exist_ok=True)
@@ -578,7 +214,7 @@ def _stage_score(cfg: RunConfig, state: _State, events: Events, src, sub) -> np.
                 buf = io.BytesIO()
                 np.save(buf, s, allow_pickle=False)
                 atomic_write_bytes(p, buf.getvalue())
-                _crashpoint("score.shard")
+                crashpoint("score.shard")
             out[shard.offset: shard.offset + shard.count] = s
             update(shard.count)
     if not state.done("score"):
@@ -590,7 +226,7 @@ def _stage_score(cfg: RunConfig, state: _State, events: Events, src, sub) -> np.
 
 def _record_table(cfg: RunConfig, fields: Iterable[str]) -> dict:
     """One pass over the raw records: id, source and any quota field per record index."""
-    from .data import SOURCE_FIELDS, iter_records
+    from ..data import SOURCE_FIELDS, iter_records
 
     ids: list[str | None] = []
     cols: dict[str, list] = {f: [] for f in fields}
@@ -608,7 +244,7 @@ def _record_table(cfg: RunConfig, fields: Iterable[str]) -> dict:
 
 def _resolve_budget(cfg: RunConfig, n_records: int, n_valid: int, skip_counts: Mapping[str, int],
                     skipped_path: Path) -> int:
-    from .scoring import resolve_budget
+    from ..scoring import resolve_budget
 
     try:
         budget = resolve_budget(cfg.budget, n_records)
@@ -625,11 +261,11 @@ def _resolve_budget(cfg: RunConfig, n_records: int, n_valid: int, skip_counts: M
     return budget
 
 
-def _stage_select(cfg: RunConfig, state: _State, events: Events, src, sub, scores: np.ndarray,
+def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, scores: np.ndarray,
                   out: Path, skipped_path: Path, report_extra=None) -> RunResult:
-    from .data import write_selected
-    from .postselect import parse_quota, select_ranked
-    from .report import collect_versions, score_histogram, spectrum_summary, write_report
+    from ..data import write_selected
+    from ..postselect import parse_quota, select_ranked
+    from ..report import collect_versions, score_histogram, spectrum_summary, write_report
 
     t0 = time.perf_counter()
     events.emit("stage_start", stage="select")
@@ -673,7 +309,7 @@ def _stage_select(cfg: RunConfig, state: _State, events: Events, src, sub, score
             events.warn(f"only {kept_rows.size} of the {budget} budgeted samples remain after near-duplicate "
                         f"removal (--dedup-selected {cfg.dedup_selected}); lower the threshold to keep more")
     else:
-        from .scoring import top_k
+        from ..scoring import top_k
 
         kept_rows = np.asarray(top_k(scores, budget), dtype=np.int64)
     kept_mask = np.zeros(src.n, dtype=bool)
@@ -686,7 +322,7 @@ def _stage_select(cfg: RunConfig, state: _State, events: Events, src, sub, score
     # a set means "input order"; a sequence is taken as rank order
     write_selected(cfg.data, sel_path, keep=kept_ids if cfg.order == "score" else set(kept_ids),
                    order=cfg.order, format=cfg.format)
-    _crashpoint("select.written")
+    crashpoint("select.written")
 
     # manifest: one row per record of the input
     import pyarrow as pa
@@ -774,7 +410,7 @@ def _stage_select(cfg: RunConfig, state: _State, events: Events, src, sub, score
 
 
 def _suffix(cfg: RunConfig) -> str:
-    from .data import detect_format
+    from ..data import detect_format
 
     fmt = cfg.format if cfg.format != "auto" else detect_format(cfg.data)
     suf = Path(cfg.data).suffix
@@ -787,7 +423,7 @@ def _stability(src, sub, scores, kept_rows, budget, cfg) -> dict:
     The certificate is about the set the scores pick. When post-selection (``--dedup-selected``,
     ``--quota``) changed the written selection, ``certifies`` says so.
     """
-    from .scoring import top_k
+    from ..scoring import top_k
 
     same = np.array_equal(np.sort(np.asarray(kept_rows)), np.sort(top_k(scores, budget)))
     out: dict[str, Any] = {"certifies": "the written selection (the top budget by score)" if same else
@@ -798,7 +434,7 @@ def _stability(src, sub, scores, kept_rows, budget, cfg) -> dict:
         out["score_margin_at_cutoff"] = cut - nxt
         out["relative_margin_at_cutoff"] = (cut - nxt) / cut if cut > 0 else None
     try:
-        from .stability import stability_certificate
+        from ..stability import stability_certificate
     except ImportError as exc:
         out["certificate"] = f"unavailable ({exc})"
         return out
@@ -810,13 +446,13 @@ def _stability(src, sub, scores, kept_rows, budget, cfg) -> dict:
     return out
 
 
-def _stage_extract(cfg: RunConfig, state: _State, events: Events):
+def _stage_extract(cfg: RunConfig, state: RunState, events: Events):
     """Representations into the run's store (the extraction engine resumes after its last shard).
 
     Skipped samples (text-only, missing/corrupt images, bad records) go to ``reps/skipped.jsonl``.
     """
-    from .extract import extract_to_store
-    from .store import StoreSource
+    from ..extract import extract_to_store
+    from ..store import StoreSource
 
     store = _store_dir(state)
     if state.done("extract") and (store / "manifest.json").exists():
@@ -830,7 +466,7 @@ def _stage_extract(cfg: RunConfig, state: _State, events: Events):
                                shard_size=cfg.shard_size, num_workers=cfg.num_workers,
                                # humans get the engine's own tqdm bar (rate + ETA), machines events
                                progress=not (cfg.quiet or events.log_json),
-                               on_progress=_json_progress(events, "extract") if events.log_json else None)
+                               on_progress=json_progress(events, "extract") if events.log_json else None)
     src = StoreSource(store)
     if src.n == 0:
         counts = _skip_counts(store / "skipped.jsonl")
@@ -844,27 +480,6 @@ def _stage_extract(cfg: RunConfig, state: _State, events: Events):
                 shards_written=summary.get("shards_written"), shards_resumed=summary.get("shards_resumed"))
     return src
 
-
-def _json_progress(events: Events, stage: str):
-    """``on_progress(done, total)`` callback that emits throttled ``progress`` events (rate, ETA)."""
-    t0 = time.perf_counter()
-    st = {"first": None, "last": 0.0}
-
-    def cb(done: int, total: int) -> None:
-        now = time.perf_counter()
-        if st["first"] is None:
-            st["first"] = done  # records already done by an earlier (resumed) run
-        if now - st["last"] < 1.0 and done < total:
-            return
-        st["last"] = now
-        rate = (done - st["first"]) / (now - t0) if now > t0 else 0.0
-        eta = (total - done) / rate if rate > 0 else None
-        events.emit("progress", stage=stage, done=int(done), total=int(total), unit="samples",
-                    rate=round(rate, 3), eta_s=None if eta is None else round(eta, 1))
-
-    return cb
-
-
 def _skip_counts(path: Path) -> dict[str, int]:
     counts: dict[str, int] = {}
     if path.exists():
@@ -876,8 +491,8 @@ def _skip_counts(path: Path) -> dict[str, int]:
 
 
 def _preflight(cfg: RunConfig, out: Path, events: Events, plan_only: bool):
-    from .data import count_records
-    from .plan import PlanError, estimate_run
+    from ..data import count_records
+    from ..plan import PlanError, estimate_run
 
     n = count_records(cfg.data, cfg.format)
     try:
@@ -913,7 +528,7 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
     if cfg.image_root is not None and not Path(cfg.image_root).is_dir():
         raise RunError(f"--image-root {cfg.image_root}: not a directory")
     model_fp = model_fingerprint(cfg.model)
-    from .data import count_records
+    from ..data import count_records
 
     if count_records(cfg.data, cfg.format) == 0:
         raise RunError(f"--data {data} is empty (no records); nothing to select from. Pass the dataset file "
@@ -937,7 +552,7 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
         _quiet_libraries()
     try:
         stage = "setup"
-        state = _State(out, fps, cfg.force, events)
+        state = RunState(out, fps, cfg.force, events)
         stage = "extract"
         src = _stage_extract(cfg, state, events)
         stage = "fit"
@@ -964,45 +579,3 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
                 n_selected=result.n_selected)
     return result
 
-
-def run_demo(out: str | os.PathLike = "demo-out", budget: str = "16%", force: bool = False, quiet: bool = False,
-             log_json: bool = False) -> RunResult:
-    """``scalselect demo``: the full ``run`` on the bundled demo dataset with the tiny LLaVA-style model.
-
-    The model is built from the config shipped in ``scalselect_fast/assets/tiny_models/llava.json``
-    with random weights drawn from seed 0 (nothing is downloaded) into ``OUT/tiny-llava``. The report
-    gets a ``demo_truth`` section measured against the dataset's planted ground truth (near-duplicate
-    pairs kept together, rare-mode recall); with random weights these numbers show the plumbing, not
-    the quality of the method.
-    """
-    from .data.demo import DEMO_DATA, DEMO_DIR, DEMO_TRUTH
-    from .extract.tiny import build_tiny_model
-
-    out = Path(out)
-    events = Events(quiet, log_json)
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--out {out} is a file; choose a directory")
-    events.info(f"demo: building the tiny random-weight LLaVA-style model in {out / 'tiny-llava'} (seed 0)")
-    if quiet or log_json:
-        _quiet_libraries()
-    model = build_tiny_model("llava", out / "tiny-llava", seed=0)
-    truth = json.loads((DEMO_DIR / DEMO_TRUTH).read_text())
-    cfg = make_config(model=str(model), data=str(DEMO_DIR / DEMO_DATA), image_root=str(DEMO_DIR),
-                      out=str(out), budget=budget, batch_size=16, shard_size=64, force=force, quiet=quiet,
-                      log_json=log_json)
-
-    def truth_report(kept_ids):
-        return {"demo_truth": _demo_truth(truth, kept_ids)}
-
-    return run(cfg, events=events, report_extra=truth_report)
-
-
-def _demo_truth(truth: Mapping, kept_ids: list[str]) -> dict:
-    kept = set(map(str, kept_ids))
-    dups = {str(k): str(v) for k, v in (truth.get("duplicates") or {}).items()}
-    both = sum(1 for c, o in dups.items() if c in kept and o in kept)
-    rare = [str(r) for r in (truth.get("rare") or [])]
-    return {"planted_duplicate_pairs": len(dups), "duplicate_pairs_both_kept": both,
-            "rare_samples": len(rare), "rare_kept": sum(r in kept for r in rare),
-            "note": "tiny random-weight model: these numbers exercise the pipeline, they do not measure "
-                    "the method's quality"}

@@ -29,7 +29,7 @@ for _mod in ("scalselect_fast.subspace", "scalselect_fast.data.demo", "scalselec
 
 import scalselect_fast as ss  # noqa: E402
 from scalselect_fast import cli  # noqa: E402
-from scalselect_fast.pipeline import Events, RunError, load_config_file, make_config, run  # noqa: E402
+from scalselect_fast.run import Events, RunError, load_config_file, make_config, run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARD = 8  # 40 records -> 5 extraction shards, so every stage has several checkpoints

@@ -1,0 +1,146 @@
+"""``scalselect run`` configuration: the :class:`RunConfig` fields, config files, validation.
+
+Not here: fingerprints of what the fields mean for checkpoints (:mod:`.fingerprints`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+__all__ = ["RunConfig", "RunError", "load_config_file", "make_config"]
+
+
+class RunError(RuntimeError):
+    """A run cannot proceed; the message names the file/sample and what to do."""
+
+
+# --------------------------------------------------------------------------------------------------
+# configuration
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class RunConfig:
+    """Everything ``scalselect run`` needs. Field names are the config-file keys (``-`` or ``_``)."""
+
+    model: str | None = None
+    data: str | None = None
+    out: str | None = None
+    image_root: str | None = None
+    format: str = "auto"
+    budget: str = "16%"
+    layer: int = 0
+    threshold: float = 0.9
+    energy: float = 0.9
+    k: int | None = None
+    solver: str = "auto"
+    seed: int = 0
+    batch_size: int = 8
+    device: str = "cpu"
+    dtype: str = "fp32"
+    store_dtype: str = "float16"
+    shard_size: int = 4096
+    instruction: str = "all"
+    max_length: int | None = None
+    num_workers: int = 0
+    order: str = "original"
+    dedup_selected: float | None = None
+    quota: list = dataclasses.field(default_factory=list)
+    force: bool = False
+    quiet: bool = False
+    log_json: bool = False
+    plan_check: bool = True
+    html: bool = True
+
+    # fields that change the representations (and so everything downstream)
+    EXTRACT_KEYS = ("layer", "threshold", "batch_size", "device", "dtype", "store_dtype", "shard_size",
+                    "format", "instruction", "max_length")
+    FIT_KEYS = ("energy", "k", "solver", "seed")
+    SELECT_KEYS = ("budget", "order", "dedup_selected", "quota")
+
+    def validate(self) -> None:
+        for name in ("model", "data", "out"):
+            if not getattr(self, name):
+                raise RunError(f"--{name} is required (on the command line or in the --config file)")
+        if not (0.0 < float(self.threshold) <= 1.0):
+            raise RunError(f"--threshold {self.threshold}: the attention-mass threshold must be in (0, 1], "
+                           f"e.g. 0.9 (the paper's default)")
+        if self.k is None and not (0.0 < float(self.energy) <= 1.0):
+            raise RunError(f"--energy {self.energy}: the energy fraction must be in (0, 1], e.g. 0.9")
+        if int(self.layer) < 0:
+            raise RunError(f"--layer {self.layer}: decoder layers are numbered from 0")
+        if self.order not in ("original", "score"):
+            raise RunError(f"--order {self.order!r}: use 'original' (input order) or 'score' (best first)")
+        if self.solver not in ("auto", "exact", "randomized"):
+            raise RunError(f"--solver {self.solver!r}: use auto, exact or randomized")
+        if self.instruction not in ("all", "user"):
+            raise RunError(f"--instruction {self.instruction!r}: use 'all' (every non-visual, non-answer token) "
+                           f"or 'user' (user text only)")
+        if int(self.shard_size) < 1 or int(self.batch_size) < 1:
+            raise RunError("--shard-size and --batch-size must be positive")
+
+
+_FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    """Read a ``run.toml`` / ``run.yaml`` / ``run.json`` into a dict of :class:`RunConfig` fields.
+
+    Keys may use ``-`` or ``_``; a ``[run]`` table (TOML) or ``run:`` mapping (YAML) is accepted as
+    the root. Unknown keys are an error naming the key and the file. Relative paths in the file are
+    resolved against the file's directory.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RunError(f"--config {p}: cannot read ({exc.strerror or exc})") from exc
+    suf = p.suffix.lower()
+    try:
+        if suf == ".toml":
+            import tomllib
+
+            obj = tomllib.loads(text)
+        elif suf in (".yaml", ".yml"):
+            import yaml
+
+            obj = yaml.safe_load(text) or {}
+        elif suf == ".json":
+            obj = json.loads(text)
+        else:
+            raise RunError(f"--config {p}: unknown extension {suf!r}; use .toml, .yaml or .json")
+    except RunError:
+        raise
+    except Exception as exc:  # tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError
+        raise RunError(f"--config {p}: not valid {suf.lstrip('.').upper()}: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise RunError(f"--config {p}: expected a table of settings, got {type(obj).__name__}")
+    if set(obj) == {"run"} and isinstance(obj["run"], dict):
+        obj = obj["run"]
+    out = {}
+    for key, value in obj.items():
+        name = str(key).replace("-", "_")
+        if name not in _FIELDS:
+            raise RunError(f"--config {p}: unknown setting {key!r}; known: "
+                           f"{', '.join(sorted(f.replace('_', '-') for f in _FIELDS))}")
+        if name in ("model", "data", "out", "image_root") and isinstance(value, str) and value:
+            vp = Path(value).expanduser()
+            value = str(vp if vp.is_absolute() else (p.parent / vp))
+        if name == "quota" and isinstance(value, str):
+            value = [value]
+        out[name] = value
+    return out
+
+
+def make_config(config_file: str | os.PathLike | None = None, **overrides) -> RunConfig:
+    """A :class:`RunConfig` from an optional file with keyword overrides (None = not given)."""
+    values = load_config_file(config_file) if config_file else {}
+    for k, v in overrides.items():
+        if k not in _FIELDS:
+            raise TypeError(f"unknown run setting {k!r}")
+        if v is not None and not (k == "quota" and v == []):
+            values[k] = v
+    cfg = RunConfig(**values)
+    cfg.budget = str(cfg.budget)
+    cfg.quota = list(cfg.quota or [])
+    return cfg

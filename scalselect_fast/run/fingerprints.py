@@ -1,0 +1,67 @@
+"""Fingerprints of the model directory, the dataset and each stage's settings (for resume checks)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .config import RunConfig, RunError
+
+__all__ = ["model_fingerprint", "data_fingerprint", "stage_fingerprints"]
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
+_EDGE = 1 << 20
+
+
+def _hash_file(h, path: Path, whole: bool) -> None:
+    size = path.stat().st_size
+    h.update(f"{path.name}\0{size}\0".encode())
+    with open(path, "rb") as fh:
+        if whole or size <= 4 * _EDGE:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+        else:
+            # big weight files: header + tail + size identify a checkpoint without reading GBs
+            h.update(fh.read(_EDGE))
+            fh.seek(size - _EDGE)
+            h.update(fh.read(_EDGE))
+
+
+def model_fingerprint(path: str | os.PathLike) -> str:
+    """sha256 over a model directory: every config/tokenizer file whole, weights by size + head + tail."""
+    p = Path(path)
+    if not p.exists():
+        raise RunError(f"--model {p}: no such file or directory; pass a local Hugging Face model directory "
+                       f"(config.json + weights), e.g. a downloaded llava-hf/llava-1.5-7b-hf")
+    h = hashlib.sha256(b"model\0")
+    files = sorted(f for f in (p.rglob("*") if p.is_dir() else [p]) if f.is_file() and not f.name.startswith("."))
+    for f in files:
+        _hash_file(h, f, whole=not f.name.endswith(_WEIGHT_SUFFIXES))
+    return h.hexdigest()[:32]
+
+
+def data_fingerprint(path: str | os.PathLike, image_root: str | None) -> str:
+    """sha256 of the dataset file's bytes plus the resolved image root (image bytes are not hashed)."""
+    p = Path(path)
+    if not p.is_file():
+        raise RunError(f"--data {p}: no such file; pass a LLaVA JSON, JSONL or Parquet dataset file")
+    h = hashlib.sha256(b"data\0")
+    _hash_file(h, p, whole=True)
+    h.update(str(Path(image_root).resolve() if image_root else "").encode())
+    return h.hexdigest()[:32]
+
+
+def _hash_obj(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def stage_fingerprints(cfg: RunConfig, model_fp: str, data_fp: str) -> dict:
+    """Chained fingerprints: each stage's covers everything it depends on."""
+    ex = _hash_obj({"model": model_fp, "data": data_fp, **{k: getattr(cfg, k) for k in cfg.EXTRACT_KEYS}})
+    fit = _hash_obj({"extract": ex, **{k: getattr(cfg, k) for k in cfg.FIT_KEYS}})
+    return {"model": model_fp, "data": data_fp, "extract": ex, "fit": fit, "score": fit,
+            "config": _hash_obj({k: getattr(cfg, k) for k in
+                                 cfg.EXTRACT_KEYS + cfg.FIT_KEYS + cfg.SELECT_KEYS})}
+

@@ -1,0 +1,114 @@
+"""Durable run state: ``OUT/.scalselect/state.json`` (fingerprints, finished stages, timings) and
+the crash points the durability tests stop a run at."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+from ..atomic import atomic_write_json
+from .config import RunError
+from .events import Events
+
+__all__ = ["RunState", "crashpoint", "WORK"]
+
+WORK = ".scalselect"
+STATE = "state.json"
+STATE_FORMAT = "scalselect-run"
+STATE_VERSION = 1
+
+_CRASH_COUNTS: dict[str, int] = {}
+
+
+def crashpoint(name: str) -> None:
+    """``SCALSELECT_CRASH_AT=name:n`` kills this process with SIGKILL on the n-th time ``name`` is hit.
+
+    Used by the tests to stop a run at an exact place (between two checkpoint commits, or after a
+    temporary file is written but before it is renamed) and prove that a rerun recovers.
+    """
+    spec = os.environ.get("SCALSELECT_CRASH_AT")
+    if not spec:
+        return
+    want, _, nth = spec.partition(":")
+    if want != name:
+        return
+    _CRASH_COUNTS[name] = _CRASH_COUNTS.get(name, 0) + 1
+    if _CRASH_COUNTS[name] >= int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class RunState:
+    def __init__(self, out: Path, fps: dict, force: bool, events: Events):
+        self.work = out / WORK
+        self.path = self.work / STATE
+        self.fps = fps
+        self.data: dict[str, Any]
+        old = None
+        if self.path.exists():
+            try:
+                old = json.loads(self.path.read_text())
+            except (OSError, json.JSONDecodeError):
+                old = None  # a state file is replaced atomically, so this means someone edited it
+        if old is not None and old.get("format") == STATE_FORMAT:
+            diff = [k for k in ("model", "data", "extract", "fit") if old.get("fingerprints", {}).get(k) != fps[k]]
+            if diff and not force:
+                what = {"model": "the model files", "data": "the dataset file or image root",
+                        "extract": "extraction settings (layer, threshold, instruction, max length, dtype, "
+                                   "device, batch/shard size)",
+                        "fit": "subspace settings (energy, k, solver, seed)"}
+                changed = [what[k] for k in diff if not (k == "extract" and ("model" in diff or "data" in diff))
+                           and not (k == "fit" and len(diff) > 1)]
+                raise RunError(
+                    f"{out} holds checkpoints of a different run: {'; '.join(changed)} changed since they "
+                    f"were written (fingerprints in {self.path}). Mixing stages from different runs would "
+                    f"give a wrong selection. Rerun with --force to discard the affected checkpoints and "
+                    f"recompute them, or choose another --out.")
+            if diff == ["fit"]:
+                # only the subspace settings changed: the representations are still valid, keep them
+                events.warn(f"--force: discarding the fit and score checkpoints in {self.work} (subspace "
+                            f"settings changed; the extracted representations are kept)")
+                for name in ("fit", "scores"):
+                    shutil.rmtree(self.work / name, ignore_errors=True)
+                with contextlib.suppress(FileNotFoundError):
+                    (self.work / "subspace.npz").unlink()
+                for st in ("fit", "score"):
+                    old["stages"].pop(st, None)
+            elif diff:
+                events.warn(f"--force: discarding all checkpoints in {self.work} (model, data or extraction "
+                            f"settings changed)")
+                shutil.rmtree(self.work)
+                old = None
+            if old is not None:
+                old["fingerprints"] = fps
+        elif old is not None or (self.work.exists() and any(self.work.iterdir()) and not self.path.exists()):
+            if not force:
+                raise RunError(f"{self.work} exists but has no readable run state; rerun with --force to "
+                               f"discard it, or choose another --out")
+            shutil.rmtree(self.work)
+            old = None
+        elif force and self.work.exists():
+            shutil.rmtree(self.work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.data = old or {"format": STATE_FORMAT, "version": STATE_VERSION, "fingerprints": fps,
+                            "stages": {}, "timings": {}}
+        self.save()
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.data)
+
+    def done(self, stage: str) -> bool:
+        return bool(self.data["stages"].get(stage, {}).get("done"))
+
+    def mark(self, stage: str, **info) -> None:
+        self.data["stages"][stage] = {"done": True, **info}
+        self.save()
+
+    def add_time(self, stage: str, seconds: float) -> None:
+        t = self.data.setdefault("timings", {})
+        t[stage] = float(t.get(stage, 0.0)) + float(seconds)
+        self.save()
+
