@@ -7,12 +7,12 @@ Nothing here imports torch; Pillow is imported only when images are loaded or ge
 from .images import load_image, resolve_image_path
 from .readers import (FORMATS, SOURCE_FIELDS, count_records, detect_format, iter_records, read_dataset,
                       record_id_or_none, record_source)
-from .sample import IMAGE_TOKEN, ROLES, DatasetError, ImageError, Sample
+from .sample import IMAGE_TOKEN, ROLES, DatasetError, EmbeddedImage, ImageError, Sample
 from .skiplog import SkipLog
 from .writers import write_selected
 
 __all__ = [
-    "DatasetError", "FORMATS", "IMAGE_TOKEN", "ImageError", "ROLES", "SOURCE_FIELDS", "Sample", "SkipLog",
+    "DatasetError", "EmbeddedImage", "FORMATS", "IMAGE_TOKEN", "ImageError", "ROLES", "SOURCE_FIELDS", "Sample", "SkipLog",
     "count_records", "detect_format", "iter_records", "load_image", "read_dataset", "record_id_or_none",
     "record_source", "resolve_image_path",
     "write_selected",

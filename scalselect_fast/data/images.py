@@ -7,11 +7,12 @@ until :func:`load_image` is called.
 """
 from __future__ import annotations
 
+import io
 import os
 import stat
 from pathlib import Path
 
-from .sample import (REASON_IMAGE_CORRUPT, REASON_IMAGE_MISSING, REASON_IMAGE_OUTSIDE_ROOT,
+from .sample import (EmbeddedImage, REASON_IMAGE_CORRUPT, REASON_IMAGE_MISSING, REASON_IMAGE_OUTSIDE_ROOT,
                      REASON_IMAGE_TOO_LARGE, REASON_IMAGE_TRUNCATED, REASON_IMAGE_UNREADABLE,
                      REASON_INVALID_FIELD, DatasetError, ImageError)
 
@@ -109,7 +110,7 @@ def resolve_image_path(path: object, root: str | None, base_dir: str) -> str:
     return ImageResolver(root, base_dir)(path)
 
 
-def load_image(path: str | os.PathLike):
+def load_image(path: "str | os.PathLike | EmbeddedImage"):
     """Open and fully decode an image as RGB.
 
     Decoding happens here (``Image.load``), so a truncated or corrupt file fails in this call and not
@@ -117,8 +118,9 @@ def load_image(path: str | os.PathLike):
 
     Parameters
     ----------
-    path : str or path-like
-        Image file.
+    path : str, path-like or EmbeddedImage
+        Image file, or encoded image bytes carried in the dataset (decoded from memory; errors
+        name ``EmbeddedImage.name``).
 
     Returns
     -------
@@ -134,9 +136,10 @@ def load_image(path: str | os.PathLike):
     """
     from PIL import Image, UnidentifiedImageError
 
+    source = io.BytesIO(path.data) if isinstance(path, EmbeddedImage) else os.fspath(path)
     path = os.fspath(path)
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             im.load()
             rgb = im.convert("RGB")
     except FileNotFoundError:

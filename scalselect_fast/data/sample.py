@@ -74,6 +74,32 @@ class ImageError(ValueError):
         self.reason = reason
 
 
+@dataclass(frozen=True, slots=True)
+class EmbeddedImage:
+    """An image whose encoded bytes travel inside the dataset (Parquet ``Image`` struct, binary column,
+    WebDataset member, ``datasets`` row), decoded from memory by :func:`~scalselect_fast.data.images.
+    load_image` with the same ``ImageError`` reasons as a file; no temporary file is written.
+
+    Attributes
+    ----------
+    data : bytes
+        The encoded image (PNG, JPEG, WebP, ...), exactly as stored.
+    name : str
+        What to call it in messages and skip logs: the struct's ``path``, the tar member's name, or
+        ``"<shard>#<record>/image<i>"`` when the dataset gives none.
+    """
+
+    data: bytes = field(repr=False)
+    name: str
+
+    def __fspath__(self) -> str:  # so error messages and os.fspath() name it; never opened as a file
+        return self.name
+
+
+#: What one entry of ``Sample.images`` is: a resolved file path or an image carried in the dataset.
+ImageRef = "str | EmbeddedImage"
+
+
 # Not frozen: a frozen dataclass's __init__ goes through object.__setattr__ per field, which was a
 # measurable share of reading time at millions of samples. Treat samples as read-only all the same.
 @dataclass(slots=True)
@@ -84,9 +110,10 @@ class Sample:
     ----------
     id : str
         The record's ``id`` field as a string (integer ids are converted with ``str``).
-    images : list[str]
-        Absolute, symlink-resolved image paths, in placeholder order (see the module notes). Empty
-        for text-only samples. Existence is not checked here: :func:`load_image` does that.
+    images : list[str | EmbeddedImage]
+        Absolute, symlink-resolved image paths, or :class:`EmbeddedImage` for images stored inside
+        the dataset, in placeholder order (see the module notes). Empty for text-only samples.
+        Existence is not checked here: :func:`load_image` does that.
     messages : list[dict]
         ``{"role": "system" | "user" | "assistant", "content": str}`` in conversation order, with one
         ``"<image>"`` placeholder per image.
@@ -102,7 +129,7 @@ class Sample:
     """
 
     id: str
-    images: list[str]
+    images: list  # list[str | EmbeddedImage]
     messages: list[dict]
     source: str | None
     index: int
