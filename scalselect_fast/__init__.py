@@ -25,7 +25,8 @@ _LAZY = {
     "open_source": "scalselect_fast.store",
     "StoreWriter": "scalselect_fast.store",
     "StoreError": "scalselect_fast.store",
-    "Selector": "scalselect_fast.selector",
+    "SubspaceAccumulator": "scalselect_fast.subspace",
+    "Selector": "scalselect_fast.subspace.stream",  # former name of SubspaceAccumulator
     "extract_representations": "scalselect_fast.extract",
 }
 

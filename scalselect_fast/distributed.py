@@ -120,7 +120,7 @@ def _globalise(exc, shard_name: str, offset: int):
 # worker tasks (module-level functions: pickled by reference)
 # --------------------------------------------------------------------------------------------------
 def _shift_task(spec: str, block_rows: int) -> np.ndarray:
-    from .subspace import _first_block_mean
+    from .subspace.passes import _first_block_mean
 
     return _first_block_mean(open_source(spec), block_rows)
 
@@ -128,8 +128,10 @@ def _shift_task(spec: str, block_rows: int) -> np.ndarray:
 def _shard_pass_task(spec: str, name: str, offset: int, kind: str, shift: np.ndarray, block_rows: int,
                      drop_invalid: bool, inv_scale=None, mean=None, known_bad=None):
     """Per-shard partial sums: ``kind`` = "gram" (centre/standardise), "moments" or "l2gram"."""
-    from .subspace import (GramAccumulator, InvalidRowsError, MomentAccumulator, _gram_pass,
-                           _InvalidTracker, _moment_pass, _namespace, _Pass)
+    from .subspace import GramAccumulator, InvalidRowsError, MomentAccumulator
+    from .subspace.backends import _namespace
+    from .subspace.passes import FIRST_PASS, PassOptions, _gram_pass, _moment_pass, _Pass
+    from .subspace.rows import _InvalidTracker
 
     view = _open_shard(spec, name)
     tracker = _InvalidTracker(view, drop_invalid)
@@ -137,15 +139,15 @@ def _shard_pass_task(spec: str, name: str, offset: int, kind: str, shift: np.nda
     try:
         if kind == "gram":
             acc = GramAccumulator(view.d, shift)
-            _gram_pass(p, acc, record=True, verify=True)
+            _gram_pass(p, acc, FIRST_PASS)
         elif kind == "moments":
             acc = MomentAccumulator(view.d, shift)
-            _moment_pass(p, acc, record=True, verify=True)
+            _moment_pass(p, acc, FIRST_PASS)
         else:  # "l2gram": rows shifted by μ, scaled, normalised; the Gram is then unshifted
             bad = np.asarray(known_bad if known_bad is not None else [], dtype=np.int64) - offset
             acc = GramAccumulator(view.d, np.zeros(view.d))
-            _gram_pass(p, acc, record=False, verify=False, inv_scale=inv_scale, l2=True,
-                       known_bad=np.sort(bad), shift=mean)
+            _gram_pass(p, acc, PassOptions(record=False, verify=False, shift=mean, inv_scale=inv_scale, l2=True,
+                                           known_bad=np.sort(bad)))
     except InvalidRowsError as exc:
         raise _globalise(exc, name, offset) from None
     return acc, tracker.all_rows() + offset
@@ -243,8 +245,12 @@ def fit_subspace(source, client, energy: float = 0.9, k: int | None = None, solv
     SubspaceError, InvalidRowsError, StoreError
         As the single-node fit; invalid rows are reported with global row numbers.
     """
-    from .subspace import (Subspace, SubspaceError, _check_energy_k, _check_rows_and_variance,
-                           _compute_dtype, _name, _scale_from_moments, subspace_from_gram)
+    from .subspace import SubspaceError, finish_exact
+    from .subspace.eigen import _check_energy_k
+    from .subspace.exact import l2_moments
+    from .subspace.fit import fit_info
+    from .subspace.passes import _compute_dtype
+    from .subspace.rows import _name
 
     if not center:
         raise SubspaceError("center=False is not supported: ScalSelect's subspace is that of the centred matrix")
@@ -269,46 +275,32 @@ def fit_subspace(source, client, energy: float = 0.9, k: int | None = None, solv
         acc, invalid = _reduce_partials(client, _submit_shards(client, src, _shard_pass_task, "gram", shift,
                                                                block_rows, drop_invalid))
         timings["gram_pass_s"] = time.perf_counter() - t0
-        n, mean = acc.n, acc.mean
-        _check_rows_and_variance(src, n, float(acc.centred_sumsq.sum()), mean, invalid.size)
-        G = acc.centred_gram()
-        scale, n_const = None, 0
-        if standardize:
-            scale, n_const = _scale_from_moments(acc.centred_sumsq / n)
-            G = G / scale[:, None] / scale[None, :]
-        passes = 1
+        l2, passes = None, 1
     else:
         mom, invalid = _reduce_partials(client, _submit_shards(client, src, _shard_pass_task, "moments", shift,
                                                                block_rows, drop_invalid))
         timings["moments_pass_s"] = time.perf_counter() - t0
-        n, mean = mom.n, mom.mean
-        _check_rows_and_variance(src, n, float(mom.centred_sumsq.sum()), mean, invalid.size)
-        scale, n_const = None, 0
-        if standardize:
-            scale, n_const = _scale_from_moments(mom.centred_sumsq / n)
+        l2 = l2_moments(mom, standardize=standardize, src_name=_name(src), n_invalid=invalid.size)
+        scale = l2[2]
         t1 = time.perf_counter()
-        bad = np.sort(invalid)
         acc, _ = _reduce_partials(client, _submit_shards(
             client, src, _shard_pass_task, "l2gram", shift, block_rows, drop_invalid,
-            None if scale is None else 1.0 / scale, mean, bad))
+            None if scale is None else 1.0 / scale, l2[1], np.sort(invalid)))
         timings["gram_pass_s"] = time.perf_counter() - t1
-        G = (acc.gram + acc.gram.T) * 0.5
         passes = 2
-    t2 = time.perf_counter()
-    fields = subspace_from_gram(G, n=n, mean=mean, scale=scale, l2_normalize=l2_normalize, energy=energy, k=k,
-                                src_name=_name(src), compute_dtype=_compute_dtype(src))
-    timings["eigh_s"] = time.perf_counter() - t2
-    timings["fit_s"] = time.perf_counter() - t0
     invalid = np.sort(invalid)
     workers = len(client.scheduler_info().get("workers", {}))
-    info = {"solver_requested": solver, "solver_reason": "distributed: exact Gram tree reduction",
-            "backend": "numpy", "native": native.BACKEND, "block_rows": int(block_rows), "seed": int(seed),
-            "source_dtype": src.dtype, "source_rows": int(src.n), "drop_invalid": bool(drop_invalid),
-            "invalid_rows": invalid.tolist(), "standardize": bool(standardize), "timings": timings,
-            "constant_columns": n_const,
+    info = {**fit_info(src, solver_requested=solver, backend="numpy", block_rows=block_rows, seed=seed,
+                       drop_invalid=drop_invalid, standardize=standardize),
+            "solver_reason": "distributed: exact Gram tree reduction", "invalid_rows": invalid.tolist(),
+            "timings": timings,
             "distributed": {"scheduler": getattr(client.scheduler, "address", None), "workers": workers,
                             "shards": len(src.shards), "reduction": "tree_reduce (binary counter)"}}
-    return Subspace(solver="exact", passes=passes, info=info, provenance=dict(src.provenance), **fields)
+    sub = finish_exact(acc, energy=energy, k=k, standardize=standardize, src_name=_name(src),
+                       compute_dtype=_compute_dtype(src), l2=l2, n_invalid=invalid.size, passes=passes,
+                       info=info, provenance=dict(src.provenance))
+    sub.info["timings"]["fit_s"] = time.perf_counter() - t0
+    return sub
 
 
 def _score_map(client, src, sub, block_rows, drop_invalid, budget, keep_scores):

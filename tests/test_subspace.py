@@ -249,7 +249,7 @@ def test_randomized_hands_over_to_exact_when_sketch_too_wide():
 
 
 def test_predict_sketch_width_extrapolates_the_ritz_tail():
-    from scalselect_fast.subspace import _predict_sketch_width
+    from scalselect_fast.subspace.randomized import _predict_sketch_width
 
     d = 2000
     lam_all = np.arange(1, d + 1, dtype=np.float64) ** -1.5  # exact power law
@@ -334,7 +334,7 @@ def test_save_load_roundtrip_and_pickle(tmp_path):
 
 @pytest.mark.parametrize("d,k", [(2, 1), (2, 2), (37, 5), (130, 130)])
 def test_tridiagonal_top_vectors_match_eigh(d, k):
-    from scalselect_fast.subspace import _tridiagonal
+    from scalselect_fast.subspace.eigen import _tridiagonal
 
     rng = np.random.default_rng(d)
     A = rng.standard_normal((3 * d + 2, d)) * np.linspace(2, 0.1, d)
@@ -360,18 +360,20 @@ def test_one_column():
 
 def test_unchecked_device_gram_path_matches_the_checked_one_and_backs_out_on_nan():
     """The GPU's one-read-back-per-shard Gram path, run here over numpy (its code is xp-generic)."""
-    from scalselect_fast.subspace import (_gram_shard, _gram_shard_unchecked, _InvalidTracker, _NumpyBackend,
-                                          _Pass, _SingleThreadedBlas)
+    from scalselect_fast.subspace.backends import _NumpyBackend
+    from scalselect_fast.subspace.passes import (PassOptions, _gram_shard, _gram_shard_unchecked, _Pass,
+                                                 _SingleThreadedBlas)
+    from scalselect_fast.subspace.rows import _InvalidTracker
 
     X = decaying(5000, 40, seed=3).astype(np.float32)
     src = open_source(X)
     shift = X[:64].astype(np.float64).mean(0)
     p = _Pass(src, 1200, _NumpyBackend(), _InvalidTracker(src, drop=False))
     fast = GramAccumulator(40, shift)
-    assert _gram_shard_unchecked(p, fast, src.shards[0], False, None, False, None, None)
+    assert _gram_shard_unchecked(p, fast, src.shards[0], PassOptions(verify=False))
     ref = GramAccumulator(40, shift)
     with _SingleThreadedBlas() as blas:
-        _gram_shard(p, ref, src.shards[0], True, False, None, False, None, None, blas)
+        _gram_shard(p, ref, src.shards[0], PassOptions(record=True, verify=False), blas)
     assert fast.n == ref.n == 5000
     # same float32 chunk products, run with a different BLAS thread count: equal to float32 rounding
     np.testing.assert_allclose(fast.gram, ref.gram, rtol=0, atol=1e-6 * np.abs(ref.gram).max())
@@ -383,7 +385,7 @@ def test_unchecked_device_gram_path_matches_the_checked_one_and_backs_out_on_nan
     q = _Pass(bad_src, 1200, _NumpyBackend(), _InvalidTracker(bad_src, drop=False))
     acc = GramAccumulator(40, shift)
     before = (acc.n, acc.gram.copy(), acc.colsum.copy())
-    assert not _gram_shard_unchecked(q, acc, bad_src.shards[0], False, None, False, None, None)
+    assert not _gram_shard_unchecked(q, acc, bad_src.shards[0], PassOptions(verify=False))
     assert acc.n == before[0]
     np.testing.assert_array_equal(acc.gram, before[1])
     np.testing.assert_array_equal(acc.colsum, before[2])
@@ -393,7 +395,7 @@ def test_small_shards_summed_side_by_side_give_the_sequential_bits(tmp_path, mon
     """Shards of one chunk each are summed concurrently (one thread per shard); every shard's
     partial is still formed the same way, so the subspace is bit-identical to summing them one by
     one, and invalid rows are found and reported in row order either way."""
-    from scalselect_fast import subspace as S
+    from scalselect_fast.subspace import passes as S
 
     X = decaying(9 * 1500 + 7, 48, seed=4).astype(np.float32)
     X[[20, 3100, 9000]] = np.nan

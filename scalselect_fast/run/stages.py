@@ -118,7 +118,8 @@ def _store_dir(state: RunState) -> Path:
 
 def _stage_fit(cfg: RunConfig, state: RunState, events: Events, src):
     """Fit the subspace with a per-shard checkpoint of the Gram accumulator (exact solver)."""
-    from ..subspace import (GramAccumulator, Subspace, _first_block_mean, choose_solver, fit_subspace,
+    from ..subspace.passes import _first_block_mean
+    from ..subspace import (GramAccumulator, Subspace, choose_solver, fit_subspace,
                            subspace_from_gram)
 
     sub_path = state.work / "subspace.npz"

@@ -1,31 +1,39 @@
-"""``Selector``: the streaming pipeline API for callers that own their data loading.
+"""``SubspaceAccumulator``: the streaming fit for callers that own their data loading.
 
 ::
 
-    sel = scalselect_fast.Selector(energy=0.9, solver="auto")
+    sel = scalselect_fast.SubspaceAccumulator(energy=0.9, solver="auto")
     for batch_reps in stream:            # any number of (m, d) batches, in any order
         sel.partial_fit(batch_reps)
     sub = sel.finalize()                 # -> scalselect_fast.Subspace
     sub.save("subspace.npz")             # provenance travels with it
     scores = sub.score(new_reps)         # O(d·k) per row, stateless, picklable
 
-It is a thin shell over the core engine's :class:`~scalselect_fast.subspace.GramAccumulator` (column
-sums and the d×d Gram in float64, shifted by the first batch's mean and re-shifted exactly on
-merge) and :func:`~scalselect_fast.subspace.subspace_from_gram`, so the subspace equals
+It is a thin shell over :class:`~.accumulators.GramAccumulator` (column sums and the d×d Gram in
+float64, shifted by the first batch's mean and re-shifted exactly on merge) and the one exact-fit
+finisher :func:`~.exact.finish_exact`, so the subspace equals
 ``fit_subspace(concatenated, solver="exact")`` up to float rounding whatever the batch order.
 One pass over arbitrary batches cannot run the multi-pass randomized solver; for widths where the
 Gram does not fit, write the representations to a store and call ``fit_subspace`` on it.
+
+``Selector`` is the former name of :class:`SubspaceAccumulator` (it returns a subspace, not a
+selection), kept as an alias so existing code keeps working.
 """
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["Selector"]
+from .. import native
+from .accumulators import EXACT_GRAM_MAX_BYTES as MAX_GRAM_BYTES  # the largest Gram it will hold, as auto
+from .accumulators import GramAccumulator
+from .eigen import _check_energy_k
+from .exact import finish_exact
+from .result import Subspace, SubspaceError
 
-from .subspace import EXACT_GRAM_MAX_BYTES as MAX_GRAM_BYTES  # the largest Gram it will hold, as auto
+__all__ = ["SubspaceAccumulator", "SubspaceAccumulator"]
 
 
-class Selector:
+class SubspaceAccumulator:
     """Accumulate representation batches, then finalize into a :class:`~scalselect_fast.Subspace`.
 
     Parameters
@@ -47,7 +55,7 @@ class Selector:
     --------
     >>> import numpy as np
     >>> X = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
-    >>> sel = Selector(energy=0.9)
+    >>> sel = SubspaceAccumulator(energy=0.9)
     >>> for b in np.array_split(X, 3):
     ...     _ = sel.partial_fit(b)
     >>> sub = sel.finalize()
@@ -57,13 +65,11 @@ class Selector:
 
     def __init__(self, energy: float = 0.9, k: int | None = None, solver: str = "auto",
                  standardize: bool = False, provenance: dict | None = None):
-        from .subspace import _check_energy_k
-
         _check_energy_k(energy, k)
         if solver not in ("auto", "exact", "randomized"):
             raise ValueError(f"unknown solver {solver!r}; use 'auto' or 'exact'")
         if solver == "randomized":
-            raise ValueError("Selector makes one pass over batches in any order, which the multi-pass "
+            raise ValueError("SubspaceAccumulator makes one pass over batches in any order, which the multi-pass "
                              "randomized solver cannot use; use solver='exact'/'auto', or write the "
                              "representations to a store and call fit_subspace(store, solver='randomized')")
         self.energy, self.k, self.solver = energy, k, solver
@@ -77,7 +83,7 @@ class Selector:
     def n_samples_seen_(self) -> int:
         return 0 if self._acc is None else int(self._acc.n)
 
-    def partial_fit(self, reps) -> "Selector":
+    def partial_fit(self, reps) -> "SubspaceAccumulator":
         """Add a batch of representations.
 
         Parameters
@@ -87,11 +93,9 @@ class Selector:
 
         Returns
         -------
-        Selector
+        SubspaceAccumulator
             self, for chaining.
         """
-        from .subspace import GramAccumulator, SubspaceError
-
         if hasattr(reps, "detach"):  # a torch tensor
             reps = reps.detach().float().cpu().numpy()
         X = np.asarray(reps)
@@ -124,8 +128,8 @@ class Selector:
         self.n_batches_ += 1
         return self
 
-    def merge(self, other: "Selector") -> "Selector":
-        """Add another Selector's batches (e.g. from another worker) into this one."""
+    def merge(self, other: "SubspaceAccumulator") -> "SubspaceAccumulator":
+        """Add another accumulator's batches (e.g. from another worker) into this one."""
         if other._acc is None:
             return self
         if self._acc is None:
@@ -140,23 +144,16 @@ class Selector:
         self.n_batches_ += other.n_batches_
         return self
 
-    def finalize(self):
-        """Eigendecompose the accumulated Gram and return the :class:`~scalselect_fast.Subspace`."""
-        from . import native
-        from .subspace import Subspace, SubspaceError, _scale_from_moments, subspace_from_gram
-
+    def finalize(self) -> Subspace:
+        """Eigendecompose the accumulated Gram and return the :class:`~.result.Subspace`."""
         if self._acc is None:
             raise SubspaceError("finalize(): no batches were given to partial_fit")
-        acc = self._acc
-        G = acc.centred_gram()
-        scale, n_const = None, 0
-        if self.standardize:
-            scale, n_const = _scale_from_moments(acc.centred_sumsq / acc.n)
-            G = G / scale[:, None] / scale[None, :]
-        fields = subspace_from_gram(G, n=acc.n, mean=acc.mean, scale=scale, l2_normalize=False,
-                                    energy=self.energy, k=self.k, src_name="Selector",
-                                    compute_dtype=self._dtype)
-        info = {"solver_requested": self.solver, "solver_reason": "Selector: one-pass Gram over batches",
-                "batches": self.n_batches_, "native": native.BACKEND, "standardize": self.standardize,
-                "constant_columns": n_const}
-        return Subspace(solver="exact", passes=1, info=info, provenance=dict(self.provenance), **fields)
+        info = {"solver_requested": self.solver, "solver_reason": "SubspaceAccumulator: one-pass Gram over batches",
+                "batches": self.n_batches_, "native": native.BACKEND}
+        return finish_exact(self._acc, energy=self.energy, k=self.k, standardize=self.standardize,
+                            src_name="SubspaceAccumulator", compute_dtype=self._dtype, info=info,
+                            provenance=self.provenance)
+
+
+#: former name of :class:`SubspaceAccumulator` (kept so existing code runs unchanged)
+Selector = SubspaceAccumulator

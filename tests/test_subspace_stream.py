@@ -1,11 +1,11 @@
-"""Selector (streaming pipeline API): batch-order independence, equality with the core fit, pickling,
+"""SubspaceAccumulator (scalselect_fast.subspace.stream, the streaming fit API): batch-order independence, equality with the core fit, pickling,
 provenance through save/load."""
 import pickle
 
 import numpy as np
 import pytest
 
-pytest.importorskip("scalselect_fast.subspace")  # the core engine the Selector wraps
+pytest.importorskip("scalselect_fast.subspace")  # the core engine the accumulator wraps
 
 import scalselect_fast as ss  # noqa: E402
 from scalselect_fast.subspace import SubspaceError  # noqa: E402
@@ -33,7 +33,7 @@ def test_matches_dense_svd_and_batch_order_does_not_matter():
     splits = np.array_split(np.arange(X.shape[0]), 7)
     subs = []
     for perm in ([0, 1, 2, 3, 4, 5, 6], [6, 2, 0, 5, 1, 4, 3]):
-        sel = ss.Selector(energy=0.9)
+        sel = ss.SubspaceAccumulator(energy=0.9)
         for i in perm:
             sel.partial_fit(X[splits[i]])
         assert sel.n_samples_seen_ == X.shape[0]
@@ -51,10 +51,10 @@ def test_matches_dense_svd_and_batch_order_does_not_matter():
 
 def test_merge_equals_single_stream_and_one_row_batches():
     X = _data(n=97, d=11, seed=1)
-    one = ss.Selector(k=3)
+    one = ss.SubspaceAccumulator(k=3)
     for row in X:
         one.partial_fit(row[None, :])
-    left, right = ss.Selector(k=3), ss.Selector(k=3)
+    left, right = ss.SubspaceAccumulator(k=3), ss.SubspaceAccumulator(k=3)
     left.partial_fit(X[:40])
     right.partial_fit(X[40:])
     merged = left.merge(right).finalize()
@@ -64,7 +64,7 @@ def test_merge_equals_single_stream_and_one_row_batches():
 def test_pickle_and_save_keep_scores_and_provenance(tmp_path):
     X = _data(n=300, d=16, seed=2)
     prov = {"model": "/models/llava-1.5-7b-hf", "layer": 0, "threshold": 0.9, "data_fingerprint": "abc"}
-    sel = ss.Selector(energy=0.8, provenance=prov)
+    sel = ss.SubspaceAccumulator(energy=0.8, provenance=prov)
     sel.partial_fit(X[:150]).partial_fit(X[150:])
     sub = sel.finalize()
     clone = pickle.loads(pickle.dumps(sub))
@@ -78,7 +78,7 @@ def test_pickle_and_save_keep_scores_and_provenance(tmp_path):
 
 
 def test_bad_input_is_refused_clearly():
-    sel = ss.Selector()
+    sel = ss.SubspaceAccumulator()
     with pytest.raises(SubspaceError, match="2-D"):
         sel.partial_fit(np.zeros(5, np.float32))
     X = np.ones((4, 3), np.float32)
@@ -89,8 +89,19 @@ def test_bad_input_is_refused_clearly():
     with pytest.raises(SubspaceError, match="width 4"):
         sel.partial_fit(np.ones((2, 4), np.float32))
     with pytest.raises(SubspaceError, match="no batches"):
-        ss.Selector().finalize()
+        ss.SubspaceAccumulator().finalize()
     with pytest.raises(ValueError, match="randomized"):
-        ss.Selector(solver="randomized")
+        ss.SubspaceAccumulator(solver="randomized")
     with pytest.raises(SubspaceError, match="energy"):
-        ss.Selector(energy=1.5)
+        ss.SubspaceAccumulator(energy=1.5)
+
+
+def test_selector_is_the_documented_alias_of_subspace_accumulator():
+    """``Selector`` (the former name) still works and is the very same class."""
+    from scalselect_fast.subspace.stream import Selector, SubspaceAccumulator
+
+    assert ss.Selector is SubspaceAccumulator is Selector
+    X = _data(200, 9)
+    a = ss.Selector(k=2).partial_fit(X).finalize()
+    b = ss.SubspaceAccumulator(k=2).partial_fit(X).finalize()
+    np.testing.assert_array_equal(a.components, b.components)

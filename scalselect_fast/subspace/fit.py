@@ -1,0 +1,158 @@
+"""The public entry point :func:`fit_subspace` and the ``auto`` cost model :func:`choose_solver`."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .. import native
+from ..store import DEFAULT_BLOCK_ROWS, open_source
+from .accumulators import EXACT_GRAM_MAX_BYTES
+from .backends import _namespace
+from .eigen import _check_energy_k
+from .exact import _fit_exact
+from .randomized import _fit_randomized, _SwitchToExact
+from .result import Subspace, SubspaceError
+from .rows import _InvalidTracker, _name
+
+# --------------------------------------------------------------------------------------------------
+# public entry point
+# --------------------------------------------------------------------------------------------------
+def choose_solver(n: int, d: int, k: int | None = None, oversample: int = 10, passes: int = 4) -> tuple[str, str]:
+    """The ``auto`` cost model: returns ``(solver, reason)``.
+
+    Exact costs one pass of ``N·d²`` flops (syrk) plus ``~10·d³`` for ``eigh`` and ``8·d²`` bytes;
+    randomized costs ``passes`` × ``4·N·d·ℓ`` flops with ``ℓ = k + oversample`` (``d/8`` guessed for
+    an energy target, the sketch then grows as needed).
+    """
+    gram_bytes = 8 * d * d
+    if gram_bytes > EXACT_GRAM_MAX_BYTES:
+        return "randomized", f"the d×d float64 Gram would take {gram_bytes / 2**30:.1f} GiB (> 2 GiB)"
+    if d <= 4096:
+        return "exact", f"d={d} ≤ 4096: one Gram pass (N·d² flops) and a small eigh are cheapest and exact"
+    ell = (k + oversample) if k is not None else max(64, d // 8)
+    exact = n * d * d + 10 * d ** 3
+    rand = passes * 4 * n * d * ell
+    if rand < exact:
+        return "randomized", f"sketch cost {rand:.3g} flops (ℓ≈{ell}, {passes} passes) < exact {exact:.3g}"
+    return "exact", f"exact cost {exact:.3g} flops ≤ sketch {rand:.3g} (ℓ≈{ell}, {passes} passes)"
+
+
+def fit_subspace(source, energy: float = 0.9, k: int | None = None, solver: str = "auto",
+                 center: bool = True, standardize: bool = False, l2_normalize: bool = False,
+                 seed: int = 0, *, block_rows: int = DEFAULT_BLOCK_ROWS, drop_invalid: bool = False,
+                 backend: str = "numpy", matmul=None, oversample: int = 10, n_iter: int = 2,
+                 checkpoint=None) -> Subspace:
+    """Fit the dominant subspace of the centred representation matrix, streaming.
+
+    Parameters
+    ----------
+    source : ndarray (n, d), np.memmap, str/PathLike (``.npy`` or store directory) or MatrixSource
+        float16, bfloat16 (stores only), float32 or float64 rows.
+    energy : float in (0, 1], default 0.9
+        k = smallest k with Σ_{i≤k} σ_i² ≥ energy · ‖A‖_F² (the total energy).
+    k : int, optional
+        Use exactly k components (1 ≤ k ≤ rank); overrides ``energy``.
+    solver : {"auto", "exact", "randomized"}
+    center : bool, default True
+        Must be True: the method is defined on the centred matrix (kept for API stability).
+    standardize : bool
+        Divide centred columns by their standard deviation (ddof=0; constant columns keep scale 1).
+    l2_normalize : bool
+        Divide each transformed row by its L2 norm (zero rows stay zero); costs one extra pass.
+    seed : int
+        Seed of the randomized solver's test matrices (results are deterministic for a seed).
+    block_rows : int
+        Rows per streamed block (memory ≈ block_rows · d · 4 bytes plus the d×d Gram).
+    drop_invalid : bool
+        Exclude rows with NaN/inf from the fit instead of raising; they are listed in
+        ``info["invalid_rows"]`` (and get no score and are never selected downstream).
+    backend : {"numpy", "cupy"}
+        Array namespace (see the module docstring).
+    matmul : callable, optional
+        Replacement for ``xp.matmul`` (signature ``matmul(a, b, out=...)``).
+    oversample, n_iter : int
+        Randomized solver: spare sketch columns and power iterations after the sketch is wide enough.
+    checkpoint : :class:`~.exact.GramCheckpoint`, optional
+        Resume the exact solver's Gram pass from saved per-shard progress and report progress after
+        every shard (``scalselect run`` keeps it on disk). Ignored by the randomized solver and by
+        l2-normalised fits (several passes: callers checkpoint those whole).
+
+    Returns
+    -------
+    Subspace
+
+    Raises
+    ------
+    SubspaceError
+        energy outside (0, 1], k > rank, fewer than 2 rows, zero total variance.
+    InvalidRowsError
+        NaN/inf rows without ``drop_invalid``.
+    StoreError
+        Unreadable paths, mismatched shards, checksum mismatch.
+
+    Notes
+    -----
+    Leverage of row i is ``‖U_k[i]‖² = ‖pre(x_i) V_k Σ_k⁻¹‖²`` (:meth:`Subspace.projection`); over the
+    fitted rows the scores sum to k. See the module docstring for the algorithms.
+
+    Examples
+    --------
+    >>> import numpy as np, scalselect_fast as ss
+    >>> X = np.random.default_rng(0).standard_normal((500, 16)).astype(np.float32)
+    >>> sub = ss.fit_subspace(X, energy=0.5)
+    >>> sub.components.shape == (16, sub.k)
+    True
+    """
+    if not center:
+        raise SubspaceError("center=False is not supported: ScalSelect's subspace is that of the centred "
+                            "matrix (leverage of uncentred data mostly measures the distance to the mean)")
+    _check_energy_k(energy, k)
+    if block_rows < 1:
+        raise SubspaceError(f"block_rows must be ≥ 1, got {block_rows}")
+    t_start = time.perf_counter()
+    src = open_source(source)
+    be = _namespace(backend, matmul)
+    if src.n < 2:
+        raise SubspaceError(f"{_name(src)}: need at least 2 rows to fit a subspace, got {src.n}")
+    if k is not None and int(k) > min(src.n - 1, src.d):
+        raise SubspaceError(f"{_name(src)}: k={k} exceeds min(n-1, d) = {min(src.n - 1, src.d)}, the largest "
+                            f"possible rank of the centred matrix; choose a smaller k")
+    if solver == "auto":
+        chosen, reason = choose_solver(src.n, src.d, k, oversample)
+    elif solver in ("exact", "randomized"):
+        chosen, reason = solver, "requested"
+    else:
+        raise SubspaceError(f"unknown solver {solver!r}; use 'auto', 'exact' or 'randomized'")
+    tracker = _InvalidTracker(src, drop_invalid)
+    timings: dict[str, float] = {}
+    info = fit_info(src, solver_requested=solver, backend=be.name, block_rows=block_rows, seed=seed,
+                    drop_invalid=drop_invalid, standardize=standardize)
+    if chosen == "exact":
+        sub = _fit_exact(src, energy, k, standardize, l2_normalize, block_rows, be, tracker, timings,
+                         info=info, checkpoint=checkpoint)
+    else:
+        try:
+            fields, passes, extra = _fit_randomized(src, energy, k, standardize, l2_normalize, block_rows, be,
+                                                    tracker, timings, seed, oversample=oversample,
+                                                    n_iter=n_iter)
+            sub = Subspace(solver="randomized", passes=passes, info={**info, "timings": timings, **extra},
+                           provenance=dict(src.provenance), **fields)
+        except _SwitchToExact as sw:
+            tracker = _InvalidTracker(src, drop_invalid)  # the exact pass records the rows again
+            sub = _fit_exact(src, energy, k, standardize, l2_normalize, block_rows, be, tracker, timings,
+                             info=info, checkpoint=checkpoint)
+            sub.passes += sw.passes
+            sub.info.update(randomized_gave_up=sw.reason, randomized_passes=sw.passes, history=sw.history)
+            reason += f"; randomized switched to exact: {sw.reason}"
+    sub.info["timings"]["fit_s"] = time.perf_counter() - t_start
+    sub.info.update(solver_reason=reason, invalid_rows=np.sort(tracker.all_rows()).tolist())
+    return sub
+
+
+def fit_info(src, *, solver_requested: str, backend: str, block_rows: int, seed: int, drop_invalid: bool,
+             standardize: bool) -> dict:
+    """The part of ``Subspace.info`` every fit of ``src`` records (local, Dask, ``scalselect run``)."""
+    return {"solver_requested": solver_requested, "backend": backend, "native": native.BACKEND,
+            "block_rows": int(block_rows), "seed": int(seed), "source_dtype": src.dtype,
+            "source_rows": int(src.n), "drop_invalid": bool(drop_invalid), "standardize": bool(standardize)}
