@@ -1,17 +1,19 @@
 """Atomic file writes: readers see either the old file or the complete new one, never a part.
 
 Every writer in the package goes through :func:`atomic_path` (temporary name beside the target,
-fsync, rename, fsync of the directory). This module knows nothing about stores or datasets.
+fsync, rename, fsync of the directory); outputs made of several files (dataset shards) go through
+:func:`atomic_dir`, which commits a whole directory as one set. This module knows nothing about stores or datasets.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "fsync_dir"]
+__all__ = ["atomic_dir", "atomic_path", "atomic_write_bytes", "atomic_write_json", "fsync_dir"]
 
 
 def fsync_dir(path: Path) -> None:
@@ -64,3 +66,41 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     """Atomically write ``obj`` as indented JSON (see :func:`atomic_write_bytes`)."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike):
+    """Yield a temporary directory beside ``path``; if the block succeeds it becomes ``path`` as a whole.
+
+    Every file under it is fsynced, then it is renamed into place: readers see the previous complete
+    directory or the new complete one, never a mix of shards. A previous ``path`` is first renamed
+    aside and deleted after the new one is in place (POSIX cannot rename a directory over a
+    non-empty one), so a crash between the two renames leaves no ``path`` and the old copy under a
+    ``.<name>.*.old`` name, never a partial one. On failure the temporary directory is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_UMASK)
+        yield tmp
+        for root, _dirs, files in os.walk(tmp):
+            for name in files:
+                with open(os.path.join(root, name), "rb+") as fh:
+                    os.fsync(fh.fileno())
+            fsync_dir(Path(root))
+        old = None
+        if path.exists() or path.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.rmdir(old)
+            os.rename(path, old)
+        os.rename(tmp, path)
+        fsync_dir(path.parent)
+        if old is not None:
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,429 @@
+"""WebDataset tar shards: one sample per key, a ``{key}.json`` record plus the key's image members.
+
+Layout read here (the WebDataset convention): a tar member ``dir/000123.0.jpg`` belongs to the
+sample with key ``dir/000123`` and has the extension ``0.jpg`` (everything after the first dot of
+the base name; the split follows ``webdataset.tariterators.base_plus_ext``).
+A sample's members are contiguous in the tar. Per key:
+
+* ``{key}.json`` holds the LLaVA (``conversations``) or ShareGPT (``messages``) record. Its id is
+  the record's id field, or the key when the record has none.
+* images are the members whose extension ends in an image suffix (``jpg``, ``jpeg``, ``png``,
+  ``webp``, ``gif``, ``bmp``, ``tif``, ``tiff``): ``{key}.jpg`` for one image, ``{key}.0.jpg``,
+  ``{key}.1.jpg`` ... for several (numeric order). A record that names its images (``image`` /
+  ``images``) is matched by member name, by extension (``"0.jpg"``) or by base name; when the names
+  do not match but the record names as many images as the key holds, they are taken in member
+  order (records converted from LLaVA JSON keep their original paths). Images become
+  :class:`~scalselect_fast.data.EmbeddedImage` named ``<shard>#<member>``; nothing is decoded here.
+
+Shards are given as a ``.tar`` file, a list of them, a directory of them, or a brace pattern
+(``shard-{000000..000127}.tar``, expanded with ``braceexpand``, the package ``webdataset`` uses).
+Samples are numbered globally: shards in sorted name order, then member order.
+
+Why ``tarfile`` and not the ``webdataset`` package for the walk: the selection writer copies kept
+samples byte for byte (tar headers included), which needs each member's byte offsets, and bad input
+must be named exactly (shard, member, byte). ``webdataset``'s pipeline yields only names and bytes,
+ends a shard quietly at a corrupt header, and turns a key that reappears later into a second sample;
+here those are errors. Importing ``webdataset`` also imports torch (1.7 s here), which the data layer
+does not otherwise need. What it would give is kept: the same key/extension rule and the same
+brace expansion (``braceexpand``, its dependency).
+
+Fatal (:class:`DatasetError`): a missing shard, a truncated or corrupt tar (named with the last good
+member and the byte offset), a key that occurs twice (in one shard or across shards), a key with two
+members of the same extension, a ``.json`` member that is not a JSON object. Per sample (skip with a
+reason, see :class:`UnusableRecord`): a key without a ``.json`` record (``missing_record``), a record
+that names an image the key does not have (``image_missing``). A member that is not really an image
+is found when it is decoded (:func:`~scalselect_fast.data.load_image`: ``image_corrupt``).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import tarfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+from .sample import REASON_IMAGE_MISSING, DatasetError, EmbeddedImage
+
+#: Extension suffixes (lower case) whose members are images.
+IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
+#: Skip reason of a key that has members but no ``.json`` record.
+REASON_MISSING_RECORD = "missing_record"
+_BLOCK = tarfile.BLOCKSIZE
+_ZERO_BLOCK = bytes(_BLOCK)
+_BRACE = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")
+
+
+def _base_plus_ext(name: str) -> tuple[str | None, str | None]:
+    """``("dir/000123", "0.jpg")`` for ``"dir/000123.0.jpg"``: the key ends at the base name's first dot
+    (WebDataset's rule); ``(None, None)`` when the base name has no dot or starts with one."""
+    base = name.rfind("/") + 1
+    dot = name.find(".", base)
+    if dot <= base:
+        return None, None
+    return name[:dot], name[dot + 1:]
+
+
+# --------------------------------------------------------------------------------------------------
+# shard lists
+# --------------------------------------------------------------------------------------------------
+def is_webdataset(spec: Any) -> bool:
+    """True when ``spec`` names tar shards: a ``.tar`` path or brace pattern, a list of them, or a
+    directory whose files are ``.tar`` shards."""
+    if isinstance(spec, (list, tuple)):
+        return bool(spec) and all(is_webdataset(s) for s in spec)
+    if not isinstance(spec, (str, os.PathLike)):
+        return False
+    s = os.fspath(spec)
+    if s.endswith(".tar"):
+        return True
+    if os.path.isdir(s):
+        names = [n for n in os.listdir(s) if not n.startswith(".")]
+        return bool(names) and all(n.endswith(".tar") for n in names if os.path.isfile(os.path.join(s, n)))
+    return False
+
+
+def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """The shard files of ``spec``, in sorted name order (what global sample numbering follows).
+
+    Parameters
+    ----------
+    spec : str, path-like or list of them
+        A ``.tar`` file, a brace pattern (``shard-{000000..000127}.tar``), a glob, a directory of
+        ``.tar`` files, or a list of any of these.
+
+    Returns
+    -------
+    list of str
+        Existing shard paths, sorted, without repeats.
+
+    Raises
+    ------
+    DatasetError
+        A pattern matches nothing, a named shard does not exist, or a shard is listed twice.
+    """
+    items = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    out: list[str] = []
+    for item in items:
+        s = os.fspath(item)
+        if os.path.isdir(s):
+            found = sorted(os.path.join(s, n) for n in os.listdir(s) if n.endswith(".tar"))
+            if not found:
+                raise DatasetError(f"directory {s!r} holds no .tar shards", reason="empty", path=s)
+            out.extend(found)
+            continue
+        if _BRACE.search(s):
+            try:
+                from braceexpand import braceexpand  # a dependency of webdataset
+            except ImportError:
+                raise DatasetError(f"{s!r} is a brace pattern; install the data extra "
+                                   "(pip install 'scalselect-fast[data]') to expand it, or list the shards",
+                                   reason="io", path=s) from None
+            names = list(braceexpand(s))
+        else:
+            names = [s]
+        for n in names:
+            if glob.has_magic(n):
+                hits = sorted(glob.glob(n))
+                if not hits:
+                    raise DatasetError(f"{n!r} matches no file; check the pattern", reason="empty", path=n)
+                out.extend(hits)
+            elif not os.path.isfile(n):
+                what = f" (from the pattern {s!r})" if n != s else ""
+                raise DatasetError(f"WebDataset shard {n!r}{what} does not exist; check the path or the "
+                                   "brace range", reason="io", path=n)
+            else:
+                out.append(n)
+    out.sort()
+    for a, b in zip(out, out[1:]):
+        if a == b:
+            raise DatasetError(f"shard {a!r} is listed twice", reason="duplicate_id", path=a)
+    if not out:
+        raise DatasetError(f"no WebDataset shards in {spec!r}", reason="empty")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# walking one shard
+# --------------------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class Member:
+    """One regular file of a shard: its name, extension and byte span (headers + padded data)."""
+
+    name: str
+    ext: str
+    start: int  # first header block (pax / GNU long-name blocks included)
+    data_start: int
+    size: int
+    data: bytes | None = field(default=None, repr=False)
+
+    @property
+    def end(self) -> int:
+        """End of the member's padded data: ``[start, end)`` is the member, byte for byte."""
+        return self.data_start + -(-self.size // _BLOCK) * _BLOCK
+
+
+@dataclass(slots=True)
+class KeyGroup:
+    """The members of one sample key, in tar order."""
+
+    key: str
+    shard: str
+    members: list[Member]
+
+    def spans(self) -> list[tuple[int, int]]:
+        """The members' byte spans, adjacent ones merged (usually one span per key)."""
+        out: list[list[int]] = []
+        for m in self.members:
+            if out and out[-1][1] == m.start:
+                out[-1][1] = m.end
+            else:
+                out.append([m.start, m.end])
+        return [(a, b) for a, b in out]
+
+
+def _corrupt(shard: str, last: str | None, offset: int, what: str) -> DatasetError:
+    after = f"after member {last!r}" if last else "at its first member"
+    return DatasetError(f"WebDataset shard {shard!r} is truncated or corrupt {after} (byte {offset}): {what}. "
+                        "Re-download or re-create the shard", reason="malformed", path=shard)
+
+
+def iter_key_groups(shard: str, want_data: Callable[[str], bool] = lambda ext: True,
+                    opener: Callable[[str], BinaryIO] | None = None) -> Iterator[KeyGroup]:
+    """Yield the shard's samples as :class:`KeyGroup` (members grouped by key), streaming.
+
+    Parameters
+    ----------
+    shard : str
+        Path of one tar shard (uncompressed tar).
+    want_data : callable
+        ``want_data(ext)``: read the member's bytes into ``Member.data`` (others are seeked over).
+    opener : callable, optional
+        ``opener(path)`` returning a seekable binary file (default: ``open(path, "rb")``).
+
+    Raises
+    ------
+    DatasetError
+        The shard is unreadable, truncated or corrupt; a key occurs in two separate runs; a key has
+        two members with the same extension.
+    """
+    try:
+        fh = opener(shard) if opener is not None else open(shard, "rb")
+    except OSError as e:
+        raise DatasetError(f"cannot open WebDataset shard {shard!r}: {e.strerror or e}", reason="io",
+                           path=shard) from None
+    with fh:
+        try:
+            tf = tarfile.open(fileobj=fh, mode="r:")
+        except (tarfile.TarError, EOFError) as e:
+            raise DatasetError(f"{shard!r} is not a readable tar file ({e}); WebDataset shards are "
+                               "uncompressed .tar files", reason="malformed", path=shard) from None
+        keys_here: dict[str, int] = {}
+        current: KeyGroup | None = None
+        last: str | None = None
+        while True:
+            try:
+                ti = tf.next()
+            except (tarfile.TarError, EOFError, OSError) as e:
+                raise _corrupt(shard, last, tf.offset, str(e)) from None
+            tf.members = []  # tarfile keeps every header otherwise: O(members) memory
+            if ti is None:
+                break
+            if not ti.isreg():
+                continue
+            name = ti.name
+            key, ext = _base_plus_ext(name)
+            data = None
+            if key is not None and want_data(ext.lower()):
+                fh.seek(ti.offset_data)
+                data = fh.read(ti.size)
+                if len(data) != ti.size:
+                    raise _corrupt(shard, name, ti.offset_data + len(data),
+                                   f"member {name!r} has {len(data)} of its {ti.size} bytes")
+            last = name
+            if key is None:  # no extension: not part of any sample (WebDataset ignores it too)
+                continue
+            if current is None or current.key != key:
+                if current is not None:
+                    yield current
+                if key in keys_here:
+                    raise DatasetError(f"{shard}: key {key!r} occurs twice (members {keys_here[key]} and "
+                                       f"{name!r}); a sample's members must be contiguous and keys unique",
+                                       reason="duplicate_id", path=shard, sample_id=key)
+                keys_here[key] = name
+                current = KeyGroup(key, shard, [])
+            elif any(m.ext == ext for m in current.members):
+                raise DatasetError(f"{shard}: key {key!r} has two members with extension {ext!r} ({name!r}); "
+                                   "each extension may occur once per sample", reason="duplicate_id",
+                                   path=shard, sample_id=key)
+            current.members.append(Member(name, ext, ti.offset, ti.offset_data, ti.size, data))
+        # tarfile ends quietly at a short or garbled header; a complete tar ends with zero blocks
+        fh.seek(tf.offset)
+        tail = fh.read(_BLOCK)
+        if tail != _ZERO_BLOCK:
+            raise _corrupt(shard, last, tf.offset, "no end-of-archive marker (the file is cut short)"
+                           if len(tail) < _BLOCK else "an unreadable tar header")
+        if current is not None:
+            yield current
+
+
+# --------------------------------------------------------------------------------------------------
+# key groups -> records
+# --------------------------------------------------------------------------------------------------
+class UnusableRecord:
+    """Stands in for the record of a key that cannot become a sample; readers skip it with
+    ``reason`` and ``detail`` (e.g. ``missing_record``: the key has images but no ``.json``)."""
+
+    __slots__ = ("sample_id", "reason", "detail")
+
+    def __init__(self, sample_id: str, reason: str, detail: str):
+        self.sample_id = sample_id
+        self.reason = reason
+        self.detail = detail
+
+
+def _is_image(ext: str) -> bool:
+    return ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+
+
+def _image_order(m: Member) -> tuple:
+    head = m.ext.split(".", 1)[0]
+    # {key}.jpg first, then {key}.0.jpg, {key}.1.jpg ... numerically, then any other name
+    return (0, 0, "") if "." not in m.ext else ((1, int(head), "") if head.isdigit() else (2, 0, m.ext))
+
+
+def _named_images(value: Any) -> list[Any] | None:
+    if value is None:
+        return None
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _parse_record(group: KeyGroup, rec_m: Member) -> dict:
+    try:
+        record = json.loads(rec_m.data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{group.shard}: member {rec_m.name!r} is not valid JSON ({e}); fix or re-create "
+                           "the shard", reason="malformed", path=group.shard, sample_id=group.key) from None
+    if not isinstance(record, dict):
+        raise DatasetError(f"{group.shard}: member {rec_m.name!r} holds a {type(record).__name__}, expected "
+                           "one JSON object (a LLaVA or ShareGPT record)", reason="malformed",
+                           path=group.shard, sample_id=group.key)
+    return record
+
+
+def group_id(group: KeyGroup, id_field: str = "id") -> str | None:
+    """The id the reader gives this key: the record's id field, else the key; ``None`` when the
+    record's id is unusable (the reader skips such a record). Needs the ``.json`` member's data."""
+    from .readers import record_id_or_none
+
+    rec_m = next((m for m in group.members if m.ext == "json"), None)
+    if rec_m is None:
+        return group.key
+    record = _parse_record(group, rec_m)
+    if record.get(id_field) is None:
+        return group.key
+    return record_id_or_none(record, id_field)
+
+
+def group_record(group: KeyGroup, id_field: str = "id") -> dict | UnusableRecord:
+    """The record of one key with its images as :class:`EmbeddedImage` (in ``images``).
+
+    The ``.json`` member is parsed; ``image`` / ``images`` are replaced by the key's image members
+    (matched as described in the module notes); the id field defaults to the key.
+    """
+    shard = group.shard
+    by_ext = {m.ext: m for m in group.members}
+    rec_m = by_ext.get("json")
+    images = sorted((m for m in group.members if _is_image(m.ext)), key=_image_order)
+    if rec_m is None:
+        return UnusableRecord(group.key, REASON_MISSING_RECORD,
+                              f"{shard}: key {group.key!r} has members {[m.name for m in group.members]} but "
+                              f"no {group.key}.json record; add the record or remove the members")
+    record = _parse_record(group, rec_m)
+    if record.get(id_field) is None:
+        record[id_field] = group.key
+    field_name = "images" if record.get("images") is not None else "image"
+    named = _named_images(record.get(field_name))
+    if named is None:
+        chosen = images
+    else:
+        chosen = []
+        by_name = {m.name: m for m in group.members}
+        by_base = {m.name.rsplit("/", 1)[-1]: m for m in group.members}
+        for v in named:
+            if isinstance(v, dict):  # {"path": ...} style
+                v = v.get("path")
+            m = None
+            if isinstance(v, str) and v:
+                m = by_name.get(v) or by_ext.get(v) or by_base.get(v.rsplit("/", 1)[-1])
+            if m is None:
+                break
+            chosen.append(m)
+        if len(chosen) != len(named):
+            if len(named) == len(images):  # paths kept from the source dataset: take members in order
+                chosen = images
+            else:
+                return UnusableRecord(
+                    str(record[id_field]), REASON_IMAGE_MISSING,
+                    f"{shard}: the record of key {group.key!r} names {len(named)} image(s) "
+                    f"({named!r:.120}) but the key has {len(images)} image member(s) "
+                    f"{[m.name for m in images]}; add the images as {group.key}.jpg (or .0.jpg, .1.jpg ...)")
+    record.pop("image", None)
+    record["images"] = [EmbeddedImage(m.data, f"{shard}#{m.name}") for m in chosen]
+    return record
+
+
+def _want_read(ext: str) -> bool:
+    return ext == "json" or _is_image(ext)
+
+
+def iter_groups(spec, want_data: Callable[[str], bool] = _want_read, opener=None
+                ) -> Iterator[tuple[int, int, KeyGroup]]:
+    """Yield ``(index, shard_number, group)`` for every key of every shard, in global order.
+
+    ``index`` counts keys across shards (sorted shard names, then tar order). Raises
+    :class:`DatasetError` when a key occurs in two shards (both named), besides what
+    :func:`iter_key_groups` raises.
+    """
+    shards = expand_shards(spec)
+    first_shard: dict[str, int] = {}
+    index = 0
+    for si, shard in enumerate(shards):
+        for group in iter_key_groups(shard, want_data, opener):
+            prev = first_shard.setdefault(group.key, si)
+            if prev != si:
+                raise DatasetError(f"key {group.key!r} occurs in two shards: {shards[prev]!r} and {shard!r}; "
+                                   "keys must be unique across shards", reason="duplicate_id", path=shard,
+                                   index=index, sample_id=group.key)
+            yield index, si, group
+            index += 1
+
+
+def iter_webdataset_records(spec, id_field: str = "id", opener=None
+                            ) -> Iterator[tuple[int, None, dict | UnusableRecord]]:
+    """Yield ``(index, None, record)`` for every key of every shard, in global order.
+
+    Parameters
+    ----------
+    spec : str, path-like or list
+        Shards (see :func:`expand_shards`).
+    id_field : str
+        Record field holding the id (defaults to the key when absent).
+    opener : callable, optional
+        ``opener(path)`` returning a seekable binary file.
+
+    Yields
+    ------
+    tuple
+        ``(index, None, record)``: ``record`` is a dict whose ``images`` are
+        :class:`EmbeddedImage`, or an :class:`UnusableRecord` to be skipped with its reason.
+
+    Raises
+    ------
+    DatasetError
+        See the module notes; a key repeated across shards names both shards.
+    """
+    for index, _si, group in iter_groups(spec, _want_read, opener):
+        yield index, None, group_record(group, id_field)
