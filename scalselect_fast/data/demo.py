@@ -16,13 +16,21 @@ differ across zlib builds but the decoded pixels do not.
 
 It is a smoke-and-sanity dataset for the README demo and tests, not a benchmark of real data.
 
+The same samples can be written in three layouts (``--layout``), so a selection can be compared
+across them: ``json`` (``demo.json`` + ``images/*.png``, the default and the bundled copy),
+``parquet`` (``data/train-00000-of-0000N.parquet`` shards whose ``images`` column holds the Hugging
+Face ``Image`` struct ``{"bytes", "path"}``) and ``webdataset`` (``shards/demo-000000.tar`` ... with
+``<id>.json`` + ``<id>.png`` per sample). The PNG bytes are the same in every layout.
+
 Regenerate the bundled copy with ``python -m scalselect_fast.data.demo scalselect_fast/assets/demo``.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +40,9 @@ DEMO_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo"
 DEMO_DATA = "demo.json"
 DEMO_TRUTH = "demo_truth.json"
 DEFAULT_N = 240
+#: ``--layout`` choices: where the samples go (see the module notes).
+LAYOUTS = ("json", "parquet", "webdataset")
+DEFAULT_SHARD_SIZE = 100
 
 _COLOURS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 215, 40),
@@ -142,14 +153,15 @@ def _conversation(turns, with_image: bool) -> list[dict]:
 
 
 def make_demo_dataset(out_dir: str | os.PathLike, n: int = DEFAULT_N, seed: int = 0, image_size: int = 32,
-                      dup_fraction: float = 0.1, n_rare: int = 8, n_text_only: int = 2) -> dict:
+                      dup_fraction: float = 0.1, n_rare: int = 8, n_text_only: int = 2, layout: str = "json",
+                      shard_size: int = DEFAULT_SHARD_SIZE) -> dict:
     """Generate the demo dataset into ``out_dir``.
 
     Parameters
     ----------
     out_dir : str or path-like
-        Created if missing; receives ``demo.json`` (LLaVA list format, image paths relative to
-        ``out_dir``, which is the ``--image-root``), ``images/<id>.png`` and ``demo_truth.json``.
+        Created if missing; receives the dataset (see ``layout``) and ``demo_truth.json``, whose
+        ``"data"`` names what to pass as ``--data`` (relative to ``out_dir``).
     n : int
         Total number of records (ordinary + duplicates + rare + text-only).
     seed : int
@@ -162,6 +174,14 @@ def make_demo_dataset(out_dir: str | os.PathLike, n: int = DEFAULT_N, seed: int 
         Size of the rare bar-chart group.
     n_text_only : int
         Number of samples without an image.
+    layout : {"json", "parquet", "webdataset"}
+        ``"json"``: ``demo.json`` (LLaVA list, image paths relative to ``out_dir``, the
+        ``--image-root``) + ``images/<id>.png``. ``"parquet"``: ``data/train-<i>-of-<n>.parquet``
+        with the images embedded as Hugging Face ``Image`` structs (``images`` column, a list per
+        sample, empty for text-only). ``"webdataset"``: ``shards/demo-<i>.tar`` with ``<id>.json``
+        (the LLaVA record without its ``image`` field) and ``<id>.png``.
+    shard_size : int
+        Samples per Parquet / tar shard.
 
     Returns
     -------
@@ -176,6 +196,10 @@ def make_demo_dataset(out_dir: str | os.PathLike, n: int = DEFAULT_N, seed: int 
     """
     from PIL import Image
 
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
     n_dup = int(round(n * dup_fraction))
     n_base = n - n_dup - n_rare - n_text_only
     if n_base < max(1, n_dup // 2):
@@ -217,16 +241,18 @@ def make_demo_dataset(out_dir: str | os.PathLike, n: int = DEFAULT_N, seed: int 
         ids[int(item_i)] = f"demo-{pos:04d}"
 
     out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     records, duplicates, rare, text_only = [], {}, [], []
+    pngs: dict[str, bytes] = {}
     for item_i in order:
         item = items[int(item_i)]
         sid = ids[int(item_i)]
         rec = {"id": sid}
         if item["pixels"] is not None:
-            rel = f"images/{sid}.png"
-            Image.fromarray(item["pixels"]).save(out / rel, format="PNG")
-            rec["image"] = rel
+            buf = io.BytesIO()
+            Image.fromarray(item["pixels"]).save(buf, format="PNG")
+            pngs[sid] = buf.getvalue()
+            rec["image"] = f"images/{sid}.png"
         rec["source"] = item["source"]
         rec["conversations"] = _conversation(item["turns"], item["pixels"] is not None)
         records.append(rec)
@@ -242,11 +268,14 @@ def make_demo_dataset(out_dir: str | os.PathLike, n: int = DEFAULT_N, seed: int 
     counts: dict[str, int] = {}
     for r in records:
         counts[r["source"]] = counts.get(r["source"], 0) + 1
+    from ..atomic import atomic_write_bytes
+
+    data = _WRITERS[layout](out, records, pngs, shard_size)
     truth = {
         "generator": "scalselect_fast.data.demo.make_demo_dataset",
         "params": {"n": n, "seed": seed, "image_size": image_size, "dup_fraction": dup_fraction,
                    "n_rare": n_rare, "n_text_only": n_text_only},
-        "data": DEMO_DATA,
+        "data": data,
         "counts": dict(sorted(counts.items())),
         "duplicates": dict(sorted(duplicates.items())),
         "duplicate_groups": [[o] + d for o, d in sorted(groups.items())],
@@ -254,11 +283,77 @@ def make_demo_dataset(out_dir: str | os.PathLike, n: int = DEFAULT_N, seed: int 
         "rare_mode": "bar charts on a white background with chart questions (source 'chart')",
         "text_only": sorted(text_only),
     }
-    from ..atomic import atomic_write_bytes
-
-    atomic_write_bytes(out / DEMO_DATA, (json.dumps(records, indent=2, ensure_ascii=False) + "\n").encode())
+    if layout != "json":
+        truth["layout"] = layout
     atomic_write_bytes(out / DEMO_TRUTH, (json.dumps(truth, indent=2) + "\n").encode())
     return truth
+
+
+def _write_json(out: Path, records: list[dict], pngs: dict[str, bytes], shard_size: int) -> str:
+    from ..atomic import atomic_write_bytes
+
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    for sid, data in pngs.items():
+        atomic_write_bytes(out / "images" / f"{sid}.png", data)
+    atomic_write_bytes(out / DEMO_DATA, (json.dumps(records, indent=2, ensure_ascii=False) + "\n").encode())
+    return DEMO_DATA
+
+
+#: The ``datasets`` features of the Parquet layout, stored in the schema metadata as ``datasets``
+#: does, so ``datasets.load_dataset("parquet", ...)`` decodes the ``images`` column as images.
+_HF_FEATURES = {
+    "id": {"dtype": "string", "_type": "Value"},
+    "images": {"feature": {"_type": "Image"}, "_type": "Sequence"},
+    "source": {"dtype": "string", "_type": "Value"},
+    "conversations": [{"from": {"dtype": "string", "_type": "Value"},
+                       "value": {"dtype": "string", "_type": "Value"}}],
+}
+
+
+def _write_parquet(out: Path, records: list[dict], pngs: dict[str, bytes], shard_size: int) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ..atomic import atomic_path
+
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    turn = pa.struct([("from", pa.string()), ("value", pa.string())])
+    schema = pa.schema([("id", pa.string()), ("images", pa.list_(image)), ("source", pa.string()),
+                        ("conversations", pa.list_(turn))],
+                       metadata={"huggingface": json.dumps({"info": {"features": _HF_FEATURES}})})
+    rows = [{"id": r["id"], "source": r["source"], "conversations": r["conversations"],
+             "images": [{"bytes": pngs[r["id"]], "path": f"{r['id']}.png"}] if r["id"] in pngs else []}
+            for r in records]
+    n_shards = -(-len(rows) // shard_size)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    for i in range(n_shards):
+        table = pa.Table.from_pylist(rows[i * shard_size:(i + 1) * shard_size], schema=schema)
+        with atomic_path(out / "data" / f"train-{i:05d}-of-{n_shards:05d}.parquet") as tmp:
+            pq.write_table(table, tmp, row_group_size=64)
+    return "data"
+
+
+def _write_webdataset(out: Path, records: list[dict], pngs: dict[str, bytes], shard_size: int) -> str:
+    from ..atomic import atomic_path
+
+    n_shards = -(-len(records) // shard_size)
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    for i in range(n_shards):
+        with atomic_path(out / "shards" / f"demo-{i:06d}.tar") as tmp, \
+                tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
+            for r in records[i * shard_size:(i + 1) * shard_size]:
+                members = [(f"{r['id']}.json", json.dumps({k: v for k, v in r.items() if k != "image"},
+                                                           ensure_ascii=False).encode())]
+                if r["id"] in pngs:
+                    members.append((f"{r['id']}.png", pngs[r["id"]]))
+                for name, data in members:
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mtime, info.mode = len(data), 0, 0o644  # mtime 0: same bytes every run
+                    tf.addfile(info, io.BytesIO(data))
+    return f"shards/demo-{{{0:06d}..{n_shards - 1:06d}}}.tar" if n_shards > 1 else "shards/demo-000000.tar"
+
+
+_WRITERS = {"json": _write_json, "parquet": _write_parquet, "webdataset": _write_webdataset}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -267,9 +362,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=DEFAULT_N)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--layout", choices=LAYOUTS, default="json",
+                   help="json: demo.json + images/ (default); parquet: Parquet shards with the image bytes "
+                        "embedded (HF Image structs); webdataset: tar shards of <id>.json + <id>.png")
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+                   help=f"samples per Parquet / tar shard (default {DEFAULT_SHARD_SIZE})")
     args = p.parse_args(argv)
-    truth = make_demo_dataset(args.out_dir, n=args.n, seed=args.seed, image_size=args.image_size)
-    print(f"wrote {sum(truth['counts'].values())} samples to {Path(args.out_dir) / DEMO_DATA} "
+    truth = make_demo_dataset(args.out_dir, n=args.n, seed=args.seed, image_size=args.image_size,
+                              layout=args.layout, shard_size=args.shard_size)
+    print(f"wrote {sum(truth['counts'].values())} samples to {Path(args.out_dir) / truth['data']} "
           f"({len(truth['duplicates'])} near-duplicates, {len(truth['rare'])} rare, "
           f"{len(truth['text_only'])} text-only)")
     return 0
