@@ -399,6 +399,16 @@ def add_run_command(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--k", type=int, help="fixed number of components (overrides --energy)")
     g.add_argument("--solver", choices=["auto", "exact", "randomized"], help="subspace solver (auto)")
     g.add_argument("--seed", type=int, help="seed of the randomized solver and certificates (0)")
+    g.add_argument("--standardize", action="store_const", const=True,
+                   help="divide centred columns by their std before the fit (off)")
+    g.add_argument("--l2-normalize", action="store_const", const=True,
+                   help="L2-normalise rows after centring/scaling (off; one extra pass over the store)")
+    g.add_argument("--drop-invalid", action="store_const", const=True,
+                   help="exclude stored rows with NaN/inf from the fit and the selection (listed as invalid) "
+                        "instead of failing (off)")
+    g.add_argument("--fit-device", choices=["cpu", "cuda", "auto"],
+                   help="where the fit's products run: cuda needs CuPy and a GPU, auto uses one when usable "
+                        "(cpu, as `scalselect fit`)")
     g.add_argument("--batch-size", type=int, help="extraction batch size (8)")
     g.add_argument("--device", help="cpu, cuda, cuda:1 (cpu)")
     g.add_argument("--dtype", help="model dtype: float32, bfloat16, float16 (float32)")
@@ -442,7 +452,8 @@ def add_run_command(sub: argparse._SubParsersAction) -> None:
 
 
 _RUN_FIELDS = ("model", "data", "image_root", "format", "out", "budget", "order", "layer", "threshold",
-               "energy", "k", "solver", "seed", "batch_size", "device", "dtype", "store_dtype", "shard_size",
+               "energy", "k", "solver", "seed", "standardize", "l2_normalize", "drop_invalid", "fit_device",
+               "batch_size", "device", "dtype", "store_dtype", "shard_size",
                "instruction", "max_length", "num_workers", "dedup_selected", "quota", "force", "quiet",
                "log_json", "plan_check", "html")
 

@@ -164,6 +164,29 @@ def test_changed_settings_are_refused_then_force_restarts(env, baseline):
     assert [p.stat().st_mtime_ns for p in shards] == before
 
 
+def test_fit_options_reach_the_fit_and_its_fingerprint(env, baseline):
+    """--standardize / --l2-normalize / --drop-invalid / --fit-device are fit settings: changing one
+    is refused without --force (they are in the fit fingerprint), and the run's subspace is exactly
+    what `scalselect fit` computes on the same store with the same options."""
+    out = env["base"] / "fitopts"
+    shutil.copytree(baseline["out"], out)
+    with pytest.raises(RunError, match=r"different run: subspace settings .* --force"):
+        run(_cfg(env, out, standardize=True))
+    res = run(_cfg(env, out, standardize=True, l2_normalize=True, drop_invalid=True, fit_device="cpu",
+                   force=True))
+    got = ss.Subspace.load(res.subspace_path)
+    want = ss.fit_subspace(out / ".scalselect" / "reps", standardize=True, l2_normalize=True, drop_invalid=True)
+    assert got.scale is not None and got.l2_normalize and got.info["drop_invalid"]
+    np.testing.assert_array_equal(got.components, want.components)
+    np.testing.assert_array_equal(got.singular_values, want.singular_values)
+    # without options the run's fit is bit-identical to `scalselect fit` (same function, same tree)
+    plain = ss.Subspace.load(baseline["res"].subspace_path)
+    ref = ss.fit_subspace(baseline["out"] / ".scalselect" / "reps")
+    np.testing.assert_array_equal(plain.components, ref.components)
+    with pytest.raises(RunError, match="--fit-device 'gpu'"):
+        run(_cfg(env, out, fit_device="gpu"))
+
+
 def test_config_file_flags_override_and_cli(env, baseline, tmp_path, capsys):
     out = tmp_path / "cfgrun"
     shutil.copytree(baseline["out"], out)

@@ -1,4 +1,5 @@
 """Streaming subspace fit vs a dense float64 SVD of the centred matrix (the obvious reference)."""
+import json
 import pickle
 from functools import reduce
 
@@ -411,3 +412,63 @@ def test_small_shards_summed_side_by_side_give_the_sequential_bits(tmp_path, mon
     np.testing.assert_array_equal(side.components, seq.components)
     np.testing.assert_array_equal(side.singular_values, seq.singular_values)
     assert side.info["invalid_rows"] == seq.info["invalid_rows"] == [20, 3100, 9000]
+
+
+class _Crash(Exception):
+    pass
+
+
+class _MemoryCheckpoint:
+    """A GramCheckpoint kept in memory (through the on-disk array format), that can stop the fit
+    after a given number of shards, as a killed process would."""
+
+    def __init__(self, stop_after=None):
+        self.saved, self.stop_after, self.calls = None, stop_after, 0
+
+    def load(self, xp):
+        from scalselect_fast.subspace.exact import GramProgress
+
+        return None if self.saved is None else GramProgress.from_arrays(self.saved, xp)[0]
+
+    def save(self, progress, last):
+        self.saved = progress.to_arrays()
+        self.calls += 1
+        if self.stop_after is not None and self.calls == self.stop_after:
+            raise _Crash
+
+
+@pytest.mark.parametrize("stop_after", [1, 2, 5])
+def test_checkpointed_gram_pass_resumes_bit_identically(tmp_path, stop_after):
+    """A fit stopped after some shards and resumed from its checkpoint equals the uninterrupted fit
+    to the last bit, invalid rows found before and after the stop included."""
+    X = decaying(7 * 700 + 13, 24, seed=5).astype(np.float32)
+    X[[5, 2000, 4500]] = np.inf
+    w = StoreWriter(tmp_path / "s", d=24, dtype="float32")
+    for a in range(0, X.shape[0], 700):
+        w.write_shard(X[a:a + 700], [str(i) for i in range(a, min(a + 700, X.shape[0]))])
+    whole = fit_subspace(tmp_path / "s", solver="exact", drop_invalid=True)
+    ck = _MemoryCheckpoint(stop_after)
+    with pytest.raises(_Crash):
+        fit_subspace(tmp_path / "s", solver="exact", drop_invalid=True, checkpoint=ck)
+    ck.stop_after = None
+    resumed = fit_subspace(tmp_path / "s", solver="exact", drop_invalid=True, checkpoint=ck)
+    assert ck.calls == 8  # one save per shard: stop_after before the stop, the rest after it
+    np.testing.assert_array_equal(resumed.components, whole.components)
+    np.testing.assert_array_equal(resumed.singular_values, whole.singular_values)
+    np.testing.assert_array_equal(resumed.mean, whole.mean)
+    assert resumed.n == whole.n == X.shape[0] - 3
+    assert resumed.info["invalid_rows"] == whole.info["invalid_rows"] == [5, 2000, 4500]
+
+
+def test_checkpoint_of_other_shards_is_refused(tmp_path):
+    X = decaying(3000, 12, seed=6).astype(np.float32)
+    w = StoreWriter(tmp_path / "s", d=12, dtype="float32")
+    for a in range(0, 3000, 1000):
+        w.write_shard(X[a:a + 1000], [str(i) for i in range(a, a + 1000)])
+    ck = _MemoryCheckpoint()
+    fit_subspace(tmp_path / "s", checkpoint=ck)
+    meta = json.loads(str(ck.saved["meta"]))
+    meta["shards"] = ["elsewhere"] + meta["shards"][1:]
+    ck.saved = {**ck.saved, "meta": np.array(json.dumps(meta))}
+    with pytest.raises(SubspaceError, match="checkpoint covers shards"):
+        fit_subspace(tmp_path / "s", checkpoint=ck)

@@ -35,6 +35,10 @@ class RunConfig:
     k: int | None = None
     solver: str = "auto"
     seed: int = 0
+    standardize: bool = False
+    l2_normalize: bool = False
+    drop_invalid: bool = False
+    fit_device: str = "cpu"
     batch_size: int = 8
     device: str = "cpu"
     dtype: str = "fp32"
@@ -55,7 +59,7 @@ class RunConfig:
     # fields that change the representations (and so everything downstream)
     EXTRACT_KEYS = ("layer", "threshold", "batch_size", "device", "dtype", "store_dtype", "shard_size",
                     "format", "instruction", "max_length")
-    FIT_KEYS = ("energy", "k", "solver", "seed")
+    FIT_KEYS = ("energy", "k", "solver", "seed", "standardize", "l2_normalize", "drop_invalid", "fit_device")
     SELECT_KEYS = ("budget", "order", "dedup_selected", "quota")
 
     def validate(self) -> None:
@@ -73,6 +77,11 @@ class RunConfig:
             raise RunError(f"--order {self.order!r}: use 'original' (input order) or 'score' (best first)")
         if self.solver not in ("auto", "exact", "randomized"):
             raise RunError(f"--solver {self.solver!r}: use auto, exact or randomized")
+        if self.fit_device not in ("cpu", "cuda", "auto"):
+            raise RunError(f"--fit-device {self.fit_device!r}: use cpu, cuda (needs CuPy and a GPU) or auto")
+        for name in ("standardize", "l2_normalize", "drop_invalid"):
+            if not isinstance(getattr(self, name), bool):
+                raise RunError(f"{name.replace('_', '-')} = {getattr(self, name)!r}: use true or false")
         if self.instruction not in ("all", "user"):
             raise RunError(f"--instruction {self.instruction!r}: use 'all' (every non-visual, non-answer token) "
                            f"or 'user' (user text only)")

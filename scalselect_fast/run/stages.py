@@ -116,72 +116,71 @@ def _store_dir(state: RunState) -> Path:
     return state.work / "reps"
 
 
+class _FitCheckpoint:
+    """The fit's on-disk checkpoint (``fit/gram.npz``) for :func:`~scalselect_fast.subspace.fit_subspace`.
+
+    It holds the Gram pass's per-shard progress (the tree reduction's partials, the shards they
+    cover, invalid rows found) and the fit fingerprint; a checkpoint of other settings is ignored.
+    Written atomically every ``every`` seconds and after the last shard: the d×d partials can be
+    larger than a 4096-row shard (d=4096: 128 MiB each vs 32 MiB read), so not after every shard.
+    """
+
+    def __init__(self, path: Path, fingerprint: str, every: float, update):
+        self.path, self.fingerprint, self.every, self.update = path, fingerprint, every, update
+        self.last = time.monotonic()
+        self.shard_rows: dict[str, int] = {}
+
+    def load(self, xp):
+        from ..subspace.exact import GramProgress
+
+        if not self.path.exists():
+            return None
+        try:
+            with np.load(self.path, allow_pickle=False) as z:
+                progress, meta = GramProgress.from_arrays(z, xp)
+        except (OSError, ValueError, KeyError) as exc:
+            raise RunError(f"{self.path}: unreadable fit checkpoint ({exc}); rerun with --force") from exc
+        if meta.get("fingerprint") != self.fingerprint:
+            return None
+        names = list(self.shard_rows)
+        if progress.shards != names[:len(progress.shards)]:
+            raise RunError(f"{self.path}: the fit checkpoint covers shards {progress.shards[:3]}... that do not "
+                           f"match the representation store; rerun with --force")
+        self.update(sum(self.shard_rows.get(name, 0) for name in progress.shards))
+        return progress
+
+    def save(self, progress, last: bool) -> None:
+        if last or time.monotonic() - self.last >= self.every:
+            with atomic_path(self.path) as tmp, open(tmp, "wb") as fh:
+                np.savez(fh, **progress.to_arrays({"fingerprint": self.fingerprint}))
+            self.last = time.monotonic()
+        crashpoint("fit.shard")
+        self.update(self.shard_rows.get(progress.shards[-1], 0))
+
+
 def _stage_fit(cfg: RunConfig, state: RunState, events: Events, src):
-    """Fit the subspace with a per-shard checkpoint of the Gram accumulator (exact solver)."""
-    from ..subspace.passes import _first_block_mean
-    from ..subspace import (GramAccumulator, Subspace, choose_solver, fit_subspace,
-                           subspace_from_gram)
+    """Fit the subspace with :func:`~scalselect_fast.subspace.fit_subspace` and every fit option;
+    the exact solver's Gram pass is checkpointed per shard (resumed after a crash), other fits
+    (randomized, l2-normalised: several passes) at stage level."""
+    from ..gpu import DeviceError, resolve_device
+    from ..subspace import Subspace, fit_subspace
 
     sub_path = state.work / "subspace.npz"
     if state.done("fit") and sub_path.exists():
         return Subspace.load(sub_path)
-    solver = cfg.solver
-    if solver == "auto":
-        solver, reason = choose_solver(src.n, src.d, cfg.k)
-    else:
-        reason = "requested"
+    try:
+        backend = "cupy" if resolve_device(cfg.fit_device) == "cuda" else "numpy"
+    except DeviceError as exc:
+        raise RunError(f"--fit-device {cfg.fit_device}: {exc}") from exc
     t0 = time.perf_counter()
-    events.emit("stage_start", stage="fit", solver=solver)
-    if solver != "exact":
-        # several passes over the data: checkpointed at stage level only
-        sub = fit_subspace(src, energy=cfg.energy, k=cfg.k, solver=solver, seed=cfg.seed)
-    else:
-        ck_path = state.work / "fit" / "gram.npz"
-        acc, covered = None, []
-        if ck_path.exists():
-            with np.load(ck_path, allow_pickle=False) as z:
-                meta = json.loads(str(z["meta"]))
-                if meta.get("fingerprint") == state.fps["fit"]:
-                    acc = GramAccumulator(src.d, z["shift"])
-                    acc.n = int(meta["n"])
-                    acc.colsum = z["colsum"].copy()
-                    acc.sumsq = z["sumsq"].copy()
-                    acc.gram = z["gram"].copy()
-                    covered = list(meta["shards"])
-        if acc is None:  # the shift fit_subspace uses: finite rows of the first non-empty block
-            acc = GramAccumulator(src.d, _first_block_mean(src, 4096))
-        names = [s.name for s in src.shards]
-        if covered != names[:len(covered)]:
-            raise RunError(f"{ck_path}: the fit checkpoint covers shards {covered[:3]}... that do not match "
-                           f"the representation store; rerun with --force")
-        every = float(os.environ.get("SCALSELECT_FIT_CHECKPOINT_S", FIT_CHECKPOINT_SECONDS))
-        last = time.monotonic()
-        todo = src.shards[len(covered):]
-        with events.progress("fit", src.n, "rows") as update:
-            update(sum(s.count for s in src.shards[:len(covered)]))
-            for i, shard in enumerate(todo):
-                acc.update_shard(src, shard, verify=True)
-                covered.append(shard.name)
-                # the d×d Gram is written out only now and then: per 4096-row shard it can be
-                # larger than the shard itself (d=4096: 128 MiB vs 32 MiB read)
-                if i == len(todo) - 1 or time.monotonic() - last >= every:
-                    with atomic_path(ck_path) as tmp, open(tmp, "wb") as fh:
-                        np.savez(fh, shift=acc.shift, colsum=acc.colsum, sumsq=acc.sumsq, gram=acc.gram,
-                                 meta=np.array(json.dumps({"n": acc.n, "shards": covered,
-                                                           "fingerprint": state.fps["fit"]})))
-                    last = time.monotonic()
-                crashpoint("fit.shard")
-                update(shard.count)
-        t1 = time.perf_counter()
-        fields = subspace_from_gram(acc.centred_gram(), n=acc.n, mean=acc.mean, scale=None, l2_normalize=False,
-                                    energy=cfg.energy, k=cfg.k, src_name=str(_store_dir(state)),
-                                    compute_dtype=np.float64 if src.dtype == "float64" else np.float32)
-        from .. import native
-
-        sub = Subspace(solver="exact", passes=1, provenance=dict(src.provenance),
-                       info={"solver_requested": cfg.solver, "solver_reason": reason, "native": native.BACKEND,
-                             "checkpointed_shards": len(covered), "eigh_s": time.perf_counter() - t1,
-                             "seed": cfg.seed}, **fields)
+    events.emit("stage_start", stage="fit", solver=cfg.solver)
+    every = float(os.environ.get("SCALSELECT_FIT_CHECKPOINT_S", FIT_CHECKPOINT_SECONDS))
+    with events.progress("fit", src.n, "rows") as update:
+        checkpoint = _FitCheckpoint(state.work / "fit" / "gram.npz", state.fps["fit"], every, update)
+        checkpoint.shard_rows = {s.name: s.count for s in src.shards}
+        sub = fit_subspace(src, energy=cfg.energy, k=cfg.k, solver=cfg.solver, seed=cfg.seed,
+                           standardize=bool(cfg.standardize), l2_normalize=bool(cfg.l2_normalize),
+                           drop_invalid=bool(cfg.drop_invalid), backend=backend, checkpoint=checkpoint)
     sub.provenance = {**dict(src.provenance), "data_fingerprint": state.fps["data"],
                       "model_fingerprint": state.fps["model"], "layer": cfg.layer, "threshold": cfg.threshold,
                       "model": cfg.model}
@@ -194,6 +193,8 @@ def _stage_fit(cfg: RunConfig, state: RunState, events: Events, src):
 
 def _stage_score(cfg: RunConfig, state: RunState, events: Events, src, sub) -> np.ndarray:
     """Leverage scores of every stored row, one checkpoint file per store shard."""
+    from ..scoring import _check_scores
+
     sdir = state.work / "scores"
     sdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -212,6 +213,8 @@ def _stage_score(cfg: RunConfig, state: RunState, events: Events, src, sub) -> n
                 s = np.empty(shard.count, dtype=np.float64)
                 for off, block in src.iter_shard_blocks(shard, verify=True):
                     s[off - shard.offset: off - shard.offset + block.shape[0]] = sub.score(block, bf16=src.is_bf16)
+                # NaN/inf rows: NaN scores (never selected) with --drop-invalid, else a clear error
+                _check_scores(src, s, shard.offset, bool(cfg.drop_invalid))
                 buf = io.BytesIO()
                 np.save(buf, s, allow_pickle=False)
                 atomic_write_bytes(p, buf.getvalue())
@@ -292,7 +295,7 @@ def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, sco
     skip_counts: dict[str, int] = {}
     for e in skip_entries:
         skip_counts[e.get("reason")] = skip_counts.get(e.get("reason"), 0) + 1
-    n_valid = src.n
+    n_valid = src.n - int(np.isnan(scores).sum())  # rows excluded by --drop-invalid have no score
     budget = _resolve_budget(cfg, n_records, n_valid, skip_counts, skipped_path)
 
     # ranking over stored rows: descending score, ties -> lower row (== top_k's rule)
