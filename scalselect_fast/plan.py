@@ -204,27 +204,16 @@ def measure_flops(device: str = "cpu", seconds: float = 0.3) -> float:
     return best
 
 
-def count_samples(path: str | os.PathLike) -> tuple[int, int]:
-    """(number of samples, file size in bytes) of a dataset file, cheaply.
+def count_samples(path) -> tuple[int, int]:
+    """(number of samples, bytes) of a dataset (file, directory, glob, URL or list), cheaply.
 
-    JSONL counts non-empty lines, Parquet reads the footer, JSON parses the array.
+    The data layer's :func:`~scalselect_fast.data.count_records` counts (Parquet reads footers).
     """
-    p = Path(path)
-    size = p.stat().st_size
-    suf = p.suffix.lower()
-    if suf in (".jsonl", ".ndjson"):
-        n = 0
-        with open(p, "rb") as fh:
-            for line in fh:
-                n += bool(line.strip())
-        return n, size
-    if suf == ".parquet":
-        import pyarrow.parquet as pq
+    from .data import count_records
+    from .data.sources import open_source
 
-        return pq.ParquetFile(p).metadata.num_rows, size
-    with open(p, encoding="utf-8") as fh:
-        obj = json.load(fh)
-    return (len(obj) if isinstance(obj, list) else 1), size
+    source = open_source(path)
+    return count_records(source), source.total_bytes()
 
 
 # --------------------------------------------------------------------------------------------------

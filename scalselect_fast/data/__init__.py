@@ -7,13 +7,15 @@ Nothing here imports torch; Pillow is imported only when images are loaded or ge
 from .images import load_image, resolve_image_path
 from .readers import (FORMATS, SOURCE_FIELDS, count_records, detect_format, iter_records, read_dataset,
                       record_id_or_none, record_source)
+from . import hf  # noqa: F401,E402  (registers the "datasets" container; imports `datasets` only when used)
 from .sample import IMAGE_TOKEN, ROLES, DatasetError, EmbeddedImage, ImageError, Sample
 from .skiplog import SkipLog
+from .sources import DataSource, input_files, open_source
 from .writers import write_selected
 
 __all__ = [
-    "DatasetError", "EmbeddedImage", "FORMATS", "IMAGE_TOKEN", "ImageError", "ROLES", "SOURCE_FIELDS", "Sample", "SkipLog",
-    "count_records", "detect_format", "iter_records", "load_image", "read_dataset", "record_id_or_none",
+    "DataSource", "DatasetError", "EmbeddedImage", "FORMATS", "IMAGE_TOKEN", "ImageError", "ROLES", "SOURCE_FIELDS", "Sample", "SkipLog",
+    "count_records", "detect_format", "input_files", "open_source", "iter_records", "load_image", "read_dataset", "record_id_or_none",
     "record_source", "resolve_image_path",
     "write_selected",
 ]

@@ -30,6 +30,7 @@ grows with N (roughly 100-150 bytes per record, ~1.5 GB for 10M records).
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import re
@@ -38,9 +39,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from .images import ImagePathError, ImageResolver, resolve_root
-from .sample import (IMAGE_TOKEN, REASON_INVALID_FIELD, REASON_MISSING_FIELD,
-                     REASON_PLACEHOLDER_MISMATCH, DatasetError, Sample, _where)
+from .sample import (IMAGE_TOKEN, REASON_IMAGE_EMPTY, REASON_INVALID_FIELD, REASON_MISSING_FIELD,
+                     REASON_PLACEHOLDER_MISMATCH, DatasetError, EmbeddedImage, Sample, _where)
+from .sources import Container, InputFile, containers, open_source, register_container
 
+#: the built-in containers (more may be registered: see :mod:`.sources`)
 FORMATS = ("auto", "json", "jsonl", "parquet")
 
 #: Record fields tried, in order, for ``Sample.source``.
@@ -60,31 +63,14 @@ PARQUET_BATCH_ROWS = 1024
 # containers
 # --------------------------------------------------------------------------------------------------
 def detect_format(path: str | os.PathLike) -> str:
-    """Return the container of ``path``: ``"json"``, ``"jsonl"`` or ``"parquet"``, from its first bytes."""
-    path = os.fspath(path)
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(4096)
-    except OSError as e:
-        raise DatasetError(f"cannot open dataset {path!r}: {e.strerror or e}", reason="io", path=path) from None
-    if head[:4] == b"PAR1":
-        return "parquet"
-    text = head.lstrip(b"\xef\xbb\xbf").lstrip()
-    if text[:1] == b"[":
-        return "json"
-    if text[:1] == b"{":
-        return "jsonl"
-    if not text:
-        raise DatasetError(f"dataset {path!r} is empty (no records)", reason="empty", path=path)
-    ext = os.path.splitext(path)[1].lower()
-    raise DatasetError(f"cannot tell the format of {path!r} (extension {ext!r}): expected a JSON list of "
-                       "records, JSONL (one JSON object per line) or a Parquet file", reason="format",
-                       path=path)
+    """Return the container of ``path`` (a file, directory, glob, URL or list): ``"json"``, ``"jsonl"``,
+    ``"parquet"`` or another registered container, from the files' first bytes."""
+    return open_source(path).container
 
 
 def _container(path: str, format: str) -> str:
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if format != "auto" and format not in containers():
+        raise ValueError(f"format must be one of {('auto', *containers())}, got {format!r}")
     return detect_format(path) if format == "auto" else format
 
 
@@ -137,6 +123,130 @@ def _iter_json_list(text: str, path: str) -> Iterator[tuple[int, int, int, int, 
                            reason="malformed", path=path, line=ln)
 
 
+class _JsonStream:
+    """Incremental, bounded-memory walk over a JSON list of records read from a binary file.
+
+    Holds a text window of the file: ``buf`` starts at line ``buf_line``, column ``buf_col`` (0-based)
+    of the file. Records are decoded by the C ``json`` decoder (``raw_decode``) inside the window;
+    a record cut by the window's end is retried after reading the next chunk, so memory is the
+    chunk size plus the largest record, whatever the number of records. Line and column numbers
+    (and the messages) are exactly those of parsing the whole text at once.
+    """
+
+    CHUNK = 1 << 20
+
+    def __init__(self, fh, path: str):
+        import codecs
+
+        self.fh, self.path = fh, path
+        self.decoder = codecs.getincrementaldecoder("utf-8-sig")()
+        self.buf = ""
+        self.eof = False
+        self.buf_line, self.buf_col = 1, 0
+        self.cnt_pos, self.cnt_line = 0, 1  # line number at window position cnt_pos
+        self.bytes_read = 0
+
+    def more(self) -> bool:
+        """Append the next chunk to the window; False at end of file."""
+        if self.eof:
+            return False
+        chunk = self.fh.read(self.CHUNK)
+        try:
+            text = self.decoder.decode(chunk, final=not chunk)
+        except UnicodeDecodeError as e:
+            ln = self.buf_line + self.buf.count("\n") + chunk.count(b"\n", 0, max(e.start, 0))
+            raise DatasetError(f"{self.path}: line {ln} is not valid UTF-8 (byte "
+                               f"{self.bytes_read + max(e.start, 0)}); re-encode the file as UTF-8",
+                               reason="malformed", path=self.path, line=ln) from None
+        self.bytes_read += len(chunk)
+        if not chunk:
+            self.eof = True
+        self.buf += text
+        return bool(chunk)
+
+    def skip_ws(self, pos: int) -> int:
+        while True:
+            pos = _WS.match(self.buf, pos).end()
+            if pos < len(self.buf) or not self.more():
+                return pos
+
+    def line(self, pos: int) -> int:
+        """1-based file line of window position ``pos`` (counted incrementally: positions only grow)."""
+        if pos >= self.cnt_pos:
+            self.cnt_line += self.buf.count("\n", self.cnt_pos, pos)
+            self.cnt_pos = pos
+            return self.cnt_line
+        return self.buf_line + self.buf.count("\n", 0, pos)
+
+    def where(self, pos: int) -> tuple[int, int]:
+        """1-based (line, column) in the file of window position ``pos`` (for error messages)."""
+        last = self.buf.rfind("\n", 0, pos)
+        return self.line(pos), (pos - last if last >= 0 else self.buf_col + pos + 1)
+
+    def drop(self, pos: int) -> int:
+        """Forget the window before ``pos`` (keeping line/column bookkeeping); return the new ``pos``."""
+        if pos < self.CHUNK:
+            return pos
+        self.buf_line, col = self.where(pos)
+        self.buf_col = col - 1
+        self.buf = self.buf[pos:]
+        self.cnt_pos, self.cnt_line = 0, self.buf_line
+        return 0
+
+
+def _iter_json_stream(fh, path: str) -> Iterator[tuple[int, int, Any]]:
+    """Yield ``(index, line, record)`` for each element of the JSON list in ``fh``, streaming."""
+    dec = json.JSONDecoder()
+    st = _JsonStream(fh, path)
+    pos = st.skip_ws(0)
+    if pos < len(st.buf) and st.buf[pos] == "{":
+        raise DatasetError(f"{path}: the top level is a JSON object; expected a list of records "
+                           "(LLaVA JSON) or one record per line (JSONL)", reason="malformed", path=path)
+    if pos >= len(st.buf) or st.buf[pos] != "[":
+        raise DatasetError(f"{path}: expected a JSON list of records", reason="malformed", path=path)
+    pos = st.skip_ws(pos + 1)
+    index = 0
+    if pos < len(st.buf) and st.buf[pos] == "]":
+        pos += 1
+    else:
+        while True:
+            pos = st.drop(pos)
+            while True:
+                try:
+                    obj, end = dec.raw_decode(st.buf, pos)
+                except json.JSONDecodeError as e:
+                    # Cut by the window's end (or a string still open): read on and retry. An error
+                    # well before the end cannot be fixed by more text (JSON is decided left to right).
+                    if not st.eof and (e.pos >= len(st.buf) - 16 or e.msg.startswith("Unterminated string")):
+                        st.more()
+                        continue
+                    ln, col = st.where(e.pos)
+                    raise DatasetError(f"{path}: malformed JSON at line {ln} column {col} (record {index}): "
+                                       f"{e.msg}. Fix the file (e.g. check it with `python -m json.tool`)",
+                                       reason="malformed", path=path, index=index, line=ln) from None
+                if end >= len(st.buf) and not st.eof and st.more():
+                    continue  # a bare number may go on in the next chunk
+                break
+            yield index, st.line(pos), obj
+            index += 1
+            pos = st.skip_ws(end)
+            if pos < len(st.buf) and st.buf[pos] == ",":
+                pos = st.skip_ws(pos + 1)
+                continue
+            if pos < len(st.buf) and st.buf[pos] == "]":
+                pos += 1
+                break
+            ln = st.line(pos)
+            raise DatasetError(f"{path}: malformed JSON at line {ln}: expected ',' or ']' after record "
+                               f"{index - 1}" + ("" if pos < len(st.buf) else " (file ends early: truncated?)"),
+                               reason="malformed", path=path, index=index - 1, line=ln)
+    rest = st.skip_ws(pos)
+    if rest != len(st.buf):
+        ln = st.line(rest)
+        raise DatasetError(f"{path}: malformed JSON at line {ln}: extra data after the closing ']'",
+                           reason="malformed", path=path, line=ln)
+
+
 def _read_text(path: str) -> str:
     try:
         with open(path, "rb") as fh:
@@ -151,13 +261,18 @@ def _read_text(path: str) -> str:
                            "as UTF-8", reason="malformed", path=path, line=ln) from None
 
 
-def _iter_jsonl_lines(path: str) -> Iterator[tuple[int, int, int, bytes, Any]]:
+def _as_file(path: "str | os.PathLike | InputFile") -> InputFile:
+    if isinstance(path, InputFile):
+        return path
+    p = os.fspath(path)
+    return InputFile(p, None, p)
+
+
+def _iter_jsonl_lines(path: "str | InputFile") -> Iterator[tuple[int, int, int, bytes, Any]]:
     """Yield ``(index, line, byte_offset, raw_line, parsed)`` for every non-blank line, streaming."""
-    try:
-        fh = open(path, "rb")
-    except OSError as e:
-        raise DatasetError(f"cannot read dataset {path!r}: {e.strerror or e}", reason="io", path=path) from None
-    with fh:
+    file = _as_file(path)
+    path = file.path
+    with file.open() as fh:
         index, offset = 0, 0
         for lineno, raw in enumerate(fh, start=1):
             start = offset
@@ -179,17 +294,23 @@ def _iter_jsonl_lines(path: str) -> Iterator[tuple[int, int, int, bytes, Any]]:
             index += 1
 
 
-def _open_parquet(path: str):
+def _open_parquet(path: "str | InputFile"):
     import pyarrow.parquet as pq
 
+    file = _as_file(path)
     try:
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(file.path if file.local else file.open())
+    except DatasetError:
+        raise
     except Exception as e:  # pyarrow raises ArrowInvalid / OSError subclasses
-        raise DatasetError(f"cannot read Parquet file {path!r}: {e}", reason="malformed", path=path) from None
+        raise DatasetError(f"cannot read Parquet file {file.path!r}: {e}", reason="malformed",
+                           path=file.path) from None
 
 
-def _iter_parquet_rows(path: str, batch_rows: int = PARQUET_BATCH_ROWS) -> Iterator[tuple[int, None, Any]]:
-    pf = _open_parquet(path)
+def _iter_parquet_rows(path: "str | InputFile", batch_rows: int = PARQUET_BATCH_ROWS
+                       ) -> Iterator[tuple[int, None, Any]]:
+    file = _as_file(path)
+    pf = _open_parquet(file)
     index = 0
     try:
         for batch in pf.iter_batches(batch_size=batch_rows):
@@ -199,43 +320,79 @@ def _iter_parquet_rows(path: str, batch_rows: int = PARQUET_BATCH_ROWS) -> Itera
     except DatasetError:
         raise
     except Exception as e:
-        raise DatasetError(f"{path}: cannot decode Parquet rows after record {index}: {e}",
-                           reason="malformed", path=path, index=index) from None
+        raise DatasetError(f"{file.path}: cannot decode Parquet rows after record {index}: {e}",
+                           reason="malformed", path=file.path, index=index) from None
 
 
-def iter_records(path: str | os.PathLike, format: str = "auto") -> Iterator[tuple[int, int | None, Any]]:
-    """Yield ``(index, line, record)`` for every record of the file, unvalidated (streaming for JSONL/Parquet)."""
-    path = os.fspath(path)
-    container = _container(path, format)
-    if container == "json":
-        for index, line, _s, _e, obj in _iter_json_list(_read_text(path), path):
-            yield index, line, obj
-    elif container == "jsonl":
-        for index, line, _o, _r, obj in _iter_jsonl_lines(path):
-            yield index, line, obj
-    else:
-        yield from _iter_parquet_rows(path)
+def _iter_json_file(file: InputFile) -> Iterator[tuple[int, int, Any]]:
+    with file.open() as fh:
+        yield from _iter_json_stream(fh, file.path)
 
 
-def count_records(path: str | os.PathLike, format: str = "auto") -> int:
-    """Number of records in the file (for progress bars); Parquet reads only the footer."""
-    path = os.fspath(path)
+def _count_jsonl(file: InputFile) -> int:
+    n = 0
+    with file.open() as fh:
+        for raw in fh:
+            if raw.strip() and raw.strip() != b"\xef\xbb\xbf":
+                n += 1
+    return n
+
+
+def _first_char(head: bytes) -> bytes:
+    return head.lstrip(b"\xef\xbb\xbf").lstrip()[:1]
+
+
+register_container(Container(
+    "json", iter_records=_iter_json_file, count=lambda f: sum(1 for _ in _iter_json_file(f)),
+    sniff=lambda head, name: _first_char(head) == b"[", extensions=(".json",)))
+register_container(Container(
+    "jsonl", iter_records=lambda f: ((i, ln, obj) for i, ln, _o, _r, obj in _iter_jsonl_lines(f)),
+    count=_count_jsonl, sniff=lambda head, name: _first_char(head) == b"{", extensions=(".jsonl", ".ndjson")))
+class _ParquetSchema:
+    """A Parquet file's columns and types (metadata ignored), comparable and printable in one line."""
+
+    def __init__(self, file: InputFile):
+        schema = _open_parquet(file).schema_arrow
+        self.fields = {f.name: str(f.type) for f in schema}
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _ParquetSchema) and self.fields == other.fields
+
+    def diff(self, other: "_ParquetSchema") -> str:
+        a, b = self.fields, other.fields
+        parts = []
+        if set(a) - set(b):
+            parts.append(f"columns only in the first: {sorted(set(a) - set(b))}")
+        if set(b) - set(a):
+            parts.append(f"columns only in the second: {sorted(set(b) - set(a))}")
+        parts += [f"column {k!r} is {a[k]} vs {b[k]}" for k in a if k in b and a[k] != b[k]]
+        return "; ".join(parts) or "column order differs"
+
+
+register_container(Container(
+    "parquet", iter_records=_iter_parquet_rows, count=lambda f: _open_parquet(f).metadata.num_rows,
+    sniff=lambda head, name: head[:4] == b"PAR1", extensions=(".parquet",), schema=_ParquetSchema))
+
+
+def iter_records(path, format: str = "auto") -> Iterator[tuple[int, int | None, Any]]:
+    """Yield ``(index, line, record)`` for every record, unvalidated and streamed.
+
+    ``path`` is anything :func:`~scalselect_fast.data.sources.open_source` accepts (a file, directory,
+    glob, URL, list, or ``datasets`` object); ``index`` is global across files (sorted file names,
+    then record order) and ``line`` is the line inside the record's own file.
+    """
+    for index, line, record, _f, _l in open_source(path, format).iter_records():
+        yield index, line, record
+
+
+def count_records(path, format: str = "auto") -> int:
+    """Number of records of the dataset (for progress bars and shard ranges); Parquet reads only footers."""
     try:
-        container = _container(path, format)
+        return open_source(path, format).count()
     except DatasetError as e:
         if e.reason == "empty":  # an empty file holds zero records; that is an answer, not an error
             return 0
         raise
-    if container == "parquet":
-        return _open_parquet(path).metadata.num_rows
-    if container == "jsonl":
-        n = 0
-        with open(path, "rb") as fh:
-            for raw in fh:
-                if raw.strip() and raw.strip() != b"\xef\xbb\xbf":
-                    n += 1
-        return n
-    return sum(1 for _ in _iter_json_list(_read_text(path), path))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -277,21 +434,36 @@ def record_id_or_none(record: Any, id_field: str = "id") -> str | None:
         return None
 
 
-def _image_paths_from_value(value: Any, field: str) -> list[Any]:
+def _image_refs(value: Any, field: str) -> list[Any]:
+    """The images of one record field, in order: path strings, or :class:`EmbeddedImage`-to-be.
+
+    Accepts a path, encoded bytes, an HF ``Image`` struct ``{"bytes", "path"}`` or a list of any of
+    these. Embedded images come back as ``(data, name_or_None)`` tuples; :func:`parse_record` names
+    them once it knows the record's place.
+    """
     if value is None:
         return []
-    if isinstance(value, (str, dict)):
+    if isinstance(value, (str, dict, bytes, bytearray, memoryview, EmbeddedImage)):
         value = [value]
     if not isinstance(value, (list, tuple)):
-        raise _Problem(REASON_INVALID_FIELD, f"field {field!r} must be a path or a list of paths, got "
-                                             f"{type(value).__name__}")
+        raise _Problem(REASON_INVALID_FIELD, f"field {field!r} must be a path, image bytes, an image struct "
+                                             f"or a list of them, got {type(value).__name__}")
     out = []
-    for v in value:
-        if isinstance(v, dict):  # Hugging Face `Image` feature style {"path": ..., "bytes": ...}
-            if not v.get("path"):
-                raise _Problem(REASON_INVALID_FIELD, f"field {field!r} holds an embedded image without a "
-                                                     "path; only image paths are supported")
-            v = v["path"]
+    for i, v in enumerate(value):
+        if isinstance(v, dict):  # Hugging Face `Image` feature: {"bytes": <encoded> | None, "path": str | None}
+            data, path = v.get("bytes"), v.get("path")
+            if data:
+                v = (bytes(data), path if isinstance(path, str) and path else None)
+            elif path:
+                v = path  # an image stored beside the dataset: an ordinary path
+            else:
+                raise _Problem(REASON_IMAGE_EMPTY, f"{field}[{i}] is an image struct with neither bytes nor a "
+                                                   "path ({bytes: null, path: null}); the record holds no "
+                                                   "image there. Fill or drop it")
+        elif isinstance(v, (bytes, bytearray, memoryview)):
+            if not len(v):
+                raise _Problem(REASON_IMAGE_EMPTY, f"{field}[{i}] holds zero image bytes")
+            v = (bytes(v), None)
         out.append(v)
     return out
 
@@ -301,7 +473,7 @@ def _part_image_path(part: dict) -> Any:
         url = part.get("image_url")
         return url.get("url") if isinstance(url, dict) else url
     for key in ("image", "path", "url"):
-        if isinstance(part.get(key), str):
+        if isinstance(part.get(key), (str, dict, bytes, EmbeddedImage)):
             return part[key]
     return None
 
@@ -335,9 +507,12 @@ def _messages(record: dict) -> tuple[list[dict], list[Any], int]:
         key, role_key, text_key = "conversations", "from", "value"
     elif "messages" in record and record["messages"] is not None:
         key, role_key, text_key = "messages", "role", "content"
+    elif "texts" in record and record["texts"] is not None:
+        return _texts_messages(record["texts"])
     else:
         raise _Problem(REASON_MISSING_FIELD, "missing required field 'conversations' (LLaVA: "
-                                             "[{'from', 'value'}]) or 'messages' (ShareGPT: [{'role', 'content'}])")
+                                             "[{'from', 'value'}]), 'messages' (ShareGPT: [{'role', 'content'}]) "
+                                             "or 'texts' (the Cauldron: [{'user', 'assistant'}])")
     turns = record[key]
     if not isinstance(turns, list) or not turns:
         raise _Problem(REASON_INVALID_FIELD, f"field {key!r} must be a non-empty list of turns")
@@ -363,39 +538,69 @@ def _messages(record: dict) -> tuple[list[dict], list[Any], int]:
     return messages, part_paths, n_parts
 
 
+def _texts_messages(turns: Any) -> tuple[list[dict], list[Any], int]:
+    """The Cauldron / FineVision flavour: ``texts = [{"user", "assistant", "source"?}, ...]``, one
+    dict per exchange; the record's images go before the first user turn (no placeholders)."""
+    if not isinstance(turns, list) or not turns:
+        raise _Problem(REASON_INVALID_FIELD, "field 'texts' must be a non-empty list of {'user', 'assistant'}")
+    messages = []
+    for t, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise _Problem(REASON_INVALID_FIELD, f"texts[{t}] must be an object, got {type(turn).__name__}")
+        user, answer = turn.get("user"), turn.get("assistant")
+        if not isinstance(user, str):
+            raise _Problem(REASON_MISSING_FIELD if user is None else REASON_INVALID_FIELD,
+                           f"texts[{t}] needs a string 'user'")
+        if answer is not None and not isinstance(answer, str):
+            raise _Problem(REASON_INVALID_FIELD, f"texts[{t}]['assistant'] must be a string")
+        messages.append({"role": "user", "content": user})
+        if answer is not None:
+            messages.append({"role": "assistant", "content": answer})
+    return messages, [], 0
+
+
 def parse_record(record: Any, *, index: int, line: int | None, resolve: ImageResolver,
-                 id_field: str = "id", sample_id: str | None = None) -> Sample:
-    """Normalise one parsed record into a :class:`Sample` (raises ``_Problem`` for per-sample issues)."""
+                 id_field: str = "id", sample_id: str | None = None, where: str | None = None) -> Sample:
+    """Normalise one parsed record into a :class:`Sample` (raises ``_Problem`` for per-sample issues).
+
+    ``where`` (``"<file>#<record>"``) names embedded images that carry no name of their own.
+    """
     sid = sample_id if sample_id is not None else record_id(record, id_field)
     messages, part_paths, n_parts = _messages(record)
     if "images" in record and record["images"] is not None:
-        raw_paths = _image_paths_from_value(record["images"], "images")
+        raw = _image_refs(record["images"], "images")
     elif "image" in record and record["image"] is not None:
-        raw_paths = _image_paths_from_value(record["image"], "image")
+        raw = _image_refs(record["image"], "image")
     else:
-        raw_paths = []
-    if not raw_paths and n_parts:
+        raw = []
+    if not raw and n_parts:
         if any(p is None for p in part_paths):
             raise _Problem(REASON_MISSING_FIELD, "content has image parts without a path and the record "
                                                  "has no 'images' list")
-        raw_paths = part_paths
+        raw = _image_refs(part_paths, "content")
     n_placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
-    if raw_paths and n_placeholders == 0:
-        # LLaVA convention: images go before the first user text.
+    if raw and n_placeholders == 0:
+        # LLaVA convention (and the Cauldron's): images go before the first user text.
         first_user = next((m for m in messages if m["role"] == "user"), None)
         if first_user is None:
             raise _Problem(REASON_PLACEHOLDER_MISMATCH, "the record has images but no user turn to hold them")
-        first_user["content"] = (IMAGE_TOKEN + "\n") * len(raw_paths) + first_user["content"]
-    elif n_placeholders != len(raw_paths):
+        first_user["content"] = (IMAGE_TOKEN + "\n") * len(raw) + first_user["content"]
+    elif n_placeholders != len(raw):
         raise _Problem(REASON_PLACEHOLDER_MISMATCH,
-                       f"{n_placeholders} {IMAGE_TOKEN!r} placeholder(s) in the text but {len(raw_paths)} "
+                       f"{n_placeholders} {IMAGE_TOKEN!r} placeholder(s) in the text but {len(raw)} "
                        "image(s); each image needs exactly one placeholder (or none at all)")
     images = []
-    for p in raw_paths:
-        try:
-            images.append(resolve(p))
-        except ImagePathError as e:
-            raise _Problem(e.reason, str(e)) from None
+    for i, p in enumerate(raw):
+        if isinstance(p, EmbeddedImage):
+            images.append(p)
+        elif isinstance(p, tuple):
+            data, name = p
+            images.append(EmbeddedImage(data, name or f"{where or f'record {index}'}/image{i}"))
+        else:
+            try:
+                images.append(resolve(p))
+            except ImagePathError as e:
+                raise _Problem(e.reason, str(e)) from None
     return Sample(id=sid, images=images, messages=messages, source=record_source(record), index=index,
                   line=line, raw=record)
 
@@ -410,74 +615,117 @@ def record_source(record: Any) -> str | None:
         v = record.get(f)
         if isinstance(v, (str, int)) and not isinstance(v, bool) and str(v):
             return str(v)
+    texts = record.get("texts")  # the Cauldron names the source per exchange
+    if isinstance(texts, list) and texts and isinstance(texts[0], dict):
+        v = texts[0].get("source")
+        if isinstance(v, (str, int)) and not isinstance(v, bool) and str(v):
+            return str(v)
     return None
 
 
-def read_dataset(path: str | os.PathLike, image_root: str | os.PathLike | None = None,
+class _RemoteImages:
+    """Image paths of a remote dataset: only with ``image_root`` (there is no local folder to be relative to)."""
+
+    def __init__(self, label: str):
+        self.label = label
+
+    def __call__(self, path: object) -> str:
+        raise ImagePathError(f"image {path!r} is a path, but the dataset {self.label!r} is remote; pass "
+                             "--image-root with the folder those paths are relative to (or embed the images)",
+                             REASON_INVALID_FIELD)
+
+
+def read_dataset(path, image_root: str | os.PathLike | None = None,
                  format: str = "auto", skip_log=None, id_field: str = "id") -> Iterator[Sample]:
-    """Stream the samples of a dataset file.
+    """Stream the samples of a dataset.
 
     Parameters
     ----------
-    path : str or path-like
-        LLaVA JSON, ShareGPT JSON, JSONL of either, or Parquet (see the module notes).
+    path : str, path-like, list, DataSource, or datasets.Dataset / IterableDataset
+        A file (LLaVA JSON, ShareGPT JSON, JSONL of either, Parquet, ...), a directory, a glob
+        (``data/train-*.parquet``), a URL (``s3://``, ``hf://``, ``memory://`` ...), a list of those,
+        or a Hugging Face ``datasets`` object; see :func:`~scalselect_fast.data.sources.open_source`.
     image_root : str or path-like, optional
         Directory that relative image paths are joined to; every resolved image path (after ``..``
         and symlinks) must lie inside it, otherwise the sample is refused. Without it, relative
-        paths are relative to the dataset file's directory and nothing is confined.
-    format : {"auto", "json", "jsonl", "parquet"}
-        Container; ``"auto"`` sniffs the file's first bytes.
+        paths are relative to the directory of the file holding the record, and nothing is confined.
+        Embedded images (bytes in the dataset) need no root.
+    format : str
+        ``"auto"`` (recognise each file from its first bytes) or a container name (``"json"``,
+        ``"jsonl"``, ``"parquet"``, ...).
     skip_log : SkipLog, optional
         Where per-sample problems go (reading continues). Without it they raise.
     id_field : str
-        Record field that holds the unique id.
+        Record field that holds the unique id (unique across all files).
 
     Yields
     ------
     Sample
-        In file order; ``Sample.index`` counts every record, skipped ones included.
+        In order (sorted file names, then record order); ``Sample.index`` numbers every record
+        globally, skipped ones included; ``Sample.line`` is the line in the record's own file.
 
     Raises
     ------
     DatasetError
-        Fatal problems (malformed file, duplicate ids, empty dataset, ...) and, without a
-        ``skip_log``, per-sample problems. The message names the file, record and line.
+        Fatal problems (no such file, a glob matching nothing, mixed containers, malformed file,
+        duplicate ids, empty dataset, ...) and, without a ``skip_log``, per-sample problems. The
+        message names the file, record and line.
     """
-    path = os.fspath(path)
+    source = open_source(path, format)
     root = resolve_root(image_root) if image_root is not None else None
-    resolve = ImageResolver(root, os.path.dirname(os.path.realpath(path)))
+    resolvers: dict[str, Any] = {}
+    many = not source.single
     seen: dict[str, int] = {}
     lines = array("q")  # record index -> line, for duplicate-id messages
+    starts: list[tuple[int, str]] = []  # (first global index, file) of each file read so far
     n_records = n_yielded = n_skipped = 0
-    for index, line, record in iter_records(path, format):
+    for index, line, record, file, local in source.iter_records():
         n_records += 1
+        if not starts or starts[-1][1] != file.path:
+            starts.append((index - local, file.path))
         lines.append(line if line is not None else -1)
+        resolve = resolvers.get(file.path) if root is None else resolvers.get("")
+        if resolve is None:
+            if root is not None:
+                resolve = resolvers[""] = ImageResolver(root, root)
+            elif file.local:
+                resolve = resolvers.setdefault(file.path, ImageResolver(None, file.base_dir or os.getcwd()))
+            else:
+                resolve = resolvers.setdefault(file.path, _RemoteImages(file.path))
+        where_here = f"{file.path}: {_where(local, line)}"
         sid = None
         try:
             sid = record_id(record, id_field)
             first = seen.setdefault(sid, index)
             if first != index:
                 l0 = lines[first]
+                k = bisect.bisect_right([st for st, _ in starts], first) - 1
+                f0, local0 = starts[k][1], first - starts[k][0]
+                there = _where(local0, l0 if l0 >= 0 else None)
                 raise DatasetError(
-                    f"{path}: duplicate id {sid!r}: {_where(first, l0 if l0 >= 0 else None)} and "
-                    f"{_where(index, line)}. Ids must be unique; rename or drop one of them",
-                    reason="duplicate_id", path=path, index=index, line=line, sample_id=sid)
-            sample = parse_record(record, index=index, line=line, resolve=resolve,
-                                  id_field=id_field, sample_id=sid)
+                    f"{file.path}: duplicate id {sid!r}: "
+                    + (f"{there} of {f0} and {_where(local, line)}" if many else
+                       f"{there} and {_where(local, line)}")
+                    + ". Ids must be unique; rename or drop one of them",
+                    reason="duplicate_id", path=file.path, index=index, line=line, sample_id=sid)
+            sample = parse_record(record, index=index, line=line, resolve=resolve, id_field=id_field,
+                                  sample_id=sid, where=f"{file.name}#{local}")
         except _Problem as p:
             if skip_log is None:
-                raise DatasetError(f"{path}: {_where(index, line)}" + (f" (id {sid!r})" if sid else "")
+                raise DatasetError(where_here + (f" (id {sid!r})" if sid else "")
                                    + f": {p.detail}. Fix the record, or read with a SkipLog to skip such "
-                                   "samples and continue", reason=p.reason, path=path, index=index,
+                                   "samples and continue", reason=p.reason, path=file.path, index=index,
                                    line=line, sample_id=sid) from None
-            skip_log.add(sid, index, p.reason, p.detail, line=line)
+            skip_log.add(sid, index, p.reason, p.detail, line=line, file=file.path if many else None)
             n_skipped += 1
             continue
         n_yielded += 1
         yield sample
     if n_records == 0:
-        raise DatasetError(f"dataset {path!r} is empty (no records)", reason="empty", path=path)
+        raise DatasetError(f"dataset {source.label!r} is empty (no records)", reason="empty",
+                           path=source.files[0].path if source.files else None)
     if n_yielded == 0:
         where = f" (see {skip_log.path})" if skip_log is not None and hasattr(skip_log, "path") else ""
-        raise DatasetError(f"dataset {path!r}: all {n_records} records were skipped{where}; nothing "
-                           "to select. Check the record layout and --image-root", reason="empty", path=path)
+        raise DatasetError(f"dataset {source.label!r}: all {n_records} records were skipped{where}; nothing "
+                           "to select. Check the record layout and --image-root", reason="empty",
+                           path=source.files[0].path if source.files else None)

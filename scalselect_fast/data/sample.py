@@ -44,6 +44,8 @@ REASON_IMAGE_UNREADABLE = "image_unreadable"
 REASON_IMAGE_CORRUPT = "image_corrupt"
 REASON_IMAGE_TRUNCATED = "image_truncated"
 REASON_IMAGE_TOO_LARGE = "image_too_large"
+#: an embedded image struct with neither bytes nor a path (``{"bytes": null, "path": null}``)
+REASON_IMAGE_EMPTY = "image_empty"
 
 
 class DatasetError(ValueError):

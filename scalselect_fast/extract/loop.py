@@ -263,9 +263,11 @@ def extract_representations(model, samples: Iterable, batch_size: int = 8, layer
     model : str, PathLike or VLM
         Checkpoint directory, or a :class:`~.model.VLM` from :func:`~.model.load_vlm` (then ``layer``,
         ``dtype``, ``device``, ``device_map`` and ``max_length`` are taken from it).
-    samples : iterable of Sample
-        ``scalselect_fast.data.Sample`` objects (or anything with ``id``, ``images`` = paths or PIL
-        images, ``messages`` = ``[{"role", "content"}]`` with one ``<image>`` per image).
+    samples : iterable of Sample, or datasets.Dataset / IterableDataset
+        ``scalselect_fast.data.Sample`` objects (or anything with ``id``, ``images`` = paths,
+        ``EmbeddedImage`` or PIL images, ``messages`` = ``[{"role", "content"}]`` with one
+        ``<image>`` per image); a Hugging Face ``datasets`` object is read with
+        :func:`~scalselect_fast.data.read_dataset`.
     batch_size : int
         Samples per forward pass.
     layer : int
@@ -296,6 +298,12 @@ def extract_representations(model, samples: Iterable, batch_size: int = 8, layer
     vectors : ndarray, float32, shape (len(ids), hidden_size)
     """
     _check_args(batch_size, threshold, instruction, padding_side)
+    from ..data.sources import is_hf_object
+
+    if is_hf_object(samples):  # a datasets.Dataset / IterableDataset: read it like a file
+        from ..data import read_dataset
+
+        samples = read_dataset(samples, skip_log=skip_log)
     vlm = load_vlm(model, layer=layer, dtype=dtype, device=device, device_map=device_map, max_length=max_length)
 
     def on_skip(sk: _Skip):
@@ -320,14 +328,18 @@ def extract_representations(model, samples: Iterable, batch_size: int = 8, layer
 # --------------------------------------------------------------------------------------------------
 # store writing
 # --------------------------------------------------------------------------------------------------
-def data_fingerprint(path: str | os.PathLike) -> dict:
-    """SHA-256 and size of the dataset file (identifies the data a store was extracted from)."""
-    path = Path(path)
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": h.hexdigest()}
+def data_fingerprint(data, format: str = "auto") -> dict:
+    """Where the data a store was extracted from came from: its files, total size and digest.
+
+    ``data`` is anything :func:`~scalselect_fast.data.sources.open_source` accepts; the digest is
+    :meth:`~scalselect_fast.data.sources.DataSource.digest` (shared with the run's fingerprint).
+    """
+    from ..data.sources import open_source
+
+    source = open_source(data, format)
+    paths = source.input_paths()
+    where = {"path": paths[0]} if source.single else {"paths": paths, "label": source.label}
+    return {**where, "container": source.container, "bytes": source.total_bytes(), "sha256": source.digest()}
 
 
 def rank_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -382,7 +394,8 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
     model : str, PathLike or VLM
         Checkpoint directory or a loaded :class:`~.model.VLM`.
     data : path
-        Dataset file (LLaVA JSON, ShareGPT JSON, JSONL, Parquet; see :mod:`scalselect_fast.data`).
+        Dataset: a file (LLaVA JSON, ShareGPT JSON, JSONL, Parquet, ...), directory, glob, URL, list
+        of those, or a ``datasets`` object (see :func:`scalselect_fast.data.sources.open_source`).
     out : path
         Store directory; ``skipped.jsonl`` is written inside it.
     image_root : path, optional
@@ -418,9 +431,9 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
     env_rank, env_world = _env_rank()
     rank = env_rank if rank is None else int(rank)
     world = env_world if world_size is None else int(world_size)
-    data = Path(data)
-    if not data.exists():
-        raise FileNotFoundError(f"dataset file {data} does not exist")
+    from ..data.sources import open_source
+
+    data = open_source(data, format)  # resolved once: files sorted, container checked (DatasetError)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"output {out} exists and is not a directory; choose another --out")
@@ -438,7 +451,7 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
         "model": {"path": str(Path(vlm.path).resolve()), "type": vlm.family, "depth": vlm.depth},
         "layer": vlm.layer, "threshold": float(threshold), "dtype": str(vlm.dtype).replace("torch.", ""),
         "instruction": instruction, "max_length": vlm.max_length,
-        "data": {**data_fingerprint(data), "image_root": str(Path(image_root).resolve()) if image_root else None,
+        "data": {**data_fingerprint(data, format), "image_root": str(Path(image_root).resolve()) if image_root else None,
                  "format": format, "records": n_records},
         "shard_size": int(shard_size), "world_size": world,
     }

@@ -42,13 +42,16 @@ def model_fingerprint(path: str | os.PathLike) -> str:
     return h.hexdigest()[:32]
 
 
-def data_fingerprint(path: str | os.PathLike, image_root: str | None) -> str:
-    """sha256 of the dataset file's bytes plus the resolved image root (image bytes are not hashed)."""
-    p = Path(path)
-    if not p.is_file():
-        raise RunError(f"--data {p}: no such file; pass a LLaVA JSON, JSONL or Parquet dataset file")
+def data_fingerprint(data, image_root: str | None, format: str = "auto") -> str:
+    """Fingerprint of the dataset: every input file (see :meth:`~scalselect_fast.data.sources.DataSource.
+    digest`) plus the resolved image root (image files are not hashed).
+
+    ``data`` is anything ``--data`` accepts (file, directory, glob, URL, list, ``datasets`` object).
+    """
+    from ..data.sources import open_source
+
     h = hashlib.sha256(b"data\0")
-    _hash_file(h, p, whole=True)
+    h.update(open_source(data, format).digest().encode())
     h.update(str(Path(image_root).resolve() if image_root else "").encode())
     return h.hexdigest()[:32]
 

@@ -230,7 +230,7 @@ def _stage_score(cfg: RunConfig, state: RunState, events: Events, src, sub) -> n
 
 def _record_table(cfg: RunConfig, fields: Iterable[str]) -> dict:
     """One pass over the raw records: id, source and any quota field per record index."""
-    from ..data import SOURCE_FIELDS, iter_records
+    from ..data import iter_records, record_source
 
     ids: list[str | None] = []
     cols: dict[str, list] = {f: [] for f in fields}
@@ -239,7 +239,7 @@ def _record_table(cfg: RunConfig, fields: Iterable[str]) -> dict:
         r = rec if isinstance(rec, dict) else {}
         v = r.get("id")
         ids.append(None if v is None or isinstance(v, (dict, list)) else str(v))
-        src = next((str(r[f]) for f in SOURCE_FIELDS if r.get(f) is not None), None)
+        src = record_source(r)
         sources.append(src)
         for f in cols:
             cols[f].append(src if f == "source" else (None if r.get(f) is None else str(r.get(f))))
@@ -417,7 +417,7 @@ def _suffix(cfg: RunConfig) -> str:
     from ..data import detect_format
 
     fmt = cfg.format if cfg.format != "auto" else detect_format(cfg.data)
-    suf = Path(cfg.data).suffix
+    suf = Path(cfg.data).suffix if isinstance(cfg.data, (str, os.PathLike)) else ""
     return suf if suf else {"json": ".json", "jsonl": ".jsonl", "parquet": ".parquet"}.get(fmt, ".json")
 
 
@@ -450,7 +450,7 @@ def _stability(src, sub, scores, kept_rows, budget, cfg) -> dict:
     return out
 
 
-def _stage_extract(cfg: RunConfig, state: RunState, events: Events):
+def _stage_extract(cfg: RunConfig, state: RunState, events: Events, source=None):
     """Representations into the run's store (the extraction engine resumes after its last shard).
 
     Skipped samples (text-only, missing/corrupt images, bad records) go to ``reps/skipped.jsonl``.
@@ -463,7 +463,8 @@ def _stage_extract(cfg: RunConfig, state: RunState, events: Events):
         return StoreSource(store)
     t0 = time.perf_counter()
     events.emit("stage_start", stage="extract")
-    summary = extract_to_store(cfg.model, cfg.data, store, image_root=cfg.image_root, format=cfg.format,
+    data = source if source is not None else cfg.data  # the run's resolved DataSource: files listed once
+    summary = extract_to_store(cfg.model, data, store, image_root=cfg.image_root, format=cfg.format,
                                layer=cfg.layer, threshold=cfg.threshold, batch_size=cfg.batch_size,
                                instruction=cfg.instruction, max_length=cfg.max_length,
                                dtype=cfg.dtype, device=cfg.device, store_dtype=cfg.store_dtype,
@@ -494,11 +495,13 @@ def _skip_counts(path: Path) -> dict[str, int]:
     return counts
 
 
-def _preflight(cfg: RunConfig, out: Path, events: Events, plan_only: bool):
+def _preflight(cfg: RunConfig, out: Path, events: Events, plan_only: bool, source=None):
     from ..data import count_records
+    from ..data.sources import open_source
     from ..plan import PlanError, estimate_run
 
-    n = count_records(cfg.data, cfg.format)
+    source = open_source(source if source is not None else cfg.data, cfg.format)
+    n = count_records(source)
     try:
         frac = float(str(cfg.budget).rstrip("%")) / (100.0 if str(cfg.budget).endswith("%") else 1.0)
     except ValueError:
@@ -507,9 +510,11 @@ def _preflight(cfg: RunConfig, out: Path, events: Events, plan_only: bool):
     try:
         est = estimate_run(n, model=cfg.model, device=cfg.device, dtype=cfg.dtype, store_dtype=cfg.store_dtype,
                            batch_size=cfg.batch_size, layer=cfg.layer, out_dir=out,
-                           data_bytes=Path(cfg.data).stat().st_size, budget_fraction=frac, solver=cfg.solver)
+                           data_bytes=source.total_bytes(), budget_fraction=frac, solver=cfg.solver)
     except PlanError as exc:
         raise RunError(str(exc)) from exc
+    est.assumptions["input"] = (f"{source.container}, {len(source.files)} file(s)" if source.files
+                                else f"{source.container} object")
     return est
 
 
@@ -526,26 +531,29 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
     cfg.validate()
     events = events or Events(cfg.quiet, cfg.log_json)
     out = Path(cfg.out).expanduser()
-    data = Path(cfg.data)
-    if not data.is_file():
-        raise RunError(f"--data {data}: no such file; pass a LLaVA JSON, JSONL or Parquet dataset file")
+    from ..data.sources import open_source
+
+    # a file, directory, glob, URL or list; a missing input or a glob matching nothing is a DatasetError
+    source = open_source(cfg.data, cfg.format)
+    data = source.label
     if cfg.image_root is not None and not Path(cfg.image_root).is_dir():
         raise RunError(f"--image-root {cfg.image_root}: not a directory")
     model_fp = model_fingerprint(cfg.model)
     from ..data import count_records
 
-    if count_records(cfg.data, cfg.format) == 0:
+    if count_records(source) == 0:
         raise RunError(f"--data {data} is empty (no records); nothing to select from. Pass the dataset file "
                        f"that holds the samples")
     if plan_only:
-        est = _preflight(cfg, out, events, True)
+        est = _preflight(cfg, out, events, True, source)
         return est
     _check_out_dir(out)
-    if (out / f"selected{_suffix(cfg)}").resolve() == data.resolve():
-        raise RunError(f"--out {out} would overwrite the input {data}; choose another output directory")
-    fps = stage_fingerprints(cfg, model_fp, data_fingerprint(data, cfg.image_root))
+    selected = (out / f"selected{_suffix(cfg)}").resolve()
+    if any(Path(p).resolve() == selected for p in source.input_paths() if "://" not in p):
+        raise RunError(f"--out {out} would overwrite the input {selected}; choose another output directory")
+    fps = stage_fingerprints(cfg, model_fp, data_fingerprint(source, cfg.image_root))
     if cfg.plan_check:
-        est = _preflight(cfg, out, events, False)
+        est = _preflight(cfg, out, events, False, source)
         if not est.ok:
             raise RunError("this run cannot fit on this machine:\n  - " + "\n  - ".join(est.problems)
                            + "\n(see `scalselect run --plan ...`; --no-plan-check skips this check)")
@@ -558,7 +566,7 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
         stage = "setup"
         state = RunState(out, fps, cfg.force, events)
         stage = "extract"
-        src = _stage_extract(cfg, state, events)
+        src = _stage_extract(cfg, state, events, source)
         stage = "fit"
         sub = _stage_fit(cfg, state, events, src)
         stage = "score"

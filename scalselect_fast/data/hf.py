@@ -1,0 +1,143 @@
+"""Hugging Face ``datasets`` inputs: ``save_to_disk`` directories and in-memory ``Dataset`` objects.
+
+Registers the ``"datasets"`` container. A ``save_to_disk`` directory (``state.json`` +
+``dataset_info.json`` + Arrow files) is read with ``datasets.load_from_disk`` (memory-mapped, not
+loaded); rows are taken in Arrow form, so ``Image`` columns arrive as their stored
+``{"bytes", "path"}`` structs and are never decoded here. ``datasets`` is an optional dependency
+(``pip install scalselect-fast[data]``): it is imported only when such an input is met.
+"""
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from .sample import DatasetError
+from .sources import Container, DataSource, InputFile, register_container
+
+__all__ = ["hf_object_source", "is_save_to_disk_dir"]
+
+#: rows fetched from Arrow per batch
+BATCH_ROWS = 1024
+
+
+def _datasets(what: str):
+    try:
+        import datasets
+    except ImportError:
+        raise DatasetError(f"{what} needs the Hugging Face `datasets` package: pip install "
+                           "'scalselect-fast[data]' (or pip install datasets)", reason="io", path=what) from None
+    return datasets
+
+
+def is_save_to_disk_dir(path: str) -> bool:
+    """Whether ``path`` is a directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
+    return os.path.isdir(path) and (
+        (os.path.isfile(os.path.join(path, "state.json")) and os.path.isfile(os.path.join(path, "dataset_info.json")))
+        or os.path.isfile(os.path.join(path, "dataset_dict.json")))
+
+
+def _load(file: InputFile):
+    ds_mod = _datasets(file.path)
+    if os.path.isfile(os.path.join(file.path, "dataset_dict.json")):
+        splits = sorted(d for d in os.listdir(file.path) if os.path.isdir(os.path.join(file.path, d)))
+        raise DatasetError(f"--data {file.path!r} is a DatasetDict with splits {splits}; pass one split's "
+                           f"directory, e.g. {os.path.join(file.path, splits[0] if splits else 'train')}",
+                           reason="format", path=file.path)
+    try:
+        return ds_mod.load_from_disk(file.path)
+    except Exception as e:  # FileNotFoundError, json errors in state.json, Arrow errors
+        raise DatasetError(f"cannot read the datasets directory {file.path!r}: {str(e).splitlines()[0]}",
+                           reason="malformed", path=file.path) from None
+
+
+def _pil_to_bytes(value: Any) -> Any:
+    """A decoded PIL image (what an ``IterableDataset`` may still yield) back to PNG bytes."""
+    buf = io.BytesIO()
+    value.save(buf, format="PNG")
+    return {"bytes": buf.getvalue(), "path": None}
+
+
+def _plain(row: dict) -> dict:
+    for key in ("image", "images"):
+        v = row.get(key)
+        if hasattr(v, "save") and hasattr(v, "mode"):
+            row[key] = _pil_to_bytes(v)
+        elif isinstance(v, list) and any(hasattr(x, "save") and hasattr(x, "mode") for x in v):
+            row[key] = [_pil_to_bytes(x) if hasattr(x, "save") and hasattr(x, "mode") else x for x in v]
+    return row
+
+
+def iter_dataset_rows(ds: Any, label: str) -> Iterator[dict]:
+    """Rows of a ``Dataset`` (Arrow batches, images undecoded) or ``IterableDataset`` (decoding off)."""
+    kind = type(ds).__name__
+    try:
+        if kind == "Dataset":
+            for table in ds.with_format("arrow").iter(batch_size=BATCH_ROWS):
+                yield from table.to_pylist()
+        else:
+            if hasattr(ds, "decode"):
+                ds = ds.decode(False)  # Image features stay {"bytes", "path"}
+            for row in ds:
+                yield _plain(dict(row))
+    except DatasetError:
+        raise
+    except Exception as e:
+        raise DatasetError(f"{label}: cannot read rows ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                           reason="malformed", path=label) from None
+
+
+def _iter_dir(file: InputFile) -> Iterator[tuple[int, None, Any]]:
+    for i, row in enumerate(iter_dataset_rows(_load(file), file.path)):
+        yield i, None, row
+
+
+def _count_dir(file: InputFile) -> int:
+    return _load(file).num_rows
+
+
+register_container(Container("datasets", iter_records=_iter_dir, count=_count_dir,
+                             is_dataset_dir=is_save_to_disk_dir))
+
+
+class _ObjectSource(DataSource):
+    """A ``datasets.Dataset`` / ``IterableDataset`` held in memory (Python API only)."""
+
+    def __init__(self, ds: Any):
+        n = getattr(ds, "num_rows", None)
+        super().__init__([], "datasets", f"datasets.{type(ds).__name__}" + (f" ({n} rows)" if n is not None else ""),
+                         dataset=ds)
+        self._pseudo = InputFile(f"<{self.label}>", None, "")
+
+    @property
+    def single(self) -> bool:
+        return True
+
+    def counts(self) -> list[int]:
+        if self._counts is None:
+            n = getattr(self.dataset, "num_rows", None)
+            self._counts = [int(n) if n is not None else sum(1 for _ in iter_dataset_rows(self.dataset, self.label))]
+        return list(self._counts)
+
+    def iter_records(self):
+        for i, row in enumerate(iter_dataset_rows(self.dataset, self.label)):
+            yield i, None, row, self._pseudo, i
+
+    def input_paths(self) -> list[str]:
+        return []
+
+    def total_bytes(self) -> int:
+        try:
+            return int(self.dataset.data.nbytes)
+        except Exception:  # an IterableDataset has no table
+            return 0
+
+
+def hf_object_source(ds: Any) -> DataSource:
+    """A :class:`DataSource` over a ``datasets.Dataset`` or ``IterableDataset``."""
+    kind = type(ds).__name__
+    if kind in ("DatasetDict", "IterableDatasetDict"):
+        raise DatasetError(f"got a {kind} with splits {sorted(ds)}; pass one split, e.g. ds[{sorted(ds)[0]!r}]",
+                           reason="format")
+    return _ObjectSource(ds)

@@ -1,0 +1,511 @@
+"""What ``--data`` names: one file, a directory, a glob, a list of them, a URL, or a ``datasets`` object.
+
+:func:`open_source` turns any of these into a :class:`DataSource`: the sorted list of input files,
+the one container they share, and a global record numbering (sorted file names, then row order),
+so extraction shards, resume and the manifest stay fixed however the dataset is split into files.
+It does not parse records into samples (that is :mod:`.readers`) and writes nothing.
+
+Containers are pluggable: a container is a :class:`Container` (how to recognise a file, count its
+records and iterate them) added with :func:`register_container`. The built-in ones (JSON list,
+JSONL, Parquet) register themselves in :mod:`.readers`; a new container is one module that calls
+:func:`register_container` plus one import line in ``scalselect_fast/data/__init__.py``.
+
+Remote inputs
+-------------
+Anything with a ``scheme://`` (``s3://``, ``gs://``, ``hf://``, ``memory://``, ``file://``) is opened
+through :mod:`fsspec` with the scheme's backend (``s3fs``, ``gcsfs``, ``huggingface_hub``); a missing
+backend or an unreachable URL is a one-line :class:`DatasetError`, never a traceback. Local paths
+never go through fsspec.
+"""
+from __future__ import annotations
+
+import bisect
+import glob as _glob
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .sample import DatasetError
+
+__all__ = ["Container", "DataSource", "InputFile", "register_container", "containers", "open_source",
+           "input_files", "SNIFF_BYTES"]
+
+#: bytes read from the start of each file to recognise its container
+SNIFF_BYTES = 4096
+#: files at most this large are hashed whole by :meth:`DataSource.fingerprint`; larger binary
+#: containers (Parquet, Arrow, tar) by size + first and last MiB (their footers/indexes live there)
+_HASH_WHOLE_MAX = 4 << 20
+_EDGE = 1 << 20
+
+
+# --------------------------------------------------------------------------------------------------
+# files
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class InputFile:
+    """One input file, local or remote.
+
+    Attributes
+    ----------
+    path : str
+        Local absolute path, or the URL as given (``memory://d/train-0.parquet``).
+    fs : fsspec.AbstractFileSystem or None
+        The filesystem of a remote file; ``None`` for a local one.
+    fs_path : str
+        The path inside ``fs`` (equals ``path`` for local files).
+    """
+
+    path: str
+    fs: Any = field(default=None, compare=False, repr=False)
+    fs_path: str = ""
+
+    @property
+    def local(self) -> bool:
+        return self.fs is None
+
+    @property
+    def name(self) -> str:
+        return self.path.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def base_dir(self) -> str | None:
+        """Directory that relative image paths are relative to (``None`` for a remote file)."""
+        return os.path.dirname(os.path.realpath(self.path)) if self.local else None
+
+    def open(self):
+        """Open for binary reading; a :class:`DatasetError` (reason ``"io"``) names the file on failure."""
+        try:
+            if self.fs is None:
+                return open(self.path, "rb")
+            return self.fs.open(self.fs_path, "rb")
+        except Exception as e:  # OSError locally; backends raise their own (ClientError, HTTPError ...)
+            raise DatasetError(f"cannot read dataset {self.path!r}: {_why(e)}", reason="io",
+                               path=self.path) from None
+
+    def size(self) -> int:
+        try:
+            return os.path.getsize(self.path) if self.fs is None else int(self.fs.size(self.fs_path))
+        except Exception as e:
+            raise DatasetError(f"cannot read dataset {self.path!r}: {_why(e)}", reason="io",
+                               path=self.path) from None
+
+    def head(self, n: int = SNIFF_BYTES) -> bytes:
+        with self.open() as fh:
+            try:
+                return fh.read(n)
+            except Exception as e:
+                raise DatasetError(f"cannot read dataset {self.path!r}: {_why(e)}", reason="io",
+                                   path=self.path) from None
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _stat_key(f: InputFile) -> tuple:
+    if f.local:
+        st = os.stat(f.path)
+        return st.st_size, st.st_mtime_ns
+    info = f.fs.info(f.fs_path)
+    return info.get("size"), str(info.get("mtime") or info.get("LastModified") or info.get("ETag") or "")
+
+
+def _why(e: BaseException) -> str:
+    text = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# --------------------------------------------------------------------------------------------------
+# containers
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Container:
+    """How to read one kind of dataset file.
+
+    Attributes
+    ----------
+    name : str
+        The ``--format`` value (``"json"``, ``"parquet"``, ...).
+    iter_records : callable
+        ``iter_records(file: InputFile) -> Iterator[(index, line, record)]``: every record of one
+        file in order, ``index`` counting from 0 in that file, ``line`` the 1-based line where the
+        record starts (``None`` where lines mean nothing), ``record`` a dict (image fields may hold
+        ``EmbeddedImage``, raw bytes or HF ``Image`` structs). Fatal problems raise
+        :class:`DatasetError` naming the file.
+    count : callable
+        ``count(file: InputFile) -> int``: number of records, as cheaply as the container allows.
+    sniff : callable, optional
+        ``sniff(head: bytes, name: str) -> bool``: whether a file whose first :data:`SNIFF_BYTES`
+        bytes are ``head`` is of this container (``format="auto"``).
+    extensions : tuple of str
+        File name endings picked up when ``--data`` is a directory.
+    is_dataset_dir : callable, optional
+        ``is_dataset_dir(path: str) -> bool`` for containers whose unit is a directory
+        (``datasets.save_to_disk``); such a directory is one input, not a folder of files.
+    schema : callable, optional
+        ``schema(file)`` returns a value comparable with ``==`` (and, for the message, with a
+        ``diff(other) -> str`` method or a ``str``); shards of one input whose schemas differ are
+        refused, naming the first file and the one that differs.
+    """
+
+    name: str
+    iter_records: Callable[[InputFile], Iterator[tuple[int, int | None, Any]]]
+    count: Callable[[InputFile], int]
+    sniff: Callable[[bytes, str], bool] | None = None
+    extensions: tuple[str, ...] = ()
+    is_dataset_dir: Callable[[str], bool] | None = None
+    schema: Callable[[InputFile], Any] | None = None
+
+
+_CONTAINERS: dict[str, Container] = {}
+
+
+def register_container(container: Container) -> Container:
+    """Make ``container`` known to :func:`open_source` (``format=container.name`` and sniffing)."""
+    _CONTAINERS[container.name] = container
+    return container
+
+
+def containers() -> dict[str, Container]:
+    """The registered containers by name, in registration order (the order sniffing tries them)."""
+    return dict(_CONTAINERS)
+
+
+def _sniff(file: InputFile) -> str:
+    head = file.head()
+    for c in _CONTAINERS.values():
+        if c.sniff is not None and c.sniff(head, file.name):
+            return c.name
+    if not head.lstrip(b"\xef\xbb\xbf").strip():
+        raise DatasetError(f"dataset {file.path!r} is empty (no records)", reason="empty", path=file.path)
+    ext = os.path.splitext(file.name)[1].lower()
+    raise DatasetError(f"cannot tell the format of {file.path!r} (extension {ext!r}): expected a JSON list "
+                       f"of records, JSONL (one JSON object per line) or one of "
+                       f"{', '.join(n for n in _CONTAINERS if n not in ('json', 'jsonl'))}",
+                       reason="format", path=file.path)
+
+
+# --------------------------------------------------------------------------------------------------
+# the source
+# --------------------------------------------------------------------------------------------------
+class DataSource:
+    """A resolved dataset input: its files (sorted), their container, and global record numbers.
+
+    Build it with :func:`open_source`. Records are numbered across files in file order; a file's
+    first record is number ``offsets[i]``, known once the file before it has been read (or counted).
+
+    Attributes
+    ----------
+    files : list of InputFile
+        The input files in reading order (sorted by path); empty for a ``datasets`` object.
+    container : str
+        The one container every file has.
+    label : str
+        What the user passed, for messages (``"data/train-*.parquet (420 files)"``).
+    dataset : object or None
+        The ``datasets.Dataset`` / ``IterableDataset`` when the input is one.
+    """
+
+    def __init__(self, files: list[InputFile], container: str, label: str, dataset: Any = None):
+        self.files = files
+        self.container = container
+        self.label = label
+        self.dataset = dataset
+        self._counts: list[int] | None = None
+
+    def __str__(self) -> str:
+        return self.label
+
+    def __repr__(self) -> str:
+        return f"DataSource({self.label!r}, container={self.container!r}, files={len(self.files)})"
+
+    @property
+    def single(self) -> bool:
+        """True when the input is one plain file (messages and outputs then look as they always did)."""
+        return len(self.files) == 1 and self.dataset is None
+
+    def _container(self) -> Container:
+        return _CONTAINERS[self.container]
+
+    def counts(self) -> list[int]:
+        """Records per file (cached: a source is a snapshot of its files)."""
+        if self._counts is None:
+            c = self._container()
+            self.check_schemas()
+            self._counts = [c.count(f) for f in self.files]
+        return list(self._counts)
+
+    def check_schemas(self) -> None:
+        """Refuse shards whose schemas differ (containers with a ``schema`` hook; once per source)."""
+        c = self._container()
+        if c.schema is None or len(self.files) < 2 or getattr(self, "_schemas_ok", False):
+            return
+        first = c.schema(self.files[0])
+        for f in self.files[1:]:
+            other = c.schema(f)
+            if other != first:
+                how = first.diff(other) if hasattr(first, "diff") else f"{first} vs {other}"
+                raise DatasetError(f"--data {self.label}: shards have different schemas: {self.files[0].path} vs "
+                                   f"{f.path}: {how}. Convert the shards to one schema (same columns and "
+                                   "types) or select from them in separate runs", reason="schema", path=f.path)
+        self._schemas_ok = True
+
+    def count(self) -> int:
+        """Total number of records."""
+        return sum(self.counts())
+
+    def iter_records(self) -> Iterator[tuple[int, int | None, Any, InputFile, int]]:
+        """Yield ``(index, line, record, file, file_index)``: ``index`` global, ``file_index`` in ``file``."""
+        c = self._container()
+        self.check_schemas()
+        offset = 0
+        for f in self.files:
+            n = 0
+            for local, line, record in c.iter_records(f):
+                yield offset + local, line, record, f, local
+                n = local + 1
+            offset += n
+
+    def locate(self, index: int) -> tuple[InputFile, int]:
+        """The file holding global record ``index`` and the record's index inside it (counts the files)."""
+        ends, total = [], 0
+        for n in self.counts():
+            total += n
+            ends.append(total)
+        i = bisect.bisect_right(ends, index)
+        if i >= len(self.files):
+            raise IndexError(f"record {index} is past the end of {self.label} ({total} records)")
+        return self.files[i], index - (ends[i - 1] if i else 0)
+
+    def input_paths(self) -> list[str]:
+        """Every input file as a path/URL (for the no-overwrite check and provenance)."""
+        return [f.path for f in self.files]
+
+    def total_bytes(self) -> int:
+        """Sum of the input files' sizes (0 for a ``datasets`` object)."""
+        return sum(f.size() for f in self.files)
+
+    def digest(self) -> str:
+        """sha256 (64 hex digits) over every input file, in order: name, size and content.
+
+        JSON/JSONL files and any file up to 4 MiB are hashed whole; larger binary containers by size
+        plus their first and last MiB (Parquet's footer holds every row group's statistics and
+        offsets, so an edit almost always shows; hashing terabytes of image bytes at every start
+        would not be affordable). A ``datasets.Dataset`` uses its own content fingerprint, an
+        ``IterableDataset`` a hash of every record it yields. Memoised per (files, sizes, mtimes)
+        within the process, so the run and the extraction engine do not both read the data.
+        """
+        if self.dataset is not None:
+            h = hashlib.sha256(f"source\0{self.container}\0".encode())
+            fp = getattr(self.dataset, "_fingerprint", None)
+            h.update(str(fp if fp is not None else self._records_digest()).encode())
+            return h.hexdigest()
+        key = (self.container, tuple((f.path, *_stat_key(f)) for f in self.files))
+        hit = _DIGESTS.get(key)
+        if hit is not None:
+            return hit
+        h = hashlib.sha256(f"source\0{self.container}\0".encode())
+        whole = self.container in ("json", "jsonl")
+        for f in self.files:
+            size = f.size()
+            h.update(f"{f.name}\0{size}\0".encode())
+            with f.open() as fh:
+                if whole or size <= _HASH_WHOLE_MAX:
+                    for chunk in iter(lambda: fh.read(1 << 22), b""):
+                        h.update(chunk)
+                else:
+                    h.update(fh.read(_EDGE))
+                    fh.seek(size - _EDGE)
+                    h.update(fh.read(_EDGE))
+        if len(_DIGESTS) > 64:
+            _DIGESTS.clear()
+        _DIGESTS[key] = h.hexdigest()
+        return _DIGESTS[key]
+
+    def fingerprint(self) -> str:
+        """The first 32 hex digits of :meth:`digest` (what run state and manifests record)."""
+        return self.digest()[:32]
+
+    def _records_digest(self) -> str:
+        # an IterableDataset has no content fingerprint: hash what it yields (one extra pass)
+        h = hashlib.sha256()
+        for index, _line, record, _f, _l in self.iter_records():
+            h.update(repr(record).encode())
+        return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# resolution
+# --------------------------------------------------------------------------------------------------
+_GLOB_CHARS = set("*?[")
+
+
+def _is_url(s: str) -> bool:
+    head, sep, _ = s.partition("://")
+    return bool(sep) and head.replace("+", "").replace("-", "").isalnum() and len(head) > 1
+
+
+def _remote_fs(url: str):
+    try:
+        import fsspec
+    except ImportError:
+        raise DatasetError(f"--data {url!r} is a URL, which needs fsspec: pip install fsspec (plus the "
+                           "backend: s3fs, gcsfs or huggingface_hub)", reason="io", path=url) from None
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:
+        raise DatasetError(f"--data {url!r}: the backend for this URL is not installed ({_why(e)})",
+                           reason="io", path=url) from None
+    except Exception as e:
+        raise DatasetError(f"--data {url!r}: cannot open this URL ({_why(e)})", reason="io", path=url) from None
+
+
+def _has_ext(name: str, exts: set[str]) -> bool:
+    low = name.lower()
+    return any(low.endswith(e) for e in exts)
+
+
+def _dataset_dir_container(path: str) -> str | None:
+    for c in _CONTAINERS.values():
+        if c.is_dataset_dir is not None and c.is_dataset_dir(path):
+            return c.name
+    return None
+
+
+def _expand_one(item: str) -> list[InputFile]:
+    """Files named by one entry of ``--data``: a file, a directory, a glob, or a URL of any of those."""
+    exts = {e for c in _CONTAINERS.values() for e in c.extensions}
+    if _is_url(item) and not item.startswith("file://"):
+        fs, path = _remote_fs(item)
+        proto = item.split("://", 1)[0]
+
+        def url(p: str) -> str:
+            return p if "://" in p else f"{proto}://{p.lstrip('/') if proto == 'memory' else p}"
+
+        try:
+            if _GLOB_CHARS & set(path):
+                found = sorted(fs.glob(path))
+                return [InputFile(url(p), fs, p) for p in found if not fs.isdir(p)]
+            if fs.isdir(path):
+                found = sorted(p for p in fs.find(path) if _has_ext(p, exts)
+                               and not os.path.basename(p).startswith("."))
+                return [InputFile(url(p), fs, p) for p in found]
+            if not fs.exists(path):
+                raise DatasetError(f"--data {item!r}: no such file or directory at that URL", reason="io",
+                                   path=item)
+        except DatasetError:
+            raise
+        except Exception as e:  # network, credentials, permission: one line, never a traceback
+            raise DatasetError(f"--data {item!r}: cannot reach it ({_why(e)}); check the URL, your "
+                               "network and credentials", reason="io", path=item) from None
+        return [InputFile(item, fs, path)]
+    if item.startswith("file://"):
+        item = item[len("file://"):]
+    item = os.path.expanduser(item)
+    if _GLOB_CHARS & set(item) and not os.path.exists(item):
+        found = sorted(p for p in _glob.glob(item, recursive=True) if os.path.isfile(p))
+        return [InputFile(os.path.abspath(p), None, os.path.abspath(p)) for p in found]
+    if os.path.isdir(item):
+        if _dataset_dir_container(item) is not None:
+            p = os.path.abspath(item)
+            return [InputFile(p, None, p)]
+        found = []
+        for dirpath, dirnames, filenames in os.walk(item):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            found.extend(os.path.join(dirpath, f) for f in filenames
+                         if not f.startswith(".") and _has_ext(f, exts))
+        return [InputFile(os.path.abspath(p), None, os.path.abspath(p)) for p in sorted(found)]
+    p = os.path.abspath(item)
+    return [InputFile(p, None, p)]
+
+
+def is_hf_object(obj: Any) -> bool:
+    """Whether ``obj`` is a Hugging Face ``datasets`` object (checked without importing ``datasets``)."""
+    mod = type(obj).__module__ or ""
+    return mod.startswith("datasets.") and type(obj).__name__ in ("Dataset", "IterableDataset",
+                                                                  "DatasetDict", "IterableDatasetDict")
+
+
+def open_source(data: Any, format: str = "auto") -> DataSource:
+    """Resolve ``data`` into a :class:`DataSource`.
+
+    Parameters
+    ----------
+    data : str, path-like, list of those, DataSource, or datasets.Dataset / IterableDataset
+        A file, a directory (every file in it, recursively, whose name ends in a registered
+        container's extension, hidden files excluded; or a ``save_to_disk`` directory), a glob
+        (``data/train-*.parquet``), a URL of any of these, or a list of them.
+    format : str
+        A registered container name, or ``"auto"`` to recognise each file from its first bytes.
+
+    Returns
+    -------
+    DataSource
+        Files sorted by path (duplicates from overlapping list entries removed).
+
+    Raises
+    ------
+    DatasetError
+        Nothing matches (``reason="io"``), a file is missing or unreadable, the files are of
+        different containers (``reason="format"``), a URL cannot be reached.
+    """
+    if isinstance(data, DataSource):
+        return data
+    if format != "auto" and format not in _CONTAINERS:
+        raise ValueError(f"format must be 'auto' or one of {tuple(_CONTAINERS)}, got {format!r}")
+    if is_hf_object(data):
+        from .hf import hf_object_source
+
+        return hf_object_source(data)
+    items = list(data) if isinstance(data, (list, tuple)) else [data]
+    if not items:
+        raise DatasetError("--data is an empty list; pass at least one dataset file", reason="io")
+    files: dict[str, InputFile] = {}
+    for raw in items:
+        item = os.fspath(raw) if not isinstance(raw, str) else raw
+        found = _expand_one(item)
+        if not found:
+            kind = "glob" if _GLOB_CHARS & set(item) else "directory"
+            raise DatasetError(f"--data {item!r}: the {kind} matches no dataset file; check the path (known "
+                               f"file endings: {', '.join(sorted({e for c in _CONTAINERS.values() for e in c.extensions}))})",
+                               reason="io", path=item)
+        for f in found:
+            files.setdefault(f.path, f)
+    ordered = [files[k] for k in sorted(files)]
+    for f in ordered:
+        if f.local and not os.path.exists(f.path):
+            raise DatasetError(f"cannot open dataset {f.path!r}: no such file", reason="io", path=f.path)
+        if f.local and not (os.path.isfile(f.path) or _dataset_dir_container(f.path)):
+            raise DatasetError(f"--data {f.path!r} is not a file", reason="io", path=f.path)
+    if format != "auto":
+        container = format
+    else:
+        kinds: dict[str, InputFile] = {}
+        nonempty = []
+        for f in ordered:
+            try:
+                kind = _dataset_dir_container(f.path) if f.local and os.path.isdir(f.path) else _sniff(f)
+            except DatasetError as e:
+                if e.reason == "empty" and len(ordered) > 1:
+                    continue  # an empty shard holds zero records; the others decide the container
+                raise
+            kinds.setdefault(kind, f)
+            nonempty.append(f)
+        if not kinds:
+            raise DatasetError(f"every file of --data {items[0]!r} is empty (no records)", reason="empty",
+                               path=ordered[0].path)
+        ordered = nonempty
+        if len(kinds) > 1:
+            shown = "; ".join(f"{k}: {f.path}" for k, f in kinds.items())
+            raise DatasetError(f"--data mixes containers ({shown}); one input must be all one kind. Pass the "
+                               "files of one kind only", reason="format", path=next(iter(kinds.values())).path)
+        container = next(iter(kinds))
+    label = items[0] if len(items) == 1 else f"{len(items)} inputs"
+    label = str(label) + (f" ({len(ordered)} files)" if len(ordered) > 1 else "")
+    return DataSource(ordered, container, label)
+
+
+def input_files(data: Any, format: str = "auto") -> list[str]:
+    """Every input file of ``data`` (as :func:`open_source` resolves it): what an output must never be."""
+    return open_source(data, format).input_paths()

@@ -1,0 +1,389 @@
+"""Dataset inputs as they ship at scale: embedded images, the Cauldron flavour, sharded inputs (dir, glob,
+list), fsspec URLs, the streaming JSON reader, Hugging Face ``datasets``, and the bad inputs of each.
+
+References are slow and obvious: whole-file ``json.loads``, each shard read on its own and concatenated,
+``pyarrow.parquet.read_table``. Remote reads use fsspec's real ``memory://`` filesystem.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from scalselect_fast.data import (DatasetError, EmbeddedImage, ImageError, SkipLog, count_records, input_files,
+                                  iter_records, load_image, open_source, read_dataset)
+from scalselect_fast.data import readers
+from scalselect_fast.run.fingerprints import data_fingerprint
+
+
+def _png_bytes(colour=(200, 30, 30), size=(8, 6), fmt="PNG") -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+RED, BLUE = _png_bytes(), _png_bytes((10, 10, 240), (5, 7))
+
+
+def _conv(q="What is this?", a="A thing."):
+    return [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+
+
+def _write_parquet(path, rows, schema=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return path
+
+
+def _write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# embedded images and flavours
+# --------------------------------------------------------------------------------------------------
+def test_parquet_image_struct_list_binary_and_path_only(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "p.png").write_bytes(BLUE)
+    rows = [
+        {"id": "one", "image": {"bytes": RED, "path": "red.png"}, "conversations": _conv()},
+        {"id": "nameless", "image": {"bytes": BLUE, "path": None}, "conversations": _conv()},
+        {"id": "pathonly", "image": {"bytes": None, "path": "img/p.png"}, "conversations": _conv()},
+    ]
+    p1 = _write_parquet(tmp_path / "structs.parquet", rows)
+    s = list(read_dataset(p1))
+    assert [x.id for x in s] == ["one", "nameless", "pathonly"]
+    assert s[0].images == [EmbeddedImage(RED, "red.png")]
+    assert s[1].images == [EmbeddedImage(BLUE, "structs.parquet#1/image0")]
+    assert s[2].images == [str((tmp_path / "img" / "p.png").resolve())]  # a struct with a path only is a path
+    assert s[0].messages[0]["content"] == "<image>\nWhat is this?"
+    assert load_image(s[0].images[0]).getpixel((0, 0)) == (200, 30, 30)
+    assert load_image(s[2].images[0]).size == (5, 7)
+
+    # list of structs (multi-image), placeholders map to the images in list order
+    multi = [{"id": "m", "images": [{"bytes": RED, "path": None}, {"bytes": BLUE, "path": None}],
+              "conversations": [{"from": "human", "value": "first <image> then <image>?"},
+                                {"from": "gpt", "value": "ok"}]}]
+    (m,) = read_dataset(_write_parquet(tmp_path / "multi.parquet", multi))
+    assert [load_image(i).size for i in m.images] == [(8, 6), (5, 7)]
+    assert m.to_chat()[0]["content"][1]["path"] is m.images[0]
+
+    # a plain binary column
+    schema = pa.schema([("id", pa.string()), ("image", pa.binary()),
+                        ("conversations", pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())])))])
+    (b,) = read_dataset(_write_parquet(tmp_path / "bin.parquet", [{"id": "b", "image": BLUE,
+                                                                    "conversations": _conv()}], schema))
+    assert isinstance(b.images[0], EmbeddedImage) and b.images[0].data == BLUE
+
+
+def test_cauldron_flavour(tmp_path):
+    rows = [{"images": [{"bytes": RED, "path": None}, {"bytes": BLUE, "path": None}], "id": 7,
+             "texts": [{"user": "Describe.", "assistant": "Red and blue.", "source": "vqav2"},
+                       {"user": "Sure?", "assistant": "Yes."}]}]
+    (s,) = read_dataset(_write_parquet(tmp_path / "c.parquet", rows))
+    assert s.id == "7" and s.source == "vqav2" and len(s.images) == 2
+    assert s.messages == [{"role": "user", "content": "<image>\n<image>\nDescribe."},
+                          {"role": "assistant", "content": "Red and blue."},
+                          {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Yes."}]
+
+
+def test_embedded_bad_images_skip_with_reason(tmp_path):
+    rows = [{"id": "ok", "image": {"bytes": RED, "path": None}, "conversations": _conv()},
+            {"id": "null", "image": {"bytes": None, "path": None}, "conversations": _conv()},
+            {"id": "bad", "image": {"bytes": b"not an image at all", "path": None}, "conversations": _conv()},
+            {"id": "cut", "image": {"bytes": _png_bytes(size=(64, 64), fmt="JPEG")[:200], "path": None},
+             "conversations": _conv()}]
+    p = _write_parquet(tmp_path / "d.parquet", rows)
+    with pytest.raises(DatasetError, match=r"record 1 \(id 'null'\).*neither bytes nor a path") as ei:
+        list(read_dataset(p))
+    assert ei.value.reason == "image_empty" and "\n" not in str(ei.value)
+    with SkipLog(tmp_path / "skipped.jsonl") as log:
+        samples = list(read_dataset(p, skip_log=log))
+    assert [s.id for s in samples] == ["ok", "bad", "cut"]
+    (entry,) = log.entries()
+    assert entry["reason"] == "image_empty" and entry["id"] == "null" and entry["index"] == 1
+    # undecodable bytes fail when the pixels are needed, with the same reasons as files
+    with pytest.raises(ImageError) as e1:
+        load_image(samples[1].images[0])
+    assert e1.value.reason == "image_corrupt" and e1.value.path == "d.parquet#2/image0"
+    with pytest.raises(ImageError) as e2:
+        load_image(samples[2].images[0])
+    assert e2.value.reason in ("image_truncated", "image_corrupt")
+
+
+# --------------------------------------------------------------------------------------------------
+# sharded inputs
+# --------------------------------------------------------------------------------------------------
+def _shards(tmp_path, sizes=(3, 1, 4)):
+    """Parquet shards train-00000..; returns the paths and every row in global order."""
+    paths, rows, k = [], [], 0
+    for j, n in enumerate(sizes):
+        part = [{"id": f"s{k + i}", "image": {"bytes": RED if (k + i) % 2 else BLUE, "path": None},
+                 "conversations": _conv(f"q{k + i}")} for i in range(n)]
+        k += n
+        paths.append(_write_parquet(tmp_path / "data" / f"train-{j:05d}-of-{len(sizes):05d}.parquet", part))
+        rows += part
+    (tmp_path / "data" / "README.md").write_text("# not data\n")
+    return paths, rows
+
+
+def _reference(paths):
+    """Each shard read on its own (pyarrow), concatenated: (global index, id, text of the question)."""
+    out = []
+    for p in sorted(map(str, paths)):
+        for r in pq.read_table(p).to_pylist():
+            out.append((len(out), r["id"], r["conversations"][0]["value"], r["image"]["bytes"]))
+    return out
+
+
+@pytest.mark.parametrize("how", ["dir", "glob", "list", "list-reversed"])
+def test_sharded_inputs_global_order(tmp_path, how):
+    paths, _ = _shards(tmp_path)
+    data = {"dir": str(tmp_path / "data"), "glob": str(tmp_path / "data" / "train-*.parquet"),
+            "list": [str(p) for p in paths], "list-reversed": [str(p) for p in paths[::-1]]}[how]
+    got = [(s.index, s.id, s.messages[0]["content"].split("\n", 1)[1], s.images[0].data)
+           for s in read_dataset(data)]
+    assert got == _reference(paths)
+    assert count_records(data) == 8 and [i for i, _l, _r in iter_records(data)] == list(range(8))
+    assert input_files(data) == sorted(str(p) for p in paths)
+    src = open_source(data)
+    assert src.locate(3) == (src.files[1], 0) and src.locate(7) == (src.files[2], 3)
+
+
+def test_sharded_jsonl_lines_are_per_file_and_skips_name_the_file(tmp_path):
+    a = _write_jsonl(tmp_path / "a.jsonl", [{"id": "a0", "conversations": _conv()}, {"id": "a1"}])
+    b = _write_jsonl(tmp_path / "b.jsonl", [{"id": "b0", "conversations": _conv()}, {"id": "b1"}])
+    with SkipLog(tmp_path / "s.jsonl") as log:
+        got = [(s.id, s.index, s.line) for s in read_dataset([str(b), str(a)], skip_log=log)]
+    assert got == [("a0", 0, 1), ("b0", 2, 1)]
+    assert [(e["id"], e["index"], e["line"], e["file"]) for e in log.entries()] == [
+        ("a1", 1, 2, str(a)), ("b1", 3, 2, str(b))]
+    with pytest.raises(DatasetError, match=r"a\.jsonl: record 1 \(line 2\) \(id 'a1'\)"):
+        list(read_dataset(tmp_path / "*.jsonl"))
+
+
+def test_duplicate_ids_across_shards(tmp_path):
+    _write_jsonl(tmp_path / "a.jsonl", [{"id": "x", "conversations": _conv()}, {"id": "dup", "conversations": _conv()}])
+    _write_jsonl(tmp_path / "b.jsonl", [{"id": "y", "conversations": _conv()}, {"id": "dup", "conversations": _conv()}])
+    with pytest.raises(DatasetError) as ei:
+        list(read_dataset(str(tmp_path / "*.jsonl")))
+    msg = str(ei.value)
+    assert ei.value.reason == "duplicate_id" and "\n" not in msg
+    assert "record 1 (line 2) of " + str(tmp_path / "a.jsonl") in msg and "b.jsonl" in msg
+
+
+def test_bad_sharded_inputs_one_line_errors(tmp_path):
+    with pytest.raises(DatasetError, match="glob matches no dataset file") as ei:
+        list(read_dataset(str(tmp_path / "nothing-*.parquet")))
+    assert ei.value.reason == "io"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="directory matches no dataset file"):
+        count_records(tmp_path / "empty")
+    # mixed containers
+    _write_jsonl(tmp_path / "mix" / "a.jsonl", [{"id": "a", "conversations": _conv()}])
+    _write_parquet(tmp_path / "mix" / "b.parquet", [{"id": "b", "conversations": _conv()}])
+    with pytest.raises(DatasetError, match="mixes containers") as ei:
+        count_records(tmp_path / "mix")
+    assert ei.value.reason == "format"
+    # shards with different schemas
+    _write_parquet(tmp_path / "sch" / "a.parquet", [{"id": "a", "conversations": _conv()}])
+    _write_parquet(tmp_path / "sch" / "b.parquet", [{"id": 1, "conversations": _conv(), "extra": 1.5}])
+    for call in (lambda: count_records(tmp_path / "sch"), lambda: list(read_dataset(tmp_path / "sch"))):
+        with pytest.raises(DatasetError, match="different schemas") as ei:
+            call()
+        msg = str(ei.value)
+        assert "columns only in the second: ['extra']" in msg and "column 'id' is string vs int64" in msg
+        assert "\n" not in msg
+
+
+def test_fingerprint_covers_every_file(tmp_path):
+    paths, _ = _shards(tmp_path)
+    glob = str(tmp_path / "data" / "train-*.parquet")
+    fp = data_fingerprint(glob, None)
+    assert fp == data_fingerprint([str(p) for p in paths[::-1]], None) == data_fingerprint(tmp_path / "data", None)
+    rows = pq.read_table(paths[1]).to_pylist()
+    rows[0]["conversations"][0]["value"] = "changed"
+    _write_parquet(paths[1], rows)  # the middle shard only
+    assert data_fingerprint(glob, None) != fp
+    _write_parquet(tmp_path / "data" / "train-00003-of-00003.parquet", rows)
+    assert data_fingerprint(glob, None) != data_fingerprint([str(p) for p in paths], None)
+
+
+# --------------------------------------------------------------------------------------------------
+# streaming JSON: identical to the whole-text parser at every chunk size
+# --------------------------------------------------------------------------------------------------
+def _stream(path):
+    with open(path, "rb") as fh:
+        return list(readers._iter_json_stream(fh, str(path)))
+
+
+def _whole(path):
+    text = readers._read_text(str(path))
+    return [(i, ln, obj) for i, ln, _s, _e, obj in readers._iter_json_list(text, str(path))]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 64, 1 << 20])
+def test_json_stream_matches_whole_parse(tmp_path, monkeypatch, chunk):
+    monkeypatch.setattr(readers._JsonStream, "CHUNK", chunk)
+    recs = [{"id": f"r{i}", "n": 12345678 * i, "t": "é\u00e9 \\\" x" * (i % 3), "conversations": _conv()}
+            for i in range(9)]
+    p = tmp_path / "d.json"
+    for text in (json.dumps(recs, indent=2), json.dumps(recs), "\ufeff" + json.dumps(recs, indent=1) + "\n\n",
+                 "[]", " [ 1 , 22 ,333]"):
+        p.write_text(text, encoding="utf-8")
+        assert _stream(p) == _whole(p)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 1 << 20])
+@pytest.mark.parametrize("text", [
+    '[\n  {"id": "a"},\n  {"id": "b",, "x": 1}\n]',      # malformed inside a record
+    '[\n  {"id": "a"},\n  {"id": "b"}\n',                # truncated: no closing bracket
+    '[\n  {"id": "a"},\n  {"id": "b", "t": "open\n',     # truncated inside a string
+    '[{"id": "a"} {"id": "b"}]',                         # missing comma
+    '[{"id": "a"}] trailing',                            # extra data
+    '{"id": "a"}',                                       # a JSON object, not a list
+])
+def test_json_stream_errors_match_whole_parse(tmp_path, monkeypatch, chunk, text):
+    monkeypatch.setattr(readers._JsonStream, "CHUNK", chunk)
+    p = tmp_path / "d.json"
+    p.write_text(text)
+    with pytest.raises(DatasetError) as whole:
+        _whole(p)
+    with pytest.raises(DatasetError) as streamed:
+        _stream(p)
+    assert str(streamed.value) == str(whole.value)
+    assert (streamed.value.index, streamed.value.line) == (whole.value.index, whole.value.line)
+
+
+# --------------------------------------------------------------------------------------------------
+# remote (fsspec memory://)
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def memfs():
+    fsspec = pytest.importorskip("fsspec")
+    fs = fsspec.filesystem("memory")
+    root = "/scalselect-test"
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+    yield fs, root
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+def test_remote_parquet_jsonl_json(tmp_path, memfs):
+    fs, root = memfs
+    paths, _ = _shards(tmp_path)
+    for p in paths:
+        fs.pipe(f"{root}/pq/{p.name}", p.read_bytes())
+    local = [(s.index, s.id, s.images[0].data) for s in read_dataset(tmp_path / "data")]
+    for data in (f"memory://{root}/pq/train-*.parquet", f"memory://{root}/pq",
+                 [f"memory://{root}/pq/{p.name}" for p in paths]):
+        assert [(s.index, s.id, s.images[0].data) for s in read_dataset(data)] == local
+        assert count_records(data) == 8
+    assert data_fingerprint(f"memory://{root}/pq", None) == data_fingerprint(tmp_path / "data", None)
+    recs = [{"id": f"j{i}", "image": {"bytes": RED, "path": None}, "conversations": _conv()} for i in range(3)]
+    texts = {"d.jsonl": "".join(json.dumps({**r, "image": None}) + "\n" for r in recs),
+             "d.json": json.dumps([{**r, "image": None} for r in recs], indent=2)}
+    for name, text in texts.items():
+        fs.pipe(f"{root}/{name}", text.encode())
+        (tmp_path / name).write_text(text)
+        got = [(s.index, s.id, s.line, s.messages) for s in read_dataset(f"memory://{root}/{name}")]
+        assert got == [(s.index, s.id, s.line, s.messages) for s in read_dataset(tmp_path / name)]
+        assert len(got) == 3
+
+
+def test_remote_paths_need_image_root_and_bad_urls_are_one_line(memfs):
+    fs, root = memfs
+    fs.pipe(f"{root}/p.jsonl", (json.dumps({"id": "a", "image": "x.png", "conversations": _conv()}) + "\n").encode())
+    with pytest.raises(DatasetError, match="is remote; pass --image-root"):
+        list(read_dataset(f"memory://{root}/p.jsonl"))
+    for url, needle in ((f"memory://{root}/missing.json", "no such file"),
+                        (f"memory://{root}/nothing-*.json", "glob matches no dataset file"),
+                        ("nosuchproto://bucket/x.parquet", "cannot open this URL")):
+        with pytest.raises(DatasetError, match=needle) as ei:
+            list(read_dataset(url))
+        assert "\n" not in str(ei.value) and ei.value.reason == "io"
+
+
+# --------------------------------------------------------------------------------------------------
+# Hugging Face datasets
+# --------------------------------------------------------------------------------------------------
+def _hf_dataset():
+    datasets = pytest.importorskip("datasets")
+    rows = {"id": ["h0", "h1", "h2"],
+            "image": [{"bytes": RED, "path": None}, {"bytes": BLUE, "path": "blue.png"}, {"bytes": RED, "path": None}],
+            "conversations": [_conv(f"q{i}") for i in range(3)]}
+    return datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
+
+
+def _summary(samples):
+    return [(s.index, s.id, s.messages, [i.data for i in s.images]) for s in samples]
+
+
+def test_hf_dataset_object_disk_and_iterable(tmp_path):
+    ds = _hf_dataset()
+    want = _summary(read_dataset(_write_parquet(tmp_path / "ref.parquet", [
+        {"id": f"h{i}", "image": {"bytes": b, "path": None}, "conversations": _conv(f"q{i}")}
+        for i, b in enumerate((RED, BLUE, RED))])))
+    assert _summary(read_dataset(ds)) == want
+    assert count_records(ds) == 3
+    ds.save_to_disk(str(tmp_path / "saved"))
+    assert open_source(tmp_path / "saved").container == "datasets"
+    assert _summary(read_dataset(tmp_path / "saved")) == want and count_records(tmp_path / "saved") == 3
+    it = ds.to_iterable_dataset()
+    assert _summary(read_dataset(it)) == want and count_records(it) == 3
+    assert data_fingerprint(ds, None) == data_fingerprint(ds, None)
+    from datasets import DatasetDict
+
+    DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(DatasetError, match=r"DatasetDict with splits \['train'\]; pass one split"):
+        count_records(tmp_path / "dd")
+
+
+# --------------------------------------------------------------------------------------------------
+# end to end: `scalselect run` on an embedded-image Parquet selects what it selects on the LLaVA JSON
+# --------------------------------------------------------------------------------------------------
+def test_run_on_embedded_parquet_matches_json(tmp_path):
+    pytest.importorskip("scalselect_fast.extract.tiny")
+    import hashlib
+
+    from scalselect_fast import cli
+    from scalselect_fast.data.demo import make_demo_dataset
+    from scalselect_fast.extract.tiny import build_tiny_model
+
+    data_dir = tmp_path / "demo"
+    make_demo_dataset(data_dir, n=24, seed=5)
+    model = build_tiny_model("llava", tmp_path / "tiny", seed=0)
+    records = json.loads((data_dir / "demo.json").read_text())
+    rows = [{"id": r["id"], "conversations": r["conversations"],
+             "image": {"bytes": (data_dir / r["image"]).read_bytes(), "path": None} if r.get("image") else None}
+            for r in records]
+    rows += [{"id": "null-struct", "conversations": _conv(), "image": {"bytes": None, "path": None}},
+             {"id": "corrupt", "conversations": _conv(), "image": {"bytes": b"\x89PNG garbage", "path": None}}]
+    emb = _write_parquet(tmp_path / "emb" / "train.parquet", rows)
+    emb_sha = hashlib.sha256(emb.read_bytes()).hexdigest()
+
+    common = ["--model", str(model), "--budget", "6", "--shard-size", "8", "--batch-size", "4", "--quiet",
+              "--no-plan-check"]
+    assert cli.main(["run", "--data", str(data_dir / "demo.json"), "--image-root", str(data_dir),
+                     "--out", str(tmp_path / "a"), *common]) == 0
+    assert cli.main(["run", "--data", str(emb), "--out", str(tmp_path / "b"), *common]) == 0
+
+    want = [r["id"] for r in json.loads((tmp_path / "a" / "selected.json").read_text())]
+    got = pq.read_table(tmp_path / "b" / "selected.parquet").column("id").to_pylist()
+    assert len(want) == 6 and got == want
+    kept = pq.read_table(tmp_path / "b" / "selected.parquet").to_pylist()
+    by_id = {r["id"]: r for r in rows}
+    assert all(k["image"] == by_id[k["id"]]["image"] for k in kept)  # image bytes kept as they were
+    skipped = {json.loads(x)["id"]: json.loads(x)["reason"]
+               for x in (tmp_path / "b" / "skipped.jsonl").read_text().splitlines()}
+    assert skipped["null-struct"] == "image_empty" and skipped["corrupt"] == "image_corrupt"
+    assert hashlib.sha256(emb.read_bytes()).hexdigest() == emb_sha  # the input is never written
