@@ -59,7 +59,8 @@ class RunState:
                 what = {"model": "the model files", "data": "the dataset file or image root",
                         "extract": "extraction settings (layer, threshold, instruction, max length, dtype, "
                                    "device, batch/shard size)",
-                        "fit": "subspace settings (energy, k, solver, seed)"}
+                        "fit": "subspace settings (energy, k, solver, seed, standardize, l2-normalize, "
+                               "drop-invalid, fit device)"}
                 changed = [what[k] for k in diff if not (k == "extract" and ("model" in diff or "data" in diff))
                            and not (k == "fit" and len(diff) > 1)]
                 raise RunError(
