@@ -226,8 +226,10 @@ def add_extract_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layer", type=int, default=0, help="decoder layer (0-based) [0]")
     p.add_argument("--threshold", type=float, default=0.9, help="cumulative attention mass to keep [0.9]")
     p.add_argument("--batch-size", type=int, default=8, help="samples per forward pass [8]")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="compute dtype [bf16]")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto [auto]")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="model compute dtype; auto = bf16 on a GPU that supports it, fp32 on CPU [auto]")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (the GPU when one is usable, "
+                                                    "else cpu) [auto]")
     p.add_argument("--device-map", default=None, help="transformers device_map (e.g. auto) for models that "
                                                       "do not fit one device")
     p.add_argument("--instruction", default="all", choices=["all", "user"],
@@ -410,8 +412,9 @@ def add_run_command(sub: argparse._SubParsersAction) -> None:
                    help="where the fit's products run: cuda needs CuPy and a GPU, auto uses one when usable "
                         "(cpu, as `scalselect fit`)")
     g.add_argument("--batch-size", type=int, help="extraction batch size (8)")
-    g.add_argument("--device", help="cpu, cuda, cuda:1 (cpu)")
-    g.add_argument("--dtype", help="model dtype: float32, bfloat16, float16 (float32)")
+    g.add_argument("--device", help="cpu, cuda, cuda:1 or auto: the GPU when one is usable, else cpu (auto)")
+    g.add_argument("--dtype", help="model dtype: auto (bf16 on a GPU that supports it, float32 on CPU), "
+                                   "float32, bfloat16, float16 (auto)")
     g.add_argument("--store-dtype", choices=["float16", "bfloat16", "float32"],
                    help="representation store dtype (float16)")
     g.add_argument("--shard-size", type=int, help="samples per representation shard / checkpoint (4096)")

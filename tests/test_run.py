@@ -517,3 +517,32 @@ def test_first_shard_all_text_only_still_fits(env, tmp_path):
     assert report["n_valid"] == sum(1 for r in records if "image" in r) == 30  # demo records 10, 32 are text-only too
     selected = {r["id"] for r in json.loads((out / "selected.json").read_text())}
     assert selected and not selected & {r["id"] for r in records[:SHARD]}
+
+
+def test_run_and_extract_default_to_auto_device_and_dtype(env, monkeypatch):
+    """Both commands default to --device auto --dtype auto; auto is made concrete before the
+    fingerprints: here (no GPU) cpu + fp32, on a bf16-capable GPU cuda + bf16."""
+    import torch
+
+    from scalselect_fast.extract.model import resolve_dtype
+    from scalselect_fast.run.stages import _resolve_auto_device
+
+    parser = cli.build_parser()
+    ex = parser.parse_args(["extract", "--model", "m", "--data", "d.json", "--out", "o"])
+    assert (ex.device, ex.dtype) == ("auto", "auto")
+    cfg = make_config(model="m", data="d.json", out="o")
+    assert (cfg.device, cfg.dtype) == ("auto", "auto")
+    assert "auto" in parser._subparsers._group_actions[0].choices["run"].format_help()
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    explicit = make_config(model="m", data="d.json", out="o", device="cpu", dtype="bf16")
+    assert _resolve_auto_device(explicit) is explicit  # explicit settings are kept as given
+    if not torch.cuda.is_available():
+        r = _resolve_auto_device(cfg)
+        assert (r.device, r.dtype) == ("cpu", "fp32")
+        # the GPU branch of the rule, with torch told a bf16-capable GPU is present
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+        r = _resolve_auto_device(cfg)
+        assert (r.device, r.dtype) == ("cuda", "bf16")
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+        assert _resolve_auto_device(cfg).dtype == "fp32"

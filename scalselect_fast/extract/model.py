@@ -40,15 +40,22 @@ class UnsupportedModelError(R.ExtractError):
     """The model type, layer or setting cannot be used for extraction (message says what to do)."""
 
 
-def resolve_dtype(dtype):
-    """``"bf16"|"fp16"|"fp32"`` (or a torch dtype) -> torch dtype."""
+def resolve_dtype(dtype, device: str | None = "auto"):
+    """``"auto"|"bf16"|"fp16"|"fp32"`` (or a torch dtype) -> torch dtype.
+
+    ``auto`` is bfloat16 on a CUDA device that supports it (``device``, resolved as
+    :func:`resolve_device` does) and float32 otherwise (CPU, or a GPU without bf16).
+    """
     import torch
 
     if isinstance(dtype, torch.dtype):
         return dtype
+    if str(dtype).lower() == "auto":
+        dev = resolve_device(device)
+        return torch.bfloat16 if dev.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
     name = _DTYPES.get(str(dtype).lower())
     if name is None:
-        raise ValueError(f"unknown dtype {dtype!r}; use bf16, fp16 or fp32")
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, bf16, fp16 or fp32")
     return getattr(torch, name)
 
 
@@ -341,7 +348,8 @@ def load_vlm(model, layer: int = 0, dtype="fp32", device: str | None = "auto", d
         already-built :class:`VLM` (returned as is).
     layer : int
         Decoder layer ℓ (0-based). Must be < the checkpoint's depth.
-    dtype : {"bf16", "fp16", "fp32"} or torch.dtype
+    dtype : {"auto", "bf16", "fp16", "fp32"} or torch.dtype
+        ``auto``: bf16 on a GPU that supports it, float32 on CPU.
     device : {"auto", "cpu", "cuda", "cuda:N"}
         Ignored when ``device_map`` is given.
     device_map : str or dict, optional
@@ -383,7 +391,7 @@ def load_vlm(model, layer: int = 0, dtype="fp32", device: str | None = "auto", d
                                     f"(choose --layer between 0 and {depth - 1})")
     if truncate and layer + 1 < depth:
         _truncate_text_config(text_cfg, layer + 1)
-    torch_dtype = resolve_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype, device)
     kw = dict(config=config, dtype=torch_dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code)
     if device_map is not None:
         kw["device_map"] = device_map

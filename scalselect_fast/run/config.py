@@ -40,8 +40,8 @@ class RunConfig:
     drop_invalid: bool = False
     fit_device: str = "cpu"
     batch_size: int = 8
-    device: str = "cpu"
-    dtype: str = "fp32"
+    device: str = "auto"
+    dtype: str = "auto"
     store_dtype: str = "float16"
     shard_size: int = 4096
     instruction: str = "all"

@@ -518,6 +518,26 @@ def _preflight(cfg: RunConfig, out: Path, events: Events, plan_only: bool, sourc
     return est
 
 
+def _resolve_auto_device(cfg: RunConfig) -> RunConfig:
+    """``--device auto`` / ``--dtype auto`` made concrete before anything depends on them.
+
+    auto device = the GPU when torch sees one, else cpu; auto dtype = bf16 on a GPU that supports
+    it, else fp32. The fingerprints, the plan and the report then name what actually ran, so a run
+    resumed on a machine that resolves differently is refused instead of mixing precisions.
+    """
+    if cfg.device not in (None, "auto") and str(cfg.dtype).lower() != "auto":
+        return cfg
+    from ..extract.model import resolve_device, resolve_dtype
+
+    device = resolve_device(cfg.device) if cfg.device in (None, "auto") else cfg.device
+    dtype = cfg.dtype
+    if str(dtype).lower() == "auto":
+        import torch
+
+        dtype = "bf16" if resolve_dtype("auto", device) == torch.bfloat16 else "fp32"
+    return dataclasses.replace(cfg, device=device, dtype=dtype)
+
+
 def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, report_extra=None):
     """Run (or resume) the whole job. Returns a :class:`RunResult` (or the plan with ``plan_only``).
 
@@ -529,6 +549,7 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
         (``DatasetError``, ``UnsupportedModelError``, ...), whose messages name the file and sample.
     """
     cfg.validate()
+    cfg = _resolve_auto_device(cfg)
     events = events or Events(cfg.quiet, cfg.log_json)
     out = Path(cfg.out).expanduser()
     from ..data.sources import open_source
