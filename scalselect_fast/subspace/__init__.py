@@ -52,9 +52,8 @@ Dask fit (exact, no l2)::
     shift = first_block_mean                       # any shift close to μ (merge re-shifts exactly)
     parts = [GramAccumulator(d, shift).update_shard(src, shard) for shard in src.shards]
     acc = tree_reduce(parts, GramAccumulator.merge)  # fixed tree: bit-identical to fit_subspace
-    fields = subspace_from_gram(acc.centred_gram(), n=acc.n, mean=acc.mean, scale=None,
-                                l2_normalize=False, energy=0.9, k=None)
-    sub = Subspace(solver="exact", passes=1, **fields)
+    sub = finish_exact(acc, energy=0.9, k=None, standardize=False, src_name="reps/",
+                       compute_dtype=np.float32)     # the one exact-fit finisher
 
 Array namespace
 ---------------
