@@ -67,8 +67,9 @@ def test_run_fit_selects_what_its_old_sequential_loop_selected(store):
     fit_subspace (per-shard partials, tree reduction). The selection is the same."""
     src = open_source(store)
     acc = GramAccumulator(src.d, _first_block_mean(src, 4096))
-    for shard in src.shards:
-        acc.update_shard(src, shard, verify=True)
+    for shard in src.shards:  # the old loop: every block of every shard into one accumulator, in order
+        for _, block in src.iter_shard_blocks(shard, 16384, verify=True):
+            acc.update_block(block, src.is_bf16)
     fields = subspace_from_gram(acc.centred_gram(), n=acc.n, mean=acc.mean, scale=None, l2_normalize=False,
                                 energy=0.9, k=None)
     old = Subspace(solver="exact", passes=1, **fields)

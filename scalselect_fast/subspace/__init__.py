@@ -47,11 +47,18 @@ Accumulators for distributed fits
 objects with ``update(block)``, ``merge(other)`` and a finaliser. ``merge`` is associative and
 commutative up to float64 rounding (partials with different shifts are re-shifted exactly), so a
 tree reduction of per-shard partials equals one sequential pass to ~1e-12 relative. Recipe for a
-Dask fit (exact, no l2)::
+cluster fit (exact, no l2; :mod:`scalselect_fast.distributed` runs the fit's own per-shard pass,
+with invalid-row handling, as its tasks)::
 
     shift = first_block_mean                       # any shift close to μ (merge re-shifts exactly)
-    parts = [GramAccumulator(d, shift).update_shard(src, shard) for shard in src.shards]
-    acc = tree_reduce(parts, GramAccumulator.merge)  # fixed tree: bit-identical to fit_subspace
+
+    def shard_partial(shard):                      # one task per shard
+        part = GramAccumulator(d, shift)
+        for _, block in src.iter_shard_blocks(shard):
+            part.update_block(block, src.is_bf16)
+        return part
+
+    acc = tree_reduce(map(shard_partial, src.shards), GramAccumulator.merge)  # the tree fit_subspace builds
     sub = finish_exact(acc, energy=0.9, k=None, standardize=False, src_name="reps/",
                        compute_dtype=np.float32)     # the one exact-fit finisher
 

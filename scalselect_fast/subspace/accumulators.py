@@ -7,10 +7,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from ..store import DEFAULT_BLOCK_ROWS, DEFAULT_PREFETCH, MatrixSource
 from .backends import _device_gram_product, _device_syrk, _namespace, _xp_module, _xp_name
-from .result import InvalidRowsError, SubspaceError
-from .rows import _bad_rows_in, describe_rows
+from .result import SubspaceError
 
 #: rows per BLAS product inside a block; bounds the float32 rounding of each partial Gram (its
 #: error grows with the inner dimension) while keeping the product large enough to run at speed.
@@ -205,27 +203,6 @@ class GramAccumulator(MomentAccumulator):
             self.add_chunk(chunk, g, chunk.shape[0])
         if n_rows is not None:
             self.n += int(n_rows) - m
-        return self
-
-    def update_shard(self, src: MatrixSource, shard, block_rows: int = DEFAULT_BLOCK_ROWS,
-                     verify: bool = False) -> "GramAccumulator":
-        """Stream one shard of ``src`` into this accumulator (the per-shard map of a tree reduction).
-
-        Non-finite rows raise :class:`InvalidRowsError`.
-        """
-        be = _namespace(self._xp_name)
-        buf = be.xp.empty((min(block_rows, max(shard.count, 1)), self.d),
-                          np.float64 if src.dtype == "float64" else np.float32)
-        for off, block in src.iter_shard_blocks(shard, block_rows, verify, prefetch=DEFAULT_PREFETCH):
-            b = be.shift_block(block, self.shift, buf[:block.shape[0]], src.is_bf16)
-            for a in range(0, b.shape[0], GRAM_CHUNK_ROWS):
-                chunk = b[a:a + GRAM_CHUNK_ROWS]
-                g = self.chunk_gram(chunk)
-                if not bool(self.xp.isfinite(self.xp.diagonal(g)).all()):
-                    rows = off + a + _bad_rows_in(chunk)
-                    raise InvalidRowsError(f"{rows.size} row(s) with NaN/inf: {describe_rows(src, rows)}; "
-                                           f"fix them or fit with drop_invalid=True", rows)
-                self.add_chunk(chunk, g, chunk.shape[0])
         return self
 
     def merge(self, other: "GramAccumulator") -> "GramAccumulator":
