@@ -21,6 +21,7 @@ _LAZY = {
     "UnsupportedModelError": "scalselect_fast.extract.model",
     "KNOWN_FAMILIES": "scalselect_fast.extract.model",
     "build_tiny_model": "scalselect_fast.extract.tiny",
+    "build_shaped_model": "scalselect_fast.extract.tiny",
     "ChatTemplateError": "scalselect_fast.extract.roles",
     "ExtractError": "scalselect_fast.extract.roles",
     "SampleError": "scalselect_fast.extract.roles",

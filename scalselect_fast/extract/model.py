@@ -6,11 +6,14 @@ the generic path (its processor expands the image tokens; its language model mus
 ``layers``). Anything else is refused with a clear error.
 
 Early exit has two halves. At load time the text config's ``num_hidden_layers`` is lowered to ℓ+1, so
-the weights of layers > ℓ are never read from disk nor allocated. At run time a hook on layer ℓ stops
-the forward pass (see :mod:`.hook`), so neither the remaining layers nor the LM head run.
+the weights of layers > ℓ are never read from disk nor allocated; the known families load their base
+``*Model`` class, so the LM head (never run) is not allocated either, and LLaVA's vision tower keeps
+only the layers up to its ``vision_feature_layer``. At run time a hook on layer ℓ stops the forward
+pass (see :mod:`.hook`), so neither the remaining layers nor the LM head run.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -32,6 +35,9 @@ KNOWN_FAMILIES = {
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
 }
+#: the classes extraction loads: vision tower + projector + decoder, without the LM head it never runs
+BASE_CLASSES = {"llava": "LlavaModel", "qwen2_vl": "Qwen2VLModel", "qwen2_5_vl": "Qwen2_5_VLModel",
+                "qwen3_vl": "Qwen3VLModel"}
 _DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
            "half": "float16", "fp32": "float32", "float32": "float32", "float": "float32"}
 
@@ -337,8 +343,80 @@ def _truncate_text_config(text_cfg, keep: int) -> None:
             setattr(text_cfg, name, v[:keep])
 
 
+def _truncate_vision_config(config) -> None:
+    """LLaVA reads ``hidden_states[vision_feature_layer]`` of its vision tower: keep only the layers
+    that feed it (24-layer CLIP at -2: 23) and read the new last one (-1). The dropped layer would
+    run and be thrown away; its weights are not even loaded."""
+    vfl = getattr(config, "vision_feature_layer", None)
+    vc = getattr(config, "vision_config", None)
+    if not isinstance(vfl, int) or isinstance(vfl, bool) or vc is None:
+        return  # a list of layers (concatenated features): keep the tower whole
+    n = int(vc.num_hidden_layers)
+    keep = vfl if vfl >= 0 else n + 1 + vfl  # hidden_states holds the embeddings + one entry per layer
+    if 1 <= keep < n:
+        vc.num_hidden_layers = keep
+        config.vision_feature_layer = -1
+
+
+_TILE = 1_048_573  # a prime: the tiled block does not line up with any row width, so rows differ
+
+
+@contextlib.contextmanager
+def _fast_random_init(seed: int = 0):
+    """Make transformers' random initialisation of missing weights cheap (used by ``random_weights``).
+
+    Drawing ~1e9 normal numbers takes a minute on a busy host; a benchmark of published shapes only
+    needs finite values of the right scale. Inside this context ``normal_``/``trunc_normal_`` copy a
+    block of ``_TILE`` standard normals drawn once per (device, dtype), scaled to the requested mean
+    and std (clamped for the truncated one), at memory speed. Every other initialiser (ones, zeros,
+    buffers such as rotary frequencies) runs unchanged. Without the hook point (another transformers)
+    the ordinary initialisation runs.
+    """
+    import torch
+
+    try:
+        from transformers import initialization as hf_init
+        table = hf_init.TORCH_INIT_FUNCTIONS
+    except (ImportError, AttributeError):
+        yield
+        return
+    blocks: dict = {}
+
+    def fill(tensor, mean=0.0, std=1.0, lo=None, hi=None):
+        with torch.no_grad():
+            key = (tensor.device, tensor.dtype)
+            if key not in blocks:
+                g = torch.Generator().manual_seed(seed)
+                blocks[key] = torch.randn(_TILE, generator=g).to(device=tensor.device, dtype=torch.float32)
+            block = blocks[key] * std + mean
+            if lo is not None:
+                block = block.clamp(lo, hi)
+            block = block.to(tensor.dtype)
+            flat = tensor.view(-1) if tensor.is_contiguous() else None
+            if flat is None:
+                return table_orig["normal_"](tensor, mean=mean, std=std)
+            for start in range(0, flat.numel(), _TILE):
+                n = min(_TILE, flat.numel() - start)
+                flat[start:start + n].copy_(block[:n])
+        return tensor
+
+    def normal_(tensor, mean=0.0, std=1.0, generator=None):
+        return fill(tensor, mean, std)
+
+    def trunc_normal_(tensor, mean=0.0, std=1.0, a=-2.0, b=2.0, generator=None):
+        return fill(tensor, mean, std, a, b)
+
+    table_orig = dict(table)
+    table.update(normal_=normal_, trunc_normal_=trunc_normal_)
+    try:
+        yield
+    finally:
+        table.update(table_orig)
+
+
 def load_vlm(model, layer: int = 0, dtype="fp32", device: str | None = "auto", device_map=None,
-             truncate: bool = True, max_length: int | None = None, trust_remote_code: bool = False) -> VLM:
+             truncate: bool = True, max_length: int | None = None, trust_remote_code: bool = False,
+             random_weights: bool = False) -> VLM:
     """Load a checkpoint directory (or wrap a loaded model) for layer-``layer`` extraction.
 
     Parameters
@@ -358,6 +436,11 @@ def load_vlm(model, layer: int = 0, dtype="fp32", device: str | None = "auto", d
         Load only layers 0..ℓ (default). False loads the whole model (the forward still stops at ℓ).
     max_length : int, optional
         Longest sample in tokens; default: the text config's ``max_position_embeddings``.
+    random_weights : bool
+        Allow weights missing from the checkpoint and initialise them randomly (transformers'
+        initialisation with cheap normal draws, see :func:`_fast_random_init`). For benchmarks
+        on published shapes without the weights (see :func:`~.tiny.build_shaped_model`). Without it, a
+        checkpoint that lacks weights the model needs is refused: its vectors would be random.
     """
     if isinstance(model, VLM):
         return model
@@ -371,10 +454,10 @@ def load_vlm(model, layer: int = 0, dtype="fp32", device: str | None = "auto", d
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     family = config.model_type
     if family in KNOWN_FAMILIES:
-        if not hasattr(transformers, KNOWN_FAMILIES[family]):
+        if not hasattr(transformers, BASE_CLASSES[family]):
             raise UnsupportedModelError(f"{path}: model type {family!r} needs a newer transformers "
                                         f"(this is {transformers.__version__})")
-        model_cls = getattr(transformers, KNOWN_FAMILIES[family])
+        model_cls = getattr(transformers, BASE_CLASSES[family])
     else:
         from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
@@ -391,8 +474,11 @@ def load_vlm(model, layer: int = 0, dtype="fp32", device: str | None = "auto", d
                                     f"(choose --layer between 0 and {depth - 1})")
     if truncate and layer + 1 < depth:
         _truncate_text_config(text_cfg, layer + 1)
+    if truncate and family == "llava":
+        _truncate_vision_config(config)
     torch_dtype = resolve_dtype(dtype, device)
-    kw = dict(config=config, dtype=torch_dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code)
+    kw = dict(config=config, dtype=torch_dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code,
+              output_loading_info=True)
     if device_map is not None:
         kw["device_map"] = device_map
     # Quiet the expected "weights of layers > ℓ were not used" report of a truncated load.
@@ -400,13 +486,20 @@ def load_vlm(model, layer: int = 0, dtype="fp32", device: str | None = "auto", d
     old = tlog.get_verbosity()
     tlog.set_verbosity_error()
     try:
-        net = model_cls.from_pretrained(path, **kw).eval()
+        with _fast_random_init() if random_weights else contextlib.nullcontext():
+            net, info = model_cls.from_pretrained(path, **kw)
     finally:
         tlog.set_verbosity(old)
+    net.eval()
     dev = None
     if device_map is None:
         dev = resolve_device(device)
         net = net.to(dev)
+    missing = sorted(info.get("missing_keys") or ())
+    if missing and not random_weights:
+        raise UnsupportedModelError(
+            f"{path}: {len(missing)} weights the model needs are not in the checkpoint (e.g. {missing[0]}); "
+            f"its layout does not match {model_cls.__name__}: check the checkpoint files")
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     processor = None
     if family in KNOWN_FAMILIES:

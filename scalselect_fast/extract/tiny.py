@@ -22,7 +22,8 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["FAMILIES", "build_tiny_model", "tiny_config", "build_tokenizer", "build_image_processor"]
+__all__ = ["FAMILIES", "build_tiny_model", "build_shaped_model", "tiny_config", "build_tokenizer",
+           "build_image_processor"]
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "tiny_models"
 
@@ -145,8 +146,9 @@ def build_image_processor(family: str, config: dict):
     except ImportError:
         from transformers import Qwen2VLImageProcessor as cls
     factor = patch * merge
+    max_pixels = config.get("_max_pixels", config.get("_tiny_max_pixels", (4 * factor) ** 2))
     return cls(patch_size=patch, merge_size=merge, temporal_patch_size=int(vc.get("temporal_patch_size", 2)),
-               min_pixels=factor * factor, max_pixels=int(config.get("_tiny_max_pixels", (4 * factor) ** 2)))
+               min_pixels=int(config.get("_min_pixels", factor * factor)), max_pixels=int(max_pixels))
 
 
 def _check_family(family: str) -> None:
@@ -176,12 +178,10 @@ def tiny_config(family: str, num_layers: int | None = None, overrides: dict | No
     return cfg
 
 
-def _config_object(family: str, cfg: dict, tokenizer):
+def _config_object(family: str, cfg: dict, tokenizer, keep_vocab: bool = False):
     import transformers
 
-    cfg = copy.deepcopy(cfg)
-    cfg.pop("_tiny_max_pixels", None)
-    cfg.pop("_comment", None)
+    cfg = {k: v for k, v in copy.deepcopy(cfg).items() if not k.startswith("_") and k != "model_type"}
     cls_name = {"llava": "LlavaConfig", "qwen2_vl": "Qwen2VLConfig", "qwen2_5_vl": "Qwen2_5_VLConfig",
                 "qwen3_vl": "Qwen3VLConfig"}[family]
     if not hasattr(transformers, cls_name):
@@ -189,7 +189,8 @@ def _config_object(family: str, cfg: dict, tokenizer):
                          f"tiny {family} models need a newer transformers")
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _family_specials(family)}
     tc = cfg["text_config"]
-    tc["vocab_size"] = len(tokenizer)
+    if not keep_vocab or len(tokenizer) > int(tc.get("vocab_size", 0)):
+        tc["vocab_size"] = len(tokenizer)
     if family == "llava":
         cfg["image_token_id"] = ids["<image>"]
         tc.update(bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"])
@@ -253,6 +254,63 @@ def build_tiny_model(family: str, out_dir: str | os.PathLike, num_layers: int | 
     _save_processor(family, out, cfg_dict, tokenizer)
     from ..atomic import atomic_write_json
 
+    atomic_write_json(stamp_path, stamp)
+    return out
+
+
+def build_shaped_model(config, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write a weightless checkpoint directory with a published model's shapes (no downloads).
+
+    The directory holds the architecture (``config.json``), an empty ``model.safetensors``, the
+    family's stand-in tokenizer and chat template (:func:`build_tokenizer`: its ids index the full-size
+    embedding table) and an image processor with the published vision settings. Load it with
+    ``load_vlm(out_dir, layer=ℓ, random_weights=True)``: every weight is then "missing" and drawn by
+    transformers' initialisation, and only what extraction runs is allocated (vision tower,
+    projector, embeddings, layers 0..ℓ).
+
+    Parameters
+    ----------
+    config : path or dict
+        A config with the family's ``model_type`` and nested ``vision_config``/``text_config``
+        (``benchmarks/configs/*.json``). Optional ``_min_pixels``/``_max_pixels`` set the Qwen-VL
+        processor's pixel range; other keys starting with ``_`` are notes.
+    out_dir : path
+        Directory to write.
+    overwrite : bool
+        Rebuild even if ``out_dir`` already holds this config.
+
+    Returns
+    -------
+    pathlib.Path
+        ``out_dir``.
+
+    Notes
+    -----
+    The stand-in tokenizer splits text into more pieces than the real 32k/150k vocabularies, so
+    benchmarks should report the token counts they ran with. Token positions, not token values, set
+    the cost of a forward pass.
+    """
+    import transformers
+    from safetensors.torch import save_file
+
+    from ..atomic import atomic_write_json
+
+    cfg_dict = json.loads(Path(config).read_text()) if not isinstance(config, dict) else copy.deepcopy(config)
+    family = cfg_dict.get("model_type")
+    _check_family(family)
+    out = Path(out_dir)
+    stamp = {"shaped": cfg_dict, "transformers": transformers.__version__}
+    stamp_path = out / "shaped_model.json"
+    if not overwrite and stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp:
+        return out
+    tokenizer = build_tokenizer(family)
+    config_obj = _config_object(family, cfg_dict, tokenizer, keep_vocab=True)
+    out.mkdir(parents=True, exist_ok=True)
+    config_obj.save_pretrained(out)
+    save_file({}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(out)
+    build_image_processor(family, cfg_dict).save_pretrained(out)
+    _save_processor(family, out, cfg_dict, tokenizer)
     atomic_write_json(stamp_path, stamp)
     return out
 
