@@ -406,8 +406,8 @@ def add_run_command(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--l2-normalize", action="store_const", const=True,
                    help="L2-normalise rows after centring/scaling (off; one extra pass over the store)")
     g.add_argument("--drop-invalid", action="store_const", const=True,
-                   help="exclude stored rows with NaN/inf from the fit and the selection (listed as invalid) "
-                        "instead of failing (off)")
+                   help="exclude stored rows with NaN/inf from the fit and the selection (no score, never "
+                        "selected; listed in subspace.npz) instead of failing (off)")
     g.add_argument("--fit-device", choices=["cpu", "cuda", "auto"],
                    help="where the fit's products run: cuda needs CuPy and a GPU, auto uses one when usable "
                         "(cpu, as `scalselect fit`)")

@@ -546,3 +546,32 @@ def test_run_and_extract_default_to_auto_device_and_dtype(env, monkeypatch):
         assert (r.device, r.dtype) == ("cuda", "bf16")
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
         assert _resolve_auto_device(cfg).dtype == "fp32"
+
+
+def test_fit_and_score_stages_with_invalid_rows(tmp_path):
+    """Stored rows with NaN: without --drop-invalid the fit stage stops naming them; with it they
+    are left out of the fit (as `scalselect fit --drop-invalid`) and get a NaN score."""
+    from scalselect_fast.run.stages import _stage_fit, _stage_score
+    from scalselect_fast.run.state import RunState
+    from scalselect_fast.subspace import InvalidRowsError
+
+    X = np.random.default_rng(0).standard_normal((50, 6)).astype(np.float32)
+    X[[3, 41]] = np.nan
+    w = ss.StoreWriter(tmp_path / "reps", d=6, dtype="float32")
+    for a in range(0, 50, 16):
+        w.write_shard(X[a:a + 16], [f"s{i}" for i in range(a, min(a + 16, 50))])
+    src = ss.open_source(tmp_path / "reps")
+    fps = {"model": "m", "data": "d", "extract": "e", "fit": "f", "select": "s"}
+    events = Events(quiet=True)
+    with pytest.raises(InvalidRowsError, match="'s3'"):
+        cfg = make_config(model="m", data="d", out=str(tmp_path / "a"))
+        _stage_fit(cfg, RunState(tmp_path / "a", fps, False, events), events, src)
+    cfg = make_config(model="m", data="d", out=str(tmp_path / "b"), drop_invalid=True)
+    state = RunState(tmp_path / "b", fps, False, events)
+    sub = _stage_fit(cfg, state, events, src)
+    assert sub.info["invalid_rows"] == [3, 41] and sub.n == 48
+    ref = ss.fit_subspace(tmp_path / "reps", drop_invalid=True)
+    np.testing.assert_array_equal(sub.components, ref.components)
+    scores = _stage_score(cfg, state, events, src, sub)
+    assert np.flatnonzero(np.isnan(scores)).tolist() == [3, 41]
+    np.testing.assert_allclose(np.nansum(scores), sub.k, rtol=1e-6)  # float32 products

@@ -437,7 +437,7 @@ class _MemoryCheckpoint:
             raise _Crash
 
 
-@pytest.mark.parametrize("stop_after", [1, 2, 5])
+@pytest.mark.parametrize("stop_after", [1, 2, 5, 8])  # 8: after the last shard, before the eigh
 def test_checkpointed_gram_pass_resumes_bit_identically(tmp_path, stop_after):
     """A fit stopped after some shards and resumed from its checkpoint equals the uninterrupted fit
     to the last bit, invalid rows found before and after the stop included."""
