@@ -10,7 +10,24 @@ a temp folder, then timed (median of repeats, all in this run):
 Prints a table and appends rows to ``benchmarks/results/data.csv``. Quick by default (20k records);
 ``--full`` uses 1M, ``--n`` sets any size.
 
-    python benchmarks/bench_data.py [--n 20000 | --full] [--repeats 3]
+Layouts with embedded images (``--layouts``, on by default; ``--no-layouts`` skips them): WebDataset
+tar shards, Parquet shards whose ``images`` column holds Hugging Face ``Image`` structs, and a
+``datasets.save_to_disk`` folder, each at two image sizes (256 px JPEG, ~60 KB: typical of real
+corpora; 32 px, ~1.5 KB: the per-sample overhead's worst case). For each, in the same run:
+
+* read rate of ``read_dataset`` (samples/s and MB/s of input) against the bare library read of the
+  same files: a plain ``tarfile`` stream reading every member's bytes; pyarrow ``iter_batches`` +
+  ``to_pylist`` (rows as Python records, which any record reader needs); the Arrow table of
+  ``datasets.load_from_disk`` via ``to_batches`` + ``to_pylist``. Floor: rate >= 0.8x the bare
+  read, printed PASS/FAIL;
+* ``write_selected`` of a 16% subset in kind (tar members copied byte for byte, Parquet shards,
+  ``save_to_disk``);
+* image decode rate per core: ``load_image`` of the embedded bytes on one thread (images/s, MB/s of
+  encoded bytes, megapixels/s), against Pillow's own ``open`` + ``convert("RGB")``.
+
+Rows go to ``benchmarks/results/data_layouts.csv``.
+
+    python benchmarks/bench_data.py [--n 20000 | --full] [--repeats 3] [--layout-n 2000]
 """
 from __future__ import annotations
 
@@ -32,7 +49,10 @@ import pyarrow.parquet as pq  # noqa: E402
 from scalselect_fast.data import read_dataset, write_selected  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _suite import median_time  # noqa: E402
+from _suite import RESULTS, append_csv, machine, median_time, now_utc, versions  # noqa: E402
+
+#: the read-rate floor against the bare library read, for the embedded-image layouts
+LAYOUT_FLOOR = 0.8
 
 
 def _records(n: int):
@@ -85,13 +105,194 @@ def _baseline(container: str, path: Path) -> int:
     return n
 
 
+# --------------------------------------------------------------------------------------------------
+# layouts with embedded images
+# --------------------------------------------------------------------------------------------------
+def _jpegs(side: int, k: int = 16) -> list[bytes]:
+    """k distinct noisy JPEGs (noise keeps the size honest: real photos do not compress to nothing)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(side)
+    out = []
+    for _ in range(k):
+        base = rng.integers(0, 255, (side // 8 + 1, side // 8 + 1, 3), dtype=np.uint8)
+        img = np.kron(base, np.ones((8, 8, 1), dtype=np.uint8))[:side, :side]
+        img = np.clip(img.astype(np.int16) + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def _layout_record(i: int) -> dict:
+    return {"id": f"s{i:09d}", "source": ("vqa", "caption")[i % 2],
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is shown in this picture? Answer in one sentence."},
+                {"from": "gpt", "value": f"A photo of object number {i} on a table, seen from above."}]}
+
+
+def _write_layouts(d: Path, n: int, jpegs: list[bytes], shards: int = 4) -> dict[str, Path]:
+    import io
+    import tarfile
+
+    per = -(-n // shards)
+    (d / "wds").mkdir(parents=True)
+    for s in range(shards):
+        with tarfile.open(d / "wds" / f"shard-{s:06d}.tar", "w") as tf:
+            for i in range(s * per, min(n, (s + 1) * per)):
+                rec = _layout_record(i)
+                for name, data in ((f"{rec['id']}.json", json.dumps(rec).encode()),
+                                   (f"{rec['id']}.jpg", jpegs[i % len(jpegs)])):
+                    ti = tarfile.TarInfo(name)
+                    ti.size = len(data)
+                    tf.addfile(ti, io.BytesIO(data))
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    turn = pa.struct([("from", pa.string()), ("value", pa.string())])
+    schema = pa.schema([("id", pa.string()), ("images", pa.list_(image)), ("source", pa.string()),
+                        ("conversations", pa.list_(turn))])
+    (d / "pq").mkdir()
+    for s in range(shards):
+        rows = [{**_layout_record(i), "images": [{"bytes": jpegs[i % len(jpegs)], "path": None}]}
+                for i in range(s * per, min(n, (s + 1) * per))]
+        # row groups of ~100 rows, as `datasets` writes image datasets
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), d / "pq" / f"train-{s:05d}-of-{shards:05d}.parquet",
+                       row_group_size=100)
+    out = {"webdataset": d / "wds" / f"shard-{{000000..{shards - 1:06d}}}.tar", "parquet_shards": d / "pq"}
+    try:
+        import datasets
+    except ImportError:
+        return out
+    ds = datasets.Dataset.from_parquet([str(p) for p in sorted((d / "pq").iterdir())],
+                                       cache_dir=str(d / "hf-cache"))
+    ds.save_to_disk(str(d / "hf"))
+    out["save_to_disk"] = d / "hf"
+    return out
+
+
+def _input_bytes(layout: str, path: Path) -> int:
+    if layout == "webdataset":
+        return sum(p.stat().st_size for p in path.parent.glob("*.tar"))
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _bare_read(layout: str, path: Path) -> int:
+    """The library's own read of every record / member, nothing else."""
+    import tarfile
+
+    n = 0
+    if layout == "webdataset":
+        for shard in sorted(path.parent.glob("*.tar")):
+            with tarfile.open(shard, "r|") as tf:
+                for ti in tf:
+                    if ti.isreg():
+                        tf.extractfile(ti).read()
+                        n += 1
+        return n // 2  # two members per sample
+    if layout == "parquet_shards":
+        for f in sorted(path.glob("*.parquet")):
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
+                n += len(batch.to_pylist())
+        return n
+    import datasets
+
+    for batch in datasets.load_from_disk(str(path)).data.to_batches(max_chunksize=1024):
+        n += len(batch.to_pylist())
+    return n
+
+
+def _decode_rate(jpegs: list[bytes], repeats: int) -> dict:
+    import io
+
+    from PIL import Image
+
+    from scalselect_fast.data import EmbeddedImage, load_image
+
+    imgs = [EmbeddedImage(b, f"bench/{i}.jpg") for i, b in enumerate(jpegs)] * max(1, 256 // len(jpegs))
+
+    def ours():
+        for im in imgs:
+            load_image(im)
+
+    def pil():
+        for im in imgs:
+            with Image.open(io.BytesIO(im.data)) as x:
+                x.convert("RGB")
+
+    t_ours = median_time(ours, repeats, warmup=True)[0]
+    t_pil = median_time(pil, repeats, warmup=True)[0]
+    with Image.open(io.BytesIO(jpegs[0])) as x:
+        mpix = x.width * x.height / 1e6
+    mb = sum(len(im.data) for im in imgs) / 1e6
+    return {"decode_img_s_core": len(imgs) / t_ours, "decode_mb_s_core": mb / t_ours,
+            "decode_mpix_s_core": len(imgs) * mpix / t_ours, "decode_vs_pillow": t_pil / t_ours}
+
+
+def bench_layouts(n: int, repeats: int) -> list[dict]:
+    from scalselect_fast.data import read_dataset, write_selected
+
+    rows = []
+    for side, n_side in ((256, n), (32, n * 10)):
+        jpegs = _jpegs(side)
+        decode = _decode_rate(jpegs, repeats)
+        with tempfile.TemporaryDirectory() as tmp:
+            d = Path(tmp)
+            inputs = _write_layouts(d, n_side, jpegs)
+            keep = {f"s{i:09d}" for i in range(0, n_side, 6)}
+            for layout, path in inputs.items():
+                spec = str(path)
+                mb = _input_bytes(layout, path) / 1e6
+                t_base, n_base, _ = median_time(lambda: _bare_read(layout, path), repeats, warmup=True)
+                t_read, n_read, _ = median_time(lambda: sum(1 for _ in read_dataset(spec)), repeats, warmup=True)
+                assert n_base == n_read == n_side, (layout, n_base, n_read)
+                t_write = median_time(lambda: write_selected(spec, d / f"sel-{layout}", keep), repeats)[0]
+                ratio = t_base / t_read
+                rows.append({"layout": layout, "image_px": side, "image_kb": round(len(jpegs[0]) / 1e3, 1),
+                             "n": n_side, "size_mb": round(mb, 1), "bare_read_s": round(t_base, 4),
+                             "read_s": round(t_read, 4), "read_samples_s": round(n_side / t_read),
+                             "read_mb_s": round(mb / t_read, 1), "bare_samples_s": round(n_side / t_base),
+                             "rate_vs_bare": round(ratio, 3), "floor": LAYOUT_FLOOR,
+                             "verdict": "PASS" if ratio >= LAYOUT_FLOOR else "FAIL",
+                             "write16_s": round(t_write, 4),
+                             **{k: round(v, 2) for k, v in decode.items()}})
+    return rows
+
+
+def _print_layouts(rows: list[dict]) -> None:
+    print(f"\n{'layout':<15} {'px':>4} {'KB/img':>6} {'N':>7} {'MB':>7} {'bare/s':>9} {'read/s':>9} {'MB/s':>7} "
+          f"{'x bare':>7} {'floor':>5} {'':>4} {'write16% s':>10} {'decode img/s/core':>17} {'MB/s':>6} "
+          f"{'x PIL':>6}")
+    for r in rows:
+        print(f"{r['layout']:<15} {r['image_px']:>4} {r['image_kb']:>6} {r['n']:>7} {r['size_mb']:>7} "
+              f"{r['bare_samples_s']:>9,} {r['read_samples_s']:>9,} {r['read_mb_s']:>7} {r['rate_vs_bare']:>7.2f} "
+              f"{r['floor']:>5} {r['verdict']:>4} {r['write16_s']:>10.2f} {r['decode_img_s_core']:>17,.0f} "
+              f"{r['decode_mb_s_core']:>6.1f} {r['decode_vs_pillow']:>6.2f}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=20_000)
-    p.add_argument("--full", action="store_true", help="1M records")
+    p.add_argument("--full", action="store_true", help="1M records (and 20k / 200k embedded-image samples)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--layout-n", type=int, default=2000,
+                   help="samples per embedded-image layout at 256 px (10x as many at 32 px)")
+    p.add_argument("--layouts", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the embedded-image layouts (WebDataset, Parquet shards, save_to_disk)")
+    p.add_argument("--only-layouts", action="store_true", help="skip the JSON/JSONL/Parquet path rows")
     args = p.parse_args(argv)
     n = 1_000_000 if args.full else args.n
+    if args.layouts:
+        layout_rows = bench_layouts(20_000 if args.full else args.layout_n, args.repeats)
+        _print_layouts(layout_rows)
+        meta = {"timestamp": now_utc(), **{f"m_{k}": v for k, v in machine().items()},
+                **{f"v_{k}": v for k, v in versions().items() if k in ("python", "scalselect_fast")},
+                "pyarrow": pa.__version__, "load1": round(os.getloadavg()[0], 2)}
+        append_csv(RESULTS / "data_layouts.csv", [{**meta, **r} for r in layout_rows])
+        print(f"appended {len(layout_rows)} rows to {RESULTS / 'data_layouts.csv'}")
+        if args.only_layouts:
+            return 0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
