@@ -174,9 +174,6 @@ def test_truncated_or_corrupt_tar_is_one_clear_error(tmp_path, cut):
 def test_duplicate_keys_and_missing_shards(tmp_path):
     _tar(tmp_path / "a" / "s-0.tar", [("k1.json", _rec()), ("k1.png", _png())])
     _tar(tmp_path / "a" / "s-1.tar", [("k2.json", _rec()), ("k1.json", _rec())])
-    with pytest.raises(DatasetError) as e:
-        list(iter_webdataset_records(str(tmp_path / "a" / "s-{0..1}.tar")))
-    assert e.value.reason == "duplicate_id" and "s-0.tar" in str(e.value) and "s-1.tar" in str(e.value)
     one = _tar(tmp_path / "b.tar", [("k.json", _rec()), ("j.json", _rec()), ("k.png", _png())])
     with pytest.raises(DatasetError, match="occurs twice"):
         list(iter_webdataset_records(one))

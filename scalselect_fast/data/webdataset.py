@@ -383,34 +383,28 @@ def iter_groups(spec, want_data: Callable[[str], bool] = _want_read, opener=None
                 ) -> Iterator[tuple[int, int, KeyGroup]]:
     """Yield ``(index, shard_number, group)`` for every key of every shard, in global order.
 
-    ``index`` counts keys across shards (sorted shard names, then tar order). Raises
-    :class:`DatasetError` when a key occurs in two shards (both named), besides what
-    :func:`iter_key_groups` raises.
+    ``index`` counts keys across shards (sorted shard names, then tar order). Keys are checked
+    within a shard (:func:`iter_key_groups`); across shards the readers check ids, which are the keys
+    for records without an id field.
     """
-    shards = expand_shards(spec)
-    first_shard: dict[str, int] = {}
     index = 0
-    for si, shard in enumerate(shards):
+    for si, shard in enumerate(expand_shards(spec)):
         for group in iter_key_groups(shard, want_data, opener):
-            prev = first_shard.setdefault(group.key, si)
-            if prev != si:
-                raise DatasetError(f"key {group.key!r} occurs in two shards: {shards[prev]!r} and {shard!r}; "
-                                   "keys must be unique across shards", reason="duplicate_id", path=shard,
-                                   index=index, sample_id=group.key)
             yield index, si, group
             index += 1
 
 
 def iter_webdataset_records(spec, id_field: str = "id", opener=None
                             ) -> Iterator[tuple[int, None, dict | UnusableRecord]]:
-    """Yield ``(index, None, record)`` for every key of every shard, in global order.
+    """Yield ``(index, None, record)`` for every key of every shard, in global order (unvalidated:
+    :func:`~scalselect_fast.data.read_dataset` checks ids and turns records into samples).
 
     Parameters
     ----------
     spec : str, path-like or list
         Shards (see :func:`expand_shards`).
     id_field : str
-        Record field holding the id (defaults to the key when absent).
+        Record field holding the id (set to the key when absent).
     opener : callable, optional
         ``opener(path)`` returning a seekable binary file.
 
@@ -423,7 +417,44 @@ def iter_webdataset_records(spec, id_field: str = "id", opener=None
     Raises
     ------
     DatasetError
-        See the module notes; a key repeated across shards names both shards.
+        See the module notes.
     """
     for index, _si, group in iter_groups(spec, _want_read, opener):
         yield index, None, group_record(group, id_field)
+
+
+# --------------------------------------------------------------------------------------------------
+# the container (one input file = one shard)
+# --------------------------------------------------------------------------------------------------
+_COUNTS: dict[tuple, int] = {}
+
+
+def _opener(file):
+    return None if getattr(file, "local", True) else (lambda _path: file.open())
+
+
+def _iter_shard_file(file) -> Iterator[tuple[int, None, dict | UnusableRecord]]:
+    """Container hook: the records of one shard (``file``: an ``InputFile``), numbered from 0."""
+    for index, group in enumerate(iter_key_groups(file.path, _want_read, _opener(file))):
+        yield index, None, group_record(group)
+
+
+def _count_shard_file(file) -> int:
+    """Container hook: the number of keys in one shard, from its headers alone (memoised per size
+    and mtime, since a count walks the whole shard)."""
+    key = None
+    if getattr(file, "local", True):
+        st = os.stat(file.path)
+        key = (file.path, st.st_size, st.st_mtime_ns)
+        if key in _COUNTS:
+            return _COUNTS[key]
+    n = sum(1 for _ in iter_key_groups(file.path, lambda ext: False, _opener(file)))
+    if key is not None:
+        if len(_COUNTS) > 4096:
+            _COUNTS.clear()
+        _COUNTS[key] = n
+    return n
+
+
+def _sniff_tar(head: bytes, name: str) -> bool:
+    return head[257:262] == b"ustar"
