@@ -390,3 +390,47 @@ def test_demo_parquet_layout_is_hf_image_shards(tmp_path):
     assert features["images"]["feature"]["_type"] == "Image"
     with pytest.raises(ValueError, match="layout"):
         make_demo_dataset(tmp_path / "x", n=30, layout="csv")
+
+
+# --------------------------------------------------------------------------------------------------
+# `scalselect run` end to end on every layout of the same samples
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    pytest.importorskip("scalselect_fast.extract.tiny")
+    from scalselect_fast.data.demo import LAYOUTS, make_demo_dataset
+    from scalselect_fast.extract.tiny import build_tiny_model
+
+    base = tmp_path_factory.mktemp("layouts")
+    data = {}
+    for layout in LAYOUTS:
+        truth = make_demo_dataset(base / layout, n=40, seed=3, layout=layout, shard_size=16)
+        data[layout] = base / layout / truth["data"]
+    return {"base": base, "data": data, "model": build_tiny_model("llava", base / "tiny-llava", seed=0)}
+
+
+def test_run_selects_the_same_samples_in_every_layout(layouts):
+    from scalselect_fast import cli
+
+    kept, outs = {}, {}
+    for layout, data in layouts["data"].items():
+        out = layouts["base"] / f"out-{layout}"
+        before = _sha_tree(layouts["base"] / layout)
+        args = ["run", "--model", str(layouts["model"]), "--data", str(data), "--out", str(out),
+                "--budget", "25%", "--shard-size", "8", "--batch-size", "4", "--quiet"]
+        if layout == "json":
+            args += ["--image-root", str(layouts["base"] / layout)]
+        assert cli.main(args) == 0, layout
+        assert _sha_tree(layouts["base"] / layout) == before  # inputs are only read
+        manifest = pq.read_table(out / "manifest.parquet").to_pylist()
+        kept[layout] = [m["id"] for m in manifest if m["kept"]]
+        outs[layout] = out
+        skipped = [json.loads(x) for x in (out / "skipped.jsonl").read_text().splitlines()]
+        assert sorted(e["reason"] for e in skipped) == ["text_only", "text_only"]
+    assert len(kept["json"]) == 10 and kept["parquet"] == kept["json"] and kept["webdataset"] == kept["json"]
+    # the selection, in kind, holds exactly the kept samples
+    sel_json = [r["id"] for r in json.loads((outs["json"] / "selected.json").read_text())]
+    parts = sorted((outs["parquet"] / "selected").glob("*.parquet"))
+    sel_pq = [r["id"] for p in parts for r in pq.read_table(p, columns=["id"]).to_pylist()]
+    sel_wds = [r["id"] for _i, _l, r in iter_webdataset_records(outs["webdataset"] / "selected")]
+    assert sel_json == sel_pq == sel_wds == sorted(kept["json"])
