@@ -20,9 +20,9 @@ import pytest
 from PIL import Image
 
 from scalselect_fast.atomic import atomic_dir
-from scalselect_fast.data import DatasetError, EmbeddedImage, ImageError, load_image
-from scalselect_fast.data.webdataset import (REASON_MISSING_RECORD, UnusableRecord, expand_shards,
-                                             iter_webdataset_records)
+from scalselect_fast.data import DatasetError, EmbeddedImage, ImageError, SkipLog, load_image, open_source, read_dataset
+from scalselect_fast.data.sample import UnusableRecord
+from scalselect_fast.data.webdataset import REASON_MISSING_RECORD, iter_webdataset_records
 from scalselect_fast.data.writers import input_layout, selected_name, write_selected
 
 
@@ -100,10 +100,15 @@ def test_reads_keys_images_and_ids_across_brace_shards(tmp_path):
         assert [im.data for im in rec["images"]] == [want[n] for n in imgs]
         assert [im.name for im in rec["images"]] == [f"{paths[s]}#{n}" for n in imgs]
         assert "image" not in rec and rec["conversations"][0]["from"] == "human"
-    # a list, a directory and a glob name the same shards, sorted
-    assert expand_shards([paths[2], paths[0], paths[1]]) == [str(p) for p in paths]
-    assert expand_shards(tmp_path) == [str(p) for p in paths]
-    assert expand_shards(str(tmp_path / "shard-*.tar")) == [str(p) for p in paths]
+    # a list, a directory and a glob name the same shards, sorted, recognised as tar shards
+
+    def files(spec):
+        source = open_source(spec)
+        assert source.container == "webdataset"
+        return [f.path for f in source.files]
+
+    assert files([paths[2], paths[0], paths[1]]) == files(tmp_path) == files(str(tmp_path / "shard-*.tar")) \
+        == [str(p) for p in paths]
     assert input_layout(str(tmp_path / "shard-{000000..000002}.tar")) == "webdataset"
     assert selected_name(paths[0]) == "selected"
 
@@ -180,10 +185,14 @@ def test_duplicate_keys_and_missing_shards(tmp_path):
     two = _tar(tmp_path / "c.tar", [("k.json", _rec()), ("k.json", _rec())])
     with pytest.raises(DatasetError, match="two members with extension 'json'"):
         list(iter_webdataset_records(two))
-    with pytest.raises(DatasetError, match=r"s-2\.tar.*does not exist"):
+    with pytest.raises(DatasetError, match=r"s-2\.tar.*no such file"):
         list(iter_webdataset_records(str(tmp_path / "a" / "s-{0..2}.tar")))
-    with pytest.raises(DatasetError, match="matches no file"):
-        expand_shards(str(tmp_path / "nothing-*.tar"))
+    with pytest.raises(DatasetError, match="matches no dataset file"):
+        list(iter_webdataset_records(str(tmp_path / "nothing-*.tar")))
+    # across shards: k1 has no id field, so its key is its id, and ids are unique across shards
+    with pytest.raises(DatasetError) as e:
+        list(read_dataset(str(tmp_path / "a" / "s-{0..1}.tar"), skip_log=SkipLog(tmp_path / "skip.jsonl")))
+    assert e.value.reason == "duplicate_id" and "s-0.tar" in str(e.value) and "s-1.tar" in str(e.value)
     bad_json = _tar(tmp_path / "d.tar", [("k.json", b"{not json")])
     with pytest.raises(DatasetError, match=r"'k\.json' is not valid JSON"):
         list(iter_webdataset_records(bad_json))

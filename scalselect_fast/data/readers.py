@@ -40,7 +40,8 @@ from typing import Any
 
 from .images import ImagePathError, ImageResolver, resolve_root
 from .sample import (IMAGE_TOKEN, REASON_IMAGE_EMPTY, REASON_INVALID_FIELD, REASON_MISSING_FIELD,
-                     REASON_PLACEHOLDER_MISMATCH, DatasetError, EmbeddedImage, Sample, _where)
+                     REASON_PLACEHOLDER_MISMATCH, DatasetError, EmbeddedImage, Sample, UnusableRecord,
+                     _where)
 from .sources import Container, InputFile, containers, open_source, register_container
 
 #: the built-in containers (more may be registered: see :mod:`.sources`)
@@ -695,6 +696,9 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
         where_here = f"{file.path}: {_where(local, line)}"
         sid = None
         try:
+            if isinstance(record, UnusableRecord):  # the container already knows why it is unusable
+                sid = record.sample_id
+                raise _Problem(record.reason, record.detail)
             sid = record_id(record, id_field)
             first = seen.setdefault(sid, index)
             if first != index:

@@ -98,6 +98,21 @@ class EmbeddedImage:
         return self.name
 
 
+class UnusableRecord:
+    """Yielded by a container in place of a record it cannot turn into one (e.g. a WebDataset key with
+    images but no ``.json``); the readers skip it with ``reason`` and ``detail``, as any bad record."""
+
+    __slots__ = ("sample_id", "reason", "detail")
+
+    def __init__(self, sample_id: str | None, reason: str, detail: str):
+        self.sample_id = sample_id
+        self.reason = reason
+        self.detail = detail
+
+    def __repr__(self) -> str:
+        return f"UnusableRecord({self.sample_id!r}, {self.reason!r})"
+
+
 #: What one entry of ``Sample.images`` is: a resolved file path or an image carried in the dataset.
 ImageRef = "str | EmbeddedImage"
 

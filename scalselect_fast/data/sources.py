@@ -23,6 +23,7 @@ import bisect
 import glob as _glob
 import hashlib
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -373,6 +374,22 @@ def _dataset_dir_container(path: str) -> str | None:
     return None
 
 
+_BRACES = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")
+
+
+def _expand_braces(item: Any) -> list[Any]:
+    """``shard-{000000..000127}.tar`` -> 128 names (``braceexpand``, what WebDataset uses); else ``[item]``."""
+    if not isinstance(item, str) or not _BRACES.search(item):
+        return [item]
+    try:
+        from braceexpand import braceexpand
+    except ImportError:
+        raise DatasetError(f"--data {item!r} is a brace pattern; install the data extra (pip install "
+                           "'scalselect-fast[data]') to expand it, or list the files", reason="io",
+                           path=item) from None
+    return list(braceexpand(item))
+
+
 def _expand_one(item: str) -> list[InputFile]:
     """Files named by one entry of ``--data``: a file, a directory, a glob, or a URL of any of those."""
     exts = {e for c in _CONTAINERS.values() for e in c.extensions}
@@ -435,7 +452,8 @@ def open_source(data: Any, format: str = "auto") -> DataSource:
     data : str, path-like, list of those, DataSource, or datasets.Dataset / IterableDataset
         A file, a directory (every file in it, recursively, whose name ends in a registered
         container's extension, hidden files excluded; or a ``save_to_disk`` directory), a glob
-        (``data/train-*.parquet``), a URL of any of these, or a list of them.
+        (``data/train-*.parquet``), a brace pattern (``shard-{000000..000127}.tar``), a URL of any
+        of these, or a list of them.
     format : str
         A registered container name, or ``"auto"`` to recognise each file from its first bytes.
 
@@ -459,6 +477,7 @@ def open_source(data: Any, format: str = "auto") -> DataSource:
 
         return hf_object_source(data)
     items = list(data) if isinstance(data, (list, tuple)) else [data]
+    items = [x for raw in items for x in _expand_braces(raw)]
     if not items:
         raise DatasetError("--data is an empty list; pass at least one dataset file", reason="io")
     files: dict[str, InputFile] = {}

@@ -15,9 +15,11 @@ A sample's members are contiguous in the tar. Per key:
   order (records converted from LLaVA JSON keep their original paths). Images become
   :class:`~scalselect_fast.data.EmbeddedImage` named ``<shard>#<member>``; nothing is decoded here.
 
-Shards are given as a ``.tar`` file, a list of them, a directory of them, or a brace pattern
-(``shard-{000000..000127}.tar``, expanded with ``braceexpand``, the package ``webdataset`` uses).
-Samples are numbered globally: shards in sorted name order, then member order.
+This module registers the ``"webdataset"`` container (one input file = one shard, recognised by
+its ``ustar`` header), so ``--data`` takes a ``.tar``, a list, a directory or a glob of them, or a
+brace pattern (``shard-{000000..000127}.tar``, expanded with ``braceexpand``, the package
+``webdataset`` uses) like any input (:func:`~scalselect_fast.data.open_source`). Samples are
+numbered globally: shards in sorted name order, then member order.
 
 Why ``tarfile`` and not the ``webdataset`` package for the walk: the selection writer copies kept
 samples byte for byte (tar headers included), which needs each member's byte offsets, and bad input
@@ -28,24 +30,24 @@ does not otherwise need. What it would give is kept: the same key/extension rule
 brace expansion (``braceexpand``, its dependency).
 
 Fatal (:class:`DatasetError`): a missing shard, a truncated or corrupt tar (named with the last good
-member and the byte offset), a key that occurs twice (in one shard or across shards), a key with two
-members of the same extension, a ``.json`` member that is not a JSON object. Per sample (skip with a
-reason, see :class:`UnusableRecord`): a key without a ``.json`` record (``missing_record``), a record
-that names an image the key does not have (``image_missing``). A member that is not really an image
+member and the byte offset), a key that occurs twice in one shard, a key with two members of the
+same extension, a ``.json`` member that is not a JSON object; across shards, a repeated id (the key,
+for records without an id) is refused by the reader as for every layout. Per sample (skipped with a
+reason, via :class:`~scalselect_fast.data.sample.UnusableRecord`): a key without a ``.json`` record
+(``missing_record``), a record that names an image the key does not have (``image_missing``). A member that is not really an image
 is found when it is decoded (:func:`~scalselect_fast.data.load_image`: ``image_corrupt``).
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
-import re
 import tarfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from .sample import REASON_IMAGE_MISSING, DatasetError, EmbeddedImage
+from .sample import REASON_IMAGE_MISSING, DatasetError, EmbeddedImage, UnusableRecord
+from .sources import Container, register_container
 
 #: Extension suffixes (lower case) whose members are images.
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
@@ -53,7 +55,6 @@ IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif",
 REASON_MISSING_RECORD = "missing_record"
 _BLOCK = tarfile.BLOCKSIZE
 _ZERO_BLOCK = bytes(_BLOCK)
-_BRACE = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")
 
 
 def _base_plus_ext(name: str) -> tuple[str | None, str | None]:
@@ -64,85 +65,6 @@ def _base_plus_ext(name: str) -> tuple[str | None, str | None]:
     if dot <= base:
         return None, None
     return name[:dot], name[dot + 1:]
-
-
-# --------------------------------------------------------------------------------------------------
-# shard lists
-# --------------------------------------------------------------------------------------------------
-def is_webdataset(spec: Any) -> bool:
-    """True when ``spec`` names tar shards: a ``.tar`` path or brace pattern, a list of them, or a
-    directory whose files are ``.tar`` shards."""
-    if isinstance(spec, (list, tuple)):
-        return bool(spec) and all(is_webdataset(s) for s in spec)
-    if not isinstance(spec, (str, os.PathLike)):
-        return False
-    s = os.fspath(spec)
-    if s.endswith(".tar"):
-        return True
-    if os.path.isdir(s):
-        names = [n for n in os.listdir(s) if not n.startswith(".")]
-        return bool(names) and all(n.endswith(".tar") for n in names if os.path.isfile(os.path.join(s, n)))
-    return False
-
-
-def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """The shard files of ``spec``, in sorted name order (what global sample numbering follows).
-
-    Parameters
-    ----------
-    spec : str, path-like or list of them
-        A ``.tar`` file, a brace pattern (``shard-{000000..000127}.tar``), a glob, a directory of
-        ``.tar`` files, or a list of any of these.
-
-    Returns
-    -------
-    list of str
-        Existing shard paths, sorted, without repeats.
-
-    Raises
-    ------
-    DatasetError
-        A pattern matches nothing, a named shard does not exist, or a shard is listed twice.
-    """
-    items = list(spec) if isinstance(spec, (list, tuple)) else [spec]
-    out: list[str] = []
-    for item in items:
-        s = os.fspath(item)
-        if os.path.isdir(s):
-            found = sorted(os.path.join(s, n) for n in os.listdir(s) if n.endswith(".tar"))
-            if not found:
-                raise DatasetError(f"directory {s!r} holds no .tar shards", reason="empty", path=s)
-            out.extend(found)
-            continue
-        if _BRACE.search(s):
-            try:
-                from braceexpand import braceexpand  # a dependency of webdataset
-            except ImportError:
-                raise DatasetError(f"{s!r} is a brace pattern; install the data extra "
-                                   "(pip install 'scalselect-fast[data]') to expand it, or list the shards",
-                                   reason="io", path=s) from None
-            names = list(braceexpand(s))
-        else:
-            names = [s]
-        for n in names:
-            if glob.has_magic(n):
-                hits = sorted(glob.glob(n))
-                if not hits:
-                    raise DatasetError(f"{n!r} matches no file; check the pattern", reason="empty", path=n)
-                out.extend(hits)
-            elif not os.path.isfile(n):
-                what = f" (from the pattern {s!r})" if n != s else ""
-                raise DatasetError(f"WebDataset shard {n!r}{what} does not exist; check the path or the "
-                                   "brace range", reason="io", path=n)
-            else:
-                out.append(n)
-    out.sort()
-    for a, b in zip(out, out[1:]):
-        if a == b:
-            raise DatasetError(f"shard {a!r} is listed twice", reason="duplicate_id", path=a)
-    if not out:
-        raise DatasetError(f"no WebDataset shards in {spec!r}", reason="empty")
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -272,18 +194,6 @@ def iter_key_groups(shard: str, want_data: Callable[[str], bool] = lambda ext: T
 # --------------------------------------------------------------------------------------------------
 # key groups -> records
 # --------------------------------------------------------------------------------------------------
-class UnusableRecord:
-    """Stands in for the record of a key that cannot become a sample; readers skip it with
-    ``reason`` and ``detail`` (e.g. ``missing_record``: the key has images but no ``.json``)."""
-
-    __slots__ = ("sample_id", "reason", "detail")
-
-    def __init__(self, sample_id: str, reason: str, detail: str):
-        self.sample_id = sample_id
-        self.reason = reason
-        self.detail = detail
-
-
 def _is_image(ext: str) -> bool:
     return ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
 
@@ -379,34 +289,17 @@ def _want_read(ext: str) -> bool:
     return ext == "json" or _is_image(ext)
 
 
-def iter_groups(spec, want_data: Callable[[str], bool] = _want_read, opener=None
-                ) -> Iterator[tuple[int, int, KeyGroup]]:
-    """Yield ``(index, shard_number, group)`` for every key of every shard, in global order.
-
-    ``index`` counts keys across shards (sorted shard names, then tar order). Keys are checked
-    within a shard (:func:`iter_key_groups`); across shards the readers check ids, which are the keys
-    for records without an id field.
-    """
-    index = 0
-    for si, shard in enumerate(expand_shards(spec)):
-        for group in iter_key_groups(shard, want_data, opener):
-            yield index, si, group
-            index += 1
-
-
-def iter_webdataset_records(spec, id_field: str = "id", opener=None
-                            ) -> Iterator[tuple[int, None, dict | UnusableRecord]]:
+def iter_webdataset_records(spec, id_field: str = "id") -> Iterator[tuple[int, None, dict | UnusableRecord]]:
     """Yield ``(index, None, record)`` for every key of every shard, in global order (unvalidated:
     :func:`~scalselect_fast.data.read_dataset` checks ids and turns records into samples).
 
     Parameters
     ----------
     spec : str, path-like or list
-        Shards (see :func:`expand_shards`).
+        Shards: a ``.tar``, a brace pattern, a glob, a directory or a list (anything
+        :func:`~scalselect_fast.data.open_source` accepts).
     id_field : str
         Record field holding the id (set to the key when absent).
-    opener : callable, optional
-        ``opener(path)`` returning a seekable binary file.
 
     Yields
     ------
@@ -419,8 +312,13 @@ def iter_webdataset_records(spec, id_field: str = "id", opener=None
     DatasetError
         See the module notes.
     """
-    for index, _si, group in iter_groups(spec, _want_read, opener):
-        yield index, None, group_record(group, id_field)
+    from .sources import open_source
+
+    index = 0
+    for file in open_source(spec, "webdataset").files:
+        for group in iter_key_groups(file.path, _want_read, _opener(file)):
+            yield index, None, group_record(group, id_field)
+            index += 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -457,4 +355,8 @@ def _count_shard_file(file) -> int:
 
 
 def _sniff_tar(head: bytes, name: str) -> bool:
-    return head[257:262] == b"ustar"
+    return head[257:262] == b"ustar"  # POSIX "ustar\0" and GNU "ustar  " headers alike
+
+
+register_container(Container("webdataset", iter_records=_iter_shard_file, count=_count_shard_file,
+                             sniff=_sniff_tar, extensions=(".tar",)))

@@ -23,7 +23,6 @@ a previous complete one, never a partial file or a partial set of shards.
 """
 from __future__ import annotations
 
-import glob as _glob
 import json
 import os
 import tarfile
@@ -31,7 +30,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
 from ..atomic import atomic_dir, atomic_path, atomic_write_bytes
-from .readers import (_WS, FORMATS, _container, _iter_json_list, _iter_jsonl_lines, _open_parquet,
+from .readers import (_WS, FORMATS, _iter_json_list, _iter_jsonl_lines, _open_parquet, open_source,
                       _read_text, record_id_or_none)
 from .sample import DatasetError, _where
 
@@ -75,66 +74,52 @@ def _note(path: str, found: dict[str, int], sid: str, index: int, line: int | No
                            line=line, sample_id=sid)
 
 
-def _is_save_to_disk(path: str) -> bool:
-    return os.path.isdir(path) and (os.path.isfile(os.path.join(path, "state.json"))
-                                    or os.path.isfile(os.path.join(path, "dataset_dict.json")))
+#: Layouts whose selection is a directory of files (committed as a set).
+MULTI_FILE_LAYOUTS = ("webdataset", "parquet_shards", "save_to_disk", "datasets_object")
 
 
-def _parquet_inputs(spec) -> list[str] | None:
-    """The Parquet files of a multi-file input (list, directory, glob); ``None`` if it is not one."""
-    items = list(spec) if isinstance(spec, (list, tuple)) else [spec]
-    files: list[str] = []
-    for item in items:
-        s = os.fspath(item)
-        if os.path.isdir(s):
-            files.extend(os.path.join(s, n) for n in os.listdir(s) if n.endswith(".parquet"))
-        elif _glob.has_magic(s):
-            files.extend(_glob.glob(s))
-        elif isinstance(spec, (list, tuple)):
-            files.append(s)
-        else:
-            return None
-    files = sorted(files)
-    if not files or not all(f.endswith(".parquet") for f in files):
-        return None
-    return files
+def _layout(source) -> str:
+    if source.dataset is not None:
+        return "datasets_object"
+    if source.container == "webdataset":
+        return "webdataset"
+    if source.container == "datasets":
+        return "save_to_disk"
+    if source.container == "parquet" and not source.single:
+        return "parquet_shards"
+    return "file" if source.single else "files"
 
 
-def input_layout(spec) -> str:
+def input_layout(spec, format: str = "auto") -> str:
     """The layout of a dataset input, which is also the layout its selection is written in.
+
+    Parameters
+    ----------
+    spec : str, path-like, list, DataSource or datasets object
+        Anything :func:`~scalselect_fast.data.open_source` accepts.
+    format : str
+        ``"auto"`` or a container name, as for the readers.
 
     Returns
     -------
     str
-        ``"webdataset"`` (tar shards), ``"parquet_shards"`` (several Parquet files: a list, a
-        directory or a glob), ``"save_to_disk"`` (a ``datasets`` directory) or ``"file"`` (one
-        JSON / JSONL / Parquet file).
+        ``"webdataset"`` (tar shards), ``"parquet_shards"`` (several Parquet files),
+        ``"save_to_disk"`` (a ``datasets`` directory), ``"datasets_object"`` (a ``datasets.Dataset``
+        given in Python), ``"files"`` (several JSON or JSONL files: one file out) or ``"file"``.
     """
-    from .webdataset import is_webdataset
-
-    if is_webdataset(spec):
-        return "webdataset"
-    if not isinstance(spec, (list, tuple)) and _is_save_to_disk(os.fspath(spec)):
-        return "save_to_disk"
-    if _parquet_inputs(spec) is not None:
-        return "parquet_shards"
-    return "file"
+    return _layout(open_source(spec, format))
 
 
 def selected_name(spec, format: str = "auto") -> str:
-    """File or directory name of the selection written for input ``spec`` (``selected.json``,
-    ``selected.jsonl``, ``selected.parquet``, or ``selected`` for a multi-file layout)."""
-    layout = input_layout(spec)
-    if layout != "file":
+    """File or directory name of the selection written for input ``spec``: ``selected.json``,
+    ``selected.jsonl``, ``selected.parquet`` (the input file's own suffix when it has one), or
+    ``selected`` (a directory) for the multi-file layouts."""
+    source = open_source(spec, format)
+    layout = _layout(source)
+    if layout in MULTI_FILE_LAYOUTS:
         return "selected"
-    from .readers import detect_format
-
-    path = os.fspath(spec)
-    fmt = format if format != "auto" else detect_format(path)
-    suffix = os.path.splitext(path)[1]
-    if format == "auto" and suffix:
-        return "selected" + suffix
-    return "selected" + {"json": ".json", "jsonl": ".jsonl", "parquet": ".parquet"}.get(fmt, ".json")
+    suffix = os.path.splitext(source.files[0].name)[1] if layout == "file" else ""
+    return "selected" + (suffix or {"jsonl": ".jsonl", "parquet": ".parquet"}.get(source.container, ".json"))
 
 
 def _check_writable(dst: str) -> None:
@@ -189,31 +174,36 @@ def write_selected(input_path, out_path: str | os.PathLike,
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     keep_set, rank = _normalise_keep(keep, order)
-    layout = input_layout(input_path)
-    if layout != "file":
+    source = open_source(input_path)
+    layout = _layout(source)
+    for f in source.files:
+        if f.local and os.path.exists(dst) and os.path.samefile(f.path, dst):
+            raise ValueError(f"refusing to overwrite the input {f.path!r}: choose another output path")
+    if layout in MULTI_FILE_LAYOUTS:
         if os.path.isfile(dst):
             raise ValueError(f"output {dst!r} is a file; the selection of a {layout} input is a directory")
         _check_writable(dst)
         if layout == "webdataset":
-            return _write_webdataset(input_path, dst, keep_set, rank, id_field)
+            return _write_webdataset(source.files, dst, keep_set, rank, id_field)
         if layout == "parquet_shards":
-            return _write_parquet(_parquet_inputs(input_path), dst, keep_set, rank, id_field, single=False)
-        return _write_save_to_disk(os.fspath(input_path), dst, keep_set, rank, id_field)
-    src = os.fspath(input_path)
-    if os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst):
-        raise ValueError(f"refusing to overwrite the input {src!r}: choose another output path")
+            return _write_parquet(source.files, dst, keep_set, rank, id_field, single=False)
+        if layout == "save_to_disk":
+            return _write_datasets(source.files[0].path, None, dst, keep_set, rank, id_field)
+        return _write_datasets(None, source.dataset, dst, keep_set, rank, id_field)
     if os.path.isdir(dst):
         raise ValueError(f"output {dst!r} is a directory; pass a file path")
     _check_writable(dst)
-    container = _container(src, "auto")
+    container = source.container
     out_container = container if format == "auto" else format
     if out_container != container and "parquet" in (container, out_container):
         raise ValueError(f"cannot write {container} input as {out_container}: Parquet stays Parquet")
     if container == "json":
-        return _write_from_json(src, dst, keep_set, rank, out_container, id_field)
+        return _write_from_json(source.files, dst, keep_set, rank, out_container, id_field)
     if container == "jsonl":
-        return _write_from_jsonl(src, dst, keep_set, rank, out_container, id_field)
-    return _write_parquet([src], dst, keep_set, rank, id_field, single=True)
+        return _write_from_jsonl(source.files, dst, keep_set, rank, out_container, id_field)
+    if container == "parquet":
+        return _write_parquet(source.files, dst, keep_set, rank, id_field, single=True)
+    raise ValueError(f"cannot write a selection of a {container!r} input")
 
 
 def _ranked(items: list, rank: dict[str, int] | None) -> list:
@@ -221,25 +211,44 @@ def _ranked(items: list, rank: dict[str, int] | None) -> list:
     return items if rank is None else sorted(items, key=lambda it: rank[it[0]])
 
 
-def _write_from_json(src, dst, keep, rank, out_container, id_field) -> int:
-    text = _read_text(src)
+def _label(files) -> str:
+    return files[0].path if len(files) == 1 else f"the {len(files)} input files"
+
+
+def _write_from_json(files, dst, keep, rank, out_container, id_field) -> int:
     found: dict[str, int] = {}
-    kept, spans = [], []
-    for index, line, start, end, obj in _iter_json_list(text, src):
-        spans.append((start, end))
-        sid = record_id_or_none(obj, id_field)
-        if sid is None:
-            continue
-        _note(src, found, sid, index, line)
-        if sid in keep:
-            kept.append((sid, text[start:end]))
-    _check_found(src, keep, found)
+    kept = []
+    layout_text, layout_spans = None, []  # the first file's text and record spans give the layout
+    offset = 0
+    for file in files:
+        with file.open() as fh:
+            raw = fh.read()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            text = _read_text(file.path)  # raises the reader's one-line error
+        spans = []
+        n = 0
+        for index, line, start, end, obj in _iter_json_list(text, file.path):
+            spans.append((start, end))
+            n = index + 1
+            sid = record_id_or_none(obj, id_field)
+            if sid is None:
+                continue
+            _note(file.path, found, sid, offset + index, line)
+            if sid in keep:
+                kept.append((sid, text[start:end]))
+        if layout_text is None:
+            layout_text, layout_spans = text, spans
+        offset += n
+    _check_found(_label(files), keep, found)
     kept = _ranked(kept, rank)
     if out_container == "jsonl":
         body = "".join(json.dumps(json.loads(t), ensure_ascii=False) + "\n" for _, t in kept)
         atomic_write_bytes(dst, body.encode("utf-8"))
         return len(kept)
-    # Reuse the input's layout: what follows '[', what separates records, what precedes ']'.
+    # Reuse the (first) input's layout: what follows '[', what separates records, what precedes ']'.
+    text, spans = layout_text, layout_spans
     open_at = _WS.match(text, 0).end()  # the '['
     close_at = text.rindex("]")
     if spans:
@@ -253,32 +262,45 @@ def _write_from_json(src, dst, keep, rank, out_container, id_field) -> int:
     return len(kept)
 
 
-def _write_from_jsonl(src, dst, keep, rank, out_container, id_field) -> int:
+def _write_from_jsonl(files, dst, keep, rank, out_container, id_field) -> int:
     found: dict[str, int] = {}
-    kept = []  # (sid, (offset, length)): the bytes are re-read, so memory stays O(len(keep))
-    for index, line, offset, raw, obj in _iter_jsonl_lines(src):
-        sid = record_id_or_none(obj, id_field)
-        if sid is None:
-            continue
-        _note(src, found, sid, index, line)
-        if sid in keep:
-            kept.append((sid, (offset, len(raw))))
-    _check_found(src, keep, found)
+    kept = []  # (sid, (file, offset, length)): the bytes are re-read, so memory stays O(len(keep))
+    base = 0
+    for fi, file in enumerate(files):
+        n = 0
+        for index, line, offset, raw, obj in _iter_jsonl_lines(file):
+            n = index + 1
+            sid = record_id_or_none(obj, id_field)
+            if sid is None:
+                continue
+            _note(file.path, found, sid, base + index, line)
+            if sid in keep:
+                kept.append((sid, (fi, offset, len(raw))))
+        base += n
+    _check_found(_label(files), keep, found)
     kept = _ranked(kept, rank)
-    with atomic_path(dst) as tmp, open(src, "rb") as fin, open(tmp, "wb") as fout:
-        if out_container == "json":
-            fout.write(b"[\n")
-        for i, (_, (offset, length)) in enumerate(kept):
-            fin.seek(offset)
-            raw = fin.read(length)
-            if i == 0 and offset == 0 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
+    handles: dict[int, object] = {}
+    try:
+        with atomic_path(dst) as tmp, open(tmp, "wb") as fout:
             if out_container == "json":
-                fout.write((b",\n" if i else b"") + b"  " + raw.strip())
-            else:
-                fout.write(raw if raw.endswith(b"\n") else raw + b"\n")
-        if out_container == "json":
-            fout.write(b"\n]\n" if kept else b"]\n")
+                fout.write(b"[\n")
+            for i, (_, (fi, offset, length)) in enumerate(kept):
+                fin = handles.get(fi)
+                if fin is None:
+                    fin = handles[fi] = files[fi].open()
+                fin.seek(offset)
+                raw = fin.read(length)
+                if offset == 0 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
+                if out_container == "json":
+                    fout.write((b",\n" if i else b"") + b"  " + raw.strip())
+                else:
+                    fout.write(raw if raw.endswith(b"\n") else raw + b"\n")
+            if out_container == "json":
+                fout.write(b"\n]\n" if kept else b"]\n")
+    finally:
+        for fh in handles.values():
+            fh.close()
     return len(kept)
 
 
@@ -289,7 +311,7 @@ def _as_strings(col):
     return col if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) else pc.cast(col, pa.string())
 
 
-def _write_parquet(files: list[str], dst: str, keep: set[str], rank: dict[str, int] | None, id_field: str,
+def _write_parquet(inputs: list, dst: str, keep: set[str], rank: dict[str, int] | None, id_field: str,
                    single: bool) -> int:
     """Parquet in, Parquet out: one file (``single``) or a directory of shards.
 
@@ -300,7 +322,8 @@ def _write_parquet(files: list[str], dst: str, keep: set[str], rank: dict[str, i
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    pfs = [_open_parquet(f) for f in files]
+    pfs = [_open_parquet(f) for f in inputs]
+    files = [f.path for f in inputs]
     schema = pfs[0].schema_arrow
     for f, pf in zip(files[1:], pfs[1:]):
         if not pf.schema_arrow.equals(schema, check_metadata=False):
@@ -370,10 +393,11 @@ class _OpenFiles:
         self.limit = limit
         self.files: OrderedDict[str, object] = OrderedDict()
 
-    def get(self, path: str):
+    def get(self, file):
+        path = file.path
         fh = self.files.pop(path, None)
         if fh is None:
-            fh = open(path, "rb")
+            fh = file.open()
             if len(self.files) >= self.limit:
                 self.files.popitem(last=False)[1].close()
         self.files[path] = fh
@@ -396,35 +420,37 @@ def _copy_range(fin, fout, start: int, end: int, path: str) -> None:
         left -= len(buf)
 
 
-def _write_webdataset(spec, dst: str, keep: set[str], rank: dict[str, int] | None, id_field: str) -> int:
+def _write_webdataset(inputs: list, dst: str, keep: set[str], rank: dict[str, int] | None, id_field: str) -> int:
     """Tar shards in, tar shards out; each kept key's members are copied byte for byte."""
-    from .webdataset import expand_shards, group_id, iter_groups
+    from .webdataset import _opener, group_id, iter_key_groups
 
-    shards = expand_shards(spec)
     found: dict[str, int] = {}
-    picks = []  # (id, (shard, [(start, end), ...]))
-    per_shard: dict[int, int] = {}
-    for index, si, group in iter_groups(shards, lambda ext: ext == "json"):
-        per_shard[si] = per_shard.get(si, 0) + 1
-        sid = group_id(group, id_field)
-        if sid is None:
-            continue
-        _note(shards[si], found, sid, index, None)
-        if sid in keep:
-            picks.append((sid, (shards[si], group.spans())))
-    _check_found(shards[0] if len(shards) == 1 else f"the {len(shards)} WebDataset shards", keep, found)
+    picks = []  # (id, (InputFile, [(start, end), ...]))
+    per_shard = [0] * len(inputs)
+    index = 0
+    for si, file in enumerate(inputs):
+        for group in iter_key_groups(file.path, lambda ext: ext == "json", _opener(file)):
+            per_shard[si] += 1
+            sid = group_id(group, id_field)
+            index += 1
+            if sid is None:
+                continue
+            _note(file.path, found, sid, index - 1, None)
+            if sid in keep:
+                picks.append((sid, (file, group.spans())))
+    _check_found(_label(inputs), keep, found)
     picks = _ranked(picks, rank)
-    per_out = max(1, max(per_shard.values(), default=1))
+    per_out = max(1, max(per_shard, default=1))
     chunks = [picks[i:i + per_out] for i in range(0, len(picks), per_out)] or [[]]
     files = _OpenFiles()
     try:
         with atomic_dir(dst) as tmp:
             for i, chunk in enumerate(chunks):
                 with open(os.path.join(tmp, f"shard-{i:06d}.tar"), "wb") as fout:
-                    for _sid, (shard, spans) in chunk:
-                        fin = files.get(shard)
+                    for _sid, (file, spans) in chunk:
+                        fin = files.get(file)
                         for start, end in spans:
-                            _copy_range(fin, fout, start, end, shard)
+                            _copy_range(fin, fout, start, end, file.path)
                     # end-of-archive: two zero blocks, padded to a whole record as tar(1) and tarfile do
                     fout.write(bytes(2 * tarfile.BLOCKSIZE))
                     fout.write(bytes(-fout.tell() % tarfile.RECORDSIZE))
@@ -433,22 +459,22 @@ def _write_webdataset(spec, dst: str, keep: set[str], rank: dict[str, int] | Non
     return len(picks)
 
 
-def _write_save_to_disk(src: str, dst: str, keep: set[str], rank: dict[str, int] | None, id_field: str) -> int:
-    """``datasets.save_to_disk`` in, ``save_to_disk`` out (``Dataset.select`` keeps features and bytes)."""
-    try:
-        import datasets
-    except ImportError:
-        raise DatasetError(f"{src!r} is a Hugging Face datasets folder; install the data extra "
-                           "(pip install 'scalselect-fast[data]') to write its selection", reason="io",
-                           path=src) from None
-    if os.path.abspath(dst) == os.path.abspath(src):
-        raise ValueError(f"refusing to overwrite the input {src!r}: choose another output path")
-    ds = datasets.load_from_disk(src, keep_in_memory=False)
-    if isinstance(ds, datasets.DatasetDict):
-        raise DatasetError(f"{src!r} holds several splits ({', '.join(ds)}); pass one split's folder, e.g. "
-                           f"{os.path.join(src, next(iter(ds)))!r}", reason="format", path=src)
+def _write_datasets(src: str | None, ds, dst: str, keep: set[str], rank: dict[str, int] | None,
+                    id_field: str) -> int:
+    """``save_to_disk`` in (``src``) or a ``datasets.Dataset`` (``ds``), ``save_to_disk`` out:
+    ``Dataset.select`` keeps the features (an ``Image`` column stays one) and the image bytes."""
+    from .hf import _datasets
+
+    datasets = _datasets(src or "a datasets object")
+    what = src or "the datasets object"
+    if ds is None:
+        ds = datasets.load_from_disk(src)
+    if not isinstance(ds, datasets.Dataset):
+        raise DatasetError(f"{what}: a selection can be written for a datasets.Dataset (save_to_disk), not a "
+                           f"{type(ds).__name__}; materialise it first (Dataset.from_generator or "
+                           "save_to_disk)", reason="format", path=src)
     if id_field not in ds.column_names:
-        raise DatasetError(f"{src}: no {id_field!r} column; cannot select rows by id", reason="missing_field",
+        raise DatasetError(f"{what}: no {id_field!r} column; cannot select rows by id", reason="missing_field",
                            path=src)
     ids = _as_strings(ds.data.column(id_field)).to_pylist()
     found: dict[str, int] = {}
@@ -456,10 +482,10 @@ def _write_save_to_disk(src: str, dst: str, keep: set[str], rank: dict[str, int]
     for index, sid in enumerate(ids):
         if sid is None:
             continue
-        _note(src, found, sid, index, None)
+        _note(what, found, sid, index, None)
         if sid in keep:
             picks.append((sid, index))
-    _check_found(src, keep, found)
+    _check_found(what, keep, found)
     rows = [r for _sid, r in _ranked(picks, rank)]
     # keep_in_memory: select must not write an indices cache file into the input folder
     sub = ds.select(rows, keep_in_memory=True)

@@ -322,7 +322,7 @@ def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, sco
 
     # the selected dataset, in the input's format; original order unless --order score
     kept_ids = [store_ids[r] for r in kept_rows.tolist()]  # rank order
-    sel_path = out / f"selected{_suffix(cfg)}"
+    sel_path = out / _selected_name(cfg)
     # a set means "input order"; a sequence is taken as rank order
     write_selected(cfg.data, sel_path, keep=kept_ids if cfg.order == "score" else set(kept_ids),
                    order=cfg.order, format=cfg.format)
@@ -413,12 +413,11 @@ def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, sco
                      n_selected=int(kept_rows.size), report=report)
 
 
-def _suffix(cfg: RunConfig) -> str:
-    from ..data import detect_format
+def _selected_name(cfg: RunConfig) -> str:
+    """``selected.<ext>`` for one input file, ``selected`` (a directory) for shards / datasets folders."""
+    from ..data import selected_name
 
-    fmt = cfg.format if cfg.format != "auto" else detect_format(cfg.data)
-    suf = Path(cfg.data).suffix if isinstance(cfg.data, (str, os.PathLike)) else ""
-    return suf if suf else {"json": ".json", "jsonl": ".jsonl", "parquet": ".parquet"}.get(fmt, ".json")
+    return selected_name(cfg.data, cfg.format)
 
 
 def _stability(src, sub, scores, kept_rows, budget, cfg) -> dict:
@@ -569,7 +568,7 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
         est = _preflight(cfg, out, events, True, source)
         return est
     _check_out_dir(out)
-    selected = (out / f"selected{_suffix(cfg)}").resolve()
+    selected = (out / _selected_name(cfg)).resolve()
     if any(Path(p).resolve() == selected for p in source.input_paths() if "://" not in p):
         raise RunError(f"--out {out} would overwrite the input {selected}; choose another output directory")
     fps = stage_fingerprints(cfg, model_fp, data_fingerprint(source, cfg.image_root))
