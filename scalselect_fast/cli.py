@@ -234,6 +234,7 @@ def add_extract_command(sub: argparse._SubParsersAction) -> None:
                                                       "do not fit one device")
     p.add_argument("--instruction", default="all", choices=["all", "user"],
                    help="attention rows: all non-visual non-answer tokens, or user text only [all]")
+    _add_fidelity_options(p, defaults=True)
     p.add_argument("--store-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="storage dtype of the vectors [float16]")
     p.add_argument("--shard-size", type=int, default=4096, help="records per shard [4096]")
@@ -259,9 +260,34 @@ def _cmd_extract(args) -> int:
         batch_size=args.batch_size, layer=args.layer, threshold=args.threshold, instruction=args.instruction,
         dtype=args.dtype, device=args.device, device_map=args.device_map, store_dtype=args.store_dtype,
         shard_size=args.shard_size, max_length=args.max_length, padding_side=args.padding_side,
-        backend=args.backend, force=args.force, progress=not args.quiet, num_workers=args.num_workers)
+        backend=args.backend, force=args.force, progress=not args.quiet, num_workers=args.num_workers,
+        roles=args.roles, vision_tokens=args.vision_tokens, pixels=args.pixels)
     print(json.dumps(summary))
     return 0
+
+
+def _pixels_arg(value: str) -> str:
+    from .extract.model import parse_pixels
+
+    try:
+        parse_pixels(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def _add_fidelity_options(p, defaults: bool) -> None:
+    """--roles, --vision-tokens, --pixels: the authors' extraction by default, today's others as options."""
+    d = (lambda v: v) if defaults else (lambda v: None)
+    p.add_argument("--roles", default=d("reference"), choices=["reference", "label-mask"],
+                   help="answer tokens: the answer text itself, end-of-turn markers count as instruction "
+                        "(reference, the authors' rule), or text + end-of-turn marker (label-mask) [reference]")
+    p.add_argument("--vision-tokens", default=d("reference"), choices=["reference", "pad-only"],
+                   help="visual tokens: image tokens + Qwen's <|vision_start|>/<|vision_end|> (reference, the "
+                        "authors' set) or image tokens only (pad-only) [reference]")
+    p.add_argument("--pixels", default=d("paper"), type=_pixels_arg, metavar="paper|processor|MIN:MAX",
+                   help="Qwen-VL image size range: 262144:589824 pixels (paper, the authors' setting), the "
+                        "checkpoint's own (processor) or MIN:MAX [paper]")
 
 
 def add_baseline_command(sub: argparse._SubParsersAction) -> None:
@@ -422,6 +448,7 @@ def add_run_command(sub: argparse._SubParsersAction) -> None:
                    help="attention rows averaged: every non-visual, non-answer token (all) or user text only")
     g.add_argument("--max-length", type=int, help="skip samples longer than this many tokens")
     g.add_argument("--num-workers", type=int, help="processes decoding images and encoding samples (0)")
+    _add_fidelity_options(g, defaults=False)
     g = p.add_argument_group("beyond the paper (off by default)")
     g.add_argument("--dedup-selected", type=float, metavar="EPS",
                    help="drop selected samples within cosine distance EPS of a better-ranked selected one, "
@@ -457,7 +484,8 @@ def add_run_command(sub: argparse._SubParsersAction) -> None:
 _RUN_FIELDS = ("model", "data", "image_root", "format", "out", "budget", "order", "layer", "threshold",
                "energy", "k", "solver", "seed", "standardize", "l2_normalize", "drop_invalid", "fit_device",
                "batch_size", "device", "dtype", "store_dtype", "shard_size",
-               "instruction", "max_length", "num_workers", "dedup_selected", "quota", "force", "quiet",
+               "instruction", "roles", "vision_tokens", "pixels", "max_length", "num_workers", "dedup_selected",
+               "quota", "force", "quiet",
                "log_json", "plan_check", "html")
 
 

@@ -31,10 +31,10 @@ _VLMS: dict = {}
 
 
 def _vlm(path, layer=0, dtype="fp32"):
-    """Loaded models are reused across tests (loading dominates the tiny models' run time)."""
+    """Loaded models are reused across tests (loading dominates); tiny Qwen models keep their own pixel range."""
     key = (str(path), layer, dtype)
     if key not in _VLMS:
-        _VLMS[key] = load_vlm(path, layer=layer, dtype=dtype, device="cpu")
+        _VLMS[key] = load_vlm(path, layer=layer, dtype=dtype, device="cpu", pixels="processor")
     return _VLMS[key]
 
 
@@ -68,7 +68,7 @@ def test_vectors_match_eager_full_map_reference(models, samples, family, layer):
 def test_newer_qwen_families_match_reference(tmp_path, samples, family):
     """Qwen2.5-VL (windowed vision) and Qwen3-VL (deepstack: features added after layer 0's output)."""
     path = build_tiny_model(family, tmp_path / family, num_layers=2)
-    vlm = load_vlm(path, layer=0, dtype="fp32", device="cpu")
+    vlm = load_vlm(path, layer=0, dtype="fp32", device="cpu", pixels="processor")
     batch = _encode_batch(vlm, samples, "right")
     res = encode_and_pool(vlm, samples, backend="torch")
     ref = eager_reference(path, batch["inputs"], batch["roles"].numpy(), 0, 0.9)
@@ -91,7 +91,7 @@ def test_early_exit_hidden_equals_full_model_hidden_states(tmp_path, samples, fa
     path = build_tiny_model(family, tmp_path / family, num_layers=3)
     full = AutoModelForImageTextToText.from_pretrained(path).eval()
     for layer in (0, 2):  # 2 = last layer: hidden_states[-1] is the normalised output
-        vlm = load_vlm(path, layer=layer, dtype="fp32", device="cpu")
+        vlm = load_vlm(path, layer=layer, dtype="fp32", device="cpu", pixels="processor")
         assert len(vlm.language_model.layers) == layer + 1, "layers > ℓ must not even be loaded"
         batch = _encode_batch(vlm, samples[:3], "left")
         cap = vlm.forward_layer(batch["inputs"])

@@ -24,7 +24,8 @@ def vlms(tmp_path_factory):
     from scalselect_fast.extract import load_vlm
 
     root = tmp_path_factory.mktemp("tiny-roles")
-    return {fam: load_vlm(build_tiny_model(fam, root / fam, num_layers=1), device="cpu")
+    # the tiny Qwen needs its own small pixel range (the paper's range would give thousands of tokens)
+    return {fam: load_vlm(build_tiny_model(fam, root / fam, num_layers=1), device="cpu", pixels="processor")
             for fam in ("llava", "qwen2_vl")}
 
 
@@ -41,23 +42,50 @@ def _text_of(vlm, enc, role):
 
 # LLaVA renders "ASSISTANT: A red..."; the byte-level BPE token " A" straddles the template space and the
 # answer, and a token touching an answer belongs to it (as in token-level training-label masks).
-@pytest.mark.parametrize("family,answers,end", [("llava", [" A red square on blue.", "Three objects."], "</s>"),
-                                                ("qwen2_vl", ["A red square on blue.", "Three objects."], "<|im_end|>\n")])
-def test_roles_on_both_templates(vlms, family, answers, end):
-    vlm = vlms[family]
+ANSWERS = {"llava": [" A red square on blue.", "Three objects."], "qwen2_vl": ["A red square on blue.", "Three objects."]}
+END = {"llava": "</s>", "qwen2_vl": "<|im_end|>\n"}
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("roles", ["reference", "label-mask"])
+def test_roles_on_both_templates(vlms, family, roles):
+    vlm = vlms[family].with_options(roles=roles)
     enc = vlm.encode("x", CONV, [_image()])
-    roles = enc.roles
-    assert int((roles == R.VISUAL).sum()) == 16  # 32x32 image -> 16 tokens on both tiny models
-    # the answer tokens are exactly the answers plus each turn's end marker
-    assert _text_of(vlm, enc, R.ANSWER) == "".join(a + end for a in answers)
+    r = enc.roles
+    ids = np.asarray(enc.input_ids)
+    markers = 2 if family == "qwen2_vl" else 0  # <|vision_start|>, <|vision_end|> are visual by default
+    assert int((r == R.VISUAL).sum()) == 16 + markers  # 32x32 image -> 16 tokens on both tiny models
+    answers, end = ANSWERS[family], END[family]
+    n_end = vlm.tokenizer.decode(ids).count(end)
+    in_template = vlm.tokenizer.decode(ids[r == R.TEMPLATE]).count(end)
+    if roles == "reference":
+        # the answer text itself; every end-of-turn marker is an instruction (template) token
+        assert _text_of(vlm, enc, R.ANSWER) == "".join(answers)
+        assert in_template == n_end
+    else:  # the two answer turns' markers belong to the answers
+        assert _text_of(vlm, enc, R.ANSWER) == "".join(a + end for a in answers)
+        assert in_template == n_end - 2
     assert _text_of(vlm, enc, R.USER) == "What is shown in the picture?How many objects?"
-    # visual ids are the config's image token, and nothing else carries that id
-    ids = np.array(enc.input_ids)
-    assert ((ids == vlm.image_token_id) == (roles == R.VISUAL)).all()
+    # the image-feature tokens are visual; under "reference" Qwen's vision markers are too, nothing else is
+    assert ((r == R.VISUAL) == np.isin(ids, vlm.visual_ids)).all()
+    assert (np.isin(ids, vlm.visual_ids).sum() - (ids == vlm.image_token_id).sum()) == markers
     # instruction masks
-    allm, userm = R.instruction_mask(roles, "all"), R.instruction_mask(roles, "user")
-    assert (userm <= allm).all() and not (allm & (roles == R.ANSWER)).any() and not (allm & (roles == R.VISUAL)).any()
-    assert "You are a helpful assistant." in vlm.tokenizer.decode(ids[roles == R.TEMPLATE])
+    allm, userm = R.instruction_mask(r, "all"), R.instruction_mask(r, "user")
+    assert (userm <= allm).all() and not (allm & (r == R.ANSWER)).any() and not (allm & (r == R.VISUAL)).any()
+    assert "You are a helpful assistant." in vlm.tokenizer.decode(ids[r == R.TEMPLATE])
+
+
+def test_pad_only_vision_tokens(vlms):
+    vlm = vlms["qwen2_vl"].with_options(vision_tokens="pad-only")
+    enc = vlm.encode("x", CONV, [_image()])
+    ids = np.asarray(enc.input_ids)
+    assert ((enc.roles == R.VISUAL) == (ids == vlm.image_token_id)).all() and (enc.roles == R.VISUAL).sum() == 16
+    start = vlm.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    assert enc.roles[ids == start].tolist() == [R.TEMPLATE]  # an instruction token now
+    # the model input's modality ids never depend on the choice: only image-feature tokens are images
+    for v in (vlm, vlms["qwen2_vl"]):
+        batch = v.collate([v.encode("x", CONV, [_image()])])
+        assert (batch["inputs"]["mm_token_type_ids"][0].numpy() == (ids == vlm.image_token_id)).all()
 
 
 def test_llava_expansion_equals_processor(vlms, tmp_path):
@@ -69,7 +97,7 @@ def test_llava_expansion_equals_processor(vlms, tmp_path):
     enc = vlm.encode("x", CONV, [_image(40, 32)])
     text = R.render_conversation(R.build_chat_messages(CONV, 1), vlm.render, vlm.image_token).text
     ref = proc(text=[text], images=[_image(40, 32)], return_tensors="pt")
-    assert enc.input_ids == ref["input_ids"][0].tolist()
+    assert enc.input_ids.tolist() == ref["input_ids"][0].tolist()
     np.testing.assert_array_equal(enc.image_inputs["pixel_values"].numpy(), ref["pixel_values"].numpy())
 
 
@@ -77,9 +105,9 @@ def test_qwen_visual_count_follows_grid(vlms):
     vlm = vlms["qwen2_vl"]
     enc = vlm.encode("x", CONV[1:3], [_image(40, 24)])
     grid = enc.image_inputs["image_grid_thw"][0]
-    assert int((enc.roles == R.VISUAL).sum()) == int(grid.prod()) // 4
-    i = enc.input_ids
-    vis = np.flatnonzero(enc.roles == R.VISUAL)
+    i = enc.input_ids.tolist()
+    assert int((enc.input_ids == vlm.image_token_id).sum()) == int(grid.prod()) // 4
+    vis = np.flatnonzero(enc.input_ids == vlm.image_token_id)
     assert vlm.tokenizer.convert_ids_to_tokens(i[vis[0] - 1]) == "<|vision_start|>"
     assert vlm.tokenizer.convert_ids_to_tokens(i[vis[-1] + 1]) == "<|vision_end|>"
 
@@ -89,7 +117,7 @@ def test_context_dependent_tokenisation(vlms):
     vlm = vlms["llava"]
     conv = [{"role": "user", "content": "<image>\nquestionquestion?"}, {"role": "assistant", "content": "answeranswer"}]
     enc = vlm.encode("x", conv, [_image()])
-    assert _text_of(vlm, enc, R.ANSWER) == " answeranswer</s>"  # " answer" straddles "ASSISTANT: |answer"
+    assert _text_of(vlm, enc, R.ANSWER) == " answeranswer"  # " answer" straddles "ASSISTANT: |answer"
     assert _text_of(vlm, enc, R.USER) == "questionquestion?"
 
 
@@ -97,7 +125,8 @@ def test_multiple_images_and_placement(vlms):
     vlm = vlms["qwen2_vl"]
     conv = [{"role": "user", "content": "<image>first <image> second"}, {"role": "assistant", "content": "ok"}]
     enc = vlm.encode("x", conv, [_image(), _image(seed=1)])
-    assert int((enc.roles == R.VISUAL).sum()) == 32
+    assert int((np.asarray(enc.input_ids) == vlm.image_token_id).sum()) == 32
+    assert int((enc.roles == R.VISUAL).sum()) == 32 + 4  # + two <|vision_start|>/<|vision_end|> pairs
     with pytest.raises(R.SampleError, match="2 '<image>' markers in the text but 1 images"):
         vlm.encode("x", conv, [_image()])
     with pytest.raises(R.SampleError, match="text-only"):
@@ -111,10 +140,15 @@ def test_trimming_template_and_rewriting_template():
         return "".join(f"<{m['role']}>" + "".join(i["text"].strip() for i in m["content"] if i["type"] == "text") + "</>"
                        for m in ms)
 
-    r = R.render_conversation(msgs, trimming, "<image>")
+    r = R.render_conversation(msgs, trimming, "<image>", roles="label-mask")
     assert r.text == "<user>hi there</><assistant>yo</>"
     assert [r.text[a:b] for a, b in r.user_spans] == ["hi there"]
-    assert [r.text[a:b] for a, b in r.answer_spans] == ["yo</>"]
+    assert [r.text[a:b] for a, b in r.answer_spans] == ["yo"]
+    assert [r.text[a:b] for a, b in r.turn_spans] == ["yo</>"]
+    # a template that keeps the whitespace: the answer is the text without it (the authors' `.strip()`)
+    plain = R.render_conversation(msgs, lambda ms: "".join(f"<{m['role']}>" + "".join(
+        i["text"] for i in m["content"] if i["type"] == "text") + "</>" for m in ms), "<image>")
+    assert [plain.text[a:b] for a, b in plain.answer_spans] == ["yo"] and plain.turn_spans is None
 
     def upper(ms):
         return "".join(i["text"].upper() for m in ms for i in m["content"] if i["type"] == "text")
@@ -130,6 +164,10 @@ def test_alignment_to_processor_ids():
     assert out.tolist() == [R.TEMPLATE, R.USER] + [R.VISUAL] * 4 + [R.ANSWER]
     with pytest.raises(R.SampleError, match="differs"):
         R.align_to_processor(ids, roles, [1, 8, 9, 5], 9)
+    with pytest.raises(R.SampleError, match="does not expand the image token"):
+        R.align_to_processor(ids, roles, [1, 7, 5], 9)
+    with pytest.raises(R.SampleError, match="2 extra tokens"):
+        R.align_to_processor(ids, roles, [1, 7, 9, 5, 6, 6], 9)
 
 
 def test_template_with_generation_blocks_and_images_first(vlms):
@@ -150,4 +188,57 @@ def test_template_with_generation_blocks_and_images_first(vlms):
         vlm.encoder.chat_template = old
     assert int((enc.roles == R.VISUAL).sum()) == 16
     assert _text_of(vlm, enc, R.USER) == "Look:  what is it?Sure?"
-    assert _text_of(vlm, enc, R.ANSWER).split() == ["A", "cat.", "Yes."]
+    # the answers themselves (" A" straddles "ASSISTANT: |A"); the space after each is the template's
+    assert _text_of(vlm, enc, R.ANSWER).split() == ["A", "cat.Yes."]
+
+
+# ------------------------------------------------------------------------------------------------------
+# the vectorised role assignment against the obvious per-token loops
+# ------------------------------------------------------------------------------------------------------
+def _slow_token_roles(offsets, ids, answer_spans, user_spans, visual_ids):
+    out = []
+    for (a, b), t in zip(offsets, ids):
+        if t in visual_ids:
+            out.append(R.VISUAL)
+        elif b > a and any(a < e and s < b for s, e in answer_spans):
+            out.append(R.ANSWER)
+        elif b > a and any(a < e and s < b for s, e in user_spans):
+            out.append(R.USER)
+        else:
+            out.append(R.TEMPLATE)
+    return np.array(out, np.int8)
+
+
+def _slow_expand(ids, roles, image_id, counts):
+    out_i, out_r, k = [], [], 0
+    for t, r in zip(ids, roles):
+        n = counts[k] if t == image_id else 1
+        k += t == image_id
+        out_i += [t] * n
+        out_r += [R.VISUAL if t == image_id else r] * n
+    return out_i, out_r
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_vectorised_roles_equal_per_token_loops(seed):
+    rs = np.random.RandomState(seed)
+    T = int(rs.randint(1, 60))
+    starts = np.sort(rs.randint(0, 200, T))
+    lens = rs.randint(0, 6, T) * (rs.rand(T) > 0.1)  # some empty (special-token) offsets
+    offsets = np.stack([starts, starts + lens], 1)
+    ids = rs.randint(0, 12, T)
+
+    def spans(n):  # possibly overlapping, unsorted, some empty
+        a = rs.randint(0, 200, n)
+        return [(int(x), int(x + rs.randint(0, 30))) for x in a]
+
+    ans, usr = spans(int(rs.randint(0, 4))), spans(int(rs.randint(0, 4)))
+    rendered = R.Rendered("", ans, usr, 0, ans)
+    got = R.token_roles(offsets, ids, rendered, 9, "reference", visual_ids=(10,))
+    np.testing.assert_array_equal(got, _slow_token_roles(offsets.tolist(), ids.tolist(), ans, usr, {9, 10}))
+    counts = rs.randint(1, 7, int((ids == 9).sum())).tolist()
+    e_ids, e_roles = R.expand_image_tokens(ids, got, 9, counts)
+    s_ids, s_roles = _slow_expand(ids.tolist(), got.tolist(), 9, counts)
+    assert e_ids.tolist() == s_ids and e_roles.tolist() == s_roles
+    # the processor's view of the same expansion aligns back to the same roles
+    np.testing.assert_array_equal(R.align_to_processor(ids, got, e_ids, 9), e_roles)

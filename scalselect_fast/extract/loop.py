@@ -254,8 +254,9 @@ def extract_representations(model, samples: Iterable, batch_size: int = 8, layer
                             threshold: float = 0.9, instruction: str = "all", dtype="fp32",
                             device: str | None = "auto", device_map=None, max_length: int | None = None,
                             padding_side: str = "right", backend: str = "auto", skip_log=None,
-                            num_workers: int = 0,
-                            image_loader: Callable | None = None) -> Iterator[tuple[list[str], np.ndarray]]:
+                            num_workers: int = 0, image_loader: Callable | None = None, roles: str | None = None,
+                            vision_tokens: str | None = None,
+                            pixels: str | None = None) -> Iterator[tuple[list[str], np.ndarray]]:
     """Yield ``(ids, vectors)`` for each batch of ``samples`` (the ScalSelect representation).
 
     Parameters
@@ -290,6 +291,17 @@ def extract_representations(model, samples: Iterable, batch_size: int = 8, layer
         Where skipped samples are recorded; without it each skip is logged as a warning.
     num_workers : int
         Processes encoding samples one batch ahead of the model (0: in this process).
+    roles : {"reference", "label-mask"}, optional
+        Answer tokens: the answer text itself (``"reference"``, the default: the authors' rule, the
+        end-of-turn marker is an instruction token) or text + end-of-turn marker (``"label-mask"``).
+    vision_tokens : {"reference", "pad-only"}, optional
+        Visual tokens: image token + Qwen's vision start/end markers (``"reference"``, the default)
+        or the image token only (``"pad-only"``).
+    pixels : {"paper", "processor"} or "MIN:MAX", optional
+        Qwen-VL image size range: the authors' 262,144..589,824 pixels (``"paper"``, the default),
+        the checkpoint's own (``"processor"``), or explicit bounds.
+        For these three, None means the default for a checkpoint path and the loaded model's own
+        choice for a :class:`~.model.VLM`.
 
     Yields
     ------
@@ -304,7 +316,8 @@ def extract_representations(model, samples: Iterable, batch_size: int = 8, layer
         from ..data import read_dataset
 
         samples = read_dataset(samples, skip_log=skip_log)
-    vlm = load_vlm(model, layer=layer, dtype=dtype, device=device, device_map=device_map, max_length=max_length)
+    vlm = load_vlm(model, layer=layer, dtype=dtype, device=device, device_map=device_map, max_length=max_length,
+                   roles=roles, vision_tokens=vision_tokens, pixels=pixels)
 
     def on_skip(sk: _Skip):
         if skip_log is not None:
@@ -386,7 +399,8 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
                      padding_side: str = "right", backend: str = "auto", rank: int | None = None,
                      world_size: int | None = None, force: bool = False, progress: bool = True,
                      num_workers: int = 0, on_progress: Callable[[int, int], None] | None = None,
-                     image_loader: Callable | None = None) -> dict:
+                     image_loader: Callable | None = None, roles: str | None = None,
+                     vision_tokens: str | None = None, pixels: str | None = None) -> dict:
     """Extract every sample of a dataset file into a representation store (resumable, per-rank).
 
     Parameters
@@ -414,7 +428,8 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
     on_progress : callable, optional
         ``on_progress(done, total)`` after every batch and shard: records of this rank's range
         processed so far (committed shards included) and the range size, for machine-readable logs.
-    Other parameters are those of :func:`extract_representations`.
+    Other parameters are those of :func:`extract_representations`; ``roles``, ``vision_tokens`` and
+    ``pixels`` are recorded in the store's provenance, so a store made with other choices is refused.
 
     Returns
     -------
@@ -445,12 +460,14 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
         import torch
 
         dev = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}" if torch.cuda.is_available() else "cpu"
-    vlm = load_vlm(model, layer=layer, dtype=dtype, device=dev, device_map=device_map, max_length=max_length)
+    vlm = load_vlm(model, layer=layer, dtype=dtype, device=dev, device_map=device_map, max_length=max_length,
+                   roles=roles, vision_tokens=vision_tokens, pixels=pixels)
     provenance = {
         "kind": "scalselect-extract",
         "model": {"path": str(Path(vlm.path).resolve()), "type": vlm.family, "depth": vlm.depth},
         "layer": vlm.layer, "threshold": float(threshold), "dtype": str(vlm.dtype).replace("torch.", ""),
         "instruction": instruction, "max_length": vlm.max_length,
+        **vlm.options(),  # roles, vision_tokens, pixels: another choice is refused on resume
         "data": {**data_fingerprint(data, format), "image_root": str(Path(image_root).resolve()) if image_root else None,
                  "format": format, "records": n_records},
         "shard_size": int(shard_size), "world_size": world,

@@ -27,7 +27,8 @@ from .hook import StopForward, capture_layer, use_capturing_attention
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KNOWN_FAMILIES", "UnsupportedModelError", "VLM", "load_vlm", "Encoded", "resolve_dtype"]
+__all__ = ["KNOWN_FAMILIES", "QWEN_FAMILIES", "PAPER_PIXELS", "UnsupportedModelError", "VLM", "load_vlm", "Encoded",
+           "resolve_dtype", "parse_pixels"]
 
 KNOWN_FAMILIES = {
     "llava": "LlavaForConditionalGeneration",
@@ -38,6 +39,10 @@ KNOWN_FAMILIES = {
 #: the classes extraction loads: vision tower + projector + decoder, without the LM head it never runs
 BASE_CLASSES = {"llava": "LlavaModel", "qwen2_vl": "Qwen2VLModel", "qwen2_5_vl": "Qwen2_5_VLModel",
                 "qwen3_vl": "Qwen3VLModel"}
+#: families whose image processor takes a pixel range (``pixels``)
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+#: the authors' Qwen processor range (min, max) in pixels: 256·32·32 and 576·32·32
+PAPER_PIXELS = (256 * 32 * 32, 576 * 32 * 32)
 _DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
            "half": "float16", "fp32": "float32", "float32": "float32", "float": "float32"}
 
@@ -75,13 +80,66 @@ def resolve_device(device: str | None) -> str:
     return str(device)
 
 
+def parse_pixels(pixels) -> tuple[int, int] | None:
+    """``pixels`` option -> (min, max) pixels, or None for the checkpoint's own setting.
+
+    ``"paper"`` = :data:`PAPER_PIXELS` (the authors' setting), ``"processor"`` = None, ``"MIN:MAX"``
+    = two positive integers with MIN <= MAX.
+    """
+    if pixels is None or pixels == "paper":
+        return PAPER_PIXELS
+    if pixels == "processor":
+        return None
+    if isinstance(pixels, (tuple, list)) and len(pixels) == 2:
+        lo, hi = pixels
+    else:
+        parts = str(pixels).split(":")
+        if len(parts) != 2:
+            raise ValueError(f"pixels {pixels!r}: use 'paper', 'processor' or MIN:MAX (e.g. 262144:589824)")
+        lo, hi = parts
+    try:
+        lo, hi = int(lo), int(hi)
+    except (TypeError, ValueError):
+        raise ValueError(f"pixels {pixels!r}: MIN and MAX must be integers (pixels per image), e.g. 262144:589824") from None
+    if not 0 < lo <= hi:
+        raise ValueError(f"pixels {pixels!r}: need 0 < MIN <= MAX")
+    return lo, hi
+
+
+def _apply_pixels(image_processor, family: str, pixels, path) -> tuple[int, int] | None:
+    """Set the Qwen image processor's pixel range as the authors do (``size`` = shortest/longest edge).
+
+    Returns the range in effect, or None when the checkpoint's own setting is kept.
+    """
+    rng = parse_pixels(pixels)
+    if family not in QWEN_FAMILIES:
+        if pixels not in (None, "paper", "processor"):
+            raise UnsupportedModelError(f"{path}: --pixels {pixels} applies to the Qwen-VL families only; "
+                                        f"a {family!r} model uses its processor's image size (drop --pixels)")
+        return None
+    if rng is None:
+        return None
+    lo, hi = rng
+    image_processor.size = {"shortest_edge": lo, "longest_edge": hi}
+    for name, v in (("min_pixels", lo), ("max_pixels", hi)):  # older processors read these attributes
+        if hasattr(image_processor, name):
+            setattr(image_processor, name, v)
+    return rng
+
+
+def _check_choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
 @dataclass
 class Encoded:
     """One sample ready for the model (before batching).
 
     Attributes
     ----------
-    input_ids : list of int
+    input_ids : ndarray of int64, shape (L,)
         Expanded token ids (one id per visual token).
     roles : ndarray of int8, shape (len(input_ids),)
         Role codes from :mod:`.roles`.
@@ -90,7 +148,7 @@ class Encoded:
     """
 
     sample_id: str
-    input_ids: list[int]
+    input_ids: np.ndarray
     roles: np.ndarray
     image_inputs: dict = field(default_factory=dict)
 
@@ -121,8 +179,10 @@ class Encoder:
     """
 
     def __init__(self, family, tokenizer, image_processor, chat_template, image_token_id, max_length,
-                 processor=None, config=None):
+                 processor=None, config=None, roles: str = "reference", visual_ids=()):
         self.family = family
+        self.roles = _check_choice("roles", roles, R.ROLE_MODES)
+        self.visual_ids = tuple(int(i) for i in visual_ids)
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.chat_template = chat_template
@@ -148,12 +208,13 @@ class Encoder:
         if not images:
             raise R.SampleError(f"sample {sample_id}: text-only sample (no image); no visual tokens to pool")
         chat = R.build_chat_messages(messages, len(images), sample_id)
-        rendered = R.render_conversation(chat, self.render, self.image_token, sample_id)
+        rendered = R.render_conversation(chat, self.render, self.image_token, sample_id, self.roles)
         text = rendered.text
         add_special = not (self.tokenizer.bos_token and text.startswith(self.tokenizer.bos_token))
         tok = self.tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
-        ids, offsets = list(tok["input_ids"]), [tuple(o) for o in tok["offset_mapping"]]
-        base_roles = R.token_roles(offsets, ids, rendered, self.image_token_id)
+        ids = np.asarray(tok["input_ids"], dtype=np.int64)
+        offsets = np.asarray(tok["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        base_roles = R.token_roles(offsets, ids, rendered, self.image_token_id, self.roles, self.visual_ids)
         if self.family in KNOWN_FAMILIES:
             image_inputs = dict(self.image_processor(images=images, return_tensors="pt"))
             counts = self._image_token_counts(image_inputs, len(images), sample_id)
@@ -161,9 +222,11 @@ class Encoder:
         else:
             out = self.processor(text=[text], images=images, return_tensors="pt",
                                  add_special_tokens=add_special)
-            full_ids = out["input_ids"][0].tolist()
+            full_ids = out["input_ids"][0].numpy()
             roles = R.align_to_processor(ids, base_roles, full_ids, self.image_token_id, sample_id)
-            image_inputs = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask")}
+            # the modality ids are rebuilt per batch by `VLM.collate`
+            image_inputs = {k: v for k, v in out.items()
+                            if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
         if self.max_length and len(full_ids) > self.max_length:
             raise R.SampleError(f"sample {sample_id}: {len(full_ids)} tokens exceed the maximum length "
                                 f"{self.max_length} (raise --max-length if the model supports it)")
@@ -191,7 +254,8 @@ class VLM:
     """
 
     def __init__(self, model, path, family, layer, depth, tokenizer, image_processor, chat_template,
-                 processor=None, device="cpu", max_length=None):
+                 processor=None, device="cpu", max_length=None, roles: str = "reference",
+                 vision_tokens: str = "reference", pixels="paper", pixel_range=None):
         import torch
 
         self.model = model
@@ -203,6 +267,7 @@ class VLM:
         self.image_processor = image_processor
         self.chat_template = chat_template
         self.processor = processor
+        self._checkpoint_image_processor = None  # the processor's own settings (set by load_vlm)
         self.device = device
         self.dtype = next(model.parameters()).dtype
         cfg = model.config
@@ -233,9 +298,57 @@ class VLM:
         import inspect
 
         self._wants_mm_types = "mm_token_type_ids" in inspect.signature(self._base.forward).parameters
-        self.encoder = Encoder(family, tokenizer, image_processor, chat_template, self.image_token_id,
-                               self.max_length, processor=processor, config=cfg)
+        self._set_encoding(roles, vision_tokens, pixels, pixel_range)
         torch.set_grad_enabled(False)
+
+    def _set_encoding(self, roles, vision_tokens, pixels, pixel_range) -> None:
+        cfg = self.model.config
+        self.vision_tokens = _check_choice("vision_tokens", vision_tokens, R.VISION_TOKEN_MODES)
+        self.visual_ids = (self.image_token_id,)
+        if vision_tokens == "reference":
+            # Qwen-style models: the authors count <|vision_start|> and <|vision_end|> as visual too
+            self.visual_ids += tuple(int(t) for t in (getattr(cfg, "vision_start_token_id", None),
+                                                      getattr(cfg, "vision_end_token_id", None)) if t is not None)
+        self.pixels = pixels
+        self.pixel_range = pixel_range
+        self.encoder = Encoder(self.family, self.tokenizer, self.image_processor, self.chat_template,
+                               self.image_token_id, self.max_length, processor=self.processor, config=cfg,
+                               roles=roles, visual_ids=self.visual_ids)
+
+    @property
+    def roles(self) -> str:
+        return self.encoder.roles
+
+    def options(self) -> dict:
+        """The extraction choices that change the vectors (recorded in a store's provenance)."""
+        return {"roles": self.roles, "vision_tokens": self.vision_tokens,
+                "pixels": self.pixels if self.family in QWEN_FAMILIES else None,
+                "pixel_range": list(self.pixel_range) if self.pixel_range else None,
+                "visual_token_ids": list(self.visual_ids)}
+
+    def with_options(self, roles: str | None = None, vision_tokens: str | None = None, pixels=None) -> "VLM":
+        """This model with other extraction choices (same weights; ``self`` when nothing changes).
+
+        ``None`` keeps the current choice. The copy gets its own encoder and image processor, so the
+        original keeps its settings.
+        """
+        import copy
+
+        roles = self.roles if roles is None else roles
+        vision_tokens = self.vision_tokens if vision_tokens is None else vision_tokens
+        pixels = self.pixels if pixels is None else pixels
+        if (roles, vision_tokens, pixels) == (self.roles, self.vision_tokens, self.pixels):
+            return self
+        image_processor = copy.deepcopy(self._checkpoint_image_processor or self.image_processor)
+        processor = None
+        if self.processor is not None:
+            processor = copy.copy(self.processor)
+            processor.image_processor = image_processor
+        rng = _apply_pixels(image_processor, self.family, pixels, self.path)
+        new = copy.copy(self)
+        new.image_processor, new.processor = image_processor, processor
+        new._set_encoding(roles, vision_tokens, pixels, rng)
+        return new
 
     # ------------------------------------------------------------------ encoding (see Encoder)
     def render(self, messages: list[dict]) -> str:
@@ -264,12 +377,13 @@ class VLM:
         for b, e in enumerate(batch):
             n = len(e.input_ids)
             sl = slice(L - n, L) if padding_side == "left" else slice(0, n)
-            ids[b, sl] = torch.tensor(e.input_ids, dtype=torch.long)
+            ids[b, sl] = torch.from_numpy(np.asarray(e.input_ids, dtype=np.int64))
             att[b, sl] = True
             roles[b, sl] = torch.from_numpy(e.roles)
         inputs = {"input_ids": ids, "attention_mask": att.long()}
-        if self._wants_mm_types:  # M-RoPE models need the per-token modality (1 = image)
-            inputs["mm_token_type_ids"] = (roles == R.VISUAL).long()
+        if self._wants_mm_types:  # M-RoPE models need the per-token modality (1 = image features)
+            # from the ids, not the roles: vision markers may count as visual without being image features
+            inputs["mm_token_type_ids"] = ((ids == self.image_token_id) & att).long()
         keys = batch[0].image_inputs.keys()
         for k in keys:
             vals = [e.image_inputs[k] for e in batch]
@@ -416,7 +530,8 @@ def _fast_random_init(seed: int = 0):
 
 def load_vlm(model, layer: int = 0, dtype="fp32", device: str | None = "auto", device_map=None,
              truncate: bool = True, max_length: int | None = None, trust_remote_code: bool = False,
-             random_weights: bool = False) -> VLM:
+             random_weights: bool = False, roles: str | None = None, vision_tokens: str | None = None,
+             pixels=None) -> VLM:
     """Load a checkpoint directory (or wrap a loaded model) for layer-``layer`` extraction.
 
     Parameters
@@ -441,9 +556,26 @@ def load_vlm(model, layer: int = 0, dtype="fp32", device: str | None = "auto", d
         initialisation with cheap normal draws, see :func:`_fast_random_init`). For benchmarks
         on published shapes without the weights (see :func:`~.tiny.build_shaped_model`). Without it, a
         checkpoint that lacks weights the model needs is refused: its vectors would be random.
+    roles : {"reference", "label-mask"}, optional
+        What counts as an answer token (default ``"reference"``, the authors' rule: the answer text
+        itself; ``"label-mask"`` adds each turn's end-of-turn marker). See :mod:`.roles`.
+    vision_tokens : {"reference", "pad-only"}, optional
+        Visual token ids (default ``"reference"``: the image token plus Qwen's ``<|vision_start|>`` /
+        ``<|vision_end|>``; ``"pad-only"``: the image token only).
+    pixels : {"paper", "processor"} or "MIN:MAX", optional
+        Qwen-VL image size range in pixels (default ``"paper"`` = 262,144..589,824, the authors'
+        setting; ``"processor"`` = the checkpoint's own). Other families use their processor's size.
+
+    For an already-loaded :class:`VLM`, the three choices given (not None) replace its own in a copy
+    (:meth:`VLM.with_options`); the other arguments are ignored.
     """
     if isinstance(model, VLM):
-        return model
+        return model.with_options(roles, vision_tokens, pixels)
+    roles = "reference" if roles is None else _check_choice("roles", roles, R.ROLE_MODES)
+    vision_tokens = "reference" if vision_tokens is None else _check_choice("vision_tokens", vision_tokens,
+                                                                            R.VISION_TOKEN_MODES)
+    pixels = "paper" if pixels is None else pixels
+    parse_pixels(pixels)  # a malformed value fails before the (slow) model load
     import torch
     import transformers
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
@@ -466,6 +598,8 @@ def load_vlm(model, layer: int = 0, dtype="fp32", device: str | None = "auto", d
                 f"{path}: unknown model type {family!r}; supported: {sorted(KNOWN_FAMILIES)} and image-text-to-text "
                 f"models known to AutoModelForImageTextToText")
         model_cls = transformers.AutoModelForImageTextToText
+    if family not in QWEN_FAMILIES and pixels not in ("paper", "processor"):
+        _apply_pixels(None, family, pixels, path)  # refuses before the (slow) model load
     text_cfg = config.get_text_config()
     depth = int(text_cfg.num_hidden_layers)
     layer = int(layer)
@@ -511,8 +645,14 @@ def load_vlm(model, layer: int = 0, dtype="fp32", device: str | None = "auto", d
         image_processor = processor.image_processor
         tokenizer = processor.tokenizer
     chat_template = _read_chat_template(path, tokenizer)
+    import copy
+
+    checkpoint_ip = copy.deepcopy(image_processor)
+    pixel_range = _apply_pixels(image_processor, family, pixels, path)
     vlm = VLM(net, path, family, layer, depth, tokenizer, image_processor, chat_template, processor=processor,
-              device=dev or "cpu", max_length=max_length)
+              device=dev or "cpu", max_length=max_length, roles=roles, vision_tokens=vision_tokens,
+              pixels=pixels, pixel_range=pixel_range)
+    vlm._checkpoint_image_processor = checkpoint_ip
     if device_map is not None:
         vlm._device_map = True
         vlm._input_device = str(net.get_input_embeddings().weight.device)

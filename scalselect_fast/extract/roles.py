@@ -8,20 +8,37 @@ silently fails when a word tokenises differently in context):
    placeholder rendering must reproduce the real rendering exactly; that gives the exact character
    span of every message's text (templates that ``trim`` their content are handled; a template that
    rewrites the text is refused with a clear error).
-2. An assistant turn's span runs from the first character of its text to the end of that turn's
-   rendering (found by rendering the conversation up to and including that message), so the
-   end-of-turn marker (``</s>``, ``<|im_end|>``) belongs to the answer, as in training-label masks.
+2. What an answer is depends on ``roles`` (see :data:`ROLE_MODES`):
+
+   ``"reference"`` (default; the authors' extraction, ``feature_extract_sft.py`` of ScalSelect)
+      An answer is the text of the assistant message itself, without surrounding whitespace. The
+      end-of-turn marker after it (``</s>`` for LLaVA, ``<|im_end|>`` and the newline after it for
+      Qwen) is *not* an answer token, so it is an instruction token (a template token).
+   ``"label-mask"``
+      An answer runs from the first character of its text to the end of that turn's rendering (found
+      by rendering the conversation up to and including that message), so the end-of-turn marker
+      belongs to the answer, as in training-label masks.
+
 3. The rendered text is tokenised with ``return_offsets_mapping``; a token is an answer token if its
-   characters overlap an assistant span, user text if they overlap a user message's text, visual if
-   its id is the model's image token, and template otherwise (system prompt, role headers, special
-   tokens such as BOS, whose offsets are empty). A token straddling a boundary (byte-level BPE's
-   ``" A"`` after ``"ASSISTANT:"``) takes the role of the text it touches, answer first.
+   characters overlap an answer span, user text if they overlap a user message's text, visual if its
+   id is in the visual id set, and template otherwise (system prompt, role headers, special tokens
+   such as BOS, whose offsets are empty). A token straddling a boundary (byte-level BPE's ``" A"``
+   after ``"ASSISTANT:"``) takes the role of the text it touches, answer first. Only the rendered
+   text as a whole is tokenised, never a message on its own, so tokenizers that treat a leading
+   space differently (transformers' Llama tokenizer vs SentencePiece) cannot change the roles.
 4. Image placeholders are expanded to the number of visual tokens each image gets; the expanded ids
    must match what the model's processor produces (the tests check this).
+
+The visual id set (``vision_tokens``, see :data:`VISION_TOKEN_MODES`) is the image token plus, for
+``"reference"``, the vision start/end markers of Qwen-style models (``<|vision_start|>``,
+``<|vision_end|>``), which the authors count as visual; ``"pad-only"`` keeps the image token only.
 
 The instruction set (the attention rows that are averaged) is ``{USER, TEMPLATE}`` for
 ``instruction="all"`` (the authors' choice: every non-visual, non-answer token) and ``{USER}`` for
 ``instruction="user"``.
+
+Everything per token is numpy array work (interval search, ``np.repeat``); there is no Python loop
+over tokens (``benchmarks/bench_roles.py`` measures it).
 """
 from __future__ import annotations
 
@@ -31,12 +48,17 @@ from typing import Callable, Sequence
 import numpy as np
 
 __all__ = ["ExtractError", "PAD", "VISUAL", "ANSWER", "USER", "TEMPLATE", "ROLE_NAMES", "SampleError", "ChatTemplateError",
-           "Rendered", "build_chat_messages", "render_conversation", "token_roles", "expand_image_tokens",
-           "instruction_mask"]
+           "ROLE_MODES", "VISION_TOKEN_MODES", "Rendered", "build_chat_messages", "render_conversation",
+           "token_roles", "expand_image_tokens", "align_to_processor", "instruction_mask"]
 
 #: role codes stored per token (int8)
 PAD, VISUAL, ANSWER, USER, TEMPLATE = 0, 1, 2, 3, 4
 ROLE_NAMES = {PAD: "pad", VISUAL: "visual", ANSWER: "answer", USER: "user", TEMPLATE: "template"}
+
+#: ``roles`` choices: what counts as an answer token (first = default)
+ROLE_MODES = ("reference", "label-mask")
+#: ``vision_tokens`` choices: which token ids are visual (first = default)
+VISION_TOKEN_MODES = ("reference", "pad-only")
 
 IMAGE_MARKER = "<image>"
 _PH_OPEN, _PH_CLOSE = "\ue000", "\ue001"  # private-use code points: never in real text, kept by templates
@@ -62,16 +84,32 @@ class Rendered:
     ----------
     text : str
         The rendered prompt (image placeholders not yet expanded).
-    answer_spans, user_spans : list of (start, stop)
-        Character spans of assistant answers (text + end-of-turn marker) and of user message text.
+    answer_spans : list of (start, stop)
+        Character spans of assistant answers: the answer text without surrounding whitespace.
+    user_spans : list of (start, stop)
+        Character spans of user message text.
     n_images : int
         Number of image items rendered.
+    turn_spans : list of (start, stop) or None
+        Answer text + the rest of its turn (the end-of-turn marker), for ``roles="label-mask"``;
+        None when not located (rendered with ``roles="reference"``).
     """
 
     text: str
     answer_spans: list[tuple[int, int]]
     user_spans: list[tuple[int, int]]
     n_images: int
+    turn_spans: list[tuple[int, int]] | None = None
+
+    def spans(self, roles: str = "reference") -> list[tuple[int, int]]:
+        """Answer spans under the ``roles`` rule (see the module docstring)."""
+        if roles == "reference":
+            return self.answer_spans
+        if roles == "label-mask":
+            if self.turn_spans is None:
+                raise ValueError("turn spans were not located; render with roles='label-mask'")
+            return self.turn_spans
+        raise ValueError(f"roles must be one of {ROLE_MODES}, got {roles!r}")
 
 
 def build_chat_messages(messages: Sequence[dict], n_images: int, sample_id: str = "?") -> list[dict]:
@@ -149,7 +187,7 @@ def _substitute(ph_text: str, table: list[tuple[int, str, str]], strip: bool):
 
 
 def render_conversation(messages: list[dict], render: Callable[[list[dict]], str], image_token: str,
-                        sample_id: str = "?") -> Rendered:
+                        sample_id: str = "?", roles: str = "reference") -> Rendered:
     """Render ``messages`` (typed content, see :func:`build_chat_messages`) and locate every span.
 
     Parameters
@@ -160,12 +198,16 @@ def render_conversation(messages: list[dict], render: Callable[[list[dict]], str
         ``render(messages) -> str``; the model's chat template without generation prompt.
     image_token : str
         The image placeholder string the template emits for each image item (e.g. ``"<image>"``).
+    roles : {"reference", "label-mask"}
+        ``"label-mask"`` also locates each answer's end of turn (one more rendering per answer).
 
     Raises
     ------
     ChatTemplateError
         If the template does not insert message text verbatim (then no span can be trusted).
     """
+    if roles not in ROLE_MODES:
+        raise ValueError(f"roles must be one of {ROLE_MODES}, got {roles!r}")
     real = render(messages)
     ph_msgs, table = _with_placeholders(messages)
     ph_text = render(ph_msgs)
@@ -190,7 +232,7 @@ def render_conversation(messages: list[dict], render: Callable[[list[dict]], str
                 break
         return p + d
 
-    answer, user = [], []
+    answer, turns, user = [], [], []
     for k, m in enumerate(messages):
         mine = [(s, e) for (kk, s, e) in spans if kk == k]
         if m["role"] == "user":
@@ -198,97 +240,167 @@ def render_conversation(messages: list[dict], render: Callable[[list[dict]], str
         elif m["role"] == "assistant" and mine:
             start = min(s for s, _ in mine)
             stop = max(e for _, e in mine)
-            # extend to the end of this turn: render the conversation up to this message
+            # the answer text itself, as the authors tokenise it (``content.strip()``)
+            a, b = start, stop
+            while a < b and real[a].isspace():
+                a += 1
+            while b > a and real[b - 1].isspace():
+                b -= 1
+            if b > a:
+                answer.append((a, b))
+            if roles != "label-mask":
+                continue
+            # label-mask: extend to the end of this turn (render the conversation up to this message)
             try:
                 prefix = render(ph_msgs[:k + 1])
             except Exception:  # noqa: BLE001 - some templates refuse partial conversations
                 prefix = None
             if prefix is not None and ph_text.startswith(prefix):
                 stop = max(stop, to_real(len(prefix)))
-            answer.append((start, stop))
+            turns.append((start, stop))
     n_images = sum(1 for m in messages for it in m["content"] if it["type"] == "image")
     if real.count(image_token) != n_images:
         raise ChatTemplateError(
             f"sample {sample_id}: the chat template rendered {real.count(image_token)} {image_token!r} "
             f"placeholders for {n_images} images")
-    return Rendered(real, answer, user, n_images)
+    return Rendered(real, answer, user, n_images, turns if roles == "label-mask" else None)
 
 
-def _overlaps(a: int, b: int, spans: list[tuple[int, int]]) -> bool:
-    return any(a < e and s < b for s, e in spans)
+def _overlapping(starts: np.ndarray, stops: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    """Mask of the intervals ``[starts, stops)`` that overlap any of ``spans`` (vectorised).
+
+    ``spans`` are merged into sorted disjoint intervals; for each token the first span ending after
+    its start is found by binary search, and the token overlaps iff that span starts before its stop.
+    """
+    if not spans:
+        return np.zeros(starts.shape, bool)
+    sp = np.array(sorted(spans), dtype=np.int64)
+    # merge overlapping / touching spans so that the span ends are sorted
+    keep = np.ones(len(sp), bool)
+    ends = np.maximum.accumulate(sp[:, 1])
+    keep[1:] = sp[1:, 0] > ends[:-1]
+    group = np.cumsum(keep) - 1
+    m_start = sp[keep, 0]
+    m_stop = np.zeros(len(m_start), np.int64)
+    np.maximum.at(m_stop, group, sp[:, 1])
+    j = np.searchsorted(m_stop, starts, side="right")
+    hit = j < len(m_start)
+    out = np.zeros(starts.shape, bool)
+    out[hit] = m_start[j[hit]] < stops[hit]
+    return out
 
 
-def token_roles(offsets: Sequence[tuple[int, int]], ids: Sequence[int], rendered: Rendered,
-                image_token_id: int) -> np.ndarray:
+def token_roles(offsets, ids, rendered: Rendered, image_token_id: int, roles: str = "reference",
+                visual_ids=()) -> np.ndarray:
     """Role code (int8) of each token of the tokenised ``rendered.text``.
 
     Parameters
     ----------
-    offsets : sequence of (start, stop)
-        Character offsets from the tokenizer (``return_offsets_mapping=True``).
-    ids : sequence of int
-        Token ids (same length).
+    offsets : array-like of int, shape (T, 2)
+        Character ``(start, stop)`` of each token (``return_offsets_mapping=True``); special tokens
+        have ``start == stop``.
+    ids : array-like of int, shape (T,)
+        Token ids.
+    rendered : Rendered
+        The spans of the rendered conversation.
+    image_token_id : int
+        The image placeholder id (always visual).
+    roles : {"reference", "label-mask"}
+        Which answer spans apply (see the module docstring).
+    visual_ids : iterable of int
+        Further ids that are visual (the vision start/end markers under ``vision_tokens="reference"``).
+
+    Returns
+    -------
+    ndarray of int8, shape (T,)
     """
-    roles = np.full(len(ids), TEMPLATE, dtype=np.int8)
-    for t, ((a, b), tid) in enumerate(zip(offsets, ids)):
-        if tid == image_token_id:
-            roles[t] = VISUAL
-        elif b > a and _overlaps(a, b, rendered.answer_spans):
-            roles[t] = ANSWER
-        elif b > a and _overlaps(a, b, rendered.user_spans):
-            roles[t] = USER
-    return roles
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    if len(off) != len(ids):
+        raise ValueError(f"{len(off)} offsets for {len(ids)} tokens")
+    a, b = off[:, 0], off[:, 1]
+    text = b > a
+    out = np.full(len(ids), TEMPLATE, dtype=np.int8)
+    user = text & _overlapping(a, b, rendered.user_spans)
+    answer = text & _overlapping(a, b, rendered.spans(roles))
+    out[user] = USER
+    out[answer] = ANSWER  # a token touching an answer and a user text is an answer token
+    out[np.isin(ids, np.fromiter({int(image_token_id), *map(int, visual_ids)}, np.int64))] = VISUAL
+    return out
 
 
-def expand_image_tokens(ids: Sequence[int], roles: np.ndarray, image_token_id: int,
-                        counts: Sequence[int], sample_id: str = "?") -> tuple[list[int], np.ndarray]:
-    """Repeat the i-th image token ``counts[i]`` times (what the processor does to the text)."""
-    n = sum(1 for t in ids if t == image_token_id)
-    if n != len(counts):
-        raise SampleError(f"sample {sample_id}: {n} image tokens in the text for {len(counts)} images")
-    out_ids: list[int] = []
-    out_roles: list[np.ndarray] = []
-    i = 0
-    for t, r in zip(ids, roles):
-        if t == image_token_id:
-            out_ids += [t] * int(counts[i])
-            out_roles.append(np.full(int(counts[i]), VISUAL, np.int8))
-            i += 1
-        else:
-            out_ids.append(t)
-            out_roles.append(np.array([r], np.int8))
-    return out_ids, (np.concatenate(out_roles) if out_roles else np.zeros(0, np.int8))
+def expand_image_tokens(ids, roles: np.ndarray, image_token_id: int, counts: Sequence[int],
+                        sample_id: str = "?") -> tuple[np.ndarray, np.ndarray]:
+    """Repeat the i-th image token ``counts[i]`` times (what the processor does to the text).
+
+    Parameters
+    ----------
+    ids : array-like of int, shape (T,)
+    roles : ndarray of int8, shape (T,)
+    counts : sequence of int
+        Visual tokens of each image, in order.
+
+    Returns
+    -------
+    ids : ndarray of int64, shape (T - n_images + sum(counts),)
+    roles : ndarray of int8, same shape (the expanded tokens are VISUAL)
+    """
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    where = np.flatnonzero(ids == image_token_id)
+    if len(where) != len(counts):
+        raise SampleError(f"sample {sample_id}: {len(where)} image tokens in the text for {len(counts)} images")
+    reps = np.ones(len(ids), np.int64)
+    reps[where] = np.asarray(counts, dtype=np.int64)
+    roles = np.asarray(roles, dtype=np.int8).copy()
+    roles[where] = VISUAL
+    return np.repeat(ids, reps), np.repeat(roles, reps)
 
 
-def align_to_processor(ids: Sequence[int], roles: np.ndarray, proc_ids: Sequence[int], image_token_id: int,
-                       sample_id: str = "?") -> np.ndarray:
+def _runs(ids: np.ndarray, image_token_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Collapse each run of image tokens to one entry: (collapsed ids, first position, run length)."""
+    img = ids == image_token_id
+    first = np.ones(len(ids), bool)
+    first[1:] = ~(img[1:] & img[:-1])  # an image token right after another continues its run
+    starts = np.flatnonzero(first)
+    lengths = np.diff(np.append(starts, len(ids)))
+    return ids[starts], starts, lengths
+
+
+def align_to_processor(ids, roles: np.ndarray, proc_ids, image_token_id: int, sample_id: str = "?") -> np.ndarray:
     """Roles for the processor's (expanded) ids, given roles of the unexpanded tokenisation.
 
     Each run of image tokens in ``ids`` must correspond to a (longer or equal) run in ``proc_ids``;
     every other token must match one to one.
+
+    Parameters
+    ----------
+    ids : array-like of int, shape (T,)
+    roles : ndarray of int8, shape (T,)
+    proc_ids : array-like of int, shape (P,)
+        The processor's ids (image runs expanded).
+
+    Returns
+    -------
+    ndarray of int8, shape (P,)
     """
-    out = np.empty(len(proc_ids), np.int8)
-    i = j = 0
-    n, m = len(ids), len(proc_ids)
-    while i < n:
-        if ids[i] == image_token_id:
-            while i < n and ids[i] == image_token_id:
-                i += 1
-            if j >= m or proc_ids[j] != image_token_id:
-                raise SampleError(f"sample {sample_id}: processor output does not expand the image token where expected")
-            while j < m and proc_ids[j] == image_token_id:
-                out[j] = VISUAL
-                j += 1
-        else:
-            if j >= m or proc_ids[j] != ids[i]:
-                raise SampleError(f"sample {sample_id}: processor tokenisation differs from the chat-template "
-                                  f"tokenisation at token {i}")
-            out[j] = roles[i]
-            i += 1
-            j += 1
-    if j != m:
-        raise SampleError(f"sample {sample_id}: processor output has {m - j} extra tokens")
-    return out
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    proc = np.asarray(proc_ids, dtype=np.int64).reshape(-1)
+    c_ids, starts, _ = _runs(ids, image_token_id)
+    c_proc, _, p_len = _runs(proc, image_token_id)
+    n = min(len(c_ids), len(c_proc))
+    bad = np.flatnonzero(c_ids[:n] != c_proc[:n])
+    if len(bad) or len(c_ids) != len(c_proc):
+        at = int(bad[0]) if len(bad) else n
+        if at < len(c_ids) and c_ids[at] == image_token_id:
+            raise SampleError(f"sample {sample_id}: processor output does not expand the image token where expected")
+        if at >= len(c_ids):
+            raise SampleError(f"sample {sample_id}: processor output has {len(proc) - int(np.sum(p_len[:at]))} "
+                              f"extra tokens")
+        raise SampleError(f"sample {sample_id}: processor tokenisation differs from the chat-template "
+                          f"tokenisation at token {int(starts[at])}")
+    c_roles = np.asarray(roles, dtype=np.int8)[starts].copy()
+    c_roles[c_ids == image_token_id] = VISUAL
+    return np.repeat(c_roles, p_len)
 
 
 def instruction_mask(roles: np.ndarray, instruction: str = "all") -> np.ndarray:

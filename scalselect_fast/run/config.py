@@ -45,6 +45,9 @@ class RunConfig:
     store_dtype: str = "float16"
     shard_size: int = 4096
     instruction: str = "all"
+    roles: str = "reference"
+    vision_tokens: str = "reference"
+    pixels: str = "paper"
     max_length: int | None = None
     num_workers: int = 0
     order: str = "original"
@@ -58,7 +61,7 @@ class RunConfig:
 
     # fields that change the representations (and so everything downstream)
     EXTRACT_KEYS = ("layer", "threshold", "batch_size", "device", "dtype", "store_dtype", "shard_size",
-                    "format", "instruction", "max_length")
+                    "format", "instruction", "max_length", "roles", "vision_tokens", "pixels")
     FIT_KEYS = ("energy", "k", "solver", "seed", "standardize", "l2_normalize", "drop_invalid", "fit_device")
     SELECT_KEYS = ("budget", "order", "dedup_selected", "quota")
 
@@ -85,6 +88,18 @@ class RunConfig:
         if self.instruction not in ("all", "user"):
             raise RunError(f"--instruction {self.instruction!r}: use 'all' (every non-visual, non-answer token) "
                            f"or 'user' (user text only)")
+        if self.roles not in ("reference", "label-mask"):
+            raise RunError(f"--roles {self.roles!r}: use 'reference' (the authors' rule: answers are the answer "
+                           f"text, end-of-turn markers are instruction tokens) or 'label-mask'")
+        if self.vision_tokens not in ("reference", "pad-only"):
+            raise RunError(f"--vision-tokens {self.vision_tokens!r}: use 'reference' (Qwen: image pads and the "
+                           f"vision start/end markers) or 'pad-only'")
+        from ..extract.model import parse_pixels
+
+        try:
+            parse_pixels(self.pixels)
+        except ValueError as exc:
+            raise RunError(f"--{exc}") from None
         if int(self.shard_size) < 1 or int(self.batch_size) < 1:
             raise RunError("--shard-size and --batch-size must be positive")
 

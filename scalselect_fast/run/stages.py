@@ -465,7 +465,8 @@ def _stage_extract(cfg: RunConfig, state: RunState, events: Events, source=None)
     data = source if source is not None else cfg.data  # the run's resolved DataSource: files listed once
     summary = extract_to_store(cfg.model, data, store, image_root=cfg.image_root, format=cfg.format,
                                layer=cfg.layer, threshold=cfg.threshold, batch_size=cfg.batch_size,
-                               instruction=cfg.instruction, max_length=cfg.max_length,
+                               instruction=cfg.instruction, max_length=cfg.max_length, roles=cfg.roles,
+                               vision_tokens=cfg.vision_tokens, pixels=cfg.pixels,
                                dtype=cfg.dtype, device=cfg.device, store_dtype=cfg.store_dtype,
                                shard_size=cfg.shard_size, num_workers=cfg.num_workers,
                                # humans get the engine's own tqdm bar (rate + ETA), machines events
