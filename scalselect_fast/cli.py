@@ -39,20 +39,43 @@ def _backend(device: str) -> str:
     return "cupy" if resolve_device(device) == "cuda" else "numpy"
 
 
+class UsageError(ValueError):
+    """An option value the command cannot use (printed as one line, exit status 2)."""
+
+
+def _out_file(path: str, option: str = "--out") -> str:
+    """``path`` if it can name an output file (not an existing directory)."""
+    import os
+
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path} is a directory; name the file to write (e.g. {os.path.join(path, 'x')})")
+    return path
+
+
+def _no_overwrite(outputs, inputs) -> None:
+    """Refuse, before any work, outputs that would replace an input (see :mod:`scalselect_fast.paths`)."""
+    from .paths import refuse_overwrite
+
+    refuse_overwrite(outputs, inputs)
+
+
 def _core_errors(fn):
     """Turn the engine's input errors into one clear line and exit status 2 (no traceback)."""
     import functools
 
     @functools.wraps(fn)
     def wrapper(args):
+        from .distributed import SchedulerError
         from .gpu import DeviceError
+        from .paths import OverwriteError
         from .scoring import BudgetError
         from .store import StoreError
         from .subspace import SubspaceError
 
         try:
             return fn(args)
-        except (StoreError, SubspaceError, BudgetError, DeviceError, FileNotFoundError) as exc:
+        except (StoreError, SubspaceError, BudgetError, DeviceError, OverwriteError, UsageError,
+                SchedulerError, FileNotFoundError) as exc:
             print(f"scalselect {args.command}: error: {exc}", file=sys.stderr)
             return 2
     return wrapper
@@ -62,6 +85,7 @@ def _core_errors(fn):
 def _cmd_fit(args) -> int:
     from .subspace import fit_subspace
 
+    _no_overwrite([_out_file(args.out)], [args.source])
     sub = fit_subspace(args.source, block_rows=args.block_rows, drop_invalid=args.drop_invalid,
                        backend=_backend(args.device), **_fit_kwargs(args))
     sub.save(args.out)
@@ -77,6 +101,7 @@ def _cmd_score(args) -> int:
     from .scoring import leverage_scores, write_scores
     from .subspace import Subspace
 
+    _no_overwrite([_out_file(args.out)], [args.source, args.subspace])
     sub = Subspace.load(args.subspace)
     scores = leverage_scores(args.source, sub, block_rows=args.block_rows,
                              drop_invalid=True if args.drop_invalid else None, device=args.device)
@@ -109,14 +134,25 @@ def _print_selection(report: dict, out) -> None:
 def _cmd_select(args) -> int:
     from .scoring import run_selection
 
-    seeds = None if args.stability_seeds.strip().lower() == "none" else \
-        tuple(int(v) for v in args.stability_seeds.split(",") if v.strip())
+    seeds = _stability_seeds(args.stability_seeds)
+    _no_overwrite([args.out], [args.source, args.subspace])
     report = run_selection(args.source, args.out, args.budget, subspace=args.subspace,
                            manifest_format=args.manifest_format, drop_invalid=args.drop_invalid,
                            block_rows=args.block_rows, stability_seeds=seeds, device=args.device,
                            **({} if args.subspace else _fit_kwargs(args)))
     _print_selection(report, args.out)
     return 0
+
+
+def _stability_seeds(text: str):
+    """``--stability-seeds``: ``none`` -> None, ``''`` -> (), ``0,1,2`` -> (0, 1, 2)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"--stability-seeds {text!r}: give comma-separated integers (0,1,2), '' for the "
+                         f"margin and exact comparison only, or 'none'") from None
 
 
 def add_core_commands(sub: argparse._SubParsersAction) -> None:
@@ -137,7 +173,8 @@ def add_core_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("select", help="fit + score + top budget in one go; writes a directory")
     p.add_argument("source", help="representation store directory or .npy matrix (n, d)")
-    p.add_argument("--budget", required=True, help="rows to keep: a count (100000), fraction (0.16) or 16%%")
+    p.add_argument("--budget", required=True, help="rows to keep: a count (100000; 1 = one row), a fraction "
+                                                   "(0.16; 1.0 = all rows) or a percentage (16%%)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--subspace", default=None, help="reuse this fitted subspace instead of fitting")
     p.add_argument("--manifest-format", choices=["parquet", "jsonl"], default="parquet")
@@ -172,6 +209,7 @@ def _dask_or_local(local, dask_cmd):
 def _cmd_fit_dask(args) -> int:
     from . import distributed
 
+    _no_overwrite([_out_file(args.out)], [args.source])
     with distributed.connect(args.dask_scheduler) as client:
         sub = distributed.fit_subspace(args.source, client, block_rows=args.block_rows,
                                        drop_invalid=args.drop_invalid, **_fit_kwargs(args))
@@ -189,6 +227,7 @@ def _cmd_score_dask(args) -> int:
     from .scoring import write_scores
     from .subspace import Subspace
 
+    _no_overwrite([_out_file(args.out)], [args.source, args.subspace])
     sub = Subspace.load(args.subspace)
     with distributed.connect(args.dask_scheduler) as client:
         scores = distributed.leverage_scores(args.source, sub, client, block_rows=args.block_rows,
@@ -204,6 +243,7 @@ def _cmd_score_dask(args) -> int:
 def _cmd_select_dask(args) -> int:
     from . import distributed
 
+    _no_overwrite([args.out], [args.source, args.subspace])
     with distributed.connect(args.dask_scheduler) as client:
         report = distributed.run_selection(args.source, args.out, args.budget, client, subspace=args.subspace,
                                            manifest_format=args.manifest_format, drop_invalid=args.drop_invalid,
@@ -254,16 +294,32 @@ def _cmd_extract(args) -> int:
     import json
 
     from .extract import extract_to_store
+    from .paths import OverwriteError
 
-    summary = extract_to_store(
+    if args.quiet:  # no transformers load bars either: errors stay one line
+        from .run.stages import _quiet_libraries
+
+        _quiet_libraries()
+    try:
+        from .data.sources import open_source as open_data
+
+        data_files = [f for f in open_data(args.data, args.format).input_paths() if "://" not in f]
+        _no_overwrite([args.out], [args.model, *data_files])
+        summary = _extract(args, extract_to_store)
+    except (*_run_errors(), OverwriteError) as exc:
+        return _fail(args, exc)
+    print(json.dumps(summary))
+    return 0
+
+
+def _extract(args, extract_to_store) -> dict:
+    return extract_to_store(
         args.model, args.data, args.out, image_root=args.image_root, format=args.format,
         batch_size=args.batch_size, layer=args.layer, threshold=args.threshold, instruction=args.instruction,
         dtype=args.dtype, device=args.device, device_map=args.device_map, store_dtype=args.store_dtype,
         shard_size=args.shard_size, max_length=args.max_length, padding_side=args.padding_side,
         backend=args.backend, force=args.force, progress=not args.quiet, num_workers=args.num_workers,
         roles=args.roles, vision_tokens=args.vision_tokens, pixels=args.pixels)
-    print(json.dumps(summary))
-    return 0
 
 
 def _pixels_arg(value: str) -> str:
@@ -299,7 +355,8 @@ def add_baseline_command(sub: argparse._SubParsersAction) -> None:
                                    "ScalSelect uses; writes indices.npy, selected_ids.txt, report.json.")
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("source", help="representation store directory or .npy matrix")
-    p.add_argument("--budget", required=True, help="count (100000), fraction (0.16) or percentage (16%%)")
+    p.add_argument("--budget", required=True, help="count (100000; 1 = one row), fraction (0.16; 1.0 = all "
+                                                   "rows) or percentage (16%%)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-n", type=int, default=None, dest="max_n",
@@ -325,7 +382,7 @@ def _parse_opts(items: list[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--opt {item!r}: expected KEY=VALUE")
+            raise UsageError(f"--opt {item!r}: expected KEY=VALUE, e.g. --opt n_clusters=500")
         try:
             opts[key.replace("-", "_")] = json.loads(value)
         except json.JSONDecodeError:
@@ -344,14 +401,17 @@ def _cmd_baseline(args) -> int:
     from .atomic import atomic_write_bytes, atomic_write_json
     from .store import open_source
 
-    opts = _parse_opts(args.opt)
-    for key in ("max_n", "knn"):
-        if getattr(args, key) is not None:
-            opts[key] = getattr(args, key)
     try:
+        opts = _parse_opts(args.opt)
+        for key in ("max_n", "knn"):
+            if getattr(args, key) is not None:
+                opts[key] = getattr(args, key)
+        _check_method_opts(args.method, opts)
+        _no_overwrite([args.out], [args.source])
         src = open_source(args.source)
         budget = resolve_budget(args.budget, src.n)
-    except ValueError as exc:  # StoreError / BudgetError: one line, no traceback
+        src.check_unique_ids()
+    except ValueError as exc:  # UsageError / OverwriteError / StoreError / BudgetError: one line
         print(f"scalselect baseline: {exc}", file=sys.stderr)
         return 2
     import inspect
@@ -367,8 +427,10 @@ def _cmd_baseline(args) -> int:
     t0 = time.perf_counter()
     try:
         idx = baselines.select(args.method, src, budget, seed=args.seed, **opts)
-    except TypeError as exc:  # an --opt the method does not take
-        raise SystemExit(f"baseline {args.method}: {exc}") from exc
+    except TypeError as exc:  # an --opt value of the wrong type
+        print(f"scalselect baseline {args.method}: an --opt value has the wrong type ({exc}); see "
+              f"`scalselect baseline --help`", file=sys.stderr)
+        return 2
     except (ValueError, MemoryError, DeviceError) as exc:  # bad input, size refusal, missing faiss-gpu
         print(f"scalselect baseline {args.method}: {exc}", file=sys.stderr)
         return 2
@@ -387,6 +449,22 @@ def _cmd_baseline(args) -> int:
         "budget": int(budget), "seed": args.seed, "options": opts, "seconds": round(seconds, 4)})
     print(f"{args.method}: selected {budget} of {src.n} rows in {seconds:.2f} s -> {out}")
     return 0
+
+
+def _check_method_opts(method: str, opts: dict) -> None:
+    """Refuse an --opt the method does not take, listing the ones it does."""
+    import inspect
+
+    from . import baselines
+
+    params = inspect.signature(baselines.get(method)).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    known = [n for n in params if n not in ("source", "budget", "seed")]
+    for key in opts:
+        if key not in known:
+            raise UsageError(f"--opt {key}: the {method} method has no option {key!r}; its options: "
+                             f"{', '.join(known) or 'none'}")
 
 
 def _cmd_bench(args) -> int:
@@ -416,8 +494,8 @@ def add_run_command(sub: argparse._SubParsersAction) -> None:
                                         "escape it)")
     g.add_argument("--format", choices=["auto", "json", "jsonl", "parquet"], help="input container (auto)")
     g.add_argument("--out", help="output directory (created; holds the selection, manifest, report)")
-    g.add_argument("--budget", help="samples to keep: a count (100000), a fraction (0.16) or a percentage "
-                                    "(16%%); default 16%%")
+    g.add_argument("--budget", help="samples to keep: a count (100000; 1 = one sample), a fraction (0.16; "
+                                    "1.0 = all) or a percentage (16%%); default 16%%")
     g.add_argument("--order", choices=["original", "score"], help="order of the selected dataset "
                                                                    "(default original)")
     g = p.add_argument_group("representation and subspace")
@@ -495,7 +573,9 @@ def _run_errors():
     from .postselect import PostSelectError
     from .store import StoreError
 
-    errs = [RunError, PostSelectError, StoreError]
+    from .paths import OverwriteError
+
+    errs = [RunError, PostSelectError, StoreError, OverwriteError]
     for mod, name in (("scalselect_fast.data", "DatasetError"), ("scalselect_fast.data", "ImageError"),
                       ("scalselect_fast.subspace", "SubspaceError"),
                       ("scalselect_fast.extract", "UnsupportedModelError"),
@@ -587,7 +667,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        # Every stage writes atomically and checkpoints: what finished is kept, the rest reruns.
+        print(f"scalselect {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -196,15 +196,24 @@ def _topk_merge_task(a, b, budget: int):
 # --------------------------------------------------------------------------------------------------
 # client side
 # --------------------------------------------------------------------------------------------------
+class SchedulerError(ConnectionError):
+    """The Dask scheduler cannot be reached (the message names the address and what to do)."""
+
+
 def connect(address: str):
     """A :class:`dask.distributed.Client` for ``address`` (``tcp://host:8786``, or a scheduler file)."""
     try:
         from dask.distributed import Client
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise ImportError("--dask-scheduler needs dask.distributed: pip install 'scalselect-fast[dask]'") from exc
-    if address.endswith(".json") and Path(address).is_file():
-        return Client(scheduler_file=address)
-    return Client(address)
+    try:
+        if address.endswith(".json") and Path(address).is_file():
+            return Client(scheduler_file=address)
+        return Client(address)
+    except (OSError, TimeoutError, ValueError) as exc:  # refused, timed out, malformed address
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SchedulerError(f"cannot reach the Dask scheduler {address} ({why[:200]}); start it (dask scheduler) "
+                         f"or pass its address as tcp://host:8786 or a scheduler .json file") from None
 
 
 def _submit_shards(client, src: MatrixSource, fn, *args, **kwargs):
@@ -379,6 +388,7 @@ def run_selection(source, out_dir, budget, client, *, subspace=None, manifest_fo
     out.mkdir(parents=True, exist_ok=True)
     src = open_source(source)
     m = scoring.resolve_budget(budget, src.n)
+    src.check_unique_ids()
     timings: dict[str, float] = {}
     t = time.perf_counter()
     sub, reused = scoring.fit_or_load(subspace, lambda: fit_subspace(

@@ -70,8 +70,7 @@ class PlanEstimate:
                 "problems": self.problems, "ok": self.ok, "assumptions": self.assumptions}
 
     def format(self) -> str:
-        def gib(b):
-            return "?" if b is None else f"{b / GiB:.2f} GiB"
+        gib = _size
 
         def dur(s):
             return f"{s:.1f} s" if s < 120 else (f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h")
@@ -319,10 +318,15 @@ def estimate_run(n: int, *, model: str | os.PathLike | Mapping | None = None, d:
         est.assumptions.update({"model_params_loaded": cost["run_params"], "image_tokens": cost["image_tokens"],
                                 "text_tokens": text_tokens})
     # problems, each with the fix
+    if out_dir is not None:
+        where = _existing_ancestor(out_dir)
+        if not (where.is_dir() and os.access(where, os.W_OK | os.X_OK)):
+            est.problems.append(f"output: cannot write under {out_dir} ({where} is not a writable folder); "
+                                f"choose an --out you can write to")
     free = est.available["disk_free"]
     if free is not None and est.total_disk > free:
         est.problems.append(
-            f"disk: needs ~{est.total_disk / GiB:.2f} GiB under {out_dir} but only {free / GiB:.2f} GiB is "
+            f"disk: needs ~{_size(est.total_disk)} under {out_dir} but only {_size(free)} is "
             f"free; choose another --out on a larger disk, or store representations as "
             f"--store-dtype float16/bfloat16 (now {store_dtype})")
     mem = est.available["memory_available"]
@@ -331,12 +335,12 @@ def estimate_run(n: int, *, model: str | os.PathLike | Mapping | None = None, d:
            "score+select": "split the dataset and select per part, or run on a machine with more RAM"}
     for stage, need in est.memory_bytes.items():
         if mem is not None and need > mem:
-            est.problems.append(f"memory: stage '{stage}' needs ~{need / GiB:.2f} GiB but {mem / GiB:.2f} GiB "
+            est.problems.append(f"memory: stage '{stage}' needs ~{_size(need)} but {_size(mem)} "
                                 f"is available; {fix.get(stage, 'free memory')}")
     gpu = est.available.get("gpu_memory")
     need_gpu = est.assumptions.get("gpu_weights_bytes")
     if gpu is not None and need_gpu and need_gpu > gpu:
-        est.problems.append(f"GPU memory: the model needs ~{need_gpu / GiB:.2f} GiB but {gpu / GiB:.2f} GiB is "
+        est.problems.append(f"GPU memory: the model needs ~{_size(need_gpu)} but {_size(gpu)} is "
                             f"free; use --dtype bfloat16, a lower --batch-size, or device_map over more GPUs")
     return est
 
@@ -356,10 +360,25 @@ def _disk_free(path: str | os.PathLike) -> int | None:
     return free + held
 
 
-def _fs_free(path: str | os.PathLike) -> int | None:
+def _size(b: int | None) -> str:
+    """Bytes in the unit that shows them (a plan of a few MiB must not read "0.00 GiB")."""
+    if b is None:
+        return "?"
+    for unit, scale in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if b >= scale:
+            return f"{b / scale:.2f} {unit}"
+    return f"{int(b)} B"
+
+
+def _existing_ancestor(path: str | os.PathLike) -> Path:
     p = Path(path).absolute()
     while not p.exists() and p != p.parent:
         p = p.parent
+    return p
+
+
+def _fs_free(path: str | os.PathLike) -> int | None:
+    p = _existing_ancestor(path)
     try:
         return int(shutil.disk_usage(p).free)
     except OSError:  # pragma: no cover

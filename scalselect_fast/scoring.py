@@ -114,8 +114,11 @@ def resolve_budget(budget, n: int) -> int:
     Parameters
     ----------
     budget : int, float or str
-        A count (``100000``, ``"100000"``, ``100000.0``), a fraction in (0, 1) (``0.16``,
-        ``"0.16"``) or a percentage in (0, 100] (``"16%"``). Fractions round to the nearest row.
+        A count, a fraction or a percentage. A whole number written without a decimal point
+        (``100000``, ``"100000"``, ``1``, ``"1"``) is a count of rows. A number with a decimal point
+        in (0, 1] (``0.16``, ``"0.16"``, ``1.0`` = every row, ``0.999`` = 99.9%) is a fraction;
+        one above 1 must be whole (``100000.0`` = a count). ``"16%"`` is a percentage in (0, 100].
+        Fractions round to the nearest row.
     n : int
         Rows available.
 
@@ -151,7 +154,7 @@ def resolve_budget(budget, n: int) -> int:
         b = float(budget)
         if math.isnan(b) or math.isinf(b):
             raise BudgetError(f"budget {raw!r} is not a number")
-        if 0 < b < 1:
+        if 0 < b <= 1:  # a float 1.0 (or "1.0") is the whole set; the integer 1 is one row
             return _count(b * n, raw, n)
         if b != int(b):
             raise BudgetError(f"budget {raw!r}: use a whole count or a fraction in (0, 1)")
@@ -159,6 +162,15 @@ def resolve_budget(budget, n: int) -> int:
     else:
         raise BudgetError(f"budget {raw!r} is not a count, fraction or percentage (e.g. 100000, 0.16, '16%')")
     return _check_count(count, raw, n)
+
+
+def check_budget(budget) -> None:
+    """Raise :class:`BudgetError` if ``budget`` is not a count, fraction or percentage at all.
+
+    The syntax check :func:`resolve_budget` makes, without knowing the number of rows: callers run
+    it before any work, and resolve the count once the rows are known.
+    """
+    resolve_budget(budget, 1 << 62)
 
 
 def _count(x: float, raw, n: int) -> int:
@@ -236,8 +248,14 @@ def _versions() -> dict:
 
 
 def shard_ids(src, shard) -> list[str]:
-    """The ids of one shard (row numbers as strings where the source has none)."""
+    """The ids of one shard (row numbers as strings where the source has none).
+
+    A store whose shards share an id is refused (:meth:`MatrixSource.check_unique_ids`, once per source).
+    """
     from .store import _read_ids
+
+    if hasattr(src, "check_unique_ids"):
+        src.check_unique_ids()
 
     arr_ids = getattr(src, "_ids", None)
     if arr_ids is not None:
@@ -365,6 +383,7 @@ def run_selection(source, out_dir, budget, *, subspace=None, manifest_format: st
     out.mkdir(parents=True, exist_ok=True)
     src = open_source(source)
     resolve_budget(budget, src.n)  # fail before any heavy work
+    src.check_unique_ids()  # the outputs name rows by id: a store with a repeated id is refused now
     timings = {}
     t = time.perf_counter()
     device = resolve_device(device)

@@ -11,7 +11,9 @@ A store is a directory of shards plus a manifest::
 Shards are committed atomically: data and ids are written to temporary names, fsynced and renamed,
 and only then is the shard recorded in the manifest (itself replaced atomically). A shard that is on
 disk but not in the manifest is therefore never read; a rerun overwrites it. Each record carries a
-CRC-32 of the matrix payload, verified while the rows are streamed.
+CRC-32 of the matrix payload; every reader verifies it on its first read of the shard (while the rows
+are streamed, or before rows are gathered). The manifest is not trusted: its file names must stay
+inside the store directory, and an id may occur only once in the store.
 
 This module also defines :class:`MatrixSource`, the one interface every streaming consumer (subspace
 fit, scoring, baselines, Dask) reads rows through, and :func:`open_source`, which turns an ndarray, a
@@ -44,6 +46,7 @@ __all__ = [
     "BlockReader",
     "StoreWriter",
     "open_source",
+    "load_npy",
     "SUPPORTED_DTYPES",
 ]
 
@@ -136,11 +139,14 @@ class MatrixSource:
         raise NotImplementedError
 
     def iter_shard_blocks(self, shard: ShardInfo, block_rows: int = DEFAULT_BLOCK_ROWS,
-                          verify: bool = False, prefetch: int = 0) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield ``(global_row_offset, block)`` for one shard, optionally verifying its checksum.
+                          verify: bool | None = None, prefetch: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(global_row_offset, block)`` for one shard, verifying its checksum on first read.
 
-        With ``verify=True`` the CRC-32 of the payload is accumulated as blocks are yielded and a
-        :class:`StoreError` naming the shard is raised after its last block if it does not match.
+        When the shard is checked (see :meth:`_should_verify`: ``verify=None``, the default, checks a
+        shard the first time this source reads it in full; ``True`` always; ``False`` never) the CRC-32
+        of the payload is accumulated as blocks are yielded and a :class:`StoreError` naming the shard
+        is raised after its last block if it does not match, so a consumer never finishes on corrupt
+        rows.
 
         With ``prefetch > 0`` a :class:`BlockReader` thread reads up to ``prefetch`` blocks ahead
         into reused buffers, so each yielded block is only valid until the next one is requested
@@ -154,7 +160,7 @@ class MatrixSource:
             raise ValueError(f"block_rows must be >= 1, got {block_rows}")
         arr = self._shard_array(shard)
         crc = 0
-        check = verify and shard.checksum is not None
+        check = self._should_verify(shard, verify)
         for start in range(0, shard.count, block_rows):
             block = np.ascontiguousarray(arr[start:start + block_rows])
             if check:
@@ -162,8 +168,9 @@ class MatrixSource:
             yield shard.offset + start, block
         if check:
             _check_crc(shard, crc)
+            self._mark_verified(shard)
 
-    def iter_blocks(self, block_rows: int = DEFAULT_BLOCK_ROWS, verify: bool = False,
+    def iter_blocks(self, block_rows: int = DEFAULT_BLOCK_ROWS, verify: bool | None = None,
                     prefetch: int = 0) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(global_row_offset, block)`` over all shards in order. See :meth:`iter_shard_blocks`.
 
@@ -177,8 +184,82 @@ class MatrixSource:
             yield from self.iter_shard_blocks(shard, block_rows, verify)
 
     def shard_array(self, shard: ShardInfo) -> np.ndarray:
-        """The shard's rows as a (possibly memory-mapped) array of the storage dtype."""
+        """The shard's rows as a (possibly memory-mapped) array of the storage dtype (checksum verified)."""
+        self.verify_shard(shard)
         return self._shard_array(shard)
+
+    # -- checksums: each shard is verified on its first read through this source ---------------
+    def _verified(self) -> set:
+        v = self.__dict__.get("_verified_shards")
+        if v is None:
+            v = self.__dict__["_verified_shards"] = set()
+        return v
+
+    def _should_verify(self, shard: ShardInfo, verify: bool | None) -> bool:
+        """Whether a full read of ``shard`` checks its CRC: ``verify`` True/False forces it, None
+        (the default of every reader) checks a shard not yet verified through this source."""
+        if shard.checksum is None or verify is False:
+            return False
+        return verify is True or shard.name not in self._verified()
+
+    def _mark_verified(self, shard: ShardInfo) -> None:
+        self._verified().add(shard.name)
+
+    def verify_shard(self, shard: ShardInfo) -> None:
+        """Check ``shard``'s CRC-32 now unless this source already has (random-access readers).
+
+        Raises
+        ------
+        StoreError
+            The payload does not match the manifest's checksum.
+        """
+        if not self._should_verify(shard, None):
+            return
+        arr = self._shard_array(shard)
+        crc = 0
+        step = max(1, (64 << 20) // max(1, self.d * self.itemsize))  # 64 MiB of a mapping at a time
+        for start in range(0, shard.count, step):
+            crc = zlib.crc32(np.ascontiguousarray(arr[start:start + step]).view(np.uint8).reshape(-1), crc)
+        _check_crc(shard, crc)
+        self._mark_verified(shard)
+
+    def check_unique_ids(self) -> None:
+        """Raise :class:`StoreError` if two rows carry the same id (checked once per source).
+
+        Memory is one 64-bit hash per row plus one shard's ids; hash collisions are confirmed on the
+        ids themselves before anything is reported.
+        """
+        if self.__dict__.get("_ids_unique") or all(s.ids_path is None for s in self.shards):
+            return
+        hashes = np.empty(self.n, np.int64)
+        for shard in self.shards:
+            ids = _read_ids(shard) if shard.ids_path is not None else \
+                [str(i) for i in range(shard.offset, shard.offset + shard.count)]
+            hashes[shard.offset:shard.offset + shard.count] = np.fromiter(map(hash, ids), np.int64, len(ids))
+        order = np.argsort(hashes, kind="stable")
+        hs = hashes[order]
+        cand = np.flatnonzero(hs[1:] == hs[:-1])
+        if cand.size:
+            rows = np.unique(np.concatenate([order[cand], order[cand + 1]]))
+            seen: dict[str, int] = {}
+            for r in rows.tolist():
+                shard = self._shard_of(r)
+                sid = (_read_ids(shard) if shard.ids_path is not None else [str(r)])[
+                    r - shard.offset if shard.ids_path is not None else 0]
+                if sid in seen:
+                    a, b = self._shard_of(seen[sid]), shard
+                    raise StoreError(
+                        f"id {sid!r} occurs twice in the store (rows {seen[sid]} in shard {a.name!r} and {r} "
+                        f"in shard {b.name!r}); every sample needs a unique id: re-extract the store, or "
+                        f"remove the duplicate shard from the manifest")
+                seen[sid] = r
+        self.__dict__["_ids_unique"] = True
+
+    def _shard_of(self, row: int) -> ShardInfo:
+        offsets = [s.offset for s in self.shards]
+        import bisect
+
+        return self.shards[bisect.bisect_right(offsets, row) - 1]
 
     def read_rows(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         """Gather arbitrary global rows as float32 (bfloat16 decoded). Shape ``(len(rows), d)``."""
@@ -193,6 +274,7 @@ class MatrixSource:
         for si in np.unique(which):
             sel = np.nonzero(which == si)[0]
             shard = self.shards[si]
+            self.verify_shard(shard)
             local = rows[sel] - shard.offset
             out[sel] = to_float32(self._shard_array(shard)[local], self.is_bf16)
         return out
@@ -205,13 +287,21 @@ class MatrixSource:
         return out
 
     def ids(self) -> list[str]:
-        """Sample ids in row order (row numbers as strings where the source has none)."""
+        """Sample ids in row order (row numbers as strings where the source has none).
+
+        Raises
+        ------
+        StoreError
+            Two rows carry the same id (a store whose shards overlap).
+        """
         out: list[str] = []
         for shard in self.shards:
             if shard.ids_path is None:
                 out.extend(str(i) for i in range(shard.offset, shard.offset + shard.count))
             else:
                 out.extend(_read_ids(shard))
+        if len(set(out)) != len(out):
+            self.check_unique_ids()  # names the id and both shards
         return out
 
     def __repr__(self) -> str:
@@ -299,31 +389,53 @@ class StoreSource(MatrixSource):
         if manifest.get("format") != FORMAT_NAME:
             raise StoreError(f"{mpath}: not a {FORMAT_NAME} manifest")
         self.manifest = manifest
-        self.d = int(manifest["d"])
-        self.dtype = manifest["dtype"]
-        if self.dtype not in SUPPORTED_DTYPES:
-            raise StoreError(f"{mpath}: unsupported dtype {self.dtype!r}")
-        self.provenance = manifest.get("provenance", {})
-        self.shards = []
-        offset = 0
-        for rec in sorted(manifest.get("shards", []), key=lambda r: r["name"]):
-            self.shards.append(ShardInfo(
-                name=rec["name"], offset=offset, count=int(rec["count"]),
-                path=str(self.path / rec["rows_file"]), ids_path=str(self.path / rec["ids_file"]),
-                checksum=rec.get("checksum")))
-            offset += int(rec["count"])
+        try:
+            self.d = int(manifest["d"])
+            self.dtype = manifest["dtype"]
+            if self.dtype not in SUPPORTED_DTYPES:
+                raise StoreError(f"{mpath}: unsupported dtype {self.dtype!r}")
+            self.provenance = manifest.get("provenance", {})
+            self.shards = []
+            offset = 0
+            names = set()
+            for rec in sorted(manifest.get("shards", []), key=lambda r: str(r["name"])):
+                name, count = str(rec["name"]), int(rec["count"])
+                if name in names or count < 0:
+                    raise StoreError(f"{mpath}: shard {name!r} is listed twice or has a negative count")
+                names.add(name)
+                self.shards.append(ShardInfo(
+                    name=name, offset=offset, count=count,
+                    path=self._confined(rec["rows_file"], name, mpath),
+                    ids_path=self._confined(rec["ids_file"], name, mpath),
+                    checksum=rec.get("checksum")))
+                offset += count
+        except StoreError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise StoreError(f"{mpath}: malformed manifest ({type(exc).__name__}: {exc}); re-extract the "
+                             f"store or restore its manifest.json") from exc
         self.n = offset
         self._cache: dict[str, np.ndarray] = {}
+
+    def _confined(self, rel, shard: str, mpath: Path) -> str:
+        """``rel`` joined to the store, refused unless it names a file inside the store directory."""
+        if not isinstance(rel, str) or not rel or os.path.isabs(rel) or ".." in Path(rel).parts:
+            raise StoreError(f"{mpath}: shard {shard!r} names the file {rel!r}, which is not a plain path "
+                             f"inside the store; the manifest was edited or damaged, re-extract the store")
+        full = self.path / rel
+        root = os.path.realpath(self.path)
+        if os.path.commonpath([root, os.path.realpath(full)]) != root:
+            raise StoreError(f"{mpath}: shard {shard!r} file {rel!r} leads outside the store (a symlink to "
+                             f"{os.path.realpath(full)}); stores are self-contained, copy the file in or "
+                             f"re-extract")
+        return str(full)
 
     def _shard_array(self, shard: ShardInfo) -> np.ndarray:
         arr = self._cache.get(shard.name)
         if arr is not None:
             return arr
-        try:
-            arr = np.load(shard.path, mmap_mode="r")
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"shard {shard.name!r}: cannot read {shard.path} ({exc}); "
-                             f"re-extract the shard or restore the file") from exc
+        arr = load_npy(shard.path, f"shard {shard.name!r}: ",
+                       "re-extract the shard or restore the file")
         want = np.dtype(SUPPORTED_DTYPES[self.dtype])
         if arr.ndim != 2 or arr.shape[1] != self.d or arr.dtype != want:
             raise StoreError(
@@ -389,9 +501,10 @@ class BlockReader:
         Rows per block; blocks never span shards (the last block of a shard may be shorter).
     prefetch : int, >= 1
         Blocks read ahead of the one the caller holds.
-    verify : bool
+    verify : bool or None
         Accumulate each shard's CRC-32 in the reader thread and raise :class:`StoreError` (from
-        the iterator, after the shard's last block) on a mismatch.
+        the iterator, after the shard's last block) on a mismatch. None (default): for shards the
+        source has not verified yet; True: always; False: never.
     shards : list of ShardInfo, optional
         Subset of ``source.shards`` to read, in this order (default: all).
 
@@ -410,7 +523,7 @@ class BlockReader:
     """
 
     def __init__(self, source: MatrixSource, block_rows: int = DEFAULT_BLOCK_ROWS, prefetch: int = 2,
-                 verify: bool = False, shards: Sequence[ShardInfo] | None = None):
+                 verify: bool | None = None, shards: Sequence[ShardInfo] | None = None):
         if block_rows < 1:
             raise ValueError(f"block_rows must be >= 1, got {block_rows}")
         if prefetch < 1:
@@ -483,7 +596,7 @@ class BlockReader:
     def _read_file(self, shard, region, free, ready, stop) -> None:
         path, data_offset = region
         row_bytes = self.source.d * self.dtype.itemsize
-        check = self.verify and shard.checksum is not None
+        check = self.source._should_verify(shard, self.verify)
         crc = 0
         # Unbuffered FileIO: readinto goes straight from the page cache into our buffer, GIL released.
         with open(path, "rb", buffering=0) as fh:
@@ -516,9 +629,10 @@ class BlockReader:
                 ready.put((shard.offset + start, buf, view))
         if check:
             _check_crc(shard, crc)
+            self.source._mark_verified(shard)
 
     def _read_array(self, shard, arr, mapped, free, ready, stop) -> None:
-        check = self.verify and shard.checksum is not None
+        check = self.source._should_verify(shard, self.verify)
         crc = 0
         for start in range(0, shard.count, self.block_rows):
             if stop.is_set():
@@ -538,6 +652,7 @@ class BlockReader:
             ready.put((shard.offset + start, buf, view))
         if check:
             _check_crc(shard, crc)
+            self.source._mark_verified(shard)
 
 
 def _fadvise(fd: int, offset: int, length: int, advice: str) -> None:
@@ -546,6 +661,29 @@ def _fadvise(fd: int, offset: int, length: int, advice: str) -> None:
     if fn is not None and hasattr(os, advice):
         with contextlib.suppress(OSError):
             fn(fd, offset, length, getattr(os, advice))
+
+
+def load_npy(path, context: str = "", fix: str = "") -> np.ndarray:
+    """Memory-map a ``.npy`` file, with one clear :class:`StoreError` for anything that is not one.
+
+    Empty and truncated files, ``.npz`` archives under a ``.npy`` name and pickled (object) arrays
+    are refused; the message starts with ``context`` and ends with ``fix``.
+    """
+    what = f"{context}{path}"
+    tail = f"; {fix}" if fix else ""
+    try:
+        if os.path.getsize(path) == 0:
+            raise StoreError(f"{what} is empty (0 bytes), not a .npy matrix{tail}")
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except StoreError:
+        raise
+    except (OSError, ValueError, EOFError) as exc:
+        raise StoreError(f"{what}: cannot read as .npy ({type(exc).__name__}: {exc}){tail}") from exc
+    if not isinstance(arr, np.ndarray):  # np.load opened a .npz archive despite the name
+        with contextlib.suppress(Exception):
+            arr.close()
+        raise StoreError(f"{what} holds an .npz archive, not a .npy matrix{tail}")
+    return arr
 
 
 def open_source(source, ids: Sequence[str] | None = None) -> MatrixSource:
@@ -573,10 +711,7 @@ def open_source(source, ids: Sequence[str] | None = None) -> MatrixSource:
         if p.is_dir():
             return StoreSource(p)
         if p.suffix == ".npy" and p.is_file():
-            try:
-                arr = np.load(p, mmap_mode="r")
-            except (OSError, ValueError) as exc:
-                raise StoreError(f"{p}: cannot read as .npy ({exc})") from exc
+            arr = load_npy(p, "", "pass a matrix saved with numpy.save")
             return ArraySource(arr, ids=ids, name=p.name, path=str(p))
         if not p.exists():
             raise StoreError(f"{p}: no such file or directory")

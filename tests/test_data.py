@@ -264,8 +264,8 @@ def test_truncated_json_list(tmp_path):
 def test_json_top_level_object(tmp_path):
     path = tmp_path / "d.json"
     path.write_text(json.dumps({"data": _llava_records()}, indent=2))
-    # sniffed as JSONL (starts with '{'), then line 1 is not a complete object
-    with pytest.raises(DatasetError, match=r"line 1: malformed JSON"):
+    # a .json file holding one object (not JSONL: its first line is not a whole value): the same error
+    with pytest.raises(DatasetError, match=r"top level is a JSON object"):
         list(read_dataset(path))
     with pytest.raises(DatasetError, match=r"top level is a JSON object"):
         list(read_dataset(path, format="json"))

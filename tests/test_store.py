@@ -96,7 +96,7 @@ def test_unreadable_paths(tmp_path):
     X = np.ones((10, 3), np.float32)
     make_store(tmp_path / "s", X, [10])
     (tmp_path / "s" / "shard-00000.npy").unlink()
-    with pytest.raises(StoreError, match=r"shard 'shard-00000': cannot read"):
+    with pytest.raises(StoreError, match=r"shard 'shard-00000': .*cannot read"):
         fit_subspace(tmp_path / "s")
     with pytest.raises(StoreError, match="dtype int64 is not supported"):
         fit_subspace(np.zeros((4, 2), np.int64))

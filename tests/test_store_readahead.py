@@ -84,8 +84,12 @@ def test_checksum_mismatch_names_the_shard(tmp_path, prefetch):
     with pytest.raises(StoreError, match="shard-00001"):
         for _ in src.iter_blocks(8, verify=True, prefetch=prefetch):
             pass
-    # without verification the data streams (the damage is silent by design)
-    assert sum(b.shape[0] for _, b in src.iter_blocks(8, prefetch=prefetch)) == 40
+    # the default verifies a shard on its first read: a fresh source refuses it too
+    with pytest.raises(StoreError, match="shard-00001"):
+        for _ in open_source(tmp_path / "st").iter_blocks(8, prefetch=prefetch):
+            pass
+    # only an explicit verify=False streams the damaged data
+    assert sum(b.shape[0] for _, b in src.iter_blocks(8, verify=False, prefetch=prefetch)) == 40
 
 
 def test_early_break_stops_the_thread(tmp_path):

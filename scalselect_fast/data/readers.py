@@ -97,6 +97,8 @@ def _iter_json_list(text: str, path: str) -> Iterator[tuple[int, int, int, int, 
         while True:
             try:
                 obj, end = dec.raw_decode(text, pos)
+            except RecursionError:
+                raise _too_deep(path, index) from None
             except json.JSONDecodeError as e:
                 raise DatasetError(f"{path}: malformed JSON at line {e.lineno} column {e.colno} (record "
                                    f"{index}): {e.msg}. Fix the file (e.g. check it with "
@@ -215,6 +217,8 @@ def _iter_json_stream(fh, path: str) -> Iterator[tuple[int, int, Any]]:
             while True:
                 try:
                     obj, end = dec.raw_decode(st.buf, pos)
+                except RecursionError:
+                    raise _too_deep(path, index) from None
                 except json.JSONDecodeError as e:
                     # Cut by the window's end (or a string still open): read on and retry. An error
                     # well before the end cannot be fixed by more text (JSON is decided left to right).
@@ -283,6 +287,8 @@ def _iter_jsonl_lines(path: "str | InputFile") -> Iterator[tuple[int, int, int, 
                 continue
             try:
                 obj = json.loads(body.decode("utf-8"))
+            except RecursionError:
+                raise _too_deep(path, index, lineno) from None
             except json.JSONDecodeError as e:
                 raise DatasetError(f"{path}: line {lineno}: malformed JSON at column {e.colno}: {e.msg}. "
                                    "Each line must hold one complete JSON object", reason="malformed",
@@ -343,9 +349,35 @@ def _first_char(head: bytes) -> bytes:
     return head.lstrip(b"\xef\xbb\xbf").lstrip()[:1]
 
 
+def _too_deep(path, index: int, line: int | None = None) -> DatasetError:
+    where = f"line {line}" if line is not None else f"record {index}"
+    return DatasetError(f"{path}: {where} is nested too deeply to parse (thousands of levels of lists/objects); "
+                        "no dataset record looks like this, fix or remove it", reason="malformed", path=path,
+                        index=index, line=line)
+
+
+def _one_json_object(head: bytes, name: str) -> bool:
+    """A ``.json`` file that starts with ``{`` but is not JSONL: one object, on one line or pretty-printed.
+
+    Read as JSON, it gets the documented "top level is a JSON object" error instead of being taken
+    for a one-record JSONL file. JSONL under a ``.json`` name (first line a whole value, more lines
+    after it) stays JSONL; a first line longer than the sniffed head cannot be told apart and stays
+    JSONL too (``--format json`` forces the check).
+    """
+    if not name.lower().endswith(".json") or _first_char(head) != b"{":
+        return False
+    text = head.lstrip(b"\xef\xbb\xbf").lstrip()
+    first, nl, rest = text.partition(b"\n")
+    try:
+        json.loads(first.decode("utf-8"))
+    except (ValueError, RecursionError):  # "{" of a pretty-printed object, or a line cut by the head
+        return bool(nl)
+    return not rest.strip()
+
+
 register_container(Container(
     "json", iter_records=_iter_json_file, count=lambda f: sum(1 for _ in _iter_json_file(f)),
-    sniff=lambda head, name: _first_char(head) == b"[", extensions=(".json",)))
+    sniff=lambda head, name: _first_char(head) == b"[" or _one_json_object(head, name), extensions=(".json",)))
 register_container(Container(
     "jsonl", iter_records=lambda f: ((i, ln, obj) for i, ln, _o, _r, obj in _iter_jsonl_lines(f)),
     count=_count_jsonl, sniff=lambda head, name: _first_char(head) == b"{", extensions=(".jsonl", ".ndjson")))

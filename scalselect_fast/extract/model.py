@@ -51,6 +51,11 @@ class UnsupportedModelError(R.ExtractError):
     """The model type, layer or setting cannot be used for extraction (message says what to do)."""
 
 
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:limit]
+
+
 def resolve_dtype(dtype, device: str | None = "auto"):
     """``"auto"|"bf16"|"fp16"|"fp32"`` (or a torch dtype) -> torch dtype.
 
@@ -66,17 +71,33 @@ def resolve_dtype(dtype, device: str | None = "auto"):
         return torch.bfloat16 if dev.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
     name = _DTYPES.get(str(dtype).lower())
     if name is None:
-        raise ValueError(f"unknown dtype {dtype!r}; use auto, bf16, fp16 or fp32")
+        raise UnsupportedModelError(f"unknown --dtype {dtype!r}; use auto, bf16, fp16 or fp32")
     return getattr(torch, name)
 
 
 def resolve_device(device: str | None) -> str:
+    """``"auto"`` (or None), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` -> a torch device string.
+
+    Raises :class:`UnsupportedModelError` for a name torch does not know, and for CUDA (or a CUDA
+    index) this machine does not have, before anything is loaded.
+    """
     import torch
 
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise UnsupportedModelError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    try:
+        dev = torch.device(str(device))
+    except (RuntimeError, ValueError, TypeError):
+        raise UnsupportedModelError(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UnsupportedModelError(f"--device {device} requested but CUDA is not available on this machine; "
+                                        f"use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UnsupportedModelError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA "
+                                        f"device(s); choose cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        raise UnsupportedModelError(f"--device {device!r}: use cpu, cuda, cuda:N or auto")
     return str(device)
 
 
@@ -583,7 +604,11 @@ def load_vlm(model, layer: int = 0, dtype="fp32", device: str | None = "auto", d
     path = Path(model)
     if not (path / "config.json").exists():
         raise UnsupportedModelError(f"{path}: not a model directory (no config.json); pass a local checkpoint path")
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, OSError) as exc:  # unknown model_type, unreadable/invalid config.json
+        raise UnsupportedModelError(f"{path}: cannot read the model config ({_first_line(exc)}); pass a "
+                                    f"checkpoint of a supported model type: {sorted(KNOWN_FAMILIES)}") from None
     family = config.model_type
     if family in KNOWN_FAMILIES:
         if not hasattr(transformers, BASE_CLASSES[family]):
@@ -611,6 +636,7 @@ def load_vlm(model, layer: int = 0, dtype="fp32", device: str | None = "auto", d
     if truncate and family == "llava":
         _truncate_vision_config(config)
     torch_dtype = resolve_dtype(dtype, device)
+    dev = resolve_device(device) if device_map is None else None  # refuse a bad device before loading
     kw = dict(config=config, dtype=torch_dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code,
               output_loading_info=True)
     if device_map is not None:
@@ -622,12 +648,20 @@ def load_vlm(model, layer: int = 0, dtype="fp32", device: str | None = "auto", d
     try:
         with _fast_random_init() if random_weights else contextlib.nullcontext():
             net, info = model_cls.from_pretrained(path, **kw)
+    except (OSError, ValueError, RuntimeError, EOFError) as exc:
+        # A truncated/corrupt safetensors file (SafetensorError is an Exception subclass of its own),
+        # missing weights, a config value torch cannot build: one line naming the checkpoint.
+        raise UnsupportedModelError(f"{path}: cannot load the weights ({type(exc).__name__}: "
+                                    f"{_first_line(exc)}); re-download or repair the checkpoint") from None
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise UnsupportedModelError(f"{path}: a weights file is damaged ({_first_line(exc)}); re-download or "
+                                    f"repair the checkpoint") from None
     finally:
         tlog.set_verbosity(old)
     net.eval()
-    dev = None
-    if device_map is None:
-        dev = resolve_device(device)
+    if dev is not None:
         net = net.to(dev)
     missing = sorted(info.get("missing_keys") or ())
     if missing and not random_weights:

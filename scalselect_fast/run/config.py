@@ -102,6 +102,37 @@ class RunConfig:
             raise RunError(f"--{exc}") from None
         if int(self.shard_size) < 1 or int(self.batch_size) < 1:
             raise RunError("--shard-size and --batch-size must be positive")
+        if self.k is not None and int(self.k) < 1:
+            raise RunError(f"--k {self.k}: the subspace needs at least 1 component (omit --k to use --energy)")
+        if self.num_workers is not None and int(self.num_workers) < 0:
+            raise RunError(f"--num-workers {self.num_workers}: use 0 (encode in the main process) or more")
+        if self.max_length is not None and int(self.max_length) < 1:
+            raise RunError(f"--max-length {self.max_length}: must be a positive number of tokens")
+        if self.dedup_selected is not None and not (0.0 <= float(self.dedup_selected) < 2.0):
+            raise RunError(f"--dedup-selected {self.dedup_selected}: a cosine distance in [0, 2), e.g. 0.02")
+        if self.store_dtype not in ("float16", "bfloat16", "float32"):
+            raise RunError(f"--store-dtype {self.store_dtype!r}: use float16, bfloat16 or float32")
+        if self.format not in ("auto", "json", "jsonl", "parquet"):
+            raise RunError(f"--format {self.format!r}: use auto, json, jsonl or parquet")
+        from ..scoring import BudgetError, check_budget
+
+        try:
+            check_budget(self.budget)
+        except BudgetError as exc:
+            raise RunError(f"--budget: {exc}") from None
+        self.validate_device()
+
+    def validate_device(self) -> None:
+        """Refuse an unknown --dtype / --device, or CUDA that is not there, before any stage runs."""
+        from ..extract.model import UnsupportedModelError, resolve_device, resolve_dtype
+
+        try:
+            if str(self.dtype).lower() != "auto":
+                resolve_dtype(self.dtype)
+            if str(self.device).lower() != "auto":
+                resolve_device(self.device)
+        except UnsupportedModelError as exc:
+            raise RunError(str(exc)) from None
 
 
 _FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
@@ -164,7 +195,45 @@ def make_config(config_file: str | os.PathLike | None = None, **overrides) -> Ru
             raise TypeError(f"unknown run setting {k!r}")
         if v is not None and not (k == "quota" and v == []):
             values[k] = v
-    cfg = RunConfig(**values)
+    cfg = RunConfig(**{k: _coerce(k, v, config_file) for k, v in values.items()})
     cfg.budget = str(cfg.budget)
     cfg.quota = list(cfg.quota or [])
     return cfg
+
+
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _coerce(name: str, value, source) -> object:
+    """``value`` as field ``name``'s type; a RunError naming the setting (and file) if it is not one."""
+    if value is None:
+        return None
+    ann = str(RunConfig.__dataclass_fields__[name].type).split("|")[0].strip()
+    want = _TYPES.get(ann)
+    where = f" (in {source})" if source else ""
+    bad = RunError(f"setting {name.replace('_', '-')}{where}: {value!r} is not a{'n' if ann == 'int' else ''} "
+                   f"{ann}")
+    if want is None:  # quota: a list of strings
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise RunError(f"setting {name}{where}: expected a list of strings, got {value!r}")
+        return list(value)
+    if want is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if want is str:
+        if name == "budget" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value  # a number in a config file: kept, read by resolve_budget
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if isinstance(value, bool):
+        raise bad
+    try:
+        if want is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise bad from None

@@ -37,6 +37,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from ..atomic import atomic_path, atomic_write_bytes
+from ..paths import refuse_overwrite
 from .config import RunConfig, RunError
 from .events import Events, json_progress
 from .fingerprints import data_fingerprint, model_fingerprint, stage_fingerprints
@@ -500,13 +501,14 @@ def _preflight(cfg: RunConfig, out: Path, events: Events, plan_only: bool, sourc
     from ..data.sources import open_source
     from ..plan import PlanError, estimate_run
 
+    from ..scoring import resolve_budget
+
     source = open_source(source if source is not None else cfg.data, cfg.format)
     n = count_records(source)
-    try:
-        frac = float(str(cfg.budget).rstrip("%")) / (100.0 if str(cfg.budget).endswith("%") else 1.0)
+    try:  # the budget the run will use, read the one way resolve_budget reads it
+        frac = resolve_budget(cfg.budget, n) / max(n, 1)
     except ValueError:
         frac = 0.16
-    frac = frac if frac <= 1 else frac / max(n, 1)
     try:
         est = estimate_run(n, model=cfg.model, device=cfg.device, dtype=cfg.dtype, store_dtype=cfg.store_dtype,
                            batch_size=cfg.batch_size, layer=cfg.layer, out_dir=out,
@@ -559,19 +561,26 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
     data = source.label
     if cfg.image_root is not None and not Path(cfg.image_root).is_dir():
         raise RunError(f"--image-root {cfg.image_root}: not a directory")
+    # The run writes several files and a work folder into --out: it may hold no input (the model may
+    # live there, as the demo's does: only the dataset is at risk of a same-named output).
+    refuse_overwrite([out], [p for p in source.input_paths() if "://" not in p])
     model_fp = model_fingerprint(cfg.model)
     from ..data import count_records
 
-    if count_records(source) == 0:
+    n_records = count_records(source)
+    if n_records == 0:
         raise RunError(f"--data {data} is empty (no records); nothing to select from. Pass the dataset file "
                        f"that holds the samples")
+    from ..scoring import resolve_budget
+
+    try:  # a budget above the records is known now, before any stage (skips can only lower the usable)
+        resolve_budget(cfg.budget, n_records)
+    except ValueError as exc:
+        raise RunError(f"--budget {cfg.budget}: {exc}") from None
     if plan_only:
         est = _preflight(cfg, out, events, True, source)
         return est
     _check_out_dir(out)
-    selected = (out / _selected_name(cfg)).resolve()
-    if any(Path(p).resolve() == selected for p in source.input_paths() if "://" not in p):
-        raise RunError(f"--out {out} would overwrite the input {selected}; choose another output directory")
     fps = stage_fingerprints(cfg, model_fp, data_fingerprint(source, cfg.image_root))
     if cfg.plan_check:
         est = _preflight(cfg, out, events, False, source)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -157,20 +158,28 @@ class Subspace:
         try:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {name: z[name] for name in z.files}
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError, TypeError, AttributeError, zipfile.BadZipFile) as exc:
+            # missing, empty, truncated, or a plain .npy (no archive to open)
             raise SubspaceError(f"{path}: cannot read a subspace file ({exc}); pass a file written by "
                                 f"`scalselect fit` or Subspace.save") from exc
         if "meta_json" not in arrays:
             raise SubspaceError(f"{path}: not a scalselect subspace file (no metadata)")
-        meta = json.loads(str(arrays["meta_json"]))
-        if meta.get("format") != SUBSPACE_FORMAT:
+        try:
+            meta = json.loads(str(arrays["meta_json"]))
+        except (ValueError, RecursionError):
+            meta = None
+        if not isinstance(meta, dict) or meta.get("format") != SUBSPACE_FORMAT:
             raise SubspaceError(f"{path}: not a scalselect subspace file")
-        return cls(mean=arrays["mean"], scale=arrays.get("scale"), l2_normalize=bool(meta["l2_normalize"]),
-                   components=arrays["components"], singular_values=arrays["singular_values"],
-                   energy_curve=arrays["energy_curve"], k=int(meta["k"]), energy=meta["energy"],
-                   captured_energy=float(meta["captured_energy"]), total_energy=float(meta["total_energy"]),
-                   n=int(meta["n"]), d=int(meta["d"]), solver=meta["solver"], passes=int(meta["passes"]),
-                   info=meta.get("info", {}), provenance=meta.get("provenance", {}))
+        try:
+            return cls(mean=arrays["mean"], scale=arrays.get("scale"), l2_normalize=bool(meta["l2_normalize"]),
+                       components=arrays["components"], singular_values=arrays["singular_values"],
+                       energy_curve=arrays["energy_curve"], k=int(meta["k"]), energy=meta["energy"],
+                       captured_energy=float(meta["captured_energy"]), total_energy=float(meta["total_energy"]),
+                       n=int(meta["n"]), d=int(meta["d"]), solver=meta["solver"], passes=int(meta["passes"]),
+                       info=meta.get("info", {}), provenance=meta.get("provenance", {}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SubspaceError(f"{path}: damaged subspace file ({type(exc).__name__}: {exc}); fit it again "
+                                f"with `scalselect fit`") from None
 
     def summary(self) -> str:
         return (f"k={self.k} of d={self.d} capture {self.captured_energy / self.total_energy:.4f} of the "
