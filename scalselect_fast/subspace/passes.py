@@ -82,7 +82,7 @@ class _Pass:
         self.buf = be.xp.empty((m, src.d), dtype=self.dtype)
         self._norms = be.xp.empty(m, dtype=self.dtype)
 
-    def blocks(self, shift: np.ndarray, verify: bool = False, inv_scale=None, l2: bool = False,
+    def blocks(self, shift: np.ndarray, verify: bool | None = None, inv_scale=None, l2: bool = False,
                known_bad: np.ndarray | None = None, shard=None):
         """Yield ``(offset, buf, n_valid)``: buf = transformed rows, invalid rows zeroed.
 
