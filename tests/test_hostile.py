@@ -310,6 +310,14 @@ def c_run_cuda_without_cuda(t, tiny):
     return _run_argv(t, tiny, "--device", "cuda"), r"--device cuda requested but CUDA is not available"
 
 
+def c_run_fit_device_cuda_without_cupy(t, tiny):
+    from scalselect_fast.gpu import cuda_available
+
+    if cuda_available()[0]:
+        pytest.skip("CuPy sees a GPU here")
+    return _run_argv(t, tiny, "--fit-device", "cuda"), r"--fit-device cuda: device 'cuda' needs CuPy|--fit-device cuda: "
+
+
 def c_extract_cuda_without_cuda(t, tiny):
     _no_cuda()
     return ["extract", "--model", str(tiny["model"]), "--data", str(tiny["data"]), "--image-root",
@@ -389,7 +397,7 @@ def _run_argv(t, tiny, *extra, data=None):
 
 
 CORE_CASES = {name[2:]: fn for name, fn in sorted(globals().items()) if name.startswith("c_")}
-NEEDS_MODEL = {"run_bad_dtype", "run_bad_device", "run_cuda_without_cuda", "extract_cuda_without_cuda",
+NEEDS_MODEL = {"run_fit_device_cuda_without_cupy", "run_bad_dtype", "run_bad_device", "run_cuda_without_cuda", "extract_cuda_without_cuda",
                "run_bad_budget_before_extract", "run_budget_above_records", "run_k_zero",
                "run_config_value_wrong_type", "run_deeply_nested_json", "run_top_level_object",
                "run_top_level_object_one_line", "extract_truncated_safetensors", "extract_into_foreign_store"}

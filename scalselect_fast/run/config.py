@@ -123,7 +123,8 @@ class RunConfig:
         self.validate_device()
 
     def validate_device(self) -> None:
-        """Refuse an unknown --dtype / --device, or CUDA that is not there, before any stage runs."""
+        """Refuse an unknown --dtype / --device, or CUDA (for extraction or the fit) that is not there,
+        before any stage runs."""
         from ..extract.model import UnsupportedModelError, resolve_device, resolve_dtype
 
         try:
@@ -133,6 +134,13 @@ class RunConfig:
                 resolve_device(self.device)
         except UnsupportedModelError as exc:
             raise RunError(str(exc)) from None
+        if self.fit_device == "cuda":  # CuPy and a GPU, checked now rather than after extraction
+            from ..gpu import DeviceError, resolve_device as resolve_fit_device
+
+            try:
+                resolve_fit_device(self.fit_device)
+            except DeviceError as exc:
+                raise RunError(f"--fit-device cuda: {exc}") from None
 
 
 _FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
