@@ -443,3 +443,19 @@ def test_run_selects_the_same_samples_in_every_layout(layouts):
     sel_pq = [r["id"] for p in parts for r in pq.read_table(p, columns=["id"]).to_pylist()]
     sel_wds = [r["id"] for _i, _l, r in iter_webdataset_records(outs["webdataset"] / "selected")]
     assert sel_json == sel_pq == sel_wds == sorted(kept["json"])
+
+
+def test_datasets_rows_fast_path_and_select_views_agree(tmp_path):
+    """hf.iter_dataset_rows reads a plain Dataset's Arrow batches directly and a select() view through
+    datasets' own iteration; both must give the rows datasets itself gives (to_list, images undecoded)."""
+    datasets = pytest.importorskip("datasets")
+    from scalselect_fast.data.hf import iter_dataset_rows
+
+    feats = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image()})
+    ds = datasets.Dataset.from_dict({"id": [f"d{i}" for i in range(2500)],
+                                     "image": [{"bytes": bytes([i % 251]) * 3, "path": None} for i in range(2500)]},
+                                    features=feats)
+    raw = ds.cast_column("image", datasets.Image(decode=False))
+    assert list(iter_dataset_rows(ds, "ds")) == raw.to_list()
+    view = ds.select([2400, 7, 1500, 7])
+    assert list(iter_dataset_rows(view, "view")) == raw.select([2400, 7, 1500, 7]).to_list()

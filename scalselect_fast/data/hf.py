@@ -74,7 +74,13 @@ def iter_dataset_rows(ds: Any, label: str) -> Iterator[dict]:
     kind = type(ds).__name__
     try:
         if kind == "Dataset":
-            for table in ds.with_format("arrow").iter(batch_size=BATCH_ROWS):
+            if getattr(ds, "_indices", True) is None:
+                # no indices mapping (not a select/shuffle view): the Arrow table's own batches, 5-8x
+                # faster than with_format("arrow").iter in bench_data.py, same rows in the same order
+                batches = ds.data.to_batches(max_chunksize=BATCH_ROWS)
+            else:
+                batches = ds.with_format("arrow").iter(batch_size=BATCH_ROWS)
+            for table in batches:
                 yield from table.to_pylist()
         else:
             if hasattr(ds, "decode"):
