@@ -459,3 +459,60 @@ def test_datasets_rows_fast_path_and_select_views_agree(tmp_path):
     assert list(iter_dataset_rows(ds, "ds")) == raw.to_list()
     view = ds.select([2400, 7, 1500, 7])
     assert list(iter_dataset_rows(view, "view")) == raw.select([2400, 7, 1500, 7]).to_list()
+
+
+def test_remote_webdataset_reads_and_selects_like_local(tmp_path):
+    fsspec = pytest.importorskip("fsspec")
+    fs = fsspec.filesystem("memory")
+    root = "/scalselect-wds-test"
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+    try:
+        paths = _shards(tmp_path / "in", n_shards=2)
+        for p in paths:
+            fs.pipe(f"{root}/{p.name}", p.read_bytes())
+        local = [(s.index, s.id, [im.data for im in s.images]) for s in read_dataset(tmp_path / "in")]
+        remote = f"memory://{root}/shard-{{000000..000001}}.tar"
+        assert [(s.index, s.id, [im.data for im in s.images]) for s in read_dataset(remote)] == local
+        keep = ["id-k12", "id-k01"]
+        write_selected(remote, tmp_path / "r", keep, order="score")
+        write_selected(tmp_path / "in", tmp_path / "l", keep, order="score")
+        assert _sha_tree(tmp_path / "r") == _sha_tree(tmp_path / "l")
+    finally:
+        fs.rm(root, recursive=True)
+
+
+def test_run_on_bad_webdataset_input(layouts, tmp_path, capsys):
+    """Through `scalselect run`: a member that is not an image and a record naming a missing image are
+    skipped with their reasons (and never selected); a truncated shard stops the run with one line."""
+    from scalselect_fast import cli
+
+    src = sorted(layouts["data"]["webdataset"].parent.glob("*.tar"))
+    members = [(ti.name, raw[ti.offset_data - ti.offset:]) for p in src for ti, raw in _members(p)]
+    bad = []
+    for name, data in members:
+        if name == "demo-0003.png":
+            data = b"not a png at all"
+        elif name == "demo-0005.json":
+            rec = json.loads(data)
+            rec["images"] = ["demo-0005.png", "demo-0005.extra.png"]
+            rec["conversations"][0]["value"] = "<image><image>" + rec["conversations"][0]["value"]
+            data = json.dumps(rec).encode()
+        bad.append((name, data))
+    shard = _tar(tmp_path / "bad" / "one.tar", bad)
+    out = tmp_path / "out"
+    args = ["run", "--model", str(layouts["model"]), "--out", str(out), "--budget", "25%", "--shard-size", "8",
+            "--batch-size", "4", "--quiet"]
+    assert cli.main(args + ["--data", str(shard)]) == 0
+    skipped = {e["id"]: e for e in map(json.loads, (out / "skipped.jsonl").read_text().splitlines())}
+    assert skipped["demo-0003"]["reason"] == "image_corrupt" and f"{shard}#demo-0003.png" in skipped["demo-0003"]["detail"]
+    assert skipped["demo-0005"]["reason"] == "image_missing"
+    kept = [m["id"] for m in pq.read_table(out / "manifest.parquet").to_pylist() if m["kept"]]
+    assert len(kept) == 10 and not {"demo-0003", "demo-0005"} & set(kept)
+    assert [r["id"] for _i, _l, r in iter_webdataset_records(out / "selected")] == sorted(kept)
+    capsys.readouterr()
+    cut = tmp_path / "bad" / "cut.tar"
+    cut.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2 + 100])
+    assert cli.main(args + ["--data", str(cut), "--out", str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "truncated or corrupt" in err and str(cut) in err and len(err.splitlines()) == 1
