@@ -673,6 +673,13 @@ def main(argv: list[str] | None = None) -> int:
         # Every stage writes atomically and checkpoints: what finished is kept, the rest reruns.
         print(f"scalselect {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except OSError as exc:
+        # What the OS refuses (a file where a folder should be, permissions, a vanished path): the
+        # engine's own errors are caught above; this keeps the rest to one line naming the path.
+        path = exc.filename if exc.filename is not None else ""
+        print(f"scalselect {args.command}: error: {exc.strerror or exc}" + (f": {path}" if path else "")
+              + "; check the path and its permissions", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -224,6 +224,13 @@ def c_fit_out_is_a_directory(t, _):
     return ["fit", str(t / "g.npy"), "--out", str(t / "outdir")], r"--out .*outdir is a directory"
 
 
+def c_fit_out_under_a_file(t, _):
+    _npy(t / "g.npy")
+    (t / "afile").write_text("x")
+    return ["fit", str(t / "g.npy"), "--out", str(t / "afile" / "s.npz"), "--k", "2"], \
+        r"error: File exists: .*afile; check the path"
+
+
 def c_truncated_subspace(t, _):
     _subspace(t / "s.npz", _npy(t / "g.npy"))
     (t / "s.npz").write_bytes((t / "s.npz").read_bytes()[:300])
@@ -337,6 +344,14 @@ def c_run_k_zero(t, tiny):
     return _run_argv(t, tiny, "--k", "0"), r"--k 0: the subspace needs at least 1 component"
 
 
+def c_run_layer_beyond_the_model(t, tiny):
+    return _run_argv(t, tiny, "--layer", "99"), r"layer 99 does not exist; the model has 2 decoder layers"
+
+
+def c_run_bad_quota_before_extract(t, tiny):
+    return _run_argv(t, tiny, "--quota", "bogus"), r"--quota 'bogus': expected FIELD="
+
+
 def c_run_config_value_wrong_type(t, tiny):
     (t / "run.toml").write_text('layer = "abc"\nbudget = "2"\n')
     return _run_argv(t, tiny, "--config", str(t / "run.toml")), r"setting layer \(in .*run\.toml\): 'abc' is not an int"
@@ -397,7 +412,7 @@ def _run_argv(t, tiny, *extra, data=None):
 
 
 CORE_CASES = {name[2:]: fn for name, fn in sorted(globals().items()) if name.startswith("c_")}
-NEEDS_MODEL = {"run_fit_device_cuda_without_cupy", "run_bad_dtype", "run_bad_device", "run_cuda_without_cuda", "extract_cuda_without_cuda",
+NEEDS_MODEL = {"run_layer_beyond_the_model", "run_bad_quota_before_extract", "run_fit_device_cuda_without_cupy", "run_bad_dtype", "run_bad_device", "run_cuda_without_cuda", "extract_cuda_without_cuda",
                "run_bad_budget_before_extract", "run_budget_above_records", "run_k_zero",
                "run_config_value_wrong_type", "run_deeply_nested_json", "run_top_level_object",
                "run_top_level_object_one_line", "extract_truncated_safetensors", "extract_into_foreign_store"}

@@ -27,7 +27,7 @@ from .hook import StopForward, capture_layer, use_capturing_attention
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KNOWN_FAMILIES", "QWEN_FAMILIES", "PAPER_PIXELS", "UnsupportedModelError", "VLM", "load_vlm", "Encoded",
+__all__ = ["check_model", "KNOWN_FAMILIES", "QWEN_FAMILIES", "PAPER_PIXELS", "UnsupportedModelError", "VLM", "load_vlm", "Encoded",
            "resolve_dtype", "parse_pixels"]
 
 KNOWN_FAMILIES = {
@@ -549,6 +549,47 @@ def _fast_random_init(seed: int = 0):
         table.update(table_orig)
 
 
+def check_model(model, layer: int = 0, trust_remote_code: bool = False):
+    """Read a checkpoint's config and check that ``layer`` exists, without loading any weight.
+
+    Returns ``(path, config, family, model_cls, depth)``. Raises :class:`UnsupportedModelError` for a
+    directory without a readable config, an unknown model type, or a layer the model does not have
+    (``scalselect run`` calls it before its first stage).
+    """
+    import transformers
+    from transformers import AutoConfig
+
+    path = Path(model)
+    if not (path / "config.json").exists():
+        raise UnsupportedModelError(f"{path}: not a model directory (no config.json); pass a local checkpoint path")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, OSError) as exc:  # unknown model_type, unreadable/invalid config.json
+        raise UnsupportedModelError(f"{path}: cannot read the model config ({_first_line(exc)}); pass a "
+                                    f"checkpoint of a supported model type: {sorted(KNOWN_FAMILIES)}") from None
+    family = config.model_type
+    if family in KNOWN_FAMILIES:
+        if not hasattr(transformers, BASE_CLASSES[family]):
+            raise UnsupportedModelError(f"{path}: model type {family!r} needs a newer transformers "
+                                        f"(this is {transformers.__version__})")
+        model_cls = getattr(transformers, BASE_CLASSES[family])
+    else:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+        if family not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+            raise UnsupportedModelError(
+                f"{path}: unknown model type {family!r}; supported: {sorted(KNOWN_FAMILIES)} and image-text-to-text "
+                f"models known to AutoModelForImageTextToText")
+        model_cls = transformers.AutoModelForImageTextToText
+    text_cfg = config.get_text_config()
+    depth = int(text_cfg.num_hidden_layers)
+    layer = int(layer)
+    if not 0 <= layer < depth:
+        raise UnsupportedModelError(f"{path}: layer {layer} does not exist; the model has {depth} decoder layers "
+                                    f"(choose --layer between 0 and {depth - 1})")
+    return path, config, family, model_cls, depth
+
+
 def load_vlm(model, layer: int = 0, dtype="fp32", device: str | None = "auto", device_map=None,
              truncate: bool = True, max_length: int | None = None, trust_remote_code: bool = False,
              random_weights: bool = False, roles: str | None = None, vision_tokens: str | None = None,
@@ -599,38 +640,13 @@ def load_vlm(model, layer: int = 0, dtype="fp32", device: str | None = "auto", d
     parse_pixels(pixels)  # a malformed value fails before the (slow) model load
     import torch
     import transformers
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+    from transformers import AutoImageProcessor, AutoTokenizer
 
-    path = Path(model)
-    if not (path / "config.json").exists():
-        raise UnsupportedModelError(f"{path}: not a model directory (no config.json); pass a local checkpoint path")
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError, OSError) as exc:  # unknown model_type, unreadable/invalid config.json
-        raise UnsupportedModelError(f"{path}: cannot read the model config ({_first_line(exc)}); pass a "
-                                    f"checkpoint of a supported model type: {sorted(KNOWN_FAMILIES)}") from None
-    family = config.model_type
-    if family in KNOWN_FAMILIES:
-        if not hasattr(transformers, BASE_CLASSES[family]):
-            raise UnsupportedModelError(f"{path}: model type {family!r} needs a newer transformers "
-                                        f"(this is {transformers.__version__})")
-        model_cls = getattr(transformers, BASE_CLASSES[family])
-    else:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-
-        if family not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
-            raise UnsupportedModelError(
-                f"{path}: unknown model type {family!r}; supported: {sorted(KNOWN_FAMILIES)} and image-text-to-text "
-                f"models known to AutoModelForImageTextToText")
-        model_cls = transformers.AutoModelForImageTextToText
+    path, config, family, model_cls, depth = check_model(model, layer, trust_remote_code)
+    text_cfg = config.get_text_config()
+    layer = int(layer)
     if family not in QWEN_FAMILIES and pixels not in ("paper", "processor"):
         _apply_pixels(None, family, pixels, path)  # refuses before the (slow) model load
-    text_cfg = config.get_text_config()
-    depth = int(text_cfg.num_hidden_layers)
-    layer = int(layer)
-    if not 0 <= layer < depth:
-        raise UnsupportedModelError(f"{path}: layer {layer} does not exist; the model has {depth} decoder layers "
-                                    f"(choose --layer between 0 and {depth - 1})")
     if truncate and layer + 1 < depth:
         _truncate_text_config(text_cfg, layer + 1)
     if truncate and family == "llava":

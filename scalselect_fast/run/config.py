@@ -120,6 +120,10 @@ class RunConfig:
             check_budget(self.budget)
         except BudgetError as exc:
             raise RunError(f"--budget: {exc}") from None
+        from ..postselect import parse_quota
+
+        for q in self.quota or []:
+            parse_quota(q)  # PostSelectError naming the rule, now rather than after extraction
         self.validate_device()
 
     def validate_device(self) -> None:

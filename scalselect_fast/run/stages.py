@@ -565,6 +565,9 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
     # live there, as the demo's does: only the dataset is at risk of a same-named output).
     refuse_overwrite([out], [p for p in source.input_paths() if "://" not in p])
     model_fp = model_fingerprint(cfg.model)
+    from ..extract.model import check_model
+
+    check_model(cfg.model, cfg.layer)  # model type and --layer, before any stage (no weights loaded)
     from ..data import count_records
 
     n_records = count_records(source)
