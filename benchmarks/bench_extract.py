@@ -58,9 +58,10 @@ def _baseline_pool(out, inputs, roles, layer, threshold):
 
     att = out.attentions[layer].float().mean(1)                # (B, L, L)
     hid = out.hidden_states[layer + 1].float()
-    mask = inputs["attention_mask"].bool()
-    q = torch.from_numpy(R.instruction_mask(roles.numpy(), "all")) & mask
-    v = (roles == R.VISUAL) & mask
+    dev = att.device
+    mask = inputs["attention_mask"].bool().to(dev)
+    q = torch.from_numpy(R.instruction_mask(roles.numpy(), "all")).to(dev) & mask
+    v = (roles.to(dev) == R.VISUAL) & mask
     col = (att * q[:, :, None]).sum(1) / q.sum(1, keepdim=True)   # mean over instruction rows
     col = torch.where(v, col, torch.zeros_like(col))
     a = col / col.sum(1, keepdim=True)
@@ -70,7 +71,7 @@ def _baseline_pool(out, inputs, roles, layer, threshold):
     vecs = []
     for b in range(att.shape[0]):
         vecs.append(hid[b, order[b, : int(k[b])]].mean(0))
-    return torch.stack(vecs).numpy()
+    return torch.stack(vecs).cpu().numpy()
 
 
 def main(argv=None) -> int:

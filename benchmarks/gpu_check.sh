@@ -7,6 +7,9 @@
 # dependencies (numpy, scipy, pyarrow, tqdm, psutil, transformers for the extraction tests, pytest)
 # may be carried as wheels: set WHEELS=/path/to/wheels to install them with --no-index first.
 # Usage: bash benchmarks/gpu_check.sh            (from the repository root)
+#        GPU_STEPS=bench_extract_gpu bash benchmarks/gpu_check.sh   (only the named steps, comma list)
+# bench_extract_gpu (real-size extraction vs the authors' way, ~5 min) also needs transformers,
+# tokenizers, Pillow and pyarrow.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${OUT:-benchmarks/results}
@@ -29,8 +32,10 @@ except Exception as e:
     print("cupy missing:", e)
 PYEOF
 status=0
+STEPS=",${GPU_STEPS:-tests,tests_syrk,bench_pool,bench_gpu,bench_extract_gpu},"
 run() {  # name, timeout seconds, command...
   local name=$1 limit=$2; shift 2
+  case "$STEPS" in *",$name,"*) ;; *) return 0 ;; esac
   local t0=$(date +%s)
   timeout "$limit" "$@" 2>&1 | tee "$OUTDIR/gpu_$name.log"
   local rc=${PIPESTATUS[0]} t1=$(date +%s)
@@ -42,6 +47,7 @@ run tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_
 run tests_syrk 60 env SCALSELECT_GPU_GRAM=syrk $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "cupy or device_gram"
 run bench_pool 60 $PY benchmarks/bench_pool.py --gpu-only
 run bench_gpu 200 $PY benchmarks/bench_gpu.py --n "${GPU_N:-10000000}" --d "${GPU_D:-4096}" --reps "${GPU_REPS:-10}"
+run bench_extract_gpu 420 $PY benchmarks/bench_extract_gpu.py --out "$OUTDIR"
 {
   echo "# GPU check $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo
@@ -49,8 +55,9 @@ run bench_gpu 200 $PY benchmarks/bench_gpu.py --n "${GPU_N:-10000000}" --d "${GP
   echo
   echo "| step | exit code | seconds |"; echo "|---|---|---|"
   tail -n +2 "$OUTDIR/gpu_check.csv" | awk -F, '{print "| "$1" | "$2" | "$3" |"}'
-  for f in tests tests_syrk bench_pool bench_gpu; do
-    echo; echo "## $f"; echo '```'; tail -n 25 "$OUTDIR/gpu_$f.log"; echo '```'
+  for f in tests tests_syrk bench_pool bench_gpu bench_extract_gpu; do
+    [ -f "$OUTDIR/gpu_$f.log" ] || continue
+    echo; echo "## $f"; echo '```'; tail -n 40 "$OUTDIR/gpu_$f.log"; echo '```'
   done
 } >"$OUTDIR/gpu_check.md"
 cat "$OUTDIR/gpu_check.md"

@@ -138,3 +138,23 @@ def test_missing_weights_refused_unless_random_weights(tmp_path):
         load_vlm(path, layer=0, device="cpu")
     vlm = load_vlm(path, layer=0, device="cpu", random_weights=True)
     assert len(vlm.language_model.layers) == 1
+
+
+def test_bench_extract_gpu_cpu_smoke_runs_and_both_contenders_agree(tmp_path):
+    """The GPU benchmark's --cpu-smoke mode runs end to end: real data path (Parquet, JPEG bytes),
+    ours vs the authors' whole eager model on the same weights give the same vectors."""
+    import csv
+    import sys
+
+    sys.path.insert(0, str(CONFIGS.parent))
+    import bench_extract_gpu
+
+    rc = bench_extract_gpu.main(["--cpu-smoke", "--models", "llava-1.5-7b", "--n", "4", "--n-authors", "2",
+                                 "--batch-sizes", "2", "--workers", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    rows = list(csv.DictReader(open(tmp_path / "extract_gpu.csv")))
+    assert len(rows) == 1 and rows[0]["mode"] == "cpu-smoke" and rows[0]["n"] == "4"
+    assert float(rows[0]["min_cosine"]) > 0.9999
+    assert float(rows[0]["mean_tokens"]) > 576  # 576 visual tokens + the instruction
+    for k in ("ours_samples_s", "authors_b1_samples_s", "loader_samples_s", "ms_decoder_layer_l", "ms_vision_tower"):
+        assert float(rows[0][k]) > 0, k
