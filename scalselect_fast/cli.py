@@ -280,6 +280,9 @@ def add_extract_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=int, default=4096, help="records per shard [4096]")
     p.add_argument("--max-length", type=int, default=None,
                    help="skip samples longer than this many tokens [model max positions]")
+    p.add_argument("--max-image-pixels", type=int, default=40_000_000, metavar="N",
+                   help="skip images over N pixels (width x height, read from the header before decoding) as "
+                        "image_too_large [40000000]")
     p.add_argument("--format", default="auto", choices=["auto", "json", "jsonl", "parquet"])
     p.add_argument("--padding-side", default="right", choices=["left", "right"])
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"], help="pooling kernel")
@@ -319,7 +322,8 @@ def _extract(args, extract_to_store) -> dict:
         dtype=args.dtype, device=args.device, device_map=args.device_map, store_dtype=args.store_dtype,
         shard_size=args.shard_size, max_length=args.max_length, padding_side=args.padding_side,
         backend=args.backend, force=args.force, progress=not args.quiet, num_workers=args.num_workers,
-        roles=args.roles, vision_tokens=args.vision_tokens, pixels=args.pixels)
+        roles=args.roles, vision_tokens=args.vision_tokens, pixels=args.pixels,
+        max_image_pixels=args.max_image_pixels)
 
 
 def _pixels_arg(value: str) -> str:
@@ -525,6 +529,9 @@ def add_run_command(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--instruction", choices=["all", "user"],
                    help="attention rows averaged: every non-visual, non-answer token (all) or user text only")
     g.add_argument("--max-length", type=int, help="skip samples longer than this many tokens")
+    g.add_argument("--max-image-pixels", type=int, metavar="N",
+                   help="skip images over N pixels (width x height, read from the header before decoding) as "
+                        "image_too_large (40000000)")
     g.add_argument("--num-workers", type=int, help="processes decoding images and encoding samples (0)")
     _add_fidelity_options(g, defaults=False)
     g = p.add_argument_group("beyond the paper (off by default)")
@@ -562,20 +569,20 @@ def add_run_command(sub: argparse._SubParsersAction) -> None:
 _RUN_FIELDS = ("model", "data", "image_root", "format", "out", "budget", "order", "layer", "threshold",
                "energy", "k", "solver", "seed", "standardize", "l2_normalize", "drop_invalid", "fit_device",
                "batch_size", "device", "dtype", "store_dtype", "shard_size",
-               "instruction", "roles", "vision_tokens", "pixels", "max_length", "num_workers", "dedup_selected",
-               "quota", "force", "quiet",
-               "log_json", "plan_check", "html")
+               "instruction", "roles", "vision_tokens", "pixels", "max_length", "max_image_pixels", "num_workers",
+               "dedup_selected", "quota", "force", "quiet", "log_json", "plan_check", "html")
 
 
 def _run_errors():
     """Exception types whose message is the whole story (printed without a traceback)."""
+    from .lock import LockError
     from .run import RunError
     from .postselect import PostSelectError
     from .store import StoreError
 
     from .paths import OverwriteError
 
-    errs = [RunError, PostSelectError, StoreError, OverwriteError]
+    errs = [RunError, PostSelectError, StoreError, OverwriteError, LockError]
     for mod, name in (("scalselect_fast.data", "DatasetError"), ("scalselect_fast.data", "ImageError"),
                       ("scalselect_fast.subspace", "SubspaceError"),
                       ("scalselect_fast.extract", "UnsupportedModelError"),

@@ -552,3 +552,241 @@ def test_ctrl_c_exits_130_with_resume_hint(tiny, tmp_path):
 # --------------------------------------------------------------------------------------------------
 # (2) run-level cases                                    [integ-run appends below]
 # --------------------------------------------------------------------------------------------------
+# ---- run-level cases (integ-run) ----------------------------------------------------------------
+# Locks on --out and on a store, a FIFO / device as an image, an enormous PNG that is tiny on disk,
+# ids with line breaks, a malformed JSONL line at the end, a corrupt or deleted shard of a finished
+# run, an image replaced after extraction. Datasets have a handful of samples (seconds per run).
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import struct  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import zlib  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from scalselect_fast import cli  # noqa: E402
+
+_REPO = Path(__file__).resolve().parents[1]
+
+
+def _digest_tree(*paths: Path) -> dict:
+    """sha256 of every file under the given files/directories (to prove inputs were not touched)."""
+    out = {}
+    for p in paths:
+        for f in sorted([p] if p.is_file() else p.rglob("*")):
+            if f.is_file() and not f.is_fifo():
+                out[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
+def _one_line(err: str) -> str:
+    lines = [ln for ln in err.strip().split("\n") if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def _conv(text="What is shown?", image=True):
+    return [{"from": "human", "value": ("<image>\n" if image else "") + text}, {"from": "gpt", "value": "A shape."}]
+
+
+def _png_bytes(width: int, height: int) -> bytes:
+    """A valid 1-bit greyscale PNG of the given size, compressed as it is built (never held decoded)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    comp = zlib.compressobj(9)
+    row = b"\x00" + b"\x00" * ((width + 7) // 8)
+    idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def hostile_env(tmp_path_factory):
+    from PIL import Image
+
+    from scalselect_fast.extract import build_tiny_model
+
+    base = tmp_path_factory.mktemp("hostile-run")
+    model = build_tiny_model("llava", base / "tiny-llava", num_layers=2)
+    root = base / "data"
+    (root / "img").mkdir(parents=True)
+    rs = np.random.RandomState(0)
+    for i in range(6):
+        Image.fromarray((rs.rand(24, 24 + 4 * i, 3) * 255).astype("uint8")).save(root / "img" / f"{i}.png")
+    good = [{"id": f"s{i}", "image": f"img/{i}.png", "conversations": _conv()} for i in range(6)]
+    data = root / "data.json"
+    data.write_text(json.dumps(good))
+    return {"base": base, "model": model, "root": root, "data": data, "good": good}
+
+
+def _run_args(env, data, out, *extra):
+    return ["run", "--model", str(env["model"]), "--data", str(data), "--image-root", str(env["root"]),
+            "--out", str(out), "--budget", "3", "--shard-size", "2", "--batch-size", "2", "--quiet", *extra]
+
+
+def _hold_lock(path: Path) -> subprocess.Popen:
+    """Another process holding ``path`` the documented way (flock + its PID in the file)."""
+    code = ("import fcntl, os, sys\n"
+            f"fd = os.open({str(path)!r}, os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "os.write(fd, str(os.getpid()).encode())\n"
+            "print('locked', flush=True)\n"
+            "sys.stdin.read()\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert p.stdout.readline().strip() == b"locked"
+    return p
+
+
+@pytest.mark.parametrize("target", ["run", "extract"])
+def test_second_writer_is_refused_naming_the_holder(hostile_env, tmp_path, capsys, target):
+    env = hostile_env
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / (".scalselect.lock" if target == "run" else ".extract.lock")
+    before = _digest_tree(env["root"])
+    holder = _hold_lock(lock)
+    try:
+        if target == "run":
+            argv = _run_args(env, env["data"], out)
+        else:
+            argv = ["extract", "--model", str(env["model"]), "--data", str(env["data"]), "--image-root",
+                    str(env["root"]), "--out", str(out), "--dtype", "fp32", "--device", "cpu", "--quiet"]
+        rc = cli.main(argv)
+        line = _one_line(capsys.readouterr().err)
+        assert rc == 2
+        assert f"PID {holder.pid}" in line and "in use" in line and str(out) in line
+        assert sorted(p.name for p in out.iterdir()) == [lock.name]  # nothing written
+        assert _digest_tree(env["root"]) == before
+    finally:
+        holder.send_signal(signal.SIGKILL)  # the OS drops the lock of a killed holder
+        holder.wait()
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert _digest_tree(env["root"]) == before
+
+
+def test_fifo_and_device_images_are_skipped_not_waited_on(hostile_env, tmp_path):
+    """A FIFO (no writer) or /dev/zero as an image would block or never end; both are skipped."""
+    env = hostile_env
+    d = tmp_path / "d"
+    shutil.copytree(env["root"] / "img", d / "img")
+    os.mkfifo(d / "img" / "pipe.png")
+    recs = env["good"][:3] + [{"id": "fifo", "image": "img/pipe.png", "conversations": _conv()},
+                              {"id": "dev", "image": "/dev/zero", "conversations": _conv()}]
+    data = d / "data.json"
+    data.write_text(json.dumps(recs))
+    before = _digest_tree(data)
+    out = tmp_path / "store"
+    # no --image-root: absolute paths are allowed, so /dev/zero reaches the image loader
+    p = subprocess.run([sys.executable, "-m", "scalselect_fast", "extract", "--model", str(env["model"]),
+                        "--data", str(data), "--out", str(out), "--dtype", "fp32", "--device", "cpu", "--quiet"],
+                       cwd=_REPO, env=dict(os.environ, PYTHONPATH=str(_REPO)), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout.strip().split("\n")[-1])["rows"] == 3
+    skipped = {e["id"]: e for e in map(json.loads, (out / "skipped.jsonl").read_text().split("\n")[:-1])}
+    assert set(skipped) == {"fifo", "dev"}
+    assert skipped["fifo"]["reason"] == "image_unreadable" and "FIFO" in skipped["fifo"]["detail"]
+    assert skipped["dev"]["reason"] == "image_unreadable" and "device" in skipped["dev"]["detail"]
+    assert _digest_tree(data) == before and (d / "img" / "pipe.png").is_fifo()
+
+
+@pytest.fixture(scope="module")
+def hostile_records_run(hostile_env):
+    """One real run over good samples plus ids with line breaks / U+2028 / U+0085 / U+2029 and a
+    12000 x 12000 PNG that is ~20 KB on disk."""
+    env = hostile_env
+    base = env["base"] / "records"
+    shutil.copytree(env["root"], base / "root")
+    (base / "root" / "img" / "huge.png").write_bytes(_png_bytes(12000, 12000))
+    odd = {"nl": "a\nb", "cr": "c\rd", "ls": "e\u2028f", "nel": "g\x85h", "ps": "i\u2029j"}
+    recs = list(env["good"]) + [
+        {"id": odd["nl"], "image": "img/0.png", "conversations": _conv()},
+        {"id": odd["cr"], "image": "img/1.png", "conversations": _conv()},
+        {"id": odd["ls"], "conversations": _conv(image=False)},   # text-only: skipped with this id
+        {"id": odd["nel"], "conversations": _conv(image=False)},
+        {"id": odd["ps"], "image": "img/2.png", "conversations": _conv()},  # a valid id: kept
+        {"id": "huge", "image": "img/huge.png", "conversations": _conv()},
+    ]
+    data = base / "data.json"
+    data.write_text(json.dumps(recs))
+    before = _digest_tree(base / "root")
+    out = base / "out"
+    env2 = dict(env, root=base / "root")
+    rc = cli.main(_run_args(env2, data, out))
+    return {"rc": rc, "out": out, "odd": odd, "before": before, "root": base / "root", "data": data}
+
+
+@pytest.mark.parametrize("case,reason", [("nl", "invalid_id"), ("cr", "invalid_id"), ("ls", "text_only"),
+                                         ("nel", "text_only"), ("ps", None), ("huge", "image_too_large")])
+def test_hostile_records_are_skipped_with_their_reason(hostile_records_run, case, reason):
+    r = hostile_records_run
+    assert r["rc"] == 0
+    sid = r["odd"].get(case, case)
+    raw = (r["out"] / "skipped.jsonl").read_bytes()
+    # the log splits into entries on "\n" only, and no entry holds a raw line-break character
+    text = raw.decode("utf-8")
+    assert not any(ch in text for ch in ("\u2028", "\u2029", "\x85", "\r"))
+    assert len(text.splitlines()) == len(text.split("\n")) - 1
+    entries = {e["id"]: e for e in map(json.loads, text.split("\n")[:-1])}
+    import pyarrow.parquet as pq
+
+    man = {m["id"]: m for m in pq.read_table(r["out"] / "manifest.parquet").to_pylist()}
+    if reason is None:
+        assert sid not in entries and man[sid]["score"] is not None
+    else:
+        assert entries[sid]["reason"] == reason
+        assert man[sid]["skip_reason"].startswith(reason) and man[sid]["score"] is None
+    rep = json.loads((r["out"] / "report.json").read_text())
+    assert rep["skip_reasons"] == {"invalid_id": 2, "text_only": 2, "image_too_large": 1}
+    assert rep["n_samples"] == 12 and rep["n_valid"] == 7
+    assert _digest_tree(r["root"]) == r["before"]
+
+
+def test_max_image_pixels_is_read_from_the_header(tmp_path):
+    from scalselect_fast.data import ImageError, load_image
+
+    p = tmp_path / "big.png"
+    p.write_bytes(_png_bytes(12000, 12000))
+    assert p.stat().st_size < 64_000
+    with pytest.raises(ImageError, match="12000x12000") as ei:
+        load_image(p)  # the default limit, 40 Mpx
+    assert ei.value.reason == "image_too_large"
+    small = tmp_path / "small.png"
+    small.write_bytes(_png_bytes(300, 200))
+    assert load_image(small).size == (300, 200)
+    with pytest.raises(ImageError) as ei:
+        load_image(small, max_pixels=300 * 200 - 1)
+    assert ei.value.reason == "image_too_large"
+    assert load_image(small, max_pixels=300 * 200).size == (300, 200)
+
+
+@pytest.mark.parametrize("bad", ["0", "-5"])
+def test_max_image_pixels_option_is_validated(hostile_env, tmp_path, capsys, bad):
+    out = tmp_path / "out"
+    rc = cli.main(_run_args(hostile_env, hostile_env["data"], out, "--max-image-pixels", bad))
+    assert rc == 2 and "--max-image-pixels" in _one_line(capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_malformed_jsonl_line_at_the_end_stops_before_extraction(hostile_env, tmp_path, capsys):
+    env = hostile_env
+    data = tmp_path / "d.jsonl"
+    lines = [json.dumps(dict(r, image=str(env["root"] / r["image"]))) for r in env["good"]]
+    data.write_text("\n".join(lines) + '\n{"id": "s6", "conversations": [\n')
+    before = _digest_tree(data)
+    out = tmp_path / "out"
+    rc = cli.main(_run_args(env, data, out))
+    line = _one_line(capsys.readouterr().err)
+    assert rc == 2 and "line 7" in line and "malformed JSON" in line
+    assert not (out / ".scalselect" / "reps").exists()  # found by the counting pass: nothing extracted
+    assert _digest_tree(data) == before

@@ -7,9 +7,11 @@ until :func:`load_image` is called.
 """
 from __future__ import annotations
 
+import errno
 import io
 import os
 import stat
+import warnings
 from pathlib import Path
 
 from .sample import (EmbeddedImage, REASON_IMAGE_CORRUPT, REASON_IMAGE_MISSING, REASON_IMAGE_OUTSIDE_ROOT,
@@ -110,17 +112,55 @@ def resolve_image_path(path: object, root: str | None, base_dir: str) -> str:
     return ImageResolver(root, base_dir)(path)
 
 
-def load_image(path: "str | os.PathLike | EmbeddedImage"):
+#: default of ``--max-image-pixels``: larger images are skipped as ``image_too_large`` before decoding
+#: (40 Mpx is a 7300 x 5500 photo; decoded RGB it needs 120 MB, and the model resizes it anyway)
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+
+
+def _open_regular(path: str):
+    """Open ``path`` for reading only if it is a regular file (a FIFO or device would block or never end).
+
+    The type is checked with ``stat`` before opening and again on the open descriptor (the path may
+    have been swapped in between); ``O_NONBLOCK`` keeps the open itself from waiting for a FIFO writer.
+    """
+    st = os.stat(path)  # FileNotFoundError / PermissionError: the caller maps them to reasons
+    if not stat.S_ISREG(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EINVAL,
+                                f"not a regular file ({_file_kind(st.st_mode)})")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise IsADirectoryError(errno.EINVAL, f"not a regular file ({_file_kind(st.st_mode)})")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def load_image(path: "str | os.PathLike | EmbeddedImage", max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
     """Open and fully decode an image as RGB.
 
     Decoding happens here (``Image.load``), so a truncated or corrupt file fails in this call and not
-    later inside a model's preprocessing.
+    later inside a model's preprocessing. Only regular files are opened (a FIFO or a device file is
+    refused without reading), and the pixel count is checked from the header before decoding.
 
     Parameters
     ----------
     path : str, path-like or EmbeddedImage
         Image file, or encoded image bytes carried in the dataset (decoded from memory; errors
         name ``EmbeddedImage.name``).
+    max_pixels : int or None
+        Refuse images with more than this many pixels (width x height) before decoding them;
+        default :data:`DEFAULT_MAX_IMAGE_PIXELS`. ``None`` leaves only Pillow's own bomb limit.
 
     Returns
     -------
@@ -131,17 +171,31 @@ def load_image(path: "str | os.PathLike | EmbeddedImage"):
     ------
     ImageError
         ``reason`` is ``"image_missing"`` (no such file), ``"image_unreadable"`` (permissions,
-        a directory), ``"image_corrupt"`` (not an image PIL can decode), ``"image_truncated"``
-        or ``"image_too_large"`` (over PIL's decompression-bomb limit).
+        a directory, a FIFO, a device), ``"image_corrupt"`` (not an image PIL can decode),
+        ``"image_truncated"`` or ``"image_too_large"`` (over ``max_pixels`` or PIL's
+        decompression-bomb limit).
     """
     from PIL import Image, UnidentifiedImageError
 
-    source = io.BytesIO(path.data) if isinstance(path, EmbeddedImage) else os.fspath(path)
+    embedded = isinstance(path, EmbeddedImage)
+    data = path.data if embedded else None
     path = os.fspath(path)
     try:
-        with Image.open(source) as im:
-            im.load()
-            rgb = im.convert("RGB")
+        source = io.BytesIO(data) if embedded else _open_regular(path)
+        with source:
+            with warnings.catch_warnings():
+                if max_pixels is not None:  # refused below, before decoding: Pillow's warning is noise
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(source)
+            with im:
+                if max_pixels is not None and im.width * im.height > max_pixels:
+                    raise ImageError(f"image {path!r} is {im.width}x{im.height} = {im.width * im.height:,} "
+                                     f"pixels, over --max-image-pixels {max_pixels:,}; skipped without decoding "
+                                     f"(raise the limit to use it)", path=path, reason=REASON_IMAGE_TOO_LARGE)
+                im.load()
+                rgb = im.convert("RGB")
+    except ImageError:
+        raise
     except FileNotFoundError:
         raise ImageError(f"image {path!r} does not exist", path=path, reason=REASON_IMAGE_MISSING) from None
     except (IsADirectoryError, PermissionError) as e:

@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from .images import ImagePathError, ImageResolver, resolve_root
-from .sample import (IMAGE_TOKEN, REASON_IMAGE_EMPTY, REASON_INVALID_FIELD, REASON_MISSING_FIELD,
+from .sample import (IMAGE_TOKEN, REASON_IMAGE_EMPTY, REASON_INVALID_FIELD, REASON_INVALID_ID, REASON_MISSING_FIELD,
                      REASON_PLACEHOLDER_MISMATCH, DatasetError, EmbeddedImage, Sample, UnusableRecord,
                      _where)
 from .sources import Container, InputFile, containers, open_source, register_container
@@ -337,12 +337,8 @@ def _iter_json_file(file: InputFile) -> Iterator[tuple[int, int, Any]]:
 
 
 def _count_jsonl(file: InputFile) -> int:
-    n = 0
-    with file.open() as fh:
-        for raw in fh:
-            if raw.strip() and raw.strip() != b"\xef\xbb\xbf":
-                n += 1
-    return n
+    # parses every line: the counting pass is also the syntax check, before any extraction work
+    return sum(1 for _ in _iter_jsonl_lines(file))
 
 
 def _first_char(head: bytes) -> bytes:
@@ -419,7 +415,12 @@ def iter_records(path, format: str = "auto") -> Iterator[tuple[int, int | None, 
 
 
 def count_records(path, format: str = "auto") -> int:
-    """Number of records of the dataset (for progress bars and shard ranges); Parquet reads only footers."""
+    """Number of records of the dataset (progress bars, shard ranges), checking its syntax on the way.
+
+    JSON and JSONL are parsed completely (every line of a JSONL file), so a malformed record
+    anywhere raises :class:`DatasetError` (file, line, column) here, before any expensive work
+    starts; Parquet reads only footers (its pages are checked when they are decoded).
+    """
     try:
         return open_source(path, format).count()
     except DatasetError as e:
@@ -432,10 +433,11 @@ def count_records(path, format: str = "auto") -> int:
 # records -> samples
 # --------------------------------------------------------------------------------------------------
 class _Problem(Exception):
-    def __init__(self, reason: str, detail: str):
+    def __init__(self, reason: str, detail: str, sample_id: str | None = None):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+        self.sample_id = sample_id  # the id as written, when it is the id itself that is refused
 
 
 def record_id(record: Any, id_field: str = "id") -> str:
@@ -456,6 +458,9 @@ def record_id(record: Any, id_field: str = "id") -> str:
     value = str(value)
     if not value:
         raise _Problem(REASON_INVALID_FIELD, f"field {id_field!r} is empty")
+    if "\n" in value or "\r" in value:
+        raise _Problem(REASON_INVALID_ID, f"id {value!r} contains a line break; ids are written one per line, "
+                                          "so give this record a single-line id", sample_id=value)
     return value
 
 
@@ -752,7 +757,8 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
                                    + f": {p.detail}. Fix the record, or read with a SkipLog to skip such "
                                    "samples and continue", reason=p.reason, path=file.path, index=index,
                                    line=line, sample_id=sid) from None
-            skip_log.add(sid, index, p.reason, p.detail, line=line, file=file.path if many else None)
+            skip_log.add(sid if sid is not None else p.sample_id, index, p.reason, p.detail, line=line,
+                         file=file.path if many else None)
             n_skipped += 1
             continue
         n_yielded += 1

@@ -1,6 +1,9 @@
 """``skipped.jsonl``: the append-only record of every sample a stage did not use, and why.
 
-One JSON object per line: ``{"id", "index", "reason", "detail", ...extra}``. Lines are appended with
+One JSON object per line: ``{"id", "index", "reason", "detail", ...extra}``. Lines end with ``\\n``
+and nothing else: U+0085, U+2028 and U+2029 (line breaks to ``str.splitlines`` and to some editors)
+are written as ``\\uXXXX`` escapes, and :func:`read_skip_log` splits on ``\\n`` only, so an id holding
+one of them never splits an entry. Lines are appended with
 a single ``write`` on an ``O_APPEND`` descriptor (so a crash leaves at most one torn final line, and
 several processes can append to one file without interleaving lines), and flushed to the OS at once,
 so a ``kill -9`` loses nothing already reported. Reopening the file (a resumed run) reads the
@@ -13,6 +16,39 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
+
+
+#: characters JSON leaves raw that ``str.splitlines`` (and some editors) take for line breaks
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def _dumps(entry: dict) -> str:
+    # readable UTF-8 for everything else; in JSON these three can only occur inside strings, where the
+    # \uXXXX escape reads back as the same character
+    return json.dumps(entry, ensure_ascii=False).translate(_LINE_BREAKS)
+
+
+def read_skip_log(path: str | os.PathLike) -> list[dict]:
+    """The entries of a ``skipped.jsonl`` in file order (``[]`` if it does not exist).
+
+    Lines are split on ``\\n`` only; a torn last line (a crash mid-write) and lines that are not JSON
+    objects are ignored.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return []
+    out = []
+    for raw in data.split(b"\n"):
+        if not raw.strip():
+            continue
+        try:
+            entry = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(entry, dict):
+            out.append(entry)
+    return out
 
 
 class SkipLog:
@@ -52,7 +88,7 @@ class SkipLog:
             # A torn last line from a crash: cut it so the next append starts on a fresh line.
             with open(self.path, "rb+") as fh:
                 fh.truncate(good_end)
-        for lineno, raw in enumerate(data[:good_end].splitlines(), start=1):
+        for lineno, raw in enumerate(data[:good_end].split(b"\n"), start=1):
             if not raw.strip():
                 continue
             try:
@@ -98,7 +134,7 @@ class SkipLog:
         entry.update({k: v for k, v in extra.items() if v is not None})
         if not self._remember(entry):
             return False
-        line = (json.dumps(entry, ensure_ascii=False, sort_keys=False) + "\n").encode()
+        line = (_dumps(entry) + "\n").encode()
         os.write(self._fd, line)  # one write on O_APPEND: no interleaving, no user-space buffer
         return True
 

@@ -17,6 +17,7 @@ sample: id, index, reason code, detail) and counted in the shard record.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -26,6 +27,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from ..data.images import DEFAULT_MAX_IMAGE_PIXELS
+from ..lock import exclusive_lock
 from . import roles as R
 from .model import VLM, load_vlm
 
@@ -239,6 +242,17 @@ def _batches(samples: Iterable, batch_size: int):
         yield buf
 
 
+def _image_loader(max_image_pixels: int | None) -> Callable:
+    from ..data import load_image
+
+    return functools.partial(load_image, max_pixels=max_image_pixels)
+
+
+def _check_max_pixels(max_image_pixels) -> None:
+    if max_image_pixels is not None and (isinstance(max_image_pixels, bool) or int(max_image_pixels) < 1):
+        raise ValueError(f"max_image_pixels must be a positive number of pixels or None, got {max_image_pixels!r}")
+
+
 def _check_args(batch_size, threshold, instruction, padding_side):
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -255,8 +269,9 @@ def extract_representations(model, samples: Iterable, batch_size: int = 8, layer
                             device: str | None = "auto", device_map=None, max_length: int | None = None,
                             padding_side: str = "right", backend: str = "auto", skip_log=None,
                             num_workers: int = 0, image_loader: Callable | None = None, roles: str | None = None,
-                            vision_tokens: str | None = None,
-                            pixels: str | None = None) -> Iterator[tuple[list[str], np.ndarray]]:
+                            vision_tokens: str | None = None, pixels: str | None = None,
+                            max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+                            ) -> Iterator[tuple[list[str], np.ndarray]]:
     """Yield ``(ids, vectors)`` for each batch of ``samples`` (the ScalSelect representation).
 
     Parameters
@@ -302,6 +317,11 @@ def extract_representations(model, samples: Iterable, batch_size: int = 8, layer
         the checkpoint's own (``"processor"``), or explicit bounds.
         For these three, None means the default for a checkpoint path and the loaded model's own
         choice for a :class:`~.model.VLM`.
+    image_loader : callable, optional
+        ``loader(path) -> PIL.Image`` replacing :func:`~scalselect_fast.data.load_image`.
+    max_image_pixels : int or None
+        Images with more pixels (width × height, read from the header before any decoding) are
+        skipped as ``image_too_large``; default 40,000,000. ``None``: only Pillow's own bomb limit.
 
     Yields
     ------
@@ -312,6 +332,7 @@ def extract_representations(model, samples: Iterable, batch_size: int = 8, layer
     _check_args(batch_size, threshold, instruction, padding_side)
     from ..data.sources import is_hf_object
 
+    _check_max_pixels(max_image_pixels)
     if is_hf_object(samples):  # a datasets.Dataset / IterableDataset: read it like a file
         from ..data import read_dataset
 
@@ -325,9 +346,7 @@ def extract_representations(model, samples: Iterable, batch_size: int = 8, layer
         else:
             log.warning("skipped %s (%s): %s", sk.sample_id, sk.reason, sk.detail)
 
-    from ..data import load_image
-
-    pool = _EncodePool(vlm.encoder, image_loader or load_image, num_workers)
+    pool = _EncodePool(vlm.encoder, image_loader or _image_loader(max_image_pixels), num_workers)
     try:
         items = (("batch", b) for b in _batches(samples, int(batch_size)))
         for _, res in _pipelined(vlm, items, pool, threshold, instruction, padding_side, backend):
@@ -400,7 +419,8 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
                      world_size: int | None = None, force: bool = False, progress: bool = True,
                      num_workers: int = 0, on_progress: Callable[[int, int], None] | None = None,
                      image_loader: Callable | None = None, roles: str | None = None,
-                     vision_tokens: str | None = None, pixels: str | None = None) -> dict:
+                     vision_tokens: str | None = None, pixels: str | None = None,
+                     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> dict:
     """Extract every sample of a dataset file into a representation store (resumable, per-rank).
 
     Parameters
@@ -437,10 +457,10 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
         ``{"store", "rank", "world_size", "range", "rows", "skipped", "shards_written",
         "shards_resumed"}`` for this process.
     """
-    from ..data import SkipLog, count_records, load_image, read_dataset
-    from ..store import StoreWriter
+    from ..data import count_records
 
     _check_args(batch_size, threshold, instruction, padding_side)
+    _check_max_pixels(max_image_pixels)
     if int(shard_size) < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     env_rank, env_world = _env_rank()
@@ -466,12 +486,30 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
         "kind": "scalselect-extract",
         "model": {"path": str(Path(vlm.path).resolve()), "type": vlm.family, "depth": vlm.depth},
         "layer": vlm.layer, "threshold": float(threshold), "dtype": str(vlm.dtype).replace("torch.", ""),
-        "instruction": instruction, "max_length": vlm.max_length,
+        "instruction": instruction, "max_length": vlm.max_length, "max_image_pixels": max_image_pixels,
         **vlm.options(),  # roles, vision_tokens, pixels: another choice is refused on resume
         "data": {**data_fingerprint(data, format), "image_root": str(Path(image_root).resolve()) if image_root else None,
                  "format": format, "records": n_records},
         "shard_size": int(shard_size), "world_size": world,
     }
+    out.mkdir(parents=True, exist_ok=True)
+    # one writer per store (per rank: ranks write disjoint shards of one store)
+    lock = out / (".extract.lock" if world == 1 else f".extract-rank{rank:03d}.lock")
+    with exclusive_lock(lock, f"store {out}" + (f" (rank {rank})" if world > 1 else "")):
+        return _extract_locked(vlm, data, out, provenance, image_root=image_root, format=format,
+                               batch_size=batch_size, threshold=threshold, instruction=instruction,
+                               store_dtype=store_dtype, shard_size=shard_size, padding_side=padding_side,
+                               backend=backend, rank=rank, world=world, lo=lo, hi=hi, force=force,
+                               progress=progress, num_workers=num_workers, on_progress=on_progress,
+                               loader=image_loader or _image_loader(max_image_pixels))
+
+
+def _extract_locked(vlm, data: Path, out: Path, provenance: dict, *, image_root, format, batch_size, threshold,
+                    instruction, store_dtype, shard_size, padding_side, backend, rank, world, lo, hi, force,
+                    progress, num_workers, on_progress, loader) -> dict:
+    from ..data import SkipLog, read_dataset
+    from ..store import StoreWriter
+
     writer = StoreWriter(out, d=vlm.hidden_size, dtype=store_dtype, provenance=provenance,
                          prefix="shard" if world == 1 else f"rank{rank:03d}-shard", force=force)
     skip_path = out / "skipped.jsonl"
@@ -521,7 +559,7 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
                     yield "batch", batch
                 yield "end", (j, a, b)
 
-        pool = _EncodePool(vlm.encoder, image_loader or load_image, num_workers)
+        pool = _EncodePool(vlm.encoder, loader, num_workers)
         rows: list[np.ndarray] = []
         ids: list[str] = []
         n_skip = 0

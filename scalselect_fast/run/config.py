@@ -49,6 +49,7 @@ class RunConfig:
     vision_tokens: str = "reference"
     pixels: str = "paper"
     max_length: int | None = None
+    max_image_pixels: int = 40_000_000
     num_workers: int = 0
     order: str = "original"
     dedup_selected: float | None = None
@@ -61,7 +62,7 @@ class RunConfig:
 
     # fields that change the representations (and so everything downstream)
     EXTRACT_KEYS = ("layer", "threshold", "batch_size", "device", "dtype", "store_dtype", "shard_size",
-                    "format", "instruction", "max_length", "roles", "vision_tokens", "pixels")
+                    "format", "instruction", "max_length", "roles", "vision_tokens", "pixels", "max_image_pixels")
     FIT_KEYS = ("energy", "k", "solver", "seed", "standardize", "l2_normalize", "drop_invalid", "fit_device")
     SELECT_KEYS = ("budget", "order", "dedup_selected", "quota")
 
@@ -120,6 +121,10 @@ class RunConfig:
             check_budget(self.budget)
         except BudgetError as exc:
             raise RunError(f"--budget: {exc}") from None
+        mp = self.max_image_pixels
+        if isinstance(mp, bool) or not isinstance(mp, int) or mp < 1:
+            raise RunError(f"--max-image-pixels {mp!r}: give a positive whole number of pixels (width x height), "
+                           f"e.g. 40000000 (the default)")
         from ..postselect import parse_quota
 
         for q in self.quota or []:

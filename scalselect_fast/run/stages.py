@@ -38,6 +38,7 @@ import numpy as np
 
 from ..atomic import atomic_path, atomic_write_bytes
 from ..paths import refuse_overwrite
+from ..lock import exclusive_lock
 from .config import RunConfig, RunError
 from .events import Events, json_progress
 from .fingerprints import data_fingerprint, model_fingerprint, stage_fingerprints
@@ -45,6 +46,8 @@ from .state import WORK, RunState, crashpoint
 
 __all__ = ["run", "RunResult"]
 
+#: lock file inside --out held for the whole run (see :mod:`scalselect_fast.lock`)
+RUN_LOCK = ".scalselect.lock"
 #: seconds between two writes of the fit's Gram checkpoint (a crash loses at most this much fit work)
 FIT_CHECKPOINT_SECONDS = 30.0
 
@@ -77,8 +80,8 @@ def _quiet_libraries() -> None:
 def _remove_stale_temps(out: Path) -> None:
     """Delete temporary files a killed run left behind (``.name.XXXX.tmp`` from the atomic writers).
 
-    They were never renamed into place, so nothing refers to them; one run per output directory
-    is the supported use, so no live writer owns them.
+    They were never renamed into place, so nothing refers to them; the run holds the --out lock,
+    so no live writer owns them.
     """
     for d in (out, out / WORK, out / WORK / "fit", out / WORK / "scores", out / WORK / "reps"):
         if d.is_dir():
@@ -268,7 +271,7 @@ def _resolve_budget(cfg: RunConfig, n_records: int, n_valid: int, skip_counts: M
 
 def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, scores: np.ndarray,
                   out: Path, skipped_path: Path, report_extra=None) -> RunResult:
-    from ..data import write_selected
+    from ..data import read_skip_log, write_selected
     from ..postselect import parse_quota, select_ranked
     from ..report import collect_versions, score_histogram, spectrum_summary, write_report
 
@@ -284,11 +287,7 @@ def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, sco
         raise RunError(f"the representation store holds ids not in {cfg.data} (e.g. {missing[:3]}); the "
                        f"dataset changed after extraction. Rerun with --force")
     row_record = np.fromiter((index_of[s] for s in store_ids), dtype=np.int64, count=len(store_ids))
-    skip_entries = []
-    if skipped_path.exists():
-        for raw in skipped_path.read_text(encoding="utf-8").splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                skip_entries.append(json.loads(raw))
+    skip_entries = read_skip_log(skipped_path)
     skip_reason: dict[int, str] = {}
     for e in skip_entries:
         if e.get("index") is not None:
@@ -468,6 +467,7 @@ def _stage_extract(cfg: RunConfig, state: RunState, events: Events, source=None)
                                layer=cfg.layer, threshold=cfg.threshold, batch_size=cfg.batch_size,
                                instruction=cfg.instruction, max_length=cfg.max_length, roles=cfg.roles,
                                vision_tokens=cfg.vision_tokens, pixels=cfg.pixels,
+                               max_image_pixels=cfg.max_image_pixels,
                                dtype=cfg.dtype, device=cfg.device, store_dtype=cfg.store_dtype,
                                shard_size=cfg.shard_size, num_workers=cfg.num_workers,
                                # humans get the engine's own tqdm bar (rate + ETA), machines events
@@ -487,12 +487,11 @@ def _stage_extract(cfg: RunConfig, state: RunState, events: Events, source=None)
     return src
 
 def _skip_counts(path: Path) -> dict[str, int]:
+    from ..data import read_skip_log
+
     counts: dict[str, int] = {}
-    if path.exists():
-        for raw in path.read_text(encoding="utf-8").splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                r = json.loads(raw).get("reason")
-                counts[r] = counts.get(r, 0) + 1
+    for e in read_skip_log(path):
+        counts[e.get("reason")] = counts.get(e.get("reason"), 0) + 1
     return counts
 
 
@@ -584,6 +583,12 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
         est = _preflight(cfg, out, events, True, source)
         return est
     _check_out_dir(out)
+    # one run per --out: a second one would interleave skipped.jsonl lines and contradict the report
+    with exclusive_lock(out / RUN_LOCK, f"--out {out}"):
+        return _run_locked(cfg, events, out, source, model_fp, report_extra)
+
+
+def _run_locked(cfg: RunConfig, events: Events, out: Path, source, model_fp: str, report_extra):
     fps = stage_fingerprints(cfg, model_fp, data_fingerprint(source, cfg.image_root))
     if cfg.plan_check:
         est = _preflight(cfg, out, events, False, source)
