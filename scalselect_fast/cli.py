@@ -323,7 +323,8 @@ def _extract(args, extract_to_store) -> dict:
         shard_size=args.shard_size, max_length=args.max_length, padding_side=args.padding_side,
         backend=args.backend, force=args.force, progress=not args.quiet, num_workers=args.num_workers,
         roles=args.roles, vision_tokens=args.vision_tokens, pixels=args.pixels,
-        max_image_pixels=args.max_image_pixels)
+        max_image_pixels=args.max_image_pixels,
+        warn=lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True))
 
 
 def _pixels_arg(value: str) -> str:

@@ -47,6 +47,7 @@ __all__ = [
     "StoreWriter",
     "open_source",
     "load_npy",
+    "uncommit_shards",
     "SUPPORTED_DTYPES",
 ]
 
@@ -321,7 +322,8 @@ def _check_crc(shard: ShardInfo, crc: int) -> None:
         raise StoreError(
             f"checksum mismatch in shard {shard.name!r} ({shard.path}): manifest says "
             f"{shard.checksum}, data has {got}. The shard was modified or truncated after it "
-            f"was written; re-extract it (delete the shard and rerun extraction) or restore it.")
+            f"was written; rerun the `scalselect run` / `scalselect extract` command that wrote it (it "
+            f"moves the corrupt shard aside and re-extracts only that one) or restore the file.")
 
 
 def _read_ids(shard: ShardInfo) -> list[str]:
@@ -447,6 +449,16 @@ class StoreSource(MatrixSource):
                              f"{shard.count}; the file was truncated or replaced, re-extract it")
         self._cache[shard.name] = arr
         return arr
+
+    def verify_shard(self, shard: ShardInfo) -> None:
+        """Read one shard whole; raise :class:`StoreError` if a file is missing, damaged or fails its checksum."""
+        try:
+            _read_ids(shard)
+            for _ in self.iter_shard_blocks(shard, verify=True, prefetch=2):
+                pass
+        except OSError as exc:
+            raise StoreError(f"shard {shard.name!r}: cannot read {exc.filename or shard.path} "
+                             f"({exc.strerror or exc})") from exc
 
 
 # --------------------------------------------------------------------------------------------------
@@ -839,17 +851,65 @@ class StoreWriter:
         return rec
 
     def _commit(self, rec: dict) -> None:
-        # Serialise manifest updates between processes (per-rank writers share one store).
-        import fcntl
+        with _manifest_lock(self.path):
+            shards = self.committed()
+            shards[rec["name"]] = rec
+            atomic_write_json(self.path / MANIFEST, self._manifest(list(shards.values())))
 
-        with open(self.path / ".manifest.lock", "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                shards = self.committed()
-                shards[rec["name"]] = rec
-                atomic_write_json(self.path / MANIFEST, self._manifest(list(shards.values())))
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+
+@contextlib.contextmanager
+def _manifest_lock(store: Path):
+    # Serialise manifest updates between processes (per-rank writers share one store).
+    import fcntl
+
+    with open(store / ".manifest.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def uncommit_shards(store: str | os.PathLike, names: Sequence[str], move_aside: bool = True) -> list[Path]:
+    """Remove shards from a store's manifest, so that the next extraction writes them again.
+
+    Parameters
+    ----------
+    store : path
+        Store directory.
+    names : sequence of str
+        Shard names (``"shard-00003"``); names not in the manifest are ignored.
+    move_aside : bool
+        Rename the shards' files to ``<file>.corrupt-<UTC time>`` (kept for inspection, never read
+        again) instead of leaving them to be overwritten.
+
+    Returns
+    -------
+    list of Path
+        The files moved aside.
+    """
+    import time
+
+    store = Path(store)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    with _manifest_lock(store):
+        m = json.loads((store / MANIFEST).read_text())
+        dropped = [r for r in m.get("shards", []) if r["name"] in set(names)]
+        if not dropped:
+            return []
+        m["shards"] = [r for r in m.get("shards", []) if r["name"] not in set(names)]
+        m["count"] = int(sum(int(r["count"]) for r in m["shards"]))
+        atomic_write_json(store / MANIFEST, m)  # first: a shard off the manifest is never read
+    moved = []
+    if move_aside:
+        for rec in dropped:
+            for key in ("rows_file", "ids_file"):
+                p = store / str(rec.get(key, ""))
+                if p.parent.resolve() == store.resolve() and p.is_file():  # never outside the store
+                    dst = p.with_name(f"{p.name}.corrupt-{stamp}")
+                    os.replace(p, dst)
+                    moved.append(dst)
+    return moved
 
 
 def _encode(rows: np.ndarray, dtype: str) -> np.ndarray:

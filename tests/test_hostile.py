@@ -790,3 +790,116 @@ def test_malformed_jsonl_line_at_the_end_stops_before_extraction(hostile_env, tm
     assert rc == 2 and "line 7" in line and "malformed JSON" in line
     assert not (out / ".scalselect" / "reps").exists()  # found by the counting pass: nothing extracted
     assert _digest_tree(data) == before
+
+
+def _scores(out: Path) -> dict:
+    import pyarrow.parquet as pq
+
+    return {m["id"]: m["score"] for m in pq.read_table(out / "manifest.parquet").to_pylist()}
+
+
+def _files(store: Path) -> dict:
+    """name -> (inode, sha256) of every shard file, to prove which ones were kept untouched."""
+    return {p.name: (p.stat().st_ino, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(store.glob("shard-*")) if p.suffix in (".npy", ".txt")}
+
+
+@pytest.fixture(scope="module")
+def finished_run(hostile_env):
+    """A finished run over 6 samples in 3 shards of 2: the reference for the repair cases."""
+    out = hostile_env["base"] / "finished"
+    assert cli.main(_run_args(hostile_env, hostile_env["data"], out)) == 0
+    return {"out": out, "selected": (out / "selected.json").read_bytes(), "scores": _scores(out)}
+
+
+def _damage(shard: Path, how: str) -> None:
+    npy, ids = shard.with_suffix(".npy"), shard.with_suffix(".ids.txt")
+    if how == "flipped":
+        raw = bytearray(npy.read_bytes())
+        for k in range(1, 5):
+            raw[-4 * k] ^= 0xFF
+        npy.write_bytes(bytes(raw))
+    elif how == "truncated":
+        npy.write_bytes(npy.read_bytes()[:-40])
+    else:
+        npy.unlink()
+        ids.unlink()
+
+
+@pytest.mark.parametrize("how", ["flipped", "truncated", "deleted"])
+def test_a_damaged_shard_of_a_finished_run_is_re_extracted_alone(hostile_env, finished_run, tmp_path, capsys, how):
+    env = hostile_env
+    out = tmp_path / "out"
+    shutil.copytree(finished_run["out"], out)
+    store = out / ".scalselect" / "reps"
+    kept = {k: v for k, v in _files(store).items() if not k.startswith("shard-00001")}
+    before = _digest_tree(env["root"])
+    _damage(store / "shard-00001", how)
+    capsys.readouterr()
+    rc = cli.main(_run_args(env, env["data"], out))
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    line = next(ln for ln in err.split("\n") if "shard-00001" in ln)
+    assert line.startswith("warning: shard shard-00001") and "re-extracting only that shard" in line
+    assert ("missing" if how == "deleted" else "corrupt") in line
+    # the good shards were kept as they were (same inode, same bytes); the damaged one is back, intact
+    after = _files(store)
+    assert {k: v for k, v in after.items() if not k.startswith("shard-00001")} == kept
+    assert {"shard-00001.npy", "shard-00001.ids.txt"} <= set(after)
+    aside = sorted(p.name for p in store.glob("shard-00001.npy.corrupt-*"))
+    assert len(aside) == (0 if how == "deleted" else 1)
+    assert (out / "selected.json").read_bytes() == finished_run["selected"]
+    assert _scores(out) == pytest.approx(finished_run["scores"], rel=1e-9, abs=1e-12)
+    assert _digest_tree(env["root"]) == before
+    # and the repaired run is whole again: the next rerun finds nothing to redo
+    assert cli.main(_run_args(env, env["data"], out)) == 0
+    assert "shard" not in capsys.readouterr().err
+
+
+def test_extract_rerun_repairs_a_corrupt_shard(hostile_env, tmp_path, capsys):
+    env = hostile_env
+    out = tmp_path / "store"
+    argv = ["extract", "--model", str(env["model"]), "--data", str(env["data"]), "--image-root", str(env["root"]),
+            "--out", str(out), "--dtype", "fp32", "--device", "cpu", "--shard-size", "2", "--quiet"]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    ref = _files(out)
+    _damage(out / "shard-00002", "flipped")
+    assert cli.main(argv) == 0
+    cap = capsys.readouterr()
+    summary = json.loads(cap.out.strip().split("\n")[-1])
+    assert summary["shards_redone"] == ["shard-00002"] and summary["shards_written"] == 1
+    assert summary["shards_resumed"] == 2 and "shard-00002" in cap.err and "corrupt" in cap.err
+    after = _files(out)
+    assert {k: v[1] for k, v in after.items()} == {k: v[1] for k, v in ref.items()}  # the original bytes
+    assert all(after[k] == ref[k] for k in ref if not k.startswith("shard-00002"))  # the others never moved
+
+
+def test_a_changed_image_redoes_its_shard(hostile_env, tmp_path, capsys):
+    """Replacing an image (dataset file unchanged) re-extracts the shard holding it, and the result
+    equals a fresh run on the new images."""
+    from PIL import Image
+
+    env = hostile_env
+    root = tmp_path / "root"
+    shutil.copytree(env["root"], root)
+    env2 = dict(env, root=root)
+    data = root / "data.json"
+    out = tmp_path / "out"
+    assert cli.main(_run_args(env2, data, out)) == 0
+    store = out / ".scalselect" / "reps"
+    kept = {k: v for k, v in _files(store).items() if not k.startswith("shard-00001")}
+    old_scores = _scores(out)
+    rs = np.random.RandomState(7)
+    Image.fromarray((rs.rand(40, 30, 3) * 255).astype("uint8")).save(root / "img" / "3.png")  # record 3
+    capsys.readouterr()
+    assert cli.main(_run_args(env2, data, out)) == 0
+    err = capsys.readouterr().err
+    redo = [ln for ln in err.split("\n") if "re-extracting" in ln]
+    assert len(redo) == 1 and "shard-00001" in redo[0] and "images changed" in redo[0]
+    assert {k: v for k, v in _files(store).items() if not k.startswith("shard-00001")} == kept
+    fresh = tmp_path / "fresh"
+    assert cli.main(_run_args(env2, data, fresh)) == 0
+    assert _scores(out) == pytest.approx(_scores(fresh), rel=1e-9, abs=1e-12)
+    assert _scores(out)["s3"] != pytest.approx(old_scores["s3"], rel=1e-6)
+    assert (out / "selected.json").read_bytes() == (fresh / "selected.json").read_bytes()

@@ -16,6 +16,7 @@ _LAZY = {
     "extract_representations": "scalselect_fast.extract.loop",
     "extract_to_store": "scalselect_fast.extract.loop",
     "encode_and_pool": "scalselect_fast.extract.loop",
+    "repair_store": "scalselect_fast.extract.loop",
     "load_vlm": "scalselect_fast.extract.model",
     "VLM": "scalselect_fast.extract.model",
     "UnsupportedModelError": "scalselect_fast.extract.model",

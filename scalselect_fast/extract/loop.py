@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from .model import VLM, load_vlm
 
 log = logging.getLogger(__name__)
 
-__all__ = ["extract_representations", "extract_to_store", "encode_and_pool", "data_fingerprint",
+__all__ = ["extract_representations", "extract_to_store", "encode_and_pool", "data_fingerprint", "repair_store",
            "rank_range", "REASON_TEXT_ONLY", "REASON_TOO_LONG", "REASON_NO_ATTENTION", "REASON_ENCODE"]
 
 REASON_TEXT_ONLY = "text_only"
@@ -411,6 +412,130 @@ class _RangeSkipLog:
         return key in self.log
 
 
+class _ImagesDigest:
+    """What one shard's images were when it was extracted: sha256 over each sample's record index and,
+    per image, the path with its size and modification time (``st_mtime_ns``).
+
+    An image carried inside the dataset (:class:`~scalselect_fast.data.EmbeddedImage`) contributes only
+    its name: its bytes are part of the dataset file, which the store's provenance fingerprints whole.
+    """
+
+    def __init__(self):
+        self._h = hashlib.sha256()
+
+    def add(self, sample) -> None:
+        from ..data import EmbeddedImage
+
+        parts = [str(sample.index)]
+        for img in sample.images:
+            if isinstance(img, EmbeddedImage):
+                parts.append(f"embedded:{img.name}")
+            elif isinstance(img, (str, os.PathLike)):
+                try:
+                    st = os.stat(img)
+                    parts.append(f"file:{os.fspath(img)}:{st.st_size}:{st.st_mtime_ns}")
+                except OSError as e:  # missing now: if it appears later the shard is redone
+                    parts.append(f"file:{os.fspath(img)}:errno{e.errno}")
+            else:  # an in-memory image handed to the API: nothing on disk to compare
+                parts.append(f"object:{type(img).__name__}")
+        self._h.update("\0".join(parts).encode("utf-8", "surrogateescape") + b"\n")
+
+    def hexdigest(self) -> str:
+        return "sha256:" + self._h.hexdigest()
+
+
+class _NoSkipLog:
+    """Lets a re-read of the dataset continue past bad records without logging them a second time."""
+
+    def add(self, *args, **kwargs) -> bool:
+        return False
+
+
+def _stale_shards(store: Path, records: dict[str, dict], data, image_root, format) -> dict[str, str]:
+    """Which committed shards must be extracted again, and why: ``{name: reason}``.
+
+    A shard is redone when its files are missing or fail their checksum (read whole), or when the
+    images of its records changed since it was written (:class:`_ImagesDigest`).
+    """
+    import bisect
+
+    from ..data import read_dataset
+    from ..store import StoreError, StoreSource
+
+    bad: dict[str, str] = {}
+    src = StoreSource(store)
+    for shard in src.shards:
+        if shard.name in records:
+            try:
+                src.verify_shard(shard)
+            except StoreError as exc:
+                missing = not (Path(shard.path).exists() and Path(shard.ids_path).exists())
+                bad[shard.name] = "missing" if missing else f"corrupt ({str(exc).split('. ')[0]})"
+    spans = sorted((rec["range"][0], rec["range"][1], name) for name, rec in records.items() if name not in bad)
+    if spans:
+        starts = [a for a, _, _ in spans]
+        digests = {name: _ImagesDigest() for _, _, name in spans}
+        for sample in read_dataset(data, image_root=image_root, format=format, skip_log=_NoSkipLog()):
+            if sample.index >= spans[-1][1]:
+                break
+            k = bisect.bisect_right(starts, sample.index) - 1
+            if k >= 0 and sample.index < spans[k][1]:
+                digests[spans[k][2]].add(sample)
+        for a, b, name in spans:
+            want = records[name].get("images")
+            if want != digests[name].hexdigest():
+                bad[name] = ("its images changed since it was extracted (size or modification time of an image "
+                             "file)" if want else "it has no record of its images (written by an older version)")
+    return bad
+
+
+def _repair(store: Path, records: dict[str, dict], data, image_root, format, warn: Callable[[str], None]) -> list[str]:
+    """Take stale or damaged committed shards off the manifest (moving damaged files aside); say so."""
+    from ..store import uncommit_shards
+
+    bad = _stale_shards(store, records, data, image_root, format)
+    for name, why in sorted(bad.items()):
+        damaged = not why.startswith("its ")
+        moved = uncommit_shards(store, [name], move_aside=damaged)
+        a, b = records[name]["range"]
+        aside = f"moved its files aside ({', '.join(p.name for p in moved)}) and " if moved else ""
+        warn(f"shard {name} of {store} (records {a}-{b - 1}) {'is ' if damaged else 'changed: '}{why}; {aside}"
+             f"re-extracting only that shard (every other shard is kept)")
+    return sorted(bad)
+
+
+def repair_store(store: str | os.PathLike, data: str | os.PathLike, *, image_root=None, format: str = "auto",
+                 warn: Callable[[str], None] | None = None) -> list[str]:
+    """Check every committed shard of an extraction store against its files and the dataset's images.
+
+    Shards whose files are missing or fail their checksum are taken off the manifest and their
+    files renamed to ``<file>.corrupt-<time>``; shards whose images changed since extraction (size or
+    modification time) are taken off the manifest. Rerunning :func:`extract_to_store` then re-extracts
+    exactly those shards and keeps the others.
+
+    Parameters
+    ----------
+    store : path
+        A store written by :func:`extract_to_store` (shard records carry their record range).
+    data, image_root, format
+        The dataset the store was extracted from, as passed to :func:`extract_to_store`.
+    warn : callable, optional
+        Receives one message per finding (default: ``logging.warning``).
+
+    Returns
+    -------
+    list of str
+        Names of the shards taken off the manifest (empty when everything is intact).
+    """
+    from ..store import MANIFEST
+
+    store = Path(store)
+    records = {r["name"]: r for r in json.loads((store / MANIFEST).read_text()).get("shards", []) if "range" in r}
+    if not records:
+        return []
+    return _repair(store, records, data, image_root, format, warn or log.warning)
+
+
 def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, image_root=None,
                      format: str = "auto", batch_size: int = 8, layer: int = 0, threshold: float = 0.9,
                      instruction: str = "all", dtype="fp32", device: str | None = "auto", device_map=None,
@@ -420,7 +545,8 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
                      num_workers: int = 0, on_progress: Callable[[int, int], None] | None = None,
                      image_loader: Callable | None = None, roles: str | None = None,
                      vision_tokens: str | None = None, pixels: str | None = None,
-                     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> dict:
+                     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                     warn: Callable[[str], None] | None = None) -> dict:
     """Extract every sample of a dataset file into a representation store (resumable, per-rank).
 
     Parameters
@@ -448,6 +574,8 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
     on_progress : callable, optional
         ``on_progress(done, total)`` after every batch and shard: records of this rank's range
         processed so far (committed shards included) and the range size, for machine-readable logs.
+    warn : callable, optional
+        Receives the messages about committed shards that are redone (default ``logging.warning``).
     Other parameters are those of :func:`extract_representations`; ``roles``, ``vision_tokens`` and
     ``pixels`` are recorded in the store's provenance, so a store made with other choices is refused.
 
@@ -455,7 +583,12 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
     -------
     dict
         ``{"store", "rank", "world_size", "range", "rows", "skipped", "shards_written",
-        "shards_resumed"}`` for this process.
+        "shards_resumed", "shards_redone"}`` for this process.
+
+    Notes
+    -----
+    Resuming checks every committed shard first (see :func:`repair_store`): a shard whose files are
+    missing, fail their checksum, or whose images changed since it was written is extracted again.
     """
     from ..data import count_records
 
@@ -501,12 +634,12 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
                                store_dtype=store_dtype, shard_size=shard_size, padding_side=padding_side,
                                backend=backend, rank=rank, world=world, lo=lo, hi=hi, force=force,
                                progress=progress, num_workers=num_workers, on_progress=on_progress,
-                               loader=image_loader or _image_loader(max_image_pixels))
+                               loader=image_loader or _image_loader(max_image_pixels), warn=warn or log.warning)
 
 
 def _extract_locked(vlm, data: Path, out: Path, provenance: dict, *, image_root, format, batch_size, threshold,
                     instruction, store_dtype, shard_size, padding_side, backend, rank, world, lo, hi, force,
-                    progress, num_workers, on_progress, loader) -> dict:
+                    progress, num_workers, on_progress, loader, warn) -> dict:
     from ..data import SkipLog, read_dataset
     from ..store import StoreWriter
 
@@ -515,8 +648,12 @@ def _extract_locked(vlm, data: Path, out: Path, provenance: dict, *, image_root,
     skip_path = out / "skipped.jsonl"
     if force and skip_path.exists() and not writer.committed():
         skip_path.unlink()  # a discarded store's skip log must not leak into the new run
-    committed = writer.committed()
     ranges = [(s, min(hi, s + int(shard_size))) for s in range(lo, hi, int(shard_size))]
+    committed = writer.committed()
+    mine = {writer.shard_name(j): committed[writer.shard_name(j)] for j, (a, b) in enumerate(ranges)
+            if committed.get(writer.shard_name(j), {}).get("range") == [a, b]}
+    redone = _repair(out, mine, data, image_root, format, warn) if mine else []
+    committed = writer.committed()
     todo = []
     resumed = 0
     for j, (a, b) in enumerate(ranges):
@@ -526,7 +663,7 @@ def _extract_locked(vlm, data: Path, out: Path, provenance: dict, *, image_root,
         else:
             todo.append((j, a, b))
     summary = {"store": str(out), "rank": rank, "world_size": world, "range": [lo, hi], "rows": 0, "skipped": 0,
-               "shards_written": 0, "shards_resumed": resumed}
+               "shards_written": 0, "shards_resumed": resumed, "shards_redone": redone}
     if not todo:
         return summary
     bar = None
@@ -547,17 +684,19 @@ def _extract_locked(vlm, data: Path, out: Path, provenance: dict, *, image_root,
             """("batch", samples) for each todo shard's records, then ("end", shard); never across shards."""
             for j, a, b in todo:
                 batch: list = []
+                images = _ImagesDigest()
                 while (s := stream.peek()) is not None and s.index < b:
                     next(stream)
                     if s.index < a:  # inside an already committed shard
                         continue
+                    images.add(s)
                     batch.append(s)
                     if len(batch) == batch_size:
                         yield "batch", batch
                         batch = []
                 if batch:
                     yield "batch", batch
-                yield "end", (j, a, b)
+                yield "end", (j, a, b, images.hexdigest())
 
         pool = _EncodePool(vlm.encoder, loader, num_workers)
         rows: list[np.ndarray] = []
@@ -584,11 +723,12 @@ def _extract_locked(vlm, data: Path, out: Path, provenance: dict, *, image_root,
                     if on_progress is not None:
                         on_progress(done_before + max(res.max_index + 1 - shard_start, 0), hi - lo)
                     continue
-                j, a, b = res
+                j, a, b, images = res
                 # Records the reader itself refused (bad fields, images outside the root) count as skipped.
                 n_skip += reader_log.count(a, b)
                 mat = np.concatenate(rows) if rows else np.zeros((0, vlm.hidden_size), np.float32)
-                writer.write_shard(mat, ids, index=j, extra={"range": [a, b], "skipped": n_skip, "rank": rank})
+                writer.write_shard(mat, ids, index=j, extra={"range": [a, b], "skipped": n_skip, "rank": rank,
+                                                                "images": images})
                 slog.sync()
                 summary["rows"] += len(ids)
                 summary["skipped"] += n_skip

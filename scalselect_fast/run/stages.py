@@ -454,12 +454,18 @@ def _stage_extract(cfg: RunConfig, state: RunState, events: Events, source=None)
 
     Skipped samples (text-only, missing/corrupt images, bad records) go to ``reps/skipped.jsonl``.
     """
-    from ..extract import extract_to_store
+    from ..extract import extract_to_store, repair_store
     from ..store import StoreSource
 
     store = _store_dir(state)
     if state.done("extract") and (store / "manifest.json").exists():
-        return StoreSource(store)
+        # every rerun re-reads the shards it reuses: a damaged one, or one whose images changed since,
+        # is extracted again (below) instead of being mixed in
+        if not repair_store(store, cfg.data, image_root=cfg.image_root, format=cfg.format, warn=events.warn):
+            return StoreSource(store)
+        events.warn(f"discarding the fit and score checkpoints in {state.work}: they depend on the shards "
+                    f"being re-extracted")
+        state.forget("extract", "fit", "score")
     t0 = time.perf_counter()
     events.emit("stage_start", stage="extract")
     data = source if source is not None else cfg.data  # the run's resolved DataSource: files listed once
@@ -467,7 +473,7 @@ def _stage_extract(cfg: RunConfig, state: RunState, events: Events, source=None)
                                layer=cfg.layer, threshold=cfg.threshold, batch_size=cfg.batch_size,
                                instruction=cfg.instruction, max_length=cfg.max_length, roles=cfg.roles,
                                vision_tokens=cfg.vision_tokens, pixels=cfg.pixels,
-                               max_image_pixels=cfg.max_image_pixels,
+                               max_image_pixels=cfg.max_image_pixels, warn=events.warn,
                                dtype=cfg.dtype, device=cfg.device, store_dtype=cfg.store_dtype,
                                shard_size=cfg.shard_size, num_workers=cfg.num_workers,
                                # humans get the engine's own tqdm bar (rate + ETA), machines events

@@ -41,6 +41,13 @@ def crashpoint(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _remove_fit_checkpoints(work: Path) -> None:
+    for name in ("fit", "scores"):
+        shutil.rmtree(work / name, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        (work / "subspace.npz").unlink()
+
+
 class RunState:
     def __init__(self, out: Path, fps: dict, force: bool, events: Events):
         self.work = out / WORK
@@ -72,10 +79,7 @@ class RunState:
                 # only the subspace settings changed: the representations are still valid, keep them
                 events.warn(f"--force: discarding the fit and score checkpoints in {self.work} (subspace "
                             f"settings changed; the extracted representations are kept)")
-                for name in ("fit", "scores"):
-                    shutil.rmtree(self.work / name, ignore_errors=True)
-                with contextlib.suppress(FileNotFoundError):
-                    (self.work / "subspace.npz").unlink()
+                _remove_fit_checkpoints(self.work)
                 for st in ("fit", "score"):
                     old["stages"].pop(st, None)
             elif diff:
@@ -96,6 +100,14 @@ class RunState:
         self.work.mkdir(parents=True, exist_ok=True)
         self.data = old or {"format": STATE_FORMAT, "version": STATE_VERSION, "fingerprints": fps,
                             "stages": {}, "timings": {}}
+        self.save()
+
+    def forget(self, *stages: str) -> None:
+        """Mark ``stages`` as not done; forgetting ``fit`` also deletes the fit and score checkpoints."""
+        for st in stages:
+            self.data["stages"].pop(st, None)
+        if "fit" in stages:
+            _remove_fit_checkpoints(self.work)
         self.save()
 
     def save(self) -> None:
