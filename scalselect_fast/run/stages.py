@@ -458,17 +458,17 @@ def _stage_extract(cfg: RunConfig, state: RunState, events: Events, source=None)
     from ..store import StoreSource
 
     store = _store_dir(state)
+    data = source if source is not None else cfg.data  # the run's resolved DataSource: files listed once
     if state.done("extract") and (store / "manifest.json").exists():
         # every rerun re-reads the shards it reuses: a damaged one, or one whose images changed since,
         # is extracted again (below) instead of being mixed in
-        if not repair_store(store, cfg.data, image_root=cfg.image_root, format=cfg.format, warn=events.warn):
+        if not repair_store(store, data, image_root=cfg.image_root, format=cfg.format, warn=events.warn):
             return StoreSource(store)
         events.warn(f"discarding the fit and score checkpoints in {state.work}: they depend on the shards "
                     f"being re-extracted")
         state.forget("extract", "fit", "score")
     t0 = time.perf_counter()
     events.emit("stage_start", stage="extract")
-    data = source if source is not None else cfg.data  # the run's resolved DataSource: files listed once
     summary = extract_to_store(cfg.model, data, store, image_root=cfg.image_root, format=cfg.format,
                                layer=cfg.layer, threshold=cfg.threshold, batch_size=cfg.batch_size,
                                instruction=cfg.instruction, max_length=cfg.max_length, roles=cfg.roles,
