@@ -5,7 +5,8 @@
 disjoint shards of one store) for as long as they run. A second job on the same directory does
 not wait: it stops at once with :class:`LockError` naming the holder's PID. The kernel releases
 the lock when the holder exits, however it exits (``kill -9`` included), so a stale lock file
-never blocks anyone; the file itself is left in place (unlinking it would race with a new holder).
+never blocks anyone. The holder removes the file when it finishes (while still holding the lock; a
+contender that locked the removed file notices the inode changed and locks the new one).
 
 Not a distributed lock: ``flock`` is per host (and unreliable on some network file systems).
 """
@@ -69,17 +70,29 @@ def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[Path]:
         holder) and what to do.
     """
     path = Path(path)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
+            pid = _holder(fd)
+            os.close(fd)
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
-            pid = _holder(fd)
             who = f"PID {pid}" if pid is not None else "another process (PID not yet recorded)"
             raise LockError(f"{what} is in use by another scalselect process ({who}, lock {path}); wait for "
                             f"it to finish or stop it, then rerun: finished work is kept", pid=pid) from None
+        # The holder we raced with may have removed the file after we opened it: then we locked an
+        # orphan inode and must lock the file that is there now.
+        mine = os.fstat(fd)
+        try:
+            now = os.stat(path)
+        except FileNotFoundError:
+            now = None
+        if now is not None and (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino):
+            break
+        os.close(fd)
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         _HELD.add(fd)
@@ -88,6 +101,6 @@ def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[Path]:
         finally:
             _HELD.discard(fd)
             with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)  # no stale PID for the next contender to misreport
+                os.unlink(path)  # while still holding it, so nothing is left behind (see the loop above)
     finally:
         os.close(fd)  # closing the last descriptor releases the flock

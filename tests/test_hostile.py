@@ -672,6 +672,7 @@ def test_second_writer_is_refused_naming_the_holder(hostile_env, tmp_path, capsy
         holder.wait()
     assert cli.main(argv) == 0, capsys.readouterr().err
     assert _digest_tree(env["root"]) == before
+    assert not lock.exists()  # the holder removes its lock file when it finishes
 
 
 def test_fifo_and_device_images_are_skipped_not_waited_on(hostile_env, tmp_path):
