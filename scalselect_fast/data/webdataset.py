@@ -34,8 +34,9 @@ member and the byte offset), a key that occurs twice in one shard, a key with tw
 same extension, a ``.json`` member that is not a JSON object; across shards, a repeated id (the key,
 for records without an id) is refused by the reader as for every layout. Per sample (skipped with a
 reason, via :class:`~scalselect_fast.data.sample.UnusableRecord`): a key without a ``.json`` record
-(``missing_record``), a record that names an image the key does not have (``image_missing``). A member that is not really an image
-is found when it is decoded (:func:`~scalselect_fast.data.load_image`: ``image_corrupt``).
+(``missing_record``), a record that names an image the key does not have (``image_missing``). A
+member that is not really an image is found when it is decoded
+(:func:`~scalselect_fast.data.load_image`: ``image_corrupt``).
 """
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ class Member:
     """One regular file of a shard: its name, extension and byte span (headers + padded data)."""
 
     name: str
-    ext: str
+    ext: str  # lower case
     start: int  # first header block (pax / GNU long-name blocks included)
     data_start: int
     size: int
@@ -159,8 +160,10 @@ def iter_key_groups(shard: str, want_data: Callable[[str], bool] = lambda ext: T
                 continue
             name = ti.name
             key, ext = _base_plus_ext(name)
+            if key is not None:
+                ext = ext.lower()  # WebDataset compares extensions in lower case too
             data = None
-            if key is not None and want_data(ext.lower()):
+            if key is not None and want_data(ext):
                 fh.seek(ti.offset_data)
                 data = fh.read(ti.size)
                 if len(data) != ti.size:
@@ -269,7 +272,7 @@ def group_record(group: KeyGroup, id_field: str = "id") -> dict | UnusableRecord
                 v = v.get("path")
             m = None
             if isinstance(v, str) and v:
-                m = by_name.get(v) or by_ext.get(v) or by_base.get(v.rsplit("/", 1)[-1])
+                m = by_name.get(v) or by_ext.get(v.lower()) or by_base.get(v.rsplit("/", 1)[-1])
             if m is None:
                 break
             chosen.append(m)
