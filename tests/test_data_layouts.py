@@ -255,6 +255,11 @@ def test_webdataset_selection_errors_and_atomic_replace(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         write_selected(tmp_path / "in", tmp_path / "afile", {"id-k00"})
+    # --format names the input's own container (what `run` passes on): the same as "auto"
+    write_selected(tmp_path / "in", tmp_path / "f", {"id-k01", "id-k11"}, format="webdataset")
+    assert _sha_tree(tmp_path / "f") == _sha_tree(out)
+    with pytest.raises(ValueError, match="written in kind"):
+        write_selected(tmp_path / "in", tmp_path / "g", {"id-k00"}, format="jsonl")
 
 
 def test_atomic_dir_commits_as_a_set(tmp_path):

@@ -30,9 +30,10 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
 from ..atomic import atomic_dir, atomic_path, atomic_write_bytes
-from .readers import (_WS, FORMATS, _iter_json_list, _iter_jsonl_lines, _open_parquet, open_source,
+from .readers import (_WS, _iter_json_list, _iter_jsonl_lines, _open_parquet, open_source,
                       _read_text, record_id_or_none)
 from .sample import DatasetError, _where
+from .sources import containers
 
 ORDERS = ("original", "score")
 #: Target uncompressed bytes per Parquet row group in written selections (image rows are large, so a
@@ -152,10 +153,11 @@ def write_selected(input_path, out_path: str | os.PathLike,
         Selected ids (integers are compared as strings). A sequence is taken as rank order.
     order : {"original", "score"}
         ``"original"``: input order. ``"score"``: the order of ``keep`` (a sequence).
-    format : {"auto", "json", "jsonl", "parquet"}
-        Output container for a single-file input; ``"auto"`` is the input's. JSON and JSONL may be
+    format : str
+        Output container: ``"auto"`` (the input's), or a container name. JSON and JSONL may be
         converted into each other (records re-serialised compactly when the container changes);
-        Parquet stays Parquet. Multi-file layouts are always written in kind.
+        every other layout is written in kind, so naming the input's own container (what
+        ``--format`` passes) is the same as ``"auto"``.
     id_field : str
         Record field (column) that holds the id. For WebDataset, a record without it is
         identified by its key, as the reader does.
@@ -171,11 +173,14 @@ def write_selected(input_path, out_path: str | os.PathLike,
         An id in ``keep`` is not in the input, or a selected id occurs twice in the input.
     """
     dst = os.fspath(out_path)
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if format != "auto" and format not in containers():
+        raise ValueError(f"format must be 'auto' or one of {tuple(containers())}, got {format!r}")
     keep_set, rank = _normalise_keep(keep, order)
     source = open_source(input_path)
     layout = _layout(source)
+    if format not in ("auto", source.container) and not {format, source.container} <= {"json", "jsonl"}:
+        raise ValueError(f"cannot write a {source.container} input as {format}: only JSON and JSONL convert "
+                         "into each other (Parquet stays Parquet; other layouts are written in kind)")
     for f in source.files:
         if f.local and os.path.exists(dst) and os.path.samefile(f.path, dst):
             raise ValueError(f"refusing to overwrite the input {f.path!r}: choose another output path")
@@ -195,8 +200,6 @@ def write_selected(input_path, out_path: str | os.PathLike,
     _check_writable(dst)
     container = source.container
     out_container = container if format == "auto" else format
-    if out_container != container and "parquet" in (container, out_container):
-        raise ValueError(f"cannot write {container} input as {out_container}: Parquet stays Parquet")
     if container == "json":
         return _write_from_json(source.files, dst, keep_set, rank, out_container, id_field)
     if container == "jsonl":
