@@ -509,6 +509,21 @@ def test_plan_refuses_unwritable_out_and_prints_small_sizes(tmp_path):
     est = estimate_run(10, d=8, out_dir=tmp_path / "afile" / "sub", disk_free=1 << 40)
     assert not est.ok and "fits: yes" not in est.format()
     assert any("is not a writable folder" in p for p in est.problems)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() == 0:  # root writes through chmod: a read-only mount is the real case
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(ro)],
+                                 capture_output=True).returncode == 0
+    else:
+        ro.chmod(0o500)
+        mounted = True
+    try:
+        if mounted:
+            est = estimate_run(10, d=8, out_dir=ro / "out", disk_free=1 << 40)
+            assert not est.ok and "fits: yes" not in est.format() and "CANNOT RUN" in est.format()
+    finally:
+        if os.geteuid() == 0 and mounted:
+            subprocess.run(["umount", "-l", str(ro)], capture_output=True)
     small = estimate_run(10, d=8, out_dir=tmp_path, disk_free=100)
     msg = " ".join(small.problems)
     assert "disk: needs ~" in msg and "0.00 GiB" not in msg and "100 B is free" in msg
