@@ -10,13 +10,16 @@ timed too: ``end-to-end`` = encode + forward + pool, ``forward`` = forward + poo
 The model is a tiny-but-deep random-weight LLaVA (CPU). Floor (issue 3): extraction >= 4x the baseline's
 samples/s end to end. Prints a table, appends rows to ``benchmarks/results/extract.csv``.
 
+Agreement (``vs_authors_*`` columns) is measured against ``tests/_authors_reference.py``, an
+independent re-implementation of the authors' extraction rule (their answer search, their visual
+token set, eager full model, batch 1) that shares no code with our role assignment (issue 11).
+
     python benchmarks/bench_extract.py            # quick: 12 layers, 16 samples
     python benchmarks/bench_extract.py --full     # 24 layers, wider, 64 samples
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import sys
@@ -28,7 +31,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _suite import median_time  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from _authors_reference import authors_vectors  # noqa: E402
+from _suite import append_csv, median_time  # noqa: E402
 
 FLOOR = 4.0
 
@@ -157,19 +162,28 @@ def main(argv=None) -> int:
         # warm-up + agreement check (same vectors, up to float rounding)
         a, b = np.concatenate(run_ours_e2e()), np.concatenate(run_base_e2e())
         max_diff = float(np.abs(a - b).max())
+        # agreement with the independent re-implementation of the authors' rule
+        ref = authors_vectors(model_dir, "llava", [(s.id, s.images, s.messages) for s in samples], args.layer, 0.9)
+        if sorted(ref) != sorted(s.id for s in samples):
+            raise SystemExit("the authors' rule produced no vector for some samples")
+        d_auth = np.array([np.abs(ref[s.id] - a[i]).max() for i, s in enumerate(samples)])
+        auth_max, auth_bad = float(d_auth.max()), int((d_auth > 1e-5).sum())
         for mode, f_ours, f_base in (("end-to-end", run_ours_e2e, run_base_e2e), ("forward", run_ours_fwd, run_base_fwd)):
             t_base = median_time(f_base, args.repeats)[0]
             t_ours = median_time(f_ours, args.repeats)[0]
             rows.append({"mode": mode, "model": f"llava-tiny L{layers} d{hidden}", "layer": args.layer, "n": n,
                          "batch_size": args.batch_size, "mean_tokens": round(seq, 1),
                          "baseline_samples_s": n / t_base, "ours_samples_s": n / t_ours, "speedup": t_base / t_ours,
-                         "max_abs_diff": max_diff})
+                         "max_abs_diff": max_diff, "vs_authors_max_abs_diff": auth_max,
+                         "vs_authors_differ_1e-5": auth_bad})
     print(f"{'mode':<11} {'model':<20} {'N':>4} {'tokens':>7} {'baseline/s':>11} {'ours/s':>9} {'speedup':>8}  floor")
     for r in rows:
         verdict = "" if r["mode"] != "end-to-end" else ("PASS" if r["speedup"] >= FLOOR else "FAIL")
         print(f"{r['mode']:<11} {r['model']:<20} {r['n']:>4} {r['mean_tokens']:>7} {r['baseline_samples_s']:>11.1f} "
               f"{r['ours_samples_s']:>9.1f} {r['speedup']:>7.2f}x  {'>= %.0fx ' % FLOOR + verdict if verdict else ''}")
     print(f"max |ours - baseline| over all vectors: {max_diff:.2e}")
+    print(f"vs the authors' rule (tests/_authors_reference.py): max |diff| {auth_max:.2e}, "
+          f"{auth_bad}/{n} vectors differ by > 1e-5")
     out_csv = Path(__file__).resolve().parent / "results" / "extract.csv"
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     meta = {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -177,13 +191,9 @@ def main(argv=None) -> int:
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "threads": torch.get_num_threads(),
             "load1": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else ""}
-    new = not out_csv.exists()
-    with open(out_csv, "a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(meta) + list(rows[0]))
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow({**meta, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}})
+    # a changed column set (the vs_authors columns) starts a new file beside the old one
+    append_csv(out_csv, [{**meta, **{k: (round(v, 4) if isinstance(v, float) and v >= 1e-3 else v)
+                                     for k, v in r.items()}} for r in rows])
     print(f"appended {len(rows)} rows to {out_csv}")
     e2e = next(r for r in rows if r["mode"] == "end-to-end")
     return 0 if e2e["speedup"] >= FLOOR else 1
