@@ -679,7 +679,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         # Every stage writes atomically and checkpoints: what finished is kept, the rest reruns.
-        print(f"scalselect {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        msg = "interrupted; rerun the same command to resume"
+        if getattr(args, "log_json", False):
+            import json
+
+            print(json.dumps({"event": "error", "type": "KeyboardInterrupt", "message": msg}), flush=True)
+        print(f"scalselect {args.command}: {msg}", file=sys.stderr)
         return 130
     except OSError as exc:
         # What the OS refuses (a file where a folder should be, permissions, a vanished path): the

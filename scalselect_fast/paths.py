@@ -12,8 +12,8 @@ from typing import Iterable
 
 __all__ = ["OverwriteError", "refuse_overwrite"]
 
-#: files of a directory input looked at (a store has two per shard); beyond this the directory
-#: itself still counts, its files are compared by path only
+#: files of a directory input compared one by one (a store has two per shard); a folder with more
+#: is still compared as a whole and by the files seen so far
 _MAX_DIR_FILES = 200_000
 
 

@@ -542,6 +542,9 @@ def test_refuse_overwrite_allows_new_files_beside_inputs(tmp_path):
         refuse_overwrite([store / "manifest.json"], [store])
     with pytest.raises(OverwriteError):
         refuse_overwrite([tmp_path], [store])                  # an existing folder holding the input
+    os.link(store / "shard-00001.npy", tmp_path / "elsewhere.npz")  # a hard link to a file of the store
+    with pytest.raises(OverwriteError, match="shard-00001.npy"):
+        refuse_overwrite([tmp_path / "elsewhere.npz"], [store])
 
 
 def test_ctrl_c_exits_130_with_resume_hint(tiny, tmp_path):
@@ -555,13 +558,14 @@ def test_ctrl_c_exits_130_with_resume_hint(tiny, tmp_path):
             if '"run_start"' in line:
                 break
         p.send_signal(signal.SIGINT)
-        _out, err = p.communicate(timeout=120)
+        out, err = p.communicate(timeout=120)
     finally:
         if p.poll() is None:
             p.kill()
     assert p.returncode == 130, err
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].endswith("interrupted; rerun the same command to resume")
+    assert json.loads(out.strip().splitlines()[-1])["type"] == "KeyboardInterrupt"  # --log-json: an event too
 
 
 # --------------------------------------------------------------------------------------------------
