@@ -363,6 +363,17 @@ def test_save_to_disk_in_save_to_disk_out(tmp_path):
     assert _sha_tree(src) == before  # nothing (no cache file) written into the input
     with pytest.raises(DatasetError, match="not in"):
         write_selected(src, tmp_path / "x", {"nope"})
+    # Python objects: a Dataset, a select() view of one (positions are the view's), an IterableDataset
+    ds = datasets.Dataset.from_dict(rows, features=feats)
+    view = ds.select([8, 1, 4, 7])
+    for obj, name in ((ds, "obj"), (view, "view"), (ds.to_iterable_dataset(num_shards=3), "iter")):
+        assert write_selected(obj, tmp_path / name, ["d7", "d1", "d4"], order="score") == 3
+        got = datasets.load_from_disk(str(tmp_path / name))
+        assert got.features == feats and got["id"] == ["d7", "d1", "d4"], name
+        assert [r["bytes"] for r in got.cast_column("image", datasets.Image(decode=False))["image"]] == \
+            [rows["image"][i]["bytes"] for i in (7, 1, 4)], name
+    write_selected(view, tmp_path / "view2", {"d4", "d8"})
+    assert datasets.load_from_disk(str(tmp_path / "view2"))["id"] == ["d8", "d4"]  # the view's order
 
 
 # --------------------------------------------------------------------------------------------------

@@ -464,24 +464,36 @@ def _write_webdataset(inputs: list, dst: str, keep: set[str], rank: dict[str, in
 
 def _write_datasets(src: str | None, ds, dst: str, keep: set[str], rank: dict[str, int] | None,
                     id_field: str) -> int:
-    """``save_to_disk`` in (``src``) or a ``datasets.Dataset`` (``ds``), ``save_to_disk`` out:
-    ``Dataset.select`` keeps the features (an ``Image`` column stays one) and the image bytes."""
-    from .hf import _datasets
+    """``save_to_disk`` in (``src``) or a ``datasets`` object (``ds``), ``save_to_disk`` out.
+
+    A ``Dataset`` (a folder, an object, a ``select`` view) goes through ``Dataset.select``, which keeps
+    the features (an ``Image`` column stays one) and the image bytes. An ``IterableDataset`` has no
+    random access: its kept rows are gathered in one pass (memory: the kept rows) and written with
+    its features.
+    """
+    from .hf import _datasets, iter_dataset_rows
 
     datasets = _datasets(src or "a datasets object")
-    what = src or "the datasets object"
+    what = src or f"the {type(ds).__name__} object"
     if ds is None:
         ds = datasets.load_from_disk(src)
-    if not isinstance(ds, datasets.Dataset):
-        raise DatasetError(f"{what}: a selection can be written for a datasets.Dataset (save_to_disk), not a "
-                           f"{type(ds).__name__}; materialise it first (Dataset.from_generator or "
-                           "save_to_disk)", reason="format", path=src)
-    if id_field not in ds.column_names:
+    if id_field not in (ds.column_names or [id_field]):
         raise DatasetError(f"{what}: no {id_field!r} column; cannot select rows by id", reason="missing_field",
                            path=src)
-    ids = _as_strings(ds.data.column(id_field)).to_pylist()
     found: dict[str, int] = {}
     picks = []
+    kept_rows: dict[str, dict] = {}
+    if isinstance(ds, datasets.Dataset):
+        # through the formatter, not ds.data: a select()/shuffle view's rows are not the table's
+        ids = _as_strings(ds.select_columns([id_field]).with_format("arrow")[:][id_field]).to_pylist()
+        rows = None
+    else:
+        ids, rows = [], []
+        for row in iter_dataset_rows(ds, what):
+            value = row.get(id_field)
+            ids.append(None if value is None or isinstance(value, bool) else str(value))
+            if ids[-1] in keep:
+                kept_rows[ids[-1]] = row
     for index, sid in enumerate(ids):
         if sid is None:
             continue
@@ -489,9 +501,12 @@ def _write_datasets(src: str | None, ds, dst: str, keep: set[str], rank: dict[st
         if sid in keep:
             picks.append((sid, index))
     _check_found(what, keep, found)
-    rows = [r for _sid, r in _ranked(picks, rank)]
-    # keep_in_memory: select must not write an indices cache file into the input folder
-    sub = ds.select(rows, keep_in_memory=True)
+    picks = _ranked(picks, rank)
+    if rows is None:
+        # keep_in_memory: select must not write an indices cache file into the input folder
+        sub = ds.select([r for _sid, r in picks], keep_in_memory=True)
+    else:
+        sub = datasets.Dataset.from_list([kept_rows[sid] for sid, _r in picks], features=ds.features)
     with atomic_dir(dst) as tmp:
         sub.save_to_disk(str(tmp))
-    return len(rows)
+    return len(picks)
