@@ -1,6 +1,7 @@
 # Quickstart targets. Each creates .venv/ on first use and installs everything it needs.
 #   make demo   set up, then run the main job on the bundled default input
-#   make test   set up, then run the test suite (scoring tests in both native and fallback modes)
+#   make test   set up, then run the whole test suite twice: with the native extension, then with
+#               SCALSELECT_FORCE_FALLBACK=1 (the pure-Python kernels every native call falls back to)
 VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
@@ -23,8 +24,8 @@ demo: $(STAMP)
 	$(VENV)/bin/scalselect demo --out demo-out
 
 test: $(STAMP)
-	SCALSELECT_FORCE_FALLBACK=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_native.py tests/test_scoring.py
 	$(PY) -m pytest -q -p no:cacheprovider
+	SCALSELECT_FORCE_FALLBACK=1 $(PY) -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)
 	$(PY) -m benchmarks

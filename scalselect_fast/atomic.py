@@ -2,7 +2,8 @@
 
 Every writer in the package goes through :func:`atomic_path` (temporary name beside the target,
 fsync, rename, fsync of the directory); outputs made of several files (dataset shards) go through
-:func:`atomic_dir`, which commits a whole directory as one set. This module knows nothing about stores or datasets.
+:func:`atomic_dir`, which commits a whole directory as one set. This module knows nothing about stores
+or datasets. It also holds :func:`crashpoint`, the named places where the durability tests kill a writer.
 """
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_dir", "atomic_path", "atomic_write_bytes", "atomic_write_json", "fsync_dir"]
+__all__ = ["atomic_dir", "atomic_path", "atomic_write_bytes", "atomic_write_json", "fsync_dir", "crashpoint"]
 
 
 def fsync_dir(path: Path) -> None:
@@ -104,3 +106,23 @@ def atomic_dir(path: str | os.PathLike):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+_CRASH_COUNTS: dict[str, int] = {}
+
+
+def crashpoint(name: str) -> None:
+    """``SCALSELECT_CRASH_AT=name:n`` kills this process with SIGKILL on the n-th time ``name`` is hit.
+
+    Used by the tests to stop a writer at an exact place (between two checkpoint commits, or after
+    a temporary file is written but before it is renamed) and prove that a rerun recovers.
+    """
+    spec = os.environ.get("SCALSELECT_CRASH_AT")
+    if not spec:
+        return
+    want, _, nth = spec.partition(":")
+    if want != name:
+        return
+    _CRASH_COUNTS[name] = _CRASH_COUNTS.get(name, 0) + 1
+    if _CRASH_COUNTS[name] >= int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -98,7 +98,8 @@ def _cmd_fit(args) -> int:
 def _cmd_score(args) -> int:
     import numpy as np
 
-    from .scoring import leverage_scores, write_scores
+    from .scoring import leverage_scores
+    from .selection import write_scores
     from .subspace import Subspace
 
     _no_overwrite([_out_file(args.out)], [args.source, args.subspace])
@@ -112,47 +113,30 @@ def _cmd_score(args) -> int:
     return 0
 
 
-def _print_selection(report: dict, out) -> None:
-    frac = report["selected"] / max(report["n"], 1)
-    t = report["timings"]
-    bad = report["invalid_rows"]["count"]
-    print(f"selected {report['selected']} of {report['n']} rows ({frac:.1%}) | k={report['k']} of "
-          f"d={report['d']} captures {report['captured_fraction']:.4f} of the energy | {report['solver']} "
-          f"solver, {report['passes']} pass(es) | fit {t['fit_s']:.2f}s score {t['score_s']:.2f}s "
-          f"select {t['select_s']:.2f}s" + (f" | {bad} invalid rows excluded" if bad else ""))
-    st = report.get("stability")
-    if st:
-        m = st["margin"]["relative_margin"]
-        print(f"stability: min overlap across re-fits {st['min_overlap_randomized']}, exact vs randomized "
-              f"{st['overlap_exact_vs_randomized']}, relative cut-off margin "
-              f"{'n/a' if m is None else f'{m:.2e}'}, certified={st['certified']} ({st['seconds']:.2f}s)")
-    print(f"outputs in {out}: " + ", ".join(sorted(
-        __import__("os").path.basename(p) for p in report["outputs"].values())))
-
-
 @_core_errors
 def _cmd_select(args) -> int:
-    from .scoring import run_selection
+    from .selection import print_selection, run_selection
 
     seeds = _stability_seeds(args.stability_seeds)
     _no_overwrite([args.out], [args.source, args.subspace])
     report = run_selection(args.source, args.out, args.budget, subspace=args.subspace,
                            manifest_format=args.manifest_format, drop_invalid=args.drop_invalid,
-                           block_rows=args.block_rows, stability_seeds=seeds, device=args.device,
-                           **({} if args.subspace else _fit_kwargs(args)))
-    _print_selection(report, args.out)
+                           block_rows=args.block_rows, stability_seeds=seeds,
+                           device=args.device, html=args.html, **({} if args.subspace else _fit_kwargs(args)))
+    print_selection(report)
     return 0
 
 
 def _stability_seeds(text: str):
-    """``--stability-seeds``: ``none`` -> None, ``''`` -> (), ``0,1,2`` -> (0, 1, 2)."""
+    """``--stability-seeds``: ``none`` -> None (no entry), ``''`` -> () (margin + bound, the default),
+    ``0,1,2`` -> (0, 1, 2) (also re-fits under those seeds)."""
     if text.strip().lower() == "none":
         return None
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise UsageError(f"--stability-seeds {text!r}: give comma-separated integers (0,1,2), '' for the "
-                         f"margin and exact comparison only, or 'none'") from None
+                         f"cut-off margin and bound only, or 'none'") from None
 
 
 def add_core_commands(sub: argparse._SubParsersAction) -> None:
@@ -178,9 +162,13 @@ def add_core_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--subspace", default=None, help="reuse this fitted subspace instead of fitting")
     p.add_argument("--manifest-format", choices=["parquet", "jsonl"], default="parquet")
-    p.add_argument("--stability-seeds", default="0,1,2",
-                   help="randomized-solver seeds re-fitted for the report's stability certificate "
-                        "(default 0,1,2; 'none' skips the certificate, '' keeps margin + exact only)")
+    p.add_argument("--stability-seeds", default="",
+                   help="the report always carries the cut-off margin and a perturbation bound from the fit "
+                        "(no extra pass); seeds such as 0,1,2 also re-fit with the randomized solver under "
+                        "them and compare the selections (reported as not applicable when that solver would "
+                        "hand over to exact); 'none' leaves the stability entry out")
+    p.add_argument("--no-html", dest="html", action="store_false",
+                   help="skip report.html (report.json is always written)")
     _add_fit_args(p)
     _add_stream_args(p)
     p.set_defaults(func=_cmd_select)
@@ -224,7 +212,7 @@ def _cmd_score_dask(args) -> int:
     import numpy as np
 
     from . import distributed
-    from .scoring import write_scores
+    from .selection import write_scores
     from .subspace import Subspace
 
     _no_overwrite([_out_file(args.out)], [args.source, args.subspace])
@@ -242,14 +230,17 @@ def _cmd_score_dask(args) -> int:
 @_core_errors
 def _cmd_select_dask(args) -> int:
     from . import distributed
+    from .selection import print_selection
 
+    seeds = _stability_seeds(args.stability_seeds)
     _no_overwrite([args.out], [args.source, args.subspace])
     with distributed.connect(args.dask_scheduler) as client:
         report = distributed.run_selection(args.source, args.out, args.budget, client, subspace=args.subspace,
                                            manifest_format=args.manifest_format, drop_invalid=args.drop_invalid,
-                                           block_rows=args.block_rows,
+                                           block_rows=args.block_rows, html=args.html,
+                                           stability_seeds=seeds,
                                            **({} if args.subspace else _fit_kwargs(args)))
-    _print_selection(report, args.out)
+    print_selection(report)
     return 0
 
 
@@ -606,18 +597,6 @@ def _fail(args, exc) -> int:
     return 2
 
 
-def _print_result(res, quiet: bool) -> None:
-    rep = res.report
-    print(f"selected {res.n_selected} of {rep['n_samples']} samples ({rep['n_valid']} usable, "
-          f"k={rep['subspace']['k']} of d={rep['subspace']['d']})")
-    print(f"  selected dataset: {res.selected_path}")
-    print(f"  manifest:         {res.manifest_path}")
-    print(f"  report:           {res.report_html or res.report_json}")
-    if not quiet:
-        print(f"  report.json:      {res.report_json}")
-        print(f"  subspace:         {res.subspace_path}")
-
-
 def _cmd_run(args) -> int:
     from .run import make_config, run
 
@@ -636,7 +615,9 @@ def _cmd_run(args) -> int:
     except _run_errors() as exc:
         return _fail(args, exc)
     if not cfg.log_json:
-        _print_result(res, cfg.quiet)
+        from .selection import print_selection
+
+        print_selection(res.report, quiet=cfg.quiet)
     return 0
 
 
@@ -648,7 +629,9 @@ def _cmd_run_demo(args) -> int:
     except _run_errors() as exc:
         return _fail(args, exc)
     if not args.log_json:
-        _print_result(res, args.quiet)
+        from .selection import print_selection
+
+        print_selection(res.report, quiet=args.quiet)
         print(f"open {res.report_html or res.report_json} to see the spectrum, scores and per-source counts")
     return 0
 

@@ -46,8 +46,8 @@ from . import native
 from .store import DEFAULT_BLOCK_ROWS, MatrixSource, ShardInfo, StoreError, StoreSource, open_source
 from .subspace import EXACT_GRAM_MAX_BYTES, tree_reduce
 
-__all__ = ["tree_reduce", "fit_subspace", "leverage_scores", "select", "run_selection", "connect",
-           "ShardView"]
+__all__ = ["tree_reduce", "fit_subspace", "leverage_scores", "select", "run_selection", "DaskExecutor",
+           "connect", "ShardView"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -74,7 +74,7 @@ class ShardView(MatrixSource):
         return self.parent._shard_array(self.orig)
 
     def ids(self) -> list[str]:
-        from .scoring import shard_ids
+        from .selection import shard_ids
 
         return shard_ids(self.parent, self.orig)
 
@@ -374,60 +374,52 @@ def select(source, sub, budget, client, *, block_rows: int = DEFAULT_BLOCK_ROWS,
     return idx, vals
 
 
-def run_selection(source, out_dir, budget, client, *, subspace=None, manifest_format: str = "parquet",
-                  drop_invalid: bool = False, block_rows: int = DEFAULT_BLOCK_ROWS, **fit_kwargs) -> dict:
-    """:func:`scalselect_fast.scoring.run_selection` with the fit, scores and top-k on Dask.
+class DaskExecutor:
+    """The executor of :func:`scalselect_fast.selection.run_selection` on a Dask cluster.
 
-    Writes the same files (subspace, scores, manifest, selected ids, report); the report carries
-    ``distributed`` details. The writing itself happens on the client.
+    The fit is :func:`fit_subspace`, the scores and the top-k one task per shard with the per-shard
+    lists merged on the workers (:func:`select`'s path); the N scores are gathered for the manifest.
+    Re-fits with other randomized-solver seeds are not applicable (the randomized solver does not
+    run on Dask); the free stability entry (margin + bound) is computed from the fit as on one node.
+
+    Parameters
+    ----------
+    client : dask.distributed.Client
+    block_rows : int
+        Rows per streamed block inside each shard task.
     """
-    from . import scoring
-    from .store import atomic_write_bytes, atomic_write_json
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    src = open_source(source)
-    m = scoring.resolve_budget(budget, src.n)
-    src.check_unique_ids()
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-    sub, reused = scoring.fit_or_load(subspace, lambda: fit_subspace(
-        src, client, block_rows=block_rows, drop_invalid=drop_invalid, **fit_kwargs))
-    timings["fit_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    futs = _score_map(client, src, sub, block_rows, drop_invalid, m, True)
-    distributed_wait(futs)
-    timings["score_s"] = time.perf_counter() - t  # includes each shard's own top-k
-    t = time.perf_counter()
-    selected, _, scores = _select_from(client, src, futs, m, budget, True)
-    timings["select_s"] = time.perf_counter() - t  # merge of the per-shard lists + gathering scores
-    t = time.perf_counter()
-    man_path = out / f"manifest.{manifest_format}"
-    sub_path = out / "subspace.npz"
-    sub.save(sub_path)
-    scoring.write_scores(out / "scores.npy", scores)
-    scoring.write_manifest(man_path, src, scores, selected, manifest_format)
-    invalid = np.flatnonzero(np.isnan(scores))
-    sel_ids = scoring._ids_of(src, selected)
-    atomic_write_bytes(out / "selected.txt", "".join(f"{i}\n" for i in sel_ids).encode("utf-8"))
-    timings["write_s"] = time.perf_counter() - t
-    report = {
-        "n": int(src.n), "n_fitted": int(sub.n), "d": int(sub.d), "k": int(sub.k), "energy_target": sub.energy,
-        "captured_energy": sub.captured_energy, "total_energy": sub.total_energy,
-        "captured_fraction": sub.captured_energy / sub.total_energy,
-        "energy_curve": [float(x) for x in sub.energy_curve], "solver": sub.solver,
-        "solver_reason": sub.info.get("solver_reason"), "passes": int(sub.passes),
-        "standardize": sub.scale is not None, "l2_normalize": bool(sub.l2_normalize),
-        "budget": str(budget), "selected": int(selected.size),
-        "invalid_rows": {"count": int(invalid.size), "rows": invalid[:1000].tolist(),
-                         "ids": scoring._ids_of(src, invalid[:1000])},
-        "subspace_reused_from": reused, "source": str(source), "source_dtype": src.dtype,
-        "timings": {**timings, "fit_detail": sub.info.get("timings", {})},
-        "distributed": {"scheduler": getattr(client.scheduler, "address", None),
-                        "workers": len(client.scheduler_info().get("workers", {})), "shards": len(src.shards)},
-        "outputs": {"subspace": str(sub_path), "scores": str(out / "scores.npy"), "manifest": str(man_path),
-                    "selected": str(out / "selected.txt"), "report": str(out / "report.json")},
-        "versions": scoring._versions(), "provenance": sub.provenance,
-    }
-    atomic_write_json(out / "report.json", report)
-    return report
+    name = "dask"
+
+    def __init__(self, client, block_rows: int = DEFAULT_BLOCK_ROWS):
+        self.client, self.block_rows = client, int(block_rows)
+        self._shards = None
+
+    def fit(self, src, *, drop_invalid: bool, **fit_kwargs):
+        return fit_subspace(src, self.client, block_rows=self.block_rows, drop_invalid=drop_invalid, **fit_kwargs)
+
+    def score_and_select(self, src, sub, m: int, *, drop_invalid: bool):
+        self._shards = len(src.shards)
+        t = time.perf_counter()
+        futs = _score_map(self.client, src, sub, self.block_rows, drop_invalid, m, True)
+        distributed_wait(futs)
+        t_score = time.perf_counter() - t  # includes each shard's own top-k
+        t = time.perf_counter()
+        selected, _, scores = _select_from(self.client, src, futs, m, m, True)
+        return scores, selected, t_score, time.perf_counter() - t  # merge + gathering the scores
+
+    def describe(self) -> dict:
+        return {"name": self.name, "scheduler": getattr(self.client.scheduler, "address", None),
+                "workers": len(self.client.scheduler_info().get("workers", {})), "shards": self._shards}
+
+
+def run_selection(source, out_dir, budget, client, **kwargs) -> dict:
+    """:func:`scalselect_fast.selection.run_selection` with the fit, scores and top-k on Dask.
+
+    Same files, same schemas; the report's ``executor`` names the scheduler, workers and shards.
+    ``kwargs`` are those of the local job (``block_rows`` goes to the executor).
+    """
+    from .selection import run_selection as _run
+
+    return _run(source, out_dir, budget, executor=DaskExecutor(client, kwargs.pop("block_rows", DEFAULT_BLOCK_ROWS)),
+                **kwargs)

@@ -6,8 +6,12 @@ nothing else), so it can be regenerated later with :func:`render_html`; its plot
 with matplotlib's Agg backend and embedded as base64 data URIs, so the file has no external
 references and opens offline.
 
-This module does not compute anything about the selection itself; callers (the ``run`` pipeline,
-``scalselect select``) assemble the dict with :func:`build_report`'s helpers and hand it here.
+The one exception is the thumbnail gallery (the samples at the top, around the cut-off and at the
+bottom of the ranking): its downscaled JPEG thumbnails are embedded as data URIs too, but they are not
+in ``report.json`` (they would bloat it); :func:`render_html` takes them as ``gallery``.
+
+This module does not compute anything about the selection itself; the selection job
+(:mod:`scalselect_fast.selection`) assembles the dict with the helpers here and hands it over.
 """
 from __future__ import annotations
 
@@ -25,10 +29,12 @@ import numpy as np
 from .atomic import atomic_write_bytes, atomic_write_json
 
 __all__ = ["score_histogram", "spectrum_summary", "collect_versions", "render_html", "write_report",
-           "REPORT_JSON", "REPORT_HTML"]
+           "thumbnail", "REPORT_JSON", "REPORT_HTML", "THUMBNAIL_PX"]
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
+#: longest side of a gallery thumbnail, in pixels
+THUMBNAIL_PX = 128
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,6 +215,47 @@ def _plot_sources(per_source: Mapping[str, Mapping[str, int]], max_bars: int = 3
 
 
 # --------------------------------------------------------------------------------------------------
+# gallery thumbnails
+# --------------------------------------------------------------------------------------------------
+def thumbnail(image, px: int = THUMBNAIL_PX) -> tuple[str | None, str | None]:
+    """A downscaled JPEG of one image as a data URI: ``(uri, None)``, or ``(None, why)`` if unreadable.
+
+    Parameters
+    ----------
+    image : str, PathLike or EmbeddedImage
+        What :func:`scalselect_fast.data.load_image` accepts.
+    px : int
+        Longest side of the thumbnail (aspect ratio kept; never enlarged).
+    """
+    from .data import ImageError, load_image
+
+    try:
+        img = load_image(image)
+    except (ImageError, OSError, ValueError) as exc:
+        return None, f"{getattr(exc, 'reason', 'image_unreadable')}: {exc}"
+    img.thumbnail((px, px))
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), None
+
+
+def _gallery_html(gallery: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+    parts = []
+    for name, items in gallery.items():
+        figs = []
+        for it in items:
+            cls = "kept" if it.get("kept") else "rejected"
+            img = (f'<img alt="{_esc(it.get("id"))}" src="{it["thumbnail"]}">' if it.get("thumbnail") else
+                   f'<div class="noimg">{_esc(it.get("missing") or "no image")}</div>')
+            meta = (f'<div class="meta">#{_esc(it.get("rank"))} · {_esc(_fmt(it.get("score")))} · '
+                    f'{"kept" if it.get("kept") else "rejected"}<br>{_esc(it.get("id"))}'
+                    + (f' · {_esc(it["source"])}' if it.get("source") else "") + "</div>")
+            figs.append(f'<figure class="{cls}">{img}{meta}<div class="text">{_esc(it.get("text", ""))}</div></figure>')
+        parts.append(f"<h3>{_esc(name)} ({len(items)})</h3><div class='gallery'>" + "".join(figs) + "</div>")
+    return "".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------
 # HTML
 # --------------------------------------------------------------------------------------------------
 _CSS = """
@@ -219,6 +266,12 @@ table{border-collapse:collapse;font-size:.9em;margin:.5em 0}td,th{border:1px sol
 text-align:left;vertical-align:top}th{background:#f5f5f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
 img{max-width:100%}code,pre{background:#f6f6f6;font-size:.85em}pre{padding:.6em;overflow-x:auto}
 .warn{color:#a00}
+.gallery{display:flex;flex-wrap:wrap;gap:.6em;margin:.4em 0 1em}
+.gallery figure{margin:0;width:150px;border:1px solid #ddd;padding:.3em;font-size:.75em;background:#fafafa}
+.gallery figure.kept{border-color:#1f77b4}.gallery figure.rejected{border-color:#d62728}
+.gallery img{display:block;margin:0 auto .3em;max-width:140px;max-height:140px}
+.gallery .noimg{height:90px;display:flex;align-items:center;justify-content:center;color:#888;text-align:center}
+.gallery .meta{color:#555}.gallery .text{margin-top:.2em;overflow-wrap:anywhere}
 """
 
 
@@ -248,7 +301,7 @@ def _img(uri: str | None, alt: str) -> str:
     return f'<p><img alt="{_esc(alt)}" src="{uri}"></p>' if uri else f"<p><em>{_esc(alt)}: no data</em></p>"
 
 
-def render_html(report: Mapping[str, Any]) -> str:
+def render_html(report: Mapping[str, Any], gallery: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> str:
     """Render a report dict (the content of ``report.json``) as one self-contained HTML page.
 
     Parameters
@@ -256,6 +309,11 @@ def render_html(report: Mapping[str, Any]) -> str:
     report : mapping
         The run report. Known keys are rendered in sections (summary, spectrum, scores, per-source,
         timings, stability, configuration, versions); missing keys are skipped.
+    gallery : mapping of group name to list of dict, optional
+        Samples to show as thumbnails, per group in display order; each item has ``id``, ``score``,
+        ``rank``, ``kept``, ``source``, ``text`` (the truncated instruction) and ``thumbnail`` (a data
+        URI from :func:`thumbnail`, or None with the reason in ``missing``). Without it the page says
+        why there is no gallery (``report["gallery"]["note"]``).
 
     Returns
     -------
@@ -303,6 +361,14 @@ def render_html(report: Mapping[str, Any]) -> str:
         parts.append("<h2>Per-source counts</h2>" + _img(_plot_sources(per_source), "per-source counts")
                      + "<table><tr><th>source</th><th>kept</th><th>total</th><th>kept %</th></tr>"
                      + rows + "</table>")
+    gnote = (report.get("gallery") or {}).get("note")
+    if gallery:
+        parts.append("<h2>Samples: top, around the cut-off, bottom</h2><p>Thumbnails with the instruction "
+                     "text (truncated), best first within each group; blue border = kept, red = rejected."
+                     + (f" <span class='warn'>{_esc(gnote)}</span>" if gnote else "") + "</p>"
+                     + _gallery_html(gallery))
+    elif gnote:
+        parts.append(f"<h2>Samples</h2><p><em>{_esc(gnote)}</em></p>")
     skips = report.get("skip_reasons")
     if skips:
         parts.append("<h2>Skipped samples</h2><p class='warn'>These samples have no representation and "

@@ -1,28 +1,31 @@
-"""Stability certificate of a ScalSelect selection: would another solver run pick the same rows?
+"""Stability of a ScalSelect selection: would a slightly different fit pick the same rows?
 
-A selection is the top ``budget`` rows by leverage score. It is stable when
+A selection is the top ``budget`` rows by leverage score. Two kinds of evidence, by cost:
 
-* the **score margin at the cut-off** (last kept score minus first rejected score) is large
-  compared with the solver's score error, and
-* re-fitting with the randomized solver under other seeds, and with the exact solver, selects
-  (nearly) the same set.
+* **Free** (:func:`stability_bound`, the default in every report): the score margin at the cut-off
+  (last kept score minus first rejected score) and a perturbation bound computed from the fitted
+  spectrum alone. Any change of the d×d Gram matrix of spectral norm η moves every leverage score by
+  at most :func:`score_shift_bound` (η) (a Davis–Kahan argument, see its Notes), so every
+  perturbation smaller than ``tolerated_gram_perturbation`` provably keeps the selected set. The
+  solver's own rounding error (estimated from the same numbers) is compared with it. No pass over
+  the data.
+* **Paid, only when asked** (:func:`stability_certificate`, ``--stability-seeds 0,1,2``): re-fit with
+  the randomized solver under other seeds (and with the exact solver) and compare the selections.
+  It is reported as not applicable instead of run when the randomized solver would hand over to the
+  exact one (:func:`randomized_hands_over`): that "re-fit" would compare exact with exact.
 
-:func:`stability_certificate` measures both and says whether the selection is *certified*: if
-every re-fit moves no score by more than half the margin, no row can cross the cut-off, so every
-re-fit provably selects the identical set. It is meant to go into the ``report.json`` of every
-selection; its cost is one fit + one scoring pass per seed (plus one exact fit when the selection
-came from the randomized solver), reported in ``seconds``.
-
-This module does not fit anything itself; it calls :func:`scalselect_fast.fit_subspace`,
+This module does not fit anything itself; the re-fits call :func:`scalselect_fast.fit_subspace`,
 :func:`scalselect_fast.leverage_scores` and :func:`scalselect_fast.top_k`.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
 
-__all__ = ["cutoff_margin", "overlap", "stability_certificate"]
+__all__ = ["cutoff_margin", "overlap", "stability_certificate", "stability_bound", "score_shift_bound",
+           "randomized_hands_over"]
 
 
 def overlap(a: np.ndarray, b: np.ndarray) -> float:
@@ -83,7 +86,7 @@ def _fit_kwargs(sub) -> dict:
 def stability_certificate(source, sub, scores: np.ndarray, budget, seeds=(0, 1, 2),
                           exact: bool = True, fit_kwargs: dict | None = None,
                           drop_invalid: bool = False, block_rows: int | None = None) -> dict:
-    """Overlap of the selected set across solver seeds and exact vs randomized, and the cut-off margin.
+    """:func:`stability_bound` plus re-fits under other solver seeds (and the exact solver).
 
     Parameters
     ----------
@@ -96,9 +99,9 @@ def stability_certificate(source, sub, scores: np.ndarray, budget, seeds=(0, 1, 
     budget : int, float or str
         As given to :func:`scalselect_fast.top_k`.
     seeds : sequence of int
-        Seeds of randomized-solver re-fits. Empty: margin (and exact comparison) only.
+        Seeds of randomized-solver re-fits. Empty: the free part only (no re-fit at all).
     exact : bool
-        Also compare with the exact solver (reuses ``scores`` when ``sub`` is exact).
+        With seeds, also compare with the exact solver (reuses ``scores`` when ``sub`` is exact).
     fit_kwargs : dict, optional
         Extra arguments for the re-fits (e.g. ``oversample``, ``n_iter``, or ``k`` to pin k).
     drop_invalid : bool
@@ -109,12 +112,14 @@ def stability_certificate(source, sub, scores: np.ndarray, budget, seeds=(0, 1, 
     Returns
     -------
     dict
-        ``budget``, ``k``, ``reference_solver``, ``margin`` (see :func:`cutoff_margin`),
-        ``runs``: per re-fit ``{solver, seed, k, overlap, max_abs_score_diff, seconds}`` where overlap
-        is with the reference selection; ``min_overlap_randomized`` (over seeds),
+        Everything :func:`stability_bound` returns, and ``refits``: ``"not requested"`` (no seeds),
+        ``"not applicable: <why>"`` (the randomized solver would hand over to exact, see
+        :func:`randomized_hands_over`; nothing is run) or ``"run"``; then ``runs``: per re-fit
+        ``{solver, seed, k, overlap, max_abs_score_diff, seconds}`` where overlap is with the
+        reference selection; ``min_overlap_randomized`` (over seeds),
         ``min_pairwise_overlap_randomized`` (seed vs seed), ``overlap_exact_vs_randomized`` (min over
-        seeds); ``certified``: every re-fit moved every score by less than half the margin, so all
-        of them select exactly the reference set; ``seconds``: total cost.
+        seeds); ``refits_certified``: every re-fit moved every score by less than half the margin,
+        so all of them select exactly the reference set (None without re-fits); ``seconds``: cost.
 
     Notes
     -----
@@ -126,7 +131,7 @@ def stability_certificate(source, sub, scores: np.ndarray, budget, seeds=(0, 1, 
     --------
     >>> import scalselect_fast as ss                               # doctest: +SKIP
     >>> sub = ss.fit_subspace(X); s = ss.leverage_scores(X, sub)    # doctest: +SKIP
-    >>> stability_certificate(X, sub, s, "16%")["certified"]        # doctest: +SKIP
+    >>> stability_certificate(X, sub, s, "16%", seeds=(0, 1))["refits_certified"]   # doctest: +SKIP
     True
     """
     from .scoring import leverage_scores, resolve_budget, top_k
@@ -139,8 +144,17 @@ def stability_certificate(source, sub, scores: np.ndarray, budget, seeds=(0, 1, 
     if scores.shape != (src.n,):
         raise ValueError(f"scores has shape {scores.shape} but the source has {src.n} rows")
     b = int(resolve_budget(budget, src.n))
+    out = stability_bound(sub, scores, b)
+    out.update(refits="not requested", runs=[], min_overlap_randomized=None,
+               min_pairwise_overlap_randomized=None, overlap_exact_vs_randomized=None, refits_certified=None)
+    seeds = tuple(int(x) for x in (seeds or ()))
+    why_not = randomized_hands_over(sub) if seeds else None
+    if not seeds or why_not:
+        if why_not:
+            out["refits"] = f"not applicable: {why_not}"
+        out["seconds"] = round(time.perf_counter() - t_start, 4)
+        return out
     ref = top_k(scores, b)
-    margin = cutoff_margin(scores, b)
     kw = {**_fit_kwargs(sub), **(fit_kwargs or {})}
     if fit_kwargs and "k" in fit_kwargs:
         kw.pop("energy", None)
@@ -175,14 +189,192 @@ def stability_certificate(source, sub, scores: np.ndarray, budget, seeds=(0, 1, 
     rand = [v for (solver, _), v in sels.items() if solver == "randomized"]
     pair = [overlap(rand[i], rand[j]) for i in range(len(rand)) for j in range(i + 1, len(rand))]
     ex = sels.get(("exact", None))
-    m = margin["margin"]
-    return {
-        "budget": b, "k": int(sub.k), "reference_solver": ref_solver, "margin": margin, "runs": runs,
-        "min_overlap_randomized": min((r["overlap"] for r in runs if r["solver"] == "randomized"), default=None),
-        "min_pairwise_overlap_randomized": min(pair, default=None),
-        "overlap_exact_vs_randomized": (min(overlap(ex, r) for r in rand) if ex is not None and rand else None),
+    m = out["margin"]["margin"]
+    out.update(
+        refits="run", runs=runs,
+        min_overlap_randomized=min((r["overlap"] for r in runs if r["solver"] == "randomized"), default=None),
+        min_pairwise_overlap_randomized=min(pair, default=None),
+        overlap_exact_vs_randomized=(min(overlap(ex, r) for r in rand) if ex is not None and rand else None),
         # budget == N selects every row whatever the scores
-        "certified": b == src.n or (bool(runs) and m is not None
-                                    and all(r["max_abs_score_diff"] < m / 2 for r in runs)),
-        "seconds": round(time.perf_counter() - t_start, 4),
-    }
+        refits_certified=b == src.n or (bool(runs) and m is not None
+                                        and all(r["max_abs_score_diff"] < m / 2 for r in runs)),
+        seconds=round(time.perf_counter() - t_start, 4))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# the free part: margin + a perturbation bound from the fitted spectrum (no pass over the data)
+# --------------------------------------------------------------------------------------------------
+def score_shift_bound(eta: float, lam_k: float, lam_k1: float) -> float:
+    """Largest possible change of any leverage score when the Gram matrix changes by ‖E‖₂ ≤ η.
+
+    Parameters
+    ----------
+    eta : float, ≥ 0
+        Spectral norm of the symmetric perturbation E of the centred d×d Gram G = AᵀA.
+    lam_k, lam_k1 : float
+        λ_k and λ_{k+1} (descending eigenvalues of the *fitted* Gram, i.e. σ² of the fit; λ_{k+1} = 0
+        when k = d).
+
+    Returns
+    -------
+    float
+        β(η) such that |ℓ'_i − ℓ_i| ≤ β(η) for every row i, where ℓ are the leverage scores under one
+        of G, G + E and ℓ' under the other (k fixed); ``inf`` when the gap is too small
+        (λ_k − λ_{k+1} ≤ 2η) for any bound.
+
+    Notes
+    -----
+    With Q, Λ' the top-k eigenpairs of G' = G + E and ℓ'_i = ‖a_iᵀ Q Λ'^{-1/2}‖²:
+
+    * U' = A Q Λ'^{-1/2} has U'ᵀU' = I − F with ‖F‖ ≤ η/λ'_k, so ℓ'_i differs from the i-th diagonal
+      entry of the projector onto range(AQ) by at most η/λ'_k (that entry is ≤ 1);
+    * Davis–Kahan (sin θ) with Weyl's λ_{k+1} ≤ λ'_{k+1} + η gives sin θ(Q, V_k) ≤ s = η/(λ'_k −
+      λ'_{k+1} − η); range(AQ) is then within tan θ ≤ σ_{k+1}/σ_k · s/√(1 − s²) of the top-k left
+      singular subspace, whose projector's diagonal is ℓ (σ_{k+1}²/σ_k² ≤ (λ'_{k+1}+η)/(λ'_k−η)).
+
+    Summing: β(η) = η/λ'_k + √((λ'_{k+1}+η)/(λ'_k−η)) · s/√(1−s²). The argument is symmetric in G
+    and G', so the fitted eigenvalues may stand on either side. If β(η) < margin/2, no row can cross
+    the cut-off: the selected set is the same under both.
+
+    Examples
+    --------
+    >>> score_shift_bound(0.0, 4.0, 1.0)
+    0.0
+    >>> round(score_shift_bound(0.01, 4.0, 1.0), 6)
+    0.004183
+    """
+    eta, lam_k, lam_k1 = float(eta), float(lam_k), max(float(lam_k1), 0.0)
+    if eta <= 0.0:
+        return 0.0
+    gap = lam_k - lam_k1
+    if not (gap > 2.0 * eta and lam_k > eta):
+        return math.inf
+    s = eta / (gap - eta)
+    return eta / lam_k + math.sqrt((lam_k1 + eta) / (lam_k - eta)) * s / math.sqrt(1.0 - s * s)
+
+
+def _tolerated(lam_k: float, lam_k1: float, half_margin: float) -> float:
+    """Largest η with score_shift_bound(η) < half_margin (bisection; the bound grows with η)."""
+    gap = lam_k - max(lam_k1, 0.0)
+    if half_margin <= 0.0 or gap <= 0.0:
+        return 0.0
+    lo, hi = 0.0, min(gap / 2.0, lam_k)
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if score_shift_bound(mid, lam_k, lam_k1) < half_margin:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _rounding_error(sub) -> dict | None:
+    """Spectral-norm size of the exact solver's rounding error in the Gram, from the fit's numbers.
+
+    The exact fit sums float32 BLAS products of at most ``GRAM_CHUNK_ROWS`` rows into float64 (float64
+    products for float64 sources). Per entry a product of inner length c errs by at most
+    γ_c·(|X|ᵀ|X|)_ij, γ_c = c·u/(1 − c·u) (worst case, Higham Thm 3.5), typically √c·u·(…) (rounding
+    errors behave like a random walk, Higham §2.8); ‖E‖₂ ≤ ‖E‖_F ≤ that factor × ‖X‖_F², and ‖X‖_F² is
+    the total energy of the (shifted) rows.
+    """
+    from .subspace import GRAM_CHUNK_ROWS
+
+    if getattr(sub, "solver", None) != "exact":
+        return None
+    info = getattr(sub, "info", {}) or {}
+    u = 2.0 ** -53 if info.get("source_dtype") == "float64" else 2.0 ** -24
+    c = min(int(GRAM_CHUNK_ROWS), max(int(sub.n), 1))
+    total = float(sub.total_energy)
+    return {"worst_case": c * u / (1.0 - c * u) * total, "typical": math.sqrt(c) * u * total,
+            "basis": f"Gram rounding: {'float64' if u < 1e-10 else 'float32'} products of ≤{c} rows "
+                     f"summed in float64; worst case c·u·‖X‖_F², typical √c·u·‖X‖_F²"}
+
+
+def stability_bound(sub, scores: np.ndarray, budget: int) -> dict:
+    """Cut-off margin and the perturbation bound of a selection, from the fit alone (no data pass).
+
+    Parameters
+    ----------
+    sub : Subspace
+        The fit the scores came from (its ``energy_curve`` holds the fitted σ², descending).
+    scores : (N,) float64
+        The leverage scores; NaN rows (invalid) rank last.
+    budget : int, 1 ≤ budget ≤ N
+
+    Returns
+    -------
+    dict
+        ``budget``, ``k``, ``reference_solver``, ``margin`` (:func:`cutoff_margin`) and ``bound``:
+        ``lambda_k``, ``lambda_k1``, ``relative_eigengap`` ((λ_k − λ_{k+1})/λ_k),
+        ``tolerated_gram_perturbation`` (largest ‖E‖₂ for which :func:`score_shift_bound` stays below
+        half the margin: any such change of the Gram keeps the selected set), ``tolerated_relative``
+        (the same over the total energy), ``solver_error`` (the exact solver's rounding, worst case and
+        typical; None for the randomized solver, whose error is not known without another pass) and
+        ``max_score_shift`` (β of each). ``certified``: the worst-case rounding bound is below the
+        tolerated perturbation (a proof the solver's rounding cannot have changed the set);
+        ``certified_typical``: the same for the typical rounding size. ``basis`` says what was used.
+    """
+    m = cutoff_margin(scores, int(budget))
+    lam = np.asarray(getattr(sub, "energy_curve", []), dtype=np.float64)
+    k, d = int(sub.k), int(sub.d)
+    out = {"budget": int(budget), "k": k, "reference_solver": getattr(sub, "solver", "unknown"), "margin": m}
+    bound: dict = {"lambda_k": None, "lambda_k1": None, "relative_eigengap": None,
+                   "tolerated_gram_perturbation": None, "tolerated_relative": None, "solver_error": None,
+                   "max_score_shift": None}
+    certified = certified_typical = int(budget) >= int(np.count_nonzero(~np.isnan(scores)))
+    if lam.size >= k and k >= 1:
+        lk = float(lam[k - 1])
+        lk1 = float(lam[k]) if lam.size > k else (0.0 if k >= d else None)
+        if lk1 is not None and lk > 0:
+            bound.update(lambda_k=lk, lambda_k1=lk1, relative_eigengap=(lk - lk1) / lk)
+            margin = m["margin"]
+            if margin is not None:
+                tol = _tolerated(lk, lk1, margin / 2.0)
+                bound.update(tolerated_gram_perturbation=tol,
+                             tolerated_relative=tol / float(sub.total_energy) if sub.total_energy else None)
+                err = _rounding_error(sub)
+                if err is not None:
+                    bound["solver_error"] = err
+                    shift = {w: score_shift_bound(err[w], lk, lk1) for w in ("worst_case", "typical")}
+                    bound["max_score_shift"] = {w: (v if math.isfinite(v) else None) for w, v in shift.items()}
+                    certified = certified or shift["worst_case"] < margin / 2.0
+                    certified_typical = certified_typical or shift["typical"] < margin / 2.0
+        else:
+            bound["note"] = ("λ_{k+1} is not known (the randomized sketch holds exactly k components)"
+                             if lk1 is None else "λ_k is 0")
+    out.update(bound=bound, certified=bool(certified), certified_typical=bool(certified_typical),
+               basis="cut-off margin and a Davis–Kahan perturbation bound from the fitted spectrum "
+                     "(no extra pass over the data)")
+    return out
+
+
+def randomized_hands_over(sub, oversample: int = 10, n_iter: int = 2, init_width: int = 64) -> str | None:
+    """Why a randomized re-fit of ``sub``'s problem would be finished by the exact solver, or None.
+
+    A randomized "re-fit" that hands over compares the exact answer with itself (overlap 1.0 by
+    construction), so :func:`stability_certificate` reports it as not applicable instead of paying
+    for it. The prediction applies the randomized solver's hand-over rules
+    (:mod:`scalselect_fast.subspace`) to the fitted k: with an energy target the sketch starts at
+    ``init_width`` columns and must reach ℓ = k + oversample; when it has to grow and either the
+    remaining passes at that width cost more than one exact Gram pass ((n_iter+1)·4·ℓ > d) or
+    ℓ > d/2, the exact solver finishes (only for d above ``SKETCH_SWITCH_MIN_D`` and a Gram that
+    fits). A fit that itself handed over says so in its ``info``.
+    """
+    from .subspace import EXACT_GRAM_MAX_BYTES, SKETCH_SWITCH_MIN_D
+
+    info = getattr(sub, "info", {}) or {}
+    if info.get("randomized_gave_up"):
+        return f"this fit's randomized solver already handed over to exact ({info['randomized_gave_up']})"
+    d, k = int(sub.d), int(sub.k)
+    if not (SKETCH_SWITCH_MIN_D < d and 8 * d * d <= EXACT_GRAM_MAX_BYTES):
+        return None
+    if getattr(sub, "energy", None) is None:  # fixed k: the sketch starts at k + oversample, no growth
+        return None
+    need = min(d, k + oversample)
+    if need <= min(d, max(init_width, oversample + 1)):
+        return None
+    if (n_iter + 1) * 4 * need > d or 2 * need > d:
+        return (f"the randomized solver would hand over to exact: k={k} needs a sketch of ℓ≈{need} columns, "
+                f"and at d={d} finishing at that width costs more than one exact Gram pass")
+    return None

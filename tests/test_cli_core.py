@@ -39,18 +39,21 @@ def test_fit_score_select(tmp_path, reps, capsys):
     out = tmp_path / "sel"
     assert cli.main(["select", str(path), "--budget", "16%", "--out", str(out), "--block-rows", "333"]) == 0
     printed = capsys.readouterr().out
-    assert "selected 240 of 1500 rows" in printed and f"k={k_ref}" in printed
+    assert "selected 240 of 1500 samples" in printed and f"k={k_ref}" in printed
     report = json.loads((out / "report.json").read_text())
-    assert report["k"] == k_ref and report["selected"] == 240 and report["n"] == 1500
-    assert report["solver"] == "exact" and report["passes"] == 1 and len(report["energy_curve"]) == 24
-    assert {"fit_s", "score_s", "select_s", "write_s"} <= set(report["timings"])
-    assert report["versions"]["native_backend"] in ("native", "python")
+    assert report["subspace"]["k"] == k_ref and report["n_selected"] == 240 and report["n_samples"] == 1500
+    assert report["subspace"]["solver"] == "exact" and report["subspace"]["passes"] == 1
+    assert len(report["spectrum"]["singular_values"]) == 24
+    assert {"fit", "score", "select", "stability", "write"} <= set(report["timings"])
+    assert report["executor"]["native_backend"] in ("native", "python")
     t = pq.read_table(out / "manifest.parquet").to_pydict()
     assert t["id"][:3] == ["0", "1", "2"] and len(t["id"]) == 1500
     kept = np.flatnonzero(t["kept"])
     np.testing.assert_array_equal(np.sort(kept), np.sort(sel_ref))
     ranks = np.array(t["rank"])
     np.testing.assert_array_equal(np.argsort(ranks)[:240], sel_ref)  # rank 1.. follows the selection order
+    assert ranks.min() == 1 and ranks[sel_ref[0]] == 1 and sorted(ranks) == list(range(1, 1501))
+    assert t["index"] == list(range(1500)) and set(t["shard"]) == {"reps.npy"} and t["row"] == list(range(1500))
     assert (out / "selected.txt").read_text().split()[:3] == [str(i) for i in sel_ref[:3]]
     np.testing.assert_allclose(np.load(out / "scores.npy"), lev_ref, atol=2e-6)
 
@@ -65,7 +68,7 @@ def test_select_budgets_jsonl_and_reuse(tmp_path, reps, budget, count):
     rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert len(rows) == 1500 and sum(r["kept"] for r in rows) == count
     report = json.loads((out / "report.json").read_text())
-    assert report["k"] == 4 and report["subspace_reused_from"].endswith("sub.npz")
+    assert report["subspace"]["k"] == 4 and report["subspace"]["reused_from"].endswith("sub.npz")
 
 
 def test_select_store_with_invalid_rows(tmp_path):
@@ -81,11 +84,15 @@ def test_select_store_with_invalid_rows(tmp_path):
     assert cli.main(["select", str(tmp_path / "store"), "--budget", "10%", "--out", str(tmp_path / "o"),
                      "--drop-invalid", "--solver", "randomized"]) == 0
     report = json.loads((tmp_path / "o" / "report.json").read_text())
-    assert report["invalid_rows"] == {"count": 2, "rows": [5, 250], "ids": ["a5", "b50"]}
-    assert report["n_fitted"] == 398 and report["solver"] == "randomized"
+    assert report["invalid_rows"] == {"count": 2, "rows": [5, 250], "ids": ["a5", "b50"], "dropped": True}
+    assert report["subspace"]["n"] == 398 and report["subspace"]["solver"] == "randomized"
+    assert report["n_valid"] == 398 and report["skip_reasons"] == {"invalid_row": 2}
     t = pq.read_table(tmp_path / "o" / "manifest.parquet").to_pydict()
     assert t["score"][5] is None and t["rank"][250] is None and not t["kept"][5]
-    assert t["id"][200] == "b0"
+    assert t["skip_reason"][5].startswith("invalid_row") and t["skip_reason"][6] is None
+    assert t["id"][200] == "b0" and t["shard"][200] != t["shard"][0] and t["row"][200] == 0
+    # ranks are 1-based over the rows with a score
+    assert sorted(r for r in t["rank"] if r is not None) == list(range(1, 399))
 
 
 def test_clear_errors(tmp_path, reps, capsys):
@@ -110,4 +117,4 @@ def test_select_on_bundled_demo_reps(tmp_path, capsys):
     path = resources.files("scalselect_fast") / "assets" / "demo_reps.npy"
     np.testing.assert_array_equal(np.load(path), make())  # the committed file is what the script makes
     assert cli.main(["select", str(path), "--budget", "16%", "--out", str(tmp_path / "o")]) == 0
-    assert "selected 320 of 2000 rows" in capsys.readouterr().out
+    assert "selected 320 of 2000 samples" in capsys.readouterr().out

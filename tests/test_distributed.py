@@ -136,7 +136,18 @@ def test_cli_select_with_dask_scheduler(client, store, tmp_path):
     dask = (tmp_path / "dask" / "selected.txt").read_text()
     assert one == dask and one.count("\n") == round(0.1 * sum(COUNTS))
     rep = json.loads((tmp_path / "dask" / "report.json").read_text())
-    assert rep["distributed"]["workers"] == 2
+    assert rep["executor"]["name"] == "dask" and rep["executor"]["workers"] == 2
+    # one manifest schema and one report schema for both executors
+    one_rep = json.loads((tmp_path / "one" / "report.json").read_text())
+    assert set(rep) == set(one_rep) and set(rep["stability"]) == set(one_rep["stability"])
+    m1 = [json.loads(x) for x in (tmp_path / "one" / "manifest.jsonl").read_text().splitlines()]
+    md = [json.loads(x) for x in (tmp_path / "dask" / "manifest.jsonl").read_text().splitlines()]
+    assert m1 == md and min(r["rank"] for r in md) == 1
+    # re-fits with other seeds: not applicable on Dask (no randomized solver there), reported as such
+    assert cli_main(["select", str(store), "--budget", "10%", "--out", str(tmp_path / "dask2"), "--no-html",
+                     "--stability-seeds", "0,1", "--dask-scheduler", addr]) == 0
+    st = json.loads((tmp_path / "dask2" / "report.json").read_text())["stability"]
+    assert st["refits"].startswith("not applicable") and st["margin"]["margin"] is not None
     # fit and score as separate commands
     assert cli_main(["fit", str(store), "--out", str(tmp_path / "sub.npz"), "--dask-scheduler", addr]) == 0
     assert cli_main(["score", str(store), "--subspace", str(tmp_path / "sub.npz"),

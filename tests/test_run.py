@@ -82,6 +82,9 @@ def test_run_writes_selection_manifest_and_report(env, baseline):
     assert [m["id"] for m in man] == [r["id"] for r in records]
     kept_ids = [m["id"] for m in man if m["kept"]]
     assert len(kept_ids) == res.n_selected == 10  # 25% of 40 records
+    # the same selection as before `run` and `select` shared one writer (commit a7ba6ae)
+    assert kept_ids == ["demo-0003", "demo-0004", "demo-0005", "demo-0018", "demo-0020", "demo-0021",
+                        "demo-0022", "demo-0024", "demo-0028", "demo-0034"]
     # the selected dataset: LLaVA JSON again, records unchanged, original order
     sel = json.loads((out / "selected.json").read_text())
     assert [r["id"] for r in sel] == kept_ids
@@ -104,7 +107,7 @@ def test_run_writes_selection_manifest_and_report(env, baseline):
     np.testing.assert_allclose([got[i] for i in ids], ref, rtol=1e-9, atol=1e-12)
     assert sorted(ids[i] for i in ss.top_k(ref, 10)) == sorted(kept_ids)
     ranks = {m["id"]: m["rank"] for m in man if m["rank"] is not None}
-    assert sorted(ranks.values()) == list(range(len(ids)))
+    assert sorted(ranks.values()) == list(range(1, len(ids) + 1))  # 1-based, as `select`
     # report
     rep = json.loads((out / "report.json").read_text())
     assert rep["n_samples"] == 40 and rep["n_valid"] == 38 and rep["n_selected"] == 10
@@ -113,11 +116,20 @@ def test_run_writes_selection_manifest_and_report(env, baseline):
     assert sum(v["total"] for v in rep["per_source"].values()) == 40
     assert sum(v["kept"] for v in rep["per_source"].values()) == 10
     assert {"extract", "fit", "score", "select"} <= set(rep["timings"])
-    assert "margin" in rep["stability"] and "overlap_exact_vs_randomized" in rep["stability"]
+    assert "margin" in rep["stability"] and "bound" in rep["stability"]
+    assert rep["stability"]["refits"] == "not requested"  # re-fits cost passes: only when asked
     assert rep["stability"]["certifies"].startswith("the written selection")
     assert rep["config_hash"] and rep["versions"]["numpy"] == np.__version__
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3
+    # the gallery: 4 groups of thumbnails (10 kept, 28 rejected: top and last kept overlap)
+    groups = rep["gallery"]["groups"]
+    by_rank = sorted((m for m in man if m["rank"] is not None), key=lambda m: m["rank"])
+    assert groups["top kept"] == [m["id"] for m in by_rank if m["kept"]][:12]
+    assert groups["first rejected (cut-off)"] == [m["id"] for m in by_rank if not m["kept"]][:12]
+    assert groups["lowest scored"] == [m["id"] for m in by_rank][-12:]
+    assert html.count("data:image/jpeg;base64,") == sum(len(v) for v in groups.values())
+    assert "Samples: top, around the cut-off, bottom" in html
     loaded = ss.Subspace.load(out / "subspace.npz")
     assert loaded.provenance["layer"] == 0 and loaded.provenance["threshold"] == 0.9
     assert loaded.provenance["data_fingerprint"] == rep["fingerprint"]["data"]
@@ -129,6 +141,29 @@ def test_run_writes_selection_manifest_and_report(env, baseline):
     prog = [e for e in baseline["events"] if e["event"] == "progress" and e["stage"] == "extract"]
     assert prog and prog[-1]["done"] == prog[-1]["total"] == 40
     assert not list(out.rglob("*.tmp"))
+
+
+def test_run_and_select_share_one_manifest_and_report_schema(env, baseline, tmp_path):
+    from scalselect_fast.selection import MANIFEST_SCHEMA
+
+    out = baseline["out"]
+    store = out / ".scalselect" / "reps"
+    assert cli.main(["select", str(store), "--budget", "10", "--out", str(tmp_path / "sel"), "--solver", "exact",
+                     "--no-html"]) == 0
+    run_t, sel_t = pq.read_table(out / "manifest.parquet"), pq.read_table(tmp_path / "sel" / "manifest.parquet")
+    assert run_t.schema.names == sel_t.schema.names == [n for n, _ in MANIFEST_SCHEMA]
+    assert [f.type for f in run_t.schema] == [f.type for f in sel_t.schema]
+    assert run_t.schema.metadata[b"scalselect.rank_base"] == sel_t.schema.metadata[b"scalselect.rank_base"] == b"1"
+    run_rep = json.loads((out / "report.json").read_text())
+    sel_rep = json.loads((tmp_path / "sel" / "report.json").read_text())
+    assert set(sel_rep) <= set(run_rep) and set(run_rep) - set(sel_rep) <= {"config_hash", "fingerprint", "config"}
+    assert set(sel_rep["subspace"]) == set(run_rep["subspace"]) and set(sel_rep["stability"]) == set(run_rep["stability"])
+    # same job on the same rows: the same kept set and ranks
+    run_rank = {m["id"]: m["rank"] for m in run_t.to_pylist() if m["rank"] is not None}
+    sel_rank = {m["id"]: m["rank"] for m in sel_t.to_pylist()}
+    assert run_rank == sel_rank
+    assert sorted((tmp_path / "sel" / "selected.txt").read_text().split()) == sorted(
+        m["id"] for m in run_t.to_pylist() if m["kept"])
 
 
 def test_rerun_reuses_checkpoints_and_orders_by_score(env, baseline):
@@ -145,7 +180,7 @@ def test_rerun_reuses_checkpoints_and_orders_by_score(env, baseline):
     man = {m["id"]: m for m in pq.read_table(out / "manifest.parquet").to_pylist()}
     sel = [r["id"] for r in json.loads(res.selected_path.read_text())]
     assert len(sel) == 6
-    assert [man[i]["rank"] for i in sel] == list(range(6))  # best first
+    assert [man[i]["rank"] for i in sel] == list(range(1, 7))  # best first
 
 
 def test_changed_settings_are_refused_then_force_restarts(env, baseline):
@@ -299,11 +334,13 @@ def test_sigkill_at_every_stage_then_resume_is_byte_identical(env, baseline, tmp
     committed = len(json.loads(manifest.read_text())["shards"])
     assert 1 <= committed < 5 and not (out / "selected.json").exists()
     # 2.-4. the process kills itself between two checkpoint commits of fit and score, and after the
-    # selected dataset is renamed into place but before the manifest
-    for point in ("fit.shard:2", "score.shard:3", "select.written:1"):
+    # first staged output is renamed into place but before the others and the report
+    for point in ("fit.shard:2", "score.shard:3", "select.commit:1"):
         p = _spawn(env, out, crash_at=point)
         _, err = p.communicate(timeout=300)
         assert p.returncode == -signal.SIGKILL, (point, err.decode()[-2000:])
+        if point.startswith("select"):  # no report: a reader knows the outputs are incomplete
+            assert not (out / "report.json").exists()
         if point.startswith("fit"):  # killed after the second shard's checkpoint: the rerun resumes from it
             with np.load(out / ".scalselect" / "fit" / "gram.npz") as z:
                 assert len(json.loads(str(z["meta"]))["shards"]) == 2
@@ -315,6 +352,37 @@ def test_sigkill_at_every_stage_then_resume_is_byte_identical(env, baseline, tmp
     assert (out / "selected.json").read_bytes() == baseline["selected"]
     assert (out / "manifest.parquet").read_bytes() == baseline["manifest"]
     assert not list(out.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("point", ["select.staged:1", "select.commit:1"])
+def test_kill_during_select_never_leaves_outputs_that_disagree(env, baseline, tmp_path, point):
+    """A rerun with another budget killed while committing: either the old complete set (report
+    included) or no report at all; never a report that disagrees with the files beside it."""
+    out = tmp_path / "sel"
+    shutil.copytree(baseline["out"], out)
+
+    def consistent():
+        rep = json.loads((out / "report.json").read_text())
+        kept = [m["id"] for m in pq.read_table(out / "manifest.parquet").to_pylist() if m["kept"]]
+        sel = [r["id"] for r in json.loads((out / "selected.json").read_text())]
+        ids = (out / "selected.txt").read_text().split()
+        assert rep["n_selected"] == len(kept) == len(sel) == len(ids) and sorted(sel) == sorted(kept) == sorted(ids)
+        return rep["n_selected"]
+
+    assert consistent() == 10
+    args = [a if a != "25%" else "5" for a in _cli_args(env, out)]
+    e = dict(os.environ, PYTHONPATH=str(ROOT), SCALSELECT_CRASH_AT=point)
+    p = subprocess.run(args, cwd=ROOT, env=e, capture_output=True)
+    assert p.returncode == -signal.SIGKILL, p.stderr.decode()[-2000:]
+    if point == "select.staged:1":  # nothing renamed yet: the old selection stands, complete
+        assert consistent() == 10
+        assert (out / "selected.json").read_bytes() == baseline["selected"]
+    else:  # the old report is gone before the first rename: the set is visibly incomplete
+        assert not (out / "report.json").exists()
+    e.pop("SCALSELECT_CRASH_AT")
+    p = subprocess.run(args, cwd=ROOT, env=e, capture_output=True)
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    assert consistent() == 5 and not list(out.glob(".*.tmp"))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -28,11 +28,10 @@ import contextlib
 import dataclasses
 import errno
 import io
-import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -92,14 +91,6 @@ def _remove_stale_temps(out: Path) -> None:
 
 def _disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
-def _write_parquet_atomic(path: Path, table) -> None:
-    import pyarrow.parquet as pq
-
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    atomic_write_bytes(path, buf.getvalue())
 
 
 @dataclasses.dataclass
@@ -271,22 +262,21 @@ def _resolve_budget(cfg: RunConfig, n_records: int, n_valid: int, skip_counts: M
 
 def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, scores: np.ndarray,
                   out: Path, skipped_path: Path, report_extra=None) -> RunResult:
-    from ..data import read_skip_log, write_selected
-    from ..postselect import parse_quota, select_ranked
-    from ..report import collect_versions, score_histogram, spectrum_summary, write_report
+    """The selection job (:func:`scalselect_fast.selection.run_selection`) over the run's checkpoints."""
+    from ..data import read_skip_log
+    from ..postselect import parse_quota
+    from ..selection import Records, run_selection
 
     t0 = time.perf_counter()
     events.emit("stage_start", stage="select")
     quotas = [parse_quota(q) for q in cfg.quota]
     recs = _record_table(cfg, [q.field for q in quotas])
     n_records = len(recs["ids"])
-    store_ids = src.ids()
-    index_of = {sid: i for i, sid in enumerate(recs["ids"]) if sid is not None}
-    missing = [sid for sid in store_ids if sid not in index_of]
+    known = {sid for sid in recs["ids"] if sid is not None}
+    missing = [sid for sid in src.ids() if sid not in known]
     if missing:
         raise RunError(f"the representation store holds ids not in {cfg.data} (e.g. {missing[:3]}); the "
                        f"dataset changed after extraction. Rerun with --force")
-    row_record = np.fromiter((index_of[s] for s in store_ids), dtype=np.int64, count=len(store_ids))
     skip_entries = read_skip_log(skipped_path)
     skip_reason: dict[int, str] = {}
     for e in skip_entries:
@@ -297,120 +287,34 @@ def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, sco
         skip_counts[e.get("reason")] = skip_counts.get(e.get("reason"), 0) + 1
     n_valid = src.n - int(np.isnan(scores).sum())  # rows excluded by --drop-invalid have no score
     budget = _resolve_budget(cfg, n_records, n_valid, skip_counts, skipped_path)
-
-    # ranking over stored rows: descending score, ties -> lower row (== top_k's rule)
-    rows = np.arange(src.n, dtype=np.int64)
-    order = np.lexsort((rows, -scores))
-    rank = np.empty(src.n, dtype=np.int64)
-    rank[order] = np.arange(src.n)
-    post_info: dict[str, Any] = {}
-    if cfg.dedup_selected is not None or quotas:
-        labels = {q.field: [recs["fields"][q.field][r] if recs["fields"][q.field][r] is not None else "<none>"
-                            for r in row_record] for q in quotas}
-        kept_rows, post_info = select_ranked(order, budget, labels=labels, quotas=quotas,
-                                             vectors=src.read_rows, dedup_eps=cfg.dedup_selected)
-        if kept_rows.size < budget:
-            events.warn(f"only {kept_rows.size} of the {budget} budgeted samples remain after near-duplicate "
-                        f"removal (--dedup-selected {cfg.dedup_selected}); lower the threshold to keep more")
-    else:
-        from ..scoring import top_k
-
-        kept_rows = np.asarray(top_k(scores, budget), dtype=np.int64)
-    kept_mask = np.zeros(src.n, dtype=bool)
-    kept_mask[kept_rows] = True
-    cutoff = float(scores[kept_rows].min()) if kept_rows.size else None
-
-    # the selected dataset, in the input's format; original order unless --order score
-    kept_ids = [store_ids[r] for r in kept_rows.tolist()]  # rank order
-    sel_path = out / _selected_name(cfg)
-    # a set means "input order"; a sequence is taken as rank order
-    write_selected(cfg.data, sel_path, keep=kept_ids if cfg.order == "score" else set(kept_ids),
-                   order=cfg.order, format=cfg.format)
-    crashpoint("select.written")
-
-    # manifest: one row per record of the input
-    import pyarrow as pa
-
-    shard_names = np.empty(src.n, dtype=object)
-    shard_rows = np.empty(src.n, dtype=np.int64)
-    for sh in src.shards:
-        shard_names[sh.offset: sh.offset + sh.count] = sh.name
-        shard_rows[sh.offset: sh.offset + sh.count] = np.arange(sh.count)
-    rec_row = np.full(n_records, -1, dtype=np.int64)
-    rec_row[row_record] = rows
-    has = rec_row >= 0
-    rr = np.where(has, rec_row, 0)
-    rejected = post_info.get("rejected", {})
-    reasons = []
-    for i in range(n_records):
-        if has[i]:
-            r = int(rec_row[i])
-            reasons.append(rejected.get(r) if r in rejected else None)
-        else:
-            reasons.append(skip_reason.get(i, "not extracted (no representation; see skipped.jsonl)"))
-    table = pa.table({
-        "id": pa.array(recs["ids"], pa.string()),
-        "index": pa.array(np.arange(n_records), pa.int64()),
-        "shard": pa.array([shard_names[r] if h else None for r, h in zip(rr.tolist(), has.tolist())], pa.string()),
-        "row": pa.array(np.where(has, rr, 0), pa.int64(), mask=~has),
-        "score": pa.array(np.where(has, scores[rr] if src.n else 0.0, 0.0), pa.float64(), mask=~has),
-        "rank": pa.array(np.where(has, rank[rr] if src.n else 0, 0), pa.int64(), mask=~has),
-        "kept": pa.array(np.where(has, kept_mask[rr] if src.n else False, False), pa.bool_()),
-        "skip_reason": pa.array(reasons, pa.string()),
-    })
+    records = Records(path=cfg.data, ids=recs["ids"], sources=recs["sources"], fields=recs["fields"],
+                      skip_reason=skip_reason, skip_counts=skip_counts, selected_name=_selected_name(cfg),
+                      format=cfg.format, image_root=cfg.image_root, order=cfg.order)
     fps = state.fps
-    table = table.replace_schema_metadata({
-        "scalselect.fingerprint.model": fps["model"], "scalselect.fingerprint.data": fps["data"],
-        "scalselect.fingerprint.config": fps["config"], "scalselect.fingerprint.fit": fps["fit"],
-        "scalselect.budget": str(budget)})
-    man_path = out / "manifest.parquet"
-    _write_parquet_atomic(man_path, table)
-    sub_path = out / "subspace.npz"
-    sub.save(sub_path)
+    timings = {k: v for k, v in state.data.get("timings", {}).items() if k != "select"}
 
-    # per-source counts
-    per_source: dict[str, dict[str, int]] = {}
-    for i, s in enumerate(recs["sources"]):
-        d = per_source.setdefault(s if s is not None else "<none>", {"total": 0, "kept": 0, "valid": 0})
-        d["total"] += 1
-    for r, rec_i in enumerate(row_record.tolist()):
-        s = recs["sources"][rec_i]
-        d = per_source[s if s is not None else "<none>"]
-        d["valid"] += 1
-        d["kept"] += int(kept_mask[r])
+    def extra(kept_ids):
+        more = {"config_hash": fps["config"],
+                "fingerprint": {k: fps[k] for k in ("model", "data", "config", "extract", "fit")},
+                "config": {k: v for k, v in dataclasses.asdict(cfg).items()
+                           if k not in ("quiet", "log_json", "force")}}
+        if report_extra is not None:
+            more.update(report_extra(kept_ids))
+        return more
+
+    report = run_selection(
+        src, out, budget, subspace=sub, scores=scores, records=records, quotas=quotas,
+        dedup_eps=cfg.dedup_selected, html=cfg.html, timings=timings, report_extra=extra, warn=events.warn,
+        metadata={"scalselect.fingerprint.model": fps["model"], "scalselect.fingerprint.data": fps["data"],
+                  "scalselect.fingerprint.config": fps["config"], "scalselect.fingerprint.fit": fps["fit"]})
     state.data.setdefault("timings", {})["select"] = time.perf_counter() - t0  # recomputed each run
     state.save()
-    report = {
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "n_samples": n_records, "n_valid": int(n_valid), "n_skipped": int(n_records - n_valid),
-        "budget": int(budget), "n_selected": int(kept_rows.size), "order": cfg.order,
-        "config_hash": fps["config"],
-        "fingerprint": {k: fps[k] for k in ("model", "data", "config", "extract", "fit")},
-        "spectrum": spectrum_summary(np.sqrt(np.maximum(np.asarray(sub.energy_curve, np.float64), 0)),
-                                     sub.k, sub.energy, sub.total_energy),
-        "subspace": {"k": int(sub.k), "d": int(sub.d), "n": int(sub.n), "solver": sub.solver,
-                     "passes": int(sub.passes), "energy": sub.energy,
-                     "captured_energy": float(sub.captured_energy / sub.total_energy),
-                     "solver_reason": sub.info.get("solver_reason"), "provenance": sub.provenance},
-        "scores": score_histogram(scores, cutoff),
-        "per_source": per_source,
-        "skip_reasons": skip_counts,
-        "postselect": {k: v for k, v in post_info.items() if k != "rejected"} or None,
-        "timings": dict(state.data.get("timings", {})),
-        "stability": _stability(src, sub, scores, kept_rows, budget, cfg),
-        "config": {k: v for k, v in dataclasses.asdict(cfg).items()
-                   if k not in ("quiet", "log_json", "force")},
-        "versions": collect_versions(),
-        "outputs": {"selected": str(sel_path), "manifest": str(man_path), "subspace": str(sub_path),
-                    "skipped": str(skipped_path), "report_html": str(out / "report.html") if cfg.html else None},
-    }
-    if report_extra is not None:
-        report.update(report_extra(kept_ids))
-    paths = write_report(out, report, html_report=cfg.html)
-    events.emit("stage_done", stage="select", n_selected=int(kept_rows.size))
-    return RunResult(out=out, selected_path=sel_path, manifest_path=man_path, report_json=Path(paths["json"]),
-                     report_html=Path(paths["html"]) if paths["html"] else None, subspace_path=sub_path,
-                     n_selected=int(kept_rows.size), report=report)
+    outs = report["outputs"]
+    events.emit("stage_done", stage="select", n_selected=int(report["n_selected"]))
+    return RunResult(out=out, selected_path=Path(outs["selected"]), manifest_path=Path(outs["manifest"]),
+                     report_json=Path(outs["report"]),
+                     report_html=Path(outs["report_html"]) if outs.get("report_html") else None,
+                     subspace_path=Path(outs["subspace"]), n_selected=int(report["n_selected"]), report=report)
 
 
 def _selected_name(cfg: RunConfig) -> str:
@@ -418,35 +322,6 @@ def _selected_name(cfg: RunConfig) -> str:
     from ..data import selected_name
 
     return selected_name(cfg.data, cfg.format)
-
-
-def _stability(src, sub, scores, kept_rows, budget, cfg) -> dict:
-    """Stability certificate of the top-``budget`` set by score; the score margin at the cut-off always.
-
-    The certificate is about the set the scores pick. When post-selection (``--dedup-selected``,
-    ``--quota``) changed the written selection, ``certifies`` says so.
-    """
-    from ..scoring import top_k
-
-    same = np.array_equal(np.sort(np.asarray(kept_rows)), np.sort(top_k(scores, budget)))
-    out: dict[str, Any] = {"certifies": "the written selection (the top budget by score)" if same else
-                           "the top budget by score, before post-selection changed the written selection"}
-    s_sorted = np.sort(scores)[::-1]
-    if 0 < budget < s_sorted.size:
-        cut, nxt = float(s_sorted[budget - 1]), float(s_sorted[budget])
-        out["score_margin_at_cutoff"] = cut - nxt
-        out["relative_margin_at_cutoff"] = (cut - nxt) / cut if cut > 0 else None
-    try:
-        from ..stability import stability_certificate
-    except ImportError as exc:
-        out["certificate"] = f"unavailable ({exc})"
-        return out
-    try:
-        seeds = tuple(range(cfg.seed, cfg.seed + 3))
-        out.update(stability_certificate(src, sub, scores, budget, seeds=seeds, exact=True))
-    except Exception as exc:  # the certificate is advisory; a failure must not lose the selection
-        out["certificate_error"] = f"{type(exc).__name__}: {exc}"
-    return out
 
 
 def _stage_extract(cfg: RunConfig, state: RunState, events: Events, source=None):

@@ -1,16 +1,16 @@
-"""Durable run state: ``OUT/.scalselect/state.json`` (fingerprints, finished stages, timings) and
-the crash points the durability tests stop a run at."""
+"""Durable run state: ``OUT/.scalselect/state.json`` (fingerprints, finished stages, timings).
+
+:func:`crashpoint` (the places the durability tests stop a run at) lives in :mod:`scalselect_fast.atomic`
+and is re-exported here."""
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import signal
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_write_json
+from ..atomic import atomic_write_json, crashpoint
 from .config import RunError
 from .events import Events
 
@@ -20,26 +20,6 @@ WORK = ".scalselect"
 STATE = "state.json"
 STATE_FORMAT = "scalselect-run"
 STATE_VERSION = 1
-
-_CRASH_COUNTS: dict[str, int] = {}
-
-
-def crashpoint(name: str) -> None:
-    """``SCALSELECT_CRASH_AT=name:n`` kills this process with SIGKILL on the n-th time ``name`` is hit.
-
-    Used by the tests to stop a run at an exact place (between two checkpoint commits, or after a
-    temporary file is written but before it is renamed) and prove that a rerun recovers.
-    """
-    spec = os.environ.get("SCALSELECT_CRASH_AT")
-    if not spec:
-        return
-    want, _, nth = spec.partition(":")
-    if want != name:
-        return
-    _CRASH_COUNTS[name] = _CRASH_COUNTS.get(name, 0) + 1
-    if _CRASH_COUNTS[name] >= int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
-
 
 def _remove_fit_checkpoints(work: Path) -> None:
     for name in ("fit", "scores"):
