@@ -361,7 +361,8 @@ def randomized_hands_over(sub, oversample: int = 10, n_iter: int = 2, init_width
     ℓ > d/2, the exact solver finishes (only for d above ``SKETCH_SWITCH_MIN_D`` and a Gram that
     fits). A fit that itself handed over says so in its ``info``.
     """
-    from .subspace import EXACT_GRAM_MAX_BYTES, SKETCH_SWITCH_MIN_D
+    from .subspace import EXACT_GRAM_MAX_BYTES
+    from .subspace.randomized import SKETCH_SWITCH_MIN_D
 
     info = getattr(sub, "info", {}) or {}
     if info.get("randomized_gave_up"):
