@@ -674,7 +674,8 @@ def _instruction(sample, limit: int = 160) -> str:
 class _Staged:
     """Temporary names for the outputs of one selection, committed together with the report last.
 
-    ``path(final)`` hands out a fresh temporary path beside ``final``; ``commit(report_path,
+    ``path(final)`` hands out a fresh temporary path beside ``final`` (``.<name>.stage-XXXX.tmp``:
+    the ``stage-`` tag keeps ``selected`` and ``selected.txt`` apart); ``commit(report_path,
     report)`` removes the old report (so a reader knows the set is in flux), renames every staged file
     into place (directories too: an old one is moved aside and deleted after) and writes the report
     atomically as the last step. On an exception every staged file is deleted and the previous
@@ -690,9 +691,11 @@ class _Staged:
 
     def path(self, final: Path) -> Path:
         final = Path(final)
-        for old in final.parent.glob(f".{final.name}.*.tmp"):  # left by a killed selection
-            _remove(old)
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+        # left by a killed selection: staged names, and the writers' own temporaries of those
+        for pattern in (f".{final.name}.stage-*.tmp", f"..{final.name}.stage-*.tmp.*.tmp"):
+            for old in final.parent.glob(pattern):
+                _remove(old)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.stage-", suffix=".tmp", dir=final.parent)
         os.close(fd)
         os.unlink(tmp)  # the writers create it (file or directory) through their own atomic path
         self.staged.append((Path(tmp), final))
