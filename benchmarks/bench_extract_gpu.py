@@ -316,9 +316,11 @@ def bench_model(name, args, tmp: Path, device, dtype, rows, deadline):
     vlm = load_vlm(shaped, layer=args.layer, dtype=dtype, device=device, random_weights=True)
     print(f"\n== {name}: ours loaded in {time.perf_counter() - t0:.1f} s "
           f"({sum(p.numel() for p in vlm.model.parameters()) / 1e9:.2f} B parameters, "
-          f"{len(vlm.language_model.layers)} decoder layers)")
+          f"{len(vlm.language_model.layers)} decoder layers; image processor "
+          f"{type(vlm.encoder.image_processor).__name__})")
 
     # the loader: one core (split) and all cores (the loop's worker pool)
+    vlm_processor = vlm.encoder.image_processor
     one_core = time_loader(vlm.encoder, samples[:min(len(samples), 48)], repeats=1)
     results, t_enc = encode_all(vlm, samples, args.workers)
     skipped = [r for r in results if not hasattr(r, "input_ids")]
@@ -365,6 +367,7 @@ def bench_model(name, args, tmp: Path, device, dtype, rows, deadline):
     authors = {}
     if full is not None:
         authors[1] = run_authors(full, authors_chunks[1], device, args.layer)
+        oom = False
         for bs in sizes[1:]:
             if time.perf_counter() > deadline:
                 print(f"  authors batch {bs}: not tried, time budget spent")
@@ -375,7 +378,10 @@ def bench_model(name, args, tmp: Path, device, dtype, rows, deadline):
                 if not _is_oom(exc):
                     raise
                 print(f"  authors batch {bs}: out of memory")
+                oom = True
                 break
+        if not oom and max(authors) == sizes[-1]:
+            print(f"  authors: batch {sizes[-1]} (the cap, --authors-max-batch) still fit")
         del full
         gc.collect()
         _peak_reset(device)
@@ -425,7 +431,7 @@ def bench_model(name, args, tmp: Path, device, dtype, rows, deadline):
         "authors_max_batch": max(authors) if authors else None,
         "authors_best_samples_s": round(best_authors, 3) if best_authors else None,
         "speedup_vs_b1": round(speedup, 2) if speedup else None, "min_cosine": agree,
-        "loader_workers": args.workers, "loader_samples_s": round(loader_rate, 2),
+        "image_processor": type(vlm_processor).__name__, "loader_workers": args.workers, "loader_samples_s": round(loader_rate, 2),
         "loader_samples_s_core": round(one_core["samples_s_core"], 2), "loader_over_gpu": round(feed, 2),
         **{f"ms_{k.replace('->', '_to_').replace(' ', '_').replace('+', '_').replace('<', 'lt').replace('ℓ', 'l')}":
            round(1e3 * v, 4) for k, v in split.items()},
@@ -480,6 +486,7 @@ def main(argv=None) -> int:
                 print(f"\n== {name}: skipped, time budget ({args.budget_s:.0f} s) spent")
                 continue
             bench_model(name, args, Path(tmp), device, dtype, rows, deadline)
+    print(f"\ntotal {time.perf_counter() - deadline + args.budget_s:.0f} s")
     append_csv(out / "extract_gpu.csv", rows)
     print(f"\nappended {len(rows)} rows to {out / 'extract_gpu.csv'}")
     return 0

@@ -224,7 +224,8 @@ def main(argv=None) -> int:
                 rows.append({"run_id": stamp, "timestamp": stamp, "host": mach["host"], "cpu": mach["cpu"],
                              "cores": mach["cores"], "load": load_average(), "torch": vers["torch"],
                              "transformers": __import__("transformers").__version__, "model": name, "layout": lay,
-                             "n": len(samples), "image": "640x480 jpeg", "mean_tokens": round(r["tokens"], 1),
+                             "n": len(samples), "image": "640x480 jpeg",
+                             "image_processor": type(vlm.encoder.image_processor).__name__, "mean_tokens": round(r["tokens"], 1),
                              "decode_ms": round(1e3 * r["decode_s"], 3), "preprocess_ms": round(1e3 * r["preprocess_s"], 3),
                              "samples_s_core": round(r["samples_s_core"], 2)})
     print(f"{'model':<15} {'layout':<11} {'N':>4} {'tokens':>7} {'decode ms':>10} {'preproc ms':>11} {'samples/s/core':>15}")

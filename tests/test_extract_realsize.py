@@ -71,6 +71,25 @@ CASES = [("llava-1.5-7b", 1, _llava_params), ("qwen2.5-vl-7b", 0, _qwen25_params
          ("qwen3-vl-8b", 0, _qwen3_params)]
 
 
+#: parameter counts the model cards publish (billions, 3 significant figures)
+PUBLISHED_B = {"llava-1.5-7b": 7.06, "qwen2.5-vl-7b": 8.29, "qwen3-vl-8b": 8.77}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_B))
+def test_shaped_configs_have_the_published_size(tmp_path, name):
+    """The whole model of each config (built on the meta device: nothing allocated) has the
+    checkpoint's published parameter count, so the shapes are the real ones."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    if name == "qwen3-vl-8b" and not hasattr(transformers, "Qwen3VLModel"):
+        pytest.skip(f"transformers {transformers.__version__} has no Qwen3-VL")
+    path = build_shaped_model(CONFIGS / f"{name}.json", tmp_path / name)
+    with torch.device("meta"):
+        full = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(path))
+    assert round(sum(p.numel() for p in full.parameters()) / 1e9, 2) == PUBLISHED_B[name]
+
+
 @pytest.mark.parametrize("name,layer,expected_params", CASES, ids=[c[0] for c in CASES])
 def test_early_exit_load_allocates_only_what_runs(tmp_path, name, layer, expected_params):
     import transformers
