@@ -48,6 +48,7 @@ __all__ = [
     "open_source",
     "load_npy",
     "uncommit_shards",
+    "shard_file_stat",
     "SUPPORTED_DTYPES",
 ]
 
@@ -62,7 +63,13 @@ DEFAULT_PREFETCH = 2
 
 
 class StoreError(ValueError):
-    """A store, shard or input matrix is malformed; the message names the file and the fix."""
+    """A store, shard or input matrix is malformed; the message names the file and the fix.
+
+    ``shard`` names the store shard whose checksum failed (None for other problems), so a job that
+    owns the store can re-extract exactly that shard.
+    """
+
+    shard: str | None = None
 
 
 def _crc32_array(a: np.ndarray) -> str:
@@ -319,11 +326,13 @@ def to_float32(block: np.ndarray, is_bf16: bool = False) -> np.ndarray:
 def _check_crc(shard: ShardInfo, crc: int) -> None:
     got = f"crc32:{crc & 0xFFFFFFFF:08x}"
     if got != shard.checksum:
-        raise StoreError(
+        err = StoreError(
             f"checksum mismatch in shard {shard.name!r} ({shard.path}): manifest says "
             f"{shard.checksum}, data has {got}. The shard was modified or truncated after it "
             f"was written; rerun the `scalselect run` / `scalselect extract` command that wrote it (it "
             f"moves the corrupt shard aside and re-extracts only that one) or restore the file.")
+        err.shard = shard.name
+        raise err
 
 
 def _read_ids(shard: ShardInfo) -> list[str]:
@@ -450,8 +459,9 @@ class StoreSource(MatrixSource):
         self._cache[shard.name] = arr
         return arr
 
-    def verify_shard(self, shard: ShardInfo) -> None:
-        """Read one shard whole; raise :class:`StoreError` if a file is missing, damaged or fails its checksum."""
+    def check_shard(self, shard: ShardInfo) -> None:
+        """Read one shard whole now (ids and rows, checksum forced); raise :class:`StoreError` if a file is
+        missing or damaged or fails its checksum."""
         try:
             _read_ids(shard)
             for _ in self.iter_shard_blocks(shard, verify=True, prefetch=2):
@@ -846,7 +856,8 @@ class StoreWriter:
                 np.save(fh, data, allow_pickle=False)
         atomic_write_bytes(self.path / ids_file, ("\n".join(ids) + ("\n" if ids else "")).encode("utf-8"))
         rec = {"name": name, "count": int(rows.shape[0]), "rows_file": rows_file, "ids_file": ids_file,
-               "checksum": _crc32_array(data), **(extra or {})}
+               "checksum": _crc32_array(data), "stat": shard_file_stat(self.path, rows_file, ids_file),
+               **(extra or {})}
         self._commit(rec)
         return rec
 
@@ -855,6 +866,22 @@ class StoreWriter:
             shards = self.committed()
             shards[rec["name"]] = rec
             atomic_write_json(self.path / MANIFEST, self._manifest(list(shards.values())))
+
+
+def shard_file_stat(store: str | os.PathLike, rows_file: str, ids_file: str) -> dict | None:
+    """``{"rows": [size, mtime_ns], "ids": [size, mtime_ns]}`` of a shard's files (None if one is missing).
+
+    Recorded when a shard is committed: a resumed job re-reads (and checksums) only the shards whose
+    files no longer match it; the others are still verified by their first full read.
+    """
+    out = {}
+    for key, name in (("rows", rows_file), ("ids", ids_file)):
+        try:
+            st = os.stat(Path(store) / name)
+        except OSError:
+            return None
+        out[key] = [int(st.st_size), int(st.st_mtime_ns)]
+    return out
 
 
 @contextlib.contextmanager

@@ -923,3 +923,33 @@ def test_a_changed_image_redoes_its_shard(hostile_env, tmp_path, capsys):
     assert _scores(out) == pytest.approx(_scores(fresh), rel=1e-9, abs=1e-12)
     assert _scores(out)["s3"] != pytest.approx(old_scores["s3"], rel=1e-6)
     assert (out / "selected.json").read_bytes() == (fresh / "selected.json").read_bytes()
+
+
+def test_a_shard_that_rots_unseen_is_re_extracted_when_the_fit_reads_it(hostile_env, finished_run, tmp_path, capsys):
+    """Bytes flipped with the file's size and mtime kept (bit rot, a restore with -p): nothing shows
+    before the read; the fit's CRC check finds it, and the run re-extracts that shard and refits."""
+    env = hostile_env
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-m", "scalselect_fast", *_run_args(env, env["data"], out)], cwd=_REPO,
+                       env=dict(os.environ, PYTHONPATH=str(_REPO), SCALSELECT_CRASH_AT="fit.shard:1",
+                                SCALSELECT_FIT_CHECKPOINT_S="0"),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]  # killed inside the fit, extraction finished
+    store = out / ".scalselect" / "reps"
+    npy = store / "shard-00002.npy"
+    st = npy.stat()
+    _damage(store / "shard-00002", "flipped")
+    os.utime(npy, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert npy.stat().st_mtime_ns == st.st_mtime_ns and npy.stat().st_size == st.st_size
+    before = _digest_tree(env["root"])
+    capsys.readouterr()
+    rc = cli.main(_run_args(env, env["data"], out))
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    redo = [ln for ln in err.split("\n") if "re-extracting" in ln]
+    assert len(redo) == 1 and "shard shard-00002" in redo[0] and "checksum mismatch" in redo[0]
+    assert "then redoing the fit" in redo[0]  # found by the fit's read, not by the start-up check
+    assert len(list(store.glob("shard-00002.npy.corrupt-*"))) == 1
+    assert (out / "selected.json").read_bytes() == finished_run["selected"]
+    assert _scores(out) == pytest.approx(finished_run["scores"], rel=1e-9, abs=1e-12)
+    assert _digest_tree(env["root"]) == before

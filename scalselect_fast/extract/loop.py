@@ -454,23 +454,31 @@ class _NoSkipLog:
 def _stale_shards(store: Path, records: dict[str, dict], data, image_root, format) -> dict[str, str]:
     """Which committed shards must be extracted again, and why: ``{name: reason}``.
 
-    A shard is redone when its files are missing or fail their checksum (read whole), or when the
-    images of its records changed since it was written (:class:`_ImagesDigest`).
+    A shard is redone when its files are missing, or were changed since their commit (size or
+    modification time) and fail their checksum, or when the images of its records changed since it was
+    written (:class:`_ImagesDigest`). Unchanged files are not re-read here: the fit's first read
+    checks their CRC, and a run re-extracts a shard that fails it (:func:`scalselect_fast.run.run`).
     """
     import bisect
 
     from ..data import read_dataset
-    from ..store import StoreError, StoreSource
+    from ..store import StoreError, StoreSource, shard_file_stat
 
     bad: dict[str, str] = {}
     src = StoreSource(store)
     for shard in src.shards:
-        if shard.name in records:
-            try:
-                src.verify_shard(shard)
-            except StoreError as exc:
-                missing = not (Path(shard.path).exists() and Path(shard.ids_path).exists())
-                bad[shard.name] = "missing" if missing else f"corrupt ({str(exc).split('. ')[0]})"
+        rec = records.get(shard.name)
+        if rec is None:
+            continue
+        if not (Path(shard.path).is_file() and Path(shard.ids_path).is_file()):
+            bad[shard.name] = "missing"
+            continue
+        if rec.get("stat") is not None and rec["stat"] == shard_file_stat(store, rec["rows_file"], rec["ids_file"]):
+            continue  # untouched since its commit (its first full read still checks the CRC)
+        try:
+            src.check_shard(shard)
+        except StoreError as exc:
+            bad[shard.name] = f"corrupt ({str(exc).split('. ')[0]})"
     spans = sorted((rec["range"][0], rec["range"][1], name) for name, rec in records.items() if name not in bad)
     if spans:
         starts = [a for a, _, _ in spans]

@@ -38,6 +38,7 @@ import numpy as np
 from ..atomic import atomic_path, atomic_write_bytes
 from ..paths import refuse_overwrite
 from ..lock import exclusive_lock
+from ..store import StoreError
 from .config import RunConfig, RunError
 from .events import Events, json_progress
 from .fingerprints import data_fingerprint, model_fingerprint, stage_fingerprints
@@ -367,6 +368,25 @@ def _stage_extract(cfg: RunConfig, state: RunState, events: Events, source=None)
                 shards_written=summary.get("shards_written"), shards_resumed=summary.get("shards_resumed"))
     return src
 
+def _set_aside_failed_shard(exc: BaseException, state: RunState, events: Events) -> bool:
+    """Take the run's store shard that failed its checksum off the manifest (files moved aside) and
+    forget the stages built on it; False when ``exc`` is not about a shard of this run's store."""
+    from ..store import MANIFEST, uncommit_shards
+
+    store = _store_dir(state)
+    name = getattr(exc, "shard", None)
+    if name is None or not (store / MANIFEST).is_file():
+        return False
+    moved = uncommit_shards(store, [name])
+    if not moved:
+        return False
+    events.warn(f"shard {name} of {store} is corrupt ({str(exc).split('. ')[0]}); moved its files aside "
+                f"({', '.join(p.name for p in moved)}) and re-extracting only that shard, then redoing the fit "
+                f"and scores (every other shard is kept)")
+    state.forget("extract", "fit", "score")
+    return True
+
+
 def _skip_counts(path: Path) -> dict[str, int]:
     from ..data import read_skip_log
 
@@ -484,12 +504,20 @@ def _run_locked(cfg: RunConfig, events: Events, out: Path, source, model_fp: str
     try:
         stage = "setup"
         state = RunState(out, fps, cfg.force, events)
-        stage = "extract"
-        src = _stage_extract(cfg, state, events, source)
-        stage = "fit"
-        sub = _stage_fit(cfg, state, events, src)
-        stage = "score"
-        scores = _stage_score(cfg, state, events, src, sub)
+        for attempt in (1, 2):
+            try:
+                stage = "extract"
+                src = _stage_extract(cfg, state, events, source)
+                stage = "fit"
+                sub = _stage_fit(cfg, state, events, src)
+                stage = "score"
+                scores = _stage_score(cfg, state, events, src, sub)
+                break
+            except StoreError as exc:
+                # a shard that rotted without its file changing fails its CRC only when read: re-extract
+                # it (once) and redo what depended on it, instead of asking for a manual repair
+                if attempt == 2 or not _set_aside_failed_shard(exc, state, events):
+                    raise
         stage = "select"
         skipped_out = out / "skipped.jsonl"
         live = _store_dir(state) / "skipped.jsonl"
