@@ -297,6 +297,11 @@ def _cmd_extract(args) -> int:
     try:
         from .data.sources import open_source as open_data
 
+        from .run.config import check_extract_options
+
+        check_extract_options(layer=args.layer, threshold=args.threshold, batch_size=args.batch_size,
+                              shard_size=args.shard_size, max_length=args.max_length,
+                              num_workers=args.num_workers, image_root=args.image_root, format=args.format)
         data_files = [f for f in open_data(args.data, args.format).input_paths() if "://" not in f]
         _no_overwrite([args.out], [args.model, *data_files])
         summary = _extract(args, extract_to_store)
@@ -672,9 +677,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         # What the OS refuses (a file where a folder should be, permissions, a vanished path): the
         # engine's own errors are caught above; this keeps the rest to one line naming the path.
-        path = exc.filename if exc.filename is not None else ""
-        print(f"scalselect {args.command}: error: {exc.strerror or exc}" + (f": {path}" if path else "")
-              + "; check the path and its permissions", file=sys.stderr)
+        if exc.strerror is None:  # raised with a message of its own
+            print(f"scalselect {args.command}: error: {exc}", file=sys.stderr)
+        else:
+            path = "" if exc.filename is None else f": {exc.filename}"
+            print(f"scalselect {args.command}: error: {exc.strerror}{path}; check the path and its permissions",
+                  file=sys.stderr)
         return 2
 
 

@@ -372,6 +372,21 @@ def c_run_top_level_object_one_line(t, tiny):
     return _run_argv(t, tiny, data=t / "obj.json"), r"obj\.json: the top level is a JSON object"
 
 
+def c_extract_shard_size_zero(t, tiny):
+    return ["extract", "--model", str(tiny["model"]), "--data", str(tiny["data"]), "--image-root", str(tiny["root"]),
+            "--out", str(t / "reps"), "--quiet", "--shard-size", "0"], r"--shard-size and --batch-size must be positive"
+
+
+def c_extract_max_length_zero(t, tiny):
+    return ["extract", "--model", str(tiny["model"]), "--data", str(tiny["data"]), "--image-root", str(tiny["root"]),
+            "--out", str(t / "reps"), "--quiet", "--max-length", "0"], r"--max-length 0: must be a positive"
+
+
+def c_extract_missing_image_root(t, tiny):
+    return ["extract", "--model", str(tiny["model"]), "--data", str(tiny["data"]), "--image-root", str(t / "nope"),
+            "--out", str(t / "reps"), "--quiet"], r"--image-root .*nope: not a directory"
+
+
 def c_extract_unknown_model_type(t, _):
     (t / "m").mkdir()
     (t / "m" / "config.json").write_text(json.dumps({"model_type": "no_such_vlm_type", "hidden_size": 8}))
@@ -412,7 +427,7 @@ def _run_argv(t, tiny, *extra, data=None):
 
 
 CORE_CASES = {name[2:]: fn for name, fn in sorted(globals().items()) if name.startswith("c_")}
-NEEDS_MODEL = {"run_layer_beyond_the_model", "run_bad_quota_before_extract", "run_fit_device_cuda_without_cupy", "run_bad_dtype", "run_bad_device", "run_cuda_without_cuda", "extract_cuda_without_cuda",
+NEEDS_MODEL = {"extract_shard_size_zero", "extract_max_length_zero", "extract_missing_image_root", "run_layer_beyond_the_model", "run_bad_quota_before_extract", "run_fit_device_cuda_without_cupy", "run_bad_dtype", "run_bad_device", "run_cuda_without_cuda", "extract_cuda_without_cuda",
                "run_bad_budget_before_extract", "run_budget_above_records", "run_k_zero",
                "run_config_value_wrong_type", "run_deeply_nested_json", "run_top_level_object",
                "run_top_level_object_one_line", "extract_truncated_safetensors", "extract_into_foreign_store"}

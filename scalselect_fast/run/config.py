@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["RunConfig", "RunError", "load_config_file", "make_config"]
+__all__ = ["RunConfig", "RunError", "check_extract_options", "load_config_file", "make_config"]
 
 
 class RunError(RuntimeError):
@@ -70,13 +70,11 @@ class RunConfig:
         for name in ("model", "data", "out"):
             if not getattr(self, name):
                 raise RunError(f"--{name} is required (on the command line or in the --config file)")
-        if not (0.0 < float(self.threshold) <= 1.0):
-            raise RunError(f"--threshold {self.threshold}: the attention-mass threshold must be in (0, 1], "
-                           f"e.g. 0.9 (the paper's default)")
+        check_extract_options(layer=self.layer, threshold=self.threshold, batch_size=self.batch_size,
+                              shard_size=self.shard_size, max_length=self.max_length,
+                              num_workers=self.num_workers, image_root=self.image_root, format=self.format)
         if self.k is None and not (0.0 < float(self.energy) <= 1.0):
             raise RunError(f"--energy {self.energy}: the energy fraction must be in (0, 1], e.g. 0.9")
-        if int(self.layer) < 0:
-            raise RunError(f"--layer {self.layer}: decoder layers are numbered from 0")
         if self.order not in ("original", "score"):
             raise RunError(f"--order {self.order!r}: use 'original' (input order) or 'score' (best first)")
         if self.solver not in ("auto", "exact", "randomized"):
@@ -101,20 +99,12 @@ class RunConfig:
             parse_pixels(self.pixels)
         except ValueError as exc:
             raise RunError(f"--{exc}") from None
-        if int(self.shard_size) < 1 or int(self.batch_size) < 1:
-            raise RunError("--shard-size and --batch-size must be positive")
         if self.k is not None and int(self.k) < 1:
             raise RunError(f"--k {self.k}: the subspace needs at least 1 component (omit --k to use --energy)")
-        if self.num_workers is not None and int(self.num_workers) < 0:
-            raise RunError(f"--num-workers {self.num_workers}: use 0 (encode in the main process) or more")
-        if self.max_length is not None and int(self.max_length) < 1:
-            raise RunError(f"--max-length {self.max_length}: must be a positive number of tokens")
         if self.dedup_selected is not None and not (0.0 <= float(self.dedup_selected) < 2.0):
             raise RunError(f"--dedup-selected {self.dedup_selected}: a cosine distance in [0, 2), e.g. 0.02")
         if self.store_dtype not in ("float16", "bfloat16", "float32"):
             raise RunError(f"--store-dtype {self.store_dtype!r}: use float16, bfloat16 or float32")
-        if self.format not in ("auto", "json", "jsonl", "parquet"):
-            raise RunError(f"--format {self.format!r}: use auto, json, jsonl or parquet")
         from ..scoring import BudgetError, check_budget
 
         try:
@@ -150,6 +140,38 @@ class RunConfig:
                 resolve_fit_device(self.fit_device)
             except DeviceError as exc:
                 raise RunError(f"--fit-device cuda: {exc}") from None
+
+
+def check_extract_options(*, layer=0, threshold=0.9, batch_size=8, shard_size=4096, max_length=None,
+                          num_workers=0, image_root=None, format="auto") -> None:
+    """Refuse extraction settings that cannot work, before anything is created or loaded.
+
+    Shared by ``scalselect run`` (:meth:`RunConfig.validate`) and ``scalselect extract``.
+
+    Raises
+    ------
+    RunError
+        Naming the option and the values it accepts.
+    """
+    if not (0.0 < float(threshold) <= 1.0):
+        raise RunError(f"--threshold {threshold}: the attention-mass threshold must be in (0, 1], "
+                       f"e.g. 0.9 (the paper's default)")
+    if int(layer) < 0:
+        raise RunError(f"--layer {layer}: decoder layers are numbered from 0")
+    if int(shard_size) < 1 or int(batch_size) < 1:
+        raise RunError("--shard-size and --batch-size must be positive")
+    if num_workers is not None and int(num_workers) < 0:
+        raise RunError(f"--num-workers {num_workers}: use 0 (encode in the main process) or more")
+    if max_length is not None and int(max_length) < 1:
+        raise RunError(f"--max-length {max_length}: must be a positive number of tokens")
+    if image_root is not None and not Path(image_root).is_dir():
+        raise RunError(f"--image-root {image_root}: not a directory; pass the folder the dataset's image "
+                       f"paths are relative to")
+    from .. import data  # noqa: F401  (registers every container)
+    from ..data.sources import containers
+
+    if format not in ("auto", *containers()):
+        raise RunError(f"--format {format!r}: use auto or one of {', '.join(containers())}")
 
 
 _FIELDS = {f.name for f in dataclasses.fields(RunConfig)}

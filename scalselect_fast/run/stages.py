@@ -459,8 +459,6 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
     # a file, directory, glob, URL or list; a missing input or a glob matching nothing is a DatasetError
     source = open_source(cfg.data, cfg.format)
     data = source.label
-    if cfg.image_root is not None and not Path(cfg.image_root).is_dir():
-        raise RunError(f"--image-root {cfg.image_root}: not a directory")
     # The run writes several files and a work folder into --out: it may hold no input (the model may
     # live there, as the demo's does: only the dataset is at risk of a same-named output).
     refuse_overwrite([out], [p for p in source.input_paths() if "://" not in p])
