@@ -394,10 +394,11 @@ class StoreSource(MatrixSource):
             raise StoreError(f"{self.path}: no {MANIFEST}; this is not a representation store "
                              f"(create one with `scalselect extract` or StoreWriter)")
         try:
-            manifest = json.loads(mpath.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise StoreError(f"{mpath}: unreadable manifest ({exc})") from exc
-        if manifest.get("format") != FORMAT_NAME:
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as exc:  # unreadable, not JSON/UTF-8, nested too deep
+            raise StoreError(f"{mpath}: unreadable manifest ({type(exc).__name__}: {str(exc)[:200]}); restore "
+                             f"it or re-extract the store") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
             raise StoreError(f"{mpath}: not a {FORMAT_NAME} manifest")
         self.manifest = manifest
         try:

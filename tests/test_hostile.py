@@ -291,6 +291,19 @@ def c_manifest_malformed_record(t, _):
     return ["fit", str(t / "reps"), "--out", str(t / "s.npz")], r"malformed manifest"
 
 
+def c_manifest_nested_too_deep(t, _):
+    _store(t / "reps")
+    (t / "reps" / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    return ["score", str(t / "reps"), "--subspace", str(_subspace(t / "s.npz", _rows())), "--out",
+            str(t / "o.npy")], r"manifest\.json: unreadable manifest \(RecursionError"
+
+
+def c_manifest_not_an_object(t, _):
+    _store(t / "reps")
+    (t / "reps" / "manifest.json").write_text("[1, 2]")
+    return ["fit", str(t / "reps"), "--out", str(t / "s.npz")], r"manifest\.json: not a scalselect-store manifest"
+
+
 def c_duplicate_ids_across_shards(t, _):
     _store(t / "reps", ids=[[f"a{i}" for i in range(20)], [f"b{i}" for i in range(19)] + ["a7"]])
     return ["select", str(t / "reps"), "--budget", "5", "--out", str(t / "sel"), "--stability-seeds", "none"], \
