@@ -36,7 +36,8 @@ def _legacy_overlaps(a, b, spans):
     return any(a < e and s < b for s, e in spans)
 
 
-def legacy_token_roles(offsets, ids, rendered, image_token_id, roles="reference", visual_ids=()):
+def legacy_token_roles(offsets, ids, rendered, image_token_id, roles="reference", visual_ids=(), answer_ids=None):
+    """The per-token loop (``answer_ids``, the anchoring added with issue 11, is not applied)."""
     from scalselect_fast.extract import roles as R
 
     visual = {int(image_token_id), *map(int, visual_ids)}

@@ -4,8 +4,10 @@ The reference is ``_authors_reference.py``: a plain re-implementation of the rul
 ``feature_extract_sft.py`` (answers located by searching their own token ids, the Qwen vision
 markers visual, eager full model with ``output_attentions=True``), sharing no code with our role
 assignment. Every family: LLaVA-1.5, Qwen2-VL, Qwen2.5-VL, Qwen3-VL and the generic
-(AutoProcessor) path. The default suite checks every fifth demo sample (48, multi-turn ones
-included); ``-m slow`` (also run by ``make test``) checks all 238 samples with images.
+(AutoProcessor) path, on the tiny models' byte-level BPE tokenizers and on the real LLaVA-1.5
+(SentencePiece) and Qwen2-VL tokenizers (``_real_tokenizers.py``, built from a cached PyPI download;
+skipped when the registry cannot be reached). The default suite checks every fifth demo sample (48,
+multi-turn ones included); ``-m slow`` (also run by ``make test``) checks all 238 samples with images.
 """
 from __future__ import annotations
 
@@ -56,6 +58,15 @@ def _ours(model_dir, family, samples, monkeypatch, **kw):
     for ids, vecs in extract_representations(vlm, samples, batch_size=8, backend="torch"):
         out.update(zip(ids, vecs.astype(np.float64)))
     return out
+
+
+@pytest.fixture(scope="module")
+def real_dirs(tmp_path_factory):
+    """Tiny models carrying the real LLaVA-1.5 / Qwen2-VL tokenizers and published chat templates."""
+    from _real_tokenizers import tiny_model_with_real_tokenizer
+
+    root = tmp_path_factory.mktemp("real-tokenizers")
+    return {f: tiny_model_with_real_tokenizer(f, root / f) for f in ("llava", "qwen2_vl")}
 
 
 def _reference(model_dirs, family, records, pixels=None):
@@ -110,6 +121,18 @@ def test_defaults_equal_the_authors_rule(model_dirs, demo, family, monkeypatch):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_defaults_equal_the_authors_rule_on_every_demo_sample(model_dirs, demo, family, monkeypatch):
     _check_family(model_dirs, demo, family, monkeypatch, step=1)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_real_tokenizers_equal_the_authors_rule(real_dirs, demo, family, monkeypatch):
+    """SentencePiece splits the space before a digit answer into its own "▁" piece: still equal."""
+    _check_family(real_dirs, demo, family, monkeypatch, step=5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_real_tokenizers_equal_the_authors_rule_on_every_demo_sample(real_dirs, demo, family, monkeypatch):
+    _check_family(real_dirs, demo, family, monkeypatch, step=1)
 
 
 @pytest.mark.parametrize("family,option", [("llava", {"roles": "label-mask"}), ("qwen2_vl", {"roles": "label-mask"}),

@@ -235,7 +235,14 @@ class Encoder:
         tok = self.tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
         ids = np.asarray(tok["input_ids"], dtype=np.int64)
         offsets = np.asarray(tok["offset_mapping"], dtype=np.int64).reshape(-1, 2)
-        base_roles = R.token_roles(offsets, ids, rendered, self.image_token_id, self.roles, self.visual_ids)
+        answer_ids = None
+        if self.roles == "reference" and rendered.answer_spans:
+            # the authors mark each answer's own tokenisation: one batched call for all answers
+            texts = [text[s:e] for s, e in rendered.answer_spans]
+            alone = self.tokenizer(texts + [" " + t for t in texts], add_special_tokens=False)["input_ids"]
+            answer_ids = list(zip(alone[:len(texts)], alone[len(texts):]))
+        base_roles = R.token_roles(offsets, ids, rendered, self.image_token_id, self.roles, self.visual_ids,
+                                   answer_ids)
         if self.family in KNOWN_FAMILIES:
             image_inputs = dict(self.image_processor(images=images, return_tensors="pt"))
             counts = self._image_token_counts(image_inputs, len(images), sample_id)

@@ -13,7 +13,11 @@ silently fails when a word tokenises differently in context):
    ``"reference"`` (default; the authors' extraction, ``feature_extract_sft.py`` of ScalSelect)
       An answer is the text of the assistant message itself, without surrounding whitespace. The
       end-of-turn marker after it (``</s>`` for LLaVA, ``<|im_end|>`` and the newline after it for
-      Qwen) is *not* an answer token, so it is an instruction token (a template token).
+      Qwen) is *not* an answer token, so it is an instruction token (a template token). The authors
+      mark the ids of the answer tokenised on its own; where that tokenisation starts with a piece
+      the context splits off before the answer (SentencePiece's ``"▁"`` before a digit), that
+      token is an answer token too. This is checked at the answer's own position only, never by a
+      search through the sequence.
    ``"label-mask"``
       An answer runs from the first character of its text to the end of that turn's rendering (found
       by rendering the conversation up to and including that message), so the end-of-turn marker
@@ -290,8 +294,29 @@ def _overlapping(starts: np.ndarray, stops: np.ndarray, spans: list[tuple[int, i
     return out
 
 
+def _anchor_answers(ids: np.ndarray, text: np.ndarray, a: np.ndarray, b: np.ndarray, spans, answer_ids,
+                    answer: np.ndarray) -> None:
+    """Extend each answer to the tokens of its own tokenisation (in place on ``answer``).
+
+    The authors mark the ids of the answer text tokenised alone. Where that sequence ends where the
+    answer's tokens end but starts earlier — SentencePiece's ``"▁"`` prefix piece, a separate token
+    for the space before a digit or punctuation — the extra leading tokens are answer tokens too. The
+    match is checked only at the answer's own position (no search elsewhere in the sequence).
+    """
+    for (s0, s1), candidates in zip(spans, answer_ids):
+        idx = np.flatnonzero(text & (a < s1) & (s0 < b))
+        if len(idx) == 0:
+            continue
+        first, end = int(idx[0]), int(idx[-1]) + 1
+        for cand in candidates:  # the first that matches wins, as in the authors' search
+            start = end - len(cand)
+            if 0 <= start <= first and np.array_equal(ids[start:end], np.asarray(cand, dtype=np.int64)):
+                answer[start:first] = True
+                break
+
+
 def token_roles(offsets, ids, rendered: Rendered, image_token_id: int, roles: str = "reference",
-                visual_ids=()) -> np.ndarray:
+                visual_ids=(), answer_ids=None) -> np.ndarray:
     """Role code (int8) of each token of the tokenised ``rendered.text``.
 
     Parameters
@@ -309,6 +334,10 @@ def token_roles(offsets, ids, rendered: Rendered, image_token_id: int, roles: st
         Which answer spans apply (see the module docstring).
     visual_ids : iterable of int
         Further ids that are visual (the vision start/end markers under ``vision_tokens="reference"``).
+    answer_ids : list of sequences of list of int, optional
+        For ``roles="reference"``: per answer span, the ids of its text tokenised alone (and with a
+        leading space); tokens just before the answer that complete that sequence are answer tokens
+        (see :func:`_anchor_answers`).
 
     Returns
     -------
@@ -323,6 +352,8 @@ def token_roles(offsets, ids, rendered: Rendered, image_token_id: int, roles: st
     out = np.full(len(ids), TEMPLATE, dtype=np.int8)
     user = text & _overlapping(a, b, rendered.user_spans)
     answer = text & _overlapping(a, b, rendered.spans(roles))
+    if roles == "reference" and answer_ids is not None:
+        _anchor_answers(ids, text, a, b, rendered.answer_spans, answer_ids, answer)
     out[user] = USER
     out[answer] = ANSWER  # a token touching an answer and a user text is an answer token
     out[np.isin(ids, np.fromiter({int(image_token_id), *map(int, visual_ids)}, np.int64))] = VISUAL
