@@ -236,3 +236,25 @@ def test_run_config_carries_the_choices():
     for k, v in (("roles", "labels"), ("vision_tokens", "x"), ("pixels", "5:1")):
         with pytest.raises(RunError, match=k.replace("_", "-")):
             make_config(model="m", data="d", out="o", **{k: v}).validate()
+
+
+def test_config_file_and_cli_take_the_choices(tmp_path, capsys):
+    from scalselect_fast.cli import main
+    from scalselect_fast.run.config import make_config
+
+    f = tmp_path / "run.toml"
+    f.write_text('model = "m"\ndata = "d"\nout = "o"\nroles = "label-mask"\nvision-tokens = "pad-only"\n'
+                 'pixels = "1024:4096"\n')
+    cfg = make_config(f)
+    assert (cfg.roles, cfg.vision_tokens, cfg.pixels) == ("label-mask", "pad-only", "1024:4096")
+    cfg.validate()
+    assert make_config(f, roles="reference").roles == "reference"  # the command line overrides the file
+    for cmd in ("extract", "run"):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        out = capsys.readouterr().out
+        assert "--roles {reference,label-mask}" in out and "--vision-tokens {reference,pad-only}" in out
+        assert "--pixels paper|processor|MIN:MAX" in out
+    with pytest.raises(SystemExit) as exc:
+        main(["extract", "--model", "m", "--data", "d", "--out", "o", "--pixels", "9:1"])
+    assert exc.value.code == 2 and "need 0 < MIN <= MAX" in capsys.readouterr().err
