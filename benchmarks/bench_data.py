@@ -28,6 +28,13 @@ sample; 32 px, ~1 KB: the per-sample overhead's worst case). For each, in the sa
 Rows go to ``benchmarks/results/data_layouts.csv``.
 
     python benchmarks/bench_data.py [--n 20000 | --full] [--repeats 3] [--layout-n 2000]
+
+``--rss`` measures instead the peak memory (``ru_maxrss``) of a fresh process that reads a LLaVA
+JSON list of 200k and of 2M records with ``read_dataset`` (the streaming JSON reader plus the
+constant-memory duplicate-id check) and prints the ratio, PASS when <= 1.2 (issue 15); rows go to
+``benchmarks/results/data_rss.csv``. Takes a few minutes (writing and reading 2M records).
+
+    python benchmarks/bench_data.py --rss [--rss-n 200000 2000000]
 """
 from __future__ import annotations
 
@@ -288,6 +295,57 @@ def _print_layouts(rows: list[dict]) -> None:
               f"{r['decode_mb_s_core']:>6.1f} {r['decode_vs_pillow']:>6.2f}")
 
 
+_RSS_CHILD = """
+import resource, sys, time
+from scalselect_fast.data import read_dataset
+t = time.perf_counter()
+n = sum(1 for _ in read_dataset(sys.argv[1], image_root=sys.argv[2]))
+print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, time.perf_counter() - t)
+"""
+
+
+def _rss_json(d: Path, n: int) -> Path:
+    """A compact LLaVA JSON list of ``n`` records (~300 bytes each), written streaming."""
+    path = d / f"rss-{n}.json"
+    with open(path, "w") as fh:
+        fh.write("[\n")
+        for i, r in enumerate(_records(n)):
+            fh.write(("," if i else "") + json.dumps(r) + "\n")
+        fh.write("]\n")
+    return path
+
+
+def rss_main(sizes: list[int]) -> int:
+    """Peak RSS of reading each size in a fresh process; ratio largest/smallest, PASS when <= 1.2."""
+    import subprocess
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        for n in sizes:
+            path = _rss_json(d, n)
+            env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+            out = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(path), str(d)], env=env, check=True,
+                                 capture_output=True, text=True).stdout.split()
+            got, rss, secs = int(out[0]), int(out[1]), float(out[2])
+            assert got == n, (got, n)
+            rows.append({"n": n, "size_mb": round(path.stat().st_size / 1e6, 1), "peak_rss_mb": round(rss / 2**20, 1),
+                         "read_s": round(secs, 2), "read_per_s": round(n / secs)})
+            path.unlink()
+    ratio = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
+    print(f"{'N':>9} {'JSON MB':>8} {'peak RSS MB':>12} {'read s':>7} {'read/s':>9}")
+    for r in rows:
+        print(f"{r['n']:>9} {r['size_mb']:>8} {r['peak_rss_mb']:>12} {r['read_s']:>7} {r['read_per_s']:>9,}")
+    verdict = "PASS" if ratio <= 1.2 else "FAIL"
+    print(f"peak RSS ratio {rows[-1]['n']:,} / {rows[0]['n']:,} records: {ratio:.3f} (floor <= 1.2): {verdict}")
+    meta = {"timestamp": now_utc(), **{f"m_{k}": v for k, v in machine().items()},
+            **{f"v_{k}": v for k, v in versions().items() if k in ("python", "scalselect_fast")},
+            "load1": round(os.getloadavg()[0], 2)}
+    append_csv(RESULTS / "data_rss.csv", [{**meta, **r, "ratio": round(ratio, 4), "verdict": verdict} for r in rows])
+    print(f"appended {len(rows)} rows to {RESULTS / 'data_rss.csv'}")
+    return 0 if verdict == "PASS" else 1
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=20_000)
@@ -298,7 +356,11 @@ def main(argv=None) -> int:
     p.add_argument("--layouts", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the embedded-image layouts (WebDataset, Parquet shards, save_to_disk)")
     p.add_argument("--only-layouts", action="store_true", help="skip the JSON/JSONL/Parquet path rows")
+    p.add_argument("--rss", action="store_true", help="peak memory of reading a 200k vs a 2M record JSON")
+    p.add_argument("--rss-n", type=int, nargs="+", default=[200_000, 2_000_000])
     args = p.parse_args(argv)
+    if args.rss:
+        return rss_main(sorted(args.rss_n))
     n = 1_000_000 if args.full else args.n
     if args.layouts:
         layout_rows = bench_layouts(20_000 if args.full else args.layout_n, args.repeats)

@@ -387,3 +387,62 @@ def test_run_on_embedded_parquet_matches_json(tmp_path):
                for x in (tmp_path / "b" / "skipped.jsonl").read_text().splitlines()}
     assert skipped["null-struct"] == "image_empty" and skipped["corrupt"] == "image_corrupt"
     assert hashlib.sha256(emb.read_bytes()).hexdigest() == emb_sha  # the input is never written
+
+
+# --------------------------------------------------------------------------------------------------
+# duplicate ids in constant memory
+# --------------------------------------------------------------------------------------------------
+def _dups_reference(ids):
+    """Slow and obvious: (first index, later index) for every repeat, by later index."""
+    first, out = {}, []
+    for i, s in enumerate(ids):
+        if s in first:
+            out.append((first[s], i))
+        else:
+            first[s] = i
+    return out
+
+
+@pytest.mark.parametrize("buffer", [3, 64, 1 << 16])
+def test_id_registry_matches_dict_reference(monkeypatch, buffer):
+    import random
+
+    from scalselect_fast.data import ids as ids_mod
+
+    monkeypatch.setattr(ids_mod, "BUFFER", buffer)
+    rng = random.Random(buffer)
+    seq = [f"id{rng.randrange(10**9)}" for _ in range(5000)]
+    for j in (17, 2500, 4999):
+        seq[j] = seq[rng.randrange(j)]  # planted repeats, far apart across spills
+    with ids_mod.IdRegistry() as reg:
+        for i, s in enumerate(seq):
+            reg.add(s, i)
+        spilled = reg._dir is not None
+        assert reg.duplicates(limit=100) == _dups_reference(seq)
+        d = reg._dir
+    assert spilled == (buffer < 5000) and (d is None or not os.path.exists(d))  # temp files removed
+    with ids_mod.IdRegistry() as reg:
+        for i in range(1000):
+            reg.add(f"u{i}", i)
+        assert reg.duplicates() == []
+
+
+def test_duplicates_found_after_spills_and_before_a_run(tmp_path, monkeypatch):
+    from scalselect_fast.data import ids as ids_mod
+    from scalselect_fast.data.readers import check_unique_ids
+
+    monkeypatch.setattr(ids_mod, "BUFFER", 4)
+    rows = [{"id": f"r{i}", "conversations": _conv()} for i in range(30)]
+    rows[27]["id"] = "r3"
+    for j, part in enumerate((rows[:10], rows[10:20], rows[20:])):
+        _write_parquet(tmp_path / "d" / f"p{j}.parquet", part)
+        _write_jsonl(tmp_path / "j" / f"p{j}.jsonl", part)
+    for data in (tmp_path / "d", tmp_path / "j"):
+        for call in (lambda: list(read_dataset(data)), lambda: check_unique_ids(data)):
+            with pytest.raises(DatasetError, match=r"p2\.\w+: duplicate id 'r3': record 3 (\(line 4\) )?of "
+                                                   r".*p0\.\w+ and record 7") as ei:
+                call()
+            assert ei.value.index == 27 and ei.value.reason == "duplicate_id"
+    rows[27]["id"] = "r27"
+    _write_parquet(tmp_path / "d" / "p2.parquet", rows[20:])
+    assert check_unique_ids(tmp_path / "d") == 30 and len(list(read_dataset(tmp_path / "d"))) == 30

@@ -1,21 +1,30 @@
-"""Dataset readers: LLaVA JSON, ShareGPT, JSONL of either, and Parquet, all yielding :class:`Sample`.
+"""Dataset readers: records of any container (JSON list, JSONL, Parquet, ...) into :class:`Sample`.
 
-Containers and flavours are independent:
+Containers, inputs and flavours are independent:
 
-* **container** (``format``): ``"json"`` (one JSON list of records, loaded whole), ``"jsonl"`` (one
-  record per line, streamed), ``"parquet"`` (streamed in row batches). ``"auto"`` sniffs the file's
-  first bytes (``PAR1`` magic, ``[`` or ``{``), so a misnamed extension does not matter.
-* **flavour**, decided per record: a record with ``conversations`` (``from``/``value`` turns) is
-  LLaVA; one with ``messages`` (``role``/``content`` turns, content a string or a list of
-  ``{"type": "text"|"image"|"image_url", ...}`` parts) is ShareGPT. Both may carry images as
-  ``image`` (LLaVA: a string or a list) or ``images`` (a list); Parquet columns use the same names.
+* **input**: a file, directory, glob, list, URL or ``datasets`` object, resolved by
+  :func:`~.sources.open_source` into sorted files with global record numbers.
+* **container** (``format``): ``"json"`` (one JSON list of records, streamed through a bounded
+  window), ``"jsonl"`` (one record per line), ``"parquet"`` (row batches); more are registered by
+  their modules (:mod:`.hf`, :mod:`.webdataset`). ``"auto"`` sniffs each file's first bytes
+  (``PAR1`` magic, ``[`` or ``{``), so a misnamed extension does not matter.
+* **flavour**, decided per record: ``conversations`` (``from``/``value`` turns) is LLaVA;
+  ``messages`` (``role``/``content`` turns, content a string or a list of
+  ``{"type": "text"|"image"|"image_url", ...}`` parts) is ShareGPT; ``texts``
+  (``[{"user", "assistant", "source"?}]``, images before the first user turn) is the Cauldron /
+  FineVision. Any of them carries images as ``image`` (one, or a list) or ``images`` (a list), each a
+  path, encoded bytes, or a Hugging Face ``Image`` struct ``{"bytes", "path"}`` (bytes become an
+  :class:`EmbeddedImage`; a struct with only a path is a path; with neither, the sample is skipped
+  with ``image_empty``).
 
 What stops the read and what skips one sample
 ---------------------------------------------
 Fatal (:class:`DatasetError` raised, nothing more is yielded): the file is missing or unreadable,
 malformed JSON or a malformed JSONL line (file, line and column in the message), a top level that
-is not a list of records, two records with the same id (both positions), an empty dataset (no
-records, or every record skipped), a nonexistent ``image_root``.
+is not a list of records, two records with the same id (both positions; raised after the last
+record, see below), an empty dataset (no records, or every record skipped), a nonexistent
+``image_root``, and for several files: a glob that matches nothing, mixed containers, Parquet
+shards with different schemas.
 
 Per sample (the sample is not yielded): a missing or invalid required field (``id``,
 ``conversations``/``messages``, a turn's role or text), an image path that escapes ``image_root``
@@ -25,24 +34,25 @@ written to it (one line each, never silently) and reading continues; without one
 not detected here (reading would have to decode every image): :func:`load_image` raises
 :class:`ImageError` for them when the pixels are needed.
 
-Memory: JSONL and Parquet are streamed; only the id → record-index map used to detect duplicate ids
-grows with N (roughly 100-150 bytes per record, ~1.5 GB for 10M records).
+Memory: every container is streamed (a JSON list too: a bounded text window, see
+:class:`_JsonStream`), and duplicate ids are found with constant memory (:mod:`.ids`: 16 bytes per
+record spilled to temporary files, checked when the last record has been read), so reading 10M
+records needs no memory proportional to N.
 """
 from __future__ import annotations
 
-import bisect
 import json
 import os
 import re
-from array import array
 from collections.abc import Iterator
 from typing import Any
 
+from .ids import IdRegistry
 from .images import ImagePathError, ImageResolver, resolve_root
 from .sample import (IMAGE_TOKEN, REASON_IMAGE_EMPTY, REASON_INVALID_FIELD, REASON_INVALID_ID, REASON_MISSING_FIELD,
                      REASON_PLACEHOLDER_MISMATCH, DatasetError, EmbeddedImage, Sample, UnusableRecord,
                      _where)
-from .sources import Container, InputFile, containers, open_source, register_container
+from .sources import Container, DataSource, InputFile, containers, open_source, register_container
 
 #: the built-in containers (more may be registered: see :mod:`.sources`)
 FORMATS = ("auto", "json", "jsonl", "parquet")
@@ -371,12 +381,40 @@ def _one_json_object(head: bytes, name: str) -> bool:
     return not rest.strip()
 
 
+def _record_ids(iter_records):
+    def ids(file: InputFile, id_field: str):
+        for local, _line, record in iter_records(file):
+            yield local, record_id_or_none(record, id_field)
+    return ids
+
+
+def _parquet_ids(file: InputFile, id_field: str):
+    import pyarrow.compute as pc
+    import pyarrow.types as pt
+
+    pf = _open_parquet(file)
+    if id_field not in pf.schema_arrow.names:
+        return  # every record lacks an id: each is skipped (missing_field) when read
+    local = 0
+    for batch in pf.iter_batches(batch_size=65536, columns=[id_field]):
+        col = batch.column(0)
+        if pt.is_integer(col.type):
+            col = pc.cast(col, "string")
+        elif not pt.is_string(col.type) and not pt.is_large_string(col.type):
+            return  # not an id column the reader accepts: per-sample skips when read
+        for sid in col.to_pylist():
+            yield local, (sid or None)
+            local += 1
+
+
 register_container(Container(
     "json", iter_records=_iter_json_file, count=lambda f: sum(1 for _ in _iter_json_file(f)),
-    sniff=lambda head, name: _first_char(head) == b"[" or _one_json_object(head, name), extensions=(".json",)))
+    sniff=lambda head, name: _first_char(head) == b"[" or _one_json_object(head, name), extensions=(".json",),
+    ids=_record_ids(lambda f: _iter_json_file(f))))
 register_container(Container(
     "jsonl", iter_records=lambda f: ((i, ln, obj) for i, ln, _o, _r, obj in _iter_jsonl_lines(f)),
-    count=_count_jsonl, sniff=lambda head, name: _first_char(head) == b"{", extensions=(".jsonl", ".ndjson")))
+    count=_count_jsonl, sniff=lambda head, name: _first_char(head) == b"{", extensions=(".jsonl", ".ndjson"),
+    ids=_record_ids(lambda f: ((i, ln, obj) for i, ln, _o, _r, obj in _iter_jsonl_lines(f)))))
 class _ParquetSchema:
     """A Parquet file's columns and types (metadata ignored), comparable and printable in one line."""
 
@@ -400,7 +438,8 @@ class _ParquetSchema:
 
 register_container(Container(
     "parquet", iter_records=_iter_parquet_rows, count=lambda f: _open_parquet(f).metadata.num_rows,
-    sniff=lambda head, name: head[:4] == b"PAR1", extensions=(".parquet",), schema=_ParquetSchema))
+    sniff=lambda head, name: head[:4] == b"PAR1", extensions=(".parquet",), schema=_ParquetSchema,
+    ids=_parquet_ids))
 
 
 def iter_records(path, format: str = "auto") -> Iterator[tuple[int, int | None, Any]]:
@@ -661,6 +700,56 @@ def record_source(record: Any) -> str | None:
     return None
 
 
+def _raise_duplicates(source: DataSource, registry: IdRegistry, id_field: str) -> None:
+    """Raise :class:`DatasetError` for the first (by later position) confirmed duplicate id, if any."""
+    candidates = registry.duplicates()
+    if not candidates:
+        return
+    wanted = {i for pair in candidates for i in pair}
+    last = max(wanted)
+    seen: dict[int, tuple[str | None, InputFile, int, int | None]] = {}
+    for index, line, record, file, local in source.iter_records():  # error path only: a second pass
+        if index in wanted:
+            seen[index] = (record_id_or_none(record, id_field), file, local, line)
+        if index >= last:
+            break
+    for a, b in candidates:
+        (sid, fa, la, lna), (sid_b, fb, lb, lnb) = seen[a], seen[b]
+        if sid is None or sid != sid_b:
+            continue  # two different ids with the same 64-bit digest
+        first = _where(la, lna) + (f" of {fa.path}" if not source.single else "")
+        raise DatasetError(f"{fb.path}: duplicate id {sid!r}: {first} and {_where(lb, lnb)}. Ids must be unique; "
+                           "rename or drop one of them", reason="duplicate_id", path=fb.path, index=b, line=lnb,
+                           sample_id=sid)
+
+
+def check_unique_ids(data, format: str = "auto", id_field: str = "id") -> int:
+    """Raise :class:`DatasetError` if two records share an id; return the number of records with an id.
+
+    Reads only the ids where the container allows it (a Parquet file's id column); memory stays
+    constant (see :mod:`.ids`). ``scalselect run`` calls it before extraction so a duplicate stops
+    the run before any model work. Containers without an id reader are checked while reading.
+    """
+    source = open_source(data, format)
+    c = containers()[source.container]
+    with IdRegistry() as registry:
+        if c.ids is not None and source.dataset is None:
+            offset = 0
+            source.check_schemas()
+            for f, n in zip(source.files, source.counts()):
+                for local, sid in c.ids(f, id_field):
+                    if sid is not None:
+                        registry.add(sid, offset + local)
+                offset += n
+        else:
+            for index, _line, record, _f, _l in source.iter_records():
+                sid = record_id_or_none(record, id_field) if isinstance(record, dict) else None
+                if sid is not None:
+                    registry.add(sid, index)
+        _raise_duplicates(source, registry, id_field)
+        return registry.count
+
+
 class _RemoteImages:
     """Image paths of a remote dataset: only with ``image_root`` (there is no local folder to be relative to)."""
 
@@ -713,56 +802,40 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
     root = resolve_root(image_root) if image_root is not None else None
     resolvers: dict[str, Any] = {}
     many = not source.single
-    seen: dict[str, int] = {}
-    lines = array("q")  # record index -> line, for duplicate-id messages
-    starts: list[tuple[int, str]] = []  # (first global index, file) of each file read so far
     n_records = n_yielded = n_skipped = 0
-    for index, line, record, file, local in source.iter_records():
-        n_records += 1
-        if not starts or starts[-1][1] != file.path:
-            starts.append((index - local, file.path))
-        lines.append(line if line is not None else -1)
-        resolve = resolvers.get(file.path) if root is None else resolvers.get("")
-        if resolve is None:
-            if root is not None:
-                resolve = resolvers[""] = ImageResolver(root, root)
-            elif file.local:
-                resolve = resolvers.setdefault(file.path, ImageResolver(None, file.base_dir or os.getcwd()))
-            else:
-                resolve = resolvers.setdefault(file.path, _RemoteImages(file.path))
-        where_here = f"{file.path}: {_where(local, line)}"
-        sid = None
-        try:
-            if isinstance(record, UnusableRecord):  # the container already knows why it is unusable
-                sid = record.sample_id
-                raise _Problem(record.reason, record.detail)
-            sid = record_id(record, id_field)
-            first = seen.setdefault(sid, index)
-            if first != index:
-                l0 = lines[first]
-                k = bisect.bisect_right([st for st, _ in starts], first) - 1
-                f0, local0 = starts[k][1], first - starts[k][0]
-                there = _where(local0, l0 if l0 >= 0 else None)
-                raise DatasetError(
-                    f"{file.path}: duplicate id {sid!r}: "
-                    + (f"{there} of {f0} and {_where(local, line)}" if many else
-                       f"{there} and {_where(local, line)}")
-                    + ". Ids must be unique; rename or drop one of them",
-                    reason="duplicate_id", path=file.path, index=index, line=line, sample_id=sid)
-            sample = parse_record(record, index=index, line=line, resolve=resolve, id_field=id_field,
-                                  sample_id=sid, where=f"{file.name}#{local}")
-        except _Problem as p:
-            if skip_log is None:
-                raise DatasetError(where_here + (f" (id {sid!r})" if sid else "")
-                                   + f": {p.detail}. Fix the record, or read with a SkipLog to skip such "
-                                   "samples and continue", reason=p.reason, path=file.path, index=index,
-                                   line=line, sample_id=sid) from None
-            skip_log.add(sid if sid is not None else p.sample_id, index, p.reason, p.detail, line=line,
-                         file=file.path if many else None)
-            n_skipped += 1
-            continue
-        n_yielded += 1
-        yield sample
+    with IdRegistry() as registry:  # duplicate ids: constant memory, checked once every id is known
+        for index, line, record, file, local in source.iter_records():
+            n_records += 1
+            resolve = resolvers.get(file.path) if root is None else resolvers.get("")
+            if resolve is None:
+                if root is not None:
+                    resolve = resolvers[""] = ImageResolver(root, root)
+                elif file.local:
+                    resolve = resolvers.setdefault(file.path, ImageResolver(None, file.base_dir or os.getcwd()))
+                else:
+                    resolve = resolvers.setdefault(file.path, _RemoteImages(file.path))
+            sid = None
+            try:
+                if isinstance(record, UnusableRecord):  # the container already knows why it is unusable
+                    sid = record.sample_id
+                    raise _Problem(record.reason, record.detail)
+                sid = record_id(record, id_field)
+                registry.add(sid, index)
+                sample = parse_record(record, index=index, line=line, resolve=resolve, id_field=id_field,
+                                      sample_id=sid, where=f"{file.name}#{local}")
+            except _Problem as p:
+                if skip_log is None:
+                    raise DatasetError(f"{file.path}: {_where(local, line)}" + (f" (id {sid!r})" if sid else "")
+                                       + f": {p.detail}. Fix the record, or read with a SkipLog to skip such "
+                                       "samples and continue", reason=p.reason, path=file.path, index=index,
+                                       line=line, sample_id=sid) from None
+                skip_log.add(sid if sid is not None else p.sample_id, index, p.reason, p.detail, line=line,
+                             file=file.path if many else None)
+                n_skipped += 1
+                continue
+            n_yielded += 1
+            yield sample
+        _raise_duplicates(source, registry, id_field)
     if n_records == 0:
         raise DatasetError(f"dataset {source.label!r} is empty (no records)", reason="empty",
                            path=source.files[0].path if source.files else None)

@@ -148,6 +148,9 @@ class Container:
         ``schema(file)`` returns a value comparable with ``==`` (and, for the message, with a
         ``diff(other) -> str`` method or a ``str``); shards of one input whose schemas differ are
         refused, naming the first file and the one that differs.
+    ids : callable, optional
+        ``ids(file, id_field) -> Iterator[(index, id or None)]``: the records' ids without the rest
+        of the record (a Parquet column), for the duplicate-id check before a run.
     """
 
     name: str
@@ -157,6 +160,7 @@ class Container:
     extensions: tuple[str, ...] = ()
     is_dataset_dir: Callable[[str], bool] | None = None
     schema: Callable[[InputFile], Any] | None = None
+    ids: Callable[[InputFile, str], Iterator[tuple[int, str | None]]] | None = None
 
 
 _CONTAINERS: dict[str, Container] = {}
@@ -340,8 +344,6 @@ class DataSource:
 # resolution
 # --------------------------------------------------------------------------------------------------
 _GLOB_CHARS = set("*?[")
-
-
 def _is_url(s: str) -> bool:
     head, sep, _ = s.partition("://")
     return bool(sep) and head.replace("+", "").replace("-", "").isalnum() and len(head) > 1
@@ -520,7 +522,7 @@ def open_source(data: Any, format: str = "auto") -> DataSource:
             raise DatasetError(f"--data mixes containers ({shown}); one input must be all one kind. Pass the "
                                "files of one kind only", reason="format", path=next(iter(kinds.values())).path)
         container = next(iter(kinds))
-    label = items[0] if len(items) == 1 else f"{len(items)} inputs"
+    label = data if isinstance(data, str) else (items[0] if len(items) == 1 else f"{len(items)} inputs")
     label = str(label) + (f" ({len(ordered)} files)" if len(ordered) > 1 else "")
     return DataSource(ordered, container, label)
 

@@ -478,6 +478,11 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
         resolve_budget(cfg.budget, n_records)
     except ValueError as exc:
         raise RunError(f"--budget {cfg.budget}: {exc}") from None
+    from ..data.readers import check_unique_ids
+    from ..data.sources import containers
+
+    if containers()[source.container].ids is not None:
+        check_unique_ids(source)  # a duplicate id stops the run here, before any model work
     if plan_only:
         est = _preflight(cfg, out, events, True, source)
         return est
