@@ -244,6 +244,24 @@ def _cmd_select_dask(args) -> int:
     return 0
 
 
+_DATA_HELP = ("dataset: a file (LLaVA JSON, ShareGPT JSON, JSONL, Parquet), a directory, a glob "
+              "('data/train-*.parquet'), a datasets save_to_disk directory, a URL (s3://, gs://, hf://) "
+              "or several of these")
+
+
+class _DataAction(argparse.Action):
+    """``--data`` takes one input or several (a shell-expanded glob); one is kept as a plain string."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values[0] if len(values) == 1 else list(values))
+
+
+def _formats() -> list[str]:
+    from .data.sources import containers
+
+    return ["auto", *containers()]
+
+
 def add_extract_command(sub: argparse._SubParsersAction) -> None:
     """extract: representations from a VLM into a store."""
     p = sub.add_parser(
@@ -251,7 +269,7 @@ def add_extract_command(sub: argparse._SubParsersAction) -> None:
         description="Run a VLM up to decoder layer L on every sample and store one instruction-attended "
                     "vector per sample (resumable; torchrun/accelerate launch for data parallelism).")
     p.add_argument("--model", required=True, help="local checkpoint directory (LLaVA-1.5 hf, Qwen2/2.5/3-VL, ...)")
-    p.add_argument("--data", required=True, help="dataset file: LLaVA JSON, ShareGPT JSON, JSONL or Parquet")
+    p.add_argument("--data", required=True, nargs="+", action=_DataAction, help=_DATA_HELP)
     p.add_argument("--image-root", default=None, help="directory relative image paths are joined to")
     p.add_argument("--out", required=True, help="output store directory")
     p.add_argument("--layer", type=int, default=0, help="decoder layer (0-based) [0]")
@@ -274,7 +292,7 @@ def add_extract_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-image-pixels", type=int, default=40_000_000, metavar="N",
                    help="skip images over N pixels (width x height, read from the header before decoding) as "
                         "image_too_large [40000000]")
-    p.add_argument("--format", default="auto", choices=["auto", "json", "jsonl", "parquet"])
+    p.add_argument("--format", default="auto", choices=_formats(), help="input container (auto: from the files)")
     p.add_argument("--padding-side", default="right", choices=["left", "right"])
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"], help="pooling kernel")
     p.add_argument("--num-workers", type=int, default=0,
@@ -490,10 +508,10 @@ def add_run_command(sub: argparse._SubParsersAction) -> None:
                                     "(command-line flags override the file)")
     g = p.add_argument_group("input and output")
     g.add_argument("--model", help="local Hugging Face VLM directory (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL, ...)")
-    g.add_argument("--data", help="dataset file: LLaVA JSON, ShareGPT JSON, JSONL or Parquet")
+    g.add_argument("--data", nargs="+", action=_DataAction, help=_DATA_HELP)
     g.add_argument("--image-root", help="directory that relative image paths are joined to (paths may not "
                                         "escape it)")
-    g.add_argument("--format", choices=["auto", "json", "jsonl", "parquet"], help="input container (auto)")
+    g.add_argument("--format", choices=_formats(), help="input container (auto: from the files)")
     g.add_argument("--out", help="output directory (created; holds the selection, manifest, report)")
     g.add_argument("--budget", help="samples to keep: a count (100000; 1 = one sample), a fraction (0.16; "
                                     "1.0 = all) or a percentage (16%%); default 16%%")

@@ -351,17 +351,37 @@ def test_hf_dataset_object_disk_and_iterable(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # end to end: `scalselect run` on an embedded-image Parquet selects what it selects on the LLaVA JSON
 # --------------------------------------------------------------------------------------------------
-def test_run_on_embedded_parquet_matches_json(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
     pytest.importorskip("scalselect_fast.extract.tiny")
+    from scalselect_fast.extract.tiny import build_tiny_model
+
+    return build_tiny_model("llava", tmp_path_factory.mktemp("tiny") / "llava", seed=0)
+
+
+def test_plan_names_the_sharded_input(tmp_path, tiny_model, capsys):
+    from scalselect_fast import cli
+
+    paths, _ = _shards(tmp_path)
+    assert cli.main(["run", "--model", str(tiny_model), "--data", *map(str, paths), "--out", str(tmp_path / "o"),
+                     "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "N=8 samples" in out and "input=parquet, 3 file(s)" in out
+    assert cli.main(["run", "--model", str(tiny_model), "--data", str(tmp_path / "nothing-*.parquet"),
+                     "--out", str(tmp_path / "o"), "--plan"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "glob matches no dataset file" in err and "\n" not in err and "Traceback" not in err
+
+
+def test_run_on_embedded_parquet_matches_json(tmp_path, tiny_model):
     import hashlib
 
     from scalselect_fast import cli
     from scalselect_fast.data.demo import make_demo_dataset
-    from scalselect_fast.extract.tiny import build_tiny_model
 
     data_dir = tmp_path / "demo"
     make_demo_dataset(data_dir, n=24, seed=5)
-    model = build_tiny_model("llava", tmp_path / "tiny", seed=0)
+    model = tiny_model
     records = json.loads((data_dir / "demo.json").read_text())
     rows = [{"id": r["id"], "conversations": r["conversations"],
              "image": {"bytes": (data_dir / r["image"]).read_bytes(), "path": None} if r.get("image") else None}

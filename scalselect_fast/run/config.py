@@ -24,7 +24,7 @@ class RunConfig:
     """Everything ``scalselect run`` needs. Field names are the config-file keys (``-`` or ``_``)."""
 
     model: str | None = None
-    data: str | None = None
+    data: str | list | None = None  # file, directory, glob, URL, or a list of them (see data.open_source)
     out: str | None = None
     image_root: str | None = None
     format: str = "auto"
@@ -177,6 +177,14 @@ def check_extract_options(*, layer=0, threshold=0.9, batch_size=8, shard_size=40
 _FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
 
 
+def _relative_to(base: Path, value):
+    """A relative path in a config file is relative to the file's folder; URLs are kept as written."""
+    if not isinstance(value, str) or not value or "://" in value:
+        return value
+    vp = Path(value).expanduser()
+    return str(vp if vp.is_absolute() else (base / vp))
+
+
 def load_config_file(path: str | os.PathLike) -> dict:
     """Read a ``run.toml`` / ``run.yaml`` / ``run.json`` into a dict of :class:`RunConfig` fields.
 
@@ -217,9 +225,9 @@ def load_config_file(path: str | os.PathLike) -> dict:
         if name not in _FIELDS:
             raise RunError(f"--config {p}: unknown setting {key!r}; known: "
                            f"{', '.join(sorted(f.replace('_', '-') for f in _FIELDS))}")
-        if name in ("model", "data", "out", "image_root") and isinstance(value, str) and value:
-            vp = Path(value).expanduser()
-            value = str(vp if vp.is_absolute() else (p.parent / vp))
+        if name in ("model", "data", "out", "image_root"):
+            value = _relative_to(p.parent, value) if name != "data" or not isinstance(value, list) else [
+                _relative_to(p.parent, v) for v in value]
         if name == "quota" and isinstance(value, str):
             value = [value]
         out[name] = value
