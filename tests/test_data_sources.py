@@ -408,6 +408,15 @@ def test_run_on_embedded_parquet_matches_json(tmp_path, tiny_model):
     assert skipped["null-struct"] == "image_empty" and skipped["corrupt"] == "image_corrupt"
     assert hashlib.sha256(emb.read_bytes()).hexdigest() == emb_sha  # the input is never written
 
+    # the Python API on a datasets.Dataset of the same rows: same selection, written as save_to_disk
+    datasets = pytest.importorskip("datasets")
+    from scalselect_fast.run import make_config, run
+
+    ds = datasets.Dataset.from_parquet(str(emb), cache_dir=str(tmp_path / "hf-cache"))
+    run(make_config(model=str(model), data=ds, out=str(tmp_path / "c"), budget="6", shard_size=8, batch_size=4,
+                    quiet=True, plan_check=False))
+    assert datasets.load_from_disk(str(tmp_path / "c" / "selected"))["id"] == want
+
 
 # --------------------------------------------------------------------------------------------------
 # duplicate ids in constant memory

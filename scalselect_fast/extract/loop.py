@@ -371,7 +371,7 @@ def data_fingerprint(data, format: str = "auto") -> dict:
 
     source = open_source(data, format)
     paths = source.input_paths()
-    where = {"path": paths[0]} if source.single else {"paths": paths, "label": source.label}
+    where = {"path": paths[0]} if source.single and paths else {"paths": paths, "label": source.label}
     return {**where, "container": source.container, "bytes": source.total_bytes(), "sha256": source.digest()}
 
 

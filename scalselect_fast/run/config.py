@@ -258,6 +258,17 @@ def _coerce(name: str, value, source) -> object:
     ann = str(RunConfig.__dataclass_fields__[name].type).split("|")[0].strip()
     want = _TYPES.get(ann)
     where = f" (in {source})" if source else ""
+    if name == "data":  # a path/glob/URL, a list of them, or (Python API) a datasets object
+        from ..data.sources import is_hf_object
+
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, (str, os.PathLike)) for v in value):
+            return [os.fspath(v) for v in value]
+        if isinstance(value, str) or is_hf_object(value):
+            return value
+        raise RunError(f"setting data{where}: {value!r:.200} is not a path, a list of paths or a datasets "
+                       "Dataset")
     bad = RunError(f"setting {name.replace('_', '-')}{where}: {value!r} is not a{'n' if ann == 'int' else ''} "
                    f"{ann}")
     if want is None:  # quota: a list of strings

@@ -297,8 +297,7 @@ def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, sco
     def extra(kept_ids):
         more = {"config_hash": fps["config"],
                 "fingerprint": {k: fps[k] for k in ("model", "data", "config", "extract", "fit")},
-                "config": {k: v for k, v in dataclasses.asdict(cfg).items()
-                           if k not in ("quiet", "log_json", "force")}}
+                "config": _config_for_report(cfg)}
         if report_extra is not None:
             more.update(report_extra(kept_ids))
         return more
@@ -316,6 +315,17 @@ def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, sco
                      report_json=Path(outs["report"]),
                      report_html=Path(outs["report_html"]) if outs.get("report_html") else None,
                      subspace_path=Path(outs["subspace"]), n_selected=int(report["n_selected"]), report=report)
+
+
+def _config_for_report(cfg: RunConfig) -> dict:
+    """The settings as JSON-able values; a ``datasets`` object given as ``data`` is named, not copied."""
+    from ..data.sources import open_source
+
+    conf = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+            if f.name not in ("quiet", "log_json", "force")}
+    if not isinstance(conf["data"], (str, list)):
+        conf["data"] = open_source(conf["data"]).label
+    return conf
 
 
 def _selected_name(cfg: RunConfig) -> str:
