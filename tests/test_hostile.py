@@ -953,7 +953,7 @@ def test_a_changed_image_redoes_its_shard(hostile_env, tmp_path, capsys):
     assert (out / "selected.json").read_bytes() == (fresh / "selected.json").read_bytes()
 
 
-def test_a_shard_that_rots_unseen_is_re_extracted_when_the_fit_reads_it(hostile_env, finished_run, tmp_path, capsys):
+def test_a_shard_that_rots_unseen_is_redone_when_the_fit_reads_it(hostile_env, finished_run, tmp_path, capsys):
     """Bytes flipped with the file's size and mtime kept (bit rot, a restore with -p): nothing shows
     before the read; the fit's CRC check finds it, and the run re-extracts that shard and refits."""
     env = hostile_env

@@ -645,7 +645,7 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
                                loader=image_loader or _image_loader(max_image_pixels), warn=warn or log.warning)
 
 
-def _extract_locked(vlm, data: Path, out: Path, provenance: dict, *, image_root, format, batch_size, threshold,
+def _extract_locked(vlm, data, out: Path, provenance: dict, *, image_root, format, batch_size, threshold,
                     instruction, store_dtype, shard_size, padding_side, backend, rank, world, lo, hi, force,
                     progress, num_workers, on_progress, loader, warn) -> dict:
     from ..data import SkipLog, read_dataset
