@@ -826,6 +826,17 @@ def test_max_image_pixels_option_is_validated(hostile_env, tmp_path, capsys, bad
     assert not out.exists()
 
 
+@pytest.mark.parametrize("opt", [("--max-image-pixels", "0"), ("--batch-size", "0"), ("--shard-size", "0"),
+                                 ("--threshold", "2")])
+def test_extract_option_errors_are_one_line(hostile_env, tmp_path, capsys, opt):
+    env = hostile_env
+    out = tmp_path / "store"
+    rc = cli.main(["extract", "--model", str(env["model"]), "--data", str(env["data"]), "--image-root",
+                   str(env["root"]), "--out", str(out), "--quiet", *opt])
+    line = _one_line(capsys.readouterr().err)
+    assert rc == 2 and opt[0].lstrip("-").replace("-", "_") in line and not out.exists()
+
+
 def test_malformed_jsonl_line_at_the_end_stops_before_extraction(hostile_env, tmp_path, capsys):
     env = hostile_env
     data = tmp_path / "d.jsonl"

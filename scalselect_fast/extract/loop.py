@@ -251,18 +251,20 @@ def _image_loader(max_image_pixels: int | None) -> Callable:
 
 def _check_max_pixels(max_image_pixels) -> None:
     if max_image_pixels is not None and (isinstance(max_image_pixels, bool) or int(max_image_pixels) < 1):
-        raise ValueError(f"max_image_pixels must be a positive number of pixels or None, got {max_image_pixels!r}")
+        raise R.ExtractError(f"max_image_pixels must be a positive number of pixels or None, "
+                             f"got {max_image_pixels!r}")
 
 
 def _check_args(batch_size, threshold, instruction, padding_side):
+    # ExtractError (a ValueError): the CLI prints it as one line, API callers may catch ValueError
     if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise R.ExtractError(f"batch_size must be >= 1, got {batch_size}")
     if not 0.0 < float(threshold) <= 1.0:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        raise R.ExtractError(f"threshold must be in (0, 1], got {threshold}")
     if instruction not in ("all", "user"):
-        raise ValueError(f"instruction must be 'all' or 'user', got {instruction!r}")
+        raise R.ExtractError(f"instruction must be 'all' or 'user', got {instruction!r}")
     if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        raise R.ExtractError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
 
 
 def extract_representations(model, samples: Iterable, batch_size: int = 8, layer: int = 0,
@@ -603,7 +605,7 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
     _check_args(batch_size, threshold, instruction, padding_side)
     _check_max_pixels(max_image_pixels)
     if int(shard_size) < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        raise R.ExtractError(f"shard_size must be >= 1, got {shard_size}")
     env_rank, env_world = _env_rank()
     rank = env_rank if rank is None else int(rank)
     world = env_world if world_size is None else int(world_size)
