@@ -16,7 +16,7 @@ Contenders, on the same samples:
   best batch kept. Then end to end with the loader's worker pool (``extract_representations``,
   ``num_workers`` = the machine's cores), to see whether the CPU keeps the GPU busy.
 
-Reported: samples/s, peak GPU memory, GPU utilisation (nvidia-smi sampled during the run) and the
+Reported: samples/s, peak GPU memory, GPU utilisation (NVML sampled during the run) and the
 time split per sample: decode, preprocess (one core), host->device, vision tower, projector,
 embeddings/merge (the rest of the forward), decoder layers 0..ℓ, pooling. Floors (LLaVA-1.5-7B):
 ours >= 20x the authors' batch 1; the loader on all cores >= 1.5x what ours consumes, else the
@@ -87,22 +87,40 @@ class Clock:
 
 
 class UtilSampler:
-    """Mean GPU utilisation (%) reported by ``nvidia-smi`` every 100 ms while the context is open."""
+    """Mean GPU utilisation (%) while the context is open: ``torch.cuda.utilization()`` (NVML) every
+    50 ms in a thread, else ``nvidia-smi`` every 100 ms; ``None`` when neither answers."""
 
     def __init__(self, enabled: bool):
-        self.enabled = enabled and shutil.which("nvidia-smi") is not None
+        self.enabled = enabled
         self.values: list[float] = []
+        self._stop = threading.Event()
+        self.proc = self.thread = None
 
     def __enter__(self):
-        if self.enabled:
+        if not self.enabled:
+            return self
+        import torch
+
+        try:
+            torch.cuda.utilization()
+            self.thread = threading.Thread(target=self._poll_nvml, daemon=True)
+        except Exception:  # noqa: BLE001 - no NVML bindings: ask nvidia-smi
+            if shutil.which("nvidia-smi") is None:
+                return self
             self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                                          "-i", os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0], "-lms", "100"],
+                                          "-i", str(torch.cuda.current_device()), "-lms", "100"],
                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-            self.thread = threading.Thread(target=self._read, daemon=True)
-            self.thread.start()
+            self.thread = threading.Thread(target=self._read_smi, daemon=True)
+        self.thread.start()
         return self
 
-    def _read(self):
+    def _poll_nvml(self):
+        import torch
+
+        while not self._stop.wait(0.05):
+            self.values.append(float(torch.cuda.utilization()))
+
+    def _read_smi(self):
         for line in self.proc.stdout:
             try:
                 self.values.append(float(line.strip()))
@@ -110,9 +128,11 @@ class UtilSampler:
                 pass
 
     def __exit__(self, *exc):
-        if self.enabled:
+        self._stop.set()
+        if self.proc is not None:
             self.proc.terminate()
             self.proc.wait(timeout=5)
+        if self.thread is not None:
             self.thread.join(timeout=5)
 
     @property
