@@ -319,7 +319,8 @@ def run_authors(full, chunks, device, layer):
             one(*c)
         _sync(device)
         dt = time.perf_counter() - t0
-    return {"samples_s": sum(len(c[0]) for c in chunks) / dt, "peak_gib": _peak_gib(device), "gpu_util": util.mean, "vectors": vecs}
+    return {"samples_s": sum(len(c[0]) for c in chunks) / dt, "peak_gib": _peak_gib(device), "gpu_util": util.mean,
+            "vectors": vecs}
 
 
 def bench_model(name, args, tmp: Path, device, dtype, rows, deadline):
@@ -349,7 +350,8 @@ def bench_model(name, args, tmp: Path, device, dtype, rows, deadline):
     loader_rate = len(samples) / t_enc
     tokens = float(np.mean([len(r.input_ids) for r in results]))
     print(f"  loader: {1e3 * one_core['decode_s']:.2f} ms decode + {1e3 * one_core['preprocess_s']:.2f} ms preprocess "
-          f"({1e3 * one_core['image_processor_s']:.2f} ms in the image processor) per sample on one core ({one_core['samples_s_core']:.1f}/s/core); {loader_rate:.1f} samples/s with "
+          f"({1e3 * one_core['image_processor_s']:.2f} ms in the image processor) per sample on one core "
+          f"({one_core['samples_s_core']:.1f}/s/core); {loader_rate:.1f} samples/s with "
           f"{args.workers} workers; {tokens:.0f} tokens/sample")
 
     backend = "auto"
@@ -408,7 +410,8 @@ def bench_model(name, args, tmp: Path, device, dtype, rows, deadline):
     else:
         print("  authors' way skipped: time budget spent")
     for b, r in authors.items():
-        print(f"  authors batch {b:>3}: {r['samples_s']:8.2f} samples/s  peak {r['peak_gib']} GiB  GPU util {r['gpu_util']}%")
+        print(f"  authors batch {b:>3}: {r['samples_s']:8.2f} samples/s  peak {r['peak_gib']} GiB  "
+              f"GPU util {r['gpu_util']}%")
 
     # agreement on the shared samples (random bf16 weights: close, not equal)
     agree = None
@@ -439,8 +442,9 @@ def bench_model(name, args, tmp: Path, device, dtype, rows, deadline):
         text_s = one_core["preprocess_s"] - one_core["image_processor_s"]
         limit = max((("JPEG decoding", one_core["decode_s"]), ("the image processor", one_core["image_processor_s"]),
                      ("chat template + tokenisation + roles", text_s)), key=lambda kv: kv[1])[0]
-        print(f"  loader limit: {limit} ({1e3 * one_core['decode_s']:.1f} ms decode, {1e3 * one_core['preprocess_s']:.1f} ms "
-              f"preprocess of which {1e3 * one_core['image_processor_s']:.1f} ms image processor, per sample per core); feeding {FLOOR_LOADER}x the GPU needs ~{need:.0f} cores at "
+        print(f"  loader limit: {limit} ({1e3 * one_core['decode_s']:.1f} ms decode, "
+              f"{1e3 * one_core['preprocess_s']:.1f} ms preprocess of which {1e3 * one_core['image_processor_s']:.1f} ms "
+              f"image processor, per sample per core); feeding {FLOOR_LOADER}x the GPU needs ~{need:.1f} cores at "
               f"{per_core:.1f} samples/s/core (have {args.workers} workers)")
     rows.append({
         "run_id": args.run_id, "timestamp": now_utc(), "host": machine()["host"], "device": _device_name(device),
@@ -453,7 +457,8 @@ def bench_model(name, args, tmp: Path, device, dtype, rows, deadline):
         "authors_max_batch": max(authors) if authors else None,
         "authors_best_samples_s": round(best_authors, 3) if best_authors else None,
         "speedup_vs_b1": round(speedup, 2) if speedup else None, "min_cosine": agree,
-        "image_processor": type(vlm_processor).__name__, "loader_workers": args.workers, "loader_samples_s": round(loader_rate, 2),
+        "image_processor": type(vlm_processor).__name__, "loader_workers": args.workers,
+        "loader_samples_s": round(loader_rate, 2),
         "loader_samples_s_core": round(one_core["samples_s_core"], 2),
         "ms_image_processor": round(1e3 * one_core["image_processor_s"], 4), "loader_over_gpu": round(feed, 2),
         **{f"ms_{k.replace('->', '_to_').replace(' ', '_').replace('+', '_').replace('<', 'lt').replace('ℓ', 'l')}":
