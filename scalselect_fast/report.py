@@ -269,7 +269,7 @@ img{max-width:100%}code,pre{background:#f6f6f6;font-size:.85em}pre{padding:.6em;
 .gallery{display:flex;flex-wrap:wrap;gap:.6em;margin:.4em 0 1em}
 .gallery figure{margin:0;width:150px;border:1px solid #ddd;padding:.3em;font-size:.75em;background:#fafafa}
 .gallery figure.kept{border-color:#1f77b4}.gallery figure.rejected{border-color:#d62728}
-.gallery img{display:block;margin:0 auto .3em;max-width:140px;max-height:140px}
+.gallery img{display:block;margin:0 auto .3em;width:140px;height:140px;object-fit:contain}
 .gallery .noimg{height:90px;display:flex;align-items:center;justify-content:center;color:#888;text-align:center}
 .gallery .meta{color:#555}.gallery .text{margin-top:.2em;overflow-wrap:anywhere}
 """
@@ -287,11 +287,14 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
-def _kv_table(d: Mapping[str, Any]) -> str:
+def _kv_table(d: Mapping[str, Any], depth: int = 0) -> str:
     rows = []
     for k, v in d.items():
+        if isinstance(v, dict) and v and depth < 2:  # nested sections read better as nested tables
+            rows.append(f"<tr><th>{_esc(k)}</th><td>{_kv_table(v, depth + 1)}</td></tr>")
+            continue
         if isinstance(v, (dict, list)):
-            v = json.dumps(v, sort_keys=True)
+            v = json.dumps(v, sort_keys=True, ensure_ascii=False)
         cls = ' class="num"' if isinstance(v, (int, float)) and not isinstance(v, bool) else ""
         rows.append(f"<tr><th>{_esc(k)}</th><td{cls}>{_esc(_fmt(v))}</td></tr>")
     return "<table>" + "".join(rows) + "</table>"

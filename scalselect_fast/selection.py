@@ -297,7 +297,7 @@ def run_selection(source, out_dir, budget, *, executor=None, subspace=None, scor
 
     if manifest_format not in ("parquet", "jsonl"):
         raise ValueError(f"unknown manifest format {manifest_format!r}; use 'parquet' or 'jsonl'")
-    if (quotas or dedup_eps is not None) and records is None and quotas:
+    if quotas and records is None:
         raise ValueError("quotas need the dataset's records (scalselect run)")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -373,7 +373,9 @@ def run_selection(source, out_dir, budget, *, executor=None, subspace=None, scor
         report.update(report_extra(kept_ids))
     gallery = None
     if html:
+        t_g = time.perf_counter()
         gallery, report["gallery"] = _gallery(src, scores, order, kept_mask, records, warn)
+        times["gallery"] = time.perf_counter() - t_g
     meta = {"scalselect.rank_base": str(RANK_BASE), "scalselect.budget": str(m), **dict(metadata or {})}
     with _Staged(out) as stage:
         sub.save(stage.path(names["subspace"]))
@@ -391,7 +393,7 @@ def run_selection(source, out_dir, budget, *, executor=None, subspace=None, scor
                            keep=kept_ids if records.order == "score" else set(kept_ids),
                            order=records.order, format=records.format)
         crashpoint("select.staged")
-        times["write"] = time.perf_counter() - t
+        times["write"] = time.perf_counter() - t - times.get("gallery", 0.0)
         report["timings"] = dict(times)
         if html:
             from .report import render_html
