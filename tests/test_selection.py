@@ -114,3 +114,81 @@ def test_store_only_report_has_no_gallery_and_says_why(tmp_path, capsys):
     assert f"report:           {tmp_path / 'o' / 'report.html'}" in printed
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
     assert rep["gallery"]["note"].startswith("no gallery") and rep["per_source"] is None
+
+
+def test_gallery_groups_thumbnails_and_placeholders(tmp_path):
+    """report.html of a selection with its dataset: four groups of thumbnails (embedded JPEGs) with the
+    instruction text, a placeholder naming the reason for an image that cannot be read."""
+    import html.parser
+    import os
+
+    from scalselect_fast.data.demo import make_demo_dataset
+    from scalselect_fast.selection import GALLERY_SIZE, Records
+    from scalselect_fast.store import StoreWriter
+
+    data_dir = tmp_path / "data"
+    make_demo_dataset(data_dir, n=80, seed=1)
+    records = json.loads((data_dir / "demo.json").read_text())
+    with_image = [r for r in records if r.get("image")]
+    gone = with_image[0]
+    os.unlink(data_dir / gone["image"])  # this sample's thumbnail cannot be made
+    vecs = np.random.default_rng(0).standard_normal((len(with_image), 16)).astype(np.float32)
+    vecs[0] *= 30  # an outlier: the highest score, so the sample without an image is shown first
+    w = StoreWriter(tmp_path / "reps", d=16, dtype="float32")
+    w.write_shard(vecs, [r["id"] for r in with_image])
+    recs = Records(path=str(data_dir / "demo.json"), ids=[r["id"] for r in records],
+                   sources=[r.get("source") for r in records], fields={}, skip_reason={}, skip_counts={},
+                   selected_name="selected.json", image_root=str(data_dir))
+    rep = run_selection(tmp_path / "reps", tmp_path / "o", 20, records=recs)
+    groups = rep["gallery"]["groups"]
+    man = pq.read_table(tmp_path / "o" / "manifest.parquet").to_pylist()
+    by_rank = [m["id"] for m in sorted((m for m in man if m["rank"]), key=lambda m: m["rank"])]
+    kept = [i for i in by_rank if i in set((tmp_path / "o" / "selected.txt").read_text().split())]
+    assert groups["top kept"] == kept[:GALLERY_SIZE] and groups["last kept (cut-off)"] == kept[-GALLERY_SIZE:]
+    assert groups["first rejected (cut-off)"] == [i for i in by_rank if i not in kept][:GALLERY_SIZE]
+    assert groups["lowest scored"] == by_rank[-GALLERY_SIZE:]
+
+    class Figures(html.parser.HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.figs, self.cur, self.in_text = [], None, False
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "figure":
+                self.cur = {"img": None, "text": "", "noimg": False}
+                self.figs.append(self.cur)
+            elif self.cur is not None and tag == "img":
+                self.cur["img"] = a["src"]
+            elif self.cur is not None and tag == "div" and a.get("class") == "noimg":
+                self.cur["noimg"] = True
+            self.in_text = self.cur is not None and tag == "div" and a.get("class") == "text"
+
+        def handle_data(self, data):
+            if self.in_text:
+                self.cur["text"] += data
+
+        def handle_endtag(self, tag):
+            self.in_text = False if tag == "div" else self.in_text
+            if tag == "figure":
+                self.cur = None
+
+    page = (tmp_path / "o" / "report.html").read_text()
+    p = Figures()
+    p.feed(page)
+    shown = [i for ids in groups.values() for i in ids]
+    assert len(p.figs) == len(shown)
+    by_id = {r["id"]: r for r in records}
+    import base64
+
+    for sid, fig in zip(shown, p.figs):
+        if sid == gone["id"]:
+            assert fig["img"] is None and fig["noimg"]
+            continue
+        assert fig["img"].startswith("data:image/jpeg;base64,")
+        assert base64.b64decode(fig["img"].split(",", 1)[1])[:2] == b"\xff\xd8"  # a JPEG, embedded
+        question = by_id[sid]["conversations"][0]["value"].replace("<image>", " ")
+        assert fig["text"] == " ".join(question.split())[:160]
+    assert groups["top kept"][0] == gone["id"]
+    assert "image_missing" in page and "could not be loaded" in rep["gallery"]["note"]
+    assert "http://" not in page and "https://" not in page and "<script" not in page
