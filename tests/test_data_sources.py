@@ -475,3 +475,16 @@ def test_duplicates_found_after_spills_and_before_a_run(tmp_path, monkeypatch):
     rows[27]["id"] = "r27"
     _write_parquet(tmp_path / "d" / "p2.parquet", rows[20:])
     assert check_unique_ids(tmp_path / "d") == 30 and len(list(read_dataset(tmp_path / "d"))) == 30
+
+
+def test_config_file_data_list_and_url(tmp_path):
+    from scalselect_fast.run import RunError, load_config_file, make_config
+
+    (tmp_path / "run.toml").write_text('data = ["a/one.parquet", "/abs/two.parquet", "s3://bucket/x-*.parquet"]\n'
+                                       'model = "m"\nout = "o"\n')
+    got = load_config_file(tmp_path / "run.toml")["data"]
+    assert got == [str(tmp_path / "a/one.parquet"), "/abs/two.parquet", "s3://bucket/x-*.parquet"]
+    (tmp_path / "r2.toml").write_text('data = "memory://b/train-*.parquet"\n')
+    assert load_config_file(tmp_path / "r2.toml")["data"] == "memory://b/train-*.parquet"
+    with pytest.raises(RunError, match="setting data.*is not a path"):
+        make_config(model="m", out="o", data=3)

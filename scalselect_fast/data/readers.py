@@ -637,10 +637,12 @@ def _texts_messages(turns: Any) -> tuple[list[dict], list[Any], int]:
 
 
 def parse_record(record: Any, *, index: int, line: int | None, resolve: ImageResolver,
-                 id_field: str = "id", sample_id: str | None = None, where: str | None = None) -> Sample:
+                 id_field: str = "id", sample_id: str | None = None, where: str | None = None,
+                 local: int | None = None) -> Sample:
     """Normalise one parsed record into a :class:`Sample` (raises ``_Problem`` for per-sample issues).
 
-    ``where`` (``"<file>#<record>"``) names embedded images that carry no name of their own.
+    ``where`` (the file's name) and ``local`` (the record's index in it) name embedded images that
+    carry no name of their own: ``"<file>#<local>/image<i>"``.
     """
     sid = sample_id if sample_id is not None else record_id(record, id_field)
     messages, part_paths, n_parts = _messages(record)
@@ -672,7 +674,9 @@ def parse_record(record: Any, *, index: int, line: int | None, resolve: ImageRes
             images.append(p)
         elif isinstance(p, tuple):
             data, name = p
-            images.append(EmbeddedImage(data, name or f"{where or f'record {index}'}/image{i}"))
+            if not name:
+                name = (f"{where}#{index if local is None else local}" if where else f"record {index}") + f"/image{i}"
+            images.append(EmbeddedImage(data, name))
         else:
             try:
                 images.append(resolve(p))
@@ -822,7 +826,7 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
                 sid = record_id(record, id_field)
                 registry.add(sid, index)
                 sample = parse_record(record, index=index, line=line, resolve=resolve, id_field=id_field,
-                                      sample_id=sid, where=f"{file.name}#{local}")
+                                      sample_id=sid, where=file.name, local=local)
             except _Problem as p:
                 if skip_log is None:
                     raise DatasetError(f"{file.path}: {_where(local, line)}" + (f" (id {sid!r})" if sid else "")

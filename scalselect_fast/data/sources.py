@@ -20,6 +20,7 @@ never go through fsspec.
 from __future__ import annotations
 
 import bisect
+import functools
 import glob as _glob
 import hashlib
 import os
@@ -66,8 +67,8 @@ class InputFile:
     def local(self) -> bool:
         return self.fs is None
 
-    @property
-    def name(self) -> str:
+    @functools.cached_property
+    def name(self) -> str:  # cached: read once per record for messages and embedded-image names
         return self.path.rstrip("/").rsplit("/", 1)[-1]
 
     @property
