@@ -594,23 +594,33 @@ def _messages(record: dict) -> tuple[list[dict], list[Any], int]:
     if not isinstance(turns, list) or not turns:
         raise _Problem(REASON_INVALID_FIELD, f"field {key!r} must be a non-empty list of turns")
     messages, part_paths, n_parts = [], [], 0
+    # Tolerate the other flavour's key names inside a turn (ShareGPT files with from/value exist).
+    alt_role, alt_text = ("role", "content") if role_key == "from" else ("from", "value")
     for t, turn in enumerate(turns):
-        if not isinstance(turn, dict):
+        if type(turn) is not dict and not isinstance(turn, dict):
             raise _Problem(REASON_INVALID_FIELD, f"{key}[{t}] must be an object, got {type(turn).__name__}")
-        # Tolerate the other flavour's key names inside a turn (ShareGPT files with from/value exist).
-        role = turn.get(role_key, turn.get("role" if role_key == "from" else "from"))
+        role = turn.get(role_key)
         if role is None:
-            raise _Problem(REASON_MISSING_FIELD, f"{key}[{t}] has no {role_key!r}")
-        norm = _ROLE_ALIASES.get(str(role).lower()) if isinstance(role, str) else None
+            role = turn.get(alt_role)
+            if role is None:
+                raise _Problem(REASON_MISSING_FIELD, f"{key}[{t}] has no {role_key!r}")
+        norm = None
+        if isinstance(role, str):
+            norm = _ROLE_ALIASES.get(role) or _ROLE_ALIASES.get(role.lower())
         if norm is None:
             raise _Problem(REASON_INVALID_FIELD, f"{key}[{t}] has unknown role {role!r}; expected one of "
                                                  f"{sorted(_ROLE_ALIASES)}")
-        content = turn.get(text_key, turn.get("content" if text_key == "value" else "value"))
+        content = turn.get(text_key)
         if content is None:
-            raise _Problem(REASON_MISSING_FIELD, f"{key}[{t}] has no {text_key!r}")
-        before = len(part_paths)
-        text = _content_text(content, t, part_paths)
-        n_parts += len(part_paths) - before
+            content = turn.get(alt_text)
+            if content is None:
+                raise _Problem(REASON_MISSING_FIELD, f"{key}[{t}] has no {text_key!r}")
+        if type(content) is str:  # the common case, without the call
+            text = content
+        else:
+            before = len(part_paths)
+            text = _content_text(content, t, part_paths)
+            n_parts += len(part_paths) - before
         messages.append({"role": norm, "content": text})
     return messages, part_paths, n_parts
 
@@ -657,7 +667,9 @@ def parse_record(record: Any, *, index: int, line: int | None, resolve: ImageRes
             raise _Problem(REASON_MISSING_FIELD, "content has image parts without a path and the record "
                                                  "has no 'images' list")
         raw = _image_refs(part_paths, "content")
-    n_placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
+    n_placeholders = 0
+    for m in messages:
+        n_placeholders += m["content"].count(IMAGE_TOKEN)
     if raw and n_placeholders == 0:
         # LLaVA convention (and the Cauldron's): images go before the first user text.
         first_user = next((m for m in messages if m["role"] == "user"), None)
@@ -808,23 +820,26 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
     many = not source.single
     n_records = n_yielded = n_skipped = 0
     with IdRegistry() as registry:  # duplicate ids: constant memory, checked once every id is known
-        for index, line, record, file, local in source.iter_records():
+        add_id = registry.add
+        file = resolve = None
+        for index, line, record, f, local in source.iter_records():
             n_records += 1
-            resolve = resolvers.get(file.path) if root is None else resolvers.get("")
-            if resolve is None:
+            if f is not file:  # once per file: image paths resolve relative to the record's own file
+                file = f
                 if root is not None:
-                    resolve = resolvers[""] = ImageResolver(root, root)
+                    resolve = resolvers.get("") or resolvers.setdefault("", ImageResolver(root, root))
                 elif file.local:
-                    resolve = resolvers.setdefault(file.path, ImageResolver(None, file.base_dir or os.getcwd()))
+                    resolve = resolvers.get(file.path) or resolvers.setdefault(
+                        file.path, ImageResolver(None, file.base_dir or os.getcwd()))
                 else:
-                    resolve = resolvers.setdefault(file.path, _RemoteImages(file.path))
+                    resolve = resolvers.get(file.path) or resolvers.setdefault(file.path, _RemoteImages(file.path))
             sid = None
             try:
                 if isinstance(record, UnusableRecord):  # the container already knows why it is unusable
                     sid = record.sample_id
                     raise _Problem(record.reason, record.detail)
                 sid = record_id(record, id_field)
-                registry.add(sid, index)
+                add_id(sid, index)
                 sample = parse_record(record, index=index, line=line, resolve=resolve, id_field=id_field,
                                       sample_id=sid, where=file.name, local=local)
             except _Problem as p:
