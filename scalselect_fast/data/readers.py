@@ -207,8 +207,13 @@ class _JsonStream:
         return 0
 
 
-def _iter_json_stream(fh, path: str) -> Iterator[tuple[int, int, Any]]:
-    """Yield ``(index, line, record)`` for each element of the JSON list in ``fh``, streaming."""
+def _iter_json_stream(fh, path: str, layout: dict | None = None) -> Iterator[tuple]:
+    """Yield ``(index, line, record)`` for each element of the JSON list in ``fh``, streaming.
+
+    With ``layout`` (a dict, for the writer that copies records verbatim) it yields
+    ``(index, line, record, source_text)`` and fills ``layout`` with the text after ``[`` (``lead``),
+    between the first two records (``sep``), before ``]`` (``tail``) and after it (``trailer``).
+    """
     dec = json.JSONDecoder()
     st = _JsonStream(fh, path)
     pos = st.skip_ws(0)
@@ -217,7 +222,10 @@ def _iter_json_stream(fh, path: str) -> Iterator[tuple[int, int, Any]]:
                            "(LLaVA JSON) or one record per line (JSONL)", reason="malformed", path=path)
     if pos >= len(st.buf) or st.buf[pos] != "[":
         raise DatasetError(f"{path}: expected a JSON list of records", reason="malformed", path=path)
+    open_at = pos
     pos = st.skip_ws(pos + 1)
+    if layout is not None:
+        layout.update(lead=st.buf[open_at + 1:pos], sep=None, tail="")
     index = 0
     if pos < len(st.buf) and st.buf[pos] == "]":
         pos += 1
@@ -242,13 +250,20 @@ def _iter_json_stream(fh, path: str) -> Iterator[tuple[int, int, Any]]:
                 if end >= len(st.buf) and not st.eof and st.more():
                     continue  # a bare number may go on in the next chunk
                 break
-            yield index, st.line(pos), obj
+            if layout is None:
+                yield index, st.line(pos), obj
+            else:
+                yield index, st.line(pos), obj, st.buf[pos:end]
             index += 1
             pos = st.skip_ws(end)
             if pos < len(st.buf) and st.buf[pos] == ",":
                 pos = st.skip_ws(pos + 1)
+                if layout is not None and layout["sep"] is None:
+                    layout["sep"] = st.buf[end:pos]
                 continue
             if pos < len(st.buf) and st.buf[pos] == "]":
+                if layout is not None:
+                    layout["tail"] = st.buf[end:pos]
                 pos += 1
                 break
             ln = st.line(pos)
@@ -260,6 +275,8 @@ def _iter_json_stream(fh, path: str) -> Iterator[tuple[int, int, Any]]:
         ln = st.line(rest)
         raise DatasetError(f"{path}: malformed JSON at line {ln}: extra data after the closing ']'",
                            reason="malformed", path=path, line=ln)
+    if layout is not None:
+        layout["trailer"] = st.buf[pos:rest]
 
 
 def _read_text(path: str) -> str:

@@ -30,8 +30,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
 from ..atomic import atomic_dir, atomic_path, atomic_write_bytes
-from .readers import (_WS, _iter_json_list, _iter_jsonl_lines, _open_parquet, open_source,
-                      _read_text, record_id_or_none)
+from .readers import _iter_json_stream, _iter_jsonl_lines, _open_parquet, open_source, record_id_or_none
 from .sample import DatasetError, _where
 from .sources import containers
 
@@ -219,30 +218,26 @@ def _label(files) -> str:
 
 
 def _write_from_json(files, dst, keep, rank, out_container, id_field) -> int:
+    """JSON list(s) in: kept records' source text copied verbatim, joined with the (first) input's own
+    separators and indentation. Streamed: memory is the kept records, not the input."""
     found: dict[str, int] = {}
     kept = []
-    layout_text, layout_spans = None, []  # the first file's text and record spans give the layout
+    first_layout = None
     offset = 0
     for file in files:
-        with file.open() as fh:
-            raw = fh.read()
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            text = _read_text(file.path)  # raises the reader's one-line error
-        spans = []
+        layout: dict = {}
         n = 0
-        for index, line, start, end, obj in _iter_json_list(text, file.path):
-            spans.append((start, end))
-            n = index + 1
-            sid = record_id_or_none(obj, id_field)
-            if sid is None:
-                continue
-            _note(file.path, found, sid, offset + index, line)
-            if sid in keep:
-                kept.append((sid, text[start:end]))
-        if layout_text is None:
-            layout_text, layout_spans = text, spans
+        with file.open() as fh:
+            for index, line, obj, text in _iter_json_stream(fh, file.path, layout):
+                n = index + 1
+                sid = record_id_or_none(obj, id_field)
+                if sid is None:
+                    continue
+                _note(file.path, found, sid, offset + index, line)
+                if sid in keep:
+                    kept.append((sid, text))
+        if first_layout is None:
+            first_layout = layout
         offset += n
     _check_found(_label(files), keep, found)
     kept = _ranked(kept, rank)
@@ -251,17 +246,12 @@ def _write_from_json(files, dst, keep, rank, out_container, id_field) -> int:
         atomic_write_bytes(dst, body.encode("utf-8"))
         return len(kept)
     # Reuse the (first) input's layout: what follows '[', what separates records, what precedes ']'.
-    text, spans = layout_text, layout_spans
-    open_at = _WS.match(text, 0).end()  # the '['
-    close_at = text.rindex("]")
-    if spans:
-        lead = text[open_at + 1:spans[0][0]]
-        tail = text[spans[-1][1]:close_at]
-        sep = text[spans[0][1]:spans[1][0]] if len(spans) > 1 else ("," + lead if "\n" in lead else ", ")
-    else:
-        lead, tail, sep = "", "", ", "
-    body = "[" + (lead + sep.join(t for _, t in kept) + tail if kept else "") + "]" + text[close_at + 1:]
-    atomic_write_bytes(dst, body.encode("utf-8"))
+    lead, sep, tail = first_layout["lead"], first_layout["sep"], first_layout["tail"]
+    if sep is None:  # fewer than two records: a separator in the same style as the lead
+        sep = "," + lead if "\n" in lead else ", "
+    body = "[" + (lead + sep.join(t for _, t in kept) + tail if kept else "") + "]" + first_layout["trailer"]
+    with atomic_path(dst) as tmp, open(tmp, "w", encoding="utf-8", newline="") as out:
+        out.write(body)
     return len(kept)
 
 
