@@ -532,3 +532,20 @@ def test_run_on_bad_webdataset_input(layouts, tmp_path, capsys):
     assert cli.main(args + ["--data", str(cut), "--out", str(tmp_path / "out2")]) == 2
     err = capsys.readouterr().err.strip()
     assert "truncated or corrupt" in err and str(cut) in err and len(err.splitlines()) == 1
+
+
+def test_key_grouping_agrees_with_the_webdataset_package(tmp_path):
+    """The reader's walk (tarfile, own grouping) against webdataset's own tar expander + group_by_keys
+    on the same shards: same keys in the same order, same members and bytes per key."""
+    wds = pytest.importorskip("webdataset.tariterators")
+    from scalselect_fast.data.webdataset import iter_key_groups
+
+    paths = _shards(tmp_path, n_shards=2, per=5)
+    paths.append(_tar(tmp_path / "shard-000002.tar", [("d/a.b.JSON", _rec()), ("d/a.b.0.PNG", _png()),
+                                                      ("d/c.json", _rec()), ("noext", b"x")]))
+    for p in paths:
+        with open(p, "rb") as fh:
+            theirs = [{k: v for k, v in s.items() if not k.startswith("__")} | {"__key__": s["__key__"]}
+                      for s in wds.group_by_keys(wds.tar_file_expander([{"url": str(p), "stream": fh}]))]
+        ours = [{m.ext: m.data for m in g.members} | {"__key__": g.key} for g in iter_key_groups(str(p))]
+        assert ours == theirs and len(ours) >= 2

@@ -27,7 +27,8 @@ must be named exactly (shard, member, byte). ``webdataset``'s pipeline yields on
 ends a shard quietly at a corrupt header, and turns a key that reappears later into a second sample;
 here those are errors. Importing ``webdataset`` also imports torch (1.7 s here), which the data layer
 does not otherwise need. What it would give is kept: the same key/extension rule and the same
-brace expansion (``braceexpand``, its dependency).
+brace expansion (``braceexpand``, its dependency); ``tests/test_data_layouts.py`` checks the grouping
+against ``webdataset``'s own ``group_by_keys``.
 
 Fatal (:class:`DatasetError`): a missing shard, a truncated or corrupt tar (named with the last good
 member and the byte offset), a key that occurs twice in one shard, a key with two members of the
