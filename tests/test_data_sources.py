@@ -474,7 +474,15 @@ def test_duplicates_found_after_spills_and_before_a_run(tmp_path, monkeypatch):
             assert ei.value.index == 27 and ei.value.reason == "duplicate_id"
     rows[27]["id"] = "r27"
     _write_parquet(tmp_path / "d" / "p2.parquet", rows[20:])
+    _write_jsonl(tmp_path / "j" / "p2.jsonl", rows[20:])
     assert check_unique_ids(tmp_path / "d") == 30 and len(list(read_dataset(tmp_path / "d"))) == 30
+    # the id pass also counts every record (ids or not), as the containers' own counters do
+    _write_jsonl(tmp_path / "j" / "p3.jsonl", [{"conversations": _conv()}, {"id": None}, {"id": "z"}])
+    _write_parquet(tmp_path / "n" / "noid.parquet", [{"conversations": _conv()}] * 4)
+    for data in (tmp_path / "j", tmp_path / "n"):
+        src = open_source(data)
+        check_unique_ids(src)
+        assert src.counts() == open_source(data).counts() == ([10, 10, 10, 3] if data.name == "j" else [4])
 
 
 def test_config_file_data_list_and_url(tmp_path):

@@ -410,15 +410,16 @@ def _parquet_ids(file: InputFile, id_field: str):
     import pyarrow.types as pt
 
     pf = _open_parquet(file)
-    if id_field not in pf.schema_arrow.names:
-        return  # every record lacks an id: each is skipped (missing_field) when read
+    field = pf.schema_arrow.field(id_field) if id_field in pf.schema_arrow.names else None
+    if field is None or not (pt.is_integer(field.type) or pt.is_string(field.type) or pt.is_large_string(field.type)):
+        # no usable id column: every record is skipped (missing/invalid id) when read
+        yield from ((i, None) for i in range(pf.metadata.num_rows))
+        return
     local = 0
     for batch in pf.iter_batches(batch_size=65536, columns=[id_field]):
         col = batch.column(0)
         if pt.is_integer(col.type):
             col = pc.cast(col, "string")
-        elif not pt.is_string(col.type) and not pt.is_large_string(col.type):
-            return  # not an id column the reader accepts: per-sample skips when read
         for sid in col.to_pylist():
             yield local, (sid or None)
             local += 1
@@ -761,19 +762,25 @@ def check_unique_ids(data, format: str = "auto", id_field: str = "id") -> int:
 
     Reads only the ids where the container allows it (a Parquet file's id column); memory stays
     constant (see :mod:`.ids`). ``scalselect run`` calls it before extraction so a duplicate stops
-    the run before any model work. Containers without an id reader are checked while reading.
+    the run before any model work; the same pass gives the record counts (cached on the source).
+    Containers without an id reader are checked while reading.
     """
     source = open_source(data, format)
     c = containers()[source.container]
     with IdRegistry() as registry:
         if c.ids is not None and source.dataset is None:
-            offset = 0
+            offset, counts = 0, []
             source.check_schemas()
-            for f, n in zip(source.files, source.counts()):
-                for local, sid in c.ids(f, id_field):
+            for f in source.files:
+                n = 0
+                for local, sid in c.ids(f, id_field):  # every record, so this pass also counts them
                     if sid is not None:
                         registry.add(sid, offset + local)
+                    n = local + 1
+                counts.append(n)
                 offset += n
+            if source._counts is None:  # a JSON/JSONL count is a full parse: do not make it twice
+                source._counts = counts
         else:
             for index, _line, record, _f, _l in source.iter_records():
                 sid = record_id_or_none(record, id_field) if isinstance(record, dict) else None

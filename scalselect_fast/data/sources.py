@@ -150,8 +150,9 @@ class Container:
         ``diff(other) -> str`` method or a ``str``); shards of one input whose schemas differ are
         refused, naming the first file and the one that differs.
     ids : callable, optional
-        ``ids(file, id_field) -> Iterator[(index, id or None)]``: the records' ids without the rest
-        of the record (a Parquet column), for the duplicate-id check before a run.
+        ``ids(file, id_field) -> Iterator[(index, id or None)]``: the id of every record (``None``
+        where it has none), without the rest of the record where the container allows (a Parquet
+        column), for the duplicate-id check before a run; it also counts the records.
     """
 
     name: str

@@ -477,7 +477,12 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
 
     check_model(cfg.model, cfg.layer)  # model type and --layer, before any stage (no weights loaded)
     from ..data import count_records
+    from ..data.readers import check_unique_ids
+    from ..data.sources import containers
 
+    if containers()[source.container].ids is not None:
+        # a duplicate id stops the run here, before any model work; the same pass counts the records
+        check_unique_ids(source)
     n_records = count_records(source)
     if n_records == 0:
         raise RunError(f"--data {data} is empty (no records); nothing to select from. Pass the dataset file "
@@ -488,11 +493,6 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
         resolve_budget(cfg.budget, n_records)
     except ValueError as exc:
         raise RunError(f"--budget {cfg.budget}: {exc}") from None
-    from ..data.readers import check_unique_ids
-    from ..data.sources import containers
-
-    if containers()[source.container].ids is not None:
-        check_unique_ids(source)  # a duplicate id stops the run here, before any model work
     if plan_only:
         est = _preflight(cfg, out, events, True, source)
         return est
