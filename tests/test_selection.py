@@ -18,22 +18,31 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_REPS = ROOT / "scalselect_fast" / "assets" / "demo_reps.npy"
 
 # sha256 of selected.txt written by `scoring.run_selection` before it became selection.run_selection
-# (commit a7ba6ae), on the bundled demo representations and on the benchmarks' synthetic store
-PINNED_DEMO = {"16%": ("8cb44479f4536f2223cd782c727f1a2c7cca9d6e79e845b05297f2f03dcd187a", 320),
-               "5%": ("ecb16adf10d49f0eac35d3b30a8988a80f054baeba3542cc57309a852cd9cc0b", 100),
-               "30%": ("c76ea08a8efa85341881b40dc2f99ef4401be4068d11f5b6bb28837eab07cae3", 600)}
-PINNED_BENCH = {"16%": "9b96b16cd5674399d267d919fd3bbe63e4cf43c323531494d7c977336b034b63",
-                "1000": "cb1778d3fbe3a4fd64d802e81363e086fbba5935a35b64fcb25e64fcf63a2f2b"}
+# (commit a7ba6ae), on the bundled demo representations and on the benchmarks' synthetic store, per
+# kernel backend: the native float32 products and the numpy fallback round differently, and a few of
+# these cut-offs are closer than that (relative margin ~1e-5), so each backend has its own pins
+PINNED_DEMO = {"native": {"16%": ("8cb44479f4536f2223cd782c727f1a2c7cca9d6e79e845b05297f2f03dcd187a", 320),
+                          "5%": ("ecb16adf10d49f0eac35d3b30a8988a80f054baeba3542cc57309a852cd9cc0b", 100),
+                          "30%": ("c76ea08a8efa85341881b40dc2f99ef4401be4068d11f5b6bb28837eab07cae3", 600)},
+               "python": {"16%": ("76643b9f5c36bdfa5b23589eda46a3af8e084d0915bfcc3cca74b484e85e7713", 320),
+                          "5%": ("ecb16adf10d49f0eac35d3b30a8988a80f054baeba3542cc57309a852cd9cc0b", 100),
+                          "30%": ("77b426fb87a6ebc46c2fb42d123a9ef9ffad5cedf93412d43de662981ae991c9", 600)}}
+PINNED_BENCH = {"native": {"16%": "9b96b16cd5674399d267d919fd3bbe63e4cf43c323531494d7c977336b034b63",
+                           "1000": "cb1778d3fbe3a4fd64d802e81363e086fbba5935a35b64fcb25e64fcf63a2f2b"},
+                "python": {"16%": "d5f2057d892efb9bccda9be37151043c0bea0a58c69fee06e219eae8a4ab7666",
+                           "1000": "cb1778d3fbe3a4fd64d802e81363e086fbba5935a35b64fcb25e64fcf63a2f2b"}}
 
 
 def _sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("budget", sorted(PINNED_DEMO))
+@pytest.mark.parametrize("budget", ["16%", "5%", "30%"])
 def test_demo_selection_is_unchanged(tmp_path, budget):
+    from scalselect_fast import native
+
     rep = run_selection(DEMO_REPS, tmp_path / "o", budget, html=False)
-    sha, count = PINNED_DEMO[budget]
+    sha, count = PINNED_DEMO[native.BACKEND][budget]
     assert rep["n_selected"] == count and _sha(tmp_path / "o" / "selected.txt") == sha
 
 
@@ -48,10 +57,12 @@ def bench_store(tmp_path_factory):
 
 
 @pytest.mark.parametrize("solver", ["exact", "randomized"])
-@pytest.mark.parametrize("budget", sorted(PINNED_BENCH))
+@pytest.mark.parametrize("budget", ["16%", "1000"])
 def test_benchmark_store_selection_is_unchanged(tmp_path, bench_store, budget, solver):
+    from scalselect_fast import native
+
     run_selection(bench_store, tmp_path / "o", budget, solver=solver, html=False)
-    assert _sha(tmp_path / "o" / "selected.txt") == PINNED_BENCH[budget]
+    assert _sha(tmp_path / "o" / "selected.txt") == PINNED_BENCH[native.BACKEND][budget]
 
 
 def test_manifest_schema_and_rank_base(tmp_path, bench_store):
