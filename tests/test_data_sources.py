@@ -10,6 +10,7 @@ import io
 import json
 import os
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -216,6 +217,29 @@ def test_fingerprint_covers_every_file(tmp_path):
     _write_parquet(tmp_path / "data" / "train-00003-of-00003.parquet", rows)
     assert data_fingerprint(glob, None) != data_fingerprint([str(p) for p in paths], None)
 
+
+
+def test_fingerprint_sees_a_same_size_edit_in_the_middle_of_a_big_file(tmp_path):
+    """Files over 4 MiB are hashed by head and tail only: an embedded image swapped in place for one of
+    the same size must still change the fingerprint (the per-shard image check trusts it)."""
+    rng = np.random.default_rng(0)
+    blobs = [rng.integers(0, 256, 1 << 20, dtype=np.uint8).tobytes() for _ in range(6)]  # incompressible
+    rows = [{"id": f"b{i}", "image": {"bytes": b, "path": None}, "conversations": _conv()}
+            for i, b in enumerate(blobs)]
+    path = tmp_path / "big.parquet"
+    _write_parquet(path, rows)
+    size = path.stat().st_size
+    assert size > 5 << 20
+    fp = data_fingerprint(path, None)
+    data = bytearray(path.read_bytes())
+    at = data.find(blobs[3][:64])
+    assert (1 << 20) < at < size - (2 << 20)  # inside the unhashed middle
+    data[at + 1000] ^= 0xFF
+    st = path.stat()
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a rewrite a moment later
+    assert path.stat().st_size == size
+    assert data_fingerprint(path, None) != fp
 
 # --------------------------------------------------------------------------------------------------
 # streaming JSON: identical to the whole-text parser at every chunk size

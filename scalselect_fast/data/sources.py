@@ -296,10 +296,12 @@ class DataSource:
     def digest(self) -> str:
         """sha256 (64 hex digits) over every input file, in order: name, size and content.
 
-        JSON/JSONL files and any file up to 4 MiB are hashed whole; larger binary containers by size
-        plus their first and last MiB (Parquet's footer holds every row group's statistics and
-        offsets, so an edit almost always shows; hashing terabytes of image bytes at every start
-        would not be affordable). A ``datasets.Dataset`` uses its own content fingerprint, an
+        JSON/JSONL files and any file up to 4 MiB are hashed whole; larger binary containers by size,
+        modification time and their first and last MiB (hashing terabytes of image bytes at every
+        start would not be affordable; the modification time catches an in-place edit of the
+        middle, such as one embedded image swapped for another of the same size, which head, tail
+        and Parquet's footer would not). Copying such a dataset elsewhere changes its fingerprint,
+        so a run resumed on the copy is refused until ``--force``. A ``datasets.Dataset`` uses its own content fingerprint, an
         ``IterableDataset`` a hash of every record it yields. Memoised per (files, sizes, mtimes)
         within the process, so the run and the extraction engine do not both read the data.
         """
@@ -322,6 +324,9 @@ class DataSource:
                     for chunk in iter(lambda: fh.read(1 << 22), b""):
                         h.update(chunk)
                 else:
+                    # the modification time stands in for the unread middle: an image replaced
+                    # in place by one of the same size leaves size, head and footer unchanged
+                    h.update(f"{_stat_key(f)[1]}\0".encode())
                     h.update(fh.read(_EDGE))
                     fh.seek(size - _EDGE)
                     h.update(fh.read(_EDGE))
