@@ -659,10 +659,17 @@ def _cmd_run_demo(args) -> int:
     return 0
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors in one line (exit 2), like every other error; the full usage is in ``--help``."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="scalselect",
         description="Training-free, linear-time selection of visual instruction-tuning data (ScalSelect).")
     parser.add_argument("--version", action="version", version=f"scalselect-fast {__version__}")

@@ -517,6 +517,15 @@ def test_verification_is_once_per_shard(tmp_path):
         st.zlib = zlib
 
 
+@pytest.mark.parametrize("argv", [["select", "x.npy", "--budget"], ["bogus"], ["run", "--dtype"],
+                                  ["fit", "x.npy", "--out", "s.npz", "--energy", "lots"]])
+def test_usage_errors_are_one_line(tmp_path, argv):
+    rc, _out, err = _cli_subprocess(argv)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and "error:" in lines[0] and "--help" in lines[0], err
+    assert "usage:" not in err
+
+
 @pytest.mark.parametrize("budget,expect", [("1.0", 40), ("1", 1), ("0.999", 40), ("0.5", 20), ("2", 2),
                                            ("100%", 40), ("2.0", 2)])
 def test_budget_one_point_zero_is_everything(tmp_path, budget, expect, capsys):
