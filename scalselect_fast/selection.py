@@ -712,7 +712,7 @@ class _Staged:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(report_path)
         fsync_dir(self.out)
-        for i, (tmp, final) in enumerate(self.staged):
+        for tmp, final in self.staged:
             if final.is_dir() and not final.is_symlink():
                 aside = final.with_name(f".{final.name}.old.tmp")
                 _remove(aside)
@@ -721,8 +721,7 @@ class _Staged:
                 _remove(aside)
             else:
                 os.replace(tmp, final)
-            if i == 0:
-                crashpoint("select.commit")
+            crashpoint("select.commit")  # the tests kill here after the n-th rename
         fsync_dir(self.out)
         self.staged = []
         atomic_write_json(report_path, report)

@@ -203,3 +203,36 @@ def test_gallery_groups_thumbnails_and_placeholders(tmp_path):
     assert groups["top kept"][0] == gone["id"]
     assert "image_missing" in page and "could not be loaded" in rep["gallery"]["note"]
     assert "http://" not in page and "https://" not in page and "<script" not in page
+
+
+@pytest.mark.parametrize("point", ["select.staged:1", "select.commit:1", "select.commit:2"])
+def test_kill_during_store_select_never_leaves_a_report_that_disagrees(tmp_path, point):
+    """kill -9 (the crash points) while `select` commits a new selection over an old one."""
+    import os
+    import signal
+    import subprocess
+
+    out = tmp_path / "o"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("SCALSELECT_CRASH_AT", None)
+    args = [sys.executable, "-m", "scalselect_fast", "select", str(DEMO_REPS), "--out", str(out), "--no-html"]
+    assert subprocess.run(args + ["--budget", "5%"], env=env, capture_output=True).returncode == 0
+
+    def agrees() -> int:
+        rep = json.loads((out / "report.json").read_text())
+        kept = [m["id"] for m in pq.read_table(out / "manifest.parquet").to_pylist() if m["kept"]]
+        ids = (out / "selected.txt").read_text().split()
+        scores = np.load(out / "scores.npy")
+        assert rep["n_selected"] == len(kept) == len(ids) and sorted(kept) == sorted(ids)
+        assert rep["stability"]["margin"]["last_kept"] == float(np.sort(scores)[::-1][len(ids) - 1])
+        return rep["n_selected"]
+
+    assert agrees() == 100
+    p = subprocess.run(args + ["--budget", "30%"], env=dict(env, SCALSELECT_CRASH_AT=point), capture_output=True)
+    assert p.returncode == -signal.SIGKILL, p.stderr.decode()[-2000:]
+    if point == "select.staged:1":
+        assert agrees() == 100  # nothing renamed yet: the old selection, complete
+    else:
+        assert not (out / "report.json").exists()  # mid-commit: visibly incomplete
+    assert subprocess.run(args + ["--budget", "30%"], env=env, capture_output=True).returncode == 0
+    assert agrees() == 600 and not list(out.glob(".*.tmp"))
