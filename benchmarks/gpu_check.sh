@@ -21,10 +21,10 @@ if [ -n "${WHEELS:-}" ]; then
   $PY -m pip install -q --no-index --no-deps --target /tmp/scalselect-site "$WHEELS"/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/scalselect-site"
 fi
-STEPS=",${GPU_STEPS:-tests,tests_syrk,bench_pool,bench_gpu,bench_extract_gpu},"
+STEPS=",${GPU_STEPS:-tests,tests_syrk,bench_instruction_attended_pool,bench_gpu,bench_extract_gpu},"
 # build the extension in place (falls back to numpy if it cannot be built); extraction does not use it
 case "$STEPS" in
-  *,tests,*|*,tests_syrk,*|*,bench_pool,*|*,bench_gpu,*)
+  *,tests,*|*,tests_syrk,*|*,bench_instruction_attended_pool,*|*,bench_gpu,*)
     $PY setup.py build_ext --inplace -q >"$OUTDIR/gpu_build.log" 2>&1 || echo "native build failed; using the numpy fallback" ;;
 esac
 $PY - <<'PYEOF'
@@ -46,9 +46,9 @@ run() {  # name, timeout seconds, command...
   [ "$rc" = 0 ] || status=1
 }
 echo "step,exit_code,seconds" >"$OUTDIR/gpu_check.csv"
-run tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_ops.py
+run tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_instruction_attended_pool.py
 run tests_syrk 60 env SCALSELECT_GPU_GRAM=syrk $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "cupy or device_gram"
-run bench_pool 60 $PY benchmarks/bench_pool.py --gpu-only
+run bench_instruction_attended_pool 60 $PY benchmarks/bench_instruction_attended_pool.py --gpu-only
 run bench_gpu 200 $PY benchmarks/bench_gpu.py --n "${GPU_N:-10000000}" --d "${GPU_D:-4096}" --reps "${GPU_REPS:-10}"
 run bench_extract_gpu 420 $PY benchmarks/bench_extract_gpu.py --out "$OUTDIR"
 {
@@ -58,7 +58,7 @@ run bench_extract_gpu 420 $PY benchmarks/bench_extract_gpu.py --out "$OUTDIR"
   echo
   echo "| step | exit code | seconds |"; echo "|---|---|---|"
   tail -n +2 "$OUTDIR/gpu_check.csv" | awk -F, '{print "| "$1" | "$2" | "$3" |"}'
-  for f in tests tests_syrk bench_pool bench_gpu bench_extract_gpu; do
+  for f in tests tests_syrk bench_instruction_attended_pool bench_gpu bench_extract_gpu; do
     [ -f "$OUTDIR/gpu_$f.log" ] || continue
     echo; echo "## $f"; echo '```'; tail -n 40 "$OUTDIR/gpu_$f.log"; echo '```'
   done

@@ -322,7 +322,7 @@ def _triton_launch_config(head_dim: int, dtype: torch.dtype, interpret: bool):
     return None, block_d
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). Screened with `bench_pool.py --compile-check` (offline
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Screened with `bench_instruction_attended_pool.py --compile-check` (offline
 # sm_80/sm_90 cubins, bf16, head_dim 128, 40 candidates): none spills; these 8 use <= 97 KiB of
 # shared memory on sm_80 (so also fit sm_86's 99 KiB) and <= 113 KiB on sm_90, and <= 203
 # registers/thread; 4 warps only on the small tiles. Not yet timed on a GPU (no device here): the
@@ -358,7 +358,7 @@ _PTR_ARGS = {"ROWS": "*i32", "NROWS": "*i32", "COLS": "*i32", "NCOLS": "*i32", "
 
 def _compile_offline(kernel, dtype, block_m, block_n, head_dim=128, arch=90, num_warps=4, num_stages=2):
     """Compile one kernel config to a cubin for ``sm_<arch>`` without a GPU (ptxas ships in the
-    triton wheel); the process must have been started without ``TRITON_INTERPRET=1``. Used by the tests and by ``bench_pool.py --compile-check`` to catch errors of
+    triton wheel); the process must have been started without ``TRITON_INTERPRET=1``. Used by the tests and by ``bench_instruction_attended_pool.py --compile-check`` to catch errors of
     compiled mode and to read shared-memory / register use of each autotune candidate.
 
     Returns the ``CompiledKernel`` (``.asm["cubin"]``, ``.metadata.shared``).

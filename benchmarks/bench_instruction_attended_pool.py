@@ -12,8 +12,8 @@ Sections
    mean; floors >= 5x faster and >= 20x less memory (torch.cuda.max_memory_allocated). Prints
    "skipped: no CUDA" otherwise.
 
-Every row is appended to benchmarks/results/pool.csv. Run from the repo root:
-``python benchmarks/bench_pool.py`` (default: the floors' sizes, ~2 min on 2 cores, ~5 GiB RAM),
+Every row is appended to benchmarks/results/instruction_attended_pool.csv. Run from the repo root:
+``python benchmarks/bench_instruction_attended_pool.py`` (default: the floors' sizes, ~2 min on 2 cores, ~5 GiB RAM),
 ``--quick`` (memory at L=2048), ``--full`` (more repeats, larger CPU timing case), or
 ``--gpu-only`` (section 3 alone), ``--compile-check`` (TRITON_INTERPRET unset: offline sm_80/sm_90 compile of the autotune candidates).
 """
@@ -43,7 +43,7 @@ from scalselect_fast.ops import instruction_attended_pool, instruction_column_at
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _suite import median_time as _median_time  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results" / "pool.csv"
+RESULTS = ROOT / "benchmarks" / "results" / "instruction_attended_pool.csv"
 FIELDS = ["timestamp", "machine", "device", "python", "torch", "triton", "section", "case", "variant",
           "metric", "value", "baseline", "ratio", "floor", "verdict", "method"]
 
