@@ -45,12 +45,13 @@ import json
 import os
 import re
 from collections.abc import Iterator
+from itertools import repeat
 from typing import Any
 
 from .ids import IdRegistry
 from .images import ImagePathError, ImageResolver, resolve_root
 from .sample import (IMAGE_TOKEN, REASON_IMAGE_EMPTY, REASON_INVALID_FIELD, REASON_INVALID_ID, REASON_MISSING_FIELD,
-                     REASON_PLACEHOLDER_MISMATCH, DatasetError, EmbeddedImage, Sample, UnusableRecord,
+                     REASON_PLACEHOLDER_MISMATCH, DatasetError, EmbeddedImage, LazyRow, Sample, UnusableRecord,
                      _where)
 from .sources import Container, DataSource, InputFile, containers, open_source, register_container
 
@@ -341,21 +342,29 @@ def _open_parquet(path: "str | InputFile"):
                            path=file.path) from None
 
 
-def _iter_parquet_rows(path: "str | InputFile", batch_rows: int = PARQUET_BATCH_ROWS
-                       ) -> Iterator[tuple[int, None, Any]]:
+def _iter_parquet_batches(path: "str | InputFile", batch_rows: int = PARQUET_BATCH_ROWS) -> Iterator[Any]:
+    """The file's rows as Arrow record batches; a decoding failure names the file and the record."""
     file = _as_file(path)
     pf = _open_parquet(file)
     index = 0
     try:
         for batch in pf.iter_batches(batch_size=batch_rows):
-            for row in batch.to_pylist():
-                yield index, None, row
-                index += 1
+            yield batch
+            index += batch.num_rows
     except DatasetError:
         raise
     except Exception as e:
         raise DatasetError(f"{file.path}: cannot decode Parquet rows after record {index}: {e}",
                            reason="malformed", path=file.path, index=index) from None
+
+
+def _iter_parquet_rows(path: "str | InputFile", batch_rows: int = PARQUET_BATCH_ROWS
+                       ) -> Iterator[tuple[int, None, Any]]:
+    index = 0
+    for batch in _iter_parquet_batches(path, batch_rows):
+        for row in batch.to_pylist():
+            yield index, None, row
+            index += 1
 
 
 def _iter_json_file(file: InputFile) -> Iterator[tuple[int, int, Any]]:
@@ -457,7 +466,7 @@ class _ParquetSchema:
 register_container(Container(
     "parquet", iter_records=_iter_parquet_rows, count=lambda f: _open_parquet(f).metadata.num_rows,
     sniff=lambda head, name: head[:4] == b"PAR1", extensions=(".parquet",), schema=_ParquetSchema,
-    ids=_parquet_ids))
+    ids=_parquet_ids, iter_batches=_iter_parquet_batches))
 
 
 def iter_records(path, format: str = "auto") -> Iterator[tuple[int, int | None, Any]]:
@@ -546,21 +555,29 @@ def _image_refs(value: Any, field: str) -> list[Any]:
     out = []
     for i, v in enumerate(value):
         if isinstance(v, dict):  # Hugging Face `Image` feature: {"bytes": <encoded> | None, "path": str | None}
-            data, path = v.get("bytes"), v.get("path")
-            if data:
-                v = (bytes(data), path if isinstance(path, str) and path else None)
-            elif path:
-                v = path  # an image stored beside the dataset: an ordinary path
-            else:
-                raise _Problem(REASON_IMAGE_EMPTY, f"{field}[{i}] is an image struct with neither bytes nor a "
-                                                   "path ({bytes: null, path: null}); the record holds no "
-                                                   "image there. Fill or drop it")
+            v = _struct_ref(v.get("bytes"), v.get("path"), field, i)
         elif isinstance(v, (bytes, bytearray, memoryview)):
-            if not len(v):
-                raise _Problem(REASON_IMAGE_EMPTY, f"{field}[{i}] holds zero image bytes")
-            v = (bytes(v), None)
+            v = _bytes_ref(v, field, i)
         out.append(v)
     return out
+
+
+def _struct_ref(data: Any, path: Any, field: str, i: int) -> Any:
+    """One HF ``Image`` struct's fields -> ``(bytes, name or None)`` to embed, or a path string."""
+    if data:
+        return bytes(data), path if isinstance(path, str) and path else None  # bytes(bytes) is no copy
+    if path:
+        return path  # an image stored beside the dataset: an ordinary path
+    raise _Problem(REASON_IMAGE_EMPTY, f"{field}[{i}] is an image struct with neither bytes nor a "
+                                       "path ({bytes: null, path: null}); the record holds no "
+                                       "image there. Fill or drop it")
+
+
+def _bytes_ref(v: Any, field: str, i: int) -> tuple:
+    """Raw encoded bytes (a binary column) -> ``(bytes, None)`` to embed."""
+    if not len(v):
+        raise _Problem(REASON_IMAGE_EMPTY, f"{field}[{i}] holds zero image bytes")
+    return bytes(v), None
 
 
 def _part_image_path(part: dict) -> Any:
@@ -680,6 +697,16 @@ def parse_record(record: Any, *, index: int, line: int | None, resolve: ImageRes
         raw = _image_refs(record["image"], "image")
     else:
         raw = []
+    return _assemble(sid, messages, part_paths, n_parts, raw, record_source(record), index, line, record,
+                     resolve, where, local)
+
+
+def _assemble(sid: str, messages: list[dict], part_paths: list[Any], n_parts: int, raw: list[Any],
+              source: str | None, index: int, line: int | None, record: Any, resolve: ImageResolver,
+              where: str | None, local: int | None) -> Sample:
+    """The rules every front end feeds (:func:`parse_record` per record dict, :class:`_ArrowPlan` per
+    Arrow batch): images from content parts, the placeholder rule, names for unnamed embedded
+    images, path resolution. ``raw`` holds the image refs of :func:`_image_refs`."""
     if not raw and n_parts:
         if any(p is None for p in part_paths):
             raise _Problem(REASON_MISSING_FIELD, "content has image parts without a path and the record "
@@ -700,20 +727,19 @@ def parse_record(record: Any, *, index: int, line: int | None, resolve: ImageRes
                        "image(s); each image needs exactly one placeholder (or none at all)")
     images = []
     for i, p in enumerate(raw):
-        if isinstance(p, EmbeddedImage):
-            images.append(p)
-        elif isinstance(p, tuple):
+        if type(p) is tuple:  # (bytes, name or None) from _image_refs
             data, name = p
             if not name:
                 name = (f"{where}#{index if local is None else local}" if where else f"record {index}") + f"/image{i}"
             images.append(EmbeddedImage(data, name))
+        elif isinstance(p, EmbeddedImage):
+            images.append(p)
         else:
             try:
                 images.append(resolve(p))
             except ImagePathError as e:
                 raise _Problem(e.reason, str(e)) from None
-    return Sample(id=sid, images=images, messages=messages, source=record_source(record), index=index,
-                  line=line, raw=record)
+    return Sample(sid, images, messages, source, index, line, record)
 
 
 def record_source(record: Any) -> str | None:
@@ -732,6 +758,185 @@ def record_source(record: Any) -> str | None:
         if isinstance(v, (str, int)) and not isinstance(v, bool) and str(v):
             return str(v)
     return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Arrow batches -> the same rules, column-wise
+# --------------------------------------------------------------------------------------------------
+_TURN_FIELDS = {"conversations": ("from", "value"), "messages": ("role", "content")}
+
+
+def _is_str(t) -> bool:
+    import pyarrow.types as pt
+    return pt.is_string(t) or pt.is_large_string(t)
+
+
+def _is_bin(t) -> bool:
+    import pyarrow.types as pt
+    return pt.is_binary(t) or pt.is_large_binary(t)
+
+
+def _image_struct(t) -> bool:
+    import pyarrow.types as pt
+    return (pt.is_struct(t) and {f.name for f in t} == {"bytes", "path"} and _is_bin(t.field("bytes").type)
+            and _is_str(t.field("path").type))
+
+
+class _ArrowPlan:
+    """How to take the fields a :class:`Sample` needs straight from the columns of Arrow record batches
+    of one schema (decided once per schema, not per record), instead of building each row as a dict.
+
+    It is a front end only: per row it yields ``(id, messages, images, source, LazyRow, image field)`` for
+    :func:`_arrow_sample`, which applies the same id, image-struct and placeholder rules as
+    :func:`parse_record` (:func:`record_id`, :func:`_struct_ref`, :func:`_assemble`). A row whose
+    turns are not plain (an unknown role spelling, a null, an empty list) gets ``messages=None`` and
+    goes through :func:`parse_record` on its row dict; a batch with null structs, and any schema
+    this plan does not cover (content parts, the ``texts`` flavour, both ``image`` and ``images``,
+    ...), goes through it whole. ``Sample.raw`` is a :class:`~.sample.LazyRow`: the row dict is
+    built if someone reads it.
+    """
+
+    @classmethod
+    def for_schema(cls, schema, id_field: str) -> "_ArrowPlan | None":
+        import pyarrow.types as pt
+
+        names = schema.names
+        if len(set(names)) != len(names) or id_field not in names:
+            return None
+        idt = schema.field(id_field).type
+        if not (_is_str(idt) or pt.is_integer(idt)):
+            return None
+        flavours = [k for k in ("conversations", "messages", "texts") if k in names]
+        if len(flavours) != 1 or flavours[0] not in _TURN_FIELDS:
+            return None
+        key = flavours[0]
+        role_f, text_f = _TURN_FIELDS[key]
+        t = schema.field(key).type
+        if not (pt.is_list(t) or pt.is_large_list(t)) or not pt.is_struct(t.value_type):
+            return None
+        sub = {f.name: f.type for f in t.value_type}
+        if not (role_f in sub and text_f in sub and _is_str(sub[role_f]) and _is_str(sub[text_f])):
+            return None
+        img_fields = [k for k in ("images", "image") if k in names]
+        kind = None
+        if len(img_fields) > 1:
+            return None
+        if img_fields:
+            it = schema.field(img_fields[0]).type
+            if (pt.is_list(it) or pt.is_large_list(it)) and _image_struct(it.value_type):
+                kind = "struct_list"
+            elif _image_struct(it):
+                kind = "struct"
+            elif _is_bin(it):
+                kind = "bytes"
+            else:
+                return None  # paths, lists of bytes, ...: the record path
+        sources = [f for f in SOURCE_FIELDS if f in names]
+        plan = cls()
+        plan.id_field, plan.key, plan.role_f, plan.text_f = id_field, key, role_f, text_f
+        plan.img_field = img_fields[0] if img_fields else None
+        plan.kind = kind
+        plan.sources = sources
+        plan.one_str_source = len(sources) == 1 and _is_str(schema.field(sources[0]).type)
+        return plan
+
+    def rows(self, batch, index: int, registry: IdRegistry) -> "list[tuple] | None":
+        """Per row ``(id or None, id value, messages or None, images, source, LazyRow, image field)``;
+        ``None`` when the batch needs the record path (null structs). The batch's first row is record
+        ``index``; the ids that need no check are added to ``registry`` here (``id`` not ``None``)."""
+        import pyarrow.types as pt
+
+        n = batch.num_rows
+        conv = batch.column(self.key)
+        if conv.null_count:
+            return None
+        turns = conv.flatten()
+        if turns.null_count:
+            return None
+        offs = conv.offsets.to_pylist()
+        base = offs[0]
+        aliases = _ROLE_ALIASES
+        roles = [aliases.get(r) for r in turns.field(self.role_f).to_pylist()]
+        texts = turns.field(self.text_f).to_pylist()
+        # every turn's message at once, then one slice per row
+        flat = [{"role": r, "content": c} for r, c in zip(roles, texts)]
+        bounds = [o - base for o in offs]
+        msgs = [flat[bounds[i]:bounds[i + 1]] for i in range(n)]
+        if None in roles or None in texts or not all(msgs):
+            for i in range(n):  # turns that are not plain: that row goes through the record path
+                a, b = bounds[i], bounds[i + 1]
+                if a == b or None in roles[a:b] or None in texts[a:b]:
+                    msgs[i] = None
+        ids = batch.column(self.id_field)
+        if pt.is_integer(ids.type):
+            ids = [None if v is None else str(v) for v in ids.to_pylist()]
+        else:
+            ids = ids.to_pylist()
+        # ids that need no checking are registered here, for the whole batch; the others are None
+        # in `sids` and go through record_id row by row (which also registers them)
+        sids = [v if v and "\n" not in v and "\r" not in v else None for v in ids]
+        if None in sids:
+            at = [i for i, v in enumerate(sids) if v is not None]
+            registry.add_many([sids[i] for i in at], [index + i for i in at])
+        else:
+            registry.add_many(sids, range(index, index + n))
+        if self.kind is None:
+            imgs = [()] * n
+        else:
+            col = batch.column(self.img_field)
+            if self.kind == "struct_list":
+                structs = col.flatten()
+                if structs.null_count:
+                    return None
+                ioffs = col.offsets.to_pylist()
+                ib = ioffs[0]
+                pairs = list(zip(structs.field("bytes").to_pylist(), structs.field("path").to_pylist()))
+                imgs = [pairs[ioffs[i] - ib:ioffs[i + 1] - ib] for i in range(n)]
+            elif self.kind == "struct":
+                imgs = [[p] for p in zip(col.field("bytes").to_pylist(), col.field("path").to_pylist())]
+            else:
+                imgs = [[v] for v in col.to_pylist()]
+            if col.null_count:  # a null image field: no images, as for a record with "images": null
+                imgs = [x if ok else () for ok, x in zip(col.is_valid().to_pylist(), imgs)]
+        if self.one_str_source:
+            sources = [v or None for v in batch.column(self.sources[0]).to_pylist()]
+        elif not self.sources:
+            sources = [None] * n
+        else:
+            cols = [batch.column(f).to_pylist() for f in self.sources]
+            sources = [record_source(dict(zip(self.sources, vals))) for vals in zip(*cols)]
+        lazy = map(LazyRow, repeat(batch, n), range(n))
+        return list(zip(sids, ids, msgs, imgs, sources, lazy, repeat(self.img_field, n)))
+
+
+def _arrow_stream(source: DataSource, id_field: str, registry: IdRegistry) -> Iterator[tuple]:
+    """``source.iter_records()`` for Arrow-backed containers, as :class:`_ArrowPlan` rows where the
+    schema allows (the record is then a tuple) and as row dicts elsewhere."""
+    plans: dict = {}
+    for index, batch, f, local in source.iter_batches():
+        schema = batch.schema
+        plan = plans[schema] if schema in plans else plans.setdefault(schema, _ArrowPlan.for_schema(schema, id_field))
+        rows = plan.rows(batch, index, registry) if plan is not None else None
+        if rows is None:
+            rows = batch.to_pylist()
+        for row in rows:
+            yield index, None, row, f, local
+            index += 1
+            local += 1
+
+
+def _arrow_sample(row: tuple, sid: str, index: int, resolve: ImageResolver, where: str, local: int) -> Sample:
+    """A :class:`_ArrowPlan` row (plain turns) through the same image and placeholder rules as
+    :func:`parse_record`."""
+    _sid, _vid, messages, imgs, src, lazy, plan_field = row
+    if imgs:
+        if type(imgs[0]) is tuple:
+            raw = [_struct_ref(d, p, plan_field, i) for i, (d, p) in enumerate(imgs)]
+        else:
+            raw = [_bytes_ref(v, plan_field, i) for i, v in enumerate(imgs)]
+    else:
+        raw = []
+    return _assemble(sid, messages, (), 0, raw, src, index, None, lazy, resolve, where, local)
 
 
 def _raise_duplicates(source: DataSource, registry: IdRegistry, id_field: str) -> None:
@@ -846,7 +1051,8 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
     with IdRegistry() as registry:  # duplicate ids: constant memory, checked once every id is known
         add_id = registry.add
         file = resolve = None
-        for index, line, record, f, local in source.iter_records():
+        stream = _arrow_stream(source, id_field, registry) if source.has_batches() else source.iter_records()
+        for index, line, record, f, local in stream:
             n_records += 1
             if f is not file:  # once per file: image paths resolve relative to the record's own file
                 file = f
@@ -862,10 +1068,21 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
                 if isinstance(record, UnusableRecord):  # the container already knows why it is unusable
                     sid = record.sample_id
                     raise _Problem(record.reason, record.detail)
-                sid = record_id(record, id_field)
-                add_id(sid, index)
-                sample = parse_record(record, index=index, line=line, resolve=resolve, id_field=id_field,
-                                      sample_id=sid, where=file.name, local=local)
+                if type(record) is tuple:  # an _ArrowPlan row (see there)
+                    sid = record[0]
+                    if sid is None:  # an id that needs the check (the plain ones are registered)
+                        sid = record_id({id_field: record[1]}, id_field)
+                        add_id(sid, index)
+                    if record[2] is not None:
+                        sample = _arrow_sample(record, sid, index, resolve, file.name, local)
+                    else:  # turns that are not plain: the record path decides
+                        sample = parse_record(record[5].value(), index=index, line=line, resolve=resolve,
+                                              id_field=id_field, sample_id=sid, where=file.name, local=local)
+                else:
+                    sid = record_id(record, id_field)
+                    add_id(sid, index)
+                    sample = parse_record(record, index=index, line=line, resolve=resolve, id_field=id_field,
+                                          sample_id=sid, where=file.name, local=local)
             except _Problem as p:
                 if skip_log is None:
                     raise DatasetError(f"{file.path}: {_where(local, line)}" + (f" (id {sid!r})" if sid else "")

@@ -186,6 +186,37 @@ class Sample:
         return chat
 
 
+class LazyRow:
+    """``Sample.raw`` of a row read column-wise from an Arrow batch: the row dict (exactly
+    ``batch.to_pylist()[row]``) is built on first access of ``Sample.raw``, since reading needs only
+    a few columns and most samples' ``raw`` is never looked at."""
+
+    __slots__ = ("batch", "row")
+
+    def __init__(self, batch: Any, row: int):
+        self.batch = batch
+        self.row = row
+
+    def value(self) -> dict:
+        return self.batch.slice(self.row, 1).to_pylist()[0]
+
+
+_raw_slot = Sample.raw  # the slot's own descriptor, wrapped below
+
+
+def _get_raw(self: Sample) -> dict:
+    value = _raw_slot.__get__(self, Sample)
+    if type(value) is LazyRow:
+        value = value.value()
+        _raw_slot.__set__(self, value)
+    return value
+
+
+# ``raw`` stays an ordinary field (constructor argument, equality, pickling) whose value may be a
+# LazyRow; reading it always gives the dict.
+Sample.raw = property(_get_raw, _raw_slot.__set__, doc="The original record as parsed (see the class notes).")
+
+
 def _where(index: int | None, line: int | None) -> str:
     if index is None:
         return f"line {line}" if line is not None else "?"

@@ -153,6 +153,11 @@ class Container:
         ``ids(file, id_field) -> Iterator[(index, id or None)]``: the id of every record (``None``
         where it has none), without the rest of the record where the container allows (a Parquet
         column), for the duplicate-id check before a run; it also counts the records.
+    iter_batches : callable, optional
+        ``iter_batches(file) -> Iterator[pyarrow.RecordBatch]`` for Arrow-backed containers: the same
+        rows as ``iter_records``, in the same order, as record batches, so the readers can take the
+        columns a sample needs without building every row as a dict (``iter_records`` must be
+        ``to_pylist`` of these batches).
     """
 
     name: str
@@ -163,6 +168,7 @@ class Container:
     is_dataset_dir: Callable[[str], bool] | None = None
     schema: Callable[[InputFile], Any] | None = None
     ids: Callable[[InputFile, str], Iterator[tuple[int, str | None]]] | None = None
+    iter_batches: Callable[[InputFile], Iterator[Any]] | None = None
 
 
 _CONTAINERS: dict[str, Container] = {}
@@ -273,6 +279,24 @@ class DataSource:
                 yield offset + local, line, record, f, local
                 n = local + 1
             offset += n
+
+    def has_batches(self) -> bool:
+        """Whether :meth:`iter_batches` can serve this source (an Arrow-backed container)."""
+        return self._container().iter_batches is not None
+
+    def iter_batches(self) -> Iterator[tuple[int, Any, InputFile, int]]:
+        """Yield ``(index, batch, file, file_index)`` for Arrow-backed containers: ``batch`` a
+        ``pyarrow.RecordBatch`` whose first row is global record ``index`` and record ``file_index``
+        of ``file``; the rows are exactly those of :meth:`iter_records`."""
+        c = self._container()
+        self.check_schemas()
+        offset = 0
+        for f in self.files:
+            local = 0
+            for batch in c.iter_batches(f):
+                yield offset + local, batch, f, local
+                local += batch.num_rows
+            offset += local
 
     def locate(self, index: int) -> tuple[InputFile, int]:
         """The file holding global record ``index`` and the record's index inside it (counts the files)."""
