@@ -1,0 +1,226 @@
+"""The Arrow batch front end of the readers (Parquet, ``save_to_disk``, ``datasets.Dataset``).
+
+``read_dataset`` takes the columns a sample needs straight from each Arrow record batch
+(``readers._ArrowPlan``). The slow, obvious reference here is the per-record path: every row of the
+same file as ``pyarrow``'s ``to_pylist`` dict, through ``parse_record`` one at a time. Both must give
+identical samples (id, images, messages, source, index, line, raw) and skip the same records for the
+same reasons, on inputs chosen to hit every branch: multi-image rows, null structs, path-only
+structs, empty structs, binary and single-struct image columns, integer and bad ids, unusual role
+spellings, null and empty turns, the Cauldron ``texts`` flavour, ShareGPT, LLaVA.
+"""
+from __future__ import annotations
+
+import io
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from scalselect_fast.data import read_dataset
+from scalselect_fast.data.images import ImageResolver
+from scalselect_fast.data.readers import _ArrowPlan, _Problem, parse_record, record_id
+
+IMG = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+
+def _png(shade: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (3, 2), (shade, 0, 0)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class _Skips:
+    def __init__(self):
+        self.items = []
+
+    def add(self, sample_id, index, reason, detail="", **extra):
+        self.items.append((index, reason))
+        return True
+
+
+def _reference(tables: list[tuple[str, pa.Table]], base: str, id_field: str = "id"):
+    """Per record, the row dicts of each file through parse_record: (samples, [(index, reason)])."""
+    samples, skips, index = [], [], 0
+    resolve = ImageResolver(None, base)
+    for name, table in tables:
+        for local, row in enumerate(table.to_pylist()):
+            try:
+                sid = record_id(row, id_field)
+                samples.append(parse_record(row, index=index, line=None, resolve=resolve, id_field=id_field,
+                                            sample_id=sid, where=name, local=local))
+            except _Problem as p:
+                skips.append((index, p.reason))
+            index += 1
+    return samples, skips
+
+
+def _ours(data, id_field: str = "id"):
+    log = _Skips()
+    return list(read_dataset(data, skip_log=log, id_field=id_field)), log.items
+
+
+def _turns(*pairs, keys=("from", "value")):
+    return [{keys[0]: a, keys[1]: b} for a, b in pairs]
+
+
+def _llava_rows():
+    q, a = "<image>\nWhat is it?", "A red patch."
+    two = "<image> and <image>: same?"
+    return [
+        {"id": "a0", "images": [{"bytes": _png(1), "path": None}], "source": "vqa", "dataset": "d",
+         "conversations": _turns(("human", q), ("gpt", a))},
+        # two images, two placeholders; one named, one not
+        {"id": "a1", "images": [{"bytes": _png(2), "path": "named.png"}, {"bytes": _png(3), "path": None}],
+         "source": "", "dataset": "fallback", "conversations": _turns(("human", two), ("gpt", "no"))},
+        # images without placeholders: prepended to the first user turn
+        {"id": "a2", "images": [{"bytes": _png(4), "path": ""}, {"bytes": _png(5), "path": None}],
+         "source": None, "dataset": None, "conversations": _turns(("system", "be brief"), ("human", "Which?"),
+                                                                  ("gpt", "left"))},
+        # a path-only struct (an image beside the dataset) and an empty one
+        {"id": "a3", "images": [{"bytes": None, "path": "pics/x.jpg"}], "source": "s", "dataset": None,
+         "conversations": _turns(("human", q), ("gpt", a))},
+        {"id": "a4", "images": [{"bytes": None, "path": None}], "source": "s", "dataset": None,
+         "conversations": _turns(("human", q), ("gpt", a))},
+        {"id": "a5", "images": [{"bytes": b"", "path": "pics/empty-bytes.jpg"}], "source": "s", "dataset": None,
+         "conversations": _turns(("human", q), ("gpt", a))},
+        # no images (null and empty list), text only
+        {"id": "a6", "images": None, "source": "t", "dataset": None, "conversations": _turns(("human", "hi"), ("gpt", "hello"))},
+        {"id": "a7", "images": [], "source": "t", "dataset": None, "conversations": _turns(("user", "hi"), ("assistant", "yo"))},
+        # role spellings the alias table only knows in lower case; unknown role; null text; empty turns
+        {"id": "a8", "images": None, "source": "t", "dataset": None, "conversations": _turns(("Human", "hi"), ("GPT", "x"))},
+        {"id": "a9", "images": None, "source": "t", "dataset": None, "conversations": _turns(("narrator", "hi"))},
+        {"id": "a10", "images": None, "source": "t", "dataset": None, "conversations": _turns(("human", None))},
+        {"id": "a11", "images": None, "source": "t", "dataset": None, "conversations": []},
+        {"id": "a12", "images": None, "source": "t", "dataset": None, "conversations": None},
+        # placeholder mismatch; images but no user turn
+        {"id": "a13", "images": [{"bytes": _png(6), "path": None}], "source": "t", "dataset": None,
+         "conversations": _turns(("human", "<image><image>"), ("gpt", "?"))},
+        {"id": "a14", "images": [{"bytes": _png(7), "path": None}], "source": "t", "dataset": None,
+         "conversations": _turns(("gpt", "only an answer"))},
+        # bad ids: missing, empty, with a line break
+        {"id": None, "images": None, "source": "t", "dataset": None, "conversations": _turns(("human", "hi"))},
+        {"id": "", "images": None, "source": "t", "dataset": None, "conversations": _turns(("human", "hi"))},
+        {"id": "bad\nid", "images": None, "source": "t", "dataset": None, "conversations": _turns(("human", "hi"))},
+    ]
+
+
+_LLAVA = pa.schema([("id", pa.string()), ("images", pa.list_(IMG)), ("source", pa.string()),
+                    ("dataset", pa.string()), ("conversations", pa.list_(pa.struct([("from", pa.string()),
+                                                                                     ("value", pa.string())])))])
+
+
+def _write(tmp_path, tables: list[pa.Table], **kw) -> list[tuple[str, pa.Table]]:
+    out = []
+    for k, t in enumerate(tables):
+        name = f"train-{k:05d}-of-{len(tables):05d}.parquet"
+        pq.write_table(t, tmp_path / name, **kw)
+        out.append((name, t))
+    return out
+
+
+def _check(data, tables, base, id_field="id"):
+    ref, ref_skips = _reference(tables, base, id_field)
+    got, skips = _ours(data, id_field)
+    assert skips == ref_skips
+    assert [s.id for s in got] == [s.id for s in ref]
+    for s, r in zip(got, ref):
+        assert (s.id, s.images, s.messages, s.source, s.index, s.line) == (r.id, r.images, r.messages, r.source,
+                                                                          r.index, r.line)
+        assert s.raw == r.raw  # built lazily from the batch: the same dict as to_pylist
+        assert s == r
+    return got, skips
+
+
+def test_llava_struct_images_match_the_record_path(tmp_path):
+    rows = _llava_rows()
+    # shard 0: every odd row; shard 1: the plain rows only (no row needs the record path)
+    tables = _write(tmp_path, [pa.Table.from_pylist(rows, schema=_LLAVA),
+                               pa.Table.from_pylist([dict(r, id=f"p{r['id']}") for r in rows[:3]], schema=_LLAVA)])
+    assert _ArrowPlan.for_schema(_LLAVA, "id") is not None  # the fast path is what is tested
+    got, skips = _check(str(tmp_path), tables, str(tmp_path))
+    reasons = {r for _, r in skips}
+    assert {"image_empty", "invalid_field", "missing_field", "image_placeholder_mismatch", "invalid_id"} <= reasons
+    by_id = {s.id: s for s in got}
+    assert by_id["a1"].images[0].name == "named.png"
+    assert by_id["a1"].images[1].name == "train-00000-of-00002.parquet#1/image1"
+    assert by_id["a3"].images == [os.path.realpath(tmp_path / "pics/x.jpg")]
+    assert by_id["a8"].messages[0]["role"] == "user"  # went through the record path's alias rule
+    assert by_id["a1"].source == "fallback"
+
+
+def test_null_struct_in_a_batch_and_small_row_groups(tmp_path):
+    rows = _llava_rows()[:8]
+    rows[5] = dict(rows[5], images=[None, {"bytes": _png(9), "path": None}])  # a null struct element
+    rows[6] = dict(rows[6], conversations=[None, {"from": "human", "value": "hi"}])  # a null turn
+    tables = _write(tmp_path, [pa.Table.from_pylist(rows, schema=_LLAVA)], row_group_size=3)
+    _check(str(tmp_path), tables, str(tmp_path))
+
+
+def test_sharegpt_binary_column_and_int_ids(tmp_path):
+    msg = pa.struct([("role", pa.string()), ("content", pa.string())])
+    schema = pa.schema([("id", pa.int64()), ("image", pa.binary()), ("task", pa.string()), ("messages", pa.list_(msg))])
+    rows = [{"id": 1, "image": _png(1), "task": "ocr", "messages": _turns(("user", "<image>read"), ("assistant", "A"),
+                                                                          keys=("role", "content"))},
+            {"id": 2, "image": None, "task": "chat", "messages": _turns(("user", "hi"), keys=("role", "content"))},
+            {"id": 3, "image": b"", "task": "ocr", "messages": _turns(("user", "x"), keys=("role", "content"))},
+            {"id": None, "image": _png(2), "task": "ocr", "messages": _turns(("user", "x"), keys=("role", "content"))},
+            {"id": 5, "image": _png(3), "task": None, "messages": _turns(("bot", "first"), ("user", "then"),
+                                                                          keys=("role", "content"))}]
+    assert _ArrowPlan.for_schema(schema, "id") is not None
+    tables = _write(tmp_path, [pa.Table.from_pylist(rows, schema=schema)])
+    got, skips = _check(str(tmp_path), tables, str(tmp_path))
+    assert [s.id for s in got] == ["1", "2", "5"] and [r for _, r in skips] == ["image_empty", "missing_field"]
+
+
+def test_single_struct_image_column(tmp_path):
+    schema = pa.schema([("id", pa.string()), ("image", IMG), ("conversations", _LLAVA.field("conversations").type)])
+    rows = [{"id": "x", "image": {"bytes": _png(1), "path": "a.png"}, "conversations": _turns(("human", "q"))},
+            {"id": "y", "image": None, "conversations": _turns(("human", "q"))},
+            {"id": "z", "image": {"bytes": None, "path": None}, "conversations": _turns(("human", "q"))}]
+    tables = _write(tmp_path, [pa.Table.from_pylist(rows, schema=schema)])
+    _check(str(tmp_path), tables, str(tmp_path))
+
+
+def test_cauldron_texts_and_path_lists_take_the_record_path(tmp_path):
+    texts = pa.list_(pa.struct([("user", pa.string()), ("assistant", pa.string()), ("source", pa.string())]))
+    schema = pa.schema([("id", pa.string()), ("images", pa.list_(IMG)), ("texts", texts)])
+    rows = [{"id": "c0", "images": [{"bytes": _png(1), "path": None}, {"bytes": _png(2), "path": None}],
+             "texts": [{"user": "Compare.", "assistant": "Same.", "source": "cauldron/x"},
+                       {"user": "Sure?", "assistant": None, "source": None}]},
+            {"id": "c1", "images": [], "texts": [{"user": "Hi", "assistant": "Yo", "source": None}]}]
+    assert _ArrowPlan.for_schema(schema, "id") is None
+    d1 = tmp_path / "cauldron"
+    d1.mkdir()
+    _check(str(d1), _write(d1, [pa.Table.from_pylist(rows, schema=schema)]), str(d1))
+    paths = pa.schema([("id", pa.string()), ("images", pa.list_(pa.string())),
+                       ("conversations", _LLAVA.field("conversations").type)])
+    assert _ArrowPlan.for_schema(paths, "id") is None
+    d2 = tmp_path / "paths"
+    d2.mkdir()
+    rows = [{"id": "p0", "images": ["a.jpg", "b.jpg"], "conversations": _turns(("human", "<image><image>"))}]
+    _check(str(d2), _write(d2, [pa.Table.from_pylist(rows, schema=paths)]), str(d2))
+
+
+def test_datasets_object_and_save_to_disk_match_the_record_path(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    table = pa.Table.from_pylist(_llava_rows(), schema=_LLAVA)
+    ds = datasets.Dataset(table)
+    # a Dataset object: its file is a pseudo one named after the object, relative to the cwd
+    pseudo = f"<datasets.Dataset ({table.num_rows} rows)>"
+    _check(ds, [(pseudo, table)], os.getcwd())
+    ds.save_to_disk(str(tmp_path / "hf"))
+    _check(str(tmp_path / "hf"), [("hf", table)], str(tmp_path))  # paths relative to the folder holding it
+    view = ds.select([3, 0, 1])  # an indices mapping: batches through with_format("arrow")
+    _check(view, [("<datasets.Dataset (3 rows)>", table.take([3, 0, 1]))], os.getcwd())
+
+
+def test_duplicate_ids_across_shards_are_found_on_the_batch_path(tmp_path):
+    from scalselect_fast.data import DatasetError
+
+    rows = _llava_rows()[:3]
+    _write(tmp_path, [pa.Table.from_pylist(rows, schema=_LLAVA), pa.Table.from_pylist(rows[1:2], schema=_LLAVA)])
+    with pytest.raises(DatasetError, match="duplicate id 'a1'") as e:
+        list(read_dataset(str(tmp_path)))
+    assert e.value.reason == "duplicate_id" and e.value.index == 3
