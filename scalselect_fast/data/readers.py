@@ -34,6 +34,12 @@ written to it (one line each, never silently) and reading continues; without one
 not detected here (reading would have to decode every image): :func:`load_image` raises
 :class:`ImageError` for them when the pixels are needed.
 
+Arrow containers (Parquet, ``save_to_disk``, ``datasets.Dataset``) are read a record batch at a
+time: :class:`_ArrowPlan` (decided once per schema) takes the id, turns, image structs and source
+straight from the columns and feeds them to the same rules as :func:`parse_record`
+(:func:`_assemble`); rows it does not cover go through :func:`parse_record` on their row dict, and
+``Sample.raw`` is that dict, built on first access (:class:`~.sample.LazyRow`).
+
 Memory: every container is streamed (a JSON list too: a bounded text window, see
 :class:`_JsonStream`), and duplicate ids are found with constant memory (:mod:`.ids`: 16 bytes per
 record spilled to temporary files, checked when the last record has been read), so reading 10M
@@ -504,6 +510,7 @@ class _Problem(Exception):
         self.reason = reason
         self.detail = detail
         self.sample_id = sample_id  # the id as written, when it is the id itself that is refused
+        self.read_id = None  # the record's id when it was read before the problem (for the message)
 
 
 def record_id(record: Any, id_field: str = "id") -> str:
@@ -730,7 +737,7 @@ def _assemble(sid: str, messages: list[dict], part_paths: list[Any], n_parts: in
         if type(p) is tuple:  # (bytes, name or None) from _image_refs
             data, name = p
             if not name:
-                name = (f"{where}#{index if local is None else local}" if where else f"record {index}") + f"/image{i}"
+                name = (f"{where}#{index if local is None else local}/image{i}" if where else f"record {index}/image{i}")
             images.append(EmbeddedImage(data, name))
         elif isinstance(p, EmbeddedImage):
             images.append(p)
@@ -909,22 +916,6 @@ class _ArrowPlan:
         return list(zip(sids, ids, msgs, imgs, sources, lazy, repeat(self.img_field, n)))
 
 
-def _arrow_stream(source: DataSource, id_field: str, registry: IdRegistry) -> Iterator[tuple]:
-    """``source.iter_records()`` for Arrow-backed containers, as :class:`_ArrowPlan` rows where the
-    schema allows (the record is then a tuple) and as row dicts elsewhere."""
-    plans: dict = {}
-    for index, batch, f, local in source.iter_batches():
-        schema = batch.schema
-        plan = plans[schema] if schema in plans else plans.setdefault(schema, _ArrowPlan.for_schema(schema, id_field))
-        rows = plan.rows(batch, index, registry) if plan is not None else None
-        if rows is None:
-            rows = batch.to_pylist()
-        for row in rows:
-            yield index, None, row, f, local
-            index += 1
-            local += 1
-
-
 def _arrow_sample(row: tuple, sid: str, index: int, resolve: ImageResolver, where: str, local: int) -> Sample:
     """A :class:`_ArrowPlan` row (plain turns) through the same image and placeholder rules as
     :func:`parse_record`."""
@@ -1047,55 +1038,96 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
     root = resolve_root(image_root) if image_root is not None else None
     resolvers: dict[str, Any] = {}
     many = not source.single
-    n_records = n_yielded = n_skipped = 0
+    n_records = n_skipped = 0
+
+    def resolver(file: InputFile):  # image paths resolve relative to the record's own file
+        if root is not None:
+            return resolvers.get("") or resolvers.setdefault("", ImageResolver(root, root))
+        if file.local:
+            return resolvers.get(file.path) or resolvers.setdefault(
+                file.path, ImageResolver(None, file.base_dir or os.getcwd()))
+        return resolvers.get(file.path) or resolvers.setdefault(file.path, _RemoteImages(file.path))
+
+    def skip(p: _Problem, sid: str | None, file: InputFile, index: int, line: int | None, local: int) -> None:
+        if skip_log is None:
+            raise DatasetError(f"{file.path}: {_where(local, line)}" + (f" (id {sid!r})" if sid else "")
+                               + f": {p.detail}. Fix the record, or read with a SkipLog to skip such "
+                               "samples and continue", reason=p.reason, path=file.path, index=index,
+                               line=line, sample_id=sid) from None
+        skip_log.add(sid if sid is not None else p.sample_id, index, p.reason, p.detail, line=line,
+                     file=file.path if many else None)
+
     with IdRegistry() as registry:  # duplicate ids: constant memory, checked once every id is known
         add_id = registry.add
-        file = resolve = None
-        stream = _arrow_stream(source, id_field, registry) if source.has_batches() else source.iter_records()
-        for index, line, record, f, local in stream:
-            n_records += 1
-            if f is not file:  # once per file: image paths resolve relative to the record's own file
-                file = f
-                if root is not None:
-                    resolve = resolvers.get("") or resolvers.setdefault("", ImageResolver(root, root))
-                elif file.local:
-                    resolve = resolvers.get(file.path) or resolvers.setdefault(
-                        file.path, ImageResolver(None, file.base_dir or os.getcwd()))
-                else:
-                    resolve = resolvers.get(file.path) or resolvers.setdefault(file.path, _RemoteImages(file.path))
-            sid = None
+
+        def record_sample(record: Any, index: int, line: int | None, file: InputFile, local: int, resolve,
+                          sid: str | None = None) -> Sample:
+            """The record path (a row dict): the sample, or ``_Problem`` carrying the id read so far."""
             try:
                 if isinstance(record, UnusableRecord):  # the container already knows why it is unusable
                     sid = record.sample_id
                     raise _Problem(record.reason, record.detail)
-                if type(record) is tuple:  # an _ArrowPlan row (see there)
-                    sid = record[0]
-                    if sid is None:  # an id that needs the check (the plain ones are registered)
-                        sid = record_id({id_field: record[1]}, id_field)
-                        add_id(sid, index)
-                    if record[2] is not None:
-                        sample = _arrow_sample(record, sid, index, resolve, file.name, local)
-                    else:  # turns that are not plain: the record path decides
-                        sample = parse_record(record[5].value(), index=index, line=line, resolve=resolve,
-                                              id_field=id_field, sample_id=sid, where=file.name, local=local)
-                else:
+                if sid is None:
                     sid = record_id(record, id_field)
                     add_id(sid, index)
-                    sample = parse_record(record, index=index, line=line, resolve=resolve, id_field=id_field,
-                                          sample_id=sid, where=file.name, local=local)
+                return parse_record(record, index=index, line=line, resolve=resolve, id_field=id_field,
+                                    sample_id=sid, where=file.name, local=local)
             except _Problem as p:
-                if skip_log is None:
-                    raise DatasetError(f"{file.path}: {_where(local, line)}" + (f" (id {sid!r})" if sid else "")
-                                       + f": {p.detail}. Fix the record, or read with a SkipLog to skip such "
-                                       "samples and continue", reason=p.reason, path=file.path, index=index,
-                                       line=line, sample_id=sid) from None
-                skip_log.add(sid if sid is not None else p.sample_id, index, p.reason, p.detail, line=line,
-                             file=file.path if many else None)
-                n_skipped += 1
-                continue
-            n_yielded += 1
-            yield sample
+                p.read_id = sid
+                raise
+
+        if source.has_batches():  # Arrow: column-wise per batch where the schema allows (_ArrowPlan)
+            plans: dict = {}
+            file = resolve = None
+            for index0, batch, f, local0 in source.iter_batches():
+                if f is not file:
+                    file, resolve = f, resolver(f)
+                n_records += batch.num_rows
+                schema = batch.schema
+                plan = plans[schema] if schema in plans else plans.setdefault(
+                    schema, _ArrowPlan.for_schema(schema, id_field))
+                rows = plan.rows(batch, index0, registry) if plan is not None else None
+                if rows is None:
+                    for i, record in enumerate(batch.to_pylist()):
+                        try:
+                            sample = record_sample(record, index0 + i, None, file, local0 + i, resolve)
+                        except _Problem as p:
+                            skip(p, p.read_id, file, index0 + i, None, local0 + i)
+                            n_skipped += 1
+                            continue
+                        yield sample
+                    continue
+                where = file.name
+                for i, row in enumerate(rows):
+                    sid = row[0]
+                    try:
+                        if sid is None:  # an id that needs the check (the plain ones are registered)
+                            sid = record_id({id_field: row[1]}, id_field)
+                            add_id(sid, index0 + i)
+                        if row[2] is not None:
+                            sample = _arrow_sample(row, sid, index0 + i, resolve, where, local0 + i)
+                        else:  # turns that are not plain: the record path decides
+                            sample = record_sample(row[5].value(), index0 + i, None, file, local0 + i, resolve, sid)
+                    except _Problem as p:
+                        skip(p, sid, file, index0 + i, None, local0 + i)
+                        n_skipped += 1
+                        continue
+                    yield sample
+        else:
+            file = resolve = None
+            for index, line, record, f, local in source.iter_records():
+                n_records += 1
+                if f is not file:
+                    file, resolve = f, resolver(f)
+                try:
+                    sample = record_sample(record, index, line, file, local, resolve)
+                except _Problem as p:
+                    skip(p, p.read_id, file, index, line, local)
+                    n_skipped += 1
+                    continue
+                yield sample
         _raise_duplicates(source, registry, id_field)
+    n_yielded = n_records - n_skipped
     if n_records == 0:
         raise DatasetError(f"dataset {source.label!r} is empty (no records)", reason="empty",
                            path=source.files[0].path if source.files else None)
