@@ -150,10 +150,13 @@ def test_llava_struct_images_match_the_record_path(tmp_path):
     assert by_id["a1"].source == "fallback"
 
 
-def test_null_struct_in_a_batch_and_small_row_groups(tmp_path):
+@pytest.mark.parametrize("odd", ["image", "turn"])
+def test_null_struct_in_a_batch_and_small_row_groups(tmp_path, odd):
     rows = _llava_rows()[:8]
-    rows[5] = dict(rows[5], images=[None, {"bytes": _png(9), "path": None}])  # a null struct element
-    rows[6] = dict(rows[6], conversations=[None, {"from": "human", "value": "hi"}])  # a null turn
+    if odd == "image":
+        rows[5] = dict(rows[5], images=[None, {"bytes": _png(9), "path": None}])  # a null struct element
+    else:
+        rows[6] = dict(rows[6], conversations=[None, {"from": "human", "value": "hi"}])  # a null turn
     tables = _write(tmp_path, [pa.Table.from_pylist(rows, schema=_LLAVA)], row_group_size=3)
     _check(str(tmp_path), tables, str(tmp_path))
 

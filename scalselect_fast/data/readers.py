@@ -879,14 +879,6 @@ class _ArrowPlan:
             ids = [None if v is None else str(v) for v in ids.to_pylist()]
         else:
             ids = ids.to_pylist()
-        # ids that need no checking are registered here, for the whole batch; the others are None
-        # in `sids` and go through record_id row by row (which also registers them)
-        sids = [v if v and "\n" not in v and "\r" not in v else None for v in ids]
-        if None in sids:
-            at = [i for i, v in enumerate(sids) if v is not None]
-            registry.add_many([sids[i] for i in at], [index + i for i in at])
-        else:
-            registry.add_many(sids, range(index, index + n))
         if self.kind is None:
             imgs = [()] * n
         else:
@@ -912,6 +904,15 @@ class _ArrowPlan:
         else:
             cols = [batch.column(f).to_pylist() for f in self.sources]
             sources = [record_source(dict(zip(self.sources, vals))) for vals in zip(*cols)]
+        # ids that need no checking are registered here, for the whole batch (last: after this, the
+        # batch is not handed back to the record path); the others are None in `sids` and go
+        # through record_id row by row, which registers them
+        sids = [v if v and "\n" not in v and "\r" not in v else None for v in ids]
+        if None in sids:
+            at = [i for i, v in enumerate(sids) if v is not None]
+            registry.add_many([sids[i] for i in at], [index + i for i in at])
+        else:
+            registry.add_many(sids, range(index, index + n))
         lazy = map(LazyRow, repeat(batch, n), range(n))
         return list(zip(sids, ids, msgs, imgs, sources, lazy, repeat(self.img_field, n)))
 
