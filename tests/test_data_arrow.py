@@ -215,6 +215,9 @@ def test_datasets_object_and_save_to_disk_match_the_record_path(tmp_path):
     _check(ds, [(pseudo, table)], os.getcwd())
     ds.save_to_disk(str(tmp_path / "hf"))
     _check(str(tmp_path / "hf"), [("hf", table)], str(tmp_path))  # paths relative to the folder holding it
+    sliced = table.slice(2, 9)  # batches that are slices: list offsets not starting at 0
+    assert sliced.column("conversations").chunk(0).offsets[0].as_py() > 0
+    _check(datasets.Dataset(sliced), [(f"<datasets.Dataset ({sliced.num_rows} rows)>", sliced)], os.getcwd())
     view = ds.select([3, 0, 1])  # an indices mapping: batches through with_format("arrow")
     _check(view, [("<datasets.Dataset (3 rows)>", table.take([3, 0, 1]))], os.getcwd())
 

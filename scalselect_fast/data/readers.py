@@ -789,6 +789,21 @@ def _image_struct(t) -> bool:
             and _is_str(t.field("path").type))
 
 
+def _bounds(col) -> list[int]:
+    """Row boundaries of a (sliced) list array inside its ``flatten()``: ``n + 1`` ints from 0."""
+    offs = col.offsets.to_pylist()
+    return [o - offs[0] for o in offs] if offs[0] else offs
+
+
+def _values(col, bounds: list[int]):
+    """``col.flatten()`` (the list elements of the rows, in order), as a slice of the child array when
+    no row is null (a null row may own a range of the child that flatten() leaves out)."""
+    if col.null_count:
+        return col.flatten()
+    first = col.offsets[0].as_py()
+    return col.values.slice(first, bounds[-1])
+
+
 class _ArrowPlan:
     """How to take the fields a :class:`Sample` needs straight from the columns of Arrow record batches
     of one schema (decided once per schema, not per record), instead of building each row as a dict.
@@ -857,25 +872,23 @@ class _ArrowPlan:
         conv = batch.column(self.key)
         if conv.null_count:
             return None
-        turns = conv.flatten()
+        bounds = _bounds(conv)
+        turns = _values(conv, bounds)
         if turns.null_count:
             return None
-        offs = conv.offsets.to_pylist()
-        base = offs[0]
-        aliases = _ROLE_ALIASES
-        roles = [aliases.get(r) for r in turns.field(self.role_f).to_pylist()]
+        roles = list(map(_ROLE_ALIASES.get, turns.field(self.role_f).to_pylist()))
         texts = turns.field(self.text_f).to_pylist()
         # every turn's message at once, then one slice per row
         flat = [{"role": r, "content": c} for r, c in zip(roles, texts)]
-        bounds = [o - base for o in offs]
-        msgs = [flat[bounds[i]:bounds[i + 1]] for i in range(n)]
+        msgs = list(map(flat.__getitem__, map(slice, bounds[:-1], bounds[1:])))
         if None in roles or None in texts or not all(msgs):
             for i in range(n):  # turns that are not plain: that row goes through the record path
                 a, b = bounds[i], bounds[i + 1]
                 if a == b or None in roles[a:b] or None in texts[a:b]:
                     msgs[i] = None
         ids = batch.column(self.id_field)
-        if pt.is_integer(ids.type):
+        int_ids = pt.is_integer(ids.type)  # str(int) is never empty and holds no line break
+        if int_ids:
             ids = [None if v is None else str(v) for v in ids.to_pylist()]
         else:
             ids = ids.to_pylist()
@@ -884,17 +897,19 @@ class _ArrowPlan:
         else:
             col = batch.column(self.img_field)
             if self.kind == "struct_list":
-                structs = col.flatten()
+                ib = _bounds(col)
+                structs = _values(col, ib)
                 if structs.null_count:
                     return None
-                ioffs = col.offsets.to_pylist()
-                ib = ioffs[0]
                 pairs = list(zip(structs.field("bytes").to_pylist(), structs.field("path").to_pylist()))
-                imgs = [pairs[ioffs[i] - ib:ioffs[i + 1] - ib] for i in range(n)]
+                if len(pairs) == n and not col.null_count:  # one image per row (the usual case)
+                    imgs = list(zip(pairs))
+                else:
+                    imgs = list(map(pairs.__getitem__, map(slice, ib[:-1], ib[1:])))
             elif self.kind == "struct":
-                imgs = [[p] for p in zip(col.field("bytes").to_pylist(), col.field("path").to_pylist())]
+                imgs = list(zip(zip(col.field("bytes").to_pylist(), col.field("path").to_pylist())))
             else:
-                imgs = [[v] for v in col.to_pylist()]
+                imgs = list(zip(col.to_pylist()))
             if col.null_count:  # a null image field: no images, as for a record with "images": null
                 imgs = [x if ok else () for ok, x in zip(col.is_valid().to_pylist(), imgs)]
         if self.one_str_source:
@@ -907,7 +922,7 @@ class _ArrowPlan:
         # ids that need no checking are registered here, for the whole batch (last: after this, the
         # batch is not handed back to the record path); the others are None in `sids` and go
         # through record_id row by row, which registers them
-        sids = [v if v and "\n" not in v and "\r" not in v else None for v in ids]
+        sids = ids if int_ids else [v if v and "\n" not in v and "\r" not in v else None for v in ids]
         if None in sids:
             at = [i for i, v in enumerate(sids) if v is not None]
             registry.add_many([sids[i] for i in at], [index + i for i in at])
