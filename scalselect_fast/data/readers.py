@@ -938,7 +938,10 @@ def _arrow_sample(row: tuple, sid: str, index: int, resolve: ImageResolver, wher
     _sid, _vid, messages, imgs, src, lazy, plan_field = row
     if imgs:
         if type(imgs[0]) is tuple:
-            raw = [_struct_ref(d, p, plan_field, i) for i, (d, p) in enumerate(imgs)]
+            if len(imgs) == 1:  # the usual case, without the loop
+                raw = [_struct_ref(imgs[0][0], imgs[0][1], plan_field, 0)]
+            else:
+                raw = [_struct_ref(d, p, plan_field, i) for i, (d, p) in enumerate(imgs)]
         else:
             raw = [_bytes_ref(v, plan_field, i) for i, v in enumerate(imgs)]
     else:
