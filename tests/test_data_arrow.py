@@ -230,3 +230,18 @@ def test_duplicate_ids_across_shards_are_found_on_the_batch_path(tmp_path):
     with pytest.raises(DatasetError, match="duplicate id 'a1'") as e:
         list(read_dataset(str(tmp_path)))
     assert e.value.reason == "duplicate_id" and e.value.index == 3
+
+
+def test_null_image_list_that_owns_child_elements(tmp_path):
+    """A null list row may still own a range of the child array (Arrow allows it); its images are
+    none at all, and the next rows' images stay theirs."""
+    structs = pa.array([{"bytes": _png(k), "path": None} for k in range(3)], type=IMG)
+    images = pa.ListArray.from_arrays(pa.array([0, 1, 2, 3], pa.int32()), structs,
+                                      mask=pa.array([False, True, False]))
+    conv = pa.array([_turns(("human", "<image> a")), _turns(("human", "no image")), _turns(("human", "<image> c"))],
+                    type=_LLAVA.field("conversations").type)
+    table = pa.table({"id": ["n0", "n1", "n2"], "images": images, "conversations": conv})
+    assert table.column("images").to_pylist()[1] is None
+    datasets = pytest.importorskip("datasets")
+    got, _ = _check(datasets.Dataset(table), [("<datasets.Dataset (3 rows)>", table)], os.getcwd())
+    assert [len(s.images) for s in got] == [1, 0, 1] and got[2].images[0].data == _png(2)

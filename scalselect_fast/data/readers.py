@@ -796,12 +796,10 @@ def _bounds(col) -> list[int]:
 
 
 def _values(col, bounds: list[int]):
-    """``col.flatten()`` (the list elements of the rows, in order), as a slice of the child array when
-    no row is null (a null row may own a range of the child that flatten() leaves out)."""
-    if col.null_count:
-        return col.flatten()
-    first = col.offsets[0].as_py()
-    return col.values.slice(first, bounds[-1])
+    """The child array of a (sliced) list array over its rows' ranges, ``bounds`` (from
+    :func:`_bounds`) indexing into it. Unlike ``flatten()`` it keeps the range a null row may own,
+    so the bounds stay aligned (null rows are dropped by their validity instead)."""
+    return col.values.slice(col.offsets[0].as_py(), bounds[-1])
 
 
 class _ArrowPlan:
