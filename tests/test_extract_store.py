@@ -198,3 +198,31 @@ def test_an_unexpected_encoder_failure_names_the_sample():
         _encode_one(Refusing(), item, loader=lambda p: p)
     skipped = _encode_one(Refusing(), ("s-18", 18, None, [], []), loader=lambda p: p)
     assert isinstance(skipped, _Skip) and "text-only" in skipped.detail
+
+
+def test_worker_results_travel_as_numpy_and_come_back_as_the_same_tensors():
+    """Encoded samples cross the worker pipe as numpy arrays (no torch shared-memory handles, which
+    hung in workers forked from a threaded parent) and are restored bit for bit, bf16 included."""
+    import pickle
+
+    import torch
+
+    from scalselect_fast.extract.loop import _from_wire, _Skip, _to_wire
+    from scalselect_fast.extract.model import Encoded
+
+    g = torch.Generator().manual_seed(0)
+    inputs = {"pixel_values": torch.randn(2, 3, 5, 7, generator=g),
+              "pixel_bf16": torch.randn(3, 4, generator=g).to(torch.bfloat16),
+              "image_grid_thw": torch.tensor([[1, 4, 6]]), "note": "kept as is"}
+    enc = Encoded("s1", np.arange(5, dtype=np.int64), np.zeros(5, np.int8), dict(inputs))
+    wire = _to_wire(enc)
+    assert not any(isinstance(v, torch.Tensor) or (isinstance(v, tuple) and isinstance(v[1], torch.Tensor))
+                   for v in wire.image_inputs.values())
+    back = _from_wire(pickle.loads(pickle.dumps(wire)))
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor):
+            assert back.image_inputs[k].dtype == v.dtype and torch.equal(back.image_inputs[k], v), k
+        else:
+            assert back.image_inputs[k] == v
+    skip = _Skip("s2", 3, "text_only", "no image", None)
+    assert _from_wire(_to_wire(skip)) is skip

@@ -105,7 +105,41 @@ _WORKER: dict = {}
 
 
 def _worker_encode(item):
-    return _encode_one(_WORKER["encoder"], item, _WORKER["loader"])
+    return _to_wire(_encode_one(_WORKER["encoder"], item, _WORKER["loader"]))
+
+
+# Encoded samples come back from the workers as numpy arrays, not torch tensors: pickling a CPU
+# tensor goes through torch's shared-memory file descriptors, and in a process forked from a parent
+# with live threads (a Dask client, progress monitors) that hung forever inside _share_fd_cpu_.
+def _to_wire(res):
+    if not hasattr(res, "image_inputs"):
+        return res  # a _Skip
+    import torch
+
+    wire = {}
+    for k, v in res.image_inputs.items():
+        if isinstance(v, torch.Tensor):
+            v = v.detach().cpu()
+            # numpy has no bfloat16: its bits travel as int16 and are viewed back
+            v = ("bf16", v.view(torch.int16).numpy()) if v.dtype == torch.bfloat16 else ("t", v.numpy())
+        wire[k] = v
+    res.image_inputs = wire
+    return res
+
+
+def _from_wire(res):
+    if not hasattr(res, "image_inputs"):
+        return res
+    import torch
+
+    out = {}
+    for k, v in res.image_inputs.items():
+        if isinstance(v, tuple) and len(v) == 2 and v[0] in ("t", "bf16"):
+            t = torch.from_numpy(v[1])
+            v = t.view(torch.bfloat16) if v[0] == "bf16" else t
+        out[k] = v
+    res.image_inputs = out
+    return res
 
 
 class _EncodePool:
@@ -137,7 +171,7 @@ class _EncodePool:
         fut, items = handle
         if fut is None:
             return [_encode_one(self.encoder, it, self.loader) for it in items]
-        return fut.get()
+        return [_from_wire(r) for r in fut.get()]
 
     def close(self):
         if self.pool is not None:
