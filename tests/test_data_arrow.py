@@ -86,10 +86,13 @@ def _llava_rows():
         {"id": "a5", "images": [{"bytes": b"", "path": "pics/empty-bytes.jpg"}], "source": "s", "dataset": None,
          "conversations": _turns(("human", q), ("gpt", a))},
         # no images (null and empty list), text only
-        {"id": "a6", "images": None, "source": "t", "dataset": None, "conversations": _turns(("human", "hi"), ("gpt", "hello"))},
-        {"id": "a7", "images": [], "source": "t", "dataset": None, "conversations": _turns(("user", "hi"), ("assistant", "yo"))},
+        {"id": "a6", "images": None, "source": "t", "dataset": None,
+         "conversations": _turns(("human", "hi"), ("gpt", "hello"))},
+        {"id": "a7", "images": [], "source": "t", "dataset": None,
+         "conversations": _turns(("user", "hi"), ("assistant", "yo"))},
         # role spellings the alias table only knows in lower case; unknown role; null text; empty turns
-        {"id": "a8", "images": None, "source": "t", "dataset": None, "conversations": _turns(("Human", "hi"), ("GPT", "x"))},
+        {"id": "a8", "images": None, "source": "t", "dataset": None,
+         "conversations": _turns(("Human", "hi"), ("GPT", "x"))},
         {"id": "a9", "images": None, "source": "t", "dataset": None, "conversations": _turns(("narrator", "hi"))},
         {"id": "a10", "images": None, "source": "t", "dataset": None, "conversations": _turns(("human", None))},
         {"id": "a11", "images": None, "source": "t", "dataset": None, "conversations": []},

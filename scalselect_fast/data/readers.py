@@ -737,7 +737,8 @@ def _assemble(sid: str, messages: list[dict], part_paths: list[Any], n_parts: in
         if type(p) is tuple:  # (bytes, name or None) from _image_refs
             data, name = p
             if not name:
-                name = (f"{where}#{index if local is None else local}/image{i}" if where else f"record {index}/image{i}")
+                name = (f"{where}#{index if local is None else local}/image{i}" if where
+                        else f"record {index}/image{i}")
             images.append(EmbeddedImage(data, name))
         elif isinstance(p, EmbeddedImage):
             images.append(p)
