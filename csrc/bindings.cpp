@@ -1,7 +1,7 @@
 // pybind11 module definition for scalselect_fast._native.
 //
 // Only argument plumbing lives here; each concern has its own .cpp (center, leverage, topk, decode,
-// blas). The Python-facing contracts are documented in scalselect_fast/native.py, the only module
+// blas, arrow_rows). The Python-facing contracts are documented in scalselect_fast/native.py, the only module
 // that imports this extension.
 #include <pybind11/pybind11.h>
 
@@ -9,6 +9,7 @@
 #include "common.h"
 #include "decode.h"
 #include "kernels.h"
+#include "arrow_rows.h"
 
 namespace py = pybind11;
 
@@ -51,6 +52,9 @@ PYBIND11_MODULE(_native, m) {
           "Top budget of one block; see scalselect_fast.native.top_k_block.");
     m.def("top_k_merge", &ssf::top_k_merge, py::arg("parts"), py::arg("budget"),
           "Merge top-k lists; see scalselect_fast.native.top_k_merge.");
+
+    m.def("arrow_samples", &ssf::arrow_samples, py::arg("spec"), py::arg("start"), py::arg("stop"),
+          "Samples from one Arrow record batch's buffers; see scalselect_fast.native.arrow_samples.");
 
     m.def("cpu_features", &cpu_features, "Instruction-set extensions the running CPU supports.");
     m.def("set_simd_enabled", &ssf::set_simd_enabled, py::arg("on"),

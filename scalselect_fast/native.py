@@ -338,3 +338,47 @@ def top_k_merge(parts: list[tuple[np.ndarray, np.ndarray]], budget: int) -> tupl
     if _native is not None:
         return _native.top_k_merge(list(parts), int(budget))
     return _top_k_merge_py(parts, budget)
+
+
+# ------------------------------------------------------------------------------------------------
+# the dataset readers' Arrow front end (data/arrow.py)
+# ------------------------------------------------------------------------------------------------
+def arrow_samples(spec: dict, start: int, stop: int) -> tuple[list, list[int], np.ndarray]:
+    """The plain rows ``start:stop`` of one Arrow record batch as ``Sample`` objects, built in native code.
+
+    Native only: its pure-Python counterpart is the readers' record path
+    (:func:`scalselect_fast.data.readers.parse_record` on each row dict), which the readers use
+    instead when the extension is not built (:data:`HAVE_NATIVE`), and which the tests compare
+    this against row by row. The caller, :class:`scalselect_fast.data.arrow.ArrowPlan`, prepares
+    ``spec``; see ``csrc/arrow_rows.cpp`` for what a plain row is.
+
+    Parameters
+    ----------
+    spec : dict
+        ``n`` (rows in the batch), ``index`` / ``local`` (record number of its first row in the
+        dataset / in its file), ``where`` (the file's name), ``token`` (the image placeholder),
+        ``user`` (the role images go before), ``aliases`` (role spelling -> role),
+        ``sample_cls``/``sample_slots`` and ``image_cls``/``image_slots`` (the classes and their
+        ``__slots__`` descriptors, filled without ``__init__``), ``raw`` (``Sample.raw`` of every
+        row); the columns as Arrow buffers: ``ids`` (a string array as ``(validity, offsets, data,
+        offset, length, large)``; or ``id_list``, a list of str), ``turns`` (the list array as
+        ``(validity, offsets, offset, length, large)``), ``turn_valid`` (``(validity, offset,
+        length)`` of its structs), ``roles``, ``texts``; optionally ``image_kind`` (``"struct_list"``
+        / ``"struct"`` / ``"bytes"``) with ``image_bytes``, ``image_paths`` (or None),
+        ``image_valid`` and ``image_rows``; ``source`` (a string array) or ``source_list``.
+    start, stop : int
+        The rows to build, ``0 <= start <= stop <= n``. Building a batch a slice at a time lets
+        the consumer drop samples before the garbage collector promotes them (a 1024-row batch
+        built at once was 5x slower, nearly all of it in full collections).
+
+    Returns
+    -------
+    samples : list of Sample or None, length stop - start
+    others : list of int
+        Rows (of the batch) left to the record path (``None`` in ``samples``), ascending.
+    digests : ndarray of int64, shape (stop - start,)
+        ``hash(id)`` of each plain row (0 elsewhere), for the duplicate-id registry.
+    """
+    if _native is None:
+        raise RuntimeError("arrow_samples needs the native extension; read through the record path instead")
+    return _native.arrow_samples(spec, int(start), int(stop))

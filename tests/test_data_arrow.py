@@ -1,7 +1,7 @@
 """The Arrow batch front end of the readers (Parquet, ``save_to_disk``, ``datasets.Dataset``).
 
 ``read_dataset`` takes the columns a sample needs straight from each Arrow record batch
-(``readers._ArrowPlan``). The slow, obvious reference here is the per-record path: every row of the
+(``arrow.ArrowPlan``). The slow, obvious reference here is the per-record path: every row of the
 same file as ``pyarrow``'s ``to_pylist`` dict, through ``parse_record`` one at a time. Both must give
 identical samples (id, images, messages, source, index, line, raw) and skip the same records for the
 same reasons, on inputs chosen to hit every branch: multi-image rows, null structs, path-only
@@ -20,7 +20,9 @@ from PIL import Image
 
 from scalselect_fast.data import read_dataset
 from scalselect_fast.data.images import ImageResolver
-from scalselect_fast.data.readers import _ArrowPlan, _Problem, parse_record, record_id
+from scalselect_fast.data.arrow import CHUNK_ROWS, ArrowPlan
+from scalselect_fast.native import HAVE_NATIVE
+from scalselect_fast.data.readers import _Problem, parse_record, record_id
 
 IMG = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
@@ -141,7 +143,7 @@ def test_llava_struct_images_match_the_record_path(tmp_path):
     # shard 0: every odd row; shard 1: the plain rows only (no row needs the record path)
     tables = _write(tmp_path, [pa.Table.from_pylist(rows, schema=_LLAVA),
                                pa.Table.from_pylist([dict(r, id=f"p{r['id']}") for r in rows[:3]], schema=_LLAVA)])
-    assert _ArrowPlan.for_schema(_LLAVA, "id") is not None  # the fast path is what is tested
+    assert (ArrowPlan.for_schema(_LLAVA, "id") is not None) == HAVE_NATIVE  # the fast path is what is tested
     got, skips = _check(str(tmp_path), tables, str(tmp_path))
     reasons = {r for _, r in skips}
     assert {"image_empty", "invalid_field", "missing_field", "image_placeholder_mismatch", "invalid_id"} <= reasons
@@ -174,7 +176,7 @@ def test_sharegpt_binary_column_and_int_ids(tmp_path):
             {"id": None, "image": _png(2), "task": "ocr", "messages": _turns(("user", "x"), keys=("role", "content"))},
             {"id": 5, "image": _png(3), "task": None, "messages": _turns(("bot", "first"), ("user", "then"),
                                                                           keys=("role", "content"))}]
-    assert _ArrowPlan.for_schema(schema, "id") is not None
+    assert (ArrowPlan.for_schema(schema, "id") is not None) == HAVE_NATIVE
     tables = _write(tmp_path, [pa.Table.from_pylist(rows, schema=schema)])
     got, skips = _check(str(tmp_path), tables, str(tmp_path))
     assert [s.id for s in got] == ["1", "2", "5"] and [r for _, r in skips] == ["image_empty", "missing_field"]
@@ -196,13 +198,13 @@ def test_cauldron_texts_and_path_lists_take_the_record_path(tmp_path):
              "texts": [{"user": "Compare.", "assistant": "Same.", "source": "cauldron/x"},
                        {"user": "Sure?", "assistant": None, "source": None}]},
             {"id": "c1", "images": [], "texts": [{"user": "Hi", "assistant": "Yo", "source": None}]}]
-    assert _ArrowPlan.for_schema(schema, "id") is None
+    assert ArrowPlan.for_schema(schema, "id") is None
     d1 = tmp_path / "cauldron"
     d1.mkdir()
     _check(str(d1), _write(d1, [pa.Table.from_pylist(rows, schema=schema)]), str(d1))
     paths = pa.schema([("id", pa.string()), ("images", pa.list_(pa.string())),
                        ("conversations", _LLAVA.field("conversations").type)])
-    assert _ArrowPlan.for_schema(paths, "id") is None
+    assert ArrowPlan.for_schema(paths, "id") is None
     d2 = tmp_path / "paths"
     d2.mkdir()
     rows = [{"id": "p0", "images": ["a.jpg", "b.jpg"], "conversations": _turns(("human", "<image><image>"))}]
@@ -248,3 +250,81 @@ def test_null_image_list_that_owns_child_elements(tmp_path):
     datasets = pytest.importorskip("datasets")
     got, _ = _check(datasets.Dataset(table), [("<datasets.Dataset (3 rows)>", table)], os.getcwd())
     assert [len(s.images) for s in got] == [1, 0, 1] and got[2].images[0].data == _png(2)
+
+
+def _many_rows(n: int, seed: int) -> list[dict]:
+    """n rows mixing plain ones with every kind the native side leaves to the record path."""
+    import random
+
+    rng = random.Random(seed)
+    plain, odd = _llava_rows()[:3], _llava_rows()[3:]
+    out = []
+    for i in range(n):
+        base = rng.choice(odd) if rng.random() < 0.15 else rng.choice(plain)
+        out.append(dict(base, id=f"r{i}" if base["id"] not in (None, "", "bad\nid") else base["id"],
+                        source=rng.choice(["vqa", "", None, "ocr"])))
+    return out
+
+
+def test_batches_longer_than_a_chunk_with_odd_rows_anywhere(tmp_path):
+    """Rows are built CHUNK_ROWS at a time: plain and odd rows on both sides of every chunk edge keep
+    their order, indices, names and skips."""
+    rows = _many_rows(3 * CHUNK_ROWS + 17, seed=1)
+    tables = _write(tmp_path, [pa.Table.from_pylist(rows, schema=_LLAVA)], row_group_size=1000)
+    got, skips = _check(str(tmp_path), tables, str(tmp_path))
+    assert len(got) + len(skips) == len(rows) and len(skips) > 10
+
+
+def test_large_types_and_several_source_fields(tmp_path):
+    """64-bit offsets (large_string / large_binary / large_list) and a source taken from the first
+    of several fields."""
+    img = pa.struct([("bytes", pa.large_binary()), ("path", pa.large_string())])
+    turn = pa.struct([("from", pa.large_string()), ("value", pa.large_string())])
+    schema = pa.schema([("id", pa.large_string()), ("images", pa.large_list(img)), ("source", pa.large_string()),
+                        ("dataset", pa.large_string()), ("conversations", pa.large_list(turn))])
+    rows = _many_rows(60, seed=2)
+    tables = _write(tmp_path, [pa.Table.from_pylist(rows, schema=schema)])
+    if HAVE_NATIVE:
+        plan = ArrowPlan.for_schema(schema, "id")
+        assert plan is not None and plan.large["text"] and plan.large["turns"] and plan.large["bytes"]
+    _check(str(tmp_path), tables, str(tmp_path))
+
+
+@pytest.mark.skipif(not HAVE_NATIVE, reason="the native extension is not in use")
+def test_native_builder_refuses_buffers_that_do_not_fit():
+    """The native side reads raw Arrow buffers: lengths and offsets that point outside them are a
+    ValueError, never a read past the end."""
+    from scalselect_fast.data.arrow import _bits, _list, _strings
+    from scalselect_fast.data.readers import _ROLE_ALIASES
+    from scalselect_fast.data.sample import IMAGE_TOKEN, EmbeddedImage, Sample
+    from scalselect_fast.native import arrow_samples
+    from scalselect_fast.data import arrow as arrow_mod
+
+    table = pa.Table.from_pylist(_llava_rows()[:3], schema=_LLAVA)
+    batch = table.to_batches()[0]
+    conv = batch.column("conversations")
+    turns = conv.values
+
+    def spec(**over):
+        s = {"n": 3, "index": 0, "local": 0, "where": "f", "token": IMAGE_TOKEN, "user": "user",
+             "aliases": _ROLE_ALIASES, "sample_cls": Sample, "sample_slots": arrow_mod._SAMPLE_SLOTS,
+             "image_cls": EmbeddedImage, "image_slots": arrow_mod._IMAGE_SLOTS, "raw": None,
+             "turns": _list(conv, False), "turn_valid": _bits(turns),
+             "roles": _strings(turns.field("from"), False), "texts": _strings(turns.field("value"), False),
+             "ids": _strings(batch.column("id"), False)}
+        s.update(over)
+        return s
+
+    out, others, _ = arrow_samples(spec(), 0, 3)  # no image column given: a0, a1's placeholders have no image
+    assert others == [0, 1] and out[:2] == [None, None] and out[2].id == "a2"
+    v, o, d, off, n, _ = _strings(turns.field("value"), False)
+    with pytest.raises(ValueError, match="offsets"):
+        arrow_samples(spec(texts=(v, o, d[:5], off, n, False)), 0, 3)  # values cut short
+    with pytest.raises(ValueError, match="offsets buffer too short"):
+        arrow_samples(spec(texts=(v, o, d, off, n, True)), 0, 3)  # int32 offsets read as int64
+    with pytest.raises(ValueError, match="wrong length"):
+        arrow_samples(spec(n=4), 0, 3)
+    with pytest.raises(ValueError, match="start, stop"):
+        arrow_samples(spec(), 2, 5)
+    with pytest.raises(TypeError, match="slot"):
+        arrow_samples(spec(sample_slots=arrow_mod._IMAGE_SLOTS * 3 + (arrow_mod._IMAGE_SLOTS[0],)), 0, 3)

@@ -193,6 +193,15 @@ def test_duplicate_keys_and_missing_shards(tmp_path):
     with pytest.raises(DatasetError) as e:
         list(read_dataset(str(tmp_path / "a" / "s-{0..1}.tar"), skip_log=SkipLog(tmp_path / "skip.jsonl")))
     assert e.value.reason == "duplicate_id" and "s-0.tar" in str(e.value) and "s-1.tar" in str(e.value)
+    # the pass before a run finds it too, reading the .json members only (ids from the key)
+    from scalselect_fast.data.readers import check_unique_ids
+    from scalselect_fast.data.sources import containers
+
+    assert containers()["webdataset"].ids is not None
+    with pytest.raises(DatasetError) as e:
+        check_unique_ids(str(tmp_path / "a" / "s-{0..1}.tar"))
+    assert e.value.reason == "duplicate_id" and "'id-k1'" not in str(e.value) and "'k1'" in str(e.value)
+    assert check_unique_ids(str(tmp_path / "a" / "s-0.tar")) == 1
     bad_json = _tar(tmp_path / "d.tar", [("k.json", b"{not json")])
     with pytest.raises(DatasetError, match=r"'k\.json' is not valid JSON"):
         list(iter_webdataset_records(bad_json))
@@ -549,3 +558,20 @@ def test_key_grouping_agrees_with_the_webdataset_package(tmp_path):
                       for s in wds.group_by_keys(wds.tar_file_expander([{"url": str(p), "stream": fh}]))]
         ours = [{m.ext: m.data for m in g.members} | {"__key__": g.key} for g in iter_key_groups(str(p))]
         assert ours == theirs and len(ours) >= 2
+
+
+def test_save_to_disk_ids_are_checked_from_the_id_column(tmp_path):
+    """The duplicate-id pass before a run reads a ``save_to_disk`` folder's id column only, and
+    names both records; integer ids count as their decimal strings, as the reader gives them."""
+    datasets = pytest.importorskip("datasets")
+    from scalselect_fast.data.readers import check_unique_ids
+
+    conv = [[{"from": "human", "value": "q"}]] * 4
+    datasets.Dataset.from_dict({"id": ["a", "b", "c", "b"], "conversations": conv}).save_to_disk(str(tmp_path / "s"))
+    with pytest.raises(DatasetError) as e:
+        check_unique_ids(tmp_path / "s")
+    assert e.value.reason == "duplicate_id" and e.value.index == 3 and "'b'" in str(e.value)
+    datasets.Dataset.from_dict({"id": [5, 6, 7, 8], "conversations": conv}).save_to_disk(str(tmp_path / "i"))
+    src = open_source(tmp_path / "i")
+    assert check_unique_ids(src) == 4 and src.counts() == [4]
+    assert [s.id for s in read_dataset(tmp_path / "i")] == ["5", "6", "7", "8"]

@@ -520,3 +520,25 @@ def test_config_file_data_list_and_url(tmp_path):
     assert load_config_file(tmp_path / "r2.toml")["data"] == "memory://b/train-*.parquet"
     with pytest.raises(RunError, match="setting data.*is not a path"):
         make_config(model="m", out="o", data=3)
+
+
+def test_run_record_table_reads_only_the_columns_it_needs(tmp_path):
+    """The select stage's pass over the records (ids, sources, quota fields) projects Arrow inputs
+    to those columns, and gives what the full records give."""
+    from scalselect_fast.data import iter_records, record_source
+    from scalselect_fast.run import make_config
+    from scalselect_fast.run.stages import _raw_records, _record_table
+
+    rows = [{"id": f"r{i}" if i != 3 else None, "images": [{"bytes": b"\x89PNG" * 50, "path": None}],
+             "dataset": ["a", "b", None][i % 3], "lang": ["en", None][i % 2], "conversations": _conv()}
+            for i in range(9)]
+    for j, part in enumerate((rows[:4], rows[4:])):
+        _write_parquet(tmp_path / "d" / f"p{j}.parquet", part)
+    cfg = make_config(data=str(tmp_path / "d"), model="m", out=str(tmp_path / "out"))
+    got = _record_table(cfg, ["lang", "source"])
+    full = [r for _i, _l, r in iter_records(str(tmp_path / "d"))]
+    assert got["ids"] == [None if r["id"] is None else str(r["id"]) for r in full]
+    assert got["sources"] == [record_source(r) for r in full] == ["a", "b", None] * 3
+    assert got["fields"]["lang"] == [r["lang"] for r in full]
+    assert got["fields"]["source"] == got["sources"]
+    assert all("images" not in r and "conversations" not in r for r in _raw_records(cfg, ["lang"]))

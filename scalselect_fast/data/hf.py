@@ -121,9 +121,28 @@ def _count_dir(file: InputFile) -> int:
     return _load(file).num_rows
 
 
+def _columns(ds: Any, columns: "list[str] | None") -> Any:
+    """``ds`` with only ``columns`` (those it has; all when ``None``), without copying data."""
+    if columns is None:
+        return ds
+    return ds.select_columns([c for c in ds.column_names if c in set(columns)])
+
+
+def _dir_ids(file: InputFile, id_field: str) -> Iterator[tuple[int, str | None]]:
+    """Container hook: every record's id from the id column alone (no image bytes are touched)."""
+    from .readers import arrow_ids, usable_id_type
+
+    ds = _load(file)
+    if id_field not in ds.column_names or not usable_id_type(ds.data.schema.field(id_field).type):
+        yield from ((i, None) for i in range(ds.num_rows))  # every record is skipped when read
+        return
+    yield from enumerate(arrow_ids(iter_dataset_batches(ds.select_columns([id_field]), file.path)))
+
+
 register_container(Container("datasets", iter_records=_iter_dir, count=_count_dir,
-                             is_dataset_dir=is_save_to_disk_dir,
-                             iter_batches=lambda f: iter_dataset_batches(_load(f), f.path)))
+                             is_dataset_dir=is_save_to_disk_dir, ids=_dir_ids,
+                             iter_batches=lambda f, columns=None: iter_dataset_batches(_columns(_load(f), columns),
+                                                                                       f.path)))
 
 
 class _ObjectSource(DataSource):
@@ -152,9 +171,9 @@ class _ObjectSource(DataSource):
     def has_batches(self) -> bool:
         return type(self.dataset).__name__ == "Dataset"
 
-    def iter_batches(self):
+    def iter_batches(self, columns: "list[str] | None" = None):
         i = 0
-        for batch in iter_dataset_batches(self.dataset, self.label):
+        for batch in iter_dataset_batches(_columns(self.dataset, columns), self.label):
             yield i, batch, self._pseudo, i
             i += batch.num_rows
 

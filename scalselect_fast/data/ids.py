@@ -83,6 +83,16 @@ class IdRegistry:
         if len(self._digests) >= BUFFER:
             self._spill()
 
+    def add_digests(self, digests: np.ndarray, indices: np.ndarray) -> None:
+        """:meth:`add` for ids whose ``hash()`` was already taken (``int64`` each, the signed values
+        ``hash`` returns, e.g. by the native Arrow reader), at record ``indices`` (``int64``)."""
+        digests = np.ascontiguousarray(digests, dtype=np.int64)
+        self._digests.frombytes(digests.view(np.uint64).tobytes())
+        self._indices.frombytes(np.ascontiguousarray(indices, dtype=np.int64).tobytes())
+        self.count += len(digests)
+        if len(self._digests) >= BUFFER:
+            self._spill()
+
     def _pairs(self) -> np.ndarray:
         pairs = np.empty(len(self._digests), dtype=_PAIR)
         pairs["digest"] = np.frombuffer(self._digests, dtype=np.uint64)

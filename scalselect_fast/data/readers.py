@@ -35,10 +35,9 @@ not detected here (reading would have to decode every image): :func:`load_image`
 :class:`ImageError` for them when the pixels are needed.
 
 Arrow containers (Parquet, ``save_to_disk``, ``datasets.Dataset``) are read a record batch at a
-time: :class:`_ArrowPlan` (decided once per schema) takes the id, turns, image structs and source
-straight from the columns and feeds them to the same rules as :func:`parse_record`
-(:func:`_assemble`); rows it does not cover go through :func:`parse_record` on their row dict, and
-``Sample.raw`` is that dict, built on first access (:class:`~.sample.LazyRow`).
+time: :class:`~.arrow.ArrowPlan` (decided once per schema) builds the plain rows' samples from whole
+columns with the same rules; the rows it does not cover go through :func:`parse_record` on their row
+dict. ``Sample.raw`` of a plain row is built on first access (:class:`~.sample.LazyRow`).
 
 Memory: every container is streamed (a JSON list too: a bounded text window, see
 :class:`_JsonStream`), and duplicate ids are found with constant memory (:mod:`.ids`: 16 bytes per
@@ -51,13 +50,12 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from itertools import repeat
 from typing import Any
 
 from .ids import IdRegistry
 from .images import ImagePathError, ImageResolver, resolve_root
 from .sample import (IMAGE_TOKEN, REASON_IMAGE_EMPTY, REASON_INVALID_FIELD, REASON_INVALID_ID, REASON_MISSING_FIELD,
-                     REASON_PLACEHOLDER_MISMATCH, DatasetError, EmbeddedImage, LazyRow, Sample, UnusableRecord,
+                     REASON_PLACEHOLDER_MISMATCH, DatasetError, EmbeddedImage, Sample, UnusableRecord,
                      _where)
 from .sources import Container, DataSource, InputFile, containers, open_source, register_container
 
@@ -348,13 +346,17 @@ def _open_parquet(path: "str | InputFile"):
                            path=file.path) from None
 
 
-def _iter_parquet_batches(path: "str | InputFile", batch_rows: int = PARQUET_BATCH_ROWS) -> Iterator[Any]:
-    """The file's rows as Arrow record batches; a decoding failure names the file and the record."""
+def _iter_parquet_batches(path: "str | InputFile", batch_rows: int = PARQUET_BATCH_ROWS,
+                          columns: "list[str] | None" = None) -> Iterator[Any]:
+    """The file's rows as Arrow record batches (only ``columns``, those of them the file has, when
+    given: the others are not even decoded); a decoding failure names the file and the record."""
     file = _as_file(path)
     pf = _open_parquet(file)
+    if columns is not None:
+        columns = [c for c in pf.schema_arrow.names if c in set(columns)]
     index = 0
     try:
-        for batch in pf.iter_batches(batch_size=batch_rows):
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
             yield batch
             index += batch.num_rows
     except DatasetError:
@@ -420,24 +422,35 @@ def _record_ids(iter_records):
     return ids
 
 
-def _parquet_ids(file: InputFile, id_field: str):
+def arrow_ids(batches: Iterator[Any]) -> Iterator[str | None]:
+    """The ids in record batches of one id column (string or integer), as the readers take them:
+    ``str``, ``None`` where null or empty."""
     import pyarrow.compute as pc
     import pyarrow.types as pt
 
-    pf = _open_parquet(file)
-    field = pf.schema_arrow.field(id_field) if id_field in pf.schema_arrow.names else None
-    if field is None or not (pt.is_integer(field.type) or pt.is_string(field.type) or pt.is_large_string(field.type)):
-        # no usable id column: every record is skipped (missing/invalid id) when read
-        yield from ((i, None) for i in range(pf.metadata.num_rows))
-        return
-    local = 0
-    for batch in pf.iter_batches(batch_size=65536, columns=[id_field]):
+    for batch in batches:
         col = batch.column(0)
         if pt.is_integer(col.type):
             col = pc.cast(col, "string")
         for sid in col.to_pylist():
-            yield local, (sid or None)
-            local += 1
+            yield sid or None
+
+
+def usable_id_type(t) -> bool:
+    """Whether an Arrow column of type ``t`` can hold ids (string or integer)."""
+    import pyarrow.types as pt
+
+    return pt.is_integer(t) or pt.is_string(t) or pt.is_large_string(t)
+
+
+def _parquet_ids(file: InputFile, id_field: str):
+    pf = _open_parquet(file)
+    field = pf.schema_arrow.field(id_field) if id_field in pf.schema_arrow.names else None
+    if field is None or not usable_id_type(field.type):
+        # no usable id column: every record is skipped (missing/invalid id) when read
+        yield from ((i, None) for i in range(pf.metadata.num_rows))
+        return
+    yield from enumerate(arrow_ids(pf.iter_batches(batch_size=65536, columns=[id_field])))
 
 
 register_container(Container(
@@ -472,7 +485,7 @@ class _ParquetSchema:
 register_container(Container(
     "parquet", iter_records=_iter_parquet_rows, count=lambda f: _open_parquet(f).metadata.num_rows,
     sniff=lambda head, name: head[:4] == b"PAR1", extensions=(".parquet",), schema=_ParquetSchema,
-    ids=_parquet_ids, iter_batches=_iter_parquet_batches))
+    ids=_parquet_ids, iter_batches=lambda f, columns=None: _iter_parquet_batches(f, columns=columns)))
 
 
 def iter_records(path, format: str = "auto") -> Iterator[tuple[int, int | None, Any]]:
@@ -711,8 +724,8 @@ def parse_record(record: Any, *, index: int, line: int | None, resolve: ImageRes
 def _assemble(sid: str, messages: list[dict], part_paths: list[Any], n_parts: int, raw: list[Any],
               source: str | None, index: int, line: int | None, record: Any, resolve: ImageResolver,
               where: str | None, local: int | None) -> Sample:
-    """The rules every front end feeds (:func:`parse_record` per record dict, :class:`_ArrowPlan` per
-    Arrow batch): images from content parts, the placeholder rule, names for unnamed embedded
+    """The rules every record front end feeds (:func:`parse_record` per record dict; the column-wise
+    :class:`~.arrow.ArrowPlan` applies them to whole batches, pinned equal by the tests): images from content parts, the placeholder rule, names for unnamed embedded
     images, path resolution. ``raw`` holds the image refs of :func:`_image_refs`."""
     if not raw and n_parts:
         if any(p is None for p in part_paths):
@@ -766,186 +779,6 @@ def record_source(record: Any) -> str | None:
         if isinstance(v, (str, int)) and not isinstance(v, bool) and str(v):
             return str(v)
     return None
-
-
-# --------------------------------------------------------------------------------------------------
-# Arrow batches -> the same rules, column-wise
-# --------------------------------------------------------------------------------------------------
-_TURN_FIELDS = {"conversations": ("from", "value"), "messages": ("role", "content")}
-
-
-def _is_str(t) -> bool:
-    import pyarrow.types as pt
-    return pt.is_string(t) or pt.is_large_string(t)
-
-
-def _is_bin(t) -> bool:
-    import pyarrow.types as pt
-    return pt.is_binary(t) or pt.is_large_binary(t)
-
-
-def _image_struct(t) -> bool:
-    import pyarrow.types as pt
-    return (pt.is_struct(t) and {f.name for f in t} == {"bytes", "path"} and _is_bin(t.field("bytes").type)
-            and _is_str(t.field("path").type))
-
-
-def _bounds(col) -> list[int]:
-    """Row boundaries of a (sliced) list array inside its ``flatten()``: ``n + 1`` ints from 0."""
-    offs = col.offsets.to_pylist()
-    return [o - offs[0] for o in offs] if offs[0] else offs
-
-
-def _values(col, bounds: list[int]):
-    """The child array of a (sliced) list array over its rows' ranges, ``bounds`` (from
-    :func:`_bounds`) indexing into it. Unlike ``flatten()`` it keeps the range a null row may own,
-    so the bounds stay aligned (null rows are dropped by their validity instead)."""
-    return col.values.slice(col.offsets[0].as_py(), bounds[-1])
-
-
-class _ArrowPlan:
-    """How to take the fields a :class:`Sample` needs straight from the columns of Arrow record batches
-    of one schema (decided once per schema, not per record), instead of building each row as a dict.
-
-    It is a front end only: per row it yields ``(id, messages, images, source, LazyRow, image field)`` for
-    :func:`_arrow_sample`, which applies the same id, image-struct and placeholder rules as
-    :func:`parse_record` (:func:`record_id`, :func:`_struct_ref`, :func:`_assemble`). A row whose
-    turns are not plain (an unknown role spelling, a null, an empty list) gets ``messages=None`` and
-    goes through :func:`parse_record` on its row dict; a batch with null structs, and any schema
-    this plan does not cover (content parts, the ``texts`` flavour, both ``image`` and ``images``,
-    ...), goes through it whole. ``Sample.raw`` is a :class:`~.sample.LazyRow`: the row dict is
-    built if someone reads it.
-    """
-
-    @classmethod
-    def for_schema(cls, schema, id_field: str) -> "_ArrowPlan | None":
-        import pyarrow.types as pt
-
-        names = schema.names
-        if len(set(names)) != len(names) or id_field not in names:
-            return None
-        idt = schema.field(id_field).type
-        if not (_is_str(idt) or pt.is_integer(idt)):
-            return None
-        flavours = [k for k in ("conversations", "messages", "texts") if k in names]
-        if len(flavours) != 1 or flavours[0] not in _TURN_FIELDS:
-            return None
-        key = flavours[0]
-        role_f, text_f = _TURN_FIELDS[key]
-        t = schema.field(key).type
-        if not (pt.is_list(t) or pt.is_large_list(t)) or not pt.is_struct(t.value_type):
-            return None
-        sub = {f.name: f.type for f in t.value_type}
-        if not (role_f in sub and text_f in sub and _is_str(sub[role_f]) and _is_str(sub[text_f])):
-            return None
-        img_fields = [k for k in ("images", "image") if k in names]
-        kind = None
-        if len(img_fields) > 1:
-            return None
-        if img_fields:
-            it = schema.field(img_fields[0]).type
-            if (pt.is_list(it) or pt.is_large_list(it)) and _image_struct(it.value_type):
-                kind = "struct_list"
-            elif _image_struct(it):
-                kind = "struct"
-            elif _is_bin(it):
-                kind = "bytes"
-            else:
-                return None  # paths, lists of bytes, ...: the record path
-        sources = [f for f in SOURCE_FIELDS if f in names]
-        plan = cls()
-        plan.id_field, plan.key, plan.role_f, plan.text_f = id_field, key, role_f, text_f
-        plan.img_field = img_fields[0] if img_fields else None
-        plan.kind = kind
-        plan.sources = sources
-        plan.one_str_source = len(sources) == 1 and _is_str(schema.field(sources[0]).type)
-        return plan
-
-    def rows(self, batch, index: int, registry: IdRegistry) -> "list[tuple] | None":
-        """Per row ``(id or None, id value, messages or None, images, source, LazyRow, image field)``;
-        ``None`` when the batch needs the record path (null structs). The batch's first row is record
-        ``index``; the ids that need no check are added to ``registry`` here (``id`` not ``None``)."""
-        import pyarrow.types as pt
-
-        n = batch.num_rows
-        conv = batch.column(self.key)
-        if conv.null_count:
-            return None
-        bounds = _bounds(conv)
-        turns = _values(conv, bounds)
-        if turns.null_count:
-            return None
-        roles = list(map(_ROLE_ALIASES.get, turns.field(self.role_f).to_pylist()))
-        texts = turns.field(self.text_f).to_pylist()
-        # every turn's message at once, then one slice per row
-        flat = [{"role": r, "content": c} for r, c in zip(roles, texts)]
-        msgs = list(map(flat.__getitem__, map(slice, bounds[:-1], bounds[1:])))
-        if None in roles or None in texts or not all(msgs):
-            for i in range(n):  # turns that are not plain: that row goes through the record path
-                a, b = bounds[i], bounds[i + 1]
-                if a == b or None in roles[a:b] or None in texts[a:b]:
-                    msgs[i] = None
-        ids = batch.column(self.id_field)
-        int_ids = pt.is_integer(ids.type)  # str(int) is never empty and holds no line break
-        if int_ids:
-            ids = [None if v is None else str(v) for v in ids.to_pylist()]
-        else:
-            ids = ids.to_pylist()
-        if self.kind is None:
-            imgs = [()] * n
-        else:
-            col = batch.column(self.img_field)
-            if self.kind == "struct_list":
-                ib = _bounds(col)
-                structs = _values(col, ib)
-                if structs.null_count:
-                    return None
-                pairs = list(zip(structs.field("bytes").to_pylist(), structs.field("path").to_pylist()))
-                if len(pairs) == n and not col.null_count:  # one image per row (the usual case)
-                    imgs = list(zip(pairs))
-                else:
-                    imgs = list(map(pairs.__getitem__, map(slice, ib[:-1], ib[1:])))
-            elif self.kind == "struct":
-                imgs = list(zip(zip(col.field("bytes").to_pylist(), col.field("path").to_pylist())))
-            else:
-                imgs = list(zip(col.to_pylist()))
-            if col.null_count:  # a null image field: no images, as for a record with "images": null
-                imgs = [x if ok else () for ok, x in zip(col.is_valid().to_pylist(), imgs)]
-        if self.one_str_source:
-            sources = [v or None for v in batch.column(self.sources[0]).to_pylist()]
-        elif not self.sources:
-            sources = [None] * n
-        else:
-            cols = [batch.column(f).to_pylist() for f in self.sources]
-            sources = [record_source(dict(zip(self.sources, vals))) for vals in zip(*cols)]
-        # ids that need no checking are registered here, for the whole batch (last: after this, the
-        # batch is not handed back to the record path); the others are None in `sids` and go
-        # through record_id row by row, which registers them
-        sids = ids if int_ids else [v if v and "\n" not in v and "\r" not in v else None for v in ids]
-        if None in sids:
-            at = [i for i, v in enumerate(sids) if v is not None]
-            registry.add_many([sids[i] for i in at], [index + i for i in at])
-        else:
-            registry.add_many(sids, range(index, index + n))
-        lazy = map(LazyRow, repeat(batch, n), range(n))
-        return list(zip(sids, ids, msgs, imgs, sources, lazy, repeat(self.img_field, n)))
-
-
-def _arrow_sample(row: tuple, sid: str, index: int, resolve: ImageResolver, where: str, local: int) -> Sample:
-    """A :class:`_ArrowPlan` row (plain turns) through the same image and placeholder rules as
-    :func:`parse_record`."""
-    _sid, _vid, messages, imgs, src, lazy, plan_field = row
-    if imgs:
-        if type(imgs[0]) is tuple:
-            if len(imgs) == 1:  # the usual case, without the loop
-                raw = [_struct_ref(imgs[0][0], imgs[0][1], plan_field, 0)]
-            else:
-                raw = [_struct_ref(d, p, plan_field, i) for i, (d, p) in enumerate(imgs)]
-        else:
-            raw = [_bytes_ref(v, plan_field, i) for i, v in enumerate(imgs)]
-    else:
-        raw = []
-    return _assemble(sid, messages, (), 0, raw, src, index, None, lazy, resolve, where, local)
 
 
 def _raise_duplicates(source: DataSource, registry: IdRegistry, id_field: str) -> None:
@@ -1094,43 +927,41 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
                 p.read_id = sid
                 raise
 
-        if source.has_batches():  # Arrow: column-wise per batch where the schema allows (_ArrowPlan)
-            plans: dict = {}
-            file = resolve = None
+        if source.has_batches():  # Arrow: column-wise per batch where the schema allows (ArrowPlan)
+            from .arrow import ArrowPlan
+
+            file = resolve = schema = plan = None
             for index0, batch, f, local0 in source.iter_batches():
                 if f is not file:
                     file, resolve = f, resolver(f)
                 n_records += batch.num_rows
-                schema = batch.schema
-                plan = plans[schema] if schema in plans else plans.setdefault(
-                    schema, _ArrowPlan.for_schema(schema, id_field))
-                rows = plan.rows(batch, index0, registry) if plan is not None else None
-                if rows is None:
-                    for i, record in enumerate(batch.to_pylist()):
-                        try:
-                            sample = record_sample(record, index0 + i, None, file, local0 + i, resolve)
-                        except _Problem as p:
-                            skip(p, p.read_id, file, index0 + i, None, local0 + i)
-                            n_skipped += 1
-                            continue
-                        yield sample
-                    continue
-                where = file.name
-                for i, row in enumerate(rows):
-                    sid = row[0]
-                    try:
-                        if sid is None:  # an id that needs the check (the plain ones are registered)
-                            sid = record_id({id_field: row[1]}, id_field)
-                            add_id(sid, index0 + i)
-                        if row[2] is not None:
-                            sample = _arrow_sample(row, sid, index0 + i, resolve, where, local0 + i)
-                        else:  # turns that are not plain: the record path decides
-                            sample = record_sample(row[5].value(), index0 + i, None, file, local0 + i, resolve, sid)
-                    except _Problem as p:
-                        skip(p, sid, file, index0 + i, None, local0 + i)
-                        n_skipped += 1
+                if schema is None or not batch.schema.equals(schema):  # (hashing a schema costs 6 us)
+                    schema = batch.schema
+                    plan = ArrowPlan.for_schema(schema, id_field)
+                if plan is None:  # every row through the record path
+                    records = batch.to_pylist()
+                    chunks = [([None] * batch.num_rows, list(range(batch.num_rows)))]
+                else:
+                    records = None
+                    chunks = plan.samples(batch, index0, local0, file.name, registry)
+                start = 0
+                for samples, others in chunks:
+                    if not others:
+                        yield from samples
+                        start += len(samples)
                         continue
-                    yield sample
+                    for k, sample in enumerate(samples):
+                        if sample is None:  # the record path decides: a sample, or a skip and why
+                            i = start + k
+                            try:
+                                record = records[i] if records is not None else batch.slice(i, 1).to_pylist()[0]
+                                sample = record_sample(record, index0 + i, None, file, local0 + i, resolve)
+                            except _Problem as p:
+                                skip(p, p.read_id, file, index0 + i, None, local0 + i)
+                                n_skipped += 1
+                                continue
+                        yield sample
+                    start += len(samples)
         else:
             file = resolve = None
             for index, line, record, f, local in source.iter_records():

@@ -78,7 +78,9 @@ class ImageError(ValueError):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
+# Hashable but not frozen, for the reason given at Sample: a frozen dataclass's __init__ costs 2.4x
+# more, once per image. Treat it as read-only all the same.
+@dataclass(slots=True, unsafe_hash=True)
 class EmbeddedImage:
     """An image whose encoded bytes travel inside the dataset (Parquet ``Image`` struct, binary column,
     WebDataset member, ``datasets`` row), decoded from memory by :func:`~scalselect_fast.data.images.
@@ -187,18 +189,20 @@ class Sample:
 
 
 class LazyRow:
-    """``Sample.raw`` of a row read column-wise from an Arrow batch: the row dict (exactly
-    ``batch.to_pylist()[row]``) is built on first access of ``Sample.raw``, since reading needs only
-    a few columns and most samples' ``raw`` is never looked at."""
+    """``Sample.raw`` of the rows of one Arrow record batch read column-wise, shared by all of them:
+    a row's dict (exactly its ``batch.to_pylist()`` entry) is built on first access of
+    ``Sample.raw``, from the sample's ``index``, since reading needs only a few columns and most
+    samples' ``raw`` is never looked at."""
 
-    __slots__ = ("batch", "row")
+    __slots__ = ("batch", "index")
 
-    def __init__(self, batch: Any, row: int):
+    def __init__(self, batch: Any, index: int):
         self.batch = batch
-        self.row = row
+        self.index = index  # the record index of the batch's first row
 
-    def value(self) -> dict:
-        return self.batch.slice(self.row, 1).to_pylist()[0]
+    def row(self, index: int) -> dict:
+        """The dict of record ``index`` (of this batch)."""
+        return self.batch.slice(index - self.index, 1).to_pylist()[0]
 
 
 _raw_slot = Sample.raw  # the slot's own descriptor, wrapped below
@@ -207,7 +211,7 @@ _raw_slot = Sample.raw  # the slot's own descriptor, wrapped below
 def _get_raw(self: Sample) -> dict:
     value = _raw_slot.__get__(self, Sample)
     if type(value) is LazyRow:
-        value = value.value()
+        value = value.row(self.index)
         _raw_slot.__set__(self, value)
     return value
 

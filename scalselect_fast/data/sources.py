@@ -154,10 +154,11 @@ class Container:
         where it has none), without the rest of the record where the container allows (a Parquet
         column), for the duplicate-id check before a run; it also counts the records.
     iter_batches : callable, optional
-        ``iter_batches(file) -> Iterator[pyarrow.RecordBatch]`` for Arrow-backed containers: the same
-        rows as ``iter_records``, in the same order, as record batches, so the readers can take the
-        columns a sample needs without building every row as a dict (``iter_records`` must be
-        ``to_pylist`` of these batches).
+        ``iter_batches(file, columns=None) -> Iterator[pyarrow.RecordBatch]`` for Arrow-backed
+        containers: the same rows as ``iter_records``, in the same order, as record batches, so the
+        readers can take the columns a sample needs without building every row as a dict
+        (``iter_records`` must be ``to_pylist`` of these batches); with ``columns``, only those of
+        them the file has.
     """
 
     name: str
@@ -284,16 +285,17 @@ class DataSource:
         """Whether :meth:`iter_batches` can serve this source (an Arrow-backed container)."""
         return self._container().iter_batches is not None
 
-    def iter_batches(self) -> Iterator[tuple[int, Any, InputFile, int]]:
+    def iter_batches(self, columns: list[str] | None = None) -> Iterator[tuple[int, Any, InputFile, int]]:
         """Yield ``(index, batch, file, file_index)`` for Arrow-backed containers: ``batch`` a
         ``pyarrow.RecordBatch`` whose first row is global record ``index`` and record ``file_index``
-        of ``file``; the rows are exactly those of :meth:`iter_records`."""
+        of ``file``; the rows are exactly those of :meth:`iter_records`, with only the ``columns``
+        the data has when given (the others are not read where the container allows)."""
         c = self._container()
         self.check_schemas()
         offset = 0
         for f in self.files:
             local = 0
-            for batch in c.iter_batches(f):
+            for batch in (c.iter_batches(f) if columns is None else c.iter_batches(f, columns=columns)):
                 yield offset + local, batch, f, local
                 local += batch.num_rows
             offset += local

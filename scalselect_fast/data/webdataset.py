@@ -360,9 +360,18 @@ def _count_shard_file(file) -> int:
     return n
 
 
+def _shard_ids(file, id_field: str) -> Iterator[tuple[int, str | None]]:
+    """Container hook: every key's id, reading only the ``.json`` members (images are seeked over);
+    ``None`` for a key without a record (the reader skips it)."""
+    groups = iter_key_groups(file.path, lambda ext: ext == "json", _opener(file))
+    for index, group in enumerate(groups):
+        has_record = any(m.ext == "json" for m in group.members)
+        yield index, group_id(group, id_field) if has_record else None
+
+
 def _sniff_tar(head: bytes, name: str) -> bool:
     return head[257:262] == b"ustar"  # POSIX "ustar\0" and GNU "ustar  " headers alike
 
 
 register_container(Container("webdataset", iter_records=_iter_shard_file, count=_count_shard_file,
-                             sniff=_sniff_tar, extensions=(".tar",)))
+                             sniff=_sniff_tar, extensions=(".tar",), ids=_shard_ids))

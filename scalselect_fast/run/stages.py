@@ -31,7 +31,7 @@ import io
 import os
 import time
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -224,14 +224,29 @@ def _stage_score(cfg: RunConfig, state: RunState, events: Events, src, sub) -> n
     return out
 
 
+def _raw_records(cfg: RunConfig, fields: Iterable[str]) -> Iterator[Any]:
+    """Every raw record in order; from Arrow inputs (Parquet, ``save_to_disk``) only the id, source
+    and ``fields`` columns are read, so the image bytes are not read a second time."""
+    from ..data import SOURCE_FIELDS, iter_records
+    from ..data.sources import open_source
+
+    source = open_source(cfg.data, cfg.format)
+    if source.has_batches():
+        for _index, batch, _file, _local in source.iter_batches(columns=["id", *SOURCE_FIELDS, "texts", *fields]):
+            yield from batch.to_pylist()
+    else:
+        for _index, _line, rec in iter_records(source, cfg.format):
+            yield rec
+
+
 def _record_table(cfg: RunConfig, fields: Iterable[str]) -> dict:
     """One pass over the raw records: id, source and any quota field per record index."""
-    from ..data import iter_records, record_source
+    from ..data import record_source
 
     ids: list[str | None] = []
     cols: dict[str, list] = {f: [] for f in fields}
     sources: list[str | None] = []
-    for index, _line, rec in iter_records(cfg.data, cfg.format):
+    for rec in _raw_records(cfg, list(fields)):
         r = rec if isinstance(rec, dict) else {}
         v = r.get("id")
         ids.append(None if v is None or isinstance(v, (dict, list)) else str(v))
