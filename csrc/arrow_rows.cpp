@@ -127,12 +127,15 @@ struct Offsets {
         name = what;
     }
     // Element i's [begin, end) in the values, checked to lie inside them.
-    void range(std::int64_t i, std::int64_t& begin, std::int64_t& end) const {
+    inline void range(std::int64_t i, std::int64_t& begin, std::int64_t& end) const {
         begin = at(i);
         end = at(i + 1);
-        if (begin < 0 || begin > end || end > lim) {
-            throw py::value_error(std::string(name) + ": offsets point outside the values");
+        if (__builtin_expect(begin < 0 || begin > end || end > lim, 0)) {
+            outside();
         }
+    }
+    [[noreturn]] __attribute__((noinline)) void outside() const {
+        throw py::value_error(std::string(name) + ": offsets point outside the values");
     }
     std::int64_t at(std::int64_t i) const {
         return large ? reinterpret_cast<const std::int64_t*>(b.p)[off + i]
@@ -214,17 +217,23 @@ void append_int(std::string& out, Py_ssize_t v) {
 }
 
 Py_ssize_t count_token(const char* s, Py_ssize_t len, const std::string& token) {
-    // UTF-8 is self-synchronising and the token is ASCII, so counting in the bytes is str.count
+    // UTF-8 is self-synchronising and the token is ASCII, so counting in the bytes is str.count.
+    // memchr for the first byte, then a compare: glibc's memmem set-up cost more on short texts.
     Py_ssize_t count = 0;
     const Py_ssize_t k = static_cast<Py_ssize_t>(token.size());
+    const char first = token[0];
     const char* end = s + len;
     while (end - s >= k) {
-        const void* hit = memmem(s, static_cast<size_t>(end - s), token.data(), static_cast<size_t>(k));
+        const char* hit = static_cast<const char*>(std::memchr(s, first, static_cast<size_t>(end - s - k + 1)));
         if (hit == nullptr) {
             break;
         }
-        ++count;
-        s = static_cast<const char*>(hit) + k;
+        if (std::memcmp(hit, token.data(), static_cast<size_t>(k)) == 0) {
+            ++count;
+            s = hit + k;
+        } else {
+            s = hit + 1;
+        }
     }
     return count;
 }

@@ -328,3 +328,20 @@ def test_native_builder_refuses_buffers_that_do_not_fit():
         arrow_samples(spec(), 2, 5)
     with pytest.raises(TypeError, match="slot"):
         arrow_samples(spec(sample_slots=arrow_mod._IMAGE_SLOTS * 3 + (arrow_mod._IMAGE_SLOTS[0],)), 0, 3)
+
+
+def test_placeholder_counting_in_the_bytes_matches_str_count(tmp_path):
+    """The native side counts ``<image>`` in the UTF-8 bytes; around multi-byte characters, partial
+    and nested spellings it must count what ``str.count`` counts on the decoded text."""
+    texts = ["\u00e9<image>x", "<<image>>", "<imag<image>", "<image><image>", "\u4e2d\u6587<image\u00e9>",
+             "<image", "image>", "\U0001F600<image>\U0001F600<image>"]
+    rows = []
+    for i, t in enumerate(texts):
+        n = t.count("<image>")
+        rows.append({"id": f"t{i}", "images": [{"bytes": _png(i), "path": None}] * max(n, 1), "source": None,
+                     "dataset": None, "conversations": _turns(("human", t), ("gpt", "ok"))})
+    tables = _write(tmp_path, [pa.Table.from_pylist(rows, schema=_LLAVA)])
+    got, skips = _check(str(tmp_path), tables, str(tmp_path))
+    # one image and no placeholder: prepended; the rest match their counts
+    assert [s.id for s in got] == [f"t{i}" for i in range(len(texts))] and skips == []
+    assert got[6].messages[0]["content"] == "<image>\nimage>"
