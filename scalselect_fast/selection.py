@@ -406,13 +406,15 @@ def run_selection(source, out_dir, budget, *, executor=None, subspace=None, scor
 
 def _row_record(src, records: Records) -> np.ndarray:
     """Record index of every stored row (ids are matched; the store holds the records' ids)."""
-    index_of = {sid: i for i, sid in enumerate(records.ids) if sid is not None}
+    from .data.ids import locate_ids
+
     ids = src.ids()
-    missing = [sid for sid in ids if sid not in index_of]
-    if missing:
-        raise SubspaceError(f"the representation store holds ids not in {records.path} (e.g. {missing[:3]}); "
+    rows = locate_ids(records.ids, ids)
+    if (rows < 0).any():
+        missing = [ids[j] for j in np.flatnonzero(rows < 0)[:3].tolist()]
+        raise SubspaceError(f"the representation store holds ids not in {records.path} (e.g. {missing}); "
                             f"the dataset changed after extraction")
-    return np.fromiter((index_of[s] for s in ids), dtype=np.int64, count=len(ids))
+    return rows
 
 
 def _stability(executor, src, sub, scores, m, seeds, drop_invalid, kept_rows) -> dict:

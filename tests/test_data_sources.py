@@ -542,3 +542,19 @@ def test_run_record_table_reads_only_the_columns_it_needs(tmp_path):
     assert got["fields"]["lang"] == [r["lang"] for r in full]
     assert got["fields"]["source"] == got["sources"]
     assert all("images" not in r and "conversations" not in r for r in _raw_records(cfg, ["lang"]))
+
+
+@pytest.mark.parametrize("collide", [False, True])
+def test_locate_ids_matches_a_dict(monkeypatch, collide):
+    """locate_ids answers what a dict of every id answers; with every id given the same few digests
+    (forced collisions) it still confirms each match by the id itself."""
+    from scalselect_fast.data import ids as ids_mod
+
+    if collide:
+        monkeypatch.setattr(ids_mod, "_hashes", lambda seq, n: np.array([len(s or "") % 3 for s in seq], np.int64))
+    ids = [f"id{i}" if i % 7 else None for i in range(500)]
+    wanted = [f"id{i}" for i in range(0, 520, 3)] + ["nope", ""]
+    index_of = {sid: i for i, sid in enumerate(ids) if sid is not None}
+    got = ids_mod.locate_ids(ids, wanted)
+    assert got.tolist() == [index_of.get(w, -1) for w in wanted]
+    assert ids_mod.locate_ids([], ["a"]).tolist() == [-1] and ids_mod.locate_ids(["a"], []).tolist() == []
