@@ -470,6 +470,38 @@ def test_run_selects_the_same_samples_in_every_layout(layouts):
     assert sel_json == sel_pq == sel_wds == sorted(kept["json"])
 
 
+def test_rerun_of_embedded_image_runs_reads_no_images_to_check_them(layouts, monkeypatch):
+    """Rerunning a finished run checks each shard's images against the data; a shard whose images
+    are all embedded has that answered by the data fingerprint, so the dataset (all its image bytes)
+    is not read again for it. Image files (the JSON layout) are still checked."""
+    import inspect
+
+    import scalselect_fast.data as data_mod
+    from scalselect_fast import cli
+
+    real = data_mod.read_dataset
+    calls = []
+
+    def spy(*a, **k):
+        calls.append(inspect.stack()[1].function)
+        return real(*a, **k)
+
+    monkeypatch.setattr(data_mod, "read_dataset", spy)
+    for layout, data in layouts["data"].items():
+        out = layouts["base"] / f"out-{layout}"
+        args = ["run", "--model", str(layouts["model"]), "--data", str(data), "--out", str(out),
+                "--budget", "25%", "--shard-size", "8", "--batch-size", "4", "--quiet"]
+        if layout == "json":
+            args += ["--image-root", str(layouts["base"] / layout)]
+        if not (out / "report.json").exists():
+            assert cli.main(args) == 0, layout
+        before = (out / "manifest.parquet").read_bytes()
+        calls.clear()
+        assert cli.main(args) == 0, layout
+        assert (out / "manifest.parquet").read_bytes() == before
+        assert ("_stale_shards" in calls) == (layout == "json"), (layout, calls)
+
+
 def test_datasets_rows_fast_path_and_select_views_agree(tmp_path):
     """hf.iter_dataset_rows reads a plain Dataset's Arrow batches directly and a select() view through
     datasets' own iteration; both must give the rows datasets itself gives (to_list, images undecoded)."""

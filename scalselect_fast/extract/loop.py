@@ -454,10 +454,13 @@ class _ImagesDigest:
 
     An image carried inside the dataset (:class:`~scalselect_fast.data.EmbeddedImage`) contributes only
     its name: its bytes are part of the dataset file, which the store's provenance fingerprints whole.
+    ``files`` says whether any image was not embedded: a shard without such images has a digest the
+    data fingerprint already decides, so a resume need not read the dataset again to recompute it.
     """
 
     def __init__(self):
         self._h = hashlib.sha256()
+        self.files = False
 
     def add(self, sample) -> None:
         from ..data import EmbeddedImage
@@ -467,12 +470,14 @@ class _ImagesDigest:
             if isinstance(img, EmbeddedImage):
                 parts.append(f"embedded:{img.name}")
             elif isinstance(img, (str, os.PathLike)):
+                self.files = True
                 try:
                     st = os.stat(img)
                     parts.append(f"file:{os.fspath(img)}:{st.st_size}:{st.st_mtime_ns}")
                 except OSError as e:  # missing now: if it appears later the shard is redone
                     parts.append(f"file:{os.fspath(img)}:errno{e.errno}")
             else:  # an in-memory image handed to the API: nothing on disk to compare
+                self.files = True
                 parts.append(f"object:{type(img).__name__}")
         self._h.update("\0".join(parts).encode("utf-8", "surrogateescape") + b"\n")
 
@@ -515,7 +520,11 @@ def _stale_shards(store: Path, records: dict[str, dict], data, image_root, forma
             src.check_shard(shard)
         except StoreError as exc:
             bad[shard.name] = f"corrupt ({str(exc).split('. ')[0]})"
-    spans = sorted((rec["range"][0], rec["range"][1], name) for name, rec in records.items() if name not in bad)
+    # shards whose images were all embedded: their digest follows from the records, which the data
+    # fingerprint checked before this (the store's provenance, the run's state), so the dataset is not
+    # read again for them (at 10M records that read is all the image bytes once more)
+    spans = sorted((rec["range"][0], rec["range"][1], name) for name, rec in records.items()
+                   if name not in bad and rec.get("image_files") is not False)
     if spans:
         starts = [a for a, _, _ in spans]
         digests = {name: _ImagesDigest() for _, _, name in spans}
@@ -740,7 +749,7 @@ def _extract_locked(vlm, data, out: Path, provenance: dict, *, image_root, forma
                         batch = []
                 if batch:
                     yield "batch", batch
-                yield "end", (j, a, b, images.hexdigest())
+                yield "end", (j, a, b, images)
 
         pool = _EncodePool(vlm.encoder, loader, num_workers)
         rows: list[np.ndarray] = []
@@ -772,7 +781,8 @@ def _extract_locked(vlm, data, out: Path, provenance: dict, *, image_root, forma
                 n_skip += reader_log.count(a, b)
                 mat = np.concatenate(rows) if rows else np.zeros((0, vlm.hidden_size), np.float32)
                 writer.write_shard(mat, ids, index=j, extra={"range": [a, b], "skipped": n_skip, "rank": rank,
-                                                                "images": images})
+                                                                "images": images.hexdigest(),
+                                                                "image_files": images.files})
                 slog.sync()
                 summary["rows"] += len(ids)
                 summary["skipped"] += n_skip
