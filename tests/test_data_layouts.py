@@ -607,3 +607,21 @@ def test_save_to_disk_ids_are_checked_from_the_id_column(tmp_path):
     src = open_source(tmp_path / "i")
     assert check_unique_ids(src) == 4 and src.counts() == [4]
     assert [s.id for s in read_dataset(tmp_path / "i")] == ["5", "6", "7", "8"]
+
+
+def test_select_stage_record_pass_reads_only_the_json_members(tmp_path):
+    """The select stage's pass over a WebDataset (ids, sources, quota values) reads the .json members
+    only and gives what the full records give; a key without a record has no id there, as before."""
+    from scalselect_fast.run import make_config
+    from scalselect_fast.run.stages import _raw_records, _record_table
+
+    paths = _shards(tmp_path / "in", n_shards=2)
+    _tar(tmp_path / "in" / "shard-000009.tar", [("lonely.png", _png()), ("k9.json", _rec(None, source="s9")),
+                                                 ("k9.png", _png())])
+    cfg = make_config(data=str(tmp_path / "in"), model="m", out=str(tmp_path / "out"))
+    full = [r for _i, _l, r in iter_webdataset_records(tmp_path / "in")]
+    got = _record_table(cfg, ["source"])
+    want_ids = [str(r["id"]) if isinstance(r, dict) else None for r in full]
+    assert got["ids"] == want_ids and want_ids[-2:] == [None, "k9"] and len(paths) == 2
+    assert got["sources"][-1] == "s9"
+    assert all("images" not in r for r in _raw_records(cfg, []))

@@ -327,6 +327,27 @@ def iter_webdataset_records(spec, id_field: str = "id") -> Iterator[tuple[int, N
             index += 1
 
 
+def iter_shard_fields(file, id_field: str = "id") -> Iterator[dict]:
+    """Every key's record without its images, reading only the ``.json`` members (the images are
+    seeked over): the fields a pass over ids, sources and quota values needs. The id defaults to
+    the key as in :func:`group_record`; a key without a record gives ``{}``.
+
+    Parameters
+    ----------
+    file : InputFile
+        One shard.
+    """
+    for group in iter_key_groups(file.path, lambda ext: ext == "json", _opener(file)):
+        rec_m = next((m for m in group.members if m.ext == "json"), None)
+        if rec_m is None:
+            yield {}
+            continue
+        record = _parse_record(group, rec_m)
+        if record.get(id_field) is None:
+            record[id_field] = group.key
+        yield record
+
+
 # --------------------------------------------------------------------------------------------------
 # the container (one input file = one shard)
 # --------------------------------------------------------------------------------------------------

@@ -230,12 +230,18 @@ _INTERN_MAX = 1 << 16
 
 def _raw_records(cfg: RunConfig, fields: Iterable[str]) -> Iterator[Any]:
     """Every raw record in order; from Arrow inputs (Parquet, ``save_to_disk``) only the id, source
-    and ``fields`` columns are read, so the image bytes are not read a second time."""
+    and ``fields`` columns are read, and from WebDataset shards only the ``.json`` members, so the
+    image bytes are not read a second time."""
     from ..data import SOURCE_FIELDS, iter_records
     from ..data.sources import open_source
 
     source = open_source(cfg.data, cfg.format)
-    if source.has_batches():
+    if source.container == "webdataset":
+        from ..data.webdataset import iter_shard_fields
+
+        for f in source.files:
+            yield from iter_shard_fields(f)
+    elif source.has_batches():
         for _index, batch, _file, _local in source.iter_batches(columns=["id", *SOURCE_FIELDS, "texts", *fields]):
             yield from batch.to_pylist()
     else:
