@@ -130,13 +130,12 @@ def _cmd_select(args) -> int:
 def _stability_seeds(text: str):
     """``--stability-seeds``: ``none`` -> None (no entry), ``''`` -> () (margin + bound, the default),
     ``0,1,2`` -> (0, 1, 2) (also re-fits under those seeds)."""
-    if text.strip().lower() == "none":
-        return None
+    from .stability import parse_seeds
+
     try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise UsageError(f"--stability-seeds {text!r}: give comma-separated integers (0,1,2), '' for the "
-                         f"cut-off margin and bound only, or 'none'") from None
+        return parse_seeds(text)
+    except ValueError as exc:
+        raise UsageError(f"--stability-seeds {exc}") from None
 
 
 def add_core_commands(sub: argparse._SubParsersAction) -> None:
@@ -556,6 +555,10 @@ def add_run_command(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--quota", action="append", metavar="FIELD=RULES",
                    help="per-group share bounds of the budget, e.g. 'source=coco<=40%%,ocr>=10%%' "
                         "(rules VALUE>=S, VALUE<=S, VALUE=LO:HI, * for every value); repeatable")
+    g.add_argument("--stability-seeds", metavar="SEEDS",
+                   help="the report always carries the cut-off margin and a perturbation bound; seeds such as "
+                        "0,1,2 also re-fit with the randomized solver under them and compare the selections; "
+                        "'none' leaves the stability entry out")
     g.add_argument("--plan", action="store_true", help="print the time/disk/memory estimate and exit "
                                                        "(exit 3 if it cannot fit)")
     g.add_argument("--no-plan-check", dest="plan_check", action="store_const", const=False,
@@ -585,7 +588,7 @@ _RUN_FIELDS = ("model", "data", "image_root", "format", "out", "budget", "order"
                "energy", "k", "solver", "seed", "standardize", "l2_normalize", "drop_invalid", "fit_device",
                "batch_size", "device", "dtype", "store_dtype", "shard_size",
                "instruction", "roles", "vision_tokens", "pixels", "max_length", "max_image_pixels", "num_workers",
-               "dedup_selected", "quota", "force", "quiet", "log_json", "plan_check", "html")
+               "dedup_selected", "quota", "stability_seeds", "force", "quiet", "log_json", "plan_check", "html")
 
 
 def _run_errors():

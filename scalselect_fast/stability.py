@@ -24,8 +24,25 @@ import time
 
 import numpy as np
 
-__all__ = ["cutoff_margin", "overlap", "stability_certificate", "stability_bound", "score_shift_bound",
+__all__ = ["parse_seeds", "cutoff_margin", "overlap", "stability_certificate", "stability_bound", "score_shift_bound",
            "randomized_hands_over"]
+
+
+def parse_seeds(text) -> tuple[int, ...] | None:
+    """``--stability-seeds`` as given: ``"none"`` -> None (no stability entry), ``""`` -> ``()``
+    (cut-off margin and bound only, the default), ``"0,1,2"`` (or a list of ints) -> ``(0, 1, 2)``
+    (also re-fit under those seeds). Raises ValueError for anything else."""
+    if isinstance(text, (list, tuple)):
+        text = ",".join(str(v) for v in text)
+    if not isinstance(text, str):
+        raise ValueError(f"{text!r}: give comma-separated integers (0,1,2), '' or 'none'")
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{text!r}: give comma-separated integers (0,1,2), '' for the cut-off margin and "
+                         f"bound only, or 'none'") from None
 
 
 def overlap(a: np.ndarray, b: np.ndarray) -> float:

@@ -643,3 +643,30 @@ def test_fit_and_score_stages_with_invalid_rows(tmp_path):
     scores = _stage_score(cfg, state, events, src, sub)
     assert np.flatnonzero(np.isnan(scores)).tolist() == [3, 41]
     np.testing.assert_allclose(np.nansum(scores), sub.k, rtol=1e-6)  # float32 products
+
+
+def test_stability_seeds_option(env, baseline, tmp_path):
+    """`run --stability-seeds` reaches the selection report as `select --stability-seeds` does: the
+    default is the margin and bound without refits, 'none' leaves the entry empty, seeds refit (or
+    say why they do not apply) and change nothing else of the outputs."""
+    from scalselect_fast.run import RunError
+
+    default = baseline["res"].report["stability"]
+    assert default["refits"] == "not requested" and "margin" in json.dumps(default)
+    out = tmp_path / "st"
+    shutil.copytree(baseline["out"], out)
+    res = run(_cfg(env, out, stability_seeds="0,1"))
+    st = res.report["stability"]
+    assert st["refits"] != "not requested"
+    # the same rows (the file's metadata carries the config fingerprint, which covers the option)
+    assert pq.read_table(out / "manifest.parquet").to_pylist() == \
+        pq.read_table(baseline["out"] / "manifest.parquet").to_pylist()
+    assert (out / "selected.json").read_bytes() == baseline["selected"]
+    res = run(_cfg(env, out, stability_seeds="none"))
+    assert res.report["stability"] is None
+    with pytest.raises(RunError, match="stability-seeds"):
+        run(_cfg(env, out, stability_seeds="0,x"))
+    from scalselect_fast.run import make_config
+
+    (tmp_path / "c.toml").write_text("stability-seeds = [0, 1, 2]\n")
+    assert make_config(tmp_path / "c.toml").stability_seeds == "0,1,2"

@@ -54,6 +54,7 @@ class RunConfig:
     order: str = "original"
     dedup_selected: float | None = None
     quota: list = dataclasses.field(default_factory=list)
+    stability_seeds: str = ""
     force: bool = False
     quiet: bool = False
     log_json: bool = False
@@ -64,7 +65,7 @@ class RunConfig:
     EXTRACT_KEYS = ("layer", "threshold", "batch_size", "device", "dtype", "store_dtype", "shard_size",
                     "format", "instruction", "max_length", "roles", "vision_tokens", "pixels", "max_image_pixels")
     FIT_KEYS = ("energy", "k", "solver", "seed", "standardize", "l2_normalize", "drop_invalid", "fit_device")
-    SELECT_KEYS = ("budget", "order", "dedup_selected", "quota")
+    SELECT_KEYS = ("budget", "order", "dedup_selected", "quota", "stability_seeds")
 
     def validate(self) -> None:
         for name in ("model", "data", "out"):
@@ -119,6 +120,12 @@ class RunConfig:
 
         for q in self.quota or []:
             parse_quota(q)  # PostSelectError naming the rule, now rather than after extraction
+        from ..stability import parse_seeds
+
+        try:
+            parse_seeds(self.stability_seeds)
+        except ValueError as exc:
+            raise RunError(f"--stability-seeds {exc}") from None
         self.validate_device()
 
     def validate_device(self) -> None:
@@ -230,6 +237,8 @@ def load_config_file(path: str | os.PathLike) -> dict:
                 _relative_to(p.parent, v) for v in value]
         if name == "quota" and isinstance(value, str):
             value = [value]
+        if name == "stability_seeds" and isinstance(value, list):  # stability-seeds = [0, 1, 2]
+            value = ",".join(str(v) for v in value)
         out[name] = value
     return out
 

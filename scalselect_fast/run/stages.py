@@ -302,6 +302,7 @@ def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, sco
     from ..data.ids import locate_ids
     from ..postselect import parse_quota
     from ..selection import Records, run_selection
+    from ..stability import parse_seeds
 
     t0 = time.perf_counter()
     events.emit("stage_start", stage="select")
@@ -341,7 +342,8 @@ def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, sco
 
     report = run_selection(
         src, out, budget, subspace=sub, scores=scores, records=records, quotas=quotas,
-        dedup_eps=cfg.dedup_selected, html=cfg.html, timings=timings, report_extra=extra, warn=events.warn,
+        dedup_eps=cfg.dedup_selected, stability_seeds=parse_seeds(cfg.stability_seeds), html=cfg.html,
+        timings=timings, report_extra=extra, warn=events.warn,
         metadata={"scalselect.fingerprint.model": fps["model"], "scalselect.fingerprint.data": fps["data"],
                   "scalselect.fingerprint.config": fps["config"], "scalselect.fingerprint.fit": fps["fit"]})
     state.data.setdefault("timings", {})["select"] = time.perf_counter() - t0  # recomputed each run
