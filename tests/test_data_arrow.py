@@ -345,3 +345,40 @@ def test_placeholder_counting_in_the_bytes_matches_str_count(tmp_path):
     # one image and no placeholder: prepended; the rest match their counts
     assert [s.id for s in got] == [f"t{i}" for i in range(len(texts))] and skips == []
     assert got[6].messages[0]["content"] == "<image>\nimage>"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_rows_match_the_record_path(tmp_path, seed):
+    """Rows drawn at random (ids, role spellings, texts with and without placeholders, image lists
+    with nulls, empty bytes and paths, sources), in batches that are slices of several row groups:
+    the native builder and the record path give the same samples and the same skips."""
+    import random
+
+    rng = random.Random(seed)
+    roles = ["human", "gpt", "user", "assistant", "system", "Human", "GPT", "bot", "narrator", None]
+    texts = ["<image>\nq", "plain", "<image><image> two", "", "\u00e9t\u00e9 <image>", None, "<imag"]
+
+    def image():
+        r = rng.random()
+        if r < 0.08:
+            return None
+        if r < 0.16:
+            return {"bytes": b"", "path": rng.choice([None, "p.png", ""])}
+        if r < 0.22:
+            return {"bytes": None, "path": rng.choice([None, "beside.png"])}
+        return {"bytes": _png(rng.randrange(9)), "path": rng.choice([None, None, "", f"n{rng.randrange(5)}.png"])}
+
+    rows = []
+    for i in range(300):
+        n_turns = rng.choice([0, 1, 2, 2, 3])
+        turns = None if rng.random() < 0.03 else [
+            None if rng.random() < 0.02 else {"from": rng.choice(roles), "value": rng.choice(texts)}
+            for _ in range(n_turns)]
+        imgs = None if rng.random() < 0.1 else [image() for _ in range(rng.choice([0, 1, 1, 1, 2]))]
+        rows.append({"id": rng.choice([f"x{i}", f"x{i}", f"x{i}", "", None, f"bad\r{i}"]), "images": imgs,
+                     "source": rng.choice(["vqa", "", None]), "dataset": rng.choice(["d", None]),
+                     "conversations": turns})
+    tables = _write(tmp_path, [pa.Table.from_pylist(rows[:170], schema=_LLAVA),
+                               pa.Table.from_pylist(rows[170:], schema=_LLAVA)], row_group_size=37)
+    got, skips = _check(str(tmp_path), tables, str(tmp_path))
+    assert got and skips  # both paths were exercised
