@@ -1,23 +1,25 @@
-"""The Arrow front end of the readers: whole record batches into :class:`~.sample.Sample`, column-wise.
+"""The Arrow front end of the readers: whole record batches into :class:`~.sample.Sample`.
 
 Parquet files, ``save_to_disk`` folders and ``datasets.Dataset`` objects arrive as Arrow record
 batches. Turning each row into a dict (``to_pylist``) and each dict into a sample
-(:func:`~.readers.parse_record`) costs a Python function call and a dozen small objects per row,
-which at 1 KB images was 3x the bare library read. :class:`ArrowPlan` instead takes the columns a
-sample needs once per batch (ids, the turns' roles and texts, the image structs' bytes and paths,
-the source) and applies the reader's rules to whole columns:
+(:func:`~.readers.parse_record`) costs an interpreted call and a dozen small objects per row: 3x
+the bare library read at 1 KB images, and still 2x with the same rules written column-wise in
+Python. :class:`ArrowPlan` (decided once per schema) hands the column buffers a sample needs (ids,
+the turns' roles and texts, the image structs' bytes and paths, the source) to the native builder
+(``csrc/arrow_rows.cpp``, :func:`scalselect_fast.native.arrow_samples`), which builds the *plain*
+rows' objects with the C API:
 
-* a row is *plain* when its id needs no check (non-empty, no line break), every turn has a known
-  role spelling and a text, every image struct holds bytes, and its placeholders match its images
-  (as many ``<image>`` as images, or none, when the images go before the first user turn);
-* plain rows become samples here, built with ``map`` over the columns; every other row goes through
-  :func:`~.readers.parse_record` on its row dict, which decides what it is (a sample, or a skip
-  with its reason), exactly as for a JSON record.
+* a row is plain when its id needs no check (non-empty, no line break), every turn has a role
+  spelling the alias table knows as it is and a text, every image has bytes, and its placeholders
+  match its images (as many ``<image>`` as images, or none, when the images go before the first
+  user turn);
+* every other row goes through :func:`~.readers.parse_record` on its row dict, which decides what
+  it is (a sample, or a skip with its reason), exactly as for a JSON record. Without the native
+  extension every row does.
 
-The rules themselves (role aliases, the placeholder rule, names of unnamed embedded images, the
-source fields) are those of :mod:`.readers`; ``tests/test_data_arrow.py`` checks, on rows chosen to
-hit every branch, that both give identical samples and identical skips. ``Sample.raw`` of a plain row
-is a :class:`~.sample.LazyRow`: the row dict is built only if someone reads it.
+The rules themselves are those of :mod:`.readers`; ``tests/test_data_arrow.py`` checks, on rows
+chosen to hit every branch and on random ones, that both give identical samples and skips.
+``Sample.raw`` of a plain row is a :class:`~.sample.LazyRow`: the row dict is built only if read.
 """
 from __future__ import annotations
 
@@ -38,10 +40,10 @@ __all__ = ["ArrowPlan"]
 CHUNK_ROWS = 128
 
 _TURN_FIELDS = {"conversations": ("from", "value"), "messages": ("role", "content")}
-_MESSAGE_KEYS = ("role", "content")
 
 # the slots the native side fills (the dataclasses' __init__ only stores its arguments in them)
-_SAMPLE_SLOTS = tuple(Sample.__dict__[f] for f in ("id", "images", "messages", "source", "index", "line")) + (_raw_slot,)
+_SAMPLE_SLOTS = tuple(Sample.__dict__[f] for f in ("id", "images", "messages", "source", "index", "line")) \
+    + (_raw_slot,)
 _IMAGE_SLOTS = (EmbeddedImage.__dict__["data"], EmbeddedImage.__dict__["name"])
 
 

@@ -724,9 +724,10 @@ def parse_record(record: Any, *, index: int, line: int | None, resolve: ImageRes
 def _assemble(sid: str, messages: list[dict], part_paths: list[Any], n_parts: int, raw: list[Any],
               source: str | None, index: int, line: int | None, record: Any, resolve: ImageResolver,
               where: str | None, local: int | None) -> Sample:
-    """The rules every record front end feeds (:func:`parse_record` per record dict; the column-wise
-    :class:`~.arrow.ArrowPlan` applies them to whole batches, pinned equal by the tests): images from content parts, the placeholder rule, names for unnamed embedded
-    images, path resolution. ``raw`` holds the image refs of :func:`_image_refs`."""
+    """The rules :func:`parse_record` feeds per record dict: images from content parts, the
+    placeholder rule, names for unnamed embedded images, path resolution. ``raw`` holds the image
+    refs of :func:`_image_refs`. (:class:`~.arrow.ArrowPlan` applies the same rules to the plain rows
+    of Arrow batches in native code; the tests pin the two equal.)"""
     if not raw and n_parts:
         if any(p is None for p in part_paths):
             raise _Problem(REASON_MISSING_FIELD, "content has image parts without a path and the record "
