@@ -3,7 +3,8 @@
 Every hot block operation the engine needs is defined here twice: the compiled version (when the
 extension imports) and a plain numpy version that gives the same answers (the ``_*_py`` functions,
 which are also the reference the tests compare against). Callers import the functions from this
-module and never from ``_native`` directly.
+module and never from ``_native`` directly. One exception: :func:`arrow_samples` (the readers'
+Arrow front end) has no twin here; its plain counterpart is the readers' own record path.
 
 Set ``SCALSELECT_FORCE_FALLBACK=1`` to use the numpy versions even when the extension is built
 (the test suite runs both ways). ``SCALSELECT_NUM_THREADS`` caps the native kernels' threads.
