@@ -1,8 +1,8 @@
 // Samples straight from the buffers of an Arrow record batch (scalselect_fast/data/arrow.py).
 //
-// The Python side hands over, per batch, the raw pieces of the columns a sample needs (UTF-8 value
-// buffers with their offsets, list boundaries, image bytes) and which rows it already knows need
-// the record path. Here every other row becomes a Sample with the reader's rules for *plain* rows:
+// The Python side hands over, per batch, the Arrow buffers of the columns a sample needs (validity
+// bitmaps, offsets, UTF-8 values, image bytes; every read is checked against the buffer sizes), and
+// rows [start, stop) are built per call. A row becomes a Sample here when it is *plain*:
 //
 //   * id: non-empty, no line break;
 //   * every turn's role spelling is a key of the alias table as it is (no case folding);
