@@ -102,6 +102,26 @@ def median_time(fn, repeats: int, sync=None, warmup: bool = False):
     return float(np.median(times)), result, times
 
 
+def alternating_times(fa, fb, repeats: int) -> tuple[list[float], list[float], object, object]:
+    """Wall times of ``fa`` and ``fb`` run alternately ``repeats`` times each, after one untimed call
+    of each (page cache, allocators, imports), so load on a shared machine drifts into both alike.
+
+    Returns
+    -------
+    (seconds of each fa call, seconds of each fb call, last result of fa, last result of fb)
+    """
+    fa(), fb()
+    ta, tb, ra, rb = [], [], None, None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        ra = fa()
+        ta.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        rb = fb()
+        tb.append(time.perf_counter() - t0)
+    return ta, tb, ra, rb
+
+
 def load_average() -> str:
     try:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())

@@ -56,7 +56,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from scalselect_fast.data import read_dataset, write_selected  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _suite import RESULTS, append_csv, machine, median_time, now_utc, versions  # noqa: E402
+from _suite import RESULTS, alternating_times, append_csv, machine, median_time, now_utc, versions  # noqa: E402
 
 #: the read-rate floor against the bare library read, for the embedded-image layouts
 LAYOUT_FLOOR = 0.8
@@ -212,19 +212,9 @@ def _bare_read(layout: str, path: Path) -> int:
 
 
 def _alternating(fa, fb, repeats: int) -> tuple[float, float, object, object]:
-    """Median times of ``fa`` and ``fb`` run alternately (one warm-up each), so load on a shared
-    machine drifts into both alike; returns (t_a, t_b, last result a, last result b)."""
-    import time
-
-    ra, rb = fa(), fb()
-    ta, tb = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        ra = fa()
-        ta.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        rb = fb()
-        tb.append(time.perf_counter() - t0)
+    """Median times of ``fa`` and ``fb`` run alternately (:func:`_suite.alternating_times`); returns
+    (t_a, t_b, last result a, last result b)."""
+    ta, tb, ra, rb = alternating_times(fa, fb, repeats)
     return sorted(ta)[len(ta) // 2], sorted(tb)[len(tb) // 2], ra, rb
 
 

@@ -23,13 +23,13 @@ import json
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _suite import RESULTS, append_csv, embeddings, load_average, machine, now_utc, versions  # noqa: E402
+from _suite import (RESULTS, alternating_times, append_csv, embeddings, load_average, machine,  # noqa: E402
+                    now_utc, versions)
 
 import scalselect_fast as ss  # noqa: E402
 from scalselect_fast import cli  # noqa: E402
@@ -81,15 +81,7 @@ def main(argv=None) -> int:
             shutil.rmtree(out)
             return sub
 
-        fit_cli(), run_stage()  # warm-up: page cache, BLAS, imports
-        t_fit, t_run = [], []
-        for _ in range(args.repeats):
-            t = time.perf_counter()
-            a = fit_cli()
-            t_fit.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            b = run_stage()
-            t_run.append(time.perf_counter() - t)
+        t_fit, t_run, a, b = alternating_times(fit_cli, run_stage, args.repeats)  # warm-up call of each first
         identical = bool(np.array_equal(a.components, b.components)
                          and np.array_equal(a.singular_values, b.singular_values))
         fit_s, run_s = float(np.median(t_fit)), float(np.median(t_run))
