@@ -178,6 +178,8 @@ def embeddings(n: int, d: int, seed: int = 0, rank: int = 32, clusters: int = 64
         rng = np.random.default_rng([seed, ci])
         m = min(chunk, n - start)
         z = centers[rng.integers(clusters, size=m)] + rng.standard_normal((m, rank), dtype=np.float32)
-        out[start:start + m] = z @ basis
+        # the product in float64, rounded once: a float32 GEMM gave other rows on other CPUs' BLAS
+        # kernels, and the benchmarks and the selection pins need the same data everywhere
+        out[start:start + m] = z.astype(np.float64) @ basis.astype(np.float64)
         out[start:start + m] += 0.3 * rng.standard_normal((m, d), dtype=np.float32)
     return out

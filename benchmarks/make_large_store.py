@@ -6,7 +6,8 @@ Rows look like pooled VLM features: a mean offset, a low-rank signal with a deca
 spectrum and heavy-tailed per-row scale (a few rows far out, as real features have), plus full-rank
 noise carrying ~10% of the energy, so k at 90% energy is a few dozen to a few hundred, not 1 or d.
 
-Speed and memory: the signal is one float32 (rows x rank) @ (rank x d) product per chunk, and the
+Speed and memory: the signal is one (rows x rank) @ (rank x d) product per chunk (float64, rounded
+once to float32 so the store has the same bits on every CPU), and the
 noise is the sum of one row from each of two fixed pools of random rows (pool sizes are distinct
 primes, so the pair of pool rows is unique for the first p1*p2 ~ 2.7e8 rows) instead of rows*d fresh normals, which would cost
 more than everything else together. The float32 -> storage-dtype cast uses torch when it is
@@ -77,6 +78,7 @@ class Generator:
         s = np.arange(1, rank + 1, dtype=np.float64) ** -decay
         s *= np.sqrt((1 - noise) / np.sum(s ** 2))  # signal energy per row = 1 - noise
         self.basis = np.ascontiguousarray((s[:, None] * q.T).astype(np.float32))  # (rank, d)
+        self.basis64 = self.basis.astype(np.float64)
         self.mean = (0.5 * rng.standard_normal(d) / np.sqrt(d)).astype(np.float32)
         # two pools, each with half the noise energy per row
         self.p1, self.p2 = _next_prime(pool_rows), _next_prime(pool_rows + 17)
@@ -92,7 +94,9 @@ class Generator:
         z *= np.exp(0.35 * rng.standard_normal((count, 1), dtype=np.float32))
         if out is None:
             out = np.empty((count, self.d), dtype=np.float32)
-        np.matmul(z, self.basis, out=out)
+        # float64 product rounded once to float32: a float32 GEMM's bits depend on the CPU's BLAS
+        # kernels, and the store must be the same everywhere (the selection tests read it)
+        out[...] = z.astype(np.float64) @ self.basis64
         # row i gets pool1[i mod p1] + pool2[i mod p2]: by the Chinese remainder theorem the pair is
         # unique for i < p1*p2, and both are contiguous runs, so these are plain strided adds
         for pool, p in ((self.pool1, self.p1), (self.pool2, self.p2)):
