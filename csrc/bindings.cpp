@@ -46,7 +46,7 @@ PYBIND11_MODULE(_native, m) {
           py::arg("bf16") = false, py::kw_only(), py::arg("gemm") = "auto", py::arg("tile_rows") = 0,
           py::arg("threads") = 0,
           "out[i] = ||pre(block[i]) @ W||^2; see scalselect_fast.native.leverage_block. Keyword-only "
-          "tuning knobs (for benchmarks): gemm='auto'|'float32'|'float64' (auto: float64 for float64 blocks), tile_rows (0 = auto), threads "
+          "tuning knobs (for benchmarks): gemm='auto'|'float32'|'float64' (auto = float64; float32 only to price the choice), tile_rows (0 = auto), threads "
           "(0 = one worker, BLAS threads the GEMM).");
     m.def("top_k_block", &ssf::top_k_block, py::arg("scores"), py::arg("offset"), py::arg("budget"),
           "Top budget of one block; see scalselect_fast.native.top_k_block.");

@@ -1,5 +1,5 @@
-// center_block: out = float32(block - shift), the decode + shift pass that feeds the fp32 Gram
-// product of the exact solver.
+// center_block: out = block - shift in out's dtype (float64, or float32), the decode + shift pass
+// that feeds the Gram and sketch products of the solvers.
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
@@ -26,7 +26,10 @@ void center_block(py::array block, py::array shift, py::array out, bool bf16) {
     require_f64(shift, fn, "shift");
     require_ndim(shift, 1, fn, "shift");
     require_c_contiguous(shift, fn, "shift");
-    require_f32(out, fn, "out");
+    const bool out64 = out.dtype().kind() == 'f' && out.dtype().itemsize() == 8;
+    if (!out64 && !(out.dtype().kind() == 'f' && out.dtype().itemsize() == 4))
+        throw py::type_error("center_block: out has dtype " + dtype_name(out) +
+                             "; expected float64 or float32 (allocate it with np.empty(block.shape, np.float64))");
     require_ndim(out, 2, fn, "out");
     require_c_contiguous(out, fn, "out");
     require_writeable(out, fn, "out");
@@ -39,22 +42,31 @@ void center_block(py::array block, py::array shift, py::array out, bool bf16) {
         throw py::value_error("center_block: out has shape (" + std::to_string(out.shape(0)) + ", " +
                               std::to_string(out.shape(1)) + ") but block has shape (" +
                               std::to_string(m) + ", " + std::to_string(d) +
-                              "); allocate out = np.empty(block.shape, np.float32)");
+                              "); allocate out = np.empty(block.shape, np.float64)");
     if (m == 0 || d == 0) return;
 
     const char* x = static_cast<const char*>(block.data());
     const double* sh = static_cast<const double*>(shift.data());
-    float* o = static_cast<float*>(out.mutable_data());
     const std::size_t row_bytes = d * elem_size(e);
-    // Outputs beyond the last-level cache bypass it (the fp32 Gram product that reads them streams
-    // from memory anyway); smaller ones stay cached for the consumer. Override: set_stream_threshold.
-    const bool stream = m * d * sizeof(float) >= stream_threshold_bytes();
-    RowKernel<float> kern = stream ? pick_streaming_center_kernel(e) : pick_row_kernel<float>(e, false, false);
     const int threads = num_threads();
-
-    py::gil_scoped_release nogil;
     // At least ~256 KiB of input per thread, so tiny blocks do not pay for thread starts.
     const std::size_t min_rows = std::max<std::size_t>(1, (256u << 10) / std::max<std::size_t>(1, row_bytes));
+    if (out64) {
+        double* o = static_cast<double*>(out.mutable_data());
+        RowKernel<double> kern = pick_row_kernel<double>(e, false, false);
+        py::gil_scoped_release nogil;
+        parallel_rows(m, min_rows, threads, [&](std::size_t b, std::size_t end) {
+            for (std::size_t i = b; i < end; ++i) kern(x + i * row_bytes, sh, nullptr, o + i * d, d);
+        });
+        return;
+    }
+    float* o = static_cast<float*>(out.mutable_data());
+    // Outputs beyond the last-level cache bypass it (the Gram product that reads them streams from
+    // memory anyway); smaller ones stay cached for the consumer. Override: set_stream_threshold.
+    const bool stream = m * d * sizeof(float) >= stream_threshold_bytes();
+    RowKernel<float> kern = stream ? pick_streaming_center_kernel(e) : pick_row_kernel<float>(e, false, false);
+
+    py::gil_scoped_release nogil;
     parallel_rows(m, min_rows, threads, [&](std::size_t b, std::size_t end) {
         for (std::size_t i = b; i < end; ++i) kern(x + i * row_bytes, sh, nullptr, o + i * d, d);
         if (stream) streaming_store_fence();

@@ -191,16 +191,17 @@ def leverage_scores_cupy(src, sub, block_rows: int = 65536) -> np.ndarray:
     -----
     Blocks are staged through :class:`DeviceStaging` (raw dtype over PCIe, decoded and centred on
     the device with the subtraction in float64), optionally standardised / L2-normalised, projected
-    with a float32 cuBLAS GEMM against ``W = V_k / σ_k`` and their squared norms summed in float64
+    with a float64 cuBLAS GEMM against ``W = V_k / σ_k``, their squared norms summed in float64 and
+    rounded to float32 precision (the canonical score)
     — the CPU kernel's numerics.
     """
     cp = _cupy()
-    W = cp.asarray(sub._W(), dtype=cp.float32)
-    inv_scale = None if sub.inv_scale is None else cp.asarray(sub.inv_scale, dtype=cp.float32)
+    W = cp.asarray(sub._W(), dtype=cp.float64)
+    inv_scale = None if sub.inv_scale is None else cp.asarray(sub.inv_scale, dtype=cp.float64)
     mean = np.ascontiguousarray(sub.mean, dtype=np.float64)
     rows = max(1, min(block_rows, max((s.count for s in src.shards), default=1)))
     staging = DeviceStaging()
-    buf = cp.empty((rows, src.d), dtype=cp.float32)
+    buf = cp.empty((rows, src.d), dtype=cp.float64)
     out = cp.empty(src.n, dtype=cp.float64)
     for off, block in src.iter_blocks(rows):
         m = block.shape[0]
@@ -210,7 +211,7 @@ def leverage_scores_cupy(src, sub, block_rows: int = 65536) -> np.ndarray:
         if sub.l2_normalize:
             nrm = cp.sqrt((z.astype(cp.float64) ** 2).sum(axis=1, keepdims=True))
             z[...] = cp.where(nrm > 0, z / cp.where(nrm > 0, nrm, 1.0), 0.0)
-        p = (z @ W).astype(cp.float64)
-        out[off:off + m] = (p * p).sum(axis=1)
+        p = z @ W
+        out[off:off + m] = (p * p).sum(axis=1).astype(cp.float32)  # the canonical score
     staging.close()
     return cp.asnumpy(out)

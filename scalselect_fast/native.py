@@ -95,7 +95,8 @@ def _f64(a) -> np.ndarray:
 def _center_block_py(block, shift, out, bf16=False):
     _check_block("center_block", block, bf16)
     _check_vec("center_block", "shift", np.asarray(shift), block.shape[1])
-    _check_out("center_block", out, np.float32, block.shape)
+    _check_out("center_block", out, np.float32 if getattr(out, "dtype", None) == np.float32 else np.float64,
+               block.shape)
     np.subtract(_decode(block, bf16), shift, out=out, casting="unsafe")
     return out
 
@@ -119,7 +120,14 @@ def _leverage_block_py(block, mean, W, out, inv_scale=None, l2_normalize=False, 
         z[norms == 0] = 0.0
     p = z @ W.astype(np.float64, copy=False)
     np.einsum("ij,ij->i", p, p, out=out)
-    return out
+    return _canonical(out)
+
+
+def _canonical(scores: np.ndarray) -> np.ndarray:
+    """Round float64 scores in place to the nearest float32 (ties to even): the canonical score."""
+    with np.errstate(over="ignore"):  # above float32's range -> inf, reported as too large upstream
+        scores[...] = scores.astype(np.float32)
+    return scores
 
 
 def _check_budget(fn: str, budget) -> int:
@@ -166,19 +174,20 @@ def _top_k_merge_py(parts, budget):
 # public dispatchers
 # ------------------------------------------------------------------------------------------------
 def center_block(block: np.ndarray, shift: np.ndarray, out: np.ndarray, bf16: bool = False) -> np.ndarray:
-    """``out = float32(block - shift)``: decode + shift in one pass.
+    """``out = block - shift`` in ``out``'s dtype (float64 or float32): decode + shift in one pass.
 
     Parameters
     ----------
     block : ndarray, shape (m, d), float16 | float32 | float64 | uint16 (bfloat16 bits), C-contiguous
     shift : array_like, shape (d,), float64 (other float arrays are converted; d is small)
-    out : ndarray, shape (m, d), float32, C-contiguous, writeable; written in place and returned
+    out : ndarray, shape (m, d), float64 or float32, C-contiguous, writeable; written in place and
+        returned. The solvers use float64 (see :func:`leverage_block` for why).
     bf16 : bool
         Interpret a uint16 ``block`` as bfloat16 bit patterns (uint16 without it is a TypeError).
 
     Returns
     -------
-    out : ndarray, shape (m, d), float32
+    out : ndarray, shape (m, d), float64 or float32
 
     Raises
     ------
@@ -190,7 +199,7 @@ def center_block(block: np.ndarray, shift: np.ndarray, out: np.ndarray, bf16: bo
     Notes
     -----
     Each element is widened exactly to float64, ``shift`` is subtracted in float64 and the result is
-    rounded once to float32, so the output equals numpy's ``np.subtract(x, shift, out=out,
+    stored (float64) or rounded once (float32), so the output equals numpy's ``np.subtract(x, shift, out=out,
     casting="unsafe")`` bit for bit, and a large shift (a mean far from zero) loses nothing beyond
     that one rounding. The native kernel decodes fp16 with F16C and bf16 with an integer shift
     (AVX2, chosen at run time) and splits rows over threads with the GIL released.
@@ -211,10 +220,11 @@ def center_block(block: np.ndarray, shift: np.ndarray, out: np.ndarray, bf16: bo
 def leverage_block(block: np.ndarray, mean: np.ndarray, W: np.ndarray, out: np.ndarray,
                    inv_scale: np.ndarray | None = None, l2_normalize: bool = False,
                    bf16: bool = False) -> np.ndarray:
-    """Leverage of each row: ``out[i] = || pre(block[i]) @ W ||²``.
+    """Canonical leverage of each row: ``out[i] = float32(|| pre(block[i]) @ W ||²)``, as float64.
 
     ``pre(x) = (x - mean) * inv_scale``, then divided by its L2 norm when ``l2_normalize`` (a zero
-    row stays zero). With ``W = V_k / sigma_k`` this is ``||U_k[i]||²``.
+    row stays zero). With ``W = V_k / sigma_k`` this is ``||U_k[i]||²``, computed in float64 and
+    rounded to the nearest float32 (ties to even): the *canonical score* every ranking uses.
 
     Parameters
     ----------
@@ -232,7 +242,8 @@ def leverage_block(block: np.ndarray, mean: np.ndarray, W: np.ndarray, out: np.n
     Returns
     -------
     out : ndarray, shape (m,), float64
-        NaN/inf in a row gives a non-finite score for that row.
+        Values representable in float32. NaN/inf in a row gives a non-finite score for that row;
+        so does a score above float32's range (about 3.4e38).
 
     Raises
     ------
@@ -243,18 +254,19 @@ def leverage_block(block: np.ndarray, mean: np.ndarray, W: np.ndarray, out: np.n
     -----
     The native kernel works in row tiles of about 1 MiB that stay in cache: it decodes a tile and
     centres (and scales) it in float64 -- *before* the product, so a mean much larger than the
-    spread does not cancel the significant digits -- rounds the centred values once to float32,
-    multiplies the tile by a float32 copy of ``W`` with SciPy's BLAS ``sgemm``, and sums the squares
-    of each projected row in float64. A float64 ``block`` keeps float64 tiles and ``dgemm`` (whoever
-    stored float64 asked for that precision; results then agree with the fallback to ~1e-15). Row L2-normalisation is applied exactly to the result
-    (``||zW||² / ||z||²``, with ``||z||²`` accumulated in float64 from the unrounded ``z``).
+    spread does not cancel the significant digits --, multiplies the tile by ``W`` with BLAS
+    ``dgemm``, sums the squares of each projected row in float64, and rounds the sum once to
+    float32. Row L2-normalisation is applied exactly to the result (``||zW||² / ||z||²``).
 
-    Error (fp16/bf16/fp32 blocks): only the float32 product rounds, so ``|score - exact| ≲ 2·sqrt(score)·ε₃₂·sqrt(d)·
-    ||z||·max_j||W[:, j]||`` (ε₃₂ = 2⁻²⁴) -- about 1e-7 relative for typical rows (measured
-    1.9e-7 max relative error on fp16 768-d rows with mean 100, vs 2e-15 with ``dgemm``). A float64
-    product (``_native.leverage_block(..., gemm="float64")``) would be ~1.7-2× slower on AVX2, and
-    the engine's floor asks for the projection at sgemm speed; the rounding is far below what
-    changes a top-k selection except at exact near-ties.
+    Why float64 and then float32: the same product gives different low bits on different CPUs'
+    BLAS kernels (and thread counts). With float32 products (``sgemm``) two machines' scores
+    differed by up to 1e-6 relative and dozens of rank positions in a 16% selection moved; with
+    float64 products (and a float64 fit) they differ by ~1e-14, and rounding to 24 bits puts six
+    orders of magnitude between that noise and the rounding step, so the canonical scores -- and
+    the order "descending score, ties to the lower row" -- are the same everywhere except when a
+    score sits within ~1e-14 of a rounding midpoint. Exact duplicate rows always tie. fp16/bf16
+    representations carry 11/8 significant bits, so nothing meaningful is lost. The float64
+    product costs ~2× the float32 one (``benchmarks/bench_reproducibility.py`` prices it).
 
     Threads: by default one worker per core, each running its own tiles with a single-threaded
     GEMM (scipy's OpenBLAS is pinned to one thread for the duration of the call and restored

@@ -67,7 +67,9 @@ def cutoff_margin(scores: np.ndarray, budget: int) -> dict:
         ``last_kept`` = score[budget-1], ``first_rejected`` = score[budget] in descending order
         (None when budget == N), ``margin`` = their difference, ``relative_margin`` = margin /
         last_kept, and ``ties_at_cutoff``: how many rows share the last kept score (ties are broken
-        by row index, so a positive margin is what makes the set unambiguous).
+        by row index, so a positive margin is what makes the set unambiguous). Scores are canonical
+        (float64 leverage rounded to float32, see :func:`scalselect_fast.native.leverage_block`), so a
+        margin of 0 is a tie at that precision, decided by the row index the same way everywhere.
 
     Examples
     --------
@@ -289,8 +291,8 @@ def _tolerated(lam_k: float, lam_k1: float, half_margin: float) -> float:
 def _rounding_error(sub) -> dict | None:
     """Spectral-norm size of the exact solver's rounding error in the Gram, from the fit's numbers.
 
-    The exact fit sums float32 BLAS products of at most ``GRAM_CHUNK_ROWS`` rows into float64 (float64
-    products for float64 sources). Per entry a product of inner length c errs by at most
+    The exact fit sums float64 BLAS products of at most ``GRAM_CHUNK_ROWS`` rows into float64 (for
+    every storage dtype, since issue 19). Per entry a product of inner length c errs by at most
     γ_c·(|X|ᵀ|X|)_ij, γ_c = c·u/(1 − c·u) (worst case, Higham Thm 3.5), typically √c·u·(…) (rounding
     errors behave like a random walk, Higham §2.8); ‖E‖₂ ≤ ‖E‖_F ≤ that factor × ‖X‖_F², and ‖X‖_F² is
     the total energy of the (shifted) rows.
@@ -300,11 +302,11 @@ def _rounding_error(sub) -> dict | None:
     if getattr(sub, "solver", None) != "exact":
         return None
     info = getattr(sub, "info", {}) or {}
-    u = 2.0 ** -53 if info.get("source_dtype") == "float64" else 2.0 ** -24
+    u = 2.0 ** -53
     c = min(int(GRAM_CHUNK_ROWS), max(int(sub.n), 1))
     total = float(sub.total_energy)
     return {"worst_case": c * u / (1.0 - c * u) * total, "typical": math.sqrt(c) * u * total,
-            "basis": f"Gram rounding: {'float64' if u < 1e-10 else 'float32'} products of ≤{c} rows "
+            "basis": f"Gram rounding: float64 products of ≤{c} rows "
                      f"summed in float64; worst case c·u·‖X‖_F², typical √c·u·‖X‖_F²"}
 
 

@@ -17,8 +17,9 @@ Solvers
 exact
     One pass: column sums and the d×d Gram of the shifted rows ``x - s`` (s = mean of the first
     block, so centring by a later correction stays accurate), then ``eigh``. Each row chunk's
-    product ``Bᵀ B`` is formed by BLAS in the block's compute dtype (float32 for fp16/bf16/fp32
-    input, float64 for float64 input) and *accumulated in float64* across chunks; see
+    product ``Bᵀ B`` is formed by BLAS in float64 (whatever the storage dtype: the same scores on
+    every CPU need it, see :func:`scalselect_fast.native.leverage_block`) and accumulated in float64
+    across chunks; see
     :class:`GramAccumulator`. With ``l2_normalize`` the row norms need μ (and the scale) first, so
     a cheap moments pass comes before the Gram pass (2 passes).
 randomized
@@ -60,7 +61,7 @@ with invalid-row handling, as its tasks)::
 
     acc = tree_reduce(map(shard_partial, src.shards), GramAccumulator.merge)  # the tree fit_subspace builds
     sub = finish_exact(acc, energy=0.9, k=None, standardize=False, src_name="reps/",
-                       compute_dtype=np.float32)     # the one exact-fit finisher
+                       compute_dtype=np.float64)     # the one exact-fit finisher
 
 Array namespace
 ---------------

@@ -10,8 +10,8 @@ import numpy as np
 from .backends import _device_gram_product, _device_syrk, _namespace, _xp_module, _xp_name
 from .result import SubspaceError
 
-#: rows per BLAS product inside a block; bounds the float32 rounding of each partial Gram (its
-#: error grows with the inner dimension) while keeping the product large enough to run at speed.
+#: rows per BLAS product inside a block; bounds the rounding of each partial Gram (its error grows
+#: with the inner dimension) while keeping the product large enough to run at speed.
 GRAM_CHUNK_ROWS = 8192
 #: ``auto`` (and the randomized solver's early hand-over) use the exact solver only while its d×d
 #: float64 Gram takes at most this many bytes
@@ -125,7 +125,7 @@ class MomentAccumulator:
     def update_block(self, block: np.ndarray, bf16: bool = False) -> "MomentAccumulator":
         """Convenience for distributed callers: shift a raw storage-dtype block and add it."""
         be = _namespace(self._xp_name)
-        buf = be.xp.empty(block.shape, np.float64 if block.dtype == np.float64 else np.float32)
+        buf = be.xp.empty(block.shape, np.float64)
         be.shift_block(np.ascontiguousarray(block), self.shift, buf, bf16)
         return self.update(buf)
 
@@ -157,11 +157,10 @@ class MomentAccumulator:
 class GramAccumulator(MomentAccumulator):
     """:class:`MomentAccumulator` plus the shifted Gram ``Σ (x−s)(x−s)ᵀ`` (d×d float64).
 
-    Each chunk of at most ``GRAM_CHUNK_ROWS`` rows is multiplied by BLAS in the buffer's dtype and
-    added into the float64 accumulator: float32 products of shifted data lose ~1e-7·√chunk relative
-    per chunk, while float64 accumulation keeps the error from growing with N (measured: same k and
-    Spearman > 0.99999 against a float64 dense SVD; see tests/test_subspace.py), at float32 BLAS
-    speed (float64 products are ~2× slower on AVX2).
+    Each chunk of at most ``GRAM_CHUNK_ROWS`` rows is multiplied by BLAS in the buffer's dtype
+    (float64 in every fit: float32 products, 2× faster on AVX2, left ~1e-5 relative differences in
+    the scores between CPUs' BLAS kernels) and added into the float64 accumulator, so the rounding
+    error does not grow with N.
     """
 
     def __init__(self, d: int, shift, matmul=None, xp=None):
@@ -231,7 +230,7 @@ class SketchAccumulator(MomentAccumulator):
     first pass). ``centred_product()`` applies the centring correction ``− n δ (δᵀ Q)``.
     """
 
-    def __init__(self, d: int, shift, Q, moments: bool = True, matmul=None, dtype=np.float32, xp=None):
+    def __init__(self, d: int, shift, Q, moments: bool = True, matmul=None, dtype=np.float64, xp=None):
         super().__init__(d, shift, xp=xp)
         self.Q = self.xp.asarray(Q, dtype=np.float64)
         self.Qc = self.Q.astype(dtype)

@@ -32,11 +32,7 @@ class _NumpyBackend:
 
     def shift_block(self, block: np.ndarray, shift64: np.ndarray, out: np.ndarray, bf16: bool) -> np.ndarray:
         """``out[:m] = block - shift`` in ``out``'s dtype (decode fp16/bf16 on the fly)."""
-        if out.dtype == np.float32:
-            return native.center_block(block, shift64, out, bf16)
-        # float64 input keeps float64 products: the user stored that precision on purpose.
-        np.subtract(block, shift64, out=out)
-        return out
+        return native.center_block(block, shift64, out, bf16)
 
     def eigh(self, a):
         return np.linalg.eigh(a)

@@ -153,7 +153,7 @@ def _tridiagonal(G: np.ndarray):
 
 
 def subspace_from_gram(G: np.ndarray, *, n: int, mean: np.ndarray, scale, l2_normalize: bool,
-                       energy, k, src_name: str = "source", compute_dtype=np.float32,
+                       energy, k, src_name: str = "source", compute_dtype=np.float64,
                        backend=None) -> dict:
     """Eigendecompose the d×d Gram of the transformed matrix and choose k.
 

@@ -112,7 +112,9 @@ class Subspace:
         Returns
         -------
         ndarray, shape (m,), float64
-            For the rows the subspace was fitted on, the scores sum to k.
+            Canonical scores (float64 arithmetic rounded to float32, see
+            :func:`scalselect_fast.native.leverage_block`). For the rows the subspace was fitted
+            on, the scores sum to k.
         """
         X = np.ascontiguousarray(X)
         if X.ndim != 2 or X.shape[1] != self.d:

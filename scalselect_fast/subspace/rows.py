@@ -55,7 +55,7 @@ class _InvalidTracker:
         if not self.drop:
             rows = offset + local.astype(np.int64)
             raise InvalidRowsError(
-                f"{local.size} row(s) with NaN/inf (or values too large for float32) in this block: "
+                f"{local.size} row(s) with NaN/inf (or values too large) in this block: "
                 f"{describe_rows(self.src, rows)}. Fix or remove them at the source, or pass "
                 f"drop_invalid=True (CLI: --drop-invalid) to exclude them from the fit and the "
                 f"selection (they are then listed in the report).", rows)

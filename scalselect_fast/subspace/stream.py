@@ -110,7 +110,7 @@ class SubspaceAccumulator:
             rows = np.flatnonzero(bad)
             raise SubspaceError(f"partial_fit: batch {self.n_batches_} has {rows.size} row(s) with NaN/inf "
                                 f"(rows {rows[:5].tolist()}); drop or fix them before fitting")
-        cdt = np.float64 if X.dtype == np.float64 else np.float32
+        cdt = np.float64  # as fit_subspace: float64 products whatever the input dtype
         if self._acc is None:
             d = X.shape[1]
             if 8 * d * d > MAX_GRAM_BYTES:
