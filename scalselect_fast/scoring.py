@@ -6,7 +6,11 @@ subspaces (see :mod:`scalselect_fast.subspace`) and writes nothing: the selectio
 outputs are :mod:`scalselect_fast.selection`.
 
 Selection order is part of the contract: descending score, ties broken by the lower row index, so
-the same scores always select the same rows whatever the block or shard layout.
+the same scores always select the same rows whatever the block or shard layout. The scores are
+*canonical*: computed with float64 products and rounded once to float32
+(:func:`scalselect_fast.native.leverage_block` says why), so the same data and command give the same
+scores, the same selection and the same ranks on every CPU, build (native or fallback), thread count
+and executor (local or Dask); ``benchmarks/bench_reproducibility.py`` measures it.
 """
 from __future__ import annotations
 
@@ -51,7 +55,8 @@ def leverage_scores(source, sub: Subspace, block_rows: int = DEFAULT_BLOCK_ROWS,
     Returns
     -------
     ndarray, shape (n,), float64
-        Non-negative scores; over the rows the subspace was fitted on they sum to ``sub.k``.
+        Non-negative canonical scores (float64 arithmetic rounded to float32 precision); over the
+        rows the subspace was fitted on they sum to ``sub.k`` (to ~1e-7 relative).
 
     Raises
     ------
@@ -66,6 +71,9 @@ def leverage_scores(source, sub: Subspace, block_rows: int = DEFAULT_BLOCK_ROWS,
     >>> round(float(ss.leverage_scores(X, sub).sum()), 6)
     3.0
     """
+    if not isinstance(sub, Subspace):
+        raise TypeError(f"leverage_scores: sub must be a Subspace (from fit_subspace or Subspace.load), "
+                        f"got {type(sub).__name__}")
     src = open_source(source)
     if src.d != sub.d:
         raise SubspaceError(f"the subspace has d={sub.d} but the source has d={src.d}; score with a "
@@ -98,6 +106,11 @@ def _check_scores(src, seg: np.ndarray, off: int, drop_invalid: bool) -> np.ndar
         return seg
     bad = np.flatnonzero(~np.isfinite(seg))
     rows = off + bad
+    # Corrupt bytes show up here (a huge or NaN value) before their shard's checksum has been read to
+    # the end: check those shards now, so corruption is reported as such and never dropped as "invalid".
+    starts = np.array([s.offset for s in src.shards], dtype=np.int64)
+    for si in np.unique(np.searchsorted(starts, rows, side="right") - 1).tolist():
+        src.verify_shard(src.shards[si])
     if not drop_invalid:
         more = src.n - off - seg.size
         raise InvalidRowsError(
@@ -195,7 +208,7 @@ def top_k(scores: np.ndarray, budget, chunk: int = TOPK_CHUNK) -> np.ndarray:
 
     Parameters
     ----------
-    scores : array_like, shape (n,), float
+    scores : array_like, shape (n,), float (1-D; anything else is an error)
         NaN marks a row with no score (an invalid row); it is never selected.
     budget : int, float or str
         See :func:`resolve_budget` (fractions are of n, all rows).
@@ -210,8 +223,16 @@ def top_k(scores: np.ndarray, budget, chunk: int = TOPK_CHUNK) -> np.ndarray:
     ------
     BudgetError
         Budget ≤ 0, or more than the rows that have a score.
+    ValueError, TypeError
+        ``scores`` is not 1-D, or not numeric.
     """
-    scores = np.ascontiguousarray(scores, dtype=np.float64).reshape(-1)
+    arr = np.asarray(scores)
+    if arr.ndim != 1:
+        raise ValueError(f"top_k: scores must be 1-D (one score per row), got shape {arr.shape}; "
+                         f"pass the (n,) array leverage_scores returns")
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"top_k: scores must be a float array, got dtype {arr.dtype}")
+    scores = np.ascontiguousarray(arr, dtype=np.float64)
     n = scores.size
     m = resolve_budget(budget, n)
     nan = np.isnan(scores)

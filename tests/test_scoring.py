@@ -88,6 +88,33 @@ def test_top_k_matches_sorted_reference(chunk):
     np.testing.assert_array_equal(top_k(with_nan, 998, chunk=chunk), ref)
 
 
+@pytest.mark.parametrize("bad,exc,match", [
+    (np.zeros((10, 2)), ValueError, r"scores must be 1-D .* shape \(10, 2\)"),
+    (np.float64(1.0), ValueError, "scores must be 1-D"),
+    (np.array(["a", "b"]), TypeError, "must be a float array"),
+])
+def test_top_k_refuses_what_is_not_one_score_per_row(bad, exc, match):
+    # a 2-D array used to be flattened silently, returning positions in the flattened array
+    with pytest.raises(exc, match=match):
+        top_k(bad, 1)
+
+
+def test_leverage_scores_names_a_wrong_subspace_argument():
+    with pytest.raises(TypeError, match="sub must be a Subspace"):
+        leverage_scores(np.zeros((3, 4)), np.eye(4))
+
+
+def test_scores_are_canonical_and_the_same_from_any_block_layout():
+    # the canonical score: float32-representable, and independent of how the rows are streamed
+    X = data(3001, 37, seed=5).astype(np.float16)
+    sub = fit_subspace(X)
+    a = leverage_scores(X, sub, block_rows=3001)
+    b = leverage_scores(X, sub, block_rows=97)
+    np.testing.assert_array_equal(a, a.astype(np.float32).astype(np.float64))
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a, reference_leverage(X, sub.k), rtol=2e-7, atol=1e-12)
+
+
 def test_resolve_budget():
     assert resolve_budget(100, 1000) == 100
     assert resolve_budget(np.int64(7), 10) == 7
