@@ -4,6 +4,9 @@
 // Numerics: each element is widened exactly to float64 (fp16, bf16 and fp32 are exact in float64),
 // shifted and scaled in float64 with plain IEEE operations (no FMA, so the SIMD and portable paths
 // agree bit for bit and match numpy's float64 arithmetic), then rounded once to the output type.
+// The optional row sum of squares (for L2 normalisation) is the exception: the AVX2 path
+// accumulates it with FMA in four lanes, so it differs from the portable sum in the last bits (the
+// leverage score it divides is rounded to float32 afterwards, far above that difference).
 #include "decode.h"
 
 #include <algorithm>

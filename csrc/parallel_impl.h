@@ -35,8 +35,10 @@ void parallel_rows(std::size_t n, std::size_t min_chunk, int threads, Body&& bod
         };
         try {
             pool.emplace_back(run);
-        } catch (const std::system_error&) {
-            run();  // no thread available (limits): do this chunk here rather than fail
+        } catch (...) {
+            // no thread available (std::system_error at a limit, std::bad_alloc): do this chunk here
+            // rather than let the exception unwind past joinable threads (std::terminate)
+            run();
         }
     }
     try {

@@ -109,11 +109,13 @@ py::tuple top_k_merge(py::list parts, std::int64_t budget) {
     }
     const std::size_t m = std::min<std::size_t>(total, static_cast<std::size_t>(budget));
     std::vector<Entry> v;
-    std::size_t bad_part = parts.size(), bad_pos = 0;
+    // parts.size() is a Python C-API call: read it while the GIL is held, never inside nogil
+    const std::size_t nparts = idxs.size();
+    std::size_t bad_part = nparts, bad_pos = 0;
     {
         py::gil_scoped_release nogil;
         v.reserve(total);
-        for (std::size_t p = 0; p < idxs.size() && bad_part == parts.size(); ++p) {
+        for (std::size_t p = 0; p < nparts && bad_part == nparts; ++p) {
             const std::int64_t* pi = idxs[p].data();
             const double* pv = vals[p].data();
             const auto n = static_cast<std::size_t>(idxs[p].shape(0));
@@ -126,9 +128,9 @@ py::tuple top_k_merge(py::list parts, std::int64_t budget) {
                 v.push_back(Entry{pv[j], pi[j]});
             }
         }
-        if (bad_part == parts.size()) select_top(v, m);
+        if (bad_part == nparts) select_top(v, m);
     }
-    if (bad_part != parts.size())
+    if (bad_part != nparts)
         throw py::value_error("top_k_merge: parts[" + std::to_string(bad_part) + "] has a NaN score at position " +
                               std::to_string(bad_pos) + " (global row " +
                               std::to_string(idxs[bad_part].data()[bad_pos]) +
