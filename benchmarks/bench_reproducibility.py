@@ -20,6 +20,13 @@ count is given to BLAS and the native kernels, and the executor is the local job
 Printed per input: the distinct selected sets over all configurations (floor: 1), and the most
 manifest rank positions (1..m, by ``selected.txt``) in which any configuration differs from the
 first (goal 0). One CSV row per input in ``benchmarks/results/reproducibility.csv``.
+
+The price (``--price``, also part of the full run): the float64 products cost more than float32
+ones. Measured in CPU seconds of one thread (``time.process_time``, BLAS and native kernels pinned to
+one thread), so a loaded machine does not distort it: fit+score of ``bench_core``'s 100k×768 fp32
+matrix (k≈301) against the bare float64 and the bare float32 ``XᵀX + X·W`` of the same sizes, medians
+of interleaved repeats. ``--price-root DIR`` times another checkout's fit+score the same way (e.g.
+the commit before the change), for a before/after.
 """
 from __future__ import annotations
 
@@ -69,6 +76,40 @@ print("RESULT " + json.dumps(out))
 """
 
 
+PRICE_CHILD = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[2])
+import numpy as np
+import scalselect_fast as ss
+from benchmarks.bench_core import generate
+n, d, reps = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+X = generate(n, d)
+sub = ss.fit_subspace(X)
+W64 = np.ascontiguousarray(sub.projection()); W32 = W64.astype(np.float32); X64 = X.astype(np.float64)
+def cpu(fn):
+    t = time.process_time(); fn(); return time.process_time() - t
+fns = {"fit+score": lambda: ss.leverage_scores(X, ss.fit_subspace(X)),
+       "bare float64": lambda: (X64.T @ X64, X64 @ W64), "bare float32": lambda: (X.T @ X, X @ W32)}
+times = {k: [] for k in fns}
+for _ in range(reps):
+    for k, f in fns.items():
+        times[k].append(cpu(f))
+print("RESULT " + json.dumps({"k": int(sub.k), **{k: float(np.median(v)) for k, v in times.items()}}))
+"""
+
+
+def price(root: str | None = None, n: int = 100_000, d: int = 768, repeats: int = 5) -> dict:
+    """CPU seconds (one thread) of fit+score and of the bare float64 / float32 products."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", SCALSELECT_NUM_THREADS="1")
+    here = str(Path(__file__).resolve().parents[1])
+    p = subprocess.run([sys.executable, "-c", PRICE_CHILD, root or here, here, str(n), str(d), str(repeats)],
+                       env=env, capture_output=True, text=True, timeout=3600)
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    if p.returncode != 0 or not line:
+        raise RuntimeError(f"price measurement failed:\n{p.stderr[-3000:]}")
+    return json.loads(line[-1][len("RESULT "):])
+
+
 def _duplicates() -> np.ndarray:
     rng = np.random.default_rng(3)
     base = rng.standard_normal((15000, 12)) @ (rng.standard_normal((12, 192)) / 3)
@@ -113,7 +154,27 @@ def run_config(inputs: dict, out: Path, coretype: str, fallback: bool, threads: 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="Prescott and Haswell, local only, 1 thread")
+    ap.add_argument("--price", action="store_true", help="only the price of the float64 products (CPU time)")
+    ap.add_argument("--price-root", default=None, help="also time fit+score of the checkout in this folder")
     args = ap.parse_args(argv)
+    if args.price or not args.quick:
+        p = price()
+        print(f"price (CPU s, one thread, 100000x768 fp32, k={p['k']}): fit+score {p['fit+score']:.2f}; bare float64 "
+              f"XtX+XW {p['bare float64']:.2f} ({p['fit+score'] / p['bare float64']:.2f}x, floor <= 1.3); bare float32 "
+              f"{p['bare float32']:.2f} ({p['fit+score'] / p['bare float32']:.2f}x)")
+        row = {"timestamp": now_utc(), "mode": "price", "input": "bench_core 100000x768", "budget": "",
+               "configurations": 1, "selected_sets": "", "max_rank_positions_differing": "",
+               "rows_selected": "", "floor_one_set": "",
+               "machine": json.dumps(machine()), "versions": json.dumps({**versions(), **p})}
+        if args.price_root:
+            old = price(args.price_root)
+            print(f"  {args.price_root}: fit+score {old['fit+score']:.2f} CPU s (k={old['k']}); "
+                  f"this checkout / that one = {p['fit+score'] / old['fit+score']:.2f}x")
+            row["versions"] = json.dumps({**versions(), **p, "other_root": args.price_root,
+                                          "other_fit+score": old["fit+score"]})
+        append_csv(RESULTS / "reproducibility.csv", [row])
+        if args.price:
+            return 0
     cores = ["Prescott", "Haswell"] if args.quick else CORETYPES
     executors = ["local"] if args.quick else ["local", "dask"]
     threads = [1] if args.quick else [1, 2]
