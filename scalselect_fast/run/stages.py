@@ -29,6 +29,7 @@ import dataclasses
 import errno
 import io
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -70,6 +71,9 @@ def _check_out_dir(out: Path) -> None:
 def _quiet_libraries() -> None:
     """No transformers / hub progress bars or info warnings under --quiet and --log-json."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if "datasets" in sys.modules:  # already imported to read the input: the env is read at import
+        sys.modules["datasets"].disable_progress_bars()  # save_to_disk of the selection
     with contextlib.suppress(ImportError):
         from transformers.utils import logging as tlog
 
