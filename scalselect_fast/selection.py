@@ -211,6 +211,9 @@ class Records:
         Where relative image paths resolve (the gallery loads thumbnails from there).
     order : {"original", "score"}
         Record order of the selected dataset.
+    id_field : str or None
+        The id column the records were read with (``None``: ``id``, or the positional id of a
+        record without one; see :func:`scalselect_fast.data.read_dataset`).
     """
 
     path: Any
@@ -223,6 +226,7 @@ class Records:
     format: str = "auto"
     image_root: str | None = None
     order: str = "original"
+    id_field: str | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -391,7 +395,7 @@ def run_selection(source, out_dir, budget, *, executor=None, subspace=None, scor
 
             write_selected(records.path, stage.path(names["selected"]),
                            keep=kept_ids if records.order == "score" else set(kept_ids),
-                           order=records.order, format=records.format)
+                           order=records.order, format=records.format, id_field=records.id_field)
         crashpoint("select.staged")
         times["write"] = time.perf_counter() - t - times.get("gallery", 0.0)
         report["timings"] = dict(times)
@@ -654,7 +658,8 @@ def _load_samples(records: Records, want: set[int]) -> dict:
     found = {}
     if not want:
         return found
-    for sample in read_dataset(records.path, records.image_root, records.format, skip_log=_NoSkipLog()):
+    for sample in read_dataset(records.path, records.image_root, records.format, skip_log=_NoSkipLog(),
+                               id_field=records.id_field):
         if sample.index in want:
             found[sample.index] = sample
             if len(found) == len(want):

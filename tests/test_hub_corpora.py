@@ -210,3 +210,124 @@ def test_dataset_dict_with_several_splits_names_them(model, saved, tmp_path, cap
     assert cli.main(["run", "--model", str(model), "--data", str(saved["base"] / "dict2" / "train"),
                      "--out", str(out), *COMMON]) == 0
     assert len(_kept(out)) == 5
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. the Cauldron and FineVision as published: no id column
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    base = tmp_path_factory.mktemp("corpora")
+    c_root, f_root = base / "the_cauldron", base / "FineVision"
+    c_files = cauldron(c_root, {"ai2d": 9, "chartqa": 7}, two_images=(2, 11), text_only=(5,))
+    f_files = finevision(f_root, {"chart2text": 10, "ocrvqa": 10}, text_only=(4,), shards=2)
+    return {"base": base, "cauldron": c_root, "finevision": f_root,
+            "cauldron_files": [p for ps in c_files.values() for p in ps],
+            "finevision_files": [p for ps in f_files.values() for p in ps]}
+
+
+def _by_position(root: Path, files) -> dict[str, dict]:
+    """Reference: every row of every file (pyarrow), keyed ``<file relative to root>#<row in file>``, in
+    sorted path order."""
+    out = {}
+    for p in sorted(files):
+        for i, r in enumerate(pq.read_table(p).to_pylist()):
+            out[f"{p.relative_to(root).as_posix()}#{i}"] = r
+    return out
+
+
+def _selected_rows(out: Path) -> list[dict]:
+    return [r for p in sorted((out / "selected").rglob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+
+
+def _same_rows(a, b) -> bool:
+    return sorted(map(repr, a)) == sorted(map(repr, b))
+
+
+def test_cauldron_runs_with_positional_ids_stable_across_spellings(model, corpora, tmp_path):
+    root = corpora["cauldron"]
+    ref = _by_position(root, corpora["cauldron_files"])
+    out = tmp_path / "a"
+    args = ["run", "--model", str(model), "--out", str(out), *COMMON]
+    assert cli.main([*args, "--data", f"{root}/"]) == 0
+    man = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert [m["id"] for m in man] == list(ref)  # every row, named <subset>/<file>#<row>
+    reasons = {m["id"]: m["skip_reason"] for m in man}
+    assert reasons["ai2d/train-00000-of-00001.parquet#5"].startswith("text_only")
+    two = ["ai2d/train-00000-of-00001.parquet#2", "chartqa/train-00000-of-00001.parquet#2"]
+    assert [len(ref[k]["images"]) for k in two] == [2, 2]
+    assert all(reasons[k] is None for k in two)  # multi-image rows are used, with no placeholder
+    assert sum(r is None for r in reasons.values()) == 15
+    kept = _kept(out)
+    assert len(kept) == 4 and _same_rows(_selected_rows(out), [ref[k] for k in kept])  # rows as published
+    manifest_bytes = (out / "manifest.parquet").read_bytes()
+    # the same files, listed in another order or by a glob: the same ids and the same selection
+    files = sorted(map(str, corpora["cauldron_files"]), reverse=True)
+    for i, data in enumerate([files, [str(root / "*" / "train-*.parquet")]]):
+        assert cli.main(["run", "--model", str(model), "--out", str(tmp_path / f"b{i}"), *COMMON, "--data", *data]) == 0
+        assert [m["id"] for m in pq.read_table(tmp_path / f"b{i}" / "manifest.parquet").to_pylist()] == list(ref)
+        assert _kept(tmp_path / f"b{i}") == kept
+    # a rerun resumes from the checkpoints and writes the same manifest
+    assert cli.main([*args, "--data", str(root)]) == 0
+    assert (out / "manifest.parquet").read_bytes() == manifest_bytes
+
+
+def test_finevision_columns_pass_through_and_quota_by_source(model, corpora, tmp_path):
+    root = corpora["finevision"]
+    ref = _by_position(root, corpora["finevision_files"])
+    first = sorted(corpora["finevision_files"])[0]
+    args = ["run", "--model", str(model), "--data", str(root), *COMMON]
+    assert cli.main([*args, "--out", str(tmp_path / "plain")]) == 0
+    kept = _kept(tmp_path / "plain")
+    rows = _selected_rows(tmp_path / "plain")
+    assert len(kept) == 5 and _same_rows(rows, [ref[k] for k in kept])  # ratings, *_min, source untouched
+    for p in (tmp_path / "plain" / "selected").rglob("*.parquet"):
+        assert pq.read_schema(p).equals(pq.read_schema(first), check_metadata=True)
+    per = {s: sum(ref[k]["source"] == s for k in kept) for s in ("chart2text", "ocrvqa")}
+    top = max(per, key=per.get)
+    assert per[top] >= 3  # 5 kept in two sources: the cap below binds
+    assert cli.main([*args, "--out", str(tmp_path / "q"), "--quota", f"source={top}<=20%"]) == 0
+    kept_q = _kept(tmp_path / "q")
+    assert len(kept_q) == 5 and sum(ref[k]["source"] == top for k in kept_q) == 1
+    # a FineVision rating column as the quota field
+    assert cli.main([*args, "--out", str(tmp_path / "r"), "--quota", "relevance_min=*<=40%"]) == 0
+    kept_r = _kept(tmp_path / "r")
+    counts = {}
+    for k in kept_r:
+        counts[ref[k]["relevance_min"]] = counts.get(ref[k]["relevance_min"], 0) + 1
+    assert len(kept_r) == 5 and max(counts.values()) <= 2
+
+
+def test_id_field_names_the_id_column(model, corpora, tmp_path):
+    feats = datasets.Features({"uid": datasets.Value("string"), "images": datasets.Sequence(datasets.Image()),
+                               "texts": [{"user": datasets.Value("string"), "assistant": datasets.Value("string"),
+                                          "source": datasets.Value("string")}]})
+    rows = _cauldron_rows(10, "vqa", 0)
+    rows["uid"] = [f"u-{i:02d}" for i in range(10)]
+    path = tmp_path / "data" / "train-00000-of-00001.parquet"
+    path.parent.mkdir()
+    datasets.Dataset.from_dict(rows, features=feats).to_parquet(str(path))
+    want = [f"u-{i:02d}" for i in range(10)]
+    from scalselect_fast.data import SkipLog
+
+    assert [s.id for s in read_dataset(path, id_field="uid")] == want
+    # a named id column is required: a row without it is not named by its position
+    log = SkipLog(tmp_path / "skips.jsonl")
+    with pytest.raises(DatasetError, match="all 10 records were skipped"):
+        list(read_dataset(path, id_field="nope", skip_log=log))
+    assert {e["reason"] for e in log.entries()} == {"missing_field"}
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'model = "{model}"\ndata = "{path}"\nid-field = "uid"\n')
+    for how in ("flag", "config", "api"):
+        out = tmp_path / how
+        if how == "flag":
+            assert cli.main(["run", "--model", str(model), "--data", str(path), "--out", str(out),
+                             "--id-field", "uid", *COMMON]) == 0
+        elif how == "config":
+            assert cli.main(["run", "--config", str(cfg), "--out", str(out), *COMMON]) == 0
+        else:
+            run(make_config(model=str(model), data=str(path), out=str(out), id_field="uid", budget="25%",
+                            shard_size=8, batch_size=4, quiet=True, plan_check=False))
+        assert [m["id"] for m in pq.read_table(out / "manifest.parquet").to_pylist()] == want, how
+        kept = _kept(out)
+        assert pq.read_table(out / "selected.parquet").column("uid").to_pylist() == sorted(kept), how

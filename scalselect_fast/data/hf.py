@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from .sample import DatasetError
-from .sources import Container, DataSource, InputFile, register_container
+from .sources import NO_ID_FIELD, Container, DataSource, InputFile, register_container
 
 __all__ = ["hf_object_source", "is_save_to_disk_dir"]
 
@@ -162,7 +162,10 @@ def _dir_ids(file: InputFile, id_field: str) -> Iterator[tuple[int, str | None]]
     from .readers import arrow_ids, usable_id_type
 
     ds = _load(file)
-    if id_field not in ds.column_names or not usable_id_type(ds.data.schema.field(id_field).type):
+    if id_field not in ds.column_names:
+        yield from ((i, NO_ID_FIELD) for i in range(ds.num_rows))
+        return
+    if not usable_id_type(ds.data.schema.field(id_field).type):
         yield from ((i, None) for i in range(ds.num_rows))  # every record is skipped when read
         return
     yield from enumerate(arrow_ids(iter_dataset_batches(ds.select_columns([id_field]), file.path)))
@@ -208,6 +211,9 @@ class _ObjectSource(DataSource):
 
     def input_paths(self) -> list[str]:
         return []
+
+    def relative_name(self, file: InputFile) -> str:
+        return ""  # an object has no file: its rows' positional ids are "#<row>"
 
     def total_bytes(self) -> int:
         try:

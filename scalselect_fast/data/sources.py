@@ -33,8 +33,18 @@ from typing import Any
 from .sample import DatasetError
 
 __all__ = ["Container", "DataSource", "InputFile", "register_container", "containers", "open_source",
-           "input_files", "SNIFF_BYTES"]
+           "input_files", "SNIFF_BYTES", "NO_ID_FIELD"]
 
+#: what a container's ``ids`` hook yields for a record that has no id field at all (it may then be
+#: named by its position: :class:`~.readers.IdRule`)
+class _NoIdField:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NO_ID_FIELD"
+
+
+NO_ID_FIELD = _NoIdField()
 #: bytes read from the start of each file to recognise its container
 SNIFF_BYTES = 4096
 #: files at most this large are hashed whole by :meth:`DataSource.fingerprint`; larger binary
@@ -190,8 +200,9 @@ class Container:
         refused, naming the first file and the one that differs.
     ids : callable, optional
         ``ids(file, id_field) -> Iterator[(index, id or None)]``: the id of every record (``None``
-        where it has none), without the rest of the record where the container allows (a Parquet
-        column), for the duplicate-id check before a run; it also counts the records.
+        where it has no usable one, :data:`NO_ID_FIELD` where it has no ``id_field`` at all),
+        without the rest of the record where the container allows (a Parquet column), for the
+        duplicate-id check before a run; it also counts the records.
     iter_batches : callable, optional
         ``iter_batches(file, columns=None) -> Iterator[pyarrow.RecordBatch]`` for Arrow-backed
         containers: the same rows as ``iter_records``, in the same order, as record batches, so the

@@ -232,25 +232,41 @@ def _stage_score(cfg: RunConfig, state: RunState, events: Events, src, sub) -> n
 _INTERN_MAX = 1 << 16
 
 
-def _raw_records(cfg: RunConfig, fields: Iterable[str]) -> Iterator[Any]:
-    """Every raw record in order; from Arrow inputs (Parquet, ``save_to_disk``) only the id, source
-    and ``fields`` columns are read, and from WebDataset shards only the ``.json`` members, so the
-    image bytes are not read a second time."""
-    from ..data import SOURCE_FIELDS, iter_records
+def _raw_records(cfg: RunConfig, fields: Iterable[str]) -> Iterator[tuple[Any, str | None]]:
+    """Every raw record in order, with its id (None where it has no usable one); from Arrow inputs
+    (Parquet, ``save_to_disk``) only the id, source and ``fields`` columns are read, and from
+    WebDataset shards only the ``.json`` members, so the image bytes are not read a second time.
+    A record without an id field is named by its position, as the readers name it
+    (:class:`~scalselect_fast.data.readers.IdRule`)."""
+    from ..data import SOURCE_FIELDS
+    from ..data.readers import IdRule, position_id
     from ..data.sources import open_source
 
+    rule = IdRule(cfg.id_field)
     source = open_source(cfg.data, cfg.format)
+
+    def named(rec, name, row):
+        if rule.by_position(rec):
+            return position_id(name, row)
+        v = rec.get(rule.field) if isinstance(rec, dict) else None
+        return None if v is None or isinstance(v, (dict, list)) else str(v)
+
     if source.container == "webdataset":
         from ..data.webdataset import iter_shard_fields
 
         for f in source.files:
-            yield from iter_shard_fields(f)
+            for rec in iter_shard_fields(f, rule.field):  # a record without an id is named by its key
+                v = rec.get(rule.field)
+                yield rec, None if v is None or isinstance(v, (dict, list)) else str(v)
     elif source.has_batches():
-        for _index, batch, _file, _local in source.iter_batches(columns=["id", *SOURCE_FIELDS, "texts", *fields]):
-            yield from batch.to_pylist()
+        for _index, batch, file, local in source.iter_batches(
+                columns=[rule.field, *SOURCE_FIELDS, "texts", *fields]):
+            name = source.relative_name(file)
+            for i, rec in enumerate(batch.to_pylist()):
+                yield rec, named(rec, name, local + i)
     else:
-        for _index, _line, rec in iter_records(source, cfg.format):
-            yield rec
+        for _index, _line, rec, file, local in source.iter_records():
+            yield rec, named(rec, source.relative_name(file), local)
 
 
 def _record_table(cfg: RunConfig, fields: Iterable[str]) -> dict:
@@ -269,10 +285,9 @@ def _record_table(cfg: RunConfig, fields: Iterable[str]) -> dict:
             return interned.get(v, v)
         return interned.setdefault(v, v)
 
-    for rec in _raw_records(cfg, list(fields)):
+    for rec, sid in _raw_records(cfg, list(fields)):
         r = rec if isinstance(rec, dict) else {}
-        v = r.get("id")
-        ids.append(None if v is None or isinstance(v, (dict, list)) else str(v))
+        ids.append(sid)
         src = one(record_source(r))
         sources.append(src)
         for f in cols:
@@ -332,7 +347,7 @@ def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, sco
     budget = _resolve_budget(cfg, n_records, n_valid, skip_counts, skipped_path)
     records = Records(path=cfg.data, ids=recs["ids"], sources=recs["sources"], fields=recs["fields"],
                       skip_reason=skip_reason, skip_counts=skip_counts, selected_name=_selected_name(cfg),
-                      format=cfg.format, image_root=cfg.image_root, order=cfg.order)
+                      format=cfg.format, image_root=cfg.image_root, order=cfg.order, id_field=cfg.id_field)
     fps = state.fps
     timings = {k: v for k, v in state.data.get("timings", {}).items() if k != "select"}
 
@@ -391,7 +406,8 @@ def _stage_extract(cfg: RunConfig, state: RunState, events: Events, source=None)
     if state.done("extract") and (store / "manifest.json").exists():
         # every rerun re-reads the shards it reuses: a damaged one, or one whose images changed since,
         # is extracted again (below) instead of being mixed in
-        if not repair_store(store, data, image_root=cfg.image_root, format=cfg.format, warn=events.warn):
+        if not repair_store(store, data, image_root=cfg.image_root, format=cfg.format, warn=events.warn,
+                            id_field=cfg.id_field):
             return StoreSource(store)
         events.warn(f"discarding the fit and score checkpoints in {state.work}: they depend on the shards "
                     f"being re-extracted")
@@ -402,7 +418,7 @@ def _stage_extract(cfg: RunConfig, state: RunState, events: Events, source=None)
                                layer=cfg.layer, threshold=cfg.threshold, batch_size=cfg.batch_size,
                                instruction=cfg.instruction, max_length=cfg.max_length, roles=cfg.roles,
                                vision_tokens=cfg.vision_tokens, pixels=cfg.pixels,
-                               max_image_pixels=cfg.max_image_pixels, warn=events.warn,
+                               max_image_pixels=cfg.max_image_pixels, warn=events.warn, id_field=cfg.id_field,
                                dtype=cfg.dtype, device=cfg.device, store_dtype=cfg.store_dtype,
                                shard_size=cfg.shard_size, num_workers=cfg.num_workers,
                                # humans get the engine's own tqdm bar (rate + ETA), machines events
@@ -525,7 +541,7 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
 
     if containers()[source.container].ids is not None:
         # a duplicate id stops the run here, before any model work; the same pass counts the records
-        check_unique_ids(source)
+        check_unique_ids(source, id_field=cfg.id_field)
     n_records = count_records(source)
     if n_records == 0:
         raise RunError(f"--data {data} is empty (no records); nothing to select from. Pass the dataset file "
