@@ -214,6 +214,10 @@ class Records:
     id_field : str or None
         The id column the records were read with (``None``: ``id``, or the positional id of a
         record without one; see :func:`scalselect_fast.data.read_dataset`).
+    passthrough : list of int
+        Record indices written to the selected dataset outside the budget (``run --text-only
+        keep``: the text-only records); they are ``kept`` in the manifest, with no rank, and listed
+        after the ranked ids in ``selected.txt``.
     """
 
     path: Any
@@ -227,6 +231,7 @@ class Records:
     image_root: str | None = None
     order: str = "original"
     id_field: str | None = None
+    passthrough: list = dataclasses.field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -368,6 +373,8 @@ def run_selection(source, out_dir, budget, *, executor=None, subspace=None, scor
     kept_mask = np.zeros(src.n, bool)
     kept_mask[kept_rows] = True
     kept_ids = _ids_of(src, kept_rows)  # selection order
+    # records written outside the budget (text-only ones, run --text-only keep), after the ranked ones
+    extra_ids = [records.ids[i] for i in records.passthrough if records.ids[i] is not None] if records else []
     names = _output_names(out, manifest_format, records, html)
     report = build_report(src, sub, scores, kept_rows, kept_mask, m, budget, records=records,
                           post_info=post_info, stability=stability, reused=reused, executor=executor,
@@ -389,12 +396,14 @@ def run_selection(source, out_dir, budget, *, executor=None, subspace=None, scor
                         meta)
         from .atomic import atomic_write_bytes
 
-        atomic_write_bytes(stage.path(names["selected_ids"]), "".join(f"{i}\n" for i in kept_ids).encode("utf-8"))
+        atomic_write_bytes(stage.path(names["selected_ids"]),
+                           "".join(f"{i}\n" for i in kept_ids + extra_ids).encode("utf-8"))
         if records is not None:
             from .data import write_selected
 
+            written = kept_ids + extra_ids
             write_selected(records.path, stage.path(names["selected"]),
-                           keep=kept_ids if records.order == "score" else set(kept_ids),
+                           keep=written if records.order == "score" else set(written),
                            order=records.order, format=records.format, id_field=records.id_field)
         crashpoint("select.staged")
         times["write"] = time.perf_counter() - t - times.get("gallery", 0.0)
@@ -487,11 +496,13 @@ def _manifest_batches(src, scores, rank, kept_mask, records, rejected: Mapping[i
             reasons.append(INVALID_ROW)
         else:
             reasons.append(rejected.get(int(rec_row[i])))
+    kept = (kept_mask[rr] & has) if src.n else np.zeros(n_rec, bool)
+    kept[np.asarray(records.passthrough, dtype=np.int64)] = True  # written outside the budget
     yield {"id": list(records.ids), "index": np.arange(n_rec),
            "shard": [shard_of[r] if h else None for r, h in zip(rr.tolist(), has.tolist())],
            "row": row_in[rr] if src.n else np.zeros(n_rec, np.int64), "score": sc,
            "rank": rank[rr] if src.n else np.zeros(n_rec, np.int64),
-           "kept": (kept_mask[rr] & has) if src.n else np.zeros(n_rec, bool),
+           "kept": kept,
            "skip_reason": reasons, "_valid": valid, "_placed": has}
 
 
@@ -757,10 +768,21 @@ def print_selection(report: Mapping[str, Any], quiet: bool = False, file=None) -
 
     fh = file or sys.stdout
     sub, t = report["subspace"], report.get("timings", {})
-    frac = report["n_selected"] / max(report["n_samples"], 1)
+    base = report.get("budget_base")
     bad = report.get("invalid_rows", {}).get("count", 0)
-    line = (f"selected {report['n_selected']} of {report['n_samples']} samples ({frac:.1%}; "
-            f"{report['n_valid']} usable) | k={sub['k']} of d={sub['d']} captures {sub['captured_energy']:.4f} "
+    if base:  # run: the budget's fraction is of the records that are not text-only
+        frac = report["n_selected"] / max(base["n"], 1)
+        to = report.get("text_only") or {}
+        n_to = to.get("n", 0)
+        what = (f"; {n_to} text-only {'row' if n_to == 1 else 'rows'} "
+                + ("kept outside the budget" if to.get("action") == "kept" else "dropped") if n_to else "")
+        head = (f"selected {report['n_selected']} of {report['n_samples']} samples ({frac:.1%} of the {base['n']} "
+                f"that are not text-only; {report['n_valid']} usable{what})")
+    else:
+        frac = report["n_selected"] / max(report["n_samples"], 1)
+        head = (f"selected {report['n_selected']} of {report['n_samples']} samples ({frac:.1%}; "
+                f"{report['n_valid']} usable)")
+    line = (f"{head} | k={sub['k']} of d={sub['d']} captures {sub['captured_energy']:.4f} "
             f"of the energy | {sub['solver']} solver, {sub['passes']} pass(es)")
     if not quiet:
         line += " | " + " ".join(f"{k} {float(v):.2f}s" for k, v in t.items())

@@ -331,3 +331,64 @@ def test_id_field_names_the_id_column(model, corpora, tmp_path):
         assert [m["id"] for m in pq.read_table(out / "manifest.parquet").to_pylist()] == want, how
         kept = _kept(out)
         assert pq.read_table(out / "selected.parquet").column("uid").to_pylist() == sorted(kept), how
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. text-only rows
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def with_text_only(tmp_path_factory):
+    """LLaVA-OneVision rows (``image`` None for text-only) as one Parquet file: 24 rows, 4 text-only."""
+    base = tmp_path_factory.mktemp("textonly")
+    text_only = (0, 7, 8, 19)
+    path = base / "train-00000-of-00001.parquet"
+    llava_onevision(24, text_only=text_only).to_parquet(str(path))
+    return {"path": path, "text_only": [f"ov-{i}" for i in text_only],
+            "rows": {r["id"]: r for r in pq.read_table(path).to_pylist()}}
+
+
+def test_text_only_keep_passes_them_through_outside_the_budget(model, with_text_only, tmp_path, capsys):
+    out = tmp_path / "keep"
+    capsys.readouterr()
+    assert cli.main(["run", "--model", str(model), "--data", str(with_text_only["path"]), "--out", str(out),
+                     "--budget", "25%", "--text-only", "keep", "--order", "score", "--shard-size", "8",
+                     "--batch-size", "4", "--no-plan-check"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("selected "))
+    assert line.startswith("selected 5 of 24 samples (25.0% of the 20 that are not text-only; 20 usable; "
+                           "4 text-only rows kept outside the budget)"), line
+    man = pq.read_table(out / "manifest.parquet").to_pylist()
+    ranked = sorted((m for m in man if m["rank"] is not None and m["kept"]), key=lambda m: m["rank"])
+    assert len(ranked) == 5  # the budget: 25% of the 20 rows that are not text-only
+    passed = [m for m in man if m["id"] in with_text_only["text_only"]]
+    assert all(m["kept"] and m["rank"] is None and m["skip_reason"].startswith("text_only") for m in passed)
+    want = [m["id"] for m in ranked] + with_text_only["text_only"]  # best first, then the text-only rows
+    got = pq.read_table(out / "selected.parquet").to_pylist()
+    assert [r["id"] for r in got] == want and (out / "selected.txt").read_text().split() == want
+    assert all(r == with_text_only["rows"][r["id"]] for r in got)
+    report = json.loads((out / "report.json").read_text())
+    assert {k: report["text_only"][k] for k in ("n", "action", "in_output")} == {"n": 4, "action": "kept",
+                                                                                  "in_output": 4}
+    assert report["budget_base"]["n"] == 20 and report["budget_base"]["of"] == "records that are not text-only"
+    assert report["n_selected"] == 5
+
+
+def test_text_only_drop_and_a_whole_budget(model, with_text_only, tmp_path, capsys):
+    """The default drops text-only rows; ``--budget 1.0`` then selects every row with a representation
+    (it used to fail: 1.0 was taken of every record, text-only ones included)."""
+    out = tmp_path / "all"
+    capsys.readouterr()
+    assert cli.main(["run", "--model", str(model), "--data", str(with_text_only["path"]), "--out", str(out),
+                     "--budget", "1.0", "--shard-size", "8", "--batch-size", "4", "--no-plan-check"]) == 0
+    assert "(100.0% of the 20 that are not text-only; 20 usable; 4 text-only rows dropped)" in capsys.readouterr().out
+    got = [r["id"] for r in pq.read_table(out / "selected.parquet").to_pylist()]
+    assert got == [i for i in with_text_only["rows"] if i not in with_text_only["text_only"]]
+    report = json.loads((out / "report.json").read_text())
+    assert (report["text_only"]["n"], report["text_only"]["action"], report["text_only"]["in_output"]) == (4, "dropped", 0)
+    # the Python API and config files take the option too
+    res = run(make_config(model=str(model), data=str(with_text_only["path"]), out=str(tmp_path / "api"),
+                          budget="1.0", text_only="keep", shard_size=8, batch_size=4, quiet=True, plan_check=False))
+    assert pq.read_table(res.selected_path).num_rows == 24
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('text-only = "kept"\n')
+    with pytest.raises(Exception, match="--text-only 'kept': use 'drop'"):
+        make_config(cfg, model=str(model), data=str(with_text_only["path"]), out=str(out)).validate()

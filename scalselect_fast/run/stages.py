@@ -45,6 +45,10 @@ from .events import Events, json_progress
 from .fingerprints import data_fingerprint, model_fingerprint, stage_fingerprints
 from .state import WORK, RunState, crashpoint
 
+#: the extraction's reason code for a record without an image (``scalselect_fast.extract.REASON_TEXT_ONLY``,
+#: not imported: the extract package pulls in torch)
+REASON_TEXT_ONLY = "text_only"
+
 __all__ = ["run", "RunResult"]
 
 #: lock file inside --out held for the whole run (see :mod:`scalselect_fast.lock`)
@@ -295,20 +299,22 @@ def _record_table(cfg: RunConfig, fields: Iterable[str]) -> dict:
     return {"ids": ids, "sources": sources, "fields": cols}
 
 
-def _resolve_budget(cfg: RunConfig, n_records: int, n_valid: int, skip_counts: Mapping[str, int],
+def _resolve_budget(cfg: RunConfig, n_base: int, n_valid: int, skip_counts: Mapping[str, int],
                     skipped_path: Path) -> int:
+    """The budget as a count; a fraction or percentage is of ``n_base`` (the records that are not
+    text-only: see :func:`_budget_base`)."""
     from ..scoring import resolve_budget
 
     try:
-        budget = resolve_budget(cfg.budget, n_records)
+        budget = resolve_budget(cfg.budget, n_base)
     except ValueError as exc:
         raise RunError(f"--budget {cfg.budget}: {exc}") from exc
     if budget > n_valid:
         why = ", ".join(f"{k}: {v}" for k, v in sorted(skip_counts.items())) or "none"
         raise RunError(
-            f"--budget {cfg.budget} asks for {budget} samples but only {n_valid} of the {n_records} records have "
-            f"a representation (skipped: {why}; details in {skipped_path}). Lower --budget to at most "
-            f"{n_valid}, or fix the skipped samples and rerun")
+            f"--budget {cfg.budget} asks for {budget} samples but only {n_valid} of the {n_base} records that are "
+            f"not text-only have a representation (skipped: {why}; details in {skipped_path}). Lower --budget to "
+            f"at most {n_valid}, or fix the skipped samples and rerun")
     if budget < 1:
         raise RunError(f"--budget {cfg.budget} selects no sample out of {n_records}; raise it")
     return budget
@@ -344,17 +350,27 @@ def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, sco
     for e in skip_entries:
         skip_counts[e.get("reason")] = skip_counts.get(e.get("reason"), 0) + 1
     n_valid = src.n - int(np.isnan(scores).sum())  # rows excluded by --drop-invalid have no score
-    budget = _resolve_budget(cfg, n_records, n_valid, skip_counts, skipped_path)
+    text_only = sorted(i for i, why in skip_reason.items() if why.split(":", 1)[0] == REASON_TEXT_ONLY)
+    n_base = n_records - len(text_only)
+    budget = _resolve_budget(cfg, n_base, n_valid, skip_counts, skipped_path)
     records = Records(path=cfg.data, ids=recs["ids"], sources=recs["sources"], fields=recs["fields"],
                       skip_reason=skip_reason, skip_counts=skip_counts, selected_name=_selected_name(cfg),
-                      format=cfg.format, image_root=cfg.image_root, order=cfg.order, id_field=cfg.id_field)
+                      format=cfg.format, image_root=cfg.image_root, order=cfg.order, id_field=cfg.id_field,
+                      passthrough=text_only if cfg.text_only == "keep" else [])
+    text_only_entry = {"n": len(text_only), "action": "kept" if cfg.text_only == "keep" else "dropped",
+                       "in_output": len(text_only) if cfg.text_only == "keep" else 0,
+                       "rule": ("text-only rows have no image, so no representation: they are never scored or "
+                                "ranked; --text-only keep writes them to the selected dataset outside the budget, "
+                                "drop leaves them out")}
+    budget_base = {"n": n_base, "of": "records that are not text-only", "n_records": n_records,
+                   "n_text_only": len(text_only), "budget": str(cfg.budget), "n_selected": int(budget)}
     fps = state.fps
     timings = {k: v for k, v in state.data.get("timings", {}).items() if k != "select"}
 
     def extra(kept_ids):
         more = {"config_hash": fps["config"],
                 "fingerprint": {k: fps[k] for k in ("model", "data", "config", "extract", "fit")},
-                "config": _config_for_report(cfg)}
+                "config": _config_for_report(cfg), "text_only": text_only_entry, "budget_base": budget_base}
         if report_extra is not None:
             more.update(report_extra(kept_ids))
         return more
