@@ -370,9 +370,14 @@ def test_record_helpers_match_samples(root):
 def test_all_records_skipped_is_empty(tmp_path):
     path = _write_jsonl(tmp_path / "d.jsonl", [{"id": "a"}, {"id": "b"}])
     log = SkipLog(tmp_path / "skipped.jsonl")
-    with pytest.raises(DatasetError, match=r"all 2 records were skipped \(see .*skipped.jsonl\)"):
+    with pytest.raises(DatasetError) as ei:
         list(read_dataset(path, skip_log=log))
-    assert len(log) == 2
+    msg = str(ei.value)
+    # the reason, how many, one example record, and where every one is listed
+    assert msg.startswith(f"dataset {str(path)!r}: all 2 records were skipped, nothing to select: missing_field: 2 "
+                          "(e.g. record 0 (line 1) of "), msg
+    assert "id 'a': missing required field 'conversations'" in msg and msg.endswith(f"listed in {log.path}")
+    assert "\n" not in msg and len(log) == 2
 
 
 def test_missing_file(tmp_path):

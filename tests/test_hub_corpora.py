@@ -392,3 +392,34 @@ def test_text_only_drop_and_a_whole_budget(model, with_text_only, tmp_path, caps
     cfg.write_text('text-only = "kept"\n')
     with pytest.raises(Exception, match="--text-only 'kept': use 'drop'"):
         make_config(cfg, model=str(model), data=str(with_text_only["path"]), out=str(out)).validate()
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. when every record is skipped, say why, and keep the skip log at <out>/skipped.jsonl
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", ["reading", "extraction"])
+def test_all_skipped_names_the_reasons_an_example_and_the_log(model, corpora, tmp_path, capsys, case):
+    out = tmp_path / "out"
+    if case == "reading":  # the Cauldron with a named id column it does not have: refused while reading
+        data, extra, n = str(corpora["cauldron"]), ["--id-field", "id"], 16
+        want = [f"all {n} records were skipped, nothing to select: missing_field: {n} (e.g. record 0 of "
+                f"{corpora['cauldron'] / 'ai2d' / 'train-00000-of-00001.parquet'}: missing required field 'id'",
+                "--id-field"]
+    else:  # every image path missing: refused at extraction
+        n = 6
+        data = tmp_path / "d.json"
+        data.write_text(json.dumps([{"id": f"m{i}", "image": f"img/{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A."}]} for i in range(n)]))
+        (tmp_path / "img").mkdir()
+        extra = ["--image-root", str(tmp_path)]
+        want = [f"no sample of {data} produced a representation (skipped: image_missing: {n} (e.g. record 0 "
+                f"(line 1), id 'm0': sample m0: image '{tmp_path / 'img' / '0.png'}' does not exist)",
+                "check --image-root"]
+    capsys.readouterr()
+    assert cli.main(["run", "--model", str(model), "--data", str(data), "--out", str(out), *extra, *COMMON]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and all(w in err for w in want), err
+    assert err.endswith(f"every one is listed in {out / 'skipped.jsonl'}") or \
+        f"every one is listed in {out / 'skipped.jsonl'})" in err, err
+    entries = [json.loads(x) for x in (out / "skipped.jsonl").read_text().splitlines()]
+    assert len(entries) == n and len({e["index"] for e in entries}) == n

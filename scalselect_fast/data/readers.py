@@ -951,6 +951,8 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
     names: dict[str, str] = {}  # file path -> name relative to the dataset root (positional ids)
     many = not source.single
     n_records = n_skipped = 0
+    reasons: dict[str, int] = {}  # skips per reason, and the first of each, for the all-skipped message
+    examples: dict[str, dict] = {}
 
     def resolver(file: InputFile):  # image paths resolve relative to the record's own file
         if root is not None:
@@ -968,6 +970,10 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
                                line=line, sample_id=sid) from None
         skip_log.add(sid if sid is not None else p.sample_id, index, p.reason, p.detail, line=line,
                      file=file.path if many else None)
+        reasons[p.reason] = reasons.get(p.reason, 0) + 1
+        if p.reason not in examples:
+            examples[p.reason] = {"id": sid if sid is not None else p.sample_id, "index": local, "line": line,
+                                  "file": file.path, "detail": p.detail}
 
     with IdRegistry() as registry:  # duplicate ids: constant memory, checked once every id is known
         add_id = registry.add
@@ -1046,7 +1052,10 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
         raise DatasetError(f"dataset {source.label!r} is empty (no records)", reason="empty",
                            path=source.files[0].path if source.files else None)
     if n_yielded == 0:
-        where = f" (see {skip_log.path})" if skip_log is not None and hasattr(skip_log, "path") else ""
-        raise DatasetError(f"dataset {source.label!r}: all {n_records} records were skipped{where}; nothing "
-                           "to select. Check the record layout and --image-root", reason="empty",
-                           path=source.files[0].path if source.files else None)
+        from .skiplog import summarize_skips
+
+        where = f"; every one is listed in {skip_log.path}" if skip_log is not None and hasattr(skip_log, "path") else ""
+        top = min(reasons, key=lambda r: (-reasons[r], r)) if reasons else None
+        why = summarize_skips(reasons, examples.get(top))
+        raise DatasetError(f"dataset {source.label!r}: all {n_records} records were skipped, nothing to select: "
+                           f"{why}{where}", reason="empty", path=source.files[0].path if source.files else None)

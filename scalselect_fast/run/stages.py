@@ -37,6 +37,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 
 from ..atomic import atomic_path, atomic_write_bytes
+from ..data.sample import DatasetError
 from ..paths import refuse_overwrite
 from ..lock import exclusive_lock
 from ..store import StoreError
@@ -442,11 +443,13 @@ def _stage_extract(cfg: RunConfig, state: RunState, events: Events, source=None)
                                on_progress=json_progress(events, "extract") if events.log_json else None)
     src = StoreSource(store)
     if src.n == 0:
-        counts = _skip_counts(store / "skipped.jsonl")
-        why = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "unknown"
-        raise RunError(f"no sample of {cfg.data} produced a representation (skipped: {why}; details in "
-                       f"{store / 'skipped.jsonl'}). ScalSelect needs samples with images: check the "
-                       f"image paths and --image-root, or that the dataset is not text-only")
+        from ..data.skiplog import summarize_skip_log
+
+        published = _publish_skips(state)
+        raise RunError(f"no sample of {cfg.data} produced a representation (skipped: "
+                       f"{summarize_skip_log(published)}; every one is listed in {published}). ScalSelect needs "
+                       f"samples with images: check the image paths and --image-root, or that the dataset is not "
+                       f"text-only")
     state.add_time("extract", time.perf_counter() - t0)
     state.mark("extract", n=int(src.n), d=int(src.d), shards=len(src.shards))
     events.emit("stage_done", stage="extract", n=int(src.n), d=int(src.d),
@@ -472,13 +475,14 @@ def _set_aside_failed_shard(exc: BaseException, state: RunState, events: Events)
     return True
 
 
-def _skip_counts(path: Path) -> dict[str, int]:
-    from ..data import read_skip_log
-
-    counts: dict[str, int] = {}
-    for e in read_skip_log(path):
-        counts[e.get("reason")] = counts.get(e.get("reason"), 0) + 1
-    return counts
+def _publish_skips(state: RunState) -> Path:
+    """Copy the extraction's skip log (``.scalselect/reps/skipped.jsonl``, appended to as shards are
+    extracted) to ``<out>/skipped.jsonl``, where the outputs are documented, atomically (a reader
+    never sees half of it); returns that path."""
+    published = state.work.parent / "skipped.jsonl"
+    live = _store_dir(state) / "skipped.jsonl"
+    atomic_write_bytes(published, live.read_bytes() if live.exists() else b"")
+    return published
 
 
 def _preflight(cfg: RunConfig, out: Path, events: Events, plan_only: bool, source=None):
@@ -595,7 +599,16 @@ def _run_locked(cfg: RunConfig, events: Events, out: Path, source, model_fp: str
         for attempt in (1, 2):
             try:
                 stage = "extract"
-                src = _stage_extract(cfg, state, events, source)
+                try:
+                    src = _stage_extract(cfg, state, events, source)
+                except DatasetError as exc:
+                    if exc.reason != "empty":
+                        raise
+                    # every record was refused while reading: say where each one is listed
+                    published = _publish_skips(state)
+                    raise DatasetError(f"{exc}; every one is listed in {published}", reason=exc.reason,
+                                       path=exc.path) from None
+                _publish_skips(state)
                 stage = "fit"
                 sub = _stage_fit(cfg, state, events, src)
                 stage = "score"
@@ -607,9 +620,7 @@ def _run_locked(cfg: RunConfig, events: Events, out: Path, source, model_fp: str
                 if attempt == 2 or not _set_aside_failed_shard(exc, state, events):
                     raise
         stage = "select"
-        skipped_out = out / "skipped.jsonl"
-        live = _store_dir(state) / "skipped.jsonl"
-        atomic_write_bytes(skipped_out, live.read_bytes() if live.exists() else b"")
+        skipped_out = _publish_skips(state)
         result = _stage_select(cfg, state, events, src, sub, scores, out, skipped_out, report_extra)
     except OSError as exc:
         if _disk_full(exc):
