@@ -260,6 +260,13 @@ def test_cauldron_runs_with_positional_ids_stable_across_spellings(model, corpor
     assert sum(r is None for r in reasons.values()) == 15
     kept = _kept(out)
     assert len(kept) == 4 and _same_rows(_selected_rows(out), [ref[k] for k in kept])  # rows as published
+    # each kept row under its input file's path: the subset folders survive
+    want: dict[str, list] = {}
+    for k in ref:
+        if k in kept:
+            want.setdefault(k.split("#")[0], []).append(ref[k])
+    sel = out / "selected"
+    assert {p.relative_to(sel).as_posix(): pq.read_table(p).to_pylist() for p in sel.rglob("*.parquet")} == want
     manifest_bytes = (out / "manifest.parquet").read_bytes()
     # the same files, listed in another order or by a glob: the same ids and the same selection
     files = sorted(map(str, corpora["cauldron_files"]), reverse=True)

@@ -9,8 +9,9 @@ trainer relies on can drift:
 * **JSONL**: kept lines are copied verbatim (line endings included).
 * **Parquet** (one file or shards): kept rows are written with the input's Arrow schema (metadata
   included, so a Hugging Face ``Image`` column stays one, image bytes untouched); row groups are
-  rebuilt at about :data:`ROW_GROUP_BYTES` each. Shards in, shards out: a directory of
-  ``part-00000-of-0000N.parquet`` files with at most as many rows as the largest input shard.
+  rebuilt at about :data:`ROW_GROUP_BYTES` each. Shards in, shards out: a directory where each
+  input file that has kept rows gets its kept rows under its own path relative to the dataset root
+  (``selected/ai2d/train-00000-of-00001.parquet``), in input order or best first within the file.
 * **WebDataset** tar shards: every member of a kept key (record, images, anything else) is copied
   byte for byte, tar headers included, into ``shard-000000.tar`` ... of at most as many samples as
   the largest input shard, ending in a standard end-of-archive marker.
@@ -377,8 +378,15 @@ def _write_parquet(inputs: list, dst: str, keep: set[str], rank: dict[str, int] 
     row_bytes = sum(pf.metadata.row_group(g).total_byte_size for pf in pfs
                     for g in range(pf.num_row_groups)) / max(1, n_rows)
     group_rows = int(min(_MAX_GROUP_ROWS, max(1, ROW_GROUP_BYTES // max(1.0, row_bytes))))
-    shard_rows = len(picks) if single else max(1, max(pf.metadata.num_rows for pf in pfs))
-    chunks = [picks[i:i + shard_rows] for i in range(0, len(picks), max(1, shard_rows))] or [[]]
+    if single:
+        chunks = [picks]
+    else:  # each input file's kept rows, in output order, under that file's own relative path
+        per_file: dict[int, list] = {}
+        for pick in picks:
+            per_file.setdefault(pick[1][0], []).append(pick)
+        names = _mirror_names(inputs, id_rule.source)
+        chunks = [per_file[fi] for fi in sorted(per_file)]
+        chunk_names = [names[fi] for fi in sorted(per_file)]
 
     def table_of(chunk) -> pa.Table:
         by_group: dict[tuple[int, int], list[int]] = {}
@@ -406,9 +414,23 @@ def _write_parquet(inputs: list, dst: str, keep: set[str], rank: dict[str, int] 
             write(tmp, chunks[0])
     else:
         with atomic_dir(dst) as tmp:
-            for i, chunk in enumerate(chunks):
-                write(os.path.join(tmp, f"part-{i:05d}-of-{len(chunks):05d}.parquet"), chunk)
+            for name, chunk in zip(chunk_names, chunks):
+                path = os.path.join(tmp, *name.split("/"))
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                write(path, chunk)
     return len(picks)
+
+
+def _mirror_names(inputs: list, source) -> list[str]:
+    """Where each input file's selected rows go inside the output folder: the file's path relative
+    to the dataset root (``ai2d/train-00000-of-00001.parquet``), so subset folders and shard names
+    survive; ``part-0000k-of-0000n.parquet`` when those names cannot be used (two inputs with one
+    name, or a name outside the root)."""
+    names = [source.relative_name(f) for f in inputs]
+    if len(set(names)) == len(names) and all(
+            n and not n.startswith("/") and ".." not in n.split("/") for n in names):
+        return names
+    return [f"part-{i:05d}-of-{len(inputs):05d}.parquet" for i in range(len(inputs))]
 
 
 class _OpenFiles:
