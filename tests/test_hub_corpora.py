@@ -279,6 +279,22 @@ def test_cauldron_runs_with_positional_ids_stable_across_spellings(model, corpor
     assert (out / "manifest.parquet").read_bytes() == manifest_bytes
 
 
+def test_positional_ids_follow_the_root_and_so_does_the_fingerprint(corpora, tmp_path):
+    """The same one file named alone or through the folder above its subset folder: other ids, so the
+    data fingerprint differs too (a resume never mixes the two namings). Files directly in the root
+    are named, and fingerprinted, by their name alone, as before."""
+    src = corpora["cauldron"] / "chartqa" / "train-00000-of-00001.parquet"
+    (tmp_path / "tree" / "chartqa").mkdir(parents=True)
+    shutil.copy2(src, tmp_path / "tree" / "chartqa" / src.name)
+    nested, alone = str(tmp_path / "tree"), str(tmp_path / "tree" / "chartqa" / src.name)
+    assert [s.id for s in read_dataset(nested)][:1] == ["chartqa/train-00000-of-00001.parquet#0"]
+    assert [s.id for s in read_dataset(alone)][:1] == ["train-00000-of-00001.parquet#0"]
+    assert data_fingerprint(nested, None) != data_fingerprint(alone, None)
+    folder = str(tmp_path / "tree" / "chartqa")
+    assert [s.id for s in read_dataset(folder)] == [s.id for s in read_dataset(alone)]
+    assert data_fingerprint(folder, None) == data_fingerprint(alone, None)
+
+
 def test_finevision_columns_pass_through_and_quota_by_source(model, corpora, tmp_path):
     root = corpora["finevision"]
     ref = _by_position(root, corpora["finevision_files"])

@@ -396,7 +396,9 @@ class DataSource:
         start would not be affordable; the modification time catches an in-place edit of the
         middle, such as one embedded image swapped for another of the same size, which head, tail
         and Parquet's footer would not). Copying such a dataset elsewhere changes its fingerprint,
-        so a run resumed on the copy is refused until ``--force``. A ``datasets.Dataset`` uses its own content fingerprint, an
+        so a run resumed on the copy is refused until ``--force``. A file below a subfolder of the
+        dataset root also contributes that path (positional ids are made of it, see
+        :meth:`relative_name`). A ``datasets.Dataset`` uses its own content fingerprint, an
         ``IterableDataset`` a hash of every record it yields. Memoised per (files, sizes, mtimes)
         within the process, so the run and the extraction engine do not both read the data.
         """
@@ -405,13 +407,16 @@ class DataSource:
             fp = getattr(self.dataset, "_fingerprint", None)
             h.update(str(fp if fp is not None else self._records_digest()).encode())
             return h.hexdigest()
-        key = (self.container, tuple((f.path, *_stat_key(f)) for f in self.files))
+        key = (self.container, self.root, tuple((f.path, *_stat_key(f)) for f in self.files))
         hit = _DIGESTS.get(key)
         if hit is not None:
             return hit
         h = hashlib.sha256(f"source\0{self.container}\0".encode())
         whole = self.container in ("json", "jsonl")
         for f in self.files:
+            rel = self.relative_name(f)
+            if rel != f.name:  # a file in a subfolder of the root: positional ids carry that path
+                h.update(f"path\0{rel}\0".encode())
             if f.local and os.path.isdir(f.path):
                 # a dataset folder (save_to_disk): its data files, each hashed like a file of its own
                 h.update(f"{f.name}\0folder\0".encode())
