@@ -214,10 +214,13 @@ class Records:
     id_field : str or None
         The id column the records were read with (``None``: ``id``, or the positional id of a
         record without one; see :func:`scalselect_fast.data.read_dataset`).
-    passthrough : list of int
-        Record indices written to the selected dataset outside the budget (``run --text-only
-        keep``: the text-only records); they are ``kept`` in the manifest, with no rank, and listed
-        after the ranked ids in ``selected.txt``.
+    text_only : list of int
+        Indices of the text-only records (no image, so no representation). A fractional budget is
+        of the records that are not text-only.
+    keep_text_only : bool
+        Write the text-only records to the selected dataset outside the budget (``run --text-only
+        keep``): they are ``kept`` in the manifest, with no rank, and follow the ranked ids in
+        ``selected.txt``.
     """
 
     path: Any
@@ -231,7 +234,13 @@ class Records:
     image_root: str | None = None
     order: str = "original"
     id_field: str | None = None
-    passthrough: list = dataclasses.field(default_factory=list)
+    text_only: list = dataclasses.field(default_factory=list)
+    keep_text_only: bool = False
+
+    @property
+    def passthrough(self) -> list:
+        """Record indices written outside the budget."""
+        return self.text_only if self.keep_text_only else []
 
 
 # --------------------------------------------------------------------------------------------------
@@ -253,8 +262,8 @@ def run_selection(source, out_dir, budget, *, executor=None, subspace=None, scor
     out_dir : str or PathLike
         Created if missing. Outputs are committed together (see the module notes).
     budget : int, float or str
-        See :func:`~scalselect_fast.scoring.resolve_budget`; a fraction is of the records when
-        ``records`` is given, else of the stored rows.
+        See :func:`~scalselect_fast.scoring.resolve_budget`; a fraction is of the records that are
+        not text-only when ``records`` is given, else of the stored rows.
     executor : LocalExecutor or DaskExecutor, optional
         Where the fit, scores and top-k run; default ``LocalExecutor(device, block_rows)``.
     subspace : Subspace, str or PathLike, optional
@@ -313,7 +322,7 @@ def run_selection(source, out_dir, budget, *, executor=None, subspace=None, scor
         raise SubspaceError(f"{out} exists and is not a directory; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     src = open_source(source)
-    n_total = len(records.ids) if records is not None else src.n
+    n_total = _budget_base(src, records)["n"]
     m = resolve_budget(budget, n_total)  # fail before any heavy work
     src.check_unique_ids()  # the outputs name rows by id: a store with a repeated id is refused now
     executor = executor or LocalExecutor(device, block_rows)
@@ -592,6 +601,13 @@ def build_report(src, sub, scores, kept_rows, kept_mask, m, budget, *, records=N
         "skip_reasons": skip_counts,
         "invalid_rows": {"count": int(invalid.size), "rows": invalid[:1000].tolist(),
                          "ids": _ids_of(src, invalid[:1000]), "dropped": bool(drop_invalid)},
+        "budget_base": _budget_base(src, records),
+        "text_only": None if records is None else {
+            "n": len(records.text_only), "action": "kept" if records.keep_text_only else "dropped",
+            "in_output": len(records.passthrough),
+            "rule": ("text-only rows have no image, so no representation: they are never scored or ranked; "
+                     "--text-only keep writes them to the selected dataset outside the budget, drop leaves "
+                     "them out")},
         "postselect": {k: v for k, v in (post_info or {}).items() if k != "rejected"} or None,
         "stability": stability,
         "timings": dict(timings or {}),
@@ -600,6 +616,16 @@ def build_report(src, sub, scores, kept_rows, kept_mask, m, budget, *, records=N
         "versions": collect_versions(),
         "outputs": dict(outputs or {}),
     }
+
+
+def _budget_base(src, records) -> dict:
+    """What a fractional budget is a fraction of: the records that are not text-only (``run``), or
+    the stored rows (a store alone)."""
+    if records is None:
+        return {"n": int(src.n), "of": "stored rows"}
+    n = len(records.ids)
+    return {"n": n - len(records.text_only), "of": "records that are not text-only", "n_records": n,
+            "n_text_only": len(records.text_only)}
 
 
 def _jsonable(obj):

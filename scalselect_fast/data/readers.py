@@ -26,8 +26,10 @@ record, see below), an empty dataset (no records, or every record skipped), a no
 ``image_root``, and for several files: a glob that matches nothing, mixed containers, Parquet
 shards with different schemas.
 
-Per sample (the sample is not yielded): a missing or invalid required field (``id``,
-``conversations``/``messages``, a turn's role or text), an image path that escapes ``image_root``
+Per sample (the sample is not yielded): a missing or invalid required field (an ``id`` that is
+there but null, empty or not a string/integer, or missing when ``id_field`` names it; a record with
+no ``id`` field at all gets its positional id, see :class:`IdRule`; ``conversations``/``messages``,
+a turn's role or text), an image path that escapes ``image_root``
 or is not a local path, placeholders that cannot be matched to images. With a ``skip_log`` these are
 written to it (one line each, never silently) and reading continues; without one they raise
 :class:`DatasetError` naming the record, the field and the fix. Missing/corrupt image *files* are

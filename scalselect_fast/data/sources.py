@@ -35,8 +35,7 @@ from .sample import DatasetError
 __all__ = ["Container", "DataSource", "InputFile", "register_container", "containers", "open_source",
            "input_files", "SNIFF_BYTES", "NO_ID_FIELD"]
 
-#: what a container's ``ids`` hook yields for a record that has no id field at all (it may then be
-#: named by its position: :class:`~.readers.IdRule`)
+
 class _NoIdField:
     __slots__ = ()
 
@@ -44,7 +43,10 @@ class _NoIdField:
         return "NO_ID_FIELD"
 
 
+#: what a container's ``ids`` hook yields for a record that has no id field at all (it may then be
+#: named by its position: :class:`~.readers.IdRule`)
 NO_ID_FIELD = _NoIdField()
+
 #: bytes read from the start of each file to recognise its container
 SNIFF_BYTES = 4096
 #: files at most this large are hashed whole by :meth:`DataSource.fingerprint`; larger binary
@@ -129,14 +131,11 @@ def folder_members(path: str) -> list[tuple[str, str]]:
     """
     import json
 
-    names: list[str] | None = None
     try:
         with open(os.path.join(path, "state.json"), encoding="utf-8") as fh:
             state = json.load(fh)
         names = [d["filename"] for d in state["_data_files"]] + ["state.json", "dataset_info.json"]
     except (OSError, ValueError, KeyError, TypeError):
-        names = None
-    if names is None:
         names = []
         for dirpath, dirnames, filenames in os.walk(path):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -280,6 +279,7 @@ class DataSource:
         self.dataset = dataset
         #: the folder the input files are named relative to (:meth:`relative_name`)
         self.root = root
+        self._names: dict[str, str] = {}
         self._counts: list[int] | None = None
 
     def __str__(self) -> str:
@@ -374,11 +374,16 @@ class DataSource:
         deepest folder holding all their roots, so the names do not depend on the order they were
         listed in. Positional ids (:func:`~.readers.position_id`) and the per-file outputs use it.
         """
-        if self.root is None:
-            return file.name
-        path = file.path if file.local else file.fs_path
-        rel = (os.path.relpath(path, self.root) if file.local else posixpath.relpath(path, self.root))
-        return rel.replace(os.sep, "/")
+        name = self._names.get(file.path)  # asked once per record by the record paths
+        if name is None:
+            if self.root is None:
+                name = file.name
+            elif file.local:
+                name = os.path.relpath(file.path, self.root).replace(os.sep, "/")
+            else:
+                name = posixpath.relpath(file.fs_path, self.root)
+            self._names[file.path] = name
+        return name
 
     def input_paths(self) -> list[str]:
         """Every input file as a path/URL (for the no-overwrite check and provenance)."""

@@ -301,9 +301,9 @@ def _record_table(cfg: RunConfig, fields: Iterable[str]) -> dict:
 
 
 def _resolve_budget(cfg: RunConfig, n_base: int, n_valid: int, skip_counts: Mapping[str, int],
-                    skipped_path: Path) -> int:
-    """The budget as a count; a fraction or percentage is of ``n_base`` (the records that are not
-    text-only: see :func:`_budget_base`)."""
+                    skipped_path: Path, n_records: int) -> int:
+    """The budget as a count; a fraction or percentage is of ``n_base``, the records that are not
+    text-only (they have no representation by nature: a whole budget, ``1.0``, is every other row)."""
     from ..scoring import resolve_budget
 
     try:
@@ -313,9 +313,9 @@ def _resolve_budget(cfg: RunConfig, n_base: int, n_valid: int, skip_counts: Mapp
     if budget > n_valid:
         why = ", ".join(f"{k}: {v}" for k, v in sorted(skip_counts.items())) or "none"
         raise RunError(
-            f"--budget {cfg.budget} asks for {budget} samples but only {n_valid} of the {n_base} records that are "
-            f"not text-only have a representation (skipped: {why}; details in {skipped_path}). Lower --budget to "
-            f"at most {n_valid}, or fix the skipped samples and rerun")
+            f"--budget {cfg.budget} asks for {budget} samples but only {n_valid} of the {n_records} records have "
+            f"a representation (skipped: {why}; details in {skipped_path}). Lower --budget to at most "
+            f"{n_valid}, or fix the skipped samples and rerun")
     if budget < 1:
         raise RunError(f"--budget {cfg.budget} selects no sample out of {n_records}; raise it")
     return budget
@@ -353,25 +353,18 @@ def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, sco
     n_valid = src.n - int(np.isnan(scores).sum())  # rows excluded by --drop-invalid have no score
     text_only = sorted(i for i, why in skip_reason.items() if why.split(":", 1)[0] == REASON_TEXT_ONLY)
     n_base = n_records - len(text_only)
-    budget = _resolve_budget(cfg, n_base, n_valid, skip_counts, skipped_path)
+    budget = _resolve_budget(cfg, n_base, n_valid, skip_counts, skipped_path, n_records)
     records = Records(path=cfg.data, ids=recs["ids"], sources=recs["sources"], fields=recs["fields"],
                       skip_reason=skip_reason, skip_counts=skip_counts, selected_name=_selected_name(cfg),
                       format=cfg.format, image_root=cfg.image_root, order=cfg.order, id_field=cfg.id_field,
-                      passthrough=text_only if cfg.text_only == "keep" else [])
-    text_only_entry = {"n": len(text_only), "action": "kept" if cfg.text_only == "keep" else "dropped",
-                       "in_output": len(text_only) if cfg.text_only == "keep" else 0,
-                       "rule": ("text-only rows have no image, so no representation: they are never scored or "
-                                "ranked; --text-only keep writes them to the selected dataset outside the budget, "
-                                "drop leaves them out")}
-    budget_base = {"n": n_base, "of": "records that are not text-only", "n_records": n_records,
-                   "n_text_only": len(text_only), "budget": str(cfg.budget), "n_selected": int(budget)}
+                      text_only=text_only, keep_text_only=cfg.text_only == "keep")
     fps = state.fps
     timings = {k: v for k, v in state.data.get("timings", {}).items() if k != "select"}
 
     def extra(kept_ids):
         more = {"config_hash": fps["config"],
                 "fingerprint": {k: fps[k] for k in ("model", "data", "config", "extract", "fit")},
-                "config": _config_for_report(cfg), "text_only": text_only_entry, "budget_base": budget_base}
+                "config": _config_for_report(cfg)}
         if report_extra is not None:
             more.update(report_extra(kept_ids))
         return more
@@ -620,7 +613,7 @@ def _run_locked(cfg: RunConfig, events: Events, out: Path, source, model_fp: str
                 if attempt == 2 or not _set_aside_failed_shard(exc, state, events):
                     raise
         stage = "select"
-        skipped_out = _publish_skips(state)
+        skipped_out = out / "skipped.jsonl"  # published after the extraction stage (_publish_skips)
         result = _stage_select(cfg, state, events, src, sub, scores, out, skipped_out, report_extra)
     except OSError as exc:
         if _disk_full(exc):
