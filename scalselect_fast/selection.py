@@ -51,7 +51,7 @@ from .atomic import crashpoint, fsync_dir
 from .store import DEFAULT_BLOCK_ROWS, open_source
 from .subspace import Subspace, SubspaceError
 
-__all__ = ["run_selection", "LocalExecutor", "Records", "fit_or_load", "write_scores", "shard_ids",
+__all__ = ["run_selection", "LocalExecutor", "Records", "budget_base", "fit_or_load", "write_scores", "shard_ids",
            "iter_shard_ids", "print_selection", "MANIFEST_SCHEMA", "RANK_BASE", "GALLERY_SIZE"]
 
 #: column names and Arrow types of every manifest, in order
@@ -322,7 +322,7 @@ def run_selection(source, out_dir, budget, *, executor=None, subspace=None, scor
         raise SubspaceError(f"{out} exists and is not a directory; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     src = open_source(source)
-    n_total = _budget_base(src, records)["n"]
+    n_total = budget_base(src, records)["n"]
     m = resolve_budget(budget, n_total)  # fail before any heavy work
     src.check_unique_ids()  # the outputs name rows by id: a store with a repeated id is refused now
     executor = executor or LocalExecutor(device, block_rows)
@@ -601,7 +601,7 @@ def build_report(src, sub, scores, kept_rows, kept_mask, m, budget, *, records=N
         "skip_reasons": skip_counts,
         "invalid_rows": {"count": int(invalid.size), "rows": invalid[:1000].tolist(),
                          "ids": _ids_of(src, invalid[:1000]), "dropped": bool(drop_invalid)},
-        "budget_base": _budget_base(src, records),
+        "budget_base": budget_base(src, records),
         "text_only": None if records is None else {
             "n": len(records.text_only), "action": "kept" if records.keep_text_only else "dropped",
             "in_output": len(records.passthrough),
@@ -618,9 +618,9 @@ def build_report(src, sub, scores, kept_rows, kept_mask, m, budget, *, records=N
     }
 
 
-def _budget_base(src, records) -> dict:
-    """What a fractional budget is a fraction of: the records that are not text-only (``run``), or
-    the stored rows (a store alone)."""
+def budget_base(src, records: Records | None) -> dict:
+    """What a fractional budget is a fraction of: the records that are not text-only (``run``; they
+    have no representation by nature), or the stored rows (a store alone, ``src``)."""
     if records is None:
         return {"n": int(src.n), "of": "stored rows"}
     n = len(records.ids)
@@ -794,11 +794,10 @@ def print_selection(report: Mapping[str, Any], quiet: bool = False, file=None) -
 
     fh = file or sys.stdout
     sub, t = report["subspace"], report.get("timings", {})
-    base = report.get("budget_base")
+    base, to = report.get("budget_base"), report.get("text_only")
     bad = report.get("invalid_rows", {}).get("count", 0)
-    if base:  # run: the budget's fraction is of the records that are not text-only
+    if base and to is not None:  # run: the budget's fraction is of the records that are not text-only
         frac = report["n_selected"] / max(base["n"], 1)
-        to = report.get("text_only") or {}
         n_to = to.get("n", 0)
         what = (f"; {n_to} text-only {'row' if n_to == 1 else 'rows'} "
                 + ("kept outside the budget" if to.get("action") == "kept" else "dropped") if n_to else "")

@@ -327,7 +327,7 @@ def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, sco
     from ..data import read_skip_log
     from ..data.ids import locate_ids
     from ..postselect import parse_quota
-    from ..selection import Records, run_selection
+    from ..selection import Records, budget_base, run_selection
     from ..stability import parse_seeds
 
     t0 = time.perf_counter()
@@ -352,12 +352,11 @@ def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, sco
         skip_counts[e.get("reason")] = skip_counts.get(e.get("reason"), 0) + 1
     n_valid = src.n - int(np.isnan(scores).sum())  # rows excluded by --drop-invalid have no score
     text_only = sorted(i for i, why in skip_reason.items() if why.split(":", 1)[0] == REASON_TEXT_ONLY)
-    n_base = n_records - len(text_only)
-    budget = _resolve_budget(cfg, n_base, n_valid, skip_counts, skipped_path, n_records)
     records = Records(path=cfg.data, ids=recs["ids"], sources=recs["sources"], fields=recs["fields"],
                       skip_reason=skip_reason, skip_counts=skip_counts, selected_name=_selected_name(cfg),
                       format=cfg.format, image_root=cfg.image_root, order=cfg.order, id_field=cfg.id_field,
                       text_only=text_only, keep_text_only=cfg.text_only == "keep")
+    budget = _resolve_budget(cfg, budget_base(src, records)["n"], n_valid, skip_counts, skipped_path, n_records)
     fps = state.fps
     timings = {k: v for k, v in state.data.get("timings", {}).items() if k != "select"}
 
