@@ -446,3 +446,22 @@ def test_all_skipped_names_the_reasons_an_example_and_the_log(model, corpora, tm
         f"every one is listed in {out / 'skipped.jsonl'})" in err, err
     entries = [json.loads(x) for x in (out / "skipped.jsonl").read_text().splitlines()]
     assert len(entries) == n and len({e["index"] for e in entries}) == n
+
+
+def test_datasets_object_without_ids_is_named_by_row(tmp_path):
+    """In Python, a ``datasets.Dataset`` (or iterable one) of the Cauldron's features: ``#<row>``."""
+    from scalselect_fast.data import write_selected
+    from scalselect_fast.data.readers import check_unique_ids
+
+    feats = datasets.Features({"images": datasets.Sequence(datasets.Image()),
+                               "texts": [{"user": datasets.Value("string"), "assistant": datasets.Value("string"),
+                                          "source": datasets.Value("string")}]})
+    rows = _cauldron_rows(6, "vqa", 0, two_images=(4,))
+    ds = datasets.Dataset.from_dict(rows, features=feats)
+    for obj in (ds, ds.to_iterable_dataset()):
+        assert [s.id for s in read_dataset(obj)] == [f"#{i}" for i in range(6)]
+        assert [len(s.images) for s in read_dataset(obj)] == [1, 1, 1, 1, 2, 1]
+    assert check_unique_ids(ds) == 6
+    write_selected(ds, tmp_path / "sel", ["#4", "#1"], order="score")
+    got = datasets.load_from_disk(str(tmp_path / "sel"))
+    assert [t[0]["user"] for t in got["texts"]] == [rows["texts"][4][0]["user"], rows["texts"][1][0]["user"]]
