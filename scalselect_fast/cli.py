@@ -593,9 +593,9 @@ def add_run_command(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=_cmd_run_demo)
 
 
-_RUN_FIELDS = ("model", "data", "image_root", "format", "id_field", "text_only", "out", "budget", "order", "layer", "threshold",
-               "energy", "k", "solver", "seed", "standardize", "l2_normalize", "drop_invalid", "fit_device",
-               "batch_size", "device", "dtype", "store_dtype", "shard_size",
+_RUN_FIELDS = ("model", "data", "image_root", "format", "id_field", "text_only", "out", "budget", "order",
+               "layer", "threshold", "energy", "k", "solver", "seed", "standardize", "l2_normalize", "drop_invalid",
+               "fit_device", "batch_size", "device", "dtype", "store_dtype", "shard_size",
                "instruction", "roles", "vision_tokens", "pixels", "max_length", "max_image_pixels", "num_workers",
                "dedup_selected", "quota", "stability_seeds", "force", "quiet", "log_json", "plan_check", "html")
 

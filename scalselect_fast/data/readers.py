@@ -1056,7 +1056,8 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
     if n_yielded == 0:
         from .skiplog import summarize_skips
 
-        where = f"; every one is listed in {skip_log.path}" if skip_log is not None and hasattr(skip_log, "path") else ""
+        logged = getattr(skip_log, "path", None)
+        where = f"; every one is listed in {logged}" if logged is not None else ""
         top = min(reasons, key=lambda r: (-reasons[r], r)) if reasons else None
         why = summarize_skips(reasons, examples.get(top))
         raise DatasetError(f"dataset {source.label!r}: all {n_records} records were skipped, nothing to select: "
