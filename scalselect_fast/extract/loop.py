@@ -431,6 +431,7 @@ class _RangeSkipLog:
     def __init__(self, log, lo: int, hi: int, first: bool):
         self.log, self.lo, self.hi, self.first = log, lo, hi, first
         self._indices: set[int] = set()
+        self.path = log.path  # named by the reader's "all records were skipped" message
 
     def add(self, sample_id, index, reason, detail="", **extra):
         mine = (self.lo <= index < self.hi) if index is not None else self.first

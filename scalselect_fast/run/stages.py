@@ -596,10 +596,12 @@ def _run_locked(cfg: RunConfig, events: Events, out: Path, source, model_fp: str
                 except DatasetError as exc:
                     if exc.reason != "empty":
                         raise
-                    # every record was refused while reading: say where each one is listed
-                    published = _publish_skips(state)
-                    raise DatasetError(f"{exc}; every one is listed in {published}", reason=exc.reason,
-                                       path=exc.path) from None
+                    # every record was refused while reading: name the published copy of the log
+                    published, live = _publish_skips(state), str(_store_dir(state) / "skipped.jsonl")
+                    msg = str(exc)
+                    msg = (msg.replace(live, str(published)) if live in msg
+                           else f"{msg}; every one is listed in {published}")
+                    raise DatasetError(msg, reason=exc.reason, path=exc.path) from None
                 _publish_skips(state)
                 stage = "fit"
                 sub = _stage_fit(cfg, state, events, src)
