@@ -295,6 +295,23 @@ def test_positional_ids_follow_the_root_and_so_does_the_fingerprint(corpora, tmp
     assert data_fingerprint(folder, None) == data_fingerprint(alone, None)
 
 
+def test_remote_copy_names_rows_as_the_local_one(corpora):
+    """The Cauldron's files in an fsspec filesystem (``memory://``) get the ids the local copy gets."""
+    fsspec = pytest.importorskip("fsspec")
+    fs, root = fsspec.filesystem("memory"), "/scalselect-hub-corpora"
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+    try:
+        for p in corpora["cauldron_files"]:
+            fs.pipe(f"{root}/{p.relative_to(corpora['cauldron']).as_posix()}", p.read_bytes())
+        local = [s.id for s in read_dataset(corpora["cauldron"])]
+        assert [s.id for s in read_dataset(f"memory://{root}/")] == local
+        assert [s.id for s in read_dataset(f"memory://{root}/*/train-*.parquet")] == local
+        assert local[0] == "ai2d/train-00000-of-00001.parquet#0"
+    finally:
+        fs.rm(root, recursive=True)
+
+
 def test_finevision_columns_pass_through_and_quota_by_source(model, corpora, tmp_path):
     root = corpora["finevision"]
     ref = _by_position(root, corpora["finevision_files"])
@@ -334,6 +351,11 @@ def test_id_field_names_the_id_column(model, corpora, tmp_path):
     from scalselect_fast.data import SkipLog
 
     assert [s.id for s in read_dataset(path, id_field="uid")] == want
+    assert cli.main(["extract", "--model", str(model), "--data", str(path), "--out", str(tmp_path / "reps"),
+                     "--id-field", "uid", "--quiet"]) == 0
+    import scalselect_fast as ss
+
+    assert ss.open_source(tmp_path / "reps").ids() == want
     # a named id column is required: a row without it is not named by its position
     log = SkipLog(tmp_path / "skips.jsonl")
     with pytest.raises(DatasetError, match="all 10 records were skipped"):
