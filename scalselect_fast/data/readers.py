@@ -1010,13 +1010,14 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
                 n_records += batch.num_rows
                 if schema is None or not batch.schema.equals(schema):  # (hashing a schema costs 6 us)
                     schema = batch.schema
-                    plan = ArrowPlan.for_schema(schema, id_field)
+                    plan = ArrowPlan.for_schema(schema, id_field, rule.positional)
                 if plan is None:  # every row through the record path
                     records = batch.to_pylist()
                     chunks = [([None] * batch.num_rows, list(range(batch.num_rows)))]
                 else:
                     records = None
-                    chunks = plan.samples(batch, index0, local0, file.name, registry)
+                    name = names.get(file.path) or names.setdefault(file.path, source.relative_name(file))
+                    chunks = plan.samples(batch, index0, local0, file.name, registry, name)
                 start = 0
                 for samples, others in chunks:
                     if not others:
