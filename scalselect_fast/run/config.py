@@ -28,6 +28,8 @@ class RunConfig:
     out: str | None = None
     image_root: str | None = None
     format: str = "auto"
+    id_field: str | None = None  # None: "id", and rows without an id field named by position
+    text_only: str = "drop"  # rows without an image: "drop" (the reference) or "keep" (outside the budget)
     budget: str = "16%"
     layer: int = 0
     threshold: float = 0.9
@@ -63,9 +65,18 @@ class RunConfig:
 
     # fields that change the representations (and so everything downstream)
     EXTRACT_KEYS = ("layer", "threshold", "batch_size", "device", "dtype", "store_dtype", "shard_size",
-                    "format", "instruction", "max_length", "roles", "vision_tokens", "pixels", "max_image_pixels")
+                    "format", "instruction", "max_length", "roles", "vision_tokens", "pixels", "max_image_pixels",
+                    "id_field")
     FIT_KEYS = ("energy", "k", "solver", "seed", "standardize", "l2_normalize", "drop_invalid", "fit_device")
-    SELECT_KEYS = ("budget", "order", "dedup_selected", "quota", "stability_seeds")
+    SELECT_KEYS = ("budget", "order", "dedup_selected", "quota", "stability_seeds", "text_only")
+    #: settings added after runs were made: at their default they are left out of the fingerprints,
+    #: so the checkpoints of those runs still resume
+    LATER_DEFAULTS = {"id_field": None, "text_only": "drop"}
+
+    def settings(self, keys) -> dict:
+        """``{key: value}`` of ``keys`` as the fingerprints see them (see :attr:`LATER_DEFAULTS`)."""
+        return {k: getattr(self, k) for k in keys
+                if not (k in self.LATER_DEFAULTS and getattr(self, k) == self.LATER_DEFAULTS[k])}
 
     def validate(self) -> None:
         for name in ("model", "data", "out"):
@@ -76,6 +87,12 @@ class RunConfig:
                               num_workers=self.num_workers, image_root=self.image_root, format=self.format)
         if self.k is None and not (0.0 < float(self.energy) <= 1.0):
             raise RunError(f"--energy {self.energy}: the energy fraction must be in (0, 1], e.g. 0.9")
+        if self.id_field is not None and (not isinstance(self.id_field, str) or not self.id_field.strip()):
+            raise RunError(f"--id-field {self.id_field!r}: name the column that holds each record's id "
+                           f"(omit it to use 'id', or each row's position where there is no id column)")
+        if self.text_only not in ("drop", "keep"):
+            raise RunError(f"--text-only {self.text_only!r}: use 'drop' (rows without an image are left out, as "
+                           f"the reference does) or 'keep' (written to the output outside the budget)")
         if self.order not in ("original", "score"):
             raise RunError(f"--order {self.order!r}: use 'original' (input order) or 'score' (best first)")
         if self.solver not in ("auto", "exact", "randomized"):

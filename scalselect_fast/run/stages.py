@@ -29,6 +29,7 @@ import dataclasses
 import errno
 import io
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -36,6 +37,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 
 from ..atomic import atomic_path, atomic_write_bytes
+from ..data.sample import DatasetError
 from ..paths import refuse_overwrite
 from ..lock import exclusive_lock
 from ..store import StoreError
@@ -43,6 +45,10 @@ from .config import RunConfig, RunError
 from .events import Events, json_progress
 from .fingerprints import data_fingerprint, model_fingerprint, stage_fingerprints
 from .state import WORK, RunState, crashpoint
+
+#: the extraction's reason code for a record without an image (``scalselect_fast.extract.REASON_TEXT_ONLY``,
+#: not imported: the extract package pulls in torch)
+REASON_TEXT_ONLY = "text_only"
 
 __all__ = ["run", "RunResult"]
 
@@ -70,6 +76,9 @@ def _check_out_dir(out: Path) -> None:
 def _quiet_libraries() -> None:
     """No transformers / hub progress bars or info warnings under --quiet and --log-json."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if "datasets" in sys.modules:  # already imported to read the input: the env is read at import
+        sys.modules["datasets"].disable_progress_bars()  # save_to_disk of the selection
     with contextlib.suppress(ImportError):
         from transformers.utils import logging as tlog
 
@@ -228,25 +237,41 @@ def _stage_score(cfg: RunConfig, state: RunState, events: Events, src, sub) -> n
 _INTERN_MAX = 1 << 16
 
 
-def _raw_records(cfg: RunConfig, fields: Iterable[str]) -> Iterator[Any]:
-    """Every raw record in order; from Arrow inputs (Parquet, ``save_to_disk``) only the id, source
-    and ``fields`` columns are read, and from WebDataset shards only the ``.json`` members, so the
-    image bytes are not read a second time."""
-    from ..data import SOURCE_FIELDS, iter_records
+def _raw_records(cfg: RunConfig, fields: Iterable[str]) -> Iterator[tuple[Any, str | None]]:
+    """Every raw record in order, with its id (None where it has no usable one); from Arrow inputs
+    (Parquet, ``save_to_disk``) only the id, source and ``fields`` columns are read, and from
+    WebDataset shards only the ``.json`` members, so the image bytes are not read a second time.
+    A record without an id field is named by its position, as the readers name it
+    (:class:`~scalselect_fast.data.readers.IdRule`)."""
+    from ..data import SOURCE_FIELDS
+    from ..data.readers import IdRule, position_id
     from ..data.sources import open_source
 
+    rule = IdRule(cfg.id_field)
     source = open_source(cfg.data, cfg.format)
+
+    def named(rec, name, row):
+        if rule.by_position(rec):
+            return position_id(name, row)
+        v = rec.get(rule.field) if isinstance(rec, dict) else None
+        return None if v is None or isinstance(v, (dict, list)) else str(v)
+
     if source.container == "webdataset":
         from ..data.webdataset import iter_shard_fields
 
         for f in source.files:
-            yield from iter_shard_fields(f)
+            for rec in iter_shard_fields(f, rule.field):  # a record without an id is named by its key
+                v = rec.get(rule.field)
+                yield rec, None if v is None or isinstance(v, (dict, list)) else str(v)
     elif source.has_batches():
-        for _index, batch, _file, _local in source.iter_batches(columns=["id", *SOURCE_FIELDS, "texts", *fields]):
-            yield from batch.to_pylist()
+        for _index, batch, file, local in source.iter_batches(
+                columns=[rule.field, *SOURCE_FIELDS, "texts", *fields]):
+            name = source.relative_name(file)
+            for i, rec in enumerate(batch.to_pylist()):
+                yield rec, named(rec, name, local + i)
     else:
-        for _index, _line, rec in iter_records(source, cfg.format):
-            yield rec
+        for _index, _line, rec, file, local in source.iter_records():
+            yield rec, named(rec, source.relative_name(file), local)
 
 
 def _record_table(cfg: RunConfig, fields: Iterable[str]) -> dict:
@@ -265,10 +290,9 @@ def _record_table(cfg: RunConfig, fields: Iterable[str]) -> dict:
             return interned.get(v, v)
         return interned.setdefault(v, v)
 
-    for rec in _raw_records(cfg, list(fields)):
+    for rec, sid in _raw_records(cfg, list(fields)):
         r = rec if isinstance(rec, dict) else {}
-        v = r.get("id")
-        ids.append(None if v is None or isinstance(v, (dict, list)) else str(v))
+        ids.append(sid)
         src = one(record_source(r))
         sources.append(src)
         for f in cols:
@@ -276,12 +300,14 @@ def _record_table(cfg: RunConfig, fields: Iterable[str]) -> dict:
     return {"ids": ids, "sources": sources, "fields": cols}
 
 
-def _resolve_budget(cfg: RunConfig, n_records: int, n_valid: int, skip_counts: Mapping[str, int],
-                    skipped_path: Path) -> int:
+def _resolve_budget(cfg: RunConfig, n_base: int, n_valid: int, skip_counts: Mapping[str, int],
+                    skipped_path: Path, n_records: int) -> int:
+    """The budget as a count; a fraction or percentage is of ``n_base``, the records that are not
+    text-only (they have no representation by nature: a whole budget, ``1.0``, is every other row)."""
     from ..scoring import resolve_budget
 
     try:
-        budget = resolve_budget(cfg.budget, n_records)
+        budget = resolve_budget(cfg.budget, n_base)
     except ValueError as exc:
         raise RunError(f"--budget {cfg.budget}: {exc}") from exc
     if budget > n_valid:
@@ -301,7 +327,7 @@ def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, sco
     from ..data import read_skip_log
     from ..data.ids import locate_ids
     from ..postselect import parse_quota
-    from ..selection import Records, run_selection
+    from ..selection import Records, budget_base, run_selection
     from ..stability import parse_seeds
 
     t0 = time.perf_counter()
@@ -325,10 +351,12 @@ def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, sco
     for e in skip_entries:
         skip_counts[e.get("reason")] = skip_counts.get(e.get("reason"), 0) + 1
     n_valid = src.n - int(np.isnan(scores).sum())  # rows excluded by --drop-invalid have no score
-    budget = _resolve_budget(cfg, n_records, n_valid, skip_counts, skipped_path)
+    text_only = sorted(i for i, why in skip_reason.items() if why.split(":", 1)[0] == REASON_TEXT_ONLY)
     records = Records(path=cfg.data, ids=recs["ids"], sources=recs["sources"], fields=recs["fields"],
                       skip_reason=skip_reason, skip_counts=skip_counts, selected_name=_selected_name(cfg),
-                      format=cfg.format, image_root=cfg.image_root, order=cfg.order)
+                      format=cfg.format, image_root=cfg.image_root, order=cfg.order, id_field=cfg.id_field,
+                      text_only=text_only, keep_text_only=cfg.text_only == "keep")
+    budget = _resolve_budget(cfg, budget_base(src, records)["n"], n_valid, skip_counts, skipped_path, n_records)
     fps = state.fps
     timings = {k: v for k, v in state.data.get("timings", {}).items() if k != "select"}
 
@@ -387,7 +415,8 @@ def _stage_extract(cfg: RunConfig, state: RunState, events: Events, source=None)
     if state.done("extract") and (store / "manifest.json").exists():
         # every rerun re-reads the shards it reuses: a damaged one, or one whose images changed since,
         # is extracted again (below) instead of being mixed in
-        if not repair_store(store, data, image_root=cfg.image_root, format=cfg.format, warn=events.warn):
+        if not repair_store(store, data, image_root=cfg.image_root, format=cfg.format, warn=events.warn,
+                            id_field=cfg.id_field):
             return StoreSource(store)
         events.warn(f"discarding the fit and score checkpoints in {state.work}: they depend on the shards "
                     f"being re-extracted")
@@ -398,7 +427,7 @@ def _stage_extract(cfg: RunConfig, state: RunState, events: Events, source=None)
                                layer=cfg.layer, threshold=cfg.threshold, batch_size=cfg.batch_size,
                                instruction=cfg.instruction, max_length=cfg.max_length, roles=cfg.roles,
                                vision_tokens=cfg.vision_tokens, pixels=cfg.pixels,
-                               max_image_pixels=cfg.max_image_pixels, warn=events.warn,
+                               max_image_pixels=cfg.max_image_pixels, warn=events.warn, id_field=cfg.id_field,
                                dtype=cfg.dtype, device=cfg.device, store_dtype=cfg.store_dtype,
                                shard_size=cfg.shard_size, num_workers=cfg.num_workers,
                                # humans get the engine's own tqdm bar (rate + ETA), machines events
@@ -406,11 +435,13 @@ def _stage_extract(cfg: RunConfig, state: RunState, events: Events, source=None)
                                on_progress=json_progress(events, "extract") if events.log_json else None)
     src = StoreSource(store)
     if src.n == 0:
-        counts = _skip_counts(store / "skipped.jsonl")
-        why = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "unknown"
-        raise RunError(f"no sample of {cfg.data} produced a representation (skipped: {why}; details in "
-                       f"{store / 'skipped.jsonl'}). ScalSelect needs samples with images: check the "
-                       f"image paths and --image-root, or that the dataset is not text-only")
+        from ..data.skiplog import summarize_skip_log
+
+        published = _publish_skips(state)
+        raise RunError(f"no sample of {cfg.data} produced a representation (skipped: "
+                       f"{summarize_skip_log(published)}; every one is listed in {published}). ScalSelect needs "
+                       f"samples with images: check the image paths and --image-root, or that the dataset is not "
+                       f"text-only")
     state.add_time("extract", time.perf_counter() - t0)
     state.mark("extract", n=int(src.n), d=int(src.d), shards=len(src.shards))
     events.emit("stage_done", stage="extract", n=int(src.n), d=int(src.d),
@@ -436,13 +467,14 @@ def _set_aside_failed_shard(exc: BaseException, state: RunState, events: Events)
     return True
 
 
-def _skip_counts(path: Path) -> dict[str, int]:
-    from ..data import read_skip_log
-
-    counts: dict[str, int] = {}
-    for e in read_skip_log(path):
-        counts[e.get("reason")] = counts.get(e.get("reason"), 0) + 1
-    return counts
+def _publish_skips(state: RunState) -> Path:
+    """Copy the extraction's skip log (``.scalselect/reps/skipped.jsonl``, appended to as shards are
+    extracted) to ``<out>/skipped.jsonl``, where the outputs are documented, atomically (a reader
+    never sees half of it); returns that path."""
+    published = state.work.parent / "skipped.jsonl"
+    live = _store_dir(state) / "skipped.jsonl"
+    atomic_write_bytes(published, live.read_bytes() if live.exists() else b"")
+    return published
 
 
 def _preflight(cfg: RunConfig, out: Path, events: Events, plan_only: bool, source=None):
@@ -521,7 +553,7 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
 
     if containers()[source.container].ids is not None:
         # a duplicate id stops the run here, before any model work; the same pass counts the records
-        check_unique_ids(source)
+        check_unique_ids(source, id_field=cfg.id_field)
     n_records = count_records(source)
     if n_records == 0:
         raise RunError(f"--data {data} is empty (no records); nothing to select from. Pass the dataset file "
@@ -559,7 +591,18 @@ def _run_locked(cfg: RunConfig, events: Events, out: Path, source, model_fp: str
         for attempt in (1, 2):
             try:
                 stage = "extract"
-                src = _stage_extract(cfg, state, events, source)
+                try:
+                    src = _stage_extract(cfg, state, events, source)
+                except DatasetError as exc:
+                    if exc.reason != "empty":
+                        raise
+                    # every record was refused while reading: name the published copy of the log
+                    published, live = _publish_skips(state), str(_store_dir(state) / "skipped.jsonl")
+                    msg = str(exc)
+                    msg = (msg.replace(live, str(published)) if live in msg
+                           else f"{msg}; every one is listed in {published}")
+                    raise DatasetError(msg, reason=exc.reason, path=exc.path) from None
+                _publish_skips(state)
                 stage = "fit"
                 sub = _stage_fit(cfg, state, events, src)
                 stage = "score"
@@ -571,9 +614,7 @@ def _run_locked(cfg: RunConfig, events: Events, out: Path, source, model_fp: str
                 if attempt == 2 or not _set_aside_failed_shard(exc, state, events):
                     raise
         stage = "select"
-        skipped_out = out / "skipped.jsonl"
-        live = _store_dir(state) / "skipped.jsonl"
-        atomic_write_bytes(skipped_out, live.read_bytes() if live.exists() else b"")
+        skipped_out = out / "skipped.jsonl"  # published after the extraction stage (_publish_skips)
         result = _stage_select(cfg, state, events, src, sub, scores, out, skipped_out, report_extra)
     except OSError as exc:
         if _disk_full(exc):
