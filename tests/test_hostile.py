@@ -439,11 +439,68 @@ def _run_argv(t, tiny, *extra, data=None):
             *extra]
 
 
+# ---- issue 21 (round two): refused before the first stage, so the folder stays as it was ---------
+def c_select_stability_seed_negative(t, _):
+    _npy(t / "g.npy")
+    return ["select", str(t / "g.npy"), "--budget", "5", "--out", str(t / "sel"), "--stability-seeds=-1"], \
+        r"--stability-seeds '-1': seed -1 is negative; seeds are integers >= 0"
+
+
+def c_select_stability_seed_negative_in_a_list(t, _):
+    _npy(t / "g.npy")
+    return ["select", str(t / "g.npy"), "--budget", "5", "--out", str(t / "sel"), "--stability-seeds=-1,2"], \
+        r"--stability-seeds '-1,2': seed -1 is negative"
+
+
+def c_select_seed_negative(t, _):
+    _npy(t / "g.npy")
+    return ["select", str(t / "g.npy"), "--budget", "5", "--out", str(t / "sel"), "--k", "2", "--seed=-1"], \
+        r"--seed -1: seeds are integers >= 0"
+
+
+def c_fit_seed_negative_randomized(t, _):
+    _npy(t / "g.npy")
+    return ["fit", str(t / "g.npy"), "--out", str(t / "s.npz"), "--k", "2", "--solver", "randomized",
+            "--seed=-1"], r"--seed -1: seeds are integers >= 0"
+
+
+def c_fit_seed_negative_exact(t, _):
+    _npy(t / "g.npy")
+    return ["fit", str(t / "g.npy"), "--out", str(t / "s.npz"), "--k", "2", "--solver", "exact", "--seed=-1"], \
+        r"--seed -1: seeds are integers >= 0"
+
+
+def c_run_stability_seed_negative(t, tiny):
+    return _run_argv(t, tiny, "--stability-seeds=-1"), r"--stability-seeds '-1': seed -1 is negative"
+
+
+def c_run_stability_seed_negative_in_a_list(t, tiny):
+    return _run_argv(t, tiny, "--stability-seeds=-1,2"), r"--stability-seeds '-1,2': seed -1 is negative"
+
+
+def c_run_config_stability_seed_negative(t, tiny):
+    (t / "run.toml").write_text("stability-seeds = [0, -1]\n")
+    return _run_argv(t, tiny, "--config", str(t / "run.toml")), r"--stability-seeds '0,-1': seed -1 is negative"
+
+
+def c_run_seed_negative_randomized(t, tiny):
+    return _run_argv(t, tiny, "--seed=-1", "--solver", "randomized"), r"--seed -1: seeds are integers >= 0"
+
+
+def c_run_seed_negative_exact(t, tiny):
+    return _run_argv(t, tiny, "--seed=-1", "--solver", "exact"), r"--seed -1: seeds are integers >= 0"
+
+
+ROUND_TWO_NEEDS_MODEL = {"run_stability_seed_negative", "run_stability_seed_negative_in_a_list",
+                         "run_config_stability_seed_negative", "run_seed_negative_randomized",
+                         "run_seed_negative_exact"}
+
+
 CORE_CASES = {name[2:]: fn for name, fn in sorted(globals().items()) if name.startswith("c_")}
 NEEDS_MODEL = {"extract_shard_size_zero", "extract_max_length_zero", "extract_missing_image_root", "run_layer_beyond_the_model", "run_bad_quota_before_extract", "run_fit_device_cuda_without_cupy", "run_bad_dtype", "run_bad_device", "run_cuda_without_cuda", "extract_cuda_without_cuda",
                "run_bad_budget_before_extract", "run_budget_above_records", "run_k_zero",
                "run_config_value_wrong_type", "run_deeply_nested_json", "run_top_level_object",
-               "run_top_level_object_one_line", "extract_truncated_safetensors", "extract_into_foreign_store"}
+               "run_top_level_object_one_line", "extract_truncated_safetensors", "extract_into_foreign_store"} | ROUND_TWO_NEEDS_MODEL
 #: run in a fresh interpreter: what a user sees, including interpreter-level failures
 SUBPROCESS = {"run_deeply_nested_json", "unreachable_dask_scheduler", "fit_out_is_input"}
 

@@ -100,6 +100,8 @@ class RunConfig:
             parse_pixels(self.pixels)
         except ValueError as exc:
             raise RunError(f"--{exc}") from None
+        if int(self.seed) < 0:  # refused whatever the solver (the randomized one cannot use it)
+            raise RunError(f"--seed {self.seed}: seeds are integers >= 0, e.g. --seed 0")
         if self.k is not None and int(self.k) < 1:
             raise RunError(f"--k {self.k}: the subspace needs at least 1 component (omit --k to use --energy)")
         if self.dedup_selected is not None and not (0.0 <= float(self.dedup_selected) < 2.0):
