@@ -1059,3 +1059,50 @@ def test_a_shard_that_rots_unseen_is_redone_when_the_fit_reads_it(hostile_env, f
     assert (out / "selected.json").read_bytes() == finished_run["selected"]
     assert _scores(out) == pytest.approx(finished_run["scores"], rel=1e-9, abs=1e-12)
     assert _digest_tree(env["root"]) == before
+
+
+# ---- issue 21 (round two), run-level ------------------------------------------------------------
+def test_lone_surrogates_are_skipped_per_sample(hostile_env, tmp_path, capsys):
+    """``"\\ud800"`` is valid JSON but no character: as an id it is skipped as invalid_id, in message
+    text as invalid_field (a tokenizer cannot take it); a kept record whose source holds one is kept,
+    and every output (skip log, manifest, report, selected dataset) is still written."""
+    import pyarrow.parquet as pq
+
+    env = hostile_env
+    recs = [dict(r, source="web\udfff") for r in env["good"][:4]] + [
+        {"id": "\ud800", "image": "img/4.png", "conversations": _conv()},
+        {"id": "text", "image": "img/5.png", "conversations": _conv("What is \udc80 shown?")}]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(recs))  # ensure_ascii: the file holds the escapes, as such files do
+    before = _digest_tree(data, env["root"])
+    out = tmp_path / "out"
+    rc = cli.main(_run_args(env, data, out))
+    assert rc == 0, capsys.readouterr().err
+    raw = (out / "skipped.jsonl").read_bytes()
+    entries = {e["index"]: e for e in map(json.loads, raw.decode("utf-8").split("\n")[:-1])}
+    assert set(entries) == {4, 5}
+    assert entries[4]["id"] == "\ud800" and entries[4]["reason"] == "invalid_id"
+    assert entries[5]["id"] == "text" and entries[5]["reason"] == "invalid_field"
+    assert "lone surrogate" in entries[4]["detail"] and "message 0" in entries[5]["detail"]
+    man = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert [m["id"] for m in man] == ["s0", "s1", "s2", "s3", None, "text"]
+    assert man[4]["skip_reason"].startswith("invalid_id") and man[5]["skip_reason"].startswith("invalid_field")
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["skip_reasons"] == {"invalid_id": 1, "invalid_field": 1} and rep["n_selected"] == 3
+    assert rep["per_source"]["web\\udfff"]["valid"] == 4
+    selected = json.loads((out / "selected.json").read_text())
+    assert len(selected) == 3 and all(r in recs[:4] for r in selected)
+    assert _digest_tree(data, env["root"]) == before
+
+
+def test_a_lone_surrogate_id_is_skipped_by_read_dataset(tmp_path):
+    from scalselect_fast.data import SkipLog, read_dataset, read_skip_log
+
+    (tmp_path / "a.png").write_bytes(_png_bytes(4, 4))
+    lines = [json.dumps({"id": i, "image": "a.png", "conversations": _conv()}) for i in ("ok", "\udbff", "x\ud800y")]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    with SkipLog(tmp_path / "skipped.jsonl") as log:
+        assert [s.id for s in read_dataset(tmp_path / "d.jsonl", skip_log=log)] == ["ok"]
+    got = [(e["id"], e["reason"]) for e in read_skip_log(tmp_path / "skipped.jsonl")]
+    assert got == [("\udbff", "invalid_id"), ("x\ud800y", "invalid_id")]
+    (tmp_path / "skipped.jsonl").read_bytes().decode("utf-8")  # the log itself is UTF-8

@@ -547,7 +547,28 @@ def record_id(record: Any, id_field: str = "id") -> str:
     if "\n" in value or "\r" in value:
         raise _Problem(REASON_INVALID_ID, f"id {value!r} contains a line break; ids are written one per line, "
                                           "so give this record a single-line id", sample_id=value)
+    if not value.isascii() and _SURROGATE.search(value):
+        raise _Problem(REASON_INVALID_ID, f"id {value!r} holds {_surrogate_text(value)}, which is not valid "
+                                          "Unicode text and cannot be written out as UTF-8; give this record "
+                                          "a valid id", sample_id=value)
     return value
+
+
+#: a lone UTF-16 surrogate: valid in JSON (``"\ud800"``), not a character, so no UTF-8 encoding exists
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def writable_text(text: str) -> str:
+    """``text`` with every lone surrogate written as its ``\\uXXXX`` escape (what the JSON input said),
+    so UTF-8 outputs (Parquet manifest, report) can hold it; ``text`` itself when it has none."""
+    if text.isascii() or not _SURROGATE.search(text):
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _surrogate_text(text: str) -> str:
+    m = _SURROGATE.search(text)
+    return f"a lone surrogate (U+{ord(m.group()):04X} at character {m.start()})"
 
 
 def record_id_or_none(record: Any, id_field: str = "id") -> str | None:
@@ -734,8 +755,12 @@ def _assemble(sid: str, messages: list[dict], part_paths: list[Any], n_parts: in
                                                  "has no 'images' list")
         raw = _image_refs(part_paths, "content")
     n_placeholders = 0
-    for m in messages:
-        n_placeholders += m["content"].count(IMAGE_TOKEN)
+    for t, m in enumerate(messages):
+        text = m["content"]
+        n_placeholders += text.count(IMAGE_TOKEN)
+        if not text.isascii() and _SURROGATE.search(text):  # a tokenizer cannot take it (nor UTF-8)
+            raise _Problem(REASON_INVALID_FIELD, f"message {t} ({m['role']}) holds {_surrogate_text(text)}, "
+                                                 "which is not valid Unicode text; fix the text of this record")
     if raw and n_placeholders == 0:
         # LLaVA convention (and the Cauldron's): images go before the first user text.
         first_user = next((m for m in messages if m["role"] == "user"), None)

@@ -252,6 +252,7 @@ def _raw_records(cfg: RunConfig, fields: Iterable[str]) -> Iterator[Any]:
 def _record_table(cfg: RunConfig, fields: Iterable[str]) -> dict:
     """One pass over the raw records: id, source and any quota field per record index."""
     from ..data import record_source
+    from ..data.readers import writable_text
 
     ids: list[str | None] = []
     cols: dict[str, list] = {f: [] for f in fields}
@@ -261,6 +262,8 @@ def _record_table(cfg: RunConfig, fields: Iterable[str]) -> dict:
     interned: dict = {}
 
     def one(v):
+        if v is not None and not v.isascii():
+            v = writable_text(v)  # a lone surrogate ("\ud800" in JSON) has no UTF-8 form for the manifest
         if v is None or len(interned) >= _INTERN_MAX:
             return interned.get(v, v)
         return interned.setdefault(v, v)
@@ -268,7 +271,10 @@ def _record_table(cfg: RunConfig, fields: Iterable[str]) -> dict:
     for rec in _raw_records(cfg, list(fields)):
         r = rec if isinstance(rec, dict) else {}
         v = r.get("id")
-        ids.append(None if v is None or isinstance(v, (dict, list)) else str(v))
+        v = None if v is None or isinstance(v, (dict, list)) else str(v)
+        if v is not None and writable_text(v) is not v:  # skipped as invalid_id: it has no usable id
+            v = None
+        ids.append(v)
         src = one(record_source(r))
         sources.append(src)
         for f in cols:
