@@ -491,9 +491,22 @@ def c_run_seed_negative_exact(t, tiny):
     return _run_argv(t, tiny, "--seed=-1", "--solver", "exact"), r"--seed -1: seeds are integers >= 0"
 
 
+def c_run_config_same_setting_twice(t, tiny):
+    (t / "run.toml").write_text(f'image-root = "{tiny["root"]}"\nimage_root = "{t}"\n')
+    return _run_argv(t, tiny, "--config", str(t / "run.toml")), \
+        r"run\.toml: 'image-root' and 'image_root' are the same setting, given twice; keep one"
+
+
+def c_run_config_same_setting_twice_json(t, tiny):
+    (t / "run.json").write_text(json.dumps({"stability_seeds": "0", "stability-seeds": "1"}))
+    return _run_argv(t, tiny, "--config", str(t / "run.json")), \
+        r"run\.json: 'stability_seeds' and 'stability-seeds' are the same setting"
+
+
 ROUND_TWO_NEEDS_MODEL = {"run_stability_seed_negative", "run_stability_seed_negative_in_a_list",
                          "run_config_stability_seed_negative", "run_seed_negative_randomized",
-                         "run_seed_negative_exact"}
+                         "run_seed_negative_exact", "run_config_same_setting_twice",
+                         "run_config_same_setting_twice_json"}
 
 
 CORE_CASES = {name[2:]: fn for name, fn in sorted(globals().items()) if name.startswith("c_")}

@@ -198,9 +198,13 @@ def load_config_file(path: str | os.PathLike) -> dict:
     """Read a ``run.toml`` / ``run.yaml`` / ``run.json`` into a dict of :class:`RunConfig` fields.
 
     Keys may use ``-`` or ``_``; a ``[run]`` table (TOML) or ``run:`` mapping (YAML) is accepted as
-    the root. Unknown keys are an error naming the key and the file. Relative paths in the file are
+    the root. Unknown keys, and one setting written both ways (``image-root`` and ``image_root``),
+    are an error naming the key(s) and the file. Relative paths in the file are
     resolved against the file's directory.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise SettingTypeError(f"config file: expected a path (str or os.PathLike) to a .toml, .yaml or .json "
+                               f"file, got {type(path).__name__}")
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -229,11 +233,16 @@ def load_config_file(path: str | os.PathLike) -> dict:
     if set(obj) == {"run"} and isinstance(obj["run"], dict):
         obj = obj["run"]
     out = {}
+    written: dict[str, object] = {}  # setting -> the key it was written as
     for key, value in obj.items():
         name = str(key).replace("-", "_")
         if name not in _FIELDS:
             raise RunError(f"--config {p}: unknown setting {key!r}; known: "
                            f"{', '.join(sorted(f.replace('_', '-') for f in _FIELDS))}")
+        if name in written:  # image-root and image_root: which one was meant is not ours to guess
+            raise RunError(f"--config {p}: {written[name]!r} and {key!r} are the same setting, given twice; "
+                           f"keep one of them")
+        written[name] = key
         if name in ("model", "data", "out", "image_root"):
             value = _relative_to(p.parent, value) if name != "data" or not isinstance(value, list) else [
                 _relative_to(p.parent, v) for v in value]
