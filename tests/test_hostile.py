@@ -1119,3 +1119,59 @@ def test_a_lone_surrogate_id_is_skipped_by_read_dataset(tmp_path):
     got = [(e["id"], e["reason"]) for e in read_skip_log(tmp_path / "skipped.jsonl")]
     assert got == [("\udbff", "invalid_id"), ("x\ud800y", "invalid_id")]
     (tmp_path / "skipped.jsonl").read_bytes().decode("utf-8")  # the log itself is UTF-8
+
+
+def _api_calls() -> dict:
+    """name -> (a call with an argument of the wrong type, the TypeError message it must give)."""
+    from scalselect_fast.data import count_records, open_source, read_dataset
+    from scalselect_fast.run import load_config_file, make_config, run
+
+    return {
+        "run-None": (lambda: run(None), r"run\(cfg\): cfg must be a RunConfig, got NoneType; build one with .*make_config"),
+        "run-dict": (lambda: run({"model": "m", "data": "d.json", "out": "o"}),
+                     r"run\(cfg\): cfg must be a RunConfig, got dict"),
+        "read_dataset-bytes": (lambda: list(read_dataset(b"/path/d.json")),
+                               r"read_dataset: path must be a path \(str or os.PathLike\), a list of paths, .*got bytes"),
+        "read_dataset-list-with-None": (lambda: list(read_dataset([".", None])),
+                                        r"read_dataset: path must be a path .*got NoneType"),
+        "read_dataset-image_root-bytes": (lambda: list(read_dataset(".", image_root=b".")),
+                                          r"read_dataset: image_root must be a directory path \(str or os.PathLike\) "
+                                          r"or None, got bytes"),
+        "count_records-int": (lambda: count_records(3), r"count_records: path must be a path .*got int"),
+        "open_source-format-None": (lambda: open_source("d.json", format=None),
+                                    r"format must be a string \('auto' or one of json"),
+        "make_config-budget-list": (lambda: make_config(budget=[3]),
+                                    r"setting budget: \[3\] is not a count \(int, e.g. 100000\), a fraction "
+                                    r"\(float, e.g. 0.16\) or a string"),
+        "make_config-layer-str": (lambda: make_config(layer="abc"), r"setting layer: 'abc' is not an int"),
+        "make_config-quota-str": (lambda: make_config(quota="source=a>=1%"),
+                                  r"setting quota: expected a list of strings such as \['source=coco<=40%'\], "
+                                  r"got 'source=a>=1%'"),
+        "make_config-data-bytes": (lambda: make_config(data=b"d.json"),
+                                   r"setting data: b'd.json' is not a path \(str or os.PathLike\)"),
+        "load_config_file-int": (lambda: load_config_file(7),
+                                 r"config file: expected a path \(str or os.PathLike\) to a .toml, .yaml or "
+                                 r".json file, got int"),
+        "make_config-unknown": (lambda: make_config(bugdet=3), r"make_config: unknown run setting 'bugdet'; known: .*budget"),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_api_calls()))
+def test_api_entry_points_say_what_they_accept(case):
+    """Each public entry point refuses a wrong type with a TypeError naming the argument and what it
+    accepts (not an AttributeError or a bytes/str mix-up from deep inside)."""
+    call, pattern = _api_calls()[case]
+    with pytest.raises(TypeError, match=pattern):
+        call()
+
+
+def test_make_config_type_errors_are_run_errors_too(tmp_path):
+    """The CLI reports RunError in one line: a config file's wrong type is one, and a TypeError too."""
+    from scalselect_fast.run import RunError, make_config
+
+    (tmp_path / "run.toml").write_text("budget = [3]\n")
+    with pytest.raises(RunError, match=r"setting budget \(in .*run\.toml\): \[3\] is not a count") as ei:
+        make_config(tmp_path / "run.toml")
+    assert isinstance(ei.value, TypeError)
+    assert make_config(budget=3).budget == "3" and make_config(budget=0.16).budget == "0.16"
+    assert make_config(budget="16%").budget == "16%"

@@ -57,7 +57,8 @@ from .images import ImagePathError, ImageResolver, resolve_root
 from .sample import (IMAGE_TOKEN, REASON_IMAGE_EMPTY, REASON_INVALID_FIELD, REASON_INVALID_ID, REASON_MISSING_FIELD,
                      REASON_PLACEHOLDER_MISMATCH, DatasetError, EmbeddedImage, Sample, UnusableRecord,
                      _where)
-from .sources import Container, DataSource, InputFile, containers, open_source, register_container
+from .sources import (Container, DataSource, InputFile, check_data_argument, containers, open_source,
+                      register_container)
 
 #: the built-in containers (more may be registered: see :mod:`.sources`)
 FORMATS = ("auto", "json", "jsonl", "parquet")
@@ -81,6 +82,7 @@ PARQUET_BATCH_ROWS = 1024
 def detect_format(path: str | os.PathLike) -> str:
     """Return the container of ``path`` (a file, directory, glob, URL or list): ``"json"``, ``"jsonl"``,
     ``"parquet"`` or another registered container, from the files' first bytes."""
+    check_data_argument(path, "detect_format: path")
     return open_source(path).container
 
 
@@ -495,6 +497,7 @@ def iter_records(path, format: str = "auto") -> Iterator[tuple[int, int | None, 
     glob, URL, list, or ``datasets`` object); ``index`` is global across files (sorted file names,
     then record order) and ``line`` is the line inside the record's own file.
     """
+    check_data_argument(path, "iter_records: path", format)
     for index, line, record, _f, _l in open_source(path, format).iter_records():
         yield index, line, record
 
@@ -507,6 +510,7 @@ def count_records(path, format: str = "auto") -> int:
     starts; Parquet reads only footers (its pages are checked when they are decoded).
     """
     try:
+        check_data_argument(path, "count_records: path", format)
         return open_source(path, format).count()
     except DatasetError as e:
         if e.reason == "empty":  # an empty file holds zero records; that is an answer, not an error
@@ -911,6 +915,11 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
         duplicate ids, empty dataset, ...) and, without a ``skip_log``, per-sample problems. The
         message names the file, record and line.
     """
+    check_data_argument(path, "read_dataset: path", format)
+    if image_root is not None and not (isinstance(image_root, str) or (
+            isinstance(image_root, os.PathLike) and isinstance(os.fspath(image_root), str))):
+        raise TypeError(f"read_dataset: image_root must be a directory path (str or os.PathLike) or None, got "
+                        f"{type(image_root).__name__}")
     source = open_source(path, format)
     root = resolve_root(image_root) if image_root is not None else None
     resolvers: dict[str, Any] = {}

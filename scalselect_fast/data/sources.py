@@ -32,7 +32,7 @@ from typing import Any
 from .sample import DatasetError
 
 __all__ = ["Container", "DataSource", "InputFile", "register_container", "containers", "open_source",
-           "input_files", "SNIFF_BYTES"]
+           "input_files", "check_data_argument", "SNIFF_BYTES"]
 
 #: bytes read from the start of each file to recognise its container
 SNIFF_BYTES = 4096
@@ -479,6 +479,25 @@ def is_hf_object(obj: Any) -> bool:
                                                                   "DatasetDict", "IterableDatasetDict")
 
 
+def check_data_argument(data: Any, name: str = "data", format: Any = "auto") -> None:
+    """Raise a ``TypeError`` naming the argument ``name`` and what it accepts unless ``data`` is a
+    path (``str`` or ``os.PathLike`` of ``str``), a non-string sequence of paths, a
+    :class:`DataSource` or a ``datasets`` object; and unless ``format`` is a string."""
+    if not isinstance(format, str):
+        raise TypeError(f"format must be a string ('auto' or one of {', '.join(_CONTAINERS)}), got "
+                        f"{type(format).__name__}")
+    if isinstance(data, DataSource) or is_hf_object(data):
+        return
+    items = data if isinstance(data, (list, tuple)) else [data]
+    for item in items:
+        if isinstance(item, str) or (isinstance(item, os.PathLike) and isinstance(os.fspath(item), str)):
+            continue
+        what = f"{type(item).__name__} {item!r:.80}" if isinstance(item, (bytes, bytearray)) else type(item).__name__
+        raise TypeError(f"{name} must be a path (str or os.PathLike), a list of paths, a DataSource or a "
+                        f"datasets Dataset; got {what}" + (" (decode it: path.decode())"
+                                                           if isinstance(item, (bytes, bytearray)) else ""))
+
+
 def open_source(data: Any, format: str = "auto") -> DataSource:
     """Resolve ``data`` into a :class:`DataSource`.
 
@@ -502,9 +521,12 @@ def open_source(data: Any, format: str = "auto") -> DataSource:
     DatasetError
         Nothing matches (``reason="io"``), a file is missing or unreadable, the files are of
         different containers (``reason="format"``), a URL cannot be reached.
+    TypeError
+        ``data`` is none of the above (bytes, None, a number, ...) or ``format`` is not a string.
     """
     if isinstance(data, DataSource):
         return data
+    check_data_argument(data, "data", format)
     if format != "auto" and format not in _CONTAINERS:
         raise ValueError(f"format must be 'auto' or one of {tuple(_CONTAINERS)}, got {format!r}")
     if is_hf_object(data):

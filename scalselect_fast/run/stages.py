@@ -505,6 +505,10 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
         a full disk. Data and model problems surface as the data/extract layers' errors
         (``DatasetError``, ``UnsupportedModelError``, ...), whose messages name the file and sample.
     """
+    if not isinstance(cfg, RunConfig):  # a dict or None would fail deep inside with an AttributeError
+        raise TypeError(f"run(cfg): cfg must be a RunConfig, got {type(cfg).__name__}; build one with "
+                        f"scalselect_fast.run.make_config(model=..., data=..., out=..., ...) or "
+                        f"make_config('run.toml')")
     cfg.validate()
     cfg = _resolve_auto_device(cfg)
     events = events or Events(cfg.quiet, cfg.log_json)
