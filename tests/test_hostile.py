@@ -1175,3 +1175,61 @@ def test_make_config_type_errors_are_run_errors_too(tmp_path):
     assert isinstance(ei.value, TypeError)
     assert make_config(budget=3).budget == "3" and make_config(budget=0.16).budget == "0.16"
     assert make_config(budget="16%").budget == "16%"
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` but whose pixel data is empty (a bomb's header
+    without the bomb: what matters is that nothing past the header is needed to refuse it)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_max_image_pixels_governs_above_pillows_bomb_limit(tmp_path):
+    """Pillow refuses over 2 x Image.MAX_IMAGE_PIXELS (179 Mpx) on its own, with its own words; the
+    tool's --max-image-pixels decides instead, below and above that limit, and Pillow's setting is left
+    as it was."""
+    from PIL import Image
+
+    from scalselect_fast.data import ImageError, load_image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header_only(100_000, 100_000))
+    assert 100_000 * 100_000 > 2 * limit
+    with pytest.raises(ImageError) as ei:
+        load_image(bomb)
+    assert ei.value.reason == "image_too_large"
+    assert "100000x100000" in str(ei.value) and "over --max-image-pixels 40,000,000" in str(ei.value)
+    assert "exceeds limit" not in str(ei.value)
+    # a limit above Pillow's: a 200 Mpx header is not refused for its size (its pixel data is empty)
+    big = tmp_path / "big.png"
+    big.write_bytes(_png_header_only(20_000, 10_000))
+    assert 20_000 * 10_000 > 2 * limit
+    with pytest.raises(ImageError) as ei:
+        load_image(big, max_pixels=300_000_000)
+    assert ei.value.reason in ("image_truncated", "image_corrupt"), str(ei.value)
+    with pytest.raises(ImageError, match="20000x10000 = 200,000,000 pixels, over --max-image-pixels 199,999,999"):
+        load_image(big, max_pixels=199_999_999)
+    assert Image.MAX_IMAGE_PIXELS == limit
+    with pytest.raises(ImageError, match="too large to decode safely"):  # None: Pillow's limit alone
+        load_image(bomb, max_pixels=None)
+
+
+def test_a_bomb_header_is_skipped_with_the_tools_own_message(hostile_env, tmp_path, capsys):
+    env = hostile_env
+    root = tmp_path / "root"
+    shutil.copytree(env["root"], root)
+    (root / "img" / "bomb.png").write_bytes(_png_header_only(100_000, 100_000))
+    data = root / "data.json"
+    data.write_text(json.dumps(env["good"] + [{"id": "bomb", "image": "img/bomb.png", "conversations": _conv()}]))
+    before = _digest_tree(root)
+    out = tmp_path / "out"
+    rc = cli.main(_run_args(dict(env, root=root), data, out, "--max-image-pixels", "50000000"))
+    assert rc == 0, capsys.readouterr().err
+    (entry,) = map(json.loads, (out / "skipped.jsonl").read_text().split("\n")[:-1])
+    assert entry["id"] == "bomb" and entry["reason"] == "image_too_large"
+    assert "100000x100000" in entry["detail"] and "over --max-image-pixels 50,000,000" in entry["detail"]
+    assert _digest_tree(root) == before
