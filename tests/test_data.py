@@ -352,7 +352,10 @@ def test_record_helpers_match_samples(root):
 def test_all_records_skipped_is_empty(tmp_path):
     path = _write_jsonl(tmp_path / "d.jsonl", [{"id": "a"}, {"id": "b"}])
     log = SkipLog(tmp_path / "skipped.jsonl")
-    with pytest.raises(DatasetError, match=r"all 2 records were skipped \(see .*skipped.jsonl\)"):
+    # the message names the reasons and the first skipped record, not only where the log is
+    with pytest.raises(DatasetError, match=r"all 2 records were skipped \(missing_field: 2; the first: record 0 "
+                                           r"\(line 1\): missing required field 'conversations'.*; see "
+                                           r".*skipped.jsonl\)"):
         list(read_dataset(path, skip_log=log))
     assert len(log) == 2
 

@@ -503,10 +503,17 @@ def c_run_config_same_setting_twice_json(t, tiny):
         r"run\.json: 'stability_seeds' and 'stability-seeds' are the same setting"
 
 
+def c_run_jsonl_format_on_a_json_list(t, tiny):
+    (t / "list.json").write_text(json.dumps(json.loads(tiny["data"].read_text())))  # one line: one "record"
+    return _run_argv(t, tiny, "--format", "jsonl", data=t / "list.json"), \
+        (r"list\.json': all 1 records were skipped \(invalid_field: 1; the first: record 0 \(line 1\): record is "
+         r"a list, expected a JSON object\).* read as jsonl \(--format jsonl\): pass --format json or --format auto")
+
+
 ROUND_TWO_NEEDS_MODEL = {"run_stability_seed_negative", "run_stability_seed_negative_in_a_list",
                          "run_config_stability_seed_negative", "run_seed_negative_randomized",
                          "run_seed_negative_exact", "run_config_same_setting_twice",
-                         "run_config_same_setting_twice_json"}
+                         "run_config_same_setting_twice_json", "run_jsonl_format_on_a_json_list"}
 
 
 CORE_CASES = {name[2:]: fn for name, fn in sorted(globals().items()) if name.startswith("c_")}

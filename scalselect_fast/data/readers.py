@@ -58,7 +58,7 @@ from .sample import (IMAGE_TOKEN, REASON_IMAGE_EMPTY, REASON_INVALID_FIELD, REAS
                      REASON_PLACEHOLDER_MISMATCH, DatasetError, EmbeddedImage, Sample, UnusableRecord,
                      _where)
 from .sources import (Container, DataSource, InputFile, check_data_argument, containers, open_source,
-                      register_container)
+                      register_container, sniff_container)
 
 #: the built-in containers (more may be registered: see :mod:`.sources`)
 FORMATS = ("auto", "json", "jsonl", "parquet")
@@ -934,7 +934,13 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
                 file.path, ImageResolver(None, file.base_dir or os.getcwd()))
         return resolvers.get(file.path) or resolvers.setdefault(file.path, _RemoteImages(file.path))
 
+    skipped: dict[str, int] = {}  # reason -> count, and the first problem: named if every record is skipped
+    first: list[str] = []
+
     def skip(p: _Problem, sid: str | None, file: InputFile, index: int, line: int | None, local: int) -> None:
+        skipped[p.reason] = skipped.get(p.reason, 0) + 1
+        if not first:
+            first.append(f"{file.name if many else ''}{' ' if many else ''}{_where(local, line)}: {p.detail}")
         if skip_log is None:
             raise DatasetError(f"{file.path}: {_where(local, line)}" + (f" (id {sid!r})" if sid else "")
                                + f": {p.detail}. Fix the record, or read with a SkipLog to skip such "
@@ -1016,7 +1022,24 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
         raise DatasetError(f"dataset {source.label!r} is empty (no records)", reason="empty",
                            path=source.files[0].path if source.files else None)
     if n_yielded == 0:
-        where = f" (see {skip_log.path})" if skip_log is not None and hasattr(skip_log, "path") else ""
-        raise DatasetError(f"dataset {source.label!r}: all {n_records} records were skipped{where}; nothing "
-                           "to select. Check the record layout and --image-root", reason="empty",
+        where = f"; see {skip_log.path}" if skip_log is not None and hasattr(skip_log, "path") else ""
+        why = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items()))
+        raise DatasetError(f"dataset {source.label!r}: all {n_records} records were skipped ({why}; the first: "
+                           f"{first[0] if first else '?'}{where}); nothing to select. Check the record layout "
+                           f"and --image-root{_format_hint(source)}", reason="empty",
                            path=source.files[0].path if source.files else None)
+
+
+def _format_hint(source: DataSource) -> str:
+    """``"; ... read as jsonl ..."`` when the first file's content is another container than the one it
+    was read as (a JSON list under ``--format jsonl``), else ``""``."""
+    if not source.files or (source.files[0].local and os.path.isdir(source.files[0].path)):
+        return ""
+    try:
+        kind = sniff_container(source.files[0])
+    except DatasetError:
+        return ""
+    if kind == source.container:
+        return ""
+    return (f". Its content is {kind}, but it was read as {source.container} (--format {source.container}): "
+            f"pass --format {kind} or --format auto")

@@ -32,7 +32,7 @@ from typing import Any
 from .sample import DatasetError
 
 __all__ = ["Container", "DataSource", "InputFile", "register_container", "containers", "open_source",
-           "input_files", "check_data_argument", "SNIFF_BYTES"]
+           "input_files", "check_data_argument", "sniff_container", "SNIFF_BYTES"]
 
 #: bytes read from the start of each file to recognise its container
 SNIFF_BYTES = 4096
@@ -186,7 +186,8 @@ def containers() -> dict[str, Container]:
     return dict(_CONTAINERS)
 
 
-def _sniff(file: InputFile) -> str:
+def sniff_container(file: InputFile) -> str:
+    """The container ``file``'s first bytes (and name) say it is; :class:`DatasetError` if none."""
     head = file.head()
     for c in _CONTAINERS.values():
         if c.sniff is not None and c.sniff(head, file.name):
@@ -561,7 +562,7 @@ def open_source(data: Any, format: str = "auto") -> DataSource:
         nonempty = []
         for f in ordered:
             try:
-                kind = _dataset_dir_container(f.path) if f.local and os.path.isdir(f.path) else _sniff(f)
+                kind = _dataset_dir_container(f.path) if f.local and os.path.isdir(f.path) else sniff_container(f)
             except DatasetError as e:
                 if e.reason == "empty" and len(ordered) > 1:
                     continue  # an empty shard holds zero records; the others decide the container

@@ -541,6 +541,7 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
     try:  # a budget above the records is known now, before any stage (skips can only lower the usable)
         resolve_budget(cfg.budget, n_records)
     except ValueError as exc:
+        _refuse_if_no_record_is_usable(source, cfg)  # then that is the problem, not the budget
         raise RunError(f"--budget {cfg.budget}: {exc}") from None
     if plan_only:
         est = _preflight(cfg, out, events, True, source)
@@ -549,6 +550,26 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
     # one run per --out: a second one would interleave skipped.jsonl lines and contradict the report
     with exclusive_lock(out / RUN_LOCK, f"--out {out}"):
         return _run_locked(cfg, events, out, source, model_fp, report_extra)
+
+
+class _DiscardSkips:
+    """A skip log that keeps nothing: :func:`read_dataset` names the skip reasons itself when it skips
+    every record."""
+
+    def add(self, *args, **kwargs) -> None:
+        pass
+
+
+def _refuse_if_no_record_is_usable(source, cfg: RunConfig) -> None:
+    """Raise read_dataset's own :class:`DatasetError` (naming the skip reasons and the first skipped
+    record) when no record of ``source`` parses into a sample; return at the first one that does.
+
+    Called only when a run is refused anyway, so its reading pass costs nothing on the way to success.
+    """
+    from ..data import read_dataset
+
+    for _sample in read_dataset(source, image_root=cfg.image_root, format=cfg.format, skip_log=_DiscardSkips()):
+        return
 
 
 def _run_locked(cfg: RunConfig, events: Events, out: Path, source, model_fp: str, report_extra):
