@@ -510,10 +510,16 @@ def c_run_jsonl_format_on_a_json_list(t, tiny):
          r"a list, expected a JSON object\).* read as jsonl \(--format jsonl\): pass --format json or --format auto")
 
 
+def c_run_quota_on_a_field_no_record_has(t, tiny):
+    return _run_argv(t, tiny, "--quota", "lang=en>=10%"), \
+        r"--quota lang=\.\.\.: no record of .*demo\.json has a field 'lang' \(all 20 lack it\), so every record"
+
+
 ROUND_TWO_NEEDS_MODEL = {"run_stability_seed_negative", "run_stability_seed_negative_in_a_list",
                          "run_config_stability_seed_negative", "run_seed_negative_randomized",
                          "run_seed_negative_exact", "run_config_same_setting_twice",
-                         "run_config_same_setting_twice_json", "run_jsonl_format_on_a_json_list"}
+                         "run_config_same_setting_twice_json", "run_jsonl_format_on_a_json_list",
+                         "run_quota_on_a_field_no_record_has"}
 
 
 CORE_CASES = {name[2:]: fn for name, fn in sorted(globals().items()) if name.startswith("c_")}
@@ -1240,3 +1246,22 @@ def test_a_bomb_header_is_skipped_with_the_tools_own_message(hostile_env, tmp_pa
     assert entry["id"] == "bomb" and entry["reason"] == "image_too_large"
     assert "100000x100000" in entry["detail"] and "over --max-image-pixels 50,000,000" in entry["detail"]
     assert _digest_tree(root) == before
+
+
+def test_quota_on_a_field_some_records_lack_warns(hostile_env, tmp_path, capsys):
+    """Records without the quota's field form the group <none>: allowed, but said once on stderr."""
+    import pyarrow.parquet as pq
+
+    env = hostile_env
+    recs = [dict(r, lang="en" if i < 3 else "fr") if i < 4 else r for i, r in enumerate(env["good"])]
+    data = tmp_path / "with-lang.json"  # image paths are relative to --image-root, not to this file
+    data.write_text(json.dumps(recs))
+    out = tmp_path / "out"
+    rc = cli.main(_run_args(env, data, out, "--quota", "lang=fr>=30%"))
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    warned = [ln for ln in err.split("\n") if "lang" in ln]
+    assert warned == ["warning: --quota lang=...: 2 of 6 records have no field 'lang'; they form the group "
+                      "'<none>', bounded by the '*' rule if there is one"]
+    kept = [m["id"] for m in pq.read_table(out / "manifest.parquet").to_pylist() if m["kept"]]
+    assert "s3" in kept and len(kept) == 3  # the one 'fr' record holds its >= 30% share of 3

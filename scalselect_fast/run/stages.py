@@ -543,6 +543,8 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
     except ValueError as exc:
         _refuse_if_no_record_is_usable(source, cfg)  # then that is the problem, not the budget
         raise RunError(f"--budget {cfg.budget}: {exc}") from None
+    if cfg.quota:
+        _check_quota_fields(cfg, events, data)
     if plan_only:
         est = _preflight(cfg, out, events, True, source)
         return est
@@ -550,6 +552,33 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
     # one run per --out: a second one would interleave skipped.jsonl lines and contradict the report
     with exclusive_lock(out / RUN_LOCK, f"--out {out}"):
         return _run_locked(cfg, events, out, source, model_fp, report_extra)
+
+
+def _check_quota_fields(cfg: RunConfig, events: Events, label: str) -> None:
+    """Refuse a --quota field that no record has (every record would fall in one group, ``<none>``, and
+    the quota would mean nothing); warn when only some records lack it. One pass over the raw records
+    (only the id, source and quota columns of Arrow inputs), made only when --quota is given."""
+    from ..data import record_source
+    from ..postselect import PostSelectError, parse_quota
+
+    fields = list(dict.fromkeys(parse_quota(q).field for q in cfg.quota))
+    missing = dict.fromkeys(fields, 0)
+    n = 0
+    for rec in _raw_records(cfg, [f for f in fields if f != "source"]):
+        n += 1
+        r = rec if isinstance(rec, dict) else {}
+        for f in fields:
+            if (record_source(r) if f == "source" else r.get(f)) is None:
+                missing[f] += 1
+    for f, m in missing.items():
+        if n and m == n:
+            raise PostSelectError(f"--quota {f}=...: no record of {label} has a field {f!r} (all {n} lack it), so "
+                                  f"every record would be one group; check the field name against the dataset's "
+                                  f"records" + (" ('source' also reads dataset, data_source, task, task_type, "
+                                               "category)" if f == "source" else ""))
+        if m:
+            events.warn(f"--quota {f}=...: {m} of {n} records have no field {f!r}; they form the group '<none>', "
+                        f"bounded by the '*' rule if there is one")
 
 
 class _DiscardSkips:
