@@ -18,6 +18,8 @@ import sys
 import zlib
 from pathlib import Path
 
+import re
+
 import numpy as np
 import pytest
 
@@ -515,11 +517,26 @@ def c_run_quota_on_a_field_no_record_has(t, tiny):
         r"--quota lang=\.\.\.: no record of .*demo\.json has a field 'lang' \(all 20 lack it\), so every record"
 
 
+def _free_loopback_port() -> int:
+    """A port on 127.0.0.1 that nobody listens on (bound by the OS, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def c_run_url_connection_refused(t, tiny):
+    pytest.importorskip("aiohttp")
+    url = f"http://127.0.0.1:{_free_loopback_port()}/x.json"
+    return _run_argv(t, tiny, data=url), rf"--data '{re.escape(url)}': cannot reach it \(.*\); check the URL"
+
+
 ROUND_TWO_NEEDS_MODEL = {"run_stability_seed_negative", "run_stability_seed_negative_in_a_list",
                          "run_config_stability_seed_negative", "run_seed_negative_randomized",
                          "run_seed_negative_exact", "run_config_same_setting_twice",
                          "run_config_same_setting_twice_json", "run_jsonl_format_on_a_json_list",
-                         "run_quota_on_a_field_no_record_has"}
+                         "run_quota_on_a_field_no_record_has", "run_url_connection_refused"}
 
 
 CORE_CASES = {name[2:]: fn for name, fn in sorted(globals().items()) if name.startswith("c_")}
@@ -1265,3 +1282,53 @@ def test_quota_on_a_field_some_records_lack_warns(hostile_env, tmp_path, capsys)
                       "'<none>', bounded by the '*' rule if there is one"]
     kept = [m["id"] for m in pq.read_table(out / "manifest.parquet").to_pylist() if m["kept"]]
     assert "s3" in kept and len(kept) == 3  # the one 'fr' record holds its >= 30% share of 3
+
+
+def test_a_url_that_never_answers_fails_within_the_timeout(tiny, tmp_path):
+    """A local server (127.0.0.1 only) that accepts connections and never answers: the run fails with
+    one line naming the URL and the limit (SCALSELECT_URL_TIMEOUT_S, here 2 s) instead of hanging;
+    the subprocess's own timeout is what would catch a hang."""
+    import socket
+    import threading
+
+    pytest.importorskip("aiohttp")
+    held = []
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        server.settimeout(None)
+
+        def accept():
+            try:
+                while True:
+                    held.append(server.accept()[0])  # accepted, never read, never answered
+            except OSError:  # the socket closed at the end of the test
+                pass
+
+        threading.Thread(target=accept, daemon=True).start()
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/data.json"
+        try:
+            rc, _out, err = _cli_subprocess(_run_argv(tmp_path, tiny, data=url), {"SCALSELECT_URL_TIMEOUT_S": "2"},
+                                            timeout=90)
+        finally:
+            for c in held:
+                c.close()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and "Traceback" not in err and len(lines) == 1, err
+    assert f"--data '{url}': cannot reach it (no answer within 2 s; SCALSELECT_URL_TIMEOUT_S" in lines[0]
+    assert held, "the run never connected to the server"
+    assert not (tmp_path / "out").exists()
+
+
+def test_url_timeout_setting_is_validated(monkeypatch):
+    from scalselect_fast.data import DatasetError
+    from scalselect_fast.data.sources import URL_TIMEOUT_S, url_timeout
+
+    monkeypatch.delenv("SCALSELECT_URL_TIMEOUT_S", raising=False)
+    assert url_timeout() == URL_TIMEOUT_S == 30.0
+    monkeypatch.setenv("SCALSELECT_URL_TIMEOUT_S", "0.5")
+    assert url_timeout() == 0.5
+    for bad in ("0", "-1", "soon", "nan"):
+        monkeypatch.setenv("SCALSELECT_URL_TIMEOUT_S", bad)
+        with pytest.raises(DatasetError, match="SCALSELECT_URL_TIMEOUT_S=.*positive number of seconds"):
+            url_timeout()

@@ -83,23 +83,24 @@ class InputFile:
                 return open(self.path, "rb")
             return self.fs.open(self.fs_path, "rb")
         except Exception as e:  # OSError locally; backends raise their own (ClientError, HTTPError ...)
-            raise DatasetError(f"cannot read dataset {self.path!r}: {_why(e)}", reason="io",
-                               path=self.path) from None
+            raise self._unreadable(e) from None
+
+    def _unreadable(self, e: BaseException) -> DatasetError:
+        why = _why(e) if self.fs is None else _why_remote(e)
+        return DatasetError(f"cannot read dataset {self.path!r}: {why}", reason="io", path=self.path)
 
     def size(self) -> int:
         try:
             return os.path.getsize(self.path) if self.fs is None else int(self.fs.size(self.fs_path))
         except Exception as e:
-            raise DatasetError(f"cannot read dataset {self.path!r}: {_why(e)}", reason="io",
-                               path=self.path) from None
+            raise self._unreadable(e) from None
 
     def head(self, n: int = SNIFF_BYTES) -> bytes:
         with self.open() as fh:
             try:
                 return fh.read(n)
             except Exception as e:
-                raise DatasetError(f"cannot read dataset {self.path!r}: {_why(e)}", reason="io",
-                                   path=self.path) from None
+                raise self._unreadable(e) from None
 
 
 _DIGESTS: dict[tuple, str] = {}
@@ -111,6 +112,13 @@ def _stat_key(f: InputFile) -> tuple:
         return st.st_size, st.st_mtime_ns
     info = f.fs.info(f.fs_path)
     return info.get("size"), str(info.get("mtime") or info.get("LastModified") or info.get("ETag") or "")
+
+
+def _why_remote(e: BaseException) -> str:
+    """:func:`_why`, saying which limit a timeout is (a timeout's own text is empty)."""
+    if isinstance(e, TimeoutError):
+        return f"no answer within {url_timeout():g} s; SCALSELECT_URL_TIMEOUT_S sets the limit"
+    return _why(e)
 
 
 def _why(e: BaseException) -> str:
@@ -383,14 +391,47 @@ def _is_url(s: str) -> bool:
     return bool(sep) and head.replace("+", "").replace("-", "").isalnum() and len(head) > 1
 
 
+#: seconds an http(s):// input may take to connect, and to send each next piece of data, before the read
+#: fails (env SCALSELECT_URL_TIMEOUT_S); a server that accepts and never answers fails, never hangs
+URL_TIMEOUT_S = 30.0
+
+
+def url_timeout() -> float:
+    """:data:`URL_TIMEOUT_S`, or the environment's ``SCALSELECT_URL_TIMEOUT_S`` when set."""
+    text = os.environ.get("SCALSELECT_URL_TIMEOUT_S", "")
+    try:
+        value = float(text) if text else URL_TIMEOUT_S
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise DatasetError(f"SCALSELECT_URL_TIMEOUT_S={text!r}: give a positive number of seconds, e.g. 30",
+                           reason="io")
+    return value
+
+
+def _http_options(url: str) -> dict:
+    """fsspec options for an http(s):// URL: aiohttp's connect and read timeouts (its default is to wait
+    for 5 minutes in total, a whole download included)."""
+    if url.split("://", 1)[0].lower() not in ("http", "https"):
+        return {}
+    try:
+        import aiohttp
+    except ImportError:
+        raise DatasetError(f"--data {url!r} is an http(s) URL, which needs aiohttp: pip install aiohttp (or "
+                           "'scalselect-fast[data]')", reason="io", path=url) from None
+    t = url_timeout()
+    return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t)}}
+
+
 def _remote_fs(url: str):
     try:
         import fsspec
     except ImportError:
         raise DatasetError(f"--data {url!r} is a URL, which needs fsspec: pip install fsspec (plus the "
                            "backend: s3fs, gcsfs or huggingface_hub)", reason="io", path=url) from None
+    options = _http_options(url)
     try:
-        return fsspec.core.url_to_fs(url)
+        return fsspec.core.url_to_fs(url, **options)
     except ImportError as e:
         raise DatasetError(f"--data {url!r}: the backend for this URL is not installed ({_why(e)})",
                            reason="io", path=url) from None
@@ -450,7 +491,7 @@ def _expand_one(item: str) -> list[InputFile]:
         except DatasetError:
             raise
         except Exception as e:  # network, credentials, permission: one line, never a traceback
-            raise DatasetError(f"--data {item!r}: cannot reach it ({_why(e)}); check the URL, your "
+            raise DatasetError(f"--data {item!r}: cannot reach it ({_why_remote(e)}); check the URL, your "
                                "network and credentials", reason="io", path=item) from None
         return [InputFile(item, fs, path)]
     if item.startswith("file://"):
