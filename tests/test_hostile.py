@@ -1332,3 +1332,100 @@ def test_url_timeout_setting_is_validated(monkeypatch):
         monkeypatch.setenv("SCALSELECT_URL_TIMEOUT_S", bad)
         with pytest.raises(DatasetError, match="SCALSELECT_URL_TIMEOUT_S=.*positive number of seconds"):
             url_timeout()
+
+
+def _edit_between(monkeypatch, after_extract=None, before_output=None):
+    """Run ``after_extract()`` once the representations exist (before the fit) and ``before_output()``
+    once the scores exist (before the selection is written): another process editing the dataset
+    while the run uses it, at fixed points instead of a race."""
+    from scalselect_fast.run import stages
+
+    fit, score = stages._stage_fit, stages._stage_score
+
+    def fit_after(*a, **k):
+        if after_extract is not None:
+            after_extract()
+        return fit(*a, **k)
+
+    def score_before(*a, **k):
+        result = score(*a, **k)
+        if before_output is not None:
+            before_output()
+        return result
+
+    monkeypatch.setattr(stages, "_stage_fit", fit_after)
+    monkeypatch.setattr(stages, "_stage_score", score_before)
+
+
+@pytest.mark.parametrize("how", ["longer-text", "same-size-and-mtime"])
+def test_a_dataset_edited_during_the_run_is_refused_before_the_output(hostile_env, tmp_path, capsys, monkeypatch,
+                                                                      how):
+    """The selected dataset copies records from the input file: if the file changed after the run read
+    it, the copied text would not be the text the vectors were computed from. The run refuses, naming
+    the file, and commits no selection; the rerun is refused until --force."""
+    env = hostile_env
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(env["good"]))
+    original = data.read_bytes()
+
+    def edit():
+        if how == "longer-text":
+            data.write_text(json.dumps([dict(r, conversations=_conv("What is shown here, really?"))
+                                        for r in env["good"]]))
+        else:  # one letter of every record swapped, size and mtime kept: only the content tells
+            st = data.stat()
+            data.write_bytes(original.replace(b"What is shown?", b"What is sh0wn?"))
+            os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
+            assert data.stat().st_size == st.st_size and data.stat().st_mtime_ns == st.st_mtime_ns
+
+    _edit_between(monkeypatch, before_output=edit)
+    out = tmp_path / "out"
+    rc = cli.main(_run_args(env, data, out))
+    line = _one_line(capsys.readouterr().err)
+    assert rc == 2
+    assert line.startswith(f"error: {data} was edited while this run used --data {data}")
+    assert "so the selection was not written" in line and "--force" in line
+    assert not any((out / name).exists() for name in ("selected.json", "manifest.parquet", "report.json",
+                                                      "selected.txt", "subspace.npz"))
+    assert not list(out.glob(".*stage-*")), "a staged output was left behind"
+    # the next run sees the changed data in its fingerprint: refused, not silently mixed
+    monkeypatch.undo()
+    edited = data.read_bytes()
+    assert cli.main(_run_args(env, data, out)) == 2
+    assert "changed" in _one_line(capsys.readouterr().err)
+    assert cli.main(_run_args(env, data, out, "--force")) == 0
+    capsys.readouterr()
+    assert json.loads((out / "selected.json").read_text())[0] in json.loads(edited)
+    assert data.read_bytes() == edited
+
+
+def test_a_dataset_edited_and_restored_before_the_output_is_accepted(hostile_env, tmp_path, capsys, monkeypatch):
+    """What the check compares is the content: a file that is back to what the run read passes, and
+    the run's outputs equal an undisturbed run's."""
+    env = hostile_env
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(env["good"]))
+    original = data.read_bytes()
+    ref = tmp_path / "ref"
+    assert cli.main(_run_args(env, data, ref)) == 0
+    _edit_between(monkeypatch, after_extract=lambda: data.write_bytes(original.replace(b"shape", b"thing")),
+                  before_output=lambda: data.write_bytes(original))
+    out = tmp_path / "out"
+    assert cli.main(_run_args(env, data, out)) == 0, capsys.readouterr().err
+    assert (out / "selected.json").read_bytes() == (ref / "selected.json").read_bytes()
+
+
+def test_a_file_added_to_a_dataset_folder_during_the_run_is_refused(hostile_env, tmp_path, capsys, monkeypatch):
+    env = hostile_env
+    folder = tmp_path / "d"
+    folder.mkdir()
+    lines = [json.dumps(r) for r in env["good"]]
+    (folder / "a.jsonl").write_text("\n".join(lines[:3]) + "\n")
+    (folder / "b.jsonl").write_text("\n".join(lines[3:]) + "\n")
+    extra = json.dumps({"id": "late", "image": "img/0.png", "conversations": _conv()})
+    _edit_between(monkeypatch, before_output=lambda: (folder / "c.jsonl").write_text(extra + "\n"))
+    out = tmp_path / "out"
+    rc = cli.main(_run_args(env, folder, out))
+    line = _one_line(capsys.readouterr().err)
+    assert rc == 2 and line.startswith(f"error: {folder / 'c.jsonl'} was added while this run used --data")
+    assert not (out / "selected").exists() and not (out / "report.json").exists()

@@ -107,9 +107,12 @@ _DIGESTS: dict[tuple, str] = {}
 
 
 def _stat_key(f: InputFile) -> tuple:
+    """(size, modification time, ...): what :meth:`DataSource.digest` memoises on. Locally the change
+    time and inode too, which no writer can set back (``touch -r`` / ``os.utime`` restore the mtime):
+    an edit that keeps size and mtime must not be answered with the old file's digest."""
     if f.local:
         st = os.stat(f.path)
-        return st.st_size, st.st_mtime_ns
+        return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
     info = f.fs.info(f.fs_path)
     return info.get("size"), str(info.get("mtime") or info.get("LastModified") or info.get("ETag") or "")
 
@@ -236,6 +239,9 @@ class DataSource:
         self.label = label
         self.dataset = dataset
         self._counts: list[int] | None = None
+        #: path -> sha256 of each file as :meth:`digest` last read it (None until it reads them: a
+        #: digest memoised by an earlier source of the same files leaves it None)
+        self.read_digests: dict[str, str] | None = None
 
     def __str__(self) -> str:
         return self.label
@@ -350,25 +356,47 @@ class DataSource:
         if hit is not None:
             return hit
         h = hashlib.sha256(f"source\0{self.container}\0".encode())
-        whole = self.container in ("json", "jsonl")
+        per_file = {}
         for f in self.files:
-            size = f.size()
-            h.update(f"{f.name}\0{size}\0".encode())
-            with f.open() as fh:
-                if whole or size <= _HASH_WHOLE_MAX:
-                    for chunk in iter(lambda: fh.read(1 << 22), b""):
-                        h.update(chunk)
-                else:
-                    # the modification time stands in for the unread middle: an image replaced
-                    # in place by one of the same size leaves size, head and footer unchanged
-                    h.update(f"{_stat_key(f)[1]}\0".encode())
-                    h.update(fh.read(_EDGE))
-                    fh.seek(size - _EDGE)
-                    h.update(fh.read(_EDGE))
+            hf = hashlib.sha256()
+            self._hash_file((h, hf), f)
+            per_file[f.path] = hf.hexdigest()
+        self.read_digests = per_file
         if len(_DIGESTS) > 64:
             _DIGESTS.clear()
         _DIGESTS[key] = h.hexdigest()
         return _DIGESTS[key]
+
+    def _hash_file(self, hashers, f: InputFile) -> None:
+        """Feed ``f`` to every hasher by :meth:`digest`'s rules (name, size, content or its edges)."""
+        def update(data: bytes) -> None:
+            for h in hashers:
+                h.update(data)
+
+        size = f.size()
+        update(f"{f.name}\0{size}\0".encode())
+        with f.open() as fh:
+            if self.container in ("json", "jsonl") or size <= _HASH_WHOLE_MAX:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    update(chunk)
+            else:
+                # the modification time stands in for the unread middle: an image replaced
+                # in place by one of the same size leaves size, head and footer unchanged
+                update(f"{_stat_key(f)[1]}\0".encode())
+                update(fh.read(_EDGE))
+                fh.seek(size - _EDGE)
+                update(fh.read(_EDGE))
+
+    def file_digests(self) -> dict[str, str]:
+        """sha256 of each input file (path -> hex) by :meth:`digest`'s rules, read now, never memoised:
+        what ``run`` compares with :attr:`read_digests` before committing its outputs, to prove that
+        the records it copies are the ones it read. ``{}`` for a ``datasets`` object."""
+        out = {}
+        for f in self.files if self.dataset is None else []:
+            hf = hashlib.sha256()
+            self._hash_file((hf,), f)
+            out[f.path] = hf.hexdigest()
+        return out
 
     def fingerprint(self) -> str:
         """The first 32 hex digits of :meth:`digest` (what run state and manifests record)."""

@@ -302,7 +302,7 @@ def _resolve_budget(cfg: RunConfig, n_records: int, n_valid: int, skip_counts: M
 
 
 def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, scores: np.ndarray,
-                  out: Path, skipped_path: Path, report_extra=None) -> RunResult:
+                  out: Path, skipped_path: Path, report_extra=None, before_commit=None) -> RunResult:
     """The selection job (:func:`scalselect_fast.selection.run_selection`) over the run's checkpoints."""
     from ..data import read_skip_log
     from ..data.ids import locate_ids
@@ -349,7 +349,7 @@ def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, sco
     report = run_selection(
         src, out, budget, subspace=sub, scores=scores, records=records, quotas=quotas,
         dedup_eps=cfg.dedup_selected, stability_seeds=parse_seeds(cfg.stability_seeds), html=cfg.html,
-        timings=timings, report_extra=extra, warn=events.warn,
+        timings=timings, report_extra=extra, warn=events.warn, before_commit=before_commit,
         metadata={"scalselect.fingerprint.model": fps["model"], "scalselect.fingerprint.data": fps["data"],
                   "scalselect.fingerprint.config": fps["config"], "scalselect.fingerprint.fit": fps["fit"]})
     state.data.setdefault("timings", {})["select"] = time.perf_counter() - t0  # recomputed each run
@@ -601,8 +601,42 @@ def _refuse_if_no_record_is_usable(source, cfg: RunConfig) -> None:
         return
 
 
+class _InputsUnchanged:
+    """The dataset files' digests when the run started (read with its data fingerprint); called before
+    the outputs are committed, it refuses them if a file was edited, added or removed since, as the
+    selected dataset copies records that must be the ones the representations were computed from."""
+
+    def __init__(self, cfg: RunConfig, source):
+        self.cfg = cfg
+        self.start = source.read_digests if source.read_digests is not None else source.file_digests()
+
+    def __call__(self) -> None:
+        from ..data import DatasetError
+        from ..data.sources import open_source
+
+        cfg = self.cfg
+        try:
+            now_source = open_source(cfg.data, cfg.format)
+            added = sorted({f.path for f in now_source.files} - set(self.start))
+            removed = sorted(set(self.start) - {f.path for f in now_source.files})
+            now = now_source.file_digests() if not (added or removed) else {}
+        except DatasetError as exc:  # a file gone or unreadable now
+            raise RunError(f"--data {cfg.data}: an input file cannot be read any more ({exc}); it changed while "
+                           f"this run used it, so the selection was not written. Restore it, or rerun with "
+                           f"--force to start over on the new data") from None
+        edited = sorted(p for p in self.start if p in now and now[p] != self.start[p])
+        for how, paths in (("edited", edited), ("added", added), ("removed", removed)):
+            if paths:
+                more = f" (and {len(paths) - 1} more)" if len(paths) > 1 else ""
+                raise RunError(f"{paths[0]}{more} was {how} while this run used --data {cfg.data}: the selected "
+                               f"records would not be the text their representations were computed from, so the "
+                               f"selection was not written. Rerun with --force to start over on the new data (or "
+                               f"restore the file and rerun the same command)")
+
+
 def _run_locked(cfg: RunConfig, events: Events, out: Path, source, model_fp: str, report_extra):
     fps = stage_fingerprints(cfg, model_fp, data_fingerprint(source, cfg.image_root))
+    inputs_unchanged = _InputsUnchanged(cfg, source) if source.dataset is None else None
     if cfg.plan_check:
         est = _preflight(cfg, out, events, False, source)
         if not est.ok:
@@ -634,7 +668,8 @@ def _run_locked(cfg: RunConfig, events: Events, out: Path, source, model_fp: str
         skipped_out = out / "skipped.jsonl"
         live = _store_dir(state) / "skipped.jsonl"
         atomic_write_bytes(skipped_out, live.read_bytes() if live.exists() else b"")
-        result = _stage_select(cfg, state, events, src, sub, scores, out, skipped_out, report_extra)
+        result = _stage_select(cfg, state, events, src, sub, scores, out, skipped_out, report_extra,
+                               before_commit=inputs_unchanged)
     except OSError as exc:
         if _disk_full(exc):
             where = exc.filename or f"under {out}"
