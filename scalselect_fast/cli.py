@@ -430,6 +430,7 @@ def _cmd_baseline(args) -> int:
     from .store import open_source
 
     try:
+        _check_seed(args)
         opts = _parse_opts(args.opt)
         for key in ("max_n", "knn"):
             if getattr(args, key) is not None:

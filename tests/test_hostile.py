@@ -460,6 +460,12 @@ def c_select_seed_negative(t, _):
         r"--seed -1: seeds are integers >= 0"
 
 
+def c_baseline_seed_negative(t, _):
+    _npy(t / "g.npy")
+    return ["baseline", "--method", "random", str(t / "g.npy"), "--budget", "5", "--out", str(t / "r"),
+            "--seed=-1"], r"--seed -1: seeds are integers >= 0"
+
+
 def c_fit_seed_negative_randomized(t, _):
     _npy(t / "g.npy")
     return ["fit", str(t / "g.npy"), "--out", str(t / "s.npz"), "--k", "2", "--solver", "randomized",
