@@ -538,10 +538,17 @@ def c_run_url_connection_refused(t, tiny):
     return _run_argv(t, tiny, data=url), rf"--data '{re.escape(url)}': cannot reach it \(.*\); check the URL"
 
 
+def c_run_jsonl_format_on_a_pretty_json_list(t, tiny):
+    (t / "list.json").write_text(json.dumps(json.loads(tiny["data"].read_text()), indent=2))
+    return _run_argv(t, tiny, "--format", "jsonl", data=t / "list.json"), \
+        r"list\.json: line 1: malformed JSON.* Its content is json, but it was read as jsonl \(--format jsonl\)"
+
+
 ROUND_TWO_NEEDS_MODEL = {"run_stability_seed_negative", "run_stability_seed_negative_in_a_list",
                          "run_config_stability_seed_negative", "run_seed_negative_randomized",
                          "run_seed_negative_exact", "run_config_same_setting_twice",
                          "run_config_same_setting_twice_json", "run_jsonl_format_on_a_json_list",
+                         "run_jsonl_format_on_a_pretty_json_list",
                          "run_quota_on_a_field_no_record_has", "run_url_connection_refused"}
 
 

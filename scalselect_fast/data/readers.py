@@ -1026,11 +1026,11 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
         why = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items()))
         raise DatasetError(f"dataset {source.label!r}: all {n_records} records were skipped ({why}; the first: "
                            f"{first[0] if first else '?'}{where}); nothing to select. Check the record layout "
-                           f"and --image-root{_format_hint(source)}", reason="empty",
+                           f"and --image-root{format_mismatch_hint(source)}", reason="empty",
                            path=source.files[0].path if source.files else None)
 
 
-def _format_hint(source: DataSource) -> str:
+def format_mismatch_hint(source: DataSource) -> str:
     """``"; ... read as jsonl ..."`` when the first file's content is another container than the one it
     was read as (a JSON list under ``--format jsonl``), else ``""``."""
     if not source.files or (source.files[0].local and os.path.isdir(source.files[0].path)):

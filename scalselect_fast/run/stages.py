@@ -525,14 +525,21 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
     from ..extract.model import check_model
 
     check_model(cfg.model, cfg.layer)  # model type and --layer, before any stage (no weights loaded)
-    from ..data import count_records
-    from ..data.readers import check_unique_ids
+    from ..data import DatasetError, count_records
+    from ..data.readers import check_unique_ids, format_mismatch_hint
     from ..data.sources import containers
 
-    if containers()[source.container].ids is not None:
-        # a duplicate id stops the run here, before any model work; the same pass counts the records
-        check_unique_ids(source)
-    n_records = count_records(source)
+    try:
+        if containers()[source.container].ids is not None:
+            # a duplicate id stops the run here, before any model work; the same pass counts the records
+            check_unique_ids(source)
+        n_records = count_records(source)
+    except DatasetError as exc:  # a pretty-printed JSON list under --format jsonl: say so
+        hint = format_mismatch_hint(source) if exc.reason == "malformed" else ""
+        if not hint:
+            raise
+        raise DatasetError(f"{exc}{hint}", reason=exc.reason, path=exc.path, index=exc.index, line=exc.line,
+                           sample_id=exc.sample_id) from None
     if n_records == 0:
         raise RunError(f"--data {data} is empty (no records); nothing to select from. Pass the dataset file "
                        f"that holds the samples")
