@@ -940,7 +940,7 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
     def skip(p: _Problem, sid: str | None, file: InputFile, index: int, line: int | None, local: int) -> None:
         skipped[p.reason] = skipped.get(p.reason, 0) + 1
         if not first:
-            first.append(f"{file.name if many else ''}{' ' if many else ''}{_where(local, line)}: {p.detail}")
+            first.append((f"{file.name} " if many else "") + f"{_where(local, line)}: {p.detail}")
         if skip_log is None:
             raise DatasetError(f"{file.path}: {_where(local, line)}" + (f" (id {sid!r})" if sid else "")
                                + f": {p.detail}. Fix the record, or read with a SkipLog to skip such "
@@ -1031,8 +1031,8 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
 
 
 def format_mismatch_hint(source: DataSource) -> str:
-    """``"; ... read as jsonl ..."`` when the first file's content is another container than the one it
-    was read as (a JSON list under ``--format jsonl``), else ``""``."""
+    """``". Its content is json, but it was read as jsonl ..."`` when the first file's content is another
+    container than the one it was read as (a JSON list under ``--format jsonl``), else ``""``."""
     if not source.files or (source.files[0].local and os.path.isdir(source.files[0].path)):
         return ""
     try:

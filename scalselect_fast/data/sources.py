@@ -119,7 +119,9 @@ def _stat_key(f: InputFile) -> tuple:
 
 def _why_remote(e: BaseException) -> str:
     """:func:`_why`, saying which limit a timeout is (a timeout's own text is empty)."""
-    if isinstance(e, TimeoutError):
+    import asyncio
+
+    if isinstance(e, (TimeoutError, asyncio.TimeoutError)):  # distinct classes before Python 3.11
         return f"no answer within {url_timeout():g} s; SCALSELECT_URL_TIMEOUT_S sets the limit"
     return _why(e)
 
