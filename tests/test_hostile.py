@@ -5,7 +5,9 @@ Each case builds its files in its own folder and returns the command line; the h
 file under that folder before and after, so "inputs untouched" and "no partial outputs" are one
 check: the folder's files are exactly what they were.
 
-Sections: (1) core commands, validation, stores, models (below); (2) run-level cases, at the end.
+Sections: (1) core commands, validation, stores, models (below; issue 21's refusals close it);
+(2) run-level cases; (3) issue 21 (round two: surrogates, bombs, API types, URLs, quotas, a dataset
+edited during the run), at the end.
 """
 from __future__ import annotations
 
@@ -1117,7 +1119,9 @@ def test_a_shard_that_rots_unseen_is_redone_when_the_fit_reads_it(hostile_env, f
     assert _digest_tree(env["root"]) == before
 
 
-# ---- issue 21 (round two), run-level ------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# (3) issue 21 (round two), run-level and API
+# --------------------------------------------------------------------------------------------------
 def test_lone_surrogates_are_skipped_per_sample(hostile_env, tmp_path, capsys):
     """``"\\ud800"`` is valid JSON but no character: as an id it is skipped as invalid_id, in message
     text as invalid_field (a tokenizer cannot take it); a kept record whose source holds one is kept,
