@@ -27,7 +27,15 @@ def _add_stream_args(p: argparse.ArgumentParser) -> None:
                         "uses the GPU when usable, else the CPU (default cpu)")
 
 
+def _check_seed(args) -> None:
+    """A negative --seed is refused whatever the solver, before any work (the randomized one cannot
+    use it, and the exact one would record it as if it meant something)."""
+    if args.seed < 0:
+        raise UsageError(f"--seed {args.seed}: seeds are integers >= 0, e.g. --seed 0")
+
+
 def _fit_kwargs(args) -> dict:
+    _check_seed(args)
     return dict(energy=args.energy, k=args.k, solver=args.solver, standardize=args.standardize,
                 l2_normalize=args.l2_normalize, seed=args.seed)
 
@@ -117,6 +125,7 @@ def _cmd_score(args) -> int:
 def _cmd_select(args) -> int:
     from .selection import print_selection, run_selection
 
+    _check_seed(args)
     seeds = _stability_seeds(args.stability_seeds)
     _no_overwrite([args.out], [args.source, args.subspace])
     report = run_selection(args.source, args.out, args.budget, subspace=args.subspace,
@@ -231,6 +240,7 @@ def _cmd_select_dask(args) -> int:
     from . import distributed
     from .selection import print_selection
 
+    _check_seed(args)
     seeds = _stability_seeds(args.stability_seeds)
     _no_overwrite([args.out], [args.source, args.subspace])
     with distributed.connect(args.dask_scheduler) as client:
@@ -425,6 +435,7 @@ def _cmd_baseline(args) -> int:
     from .store import open_source
 
     try:
+        _check_seed(args)
         opts = _parse_opts(args.opt)
         for key in ("max_n", "knn"):
             if getattr(args, key) is not None:

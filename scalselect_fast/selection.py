@@ -252,7 +252,8 @@ def run_selection(source, out_dir, budget, *, executor=None, subspace=None, scor
                   device: str = "cpu", records: Records | None = None, quotas: Sequence = (),
                   dedup_eps: float | None = None, html: bool = True, metadata: Mapping[str, str] | None = None,
                   timings: Mapping[str, float] | None = None, report_extra: Callable | None = None,
-                  warn: Callable[[str], None] | None = None, **fit_kwargs) -> dict:
+                  warn: Callable[[str], None] | None = None, before_commit: Callable[[], None] | None = None,
+                  **fit_kwargs) -> dict:
     """Fit (unless given), score (unless given), select, and write every output into ``out_dir``.
 
     Parameters
@@ -298,6 +299,10 @@ def run_selection(source, out_dir, budget, *, executor=None, subspace=None, scor
         ``f(kept_ids) -> dict`` merged into the report before it is written.
     warn : callable, optional
         Where non-fatal warnings go (default: ignored).
+    before_commit : callable, optional
+        Called once every output is written under its temporary name, before any is renamed into
+        place; an exception it raises deletes them and leaves the previous outputs (``run`` checks
+        here that the dataset files still hold what it read).
     **fit_kwargs
         Passed to the executor's fit (energy, k, solver, standardize, l2_normalize, seed, ...).
 
@@ -422,6 +427,8 @@ def run_selection(source, out_dir, budget, *, executor=None, subspace=None, scor
 
             atomic_write_bytes(stage.path(names["report_html"]),
                                render_html(_jsonable(report), gallery=gallery).encode("utf-8"))
+        if before_commit is not None:
+            before_commit()
         stage.commit(names["report"], _jsonable(report))
     return report
 

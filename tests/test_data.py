@@ -370,6 +370,7 @@ def test_record_helpers_match_samples(root):
 def test_all_records_skipped_is_empty(tmp_path):
     path = _write_jsonl(tmp_path / "d.jsonl", [{"id": "a"}, {"id": "b"}])
     log = SkipLog(tmp_path / "skipped.jsonl")
+    # the message names the reasons and the first skipped record, not only where the log is
     with pytest.raises(DatasetError) as ei:
         list(read_dataset(path, skip_log=log))
     msg = str(ei.value)

@@ -59,7 +59,8 @@ from .images import ImagePathError, ImageResolver, resolve_root
 from .sample import (IMAGE_TOKEN, REASON_IMAGE_EMPTY, REASON_INVALID_FIELD, REASON_INVALID_ID, REASON_MISSING_FIELD,
                      REASON_PLACEHOLDER_MISMATCH, DatasetError, EmbeddedImage, Sample, UnusableRecord,
                      _where)
-from .sources import NO_ID_FIELD, Container, DataSource, InputFile, containers, open_source, register_container
+from .sources import (NO_ID_FIELD, Container, DataSource, InputFile, check_data_argument, containers, open_source,
+                      register_container, sniff_container)
 
 #: the built-in containers (more may be registered: see :mod:`.sources`)
 FORMATS = ("auto", "json", "jsonl", "parquet")
@@ -83,6 +84,7 @@ PARQUET_BATCH_ROWS = 1024
 def detect_format(path: str | os.PathLike) -> str:
     """Return the container of ``path`` (a file, directory, glob, URL or list): ``"json"``, ``"jsonl"``,
     ``"parquet"`` or another registered container, from the files' first bytes."""
+    check_data_argument(path, "detect_format: path")
     return open_source(path).container
 
 
@@ -503,6 +505,7 @@ def iter_records(path, format: str = "auto") -> Iterator[tuple[int, int | None, 
     glob, URL, list, or ``datasets`` object); ``index`` is global across files (sorted file names,
     then record order) and ``line`` is the line inside the record's own file.
     """
+    check_data_argument(path, "iter_records: path", format)
     for index, line, record, _f, _l in open_source(path, format).iter_records():
         yield index, line, record
 
@@ -515,6 +518,7 @@ def count_records(path, format: str = "auto") -> int:
     starts; Parquet reads only footers (its pages are checked when they are decoded).
     """
     try:
+        check_data_argument(path, "count_records: path", format)
         return open_source(path, format).count()
     except DatasetError as e:
         if e.reason == "empty":  # an empty file holds zero records; that is an answer, not an error
@@ -555,7 +559,28 @@ def record_id(record: Any, id_field: str = "id") -> str:
     if "\n" in value or "\r" in value:
         raise _Problem(REASON_INVALID_ID, f"id {value!r} contains a line break; ids are written one per line, "
                                           "so give this record a single-line id", sample_id=value)
+    if not value.isascii() and _SURROGATE.search(value):
+        raise _Problem(REASON_INVALID_ID, f"id {value!r} holds {_surrogate_text(value)}, which is not valid "
+                                          "Unicode text and cannot be written out as UTF-8; give this record "
+                                          "a valid id", sample_id=value)
     return value
+
+
+#: a lone UTF-16 surrogate: valid in JSON (``"\ud800"``), not a character, so no UTF-8 encoding exists
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def writable_text(text: str) -> str:
+    """``text`` with every lone surrogate written as its ``\\uXXXX`` escape (what the JSON input said),
+    so UTF-8 outputs (Parquet manifest, report) can hold it; ``text`` itself when it has none."""
+    if text.isascii() or not _SURROGATE.search(text):
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _surrogate_text(text: str) -> str:
+    m = _SURROGATE.search(text)
+    return f"a lone surrogate (U+{ord(m.group()):04X} at character {m.start()})"
 
 
 def record_id_or_none(record: Any, id_field: str = "id") -> str | None:
@@ -784,8 +809,12 @@ def _assemble(sid: str, messages: list[dict], part_paths: list[Any], n_parts: in
                                                  "has no 'images' list")
         raw = _image_refs(part_paths, "content")
     n_placeholders = 0
-    for m in messages:
-        n_placeholders += m["content"].count(IMAGE_TOKEN)
+    for t, m in enumerate(messages):
+        text = m["content"]
+        n_placeholders += text.count(IMAGE_TOKEN)
+        if not text.isascii() and _SURROGATE.search(text):  # a tokenizer cannot take it (nor UTF-8)
+            raise _Problem(REASON_INVALID_FIELD, f"message {t} ({m['role']}) holds {_surrogate_text(text)}, "
+                                                 "which is not valid Unicode text; fix the text of this record")
     if raw and n_placeholders == 0:
         # LLaVA convention (and the Cauldron's): images go before the first user text.
         first_user = next((m for m in messages if m["role"] == "user"), None)
@@ -945,6 +974,11 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
         duplicate ids, empty dataset, ...) and, without a ``skip_log``, per-sample problems. The
         message names the file, record and line.
     """
+    check_data_argument(path, "read_dataset: path", format)
+    if image_root is not None and not (isinstance(image_root, str) or (
+            isinstance(image_root, os.PathLike) and isinstance(os.fspath(image_root), str))):
+        raise TypeError(f"read_dataset: image_root must be a directory path (str or os.PathLike) or None, got "
+                        f"{type(image_root).__name__}")
     source = open_source(path, format)
     rule = IdRule(id_field)
     id_field = rule.field
@@ -1062,4 +1096,20 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
         top = min(reasons, key=lambda r: (-reasons[r], r)) if reasons else None
         why = summarize_skips(reasons, examples.get(top))
         raise DatasetError(f"dataset {source.label!r}: all {n_records} records were skipped, nothing to select: "
-                           f"{why}{where}", reason="empty", path=source.files[0].path if source.files else None)
+                           f"{why}{where}{format_mismatch_hint(source)}", reason="empty",
+                           path=source.files[0].path if source.files else None)
+
+
+def format_mismatch_hint(source: DataSource) -> str:
+    """``". Its content is json, but it was read as jsonl ..."`` when the first file's content is another
+    container than the one it was read as (a JSON list under ``--format jsonl``), else ``""``."""
+    if not source.files or (source.files[0].local and os.path.isdir(source.files[0].path)):
+        return ""
+    try:
+        kind = sniff_container(source.files[0])
+    except DatasetError:
+        return ""
+    if kind == source.container:
+        return ""
+    return (f". Its content is {kind}, but it was read as {source.container} (--format {source.container}): "
+            f"pass --format {kind} or --format auto")

@@ -2,8 +2,8 @@
 
 One JSON object per line: ``{"id", "index", "reason", "detail", ...extra}``. Lines end with ``\\n``
 and nothing else: U+0085, U+2028 and U+2029 (line breaks to ``str.splitlines`` and to some editors)
-are written as ``\\uXXXX`` escapes, and :func:`read_skip_log` splits on ``\\n`` only, so an id holding
-one of them never splits an entry. Lines are appended with
+and lone surrogates (no UTF-8 form) are written as ``\\uXXXX`` escapes, and :func:`read_skip_log`
+splits on ``\\n`` only, so an id holding one of them never splits an entry. Lines are appended with
 a single ``write`` on an ``O_APPEND`` descriptor (so a crash leaves at most one torn final line, and
 several processes can append to one file without interleaving lines), and flushed to the OS at once,
 so a ``kill -9`` loses nothing already reported. Reopening the file (a resumed run) reads the
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -22,10 +23,17 @@ from pathlib import Path
 _LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
+#: a lone UTF-16 surrogate (an id or detail read from ``"\ud800"`` in JSON): no UTF-8 encoding exists
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _dumps(entry: dict) -> str:
     # readable UTF-8 for everything else; in JSON these three can only occur inside strings, where the
     # \uXXXX escape reads back as the same character
-    return json.dumps(entry, ensure_ascii=False).translate(_LINE_BREAKS)
+    text = json.dumps(entry, ensure_ascii=False).translate(_LINE_BREAKS)
+    if not text.isascii():  # lone surrogates as \uXXXX too: read back, they are the same string
+        text = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return text
 
 
 def read_skip_log(path: str | os.PathLike) -> list[dict]:

@@ -33,7 +33,7 @@ from typing import Any
 from .sample import DatasetError
 
 __all__ = ["Container", "DataSource", "InputFile", "register_container", "containers", "open_source",
-           "input_files", "SNIFF_BYTES", "NO_ID_FIELD"]
+           "input_files", "check_data_argument", "sniff_container", "SNIFF_BYTES", "NO_ID_FIELD"]
 
 
 class _NoIdField:
@@ -96,8 +96,11 @@ class InputFile:
                 return open(self.path, "rb")
             return self.fs.open(self.fs_path, "rb")
         except Exception as e:  # OSError locally; backends raise their own (ClientError, HTTPError ...)
-            raise DatasetError(f"cannot read dataset {self.path!r}: {_why(e)}", reason="io",
-                               path=self.path) from None
+            raise self._unreadable(e) from None
+
+    def _unreadable(self, e: BaseException) -> DatasetError:
+        why = _why(e) if self.fs is None else _why_remote(e)
+        return DatasetError(f"cannot read dataset {self.path!r}: {why}", reason="io", path=self.path)
 
     def size(self) -> int:
         """Bytes of the file (of its member files, for a dataset folder)."""
@@ -106,16 +109,14 @@ class InputFile:
                 return sum(os.path.getsize(p) for _n, p in folder_members(self.path))
             return os.path.getsize(self.path) if self.fs is None else int(self.fs.size(self.fs_path))
         except Exception as e:
-            raise DatasetError(f"cannot read dataset {self.path!r}: {_why(e)}", reason="io",
-                               path=self.path) from None
+            raise self._unreadable(e) from None
 
     def head(self, n: int = SNIFF_BYTES) -> bytes:
         with self.open() as fh:
             try:
                 return fh.read(n)
             except Exception as e:
-                raise DatasetError(f"cannot read dataset {self.path!r}: {_why(e)}", reason="io",
-                                   path=self.path) from None
+                raise self._unreadable(e) from None
 
 
 _DIGESTS: dict[tuple, str] = {}
@@ -145,6 +146,9 @@ def folder_members(path: str) -> list[tuple[str, str]]:
 
 
 def _stat_key(f: InputFile) -> tuple:
+    """(size, modification time, ...): what :meth:`DataSource.digest` memoises on. Locally the change
+    time and inode too, which no writer can set back (``touch -r`` / ``os.utime`` restore the mtime):
+    an edit that keeps size and mtime must not be answered with the old file's digest."""
     if f.local:
         if os.path.isdir(f.path):  # a dataset folder: its member files' sizes and times
             return tuple((n, *_file_stat(p)) for n, p in folder_members(f.path))
@@ -153,9 +157,18 @@ def _stat_key(f: InputFile) -> tuple:
     return info.get("size"), str(info.get("mtime") or info.get("LastModified") or info.get("ETag") or "")
 
 
-def _file_stat(path: str) -> tuple[int, int]:
+def _file_stat(path: str) -> tuple[int, int, int, int]:
     st = os.stat(path)
-    return st.st_size, st.st_mtime_ns
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+
+def _why_remote(e: BaseException) -> str:
+    """:func:`_why`, saying which limit a timeout is (a timeout's own text is empty)."""
+    import asyncio
+
+    if isinstance(e, (TimeoutError, asyncio.TimeoutError)):  # distinct classes before Python 3.11
+        return f"no answer within {url_timeout():g} s; SCALSELECT_URL_TIMEOUT_S sets the limit"
+    return _why(e)
 
 
 def _why(e: BaseException) -> str:
@@ -236,7 +249,8 @@ def containers() -> dict[str, Container]:
     return dict(_CONTAINERS)
 
 
-def _sniff(file: InputFile) -> str:
+def sniff_container(file: InputFile) -> str:
+    """The container ``file``'s first bytes (and name) say it is; :class:`DatasetError` if none."""
     head = file.head()
     for c in _CONTAINERS.values():
         if c.sniff is not None and c.sniff(head, file.name):
@@ -281,6 +295,9 @@ class DataSource:
         self.root = root
         self._names: dict[str, str] = {}
         self._counts: list[int] | None = None
+        #: path -> sha256 of each file as :meth:`digest` last read it (None until it reads them: a
+        #: digest memoised by an earlier source of the same files leaves it None)
+        self.read_digests: dict[str, str] | None = None
 
     def __str__(self) -> str:
         return self.label
@@ -417,23 +434,43 @@ class DataSource:
         if hit is not None:
             return hit
         h = hashlib.sha256(f"source\0{self.container}\0".encode())
-        whole = self.container in ("json", "jsonl")
+        per_file = {}
         for f in self.files:
             rel = self.relative_name(f)
             if rel != f.name:  # a file in a subfolder of the root: positional ids carry that path
                 h.update(f"path\0{rel}\0".encode())
-            if f.local and os.path.isdir(f.path):
-                # a dataset folder (save_to_disk): its data files, each hashed like a file of its own
-                h.update(f"{f.name}\0folder\0".encode())
-                for name, path in folder_members(f.path):
-                    _hash_file(h, name, os.path.getsize(path), lambda p=path: open(p, "rb"),
-                               lambda p=path: _file_stat(p)[1], whole)
-            else:
-                _hash_file(h, f.name, f.size(), f.open, lambda f=f: _stat_key(f)[1], whole)
+            hf = hashlib.sha256()
+            self._hash_file(_Tee(h, hf), f)
+            per_file[f.path] = hf.hexdigest()
+        self.read_digests = per_file
         if len(_DIGESTS) > 64:
             _DIGESTS.clear()
         _DIGESTS[key] = h.hexdigest()
         return _DIGESTS[key]
+
+    def _hash_file(self, h, f: InputFile) -> None:
+        """Feed ``f`` to ``h`` by :meth:`digest`'s rules (name, size, content or its edges; a dataset
+        folder as its member files)."""
+        whole = self.container in ("json", "jsonl")
+        if f.local and os.path.isdir(f.path):
+            # a dataset folder (save_to_disk): its data files, each hashed like a file of its own
+            h.update(f"{f.name}\0folder\0".encode())
+            for name, path in folder_members(f.path):
+                _hash_file(h, name, os.path.getsize(path), lambda p=path: open(p, "rb"),
+                           lambda p=path: _file_stat(p)[1], whole)
+        else:
+            _hash_file(h, f.name, f.size(), f.open, lambda f=f: _stat_key(f)[1], whole)
+
+    def file_digests(self) -> dict[str, str]:
+        """sha256 of each input file (path -> hex) by :meth:`digest`'s rules, read now, never memoised:
+        what ``run`` compares with :attr:`read_digests` before committing its outputs, to prove that
+        the records it copies are the ones it read. ``{}`` for a ``datasets`` object."""
+        out = {}
+        for f in self.files if self.dataset is None else []:
+            hf = hashlib.sha256()
+            self._hash_file(hf, f)
+            out[f.path] = hf.hexdigest()
+        return out
 
     def fingerprint(self) -> str:
         """The first 32 hex digits of :meth:`digest` (what run state and manifests record)."""
@@ -445,6 +482,17 @@ class DataSource:
         for index, _line, record, _f, _l in self.iter_records():
             h.update(repr(record).encode())
         return h.hexdigest()
+
+
+class _Tee:
+    """Two hashers fed as one (the source's digest and a file's own)."""
+
+    def __init__(self, *hashers):
+        self.hashers = hashers
+
+    def update(self, data: bytes) -> None:
+        for h in self.hashers:
+            h.update(data)
 
 
 def _hash_file(h, name: str, size: int, opener, mtime, whole: bool) -> None:
@@ -472,14 +520,47 @@ def _is_url(s: str) -> bool:
     return bool(sep) and head.replace("+", "").replace("-", "").isalnum() and len(head) > 1
 
 
+#: seconds an http(s):// input may take to connect, and to send each next piece of data, before the read
+#: fails (env SCALSELECT_URL_TIMEOUT_S); a server that accepts and never answers fails, never hangs
+URL_TIMEOUT_S = 30.0
+
+
+def url_timeout() -> float:
+    """:data:`URL_TIMEOUT_S`, or the environment's ``SCALSELECT_URL_TIMEOUT_S`` when set."""
+    text = os.environ.get("SCALSELECT_URL_TIMEOUT_S", "")
+    try:
+        value = float(text) if text else URL_TIMEOUT_S
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise DatasetError(f"SCALSELECT_URL_TIMEOUT_S={text!r}: give a positive number of seconds, e.g. 30",
+                           reason="io")
+    return value
+
+
+def _http_options(url: str) -> dict:
+    """fsspec options for an http(s):// URL: aiohttp's connect and read timeouts (its default is to wait
+    for 5 minutes in total, a whole download included)."""
+    if url.split("://", 1)[0].lower() not in ("http", "https"):
+        return {}
+    try:
+        import aiohttp
+    except ImportError:
+        raise DatasetError(f"--data {url!r} is an http(s) URL, which needs aiohttp: pip install aiohttp (or "
+                           "'scalselect-fast[data]')", reason="io", path=url) from None
+    t = url_timeout()
+    return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t)}}
+
+
 def _remote_fs(url: str):
     try:
         import fsspec
     except ImportError:
         raise DatasetError(f"--data {url!r} is a URL, which needs fsspec: pip install fsspec (plus the "
                            "backend: s3fs, gcsfs or huggingface_hub)", reason="io", path=url) from None
+    options = _http_options(url)
     try:
-        return fsspec.core.url_to_fs(url)
+        return fsspec.core.url_to_fs(url, **options)
     except ImportError as e:
         raise DatasetError(f"--data {url!r}: the backend for this URL is not installed ({_why(e)})",
                            reason="io", path=url) from None
@@ -551,7 +632,7 @@ def _expand_one(item: str) -> tuple[list[InputFile], str]:
         except DatasetError:
             raise
         except Exception as e:  # network, credentials, permission: one line, never a traceback
-            raise DatasetError(f"--data {item!r}: cannot reach it ({_why(e)}); check the URL, your "
+            raise DatasetError(f"--data {item!r}: cannot reach it ({_why_remote(e)}); check the URL, your "
                                "network and credentials", reason="io", path=item) from None
         return [InputFile(item, fs, path)], posixpath.dirname(path)
     if item.startswith("file://"):
@@ -585,6 +666,25 @@ def is_hf_object(obj: Any) -> bool:
                                                                   "DatasetDict", "IterableDatasetDict")
 
 
+def check_data_argument(data: Any, name: str = "data", format: Any = "auto") -> None:
+    """Raise a ``TypeError`` naming the argument ``name`` and what it accepts unless ``data`` is a
+    path (``str`` or ``os.PathLike`` of ``str``), a non-string sequence of paths, a
+    :class:`DataSource` or a ``datasets`` object; and unless ``format`` is a string."""
+    if not isinstance(format, str):
+        raise TypeError(f"format must be a string ('auto' or one of {', '.join(_CONTAINERS)}), got "
+                        f"{type(format).__name__}")
+    if isinstance(data, DataSource) or is_hf_object(data):
+        return
+    items = data if isinstance(data, (list, tuple)) else [data]
+    for item in items:
+        if isinstance(item, str) or (isinstance(item, os.PathLike) and isinstance(os.fspath(item), str)):
+            continue
+        what = f"{type(item).__name__} {item!r:.80}" if isinstance(item, (bytes, bytearray)) else type(item).__name__
+        raise TypeError(f"{name} must be a path (str or os.PathLike), a list of paths, a DataSource or a "
+                        f"datasets Dataset; got {what}" + (" (decode it: path.decode())"
+                                                           if isinstance(item, (bytes, bytearray)) else ""))
+
+
 def open_source(data: Any, format: str = "auto") -> DataSource:
     """Resolve ``data`` into a :class:`DataSource`.
 
@@ -608,9 +708,12 @@ def open_source(data: Any, format: str = "auto") -> DataSource:
     DatasetError
         Nothing matches (``reason="io"``), a file is missing or unreadable, the files are of
         different containers (``reason="format"``), a URL cannot be reached.
+    TypeError
+        ``data`` is none of the above (bytes, None, a number, ...) or ``format`` is not a string.
     """
     if isinstance(data, DataSource):
         return data
+    check_data_argument(data, "data", format)
     if format != "auto" and format not in _CONTAINERS:
         raise ValueError(f"format must be 'auto' or one of {tuple(_CONTAINERS)}, got {format!r}")
     if is_hf_object(data):
@@ -647,7 +750,7 @@ def open_source(data: Any, format: str = "auto") -> DataSource:
         nonempty = []
         for f in ordered:
             try:
-                kind = _dataset_dir_container(f.path) if f.local and os.path.isdir(f.path) else _sniff(f)
+                kind = _dataset_dir_container(f.path) if f.local and os.path.isdir(f.path) else sniff_container(f)
             except DatasetError as e:
                 if e.reason == "empty" and len(ordered) > 1:
                     continue  # an empty shard holds zero records; the others decide the container

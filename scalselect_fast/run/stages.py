@@ -277,6 +277,7 @@ def _raw_records(cfg: RunConfig, fields: Iterable[str]) -> Iterator[tuple[Any, s
 def _record_table(cfg: RunConfig, fields: Iterable[str]) -> dict:
     """One pass over the raw records: id, source and any quota field per record index."""
     from ..data import record_source
+    from ..data.readers import writable_text
 
     ids: list[str | None] = []
     cols: dict[str, list] = {f: [] for f in fields}
@@ -286,12 +287,16 @@ def _record_table(cfg: RunConfig, fields: Iterable[str]) -> dict:
     interned: dict = {}
 
     def one(v):
+        if v is not None and not v.isascii():
+            v = writable_text(v)  # a lone surrogate ("\ud800" in JSON) has no UTF-8 form for the manifest
         if v is None or len(interned) >= _INTERN_MAX:
             return interned.get(v, v)
         return interned.setdefault(v, v)
 
     for rec, sid in _raw_records(cfg, list(fields)):
         r = rec if isinstance(rec, dict) else {}
+        if sid is not None and writable_text(sid) is not sid:  # skipped as invalid_id: it has no usable id
+            sid = None
         ids.append(sid)
         src = one(record_source(r))
         sources.append(src)
@@ -322,7 +327,7 @@ def _resolve_budget(cfg: RunConfig, n_base: int, n_valid: int, skip_counts: Mapp
 
 
 def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, scores: np.ndarray,
-                  out: Path, skipped_path: Path, report_extra=None) -> RunResult:
+                  out: Path, skipped_path: Path, report_extra=None, before_commit=None) -> RunResult:
     """The selection job (:func:`scalselect_fast.selection.run_selection`) over the run's checkpoints."""
     from ..data import read_skip_log
     from ..data.ids import locate_ids
@@ -371,7 +376,7 @@ def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, sco
     report = run_selection(
         src, out, budget, subspace=sub, scores=scores, records=records, quotas=quotas,
         dedup_eps=cfg.dedup_selected, stability_seeds=parse_seeds(cfg.stability_seeds), html=cfg.html,
-        timings=timings, report_extra=extra, warn=events.warn,
+        timings=timings, report_extra=extra, warn=events.warn, before_commit=before_commit,
         metadata={"scalselect.fingerprint.model": fps["model"], "scalselect.fingerprint.data": fps["data"],
                   "scalselect.fingerprint.config": fps["config"], "scalselect.fingerprint.fit": fps["fit"]})
     state.data.setdefault("timings", {})["select"] = time.perf_counter() - t0  # recomputed each run
@@ -531,6 +536,10 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
         a full disk. Data and model problems surface as the data/extract layers' errors
         (``DatasetError``, ``UnsupportedModelError``, ...), whose messages name the file and sample.
     """
+    if not isinstance(cfg, RunConfig):  # a dict or None would fail deep inside with an AttributeError
+        raise TypeError(f"run(cfg): cfg must be a RunConfig, got {type(cfg).__name__}; build one with "
+                        f"scalselect_fast.run.make_config(model=..., data=..., out=..., ...) or "
+                        f"make_config('run.toml')")
     cfg.validate()
     cfg = _resolve_auto_device(cfg)
     events = events or Events(cfg.quiet, cfg.log_json)
@@ -547,14 +556,21 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
     from ..extract.model import check_model
 
     check_model(cfg.model, cfg.layer)  # model type and --layer, before any stage (no weights loaded)
-    from ..data import count_records
-    from ..data.readers import check_unique_ids
+    from ..data import DatasetError, count_records
+    from ..data.readers import check_unique_ids, format_mismatch_hint
     from ..data.sources import containers
 
-    if containers()[source.container].ids is not None:
-        # a duplicate id stops the run here, before any model work; the same pass counts the records
-        check_unique_ids(source, id_field=cfg.id_field)
-    n_records = count_records(source)
+    try:
+        if containers()[source.container].ids is not None:
+            # a duplicate id stops the run here, before any model work; the same pass counts the records
+            check_unique_ids(source, id_field=cfg.id_field)
+        n_records = count_records(source)
+    except DatasetError as exc:  # a pretty-printed JSON list under --format jsonl: say so
+        hint = format_mismatch_hint(source) if exc.reason == "malformed" else ""
+        if not hint:
+            raise
+        raise DatasetError(f"{exc}{hint}", reason=exc.reason, path=exc.path, index=exc.index, line=exc.line,
+                           sample_id=exc.sample_id) from None
     if n_records == 0:
         raise RunError(f"--data {data} is empty (no records); nothing to select from. Pass the dataset file "
                        f"that holds the samples")
@@ -563,7 +579,10 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
     try:  # a budget above the records is known now, before any stage (skips can only lower the usable)
         resolve_budget(cfg.budget, n_records)
     except ValueError as exc:
+        _refuse_if_no_record_is_usable(source, cfg)  # then that is the problem, not the budget
         raise RunError(f"--budget {cfg.budget}: {exc}") from None
+    if cfg.quota:
+        _check_quota_fields(cfg, events, data)
     if plan_only:
         est = _preflight(cfg, out, events, True, source)
         return est
@@ -573,8 +592,89 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
         return _run_locked(cfg, events, out, source, model_fp, report_extra)
 
 
+def _check_quota_fields(cfg: RunConfig, events: Events, label: str) -> None:
+    """Refuse a --quota field that no record has (every record would fall in one group, ``<none>``, and
+    the quota would mean nothing); warn when only some records lack it. One pass over the raw records
+    (only the id, source and quota columns of Arrow inputs), made only when --quota is given."""
+    from ..data import record_source
+    from ..postselect import PostSelectError, parse_quota
+
+    fields = list(dict.fromkeys(parse_quota(q).field for q in cfg.quota))
+    missing = dict.fromkeys(fields, 0)
+    n = 0
+    for rec in _raw_records(cfg, [f for f in fields if f != "source"]):
+        n += 1
+        r = rec if isinstance(rec, dict) else {}
+        for f in fields:
+            if (record_source(r) if f == "source" else r.get(f)) is None:
+                missing[f] += 1
+    for f, m in missing.items():
+        if n and m == n:
+            raise PostSelectError(f"--quota {f}=...: no record of {label} has a field {f!r} (all {n} lack it), so "
+                                  f"every record would be one group; check the field name against the dataset's "
+                                  f"records" + (" ('source' also reads dataset, data_source, task, task_type, "
+                                               "category)" if f == "source" else ""))
+        if m:
+            events.warn(f"--quota {f}=...: {m} of {n} records have no field {f!r}; they form the group '<none>', "
+                        f"bounded by the '*' rule if there is one")
+
+
+class _DiscardSkips:
+    """A skip log that keeps nothing: :func:`read_dataset` names the skip reasons itself when it skips
+    every record."""
+
+    def add(self, *args, **kwargs) -> None:
+        pass
+
+
+def _refuse_if_no_record_is_usable(source, cfg: RunConfig) -> None:
+    """Raise read_dataset's own :class:`DatasetError` (naming the skip reasons and the first skipped
+    record) when no record of ``source`` parses into a sample; return at the first one that does.
+
+    Called only when a run is refused anyway, so its reading pass costs nothing on the way to success.
+    """
+    from ..data import read_dataset
+
+    for _sample in read_dataset(source, image_root=cfg.image_root, format=cfg.format, skip_log=_DiscardSkips()):
+        return
+
+
+class _InputsUnchanged:
+    """The dataset files' digests when the run started (read with its data fingerprint); called before
+    the outputs are committed, it refuses them if a file was edited, added or removed since, as the
+    selected dataset copies records that must be the ones the representations were computed from."""
+
+    def __init__(self, cfg: RunConfig, source):
+        self.cfg = cfg
+        self.start = source.read_digests if source.read_digests is not None else source.file_digests()
+
+    def __call__(self) -> None:
+        from ..data import DatasetError
+        from ..data.sources import open_source
+
+        cfg = self.cfg
+        try:
+            now_source = open_source(cfg.data, cfg.format)
+            added = sorted({f.path for f in now_source.files} - set(self.start))
+            removed = sorted(set(self.start) - {f.path for f in now_source.files})
+            now = now_source.file_digests() if not (added or removed) else {}
+        except DatasetError as exc:  # a file gone or unreadable now
+            raise RunError(f"--data {cfg.data}: an input file cannot be read any more ({exc}); it changed while "
+                           f"this run used it, so the selection was not written. Restore it, or rerun with "
+                           f"--force to start over on the new data") from None
+        edited = sorted(p for p in self.start if p in now and now[p] != self.start[p])
+        for how, paths in (("edited", edited), ("added", added), ("removed", removed)):
+            if paths:
+                more = f" (and {len(paths) - 1} more)" if len(paths) > 1 else ""
+                raise RunError(f"{paths[0]}{more} was {how} while this run used --data {cfg.data}: the selected "
+                               f"records would not be the text their representations were computed from, so the "
+                               f"selection was not written. Rerun with --force to start over on the new data (or "
+                               f"restore the file and rerun the same command)")
+
+
 def _run_locked(cfg: RunConfig, events: Events, out: Path, source, model_fp: str, report_extra):
     fps = stage_fingerprints(cfg, model_fp, data_fingerprint(source, cfg.image_root))
+    inputs_unchanged = _InputsUnchanged(cfg, source) if source.dataset is None else None
     if cfg.plan_check:
         est = _preflight(cfg, out, events, False, source)
         if not est.ok:
@@ -615,7 +715,8 @@ def _run_locked(cfg: RunConfig, events: Events, out: Path, source, model_fp: str
                     raise
         stage = "select"
         skipped_out = out / "skipped.jsonl"  # published after the extraction stage (_publish_skips)
-        result = _stage_select(cfg, state, events, src, sub, scores, out, skipped_out, report_extra)
+        result = _stage_select(cfg, state, events, src, sub, scores, out, skipped_out, report_extra,
+                               before_commit=inputs_unchanged)
     except OSError as exc:
         if _disk_full(exc):
             where = exc.filename or f"under {out}"
