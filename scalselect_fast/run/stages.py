@@ -602,7 +602,7 @@ def _check_quota_fields(cfg: RunConfig, events: Events, label: str) -> None:
     fields = list(dict.fromkeys(parse_quota(q).field for q in cfg.quota))
     missing = dict.fromkeys(fields, 0)
     n = 0
-    for rec in _raw_records(cfg, [f for f in fields if f != "source"]):
+    for rec, _sid in _raw_records(cfg, [f for f in fields if f != "source"]):
         n += 1
         r = rec if isinstance(rec, dict) else {}
         for f in fields:
