@@ -27,7 +27,15 @@ def _add_stream_args(p: argparse.ArgumentParser) -> None:
                         "uses the GPU when usable, else the CPU (default cpu)")
 
 
+def _check_seed(args) -> None:
+    """A negative --seed is refused whatever the solver, before any work (the randomized one cannot
+    use it, and the exact one would record it as if it meant something)."""
+    if args.seed < 0:
+        raise UsageError(f"--seed {args.seed}: seeds are integers >= 0, e.g. --seed 0")
+
+
 def _fit_kwargs(args) -> dict:
+    _check_seed(args)
     return dict(energy=args.energy, k=args.k, solver=args.solver, standardize=args.standardize,
                 l2_normalize=args.l2_normalize, seed=args.seed)
 
@@ -117,6 +125,7 @@ def _cmd_score(args) -> int:
 def _cmd_select(args) -> int:
     from .selection import print_selection, run_selection
 
+    _check_seed(args)
     seeds = _stability_seeds(args.stability_seeds)
     _no_overwrite([args.out], [args.source, args.subspace])
     report = run_selection(args.source, args.out, args.budget, subspace=args.subspace,
@@ -231,6 +240,7 @@ def _cmd_select_dask(args) -> int:
     from . import distributed
     from .selection import print_selection
 
+    _check_seed(args)
     seeds = _stability_seeds(args.stability_seeds)
     _no_overwrite([args.out], [args.source, args.subspace])
     with distributed.connect(args.dask_scheduler) as client:
@@ -253,6 +263,10 @@ class _DataAction(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, values[0] if len(values) == 1 else list(values))
+
+
+_ID_FIELD_HELP = ("column holding each record's unique id (default: 'id'; rows of files without an id column, "
+                  "such as the Cauldron's and FineVision's, are named <file relative to --data>#<row>)")
 
 
 def _formats() -> list[str]:
@@ -292,6 +306,7 @@ def add_extract_command(sub: argparse._SubParsersAction) -> None:
                    help="skip images over N pixels (width x height, read from the header before decoding) as "
                         "image_too_large [40000000]")
     p.add_argument("--format", default="auto", choices=_formats(), help="input container (auto: from the files)")
+    p.add_argument("--id-field", metavar="NAME", default=None, help=_ID_FIELD_HELP)
     p.add_argument("--padding-side", default="right", choices=["left", "right"])
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"], help="pooling kernel")
     p.add_argument("--num-workers", type=int, default=0,
@@ -336,7 +351,7 @@ def _extract(args, extract_to_store) -> dict:
         shard_size=args.shard_size, max_length=args.max_length, padding_side=args.padding_side,
         backend=args.backend, force=args.force, progress=not args.quiet, num_workers=args.num_workers,
         roles=args.roles, vision_tokens=args.vision_tokens, pixels=args.pixels,
-        max_image_pixels=args.max_image_pixels,
+        max_image_pixels=args.max_image_pixels, id_field=args.id_field,
         warn=lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True))
 
 
@@ -420,6 +435,7 @@ def _cmd_baseline(args) -> int:
     from .store import open_source
 
     try:
+        _check_seed(args)
         opts = _parse_opts(args.opt)
         for key in ("max_n", "knn"):
             if getattr(args, key) is not None:
@@ -511,6 +527,10 @@ def add_run_command(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--image-root", help="directory that relative image paths are joined to (paths may not "
                                         "escape it)")
     g.add_argument("--format", choices=_formats(), help="input container (auto: from the files)")
+    g.add_argument("--id-field", metavar="NAME", help=_ID_FIELD_HELP)
+    g.add_argument("--text-only", choices=["drop", "keep"],
+                   help="rows without an image: drop them (the reference) or keep them in the output, outside "
+                        "the budget (drop)")
     g.add_argument("--out", help="output directory (created; holds the selection, manifest, report)")
     g.add_argument("--budget", help="samples to keep: a count (100000; 1 = one sample), a fraction (0.16; "
                                     "1.0 = all) or a percentage (16%%); default 16%%")
@@ -584,9 +604,9 @@ def add_run_command(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=_cmd_run_demo)
 
 
-_RUN_FIELDS = ("model", "data", "image_root", "format", "out", "budget", "order", "layer", "threshold",
-               "energy", "k", "solver", "seed", "standardize", "l2_normalize", "drop_invalid", "fit_device",
-               "batch_size", "device", "dtype", "store_dtype", "shard_size",
+_RUN_FIELDS = ("model", "data", "image_root", "format", "id_field", "text_only", "out", "budget", "order",
+               "layer", "threshold", "energy", "k", "solver", "seed", "standardize", "l2_normalize", "drop_invalid",
+               "fit_device", "batch_size", "device", "dtype", "store_dtype", "shard_size",
                "instruction", "roles", "vision_tokens", "pixels", "max_length", "max_image_pixels", "num_workers",
                "dedup_selected", "quota", "stability_seeds", "force", "quiet", "log_json", "plan_check", "html")
 

@@ -51,7 +51,7 @@ from .atomic import crashpoint, fsync_dir
 from .store import DEFAULT_BLOCK_ROWS, open_source
 from .subspace import Subspace, SubspaceError
 
-__all__ = ["run_selection", "LocalExecutor", "Records", "fit_or_load", "write_scores", "shard_ids",
+__all__ = ["run_selection", "LocalExecutor", "Records", "budget_base", "fit_or_load", "write_scores", "shard_ids",
            "iter_shard_ids", "print_selection", "MANIFEST_SCHEMA", "RANK_BASE", "GALLERY_SIZE"]
 
 #: column names and Arrow types of every manifest, in order
@@ -211,6 +211,16 @@ class Records:
         Where relative image paths resolve (the gallery loads thumbnails from there).
     order : {"original", "score"}
         Record order of the selected dataset.
+    id_field : str or None
+        The id column the records were read with (``None``: ``id``, or the positional id of a
+        record without one; see :func:`scalselect_fast.data.read_dataset`).
+    text_only : list of int
+        Indices of the text-only records (no image, so no representation). A fractional budget is
+        of the records that are not text-only.
+    keep_text_only : bool
+        Write the text-only records to the selected dataset outside the budget (``run --text-only
+        keep``): they are ``kept`` in the manifest, with no rank, and follow the ranked ids in
+        ``selected.txt``.
     """
 
     path: Any
@@ -223,6 +233,14 @@ class Records:
     format: str = "auto"
     image_root: str | None = None
     order: str = "original"
+    id_field: str | None = None
+    text_only: list = dataclasses.field(default_factory=list)
+    keep_text_only: bool = False
+
+    @property
+    def passthrough(self) -> list:
+        """Record indices written outside the budget."""
+        return self.text_only if self.keep_text_only else []
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,7 +252,8 @@ def run_selection(source, out_dir, budget, *, executor=None, subspace=None, scor
                   device: str = "cpu", records: Records | None = None, quotas: Sequence = (),
                   dedup_eps: float | None = None, html: bool = True, metadata: Mapping[str, str] | None = None,
                   timings: Mapping[str, float] | None = None, report_extra: Callable | None = None,
-                  warn: Callable[[str], None] | None = None, **fit_kwargs) -> dict:
+                  warn: Callable[[str], None] | None = None, before_commit: Callable[[], None] | None = None,
+                  **fit_kwargs) -> dict:
     """Fit (unless given), score (unless given), select, and write every output into ``out_dir``.
 
     Parameters
@@ -244,8 +263,8 @@ def run_selection(source, out_dir, budget, *, executor=None, subspace=None, scor
     out_dir : str or PathLike
         Created if missing. Outputs are committed together (see the module notes).
     budget : int, float or str
-        See :func:`~scalselect_fast.scoring.resolve_budget`; a fraction is of the records when
-        ``records`` is given, else of the stored rows.
+        See :func:`~scalselect_fast.scoring.resolve_budget`; a fraction is of the records that are
+        not text-only when ``records`` is given, else of the stored rows.
     executor : LocalExecutor or DaskExecutor, optional
         Where the fit, scores and top-k run; default ``LocalExecutor(device, block_rows)``.
     subspace : Subspace, str or PathLike, optional
@@ -280,6 +299,10 @@ def run_selection(source, out_dir, budget, *, executor=None, subspace=None, scor
         ``f(kept_ids) -> dict`` merged into the report before it is written.
     warn : callable, optional
         Where non-fatal warnings go (default: ignored).
+    before_commit : callable, optional
+        Called once every output is written under its temporary name, before any is renamed into
+        place; an exception it raises deletes them and leaves the previous outputs (``run`` checks
+        here that the dataset files still hold what it read).
     **fit_kwargs
         Passed to the executor's fit (energy, k, solver, standardize, l2_normalize, seed, ...).
 
@@ -304,7 +327,7 @@ def run_selection(source, out_dir, budget, *, executor=None, subspace=None, scor
         raise SubspaceError(f"{out} exists and is not a directory; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     src = open_source(source)
-    n_total = len(records.ids) if records is not None else src.n
+    n_total = budget_base(src, records)["n"]
     m = resolve_budget(budget, n_total)  # fail before any heavy work
     src.check_unique_ids()  # the outputs name rows by id: a store with a repeated id is refused now
     executor = executor or LocalExecutor(device, block_rows)
@@ -364,6 +387,8 @@ def run_selection(source, out_dir, budget, *, executor=None, subspace=None, scor
     kept_mask = np.zeros(src.n, bool)
     kept_mask[kept_rows] = True
     kept_ids = _ids_of(src, kept_rows)  # selection order
+    # records written outside the budget (text-only ones, run --text-only keep), after the ranked ones
+    extra_ids = [records.ids[i] for i in records.passthrough if records.ids[i] is not None] if records else []
     names = _output_names(out, manifest_format, records, html)
     report = build_report(src, sub, scores, kept_rows, kept_mask, m, budget, records=records,
                           post_info=post_info, stability=stability, reused=reused, executor=executor,
@@ -385,13 +410,15 @@ def run_selection(source, out_dir, budget, *, executor=None, subspace=None, scor
                         meta)
         from .atomic import atomic_write_bytes
 
-        atomic_write_bytes(stage.path(names["selected_ids"]), "".join(f"{i}\n" for i in kept_ids).encode("utf-8"))
+        atomic_write_bytes(stage.path(names["selected_ids"]),
+                           "".join(f"{i}\n" for i in kept_ids + extra_ids).encode("utf-8"))
         if records is not None:
             from .data import write_selected
 
+            written = kept_ids + extra_ids
             write_selected(records.path, stage.path(names["selected"]),
-                           keep=kept_ids if records.order == "score" else set(kept_ids),
-                           order=records.order, format=records.format)
+                           keep=written if records.order == "score" else set(written),
+                           order=records.order, format=records.format, id_field=records.id_field)
         crashpoint("select.staged")
         times["write"] = time.perf_counter() - t - times.get("gallery", 0.0)
         report["timings"] = dict(times)
@@ -400,6 +427,8 @@ def run_selection(source, out_dir, budget, *, executor=None, subspace=None, scor
 
             atomic_write_bytes(stage.path(names["report_html"]),
                                render_html(_jsonable(report), gallery=gallery).encode("utf-8"))
+        if before_commit is not None:
+            before_commit()
         stage.commit(names["report"], _jsonable(report))
     return report
 
@@ -483,11 +512,13 @@ def _manifest_batches(src, scores, rank, kept_mask, records, rejected: Mapping[i
             reasons.append(INVALID_ROW)
         else:
             reasons.append(rejected.get(int(rec_row[i])))
+    kept = (kept_mask[rr] & has) if src.n else np.zeros(n_rec, bool)
+    kept[np.asarray(records.passthrough, dtype=np.int64)] = True  # written outside the budget
     yield {"id": list(records.ids), "index": np.arange(n_rec),
            "shard": [shard_of[r] if h else None for r, h in zip(rr.tolist(), has.tolist())],
            "row": row_in[rr] if src.n else np.zeros(n_rec, np.int64), "score": sc,
            "rank": rank[rr] if src.n else np.zeros(n_rec, np.int64),
-           "kept": (kept_mask[rr] & has) if src.n else np.zeros(n_rec, bool),
+           "kept": kept,
            "skip_reason": reasons, "_valid": valid, "_placed": has}
 
 
@@ -577,6 +608,13 @@ def build_report(src, sub, scores, kept_rows, kept_mask, m, budget, *, records=N
         "skip_reasons": skip_counts,
         "invalid_rows": {"count": int(invalid.size), "rows": invalid[:1000].tolist(),
                          "ids": _ids_of(src, invalid[:1000]), "dropped": bool(drop_invalid)},
+        "budget_base": budget_base(src, records),
+        "text_only": None if records is None else {
+            "n": len(records.text_only), "action": "kept" if records.keep_text_only else "dropped",
+            "in_output": len(records.passthrough),
+            "rule": ("text-only rows have no image, so no representation: they are never scored or ranked; "
+                     "--text-only keep writes them to the selected dataset outside the budget, drop leaves "
+                     "them out")},
         "postselect": {k: v for k, v in (post_info or {}).items() if k != "rejected"} or None,
         "stability": stability,
         "timings": dict(timings or {}),
@@ -585,6 +623,16 @@ def build_report(src, sub, scores, kept_rows, kept_mask, m, budget, *, records=N
         "versions": collect_versions(),
         "outputs": dict(outputs or {}),
     }
+
+
+def budget_base(src, records: Records | None) -> dict:
+    """What a fractional budget is a fraction of: the records that are not text-only (``run``; they
+    have no representation by nature), or the stored rows (a store alone, ``src``)."""
+    if records is None:
+        return {"n": int(src.n), "of": "stored rows"}
+    n = len(records.ids)
+    return {"n": n - len(records.text_only), "of": "records that are not text-only", "n_records": n,
+            "n_text_only": len(records.text_only)}
 
 
 def _jsonable(obj):
@@ -654,7 +702,8 @@ def _load_samples(records: Records, want: set[int]) -> dict:
     found = {}
     if not want:
         return found
-    for sample in read_dataset(records.path, records.image_root, records.format, skip_log=_NoSkipLog()):
+    for sample in read_dataset(records.path, records.image_root, records.format, skip_log=_NoSkipLog(),
+                               id_field=records.id_field):
         if sample.index in want:
             found[sample.index] = sample
             if len(found) == len(want):
@@ -752,10 +801,20 @@ def print_selection(report: Mapping[str, Any], quiet: bool = False, file=None) -
 
     fh = file or sys.stdout
     sub, t = report["subspace"], report.get("timings", {})
-    frac = report["n_selected"] / max(report["n_samples"], 1)
+    base, to = report.get("budget_base"), report.get("text_only")
     bad = report.get("invalid_rows", {}).get("count", 0)
-    line = (f"selected {report['n_selected']} of {report['n_samples']} samples ({frac:.1%}; "
-            f"{report['n_valid']} usable) | k={sub['k']} of d={sub['d']} captures {sub['captured_energy']:.4f} "
+    if base and to is not None:  # run: the budget's fraction is of the records that are not text-only
+        frac = report["n_selected"] / max(base["n"], 1)
+        n_to = to.get("n", 0)
+        what = (f"; {n_to} text-only {'row' if n_to == 1 else 'rows'} "
+                + ("kept outside the budget" if to.get("action") == "kept" else "dropped") if n_to else "")
+        head = (f"selected {report['n_selected']} of {report['n_samples']} samples ({frac:.1%} of the {base['n']} "
+                f"that are not text-only; {report['n_valid']} usable{what})")
+    else:
+        frac = report["n_selected"] / max(report["n_samples"], 1)
+        head = (f"selected {report['n_selected']} of {report['n_samples']} samples ({frac:.1%}; "
+                f"{report['n_valid']} usable)")
+    line = (f"{head} | k={sub['k']} of d={sub['d']} captures {sub['captured_energy']:.4f} "
             f"of the energy | {sub['solver']} solver, {sub['passes']} pass(es)")
     if not quiet:
         line += " | " + " ".join(f"{k} {float(v):.2f}s" for k, v in t.items())

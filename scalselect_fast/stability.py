@@ -31,7 +31,7 @@ __all__ = ["parse_seeds", "cutoff_margin", "overlap", "stability_certificate", "
 def parse_seeds(text) -> tuple[int, ...] | None:
     """``--stability-seeds`` as given: ``"none"`` -> None (no stability entry), ``""`` -> ``()``
     (cut-off margin and bound only, the default), ``"0,1,2"`` (or a list of ints) -> ``(0, 1, 2)``
-    (also re-fit under those seeds). Raises ValueError for anything else."""
+    (also re-fit under those seeds). Raises ValueError for anything else, a negative seed included."""
     if isinstance(text, (list, tuple)):
         text = ",".join(str(v) for v in text)
     if not isinstance(text, str):
@@ -39,10 +39,14 @@ def parse_seeds(text) -> tuple[int, ...] | None:
     if text.strip().lower() == "none":
         return None
     try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
+        seeds = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise ValueError(f"{text!r}: give comma-separated integers (0,1,2), '' for the cut-off margin and "
                          f"bound only, or 'none'") from None
+    negative = [s for s in seeds if s < 0]
+    if negative:  # the randomized solver's generator takes seeds >= 0 only; refused before any work
+        raise ValueError(f"{text!r}: seed {negative[0]} is negative; seeds are integers >= 0, e.g. 0,1,2")
+    return seeds
 
 
 def overlap(a: np.ndarray, b: np.ndarray) -> float:

@@ -295,16 +295,34 @@ def test_malformed_jsonl_line(tmp_path):
 def test_missing_or_invalid_fields(tmp_path, field, record, needle):
     recs = [_llava_records()[2], record]
     path = _write_jsonl(tmp_path / "d.jsonl", recs)
+    kw = {"id_field": "id"} if field == "id" else {}  # a named id field is required (else: the position)
     with pytest.raises(DatasetError) as ei:
-        list(read_dataset(path, image_root=tmp_path))
+        list(read_dataset(path, image_root=tmp_path, **kw))
     msg = str(ei.value)
     assert needle in msg and str(path) in msg and "record 1 (line 2)" in msg, msg
     # skip mode: logged with the same detail, other samples kept
     log = SkipLog(tmp_path / "skipped.jsonl")
-    assert [s.id for s in read_dataset(path, image_root=tmp_path, skip_log=log)] == ["t3"]
+    assert [s.id for s in read_dataset(path, image_root=tmp_path, skip_log=log, **kw)] == ["t3"]
     (entry,) = log.entries()
     assert entry["index"] == 1 and needle in entry["detail"] and entry["line"] == 2
     log.close()
+
+
+def test_record_without_an_id_field_is_named_by_its_position(tmp_path):
+    """No ``id`` key: ``<file>#<row in file>``; an ``id`` that is there but null is still refused."""
+    recs = [_llava_records()[2], {"conversations": [{"from": "human", "value": "hi"}]},
+            {"id": None, "conversations": [{"from": "human", "value": "hi"}]}]
+    (tmp_path / "data" / "sub").mkdir(parents=True)
+    path = _write_jsonl(tmp_path / "data" / "sub" / "d.jsonl", recs)
+    log = SkipLog(tmp_path / "skipped.jsonl")
+    assert [s.id for s in read_dataset(path, image_root=tmp_path, skip_log=log)] == ["t3", "d.jsonl#1"]
+    assert [(e["index"], e["reason"]) for e in log.entries()] == [(2, "missing_field")]
+    log.close()
+    # the name is relative to the folder --data named, so a directory input keeps the subfolder
+    assert [s.id for s in read_dataset(path.parent, image_root=tmp_path, skip_log=SkipLog(tmp_path / "s2"))] \
+        == ["t3", "d.jsonl#1"]
+    assert [s.id for s in read_dataset(tmp_path / "data", image_root=tmp_path, skip_log=SkipLog(tmp_path / "s3"))] \
+        == ["t3", "sub/d.jsonl#1"]
 
 
 def test_duplicate_ids_both_positions(tmp_path):
@@ -352,9 +370,15 @@ def test_record_helpers_match_samples(root):
 def test_all_records_skipped_is_empty(tmp_path):
     path = _write_jsonl(tmp_path / "d.jsonl", [{"id": "a"}, {"id": "b"}])
     log = SkipLog(tmp_path / "skipped.jsonl")
-    with pytest.raises(DatasetError, match=r"all 2 records were skipped \(see .*skipped.jsonl\)"):
+    # the message names the reasons and the first skipped record, not only where the log is
+    with pytest.raises(DatasetError) as ei:
         list(read_dataset(path, skip_log=log))
-    assert len(log) == 2
+    msg = str(ei.value)
+    # the reason, how many, one example record, and where every one is listed
+    assert msg.startswith(f"dataset {str(path)!r}: all 2 records were skipped, nothing to select: missing_field: 2 "
+                          "(e.g. record 0 (line 1) of "), msg
+    assert "id 'a': missing required field 'conversations'" in msg and msg.endswith(f"listed in {log.path}")
+    assert "\n" not in msg and len(log) == 2
 
 
 def test_missing_file(tmp_path):

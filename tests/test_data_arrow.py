@@ -42,15 +42,17 @@ class _Skips:
         return True
 
 
-def _reference(tables: list[tuple[str, pa.Table]], base: str, id_field: str = "id"):
-    """Per record, the row dicts of each file through parse_record: (samples, [(index, reason)])."""
+def _reference(tables: list[tuple[str, pa.Table]], base: str, id_field: str | None = "id", folder: str = ""):
+    """Per record, the row dicts of each file through parse_record: (samples, [(index, reason)]).
+    ``id_field=None``: a row without an ``id`` key is ``<folder><file name>#<row in file>``."""
     samples, skips, index = [], [], 0
     resolve = ImageResolver(None, base)
     for name, table in tables:
         for local, row in enumerate(table.to_pylist()):
             try:
-                sid = record_id(row, id_field)
-                samples.append(parse_record(row, index=index, line=None, resolve=resolve, id_field=id_field,
+                sid = (f"{folder}{name}#{local}" if id_field is None and "id" not in row
+                       else record_id(row, id_field or "id"))
+                samples.append(parse_record(row, index=index, line=None, resolve=resolve, id_field=id_field or "id",
                                             sample_id=sid, where=name, local=local))
             except _Problem as p:
                 skips.append((index, p.reason))
@@ -58,7 +60,7 @@ def _reference(tables: list[tuple[str, pa.Table]], base: str, id_field: str = "i
     return samples, skips
 
 
-def _ours(data, id_field: str = "id"):
+def _ours(data, id_field: str | None = "id"):
     log = _Skips()
     return list(read_dataset(data, skip_log=log, id_field=id_field)), log.items
 
@@ -125,8 +127,8 @@ def _write(tmp_path, tables: list[pa.Table], **kw) -> list[tuple[str, pa.Table]]
     return out
 
 
-def _check(data, tables, base, id_field="id"):
-    ref, ref_skips = _reference(tables, base, id_field)
+def _check(data, tables, base, id_field="id", folder=""):
+    ref, ref_skips = _reference(tables, base, id_field, folder)
     got, skips = _ours(data, id_field)
     assert skips == ref_skips
     assert [s.id for s in got] == [s.id for s in ref]
@@ -153,6 +155,21 @@ def test_llava_struct_images_match_the_record_path(tmp_path):
     assert by_id["a3"].images == [os.path.realpath(tmp_path / "pics/x.jpg")]
     assert by_id["a8"].messages[0]["role"] == "user"  # went through the record path's alias rule
     assert by_id["a1"].source == "fallback"
+
+
+def test_rows_without_an_id_column_are_named_by_position(tmp_path):
+    """No id column (as the Hub corpora ship): the plain rows are still built natively, named
+    ``<file>#<row in file>`` as the record path names them; the other rows keep their skip reasons."""
+    schema = pa.schema([f for f in _LLAVA if f.name != "id"])
+    rows = [{k: v for k, v in r.items() if k != "id"} for r in _llava_rows()]
+    (tmp_path / "vqa").mkdir()  # a subset folder: the ids carry it, the embedded images' names do not
+    tables = _write(tmp_path / "vqa", [pa.Table.from_pylist(rows, schema=schema),
+                                       pa.Table.from_pylist(rows[:3], schema=schema)], row_group_size=4)
+    assert (ArrowPlan.for_schema(schema, "id", positional=True) is not None) == HAVE_NATIVE
+    assert ArrowPlan.for_schema(schema, "id") is None  # a named id column is required
+    got, skips = _check(str(tmp_path), tables, str(tmp_path / "vqa"), id_field=None, folder="vqa/")
+    assert got[0].id == "vqa/train-00000-of-00002.parquet#0" and got[-1].id == "vqa/train-00001-of-00002.parquet#2"
+    assert {r for _, r in skips} >= {"image_empty", "missing_field"}
 
 
 @pytest.mark.parametrize("odd", ["image", "turn"])

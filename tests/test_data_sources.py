@@ -367,9 +367,11 @@ def test_hf_dataset_object_disk_and_iterable(tmp_path):
     assert data_fingerprint(ds, None) == data_fingerprint(ds, None)
     from datasets import DatasetDict
 
-    DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "dd"))
-    with pytest.raises(DatasetError, match=r"DatasetDict with splits \['train'\]; pass one split"):
-        count_records(tmp_path / "dd")
+    DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "dd"))  # one split: that split is read
+    assert _summary(read_dataset(tmp_path / "dd")) == want and count_records(tmp_path / "dd") == 3
+    DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "dd2"))
+    with pytest.raises(DatasetError, match=r"DatasetDict with splits \['train', 'test'\]; select from one split"):
+        count_records(tmp_path / "dd2")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ Each case builds its files in its own folder and returns the command line; the h
 file under that folder before and after, so "inputs untouched" and "no partial outputs" are one
 check: the folder's files are exactly what they were.
 
-Sections: (1) core commands, validation, stores, models (below); (2) run-level cases, at the end.
+Sections: (1) core commands, validation, stores, models (below; issue 21's refusals close it);
+(2) run-level cases; (3) issue 21 (round two: surrogates, bombs, API types, URLs, quotas, a dataset
+edited during the run), at the end.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import subprocess
 import sys
 import zlib
 from pathlib import Path
+
+import re
 
 import numpy as np
 import pytest
@@ -439,11 +443,123 @@ def _run_argv(t, tiny, *extra, data=None):
             *extra]
 
 
+# ---- issue 21 (round two): refused before the first stage, so the folder stays as it was ---------
+def c_select_stability_seed_negative(t, _):
+    _npy(t / "g.npy")
+    return ["select", str(t / "g.npy"), "--budget", "5", "--out", str(t / "sel"), "--stability-seeds=-1"], \
+        r"--stability-seeds '-1': seed -1 is negative; seeds are integers >= 0"
+
+
+def c_select_stability_seed_negative_in_a_list(t, _):
+    _npy(t / "g.npy")
+    return ["select", str(t / "g.npy"), "--budget", "5", "--out", str(t / "sel"), "--stability-seeds=-1,2"], \
+        r"--stability-seeds '-1,2': seed -1 is negative"
+
+
+def c_select_seed_negative(t, _):
+    _npy(t / "g.npy")
+    return ["select", str(t / "g.npy"), "--budget", "5", "--out", str(t / "sel"), "--k", "2", "--seed=-1"], \
+        r"--seed -1: seeds are integers >= 0"
+
+
+def c_baseline_seed_negative(t, _):
+    _npy(t / "g.npy")
+    return ["baseline", "--method", "random", str(t / "g.npy"), "--budget", "5", "--out", str(t / "r"),
+            "--seed=-1"], r"--seed -1: seeds are integers >= 0"
+
+
+def c_fit_seed_negative_randomized(t, _):
+    _npy(t / "g.npy")
+    return ["fit", str(t / "g.npy"), "--out", str(t / "s.npz"), "--k", "2", "--solver", "randomized",
+            "--seed=-1"], r"--seed -1: seeds are integers >= 0"
+
+
+def c_fit_seed_negative_exact(t, _):
+    _npy(t / "g.npy")
+    return ["fit", str(t / "g.npy"), "--out", str(t / "s.npz"), "--k", "2", "--solver", "exact", "--seed=-1"], \
+        r"--seed -1: seeds are integers >= 0"
+
+
+def c_run_stability_seed_negative(t, tiny):
+    return _run_argv(t, tiny, "--stability-seeds=-1"), r"--stability-seeds '-1': seed -1 is negative"
+
+
+def c_run_stability_seed_negative_in_a_list(t, tiny):
+    return _run_argv(t, tiny, "--stability-seeds=-1,2"), r"--stability-seeds '-1,2': seed -1 is negative"
+
+
+def c_run_config_stability_seed_negative(t, tiny):
+    (t / "run.toml").write_text("stability-seeds = [0, -1]\n")
+    return _run_argv(t, tiny, "--config", str(t / "run.toml")), r"--stability-seeds '0,-1': seed -1 is negative"
+
+
+def c_run_seed_negative_randomized(t, tiny):
+    return _run_argv(t, tiny, "--seed=-1", "--solver", "randomized"), r"--seed -1: seeds are integers >= 0"
+
+
+def c_run_seed_negative_exact(t, tiny):
+    return _run_argv(t, tiny, "--seed=-1", "--solver", "exact"), r"--seed -1: seeds are integers >= 0"
+
+
+def c_run_config_same_setting_twice(t, tiny):
+    (t / "run.toml").write_text(f'image-root = "{tiny["root"]}"\nimage_root = "{t}"\n')
+    return _run_argv(t, tiny, "--config", str(t / "run.toml")), \
+        r"run\.toml: 'image-root' and 'image_root' are the same setting, given twice; keep one"
+
+
+def c_run_config_same_setting_twice_json(t, tiny):
+    (t / "run.json").write_text(json.dumps({"stability_seeds": "0", "stability-seeds": "1"}))
+    return _run_argv(t, tiny, "--config", str(t / "run.json")), \
+        r"run\.json: 'stability_seeds' and 'stability-seeds' are the same setting"
+
+
+def c_run_jsonl_format_on_a_json_list(t, tiny):
+    (t / "list.json").write_text(json.dumps(json.loads(tiny["data"].read_text())))  # one line: one "record"
+    return _run_argv(t, tiny, "--format", "jsonl", data=t / "list.json"), \
+        (r"list\.json': all 1 records were skipped, nothing to select: invalid_field: 1 \(e\.g\. record 0 \(line 1\)"
+         r".*record is a list, expected a JSON object.* read as jsonl \(--format jsonl\): pass --format json or "
+         r"--format auto")
+
+
+def c_run_quota_on_a_field_no_record_has(t, tiny):
+    return _run_argv(t, tiny, "--quota", "lang=en>=10%"), \
+        r"--quota lang=\.\.\.: no record of .*demo\.json has a field 'lang' \(all 20 lack it\), so every record"
+
+
+def _free_loopback_port() -> int:
+    """A port on 127.0.0.1 that nobody listens on (bound by the OS, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def c_run_url_connection_refused(t, tiny):
+    pytest.importorskip("aiohttp")
+    url = f"http://127.0.0.1:{_free_loopback_port()}/x.json"
+    return _run_argv(t, tiny, data=url), rf"--data '{re.escape(url)}': cannot reach it \(.*\); check the URL"
+
+
+def c_run_jsonl_format_on_a_pretty_json_list(t, tiny):
+    (t / "list.json").write_text(json.dumps(json.loads(tiny["data"].read_text()), indent=2))
+    return _run_argv(t, tiny, "--format", "jsonl", data=t / "list.json"), \
+        r"list\.json: line 1: malformed JSON.* Its content is json, but it was read as jsonl \(--format jsonl\)"
+
+
+ROUND_TWO_NEEDS_MODEL = {"run_stability_seed_negative", "run_stability_seed_negative_in_a_list",
+                         "run_config_stability_seed_negative", "run_seed_negative_randomized",
+                         "run_seed_negative_exact", "run_config_same_setting_twice",
+                         "run_config_same_setting_twice_json", "run_jsonl_format_on_a_json_list",
+                         "run_jsonl_format_on_a_pretty_json_list",
+                         "run_quota_on_a_field_no_record_has", "run_url_connection_refused"}
+
+
 CORE_CASES = {name[2:]: fn for name, fn in sorted(globals().items()) if name.startswith("c_")}
 NEEDS_MODEL = {"extract_shard_size_zero", "extract_max_length_zero", "extract_missing_image_root", "run_layer_beyond_the_model", "run_bad_quota_before_extract", "run_fit_device_cuda_without_cupy", "run_bad_dtype", "run_bad_device", "run_cuda_without_cuda", "extract_cuda_without_cuda",
                "run_bad_budget_before_extract", "run_budget_above_records", "run_k_zero",
                "run_config_value_wrong_type", "run_deeply_nested_json", "run_top_level_object",
-               "run_top_level_object_one_line", "extract_truncated_safetensors", "extract_into_foreign_store"}
+               "run_top_level_object_one_line", "extract_truncated_safetensors", "extract_into_foreign_store"} | ROUND_TWO_NEEDS_MODEL
 #: run in a fresh interpreter: what a user sees, including interpreter-level failures
 SUBPROCESS = {"run_deeply_nested_json", "unreachable_dask_scheduler", "fit_out_is_input"}
 
@@ -1002,3 +1118,332 @@ def test_a_shard_that_rots_unseen_is_redone_when_the_fit_reads_it(hostile_env, f
     assert (out / "selected.json").read_bytes() == finished_run["selected"]
     assert _scores(out) == pytest.approx(finished_run["scores"], rel=1e-9, abs=1e-12)
     assert _digest_tree(env["root"]) == before
+
+
+# --------------------------------------------------------------------------------------------------
+# (3) issue 21 (round two), run-level and API
+# --------------------------------------------------------------------------------------------------
+def test_lone_surrogates_are_skipped_per_sample(hostile_env, tmp_path, capsys):
+    """``"\\ud800"`` is valid JSON but no character: as an id it is skipped as invalid_id, in message
+    text as invalid_field (a tokenizer cannot take it); a kept record whose source holds one is kept,
+    and every output (skip log, manifest, report, selected dataset) is still written."""
+    import pyarrow.parquet as pq
+
+    env = hostile_env
+    recs = [dict(r, source="web\udfff") for r in env["good"][:4]] + [
+        {"id": "\ud800", "image": "img/4.png", "conversations": _conv()},
+        {"id": "text", "image": "img/5.png", "conversations": _conv("What is \udc80 shown?")}]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(recs))  # ensure_ascii: the file holds the escapes, as such files do
+    before = _digest_tree(data, env["root"])
+    out = tmp_path / "out"
+    rc = cli.main(_run_args(env, data, out))
+    assert rc == 0, capsys.readouterr().err
+    raw = (out / "skipped.jsonl").read_bytes()
+    entries = {e["index"]: e for e in map(json.loads, raw.decode("utf-8").split("\n")[:-1])}
+    assert set(entries) == {4, 5}
+    assert entries[4]["id"] == "\ud800" and entries[4]["reason"] == "invalid_id"
+    assert entries[5]["id"] == "text" and entries[5]["reason"] == "invalid_field"
+    assert "lone surrogate" in entries[4]["detail"] and "message 0" in entries[5]["detail"]
+    man = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert [m["id"] for m in man] == ["s0", "s1", "s2", "s3", None, "text"]
+    assert man[4]["skip_reason"].startswith("invalid_id") and man[5]["skip_reason"].startswith("invalid_field")
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["skip_reasons"] == {"invalid_id": 1, "invalid_field": 1} and rep["n_selected"] == 3
+    assert rep["per_source"]["web\\udfff"]["valid"] == 4
+    selected = json.loads((out / "selected.json").read_text())
+    assert len(selected) == 3 and all(r in recs[:4] for r in selected)
+    assert _digest_tree(data, env["root"]) == before
+
+
+def test_a_lone_surrogate_id_is_skipped_by_read_dataset(tmp_path):
+    from scalselect_fast.data import SkipLog, read_dataset, read_skip_log
+
+    (tmp_path / "a.png").write_bytes(_png_bytes(4, 4))
+    lines = [json.dumps({"id": i, "image": "a.png", "conversations": _conv()}) for i in ("ok", "\udbff", "x\ud800y")]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    with SkipLog(tmp_path / "skipped.jsonl") as log:
+        assert [s.id for s in read_dataset(tmp_path / "d.jsonl", skip_log=log)] == ["ok"]
+    got = [(e["id"], e["reason"]) for e in read_skip_log(tmp_path / "skipped.jsonl")]
+    assert got == [("\udbff", "invalid_id"), ("x\ud800y", "invalid_id")]
+    (tmp_path / "skipped.jsonl").read_bytes().decode("utf-8")  # the log itself is UTF-8
+
+
+def _api_calls() -> dict:
+    """name -> (a call with an argument of the wrong type, the TypeError message it must give)."""
+    from scalselect_fast.data import count_records, open_source, read_dataset
+    from scalselect_fast.run import load_config_file, make_config, run
+
+    return {
+        "run-None": (lambda: run(None), r"run\(cfg\): cfg must be a RunConfig, got NoneType; build one with .*make_config"),
+        "run-dict": (lambda: run({"model": "m", "data": "d.json", "out": "o"}),
+                     r"run\(cfg\): cfg must be a RunConfig, got dict"),
+        "read_dataset-bytes": (lambda: list(read_dataset(b"/path/d.json")),
+                               r"read_dataset: path must be a path \(str or os.PathLike\), a list of paths, .*got bytes"),
+        "read_dataset-list-with-None": (lambda: list(read_dataset([".", None])),
+                                        r"read_dataset: path must be a path .*got NoneType"),
+        "read_dataset-image_root-bytes": (lambda: list(read_dataset(".", image_root=b".")),
+                                          r"read_dataset: image_root must be a directory path \(str or os.PathLike\) "
+                                          r"or None, got bytes"),
+        "count_records-int": (lambda: count_records(3), r"count_records: path must be a path .*got int"),
+        "open_source-format-None": (lambda: open_source("d.json", format=None),
+                                    r"format must be a string \('auto' or one of json"),
+        "make_config-budget-list": (lambda: make_config(budget=[3]),
+                                    r"setting budget: \[3\] is not a count \(int, e.g. 100000\), a fraction "
+                                    r"\(float, e.g. 0.16\) or a string"),
+        "make_config-layer-str": (lambda: make_config(layer="abc"), r"setting layer: 'abc' is not an int"),
+        "make_config-quota-str": (lambda: make_config(quota="source=a>=1%"),
+                                  r"setting quota: expected a list of strings such as \['source=coco<=40%'\], "
+                                  r"got 'source=a>=1%'"),
+        "make_config-data-bytes": (lambda: make_config(data=b"d.json"),
+                                   r"setting data: b'd.json' is not a path \(str or os.PathLike\)"),
+        "load_config_file-int": (lambda: load_config_file(7),
+                                 r"config file: expected a path \(str or os.PathLike\) to a .toml, .yaml or "
+                                 r".json file, got int"),
+        "make_config-unknown": (lambda: make_config(bugdet=3), r"make_config: unknown run setting 'bugdet'; known: .*budget"),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_api_calls()))
+def test_api_entry_points_say_what_they_accept(case):
+    """Each public entry point refuses a wrong type with a TypeError naming the argument and what it
+    accepts (not an AttributeError or a bytes/str mix-up from deep inside)."""
+    call, pattern = _api_calls()[case]
+    with pytest.raises(TypeError, match=pattern):
+        call()
+
+
+def test_make_config_type_errors_are_run_errors_too(tmp_path):
+    """The CLI reports RunError in one line: a config file's wrong type is one, and a TypeError too."""
+    from scalselect_fast.run import RunError, make_config
+
+    (tmp_path / "run.toml").write_text("budget = [3]\n")
+    with pytest.raises(RunError, match=r"setting budget \(in .*run\.toml\): \[3\] is not a count") as ei:
+        make_config(tmp_path / "run.toml")
+    assert isinstance(ei.value, TypeError)
+    assert make_config(budget=3).budget == "3" and make_config(budget=0.16).budget == "0.16"
+    assert make_config(budget="16%").budget == "16%"
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` but whose pixel data is empty (a bomb's header
+    without the bomb: what matters is that nothing past the header is needed to refuse it)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_max_image_pixels_governs_above_pillows_bomb_limit(tmp_path):
+    """Pillow refuses over 2 x Image.MAX_IMAGE_PIXELS (179 Mpx) on its own, with its own words; the
+    tool's --max-image-pixels decides instead, below and above that limit, and Pillow's setting is left
+    as it was."""
+    from PIL import Image
+
+    from scalselect_fast.data import ImageError, load_image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header_only(100_000, 100_000))
+    assert 100_000 * 100_000 > 2 * limit
+    with pytest.raises(ImageError) as ei:
+        load_image(bomb)
+    assert ei.value.reason == "image_too_large"
+    assert "100000x100000" in str(ei.value) and "over --max-image-pixels 40,000,000" in str(ei.value)
+    assert "exceeds limit" not in str(ei.value)
+    # a limit above Pillow's: a 200 Mpx header is not refused for its size (its pixel data is empty)
+    big = tmp_path / "big.png"
+    big.write_bytes(_png_header_only(20_000, 10_000))
+    assert 20_000 * 10_000 > 2 * limit
+    with pytest.raises(ImageError) as ei:
+        load_image(big, max_pixels=300_000_000)
+    assert ei.value.reason in ("image_truncated", "image_corrupt"), str(ei.value)
+    with pytest.raises(ImageError, match="20000x10000 = 200,000,000 pixels, over --max-image-pixels 199,999,999"):
+        load_image(big, max_pixels=199_999_999)
+    assert Image.MAX_IMAGE_PIXELS == limit
+    with pytest.raises(ImageError, match="too large to decode safely"):  # None: Pillow's limit alone
+        load_image(bomb, max_pixels=None)
+
+
+def test_a_bomb_header_is_skipped_with_the_tools_own_message(hostile_env, tmp_path, capsys):
+    env = hostile_env
+    root = tmp_path / "root"
+    shutil.copytree(env["root"], root)
+    (root / "img" / "bomb.png").write_bytes(_png_header_only(100_000, 100_000))
+    data = root / "data.json"
+    data.write_text(json.dumps(env["good"] + [{"id": "bomb", "image": "img/bomb.png", "conversations": _conv()}]))
+    before = _digest_tree(root)
+    out = tmp_path / "out"
+    rc = cli.main(_run_args(dict(env, root=root), data, out, "--max-image-pixels", "50000000"))
+    assert rc == 0, capsys.readouterr().err
+    (entry,) = map(json.loads, (out / "skipped.jsonl").read_text().split("\n")[:-1])
+    assert entry["id"] == "bomb" and entry["reason"] == "image_too_large"
+    assert "100000x100000" in entry["detail"] and "over --max-image-pixels 50,000,000" in entry["detail"]
+    assert _digest_tree(root) == before
+
+
+def test_quota_on_a_field_some_records_lack_warns(hostile_env, tmp_path, capsys):
+    """Records without the quota's field form the group <none>: allowed, but said once on stderr."""
+    import pyarrow.parquet as pq
+
+    env = hostile_env
+    recs = [dict(r, lang="en" if i < 3 else "fr") if i < 4 else r for i, r in enumerate(env["good"])]
+    data = tmp_path / "with-lang.json"  # image paths are relative to --image-root, not to this file
+    data.write_text(json.dumps(recs))
+    out = tmp_path / "out"
+    rc = cli.main(_run_args(env, data, out, "--quota", "lang=fr>=30%"))
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    warned = [ln for ln in err.split("\n") if "lang" in ln]
+    assert warned == ["warning: --quota lang=...: 2 of 6 records have no field 'lang'; they form the group "
+                      "'<none>', bounded by the '*' rule if there is one"]
+    kept = [m["id"] for m in pq.read_table(out / "manifest.parquet").to_pylist() if m["kept"]]
+    assert "s3" in kept and len(kept) == 3  # the one 'fr' record holds its >= 30% share of 3
+
+
+def test_a_url_that_never_answers_fails_within_the_timeout(tiny, tmp_path):
+    """A local server (127.0.0.1 only) that accepts connections and never answers: the run fails with
+    one line naming the URL and the limit (SCALSELECT_URL_TIMEOUT_S, here 2 s) instead of hanging;
+    the subprocess's own timeout is what would catch a hang."""
+    import socket
+    import threading
+
+    pytest.importorskip("aiohttp")
+    held = []
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        server.settimeout(None)
+
+        def accept():
+            try:
+                while True:
+                    held.append(server.accept()[0])  # accepted, never read, never answered
+            except OSError:  # the socket closed at the end of the test
+                pass
+
+        threading.Thread(target=accept, daemon=True).start()
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/data.json"
+        try:
+            rc, _out, err = _cli_subprocess(_run_argv(tmp_path, tiny, data=url), {"SCALSELECT_URL_TIMEOUT_S": "2"},
+                                            timeout=90)
+        finally:
+            for c in held:
+                c.close()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and "Traceback" not in err and len(lines) == 1, err
+    assert f"--data '{url}': cannot reach it (no answer within 2 s; SCALSELECT_URL_TIMEOUT_S" in lines[0]
+    assert held, "the run never connected to the server"
+    assert not (tmp_path / "out").exists()
+
+
+def test_url_timeout_setting_is_validated(monkeypatch):
+    from scalselect_fast.data import DatasetError
+    from scalselect_fast.data.sources import URL_TIMEOUT_S, url_timeout
+
+    monkeypatch.delenv("SCALSELECT_URL_TIMEOUT_S", raising=False)
+    assert url_timeout() == URL_TIMEOUT_S == 30.0
+    monkeypatch.setenv("SCALSELECT_URL_TIMEOUT_S", "0.5")
+    assert url_timeout() == 0.5
+    for bad in ("0", "-1", "soon", "nan"):
+        monkeypatch.setenv("SCALSELECT_URL_TIMEOUT_S", bad)
+        with pytest.raises(DatasetError, match="SCALSELECT_URL_TIMEOUT_S=.*positive number of seconds"):
+            url_timeout()
+
+
+def _edit_between(monkeypatch, after_extract=None, before_output=None):
+    """Run ``after_extract()`` once the representations exist (before the fit) and ``before_output()``
+    once the scores exist (before the selection is written): another process editing the dataset
+    while the run uses it, at fixed points instead of a race."""
+    from scalselect_fast.run import stages
+
+    fit, score = stages._stage_fit, stages._stage_score
+
+    def fit_after(*a, **k):
+        if after_extract is not None:
+            after_extract()
+        return fit(*a, **k)
+
+    def score_before(*a, **k):
+        result = score(*a, **k)
+        if before_output is not None:
+            before_output()
+        return result
+
+    monkeypatch.setattr(stages, "_stage_fit", fit_after)
+    monkeypatch.setattr(stages, "_stage_score", score_before)
+
+
+@pytest.mark.parametrize("how", ["longer-text", "same-size-and-mtime"])
+def test_a_dataset_edited_during_the_run_is_refused_before_the_output(hostile_env, tmp_path, capsys, monkeypatch,
+                                                                      how):
+    """The selected dataset copies records from the input file: if the file changed after the run read
+    it, the copied text would not be the text the vectors were computed from. The run refuses, naming
+    the file, and commits no selection; the rerun is refused until --force."""
+    env = hostile_env
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(env["good"]))
+    original = data.read_bytes()
+
+    def edit():
+        if how == "longer-text":
+            data.write_text(json.dumps([dict(r, conversations=_conv("What is shown here, really?"))
+                                        for r in env["good"]]))
+        else:  # one letter of every record swapped, size and mtime kept: only the content tells
+            st = data.stat()
+            data.write_bytes(original.replace(b"What is shown?", b"What is sh0wn?"))
+            os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
+            assert data.stat().st_size == st.st_size and data.stat().st_mtime_ns == st.st_mtime_ns
+
+    _edit_between(monkeypatch, before_output=edit)
+    out = tmp_path / "out"
+    rc = cli.main(_run_args(env, data, out))
+    line = _one_line(capsys.readouterr().err)
+    assert rc == 2
+    assert line.startswith(f"error: {data} was edited while this run used --data {data}")
+    assert "so the selection was not written" in line and "--force" in line
+    assert not any((out / name).exists() for name in ("selected.json", "manifest.parquet", "report.json",
+                                                      "selected.txt", "subspace.npz"))
+    assert not list(out.glob(".*stage-*")), "a staged output was left behind"
+    # the next run sees the changed data in its fingerprint: refused, not silently mixed
+    monkeypatch.undo()
+    edited = data.read_bytes()
+    assert cli.main(_run_args(env, data, out)) == 2
+    assert "changed" in _one_line(capsys.readouterr().err)
+    assert cli.main(_run_args(env, data, out, "--force")) == 0
+    capsys.readouterr()
+    assert json.loads((out / "selected.json").read_text())[0] in json.loads(edited)
+    assert data.read_bytes() == edited
+
+
+def test_a_dataset_edited_and_restored_before_the_output_is_accepted(hostile_env, tmp_path, capsys, monkeypatch):
+    """What the check compares is the content: a file that is back to what the run read passes, and
+    the run's outputs equal an undisturbed run's."""
+    env = hostile_env
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(env["good"]))
+    original = data.read_bytes()
+    ref = tmp_path / "ref"
+    assert cli.main(_run_args(env, data, ref)) == 0
+    _edit_between(monkeypatch, after_extract=lambda: data.write_bytes(original.replace(b"shape", b"thing")),
+                  before_output=lambda: data.write_bytes(original))
+    out = tmp_path / "out"
+    assert cli.main(_run_args(env, data, out)) == 0, capsys.readouterr().err
+    assert (out / "selected.json").read_bytes() == (ref / "selected.json").read_bytes()
+
+
+def test_a_file_added_to_a_dataset_folder_during_the_run_is_refused(hostile_env, tmp_path, capsys, monkeypatch):
+    env = hostile_env
+    folder = tmp_path / "d"
+    folder.mkdir()
+    lines = [json.dumps(r) for r in env["good"]]
+    (folder / "a.jsonl").write_text("\n".join(lines[:3]) + "\n")
+    (folder / "b.jsonl").write_text("\n".join(lines[3:]) + "\n")
+    extra = json.dumps({"id": "late", "image": "img/0.png", "conversations": _conv()})
+    _edit_between(monkeypatch, before_output=lambda: (folder / "c.jsonl").write_text(extra + "\n"))
+    out = tmp_path / "out"
+    rc = cli.main(_run_args(env, folder, out))
+    line = _one_line(capsys.readouterr().err)
+    assert rc == 2 and line.startswith(f"error: {folder / 'c.jsonl'} was added while this run used --data")
+    assert not (out / "selected").exists() and not (out / "report.json").exists()

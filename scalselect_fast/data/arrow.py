@@ -9,7 +9,8 @@ the turns' roles and texts, the image structs' bytes and paths, the source) to t
 (``csrc/arrow_rows.cpp``, :func:`scalselect_fast.native.arrow_samples`), which builds the *plain*
 rows' objects with the C API:
 
-* a row is plain when its id needs no check (non-empty, no line break), every turn has a role
+* a row is plain when its id needs no check (non-empty, no line break; or the schema has no id
+  column and the row is named by its position, :func:`~.readers.position_id`), every turn has a role
   spelling the alias table knows as it is and a text, every image has bytes, and its placeholders
   match its images (as many ``<image>`` as images, or none, when the images go before the first
   user turn);
@@ -30,7 +31,7 @@ import numpy as np
 
 from ..native import HAVE_NATIVE, arrow_samples
 from .ids import IdRegistry
-from .readers import _ROLE_ALIASES, SOURCE_FIELDS, record_source
+from .readers import _ROLE_ALIASES, SOURCE_FIELDS, position_id, record_source
 from .sample import IMAGE_TOKEN, EmbeddedImage, LazyRow, Sample, _raw_slot
 
 __all__ = ["ArrowPlan"]
@@ -93,16 +94,19 @@ class ArrowPlan:
     ``image`` and ``images``, ...)."""
 
     @classmethod
-    def for_schema(cls, schema, id_field: str) -> "ArrowPlan | None":
+    def for_schema(cls, schema, id_field: str, positional: bool = False) -> "ArrowPlan | None":
+        """The plan for batches of ``schema``, or ``None`` (every row through the record path).
+        ``positional``: rows of a schema without ``id_field`` get their positional id
+        (:func:`~.readers.position_id`), as the record path gives them (:class:`~.readers.IdRule`)."""
         import pyarrow.types as pt
 
         if not HAVE_NATIVE:  # the samples are built by the extension; without it, the record path
             return None
         names = schema.names
-        if len(set(names)) != len(names) or id_field not in names:
+        if len(set(names)) != len(names) or (id_field not in names and not positional):
             return None
-        idt = schema.field(id_field).type
-        if not (_is_str(idt) or pt.is_integer(idt)):
+        idt = schema.field(id_field).type if id_field in names else None
+        if idt is not None and not (_is_str(idt) or pt.is_integer(idt)):
             return None
         flavours = [k for k in ("conversations", "messages", "texts") if k in names]
         if len(flavours) != 1 or flavours[0] not in _TURN_FIELDS:
@@ -134,7 +138,7 @@ class ArrowPlan:
         # whether each array the native side reads has 64-bit offsets (large_string, large_list, ...)
         img_t = schema.field(img_fields[0]).type if img_fields else None
         item_t = img_t.value_type if kind == "struct_list" else img_t
-        plan.large = {"id": _large(idt), "turns": _large(t), "role": _large(sub[role_f]), "text": _large(sub[text_f]),
+        plan.large = {"id": idt is not None and _large(idt), "turns": _large(t), "role": _large(sub[role_f]), "text": _large(sub[text_f]),
                       "images": kind == "struct_list" and _large(img_t),
                       "bytes": kind is not None and _large(item_t if kind == "bytes" else item_t.field("bytes").type),
                       "path": kind in ("struct", "struct_list") and _large(item_t.field("path").type),
@@ -144,10 +148,11 @@ class ArrowPlan:
         plan.kind = kind
         plan.sources = sources
         plan.one_str_source = len(sources) == 1 and _is_str(schema.field(sources[0]).type)
-        plan.int_ids = pt.is_integer(idt)
+        plan.int_ids = idt is not None and pt.is_integer(idt)
+        plan.positional = idt is None
         return plan
 
-    def samples(self, batch, index: int, local: int, where: str, registry: IdRegistry
+    def samples(self, batch, index: int, local: int, where: str, registry: IdRegistry, name: str = ""
                 ) -> Iterator[tuple[list, list[int]]]:
         """The batch's plain rows as samples, built by the native extension from the column buffers,
         :data:`CHUNK_ROWS` rows at a time.
@@ -159,6 +164,9 @@ class ArrowPlan:
             ``local`` of its file, which is called ``where`` (names unnamed embedded images).
         registry : IdRegistry
             The plain rows' ids are added to it here, a chunk at a time.
+        name : str
+            The file's name relative to the dataset root: a schema without an id column names its
+            rows ``<name>#<row in file>``.
 
         Yields
         ------
@@ -177,11 +185,12 @@ class ArrowPlan:
             "turns": _list(conv, large["turns"]), "turn_valid": _bits(turns),
             "roles": _strings(turns.field(self.role_f), large["role"]),
             "texts": _strings(turns.field(self.text_f), large["text"])}
-        col = batch.column(self.id_field)
-        if self.int_ids:  # str(int) is never empty and holds no line break
-            spec["id_list"] = [None if v is None else str(v) for v in col.to_pylist()]
+        if self.positional:  # no id column: each row's place in its file, as the record path names it
+            spec["id_list"] = [position_id(name, local + i) for i in range(n)]
+        elif self.int_ids:  # str(int) is never empty and holds no line break
+            spec["id_list"] = [None if v is None else str(v) for v in batch.column(self.id_field).to_pylist()]
         else:
-            spec["ids"] = _strings(col, large["id"])
+            spec["ids"] = _strings(batch.column(self.id_field), large["id"])
         if self.kind is not None:
             col = batch.column(self.img_field)
             spec["image_kind"] = self.kind

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from .sample import DatasetError
-from .sources import Container, DataSource, InputFile, register_container
+from .sources import NO_ID_FIELD, Container, DataSource, InputFile, register_container
 
 __all__ = ["hf_object_source", "is_save_to_disk_dir"]
 
@@ -38,15 +38,44 @@ def is_save_to_disk_dir(path: str) -> bool:
         or os.path.isfile(os.path.join(path, "dataset_dict.json")))
 
 
+def _splits(path: str) -> list[str]:
+    """The split folders of a ``DatasetDict.save_to_disk`` folder (from ``dataset_dict.json``)."""
+    import json
+
+    try:
+        with open(os.path.join(path, "dataset_dict.json"), encoding="utf-8") as fh:
+            splits = [str(s) for s in json.load(fh)["splits"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        splits = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+    return [s for s in splits if is_save_to_disk_dir(os.path.join(path, s))]
+
+
+def split_dir(path: str) -> str:
+    """Container hook: the folder to read for a ``save_to_disk`` folder named as ``--data``.
+
+    A ``Dataset`` folder is itself. A ``DatasetDict`` folder (``dataset_dict.json`` + one folder per
+    split) with a single split is that split's folder; with several, which one to select from is the
+    user's choice: a :class:`DatasetError` lists them and the ``--data`` spelling of each.
+    """
+    if not os.path.isfile(os.path.join(path, "dataset_dict.json")):
+        return path
+    splits = _splits(path)
+    if len(splits) == 1:
+        return os.path.join(path, splits[0])
+    if not splits:
+        raise DatasetError(f"--data {path!r} is a DatasetDict folder without any split folder (dataset_dict.json "
+                           "names none that holds a saved dataset); save the dataset again", reason="format",
+                           path=path)
+    raise DatasetError(f"--data {path!r} is a DatasetDict with splits {splits}; select from one split: "
+                       + " or ".join(f"--data {os.path.join(path, s)}" for s in splits), reason="format",
+                       path=path)
+
+
 def _load(file: InputFile):
     ds_mod = _datasets(file.path)
-    if os.path.isfile(os.path.join(file.path, "dataset_dict.json")):
-        splits = sorted(d for d in os.listdir(file.path) if os.path.isdir(os.path.join(file.path, d)))
-        raise DatasetError(f"--data {file.path!r} is a DatasetDict with splits {splits}; pass one split's "
-                           f"directory, e.g. {os.path.join(file.path, splits[0] if splits else 'train')}",
-                           reason="format", path=file.path)
+    path = split_dir(file.path)  # open_source resolves it already; an InputFile made by hand may not
     try:
-        return ds_mod.load_from_disk(file.path)
+        return ds_mod.load_from_disk(path)
     except Exception as e:  # FileNotFoundError, json errors in state.json, Arrow errors
         raise DatasetError(f"cannot read the datasets directory {file.path!r}: {str(e).splitlines()[0]}",
                            reason="malformed", path=file.path) from None
@@ -133,14 +162,17 @@ def _dir_ids(file: InputFile, id_field: str) -> Iterator[tuple[int, str | None]]
     from .readers import arrow_ids, usable_id_type
 
     ds = _load(file)
-    if id_field not in ds.column_names or not usable_id_type(ds.data.schema.field(id_field).type):
+    if id_field not in ds.column_names:
+        yield from ((i, NO_ID_FIELD) for i in range(ds.num_rows))
+        return
+    if not usable_id_type(ds.data.schema.field(id_field).type):
         yield from ((i, None) for i in range(ds.num_rows))  # every record is skipped when read
         return
     yield from enumerate(arrow_ids(iter_dataset_batches(ds.select_columns([id_field]), file.path)))
 
 
 register_container(Container("datasets", iter_records=_iter_dir, count=_count_dir,
-                             is_dataset_dir=is_save_to_disk_dir, ids=_dir_ids,
+                             is_dataset_dir=is_save_to_disk_dir, dataset_dir=split_dir, ids=_dir_ids,
                              iter_batches=lambda f, columns=None: iter_dataset_batches(_columns(_load(f), columns),
                                                                                        f.path)))
 
@@ -179,6 +211,9 @@ class _ObjectSource(DataSource):
 
     def input_paths(self) -> list[str]:
         return []
+
+    def relative_name(self, file: InputFile) -> str:
+        return ""  # an object has no file: its rows' positional ids are "#<row>"
 
     def total_bytes(self) -> int:
         try:

@@ -11,6 +11,7 @@ import errno
 import io
 import os
 import stat
+import threading
 import warnings
 from pathlib import Path
 
@@ -146,6 +147,30 @@ def _file_kind(mode: int) -> str:
     return "not a regular file"
 
 
+#: held while Pillow's own pixel limit is lifted (a process-wide setting), so it is restored exactly once
+_PILLOW_LIMIT_LOCK = threading.Lock()
+
+
+def _decode(source, path: str, max_pixels: int | None):
+    """Open ``source``, refuse it from the header if over ``max_pixels``, else decode it to RGB."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        if max_pixels is not None:  # refused below, before decoding: Pillow's warning is noise
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        im = Image.open(source)
+    with im:
+        if max_pixels is not None and im.width * im.height > max_pixels:
+            raise ImageError(f"image {path!r} is {im.width}x{im.height} = {im.width * im.height:,} "
+                             f"pixels, over --max-image-pixels {max_pixels:,}; skipped without decoding "
+                             f"(raise the limit to use it)", path=path, reason=REASON_IMAGE_TOO_LARGE)
+        with warnings.catch_warnings():
+            if max_pixels is not None:
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im.load()
+        return im.convert("RGB")
+
+
 def load_image(path: "str | os.PathLike | EmbeddedImage", max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
     """Open and fully decode an image as RGB.
 
@@ -160,7 +185,8 @@ def load_image(path: "str | os.PathLike | EmbeddedImage", max_pixels: int | None
         name ``EmbeddedImage.name``).
     max_pixels : int or None
         Refuse images with more than this many pixels (width x height) before decoding them;
-        default :data:`DEFAULT_MAX_IMAGE_PIXELS`. ``None`` leaves only Pillow's own bomb limit.
+        default :data:`DEFAULT_MAX_IMAGE_PIXELS`. This limit alone decides, above or below Pillow's
+        own decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``). ``None`` leaves only Pillow's.
 
     Returns
     -------
@@ -183,17 +209,20 @@ def load_image(path: "str | os.PathLike | EmbeddedImage", max_pixels: int | None
     try:
         source = io.BytesIO(data) if embedded else _open_regular(path)
         with source:
-            with warnings.catch_warnings():
-                if max_pixels is not None:  # refused below, before decoding: Pillow's warning is noise
-                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                im = Image.open(source)
-            with im:
-                if max_pixels is not None and im.width * im.height > max_pixels:
-                    raise ImageError(f"image {path!r} is {im.width}x{im.height} = {im.width * im.height:,} "
-                                     f"pixels, over --max-image-pixels {max_pixels:,}; skipped without decoding "
-                                     f"(raise the limit to use it)", path=path, reason=REASON_IMAGE_TOO_LARGE)
-                im.load()
-                rgb = im.convert("RGB")
+            try:
+                rgb = _decode(source, path, max_pixels)
+            except Image.DecompressionBombError:
+                if max_pixels is None:
+                    raise
+                # Pillow refuses over 2 x its MAX_IMAGE_PIXELS (179 Mpx) before we see the size: read
+                # the header again with its limit off, so --max-image-pixels decides, with its message
+                source.seek(0)
+                with _PILLOW_LIMIT_LOCK:
+                    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+                    try:
+                        rgb = _decode(source, path, max_pixels)
+                    finally:
+                        Image.MAX_IMAGE_PIXELS = saved
     except ImageError:
         raise
     except FileNotFoundError:

@@ -26,8 +26,10 @@ record, see below), an empty dataset (no records, or every record skipped), a no
 ``image_root``, and for several files: a glob that matches nothing, mixed containers, Parquet
 shards with different schemas.
 
-Per sample (the sample is not yielded): a missing or invalid required field (``id``,
-``conversations``/``messages``, a turn's role or text), an image path that escapes ``image_root``
+Per sample (the sample is not yielded): a missing or invalid required field (an ``id`` that is
+there but null, empty or not a string/integer, or missing when ``id_field`` names it; a record with
+no ``id`` field at all gets its positional id, see :class:`IdRule`; ``conversations``/``messages``,
+a turn's role or text), an image path that escapes ``image_root``
 or is not a local path, placeholders that cannot be matched to images. With a ``skip_log`` these are
 written to it (one line each, never silently) and reading continues; without one they raise
 :class:`DatasetError` naming the record, the field and the fix. Missing/corrupt image *files* are
@@ -57,7 +59,8 @@ from .images import ImagePathError, ImageResolver, resolve_root
 from .sample import (IMAGE_TOKEN, REASON_IMAGE_EMPTY, REASON_INVALID_FIELD, REASON_INVALID_ID, REASON_MISSING_FIELD,
                      REASON_PLACEHOLDER_MISMATCH, DatasetError, EmbeddedImage, Sample, UnusableRecord,
                      _where)
-from .sources import Container, DataSource, InputFile, containers, open_source, register_container
+from .sources import (NO_ID_FIELD, Container, DataSource, InputFile, check_data_argument, containers, open_source,
+                      register_container, sniff_container)
 
 #: the built-in containers (more may be registered: see :mod:`.sources`)
 FORMATS = ("auto", "json", "jsonl", "parquet")
@@ -81,6 +84,7 @@ PARQUET_BATCH_ROWS = 1024
 def detect_format(path: str | os.PathLike) -> str:
     """Return the container of ``path`` (a file, directory, glob, URL or list): ``"json"``, ``"jsonl"``,
     ``"parquet"`` or another registered container, from the files' first bytes."""
+    check_data_argument(path, "detect_format: path")
     return open_source(path).container
 
 
@@ -418,7 +422,10 @@ def _one_json_object(head: bytes, name: str) -> bool:
 def _record_ids(iter_records):
     def ids(file: InputFile, id_field: str):
         for local, _line, record in iter_records(file):
-            yield local, record_id_or_none(record, id_field)
+            if isinstance(record, dict) and id_field not in record:
+                yield local, NO_ID_FIELD
+            else:
+                yield local, record_id_or_none(record, id_field)
     return ids
 
 
@@ -445,8 +452,11 @@ def usable_id_type(t) -> bool:
 
 def _parquet_ids(file: InputFile, id_field: str):
     pf = _open_parquet(file)
-    field = pf.schema_arrow.field(id_field) if id_field in pf.schema_arrow.names else None
-    if field is None or not usable_id_type(field.type):
+    if id_field not in pf.schema_arrow.names:
+        yield from ((i, NO_ID_FIELD) for i in range(pf.metadata.num_rows))
+        return
+    field = pf.schema_arrow.field(id_field)
+    if not usable_id_type(field.type):
         # no usable id column: every record is skipped (missing/invalid id) when read
         yield from ((i, None) for i in range(pf.metadata.num_rows))
         return
@@ -495,6 +505,7 @@ def iter_records(path, format: str = "auto") -> Iterator[tuple[int, int | None, 
     glob, URL, list, or ``datasets`` object); ``index`` is global across files (sorted file names,
     then record order) and ``line`` is the line inside the record's own file.
     """
+    check_data_argument(path, "iter_records: path", format)
     for index, line, record, _f, _l in open_source(path, format).iter_records():
         yield index, line, record
 
@@ -507,6 +518,7 @@ def count_records(path, format: str = "auto") -> int:
     starts; Parquet reads only footers (its pages are checked when they are decoded).
     """
     try:
+        check_data_argument(path, "count_records: path", format)
         return open_source(path, format).count()
     except DatasetError as e:
         if e.reason == "empty":  # an empty file holds zero records; that is an answer, not an error
@@ -547,7 +559,28 @@ def record_id(record: Any, id_field: str = "id") -> str:
     if "\n" in value or "\r" in value:
         raise _Problem(REASON_INVALID_ID, f"id {value!r} contains a line break; ids are written one per line, "
                                           "so give this record a single-line id", sample_id=value)
+    if not value.isascii() and _SURROGATE.search(value):
+        raise _Problem(REASON_INVALID_ID, f"id {value!r} holds {_surrogate_text(value)}, which is not valid "
+                                          "Unicode text and cannot be written out as UTF-8; give this record "
+                                          "a valid id", sample_id=value)
     return value
+
+
+#: a lone UTF-16 surrogate: valid in JSON (``"\ud800"``), not a character, so no UTF-8 encoding exists
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def writable_text(text: str) -> str:
+    """``text`` with every lone surrogate written as its ``\\uXXXX`` escape (what the JSON input said),
+    so UTF-8 outputs (Parquet manifest, report) can hold it; ``text`` itself when it has none."""
+    if text.isascii() or not _SURROGATE.search(text):
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _surrogate_text(text: str) -> str:
+    m = _SURROGATE.search(text)
+    return f"a lone surrogate (U+{ord(m.group()):04X} at character {m.start()})"
 
 
 def record_id_or_none(record: Any, id_field: str = "id") -> str | None:
@@ -556,6 +589,48 @@ def record_id_or_none(record: Any, id_field: str = "id") -> str | None:
         return record_id(record, id_field)
     except _Problem:
         return None
+
+
+#: the field read as the id when none is named
+DEFAULT_ID_FIELD = "id"
+
+
+def position_id(name: str, row: int) -> str:
+    """The id of a record that has none: ``<file relative to the dataset root>#<row in that file>``
+    (``ai2d/train-00000-of-00001.parquet#17``; ``#17`` for a ``datasets`` object given in Python).
+
+    It depends only on the files and their rows, not on the order ``--data`` listed them in or on
+    which records a run reads (see :meth:`~.sources.DataSource.relative_name`).
+    """
+    return f"{name}#{row}"
+
+
+class IdRule:
+    """Where a record's id comes from, decided once per read from ``id_field``.
+
+    ``id_field=None`` (the default): the ``id`` field, and a record that has no ``id`` field at all
+    (an Arrow file without an ``id`` column: the Cauldron, FineVision) gets :func:`position_id`. A
+    field that is there but null, empty or not a string/integer still makes the record unusable.
+    A named ``id_field`` must be there: a record without it is skipped (``missing_field``).
+    """
+
+    __slots__ = ("field", "positional")
+
+    def __init__(self, id_field: "str | None" = None):
+        if id_field is not None and (not isinstance(id_field, str) or not id_field):
+            raise ValueError(f"id_field must be a column name or None, got {id_field!r}")
+        self.field = DEFAULT_ID_FIELD if id_field is None else id_field
+        self.positional = id_field is None
+
+    def by_position(self, record: Any) -> bool:
+        """Whether ``record`` is named by its position (it has no id field and none was required)."""
+        return self.positional and isinstance(record, dict) and self.field not in record
+
+    def of(self, record: Any, name: str, row: int) -> str | None:
+        """The id of ``record`` (row ``row`` of the file called ``name``), or ``None`` if it has no usable one."""
+        if self.by_position(record):
+            return position_id(name, row)
+        return record_id_or_none(record, self.field)
 
 
 def _image_refs(value: Any, field: str) -> list[Any]:
@@ -734,8 +809,12 @@ def _assemble(sid: str, messages: list[dict], part_paths: list[Any], n_parts: in
                                                  "has no 'images' list")
         raw = _image_refs(part_paths, "content")
     n_placeholders = 0
-    for m in messages:
-        n_placeholders += m["content"].count(IMAGE_TOKEN)
+    for t, m in enumerate(messages):
+        text = m["content"]
+        n_placeholders += text.count(IMAGE_TOKEN)
+        if not text.isascii() and _SURROGATE.search(text):  # a tokenizer cannot take it (nor UTF-8)
+            raise _Problem(REASON_INVALID_FIELD, f"message {t} ({m['role']}) holds {_surrogate_text(text)}, "
+                                                 "which is not valid Unicode text; fix the text of this record")
     if raw and n_placeholders == 0:
         # LLaVA convention (and the Cauldron's): images go before the first user text.
         first_user = next((m for m in messages if m["role"] == "user"), None)
@@ -782,7 +861,7 @@ def record_source(record: Any) -> str | None:
     return None
 
 
-def _raise_duplicates(source: DataSource, registry: IdRegistry, id_field: str) -> None:
+def _raise_duplicates(source: DataSource, registry: IdRegistry, rule: IdRule) -> None:
     """Raise :class:`DatasetError` for the first (by later position) confirmed duplicate id, if any."""
     candidates = registry.duplicates()
     if not candidates:
@@ -792,7 +871,7 @@ def _raise_duplicates(source: DataSource, registry: IdRegistry, id_field: str) -
     seen: dict[int, tuple[str | None, InputFile, int, int | None]] = {}
     for index, line, record, file, local in source.iter_records():  # error path only: a second pass
         if index in wanted:
-            seen[index] = (record_id_or_none(record, id_field), file, local, line)
+            seen[index] = (rule.of(record, source.relative_name(file), local), file, local, line)
         if index >= last:
             break
     for a, b in candidates:
@@ -805,15 +884,17 @@ def _raise_duplicates(source: DataSource, registry: IdRegistry, id_field: str) -
                            sample_id=sid)
 
 
-def check_unique_ids(data, format: str = "auto", id_field: str = "id") -> int:
+def check_unique_ids(data, format: str = "auto", id_field: str | None = None) -> int:
     """Raise :class:`DatasetError` if two records share an id; return the number of records with an id.
 
     Reads only the ids where the container allows it (a Parquet file's id column); memory stays
     constant (see :mod:`.ids`). ``scalselect run`` calls it before extraction so a duplicate stops
     the run before any model work; the same pass gives the record counts (cached on the source).
-    Containers without an id reader are checked while reading.
+    Containers without an id reader are checked while reading. ``id_field`` as for
+    :func:`read_dataset` (records without an id field are counted with their positional id).
     """
     source = open_source(data, format)
+    rule = IdRule(id_field)
     c = containers()[source.container]
     with IdRegistry() as registry:
         if c.ids is not None and source.dataset is None:
@@ -821,7 +902,10 @@ def check_unique_ids(data, format: str = "auto", id_field: str = "id") -> int:
             source.check_schemas()
             for f in source.files:
                 n = 0
-                for local, sid in c.ids(f, id_field):  # every record, so this pass also counts them
+                name = source.relative_name(f)
+                for local, sid in c.ids(f, rule.field):  # every record, so this pass also counts them
+                    if sid is NO_ID_FIELD:
+                        sid = position_id(name, local) if rule.positional else None
                     if sid is not None:
                         registry.add(sid, offset + local)
                     n = local + 1
@@ -830,11 +914,11 @@ def check_unique_ids(data, format: str = "auto", id_field: str = "id") -> int:
             if source._counts is None:  # a JSON/JSONL count is a full parse: do not make it twice
                 source._counts = counts
         else:
-            for index, _line, record, _f, _l in source.iter_records():
-                sid = record_id_or_none(record, id_field) if isinstance(record, dict) else None
+            for index, _line, record, f, local in source.iter_records():
+                sid = rule.of(record, source.relative_name(f), local) if isinstance(record, dict) else None
                 if sid is not None:
                     registry.add(sid, index)
-        _raise_duplicates(source, registry, id_field)
+        _raise_duplicates(source, registry, rule)
         return registry.count
 
 
@@ -851,7 +935,7 @@ class _RemoteImages:
 
 
 def read_dataset(path, image_root: str | os.PathLike | None = None,
-                 format: str = "auto", skip_log=None, id_field: str = "id") -> Iterator[Sample]:
+                 format: str = "auto", skip_log=None, id_field: str | None = None) -> Iterator[Sample]:
     """Stream the samples of a dataset.
 
     Parameters
@@ -870,8 +954,12 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
         ``"jsonl"``, ``"parquet"``, ...).
     skip_log : SkipLog, optional
         Where per-sample problems go (reading continues). Without it they raise.
-    id_field : str
-        Record field that holds the unique id (unique across all files).
+    id_field : str, optional
+        Record field (column) that holds the unique id (unique across all files). ``None`` (the
+        default): ``id``, and a record with no ``id`` field at all (a Parquet file or ``datasets``
+        folder without an ``id`` column, as the Cauldron and FineVision ship) gets the positional id
+        ``<file relative to the dataset root>#<row in the file>`` (:func:`position_id`). A named
+        field is required: a record without it is skipped with ``missing_field``.
 
     Yields
     ------
@@ -886,11 +974,21 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
         duplicate ids, empty dataset, ...) and, without a ``skip_log``, per-sample problems. The
         message names the file, record and line.
     """
+    check_data_argument(path, "read_dataset: path", format)
+    if image_root is not None and not (isinstance(image_root, str) or (
+            isinstance(image_root, os.PathLike) and isinstance(os.fspath(image_root), str))):
+        raise TypeError(f"read_dataset: image_root must be a directory path (str or os.PathLike) or None, got "
+                        f"{type(image_root).__name__}")
     source = open_source(path, format)
+    rule = IdRule(id_field)
+    id_field = rule.field
     root = resolve_root(image_root) if image_root is not None else None
     resolvers: dict[str, Any] = {}
+    names: dict[str, str] = {}  # file path -> name relative to the dataset root (positional ids)
     many = not source.single
     n_records = n_skipped = 0
+    reasons: dict[str, int] = {}  # skips per reason, and the first of each, for the all-skipped message
+    examples: dict[str, dict] = {}
 
     def resolver(file: InputFile):  # image paths resolve relative to the record's own file
         if root is not None:
@@ -908,6 +1006,10 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
                                line=line, sample_id=sid) from None
         skip_log.add(sid if sid is not None else p.sample_id, index, p.reason, p.detail, line=line,
                      file=file.path if many else None)
+        reasons[p.reason] = reasons.get(p.reason, 0) + 1
+        if p.reason not in examples:
+            examples[p.reason] = {"id": sid if sid is not None else p.sample_id, "index": local, "line": line,
+                                  "file": file.path, "detail": p.detail}
 
     with IdRegistry() as registry:  # duplicate ids: constant memory, checked once every id is known
         add_id = registry.add
@@ -920,7 +1022,11 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
                     sid = record.sample_id
                     raise _Problem(record.reason, record.detail)
                 if sid is None:
-                    sid = record_id(record, id_field)
+                    if rule.by_position(record):
+                        name = names.get(file.path) or names.setdefault(file.path, source.relative_name(file))
+                        sid = position_id(name, local)
+                    else:
+                        sid = record_id(record, id_field)
                     add_id(sid, index)
                 return parse_record(record, index=index, line=line, resolve=resolve, id_field=id_field,
                                     sample_id=sid, where=file.name, local=local)
@@ -938,13 +1044,14 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
                 n_records += batch.num_rows
                 if schema is None or not batch.schema.equals(schema):  # (hashing a schema costs 6 us)
                     schema = batch.schema
-                    plan = ArrowPlan.for_schema(schema, id_field)
+                    plan = ArrowPlan.for_schema(schema, id_field, rule.positional)
                 if plan is None:  # every row through the record path
                     records = batch.to_pylist()
                     chunks = [([None] * batch.num_rows, list(range(batch.num_rows)))]
                 else:
                     records = None
-                    chunks = plan.samples(batch, index0, local0, file.name, registry)
+                    name = names.get(file.path) or names.setdefault(file.path, source.relative_name(file))
+                    chunks = plan.samples(batch, index0, local0, file.name, registry, name)
                 start = 0
                 for samples, others in chunks:
                     if not others:
@@ -976,13 +1083,33 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
                     n_skipped += 1
                     continue
                 yield sample
-        _raise_duplicates(source, registry, id_field)
+        _raise_duplicates(source, registry, rule)
     n_yielded = n_records - n_skipped
     if n_records == 0:
         raise DatasetError(f"dataset {source.label!r} is empty (no records)", reason="empty",
                            path=source.files[0].path if source.files else None)
     if n_yielded == 0:
-        where = f" (see {skip_log.path})" if skip_log is not None and hasattr(skip_log, "path") else ""
-        raise DatasetError(f"dataset {source.label!r}: all {n_records} records were skipped{where}; nothing "
-                           "to select. Check the record layout and --image-root", reason="empty",
+        from .skiplog import summarize_skips
+
+        logged = getattr(skip_log, "path", None)
+        where = f"; every one is listed in {logged}" if logged is not None else ""
+        top = min(reasons, key=lambda r: (-reasons[r], r)) if reasons else None
+        why = summarize_skips(reasons, examples.get(top))
+        raise DatasetError(f"dataset {source.label!r}: all {n_records} records were skipped, nothing to select: "
+                           f"{why}{where}{format_mismatch_hint(source)}", reason="empty",
                            path=source.files[0].path if source.files else None)
+
+
+def format_mismatch_hint(source: DataSource) -> str:
+    """``". Its content is json, but it was read as jsonl ..."`` when the first file's content is another
+    container than the one it was read as (a JSON list under ``--format jsonl``), else ``""``."""
+    if not source.files or (source.files[0].local and os.path.isdir(source.files[0].path)):
+        return ""
+    try:
+        kind = sniff_container(source.files[0])
+    except DatasetError:
+        return ""
+    if kind == source.container:
+        return ""
+    return (f". Its content is {kind}, but it was read as {source.container} (--format {source.container}): "
+            f"pass --format {kind} or --format auto")

@@ -37,7 +37,8 @@ ROLES = ("system", "user", "assistant")
 # Skip reasons written to ``skipped.jsonl`` (stable strings: reports group by them).
 REASON_MISSING_FIELD = "missing_field"
 REASON_INVALID_FIELD = "invalid_field"
-#: an id holding a line break (``\n`` / ``\r``): ids are stored one per line, so it cannot be kept
+#: an id holding a line break (``\n`` / ``\r``: ids are stored one per line) or a lone surrogate (no UTF-8
+#: form): it cannot be kept
 REASON_INVALID_ID = "invalid_id"
 REASON_IMAGE_OUTSIDE_ROOT = "image_outside_root"
 REASON_PLACEHOLDER_MISMATCH = "image_placeholder_mismatch"

@@ -2,8 +2,8 @@
 
 One JSON object per line: ``{"id", "index", "reason", "detail", ...extra}``. Lines end with ``\\n``
 and nothing else: U+0085, U+2028 and U+2029 (line breaks to ``str.splitlines`` and to some editors)
-are written as ``\\uXXXX`` escapes, and :func:`read_skip_log` splits on ``\\n`` only, so an id holding
-one of them never splits an entry. Lines are appended with
+and lone surrogates (no UTF-8 form) are written as ``\\uXXXX`` escapes, and :func:`read_skip_log`
+splits on ``\\n`` only, so an id holding one of them never splits an entry. Lines are appended with
 a single ``write`` on an ``O_APPEND`` descriptor (so a crash leaves at most one torn final line, and
 several processes can append to one file without interleaving lines), and flushed to the OS at once,
 so a ``kill -9`` loses nothing already reported. Reopening the file (a resumed run) reads the
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -22,10 +23,17 @@ from pathlib import Path
 _LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
+#: a lone UTF-16 surrogate (an id or detail read from ``"\ud800"`` in JSON): no UTF-8 encoding exists
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _dumps(entry: dict) -> str:
     # readable UTF-8 for everything else; in JSON these three can only occur inside strings, where the
     # \uXXXX escape reads back as the same character
-    return json.dumps(entry, ensure_ascii=False).translate(_LINE_BREAKS)
+    text = json.dumps(entry, ensure_ascii=False).translate(_LINE_BREAKS)
+    if not text.isascii():  # lone surrogates as \uXXXX too: read back, they are the same string
+        text = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return text
 
 
 def read_skip_log(path: str | os.PathLike) -> list[dict]:
@@ -49,6 +57,64 @@ def read_skip_log(path: str | os.PathLike) -> list[dict]:
         if isinstance(entry, dict):
             out.append(entry)
     return out
+
+
+#: what to check first for the most common reason a whole dataset is skipped
+_HINTS = {
+    "missing_field": "the records lack a field the readers need: check the layout (LLaVA conversations, "
+                     "ShareGPT messages or the Cauldron's texts) and, for ids, --id-field",
+    "invalid_field": "a field has the wrong type: check the record layout",
+    "image_outside_root": "check --image-root (image paths must resolve inside it)",
+    "image_missing": "check --image-root (the folder the image paths are relative to)",
+    "text_only": "no record has an image; ScalSelect ranks samples by their visual tokens",
+    "image_empty": "the image structs hold neither bytes nor a path",
+    "image_placeholder_mismatch": "the number of <image> placeholders does not match the images",
+}
+
+
+def summarize_skips(counts: "dict[str, int] | Counter", example: dict | None = None, top: int = 3) -> str:
+    """One line naming the most common skip reasons with their counts and one example record.
+
+    Parameters
+    ----------
+    counts : mapping of reason -> number of records
+    example : dict, optional
+        One skip entry of the most common reason (``{"id", "index", "detail", "file"?, "line"?}``).
+    top : int
+        Reasons named; the rest are counted together.
+
+    Returns
+    -------
+    str
+        ``"missing_field: 400 (e.g. record 0 of a.parquet: missing required field 'id' ...)"``, then
+        what to check for that reason.
+    """
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))
+    parts = [f"{reason}: {n}" for reason, n in ranked[:top]]
+    if len(ranked) > top:
+        parts.append(f"{len(ranked) - top} other reason(s): {sum(n for _r, n in ranked[top:])}")
+    text = ", ".join(parts) or "no reason recorded"
+    if example is not None:
+        where = f"record {example.get('index')}"
+        if example.get("line") is not None:
+            where += f" (line {example['line']})"
+        if example.get("file"):
+            where += f" of {example['file']}"
+        if example.get("id") is not None:
+            where += f", id {example['id']!r}"
+        detail = str(example.get("detail") or "").splitlines()[0] if example.get("detail") else ""
+        text += f" (e.g. {where}: {detail[:300]})" if detail else f" (e.g. {where})"
+    hint = _HINTS.get(ranked[0][0]) if ranked else None
+    return text + (f"; {hint}" if hint else "")
+
+
+def summarize_skip_log(path: str | os.PathLike, top: int = 3) -> str:
+    """:func:`summarize_skips` of a ``skipped.jsonl`` (its first entry of the most common reason)."""
+    entries = read_skip_log(path)
+    counts = Counter(e.get("reason") for e in entries)
+    first = min(counts, key=lambda r: (-counts[r], str(r))) if counts else None  # summarize_skips' order
+    example = next((e for e in entries if e.get("reason") == first), None)
+    return summarize_skips(counts, example, top)
 
 
 class SkipLog:

@@ -24,6 +24,7 @@ import functools
 import glob as _glob
 import hashlib
 import os
+import posixpath
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,7 +33,19 @@ from typing import Any
 from .sample import DatasetError
 
 __all__ = ["Container", "DataSource", "InputFile", "register_container", "containers", "open_source",
-           "input_files", "SNIFF_BYTES"]
+           "input_files", "check_data_argument", "sniff_container", "SNIFF_BYTES", "NO_ID_FIELD"]
+
+
+class _NoIdField:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NO_ID_FIELD"
+
+
+#: what a container's ``ids`` hook yields for a record that has no id field at all (it may then be
+#: named by its position: :class:`~.readers.IdRule`)
+NO_ID_FIELD = _NoIdField()
 
 #: bytes read from the start of each file to recognise its container
 SNIFF_BYTES = 4096
@@ -83,34 +96,79 @@ class InputFile:
                 return open(self.path, "rb")
             return self.fs.open(self.fs_path, "rb")
         except Exception as e:  # OSError locally; backends raise their own (ClientError, HTTPError ...)
-            raise DatasetError(f"cannot read dataset {self.path!r}: {_why(e)}", reason="io",
-                               path=self.path) from None
+            raise self._unreadable(e) from None
+
+    def _unreadable(self, e: BaseException) -> DatasetError:
+        why = _why(e) if self.fs is None else _why_remote(e)
+        return DatasetError(f"cannot read dataset {self.path!r}: {why}", reason="io", path=self.path)
 
     def size(self) -> int:
+        """Bytes of the file (of its member files, for a dataset folder)."""
         try:
+            if self.fs is None and os.path.isdir(self.path):
+                return sum(os.path.getsize(p) for _n, p in folder_members(self.path))
             return os.path.getsize(self.path) if self.fs is None else int(self.fs.size(self.fs_path))
         except Exception as e:
-            raise DatasetError(f"cannot read dataset {self.path!r}: {_why(e)}", reason="io",
-                               path=self.path) from None
+            raise self._unreadable(e) from None
 
     def head(self, n: int = SNIFF_BYTES) -> bytes:
         with self.open() as fh:
             try:
                 return fh.read(n)
             except Exception as e:
-                raise DatasetError(f"cannot read dataset {self.path!r}: {_why(e)}", reason="io",
-                                   path=self.path) from None
+                raise self._unreadable(e) from None
 
 
 _DIGESTS: dict[tuple, str] = {}
 
 
+def folder_members(path: str) -> list[tuple[str, str]]:
+    """The files that make up a dataset folder (``save_to_disk``): ``(name relative to the folder,
+    absolute path)``, sorted by name.
+
+    ``state.json`` names the Arrow files ``load_from_disk`` reads; those, ``state.json`` and
+    ``dataset_info.json`` are the members (a ``cache-*.arrow`` left by a ``map`` is not data). A
+    folder whose ``state.json`` cannot be read lists every non-hidden file in it instead.
+    """
+    import json
+
+    try:
+        with open(os.path.join(path, "state.json"), encoding="utf-8") as fh:
+            state = json.load(fh)
+        names = [d["filename"] for d in state["_data_files"]] + ["state.json", "dataset_info.json"]
+    except (OSError, ValueError, KeyError, TypeError):
+        names = []
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            names.extend(os.path.relpath(os.path.join(dirpath, f), path) for f in filenames if not f.startswith("."))
+    return sorted((n.replace(os.sep, "/"), os.path.join(path, n)) for n in set(names)
+                  if os.path.isfile(os.path.join(path, n)))
+
+
 def _stat_key(f: InputFile) -> tuple:
+    """(size, modification time, ...): what :meth:`DataSource.digest` memoises on. Locally the change
+    time and inode too, which no writer can set back (``touch -r`` / ``os.utime`` restore the mtime):
+    an edit that keeps size and mtime must not be answered with the old file's digest."""
     if f.local:
-        st = os.stat(f.path)
-        return st.st_size, st.st_mtime_ns
+        if os.path.isdir(f.path):  # a dataset folder: its member files' sizes and times
+            return tuple((n, *_file_stat(p)) for n, p in folder_members(f.path))
+        return _file_stat(f.path)
     info = f.fs.info(f.fs_path)
     return info.get("size"), str(info.get("mtime") or info.get("LastModified") or info.get("ETag") or "")
+
+
+def _file_stat(path: str) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+
+def _why_remote(e: BaseException) -> str:
+    """:func:`_why`, saying which limit a timeout is (a timeout's own text is empty)."""
+    import asyncio
+
+    if isinstance(e, (TimeoutError, asyncio.TimeoutError)):  # distinct classes before Python 3.11
+        return f"no answer within {url_timeout():g} s; SCALSELECT_URL_TIMEOUT_S sets the limit"
+    return _why(e)
 
 
 def _why(e: BaseException) -> str:
@@ -145,14 +203,18 @@ class Container:
     is_dataset_dir : callable, optional
         ``is_dataset_dir(path: str) -> bool`` for containers whose unit is a directory
         (``datasets.save_to_disk``); such a directory is one input, not a folder of files.
+    dataset_dir : callable, optional
+        ``dataset_dir(path: str) -> str``: the folder to read for a dataset directory the user named
+        (a ``DatasetDict`` folder: its one split, or a :class:`DatasetError` listing the splits).
     schema : callable, optional
         ``schema(file)`` returns a value comparable with ``==`` (and, for the message, with a
         ``diff(other) -> str`` method or a ``str``); shards of one input whose schemas differ are
         refused, naming the first file and the one that differs.
     ids : callable, optional
         ``ids(file, id_field) -> Iterator[(index, id or None)]``: the id of every record (``None``
-        where it has none), without the rest of the record where the container allows (a Parquet
-        column), for the duplicate-id check before a run; it also counts the records.
+        where it has no usable one, :data:`NO_ID_FIELD` where it has no ``id_field`` at all),
+        without the rest of the record where the container allows (a Parquet column), for the
+        duplicate-id check before a run; it also counts the records.
     iter_batches : callable, optional
         ``iter_batches(file, columns=None) -> Iterator[pyarrow.RecordBatch]`` for Arrow-backed
         containers: the same rows as ``iter_records``, in the same order, as record batches, so the
@@ -167,6 +229,7 @@ class Container:
     sniff: Callable[[bytes, str], bool] | None = None
     extensions: tuple[str, ...] = ()
     is_dataset_dir: Callable[[str], bool] | None = None
+    dataset_dir: Callable[[str], str] | None = None
     schema: Callable[[InputFile], Any] | None = None
     ids: Callable[[InputFile, str], Iterator[tuple[int, str | None]]] | None = None
     iter_batches: Callable[[InputFile], Iterator[Any]] | None = None
@@ -186,7 +249,8 @@ def containers() -> dict[str, Container]:
     return dict(_CONTAINERS)
 
 
-def _sniff(file: InputFile) -> str:
+def sniff_container(file: InputFile) -> str:
+    """The container ``file``'s first bytes (and name) say it is; :class:`DatasetError` if none."""
     head = file.head()
     for c in _CONTAINERS.values():
         if c.sniff is not None and c.sniff(head, file.name):
@@ -221,12 +285,19 @@ class DataSource:
         The ``datasets.Dataset`` / ``IterableDataset`` when the input is one.
     """
 
-    def __init__(self, files: list[InputFile], container: str, label: str, dataset: Any = None):
+    def __init__(self, files: list[InputFile], container: str, label: str, dataset: Any = None,
+                 root: str | None = None):
         self.files = files
         self.container = container
         self.label = label
         self.dataset = dataset
+        #: the folder the input files are named relative to (:meth:`relative_name`)
+        self.root = root
+        self._names: dict[str, str] = {}
         self._counts: list[int] | None = None
+        #: path -> sha256 of each file as :meth:`digest` last read it (None until it reads them: a
+        #: digest memoised by an earlier source of the same files leaves it None)
+        self.read_digests: dict[str, str] | None = None
 
     def __str__(self) -> str:
         return self.label
@@ -311,6 +382,26 @@ class DataSource:
             raise IndexError(f"record {index} is past the end of {self.label} ({total} records)")
         return self.files[i], index - (ends[i - 1] if i else 0)
 
+    def relative_name(self, file: InputFile) -> str:
+        """``file``'s path relative to the dataset root, with ``/`` separators (``ai2d/train-00000-of-00001.parquet``).
+
+        The root is the folder the inputs were named by: a directory given as ``--data`` is its own
+        root, a file's is its folder, a glob's the folder before its first wildcard, a
+        ``save_to_disk`` folder's its parent (so it keeps its own name); several inputs share the
+        deepest folder holding all their roots, so the names do not depend on the order they were
+        listed in. Positional ids (:func:`~.readers.position_id`) and the per-file outputs use it.
+        """
+        name = self._names.get(file.path)  # asked once per record by the record paths
+        if name is None:
+            if self.root is None:
+                name = file.name
+            elif file.local:
+                name = os.path.relpath(file.path, self.root).replace(os.sep, "/")
+            else:
+                name = posixpath.relpath(file.fs_path, self.root)
+            self._names[file.path] = name
+        return name
+
     def input_paths(self) -> list[str]:
         """Every input file as a path/URL (for the no-overwrite check and provenance)."""
         return [f.path for f in self.files]
@@ -327,7 +418,9 @@ class DataSource:
         start would not be affordable; the modification time catches an in-place edit of the
         middle, such as one embedded image swapped for another of the same size, which head, tail
         and Parquet's footer would not). Copying such a dataset elsewhere changes its fingerprint,
-        so a run resumed on the copy is refused until ``--force``. A ``datasets.Dataset`` uses its own content fingerprint, an
+        so a run resumed on the copy is refused until ``--force``. A file below a subfolder of the
+        dataset root also contributes that path (positional ids are made of it, see
+        :meth:`relative_name`). A ``datasets.Dataset`` uses its own content fingerprint, an
         ``IterableDataset`` a hash of every record it yields. Memoised per (files, sizes, mtimes)
         within the process, so the run and the extraction engine do not both read the data.
         """
@@ -336,30 +429,48 @@ class DataSource:
             fp = getattr(self.dataset, "_fingerprint", None)
             h.update(str(fp if fp is not None else self._records_digest()).encode())
             return h.hexdigest()
-        key = (self.container, tuple((f.path, *_stat_key(f)) for f in self.files))
+        key = (self.container, self.root, tuple((f.path, *_stat_key(f)) for f in self.files))
         hit = _DIGESTS.get(key)
         if hit is not None:
             return hit
         h = hashlib.sha256(f"source\0{self.container}\0".encode())
-        whole = self.container in ("json", "jsonl")
+        per_file = {}
         for f in self.files:
-            size = f.size()
-            h.update(f"{f.name}\0{size}\0".encode())
-            with f.open() as fh:
-                if whole or size <= _HASH_WHOLE_MAX:
-                    for chunk in iter(lambda: fh.read(1 << 22), b""):
-                        h.update(chunk)
-                else:
-                    # the modification time stands in for the unread middle: an image replaced
-                    # in place by one of the same size leaves size, head and footer unchanged
-                    h.update(f"{_stat_key(f)[1]}\0".encode())
-                    h.update(fh.read(_EDGE))
-                    fh.seek(size - _EDGE)
-                    h.update(fh.read(_EDGE))
+            rel = self.relative_name(f)
+            if rel != f.name:  # a file in a subfolder of the root: positional ids carry that path
+                h.update(f"path\0{rel}\0".encode())
+            hf = hashlib.sha256()
+            self._hash_file(_Tee(h, hf), f)
+            per_file[f.path] = hf.hexdigest()
+        self.read_digests = per_file
         if len(_DIGESTS) > 64:
             _DIGESTS.clear()
         _DIGESTS[key] = h.hexdigest()
         return _DIGESTS[key]
+
+    def _hash_file(self, h, f: InputFile) -> None:
+        """Feed ``f`` to ``h`` by :meth:`digest`'s rules (name, size, content or its edges; a dataset
+        folder as its member files)."""
+        whole = self.container in ("json", "jsonl")
+        if f.local and os.path.isdir(f.path):
+            # a dataset folder (save_to_disk): its data files, each hashed like a file of its own
+            h.update(f"{f.name}\0folder\0".encode())
+            for name, path in folder_members(f.path):
+                _hash_file(h, name, os.path.getsize(path), lambda p=path: open(p, "rb"),
+                           lambda p=path: _file_stat(p)[1], whole)
+        else:
+            _hash_file(h, f.name, f.size(), f.open, lambda f=f: _stat_key(f)[1], whole)
+
+    def file_digests(self) -> dict[str, str]:
+        """sha256 of each input file (path -> hex) by :meth:`digest`'s rules, read now, never memoised:
+        what ``run`` compares with :attr:`read_digests` before committing its outputs, to prove that
+        the records it copies are the ones it read. ``{}`` for a ``datasets`` object."""
+        out = {}
+        for f in self.files if self.dataset is None else []:
+            hf = hashlib.sha256()
+            self._hash_file(hf, f)
+            out[f.path] = hf.hexdigest()
+        return out
 
     def fingerprint(self) -> str:
         """The first 32 hex digits of :meth:`digest` (what run state and manifests record)."""
@@ -373,6 +484,33 @@ class DataSource:
         return h.hexdigest()
 
 
+class _Tee:
+    """Two hashers fed as one (the source's digest and a file's own)."""
+
+    def __init__(self, *hashers):
+        self.hashers = hashers
+
+    def update(self, data: bytes) -> None:
+        for h in self.hashers:
+            h.update(data)
+
+
+def _hash_file(h, name: str, size: int, opener, mtime, whole: bool) -> None:
+    """Add one file to digest ``h``: name, size, and the bytes (whole, or head + tail + mtime)."""
+    h.update(f"{name}\0{size}\0".encode())
+    with opener() as fh:
+        if whole or size <= _HASH_WHOLE_MAX:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+        else:
+            # the modification time stands in for the unread middle: an image replaced
+            # in place by one of the same size leaves size, head and footer unchanged
+            h.update(f"{mtime()}\0".encode())
+            h.update(fh.read(_EDGE))
+            fh.seek(size - _EDGE)
+            h.update(fh.read(_EDGE))
+
+
 # --------------------------------------------------------------------------------------------------
 # resolution
 # --------------------------------------------------------------------------------------------------
@@ -382,14 +520,47 @@ def _is_url(s: str) -> bool:
     return bool(sep) and head.replace("+", "").replace("-", "").isalnum() and len(head) > 1
 
 
+#: seconds an http(s):// input may take to connect, and to send each next piece of data, before the read
+#: fails (env SCALSELECT_URL_TIMEOUT_S); a server that accepts and never answers fails, never hangs
+URL_TIMEOUT_S = 30.0
+
+
+def url_timeout() -> float:
+    """:data:`URL_TIMEOUT_S`, or the environment's ``SCALSELECT_URL_TIMEOUT_S`` when set."""
+    text = os.environ.get("SCALSELECT_URL_TIMEOUT_S", "")
+    try:
+        value = float(text) if text else URL_TIMEOUT_S
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise DatasetError(f"SCALSELECT_URL_TIMEOUT_S={text!r}: give a positive number of seconds, e.g. 30",
+                           reason="io")
+    return value
+
+
+def _http_options(url: str) -> dict:
+    """fsspec options for an http(s):// URL: aiohttp's connect and read timeouts (its default is to wait
+    for 5 minutes in total, a whole download included)."""
+    if url.split("://", 1)[0].lower() not in ("http", "https"):
+        return {}
+    try:
+        import aiohttp
+    except ImportError:
+        raise DatasetError(f"--data {url!r} is an http(s) URL, which needs aiohttp: pip install aiohttp (or "
+                           "'scalselect-fast[data]')", reason="io", path=url) from None
+    t = url_timeout()
+    return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t)}}
+
+
 def _remote_fs(url: str):
     try:
         import fsspec
     except ImportError:
         raise DatasetError(f"--data {url!r} is a URL, which needs fsspec: pip install fsspec (plus the "
                            "backend: s3fs, gcsfs or huggingface_hub)", reason="io", path=url) from None
+    options = _http_options(url)
     try:
-        return fsspec.core.url_to_fs(url)
+        return fsspec.core.url_to_fs(url, **options)
     except ImportError as e:
         raise DatasetError(f"--data {url!r}: the backend for this URL is not installed ({_why(e)})",
                            reason="io", path=url) from None
@@ -425,8 +596,20 @@ def _expand_braces(item: Any) -> list[Any]:
     return list(braceexpand(item))
 
 
-def _expand_one(item: str) -> list[InputFile]:
-    """Files named by one entry of ``--data``: a file, a directory, a glob, or a URL of any of those."""
+def _glob_base(pattern: str, sep: str = os.sep) -> str:
+    """The folder part of ``pattern`` before its first wildcard (``data/*/x-*.parquet`` -> ``data``)."""
+    parts = pattern.split(sep)
+    fixed = []
+    for part in parts[:-1]:
+        if _GLOB_CHARS & set(part):
+            break
+        fixed.append(part)
+    return sep.join(fixed) or ("/" if pattern.startswith(sep) else ".")
+
+
+def _expand_one(item: str) -> tuple[list[InputFile], str]:
+    """Files named by one entry of ``--data`` (a file, a directory, a glob, or a URL of any of those)
+    and the folder they are named relative to (see :meth:`DataSource.relative_name`)."""
     exts = {e for c in _CONTAINERS.values() for e in c.extensions}
     if _is_url(item) and not item.startswith("file://"):
         fs, path = _remote_fs(item)
@@ -438,38 +621,42 @@ def _expand_one(item: str) -> list[InputFile]:
         try:
             if _GLOB_CHARS & set(path):
                 found = sorted(fs.glob(path))
-                return [InputFile(url(p), fs, p) for p in found if not fs.isdir(p)]
+                return [InputFile(url(p), fs, p) for p in found if not fs.isdir(p)], _glob_base(path, "/")
             if fs.isdir(path):
                 found = sorted(p for p in fs.find(path) if _has_ext(p, exts)
                                and not os.path.basename(p).startswith("."))
-                return [InputFile(url(p), fs, p) for p in found]
+                return [InputFile(url(p), fs, p) for p in found], path.rstrip("/") or "/"
             if not fs.exists(path):
                 raise DatasetError(f"--data {item!r}: no such file or directory at that URL", reason="io",
                                    path=item)
         except DatasetError:
             raise
         except Exception as e:  # network, credentials, permission: one line, never a traceback
-            raise DatasetError(f"--data {item!r}: cannot reach it ({_why(e)}); check the URL, your "
+            raise DatasetError(f"--data {item!r}: cannot reach it ({_why_remote(e)}); check the URL, your "
                                "network and credentials", reason="io", path=item) from None
-        return [InputFile(item, fs, path)]
+        return [InputFile(item, fs, path)], posixpath.dirname(path)
     if item.startswith("file://"):
         item = item[len("file://"):]
     item = os.path.expanduser(item)
     if _GLOB_CHARS & set(item) and not os.path.exists(item):
         found = sorted(p for p in _glob.glob(item, recursive=True) if os.path.isfile(p))
-        return [InputFile(os.path.abspath(p), None, os.path.abspath(p)) for p in found]
+        return ([InputFile(os.path.abspath(p), None, os.path.abspath(p)) for p in found],
+                os.path.abspath(_glob_base(item)))
     if os.path.isdir(item):
-        if _dataset_dir_container(item) is not None:
-            p = os.path.abspath(item)
-            return [InputFile(p, None, p)]
+        kind = _dataset_dir_container(item)
+        if kind is not None:
+            named = os.path.abspath(item)  # a trailing "/" or "." goes: the folder keeps its own name
+            hook = _CONTAINERS[kind].dataset_dir
+            p = hook(named) if hook is not None else named
+            return [InputFile(p, None, p)], os.path.dirname(named)
         found = []
         for dirpath, dirnames, filenames in os.walk(item):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             found.extend(os.path.join(dirpath, f) for f in filenames
                          if not f.startswith(".") and _has_ext(f, exts))
-        return [InputFile(os.path.abspath(p), None, os.path.abspath(p)) for p in sorted(found)]
+        return [InputFile(os.path.abspath(p), None, os.path.abspath(p)) for p in sorted(found)], os.path.abspath(item)
     p = os.path.abspath(item)
-    return [InputFile(p, None, p)]
+    return [InputFile(p, None, p)], os.path.dirname(p)
 
 
 def is_hf_object(obj: Any) -> bool:
@@ -477,6 +664,25 @@ def is_hf_object(obj: Any) -> bool:
     mod = type(obj).__module__ or ""
     return mod.startswith("datasets.") and type(obj).__name__ in ("Dataset", "IterableDataset",
                                                                   "DatasetDict", "IterableDatasetDict")
+
+
+def check_data_argument(data: Any, name: str = "data", format: Any = "auto") -> None:
+    """Raise a ``TypeError`` naming the argument ``name`` and what it accepts unless ``data`` is a
+    path (``str`` or ``os.PathLike`` of ``str``), a non-string sequence of paths, a
+    :class:`DataSource` or a ``datasets`` object; and unless ``format`` is a string."""
+    if not isinstance(format, str):
+        raise TypeError(f"format must be a string ('auto' or one of {', '.join(_CONTAINERS)}), got "
+                        f"{type(format).__name__}")
+    if isinstance(data, DataSource) or is_hf_object(data):
+        return
+    items = data if isinstance(data, (list, tuple)) else [data]
+    for item in items:
+        if isinstance(item, str) or (isinstance(item, os.PathLike) and isinstance(os.fspath(item), str)):
+            continue
+        what = f"{type(item).__name__} {item!r:.80}" if isinstance(item, (bytes, bytearray)) else type(item).__name__
+        raise TypeError(f"{name} must be a path (str or os.PathLike), a list of paths, a DataSource or a "
+                        f"datasets Dataset; got {what}" + (" (decode it: path.decode())"
+                                                           if isinstance(item, (bytes, bytearray)) else ""))
 
 
 def open_source(data: Any, format: str = "auto") -> DataSource:
@@ -502,9 +708,12 @@ def open_source(data: Any, format: str = "auto") -> DataSource:
     DatasetError
         Nothing matches (``reason="io"``), a file is missing or unreadable, the files are of
         different containers (``reason="format"``), a URL cannot be reached.
+    TypeError
+        ``data`` is none of the above (bytes, None, a number, ...) or ``format`` is not a string.
     """
     if isinstance(data, DataSource):
         return data
+    check_data_argument(data, "data", format)
     if format != "auto" and format not in _CONTAINERS:
         raise ValueError(f"format must be 'auto' or one of {tuple(_CONTAINERS)}, got {format!r}")
     if is_hf_object(data):
@@ -516,9 +725,11 @@ def open_source(data: Any, format: str = "auto") -> DataSource:
     if not items:
         raise DatasetError("--data is an empty list; pass at least one dataset file", reason="io")
     files: dict[str, InputFile] = {}
+    roots: list[str] = []
     for raw in items:
         item = os.fspath(raw) if not isinstance(raw, str) else raw
-        found = _expand_one(item)
+        found, root = _expand_one(item)
+        roots.append(root)
         if not found:
             kind = "glob" if _GLOB_CHARS & set(item) else "directory"
             raise DatasetError(f"--data {item!r}: the {kind} matches no dataset file; check the path (known "
@@ -539,7 +750,7 @@ def open_source(data: Any, format: str = "auto") -> DataSource:
         nonempty = []
         for f in ordered:
             try:
-                kind = _dataset_dir_container(f.path) if f.local and os.path.isdir(f.path) else _sniff(f)
+                kind = _dataset_dir_container(f.path) if f.local and os.path.isdir(f.path) else sniff_container(f)
             except DatasetError as e:
                 if e.reason == "empty" and len(ordered) > 1:
                     continue  # an empty shard holds zero records; the others decide the container
@@ -557,7 +768,15 @@ def open_source(data: Any, format: str = "auto") -> DataSource:
         container = next(iter(kinds))
     label = data if isinstance(data, str) else (items[0] if len(items) == 1 else f"{len(items)} inputs")
     label = str(label) + (f" ({len(ordered)} files)" if len(ordered) > 1 else "")
-    return DataSource(ordered, container, label)
+    return DataSource(ordered, container, label, root=_common_root(roots))
+
+
+def _common_root(roots: list[str]) -> str | None:
+    """The deepest folder holding every entry's root (the same whatever order they were listed in)."""
+    try:
+        return posixpath.commonpath(roots)
+    except ValueError:  # absolute and relative (remote) paths mixed: each file keeps its own name
+        return None
 
 
 def input_files(data: Any, format: str = "auto") -> list[str]:

@@ -9,8 +9,9 @@ trainer relies on can drift:
 * **JSONL**: kept lines are copied verbatim (line endings included).
 * **Parquet** (one file or shards): kept rows are written with the input's Arrow schema (metadata
   included, so a Hugging Face ``Image`` column stays one, image bytes untouched); row groups are
-  rebuilt at about :data:`ROW_GROUP_BYTES` each. Shards in, shards out: a directory of
-  ``part-00000-of-0000N.parquet`` files with at most as many rows as the largest input shard.
+  rebuilt at about :data:`ROW_GROUP_BYTES` each. Shards in, shards out: a directory where each
+  input file that has kept rows gets its kept rows under its own path relative to the dataset root
+  (``selected/ai2d/train-00000-of-00001.parquet``), in input order or best first within the file.
 * **WebDataset** tar shards: every member of a kept key (record, images, anything else) is copied
   byte for byte, tar headers included, into ``shard-000000.tar`` ... of at most as many samples as
   the largest input shard, ending in a standard end-of-archive marker.
@@ -30,7 +31,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
 from ..atomic import atomic_dir, atomic_path, atomic_write_bytes
-from .readers import _iter_json_stream, _iter_jsonl_lines, _open_parquet, open_source, record_id_or_none
+from .readers import IdRule, _iter_json_stream, _iter_jsonl_lines, _open_parquet, open_source, position_id
 from .sample import DatasetError, _where
 from .sources import containers
 
@@ -136,7 +137,7 @@ def _check_writable(dst: str) -> None:
 
 def write_selected(input_path, out_path: str | os.PathLike,
                    keep: set[str] | Sequence[str], order: str = "original", format: str = "auto",
-                   id_field: str = "id") -> int:
+                   id_field: str | None = None) -> int:
     """Write the records of ``input_path`` whose id is in ``keep`` to ``out_path``, in the input's layout.
 
     Parameters
@@ -157,8 +158,10 @@ def write_selected(input_path, out_path: str | os.PathLike,
         converted into each other (records re-serialised compactly when the container changes);
         every other layout is written in kind, so naming the input's own container (what
         ``--format`` passes) is the same as ``"auto"``.
-    id_field : str
-        Record field (column) that holds the id. For WebDataset, a record without it is
+    id_field : str, optional
+        Record field (column) that holds the id, as for :func:`~.readers.read_dataset`: ``None``
+        reads ``id`` and names a record without an ``id`` field by its position
+        (``<file relative to the dataset root>#<row>``). For WebDataset, a record without it is
         identified by its key, as the reader does.
 
     Returns
@@ -177,6 +180,7 @@ def write_selected(input_path, out_path: str | os.PathLike,
     keep_set, rank = _normalise_keep(keep, order)
     source = open_source(input_path)
     layout = _layout(source)
+    id_rule = _Ids(IdRule(id_field), source)
     if format not in ("auto", source.container) and not {format, source.container} <= {"json", "jsonl"}:
         raise ValueError(f"cannot write a {source.container} input as {format}: only JSON and JSONL convert "
                          "into each other (Parquet stays Parquet; other layouts are written in kind)")
@@ -188,24 +192,49 @@ def write_selected(input_path, out_path: str | os.PathLike,
             raise ValueError(f"output {dst!r} is a file; the selection of a {layout} input is a directory")
         _check_writable(dst)
         if layout == "webdataset":
-            return _write_webdataset(source.files, dst, keep_set, rank, id_field)
+            return _write_webdataset(source.files, dst, keep_set, rank, id_rule)
         if layout == "parquet_shards":
-            return _write_parquet(source.files, dst, keep_set, rank, id_field, single=False)
+            return _write_parquet(source.files, dst, keep_set, rank, id_rule, single=False)
         if layout == "save_to_disk":
-            return _write_datasets(source.files[0].path, None, dst, keep_set, rank, id_field)
-        return _write_datasets(None, source.dataset, dst, keep_set, rank, id_field)
+            return _write_datasets(source.files[0].path, None, dst, keep_set, rank, id_rule)
+        return _write_datasets(None, source.dataset, dst, keep_set, rank, id_rule)
     if os.path.isdir(dst):
         raise ValueError(f"output {dst!r} is a directory; pass a file path")
     _check_writable(dst)
     container = source.container
     out_container = container if format == "auto" else format
     if container == "json":
-        return _write_from_json(source.files, dst, keep_set, rank, out_container, id_field)
+        return _write_from_json(source.files, dst, keep_set, rank, out_container, id_rule)
     if container == "jsonl":
-        return _write_from_jsonl(source.files, dst, keep_set, rank, out_container, id_field)
+        return _write_from_jsonl(source.files, dst, keep_set, rank, out_container, id_rule)
     if container == "parquet":
-        return _write_parquet(source.files, dst, keep_set, rank, id_field, single=True)
+        return _write_parquet(source.files, dst, keep_set, rank, id_rule, single=True)
     raise ValueError(f"cannot write a selection of a {container!r} input")
+
+
+class _Ids:
+    """The readers' id rule (:class:`~.readers.IdRule`) for the files of one source: the id column's
+    name (``field``) and each record's id, positional where a record has no id field."""
+
+    def __init__(self, rule: IdRule, source):
+        self.rule, self.source = rule, source
+        self.field = rule.field
+
+    def of(self, record, file, row: int) -> str | None:
+        return self.rule.of(record, self.source.relative_name(file) if file is not None else "", row)
+
+    def column(self, names, what: str, path) -> bool:
+        """Whether the id column is there (True) or rows are named by position (False); else refuse."""
+        if self.field in names:
+            return True
+        if self.rule.positional:
+            return False
+        raise DatasetError(f"{what}: no {self.field!r} column; cannot select rows by id (omit --id-field to "
+                           "name rows by their position)", reason="missing_field", path=path)
+
+    def positions(self, file, start: int, n: int) -> list[str]:
+        name = self.source.relative_name(file) if file is not None else ""
+        return [position_id(name, start + i) for i in range(n)]
 
 
 def _ranked(items: list, rank: dict[str, int] | None) -> list:
@@ -217,7 +246,7 @@ def _label(files) -> str:
     return files[0].path if len(files) == 1 else f"the {len(files)} input files"
 
 
-def _write_from_json(files, dst, keep, rank, out_container, id_field) -> int:
+def _write_from_json(files, dst, keep, rank, out_container, id_rule) -> int:
     """JSON list(s) in: kept records' source text copied verbatim, joined with the (first) input's own
     separators and indentation. Streamed: memory is the kept records, not the input."""
     found: dict[str, int] = {}
@@ -230,7 +259,7 @@ def _write_from_json(files, dst, keep, rank, out_container, id_field) -> int:
         with file.open() as fh:
             for index, line, obj, text in _iter_json_stream(fh, file.path, layout):
                 n = index + 1
-                sid = record_id_or_none(obj, id_field)
+                sid = id_rule.of(obj, file, index)
                 if sid is None:
                     continue
                 _note(file.path, found, sid, offset + index, line)
@@ -255,7 +284,7 @@ def _write_from_json(files, dst, keep, rank, out_container, id_field) -> int:
     return len(kept)
 
 
-def _write_from_jsonl(files, dst, keep, rank, out_container, id_field) -> int:
+def _write_from_jsonl(files, dst, keep, rank, out_container, id_rule) -> int:
     found: dict[str, int] = {}
     kept = []  # (sid, (file, offset, length)): the bytes are re-read, so memory stays O(len(keep))
     base = 0
@@ -263,7 +292,7 @@ def _write_from_jsonl(files, dst, keep, rank, out_container, id_field) -> int:
         n = 0
         for index, line, offset, raw, obj in _iter_jsonl_lines(file):
             n = index + 1
-            sid = record_id_or_none(obj, id_field)
+            sid = id_rule.of(obj, file, index)
             if sid is None:
                 continue
             _note(file.path, found, sid, base + index, line)
@@ -304,7 +333,7 @@ def _as_strings(col):
     return col if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) else pc.cast(col, pa.string())
 
 
-def _write_parquet(inputs: list, dst: str, keep: set[str], rank: dict[str, int] | None, id_field: str,
+def _write_parquet(inputs: list, dst: str, keep: set[str], rank: dict[str, int] | None, id_rule: "_Ids",
                    single: bool) -> int:
     """Parquet in, Parquet out: one file (``single``) or a directory of shards.
 
@@ -323,16 +352,20 @@ def _write_parquet(inputs: list, dst: str, keep: set[str], rank: dict[str, int] 
             raise DatasetError(f"Parquet shards {files[0]!r} and {f!r} have different schemas "
                                f"({schema.types} vs {pf.schema_arrow.types}); every shard of one dataset "
                                "needs the same columns and types", reason="format", path=f)
-    if id_field not in schema.names:
-        raise DatasetError(f"{files[0]}: no {id_field!r} column; cannot select rows by id",
-                           reason="missing_field", path=files[0])
+    has_ids = id_rule.column(schema.names, files[0], files[0])
     value_set = pa.array(sorted(keep), type=pa.string())
     found: dict[str, int] = {}
     picks: list[tuple[str, int, int, int]] = []  # (id, file, row group, row in group), input order
     index = 0
     for fi, (f, pf) in enumerate(zip(files, pfs)):
+        row = 0
         for g in range(pf.num_row_groups):
-            ids = _as_strings(pf.read_row_group(g, columns=[id_field]).column(0))
+            if has_ids:
+                ids = _as_strings(pf.read_row_group(g, columns=[id_rule.field]).column(0))
+            else:
+                n = pf.metadata.row_group(g).num_rows
+                ids = pa.array(id_rule.positions(inputs[fi], row, n), type=pa.string())
+            row += len(ids)
             for i, sid in enumerate(ids.to_pylist()):
                 if sid is not None:
                     _note(f, found, sid, index + i, None)
@@ -345,8 +378,15 @@ def _write_parquet(inputs: list, dst: str, keep: set[str], rank: dict[str, int] 
     row_bytes = sum(pf.metadata.row_group(g).total_byte_size for pf in pfs
                     for g in range(pf.num_row_groups)) / max(1, n_rows)
     group_rows = int(min(_MAX_GROUP_ROWS, max(1, ROW_GROUP_BYTES // max(1.0, row_bytes))))
-    shard_rows = len(picks) if single else max(1, max(pf.metadata.num_rows for pf in pfs))
-    chunks = [picks[i:i + shard_rows] for i in range(0, len(picks), max(1, shard_rows))] or [[]]
+    if single:
+        chunks = [picks]
+    else:  # each input file's kept rows, in output order, under that file's own relative path
+        per_file: dict[int, list] = {}
+        for pick in picks:
+            per_file.setdefault(pick[1][0], []).append(pick)
+        names = _mirror_names(inputs, id_rule.source)
+        chunks = [per_file[fi] for fi in sorted(per_file)]
+        chunk_names = [names[fi] for fi in sorted(per_file)]
 
     def table_of(chunk) -> pa.Table:
         by_group: dict[tuple[int, int], list[int]] = {}
@@ -374,9 +414,23 @@ def _write_parquet(inputs: list, dst: str, keep: set[str], rank: dict[str, int] 
             write(tmp, chunks[0])
     else:
         with atomic_dir(dst) as tmp:
-            for i, chunk in enumerate(chunks):
-                write(os.path.join(tmp, f"part-{i:05d}-of-{len(chunks):05d}.parquet"), chunk)
+            for name, chunk in zip(chunk_names, chunks):
+                path = os.path.join(tmp, *name.split("/"))
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                write(path, chunk)
     return len(picks)
+
+
+def _mirror_names(inputs: list, source) -> list[str]:
+    """Where each input file's selected rows go inside the output folder: the file's path relative
+    to the dataset root (``ai2d/train-00000-of-00001.parquet``), so subset folders and shard names
+    survive; ``part-0000k-of-0000n.parquet`` when those names cannot be used (two inputs with one
+    name, or a name outside the root)."""
+    names = [source.relative_name(f) for f in inputs]
+    if len(set(names)) == len(names) and all(
+            n and not n.startswith("/") and ".." not in n.split("/") for n in names):
+        return names
+    return [f"part-{i:05d}-of-{len(inputs):05d}.parquet" for i in range(len(inputs))]
 
 
 class _OpenFiles:
@@ -413,7 +467,7 @@ def _copy_range(fin, fout, start: int, end: int, path: str) -> None:
         left -= len(buf)
 
 
-def _write_webdataset(inputs: list, dst: str, keep: set[str], rank: dict[str, int] | None, id_field: str) -> int:
+def _write_webdataset(inputs: list, dst: str, keep: set[str], rank: dict[str, int] | None, id_rule: "_Ids") -> int:
     """Tar shards in, tar shards out; each kept key's members are copied byte for byte."""
     from .webdataset import _opener, group_id, iter_key_groups
 
@@ -424,7 +478,7 @@ def _write_webdataset(inputs: list, dst: str, keep: set[str], rank: dict[str, in
     for si, file in enumerate(inputs):
         for group in iter_key_groups(file.path, lambda ext: ext == "json", _opener(file)):
             per_shard[si] += 1
-            sid = group_id(group, id_field)
+            sid = group_id(group, id_rule.field)
             index += 1
             if sid is None:
                 continue
@@ -453,7 +507,7 @@ def _write_webdataset(inputs: list, dst: str, keep: set[str], rank: dict[str, in
 
 
 def _write_datasets(src: str | None, ds, dst: str, keep: set[str], rank: dict[str, int] | None,
-                    id_field: str) -> int:
+                    id_rule: "_Ids") -> int:
     """``save_to_disk`` in (``src``) or a ``datasets`` object (``ds``), ``save_to_disk`` out.
 
     A ``Dataset`` (a folder, an object, a ``select`` view) goes through ``Dataset.select``, which keeps
@@ -467,21 +521,24 @@ def _write_datasets(src: str | None, ds, dst: str, keep: set[str], rank: dict[st
     what = src or f"the {type(ds).__name__} object"
     if ds is None:
         ds = datasets.load_from_disk(src)
-    if id_field not in (ds.column_names or [id_field]):
-        raise DatasetError(f"{what}: no {id_field!r} column; cannot select rows by id", reason="missing_field",
-                           path=src)
+    file = id_rule.source.files[0] if id_rule.source.files else None
+    has_ids = id_rule.column(ds.column_names or [id_rule.field], what, src)
     found: dict[str, int] = {}
     picks = []
     kept_rows: dict[str, dict] = {}
     if isinstance(ds, datasets.Dataset):
         # through the formatter, not ds.data: a select()/shuffle view's rows are not the table's
-        ids = _as_strings(ds.select_columns([id_field]).with_format("arrow")[:][id_field]).to_pylist()
+        ids = (_as_strings(ds.select_columns([id_rule.field]).with_format("arrow")[:][id_rule.field]).to_pylist()
+               if has_ids else id_rule.positions(file, 0, ds.num_rows))
         rows = None
     else:
         ids, rows = [], []
-        for row in iter_dataset_rows(ds, what):
-            value = row.get(id_field)
-            ids.append(None if value is None or isinstance(value, bool) else str(value))
+        for i, row in enumerate(iter_dataset_rows(ds, what)):
+            value = row.get(id_rule.field)
+            if not has_ids:
+                ids.append(position_id("", i))
+            else:
+                ids.append(None if value is None or isinstance(value, bool) else str(value))
             if ids[-1] in keep:
                 kept_rows[ids[-1]] = row
     for index, sid in enumerate(ids):

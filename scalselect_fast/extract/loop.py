@@ -431,6 +431,7 @@ class _RangeSkipLog:
     def __init__(self, log, lo: int, hi: int, first: bool):
         self.log, self.lo, self.hi, self.first = log, lo, hi, first
         self._indices: set[int] = set()
+        self.path = log.path  # named by the reader's "all records were skipped" message
 
     def add(self, sample_id, index, reason, detail="", **extra):
         mine = (self.lo <= index < self.hi) if index is not None else self.first
@@ -492,7 +493,7 @@ class _NoSkipLog:
         return False
 
 
-def _stale_shards(store: Path, records: dict[str, dict], data, image_root, format) -> dict[str, str]:
+def _stale_shards(store: Path, records: dict[str, dict], data, image_root, format, id_field=None) -> dict[str, str]:
     """Which committed shards must be extracted again, and why: ``{name: reason}``.
 
     A shard is redone when its files are missing, or were changed since their commit (size or
@@ -528,7 +529,8 @@ def _stale_shards(store: Path, records: dict[str, dict], data, image_root, forma
     if spans:
         starts = [a for a, _, _ in spans]
         digests = {name: _ImagesDigest() for _, _, name in spans}
-        for sample in read_dataset(data, image_root=image_root, format=format, skip_log=_NoSkipLog()):
+        for sample in read_dataset(data, image_root=image_root, format=format, skip_log=_NoSkipLog(),
+                                   id_field=id_field):
             if sample.index >= spans[-1][1]:
                 break
             k = bisect.bisect_right(starts, sample.index) - 1
@@ -542,11 +544,12 @@ def _stale_shards(store: Path, records: dict[str, dict], data, image_root, forma
     return bad
 
 
-def _repair(store: Path, records: dict[str, dict], data, image_root, format, warn: Callable[[str], None]) -> list[str]:
+def _repair(store: Path, records: dict[str, dict], data, image_root, format, warn: Callable[[str], None],
+            id_field=None) -> list[str]:
     """Take stale or damaged committed shards off the manifest (moving damaged files aside); say so."""
     from ..store import uncommit_shards
 
-    bad = _stale_shards(store, records, data, image_root, format)
+    bad = _stale_shards(store, records, data, image_root, format, id_field)
     for name, why in sorted(bad.items()):
         damaged = not why.startswith("its ")
         moved = uncommit_shards(store, [name], move_aside=damaged)
@@ -558,7 +561,7 @@ def _repair(store: Path, records: dict[str, dict], data, image_root, format, war
 
 
 def repair_store(store: str | os.PathLike, data: str | os.PathLike, *, image_root=None, format: str = "auto",
-                 warn: Callable[[str], None] | None = None) -> list[str]:
+                 warn: Callable[[str], None] | None = None, id_field: str | None = None) -> list[str]:
     """Check every committed shard of an extraction store against its files and the dataset's images.
 
     Shards whose files are missing or fail their checksum are taken off the manifest and their
@@ -570,7 +573,7 @@ def repair_store(store: str | os.PathLike, data: str | os.PathLike, *, image_roo
     ----------
     store : path
         A store written by :func:`extract_to_store` (shard records carry their record range).
-    data, image_root, format
+    data, image_root, format, id_field
         The dataset the store was extracted from, as passed to :func:`extract_to_store`.
     warn : callable, optional
         Receives one message per finding (default: ``logging.warning``).
@@ -586,7 +589,7 @@ def repair_store(store: str | os.PathLike, data: str | os.PathLike, *, image_roo
     records = {r["name"]: r for r in json.loads((store / MANIFEST).read_text()).get("shards", []) if "range" in r}
     if not records:
         return []
-    return _repair(store, records, data, image_root, format, warn or log.warning)
+    return _repair(store, records, data, image_root, format, warn or log.warning, id_field)
 
 
 def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, image_root=None,
@@ -599,7 +602,7 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
                      image_loader: Callable | None = None, roles: str | None = None,
                      vision_tokens: str | None = None, pixels: str | None = None,
                      max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-                     warn: Callable[[str], None] | None = None) -> dict:
+                     warn: Callable[[str], None] | None = None, id_field: str | None = None) -> dict:
     """Extract every sample of a dataset file into a representation store (resumable, per-rank).
 
     Parameters
@@ -629,6 +632,9 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
         processed so far (committed shards included) and the range size, for machine-readable logs.
     warn : callable, optional
         Receives the messages about committed shards that are redone (default ``logging.warning``).
+    id_field : str, optional
+        The id column (see :func:`scalselect_fast.data.read_dataset`); ``None`` = ``id``, and records
+        without an id field get their positional id. A named field is recorded in the provenance.
     Other parameters are those of :func:`extract_representations`; ``roles``, ``vision_tokens`` and
     ``pixels`` are recorded in the store's provenance, so a store made with other choices is refused.
 
@@ -678,6 +684,8 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
                  "format": format, "records": n_records},
         "shard_size": int(shard_size), "world_size": world,
     }
+    if id_field is not None:  # only when named: stores made before the option still resume
+        provenance["id_field"] = id_field
     out.mkdir(parents=True, exist_ok=True)
     # one writer per store (per rank: ranks write disjoint shards of one store)
     lock = out / (".extract.lock" if world == 1 else f".extract-rank{rank:03d}.lock")
@@ -687,12 +695,13 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
                                store_dtype=store_dtype, shard_size=shard_size, padding_side=padding_side,
                                backend=backend, rank=rank, world=world, lo=lo, hi=hi, force=force,
                                progress=progress, num_workers=num_workers, on_progress=on_progress,
-                               loader=image_loader or _image_loader(max_image_pixels), warn=warn or log.warning)
+                               loader=image_loader or _image_loader(max_image_pixels), warn=warn or log.warning,
+                               id_field=id_field)
 
 
 def _extract_locked(vlm, data, out: Path, provenance: dict, *, image_root, format, batch_size, threshold,
                     instruction, store_dtype, shard_size, padding_side, backend, rank, world, lo, hi, force,
-                    progress, num_workers, on_progress, loader, warn) -> dict:
+                    progress, num_workers, on_progress, loader, warn, id_field=None) -> dict:
     from ..data import SkipLog, read_dataset
     from ..store import StoreWriter
 
@@ -705,7 +714,7 @@ def _extract_locked(vlm, data, out: Path, provenance: dict, *, image_root, forma
     committed = writer.committed()
     mine = {writer.shard_name(j): committed[writer.shard_name(j)] for j, (a, b) in enumerate(ranges)
             if committed.get(writer.shard_name(j), {}).get("range") == [a, b]}
-    redone = _repair(out, mine, data, image_root, format, warn) if mine else []
+    redone = _repair(out, mine, data, image_root, format, warn, id_field) if mine else []
     committed = writer.committed()
     todo = []
     resumed = 0
@@ -730,7 +739,8 @@ def _extract_locked(vlm, data, out: Path, provenance: dict, *, image_root, forma
     with SkipLog(skip_path) as slog:
         reader_log = _RangeSkipLog(slog, lo, hi, first=rank == 0)
         first = todo[0][1]
-        stream = _Peekable(s for s in read_dataset(data, image_root=image_root, format=format, skip_log=reader_log)
+        stream = _Peekable(s for s in read_dataset(data, image_root=image_root, format=format, skip_log=reader_log,
+                                                   id_field=id_field)
                            if s.index >= first)
 
         def items():

@@ -4,11 +4,11 @@ One module per concern: :mod:`.config` (settings), :mod:`.fingerprints` (what a 
 on), :mod:`.events` (progress), :mod:`.state` (durable state, crash points), :mod:`.stages` (extract →
 fit → score → select), :mod:`.demo`.
 """
-from .config import RunConfig, RunError, load_config_file, make_config
+from .config import RunConfig, RunError, SettingTypeError, load_config_file, make_config
 from .demo import run_demo
 from .events import Events
 from .fingerprints import data_fingerprint, model_fingerprint
 from .stages import RunResult, run
 
-__all__ = ["RunConfig", "RunError", "load_config_file", "make_config", "run", "RunResult",
+__all__ = ["RunConfig", "RunError", "SettingTypeError", "load_config_file", "make_config", "run", "RunResult",
            "model_fingerprint", "data_fingerprint", "Events", "run_demo"]

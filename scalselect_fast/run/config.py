@@ -9,11 +9,17 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["RunConfig", "RunError", "check_extract_options", "load_config_file", "make_config"]
+__all__ = ["RunConfig", "RunError", "SettingTypeError", "check_extract_options", "load_config_file",
+           "make_config"]
 
 
 class RunError(RuntimeError):
     """A run cannot proceed; the message names the file/sample and what to do."""
+
+
+class SettingTypeError(RunError, TypeError):
+    """A setting of the wrong type (a config file's value or a :func:`make_config` keyword): a
+    :class:`RunError` for the command line's one-line report, a ``TypeError`` for Python callers."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -28,6 +34,8 @@ class RunConfig:
     out: str | None = None
     image_root: str | None = None
     format: str = "auto"
+    id_field: str | None = None  # None: "id", and rows without an id field named by position
+    text_only: str = "drop"  # rows without an image: "drop" (the reference) or "keep" (outside the budget)
     budget: str = "16%"
     layer: int = 0
     threshold: float = 0.9
@@ -63,9 +71,18 @@ class RunConfig:
 
     # fields that change the representations (and so everything downstream)
     EXTRACT_KEYS = ("layer", "threshold", "batch_size", "device", "dtype", "store_dtype", "shard_size",
-                    "format", "instruction", "max_length", "roles", "vision_tokens", "pixels", "max_image_pixels")
+                    "format", "instruction", "max_length", "roles", "vision_tokens", "pixels", "max_image_pixels",
+                    "id_field")
     FIT_KEYS = ("energy", "k", "solver", "seed", "standardize", "l2_normalize", "drop_invalid", "fit_device")
-    SELECT_KEYS = ("budget", "order", "dedup_selected", "quota", "stability_seeds")
+    SELECT_KEYS = ("budget", "order", "dedup_selected", "quota", "stability_seeds", "text_only")
+    #: settings added after runs were made: at their default they are left out of the fingerprints,
+    #: so the checkpoints of those runs still resume
+    LATER_DEFAULTS = {"id_field": None, "text_only": "drop"}
+
+    def settings(self, keys) -> dict:
+        """``{key: value}`` of ``keys`` as the fingerprints see them (see :attr:`LATER_DEFAULTS`)."""
+        return {k: getattr(self, k) for k in keys
+                if not (k in self.LATER_DEFAULTS and getattr(self, k) == self.LATER_DEFAULTS[k])}
 
     def validate(self) -> None:
         for name in ("model", "data", "out"):
@@ -76,6 +93,12 @@ class RunConfig:
                               num_workers=self.num_workers, image_root=self.image_root, format=self.format)
         if self.k is None and not (0.0 < float(self.energy) <= 1.0):
             raise RunError(f"--energy {self.energy}: the energy fraction must be in (0, 1], e.g. 0.9")
+        if self.id_field is not None and (not isinstance(self.id_field, str) or not self.id_field.strip()):
+            raise RunError(f"--id-field {self.id_field!r}: name the column that holds each record's id "
+                           f"(omit it to use 'id', or each row's position where there is no id column)")
+        if self.text_only not in ("drop", "keep"):
+            raise RunError(f"--text-only {self.text_only!r}: use 'drop' (rows without an image are left out, as "
+                           f"the reference does) or 'keep' (written to the output outside the budget)")
         if self.order not in ("original", "score"):
             raise RunError(f"--order {self.order!r}: use 'original' (input order) or 'score' (best first)")
         if self.solver not in ("auto", "exact", "randomized"):
@@ -100,6 +123,8 @@ class RunConfig:
             parse_pixels(self.pixels)
         except ValueError as exc:
             raise RunError(f"--{exc}") from None
+        if int(self.seed) < 0:  # refused whatever the solver (the randomized one cannot use it)
+            raise RunError(f"--seed {self.seed}: seeds are integers >= 0, e.g. --seed 0")
         if self.k is not None and int(self.k) < 1:
             raise RunError(f"--k {self.k}: the subspace needs at least 1 component (omit --k to use --energy)")
         if self.dedup_selected is not None and not (0.0 <= float(self.dedup_selected) < 2.0):
@@ -196,9 +221,13 @@ def load_config_file(path: str | os.PathLike) -> dict:
     """Read a ``run.toml`` / ``run.yaml`` / ``run.json`` into a dict of :class:`RunConfig` fields.
 
     Keys may use ``-`` or ``_``; a ``[run]`` table (TOML) or ``run:`` mapping (YAML) is accepted as
-    the root. Unknown keys are an error naming the key and the file. Relative paths in the file are
+    the root. Unknown keys, and one setting written both ways (``image-root`` and ``image_root``),
+    are an error naming the key(s) and the file. Relative paths in the file are
     resolved against the file's directory.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise SettingTypeError(f"config file: expected a path (str or os.PathLike) to a .toml, .yaml or .json "
+                               f"file, got {type(path).__name__}")
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -227,11 +256,16 @@ def load_config_file(path: str | os.PathLike) -> dict:
     if set(obj) == {"run"} and isinstance(obj["run"], dict):
         obj = obj["run"]
     out = {}
+    written: dict[str, object] = {}  # setting -> the key it was written as
     for key, value in obj.items():
         name = str(key).replace("-", "_")
         if name not in _FIELDS:
             raise RunError(f"--config {p}: unknown setting {key!r}; known: "
                            f"{', '.join(sorted(f.replace('_', '-') for f in _FIELDS))}")
+        if name in written:  # image-root and image_root: which one was meant is not ours to guess
+            raise RunError(f"--config {p}: {written[name]!r} and {key!r} are the same setting, given twice; "
+                           f"keep one of them")
+        written[name] = key
         if name in ("model", "data", "out", "image_root"):
             value = _relative_to(p.parent, value) if name != "data" or not isinstance(value, list) else [
                 _relative_to(p.parent, v) for v in value]
@@ -244,11 +278,22 @@ def load_config_file(path: str | os.PathLike) -> dict:
 
 
 def make_config(config_file: str | os.PathLike | None = None, **overrides) -> RunConfig:
-    """A :class:`RunConfig` from an optional file with keyword overrides (None = not given)."""
+    """A :class:`RunConfig` from an optional file with keyword overrides (None = not given).
+
+    Raises
+    ------
+    SettingTypeError
+        (a ``TypeError`` and a :class:`RunError`) naming the setting and the types it accepts.
+    TypeError
+        An unknown keyword.
+    RunError
+        The config file cannot be read or holds an unknown or repeated setting.
+    """
     values = load_config_file(config_file) if config_file else {}
     for k, v in overrides.items():
         if k not in _FIELDS:
-            raise TypeError(f"unknown run setting {k!r}")
+            raise TypeError(f"make_config: unknown run setting {k!r}; known: "
+                            f"{', '.join(sorted(_FIELDS))}")
         if v is not None and not (k == "quota" and v == []):
             values[k] = v
     cfg = RunConfig(**{k: _coerce(k, v, config_file) for k, v in values.items()})
@@ -276,13 +321,17 @@ def _coerce(name: str, value, source) -> object:
             return [os.fspath(v) for v in value]
         if isinstance(value, str) or is_hf_object(value):
             return value
-        raise RunError(f"setting data{where}: {value!r:.200} is not a path, a list of paths or a datasets "
-                       "Dataset")
-    bad = RunError(f"setting {name.replace('_', '-')}{where}: {value!r} is not a{'n' if ann == 'int' else ''} "
-                   f"{ann}")
+        raise SettingTypeError(f"setting data{where}: {value!r:.200} is not a path (str or os.PathLike), a list "
+                               "of paths or a datasets Dataset")
+    if name == "budget":
+        accepts = "a count (int, e.g. 100000), a fraction (float, e.g. 0.16) or a string ('16%', '0.16', '100000')"
+    else:
+        accepts = f"a{'n' if ann == 'int' else ''} {ann}"
+    bad = SettingTypeError(f"setting {name.replace('_', '-')}{where}: {value!r:.200} is not {accepts}")
     if want is None:  # quota: a list of strings
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise RunError(f"setting {name}{where}: expected a list of strings, got {value!r}")
+            raise SettingTypeError(f"setting {name}{where}: expected a list of strings such as "
+                                   f"['source=coco<=40%'], got {value!r:.200}")
         return list(value)
     if want is bool:
         if not isinstance(value, bool):

@@ -62,9 +62,8 @@ def _hash_obj(obj) -> str:
 
 def stage_fingerprints(cfg: RunConfig, model_fp: str, data_fp: str) -> dict:
     """Chained fingerprints: each stage's covers everything it depends on."""
-    ex = _hash_obj({"model": model_fp, "data": data_fp, **{k: getattr(cfg, k) for k in cfg.EXTRACT_KEYS}})
-    fit = _hash_obj({"extract": ex, **{k: getattr(cfg, k) for k in cfg.FIT_KEYS}})
+    ex = _hash_obj({"model": model_fp, "data": data_fp, **cfg.settings(cfg.EXTRACT_KEYS)})
+    fit = _hash_obj({"extract": ex, **cfg.settings(cfg.FIT_KEYS)})
     return {"model": model_fp, "data": data_fp, "extract": ex, "fit": fit, "score": fit,
-            "config": _hash_obj({k: getattr(cfg, k) for k in
-                                 cfg.EXTRACT_KEYS + cfg.FIT_KEYS + cfg.SELECT_KEYS})}
+            "config": _hash_obj(cfg.settings(cfg.EXTRACT_KEYS + cfg.FIT_KEYS + cfg.SELECT_KEYS))}
 

@@ -29,6 +29,7 @@ import dataclasses
 import errno
 import io
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -36,6 +37,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 
 from ..atomic import atomic_path, atomic_write_bytes
+from ..data.sample import DatasetError
 from ..paths import refuse_overwrite
 from ..lock import exclusive_lock
 from ..store import StoreError
@@ -43,6 +45,10 @@ from .config import RunConfig, RunError
 from .events import Events, json_progress
 from .fingerprints import data_fingerprint, model_fingerprint, stage_fingerprints
 from .state import WORK, RunState, crashpoint
+
+#: the extraction's reason code for a record without an image (``scalselect_fast.extract.REASON_TEXT_ONLY``,
+#: not imported: the extract package pulls in torch)
+REASON_TEXT_ONLY = "text_only"
 
 __all__ = ["run", "RunResult"]
 
@@ -70,6 +76,9 @@ def _check_out_dir(out: Path) -> None:
 def _quiet_libraries() -> None:
     """No transformers / hub progress bars or info warnings under --quiet and --log-json."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if "datasets" in sys.modules:  # already imported to read the input: the env is read at import
+        sys.modules["datasets"].disable_progress_bars()  # save_to_disk of the selection
     with contextlib.suppress(ImportError):
         from transformers.utils import logging as tlog
 
@@ -228,30 +237,47 @@ def _stage_score(cfg: RunConfig, state: RunState, events: Events, src, sub) -> n
 _INTERN_MAX = 1 << 16
 
 
-def _raw_records(cfg: RunConfig, fields: Iterable[str]) -> Iterator[Any]:
-    """Every raw record in order; from Arrow inputs (Parquet, ``save_to_disk``) only the id, source
-    and ``fields`` columns are read, and from WebDataset shards only the ``.json`` members, so the
-    image bytes are not read a second time."""
-    from ..data import SOURCE_FIELDS, iter_records
+def _raw_records(cfg: RunConfig, fields: Iterable[str]) -> Iterator[tuple[Any, str | None]]:
+    """Every raw record in order, with its id (None where it has no usable one); from Arrow inputs
+    (Parquet, ``save_to_disk``) only the id, source and ``fields`` columns are read, and from
+    WebDataset shards only the ``.json`` members, so the image bytes are not read a second time.
+    A record without an id field is named by its position, as the readers name it
+    (:class:`~scalselect_fast.data.readers.IdRule`)."""
+    from ..data import SOURCE_FIELDS
+    from ..data.readers import IdRule, position_id
     from ..data.sources import open_source
 
+    rule = IdRule(cfg.id_field)
     source = open_source(cfg.data, cfg.format)
+
+    def named(rec, name, row):
+        if rule.by_position(rec):
+            return position_id(name, row)
+        v = rec.get(rule.field) if isinstance(rec, dict) else None
+        return None if v is None or isinstance(v, (dict, list)) else str(v)
+
     if source.container == "webdataset":
         from ..data.webdataset import iter_shard_fields
 
         for f in source.files:
-            yield from iter_shard_fields(f)
+            for rec in iter_shard_fields(f, rule.field):  # a record without an id is named by its key
+                v = rec.get(rule.field)
+                yield rec, None if v is None or isinstance(v, (dict, list)) else str(v)
     elif source.has_batches():
-        for _index, batch, _file, _local in source.iter_batches(columns=["id", *SOURCE_FIELDS, "texts", *fields]):
-            yield from batch.to_pylist()
+        for _index, batch, file, local in source.iter_batches(
+                columns=[rule.field, *SOURCE_FIELDS, "texts", *fields]):
+            name = source.relative_name(file)
+            for i, rec in enumerate(batch.to_pylist()):
+                yield rec, named(rec, name, local + i)
     else:
-        for _index, _line, rec in iter_records(source, cfg.format):
-            yield rec
+        for _index, _line, rec, file, local in source.iter_records():
+            yield rec, named(rec, source.relative_name(file), local)
 
 
 def _record_table(cfg: RunConfig, fields: Iterable[str]) -> dict:
     """One pass over the raw records: id, source and any quota field per record index."""
     from ..data import record_source
+    from ..data.readers import writable_text
 
     ids: list[str | None] = []
     cols: dict[str, list] = {f: [] for f in fields}
@@ -261,14 +287,17 @@ def _record_table(cfg: RunConfig, fields: Iterable[str]) -> dict:
     interned: dict = {}
 
     def one(v):
+        if v is not None and not v.isascii():
+            v = writable_text(v)  # a lone surrogate ("\ud800" in JSON) has no UTF-8 form for the manifest
         if v is None or len(interned) >= _INTERN_MAX:
             return interned.get(v, v)
         return interned.setdefault(v, v)
 
-    for rec in _raw_records(cfg, list(fields)):
+    for rec, sid in _raw_records(cfg, list(fields)):
         r = rec if isinstance(rec, dict) else {}
-        v = r.get("id")
-        ids.append(None if v is None or isinstance(v, (dict, list)) else str(v))
+        if sid is not None and writable_text(sid) is not sid:  # skipped as invalid_id: it has no usable id
+            sid = None
+        ids.append(sid)
         src = one(record_source(r))
         sources.append(src)
         for f in cols:
@@ -276,12 +305,14 @@ def _record_table(cfg: RunConfig, fields: Iterable[str]) -> dict:
     return {"ids": ids, "sources": sources, "fields": cols}
 
 
-def _resolve_budget(cfg: RunConfig, n_records: int, n_valid: int, skip_counts: Mapping[str, int],
-                    skipped_path: Path) -> int:
+def _resolve_budget(cfg: RunConfig, n_base: int, n_valid: int, skip_counts: Mapping[str, int],
+                    skipped_path: Path, n_records: int) -> int:
+    """The budget as a count; a fraction or percentage is of ``n_base``, the records that are not
+    text-only (they have no representation by nature: a whole budget, ``1.0``, is every other row)."""
     from ..scoring import resolve_budget
 
     try:
-        budget = resolve_budget(cfg.budget, n_records)
+        budget = resolve_budget(cfg.budget, n_base)
     except ValueError as exc:
         raise RunError(f"--budget {cfg.budget}: {exc}") from exc
     if budget > n_valid:
@@ -296,12 +327,12 @@ def _resolve_budget(cfg: RunConfig, n_records: int, n_valid: int, skip_counts: M
 
 
 def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, scores: np.ndarray,
-                  out: Path, skipped_path: Path, report_extra=None) -> RunResult:
+                  out: Path, skipped_path: Path, report_extra=None, before_commit=None) -> RunResult:
     """The selection job (:func:`scalselect_fast.selection.run_selection`) over the run's checkpoints."""
     from ..data import read_skip_log
     from ..data.ids import locate_ids
     from ..postselect import parse_quota
-    from ..selection import Records, run_selection
+    from ..selection import Records, budget_base, run_selection
     from ..stability import parse_seeds
 
     t0 = time.perf_counter()
@@ -325,10 +356,12 @@ def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, sco
     for e in skip_entries:
         skip_counts[e.get("reason")] = skip_counts.get(e.get("reason"), 0) + 1
     n_valid = src.n - int(np.isnan(scores).sum())  # rows excluded by --drop-invalid have no score
-    budget = _resolve_budget(cfg, n_records, n_valid, skip_counts, skipped_path)
+    text_only = sorted(i for i, why in skip_reason.items() if why.split(":", 1)[0] == REASON_TEXT_ONLY)
     records = Records(path=cfg.data, ids=recs["ids"], sources=recs["sources"], fields=recs["fields"],
                       skip_reason=skip_reason, skip_counts=skip_counts, selected_name=_selected_name(cfg),
-                      format=cfg.format, image_root=cfg.image_root, order=cfg.order)
+                      format=cfg.format, image_root=cfg.image_root, order=cfg.order, id_field=cfg.id_field,
+                      text_only=text_only, keep_text_only=cfg.text_only == "keep")
+    budget = _resolve_budget(cfg, budget_base(src, records)["n"], n_valid, skip_counts, skipped_path, n_records)
     fps = state.fps
     timings = {k: v for k, v in state.data.get("timings", {}).items() if k != "select"}
 
@@ -343,7 +376,7 @@ def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, sco
     report = run_selection(
         src, out, budget, subspace=sub, scores=scores, records=records, quotas=quotas,
         dedup_eps=cfg.dedup_selected, stability_seeds=parse_seeds(cfg.stability_seeds), html=cfg.html,
-        timings=timings, report_extra=extra, warn=events.warn,
+        timings=timings, report_extra=extra, warn=events.warn, before_commit=before_commit,
         metadata={"scalselect.fingerprint.model": fps["model"], "scalselect.fingerprint.data": fps["data"],
                   "scalselect.fingerprint.config": fps["config"], "scalselect.fingerprint.fit": fps["fit"]})
     state.data.setdefault("timings", {})["select"] = time.perf_counter() - t0  # recomputed each run
@@ -387,7 +420,8 @@ def _stage_extract(cfg: RunConfig, state: RunState, events: Events, source=None)
     if state.done("extract") and (store / "manifest.json").exists():
         # every rerun re-reads the shards it reuses: a damaged one, or one whose images changed since,
         # is extracted again (below) instead of being mixed in
-        if not repair_store(store, data, image_root=cfg.image_root, format=cfg.format, warn=events.warn):
+        if not repair_store(store, data, image_root=cfg.image_root, format=cfg.format, warn=events.warn,
+                            id_field=cfg.id_field):
             return StoreSource(store)
         events.warn(f"discarding the fit and score checkpoints in {state.work}: they depend on the shards "
                     f"being re-extracted")
@@ -398,7 +432,7 @@ def _stage_extract(cfg: RunConfig, state: RunState, events: Events, source=None)
                                layer=cfg.layer, threshold=cfg.threshold, batch_size=cfg.batch_size,
                                instruction=cfg.instruction, max_length=cfg.max_length, roles=cfg.roles,
                                vision_tokens=cfg.vision_tokens, pixels=cfg.pixels,
-                               max_image_pixels=cfg.max_image_pixels, warn=events.warn,
+                               max_image_pixels=cfg.max_image_pixels, warn=events.warn, id_field=cfg.id_field,
                                dtype=cfg.dtype, device=cfg.device, store_dtype=cfg.store_dtype,
                                shard_size=cfg.shard_size, num_workers=cfg.num_workers,
                                # humans get the engine's own tqdm bar (rate + ETA), machines events
@@ -406,11 +440,13 @@ def _stage_extract(cfg: RunConfig, state: RunState, events: Events, source=None)
                                on_progress=json_progress(events, "extract") if events.log_json else None)
     src = StoreSource(store)
     if src.n == 0:
-        counts = _skip_counts(store / "skipped.jsonl")
-        why = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "unknown"
-        raise RunError(f"no sample of {cfg.data} produced a representation (skipped: {why}; details in "
-                       f"{store / 'skipped.jsonl'}). ScalSelect needs samples with images: check the "
-                       f"image paths and --image-root, or that the dataset is not text-only")
+        from ..data.skiplog import summarize_skip_log
+
+        published = _publish_skips(state)
+        raise RunError(f"no sample of {cfg.data} produced a representation (skipped: "
+                       f"{summarize_skip_log(published)}; every one is listed in {published}). ScalSelect needs "
+                       f"samples with images: check the image paths and --image-root, or that the dataset is not "
+                       f"text-only")
     state.add_time("extract", time.perf_counter() - t0)
     state.mark("extract", n=int(src.n), d=int(src.d), shards=len(src.shards))
     events.emit("stage_done", stage="extract", n=int(src.n), d=int(src.d),
@@ -436,13 +472,14 @@ def _set_aside_failed_shard(exc: BaseException, state: RunState, events: Events)
     return True
 
 
-def _skip_counts(path: Path) -> dict[str, int]:
-    from ..data import read_skip_log
-
-    counts: dict[str, int] = {}
-    for e in read_skip_log(path):
-        counts[e.get("reason")] = counts.get(e.get("reason"), 0) + 1
-    return counts
+def _publish_skips(state: RunState) -> Path:
+    """Copy the extraction's skip log (``.scalselect/reps/skipped.jsonl``, appended to as shards are
+    extracted) to ``<out>/skipped.jsonl``, where the outputs are documented, atomically (a reader
+    never sees half of it); returns that path."""
+    published = state.work.parent / "skipped.jsonl"
+    live = _store_dir(state) / "skipped.jsonl"
+    atomic_write_bytes(published, live.read_bytes() if live.exists() else b"")
+    return published
 
 
 def _preflight(cfg: RunConfig, out: Path, events: Events, plan_only: bool, source=None):
@@ -499,6 +536,10 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
         a full disk. Data and model problems surface as the data/extract layers' errors
         (``DatasetError``, ``UnsupportedModelError``, ...), whose messages name the file and sample.
     """
+    if not isinstance(cfg, RunConfig):  # a dict or None would fail deep inside with an AttributeError
+        raise TypeError(f"run(cfg): cfg must be a RunConfig, got {type(cfg).__name__}; build one with "
+                        f"scalselect_fast.run.make_config(model=..., data=..., out=..., ...) or "
+                        f"make_config('run.toml')")
     cfg.validate()
     cfg = _resolve_auto_device(cfg)
     events = events or Events(cfg.quiet, cfg.log_json)
@@ -515,14 +556,21 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
     from ..extract.model import check_model
 
     check_model(cfg.model, cfg.layer)  # model type and --layer, before any stage (no weights loaded)
-    from ..data import count_records
-    from ..data.readers import check_unique_ids
+    from ..data import DatasetError, count_records
+    from ..data.readers import check_unique_ids, format_mismatch_hint
     from ..data.sources import containers
 
-    if containers()[source.container].ids is not None:
-        # a duplicate id stops the run here, before any model work; the same pass counts the records
-        check_unique_ids(source)
-    n_records = count_records(source)
+    try:
+        if containers()[source.container].ids is not None:
+            # a duplicate id stops the run here, before any model work; the same pass counts the records
+            check_unique_ids(source, id_field=cfg.id_field)
+        n_records = count_records(source)
+    except DatasetError as exc:  # a pretty-printed JSON list under --format jsonl: say so
+        hint = format_mismatch_hint(source) if exc.reason == "malformed" else ""
+        if not hint:
+            raise
+        raise DatasetError(f"{exc}{hint}", reason=exc.reason, path=exc.path, index=exc.index, line=exc.line,
+                           sample_id=exc.sample_id) from None
     if n_records == 0:
         raise RunError(f"--data {data} is empty (no records); nothing to select from. Pass the dataset file "
                        f"that holds the samples")
@@ -531,7 +579,10 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
     try:  # a budget above the records is known now, before any stage (skips can only lower the usable)
         resolve_budget(cfg.budget, n_records)
     except ValueError as exc:
+        _refuse_if_no_record_is_usable(source, cfg)  # then that is the problem, not the budget
         raise RunError(f"--budget {cfg.budget}: {exc}") from None
+    if cfg.quota:
+        _check_quota_fields(cfg, events, data)
     if plan_only:
         est = _preflight(cfg, out, events, True, source)
         return est
@@ -541,8 +592,89 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
         return _run_locked(cfg, events, out, source, model_fp, report_extra)
 
 
+def _check_quota_fields(cfg: RunConfig, events: Events, label: str) -> None:
+    """Refuse a --quota field that no record has (every record would fall in one group, ``<none>``, and
+    the quota would mean nothing); warn when only some records lack it. One pass over the raw records
+    (only the id, source and quota columns of Arrow inputs), made only when --quota is given."""
+    from ..data import record_source
+    from ..postselect import PostSelectError, parse_quota
+
+    fields = list(dict.fromkeys(parse_quota(q).field for q in cfg.quota))
+    missing = dict.fromkeys(fields, 0)
+    n = 0
+    for rec, _sid in _raw_records(cfg, [f for f in fields if f != "source"]):
+        n += 1
+        r = rec if isinstance(rec, dict) else {}
+        for f in fields:
+            if (record_source(r) if f == "source" else r.get(f)) is None:
+                missing[f] += 1
+    for f, m in missing.items():
+        if n and m == n:
+            raise PostSelectError(f"--quota {f}=...: no record of {label} has a field {f!r} (all {n} lack it), so "
+                                  f"every record would be one group; check the field name against the dataset's "
+                                  f"records" + (" ('source' also reads dataset, data_source, task, task_type, "
+                                               "category)" if f == "source" else ""))
+        if m:
+            events.warn(f"--quota {f}=...: {m} of {n} records have no field {f!r}; they form the group '<none>', "
+                        f"bounded by the '*' rule if there is one")
+
+
+class _DiscardSkips:
+    """A skip log that keeps nothing: :func:`read_dataset` names the skip reasons itself when it skips
+    every record."""
+
+    def add(self, *args, **kwargs) -> None:
+        pass
+
+
+def _refuse_if_no_record_is_usable(source, cfg: RunConfig) -> None:
+    """Raise read_dataset's own :class:`DatasetError` (naming the skip reasons and the first skipped
+    record) when no record of ``source`` parses into a sample; return at the first one that does.
+
+    Called only when a run is refused anyway, so its reading pass costs nothing on the way to success.
+    """
+    from ..data import read_dataset
+
+    for _sample in read_dataset(source, image_root=cfg.image_root, format=cfg.format, skip_log=_DiscardSkips()):
+        return
+
+
+class _InputsUnchanged:
+    """The dataset files' digests when the run started (read with its data fingerprint); called before
+    the outputs are committed, it refuses them if a file was edited, added or removed since, as the
+    selected dataset copies records that must be the ones the representations were computed from."""
+
+    def __init__(self, cfg: RunConfig, source):
+        self.cfg = cfg
+        self.start = source.read_digests if source.read_digests is not None else source.file_digests()
+
+    def __call__(self) -> None:
+        from ..data import DatasetError
+        from ..data.sources import open_source
+
+        cfg = self.cfg
+        try:
+            now_source = open_source(cfg.data, cfg.format)
+            added = sorted({f.path for f in now_source.files} - set(self.start))
+            removed = sorted(set(self.start) - {f.path for f in now_source.files})
+            now = now_source.file_digests() if not (added or removed) else {}
+        except DatasetError as exc:  # a file gone or unreadable now
+            raise RunError(f"--data {cfg.data}: an input file cannot be read any more ({exc}); it changed while "
+                           f"this run used it, so the selection was not written. Restore it, or rerun with "
+                           f"--force to start over on the new data") from None
+        edited = sorted(p for p in self.start if p in now and now[p] != self.start[p])
+        for how, paths in (("edited", edited), ("added", added), ("removed", removed)):
+            if paths:
+                more = f" (and {len(paths) - 1} more)" if len(paths) > 1 else ""
+                raise RunError(f"{paths[0]}{more} was {how} while this run used --data {cfg.data}: the selected "
+                               f"records would not be the text their representations were computed from, so the "
+                               f"selection was not written. Rerun with --force to start over on the new data (or "
+                               f"restore the file and rerun the same command)")
+
+
 def _run_locked(cfg: RunConfig, events: Events, out: Path, source, model_fp: str, report_extra):
     fps = stage_fingerprints(cfg, model_fp, data_fingerprint(source, cfg.image_root))
+    inputs_unchanged = _InputsUnchanged(cfg, source) if source.dataset is None else None
     if cfg.plan_check:
         est = _preflight(cfg, out, events, False, source)
         if not est.ok:
@@ -559,7 +691,18 @@ def _run_locked(cfg: RunConfig, events: Events, out: Path, source, model_fp: str
         for attempt in (1, 2):
             try:
                 stage = "extract"
-                src = _stage_extract(cfg, state, events, source)
+                try:
+                    src = _stage_extract(cfg, state, events, source)
+                except DatasetError as exc:
+                    if exc.reason != "empty":
+                        raise
+                    # every record was refused while reading: name the published copy of the log
+                    published, live = _publish_skips(state), str(_store_dir(state) / "skipped.jsonl")
+                    msg = str(exc)
+                    msg = (msg.replace(live, str(published)) if live in msg
+                           else f"{msg}; every one is listed in {published}")
+                    raise DatasetError(msg, reason=exc.reason, path=exc.path) from None
+                _publish_skips(state)
                 stage = "fit"
                 sub = _stage_fit(cfg, state, events, src)
                 stage = "score"
@@ -571,10 +714,9 @@ def _run_locked(cfg: RunConfig, events: Events, out: Path, source, model_fp: str
                 if attempt == 2 or not _set_aside_failed_shard(exc, state, events):
                     raise
         stage = "select"
-        skipped_out = out / "skipped.jsonl"
-        live = _store_dir(state) / "skipped.jsonl"
-        atomic_write_bytes(skipped_out, live.read_bytes() if live.exists() else b"")
-        result = _stage_select(cfg, state, events, src, sub, scores, out, skipped_out, report_extra)
+        skipped_out = out / "skipped.jsonl"  # published after the extraction stage (_publish_skips)
+        result = _stage_select(cfg, state, events, src, sub, scores, out, skipped_out, report_extra,
+                               before_commit=inputs_unchanged)
     except OSError as exc:
         if _disk_full(exc):
             where = exc.filename or f"under {out}"
