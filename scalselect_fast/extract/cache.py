@@ -247,6 +247,7 @@ class RepCache:
         prefix = np.ascontiguousarray(self._keys[:, :8]).view("<u8").ravel()
         self._order = np.argsort(prefix, kind="stable")
         self._prefix = prefix[self._order]
+        self._key_bytes = self._keys.tobytes()  # byte-slice comparisons: no numpy call per candidate
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -266,11 +267,13 @@ class RepCache:
         """
         if key is None or not len(self._prefix):
             return False, False, None
-        q = np.frombuffer(key[:8], "<u8")[0]
-        lo = int(np.searchsorted(self._prefix, q, "left"))
-        hi = int(np.searchsorted(self._prefix, q, "right"))
-        for pos in self._order[lo:hi]:
-            if self._keys[pos].tobytes() != key:
+        q = int.from_bytes(key[:8], "little")
+        at = int(self._prefix.searchsorted(np.uint64(q)))
+        n = len(self._prefix)
+        while at < n and int(self._prefix[at]) == q:
+            pos = int(self._order[at])
+            at += 1
+            if self._key_bytes[pos * 32:(pos + 1) * 32] != key:
                 continue
             b = self._batches[self._which[pos]]
             r = int(self._rows[pos])
