@@ -241,3 +241,34 @@ def test_two_processes_share_one_cache(env, tmp_path):
     # whatever the interleaving, a third run finds every sample
     res = run(_cfg(env, tmp_path / "p3", [env["files"]["A"], env["files"]["B"]], cache=str(cache), budget="5"))
     assert res.report["cache"]["extracted"] == 0
+
+
+def test_an_image_edited_during_the_run_is_extracted_as_its_key_says(env, tmp_path, monkeypatch):
+    """The key's bytes are the ones extracted: a file rewritten between hashing and decoding cannot
+    put the new image's vector under the old image's key."""
+    import shutil
+
+    from scalselect_fast.extract.cache import RepCache
+
+    for name in ("live", "pristine"):
+        shutil.copytree(env["root"], tmp_path / name)
+    victim, donor = [r for r in env["parts"]["A"] if r.get("image")][:2]
+    live = tmp_path / "live"
+    orig_key = RepCache.key
+
+    def key_then_edit(self, sample, pinned=None):
+        k = orig_key(self, sample, pinned)
+        if str(sample.id) == victim["id"]:  # someone rewrites the image right after it was hashed
+            (live / victim["image"]).write_bytes((live / donor["image"]).read_bytes())
+        return k
+
+    monkeypatch.setattr(RepCache, "key", key_then_edit)
+    kw = dict(model=str(env["model"]), budget="4", shard_size=5, batch_size=4, quiet=True)
+    run(make_config(data=str(live / "A.json"), image_root=str(live), out=str(tmp_path / "o"),
+                    cache=str(tmp_path / "c"), **kw))
+    monkeypatch.undo()
+    run(make_config(data=str(tmp_path / "pristine" / "A.json"), image_root=str(tmp_path / "pristine"),
+                    out=str(tmp_path / "f"), cache="none", **kw))
+    got, want = _store_rows(tmp_path / "o"), _store_rows(tmp_path / "f")
+    np.testing.assert_array_equal(got[victim["id"]], want[victim["id"]])  # the bytes that were hashed
+    assert not np.array_equal(want[victim["id"]], want[donor["id"]])  # (the edit would have shown)

@@ -35,6 +35,7 @@ import io
 import json
 import os
 import secrets
+import stat
 import time
 import zlib
 from pathlib import Path
@@ -94,23 +95,35 @@ def _image_bytes(img) -> bytes | None:
     if isinstance(img, EmbeddedImage):
         return bytes(img.data)
     if isinstance(img, (str, os.PathLike)):
+        # regular files only, opened without blocking: a FIFO or device named as an image must not
+        # hang the key; the extraction then reports it as it always does
         try:
-            with open(img, "rb") as fh:
-                return fh.read()
+            fd = os.open(img, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         except OSError:
             return None
+        with open(fd, "rb", closefd=True) as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                return None
+            try:
+                return fh.read()
+            except OSError:
+                return None
     tobytes = getattr(img, "tobytes", None)  # an in-memory PIL image handed to the API
     if tobytes is not None and hasattr(img, "mode") and hasattr(img, "size"):
         return f"pil:{img.mode}:{img.size}\0".encode() + tobytes()
     return None
 
 
-def sample_key(context: bytes, sample) -> bytes | None:
+def sample_key(context: bytes, sample, pinned: list | None = None) -> bytes | None:
     """The 32-byte key of ``sample`` under ``context`` (see :meth:`RepCache.context_digest`).
 
     Covers the sample's messages (canonical JSON) and each image's bytes, in order; not its id,
-    index, file or source. None when an image cannot be read.
+    index, file or source. None when an image cannot be read. ``pinned``, when given, receives the
+    sample's images with every file replaced by the bytes just hashed (an ``EmbeddedImage`` of the
+    same name), so what is extracted is exactly what the key names even if the file changes meanwhile.
     """
+    from ..data import EmbeddedImage
+
     h = hashlib.sha256(b"sample\0" + context)
     h.update(json.dumps(sample.messages, sort_keys=True, ensure_ascii=False, default=str).encode())
     h.update(f"\0{len(sample.images)}\0".encode())
@@ -120,6 +133,9 @@ def sample_key(context: bytes, sample) -> bytes | None:
             return None
         h.update(len(data).to_bytes(8, "little"))
         h.update(data)
+        if pinned is not None:
+            pinned.append(EmbeddedImage(data, os.fspath(img)) if isinstance(img, (str, os.PathLike))
+                          and not isinstance(img, EmbeddedImage) else img)
     return h.digest()
 
 
@@ -255,9 +271,9 @@ class RepCache:
     def context_digest(self) -> bytes:
         return self.context_bytes
 
-    def key(self, sample) -> bytes | None:
+    def key(self, sample, pinned: list | None = None) -> bytes | None:
         """The sample's key under this cache's context (see :func:`sample_key`)."""
-        return sample_key(self.context_bytes, sample)
+        return sample_key(self.context_bytes, sample, pinned)
 
     def get(self, key: bytes | None):
         """``(found, ok, vector)``: a checked float32 copy of the entry for ``key``, if any.
@@ -407,4 +423,11 @@ def prune_cache(root: str | os.PathLike, *, older_than_days: float | None = None
                     if not dry_run:
                         p.unlink()  # the index first: the batch is uncommitted before its vectors go
                         vec.unlink(missing_ok=True)
+    # temporary files of writers killed mid-write (never renamed into place, so never read)
+    for c in _contexts(root):
+        for p in c.glob(".*.tmp"):
+            if now - p.stat().st_mtime > 86400:
+                removed["bytes"] += p.stat().st_size
+                if not dry_run:
+                    p.unlink(missing_ok=True)
     return removed

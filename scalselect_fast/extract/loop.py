@@ -765,12 +765,15 @@ def _extract_locked(vlm, data, out: Path, provenance: dict, *, image_root, forma
                         continue
                     images.add(s)
                     if cache is not None:
-                        key = cache.key(s)
+                        pinned: list = []
+                        key = cache.key(s, pinned)
                         found, ok, vec = cache.get(key)
                         if found:
                             hits.append((s, vec if ok else None))
                             continue
                         keys[s.index] = key
+                        if key is not None:  # extract the very bytes the key was made of (see sample_key)
+                            s.images = pinned
                     batch.append(s)
                     if len(batch) == batch_size:
                         yield "batch", batch
