@@ -260,8 +260,10 @@ def main(argv=None) -> int:
     meta = {"timestamp": now_utc(), **{f"m_{k}": v for k, v in machine().items()},
             **{f"v_{k}": v for k, v in versions().items() if k in ("python", "scalselect_fast", "torch")},
             "load1": round(os.getloadavg()[0], 2)}
-    append_csv(RESULTS / "cache.csv", [{**meta, **row}])
-    print(f"appended 1 row to {RESULTS / 'cache.csv'}")
+    # one row per check (metric + status, read by `python -m benchmarks`), each with every measurement
+    append_csv(RESULTS / "cache.csv", [{**meta, "metric": what, "status": "PASS" if ok else "FAIL", **row}
+                                       for what, ok in checks])
+    print(f"appended {len(checks)} rows to {RESULTS / 'cache.csv'}")
     return 0 if all(ok for _, ok in checks) else 1
 
 
