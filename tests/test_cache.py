@@ -272,3 +272,10 @@ def test_an_image_edited_during_the_run_is_extracted_as_its_key_says(env, tmp_pa
     got, want = _store_rows(tmp_path / "o"), _store_rows(tmp_path / "f")
     np.testing.assert_array_equal(got[victim["id"]], want[victim["id"]])  # the bytes that were hashed
     assert not np.array_equal(want[victim["id"]], want[donor["id"]])  # (the edit would have shown)
+
+
+def test_cache_setting_in_a_config_file_is_relative_to_it(tmp_path):
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "run.toml").write_text('cache = "shared/reps"\n')
+    assert make_config(tmp_path / "conf" / "run.toml").cache == str(tmp_path / "conf" / "shared" / "reps")
+    assert make_config(tmp_path / "conf" / "run.toml", cache="none").cache == "none"
