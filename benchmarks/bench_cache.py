@@ -12,11 +12,12 @@ with one ``--out`` (so the default cache inside it), all in this run:
    batches): same kept set, largest score difference and largest vector difference printed (batch
    composition changes padding, so vectors may differ in their last bits; the store keeps float16).
 3. Overhead of a fully cached extraction (``extract_to_store`` of A ∪ B ∪ C with every sample in the
-   cache, model already loaded) against a bare read of the same dataset (``json.load`` of each file
-   + every image file's bytes, the least any content-addressed reuse must read), timed alternately
+   cache, model already loaded) against a bare read of the same dataset (``json.load`` of each file +
+   every image file's bytes, the least any content-addressed reuse must read), timed alternately
    (medians). Floor 1.5x: PASS/FAIL. The validating reader alone (``read_dataset``) is timed too, to
-   show how much of the distance is the reader's and how much the cache's. The full ``run`` wall times are printed too (they include torch
-   start-up work, the fit, the report: fixed costs that dominate at demo size).
+   show how much of the distance is the reader's and how much the cache's. The full ``run`` wall times
+   are printed too (they include torch start-up work, the fit, the report: fixed costs that dominate at
+   demo size).
 4. Cost of the key (sha256 over messages + image bytes): per sample and MB/s, on the demo's images and
    on ``bench_data``'s 256 px JPEGs (~32 KB), with what a 10M-image rerun costs at that rate.
 5. Disk cost per cached sample (``cache info``: bytes / entries; vectors are float32, 4·d bytes + 37).

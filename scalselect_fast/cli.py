@@ -631,7 +631,8 @@ _RUN_FIELDS = ("model", "data", "image_root", "format", "out", "budget", "order"
                "energy", "k", "solver", "seed", "standardize", "l2_normalize", "drop_invalid", "fit_device",
                "batch_size", "device", "dtype", "store_dtype", "shard_size",
                "instruction", "roles", "vision_tokens", "pixels", "max_length", "max_image_pixels", "num_workers",
-               "cache", "dedup_selected", "quota", "stability_seeds", "force", "quiet", "log_json", "plan_check", "html")
+               "cache", "dedup_selected", "quota", "stability_seeds", "force", "quiet", "log_json", "plan_check",
+               "html")
 
 
 def _run_errors():

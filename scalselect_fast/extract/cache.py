@@ -22,6 +22,11 @@ key and the vector's bytes); a row that fails is a miss and is extracted again, 
 ``ok = False`` records a sample the model saw but whose instruction tokens attend to no visual token,
 so a rerun skips it without a forward pass.
 
+Limits. The model's weight files enter the key by size + first and last MiB (as the run's resume
+fingerprint; reading every byte of a 15 GB checkpoint on each run was judged too slow): a retrained
+checkpoint identical in size, header and last MiB would be taken for the same model. An
+``image_loader`` passed to the API is not part of the key (the image bytes are).
+
 Two processes may share one cache without a lock: each writes batches under names of its own and
 reads only committed batches; the worst case is a sample extracted twice (both copies are valid).
 
@@ -218,8 +223,9 @@ class RepCache:
     Notes
     -----
     The index of every committed batch of the context is read once when the cache is opened: keys
-    are kept as a sorted uint64 prefix array (16 bytes per entry + the 32-byte keys), so a lookup is
-    a binary search. Batches committed by another process after that are not seen by this one.
+    are kept as a sorted uint64 prefix array with its order, the 32-byte keys and where each entry
+    lives, its flag and CRC (61 bytes per entry: ~0.6 GB for 10M entries), so a lookup is a binary
+    search. Batches committed by another process after that are not seen by this one.
     """
 
     def __init__(self, root: str | os.PathLike, context: dict, d: int, warn=None, about: dict | None = None):
@@ -255,18 +261,18 @@ class RepCache:
             b.ok, b.crc = ok, crc
             keys.append(k)
             which.append(np.full(len(k), len(self._batches), np.int32))
-            rows.append(np.arange(len(k), dtype=np.int64))
+            rows.append(np.arange(len(k), dtype=np.int32))
             self._batches.append(b)
-        self._keys = np.concatenate(keys) if keys else np.zeros((0, 32), np.uint8)
+        all_keys = np.concatenate(keys) if keys else np.zeros((0, 32), np.uint8)
         self._which = np.concatenate(which) if which else np.zeros(0, np.int32)
-        self._rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-        prefix = np.ascontiguousarray(self._keys[:, :8]).view("<u8").ravel()
+        self._rows = np.concatenate(rows) if rows else np.zeros(0, np.int32)
+        prefix = np.ascontiguousarray(all_keys[:, :8]).view("<u8").ravel()
         self._order = np.argsort(prefix, kind="stable")
         self._prefix = prefix[self._order]
-        self._key_bytes = self._keys.tobytes()  # byte-slice comparisons: no numpy call per candidate
+        self._key_bytes = all_keys.tobytes()  # byte-slice comparisons: no numpy call per candidate
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._prefix)
 
     def context_digest(self) -> bytes:
         return self.context_bytes
