@@ -212,8 +212,8 @@ def main(argv=None) -> int:
         cache_dir = out / ".scalselect" / "cache"
         counter = iter(range(1_000_000))
 
-        def cached_extract():
-            s = extract_to_store(vlm, [str(f) for f in all_files], d / "x" / str(next(counter)), image_root=root,
+        def cached_extract(fs=all_files):
+            s = extract_to_store(vlm, [str(f) for f in fs], d / "x" / str(next(counter)), image_root=root,
                                  batch_size=8, shard_size=256, dtype="fp32", device="cpu", progress=False,
                                  cache=cache_dir)
             return s["cache"]
@@ -233,6 +233,19 @@ def main(argv=None) -> int:
               f"{t_reader / t_bare:.2f}x the bare read; cached extraction = {t_cached / t_reader:.2f}x read_dataset "
               f"(the rest: the key, the lookups, the store's fsync'd shard commits)")
 
+        # the same on a third of the data: the slope between the two sizes is the per-sample cost a large
+        # rerun converges to (fixed costs -- store commits' fsync, model digest, counting pass -- drop out)
+        one = [files["A'"]]
+        tb1, tc1, _, _ = alternating_times(lambda: _bare_read(one, root), lambda: cached_extract(one), args.repeats)
+        fw.take()
+        n_all, n_one = sum(len(parts[x]) for x in "ABC"), len(parts["A"])
+        per_bare = (t_bare - float(np.median(tb1))) / (n_all - n_one)
+        per_cached = (t_cached - float(np.median(tc1))) / (n_all - n_one)
+        fixed = t_cached - per_cached * n_all
+        marginal = per_cached / per_bare if per_bare > 0 else float("nan")
+        print(f"  per sample (slope {n_one} -> {n_all} records): cached extraction {per_cached * 1e6:.0f} us, bare read "
+              f"{per_bare * 1e6:.0f} us = {marginal:.2f}x; fixed cost of a cached extraction {fixed * 1e3:.0f} ms")
+
         # 4. the key's cost
         rc = open_cache(cache_dir, vlm, threshold=0.9, instruction="all")
         demo_samples = [s for f in all_files for s in read_dataset(f, image_root=root)]
@@ -251,7 +264,9 @@ def main(argv=None) -> int:
                "wall_nocache_s": round(w4, 3), "bit_identical": identical, "same_selection": same_sel,
                "max_vec_diff": vec_abs, "max_score_rel_diff": score_rel, "bare_read_s": round(t_bare, 4),
                "cached_extract_s": round(t_cached, 4), "overhead_x": round(ratio, 3),
-               "read_dataset_s": round(t_reader, 4),
+               "read_dataset_s": round(t_reader, 4), "cached_us_per_sample": round(per_cached * 1e6, 1),
+               "bare_us_per_sample": round(per_bare * 1e6, 1), "marginal_x": round(marginal, 3),
+               "cached_fixed_s": round(fixed, 4),
                "key_us_demo": kc_demo["us_per_sample"], "key_mb_s_demo": kc_demo["mb_s"],
                "key_us_jpeg256": kc_jpeg["us_per_sample"], "key_mb_s_jpeg256": kc_jpeg["mb_s"],
                "key_10M_min_jpeg256": kc_jpeg["10M_images_min"], "bytes_per_entry": info["bytes_per_entry"],
