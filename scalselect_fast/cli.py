@@ -311,6 +311,9 @@ def add_extract_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"], help="pooling kernel")
     p.add_argument("--num-workers", type=int, default=0,
                    help="processes encoding samples (template, tokenizer, images) one batch ahead [0]")
+    p.add_argument("--cache", metavar="DIR", default=None,
+                   help="representation cache: look every sample up by content first, extract only the misses "
+                        "and add them (shared between runs, datasets and processes) [off]")
     p.add_argument("--force", action="store_true", help="discard an existing store from a different run")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_extract)
@@ -351,7 +354,7 @@ def _extract(args, extract_to_store) -> dict:
         shard_size=args.shard_size, max_length=args.max_length, padding_side=args.padding_side,
         backend=args.backend, force=args.force, progress=not args.quiet, num_workers=args.num_workers,
         roles=args.roles, vision_tokens=args.vision_tokens, pixels=args.pixels,
-        max_image_pixels=args.max_image_pixels, id_field=args.id_field,
+        max_image_pixels=args.max_image_pixels, id_field=args.id_field, cache=args.cache,
         warn=lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True))
 
 
@@ -377,6 +380,42 @@ def _add_fidelity_options(p, defaults: bool) -> None:
     p.add_argument("--pixels", default=d("paper"), type=_pixels_arg, metavar="paper|processor|MIN:MAX",
                    help="Qwen-VL image size range: 262144:589824 pixels (paper, the authors' setting), the "
                         "checkpoint's own (processor) or MIN:MAX [paper]")
+
+
+def add_cache_command(sub: argparse._SubParsersAction) -> None:
+    """cache: inspect, check and shrink a representation cache (see ``--cache``)."""
+    p = sub.add_parser("cache", help="representation cache: info, verify, prune",
+                       description="Inspect (size, entries, models), verify (every entry's checksum) or prune "
+                                   "(by age or by model) a representation cache directory.")
+    csub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for name, text in (("info", "size, entries and batches per model + settings"),
+                       ("verify", "read every entry and check its checksum (exit 1 if any fails)"),
+                       ("prune", "delete entries older than --older-than DAYS and/or of --model NAME")):
+        q = csub.add_parser(name, help=text)
+        q.add_argument("dir", help="the cache directory")
+        if name == "prune":
+            q.add_argument("--older-than", type=float, metavar="DAYS", help="batches written more than DAYS ago")
+            q.add_argument("--model", help="every entry of models whose path (or context digest) contains NAME")
+            q.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
+    p.set_defaults(func=_cmd_cache)
+
+
+def _cmd_cache(args) -> int:
+    import json
+
+    from .extract.cache import CacheError, cache_info, prune_cache, verify_cache
+
+    try:
+        if args.action == "info":
+            out = cache_info(args.dir)
+        elif args.action == "verify":
+            out = verify_cache(args.dir)
+        else:
+            out = prune_cache(args.dir, older_than_days=args.older_than, model=args.model, dry_run=args.dry_run)
+    except CacheError as exc:
+        return _fail(args, exc)
+    print(json.dumps(out, indent=2))
+    return 1 if args.action == "verify" and (out["bad_entries"] or out["bad_batches"]) else 0
 
 
 def add_baseline_command(sub: argparse._SubParsersAction) -> None:
@@ -567,6 +606,10 @@ def add_run_command(sub: argparse._SubParsersAction) -> None:
                    help="skip images over N pixels (width x height, read from the header before decoding) as "
                         "image_too_large (40000000)")
     g.add_argument("--num-workers", type=int, help="processes decoding images and encoding samples (0)")
+    g.add_argument("--cache", metavar="DIR",
+                   help="representation cache shared between runs and datasets: samples are looked up by "
+                        "content (model, settings, messages, image bytes) and only new ones are extracted "
+                        "(default OUT/.scalselect/cache; 'none' turns it off)")
     _add_fidelity_options(g, defaults=False)
     g = p.add_argument_group("beyond the paper (off by default)")
     g.add_argument("--dedup-selected", type=float, metavar="EPS",
@@ -608,7 +651,8 @@ _RUN_FIELDS = ("model", "data", "image_root", "format", "id_field", "text_only",
                "layer", "threshold", "energy", "k", "solver", "seed", "standardize", "l2_normalize", "drop_invalid",
                "fit_device", "batch_size", "device", "dtype", "store_dtype", "shard_size",
                "instruction", "roles", "vision_tokens", "pixels", "max_length", "max_image_pixels", "num_workers",
-               "dedup_selected", "quota", "stability_seeds", "force", "quiet", "log_json", "plan_check", "html")
+               "cache", "dedup_selected", "quota", "stability_seeds", "force", "quiet", "log_json", "plan_check",
+               "html")
 
 
 def _run_errors():
@@ -624,7 +668,8 @@ def _run_errors():
     for mod, name in (("scalselect_fast.data", "DatasetError"), ("scalselect_fast.data", "ImageError"),
                       ("scalselect_fast.subspace", "SubspaceError"),
                       ("scalselect_fast.extract", "UnsupportedModelError"),
-                      ("scalselect_fast.extract", "ExtractError")):
+                      ("scalselect_fast.extract", "ExtractError"),
+                      ("scalselect_fast.extract.cache", "CacheError")):
         try:
             import importlib
 
@@ -701,6 +746,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dask_options(sub)
     add_extract_command(sub)
     add_baseline_command(sub)
+    add_cache_command(sub)
     add_run_command(sub)
     return parser
 

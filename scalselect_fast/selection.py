@@ -818,6 +818,9 @@ def print_selection(report: Mapping[str, Any], quiet: bool = False, file=None) -
             f"of the energy | {sub['solver']} solver, {sub['passes']} pass(es)")
     if not quiet:
         line += " | " + " ".join(f"{k} {float(v):.2f}s" for k, v in t.items())
+    cache = report.get("cache")
+    if cache:  # how much of the extraction the representation cache saved
+        line += f" | cache: {cache['reused']} reused, {cache['extracted']} extracted"
     print(line + (f" | {bad} invalid rows excluded" if bad else ""), file=fh)
     st = report.get("stability")
     if st and not quiet:

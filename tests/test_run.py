@@ -156,7 +156,7 @@ def test_run_and_select_share_one_manifest_and_report_schema(env, baseline, tmp_
     assert run_t.schema.metadata[b"scalselect.rank_base"] == sel_t.schema.metadata[b"scalselect.rank_base"] == b"1"
     run_rep = json.loads((out / "report.json").read_text())
     sel_rep = json.loads((tmp_path / "sel" / "report.json").read_text())
-    assert set(sel_rep) <= set(run_rep) and set(run_rep) - set(sel_rep) <= {"config_hash", "fingerprint", "config"}
+    assert set(sel_rep) <= set(run_rep) and set(run_rep) - set(sel_rep) <= {"config_hash", "fingerprint", "config", "cache"}
     assert set(sel_rep["subspace"]) == set(run_rep["subspace"]) and set(sel_rep["stability"]) == set(run_rep["stability"])
     # same job on the same rows: the same kept set and ranks
     run_rank = {m["id"]: m["rank"] for m in run_t.to_pylist() if m["rank"] is not None}
@@ -188,8 +188,10 @@ def test_changed_settings_are_refused_then_force_restarts(env, baseline):
     shutil.copytree(baseline["out"], out)
     with pytest.raises(RunError, match=r"different run: subspace settings .* --force"):
         run(_cfg(env, out, energy=0.5))
+    # without a representation cache a changed dataset is refused (with one it is re-extracted through
+    # the cache: tests/test_cache.py)
     with pytest.raises(RunError, match="the dataset file or image root"):
-        run(_cfg(env, out, image_root=str(env["root"] / "images")))
+        run(_cfg(env, out, image_root=str(env["root"] / "images"), cache="none"))
     shards = sorted((out / ".scalselect" / "reps").glob("shard-*.npy"))
     before = [p.stat().st_mtime_ns for p in shards]
     res = run(_cfg(env, out, energy=0.5, force=True))

@@ -63,6 +63,7 @@ class BatchResult:
     skipped: list[_Skip] = field(default_factory=list)
     n_inputs: int = 0
     max_index: int | None = None
+    indices: list = field(default_factory=list)  # record index of each kept row (merging cache hits)
 
 
 def _classify(err: R.SampleError) -> str:
@@ -207,16 +208,18 @@ def _pool_encoded(vlm: VLM, samples: list, results: list, threshold, instruction
     pooled = pooled.float().cpu().numpy()
     valid = valid.cpu().numpy() & np.isfinite(pooled).all(axis=1)
     ids = []
+    indices = []
     for s, ok in zip(kept, valid):
         if ok:
             ids.append(str(s.id))
+            indices.append(getattr(s, "index", None))
         else:
             skipped.append(_Skip(str(s.id), getattr(s, "index", None), REASON_NO_ATTENTION,
                                  f"sample {s.id}: no {instruction!r} instruction token attends to a visual token "
                                  f"at layer {vlm.layer} (instruction text only before the image?)",
                                  getattr(s, "line", None)))
     skipped.sort(key=lambda k: (k.index if k.index is not None else -1))
-    return BatchResult(ids, np.ascontiguousarray(pooled[valid]), skipped, len(samples), max_index)
+    return BatchResult(ids, np.ascontiguousarray(pooled[valid]), skipped, len(samples), max_index, indices)
 
 
 def encode_and_pool(vlm: VLM, samples: list, threshold: float = 0.9, instruction: str = "all",
@@ -602,7 +605,8 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
                      image_loader: Callable | None = None, roles: str | None = None,
                      vision_tokens: str | None = None, pixels: str | None = None,
                      max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-                     warn: Callable[[str], None] | None = None, id_field: str | None = None) -> dict:
+                     warn: Callable[[str], None] | None = None, id_field: str | None = None,
+                     cache: str | os.PathLike | None = None) -> dict:
     """Extract every sample of a dataset file into a representation store (resumable, per-rank).
 
     Parameters
@@ -635,6 +639,10 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
     id_field : str, optional
         The id column (see :func:`scalselect_fast.data.read_dataset`); ``None`` = ``id``, and records
         without an id field get their positional id. A named field is recorded in the provenance.
+    cache : path, optional
+        A representation cache directory (:mod:`.cache`): every record is looked up by its content
+        first and only the misses reach the model; new vectors are added to it. Shared safely
+        between runs, datasets and concurrent processes.
     Other parameters are those of :func:`extract_representations`; ``roles``, ``vision_tokens`` and
     ``pixels`` are recorded in the store's provenance, so a store made with other choices is refused.
 
@@ -642,7 +650,8 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
     -------
     dict
         ``{"store", "rank", "world_size", "range", "rows", "skipped", "shards_written",
-        "shards_resumed", "shards_redone"}`` for this process.
+        "shards_resumed", "shards_redone"}`` for this process, and with ``cache``
+        ``"cache": {"dir", "reused", "extracted"}`` (samples taken from the cache / run through the model).
 
     Notes
     -----
@@ -686,6 +695,10 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
     }
     if id_field is not None:  # only when named: stores made before the option still resume
         provenance["id_field"] = id_field
+    rep_cache = None
+    if cache is not None:
+        rep_cache = open_cache(cache, vlm, threshold=threshold, instruction=instruction, padding_side=padding_side,
+                               backend=backend, max_image_pixels=max_image_pixels, warn=warn or log.warning)
     out.mkdir(parents=True, exist_ok=True)
     # one writer per store (per rank: ranks write disjoint shards of one store)
     lock = out / (".extract.lock" if world == 1 else f".extract-rank{rank:03d}.lock")
@@ -696,12 +709,12 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
                                backend=backend, rank=rank, world=world, lo=lo, hi=hi, force=force,
                                progress=progress, num_workers=num_workers, on_progress=on_progress,
                                loader=image_loader or _image_loader(max_image_pixels), warn=warn or log.warning,
-                               id_field=id_field)
+                               id_field=id_field, cache=rep_cache)
 
 
 def _extract_locked(vlm, data, out: Path, provenance: dict, *, image_root, format, batch_size, threshold,
                     instruction, store_dtype, shard_size, padding_side, backend, rank, world, lo, hi, force,
-                    progress, num_workers, on_progress, loader, warn, id_field=None) -> dict:
+                    progress, num_workers, on_progress, loader, warn, id_field=None, cache=None) -> dict:
     from ..data import SkipLog, read_dataset
     from ..store import StoreWriter
 
@@ -726,6 +739,8 @@ def _extract_locked(vlm, data, out: Path, provenance: dict, *, image_root, forma
             todo.append((j, a, b))
     summary = {"store": str(out), "rank": rank, "world_size": world, "range": [lo, hi], "rows": 0, "skipped": 0,
                "shards_written": 0, "shards_resumed": resumed, "shards_redone": redone}
+    if cache is not None:
+        summary["cache"] = {"dir": str(cache.root), "reused": 0, "extracted": 0}
     if not todo:
         return summary
     bar = None
@@ -743,27 +758,44 @@ def _extract_locked(vlm, data, out: Path, provenance: dict, *, image_root, forma
                                                    id_field=id_field)
                            if s.index >= first)
 
+        keys: dict[int, bytes | None] = {}  # record index -> cache key, for the misses in flight
+
         def items():
-            """("batch", samples) for each todo shard's records, then ("end", shard); never across shards."""
+            """("batch", samples) for each todo shard's records, then ("end", shard); never across shards.
+
+            With a cache, records found in it are not batched: they travel with the shard's end marker
+            as ``(sample, vector or None)`` and are merged back in record order."""
             for j, a, b in todo:
                 batch: list = []
                 images = _ImagesDigest()
+                hits: list = []
                 while (s := stream.peek()) is not None and s.index < b:
                     next(stream)
                     if s.index < a:  # inside an already committed shard
                         continue
                     images.add(s)
+                    if cache is not None:
+                        pinned: list = []
+                        key = cache.key(s, pinned)
+                        found, ok, vec = cache.get(key)
+                        if found:
+                            hits.append((s, vec if ok else None))
+                            continue
+                        keys[s.index] = key
+                        if key is not None:  # extract the very bytes the key was made of (see sample_key)
+                            s.images = pinned
                     batch.append(s)
                     if len(batch) == batch_size:
                         yield "batch", batch
                         batch = []
                 if batch:
                     yield "batch", batch
-                yield "end", (j, a, b, images)
+                yield "end", (j, a, b, images, hits)
 
         pool = _EncodePool(vlm.encoder, loader, num_workers)
         rows: list[np.ndarray] = []
         ids: list[str] = []
+        row_index: list = []
         n_skip = 0
         pos = todo[0][1]  # next record index not yet shown on the progress bar
         # records in shards finished (earlier runs included) and the start of the shard in progress
@@ -778,6 +810,9 @@ def _extract_locked(vlm, data, out: Path, provenance: dict, *, image_root, forma
                     if res.ids:
                         rows.append(res.vectors)
                         ids.extend(res.ids)
+                        row_index.extend(res.indices)
+                    if cache is not None:
+                        _cache_batch(cache, keys, res, summary["cache"])
                     if bar is not None:
                         bar.update(max(res.max_index + 1 - pos, 0))
                         pos = max(pos, res.max_index + 1)
@@ -786,9 +821,14 @@ def _extract_locked(vlm, data, out: Path, provenance: dict, *, image_root, forma
                     if on_progress is not None:
                         on_progress(done_before + max(res.max_index + 1 - shard_start, 0), hi - lo)
                     continue
-                j, a, b, images = res
+                j, a, b, images, hits = res
                 # Records the reader itself refused (bad fields, images outside the root) count as skipped.
                 n_skip += reader_log.count(a, b)
+                if hits:
+                    n_skip += _merge_hits(hits, rows, ids, row_index, slog, vlm.layer, instruction)
+                    summary["cache"]["reused"] += len(hits)
+                if cache is not None:
+                    cache.flush()  # before the shard commits: a vector the store holds is in the cache too
                 mat = np.concatenate(rows) if rows else np.zeros((0, vlm.hidden_size), np.float32)
                 writer.write_shard(mat, ids, index=j, extra={"range": [a, b], "skipped": n_skip, "rank": rank,
                                                                 "images": images.hexdigest(),
@@ -797,7 +837,7 @@ def _extract_locked(vlm, data, out: Path, provenance: dict, *, image_root, forma
                 summary["rows"] += len(ids)
                 summary["skipped"] += n_skip
                 summary["shards_written"] += 1
-                rows, ids, n_skip = [], [], 0
+                rows, ids, row_index, n_skip = [], [], [], 0
                 if bar is not None:
                     bar.update(max(b - pos, 0))
                 done_before += b - a
@@ -811,6 +851,64 @@ def _extract_locked(vlm, data, out: Path, provenance: dict, *, image_root, forma
     if bar is not None:
         bar.close()
     return summary
+
+
+def open_cache(root, vlm: VLM, *, threshold, instruction, padding_side="right", backend="auto",
+               max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, warn=None):
+    """The representation cache at ``root`` opened for ``vlm`` and these settings (see :mod:`.cache`).
+
+    The context digest covers the model directory's files (:func:`~.cache.model_digest`), its family,
+    layer, dtype, max length and encoding options, the pooling settings, the image-size limit and the
+    device type (CPU and GPU kernels round differently), not the model's path.
+    """
+    from .cache import RepCache, model_digest
+
+    try:
+        device_type = next(vlm.model.parameters()).device.type
+    except (AttributeError, StopIteration):
+        device_type = str(vlm.device).split(":")[0]
+    context = {"model_digest": model_digest(vlm.path), "family": vlm.family, "layer": vlm.layer,
+               "dtype": str(vlm.dtype).replace("torch.", ""), "max_length": vlm.max_length, **vlm.options(),
+               "threshold": float(threshold), "instruction": instruction, "padding_side": padding_side,
+               "backend": backend, "max_image_pixels": max_image_pixels, "device": device_type}
+    return RepCache(root, context, vlm.hidden_size, warn=warn, about={"model": str(Path(vlm.path).resolve())})
+
+
+def _cache_batch(cache, keys: dict, res: BatchResult, counts: dict) -> None:
+    """Add one batch's new vectors (and its no-attention samples) to the cache; count what ran."""
+    for i, v in zip(res.indices, res.vectors):
+        cache.put(keys.pop(i, None), v)
+    counts["extracted"] += len(res.ids)
+    for sk in res.skipped:
+        key = keys.pop(sk.index, None)
+        if sk.reason == REASON_NO_ATTENTION:  # the model ran and found nothing: remember that too
+            cache.put(key, None)
+            counts["extracted"] += 1
+
+
+def _merge_hits(hits: list, rows: list, ids: list, row_index: list, slog, layer: int, instruction: str) -> int:
+    """Put the shard's cache hits among its extracted rows, in record order (lists changed in place);
+    returns the number of hits that are no-attention skips (logged like a fresh one)."""
+    n_skip = 0
+    vecs = []
+    for s, vec in hits:
+        if vec is None:
+            slog.add(str(s.id), s.index, REASON_NO_ATTENTION,
+                     f"sample {s.id}: no {instruction!r} instruction token attends to a visual token at layer "
+                     f"{layer} (instruction text only before the image?)", line=getattr(s, "line", None), stage=STAGE)
+            n_skip += 1
+            continue
+        vecs.append(vec)
+        ids.append(str(s.id))
+        row_index.append(s.index)
+    if vecs:
+        rows.append(np.stack(vecs).astype(np.float32, copy=False))
+    mat = np.concatenate(rows) if rows else None
+    order = np.argsort(np.asarray(row_index, np.int64), kind="stable")
+    rows[:] = [] if mat is None else [mat[order]]
+    ids[:] = [ids[k] for k in order]
+    row_index[:] = [row_index[k] for k in order]
+    return n_skip
 
 
 class _Peekable:

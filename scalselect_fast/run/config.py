@@ -59,6 +59,8 @@ class RunConfig:
     max_length: int | None = None
     max_image_pixels: int = 40_000_000
     num_workers: int = 0
+    # representation cache shared between runs and datasets (None: OUT/.scalselect/cache; "none": off)
+    cache: str | None = None
     order: str = "original"
     dedup_selected: float | None = None
     quota: list = dataclasses.field(default_factory=list)
@@ -266,7 +268,7 @@ def load_config_file(path: str | os.PathLike) -> dict:
             raise RunError(f"--config {p}: {written[name]!r} and {key!r} are the same setting, given twice; "
                            f"keep one of them")
         written[name] = key
-        if name in ("model", "data", "out", "image_root"):
+        if name in ("model", "data", "out", "image_root", "cache"):
             value = _relative_to(p.parent, value) if name != "data" or not isinstance(value, list) else [
                 _relative_to(p.parent, v) for v in value]
         if name == "quota" and isinstance(value, str):

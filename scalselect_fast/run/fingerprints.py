@@ -11,35 +11,15 @@ from .config import RunConfig, RunError
 __all__ = ["model_fingerprint", "data_fingerprint", "stage_fingerprints"]
 
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
-_EDGE = 1 << 20
-
-
-def _hash_file(h, path: Path, whole: bool) -> None:
-    size = path.stat().st_size
-    h.update(f"{path.name}\0{size}\0".encode())
-    with open(path, "rb") as fh:
-        if whole or size <= 4 * _EDGE:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-        else:
-            # big weight files: header + tail + size identify a checkpoint without reading GBs
-            h.update(fh.read(_EDGE))
-            fh.seek(size - _EDGE)
-            h.update(fh.read(_EDGE))
-
-
 def model_fingerprint(path: str | os.PathLike) -> str:
     """sha256 over a model directory: every config/tokenizer file whole, weights by size + head + tail."""
     p = Path(path)
     if not p.exists():
         raise RunError(f"--model {p}: no such file or directory; pass a local Hugging Face model directory "
                        f"(config.json + weights), e.g. a downloaded llava-hf/llava-1.5-7b-hf")
-    h = hashlib.sha256(b"model\0")
-    files = sorted(f for f in (p.rglob("*") if p.is_dir() else [p]) if f.is_file() and not f.name.startswith("."))
-    for f in files:
-        _hash_file(h, f, whole=not f.name.endswith(_WEIGHT_SUFFIXES))
-    return h.hexdigest()[:32]
+    from ..extract.cache import model_digest
+
+    return model_digest(p)
 
 
 def data_fingerprint(data, image_root: str | None, format: str = "auto") -> str:
@@ -64,6 +44,8 @@ def stage_fingerprints(cfg: RunConfig, model_fp: str, data_fp: str) -> dict:
     """Chained fingerprints: each stage's covers everything it depends on."""
     ex = _hash_obj({"model": model_fp, "data": data_fp, **cfg.settings(cfg.EXTRACT_KEYS)})
     fit = _hash_obj({"extract": ex, **cfg.settings(cfg.FIT_KEYS)})
-    return {"model": model_fp, "data": data_fp, "extract": ex, "fit": fit, "score": fit,
+    # the model and settings without the data: a dataset change alone can go through the cache
+    settings = _hash_obj({"model": model_fp, **cfg.settings(cfg.EXTRACT_KEYS + cfg.FIT_KEYS)})
+    return {"model": model_fp, "data": data_fp, "extract": ex, "fit": fit, "score": fit, "settings": settings,
             "config": _hash_obj(cfg.settings(cfg.EXTRACT_KEYS + cfg.FIT_KEYS + cfg.SELECT_KEYS))}
 

@@ -44,7 +44,7 @@ from ..store import StoreError
 from .config import RunConfig, RunError
 from .events import Events, json_progress
 from .fingerprints import data_fingerprint, model_fingerprint, stage_fingerprints
-from .state import WORK, RunState, crashpoint
+from .state import CACHE, WORK, RunState, crashpoint
 
 #: the extraction's reason code for a record without an image (``scalselect_fast.extract.REASON_TEXT_ONLY``,
 #: not imported: the extract package pulls in torch)
@@ -119,6 +119,16 @@ class RunResult:
 
 def _store_dir(state: RunState) -> Path:
     return state.work / "reps"
+
+
+def _cache_dir(cfg: RunConfig, out: Path) -> Path | None:
+    """The representation cache a run uses: ``--cache DIR``, by default OUT/.scalselect/cache; None for
+    ``--cache none``."""
+    if cfg.cache is None:
+        return out / WORK / CACHE
+    if str(cfg.cache).lower() == "none":
+        return None
+    return Path(cfg.cache).expanduser()
 
 
 class _FitCheckpoint:
@@ -367,6 +377,8 @@ def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, sco
 
     def extra(kept_ids):
         more = {"config_hash": fps["config"],
+                "cache": ({"reused": 0, "extracted": 0, **state.data.get("cache", {})}
+                          if _cache_dir(cfg, out) is not None else None),
                 "fingerprint": {k: fps[k] for k in ("model", "data", "config", "extract", "fit")},
                 "config": _config_for_report(cfg)}
         if report_extra is not None:
@@ -435,6 +447,7 @@ def _stage_extract(cfg: RunConfig, state: RunState, events: Events, source=None)
                                max_image_pixels=cfg.max_image_pixels, warn=events.warn, id_field=cfg.id_field,
                                dtype=cfg.dtype, device=cfg.device, store_dtype=cfg.store_dtype,
                                shard_size=cfg.shard_size, num_workers=cfg.num_workers,
+                               cache=_cache_dir(cfg, state.work.parent),
                                # humans get the engine's own tqdm bar (rate + ETA), machines events
                                progress=not (cfg.quiet or events.log_json),
                                on_progress=json_progress(events, "extract") if events.log_json else None)
@@ -448,10 +461,22 @@ def _stage_extract(cfg: RunConfig, state: RunState, events: Events, source=None)
                        f"samples with images: check the image paths and --image-root, or that the dataset is not "
                        f"text-only")
     state.add_time("extract", time.perf_counter() - t0)
-    state.mark("extract", n=int(src.n), d=int(src.d), shards=len(src.shards))
+    cache = _add_cache_counts(state, summary.get("cache"))
+    state.mark("extract", n=int(src.n), d=int(src.d), shards=len(src.shards), cache=cache)
     events.emit("stage_done", stage="extract", n=int(src.n), d=int(src.d),
-                shards_written=summary.get("shards_written"), shards_resumed=summary.get("shards_resumed"))
+                shards_written=summary.get("shards_written"), shards_resumed=summary.get("shards_resumed"),
+                cache=cache)
     return src
+
+def _add_cache_counts(state: RunState, counts: dict | None) -> dict | None:
+    """This run's cache counts added to those of earlier attempts of the same extraction (a resume)."""
+    if counts is None:
+        return None
+    before = state.data.setdefault("cache", {"reused": 0, "extracted": 0})
+    total = {k: int(before.get(k, 0)) + int(counts[k]) for k in ("reused", "extracted")}
+    state.data["cache"] = total
+    return total
+
 
 def _set_aside_failed_shard(exc: BaseException, state: RunState, events: Events) -> bool:
     """Take the run's store shard that failed its checksum off the manifest (files moved aside) and
@@ -687,7 +712,7 @@ def _run_locked(cfg: RunConfig, events: Events, out: Path, source, model_fp: str
         _quiet_libraries()
     try:
         stage = "setup"
-        state = RunState(out, fps, cfg.force, events)
+        state = RunState(out, fps, cfg.force, events, cache=_cache_dir(cfg, out) is not None)
         for attempt in (1, 2):
             try:
                 stage = "extract"

@@ -21,6 +21,24 @@ STATE = "state.json"
 STATE_FORMAT = "scalselect-run"
 STATE_VERSION = 1
 
+#: the default representation cache inside the work folder: content-addressed, so it survives --force
+CACHE = "cache"
+
+
+def _clear_work(work: Path) -> None:
+    """Discard every checkpoint in ``work`` except the representation cache (its entries are valid for
+    any run: they are addressed by content)."""
+    if not work.is_dir():
+        return
+    for p in work.iterdir():
+        if p.name == CACHE and p.is_dir():
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
 def _remove_fit_checkpoints(work: Path) -> None:
     for name in ("fit", "scores"):
         shutil.rmtree(work / name, ignore_errors=True)
@@ -29,7 +47,7 @@ def _remove_fit_checkpoints(work: Path) -> None:
 
 
 class RunState:
-    def __init__(self, out: Path, fps: dict, force: bool, events: Events):
+    def __init__(self, out: Path, fps: dict, force: bool, events: Events, cache: bool = False):
         self.work = out / WORK
         self.path = self.work / STATE
         self.fps = fps
@@ -42,6 +60,13 @@ class RunState:
                 old = None  # a state file is replaced atomically, so this means someone edited it
         if old is not None and old.get("format") == STATE_FORMAT:
             diff = [k for k in ("model", "data", "extract", "fit") if old.get("fingerprints", {}).get(k) != fps[k]]
+            if cache and "data" in diff and old["fingerprints"].get("settings") == fps.get("settings"):
+                # only the dataset changed: the representation cache keeps every vector already paid for
+                events.warn(f"the dataset changed since the checkpoints in {self.work} were written: starting "
+                            f"over, reusing the representation cache (only samples it does not hold are "
+                            f"extracted)")
+                _clear_work(self.work)
+                old, diff = None, []
             if diff and not force:
                 what = {"model": "the model files", "data": "the dataset file or image root",
                         "extract": "extraction settings (layer, threshold, instruction, max length, dtype, "
@@ -65,18 +90,19 @@ class RunState:
             elif diff:
                 events.warn(f"--force: discarding all checkpoints in {self.work} (model, data or extraction "
                             f"settings changed)")
-                shutil.rmtree(self.work)
+                _clear_work(self.work)
                 old = None
             if old is not None:
                 old["fingerprints"] = fps
-        elif old is not None or (self.work.exists() and any(self.work.iterdir()) and not self.path.exists()):
+        elif old is not None or (self.work.exists() and any(p.name != CACHE for p in self.work.iterdir())
+                                   and not self.path.exists()):
             if not force:
                 raise RunError(f"{self.work} exists but has no readable run state; rerun with --force to "
                                f"discard it, or choose another --out")
-            shutil.rmtree(self.work)
+            _clear_work(self.work)
             old = None
         elif force and self.work.exists():
-            shutil.rmtree(self.work)
+            _clear_work(self.work)
         self.work.mkdir(parents=True, exist_ok=True)
         self.data = old or {"format": STATE_FORMAT, "version": STATE_VERSION, "fingerprints": fps,
                             "stages": {}, "timings": {}}

@@ -1,0 +1,439 @@
+"""Representations addressed by content: a cache shared between runs and datasets.
+
+A sample's vector depends on the model (weights, config, tokenizer, chat template), the extraction
+settings (layer, threshold, instruction mode, roles / vision tokens / pixels, dtype, max length,
+image-size limit, device type, padding side, pooling code version) and the sample itself (its
+messages and the bytes of its images) -- never on its id, file, position or shard. The cache key is
+a sha256 over exactly that, so a dataset that is re-mixed (files added, dropped, reordered, ids
+renamed) finds every vector it already paid for.
+
+Layout (everything written through a temporary name + rename, so readers never see a part)::
+
+    CACHE/
+      cache.json                        format marker
+      <context>/                        one folder per model + settings (its digest, 24 hex)
+        context.json                    what the digest covers (model path, layer, ...), for `cache info`
+        <batch>.vec.npy                 float32 (n, d): the pooled vectors, exactly as extracted
+        <batch>.idx.npz                 keys (n, 32) uint8, ok (n,) bool, crc (n,) uint32, vec_bytes
+
+A batch is committed by its index file (written after its vector file): an index whose vector file is
+missing or of another size is ignored, and every row read back is checked against its CRC32 (over the
+key and the vector's bytes); a row that fails is a miss and is extracted again, never returned.
+``ok = False`` records a sample the model saw but whose instruction tokens attend to no visual token,
+so a rerun skips it without a forward pass.
+
+Limits. The model's weight files enter the key by size + first and last MiB (as the run's resume
+fingerprint; reading every byte of a 15 GB checkpoint on each run was judged too slow): a retrained
+checkpoint identical in size, header and last MiB would be taken for the same model. An
+``image_loader`` passed to the API is not part of the key (the image bytes are).
+
+Two processes may share one cache without a lock: each writes batches under names of its own and
+reads only committed batches; the worst case is a sample extracted twice (both copies are valid).
+
+Not here: the representation store of a run (:mod:`scalselect_fast.store`), the loop that decides
+what to look up (:mod:`.loop`).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import secrets
+import stat
+import time
+import zlib
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from ..atomic import atomic_path, atomic_write_bytes, atomic_write_json
+
+__all__ = ["RepCache", "CacheError", "model_digest", "sample_key", "POOL_VERSION", "cache_info", "verify_cache",
+           "prune_cache"]
+
+#: bump when encoding or pooling changes what vector a sample gets: every older entry then misses
+POOL_VERSION = 1
+FORMAT = "scalselect-rep-cache"
+VERSION = 1
+#: entries buffered before a batch file is written (a crash loses at most these)
+FLUSH_ROWS = 4096
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
+_EDGE = 1 << 20
+
+
+class CacheError(RuntimeError):
+    """The cache directory cannot be used (not a cache, unwritable); the message says what to do."""
+
+
+def _hash_file(h, path: Path, whole: bool) -> None:
+    size = path.stat().st_size
+    h.update(f"{path.name}\0{size}\0".encode())
+    with open(path, "rb") as fh:
+        if whole or size <= 4 * _EDGE:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+        else:
+            # big weight files: header + tail + size identify a checkpoint without reading GBs
+            h.update(fh.read(_EDGE))
+            fh.seek(size - _EDGE)
+            h.update(fh.read(_EDGE))
+
+
+def model_digest(path: str | os.PathLike) -> str:
+    """sha256 over a model directory: every config/tokenizer file whole, weights by size + head + tail."""
+    p = Path(path)
+    h = hashlib.sha256(b"model\0")
+    files = sorted(f for f in (p.rglob("*") if p.is_dir() else [p]) if f.is_file() and not f.name.startswith("."))
+    for f in files:
+        _hash_file(h, f, whole=not f.name.endswith(_WEIGHT_SUFFIXES))
+    return h.hexdigest()[:32]
+
+
+def _image_bytes(img) -> bytes | None:
+    """The bytes an image contributes to the key; None when it cannot be read (the sample then misses
+    and the extraction reports it as it always does)."""
+    from ..data import EmbeddedImage
+
+    if isinstance(img, EmbeddedImage):
+        return bytes(img.data)
+    if isinstance(img, (str, os.PathLike)):
+        # regular files only, opened without blocking: a FIFO or device named as an image must not
+        # hang the key; the extraction then reports it as it always does
+        try:
+            fd = os.open(img, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        except OSError:
+            return None
+        with open(fd, "rb", closefd=True) as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                return None
+            try:
+                return fh.read()
+            except OSError:
+                return None
+    tobytes = getattr(img, "tobytes", None)  # an in-memory PIL image handed to the API
+    if tobytes is not None and hasattr(img, "mode") and hasattr(img, "size"):
+        return f"pil:{img.mode}:{img.size}\0".encode() + tobytes()
+    return None
+
+
+def sample_key(context: bytes, sample, pinned: list | None = None) -> bytes | None:
+    """The 32-byte key of ``sample`` under ``context`` (see :meth:`RepCache.context_digest`).
+
+    Covers the sample's messages (canonical JSON) and each image's bytes, in order; not its id,
+    index, file or source. None when an image cannot be read. ``pinned``, when given, receives the
+    sample's images with every file replaced by the bytes just hashed (an ``EmbeddedImage`` of the
+    same name), so what is extracted is exactly what the key names even if the file changes meanwhile.
+    """
+    from ..data import EmbeddedImage
+
+    h = hashlib.sha256(b"sample\0" + context)
+    h.update(json.dumps(sample.messages, sort_keys=True, ensure_ascii=False, default=str).encode())
+    h.update(f"\0{len(sample.images)}\0".encode())
+    for img in sample.images:
+        data = _image_bytes(img)
+        if data is None:
+            return None
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+        if pinned is not None:
+            pinned.append(EmbeddedImage(data, os.fspath(img)) if isinstance(img, (str, os.PathLike))
+                          and not isinstance(img, EmbeddedImage) else img)
+    return h.digest()
+
+
+def _row_crc(key: bytes, vec: np.ndarray, ok: bool) -> int:
+    return zlib.crc32(np.ascontiguousarray(vec, dtype=np.float32).tobytes(), zlib.crc32(key + (b"\1" if ok else b"\0")))
+
+
+def _check_root(root: Path) -> None:
+    marker = root / "cache.json"
+    if marker.is_file():
+        try:
+            meta = json.loads(marker.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CacheError(f"--cache {root}: unreadable {marker.name} ({exc}); point --cache at another "
+                             f"directory or delete this one") from exc
+        if meta.get("format") != FORMAT:
+            raise CacheError(f"--cache {root}: not a representation cache ({marker.name} says "
+                             f"{meta.get('format')!r}); choose another directory")
+        return
+    if root.exists() and not root.is_dir():
+        raise CacheError(f"--cache {root} is a file; pass a directory (created if missing)")
+    if root.is_dir() and any(p for p in root.iterdir() if not p.name.startswith(".")):
+        raise CacheError(f"--cache {root} is a non-empty directory that is not a representation cache; choose "
+                         f"an empty or new directory")
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(marker, {"format": FORMAT, "version": VERSION})
+
+
+class _Batch:
+    """One committed batch file pair, read lazily (the vectors are memory-mapped)."""
+
+    def __init__(self, idx_path: Path):
+        self.idx_path = idx_path
+        self.vec_path = idx_path.with_name(idx_path.name[: -len(".idx.npz")] + ".vec.npy")
+        self._vecs = None
+
+    def vectors(self) -> np.ndarray:
+        if self._vecs is None:
+            self._vecs = np.load(self.vec_path, mmap_mode="r", allow_pickle=False)
+        return self._vecs
+
+
+def _load_index(idx_path: Path):
+    """(keys, ok, crc) of a committed batch, or None with the reason when it cannot be used."""
+    try:
+        with np.load(idx_path, allow_pickle=False) as z:
+            keys, ok, crc, vec_bytes = z["keys"], z["ok"], z["crc"], int(z["vec_bytes"])
+    except Exception as exc:  # noqa: BLE001 - zip/npy errors of every kind mean "unusable"
+        return None, f"unreadable index ({type(exc).__name__}: {exc})"
+    vec = idx_path.with_name(idx_path.name[: -len(".idx.npz")] + ".vec.npy")
+    try:
+        size = vec.stat().st_size
+    except OSError:
+        return None, "its vector file is missing"
+    if size != vec_bytes:
+        return None, f"its vector file has {size} bytes, {vec_bytes} expected"
+    if keys.ndim != 2 or keys.shape[1] != 32 or not (len(keys) == len(ok) == len(crc)):
+        return None, "malformed index"
+    return (keys, ok, crc), None
+
+
+class RepCache:
+    """A representation cache directory opened for one model + settings (its *context*).
+
+    Parameters
+    ----------
+    root : path
+        The cache directory (created; refused if it holds something else).
+    context : dict
+        Everything besides the sample that determines a vector (JSON-able); its digest names the
+        folder the entries live in.
+    d : int
+        Vector width (the model's hidden size).
+    warn : callable, optional
+        Receives one message per unusable batch or entry (they are extracted again).
+    about : dict, optional
+        Descriptive fields (the model's path) written to ``context.json`` but not part of the digest:
+        a model directory that moves keeps its entries.
+
+    Notes
+    -----
+    The index of every committed batch of the context is read once when the cache is opened: keys
+    are kept as a sorted uint64 prefix array with its order, the 32-byte keys and where each entry
+    lives, its flag and CRC (61 bytes per entry: ~0.6 GB for 10M entries), so a lookup is a binary
+    search. Batches committed by another process after that are not seen by this one.
+    """
+
+    def __init__(self, root: str | os.PathLike, context: dict, d: int, warn=None, about: dict | None = None):
+        self.root = Path(root)
+        _check_root(self.root)
+        self.context = dict(context, pool_version=POOL_VERSION, d=int(d))
+        self.context_bytes = json.dumps(self.context, sort_keys=True, default=str).encode()
+        self.digest = hashlib.sha256(self.context_bytes).hexdigest()[:24]
+        self.dir = self.root / self.digest
+        self.d = int(d)
+        self.warn = warn or (lambda msg: None)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not (self.dir / "context.json").is_file():
+            atomic_write_json(self.dir / "context.json", {**(about or {}), **self.context, "created": time.time()})
+        self.reused = 0
+        self.extracted = 0
+        self._pending_keys: list[bytes] = []
+        self._pending_vecs: list[np.ndarray] = []
+        self._pending_ok: list[bool] = []
+        self._load()
+
+    # ---------------------------------------------------------------------------------------------
+    def _load(self) -> None:
+        self._batches: list[_Batch] = []
+        keys, which, rows = [], [], []
+        for p in sorted(self.dir.glob("*.idx.npz")):
+            got, why = _load_index(p)
+            if got is None:
+                self.warn(f"cache batch {p} is unusable ({why}); its samples are extracted again")
+                continue
+            k, ok, crc = got
+            b = _Batch(p)
+            b.ok, b.crc = ok, crc
+            keys.append(k)
+            which.append(np.full(len(k), len(self._batches), np.int32))
+            rows.append(np.arange(len(k), dtype=np.int32))
+            self._batches.append(b)
+        all_keys = np.concatenate(keys) if keys else np.zeros((0, 32), np.uint8)
+        self._which = np.concatenate(which) if which else np.zeros(0, np.int32)
+        self._rows = np.concatenate(rows) if rows else np.zeros(0, np.int32)
+        prefix = np.ascontiguousarray(all_keys[:, :8]).view("<u8").ravel()
+        self._order = np.argsort(prefix, kind="stable")
+        self._prefix = prefix[self._order]
+        self._key_bytes = all_keys.tobytes()  # byte-slice comparisons: no numpy call per candidate
+
+    def __len__(self) -> int:
+        return len(self._prefix)
+
+    def context_digest(self) -> bytes:
+        return self.context_bytes
+
+    def key(self, sample, pinned: list | None = None) -> bytes | None:
+        """The sample's key under this cache's context (see :func:`sample_key`)."""
+        return sample_key(self.context_bytes, sample, pinned)
+
+    def get(self, key: bytes | None):
+        """``(found, ok, vector)``: a checked float32 copy of the entry for ``key``, if any.
+
+        An entry whose CRC does not match (a flipped bit on disk) is reported once and treated as
+        absent, so the caller extracts the sample again.
+        """
+        if key is None or not len(self._prefix):
+            return False, False, None
+        q = int.from_bytes(key[:8], "little")
+        at = int(self._prefix.searchsorted(np.uint64(q)))
+        n = len(self._prefix)
+        while at < n and int(self._prefix[at]) == q:
+            pos = int(self._order[at])
+            at += 1
+            if self._key_bytes[pos * 32:(pos + 1) * 32] != key:
+                continue
+            b = self._batches[self._which[pos]]
+            r = int(self._rows[pos])
+            try:
+                vec = np.array(b.vectors()[r], dtype=np.float32)
+            except (OSError, ValueError, IndexError) as exc:
+                self.warn(f"cache batch {b.vec_path} is unreadable ({exc}); extracting its samples again")
+                continue
+            ok = bool(b.ok[r])
+            if _row_crc(key, vec, ok) != int(b.crc[r]):
+                self.warn(f"cache entry {key.hex()[:16]} in {b.vec_path} fails its checksum; extracting it again")
+                continue
+            return True, ok, vec
+        return False, False, None
+
+    def put(self, key: bytes | None, vector: np.ndarray | None) -> None:
+        """Add an entry (``vector`` None: the sample has no representation, see the module notes);
+        written with the next :meth:`flush`, or automatically every ``FLUSH_ROWS`` entries."""
+        if key is None:
+            return
+        ok = vector is not None
+        self._pending_keys.append(key)
+        self._pending_vecs.append(np.asarray(vector, np.float32) if ok else np.zeros(self.d, np.float32))
+        self._pending_ok.append(ok)
+        if len(self._pending_keys) >= FLUSH_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit the buffered entries as one batch: vectors first, then the index that names them."""
+        if not self._pending_keys:
+            return
+        vecs = np.stack(self._pending_vecs).astype(np.float32, copy=False)
+        ok = np.asarray(self._pending_ok, bool)
+        keys = np.frombuffer(b"".join(self._pending_keys), np.uint8).reshape(-1, 32)
+        crc = np.asarray([_row_crc(k, v, o) for k, v, o in zip(self._pending_keys, vecs, ok)], np.uint32)
+        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{secrets.token_hex(4)}"
+        vec_path = self.dir / f"{name}.vec.npy"
+        with atomic_path(vec_path) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, vecs, allow_pickle=False)
+        buf = io.BytesIO()
+        np.savez(buf, keys=keys, ok=ok, crc=crc, vec_bytes=np.int64(vec_path.stat().st_size))
+        atomic_write_bytes(self.dir / f"{name}.idx.npz", buf.getvalue())
+        self._pending_keys, self._pending_vecs, self._pending_ok = [], [], []
+
+
+# --------------------------------------------------------------------------------------------------
+# maintenance: `scalselect cache info|verify|prune`
+# --------------------------------------------------------------------------------------------------
+def _contexts(root: Path) -> Iterable[Path]:
+    if not (root / "cache.json").is_file():
+        raise CacheError(f"{root} is not a representation cache (no cache.json)")
+    return sorted(p for p in root.iterdir() if p.is_dir())
+
+
+def cache_info(root: str | os.PathLike) -> dict:
+    """Size, entries and batches per context (model + settings) of a cache directory."""
+    root = Path(root)
+    out = {"cache": str(root), "bytes": 0, "entries": 0, "contexts": []}
+    for c in _contexts(root):
+        try:
+            ctx = json.loads((c / "context.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            ctx = {}
+        n = nb = size = 0
+        newest = 0.0
+        for p in c.iterdir():
+            if p.is_file():
+                size += p.stat().st_size
+        for p in c.glob("*.idx.npz"):
+            got, _ = _load_index(p)
+            nb += 1
+            n += len(got[0]) if got else 0
+            newest = max(newest, p.stat().st_mtime)
+        out["contexts"].append({"context": c.name, "model": ctx.get("model"), "layer": ctx.get("layer"),
+                                "entries": n, "batches": nb, "bytes": size, "last_write": newest})
+        out["bytes"] += size
+        out["entries"] += n
+    out["bytes_per_entry"] = round(out["bytes"] / out["entries"], 1) if out["entries"] else None
+    return out
+
+
+def verify_cache(root: str | os.PathLike) -> dict:
+    """Read every entry and check its CRC; returns counts and the unusable batches / entries."""
+    root = Path(root)
+    rep = {"entries": 0, "bad_entries": 0, "bad_batches": []}
+    for c in _contexts(root):
+        for p in sorted(c.glob("*.idx.npz")):
+            got, why = _load_index(p)
+            if got is None:
+                rep["bad_batches"].append({"batch": str(p), "why": why})
+                continue
+            keys, ok, crc = got
+            vecs = np.load(_Batch(p).vec_path, mmap_mode="r", allow_pickle=False)
+            for i in range(len(keys)):
+                rep["entries"] += 1
+                if _row_crc(keys[i].tobytes(), vecs[i], bool(ok[i])) != int(crc[i]):
+                    rep["bad_entries"] += 1
+    return rep
+
+
+def prune_cache(root: str | os.PathLike, *, older_than_days: float | None = None, model: str | None = None,
+                dry_run: bool = False) -> dict:
+    """Delete batches written more than ``older_than_days`` ago, and/or every context whose model
+    path or context digest contains ``model``. Returns what was (or would be) removed."""
+    import shutil
+
+    root = Path(root)
+    if older_than_days is None and model is None:
+        raise CacheError("prune needs --older-than DAYS and/or --model NAME (nothing is removed otherwise)")
+    removed = {"contexts": [], "batches": 0, "bytes": 0}
+    now = time.time()
+    for c in _contexts(root):
+        ctx = {}
+        try:
+            ctx = json.loads((c / "context.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            pass
+        if model is not None and (model in str(ctx.get("model", "")) or c.name.startswith(model)):
+            removed["contexts"].append(c.name)
+            removed["bytes"] += sum(p.stat().st_size for p in c.iterdir() if p.is_file())
+            removed["batches"] += len(list(c.glob("*.idx.npz")))
+            if not dry_run:
+                shutil.rmtree(c)
+            continue
+        if older_than_days is not None:
+            for p in c.glob("*.idx.npz"):
+                if now - p.stat().st_mtime > older_than_days * 86400:
+                    vec = _Batch(p).vec_path
+                    removed["batches"] += 1
+                    removed["bytes"] += p.stat().st_size + (vec.stat().st_size if vec.exists() else 0)
+                    if not dry_run:
+                        p.unlink()  # the index first: the batch is uncommitted before its vectors go
+                        vec.unlink(missing_ok=True)
+    # temporary files of writers killed mid-write (never renamed into place, so never read)
+    for c in _contexts(root):
+        for p in c.glob(".*.tmp"):
+            if now - p.stat().st_mtime > 86400:
+                removed["bytes"] += p.stat().st_size
+                if not dry_run:
+                    p.unlink(missing_ok=True)
+    return removed

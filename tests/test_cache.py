@@ -1,0 +1,281 @@
+"""The representation cache (issue 22) through `scalselect run`, `scalselect extract` and `scalselect cache`:
+a changed mixture extracts only what is new, reused vectors are the cached bits, a corrupt or missing
+entry is extracted again, two processes can share one cache.
+
+Model forward passes are counted by wrapping ``VLM.forward_layer`` (the one place a batch meets the
+model), so "extracted nothing" means no sample reached the model, not just a fast run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+for _mod in ("scalselect_fast.subspace", "scalselect_fast.data.demo", "scalselect_fast.extract.tiny"):
+    pytest.importorskip(_mod)
+
+from scalselect_fast import cli  # noqa: E402
+from scalselect_fast.run import make_config, run  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A 36-record demo dataset cut into three LLaVA JSON files A, B, C, and a tiny random LLaVA."""
+    from scalselect_fast.data.demo import make_demo_dataset
+    from scalselect_fast.extract.tiny import build_tiny_model
+
+    base = tmp_path_factory.mktemp("cache")
+    make_demo_dataset(base / "data", n=36, seed=5)
+    records = json.loads((base / "data" / "demo.json").read_text())
+    parts = {"A": records[:12], "B": records[12:24], "C": records[24:]}
+    files = {}
+    for name, recs in parts.items():
+        files[name] = base / "data" / f"{name}.json"
+        files[name].write_text(json.dumps(recs))
+    model = build_tiny_model("llava", base / "tiny-llava", seed=0)
+    return {"base": base, "root": base / "data", "model": model, "parts": parts, "files": files}
+
+
+def _content(rec, root: Path) -> str | None:
+    """The obvious reference key: conversation + image bytes (None for a text-only record)."""
+    if not rec.get("image"):
+        return None
+    img = (root / rec["image"]).read_bytes()
+    return hashlib.sha256(json.dumps(rec["conversations"], sort_keys=True).encode() + img).hexdigest()
+
+
+@pytest.fixture
+def forwards(monkeypatch):
+    """Samples that went through the model's truncated forward, per run."""
+    from scalselect_fast.extract.model import VLM
+
+    seen = {"samples": 0, "calls": 0}
+    orig = VLM.forward_layer
+
+    def counting(self, inputs):
+        seen["calls"] += 1
+        seen["samples"] += int(inputs["input_ids"].shape[0])
+        return orig(self, inputs)
+
+    monkeypatch.setattr(VLM, "forward_layer", counting)
+    return seen
+
+
+def _cfg(env, out, data, **kw):
+    args = dict(model=str(env["model"]), data=[str(p) for p in data], image_root=str(env["root"]), out=str(out),
+                budget="6", shard_size=5, batch_size=4, quiet=True)
+    args.update(kw)
+    return make_config(**args)
+
+
+def _store_rows(out: Path) -> dict[str, np.ndarray]:
+    from scalselect_fast.store import StoreSource
+
+    src = StoreSource(out / ".scalselect" / "reps")
+    rows = np.concatenate([b for _, b in src.iter_blocks()]) if src.n else np.zeros((0, src.d))
+    return dict(zip(src.ids(), rows))
+
+
+def _renamed(env, name: str) -> Path:
+    p = env["base"] / "data" / f"{name}-renamed.json"
+    p.write_text(json.dumps([{**r, "id": f"renamed-{r['id']}"} for r in env["parts"][name]]))
+    return p
+
+
+def test_changed_mixture_extracts_only_new_samples(env, forwards, tmp_path):
+    root, parts, files = env["root"], env["parts"], env["files"]
+    content = {n: [_content(r, root) for r in recs if r.get("image")] for n, recs in parts.items()}
+    out = tmp_path / "out"
+
+    r1 = run(_cfg(env, out, [files["A"], files["B"]]))
+    n1 = len(content["A"]) + len(content["B"])  # every record with an image runs through the model once
+    assert forwards["samples"] == n1 and r1.report["cache"] == {"reused": 0, "extracted": n1}
+    rows1 = _store_rows(out)
+
+    # B ∪ C on the same --out: no --force, only C's new content reaches the model
+    forwards["samples"] = 0
+    r2 = run(_cfg(env, out, [files["B"], files["C"]]))
+    seen = set(content["A"]) | set(content["B"])
+    new = [c for c in content["C"] if c not in seen]
+    assert len(new) >= 8
+    assert forwards["samples"] == len(new)
+    assert r2.report["cache"] == {"reused": len(content["B"]) + len(content["C"]) - len(new), "extracted": len(new)}
+    rows2 = _store_rows(out)
+    for rid in (r["id"] for r in parts["B"] if r.get("image")):
+        assert rows2[rid].tobytes() == rows1[rid].tobytes()  # reused: the very bits extracted by run 1
+
+    # A ∪ B ∪ C, files in another order, every id renamed: nothing reaches the model
+    forwards["samples"] = forwards["calls"] = 0
+    r3 = run(_cfg(env, out, [_renamed(env, "C"), _renamed(env, "A"), _renamed(env, "B")]))
+    assert forwards["calls"] == 0 and r3.report["cache"]["extracted"] == 0
+    rows3 = _store_rows(out)
+    both = {**rows1, **rows2}
+    for rid, v in rows3.items():
+        assert v.tobytes() == both[rid.removeprefix("renamed-")].tobytes()
+
+    # the same selection as with no cache at all (every vector extracted in this run's batches)
+    fresh = run(_cfg(env, tmp_path / "fresh", [_renamed(env, "C"), _renamed(env, "A"), _renamed(env, "B")],
+                     cache="none"))
+    assert "cache" not in fresh.report or fresh.report["cache"] is None
+    m3 = {m["id"]: m for m in pq.read_table(r3.manifest_path).to_pylist()}
+    mf = {m["id"]: m for m in pq.read_table(fresh.manifest_path).to_pylist()}
+    assert {i for i, m in m3.items() if m["kept"]} == {i for i, m in mf.items() if m["kept"]}
+    ids = sorted(i for i in m3 if m3[i]["score"] is not None)
+    np.testing.assert_allclose([m3[i]["score"] for i in ids], [mf[i]["score"] for i in ids], rtol=1e-3, atol=1e-6)
+
+
+def test_cli_summary_and_shared_cache_dir(env, forwards, tmp_path, capsys):
+    cache = tmp_path / "shared-cache"
+    base = ["run", "--model", str(env["model"]), "--image-root", str(env["root"]), "--budget", "5",
+            "--shard-size", "5", "--batch-size", "4", "--quiet", "--cache", str(cache)]
+    assert cli.main([*base, "--data", str(env["files"]["A"]), "--out", str(tmp_path / "one")]) == 0
+    first = capsys.readouterr().out
+    n = forwards["samples"]
+    assert f"cache: 0 reused, {n} extracted" in first
+    # another --out, same cache: the second dataset's shared part is reused
+    forwards["samples"] = 0
+    assert cli.main([*base, "--data", str(env["files"]["A"]), str(env["files"]["B"]),
+                     "--out", str(tmp_path / "two")]) == 0
+    assert f"cache: {n} reused," in capsys.readouterr().out
+    assert not (tmp_path / "two" / ".scalselect" / "cache").exists()  # --cache DIR replaces the default
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert report["cache"]["extracted"] == forwards["samples"] > 0
+
+    assert cli.main(["cache", "info", str(cache)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["entries"] == n + forwards["samples"] and len(info["contexts"]) == 1
+    assert info["contexts"][0]["model"] == str(Path(env["model"]).resolve())
+    assert cli.main(["cache", "verify", str(cache)]) == 0
+    assert json.loads(capsys.readouterr().out)["bad_entries"] == 0
+    assert cli.main(["cache", "prune", str(cache), "--model", "no-such-model"]) == 0
+    assert json.loads(capsys.readouterr().out)["batches"] == 0
+    assert cli.main(["cache", "prune", str(cache), "--older-than", "0"]) == 0
+    capsys.readouterr()
+    assert cli.main(["cache", "info", str(cache)]) == 0
+    assert json.loads(capsys.readouterr().out)["entries"] == 0
+
+
+def _flip_byte(path: Path, offset_from_end: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_or_missing_entries_are_extracted_again(env, forwards, tmp_path):
+    cache = tmp_path / "c"
+    data = [env["files"]["A"]]
+    run(_cfg(env, tmp_path / "o1", data, cache=str(cache)))
+    n = forwards["samples"]
+    rows1 = _store_rows(tmp_path / "o1")
+    vec_files = sorted(cache.glob("*/*.vec.npy"))
+    assert len(vec_files) >= 2  # one batch per store shard
+    # a flipped bit inside one vector (the last row of the first batch): that sample only is redone
+    _flip_byte(vec_files[0], 3)
+    # a batch whose index is gone: its samples are no longer in the cache
+    idx = vec_files[-1].with_name(vec_files[-1].name.replace(".vec.npy", ".idx.npz"))
+    lost = int(np.load(idx)["ok"].size)
+    idx.unlink()
+    assert cli.main(["cache", "verify", str(cache)]) == 1
+    forwards["samples"] = 0
+    warnings = []
+    from scalselect_fast.run import Events
+
+    class Collect(Events):
+        def warn(self, msg):
+            warnings.append(msg)
+
+    res = run(_cfg(env, tmp_path / "o2", data, cache=str(cache)), events=Collect(quiet=True))
+    assert forwards["samples"] == 1 + lost
+    assert res.report["cache"] == {"reused": n - 1 - lost, "extracted": 1 + lost}
+    assert any("fails its checksum" in w for w in warnings)
+    rows2 = _store_rows(tmp_path / "o2")
+    assert rows2.keys() == rows1.keys()
+    for k in rows1:  # the corrupt value was never returned: every row is the (re)extracted one
+        np.testing.assert_allclose(rows2[k].astype(np.float32), rows1[k].astype(np.float32), rtol=1e-2, atol=1e-3)
+
+
+def test_extract_command_uses_the_cache(env, forwards, tmp_path, capsys):
+    cache = tmp_path / "c"
+    args = ["extract", "--model", str(env["model"]), "--data", str(env["files"]["B"]), "--image-root",
+            str(env["root"]), "--shard-size", "5", "--batch-size", "4", "--quiet", "--cache", str(cache)]
+    assert cli.main([*args, "--out", str(tmp_path / "s1")]) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first["cache"]["reused"] == 0 and first["cache"]["extracted"] == forwards["samples"] > 0
+    forwards["samples"] = 0
+    assert cli.main([*args, "--out", str(tmp_path / "s2")]) == 0
+    second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert forwards["samples"] == 0 and second["cache"] == {**first["cache"], "reused": first["cache"]["extracted"],
+                                                           "extracted": 0}
+    # a cache directory that holds something else is refused, nothing is written into it
+    other = tmp_path / "not-a-cache"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert cli.main([*args, "--out", str(tmp_path / "s3"), "--cache", str(other)]) == 2
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+
+
+def test_two_processes_share_one_cache(env, tmp_path):
+    cache = tmp_path / "c"
+    cmd = [sys.executable, "-m", "scalselect_fast.cli", "run", "--model", str(env["model"]), "--image-root",
+           str(env["root"]), "--budget", "5", "--shard-size", "5", "--batch-size", "4", "--quiet", "--log-json",
+           "--cache", str(cache), "--data", str(env["files"]["A"]), str(env["files"]["B"])]
+    envv = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([*cmd, "--out", str(tmp_path / f"p{i}")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=envv) for i in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+    assert cli.main(["cache", "verify", str(cache)]) == 0
+    sel = [sorted(m["id"] for m in pq.read_table(tmp_path / f"p{i}" / "manifest.parquet").to_pylist() if m["kept"])
+           for i in range(2)]
+    assert sel[0] == sel[1]
+    # whatever the interleaving, a third run finds every sample
+    res = run(_cfg(env, tmp_path / "p3", [env["files"]["A"], env["files"]["B"]], cache=str(cache), budget="5"))
+    assert res.report["cache"]["extracted"] == 0
+
+
+def test_an_image_edited_during_the_run_is_extracted_as_its_key_says(env, tmp_path, monkeypatch):
+    """The key's bytes are the ones extracted: a file rewritten between hashing and decoding cannot
+    put the new image's vector under the old image's key."""
+    import shutil
+
+    from scalselect_fast.extract.cache import RepCache
+
+    for name in ("live", "pristine"):
+        shutil.copytree(env["root"], tmp_path / name)
+    victim, donor = [r for r in env["parts"]["A"] if r.get("image")][:2]
+    live = tmp_path / "live"
+    orig_key = RepCache.key
+
+    def key_then_edit(self, sample, pinned=None):
+        k = orig_key(self, sample, pinned)
+        if str(sample.id) == victim["id"]:  # someone rewrites the image right after it was hashed
+            (live / victim["image"]).write_bytes((live / donor["image"]).read_bytes())
+        return k
+
+    monkeypatch.setattr(RepCache, "key", key_then_edit)
+    kw = dict(model=str(env["model"]), budget="4", shard_size=5, batch_size=4, quiet=True)
+    run(make_config(data=str(live / "A.json"), image_root=str(live), out=str(tmp_path / "o"),
+                    cache=str(tmp_path / "c"), **kw))
+    monkeypatch.undo()
+    run(make_config(data=str(tmp_path / "pristine" / "A.json"), image_root=str(tmp_path / "pristine"),
+                    out=str(tmp_path / "f"), cache="none", **kw))
+    got, want = _store_rows(tmp_path / "o"), _store_rows(tmp_path / "f")
+    np.testing.assert_array_equal(got[victim["id"]], want[victim["id"]])  # the bytes that were hashed
+    assert not np.array_equal(want[victim["id"]], want[donor["id"]])  # (the edit would have shown)
+
+
+def test_cache_setting_in_a_config_file_is_relative_to_it(tmp_path):
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "run.toml").write_text('cache = "shared/reps"\n')
+    assert make_config(tmp_path / "conf" / "run.toml").cache == str(tmp_path / "conf" / "shared" / "reps")
+    assert make_config(tmp_path / "conf" / "run.toml", cache="none").cache == "none"
