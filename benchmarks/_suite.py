@@ -130,20 +130,39 @@ def load_average() -> str:
 
 
 def append_csv(path: Path, rows: list[dict]) -> None:
-    """Append rows; write the header when the file is new. A changed column set starts a new file
-    beside the old one rather than corrupting it."""
+    """Append rows; write the header when the file is new.
+
+    When the new rows carry columns the file lacks (or lack some it has), the file is rewritten once,
+    atomically, with the union of the columns (earlier rows blank in the new ones), so one topic keeps
+    one CSV whose history stays comparable instead of splitting into dated leftovers.
+    """
     if not rows:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = list(rows[0].keys())
+    for r in rows[1:]:
+        fields += [k for k in r if k not in fields]
     if path.exists():
         with open(path, newline="") as fh:
-            header = next(csv.reader(fh), None)
-        if header != fields:
-            path.rename(path.with_suffix(f".old-{now_utc().replace(':', '')}.csv"))
+            reader = csv.DictReader(fh)
+            header = list(reader.fieldnames or [])
+            if header != fields and set(fields) - set(header):
+                old_rows = list(reader)
+            else:
+                old_rows = None
+        if old_rows is not None:
+            union = header + [k for k in fields if k not in header]
+            tmp = path.with_suffix(".csv.tmp")
+            with open(tmp, "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=union)
+                w.writeheader()
+                w.writerows(old_rows)
+            os.replace(tmp, path)
+            header = union
+        fields = header
     new = not path.exists()
     with open(path, "a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields)
+        w = csv.DictWriter(fh, fieldnames=fields, restval="")
         if new:
             w.writeheader()
         w.writerows(rows)

@@ -26,7 +26,6 @@ _LAZY = {
     "StoreWriter": "scalselect_fast.store",
     "StoreError": "scalselect_fast.store",
     "SubspaceAccumulator": "scalselect_fast.subspace",
-    "Selector": "scalselect_fast.subspace.stream",  # former name of SubspaceAccumulator
     "extract_representations": "scalselect_fast.extract",
 }
 

@@ -61,3 +61,20 @@ def test_csv_verdicts_count_floor_rows_by_status_or_verdict():
            "pool.csv": [{"variant": "triton", "verdict": "PASS"}],
            "data.csv": [{"container": "json"}]}
     assert suite_main.csv_verdicts(new) == ["core.csv: 1 PASS, 1 FAIL (speed-up)", "pool.csv: 1 PASS, 0 FAIL"]
+
+
+def test_append_csv_widens_one_file_instead_of_leaving_dated_leftovers(tmp_path):
+    import csv
+
+    from benchmarks._suite import append_csv
+
+    path = tmp_path / "topic.csv"
+    append_csv(path, [{"a": "1", "b": "2"}])
+    append_csv(path, [{"a": "3", "b": "4", "c": "5"}])   # a new column: rewritten with the union
+    append_csv(path, [{"a": "6"}])                       # a missing column: left blank
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["topic.csv"]
+    with open(path, newline="") as fh:
+        r = csv.DictReader(fh)
+        assert r.fieldnames == ["a", "b", "c"]
+        assert list(map(dict, r)) == [{"a": "1", "b": "2", "c": ""}, {"a": "3", "b": "4", "c": "5"},
+                                      {"a": "6", "b": "", "c": ""}]

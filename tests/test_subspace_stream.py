@@ -96,12 +96,10 @@ def test_bad_input_is_refused_clearly():
         ss.SubspaceAccumulator(energy=1.5)
 
 
-def test_selector_is_the_documented_alias_of_subspace_accumulator():
-    """``Selector`` (the former name) still works and is the very same class."""
-    from scalselect_fast.subspace.stream import Selector, SubspaceAccumulator
+def test_the_former_selector_alias_is_gone():
+    """One name, one meaning: ``Selector`` was removed at 0.1.0 (use ``SubspaceAccumulator``)."""
+    assert not hasattr(ss, "Selector") and "Selector" not in ss.__all__
+    import scalselect_fast.subspace.stream as stream
 
-    assert ss.Selector is SubspaceAccumulator is Selector
-    X = _data(200, 9)
-    a = ss.Selector(k=2).partial_fit(X).finalize()
-    b = ss.SubspaceAccumulator(k=2).partial_fit(X).finalize()
-    np.testing.assert_array_equal(a.components, b.components)
+    assert stream.__all__ == ["SubspaceAccumulator"] and not hasattr(stream, "Selector")
+

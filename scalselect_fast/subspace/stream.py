@@ -15,9 +15,6 @@ finisher :func:`~.exact.finish_exact`, so the subspace equals
 ``fit_subspace(concatenated, solver="exact")`` up to float rounding whatever the batch order.
 One pass over arbitrary batches cannot run the multi-pass randomized solver; for widths where the
 Gram does not fit, write the representations to a store and call ``fit_subspace`` on it.
-
-``Selector`` is the former name of :class:`SubspaceAccumulator` (it returns a subspace, not a
-selection), kept as an alias so existing code keeps working.
 """
 from __future__ import annotations
 
@@ -30,7 +27,7 @@ from .eigen import _check_energy_k
 from .exact import finish_exact
 from .result import Subspace, SubspaceError
 
-__all__ = ["SubspaceAccumulator", "SubspaceAccumulator"]
+__all__ = ["SubspaceAccumulator"]
 
 
 class SubspaceAccumulator:
@@ -153,7 +150,3 @@ class SubspaceAccumulator:
         return finish_exact(self._acc, energy=self.energy, k=self.k, standardize=self.standardize,
                             src_name="SubspaceAccumulator", compute_dtype=self._dtype, info=info,
                             provenance=self.provenance)
-
-
-#: former name of :class:`SubspaceAccumulator` (kept so existing code runs unchanged)
-Selector = SubspaceAccumulator
