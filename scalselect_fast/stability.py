@@ -305,7 +305,6 @@ def _rounding_error(sub) -> dict | None:
 
     if getattr(sub, "solver", None) != "exact":
         return None
-    info = getattr(sub, "info", {}) or {}
     u = 2.0 ** -53
     c = min(int(GRAM_CHUNK_ROWS), max(int(sub.n), 1))
     total = float(sub.total_energy)

@@ -15,3 +15,63 @@ except ImportError:  # core tests run without torch
 
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared builders. Test modules import the plain functions (``from conftest import png_bytes``) and
+# request the fixtures by name; one definition each, so two tests never disagree on what "a PNG" or
+# "bf16 bits" means.
+import io  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+def png_bytes(colour=(200, 30, 30), size=(8, 6), fmt: str = "PNG") -> bytes:
+    """Encoded bytes of a solid ``size`` = (width, height) RGB image in ``colour``."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, tuple(colour)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def png_file(path, colour=(200, 30, 30), size=(8, 6)):
+    """Write :func:`png_bytes` to ``path`` (parents created); returns ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png_bytes(colour, size))
+    return path
+
+
+def write_parquet(path, rows: list[dict], schema=None):
+    """One Parquet file of ``rows``; without a schema the columns are the union over all rows (pyarrow
+    infers from row 0 only), missing values null."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if schema is None:
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        rows = [{k: r.get(k) for k in keys} for r in rows]
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return path
+
+
+def bf16_bits(x) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns as uint16: round to nearest, ties to even; NaN -> quiet NaN
+    0x7FC0 (rounding a NaN's bits could carry it into infinity)."""
+    x = np.asarray(x, dtype=np.float32)
+    u = np.ascontiguousarray(x).view(np.uint32).astype(np.uint64)
+    out = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    out[np.isnan(x)] = 0x7FC0
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory):
+    """Path of a real tiny random-weight LLaVA checkpoint (default depth, seed 0), built once per
+    session. Read-only: a test that edits a model copies it first."""
+    pytest.importorskip("transformers")
+    from scalselect_fast.extract.tiny import build_tiny_model
+
+    return build_tiny_model("llava", tmp_path_factory.mktemp("tiny-llava") / "llava", seed=0)

@@ -14,13 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 import signal
+import struct
 import subprocess
 import sys
 import zlib
 from pathlib import Path
-
-import re
 
 import numpy as np
 import pytest
@@ -89,15 +90,13 @@ def _manifest_edit(store: Path, fn) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A real tiny LLaVA-style checkpoint and a 20-record dataset with images (built once)."""
+def tiny(tmp_path_factory, tiny_llava):
+    """The suite's tiny LLaVA checkpoint and a 20-record dataset with images (built once)."""
     from scalselect_fast.data.demo import make_demo_dataset
-    from scalselect_fast.extract.tiny import build_tiny_model
 
     base = tmp_path_factory.mktemp("hostile-model")
     make_demo_dataset(base / "data", n=20, seed=1)
-    return {"model": build_tiny_model("llava", base / "tiny-llava", seed=0), "data": base / "data" / "demo.json",
-            "root": base / "data"}
+    return {"model": tiny_llava, "data": base / "data" / "demo.json", "root": base / "data"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -413,7 +412,6 @@ def c_extract_unknown_model_type(t, _):
 
 
 def c_extract_truncated_safetensors(t, tiny):
-    import shutil
 
     shutil.copytree(tiny["model"], t / "m")
     w = next((t / "m").glob("*.safetensors"))
@@ -582,7 +580,6 @@ def test_hostile_core(case, tmp_path, request, capsys):
     assert rc == 2, (rc, err)
     assert "Traceback" not in err, err
     assert len(lines) == 1, f"expected one line, got:\n{err}"
-    import re
 
     assert re.search(pattern, lines[0]), lines[0]
     assert _tree(work) == before, "an input changed or an output was left behind"
@@ -728,24 +725,8 @@ def test_ctrl_c_exits_130_with_resume_hint(tiny, tmp_path):
 # Locks on --out and on a store, a FIFO / device as an image, an enormous PNG that is tiny on disk,
 # ids with line breaks, a malformed JSONL line at the end, a corrupt or deleted shard of a finished
 # run, an image replaced after extraction. Datasets have a handful of samples (seconds per run).
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import struct  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import zlib  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
-
-from scalselect_fast import cli  # noqa: E402
 
 _REPO = Path(__file__).resolve().parents[1]
 
@@ -770,7 +751,7 @@ def _conv(text="What is shown?", image=True):
     return [{"from": "human", "value": ("<image>\n" if image else "") + text}, {"from": "gpt", "value": "A shape."}]
 
 
-def _png_bytes(width: int, height: int) -> bytes:
+def _one_bit_png(width: int, height: int) -> bytes:
     """A valid 1-bit greyscale PNG of the given size, compressed as it is built (never held decoded)."""
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
@@ -880,7 +861,7 @@ def hostile_records_run(hostile_env):
     env = hostile_env
     base = env["base"] / "records"
     shutil.copytree(env["root"], base / "root")
-    (base / "root" / "img" / "huge.png").write_bytes(_png_bytes(12000, 12000))
+    (base / "root" / "img" / "huge.png").write_bytes(_one_bit_png(12000, 12000))
     odd = {"nl": "a\nb", "cr": "c\rd", "ls": "e\u2028f", "nel": "g\x85h", "ps": "i\u2029j"}
     recs = list(env["good"]) + [
         {"id": odd["nl"], "image": "img/0.png", "conversations": _conv()},
@@ -929,13 +910,13 @@ def test_max_image_pixels_is_read_from_the_header(tmp_path):
     from scalselect_fast.data import ImageError, load_image
 
     p = tmp_path / "big.png"
-    p.write_bytes(_png_bytes(12000, 12000))
+    p.write_bytes(_one_bit_png(12000, 12000))
     assert p.stat().st_size < 64_000
     with pytest.raises(ImageError, match="12000x12000") as ei:
         load_image(p)  # the default limit, 40 Mpx
     assert ei.value.reason == "image_too_large"
     small = tmp_path / "small.png"
-    small.write_bytes(_png_bytes(300, 200))
+    small.write_bytes(_one_bit_png(300, 200))
     assert load_image(small).size == (300, 200)
     with pytest.raises(ImageError) as ei:
         load_image(small, max_pixels=300 * 200 - 1)
@@ -1159,7 +1140,7 @@ def test_lone_surrogates_are_skipped_per_sample(hostile_env, tmp_path, capsys):
 def test_a_lone_surrogate_id_is_skipped_by_read_dataset(tmp_path):
     from scalselect_fast.data import SkipLog, read_dataset, read_skip_log
 
-    (tmp_path / "a.png").write_bytes(_png_bytes(4, 4))
+    (tmp_path / "a.png").write_bytes(_one_bit_png(4, 4))
     lines = [json.dumps({"id": i, "image": "a.png", "conversations": _conv()}) for i in ("ok", "\udbff", "x\ud800y")]
     (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
     with SkipLog(tmp_path / "skipped.jsonl") as log:

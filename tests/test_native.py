@@ -12,6 +12,7 @@ import itertools
 import numpy as np
 import pytest
 
+from conftest import bf16_bits
 from scalselect_fast import native
 
 N = native._native  # None in fallback mode
@@ -21,16 +22,6 @@ needs_native = pytest.mark.skipif(N is None, reason=f"native extension not in us
 # ------------------------------------------------------------------------------------------------
 # slow, obvious references
 # ------------------------------------------------------------------------------------------------
-def bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (round to nearest even), as uint16."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-    out = rounded.astype(np.uint16)
-    nan = np.isnan(x)
-    out[nan] = 0x7FC0
-    return out
-
-
 def decode64(block: np.ndarray, bf16: bool) -> np.ndarray:
     """Exact float64 value of each stored element (bf16: the 16 bits are the top half of a float32)."""
     with np.errstate(invalid="ignore"):  # NaN payloads widen fine; numpy warns on the cast anyway

@@ -36,14 +36,13 @@ SHARD = 8  # 40 records -> 5 extraction shards, so every stage has several check
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, tiny_llava):
     from scalselect_fast.data.demo import make_demo_dataset
-    from scalselect_fast.extract.tiny import build_tiny_model
 
     base = tmp_path_factory.mktemp("pipeline")
     data_dir = base / "data"
     truth = make_demo_dataset(data_dir, n=40, seed=3)
-    model = build_tiny_model("llava", base / "tiny-llava", seed=0)
+    model = tiny_llava
     return {"base": base, "data": data_dir / "demo.json", "root": data_dir, "model": model, "truth": truth}
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from scalselect_fast import native
 from scalselect_fast.scoring import BudgetError, leverage_scores, resolve_budget, top_k
-from scalselect_fast.store import StoreWriter, open_source
+from scalselect_fast.store import StoreWriter
 from scalselect_fast.subspace import InvalidRowsError, SubspaceError, fit_subspace
 
 

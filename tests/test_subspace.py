@@ -6,6 +6,7 @@ from functools import reduce
 import numpy as np
 import pytest
 
+from conftest import bf16_bits
 from scalselect_fast.store import StoreWriter, open_source, to_float32
 from scalselect_fast.subspace import (GramAccumulator, InvalidRowsError, MomentAccumulator, SketchAccumulator,
                                       Subspace, SubspaceError, choose_solver, fit_subspace)
@@ -54,11 +55,6 @@ def decaying(n, d, seed=0, alpha=1.0, noise=0.02, offset=4.0):
     basis = np.linalg.qr(rng.standard_normal((d, d)))[0]
     return (rng.standard_normal((n, d)) * s) @ basis.T + noise * rng.standard_normal((n, d)) \
         + offset * rng.standard_normal(d)
-
-
-def bf16_bits(X):
-    f = np.ascontiguousarray(X, dtype=np.float32).view(np.uint32)
-    return ((f + 0x7FFF + ((f >> 16) & 1)) >> 16).astype(np.uint16)
 
 
 def as_dtype(X, dtype, tmp_path):
