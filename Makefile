@@ -1,7 +1,8 @@
 # Quickstart targets. Each creates .venv/ on first use and installs everything it needs.
 #   make demo   set up, then run the main job on the bundled default input
-#   make test   set up, then run the whole test suite twice: with the native extension, then with
-#               SCALSELECT_FORCE_FALLBACK=1 (the pure-Python kernels every native call falls back to),
+#   make test   set up, then run the whole test suite with the native extension, then with
+#               SCALSELECT_FORCE_FALLBACK=1 (the pure-Python kernels every native call falls back to;
+#               modules that never reach a kernel are left out of that pass, see tests/conftest.py),
 #               then the selection tests once more under another CPU's BLAS kernels
 VENV   ?= .venv
 PYTHON ?= python3

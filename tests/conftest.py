@@ -75,3 +75,59 @@ def tiny_llava(tmp_path_factory):
     from scalselect_fast.extract.tiny import build_tiny_model
 
     return build_tiny_model("llava", tmp_path_factory.mktemp("tiny-llava") / "llava", seed=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The fallback pass (SCALSELECT_FORCE_FALLBACK=1) exists to run the pure-Python kernels. These modules
+# never reach a native kernel (model loading, token roles, pooling, fidelity against the authors' rule,
+# the extraction loop, --plan); running them again would only repeat the torch/transformers work. The
+# classification is checked, not trusted: in the native pass every test of these modules runs with the
+# kernels wrapped, and fails if one was called (`_no_native_kernels_here`). Set
+# SCALSELECT_FALLBACK_ALL=1 to run everything in the fallback pass anyway.
+NO_NATIVE_KERNEL_MODULES = frozenset({
+    "test_extract.py", "test_extract_roles.py", "test_extract_realsize.py", "test_extract_store.py",
+    "test_fidelity.py", "test_instruction_attended_pool.py", "test_plan.py",
+})
+_NATIVE_KERNELS = ("center_block", "leverage_block", "top_k_block", "top_k_merge", "arrow_samples", "_decode")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("SCALSELECT_FORCE_FALLBACK") != "1" or os.environ.get("SCALSELECT_FALLBACK_ALL") == "1":
+        return
+    keep, drop = [], []
+    for item in items:
+        (drop if item.path.name in NO_NATIVE_KERNEL_MODULES else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.fixture(autouse=True)
+def _no_native_kernels_here(request, monkeypatch):
+    """In the modules the fallback pass leaves out, fail a test that reaches a native kernel (in this
+    process; a kernel called by a subprocess is not seen)."""
+    if request.node.path.name not in NO_NATIVE_KERNEL_MODULES:
+        yield
+        return
+    import sys
+
+    from scalselect_fast import native
+
+    called = []
+    for name in _NATIVE_KERNELS:
+        orig = getattr(native, name, None)
+        if orig is None:
+            continue
+
+        def spy(*args, _orig=orig, _name=name, **kwargs):
+            called.append(_name)
+            return _orig(*args, **kwargs)
+
+        for mod_name, mod in list(sys.modules.items()):
+            if mod_name == "scalselect_fast" or mod_name.startswith("scalselect_fast."):
+                for attr, val in list(vars(mod).items()):
+                    if val is orig:
+                        monkeypatch.setattr(mod, attr, spy)
+    yield
+    assert not called, (f"{request.node.path.name} reached native kernels {sorted(set(called))}: take it out of "
+                        f"NO_NATIVE_KERNEL_MODULES in tests/conftest.py so the fallback pass runs it")
