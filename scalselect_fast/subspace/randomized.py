@@ -9,8 +9,7 @@ import time
 import numpy as np
 
 from .accumulators import EXACT_GRAM_MAX_BYTES, MomentAccumulator, SketchAccumulator
-from .eigen import (_check_rows_and_variance, _check_rows_and_variance_simple, _eps_for, _pick_k,
-                    _scale_from_moments, _signs)
+from .eigen import _check_rows_and_variance, _eps_for, _pick_k, _scale_from_moments, _signs
 from .passes import FIRST_PASS, _first_block_mean, _moment_pass, _Pass
 from .result import SubspaceError
 from .rows import _name
@@ -96,7 +95,7 @@ def _fit_randomized(src, energy, k, standardize, l2_normalize, block_rows, be, t
     else:
         Z, total = apply(omega)
         passes += 1
-    _check_rows_and_variance_simple(n, total, mean, _name(src))
+    _check_rows_and_variance(src, n, total, mean)
 
     growths = 0
     iters_after_fit = 0
