@@ -11,7 +11,7 @@ from .accumulators import EXACT_GRAM_MAX_BYTES
 from .backends import _namespace
 from .eigen import _check_energy_k
 from .exact import _fit_exact
-from .randomized import _fit_randomized, _SwitchToExact
+from .randomized import SketchOptions, _fit_randomized, _SwitchToExact
 from .result import Subspace, SubspaceError
 from .rows import _InvalidTracker, _name
 
@@ -134,8 +134,8 @@ def fit_subspace(source, energy: float = 0.9, k: int | None = None, solver: str 
     else:
         try:
             fields, passes, extra = _fit_randomized(src, energy, k, standardize, l2_normalize, block_rows, be,
-                                                    tracker, timings, seed, oversample=oversample,
-                                                    n_iter=n_iter)
+                                                    tracker, timings, seed,
+                                                    SketchOptions(oversample=oversample, n_iter=n_iter))
             sub = Subspace(solver="randomized", passes=passes, info={**info, "timings": timings, **extra},
                            provenance=dict(src.provenance), **fields)
         except _SwitchToExact as sw:
