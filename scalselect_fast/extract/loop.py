@@ -35,7 +35,7 @@ from .model import VLM, load_vlm
 
 log = logging.getLogger(__name__)
 
-__all__ = ["extract_representations", "extract_to_store", "encode_and_pool", "data_fingerprint", "repair_store",
+__all__ = ["extract_representations", "extract_to_store", "encode_and_pool", "data_provenance", "repair_store",
            "rank_range", "REASON_TEXT_ONLY", "REASON_TOO_LONG", "REASON_NO_ATTENTION", "REASON_ENCODE"]
 
 REASON_TEXT_ONLY = "text_only"
@@ -400,8 +400,11 @@ def extract_representations(model, samples: Iterable, batch_size: int = 8, layer
 # --------------------------------------------------------------------------------------------------
 # store writing
 # --------------------------------------------------------------------------------------------------
-def data_fingerprint(data, format: str = "auto") -> dict:
+def data_provenance(data, format: str = "auto") -> dict:
     """Where the data a store was extracted from came from: its files, total size and digest.
+
+    A dict (the store provenance's ``"data"`` entry), not the run's one-string
+    :func:`scalselect_fast.run.fingerprints.data_fingerprint`, which also covers the image root.
 
     ``data`` is anything :func:`~scalselect_fast.data.sources.open_source` accepts; the digest is
     :meth:`~scalselect_fast.data.sources.DataSource.digest` (shared with the run's fingerprint).
@@ -689,7 +692,7 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *, 
         "layer": vlm.layer, "threshold": float(threshold), "dtype": str(vlm.dtype).replace("torch.", ""),
         "instruction": instruction, "max_length": vlm.max_length, "max_image_pixels": max_image_pixels,
         **vlm.options(),  # roles, vision_tokens, pixels: another choice is refused on resume
-        "data": {**data_fingerprint(data, format), "image_root": str(Path(image_root).resolve()) if image_root else None,
+        "data": {**data_provenance(data, format), "image_root": str(Path(image_root).resolve()) if image_root else None,
                  "format": format, "records": n_records},
         "shard_size": int(shard_size), "world_size": world,
     }
