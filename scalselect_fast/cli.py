@@ -40,13 +40,6 @@ def _fit_kwargs(args) -> dict:
                 l2_normalize=args.l2_normalize, seed=args.seed)
 
 
-def _backend(device: str) -> str:
-    """The subspace fit's array backend for ``--device`` (raises DeviceError if CUDA is missing)."""
-    from .gpu import resolve_device
-
-    return "cupy" if resolve_device(device) == "cuda" else "numpy"
-
-
 class UsageError(ValueError):
     """An option value the command cannot use (printed as one line, exit status 2)."""
 
@@ -91,11 +84,12 @@ def _core_errors(fn):
 
 @_core_errors
 def _cmd_fit(args) -> int:
+    from .devices import array_backend
     from .subspace import fit_subspace
 
     _no_overwrite([_out_file(args.out)], [args.source])
     sub = fit_subspace(args.source, block_rows=args.block_rows, drop_invalid=args.drop_invalid,
-                       backend=_backend(args.device), **_fit_kwargs(args))
+                       array_backend=array_backend(args.device), **_fit_kwargs(args))
     sub.save(args.out)
     bad = len(sub.info.get("invalid_rows", []))
     print(f"fit: {sub.summary()}" + (f"; {bad} invalid rows dropped" if bad else "") + f" -> {args.out}")
