@@ -14,7 +14,11 @@ name              values                       chooses
                   ``"triton"``                 pooling kernel (:mod:`scalselect_fast.ops`)
 ================  ===========================  ==================================================
 
-and two settings name a device:
+The ``kernels`` in use are read, not chosen, in this module's sense: ``scalselect_fast.native.BACKEND``
+(recorded as ``"native"`` in ``Subspace.info``; the module and the report keep that older name).
+``Subspace.info["backend"]`` records the ``array_backend``, under the key saved subspaces have.
+
+Two settings name a device:
 
 * the **model device** (``--device``, :func:`model_device`): where extraction runs the model, any
   torch device (``cpu``, ``cuda``, ``cuda:N``, ``mps``, ``xpu``). ``"auto"``: CUDA when torch sees a

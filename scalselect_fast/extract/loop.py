@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -219,11 +220,14 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *,
         return _extract_locked(vlm, data, out, provenance, opts, _Slice(rank, world, lo, hi), warn, rep_cache)
 
 
+@dataclass(frozen=True)
 class _Slice:
     """This process's part of the job: rank ``rank`` of ``world`` owns records ``[lo, hi)``."""
 
-    def __init__(self, rank: int, world: int, lo: int, hi: int):
-        self.rank, self.world, self.lo, self.hi = rank, world, lo, hi
+    rank: int
+    world: int
+    lo: int
+    hi: int
 
 
 def _extract_locked(vlm, data, out: Path, provenance: dict, opts: ExtractOptions, sl: _Slice, warn,
@@ -232,129 +236,148 @@ def _extract_locked(vlm, data, out: Path, provenance: dict, opts: ExtractOptions
     from ..data import SkipLog, read_dataset
     from ..store import StoreWriter
 
-    rank, world, lo, hi = sl.rank, sl.world, sl.lo, sl.hi
-    batch_size, instruction = opts.batch_size, opts.instruction
     writer = StoreWriter(out, d=vlm.hidden_size, dtype=opts.store_dtype, provenance=provenance,
-                         prefix="shard" if world == 1 else f"rank{rank:03d}-shard", force=opts.force)
+                         prefix="shard" if sl.world == 1 else f"rank{sl.rank:03d}-shard", force=opts.force)
     skip_path = out / "skipped.jsonl"
     if opts.force and skip_path.exists() and not writer.committed():
         skip_path.unlink()  # a discarded store's skip log must not leak into the new run
     ranges, todo, resumed, redone = _plan_shards(writer, out, data, opts, sl, warn)
-    summary = {"store": str(out), "rank": rank, "world_size": world, "range": [lo, hi], "rows": 0, "skipped": 0,
-               "shards_written": 0, "shards_resumed": resumed, "shards_redone": redone}
+    summary = {"store": str(out), "rank": sl.rank, "world_size": sl.world, "range": [sl.lo, sl.hi], "rows": 0,
+               "skipped": 0, "shards_written": 0, "shards_resumed": resumed, "shards_redone": redone}
     if cache is not None:
         summary["cache"] = {"dir": str(cache.root), "reused": 0, "extracted": 0}
     if not todo:
         return summary
+    # records in shards finished (earlier runs included)
+    done_records = sum(b - a for (a, b) in ranges) - sum(b - a for (_, a, b) in todo)
     bar = None
     if opts.progress:
         from tqdm.auto import tqdm
 
-        done_records = sum(b - a for (a, b) in ranges) - sum(b - a for (_, a, b) in todo)
-        bar = tqdm(total=hi - lo, initial=done_records, unit="sample", dynamic_ncols=True,
-                   desc=f"extract{f' rank {rank}' if world > 1 else ''}", smoothing=0.1)
+        bar = tqdm(total=sl.hi - sl.lo, initial=done_records, unit="sample", dynamic_ncols=True,
+                   desc=f"extract{f' rank {sl.rank}' if sl.world > 1 else ''}", smoothing=0.1)
 
     with SkipLog(skip_path) as slog:
-        reader_log = RangeSkipLog(slog, lo, hi, first=rank == 0)
+        reader_log = RangeSkipLog(slog, sl.lo, sl.hi, first=sl.rank == 0)
         first = todo[0][1]
         stream = _Peekable(s for s in read_dataset(data, image_root=opts.image_root, format=opts.format,
                                                    skip_log=reader_log, id_field=opts.id_field)
                            if s.index >= first)
-
-        keys: dict[int, bytes | None] = {}  # record index -> cache key, for the misses in flight
-
-        def items():
-            """("batch", samples) for each todo shard's records, then ("end", shard); never across shards.
-
-            With a cache, records found in it are not batched: they travel with the shard's end marker
-            as ``(sample, vector or None)`` and are merged back in record order."""
-            for j, a, b in todo:
-                batch: list = []
-                images = ImagesDigest()
-                hits: list = []
-                while (s := stream.peek()) is not None and s.index < b:
-                    next(stream)
-                    if s.index < a:  # inside an already committed shard
-                        continue
-                    images.add(s)
-                    if cache is not None:
-                        pinned: list = []
-                        key = cache.key(s, pinned)
-                        found, ok, vec = cache.get(key)
-                        if found:
-                            hits.append((s, vec if ok else None))
-                            continue
-                        keys[s.index] = key
-                        if key is not None:  # extract the very bytes the key was made of (see sample_key)
-                            s.images = pinned
-                    batch.append(s)
-                    if len(batch) == batch_size:
-                        yield "batch", batch
-                        batch = []
-                if batch:
-                    yield "batch", batch
-                yield "end", (j, a, b, images, hits)
-
+        job = _ShardJob(vlm, writer, opts, sl, todo, done_records, summary, cache, slog, reader_log, bar)
         pool = EncodePool(vlm.encoder, opts.image_loader or image_loader_for(opts.max_image_pixels),
                           opts.num_workers)
-        rows: list[np.ndarray] = []
-        ids: list[str] = []
-        row_index: list = []
-        n_skip = 0
-        pos = todo[0][1]  # next record index not yet shown on the progress bar
-        # records in shards finished (earlier runs included) and the start of the shard in progress
-        done_before = sum(b - a for (a, b) in ranges) - sum(b - a for (_, a, b) in todo)
-        shard_start = todo[0][1]
         try:
-            for kind, res in pipelined(vlm, items(), pool, opts):
+            for kind, res in pipelined(vlm, job.items(stream), pool, opts):
                 if kind == "batch":
-                    for sk in res.skipped:
-                        slog.add(sk.sample_id, sk.index, sk.reason, sk.detail, line=sk.line, stage=STAGE)
-                    n_skip += len(res.skipped)
-                    if res.ids:
-                        rows.append(res.vectors)
-                        ids.extend(res.ids)
-                        row_index.extend(res.indices)
-                    if cache is not None:
-                        cache_batch(cache, keys, res, summary["cache"])
-                    if bar is not None:
-                        bar.update(max(res.max_index + 1 - pos, 0))
-                        pos = max(pos, res.max_index + 1)
-                        bar.set_postfix(rows=summary["rows"] + len(ids), skipped=summary["skipped"] + n_skip,
-                                        refresh=False)
-                    if opts.on_progress is not None:
-                        opts.on_progress(done_before + max(res.max_index + 1 - shard_start, 0), hi - lo)
-                    continue
-                j, a, b, images, hits = res
-                # Records the reader itself refused (bad fields, images outside the root) count as skipped.
-                n_skip += reader_log.count(a, b)
-                if hits:
-                    n_skip += merge_hits(hits, rows, ids, row_index, slog, vlm.layer, instruction)
-                    summary["cache"]["reused"] += len(hits)
-                if cache is not None:
-                    cache.flush()  # before the shard commits: a vector the store holds is in the cache too
-                mat = np.concatenate(rows) if rows else np.zeros((0, vlm.hidden_size), np.float32)
-                writer.write_shard(mat, ids, index=j, extra={"range": [a, b], "skipped": n_skip, "rank": rank,
-                                                                "images": images.hexdigest(),
-                                                                "image_files": images.files})
-                slog.sync()
-                summary["rows"] += len(ids)
-                summary["skipped"] += n_skip
-                summary["shards_written"] += 1
-                rows, ids, row_index, n_skip = [], [], [], 0
-                if bar is not None:
-                    bar.update(max(b - pos, 0))
-                done_before += b - a
-                if opts.on_progress is not None:
-                    opts.on_progress(done_before, hi - lo)
-                nxt = next((t for t in todo if t[0] > j), None)
-                if nxt is not None:  # the next shard to do may follow committed ones (already counted)
-                    shard_start = pos = nxt[1]
+                    job.add_batch(res)
+                else:
+                    job.commit_shard(*res)
         finally:
             pool.close()
     if bar is not None:
         bar.close()
     return summary
+
+
+class _ShardJob:
+    """One rank's remaining shards, extracted in order: the rows of the shard in progress, the cache
+    keys of the records in flight, the progress shown, and the ``summary`` it fills in."""
+
+    def __init__(self, vlm, writer, opts: ExtractOptions, sl: _Slice, todo: list, done_records: int,
+                 summary: dict, cache, slog, reader_log: RangeSkipLog, bar):
+        self.vlm, self.writer, self.opts, self.sl, self.todo = vlm, writer, opts, sl, todo
+        self.summary, self.cache, self.slog, self.reader_log, self.bar = summary, cache, slog, reader_log, bar
+        self.keys: dict[int, bytes | None] = {}  # record index -> cache key, for the misses in flight
+        self.rows: list[np.ndarray] = []
+        self.ids: list[str] = []
+        self.row_index: list = []
+        self.n_skip = 0
+        self.pos = todo[0][1]  # next record index not yet shown on the progress bar
+        # records in finished shards and the start of the shard in progress
+        self.done_before = done_records
+        self.shard_start = todo[0][1]
+
+    def items(self, stream):
+        """("batch", samples) for each todo shard's records, then ("end", shard); never across shards.
+
+        With a cache, records found in it are not batched: they travel with the shard's end marker
+        as ``(sample, vector or None)`` and are merged back in record order."""
+        cache, batch_size = self.cache, self.opts.batch_size
+        for j, a, b in self.todo:
+            batch: list = []
+            images = ImagesDigest()
+            hits: list = []
+            while (s := stream.peek()) is not None and s.index < b:
+                next(stream)
+                if s.index < a:  # inside an already committed shard
+                    continue
+                images.add(s)
+                if cache is not None:
+                    pinned: list = []
+                    key = cache.key(s, pinned)
+                    found, ok, vec = cache.get(key)
+                    if found:
+                        hits.append((s, vec if ok else None))
+                        continue
+                    self.keys[s.index] = key
+                    if key is not None:  # extract the very bytes the key was made of (see sample_key)
+                        s.images = pinned
+                batch.append(s)
+                if len(batch) == batch_size:
+                    yield "batch", batch
+                    batch = []
+            if batch:
+                yield "batch", batch
+            yield "end", (j, a, b, images, hits)
+
+    def add_batch(self, res) -> None:
+        """Keep one pooled batch's rows, log its skips, feed the cache, show the progress."""
+        for sk in res.skipped:
+            self.slog.add(sk.sample_id, sk.index, sk.reason, sk.detail, line=sk.line, stage=STAGE)
+        self.n_skip += len(res.skipped)
+        if res.ids:
+            self.rows.append(res.vectors)
+            self.ids.extend(res.ids)
+            self.row_index.extend(res.indices)
+        if self.cache is not None:
+            cache_batch(self.cache, self.keys, res, self.summary["cache"])
+        if self.bar is not None:
+            self.bar.update(max(res.max_index + 1 - self.pos, 0))
+            self.pos = max(self.pos, res.max_index + 1)
+            self.bar.set_postfix(rows=self.summary["rows"] + len(self.ids),
+                                 skipped=self.summary["skipped"] + self.n_skip, refresh=False)
+        if self.opts.on_progress is not None:
+            self.opts.on_progress(self.done_before + max(res.max_index + 1 - self.shard_start, 0),
+                                  self.sl.hi - self.sl.lo)
+
+    def commit_shard(self, j: int, a: int, b: int, images: ImagesDigest, hits: list) -> None:
+        """Write shard ``j`` (records ``[a, b)``): its rows with the cache hits merged in, its skips."""
+        summary, cache = self.summary, self.cache
+        # Records the reader itself refused (bad fields, images outside the root) count as skipped.
+        self.n_skip += self.reader_log.count(a, b)
+        if hits:
+            self.n_skip += merge_hits(hits, self.rows, self.ids, self.row_index, self.slog, self.vlm.layer,
+                                      self.opts.instruction)
+            summary["cache"]["reused"] += len(hits)
+        if cache is not None:
+            cache.flush()  # before the shard commits: a vector the store holds is in the cache too
+        mat = np.concatenate(self.rows) if self.rows else np.zeros((0, self.vlm.hidden_size), np.float32)
+        self.writer.write_shard(mat, self.ids, index=j,
+                                extra={"range": [a, b], "skipped": self.n_skip, "rank": self.sl.rank,
+                                       "images": images.hexdigest(), "image_files": images.files})
+        self.slog.sync()
+        summary["rows"] += len(self.ids)
+        summary["skipped"] += self.n_skip
+        summary["shards_written"] += 1
+        self.rows, self.ids, self.row_index, self.n_skip = [], [], [], 0
+        if self.bar is not None:
+            self.bar.update(max(b - self.pos, 0))
+        self.done_before += b - a
+        if self.opts.on_progress is not None:
+            self.opts.on_progress(self.done_before, self.sl.hi - self.sl.lo)
+        nxt = next((t for t in self.todo if t[0] > j), None)
+        if nxt is not None:  # the next shard to do may follow committed ones (already counted)
+            self.shard_start = self.pos = nxt[1]
 
 
 def _plan_shards(writer, out: Path, data, opts: ExtractOptions, sl: _Slice, warn):
