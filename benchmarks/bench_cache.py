@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     from scalselect_fast.data.demo import make_demo_dataset
     from scalselect_fast.extract import extract_to_store, load_vlm
     from scalselect_fast.extract.cache import cache_info
-    from scalselect_fast.extract.loop import open_cache
+    from scalselect_fast.extract.cache_lookup import open_cache
     from scalselect_fast.extract.tiny import build_tiny_model
     import pyarrow.parquet as pq
 

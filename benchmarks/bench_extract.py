@@ -127,7 +127,7 @@ def main(argv=None) -> int:
         seq = float(np.mean([c["mask"].sum(1).float().mean().item() for c in pre]))
 
         def run_ours_e2e():
-            return [encode_and_pool(ours, b, backend="torch").vectors for b in batches]
+            return [encode_and_pool(ours, b, pool_impl="torch").vectors for b in batches]
 
         def run_base_e2e():
             res = []

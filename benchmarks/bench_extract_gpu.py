@@ -178,9 +178,9 @@ def _vision_modules(vlm):
 def encode_all(vlm, samples, workers: int):
     """Encode every sample with the extraction loop's worker pool; returns (results, seconds)."""
     from scalselect_fast.data import load_image
-    from scalselect_fast.extract.loop import _EncodePool
+    from scalselect_fast.extract.batch import EncodePool
 
-    pool = _EncodePool(vlm.encoder, load_image, workers)
+    pool = EncodePool(vlm.encoder, load_image, workers)
     try:
         t0 = time.perf_counter()
         results = pool.results(pool.submit(samples))
@@ -191,18 +191,20 @@ def encode_all(vlm, samples, workers: int):
 
 def run_ours(vlm, samples, results, batch_sizes, device, backend):
     """samples/s of the loop's batch step (collate, forward to layer ℓ, pool) per batch size."""
-    from scalselect_fast.extract.loop import _pool_encoded
+    from scalselect_fast.extract.batch import _pool_encoded
+    from scalselect_fast.extract.options import ExtractOptions
 
+    opts = ExtractOptions(threshold=0.9, instruction="all", padding_side="right", pool_impl=backend)
     out = {}
     for bs in batch_sizes:
         chunks = [(samples[i:i + bs], results[i:i + bs]) for i in range(0, len(samples), bs)]
         try:
             _peak_reset(device)
-            _pool_encoded(vlm, *chunks[0], 0.9, "all", "right", backend)  # warm-up (kernels, allocator)
+            _pool_encoded(vlm, *chunks[0], opts)  # warm-up (kernels, allocator)
             _sync(device)
             with UtilSampler(device.startswith("cuda")) as util:
                 t0 = time.perf_counter()
-                vecs = [_pool_encoded(vlm, s, r, 0.9, "all", "right", backend) for s, r in chunks]
+                vecs = [_pool_encoded(vlm, s, r, opts) for s, r in chunks]
                 _sync(device)
                 dt = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - out of memory ends the batch-size sweep
@@ -246,7 +248,7 @@ def split_ours(vlm, samples, results, bs, device, backend, max_batches=4):
             with torch.inference_mode():
                 pooled = instruction_attended_pool(cap.query, cap.key, cap.hidden, qmask, roles == R.VISUAL,
                                                    batch["mask"].to(device), threshold=0.9, scale=cap.scaling,
-                                                   backend=backend)
+                                                   pool_impl=backend)
             pooled.float().cpu()
             clock.stop("pooling")
             n += len(results[i:i + bs])
@@ -369,7 +371,7 @@ def bench_model(name, args, tmp: Path, device, dtype, rows, deadline):
     with UtilSampler(device.startswith("cuda")) as util_e2e:
         t0 = time.perf_counter()
         n_e2e = sum(len(ids) for ids, _ in extract_representations(
-            vlm, read_samples(data), batch_size=best_bs, num_workers=args.workers, backend=backend))
+            vlm, read_samples(data), batch_size=best_bs, num_workers=args.workers, pool_impl=backend))
         e2e = n_e2e / (time.perf_counter() - t0)
     print(f"  ours end to end (reader + {args.workers} workers + GPU, batch {best_bs}): {e2e:.1f} samples/s, "
           f"GPU util {util_e2e.mean}%")

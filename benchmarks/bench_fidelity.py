@@ -104,7 +104,7 @@ def main(argv=None) -> int:
             with _generic(name == "generic"):
                 vlm = load_vlm(path, layer=0, dtype="fp32", device="cpu", pixels=pixels, **opts)
                 got = {}
-                for ids, vecs in extract_representations(vlm, samples, batch_size=8, backend="torch"):
+                for ids, vecs in extract_representations(vlm, samples, batch_size=8, pool_impl="torch"):
                     got.update(zip(ids, vecs.astype(np.float64)))
             keys = sorted(set(ref) & set(got))
             a, b = np.stack([ref[k] for k in keys]), np.stack([got[k] for k in keys])

@@ -40,13 +40,6 @@ def _fit_kwargs(args) -> dict:
                 l2_normalize=args.l2_normalize, seed=args.seed)
 
 
-def _backend(device: str) -> str:
-    """The subspace fit's array backend for ``--device`` (raises DeviceError if CUDA is missing)."""
-    from .gpu import resolve_device
-
-    return "cupy" if resolve_device(device) == "cuda" else "numpy"
-
-
 class UsageError(ValueError):
     """An option value the command cannot use (printed as one line, exit status 2)."""
 
@@ -91,11 +84,12 @@ def _core_errors(fn):
 
 @_core_errors
 def _cmd_fit(args) -> int:
+    from .devices import array_backend
     from .subspace import fit_subspace
 
     _no_overwrite([_out_file(args.out)], [args.source])
     sub = fit_subspace(args.source, block_rows=args.block_rows, drop_invalid=args.drop_invalid,
-                       backend=_backend(args.device), **_fit_kwargs(args))
+                       array_backend=array_backend(args.device), **_fit_kwargs(args))
     sub.save(args.out)
     bad = len(sub.info.get("invalid_rows", []))
     print(f"fit: {sub.summary()}" + (f"; {bad} invalid rows dropped" if bad else "") + f" -> {args.out}")
@@ -308,7 +302,10 @@ def add_extract_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default="auto", choices=_formats(), help="input container (auto: from the files)")
     p.add_argument("--id-field", metavar="NAME", default=None, help=_ID_FIELD_HELP)
     p.add_argument("--padding-side", default="right", choices=["left", "right"])
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"], help="pooling kernel")
+    p.add_argument("--pool-impl", default=None, choices=["auto", "torch", "triton"],
+                   help="pooling kernel implementation [auto: triton on CUDA, torch otherwise]")
+    p.add_argument("--backend", dest="old_backend", default=None, choices=["auto", "torch", "triton"],
+                   help=argparse.SUPPRESS)  # the old name of --pool-impl, accepted with a warning
     p.add_argument("--num-workers", type=int, default=0,
                    help="processes encoding samples (template, tokenizer, images) one batch ahead [0]")
     p.add_argument("--cache", metavar="DIR", default=None,
@@ -352,10 +349,22 @@ def _extract(args, extract_to_store) -> dict:
         batch_size=args.batch_size, layer=args.layer, threshold=args.threshold, instruction=args.instruction,
         dtype=args.dtype, device=args.device, device_map=args.device_map, store_dtype=args.store_dtype,
         shard_size=args.shard_size, max_length=args.max_length, padding_side=args.padding_side,
-        backend=args.backend, force=args.force, progress=not args.quiet, num_workers=args.num_workers,
+        pool_impl=_pool_impl_arg(args), force=args.force, progress=not args.quiet, num_workers=args.num_workers,
         roles=args.roles, vision_tokens=args.vision_tokens, pixels=args.pixels,
         max_image_pixels=args.max_image_pixels, id_field=args.id_field, cache=args.cache,
         warn=lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True))
+
+
+def _pool_impl_arg(args) -> str:
+    """``--pool-impl``, or the value given under its old name ``--backend`` (with a warning)."""
+    if args.old_backend is None:
+        return args.pool_impl or "auto"
+    if args.pool_impl is not None:
+        from .extract.roles import ExtractError
+
+        raise ExtractError("--backend is the old name of --pool-impl; pass --pool-impl only")
+    print("warning: --backend is deprecated for the pooling kernel; use --pool-impl", file=sys.stderr, flush=True)
+    return args.old_backend
 
 
 def _pixels_arg(value: str) -> str:

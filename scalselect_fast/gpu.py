@@ -1,7 +1,7 @@
 """GPU support: device resolution, overlapped host→device streaming, and leverage scoring on CuPy.
 
-What this module is for: choosing the device the user asked for (with a clear message when CUDA,
-CuPy or faiss-gpu is missing, falling back to the CPU only under ``device="auto"``), and moving
+What this module is for: probing CuPy and a CUDA device (:func:`cuda_available`, which
+:func:`scalselect_fast.devices.array_device` asks when it resolves a fit device), and moving
 representation blocks to the GPU so that the PCIe copy of block i+1 overlaps the products of
 block i. The solvers themselves live in :mod:`scalselect_fast.subspace` (written over an array
 namespace) and :mod:`scalselect_fast.scoring`; this module only supplies the device plumbing and
@@ -21,13 +21,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .devices import DeviceError, array_device
+
 __all__ = ["DeviceError", "resolve_device", "cuda_available", "DeviceStaging", "leverage_scores_cupy"]
 
 log = logging.getLogger(__name__)
 
-
-class DeviceError(RuntimeError):
-    """The requested device (or the library it needs) is not available; the message says what to do."""
+# the fit device's resolver, under the name its callers know (see scalselect_fast.devices)
+resolve_device = array_device
 
 
 def _cupy():
@@ -52,27 +53,6 @@ def cuda_available() -> tuple[bool, str]:
     if n < 1:
         return False, "CuPy is installed but reports no CUDA device"
     return True, f"{n} CUDA device(s)"
-
-
-def resolve_device(device: str | None) -> str:
-    """Map ``"cpu" | "cuda" | "auto"`` (or None = "cpu") to ``"cpu"`` or ``"cuda"``.
-
-    ``cuda`` raises :class:`DeviceError` if CuPy or a CUDA device is missing; only ``auto`` falls
-    back to the CPU (logging why).
-    """
-    d = (device or "cpu").lower()
-    if d in ("cpu", "numpy"):
-        return "cpu"
-    if d not in ("cuda", "gpu", "auto", "cupy"):
-        raise DeviceError(f"unknown device {device!r}; use cpu, cuda or auto")
-    ok, why = cuda_available()
-    if ok:
-        return "cuda"
-    if d == "auto":
-        log.warning("scalselect_fast: --device auto falls back to the CPU: %s", why)
-        return "cpu"
-    raise DeviceError(f"--device {device} was requested but {why}. Use --device cpu, or --device auto "
-                      f"to fall back to the CPU when no GPU is usable.")
 
 
 def copy_rows(dst: np.ndarray, src: np.ndarray, pool=None, parts: int = 1) -> None:

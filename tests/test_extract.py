@@ -59,7 +59,7 @@ def test_vectors_match_eager_full_map_reference(models, samples, family, layer):
     assert batch["mask"].sum(1).unique().numel() > 1, "batch should need padding"
     ref = eager_reference(models[family], batch["inputs"], batch["roles"].numpy(), layer, 0.9)
     for side in ("right", "left"):
-        res = encode_and_pool(vlm, samples, threshold=0.9, padding_side=side, backend="torch")
+        res = encode_and_pool(vlm, samples, threshold=0.9, padding_side=side, pool_impl="torch")
         assert res.ids == [s.id for s in samples] and not res.skipped
         np.testing.assert_allclose(res.vectors, ref, rtol=1e-5, atol=1e-5, err_msg=f"{side} padding")
 
@@ -70,7 +70,7 @@ def test_newer_qwen_families_match_reference(tmp_path, samples, family):
     path = build_tiny_model(family, tmp_path / family, num_layers=2)
     vlm = load_vlm(path, layer=0, dtype="fp32", device="cpu", pixels="processor")
     batch = _encode_batch(vlm, samples, "right")
-    res = encode_and_pool(vlm, samples, backend="torch")
+    res = encode_and_pool(vlm, samples, pool_impl="torch")
     ref = eager_reference(path, batch["inputs"], batch["roles"].numpy(), 0, 0.9)
     np.testing.assert_allclose(res.vectors, ref, rtol=1e-5, atol=1e-5)
 
@@ -79,7 +79,7 @@ def test_newer_qwen_families_match_reference(tmp_path, samples, family):
 def test_instruction_mode_and_threshold_match_reference(models, samples, instruction, threshold):
     vlm = _vlm(models["llava"])
     batch = _encode_batch(vlm, samples, "right")
-    res = encode_and_pool(vlm, samples, threshold=threshold, instruction=instruction, backend="torch")
+    res = encode_and_pool(vlm, samples, threshold=threshold, instruction=instruction, pool_impl="torch")
     ref = eager_reference(models["llava"], batch["inputs"], batch["roles"].numpy(), 0, threshold, instruction)
     np.testing.assert_allclose(res.vectors, ref, rtol=1e-5, atol=1e-5)
 
@@ -128,7 +128,7 @@ def test_no_attention_map_and_no_eager_attention(models, samples, monkeypatch):
     monkeypatch.setattr(sd, "sdpa_attention_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
     vlm = load_vlm(models["llava"], layer=1, dtype="fp32", device="cpu")
     assert vlm.language_model.config._attn_implementation == "scalselect_sdpa"
-    res = encode_and_pool(vlm, samples[:2], backend="torch")
+    res = encode_and_pool(vlm, samples[:2], pool_impl="torch")
     assert len(res.ids) == 2 and len(calls) == 2  # layers 0 and 1 through SDPA, nothing else
 
 
@@ -144,8 +144,8 @@ def test_extract_representations_iterator(models, samples):
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_low_precision_close_to_fp32(models, samples, dtype):
-    ref = encode_and_pool(_vlm(models["llava"]), samples, backend="torch").vectors
-    got = encode_and_pool(_vlm(models["llava"], 0, dtype), samples, backend="torch").vectors
+    ref = encode_and_pool(_vlm(models["llava"]), samples, pool_impl="torch").vectors
+    got = encode_and_pool(_vlm(models["llava"], 0, dtype), samples, pool_impl="torch").vectors
     assert got.dtype == np.float32
     # the kept token set may differ by a near-tie; the mean still agrees to low-precision accuracy
     assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
@@ -170,8 +170,8 @@ def test_generic_path_uses_processor(models, samples):
     from transformers import AutoProcessor
 
     vlm = load_vlm(models["llava"], dtype="fp32", device="cpu")  # private copy: mutated below
-    ref = encode_and_pool(vlm, samples, backend="torch").vectors
+    ref = encode_and_pool(vlm, samples, pool_impl="torch").vectors
     vlm.encoder.family = "generic-test"  # force the generic encoding path on the same weights
     vlm.encoder.processor = AutoProcessor.from_pretrained(models["llava"])
-    got = encode_and_pool(vlm, samples, backend="torch").vectors
+    got = encode_and_pool(vlm, samples, pool_impl="torch").vectors
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)

@@ -138,7 +138,7 @@ def test_shaped_llava_runs_a_sample_through_layer_0(tmp_path):
                 {"role": "assistant", "content": "Noise."}]
         enc = vlm.encode("s0", msgs, [Image.open(img).convert("RGB")])
         assert int((enc.roles == R.VISUAL).sum()) == 576 == int((np.asarray(enc.input_ids) == vlm.image_token_id).sum())
-        res = encode_and_pool(vlm, [Sample("s0", [str(img)], msgs, None, 0, None, {})], backend="torch")
+        res = encode_and_pool(vlm, [Sample("s0", [str(img)], msgs, None, 0, None, {})], pool_impl="torch")
         assert res.vectors.shape == (1, 4096) and np.isfinite(res.vectors).all()
     finally:
         del vlm

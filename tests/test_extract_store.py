@@ -187,7 +187,7 @@ def test_an_unexpected_encoder_failure_names_the_sample():
     import pytest
 
     from scalselect_fast.extract import roles as R
-    from scalselect_fast.extract.loop import _encode_one, _Skip
+    from scalselect_fast.extract.batch import _encode_one, _Skip
 
     class Refusing:  # stands in for the processor call that raised; the wrapper is under test
         def encode(self, sid, messages, pix):
@@ -207,7 +207,7 @@ def test_worker_results_travel_as_numpy_and_come_back_as_the_same_tensors():
 
     import torch
 
-    from scalselect_fast.extract.loop import _from_wire, _Skip, _to_wire
+    from scalselect_fast.extract.batch import _from_wire, _Skip, _to_wire
     from scalselect_fast.extract.model import Encoded
 
     g = torch.Generator().manual_seed(0)

@@ -47,6 +47,47 @@ def test_cuda_without_gpu_refuses_and_auto_falls_back():
     assert resolve_device("auto") == "cpu"
 
 
+def test_one_resolver_names_each_choice():
+    """scalselect_fast.devices: fit device -> array backend, name translation, pooling implementation."""
+    from scalselect_fast import devices, gpu
+
+    assert gpu.resolve_device is devices.array_device and gpu.DeviceError is devices.DeviceError
+    assert devices.array_backend("cpu") == devices.array_backend(None) == "numpy"
+    for name, want in (("numpy", "numpy"), ("cpu", "numpy"), (None, "numpy"), ("cupy", "cupy"), ("cuda", "cupy"),
+                       ("GPU", "cupy")):
+        assert devices.array_backend(name, check=False) == want  # names only: no GPU probed
+    with pytest.raises(DeviceError, match="unknown array backend"):
+        devices.array_backend("tpu", check=False)
+    assert devices.resolve_pool_impl("auto", "cpu", triton_available=True) == "torch"
+    assert devices.resolve_pool_impl("auto", "cuda", triton_available=True) == "triton"
+    assert devices.resolve_pool_impl("auto", "cuda", triton_available=False) == "torch"
+    with pytest.raises(ValueError, match="pool_impl"):
+        devices.resolve_pool_impl("cupy", "cpu", triton_available=True)
+
+
+def test_model_device_refuses_what_torch_lacks():
+    pytest.importorskip("torch")
+    from scalselect_fast.devices import model_device
+    from scalselect_fast.extract.model import UnsupportedModelError, resolve_device as resolve_model_device
+
+    assert model_device("cpu") == "cpu" and model_device(None) == model_device("auto")
+    with pytest.raises(DeviceError, match="is not a device"):
+        model_device("nonsense")
+    with pytest.raises(UnsupportedModelError, match="use cpu, cuda, cuda:N or auto"):  # extraction's error type
+        resolve_model_device("meta")
+
+
+def test_old_backend_keyword_of_fit_subspace_still_works_with_a_warning():
+    import scalselect_fast as ss
+
+    X = _structured(300, 12)
+    ref = ss.fit_subspace(X, solver="exact", array_backend="numpy")
+    with pytest.warns(DeprecationWarning, match="array_backend"):
+        old = ss.fit_subspace(X, solver="exact", backend="numpy")
+    np.testing.assert_array_equal(old.components, ref.components)
+    np.testing.assert_array_equal(old.singular_values, ref.singular_values)
+
+
 def test_copy_rows_splits_exactly():
     from concurrent.futures import ThreadPoolExecutor
 
@@ -71,7 +112,7 @@ def test_cupy_fit_and_scores_match_numpy(dtype, opts):
 
     X = _structured(5003, 96, dtype=dtype)
     cpu = ss.fit_subspace(X, solver="exact", **opts)
-    dev = ss.fit_subspace(X, solver="exact", backend="cupy", **opts)
+    dev = ss.fit_subspace(X, solver="exact", array_backend="cupy", **opts)
     assert dev.k == cpu.k
     s_cpu = ss.leverage_scores(X, cpu)
     s_dev = ss.leverage_scores(X, dev, device="cuda")
@@ -90,7 +131,7 @@ def test_cupy_fit_many_blocks_and_shards_matches_numpy(tmp_path):
     for a, b in ((0, 3000), (3000, 3001), (3001, 7001)):
         w.write_shard(X[a:b], [str(i) for i in range(a, b)])
     cpu = ss.fit_subspace(tmp_path / "s", solver="exact", block_rows=700)
-    dev = ss.fit_subspace(tmp_path / "s", solver="exact", backend="cupy", block_rows=700)
+    dev = ss.fit_subspace(tmp_path / "s", solver="exact", array_backend="cupy", block_rows=700)
     assert dev.k == cpu.k
     np.testing.assert_allclose(dev.singular_values, cpu.singular_values, rtol=1e-6)
     np.testing.assert_allclose(ss.leverage_scores(tmp_path / "s", dev, device="cuda", block_rows=700),
@@ -110,11 +151,11 @@ def test_cupy_fit_finds_invalid_rows_like_numpy(drop):
     if not drop:
         for backend in ("numpy", "cupy"):
             with pytest.raises(InvalidRowsError) as err:
-                ss.fit_subspace(X, solver="exact", backend=backend)
+                ss.fit_subspace(X, solver="exact", array_backend=backend)
             assert sorted(err.value.rows.tolist()) == [7, 2500, 3999]
         return
     cpu = ss.fit_subspace(X, solver="exact", drop_invalid=True)
-    dev = ss.fit_subspace(X, solver="exact", backend="cupy", drop_invalid=True)
+    dev = ss.fit_subspace(X, solver="exact", array_backend="cupy", drop_invalid=True)
     assert dev.n == cpu.n == 3997 and dev.k == cpu.k
     assert sorted(dev.info["invalid_rows"]) == [7, 2500, 3999]
     np.testing.assert_allclose(dev.singular_values, cpu.singular_values, rtol=1e-6)
@@ -174,8 +215,8 @@ def test_triton_pool_compiled_matches_torch(dtype, atol):
     att[1, :20] = False  # left padding
     ins &= att
     vis &= att
-    ref = instruction_attended_pool(q.float(), k.float(), h.float(), ins, vis, att, backend="torch")
-    out = instruction_attended_pool(q, k, h, ins, vis, att, backend="triton")
+    ref = instruction_attended_pool(q.float(), k.float(), h.float(), ins, vis, att, pool_impl="torch")
+    out = instruction_attended_pool(q, k, h, ins, vis, att, pool_impl="triton")
     if dtype == "float32":
         torch.testing.assert_close(out, ref, atol=atol, rtol=1e-5)
     else:  # the kept set may flip at the threshold in bf16; compare where it did not

@@ -133,13 +133,13 @@ def test_matches_eager_reference_fp32(backend, shape):
     B, Hq, Hkv, L, Dh, D, pad = shape
     q, k, hidden, qm, km, am = make_case(B, Hq, Hkv, L, Dh, D, pad=pad, seed=L + Hq)
     a_ref, valid_ref = reference_attention(q.cpu(), k.cpu(), qm.cpu(), km.cpu(), am.cpu())
-    a, valid = instruction_column_attention(q, k, qm, km, am, backend=backend)
+    a, valid = instruction_column_attention(q, k, qm, km, am, pool_impl=backend)
     assert a.dtype == torch.float32 and a.shape == (B, L)
     assert torch.equal(valid.cpu(), valid_ref)
     _assert_close_nan(a, a_ref, atol=1e-5)
     for threshold in (0.9, 0.5):
         ref, _, n_ref = reference_pool(q.cpu(), k.cpu(), hidden.cpu(), qm.cpu(), km.cpu(), am.cpu(), threshold)
-        pooled, v, n = instruction_attended_pool(q, k, hidden, qm, km, am, threshold=threshold, backend=backend,
+        pooled, v, n = instruction_attended_pool(q, k, hidden, qm, km, am, threshold=threshold, pool_impl=backend,
                                                  return_valid=True, return_stats=True)
         assert pooled.dtype == torch.float32 and pooled.shape == (B, D)
         assert torch.equal(n.cpu(), n_ref)
@@ -159,10 +159,10 @@ def test_interleaved_images_multi_block(backend):
     qm = ~km
     am[1, :9] = False  # left padding on the second sample
     a_ref, _ = reference_attention(q, k, qm, km, am)
-    a, _ = instruction_column_attention(q, k, qm, km, am, backend=backend)
+    a, _ = instruction_column_attention(q, k, qm, km, am, pool_impl=backend)
     _assert_close_nan(a, a_ref, atol=1e-5)
     ref, _, n_ref = reference_pool(q, k, hidden, qm, km, am, 0.9)
-    out, n = instruction_attended_pool(q, k, hidden, qm, km, am, backend=backend, return_stats=True)
+    out, n = instruction_attended_pool(q, k, hidden, qm, km, am, pool_impl=backend, return_stats=True)
     assert torch.equal(n.cpu(), n_ref)
     _assert_close_nan(out, ref, atol=1e-5)
 
@@ -176,7 +176,7 @@ def test_non_contiguous_inputs(backend):
     assert not qt.is_contiguous() and not kt.is_contiguous()
     ref, _, _ = reference_pool(q, k, hidden, qm, km, am)
     out = instruction_attended_pool(qt, kt, hidden.transpose(0, 1).contiguous().transpose(0, 1), qm, km, am,
-                                    backend=backend)
+                                    pool_impl=backend)
     _assert_close_nan(out, ref, atol=1e-5)
 
 
@@ -185,7 +185,7 @@ def test_small_torch_chunks_and_custom_scale(backend):
     q, k, hidden, qm, km, am = make_case(2, 4, 2, 37, 8, 6, pad="left", seed=3)
     ref, _, _ = reference_pool(q.cpu(), k.cpu(), hidden.cpu(), qm.cpu(), km.cpu(), am.cpu(), 0.8, scale=0.05)
     kw = dict(chunk_size=3) if backend == "torch" else {}
-    out = instruction_attended_pool(q, k, hidden, qm, km, am, threshold=0.8, scale=0.05, backend=backend, **kw)
+    out = instruction_attended_pool(q, k, hidden, qm, km, am, threshold=0.8, scale=0.05, pool_impl=backend, **kw)
     _assert_close_nan(out, ref, atol=1e-5)
 
 
@@ -197,7 +197,7 @@ def test_degenerate_samples_give_nan(backend):
     qm[1], km[1] = False, True  # no instruction token
     qm[2, :], km[2, :] = False, False  # instructions strictly before the image: they cannot see it
     qm[2, :3], km[2, 3:] = True, True
-    pooled, valid = instruction_attended_pool(q, k, hidden, qm, km, am, backend=backend, return_valid=True)
+    pooled, valid = instruction_attended_pool(q, k, hidden, qm, km, am, pool_impl=backend, return_valid=True)
     assert valid.tolist() == [False, False, False, True]
     assert torch.isnan(pooled[:3]).all() and torch.isfinite(pooled[3]).all()
     ref, _, _ = reference_pool(q.cpu(), k.cpu(), hidden.cpu(), qm.cpu(), km.cpu(), am.cpu())
@@ -207,17 +207,17 @@ def test_degenerate_samples_give_nan(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_threshold_extremes(backend):
     q, k, hidden, qm, km, am = make_case(3, 2, 1, 23, 8, 5, pad="right", seed=11)
-    all_vis, n_all = instruction_attended_pool(q, k, hidden, qm, km, am, threshold=1.0, backend=backend,
+    all_vis, n_all = instruction_attended_pool(q, k, hidden, qm, km, am, threshold=1.0, pool_impl=backend,
                                                   return_stats=True)
     vis = km & am
     expected = torch.stack([hidden[b, vis[b]].mean(0) for b in range(3)])
     torch.testing.assert_close(all_vis, expected, atol=1e-6, rtol=0)
     assert n_all.tolist() == vis.sum(1).tolist()
 
-    one, n_one = instruction_attended_pool(q, k, hidden, qm, km, am, threshold=1e-6, backend=backend,
+    one, n_one = instruction_attended_pool(q, k, hidden, qm, km, am, threshold=1e-6, pool_impl=backend,
                                               return_stats=True)
     assert n_one.tolist() == [1, 1, 1]
-    a, _ = instruction_column_attention(q, k, qm, km, am, backend=backend)
+    a, _ = instruction_column_attention(q, k, qm, km, am, pool_impl=backend)
     top = a.nan_to_num(-1.0).argmax(dim=1)
     torch.testing.assert_close(one, hidden[torch.arange(3, device=DEVICE), top], atol=0, rtol=0)
 
@@ -232,7 +232,7 @@ def test_exact_ties_keep_lower_positions(backend):
     km = torch.zeros(B, L, dtype=torch.bool, device=DEVICE)
     km[0, 1:5] = True
     qm = ~km
-    pooled, n = instruction_attended_pool(q, k, hidden, qm, km, threshold=0.6, backend=backend, return_stats=True)
+    pooled, n = instruction_attended_pool(q, k, hidden, qm, km, threshold=0.6, pool_impl=backend, return_stats=True)
     assert n.tolist() == [3]
     torch.testing.assert_close(pooled[0], hidden[0, 1:4].mean(0), atol=0, rtol=0)
 
@@ -271,12 +271,12 @@ def test_low_precision_error_bounded_by_torch_same_dtype(backend, dtype):
         rows, cols = qm[b].cpu() & am[b].cpu(), km[b].cpu() & am[b].cpu()
         col = p[b][rows][:, cols].mean(0)
         a_lp[b, cols] = (col / col.sum()).double()
-    a, _ = instruction_column_attention(q, k, qm, km, am, backend=backend)
+    a, _ = instruction_column_attention(q, k, qm, km, am, pool_impl=backend)
     err_lp = (a_lp - a_ref).abs().max().item()
     err = (a.cpu().double() - a_ref).abs().max().item()
     assert err <= 2 * err_lp + 1e-5, (err, err_lp)
 
-    pooled, n = instruction_attended_pool(q, k, hidden, qm, km, am, backend=backend, return_stats=True)
+    pooled, n = instruction_attended_pool(q, k, hidden, qm, km, am, pool_impl=backend, return_stats=True)
     ref, _, n_ref = reference_pool(q.cpu().float(), k.cpu().float(), hidden.cpu(), qm.cpu(), km.cpu(), am.cpu())
     same = n.cpu() == n_ref
     assert same.any()
@@ -288,7 +288,7 @@ def test_right_and_left_padding_agree_with_unpadded(backend):
     """The same sample padded left or right yields the same vector as unpadded (positions just masked)."""
     H, L, Dh, D, P = 2, 13, 8, 4, 5
     q, k, hidden, qm, km, _ = make_case(1, H, H, L, Dh, D, seed=13)
-    base = instruction_attended_pool(q, k, hidden, qm, km, backend=backend)
+    base = instruction_attended_pool(q, k, hidden, qm, km, pool_impl=backend)
 
     def padded(left):
         def pad(t, dim, value):
@@ -301,7 +301,7 @@ def test_right_and_left_padding_agree_with_unpadded(backend):
         return pad(q, 2, 7.0), pad(k, 2, 7.0), pad(hidden, 1, 7.0), pad(qm, 1, True), pad(km, 1, True), am
 
     for left in (False, True):
-        out = instruction_attended_pool(*padded(left), backend=backend)
+        out = instruction_attended_pool(*padded(left), pool_impl=backend)
         torch.testing.assert_close(out, base, atol=1e-5, rtol=0)
 
 
@@ -328,10 +328,22 @@ def test_validation_errors():
         f(q, k.half(), hidden, qm, km, am)
     with pytest.raises(TypeError, match="float16"):
         f(q.double(), k.double(), hidden, qm, km, am)
-    with pytest.raises(ValueError, match="backend"):
-        f(q, k, hidden, qm, km, am, backend="cuda")
+    with pytest.raises(ValueError, match="pool_impl"):
+        f(q, k, hidden, qm, km, am, pool_impl="cuda")
     with pytest.raises(ValueError, match="scale"):
         f(q, k, hidden, qm, km, am, scale=-1.0)
+
+
+def test_old_backend_keyword_still_works_with_a_warning():
+    q, k, hidden, qm, km, am = make_case(2, 2, 2, 9, 8, 4, seed=3)
+    ref = instruction_attended_pool(q, k, hidden, qm, km, am, pool_impl="torch")
+    with pytest.warns(DeprecationWarning, match="use pool_impl"):
+        old = instruction_attended_pool(q, k, hidden, qm, km, am, backend="torch")
+    torch.testing.assert_close(old, ref, rtol=0, atol=0, equal_nan=True)
+    with pytest.warns(DeprecationWarning, match="use pool_impl"):
+        a, _ = instruction_column_attention(q, k, qm, km, am, backend="torch")
+    torch.testing.assert_close(a, instruction_column_attention(q, k, qm, km, am, pool_impl="torch")[0],
+                               rtol=0, atol=0, equal_nan=True)
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
@@ -340,7 +352,7 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     q, k, hidden, qm, km, am = make_case(1, 2, 2, 5, 8, 4, seed=2)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        instruction_attended_pool(q, k, hidden, qm, km, am, backend="triton")
+        instruction_attended_pool(q, k, hidden, qm, km, am, pool_impl="triton")
 
 
 def test_auto_backend_and_default_return():
@@ -408,8 +420,8 @@ def test_triton_compiled_realistic_size(dtype):
     map's own error (flash-attention rule)."""
     B, Hq, Hkv, L, Dh, D = 2, 32, 8, 1536, 128, 64
     q, k, hidden, qm, km, am = make_case(B, Hq, Hkv, L, Dh, D, pad="left", seed=99, dtype=dtype)
-    a_ref, _ = instruction_column_attention(q.float(), k.float(), qm, km, am, backend="torch")
-    a, valid = instruction_column_attention(q, k, qm, km, am, backend="triton")
+    a_ref, _ = instruction_column_attention(q.float(), k.float(), qm, km, am, pool_impl="torch")
+    a, valid = instruction_column_attention(q, k, qm, km, am, pool_impl="triton")
     assert valid.all()
     err = (a - a_ref).abs().max().item()
     if dtype == torch.float32:
@@ -427,5 +439,5 @@ def test_triton_compiled_realistic_size(dtype):
         a_lp = col.float() / col.float().sum(1, keepdim=True)
         err_lp = (a_lp - a_ref).abs().max().item()
         assert err <= 2 * err_lp + 1e-5, (err, err_lp)
-    pooled = instruction_attended_pool(q, k, hidden, qm, km, am, backend="triton")
+    pooled = instruction_attended_pool(q, k, hidden, qm, km, am, pool_impl="triton")
     assert torch.isfinite(pooled).all()

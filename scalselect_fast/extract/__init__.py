@@ -6,8 +6,11 @@ the attention of layer ℓ, averaged over heads and instruction tokens, picks th
 averaged into one vector. No attention map is built (see :mod:`scalselect_fast.ops`).
 
 Modules: :mod:`.model` (loading, adapters, encoding, truncated forward), :mod:`.roles` (token roles
-from the chat template), :mod:`.hook` (attention capture + early exit), :mod:`.loop` (the loop and
-the store writer), :mod:`.tiny` (random-weight tiny models for tests and the demo).
+from the chat template), :mod:`.hook` (attention capture + early exit), :mod:`.options` (the
+settings, validated once), :mod:`.batch` (one batch: encode, forward, pool), :mod:`.loop` (the loop
+and the store writer), :mod:`.ranks` (which records a rank owns), :mod:`.repair` (stale shards),
+:mod:`.cache` and :mod:`.cache_lookup` (the representation cache), :mod:`.tiny` (random-weight tiny
+models for tests and the demo).
 Importing this package is cheap; torch and transformers load on first use.
 """
 from __future__ import annotations
@@ -15,8 +18,9 @@ from __future__ import annotations
 _LAZY = {
     "extract_representations": "scalselect_fast.extract.loop",
     "extract_to_store": "scalselect_fast.extract.loop",
-    "encode_and_pool": "scalselect_fast.extract.loop",
-    "repair_store": "scalselect_fast.extract.loop",
+    "ExtractOptions": "scalselect_fast.extract.options",
+    "encode_and_pool": "scalselect_fast.extract.batch",
+    "repair_store": "scalselect_fast.extract.repair",
     "load_vlm": "scalselect_fast.extract.model",
     "VLM": "scalselect_fast.extract.model",
     "UnsupportedModelError": "scalselect_fast.extract.model",

@@ -76,29 +76,14 @@ def resolve_dtype(dtype, device: str | None = "auto"):
 
 
 def resolve_device(device: str | None) -> str:
-    """``"auto"`` (or None), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` -> a torch device string.
+    """The model device (:func:`scalselect_fast.devices.model_device`), refusing a bad one with
+    :class:`UnsupportedModelError` (an :class:`~.roles.ExtractError`, printed as one line)."""
+    from ..devices import DeviceError, model_device
 
-    Raises :class:`UnsupportedModelError` for a name torch does not know, and for CUDA (or a CUDA
-    index) this machine does not have, before anything is loaded.
-    """
-    import torch
-
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        dev = torch.device(str(device))
-    except (RuntimeError, ValueError, TypeError):
-        raise UnsupportedModelError(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UnsupportedModelError(f"--device {device} requested but CUDA is not available on this machine; "
-                                        f"use --device cpu (or auto)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UnsupportedModelError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA "
-                                        f"device(s); choose cuda:0..cuda:{torch.cuda.device_count() - 1}")
-    elif dev.type not in ("cpu", "mps", "xpu"):
-        raise UnsupportedModelError(f"--device {device!r}: use cpu, cuda, cuda:N or auto")
-    return str(device)
+        return model_device(device)
+    except DeviceError as exc:
+        raise UnsupportedModelError(str(exc)) from None
 
 
 def parse_pixels(pixels) -> tuple[int, int] | None:

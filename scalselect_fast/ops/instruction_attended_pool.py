@@ -5,10 +5,10 @@ tokens attend to most in one decoder layer. The reference recipe asks the model 
 ``[B, H, L, L]`` attention map; this module computes the same vector from the layer's post-RoPE
 ``q``/``k`` with memory linear in ``L``:
 
-* ``torch`` backend: loops over chunks of instruction rows; per chunk it materialises the logits of
+* ``torch`` implementation: loops over chunks of instruction rows; per chunk it materialises the logits of
   those rows only (``H x chunk x L``, fp32), normalises each row over all its visible keys in place
   and accumulates the column sums over visual keys. Runs on CPU and CUDA.
-* ``triton`` backend: two kernels, :func:`_row_lse_kernel` (online log-sum-exp per instruction row over
+* ``triton`` implementation: two kernels, :func:`_row_lse_kernel` (online log-sum-exp per instruction row over
   all visible keys) and :func:`_visual_colsum_kernel` (instruction->visual column sums of
   ``exp(q.k*scale - lse)``, one program per key block, no atomics), both accumulating in fp32.
   Runs compiled on CUDA and under ``TRITON_INTERPRET=1`` on CPU tensors (tests).
@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 
-try:  # Triton is optional (Linux wheels only); the torch backend works without it.
+from ..devices import resolve_pool_impl
+
+try:  # Triton is optional (Linux wheels only); the torch implementation works without it.
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - exercised only where triton is missing
@@ -33,9 +36,8 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 __all__ = ["instruction_attended_pool", "instruction_column_attention"]
 
-_BACKENDS = ("auto", "torch", "triton")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Elements of fp32 logits one chunk of the torch backend may hold (H x chunk x L); 4M = 16 MiB.
+# Elements of fp32 logits one chunk of the torch implementation may hold (H x chunk x L); 4M = 16 MiB.
 _TORCH_CHUNK_ELEMS = 1 << 22
 
 
@@ -109,27 +111,20 @@ def _validate(q, k, query_mask, key_mask, attention_mask, scale, hidden=None, th
     return B, Hq, Hkv, L, Dh, scale, qmask, vmask, amask
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and triton is not None else "torch"
-    if backend == "triton":
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError(
-                "backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
-                "before importing scalselect_fast.ops (or use backend='torch')"
-            )
-        if device.type not in ("cpu", "cuda"):
-            raise RuntimeError(f"backend='triton' supports CUDA (or CPU under TRITON_INTERPRET=1), got {device}")
+def _renamed(pool_impl: str, backend) -> str:
+    """``pool_impl``, or the value given under its old name ``backend`` (with a DeprecationWarning)."""
+    if backend is None:
+        return pool_impl
+    warnings.warn("backend= is deprecated for the pooling kernel; use pool_impl= ('auto', 'torch' or 'triton')",
+                  DeprecationWarning, stacklevel=3)
     return backend
 
 
 # --------------------------------------------------------------------------------------------------
-# torch backend: chunked over instruction rows
+# torch implementation: chunked over instruction rows
 # --------------------------------------------------------------------------------------------------
 def _colsum_torch(q, k, qmask, vmask, amask, scale, chunk_size=None):
-    """Un-normalised instruction->visual column sums with the torch backend.
+    """Un-normalised instruction->visual column sums with the torch implementation.
 
     Returns float64 ``(B, L)``: ``c[b, j] = sum_{h, i in instr(b)} p^h_ij`` for visual ``j``
     (0 elsewhere), with ``p^h_ij`` the causal, padding-masked softmax of ``q_i.k_j*scale`` in fp32.
@@ -187,7 +182,7 @@ def _colsum_torch(q, k, qmask, vmask, amask, scale, chunk_size=None):
 
 
 # --------------------------------------------------------------------------------------------------
-# Triton backend: row log-sum-exp, then instruction->visual column sums
+# Triton implementation: row log-sum-exp, then instruction->visual column sums
 # --------------------------------------------------------------------------------------------------
 # Layout shared by both kernels. Instruction rows of sample b are listed in ROWS[b, :n_rows[b]]
 # (ascending positions) and visual keys in COLS[b, :n_cols[b]]. The host packs the instruction rows
@@ -430,12 +425,12 @@ def _colsum_triton(q, k, qmask, vmask, amask, scale):
     ``O(B * (Hq * n_rows + Hkv * n_cols))`` fp32, never ``[B, H, L, L]``.
     """
     if triton is None:
-        raise RuntimeError("backend='triton' needs the triton package (pip install triton); use backend='torch'")
+        raise RuntimeError("pool_impl='triton' needs the triton package (pip install triton); use pool_impl='torch'")
     interpret = _is_interpreted()
     if q.device.type == "cpu" and not interpret:
         raise RuntimeError(
-            "backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
-            "before scalselect_fast.ops is first imported (or use backend='torch')"
+            "pool_impl='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+            "before scalselect_fast.ops is first imported (or use pool_impl='torch')"
         )
     B, Hq, L, Dh = q.shape
     Hkv = k.shape[1]
@@ -545,7 +540,7 @@ def _select_and_pool(a, valid, vmask, hidden, threshold):
 # Public API
 # --------------------------------------------------------------------------------------------------
 def instruction_column_attention(q, k, query_mask, key_mask, attention_mask=None, scale=None,
-                                 backend="auto", *, chunk_size=None):
+                                 pool_impl="auto", *, chunk_size=None, backend=None):
     """Visual-token attention of the instruction tokens, normalised over visual tokens.
 
     Computes, for every visual token ``j`` of each sample,
@@ -571,10 +566,12 @@ def instruction_column_attention(q, k, query_mask, key_mask, attention_mask=None
         True for real tokens, False for padding (left or right). Default: no padding.
     scale : float, optional
         Softmax scale; default ``head_dim ** -0.5``.
-    backend : {"auto", "torch", "triton"}
-        ``auto`` = Triton on CUDA, torch otherwise.
+    pool_impl : {"auto", "torch", "triton"}
+        Implementation; ``auto`` = Triton on CUDA, torch otherwise (see :mod:`scalselect_fast.devices`).
     chunk_size : int, optional
-        torch backend only: instruction rows per chunk (default: ~16 MiB of fp32 logits).
+        torch implementation only: instruction rows per chunk (default: ~16 MiB of fp32 logits).
+    backend : str, optional
+        Deprecated name of ``pool_impl``.
 
     Returns
     -------
@@ -591,8 +588,7 @@ def instruction_column_attention(q, k, query_mask, key_mask, attention_mask=None
     fp64; Triton: fp32 per key block, heads summed on the host in fp32), whatever the input dtype.
     """
     B, Hq, Hkv, L, Dh, scale, qmask, vmask, amask = _validate(q, k, query_mask, key_mask, attention_mask, scale)
-    backend = _resolve_backend(backend, q.device)
-    if backend == "torch":
+    if resolve_pool_impl(_renamed(pool_impl, backend), q.device.type, triton is not None) == "torch":
         colsum = _colsum_torch(q, k, qmask, vmask, amask, scale, chunk_size)
     else:
         colsum = _colsum_triton(q, k, qmask, vmask, amask, scale)
@@ -600,8 +596,8 @@ def instruction_column_attention(q, k, query_mask, key_mask, attention_mask=None
 
 
 def instruction_attended_pool(q, k, hidden, query_mask, key_mask, attention_mask=None, threshold=0.9,
-                              scale=None, backend="auto", *, return_valid=False, return_stats=False,
-                              chunk_size=None):
+                              scale=None, pool_impl="auto", *, return_valid=False, return_stats=False,
+                              chunk_size=None, backend=None):
     """Mean hidden state of the visual tokens the instruction tokens attend to most (ScalSelect).
 
     For each sample: compute the normalised visual attention ``a`` of
@@ -629,14 +625,17 @@ def instruction_attended_pool(q, k, hidden, query_mask, key_mask, attention_mask
         Cumulative attention mass to keep.
     scale : float, optional
         Softmax scale, default ``head_dim ** -0.5``.
-    backend : {"auto", "torch", "triton"}
-        ``auto`` picks Triton on CUDA and torch elsewhere; ``triton`` on CPU needs ``TRITON_INTERPRET=1``.
+    pool_impl : {"auto", "torch", "triton"}
+        Implementation: ``auto`` picks Triton on CUDA and torch elsewhere; ``triton`` on CPU needs
+        ``TRITON_INTERPRET=1`` (see :mod:`scalselect_fast.devices`).
     return_valid : bool, default False
         Also return the ``(batch,)`` bool validity mask.
     return_stats : bool, default False
         Also return the ``(batch,)`` int64 number of kept visual tokens (0 for invalid samples).
     chunk_size : int, optional
-        torch backend: instruction rows per chunk.
+        torch implementation: instruction rows per chunk.
+    backend : str, optional
+        Deprecated name of ``pool_impl``.
 
     Returns
     -------
@@ -649,12 +648,13 @@ def instruction_attended_pool(q, k, hidden, query_mask, key_mask, attention_mask
     >>> B, H, L, Dh, D = 1, 2, 6, 4, 8
     >>> q, k = torch.randn(B, H, L, Dh), torch.randn(B, H, L, Dh)
     >>> vis = torch.tensor([[False, True, True, True, False, False]])
-    >>> pooled = instruction_attended_pool(q, k, torch.randn(B, L, D), ~vis, vis, backend="torch")
+    >>> pooled = instruction_attended_pool(q, k, torch.randn(B, L, D), ~vis, vis, pool_impl="torch")
     >>> pooled.shape, pooled.dtype
     (torch.Size([1, 8]), torch.float32)
     """
     _validate(q, k, query_mask, key_mask, attention_mask, scale, hidden=hidden, threshold=threshold)
-    a, valid = instruction_column_attention(q, k, query_mask, key_mask, attention_mask, scale, backend,
+    a, valid = instruction_column_attention(q, k, query_mask, key_mask, attention_mask, scale,
+                                            _renamed(pool_impl, backend),
                                             chunk_size=chunk_size)
     vmask = key_mask if attention_mask is None else key_mask & attention_mask
     pooled, n_kept = _select_and_pool(a, valid, vmask, hidden, float(threshold))

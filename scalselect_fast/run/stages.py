@@ -177,14 +177,14 @@ def _stage_fit(cfg: RunConfig, state: RunState, events: Events, src):
     """Fit the subspace with :func:`~scalselect_fast.subspace.fit_subspace` and every fit option;
     the exact solver's Gram pass is checkpointed per shard (resumed after a crash), other fits
     (randomized, l2-normalised: several passes) at stage level."""
-    from ..gpu import DeviceError, resolve_device
+    from ..devices import DeviceError, array_backend
     from ..subspace import Subspace, fit_subspace
 
     sub_path = state.work / "subspace.npz"
     if state.done("fit") and sub_path.exists():
         return Subspace.load(sub_path)
     try:
-        backend = "cupy" if resolve_device(cfg.fit_device) == "cuda" else "numpy"
+        xp_name = array_backend(cfg.fit_device)
     except DeviceError as exc:
         raise RunError(f"--fit-device {cfg.fit_device}: {exc}") from exc
     t0 = time.perf_counter()
@@ -195,7 +195,7 @@ def _stage_fit(cfg: RunConfig, state: RunState, events: Events, src):
         checkpoint.shard_rows = {s.name: s.count for s in src.shards}
         sub = fit_subspace(src, energy=cfg.energy, k=cfg.k, solver=cfg.solver, seed=cfg.seed,
                            standardize=bool(cfg.standardize), l2_normalize=bool(cfg.l2_normalize),
-                           drop_invalid=bool(cfg.drop_invalid), backend=backend, checkpoint=checkpoint)
+                           drop_invalid=bool(cfg.drop_invalid), array_backend=xp_name, checkpoint=checkpoint)
     sub.provenance = {**dict(src.provenance), "data_fingerprint": state.fps["data"],
                       "model_fingerprint": state.fps["model"], "layer": cfg.layer, "threshold": cfg.threshold,
                       "model": cfg.model}

@@ -1,5 +1,8 @@
 """Backend lookup: the array namespace the solvers run on (numpy on the host, CuPy on a GPU).
 
+Which one is the ``array_backend`` (see :mod:`scalselect_fast.devices` for its names and how a fit
+device resolves to it); this module builds the object the solvers hold.
+
 A backend holds ``xp``, a pluggable ``matmul``, ``eigh``/``qr`` and the decode+shift of a raw
 storage-dtype block into a reused compute buffer; the device Gram product choice lives here too.
 """
@@ -10,6 +13,7 @@ import os
 import numpy as np
 
 from .. import native
+from ..devices import DeviceError, array_backend
 from .result import SubspaceError
 
 # --------------------------------------------------------------------------------------------------
@@ -77,24 +81,26 @@ class _CupyBackend(_NumpyBackend):  # pragma: no cover - needs CUDA + CuPy
         return self.xp.linalg.qr(a)[0]
 
 
-def _namespace(name: str = "numpy", matmul=None):
-    """Backend for ``name`` in {"numpy", "cupy"} (``matmul`` overrides the product)."""
-    if name in ("numpy", "cpu", None):
+def _namespace(name: str | None = "numpy", matmul=None):
+    """Backend object for the array backend ``name`` ("numpy" or "cupy"; a fit device name "cpu" or
+    "cuda" is read as its backend, None as numpy). ``matmul`` overrides the product."""
+    try:
+        name = array_backend(name, check=False)
+    except DeviceError as exc:
+        raise SubspaceError(str(exc)) from None
+    if name == "numpy":
         return _NumpyBackend(matmul)
-    if name in ("cupy", "cuda"):
-        try:
-            return _CupyBackend(matmul)
-        except ImportError as exc:
-            raise SubspaceError(f"the CuPy backend needs cupy ({exc}); install scalselect-fast[gpu] "
-                                f"or use device='cpu'") from exc
-    raise SubspaceError(f"unknown array backend {name!r}; use 'numpy' or 'cupy'")
+    try:
+        return _CupyBackend(matmul)
+    except ImportError as exc:
+        raise SubspaceError(f"the CuPy backend needs cupy ({exc}); install scalselect-fast[gpu] "
+                            f"or use device='cpu'") from exc
 
 
 def _xp_name(xp) -> str:
-    if xp is None:
-        return "numpy"
-    if isinstance(xp, str):
-        return {"cpu": "numpy", "cuda": "cupy"}.get(xp, xp)
+    """The array backend's name of ``xp``: a module, a name, or None (numpy)."""
+    if xp is None or isinstance(xp, str):
+        return array_backend(xp, check=False)
     return xp.__name__.split(".")[0]
 
 

@@ -35,15 +35,19 @@ def _scale_from_moments(var: np.ndarray) -> tuple[np.ndarray, int]:
     return scale, int(const.sum())
 
 
-def _check_rows_and_variance(src: MatrixSource | str, n: int, total: float, mean: np.ndarray, n_invalid: int):
-    """Refuse fewer than 2 valid rows or zero total variance; ``src`` is a source or its name."""
+def _check_rows_and_variance(src: MatrixSource | str, n: int, total: float, mean: np.ndarray, n_invalid: int = 0):
+    """Refuse fewer than 2 valid rows or zero total variance; ``src`` is a source or its name.
+
+    ``total`` is the total energy of whichever matrix is about to be decomposed (raw centred, or
+    standardised / L2-normalised); ``n_invalid`` rows dropped before the count are named in the message.
+    """
     name = src if isinstance(src, str) else _name(src)
     if n < 2:
         extra = f" ({n_invalid} invalid rows were dropped)" if n_invalid else ""
         raise SubspaceError(f"{name}: need at least 2 valid rows to fit a subspace, got {n}{extra}; "
                             f"pass more samples")
     ref = n * float(mean @ mean) + total
-    if not total > 1e-24 * max(ref, 1e-300) or total <= 0:
+    if not total > 1e-24 * max(ref, 1e-300):  # also refuses NaN and total <= 0
         raise SubspaceError(f"{name}: zero total variance (all {n} rows are identical after "
                             f"centring), so there is no subspace to select by; check the extraction "
                             f"(e.g. a model layer that outputs constants)")
@@ -174,7 +178,7 @@ def subspace_from_gram(G: np.ndarray, *, n: int, mean: np.ndarray, scale, l2_nor
     be = backend or _NumpyBackend()
     d = G.shape[0]
     total = float(G.trace())
-    _check_rows_and_variance_simple(n, total, mean, src_name)
+    _check_rows_and_variance(src_name, n, total, mean)
     with _blas_threads(1):
         return _eig_fields(G, be, d, total, n=n, mean=mean, scale=scale, l2_normalize=l2_normalize,
                            energy=energy, k=k, src_name=src_name, compute_dtype=compute_dtype)
@@ -208,14 +212,4 @@ def _eig_fields(G, be, d, total, *, n, mean, scale, l2_normalize, energy, k, src
     return dict(mean=mean, scale=scale, l2_normalize=l2_normalize, components=comps, singular_values=sv,
                 energy_curve=lam, k=kk, energy=None if k is not None else float(energy),
                 captured_energy=float(lam[:kk].sum()), total_energy=total, n=n, d=d)
-
-
-def _check_rows_and_variance_simple(n, total, mean, src_name):
-    if n < 2:
-        raise SubspaceError(f"{src_name}: need at least 2 valid rows to fit a subspace, got {n}")
-    ref = n * float(mean @ mean) + total
-    if not (total > 1e-24 * max(ref, 1e-300)):
-        raise SubspaceError(f"{src_name}: zero total variance (all {n} rows are identical after "
-                            f"centring), so there is no subspace to select by; check the extraction")
-
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 
@@ -11,7 +12,7 @@ from .accumulators import EXACT_GRAM_MAX_BYTES
 from .backends import _namespace
 from .eigen import _check_energy_k
 from .exact import _fit_exact
-from .randomized import _fit_randomized, _SwitchToExact
+from .randomized import SketchOptions, _fit_randomized, _SwitchToExact
 from .result import Subspace, SubspaceError
 from .rows import _InvalidTracker, _name
 
@@ -41,8 +42,8 @@ def choose_solver(n: int, d: int, k: int | None = None, oversample: int = 10, pa
 def fit_subspace(source, energy: float = 0.9, k: int | None = None, solver: str = "auto",
                  center: bool = True, standardize: bool = False, l2_normalize: bool = False,
                  seed: int = 0, *, block_rows: int = DEFAULT_BLOCK_ROWS, drop_invalid: bool = False,
-                 backend: str = "numpy", matmul=None, oversample: int = 10, n_iter: int = 2,
-                 checkpoint=None) -> Subspace:
+                 array_backend: str = "numpy", matmul=None, oversample: int = 10, n_iter: int = 2,
+                 checkpoint=None, backend: str | None = None) -> Subspace:
     """Fit the dominant subspace of the centred representation matrix, streaming.
 
     Parameters
@@ -67,8 +68,9 @@ def fit_subspace(source, energy: float = 0.9, k: int | None = None, solver: str 
     drop_invalid : bool
         Exclude rows with NaN/inf from the fit instead of raising; they are listed in
         ``info["invalid_rows"]`` (and get no score and are never selected downstream).
-    backend : {"numpy", "cupy"}
-        Array namespace (see the module docstring).
+    array_backend : {"numpy", "cupy"}
+        Array namespace (see the module docstring and :mod:`scalselect_fast.devices`;
+        :func:`scalselect_fast.devices.array_backend` gives it for a fit device).
     matmul : callable, optional
         Replacement for ``xp.matmul`` (signature ``matmul(a, b, out=...)``).
     oversample, n_iter : int
@@ -77,6 +79,8 @@ def fit_subspace(source, energy: float = 0.9, k: int | None = None, solver: str 
         Resume the exact solver's Gram pass from saved per-shard progress and report progress after
         every shard (``scalselect run`` keeps it on disk). Ignored by the randomized solver and by
         l2-normalised fits (several passes: callers checkpoint those whole).
+    backend : {"numpy", "cupy"}, optional
+        Deprecated name of ``array_backend``.
 
     Returns
     -------
@@ -112,7 +116,11 @@ def fit_subspace(source, energy: float = 0.9, k: int | None = None, solver: str 
         raise SubspaceError(f"block_rows must be ≥ 1, got {block_rows}")
     t_start = time.perf_counter()
     src = open_source(source)
-    be = _namespace(backend, matmul)
+    if backend is not None:
+        warnings.warn("fit_subspace(backend=...) is deprecated; use array_backend=... ('numpy' or 'cupy')",
+                      DeprecationWarning, stacklevel=2)
+        array_backend = backend
+    be = _namespace(array_backend, matmul)
     if src.n < 2:
         raise SubspaceError(f"{_name(src)}: need at least 2 rows to fit a subspace, got {src.n}")
     if k is not None and int(k) > min(src.n - 1, src.d):
@@ -134,8 +142,8 @@ def fit_subspace(source, energy: float = 0.9, k: int | None = None, solver: str 
     else:
         try:
             fields, passes, extra = _fit_randomized(src, energy, k, standardize, l2_normalize, block_rows, be,
-                                                    tracker, timings, seed, oversample=oversample,
-                                                    n_iter=n_iter)
+                                                    tracker, timings, seed,
+                                                    SketchOptions(oversample=oversample, n_iter=n_iter))
             sub = Subspace(solver="randomized", passes=passes, info={**info, "timings": timings, **extra},
                            provenance=dict(src.provenance), **fields)
         except _SwitchToExact as sw:
