@@ -85,8 +85,8 @@ def tiny_llava(tmp_path_factory):
 # kernels wrapped, and fails if one was called (`_no_native_kernels_here`). Set
 # SCALSELECT_FALLBACK_ALL=1 to run everything in the fallback pass anyway.
 NO_NATIVE_KERNEL_MODULES = frozenset({
-    "test_extract.py", "test_extract_roles.py", "test_extract_realsize.py", "test_extract_store.py",
-    "test_fidelity.py", "test_instruction_attended_pool.py", "test_plan.py",
+    "test_extract.py", "test_extract_options.py", "test_extract_roles.py", "test_extract_realsize.py",
+    "test_extract_store.py", "test_fidelity.py", "test_instruction_attended_pool.py", "test_plan.py",
 })
 _NATIVE_KERNELS = ("center_block", "leverage_block", "top_k_block", "top_k_merge", "arrow_samples", "_decode")
 
