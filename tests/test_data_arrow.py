@@ -22,7 +22,7 @@ from scalselect_fast.data import read_dataset
 from scalselect_fast.data.images import ImageResolver
 from scalselect_fast.data.arrow import CHUNK_ROWS, ArrowPlan
 from scalselect_fast.native import HAVE_NATIVE
-from scalselect_fast.data.readers import _Problem, parse_record, record_id
+from scalselect_fast.data.records import RecordProblem as _Problem, parse_record, record_id
 
 IMG = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
@@ -312,7 +312,7 @@ def test_native_builder_refuses_buffers_that_do_not_fit():
     """The native side reads raw Arrow buffers: lengths and offsets that point outside them are a
     ValueError, never a read past the end."""
     from scalselect_fast.data.arrow import _bits, _list, _strings
-    from scalselect_fast.data.readers import _ROLE_ALIASES
+    from scalselect_fast.data.records import ROLE_ALIASES as _ROLE_ALIASES
     from scalselect_fast.data.sample import IMAGE_TOKEN, EmbeddedImage, Sample
     from scalselect_fast.native import arrow_samples
     from scalselect_fast.data import arrow as arrow_mod

@@ -370,7 +370,7 @@ def extract_representations(model, samples: Iterable, batch_size: int = 8, layer
     vectors : ndarray, float32, shape (len(ids), hidden_size)
     """
     _check_args(batch_size, threshold, instruction, padding_side)
-    from ..data.sources import is_hf_object
+    from ..data.hf import is_hf_object
 
     _check_max_pixels(max_image_pixels)
     if is_hf_object(samples):  # a datasets.Dataset / IterableDataset: read it like a file

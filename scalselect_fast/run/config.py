@@ -315,7 +315,7 @@ def _coerce(name: str, value, source) -> object:
     want = _TYPES.get(ann)
     where = f" (in {source})" if source else ""
     if name == "data":  # a path/glob/URL, a list of them, or (Python API) a datasets object
-        from ..data.sources import is_hf_object
+        from ..data.hf import is_hf_object
 
         if isinstance(value, os.PathLike):
             return os.fspath(value)

@@ -252,9 +252,9 @@ def _raw_records(cfg: RunConfig, fields: Iterable[str]) -> Iterator[tuple[Any, s
     (Parquet, ``save_to_disk``) only the id, source and ``fields`` columns are read, and from
     WebDataset shards only the ``.json`` members, so the image bytes are not read a second time.
     A record without an id field is named by its position, as the readers name it
-    (:class:`~scalselect_fast.data.readers.IdRule`)."""
+    (:class:`~scalselect_fast.data.records.IdRule`)."""
     from ..data import SOURCE_FIELDS
-    from ..data.readers import IdRule, position_id
+    from ..data.records import IdRule, position_id
     from ..data.sources import open_source
 
     rule = IdRule(cfg.id_field)
@@ -287,7 +287,7 @@ def _raw_records(cfg: RunConfig, fields: Iterable[str]) -> Iterator[tuple[Any, s
 def _record_table(cfg: RunConfig, fields: Iterable[str]) -> dict:
     """One pass over the raw records: id, source and any quota field per record index."""
     from ..data import record_source
-    from ..data.readers import writable_text
+    from ..data.records import writable_text
 
     ids: list[str | None] = []
     cols: dict[str, list] = {f: [] for f in fields}
