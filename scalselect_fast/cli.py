@@ -270,9 +270,9 @@ _ID_FIELD_HELP = ("column holding each record's unique id (default: 'id'; rows o
 
 
 def _formats() -> list[str]:
-    from .data.sources import containers
+    from .data.sources import formats
 
-    return ["auto", *containers()]
+    return list(formats())
 
 
 def add_extract_command(sub: argparse._SubParsersAction) -> None:

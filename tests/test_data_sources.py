@@ -560,3 +560,20 @@ def test_locate_ids_matches_a_dict(monkeypatch, collide):
     got = ids_mod.locate_ids(ids, wanted)
     assert got.tolist() == [index_of.get(w, -1) for w in wanted]
     assert ids_mod.locate_ids([], ["a"]).tolist() == [-1] and ids_mod.locate_ids(["a"], []).tolist() == []
+
+
+# --------------------------------------------------------------------------------------------------
+# the --format values come from the container registry
+# --------------------------------------------------------------------------------------------------
+def test_formats_list_every_registered_container(monkeypatch):
+    from scalselect_fast import data
+    from scalselect_fast.data import sources
+
+    assert data.FORMATS == ("auto", "json", "jsonl", "parquet", "datasets", "webdataset")
+    extra = sources.Container("toy", iter_records=lambda f: iter(()), count=lambda f: 0)
+    monkeypatch.setitem(sources._CONTAINERS, "toy", extra)  # a container registered later is listed too
+    assert data.FORMATS[-1] == "toy" and sources.formats() == data.FORMATS
+    from scalselect_fast.cli import build_parser
+
+    args = build_parser().parse_args(["run", "--format", "toy"])
+    assert args.format == "toy"

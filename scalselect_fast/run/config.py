@@ -202,10 +202,10 @@ def check_extract_options(*, layer=0, threshold=0.9, batch_size=8, shard_size=40
         raise RunError(f"--image-root {image_root}: not a directory; pass the folder the dataset's image "
                        f"paths are relative to")
     from .. import data  # noqa: F401  (registers every container)
-    from ..data.sources import containers
+    from ..data.sources import formats
 
-    if format not in ("auto", *containers()):
-        raise RunError(f"--format {format!r}: use auto or one of {', '.join(containers())}")
+    if format not in formats():
+        raise RunError(f"--format {format!r}: use auto or one of {', '.join(formats()[1:])}")
 
 
 _FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
