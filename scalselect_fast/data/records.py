@@ -355,22 +355,75 @@ def _assemble(sid: str, messages: list[dict], part_paths: list[Any], n_parts: in
     return Sample(sid, images, messages, source, index, line, record)
 
 
-def record_source(record: Any) -> str | None:
-    """``Sample.source`` of a raw record: the first of :data:`SOURCE_FIELDS` holding a non-empty
-    string or integer, as a string; ``None`` if there is none (use it to group raw records the way
-    the readers do)."""
+def record_source(record: Any, source_field: str | None = None) -> str | None:
+    """The source (dataset, subset) a raw record belongs to, as a string; ``None`` if it names none.
+
+    Parameters
+    ----------
+    record : dict
+        A raw record, as a container yields it.
+    source_field : str, optional
+        ``None`` (the default, and ``Sample.source``): the first of :data:`SOURCE_FIELDS` holding a
+        non-empty string or integer, else the Cauldron's ``texts[0]["source"]``. A field name: that
+        field only. :data:`IMAGE_FOLDER`: the first folder of the record's image path (see
+        :func:`image_folder`), for datasets that name no source but file their images by it.
+
+    Examples
+    --------
+    >>> record_source({"id": "1", "image": "coco/train2017/1.jpg", "data_source": "vqa"})
+    'vqa'
+    >>> record_source({"id": "1", "image": "coco/train2017/1.jpg"}, IMAGE_FOLDER)
+    'coco'
+    """
     if not isinstance(record, dict):
         return None
+    if source_field is not None:
+        return image_folder(record) if source_field == IMAGE_FOLDER else _source_text(record.get(source_field))
     for f in SOURCE_FIELDS:
-        v = record.get(f)
-        if isinstance(v, (str, int)) and not isinstance(v, bool) and str(v):
-            return str(v)
+        v = _source_text(record.get(f))
+        if v is not None:
+            return v
     texts = record.get("texts")  # the Cauldron names the source per exchange
     if isinstance(texts, list) and texts and isinstance(texts[0], dict):
-        v = texts[0].get("source")
-        if isinstance(v, (str, int)) and not isinstance(v, bool) and str(v):
-            return str(v)
+        return _source_text(texts[0].get("source"))
     return None
+
+
+def _source_text(v: Any) -> str | None:
+    """A source value as text: a non-empty string or an integer; ``None`` for anything else."""
+    if isinstance(v, (str, int)) and not isinstance(v, bool) and str(v):
+        return str(v)
+    return None
+
+
+#: the ``source_field`` that reads no field: the first folder of the image path (LLaVA-665K names no
+#: source, but files its images under ``coco/``, ``gqa/``, ``ocr_vqa/``, ``textvqa/``, ``vg/``)
+IMAGE_FOLDER = "image_folder"
+
+
+def image_folder(record: dict) -> str | None:
+    """The first folder of the record's first image path as written (``"coco/train2017/1.jpg"`` ->
+    ``"coco"``; a leading ``/`` or ``./`` is skipped); ``None`` for a record without an image path
+    (text-only, embedded bytes, a bare file name)."""
+    value = record.get("images")
+    if value is None:
+        value = record.get("image")
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    if isinstance(value, dict):  # a Hugging Face Image struct: its path
+        value = value.get("path")
+    if not isinstance(value, str):
+        return None
+    parts = [p for p in re.split(r"[/\\]", value) if p not in ("", ".")]
+    return parts[0] if len(parts) > 1 else None
+
+
+def source_columns(source_field: str | None = None) -> tuple[str, ...]:
+    """The record fields :func:`record_source` reads for ``source_field`` (what a column-wise pass
+    over Arrow data must load)."""
+    if source_field is None:
+        return (*SOURCE_FIELDS, "texts")
+    return ("images", "image") if source_field == IMAGE_FOLDER else (source_field,)
 
 
 def ids_of_records(iter_records: Callable[[InputFile], Iterator[tuple]]) -> Callable:
