@@ -40,7 +40,9 @@ ROLE_ALIASES = {
 
 
 class RecordProblem(Exception):
-    """Why one record cannot become a sample: a skip ``reason`` (``REASON_*`` of :mod:`.sample`) and its ``detail``."""
+    """Why one record cannot become a sample: a skip ``reason`` (``REASON_*`` of :mod:`.sample`) and its
+    ``detail``. Raised by the rules here; the read loop (:mod:`.readers`) logs it or raises it as a
+    :class:`~.sample.DatasetError`."""
 
     def __init__(self, reason: str, detail: str, sample_id: str | None = None):
         super().__init__(detail)
@@ -53,7 +55,7 @@ class RecordProblem(Exception):
 def record_id(record: Any, id_field: str = "id") -> str:
     """The record's id as a string (what ``Sample.id`` and the writers use).
 
-    Raises an internal ``RecordProblem`` (reason + detail) if the id is missing or not a string/integer;
+    Raises :class:`RecordProblem` (reason + detail) if the id is missing or not a string/integer;
     callers outside the readers can use :func:`record_id_or_none`.
     """
     if not isinstance(record, dict):
