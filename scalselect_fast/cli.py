@@ -264,9 +264,9 @@ _ID_FIELD_HELP = ("column holding each record's unique id (default: 'id'; rows o
 
 
 def _formats() -> list[str]:
-    from .data.sources import containers
+    from .data.sources import formats
 
-    return ["auto", *containers()]
+    return list(formats())
 
 
 def add_extract_command(sub: argparse._SubParsersAction) -> None:
@@ -576,6 +576,10 @@ def add_run_command(sub: argparse._SubParsersAction) -> None:
                                         "escape it)")
     g.add_argument("--format", choices=_formats(), help="input container (auto: from the files)")
     g.add_argument("--id-field", metavar="NAME", help=_ID_FIELD_HELP)
+    g.add_argument("--source-field", metavar="NAME",
+                   help="what per-source counts and --quota source=... group by: a record field, or image_folder "
+                        "(the first folder of the image path: coco/train2017/1.jpg -> coco, for LLaVA-665K); "
+                        "default: the first of source, dataset, data_source, task, task_type, category")
     g.add_argument("--text-only", choices=["drop", "keep"],
                    help="rows without an image: drop them (the reference) or keep them in the output, outside "
                         "the budget (drop)")
@@ -656,9 +660,9 @@ def add_run_command(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=_cmd_run_demo)
 
 
-_RUN_FIELDS = ("model", "data", "image_root", "format", "id_field", "text_only", "out", "budget", "order",
-               "layer", "threshold", "energy", "k", "solver", "seed", "standardize", "l2_normalize", "drop_invalid",
-               "fit_device", "batch_size", "device", "dtype", "store_dtype", "shard_size",
+_RUN_FIELDS = ("model", "data", "image_root", "format", "id_field", "source_field", "text_only", "out", "budget",
+               "order", "layer", "threshold", "energy", "k", "solver", "seed", "standardize", "l2_normalize",
+               "drop_invalid", "fit_device", "batch_size", "device", "dtype", "store_dtype", "shard_size",
                "instruction", "roles", "vision_tokens", "pixels", "max_length", "max_image_pixels", "num_workers",
                "cache", "dedup_selected", "quota", "stability_seeds", "force", "quiet", "log_json", "plan_check",
                "html")

@@ -360,7 +360,7 @@ def arrow_samples(spec: dict, start: int, stop: int) -> tuple[list, list[int], n
     """The plain rows ``start:stop`` of one Arrow record batch as ``Sample`` objects, built in native code.
 
     Native only: its pure-Python counterpart is the readers' record path
-    (:func:`scalselect_fast.data.readers.parse_record` on each row dict), which the readers use
+    (:func:`scalselect_fast.data.records.parse_record` on each row dict), which the readers use
     instead when the extension is not built (:data:`HAVE_NATIVE`), and which the tests compare
     this against row by row. The caller, :class:`scalselect_fast.data.arrow.ArrowPlan`, prepares
     ``spec``; see ``csrc/arrow_rows.cpp`` for what a plain row is.

@@ -367,6 +367,33 @@ def test_record_helpers_match_samples(root):
     assert record_source({"source": "", "dataset": 3}) == "3" and record_source([1]) is None
 
 
+@pytest.mark.parametrize("record, folder", [
+    ({"image": "coco/train2017/000000033471.jpg"}, "coco"),      # LLaVA-665K
+    ({"image": "./ocr_vqa/images/1.jpg"}, "ocr_vqa"),
+    ({"image": "/data/vg/VG_100K/2.jpg"}, "data"),              # as written: the first folder of the path
+    ({"images": ["gqa/images/3.jpg", "coco/x.jpg"]}, "gqa"),    # the first image decides
+    ({"images": None, "image": "textvqa/train_images/4.jpg"}, "textvqa"),
+    ({"image": {"bytes": b"\x89PNG", "path": "vg/5.png"}}, "vg"),  # a Hugging Face Image struct
+    ({"image": "6.jpg"}, None),                                 # no folder
+    ({"image": {"bytes": b"\x89PNG", "path": None}}, None),     # embedded, unnamed
+    ({"conversations": []}, None),                              # text-only
+    ({"images": []}, None),
+])
+def test_record_source_image_folder(record, folder):
+    from scalselect_fast.data.records import IMAGE_FOLDER, record_source
+
+    assert record_source({"id": "r", "source": "ignored", **record}, IMAGE_FOLDER) == folder
+
+
+def test_record_source_named_field():
+    from scalselect_fast.data import record_source
+
+    rec = {"source": "a", "data_source": "b", "split": 7, "flag": True}
+    assert record_source(rec) == "a"  # the default: the first of SOURCE_FIELDS
+    assert record_source(rec, "data_source") == "b" and record_source(rec, "split") == "7"
+    assert record_source(rec, "flag") is None and record_source(rec, "absent") is None
+
+
 def test_all_records_skipped_is_empty(tmp_path):
     path = _write_jsonl(tmp_path / "d.jsonl", [{"id": "a"}, {"id": "b"}])
     log = SkipLog(tmp_path / "skipped.jsonl")

@@ -18,11 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from scalselect_fast.data import read_dataset
+from scalselect_fast.data import EmbeddedImage, read_dataset
 from scalselect_fast.data.images import ImageResolver
 from scalselect_fast.data.arrow import CHUNK_ROWS, ArrowPlan
 from scalselect_fast.native import HAVE_NATIVE
-from scalselect_fast.data.readers import _Problem, parse_record, record_id
+from scalselect_fast.data.records import RecordProblem as _Problem, parse_record, record_id
 
 IMG = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
@@ -113,6 +113,54 @@ def _llava_rows():
     ]
 
 
+_Q, _A = [("user", "<image>\nWhat is it?"), ("assistant", "A red patch.")], [("user", "hi")]
+#: What each row of ``_llava_rows()`` becomes, worked out by hand from the rows: ``(source, messages,
+#: images)`` of its sample (``{f}`` is the file's name, ``#{k}`` the row's place in it; a path is
+#: relative to the file's folder), or the reason it is skipped. The comparisons with the record path
+#: above cannot fail without the native extension (both sides are then the record path); these can.
+_LLAVA_OUTCOME = {
+    0: ("vqa", _Q, ["{f}#{k}/image0"]),
+    1: ("fallback", [("user", "<image> and <image>: same?"), ("assistant", "no")], ["named.png", "{f}#{k}/image1"]),
+    2: (None, [("system", "be brief"), ("user", "<image>\n<image>\nWhich?"), ("assistant", "left")],
+        ["{f}#{k}/image0", "{f}#{k}/image1"]),
+    3: ("s", _Q, ["pics/x.jpg"]),
+    4: "image_empty",
+    5: ("s", _Q, ["pics/empty-bytes.jpg"]),  # no bytes but a path: an image beside the dataset
+    6: ("t", [("user", "hi"), ("assistant", "hello")], []),
+    7: ("t", [("user", "hi"), ("assistant", "yo")], []),
+    8: ("t", [("user", "hi"), ("assistant", "x")], []),
+    9: "invalid_field", 10: "missing_field", 11: "invalid_field", 12: "missing_field",
+    13: "image_placeholder_mismatch", 14: "image_placeholder_mismatch",
+    15: "missing_field", 16: "invalid_field", 17: "invalid_id",  # the bad ids; by position they are fine:
+}
+_POSITIONAL_OUTCOME = {**_LLAVA_OUTCOME, **{k: ("t", _A, []) for k in (15, 16, 17)}}
+
+
+def _expected(files: list[tuple[str, list[int], list[str]]], outcome=_LLAVA_OUTCOME):
+    """The samples (as :func:`_outcome` shows them) and skips of files read in order: per file its name,
+    the ``_llava_rows()`` numbers of its rows and their ids."""
+    samples, skips, index = [], [], 0
+    for f, rows, ids in files:
+        for k, (row, sid) in enumerate(zip(rows, ids)):
+            out = outcome[row]
+            if isinstance(out, str):
+                skips.append((index, out))
+            else:
+                source, messages, images = out
+                samples.append((sid, index, source, messages, [i.format(f=f, k=k) for i in images]))
+            index += 1
+    return samples, skips
+
+
+def _outcome(samples, base) -> list[tuple]:
+    """``(id, index, source, [(role, text)], images)`` per sample; an embedded image by its name, a path
+    relative to ``base``."""
+    base = os.path.realpath(base)
+    return [(s.id, s.index, s.source, [(m["role"], m["content"]) for m in s.messages],
+             [i.name if isinstance(i, EmbeddedImage) else os.path.relpath(i, base) for i in s.images])
+            for s in samples]
+
+
 _LLAVA = pa.schema([("id", pa.string()), ("images", pa.list_(IMG)), ("source", pa.string()),
                     ("dataset", pa.string()), ("conversations", pa.list_(pa.struct([("from", pa.string()),
                                                                                      ("value", pa.string())])))])
@@ -155,6 +203,10 @@ def test_llava_struct_images_match_the_record_path(tmp_path):
     assert by_id["a3"].images == [os.path.realpath(tmp_path / "pics/x.jpg")]
     assert by_id["a8"].messages[0]["role"] == "user"  # went through the record path's alias rule
     assert by_id["a1"].source == "fallback"
+    ids = [r["id"] for r in rows]
+    assert (_outcome(got, tmp_path), skips) == _expected([("train-00000-of-00002.parquet", range(18), ids),
+                                                           ("train-00001-of-00002.parquet", range(3),
+                                                            [f"p{i}" for i in ids[:3]])])
 
 
 def test_rows_without_an_id_column_are_named_by_position(tmp_path):
@@ -170,6 +222,10 @@ def test_rows_without_an_id_column_are_named_by_position(tmp_path):
     got, skips = _check(str(tmp_path), tables, str(tmp_path / "vqa"), id_field=None, folder="vqa/")
     assert got[0].id == "vqa/train-00000-of-00002.parquet#0" and got[-1].id == "vqa/train-00001-of-00002.parquet#2"
     assert {r for _, r in skips} >= {"image_empty", "missing_field"}
+    names = [f"train-{k:05d}-of-00002.parquet" for k in range(2)]
+    assert (_outcome(got, tmp_path / "vqa"), skips) == _expected(
+        [(names[0], range(18), [f"vqa/{names[0]}#{k}" for k in range(18)]),
+         (names[1], range(3), [f"vqa/{names[1]}#{k}" for k in range(3)])], _POSITIONAL_OUTCOME)
 
 
 @pytest.mark.parametrize("odd", ["image", "turn"])
@@ -180,7 +236,11 @@ def test_null_struct_in_a_batch_and_small_row_groups(tmp_path, odd):
     else:
         rows[6] = dict(rows[6], conversations=[None, {"from": "human", "value": "hi"}])  # a null turn
     tables = _write(tmp_path, [pa.Table.from_pylist(rows, schema=_LLAVA)], row_group_size=3)
-    _check(str(tmp_path), tables, str(tmp_path))
+    got, skips = _check(str(tmp_path), tables, str(tmp_path))
+    # a null image among two: two images for one placeholder; a null turn: not an object
+    odd_row = {5: "image_placeholder_mismatch"} if odd == "image" else {6: "invalid_field"}
+    assert (_outcome(got, tmp_path), skips) == _expected(
+        [("train-00000-of-00001.parquet", range(8), [r["id"] for r in rows])], {**_LLAVA_OUTCOME, **odd_row})
 
 
 def test_sharegpt_binary_column_and_int_ids(tmp_path):
@@ -197,6 +257,12 @@ def test_sharegpt_binary_column_and_int_ids(tmp_path):
     tables = _write(tmp_path, [pa.Table.from_pylist(rows, schema=schema)])
     got, skips = _check(str(tmp_path), tables, str(tmp_path))
     assert [s.id for s in got] == ["1", "2", "5"] and [r for _, r in skips] == ["image_empty", "missing_field"]
+    f = "train-00000-of-00001.parquet"
+    assert (_outcome(got, tmp_path), skips) == (
+        [("1", 0, "ocr", [("user", "<image>read"), ("assistant", "A")], [f"{f}#0/image0"]),
+         ("2", 1, "chat", [("user", "hi")], []),
+         ("5", 4, None, [("assistant", "first"), ("user", "<image>\nthen")], [f"{f}#4/image0"])],
+        [(2, "image_empty"), (3, "missing_field")])
 
 
 def test_single_struct_image_column(tmp_path):
@@ -205,7 +271,9 @@ def test_single_struct_image_column(tmp_path):
             {"id": "y", "image": None, "conversations": _turns(("human", "q"))},
             {"id": "z", "image": {"bytes": None, "path": None}, "conversations": _turns(("human", "q"))}]
     tables = _write(tmp_path, [pa.Table.from_pylist(rows, schema=schema)])
-    _check(str(tmp_path), tables, str(tmp_path))
+    got, skips = _check(str(tmp_path), tables, str(tmp_path))
+    assert (_outcome(got, tmp_path), skips) == ([("x", 0, None, [("user", "<image>\nq")], ["a.png"]),
+                                                 ("y", 1, None, [("user", "q")], [])], [(2, "image_empty")])
 
 
 def test_cauldron_texts_and_path_lists_take_the_record_path(tmp_path):
@@ -218,14 +286,20 @@ def test_cauldron_texts_and_path_lists_take_the_record_path(tmp_path):
     assert ArrowPlan.for_schema(schema, "id") is None
     d1 = tmp_path / "cauldron"
     d1.mkdir()
-    _check(str(d1), _write(d1, [pa.Table.from_pylist(rows, schema=schema)]), str(d1))
+    got, skips = _check(str(d1), _write(d1, [pa.Table.from_pylist(rows, schema=schema)]), str(d1))
+    f = "train-00000-of-00001.parquet"
+    assert (_outcome(got, d1), skips) == (
+        [("c0", 0, "cauldron/x", [("user", "<image>\n<image>\nCompare."), ("assistant", "Same."), ("user", "Sure?")],
+          [f"{f}#0/image0", f"{f}#0/image1"]),
+         ("c1", 1, None, [("user", "Hi"), ("assistant", "Yo")], [])], [])
     paths = pa.schema([("id", pa.string()), ("images", pa.list_(pa.string())),
                        ("conversations", _LLAVA.field("conversations").type)])
     assert ArrowPlan.for_schema(paths, "id") is None
     d2 = tmp_path / "paths"
     d2.mkdir()
     rows = [{"id": "p0", "images": ["a.jpg", "b.jpg"], "conversations": _turns(("human", "<image><image>"))}]
-    _check(str(d2), _write(d2, [pa.Table.from_pylist(rows, schema=paths)]), str(d2))
+    got, skips = _check(str(d2), _write(d2, [pa.Table.from_pylist(rows, schema=paths)]), str(d2))
+    assert (_outcome(got, d2), skips) == ([("p0", 0, None, [("user", "<image><image>")], ["a.jpg", "b.jpg"])], [])
 
 
 def test_datasets_object_and_save_to_disk_match_the_record_path(tmp_path):
@@ -234,9 +308,12 @@ def test_datasets_object_and_save_to_disk_match_the_record_path(tmp_path):
     ds = datasets.Dataset(table)
     # a Dataset object: its file is a pseudo one named after the object, relative to the cwd
     pseudo = f"<datasets.Dataset ({table.num_rows} rows)>"
-    _check(ds, [(pseudo, table)], os.getcwd())
+    ids = [r["id"] for r in _llava_rows()]
+    got, skips = _check(ds, [(pseudo, table)], os.getcwd())
+    assert (_outcome(got, os.getcwd()), skips) == _expected([(pseudo, range(18), ids)])
     ds.save_to_disk(str(tmp_path / "hf"))
-    _check(str(tmp_path / "hf"), [("hf", table)], str(tmp_path))  # paths relative to the folder holding it
+    got, skips = _check(str(tmp_path / "hf"), [("hf", table)], str(tmp_path))  # paths relative to the folder holding it
+    assert (_outcome(got, tmp_path), skips) == _expected([("hf", range(18), ids)])
     sliced = table.slice(2, 9)  # batches that are slices: list offsets not starting at 0
     assert sliced.column("conversations").chunk(0).offsets[0].as_py() > 0
     _check(datasets.Dataset(sliced), [(f"<datasets.Dataset ({sliced.num_rows} rows)>", sliced)], os.getcwd())
@@ -283,6 +360,24 @@ def _many_rows(n: int, seed: int) -> list[dict]:
     return out
 
 
+def _many_expected(rows: list[dict], f: str):
+    """:func:`_expected` for :func:`_many_rows`: each row is one of ``_llava_rows()`` (found by its
+    images, turns and, for the bad ones, id) under a new id and source; its source is the new one, or
+    the row's ``dataset`` where the new one is empty."""
+    def key(r):
+        return repr((r["images"], r["conversations"], r["id"] if r["id"] in (None, "", "bad\nid") else True))
+
+    which = {key(b): k for k, b in enumerate(_llava_rows())}
+    samples, skips = [], []
+    for i, r in enumerate(rows):
+        out = _LLAVA_OUTCOME[which[key(r)]]
+        if isinstance(out, str):
+            skips.append((i, out))
+        else:
+            samples.append((r["id"], i, r["source"] or r["dataset"], out[1], [x.format(f=f, k=i) for x in out[2]]))
+    return samples, skips
+
+
 def test_batches_longer_than_a_chunk_with_odd_rows_anywhere(tmp_path):
     """Rows are built CHUNK_ROWS at a time: plain and odd rows on both sides of every chunk edge keep
     their order, indices, names and skips."""
@@ -290,6 +385,7 @@ def test_batches_longer_than_a_chunk_with_odd_rows_anywhere(tmp_path):
     tables = _write(tmp_path, [pa.Table.from_pylist(rows, schema=_LLAVA)], row_group_size=1000)
     got, skips = _check(str(tmp_path), tables, str(tmp_path))
     assert len(got) + len(skips) == len(rows) and len(skips) > 10
+    assert (_outcome(got, tmp_path), skips) == _many_expected(rows, tables[0][0])
 
 
 def test_large_types_and_several_source_fields(tmp_path):
@@ -304,7 +400,8 @@ def test_large_types_and_several_source_fields(tmp_path):
     if HAVE_NATIVE:
         plan = ArrowPlan.for_schema(schema, "id")
         assert plan is not None and plan.large["text"] and plan.large["turns"] and plan.large["bytes"]
-    _check(str(tmp_path), tables, str(tmp_path))
+    got, skips = _check(str(tmp_path), tables, str(tmp_path))
+    assert (_outcome(got, tmp_path), skips) == _many_expected(rows, tables[0][0])
 
 
 @pytest.mark.skipif(not HAVE_NATIVE, reason="the native extension is not in use")
@@ -312,7 +409,7 @@ def test_native_builder_refuses_buffers_that_do_not_fit():
     """The native side reads raw Arrow buffers: lengths and offsets that point outside them are a
     ValueError, never a read past the end."""
     from scalselect_fast.data.arrow import _bits, _list, _strings
-    from scalselect_fast.data.readers import _ROLE_ALIASES
+    from scalselect_fast.data.records import ROLE_ALIASES as _ROLE_ALIASES
     from scalselect_fast.data.sample import IMAGE_TOKEN, EmbeddedImage, Sample
     from scalselect_fast.native import arrow_samples
     from scalselect_fast.data import arrow as arrow_mod

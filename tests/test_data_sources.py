@@ -17,7 +17,7 @@ import pytest
 
 from scalselect_fast.data import (DatasetError, EmbeddedImage, ImageError, SkipLog, count_records, input_files,
                                   iter_records, load_image, open_source, read_dataset)
-from scalselect_fast.data import readers
+from scalselect_fast.data import json_list
 from scalselect_fast.run.fingerprints import data_fingerprint
 
 
@@ -246,17 +246,17 @@ def test_fingerprint_sees_a_same_size_edit_in_the_middle_of_a_big_file(tmp_path)
 # --------------------------------------------------------------------------------------------------
 def _stream(path):
     with open(path, "rb") as fh:
-        return list(readers._iter_json_stream(fh, str(path)))
+        return list(json_list.iter_json_stream(fh, str(path)))
 
 
 def _whole(path):
-    text = readers._read_text(str(path))
-    return [(i, ln, obj) for i, ln, _s, _e, obj in readers._iter_json_list(text, str(path))]
+    text = json_list._read_text(str(path))
+    return [(i, ln, obj) for i, ln, _s, _e, obj in json_list._iter_json_list(text, str(path))]
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 7, 64, 1 << 20])
 def test_json_stream_matches_whole_parse(tmp_path, monkeypatch, chunk):
-    monkeypatch.setattr(readers._JsonStream, "CHUNK", chunk)
+    monkeypatch.setattr(json_list._JsonStream, "CHUNK", chunk)
     recs = [{"id": f"r{i}", "n": 12345678 * i, "t": "é\u00e9 \\\" x" * (i % 3), "conversations": _conv()}
             for i in range(9)]
     p = tmp_path / "d.json"
@@ -276,7 +276,7 @@ def test_json_stream_matches_whole_parse(tmp_path, monkeypatch, chunk):
     '{"id": "a"}',                                       # a JSON object, not a list
 ])
 def test_json_stream_errors_match_whole_parse(tmp_path, monkeypatch, chunk, text):
-    monkeypatch.setattr(readers._JsonStream, "CHUNK", chunk)
+    monkeypatch.setattr(json_list._JsonStream, "CHUNK", chunk)
     p = tmp_path / "d.json"
     p.write_text(text)
     with pytest.raises(DatasetError) as whole:
@@ -560,3 +560,20 @@ def test_locate_ids_matches_a_dict(monkeypatch, collide):
     got = ids_mod.locate_ids(ids, wanted)
     assert got.tolist() == [index_of.get(w, -1) for w in wanted]
     assert ids_mod.locate_ids([], ["a"]).tolist() == [-1] and ids_mod.locate_ids(["a"], []).tolist() == []
+
+
+# --------------------------------------------------------------------------------------------------
+# the --format values come from the container registry
+# --------------------------------------------------------------------------------------------------
+def test_formats_list_every_registered_container(monkeypatch):
+    from scalselect_fast import data
+    from scalselect_fast.data import sources
+
+    assert data.FORMATS == ("auto", "json", "jsonl", "parquet", "datasets", "webdataset")
+    extra = sources.Container("toy", iter_records=lambda f: iter(()), count=lambda f: 0)
+    monkeypatch.setitem(sources._CONTAINERS, "toy", extra)  # a container registered later is listed too
+    assert data.FORMATS[-1] == "toy" and sources.formats() == data.FORMATS
+    from scalselect_fast.cli import build_parser
+
+    args = build_parser().parse_args(["run", "--format", "toy"])
+    assert args.format == "toy"

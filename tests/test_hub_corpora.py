@@ -487,3 +487,65 @@ def test_datasets_object_without_ids_is_named_by_row(tmp_path):
     write_selected(ds, tmp_path / "sel", ["#4", "#1"], order="score")
     got = datasets.load_from_disk(str(tmp_path / "sel"))
     assert [t[0]["user"] for t in got["texts"]] == [rows["texts"][4][0]["user"], rows["texts"][1][0]["user"]]
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. LLaVA-665K: no source field; the image folders are the sources (--source-field image_folder)
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llava665k(tmp_path_factory):
+    """``llava_v1_5_mix665k.json`` in its shape: one JSON list, ``image`` relative to an image root
+    (10 under ``coco/train2017/``, 6 under ``gqa/images/``), one text-only record (no ``image`` key),
+    one integer id; no source field anywhere."""
+    from PIL import Image
+
+    base = tmp_path_factory.mktemp("llava665k")
+    root = base / "images"
+    records, folder_of = [], {}
+    for i in range(16):
+        rel = f"coco/train2017/{i:012d}.jpg" if i < 10 else f"gqa/images/{2354786 + i}.jpg"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (12, 10), ((37 * i) % 256, (91 * i + 40) % 256, (13 * i + 200) % 256)).save(root / rel)
+        sid = 1000 + i if i == 4 else f"{i:09d}"
+        folder_of[str(sid)] = rel.split("/")[0]
+        records.append({"id": sid, "image": rel, "conversations": [
+            {"from": "human", "value": f"<image>\nWhat is shown in picture {i}?"},
+            {"from": "gpt", "value": f"Picture {i}."}]})
+    records.insert(7, {"id": "text-0", "conversations": [{"from": "human", "value": "Say hi."},
+                                                          {"from": "gpt", "value": "Hi."}]})
+    path = base / "llava_v1_5_mix665k.json"
+    path.write_text(json.dumps(records, indent=1))
+    return {"path": path, "root": root, "folder_of": folder_of}
+
+
+def _report(out: Path) -> dict:
+    return json.loads((out / "report.json").read_text())
+
+
+def test_llava665k_image_folders_as_sources_for_counts_and_quota(model, llava665k, tmp_path):
+    out = tmp_path / "out"
+    args = ["run", "--model", str(model), "--data", str(llava665k["path"]), "--image-root", str(llava665k["root"]),
+            "--out", str(out), *COMMON]
+    folder_of = llava665k["folder_of"]
+    # the default reads the source fields, which LLaVA-665K does not have: one group
+    assert cli.main(args) == 0
+    assert {s: v["total"] for s, v in _report(out)["per_source"].items()} == {"<none>": 17}
+    # opted in: the first folder of each image path; the text-only record names no folder
+    assert cli.main([*args, "--source-field", "image_folder"]) == 0
+    per = _report(out)["per_source"]
+    kept = _kept(out)
+    assert len(kept) == 4  # 25% of the 16 records with an image
+    assert {s: (v["total"], v["valid"]) for s, v in per.items()} == {"coco": (10, 10), "gqa": (6, 6),
+                                                                     "<none>": (1, 0)}
+    assert {s: v["kept"] for s, v in per.items()} == {
+        s: sum(folder_of[k] == s for k in kept) for s in ("coco", "gqa")} | {"<none>": 0}
+    top = max(("coco", "gqa"), key=lambda s: per[s]["kept"])
+    assert per[top]["kept"] >= 2  # 4 kept in two folders: the cap below binds
+    # the same through a config file, with a quota on the folders: at most 25% of 4 from the top one
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps({"source_field": "image_folder", "quota": [f"source={top}<=25%"]}))
+    assert cli.main([*args, "--config", str(cfg)]) == 0
+    kept_q = _kept(out)
+    per_q = _report(out)["per_source"]
+    assert len(kept_q) == 4 and sum(folder_of[k] == top for k in kept_q) == 1 == per_q[top]["kept"]
+    assert _report(out)["config"]["source_field"] == "image_folder"

@@ -2,7 +2,7 @@
 
 Parquet files, ``save_to_disk`` folders and ``datasets.Dataset`` objects arrive as Arrow record
 batches. Turning each row into a dict (``to_pylist``) and each dict into a sample
-(:func:`~.readers.parse_record`) costs an interpreted call and a dozen small objects per row: 3x
+(:func:`~.records.parse_record`) costs an interpreted call and a dozen small objects per row: 3x
 the bare library read at 1 KB images, and still 2x with the same rules written column-wise in
 Python. :class:`ArrowPlan` (decided once per schema) hands the column buffers a sample needs (ids,
 the turns' roles and texts, the image structs' bytes and paths, the source) to the native builder
@@ -10,15 +10,15 @@ the turns' roles and texts, the image structs' bytes and paths, the source) to t
 rows' objects with the C API:
 
 * a row is plain when its id needs no check (non-empty, no line break; or the schema has no id
-  column and the row is named by its position, :func:`~.readers.position_id`), every turn has a role
+  column and the row is named by its position, :func:`~.records.position_id`), every turn has a role
   spelling the alias table knows as it is and a text, every image has bytes, and its placeholders
   match its images (as many ``<image>`` as images, or none, when the images go before the first
   user turn);
-* every other row goes through :func:`~.readers.parse_record` on its row dict, which decides what
+* every other row goes through :func:`~.records.parse_record` on its row dict, which decides what
   it is (a sample, or a skip with its reason), exactly as for a JSON record. Without the native
   extension every row does.
 
-The rules themselves are those of :mod:`.readers`; ``tests/test_data_arrow.py`` checks, on rows
+The rules themselves are those of :mod:`.records`; ``tests/test_data_arrow.py`` checks, on rows
 chosen to hit every branch and on random ones, that both give identical samples and skips.
 ``Sample.raw`` of a plain row is a :class:`~.sample.LazyRow`: the row dict is built only if read.
 """
@@ -31,7 +31,7 @@ import numpy as np
 
 from ..native import HAVE_NATIVE, arrow_samples
 from .ids import IdRegistry
-from .readers import _ROLE_ALIASES, SOURCE_FIELDS, position_id, record_source
+from .records import ROLE_ALIASES, SOURCE_FIELDS, position_id, record_source
 from .sample import IMAGE_TOKEN, EmbeddedImage, LazyRow, Sample, _raw_slot
 
 __all__ = ["ArrowPlan"]
@@ -90,14 +90,14 @@ def _bits(arr) -> tuple:
 class ArrowPlan:
     """How to build samples straight from the columns of Arrow record batches of one schema
     (decided once per schema by :meth:`for_schema`; ``None`` there means every row goes through
-    :func:`~.readers.parse_record`: content parts, the ``texts`` flavour, image paths, both
+    :func:`~.records.parse_record`: content parts, the ``texts`` flavour, image paths, both
     ``image`` and ``images``, ...)."""
 
     @classmethod
     def for_schema(cls, schema, id_field: str, positional: bool = False) -> "ArrowPlan | None":
         """The plan for batches of ``schema``, or ``None`` (every row through the record path).
         ``positional``: rows of a schema without ``id_field`` get their positional id
-        (:func:`~.readers.position_id`), as the record path gives them (:class:`~.readers.IdRule`)."""
+        (:func:`~.records.position_id`), as the record path gives them (:class:`~.records.IdRule`)."""
         import pyarrow.types as pt
 
         if not HAVE_NATIVE:  # the samples are built by the extension; without it, the record path
@@ -180,7 +180,7 @@ class ArrowPlan:
         turns = conv.values
         spec: dict[str, Any] = {
             "n": n, "index": index, "local": local, "where": where, "token": IMAGE_TOKEN, "user": "user",
-            "aliases": _ROLE_ALIASES, "sample_cls": Sample, "sample_slots": _SAMPLE_SLOTS,
+            "aliases": ROLE_ALIASES, "sample_cls": Sample, "sample_slots": _SAMPLE_SLOTS,
             "image_cls": EmbeddedImage, "image_slots": _IMAGE_SLOTS, "raw": LazyRow(batch, index),
             "turns": _list(conv, large["turns"]), "turn_valid": _bits(turns),
             "roles": _strings(turns.field(self.role_f), large["role"]),

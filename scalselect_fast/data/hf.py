@@ -1,7 +1,8 @@
 """Hugging Face ``datasets`` inputs: ``save_to_disk`` directories and in-memory ``Dataset`` objects.
 
-Registers the ``"datasets"`` container. A ``save_to_disk`` directory (``state.json`` +
-``dataset_info.json`` + Arrow files) is read with ``datasets.load_from_disk`` (memory-mapped, not
+Registers the ``"datasets"`` container, which also reads in-memory ``datasets.Dataset`` /
+``IterableDataset`` objects (:func:`is_hf_object`, :func:`hf_object_source`). A ``save_to_disk``
+directory (``state.json`` + ``dataset_info.json`` + Arrow files) is read with ``datasets.load_from_disk`` (memory-mapped, not
 loaded); rows are taken in Arrow form, so ``Image`` columns arrive as their stored
 ``{"bytes", "path"}`` structs and are never decoded here. ``datasets`` is an optional dependency
 (``pip install scalselect-fast[data]``): it is imported only when such an input is met.
@@ -13,22 +14,31 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from .ids import arrow_ids, usable_id_type
 from .sample import DatasetError
 from .sources import NO_ID_FIELD, Container, DataSource, InputFile, register_container
 
-__all__ = ["hf_object_source", "is_save_to_disk_dir"]
+__all__ = ["hf_object_source", "is_hf_object", "is_save_to_disk_dir"]
 
 #: rows fetched from Arrow per batch
 BATCH_ROWS = 1024
 
 
-def _datasets(what: str):
+def import_datasets(what: str):
+    """The ``datasets`` module, or a :class:`DatasetError` saying how to install it (``what`` needs it)."""
     try:
         import datasets
     except ImportError:
         raise DatasetError(f"{what} needs the Hugging Face `datasets` package: pip install "
                            "'scalselect-fast[data]' (or pip install datasets)", reason="io", path=what) from None
     return datasets
+
+
+def is_hf_object(obj: Any) -> bool:
+    """Whether ``obj`` is a Hugging Face ``datasets`` object (checked without importing ``datasets``)."""
+    mod = type(obj).__module__ or ""
+    return mod.startswith("datasets.") and type(obj).__name__ in ("Dataset", "IterableDataset",
+                                                                  "DatasetDict", "IterableDatasetDict")
 
 
 def is_save_to_disk_dir(path: str) -> bool:
@@ -72,7 +82,7 @@ def split_dir(path: str) -> str:
 
 
 def _load(file: InputFile):
-    ds_mod = _datasets(file.path)
+    ds_mod = import_datasets(file.path)
     path = split_dir(file.path)  # open_source resolves it already; an InputFile made by hand may not
     try:
         return ds_mod.load_from_disk(path)
@@ -159,8 +169,6 @@ def _columns(ds: Any, columns: "list[str] | None") -> Any:
 
 def _dir_ids(file: InputFile, id_field: str) -> Iterator[tuple[int, str | None]]:
     """Container hook: every record's id from the id column alone (no image bytes are touched)."""
-    from .readers import arrow_ids, usable_id_type
-
     ds = _load(file)
     if id_field not in ds.column_names:
         yield from ((i, NO_ID_FIELD) for i in range(ds.num_rows))
@@ -169,12 +177,6 @@ def _dir_ids(file: InputFile, id_field: str) -> Iterator[tuple[int, str | None]]
         yield from ((i, None) for i in range(ds.num_rows))  # every record is skipped when read
         return
     yield from enumerate(arrow_ids(iter_dataset_batches(ds.select_columns([id_field]), file.path)))
-
-
-register_container(Container("datasets", iter_records=_iter_dir, count=_count_dir,
-                             is_dataset_dir=is_save_to_disk_dir, dataset_dir=split_dir, ids=_dir_ids,
-                             iter_batches=lambda f, columns=None: iter_dataset_batches(_columns(_load(f), columns),
-                                                                                       f.path)))
 
 
 class _ObjectSource(DataSource):
@@ -229,3 +231,10 @@ def hf_object_source(ds: Any) -> DataSource:
         raise DatasetError(f"got a {kind} with splits {sorted(ds)}; pass one split, e.g. ds[{sorted(ds)[0]!r}]",
                            reason="format")
     return _ObjectSource(ds)
+
+
+register_container(Container("datasets", iter_records=_iter_dir, count=_count_dir,
+                             is_dataset_dir=is_save_to_disk_dir, dataset_dir=split_dir, ids=_dir_ids,
+                             iter_batches=lambda f, columns=None: iter_dataset_batches(_columns(_load(f), columns),
+                                                                                       f.path),
+                             wraps=is_hf_object, object_source=hf_object_source))

@@ -1,4 +1,5 @@
-"""Duplicate-id detection in memory that does not grow with the number of records.
+"""Duplicate-id detection in memory that does not grow with the number of records, and the reading
+of ids from an Arrow id column (:func:`arrow_ids`) for the containers that have one.
 
 Ids must be unique across a whole dataset, so some record of every id seen has to be kept. Here it is
 an 8-byte digest (the string's SipHash) plus the record's 8-byte index, and it is kept on disk: pairs are
@@ -20,10 +21,12 @@ import os
 import shutil
 import tempfile
 from array import array
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
-__all__ = ["IdRegistry", "id_digest", "locate_ids"]
+__all__ = ["IdRegistry", "arrow_ids", "id_digest", "locate_ids", "usable_id_type"]
 
 #: (digest, index) pairs buffered in memory before they are appended to the partition files
 BUFFER = 1 << 16
@@ -215,3 +218,24 @@ class IdRegistry:
 
     def __del__(self):
         self.close()
+
+
+def arrow_ids(batches: Iterator[Any]) -> Iterator[str | None]:
+    """The ids in record batches of one id column (string or integer), as the readers take them:
+    ``str``, ``None`` where null or empty."""
+    import pyarrow.compute as pc
+    import pyarrow.types as pt
+
+    for batch in batches:
+        col = batch.column(0)
+        if pt.is_integer(col.type):
+            col = pc.cast(col, "string")
+        for sid in col.to_pylist():
+            yield sid or None
+
+
+def usable_id_type(t) -> bool:
+    """Whether an Arrow column of type ``t`` can hold ids (string or integer)."""
+    import pyarrow.types as pt
+
+    return pt.is_integer(t) or pt.is_string(t) or pt.is_large_string(t)

@@ -3,12 +3,15 @@
 :func:`open_source` turns any of these into a :class:`DataSource`: the sorted list of input files,
 the one container they share, and a global record numbering (sorted file names, then row order),
 so extraction shards, resume and the manifest stay fixed however the dataset is split into files.
-It does not parse records into samples (that is :mod:`.readers`) and writes nothing.
+It does not parse records into samples (that is :mod:`.records`, driven by :mod:`.readers`) and
+writes nothing.
 
 Containers are pluggable: a container is a :class:`Container` (how to recognise a file, count its
-records and iterate them) added with :func:`register_container`. The built-in ones (JSON list,
-JSONL, Parquet) register themselves in :mod:`.readers`; a new container is one module that calls
-:func:`register_container` plus one import line in ``scalselect_fast/data/__init__.py``.
+records and iterate them) added with :func:`register_container`. Each one is a module of its own
+that registers itself (:mod:`.json_list`, :mod:`.jsonl`, :mod:`.parquet`, :mod:`.hf`,
+:mod:`.webdataset`); a new container is one such module plus one import line in
+``scalselect_fast/data/__init__.py``. :func:`formats` lists the ``--format`` values they make.
+This module imports none of them: they import it.
 
 Remote inputs
 -------------
@@ -32,8 +35,8 @@ from typing import Any
 
 from .sample import DatasetError
 
-__all__ = ["Container", "DataSource", "InputFile", "register_container", "containers", "open_source",
-           "input_files", "check_data_argument", "sniff_container", "SNIFF_BYTES", "NO_ID_FIELD"]
+__all__ = ["Container", "DataSource", "InputFile", "register_container", "containers", "formats", "open_source",
+           "input_files", "check_data_argument", "sniff_container", "as_input_file", "SNIFF_BYTES", "NO_ID_FIELD"]
 
 
 class _NoIdField:
@@ -44,7 +47,7 @@ class _NoIdField:
 
 
 #: what a container's ``ids`` hook yields for a record that has no id field at all (it may then be
-#: named by its position: :class:`~.readers.IdRule`)
+#: named by its position: :class:`~.records.IdRule`)
 NO_ID_FIELD = _NoIdField()
 
 #: bytes read from the start of each file to recognise its container
@@ -117,6 +120,14 @@ class InputFile:
                 return fh.read(n)
             except Exception as e:
                 raise self._unreadable(e) from None
+
+
+def as_input_file(path: "str | os.PathLike | InputFile") -> InputFile:
+    """``path`` as a local :class:`InputFile` (an :class:`InputFile` is returned as it is)."""
+    if isinstance(path, InputFile):
+        return path
+    p = os.fspath(path)
+    return InputFile(p, None, p)
 
 
 _DIGESTS: dict[tuple, str] = {}
@@ -221,6 +232,11 @@ class Container:
         readers can take the columns a sample needs without building every row as a dict
         (``iter_records`` must be ``to_pylist`` of these batches); with ``columns``, only those of
         them the file has.
+    wraps : callable, optional
+        ``wraps(obj) -> bool`` for containers that also read an in-memory dataset object (a
+        ``datasets.Dataset``): whether ``obj`` is one, decided without importing its library.
+    object_source : callable, optional
+        ``object_source(obj) -> DataSource`` for an object that ``wraps`` accepts.
     """
 
     name: str
@@ -233,6 +249,8 @@ class Container:
     schema: Callable[[InputFile], Any] | None = None
     ids: Callable[[InputFile, str], Iterator[tuple[int, str | None]]] | None = None
     iter_batches: Callable[[InputFile], Iterator[Any]] | None = None
+    wraps: Callable[[Any], bool] | None = None
+    object_source: Callable[[Any], "DataSource"] | None = None
 
 
 _CONTAINERS: dict[str, Container] = {}
@@ -247,6 +265,19 @@ def register_container(container: Container) -> Container:
 def containers() -> dict[str, Container]:
     """The registered containers by name, in registration order (the order sniffing tries them)."""
     return dict(_CONTAINERS)
+
+
+def formats() -> tuple[str, ...]:
+    """The ``--format`` values: ``"auto"`` and every registered container's name."""
+    return ("auto", *_CONTAINERS)
+
+
+def _object_container(obj: Any) -> Container | None:
+    """The container that reads the in-memory dataset object ``obj``, if one does."""
+    for c in _CONTAINERS.values():
+        if c.wraps is not None and c.wraps(obj):
+            return c
+    return None
 
 
 def sniff_container(file: InputFile) -> str:
@@ -389,7 +420,7 @@ class DataSource:
         root, a file's is its folder, a glob's the folder before its first wildcard, a
         ``save_to_disk`` folder's its parent (so it keeps its own name); several inputs share the
         deepest folder holding all their roots, so the names do not depend on the order they were
-        listed in. Positional ids (:func:`~.readers.position_id`) and the per-file outputs use it.
+        listed in. Positional ids (:func:`~.records.position_id`) and the per-file outputs use it.
         """
         name = self._names.get(file.path)  # asked once per record by the record paths
         if name is None:
@@ -659,21 +690,14 @@ def _expand_one(item: str) -> tuple[list[InputFile], str]:
     return [InputFile(p, None, p)], os.path.dirname(p)
 
 
-def is_hf_object(obj: Any) -> bool:
-    """Whether ``obj`` is a Hugging Face ``datasets`` object (checked without importing ``datasets``)."""
-    mod = type(obj).__module__ or ""
-    return mod.startswith("datasets.") and type(obj).__name__ in ("Dataset", "IterableDataset",
-                                                                  "DatasetDict", "IterableDatasetDict")
-
-
 def check_data_argument(data: Any, name: str = "data", format: Any = "auto") -> None:
     """Raise a ``TypeError`` naming the argument ``name`` and what it accepts unless ``data`` is a
     path (``str`` or ``os.PathLike`` of ``str``), a non-string sequence of paths, a
-    :class:`DataSource` or a ``datasets`` object; and unless ``format`` is a string."""
+    :class:`DataSource` or a dataset object a container reads (``datasets``); and unless ``format`` is a string."""
     if not isinstance(format, str):
         raise TypeError(f"format must be a string ('auto' or one of {', '.join(_CONTAINERS)}), got "
                         f"{type(format).__name__}")
-    if isinstance(data, DataSource) or is_hf_object(data):
+    if isinstance(data, DataSource) or _object_container(data) is not None:
         return
     items = data if isinstance(data, (list, tuple)) else [data]
     for item in items:
@@ -714,12 +738,11 @@ def open_source(data: Any, format: str = "auto") -> DataSource:
     if isinstance(data, DataSource):
         return data
     check_data_argument(data, "data", format)
-    if format != "auto" and format not in _CONTAINERS:
+    if format not in formats():
         raise ValueError(f"format must be 'auto' or one of {tuple(_CONTAINERS)}, got {format!r}")
-    if is_hf_object(data):
-        from .hf import hf_object_source
-
-        return hf_object_source(data)
+    wrapper = _object_container(data)
+    if wrapper is not None:
+        return wrapper.object_source(data)
     items = list(data) if isinstance(data, (list, tuple)) else [data]
     items = [x for raw in items for x in _expand_braces(raw)]
     if not items:

@@ -49,7 +49,8 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from .sample import REASON_IMAGE_MISSING, DatasetError, EmbeddedImage, UnusableRecord
-from .sources import Container, register_container
+from .records import record_id_or_none
+from .sources import Container, open_source, register_container
 
 #: Extension suffixes (lower case) whose members are images.
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
@@ -232,8 +233,6 @@ def _parse_record(group: KeyGroup, rec_m: Member) -> dict:
 def group_id(group: KeyGroup, id_field: str = "id") -> str | None:
     """The id the reader gives this key: the record's id field, else the key; ``None`` when the
     record's id is unusable (the reader skips such a record). Needs the ``.json`` member's data."""
-    from .readers import record_id_or_none
-
     rec_m = next((m for m in group.members if m.ext == "json"), None)
     if rec_m is None:
         return group.key
@@ -318,11 +317,9 @@ def iter_webdataset_records(spec, id_field: str = "id") -> Iterator[tuple[int, N
     DatasetError
         See the module notes.
     """
-    from .sources import open_source
-
     index = 0
     for file in open_source(spec, "webdataset").files:
-        for group in iter_key_groups(file.path, _want_read, _opener(file)):
+        for group in iter_key_groups(file.path, _want_read, shard_opener(file)):
             yield index, None, group_record(group, id_field)
             index += 1
 
@@ -337,7 +334,7 @@ def iter_shard_fields(file, id_field: str = "id") -> Iterator[dict]:
     file : InputFile
         One shard.
     """
-    for group in iter_key_groups(file.path, lambda ext: ext == "json", _opener(file)):
+    for group in iter_key_groups(file.path, lambda ext: ext == "json", shard_opener(file)):
         rec_m = next((m for m in group.members if m.ext == "json"), None)
         if rec_m is None:
             yield {}
@@ -354,13 +351,15 @@ def iter_shard_fields(file, id_field: str = "id") -> Iterator[dict]:
 _COUNTS: dict[tuple, int] = {}
 
 
-def _opener(file):
+def shard_opener(file):
+    """The ``opener`` :func:`iter_key_groups` takes for ``file``: ``None`` for a local shard, else one
+    that opens it through its filesystem."""
     return None if getattr(file, "local", True) else (lambda _path: file.open())
 
 
 def _iter_shard_file(file) -> Iterator[tuple[int, None, dict | UnusableRecord]]:
     """Container hook: the records of one shard (``file``: an ``InputFile``), numbered from 0."""
-    for index, group in enumerate(iter_key_groups(file.path, _want_read, _opener(file))):
+    for index, group in enumerate(iter_key_groups(file.path, _want_read, shard_opener(file))):
         yield index, None, group_record(group)
 
 
@@ -373,7 +372,7 @@ def _count_shard_file(file) -> int:
         key = (file.path, st.st_size, st.st_mtime_ns)
         if key in _COUNTS:
             return _COUNTS[key]
-    n = sum(1 for _ in iter_key_groups(file.path, lambda ext: False, _opener(file)))
+    n = sum(1 for _ in iter_key_groups(file.path, lambda ext: False, shard_opener(file)))
     if key is not None:
         if len(_COUNTS) > 4096:
             _COUNTS.clear()
@@ -384,7 +383,7 @@ def _count_shard_file(file) -> int:
 def _shard_ids(file, id_field: str) -> Iterator[tuple[int, str | None]]:
     """Container hook: every key's id, reading only the ``.json`` members (images are seeked over);
     ``None`` for a key without a record (the reader skips it)."""
-    groups = iter_key_groups(file.path, lambda ext: ext == "json", _opener(file))
+    groups = iter_key_groups(file.path, lambda ext: ext == "json", shard_opener(file))
     for index, group in enumerate(groups):
         has_record = any(m.ext == "json" for m in group.members)
         yield index, group_id(group, id_field) if has_record else None

@@ -31,9 +31,14 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
 from ..atomic import atomic_dir, atomic_path, atomic_write_bytes
-from .readers import IdRule, _iter_json_stream, _iter_jsonl_lines, _open_parquet, open_source, position_id
+from .json_list import iter_json_stream
+from .jsonl import iter_jsonl_lines
+from .hf import import_datasets, iter_dataset_rows
+from .parquet import open_parquet
+from .records import IdRule, position_id
 from .sample import DatasetError, _where
-from .sources import containers
+from .sources import containers, open_source
+from .webdataset import group_id, iter_key_groups, shard_opener
 
 ORDERS = ("original", "score")
 #: Target uncompressed bytes per Parquet row group in written selections (image rows are large, so a
@@ -213,7 +218,7 @@ def write_selected(input_path, out_path: str | os.PathLike,
 
 
 class _Ids:
-    """The readers' id rule (:class:`~.readers.IdRule`) for the files of one source: the id column's
+    """The readers' id rule (:class:`~.records.IdRule`) for the files of one source: the id column's
     name (``field``) and each record's id, positional where a record has no id field."""
 
     def __init__(self, rule: IdRule, source):
@@ -257,7 +262,7 @@ def _write_from_json(files, dst, keep, rank, out_container, id_rule) -> int:
         layout: dict = {}
         n = 0
         with file.open() as fh:
-            for index, line, obj, text in _iter_json_stream(fh, file.path, layout):
+            for index, line, obj, text in iter_json_stream(fh, file.path, layout):
                 n = index + 1
                 sid = id_rule.of(obj, file, index)
                 if sid is None:
@@ -290,7 +295,7 @@ def _write_from_jsonl(files, dst, keep, rank, out_container, id_rule) -> int:
     base = 0
     for fi, file in enumerate(files):
         n = 0
-        for index, line, offset, raw, obj in _iter_jsonl_lines(file):
+        for index, line, offset, raw, obj in iter_jsonl_lines(file):
             n = index + 1
             sid = id_rule.of(obj, file, index)
             if sid is None:
@@ -344,7 +349,7 @@ def _write_parquet(inputs: list, dst: str, keep: set[str], rank: dict[str, int] 
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    pfs = [_open_parquet(f) for f in inputs]
+    pfs = [open_parquet(f) for f in inputs]
     files = [f.path for f in inputs]
     schema = pfs[0].schema_arrow
     for f, pf in zip(files[1:], pfs[1:]):
@@ -469,14 +474,12 @@ def _copy_range(fin, fout, start: int, end: int, path: str) -> None:
 
 def _write_webdataset(inputs: list, dst: str, keep: set[str], rank: dict[str, int] | None, id_rule: "_Ids") -> int:
     """Tar shards in, tar shards out; each kept key's members are copied byte for byte."""
-    from .webdataset import _opener, group_id, iter_key_groups
-
     found: dict[str, int] = {}
     picks = []  # (id, (InputFile, [(start, end), ...]))
     per_shard = [0] * len(inputs)
     index = 0
     for si, file in enumerate(inputs):
-        for group in iter_key_groups(file.path, lambda ext: ext == "json", _opener(file)):
+        for group in iter_key_groups(file.path, lambda ext: ext == "json", shard_opener(file)):
             per_shard[si] += 1
             sid = group_id(group, id_rule.field)
             index += 1
@@ -515,9 +518,7 @@ def _write_datasets(src: str | None, ds, dst: str, keep: set[str], rank: dict[st
     random access: its kept rows are gathered in one pass (memory: the kept rows) and written with
     its features.
     """
-    from .hf import _datasets, iter_dataset_rows
-
-    datasets = _datasets(src or "a datasets object")
+    datasets = import_datasets(src or "a datasets object")
     what = src or f"the {type(ds).__name__} object"
     if ds is None:
         ds = datasets.load_from_disk(src)

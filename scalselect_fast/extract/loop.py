@@ -89,7 +89,7 @@ def extract_representations(model, samples: Iterable, batch_size: int | None = N
     if batch_size is not None:
         settings["batch_size"] = batch_size
     opts = extract_options(options, settings, "extract_representations")
-    from ..data.sources import is_hf_object
+    from ..data.hf import is_hf_object
 
     if is_hf_object(samples):  # a datasets.Dataset / IterableDataset: read it like a file
         from ..data import read_dataset

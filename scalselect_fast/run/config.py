@@ -35,6 +35,9 @@ class RunConfig:
     image_root: str | None = None
     format: str = "auto"
     id_field: str | None = None  # None: "id", and rows without an id field named by position
+    # what per-source counts and --quota source=... group by (data.records.record_source): None: the
+    # usual source fields; a field name; "image_folder": the first folder of the image path
+    source_field: str | None = None
     text_only: str = "drop"  # rows without an image: "drop" (the reference) or "keep" (outside the budget)
     budget: str = "16%"
     layer: int = 0
@@ -76,10 +79,10 @@ class RunConfig:
                     "format", "instruction", "max_length", "roles", "vision_tokens", "pixels", "max_image_pixels",
                     "id_field")
     FIT_KEYS = ("energy", "k", "solver", "seed", "standardize", "l2_normalize", "drop_invalid", "fit_device")
-    SELECT_KEYS = ("budget", "order", "dedup_selected", "quota", "stability_seeds", "text_only")
+    SELECT_KEYS = ("budget", "order", "dedup_selected", "quota", "stability_seeds", "text_only", "source_field")
     #: settings added after runs were made: at their default they are left out of the fingerprints,
     #: so the checkpoints of those runs still resume
-    LATER_DEFAULTS = {"id_field": None, "text_only": "drop"}
+    LATER_DEFAULTS = {"id_field": None, "text_only": "drop", "source_field": None}
 
     def settings(self, keys) -> dict:
         """``{key: value}`` of ``keys`` as the fingerprints see them (see :attr:`LATER_DEFAULTS`)."""
@@ -98,6 +101,9 @@ class RunConfig:
         if self.id_field is not None and (not isinstance(self.id_field, str) or not self.id_field.strip()):
             raise RunError(f"--id-field {self.id_field!r}: name the column that holds each record's id "
                            f"(omit it to use 'id', or each row's position where there is no id column)")
+        if self.source_field is not None and (not isinstance(self.source_field, str) or not self.source_field.strip()):
+            raise RunError(f"--source-field {self.source_field!r}: name the field that holds each record's source, "
+                           f"or image_folder (omit it to use source, dataset, data_source, ...)")
         if self.text_only not in ("drop", "keep"):
             raise RunError(f"--text-only {self.text_only!r}: use 'drop' (rows without an image are left out, as "
                            f"the reference does) or 'keep' (written to the output outside the budget)")
@@ -202,10 +208,10 @@ def check_extract_options(*, layer=0, threshold=0.9, batch_size=8, shard_size=40
         raise RunError(f"--image-root {image_root}: not a directory; pass the folder the dataset's image "
                        f"paths are relative to")
     from .. import data  # noqa: F401  (registers every container)
-    from ..data.sources import containers
+    from ..data.sources import formats
 
-    if format not in ("auto", *containers()):
-        raise RunError(f"--format {format!r}: use auto or one of {', '.join(containers())}")
+    if format not in formats():
+        raise RunError(f"--format {format!r}: use auto or one of {', '.join(formats()[1:])}")
 
 
 _FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
@@ -315,7 +321,7 @@ def _coerce(name: str, value, source) -> object:
     want = _TYPES.get(ann)
     where = f" (in {source})" if source else ""
     if name == "data":  # a path/glob/URL, a list of them, or (Python API) a datasets object
-        from ..data.sources import is_hf_object
+        from ..data.hf import is_hf_object
 
         if isinstance(value, os.PathLike):
             return os.fspath(value)

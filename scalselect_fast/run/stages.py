@@ -252,9 +252,8 @@ def _raw_records(cfg: RunConfig, fields: Iterable[str]) -> Iterator[tuple[Any, s
     (Parquet, ``save_to_disk``) only the id, source and ``fields`` columns are read, and from
     WebDataset shards only the ``.json`` members, so the image bytes are not read a second time.
     A record without an id field is named by its position, as the readers name it
-    (:class:`~scalselect_fast.data.readers.IdRule`)."""
-    from ..data import SOURCE_FIELDS
-    from ..data.readers import IdRule, position_id
+    (:class:`~scalselect_fast.data.records.IdRule`)."""
+    from ..data.records import IdRule, position_id, source_columns
     from ..data.sources import open_source
 
     rule = IdRule(cfg.id_field)
@@ -275,7 +274,7 @@ def _raw_records(cfg: RunConfig, fields: Iterable[str]) -> Iterator[tuple[Any, s
                 yield rec, None if v is None or isinstance(v, (dict, list)) else str(v)
     elif source.has_batches():
         for _index, batch, file, local in source.iter_batches(
-                columns=[rule.field, *SOURCE_FIELDS, "texts", *fields]):
+                columns=[rule.field, *source_columns(cfg.source_field), *fields]):
             name = source.relative_name(file)
             for i, rec in enumerate(batch.to_pylist()):
                 yield rec, named(rec, name, local + i)
@@ -287,7 +286,7 @@ def _raw_records(cfg: RunConfig, fields: Iterable[str]) -> Iterator[tuple[Any, s
 def _record_table(cfg: RunConfig, fields: Iterable[str]) -> dict:
     """One pass over the raw records: id, source and any quota field per record index."""
     from ..data import record_source
-    from ..data.readers import writable_text
+    from ..data.records import writable_text
 
     ids: list[str | None] = []
     cols: dict[str, list] = {f: [] for f in fields}
@@ -308,7 +307,7 @@ def _record_table(cfg: RunConfig, fields: Iterable[str]) -> dict:
         if sid is not None and writable_text(sid) is not sid:  # skipped as invalid_id: it has no usable id
             sid = None
         ids.append(sid)
-        src = one(record_source(r))
+        src = one(record_source(r, cfg.source_field))
         sources.append(src)
         for f in cols:
             cols[f].append(src if f == "source" else (None if r.get(f) is None else one(str(r.get(f)))))
@@ -631,14 +630,14 @@ def _check_quota_fields(cfg: RunConfig, events: Events, label: str) -> None:
         n += 1
         r = rec if isinstance(rec, dict) else {}
         for f in fields:
-            if (record_source(r) if f == "source" else r.get(f)) is None:
+            if (record_source(r, cfg.source_field) if f == "source" else r.get(f)) is None:
                 missing[f] += 1
     for f, m in missing.items():
         if n and m == n:
             raise PostSelectError(f"--quota {f}=...: no record of {label} has a field {f!r} (all {n} lack it), so "
                                   f"every record would be one group; check the field name against the dataset's "
                                   f"records" + (" ('source' also reads dataset, data_source, task, task_type, "
-                                               "category)" if f == "source" else ""))
+                                               "category)" if f == "source" and cfg.source_field is None else ""))
         if m:
             events.warn(f"--quota {f}=...: {m} of {n} records have no field {f!r}; they form the group '<none>', "
                         f"bounded by the '*' rule if there is one")
