@@ -534,6 +534,8 @@ def _preflight(cfg: RunConfig, out: Path, events: Events, plan_only: bool, sourc
     cal, startup = None, 0.0
     if plan_only:
         startup = startup_seconds(started)
+        if cfg.quiet or cfg.log_json:
+            _quiet_libraries()  # the calibration loads the model: no progress bars on a JSON stdout
         cal = calibrate(cfg.model, source, image_root=cfg.image_root, format=cfg.format, id_field=cfg.id_field,
                         batch_size=cfg.batch_size, extract_options=_batch_options(cfg),
                         model_options=_model_options(cfg))
