@@ -19,6 +19,7 @@ the same readers and extraction functions and reports what they say.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -464,14 +465,14 @@ def _time_batches(cal: Calibration, model, samples: list, batch_size: int, extra
         vlm = load_vlm(model, **model_options)
         cal.load_seconds = time.perf_counter() - t0
         cal.d = int(vlm.hidden_size)
-        marks, t_start, fed, kept = [], time.perf_counter(), 0, 0
-        for ids, _vecs in extract_representations(vlm, samples, batch_size=batch_size, skip_log=log,
-                                                  **extract_options):
-            fed = min(len(samples), fed + batch_size)
-            kept += len(ids)
-            marks.append((fed, time.perf_counter()))
-            if len(marks) >= 3 and marks[-1][1] - t_start > max_seconds:
-                break
+        marks, t_start, fed = [], time.perf_counter(), 0
+        batches = extract_representations(vlm, samples, batch_size=batch_size, skip_log=log, **extract_options)
+        with contextlib.closing(batches):  # stopping early ends its encoding pool now
+            for _ids, _vecs in batches:
+                fed = min(len(samples), fed + batch_size)
+                marks.append((fed, time.perf_counter()))
+                if len(marks) >= 3 and marks[-1][1] - t_start > max_seconds:
+                    break
     except (ExtractError, ValueError, OSError) as exc:
         cal.problems.append(f"model: extracting the first samples failed: {type(exc).__name__}: {exc}")
         return
@@ -505,8 +506,10 @@ def _measure_report(cal: Calibration, samples: list) -> None:
     if uris:
         cal.thumbnail_seconds = (time.perf_counter() - t0) / len(uris)
         cal.thumbnail_bytes = sum(map(len, uris)) / len(uris)
+    import numpy as np
+
     d = cal.d or 64
-    rng = __import__("numpy").random.default_rng(0)
+    rng = np.random.default_rng(0)  # any spectrum and scores: the page's size and cost, not its content
     sv = sorted(rng.random(d).tolist(), reverse=True)
     scores = rng.random(1000)
     per_source = {k: {"kept": v // 6, "total": v} for k, v in cal.sources.items()} or {"all": {"kept": 1, "total": 6}}
