@@ -24,8 +24,10 @@ def test_model_cost_llava_7b_is_about_7b_params():
 def test_estimate_sizes_follow_formulas(tmp_path):
     est = estimate_run(1_000_000, d=768, out_dir=tmp_path, flops_per_s=1e11, store_dtype="float16",
                        memory_available=64 * GiB, disk_free=1000 * GiB)
-    assert est.disk_bytes["representation store"] == 1_000_000 * 768 * 2 + 1_000_000 * 25
-    assert est.disk_bytes["scores"] == 8_000_000
+    shards = -(-1_000_000 // 4096)  # the default --shard-size
+    assert est.disk_bytes["representation store"] == 1_000_000 * 768 * 2 + 1_000_000 * 25 + shards * 700
+    # the per-shard score checkpoints and scores.npy
+    assert est.disk_bytes["scores"] == 2 * 8_000_000 + (shards + 1) * 128
     assert est.seconds["fit"] == pytest.approx((2.0 * 1e6 * 768 ** 2 + 10 * 768 ** 3) / 1e11)
     assert est.ok and "fits: yes" in est.format()
 
@@ -86,3 +88,108 @@ def test_bytes_already_under_out_count_as_free_for_a_rerun(tmp_path, monkeypatch
     assert plan._disk_free(tmp_path / "missing") == 1_000
     est = plan.estimate_run(1_000, d=64, out_dir=out, flops_per_s=1e11, memory_available=2**30)
     assert est.available["disk_free"] == 103_000
+
+
+# --------------------------------------------------------------------------------------------------
+# `scalselect run --plan` against the run it plans (calibrated on the data and the tiny model)
+# --------------------------------------------------------------------------------------------------
+def _du(path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _plan_json(capsys, args) -> tuple[int, dict]:
+    from scalselect_fast import cli
+
+    capsys.readouterr()
+    rc = cli.main(["run", *args, "--plan", "--log-json"])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    return rc, next(e for e in map(json.loads, lines) if e.get("event") == "plan")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    pytest.importorskip("scalselect_fast.extract.tiny")
+    from scalselect_fast.extract.tiny import build_tiny_model
+
+    return build_tiny_model("llava", tmp_path_factory.mktemp("tiny") / "llava", seed=0)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A LLaVA-OneVision-style ``save_to_disk`` folder (embedded PNGs), the Hub's own features."""
+    pytest.importorskip("datasets")
+    from test_hub_corpora import llava_onevision
+
+    folder = tmp_path_factory.mktemp("saved") / "onevision"
+    llava_onevision(80, text_only=(3,)).save_to_disk(str(folder), num_shards=2)
+    return folder
+
+
+def test_plan_of_a_save_to_disk_input_is_within_2x_of_what_the_run_writes(tiny, saved, tmp_path, capsys):
+    from scalselect_fast import cli
+
+    out = tmp_path / "out"
+    args = ["--model", str(tiny), "--data", str(saved), "--out", str(out), "--budget", "50%", "--batch-size", "4"]
+    rc, plan = _plan_json(capsys, args)
+    assert rc == 0 and plan["ok"], plan["problems"]
+    assert "samples extracted" in plan["assumptions"]["calibrated"]  # measured, not a FLOP count
+    assert not out.exists() or not any(out.iterdir())  # the plan writes nothing under --out
+    assert cli.main(["run", *args, "--quiet"]) == 0
+    selected = _du(out / "selected")
+    assert 0.5 <= plan["disk_bytes"]["selected dataset"] / selected <= 2.0
+    assert 0.5 <= plan["disk_bytes"]["report.html"] / (out / "report.html").stat().st_size <= 2.0
+    assert 0.5 <= plan["total_disk_bytes"] / _du(out) <= 2.0
+
+
+def test_plan_reports_a_disk_too_small_for_the_report_and_the_store(tiny, saved, tmp_path, capsys, monkeypatch):
+    """The outputs the old plan left out (report.html with its thumbnails, the cache, the real store)
+    are counted: a disk with room for the rest but not for them is refused, and the run indeed needs more."""
+    from scalselect_fast import cli, plan
+
+    out = tmp_path / "out"
+    args = ["--model", str(tiny), "--data", str(saved), "--out", str(out), "--budget", "50%", "--batch-size", "4"]
+    rc, est = _plan_json(capsys, args)
+    small = est["disk_bytes"]["selected dataset"] + est["disk_bytes"]["manifest.parquet"] + 4096
+    monkeypatch.setattr(plan, "_fs_free", lambda path: small)
+    rc, est = _plan_json(capsys, args)
+    assert rc == 3 and not est["ok"]
+    disk = [p for p in est["problems"] if p.startswith("disk:")]
+    assert disk and "report.html" in disk[0] and "--out" in disk[0]
+    monkeypatch.undo()
+    assert cli.main(["run", *args, "--quiet"]) == 0
+    assert _du(out) > small  # the refusal was right: the run wrote more than that disk had
+
+
+@pytest.fixture
+def llava_json(tmp_path):
+    from scalselect_fast.data.demo import make_demo_dataset
+
+    root = tmp_path / "demo"
+    make_demo_dataset(root, n=24, seed=1)
+    return root
+
+
+def test_plan_reports_what_the_run_would_refuse(tiny, llava_json, tmp_path, capsys):
+    """Every image missing under --image-root: the old plan said "fits", the run then refused."""
+    from scalselect_fast import cli
+
+    args = ["--model", str(tiny), "--data", str(llava_json / "demo.json"), "--image-root", str(llava_json),
+            "--out", str(tmp_path / "out"), "--batch-size", "4"]
+    for png in (llava_json / "images").glob("*.png"):
+        png.unlink()
+    rc, est = _plan_json(capsys, args)
+    assert rc == 3 and not est["ok"]
+    assert any("every record would be skipped" in p and "image_missing" in p for p in est["problems"])
+    assert cli.main(["run", *args, "--quiet"]) != 0  # and the run does refuse it
+
+
+def test_plan_reports_a_budget_the_usable_records_cannot_meet(tiny, llava_json, tmp_path, capsys):
+    from scalselect_fast import cli
+
+    args = ["--model", str(tiny), "--data", str(llava_json / "demo.json"), "--image-root", str(llava_json),
+            "--out", str(tmp_path / "out"), "--batch-size", "4", "--budget", "20"]
+    for png in sorted((llava_json / "images").glob("*.png"))[:12]:
+        png.unlink()
+    rc, est = _plan_json(capsys, args)
+    assert rc == 3 and any(p.startswith("budget:") and "image_missing" in p for p in est["problems"])
+    assert cli.main(["run", *args, "--quiet"]) != 0

@@ -418,6 +418,18 @@ def _selected_name(cfg: RunConfig) -> str:
     return selected_name(cfg.data, cfg.format)
 
 
+def _model_options(cfg: RunConfig) -> dict:
+    """How the run loads the model (:func:`~scalselect_fast.extract.model.load_vlm`'s keywords)."""
+    return {"layer": cfg.layer, "dtype": cfg.dtype, "device": cfg.device, "max_length": cfg.max_length,
+            "roles": cfg.roles, "vision_tokens": cfg.vision_tokens, "pixels": cfg.pixels}
+
+
+def _batch_options(cfg: RunConfig) -> dict:
+    """How the run encodes and pools each batch (shared by the extraction and the plan's calibration)."""
+    return {"threshold": cfg.threshold, "instruction": cfg.instruction, "num_workers": cfg.num_workers,
+            "max_image_pixels": cfg.max_image_pixels}
+
+
 def _stage_extract(cfg: RunConfig, state: RunState, events: Events, source=None):
     """Representations into the run's store (the extraction engine resumes after its last shard).
 
@@ -440,12 +452,9 @@ def _stage_extract(cfg: RunConfig, state: RunState, events: Events, source=None)
     t0 = time.perf_counter()
     events.emit("stage_start", stage="extract")
     summary = extract_to_store(cfg.model, data, store, image_root=cfg.image_root, format=cfg.format,
-                               layer=cfg.layer, threshold=cfg.threshold, batch_size=cfg.batch_size,
-                               instruction=cfg.instruction, max_length=cfg.max_length, roles=cfg.roles,
-                               vision_tokens=cfg.vision_tokens, pixels=cfg.pixels,
-                               max_image_pixels=cfg.max_image_pixels, warn=events.warn, id_field=cfg.id_field,
-                               dtype=cfg.dtype, device=cfg.device, store_dtype=cfg.store_dtype,
-                               shard_size=cfg.shard_size, num_workers=cfg.num_workers,
+                               batch_size=cfg.batch_size, **_model_options(cfg), **_batch_options(cfg),
+                               warn=events.warn, id_field=cfg.id_field, store_dtype=cfg.store_dtype,
+                               shard_size=cfg.shard_size,
                                cache=_cache_dir(cfg, state.work.parent),
                                # humans get the engine's own tqdm bar (rate + ETA), machines events
                                progress=not (cfg.quiet or events.log_json),
@@ -506,10 +515,12 @@ def _publish_skips(state: RunState) -> Path:
     return published
 
 
-def _preflight(cfg: RunConfig, out: Path, events: Events, plan_only: bool, source=None):
+def _preflight(cfg: RunConfig, out: Path, events: Events, plan_only: bool, source=None, started=None):
+    """The plan of this run. ``plan_only`` (``--plan``) calibrates on the data and model (seconds of
+    real extraction); the check before a real run does not, and budgets time by FLOPs and disk by layout."""
     from ..data import count_records
     from ..data.sources import open_source
-    from ..plan import PlanError, estimate_run
+    from ..plan import PlanError, calibrate, estimate_run, startup_seconds
 
     from ..scoring import resolve_budget
 
@@ -519,10 +530,20 @@ def _preflight(cfg: RunConfig, out: Path, events: Events, plan_only: bool, sourc
         frac = resolve_budget(cfg.budget, n) / max(n, 1)
     except ValueError:
         frac = 0.16
+    cal, startup = None, 0.0
+    if plan_only:
+        startup = startup_seconds(started)
+        if cfg.quiet or cfg.log_json:
+            _quiet_libraries()  # the calibration loads the model: no progress bars on a JSON stdout
+        cal = calibrate(cfg.model, source, image_root=cfg.image_root, format=cfg.format, id_field=cfg.id_field,
+                        batch_size=cfg.batch_size, extract_options=_batch_options(cfg),
+                        model_options=_model_options(cfg))
     try:
         est = estimate_run(n, model=cfg.model, device=cfg.device, dtype=cfg.dtype, store_dtype=cfg.store_dtype,
                            batch_size=cfg.batch_size, layer=cfg.layer, out_dir=out,
-                           data_bytes=source.total_bytes(), budget_fraction=frac, solver=cfg.solver)
+                           data_bytes=source.total_bytes(), budget_fraction=frac, solver=cfg.solver,
+                           calibration=cal, shard_size=cfg.shard_size, cache_dir=_cache_dir(cfg, out),
+                           html=cfg.html, startup_seconds=startup)
     except PlanError as exc:
         raise RunError(str(exc)) from exc
     est.assumptions["input"] = (f"{source.container}, {len(source.files)} file(s)" if source.files
@@ -564,6 +585,7 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
         raise TypeError(f"run(cfg): cfg must be a RunConfig, got {type(cfg).__name__}; build one with "
                         f"scalselect_fast.run.make_config(model=..., data=..., out=..., ...) or "
                         f"make_config('run.toml')")
+    started = time.perf_counter()
     cfg.validate()
     cfg = _resolve_auto_device(cfg)
     events = events or Events(cfg.quiet, cfg.log_json)
@@ -608,8 +630,7 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
     if cfg.quota:
         _check_quota_fields(cfg, events, data)
     if plan_only:
-        est = _preflight(cfg, out, events, True, source)
-        return est
+        return _preflight(cfg, out, events, True, source, started=started)
     _check_out_dir(out)
     # one run per --out: a second one would interleave skipped.jsonl lines and contradict the report
     with exclusive_lock(out / RUN_LOCK, f"--out {out}"):
