@@ -323,9 +323,9 @@ def _cmd_extract(args) -> int:
     from .paths import OverwriteError
 
     if args.quiet:  # no transformers load bars either: errors stay one line
-        from .run.stages import _quiet_libraries
+        from .run.stages import quiet_libraries
 
-        _quiet_libraries()
+        quiet_libraries()
     try:
         from .data.sources import open_source as open_data
 

@@ -120,33 +120,33 @@ def _globalise(exc, shard_name: str, offset: int):
 # worker tasks (module-level functions: pickled by reference)
 # --------------------------------------------------------------------------------------------------
 def _shift_task(spec: str, block_rows: int) -> np.ndarray:
-    from .subspace.passes import _first_block_mean
+    from .subspace.passes import first_block_mean
 
-    return _first_block_mean(open_source(spec), block_rows)
+    return first_block_mean(open_source(spec), block_rows)
 
 
 def _shard_pass_task(spec: str, name: str, offset: int, kind: str, shift: np.ndarray, block_rows: int,
                      drop_invalid: bool, inv_scale=None, mean=None, known_bad=None):
     """Per-shard partial sums: ``kind`` = "gram" (centre/standardise), "moments" or "l2gram"."""
     from .subspace import GramAccumulator, InvalidRowsError, MomentAccumulator
-    from .subspace.backends import _namespace
-    from .subspace.passes import FIRST_PASS, PassOptions, _gram_pass, _moment_pass, _Pass
-    from .subspace.rows import _InvalidTracker
+    from .subspace.backends import array_namespace
+    from .subspace.passes import FIRST_PASS, PassOptions, gram_pass, moment_pass, StorePass
+    from .subspace.rows import InvalidTracker
 
     view = _open_shard(spec, name)
-    tracker = _InvalidTracker(view, drop_invalid)
-    p = _Pass(view, block_rows, _namespace("numpy"), tracker)
+    tracker = InvalidTracker(view, drop_invalid)
+    p = StorePass(view, block_rows, array_namespace("numpy"), tracker)
     try:
         if kind == "gram":
             acc = GramAccumulator(view.d, shift)
-            _gram_pass(p, acc, FIRST_PASS)
+            gram_pass(p, acc, FIRST_PASS)
         elif kind == "moments":
             acc = MomentAccumulator(view.d, shift)
-            _moment_pass(p, acc, FIRST_PASS)
+            moment_pass(p, acc, FIRST_PASS)
         else:  # "l2gram": rows shifted by μ, scaled, normalised; the Gram is then unshifted
             bad = np.asarray(known_bad if known_bad is not None else [], dtype=np.int64) - offset
             acc = GramAccumulator(view.d, np.zeros(view.d))
-            _gram_pass(p, acc, PassOptions(record=False, verify=False, shift=mean, inv_scale=inv_scale, l2=True,
+            gram_pass(p, acc, PassOptions(record=False, verify=False, shift=mean, inv_scale=inv_scale, l2=True,
                                            known_bad=np.sort(bad)))
     except InvalidRowsError as exc:
         raise _globalise(exc, name, offset) from None
@@ -255,15 +255,15 @@ def fit_subspace(source, client, energy: float = 0.9, k: int | None = None, solv
         As the single-node fit; invalid rows are reported with global row numbers.
     """
     from .subspace import SubspaceError, finish_exact
-    from .subspace.eigen import _check_energy_k
+    from .subspace.eigen import check_energy_k
     from .subspace.exact import l2_moments
     from .subspace.fit import fit_info
-    from .subspace.passes import _compute_dtype
-    from .subspace.rows import _name
+    from .subspace.passes import compute_dtype
+    from .subspace.rows import source_name
 
     if not center:
         raise SubspaceError("center=False is not supported: ScalSelect's subspace is that of the centred matrix")
-    _check_energy_k(energy, k)
+    check_energy_k(energy, k)
     src = open_source(source)
     d = src.d
     if solver not in ("auto", "exact"):
@@ -273,9 +273,9 @@ def fit_subspace(source, client, energy: float = 0.9, k: int | None = None, solv
         raise SubspaceError(f"d={d}: the d×d float64 Gram ({8 * d * d / 2 ** 30:.1f} GiB per partial) is too "
                             f"large to reduce on Dask; fit with solver='randomized' on one node")
     if src.n < 2:
-        raise SubspaceError(f"{_name(src)}: need at least 2 rows to fit a subspace, got {src.n}")
+        raise SubspaceError(f"{source_name(src)}: need at least 2 rows to fit a subspace, got {src.n}")
     if k is not None and int(k) > min(src.n - 1, d):
-        raise SubspaceError(f"{_name(src)}: k={k} exceeds min(n-1, d) = {min(src.n - 1, d)}; choose a smaller k")
+        raise SubspaceError(f"{source_name(src)}: k={k} exceeds min(n-1, d) = {min(src.n - 1, d)}; choose a smaller k")
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     spec = _spec(src)
@@ -289,7 +289,7 @@ def fit_subspace(source, client, energy: float = 0.9, k: int | None = None, solv
         mom, invalid = _reduce_partials(client, _submit_shards(client, src, _shard_pass_task, "moments", shift,
                                                                block_rows, drop_invalid))
         timings["moments_pass_s"] = time.perf_counter() - t0
-        l2 = l2_moments(mom, standardize=standardize, src_name=_name(src), n_invalid=invalid.size)
+        l2 = l2_moments(mom, standardize=standardize, src_name=source_name(src), n_invalid=invalid.size)
         scale = l2[2]
         t1 = time.perf_counter()
         acc, _ = _reduce_partials(client, _submit_shards(
@@ -305,8 +305,8 @@ def fit_subspace(source, client, energy: float = 0.9, k: int | None = None, solv
             "timings": timings,
             "distributed": {"scheduler": getattr(client.scheduler, "address", None), "workers": workers,
                             "shards": len(src.shards), "reduction": "tree_reduce (binary counter)"}}
-    sub = finish_exact(acc, energy=energy, k=k, standardize=standardize, src_name=_name(src),
-                       compute_dtype=_compute_dtype(src), l2=l2, n_invalid=invalid.size, passes=passes,
+    sub = finish_exact(acc, energy=energy, k=k, standardize=standardize, src_name=source_name(src),
+                       compute_dtype=compute_dtype(src), l2=l2, n_invalid=invalid.size, passes=passes,
                        info=info, provenance=dict(src.provenance))
     sub.info["timings"]["fit_s"] = time.perf_counter() - t0
     return sub

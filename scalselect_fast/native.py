@@ -44,7 +44,7 @@ if not HAVE_NATIVE:
     (log.info if "FORCE" in _why else log.warning)("scalselect_fast: using the numpy fallback: %s", _why)
 
 
-def _decode(block: np.ndarray, bf16: bool) -> np.ndarray:
+def decode_block(block: np.ndarray, bf16: bool) -> np.ndarray:
     if bf16:
         return (block.astype(np.uint32) << 16).view(np.float32)
     return block
@@ -97,7 +97,7 @@ def _center_block_py(block, shift, out, bf16=False):
     _check_vec("center_block", "shift", np.asarray(shift), block.shape[1])
     _check_out("center_block", out, np.float32 if getattr(out, "dtype", None) == np.float32 else np.float64,
                block.shape)
-    np.subtract(_decode(block, bf16), shift, out=out, casting="unsafe")
+    np.subtract(decode_block(block, bf16), shift, out=out, casting="unsafe")
     return out
 
 
@@ -110,7 +110,7 @@ def _leverage_block_py(block, mean, W, out, inv_scale=None, l2_normalize=False, 
     if inv_scale is not None:
         _check_vec("leverage_block", "inv_scale", np.asarray(inv_scale), d)
     _check_out("leverage_block", out, np.float64, (block.shape[0],))
-    z = _decode(block, bf16).astype(np.float64) - mean
+    z = decode_block(block, bf16).astype(np.float64) - mean
     if inv_scale is not None:
         z *= inv_scale
     if l2_normalize:

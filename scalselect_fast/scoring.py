@@ -86,18 +86,18 @@ def leverage_scores(source, sub: Subspace, block_rows: int = DEFAULT_BLOCK_ROWS,
     if resolve_device(device) == "cuda":
         from .gpu import leverage_scores_cupy
 
-        return _check_scores(src, leverage_scores_cupy(src, sub, block_rows), 0, drop_invalid)
+        return check_scores(src, leverage_scores_cupy(src, sub, block_rows), 0, drop_invalid)
     out = np.empty(src.n, np.float64)
     # read-ahead: leverage_block consumes the raw block before the next one is requested
     for off, block in src.iter_blocks(block_rows, prefetch=DEFAULT_PREFETCH):
         m = block.shape[0]
         seg = out[off:off + m]
         native.leverage_block(block, mean, W, seg, inv_scale, sub.l2_normalize, src.is_bf16)
-        _check_scores(src, seg, off, drop_invalid)
+        check_scores(src, seg, off, drop_invalid)
     return out
 
 
-def _check_scores(src, seg: np.ndarray, off: int, drop_invalid: bool) -> np.ndarray:
+def check_scores(src, seg: np.ndarray, off: int, drop_invalid: bool) -> np.ndarray:
     """Raise for (or NaN out) non-finite scores in ``seg`` = scores of rows ``off:off+len(seg)``.
 
     Non-finite input always yields a non-finite score, so one check of the scores finds it.

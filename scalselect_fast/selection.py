@@ -72,7 +72,7 @@ def shard_ids(src, shard) -> list[str]:
 
     A store whose shards share an id is refused (:meth:`MatrixSource.check_unique_ids`, once per source).
     """
-    from .store import _read_ids
+    from .store import read_ids
 
     if hasattr(src, "check_unique_ids"):
         src.check_unique_ids()
@@ -81,7 +81,7 @@ def shard_ids(src, shard) -> list[str]:
     if arr_ids is not None:
         return arr_ids[shard.offset:shard.offset + shard.count]
     if shard.ids_path is not None:
-        return _read_ids(shard)
+        return read_ids(shard)
     return [str(i) for i in range(shard.offset, shard.offset + shard.count)]
 
 

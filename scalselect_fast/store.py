@@ -241,7 +241,7 @@ class MatrixSource:
             return
         hashes = np.empty(self.n, np.int64)
         for shard in self.shards:
-            ids = _read_ids(shard) if shard.ids_path is not None else \
+            ids = read_ids(shard) if shard.ids_path is not None else \
                 [str(i) for i in range(shard.offset, shard.offset + shard.count)]
             hashes[shard.offset:shard.offset + shard.count] = np.fromiter(map(hash, ids), np.int64, len(ids))
         order = np.argsort(hashes, kind="stable")
@@ -252,7 +252,7 @@ class MatrixSource:
             seen: dict[str, int] = {}
             for r in rows.tolist():
                 shard = self._shard_of(r)
-                sid = (_read_ids(shard) if shard.ids_path is not None else [str(r)])[
+                sid = (read_ids(shard) if shard.ids_path is not None else [str(r)])[
                     r - shard.offset if shard.ids_path is not None else 0]
                 if sid in seen:
                     a, b = self._shard_of(seen[sid]), shard
@@ -307,7 +307,7 @@ class MatrixSource:
             if shard.ids_path is None:
                 out.extend(str(i) for i in range(shard.offset, shard.offset + shard.count))
             else:
-                out.extend(_read_ids(shard))
+                out.extend(read_ids(shard))
         if len(set(out)) != len(out):
             self.check_unique_ids()  # names the id and both shards
         return out
@@ -335,7 +335,7 @@ def _check_crc(shard: ShardInfo, crc: int) -> None:
         raise err
 
 
-def _read_ids(shard: ShardInfo) -> list[str]:
+def read_ids(shard: ShardInfo) -> list[str]:
     with open(shard.ids_path, encoding="utf-8") as fh:
         ids = fh.read().split("\n")
     if ids and ids[-1] == "":
@@ -464,7 +464,7 @@ class StoreSource(MatrixSource):
         """Read one shard whole now (ids and rows, checksum forced); raise :class:`StoreError` if a file is
         missing or damaged or fails its checksum."""
         try:
-            _read_ids(shard)
+            read_ids(shard)
             for _ in self.iter_shard_blocks(shard, verify=True, prefetch=2):
                 pass
         except OSError as exc:

@@ -80,15 +80,15 @@ def tiny_llava(tmp_path_factory):
 # --------------------------------------------------------------------------------------------------
 # The fallback pass (SCALSELECT_FORCE_FALLBACK=1) exists to run the pure-Python kernels. These modules
 # never reach a native kernel (model loading, token roles, pooling, fidelity against the authors' rule,
-# the extraction loop, --plan); running them again would only repeat the torch/transformers work. The
+# the extraction loop); running them again would only repeat the torch/transformers work. The
 # classification is checked, not trusted: in the native pass every test of these modules runs with the
 # kernels wrapped, and fails if one was called (`_no_native_kernels_here`). Set
 # SCALSELECT_FALLBACK_ALL=1 to run everything in the fallback pass anyway.
 NO_NATIVE_KERNEL_MODULES = frozenset({
     "test_extract.py", "test_extract_options.py", "test_extract_roles.py", "test_extract_realsize.py",
-    "test_extract_store.py", "test_fidelity.py", "test_instruction_attended_pool.py", "test_plan.py",
+    "test_extract_store.py", "test_fidelity.py", "test_instruction_attended_pool.py",
 })
-_NATIVE_KERNELS = ("center_block", "leverage_block", "top_k_block", "top_k_merge", "arrow_samples", "_decode")
+_NATIVE_KERNELS = ("center_block", "leverage_block", "top_k_block", "top_k_merge", "arrow_samples", "decode_block")
 
 
 def pytest_collection_modifyitems(config, items):

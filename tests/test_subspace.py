@@ -357,15 +357,15 @@ def test_one_column():
 
 def test_unchecked_device_gram_path_matches_the_checked_one_and_backs_out_on_nan():
     """The GPU's one-read-back-per-shard Gram path, run here over numpy (its code is xp-generic)."""
-    from scalselect_fast.subspace.backends import _NumpyBackend
-    from scalselect_fast.subspace.passes import (PassOptions, _gram_shard, _gram_shard_unchecked, _Pass,
+    from scalselect_fast.subspace.backends import NumpyBackend
+    from scalselect_fast.subspace.passes import (PassOptions, _gram_shard, _gram_shard_unchecked, StorePass,
                                                  _SingleThreadedBlas)
-    from scalselect_fast.subspace.rows import _InvalidTracker
+    from scalselect_fast.subspace.rows import InvalidTracker
 
     X = decaying(5000, 40, seed=3).astype(np.float32)
     src = open_source(X)
     shift = X[:64].astype(np.float64).mean(0)
-    p = _Pass(src, 1200, _NumpyBackend(), _InvalidTracker(src, drop=False))
+    p = StorePass(src, 1200, NumpyBackend(), InvalidTracker(src, drop=False))
     fast = GramAccumulator(40, shift)
     assert _gram_shard_unchecked(p, fast, src.shards[0], PassOptions(verify=False))
     ref = GramAccumulator(40, shift)
@@ -379,7 +379,7 @@ def test_unchecked_device_gram_path_matches_the_checked_one_and_backs_out_on_nan
     Y = X.copy()
     Y[4321, 7] = np.nan
     bad_src = open_source(Y)
-    q = _Pass(bad_src, 1200, _NumpyBackend(), _InvalidTracker(bad_src, drop=False))
+    q = StorePass(bad_src, 1200, NumpyBackend(), InvalidTracker(bad_src, drop=False))
     acc = GramAccumulator(40, shift)
     before = (acc.n, acc.gram.copy(), acc.colsum.copy())
     assert not _gram_shard_unchecked(q, acc, bad_src.shards[0], PassOptions(verify=False))

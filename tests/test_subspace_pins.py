@@ -17,7 +17,7 @@ import scalselect_fast as ss
 from scalselect_fast.scoring import leverage_scores, top_k
 from scalselect_fast.store import StoreWriter, open_source
 from scalselect_fast.subspace import GramAccumulator, Subspace, subspace_from_gram
-from scalselect_fast.subspace.passes import _first_block_mean
+from scalselect_fast.subspace.passes import first_block_mean
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _selection_reference import assert_selection_matches, reference_scores  # noqa: E402
@@ -97,7 +97,7 @@ def test_run_fit_selects_what_its_old_sequential_loop_selected(store):
     """``scalselect run`` used to sum the shards one by one into one accumulator; it now calls
     fit_subspace (per-shard partials, tree reduction). The selection is the same."""
     src = open_source(store)
-    acc = GramAccumulator(src.d, _first_block_mean(src, 4096))
+    acc = GramAccumulator(src.d, first_block_mean(src, 4096))
     for shard in src.shards:  # the old loop: every block of every shard into one accumulator, in order
         for _, block in src.iter_shard_blocks(shard, 16384, verify=True):
             acc.update_block(block, src.is_bf16)

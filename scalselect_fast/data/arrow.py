@@ -32,7 +32,7 @@ import numpy as np
 from ..native import HAVE_NATIVE, arrow_samples
 from .ids import IdRegistry
 from .records import ROLE_ALIASES, SOURCE_FIELDS, position_id, record_source
-from .sample import IMAGE_TOKEN, EmbeddedImage, LazyRow, Sample, _raw_slot
+from .sample import IMAGE_TOKEN, EmbeddedImage, LazyRow, Sample, raw_slot
 
 __all__ = ["ArrowPlan"]
 
@@ -44,7 +44,7 @@ _TURN_FIELDS = {"conversations": ("from", "value"), "messages": ("role", "conten
 
 # the slots the native side fills (the dataclasses' __init__ only stores its arguments in them)
 _SAMPLE_SLOTS = tuple(Sample.__dict__[f] for f in ("id", "images", "messages", "source", "index", "line")) \
-    + (_raw_slot,)
+    + (raw_slot,)
 _IMAGE_SLOTS = (EmbeddedImage.__dict__["data"], EmbeddedImage.__dict__["name"])
 
 

@@ -47,7 +47,7 @@ from .arrow import ArrowPlan
 from .ids import IdRegistry
 from .images import ImagePathError, ImageResolver, resolve_root
 from .records import IdRule, RecordProblem, parse_record, position_id, record_id
-from .sample import REASON_INVALID_FIELD, DatasetError, Sample, UnusableRecord, _where
+from .sample import REASON_INVALID_FIELD, DatasetError, Sample, UnusableRecord, position_text
 from .skiplog import summarize_skips
 from .sources import NO_ID_FIELD, DataSource, InputFile, check_data_argument, containers, open_source, sniff_container
 
@@ -105,8 +105,8 @@ def _raise_duplicates(source: DataSource, registry: IdRegistry, rule: IdRule) ->
         (sid, fa, la, lna), (sid_b, fb, lb, lnb) = seen[a], seen[b]
         if sid is None or sid != sid_b:
             continue  # two different ids with the same 64-bit digest
-        first = _where(la, lna) + (f" of {fa.path}" if not source.single else "")
-        raise DatasetError(f"{fb.path}: duplicate id {sid!r}: {first} and {_where(lb, lnb)}. Ids must be unique; "
+        first = position_text(la, lna) + (f" of {fa.path}" if not source.single else "")
+        raise DatasetError(f"{fb.path}: duplicate id {sid!r}: {first} and {position_text(lb, lnb)}. Ids must be unique; "
                            "rename or drop one of them", reason="duplicate_id", path=fb.path, index=b, line=lnb,
                            sample_id=sid)
 
@@ -227,7 +227,7 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
 
     def skip(p: RecordProblem, sid: str | None, file: InputFile, index: int, line: int | None, local: int) -> None:
         if skip_log is None:
-            raise DatasetError(f"{file.path}: {_where(local, line)}" + (f" (id {sid!r})" if sid else "")
+            raise DatasetError(f"{file.path}: {position_text(local, line)}" + (f" (id {sid!r})" if sid else "")
                                + f": {p.detail}. Fix the record, or read with a SkipLog to skip such "
                                "samples and continue", reason=p.reason, path=file.path, index=index,
                                line=line, sample_id=sid) from None

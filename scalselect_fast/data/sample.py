@@ -161,7 +161,7 @@ class Sample:
     @property
     def where(self) -> str:
         """``"record 12 (line 240)"``: where to look in the file."""
-        return _where(self.index, self.line)
+        return position_text(self.index, self.line)
 
     def to_chat(self) -> list[dict[str, Any]]:
         """Messages as content-part lists for ``processor.apply_chat_template``.
@@ -206,23 +206,23 @@ class LazyRow:
         return self.batch.slice(index - self.index, 1).to_pylist()[0]
 
 
-_raw_slot = Sample.raw  # the slot's own descriptor, wrapped below
+raw_slot = Sample.raw  # the slot's own descriptor, wrapped below
 
 
 def _get_raw(self: Sample) -> dict:
-    value = _raw_slot.__get__(self, Sample)
+    value = raw_slot.__get__(self, Sample)
     if type(value) is LazyRow:
         value = value.row(self.index)
-        _raw_slot.__set__(self, value)
+        raw_slot.__set__(self, value)
     return value
 
 
 # ``raw`` stays an ordinary field (constructor argument, equality, pickling) whose value may be a
 # LazyRow; reading it always gives the dict.
-Sample.raw = property(_get_raw, _raw_slot.__set__, doc="The original record as parsed (see the class notes).")
+Sample.raw = property(_get_raw, raw_slot.__set__, doc="The original record as parsed (see the class notes).")
 
 
-def _where(index: int | None, line: int | None) -> str:
+def position_text(index: int | None, line: int | None) -> str:
     if index is None:
         return f"line {line}" if line is not None else "?"
     return f"record {index}" + (f" (line {line})" if line is not None else "")

@@ -36,7 +36,7 @@ from .jsonl import iter_jsonl_lines
 from .hf import import_datasets, iter_dataset_rows
 from .parquet import open_parquet
 from .records import IdRule, position_id
-from .sample import DatasetError, _where
+from .sample import DatasetError, position_text
 from .sources import containers, open_source
 from .webdataset import group_id, iter_key_groups, shard_opener
 
@@ -75,7 +75,7 @@ def _check_found(path: str, keep: set[str], found: dict[str, int]) -> None:
 def _note(path: str, found: dict[str, int], sid: str, index: int, line: int | None) -> None:
     first = found.setdefault(sid, index)
     if first != index:
-        raise DatasetError(f"{path}: duplicate id {sid!r}: record {first} and {_where(index, line)}; a "
+        raise DatasetError(f"{path}: duplicate id {sid!r}: record {first} and {position_text(index, line)}; a "
                            "selection by id is ambiguous", reason="duplicate_id", path=path, index=index,
                            line=line, sample_id=sid)
 

@@ -8,7 +8,7 @@ from typing import Mapping
 
 from .config import RunError, make_config
 from .events import Events
-from .stages import RunResult, _quiet_libraries, run
+from .stages import RunResult, quiet_libraries, run
 
 __all__ = ["run_demo"]
 
@@ -32,7 +32,7 @@ def run_demo(out: str | os.PathLike = "demo-out", budget: str = "16%", force: bo
         raise RunError(f"--out {out} is a file; choose a directory")
     events.info(f"demo: building the tiny random-weight LLaVA-style model in {out / 'tiny-llava'} (seed 0)")
     if quiet or log_json:
-        _quiet_libraries()
+        quiet_libraries()
     model = build_tiny_model("llava", out / "tiny-llava", seed=0)
     truth = json.loads((DEMO_DIR / DEMO_TRUTH).read_text())
     cfg = make_config(model=str(model), data=str(DEMO_DIR / DEMO_DATA), image_root=str(DEMO_DIR),

@@ -73,7 +73,7 @@ def _check_out_dir(out: Path) -> None:
                        f"write to") from exc
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """No transformers / hub progress bars or info warnings under --quiet and --log-json."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
@@ -208,7 +208,7 @@ def _stage_fit(cfg: RunConfig, state: RunState, events: Events, src):
 
 def _stage_score(cfg: RunConfig, state: RunState, events: Events, src, sub) -> np.ndarray:
     """Leverage scores of every stored row, one checkpoint file per store shard."""
-    from ..scoring import _check_scores
+    from ..scoring import check_scores
 
     sdir = state.work / "scores"
     sdir.mkdir(parents=True, exist_ok=True)
@@ -229,7 +229,7 @@ def _stage_score(cfg: RunConfig, state: RunState, events: Events, src, sub) -> n
                 for off, block in src.iter_shard_blocks(shard, verify=True):
                     s[off - shard.offset: off - shard.offset + block.shape[0]] = sub.score(block, bf16=src.is_bf16)
                 # NaN/inf rows: NaN scores (never selected) with --drop-invalid, else a clear error
-                _check_scores(src, s, shard.offset, bool(cfg.drop_invalid))
+                check_scores(src, s, shard.offset, bool(cfg.drop_invalid))
                 buf = io.BytesIO()
                 np.save(buf, s, allow_pickle=False)
                 atomic_write_bytes(p, buf.getvalue())
@@ -534,7 +534,7 @@ def _preflight(cfg: RunConfig, out: Path, events: Events, plan_only: bool, sourc
     if plan_only:
         startup = startup_seconds(started)
         if cfg.quiet or cfg.log_json:
-            _quiet_libraries()  # the calibration loads the model: no progress bars on a JSON stdout
+            quiet_libraries()  # the calibration loads the model: no progress bars on a JSON stdout
         cal = calibrate(cfg.model, source, image_root=cfg.image_root, format=cfg.format, id_field=cfg.id_field,
                         batch_size=cfg.batch_size, extract_options=_batch_options(cfg),
                         model_options=_model_options(cfg))
@@ -729,7 +729,7 @@ def _run_locked(cfg: RunConfig, events: Events, out: Path, source, model_fp: str
     events.emit("run_start", out=str(out), fingerprints=fps)
     _remove_stale_temps(out)
     if cfg.quiet or cfg.log_json:
-        _quiet_libraries()
+        quiet_libraries()
     try:
         stage = "setup"
         state = RunState(out, fps, cfg.force, events, cache=_cache_dir(cfg, out) is not None)

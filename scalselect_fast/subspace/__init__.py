@@ -65,7 +65,7 @@ with invalid-row handling, as its tasks)::
 
 Array namespace
 ---------------
-Both solvers are written against a small backend object (:func:`.backends._namespace`) holding the array
+Both solvers are written against a small backend object (:func:`.backends.array_namespace`) holding the array
 module ``xp`` (numpy here; CuPy for the GPU issue), a pluggable ``matmul``, ``eigh`` and the
 decode+shift of a host block into a reused device buffer. The accumulators take ``xp=`` and create
 

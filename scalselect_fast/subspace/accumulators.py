@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from .backends import _device_gram_product, _device_syrk, _namespace, _xp_module, _xp_name
+from .backends import device_gram_product, device_syrk, array_namespace, xp_module, array_module_name
 from .result import SubspaceError
 
 #: rows per BLAS product inside a block; bounds the rounding of each partial Gram (its error grows
@@ -100,7 +100,7 @@ class MomentAccumulator:
     """
 
     def __init__(self, d: int, shift, xp=None):
-        self._xp_name = _xp_name(xp)
+        self._xp_name = array_module_name(xp)
         xp = self.xp
         self.d = int(d)
         self.shift = xp.asarray(shift, dtype=xp.float64).reshape(self.d).copy()
@@ -110,7 +110,7 @@ class MomentAccumulator:
 
     @property
     def xp(self):
-        return _xp_module(self._xp_name)
+        return xp_module(self._xp_name)
 
     def update(self, buf: np.ndarray, n_rows: int | None = None) -> "MomentAccumulator":
         """Add a block already shifted (``buf = block - shift``); ``n_rows`` excludes zeroed rows."""
@@ -124,7 +124,7 @@ class MomentAccumulator:
 
     def update_block(self, block: np.ndarray, bf16: bool = False) -> "MomentAccumulator":
         """Convenience for distributed callers: shift a raw storage-dtype block and add it."""
-        be = _namespace(self._xp_name)
+        be = array_namespace(self._xp_name)
         buf = be.xp.empty(block.shape, np.float64)
         be.shift_block(np.ascontiguousarray(block), self.shift, buf, bf16)
         return self.update(buf)
@@ -179,8 +179,8 @@ class GramAccumulator(MomentAccumulator):
         """``chunkᵀ chunk`` in the chunk's dtype into a reused buffer (not yet accumulated)."""
         if self._g32 is None or self._g32.dtype != chunk.dtype:
             self._g32 = self.xp.empty((self.d, self.d), dtype=chunk.dtype)
-        if self.xp is not np and self._matmul in (None, self.xp.matmul) and _device_gram_product() == "syrk":
-            return _device_syrk(self.xp, chunk, self._g32)
+        if self.xp is not np and self._matmul in (None, self.xp.matmul) and device_gram_product() == "syrk":
+            return device_syrk(self.xp, chunk, self._g32)
         mm = self._matmul or self.xp.matmul
         mm(chunk.T, chunk, out=self._g32)  # numpy routes aᵀa to BLAS syrk
         return self._g32

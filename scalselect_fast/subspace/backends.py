@@ -19,7 +19,7 @@ from .result import SubspaceError
 # --------------------------------------------------------------------------------------------------
 # array namespace
 # --------------------------------------------------------------------------------------------------
-class _NumpyBackend:
+class NumpyBackend:
     """Host backend: numpy arrays, OpenBLAS products, the native decode+shift kernel."""
 
     name = "numpy"
@@ -45,7 +45,7 @@ class _NumpyBackend:
         return np.linalg.qr(a)[0]
 
 
-class _CupyBackend(_NumpyBackend):  # pragma: no cover - needs CUDA + CuPy
+class _CupyBackend(NumpyBackend):  # pragma: no cover - needs CUDA + CuPy
     """Device backend: the same solver code over ``cupy`` (cuBLAS products, float64 accumulators).
 
     Raw storage-dtype blocks (fp16/bf16 are half the bytes of fp32) go through two pinned host
@@ -57,7 +57,7 @@ class _CupyBackend(_NumpyBackend):  # pragma: no cover - needs CUDA + CuPy
     name = "cupy"
 
     def __init__(self, matmul=None):
-        import cupy  # noqa: F401  (ImportError -> clear message in _namespace)
+        import cupy  # noqa: F401  (ImportError -> clear message in array_namespace)
 
         from ..gpu import DeviceStaging
 
@@ -81,7 +81,7 @@ class _CupyBackend(_NumpyBackend):  # pragma: no cover - needs CUDA + CuPy
         return self.xp.linalg.qr(a)[0]
 
 
-def _namespace(name: str | None = "numpy", matmul=None):
+def array_namespace(name: str | None = "numpy", matmul=None):
     """Backend object for the array backend ``name`` ("numpy" or "cupy"; a fit device name "cpu" or
     "cuda" is read as its backend, None as numpy). ``matmul`` overrides the product."""
     try:
@@ -89,7 +89,7 @@ def _namespace(name: str | None = "numpy", matmul=None):
     except DeviceError as exc:
         raise SubspaceError(str(exc)) from None
     if name == "numpy":
-        return _NumpyBackend(matmul)
+        return NumpyBackend(matmul)
     try:
         return _CupyBackend(matmul)
     except ImportError as exc:
@@ -97,14 +97,14 @@ def _namespace(name: str | None = "numpy", matmul=None):
                             f"or use device='cpu'") from exc
 
 
-def _xp_name(xp) -> str:
+def array_module_name(xp) -> str:
     """The array backend's name of ``xp``: a module, a name, or None (numpy)."""
     if xp is None or isinstance(xp, str):
         return array_backend(xp, check=False)
     return xp.__name__.split(".")[0]
 
 
-def _xp_module(name: str):
+def xp_module(name: str):
     if name == "numpy":
         return np
     import importlib
@@ -112,7 +112,7 @@ def _xp_module(name: str):
     return importlib.import_module(name)
 
 
-def _device_gram_product() -> str:
+def device_gram_product() -> str:
     """How a device backend forms a chunk's ``cᵀc``: ``gemm`` (default) or ``syrk`` (one triangle,
     half the flops, then mirrored), chosen by ``SCALSELECT_GPU_GRAM``.
 
@@ -127,7 +127,7 @@ def _device_gram_product() -> str:
     return mode
 
 
-def _device_syrk(xp, chunk, g):  # pragma: no cover - needs CUDA + CuPy
+def device_syrk(xp, chunk, g):  # pragma: no cover - needs CUDA + CuPy
     """``chunkᵀ chunk`` through cuBLAS syrk into ``g`` (one triangle), returned as the full matrix."""
     from cupy import cublas
 

@@ -9,16 +9,16 @@ import math
 import numpy as np
 
 from ..store import MatrixSource
-from .backends import _NumpyBackend
+from .backends import NumpyBackend
 from .result import SubspaceError
-from .rows import _name
+from .rows import source_name
 
 #: a column whose variance is below this fraction of the largest column variance is "constant"
 ZERO_VARIANCE_RTOL = 1e-10
 # --------------------------------------------------------------------------------------------------
 # shared pieces of the solvers
 # --------------------------------------------------------------------------------------------------
-def _check_energy_k(energy, k):
+def check_energy_k(energy, k):
     if k is None:
         if energy is None or not (0.0 < float(energy) <= 1.0) or math.isnan(float(energy)):
             raise SubspaceError(f"energy must be in (0, 1], got {energy!r} (e.g. 0.9 keeps 90% of the energy)")
@@ -27,7 +27,7 @@ def _check_energy_k(energy, k):
             raise SubspaceError(f"k must be a positive integer, got {k!r}")
 
 
-def _scale_from_moments(var: np.ndarray) -> tuple[np.ndarray, int]:
+def scale_from_moments(var: np.ndarray) -> tuple[np.ndarray, int]:
     """Standard deviations with constant columns mapped to 1; returns (scale, n_constant)."""
     vmax = float(var.max(initial=0.0))
     const = var <= ZERO_VARIANCE_RTOL * vmax
@@ -35,13 +35,13 @@ def _scale_from_moments(var: np.ndarray) -> tuple[np.ndarray, int]:
     return scale, int(const.sum())
 
 
-def _check_rows_and_variance(src: MatrixSource | str, n: int, total: float, mean: np.ndarray, n_invalid: int = 0):
+def check_rows_and_variance(src: MatrixSource | str, n: int, total: float, mean: np.ndarray, n_invalid: int = 0):
     """Refuse fewer than 2 valid rows or zero total variance; ``src`` is a source or its name.
 
     ``total`` is the total energy of whichever matrix is about to be decomposed (raw centred, or
     standardised / L2-normalised); ``n_invalid`` rows dropped before the count are named in the message.
     """
-    name = src if isinstance(src, str) else _name(src)
+    name = src if isinstance(src, str) else source_name(src)
     if n < 2:
         extra = f" ({n_invalid} invalid rows were dropped)" if n_invalid else ""
         raise SubspaceError(f"{name}: need at least 2 valid rows to fit a subspace, got {n}{extra}; "
@@ -53,7 +53,7 @@ def _check_rows_and_variance(src: MatrixSource | str, n: int, total: float, mean
                             f"(e.g. a model layer that outputs constants)")
 
 
-def _pick_k(lam: np.ndarray, total: float, energy, k, rank: int, n: int, d: int, src_name: str):
+def pick_k(lam: np.ndarray, total: float, energy, k, rank: int, n: int, d: int, src_name: str):
     """k from the energy target (or the override) given eigenvalues ``lam`` sorted descending."""
     if k is not None:
         k = int(k)
@@ -72,7 +72,7 @@ def _pick_k(lam: np.ndarray, total: float, energy, k, rank: int, n: int, d: int,
     return int(min(hit[0] + 1, max(rank, 1)))
 
 
-def _signs(V: np.ndarray) -> np.ndarray:
+def canonical_signs(V: np.ndarray) -> np.ndarray:
     """Deterministic sign: the largest-magnitude entry of each column is positive."""
     idx = np.argmax(np.abs(V), axis=0)
     s = np.sign(V[idx, np.arange(V.shape[1])])
@@ -80,7 +80,7 @@ def _signs(V: np.ndarray) -> np.ndarray:
     return V * s
 
 
-def _eps_for(dtype) -> float:
+def eps_for(dtype) -> float:
     return float(np.finfo(dtype).eps)
 
 
@@ -175,10 +175,10 @@ def subspace_from_gram(G: np.ndarray, *, n: int, mean: np.ndarray, scale, l2_nor
     dict
         Keyword arguments for :class:`Subspace` (without ``solver``, ``passes``, ``info``).
     """
-    be = backend or _NumpyBackend()
+    be = backend or NumpyBackend()
     d = G.shape[0]
     total = float(G.trace())
-    _check_rows_and_variance(src_name, n, total, mean)
+    check_rows_and_variance(src_name, n, total, mean)
     with _blas_threads(1):
         return _eig_fields(G, be, d, total, n=n, mean=mean, scale=scale, l2_normalize=l2_normalize,
                            energy=energy, k=k, src_name=src_name, compute_dtype=compute_dtype)
@@ -194,9 +194,9 @@ def _eig_fields(G, be, d, total, *, n, mean, scale, l2_normalize, energy, k, src
     lam = np.maximum(lam, 0.0)
     lam_max = float(lam[0]) if lam.size else 0.0
     # eigenvalues below this are indistinguishable from the rounding of the products
-    tol = lam_max * d * _eps_for(compute_dtype) * 4
+    tol = lam_max * d * eps_for(compute_dtype) * 4
     rank = int((lam > tol).sum())
-    kk = _pick_k(lam, total, energy, k, rank, n, d, src_name)
+    kk = pick_k(lam, total, energy, k, rank, n, d, src_name)
     if kk is None:  # cannot happen with the full spectrum, kept for safety
         kk = rank
     kk = max(1, min(kk, d))
@@ -205,7 +205,7 @@ def _eig_fields(G, be, d, total, *, n, mean, scale, l2_normalize, energy, k, src
         if tri is not None:
             lam_all, V_all = np.linalg.eigh(G)
         V = be.to_host(V_all)[:, ::-1]
-    comps = _signs(np.ascontiguousarray(V[:, :kk]))
+    comps = canonical_signs(np.ascontiguousarray(V[:, :kk]))
     sv = np.sqrt(lam[:kk])
     if not (sv > 0).all():
         raise SubspaceError(f"{src_name}: k={kk} includes a zero singular value; choose a smaller k")

@@ -13,11 +13,11 @@ from typing import Protocol
 import numpy as np
 
 from .accumulators import GramAccumulator, MomentAccumulator, TreeReducer
-from .backends import _NumpyBackend
-from .eigen import _check_rows_and_variance, _scale_from_moments, subspace_from_gram
-from .passes import FIRST_PASS, PassOptions, _first_block_mean, _gram_pass, _moment_pass, _Pass
+from .backends import NumpyBackend
+from .eigen import check_rows_and_variance, scale_from_moments, subspace_from_gram
+from .passes import FIRST_PASS, PassOptions, first_block_mean, gram_pass, moment_pass, StorePass
 from .result import Subspace, SubspaceError
-from .rows import _name
+from .rows import source_name
 
 __all__ = ["finish_exact", "l2_moments", "GramProgress", "GramCheckpoint"]
 
@@ -27,10 +27,10 @@ def l2_moments(mom: MomentAccumulator, *, standardize: bool, src_name: str, n_in
     Row norms are taken after centring (and scaling), so μ and the scale must be known before the
     Gram pass; the row-count and variance checks run here, before that pass is spent.
     """
-    be = backend or _NumpyBackend()
+    be = backend or NumpyBackend()
     n, mean, csq = mom.n, be.to_host(mom.mean), be.to_host(mom.centred_sumsq)
-    _check_rows_and_variance(src_name, n, float(csq.sum()), mean, n_invalid)
-    scale, n_const = _scale_from_moments(csq / n) if standardize else (None, 0)
+    check_rows_and_variance(src_name, n, float(csq.sum()), mean, n_invalid)
+    scale, n_const = scale_from_moments(csq / n) if standardize else (None, 0)
     return n, mean, scale, n_const
 
 
@@ -73,14 +73,14 @@ def finish_exact(acc: GramAccumulator, *, energy, k, standardize: bool, src_name
     Subspace
         ``solver="exact"``.
     """
-    be = backend or _NumpyBackend()
+    be = backend or NumpyBackend()
     if l2 is None:
         n, mean, csq = acc.n, be.to_host(acc.mean), be.to_host(acc.centred_sumsq)
-        _check_rows_and_variance(src_name, n, float(csq.sum()), mean, n_invalid)
+        check_rows_and_variance(src_name, n, float(csq.sum()), mean, n_invalid)
         G = acc.centred_gram()  # stays in the backend's memory for the eigensolver
         scale, n_const = None, 0
         if standardize:
-            scale, n_const = _scale_from_moments(csq / n)
+            scale, n_const = scale_from_moments(csq / n)
             sc = be.asarray(scale)
             G = G / sc[:, None] / sc[None, :]
     else:
@@ -162,21 +162,21 @@ def _resume(checkpoint: GramCheckpoint, src, shift: np.ndarray, be, tracker):
     if progress is None or not progress.stack:
         return TreeReducer(GramAccumulator.merge), list(src.shards)
     if progress.shards != names[:len(progress.shards)]:
-        raise SubspaceError(f"{_name(src)}: the fit checkpoint covers shards {progress.shards[:3]}... that do "
+        raise SubspaceError(f"{source_name(src)}: the fit checkpoint covers shards {progress.shards[:3]}... that do "
                             f"not match the representation store; discard the checkpoint and fit again")
     if any(not np.array_equal(be.to_host(part.shift), shift) for _, part in progress.stack):
-        raise SubspaceError(f"{_name(src)}: the fit checkpoint was summed around another shift (the first "
+        raise SubspaceError(f"{source_name(src)}: the fit checkpoint was summed around another shift (the first "
                             f"block changed); discard the checkpoint and fit again")
     if progress.invalid_rows.size:
         tracker.rows.append(progress.invalid_rows)
     return TreeReducer(GramAccumulator.merge, progress.stack), list(src.shards[len(progress.shards):])
 
 
-def _fit_exact(src, energy, k, standardize, l2_normalize, block_rows, be, tracker, timings, *,
+def fit_exact(src, energy, k, standardize, l2_normalize, block_rows, be, tracker, timings, *,
                info: dict, checkpoint: GramCheckpoint | None = None) -> Subspace:
     """The exact solver over ``src``: Gram pass(es), then :func:`finish_exact`."""
-    p = _Pass(src, block_rows, be, tracker)
-    shift = _first_block_mean(src, block_rows)
+    p = StorePass(src, block_rows, be, tracker)
+    shift = first_block_mean(src, block_rows)
     t0 = time.perf_counter()
     d = src.d
     if not l2_normalize:
@@ -194,23 +194,23 @@ def _fit_exact(src, energy, k, standardize, l2_normalize, block_rows, be, tracke
                 rows = tracker.all_rows()
                 checkpoint.save(GramProgress(list(covered), list(red.stack), rows[rows < end]),
                                 last=shard.name == final)
-        _gram_pass(p, acc, FIRST_PASS, shards=shards, reducer=reducer, after_shard=after)
+        gram_pass(p, acc, FIRST_PASS, shards=shards, reducer=reducer, after_shard=after)
         timings["gram_pass_s"] = time.perf_counter() - t0
         l2, passes = None, 1
     else:
         mom = MomentAccumulator(d, shift, xp=be.xp)
-        _moment_pass(p, mom, FIRST_PASS)
+        moment_pass(p, mom, FIRST_PASS)
         timings["moments_pass_s"] = time.perf_counter() - t0
-        l2 = l2_moments(mom, standardize=standardize, src_name=_name(src), n_invalid=tracker.all_rows().size,
+        l2 = l2_moments(mom, standardize=standardize, src_name=source_name(src), n_invalid=tracker.all_rows().size,
                         backend=be)
         scale = l2[2]
         t1 = time.perf_counter()
         acc = GramAccumulator(d, np.zeros(d), matmul=be.matmul, xp=be.xp)
-        _gram_pass(p, acc, PassOptions(record=False, verify=False, shift=l2[1], l2=True,
+        gram_pass(p, acc, PassOptions(record=False, verify=False, shift=l2[1], l2=True,
                                        inv_scale=None if scale is None else 1.0 / scale,
                                        known_bad=np.sort(tracker.all_rows())))
         timings["gram_pass_s"] = time.perf_counter() - t1
         passes = 2
-    return finish_exact(acc, energy=energy, k=k, standardize=standardize, src_name=_name(src),
+    return finish_exact(acc, energy=energy, k=k, standardize=standardize, src_name=source_name(src),
                         compute_dtype=p.dtype, l2=l2, backend=be, n_invalid=tracker.all_rows().size,
                         passes=passes, info={**info, "timings": timings}, provenance=dict(src.provenance))

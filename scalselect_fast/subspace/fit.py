@@ -9,12 +9,12 @@ import numpy as np
 from .. import native
 from ..store import DEFAULT_BLOCK_ROWS, open_source
 from .accumulators import EXACT_GRAM_MAX_BYTES
-from .backends import _namespace
-from .eigen import _check_energy_k
-from .exact import _fit_exact
-from .randomized import SketchOptions, _fit_randomized, _SwitchToExact
+from .backends import array_namespace
+from .eigen import check_energy_k
+from .exact import fit_exact
+from .randomized import SketchOptions, fit_randomized, SwitchToExact
 from .result import Subspace, SubspaceError
-from .rows import _InvalidTracker, _name
+from .rows import InvalidTracker, source_name
 
 # --------------------------------------------------------------------------------------------------
 # public entry point
@@ -111,7 +111,7 @@ def fit_subspace(source, energy: float = 0.9, k: int | None = None, solver: str 
     if not center:
         raise SubspaceError("center=False is not supported: ScalSelect's subspace is that of the centred "
                             "matrix (leverage of uncentred data mostly measures the distance to the mean)")
-    _check_energy_k(energy, k)
+    check_energy_k(energy, k)
     if block_rows < 1:
         raise SubspaceError(f"block_rows must be ≥ 1, got {block_rows}")
     t_start = time.perf_counter()
@@ -120,11 +120,11 @@ def fit_subspace(source, energy: float = 0.9, k: int | None = None, solver: str 
         warnings.warn("fit_subspace(backend=...) is deprecated; use array_backend=... ('numpy' or 'cupy')",
                       DeprecationWarning, stacklevel=2)
         array_backend = backend
-    be = _namespace(array_backend, matmul)
+    be = array_namespace(array_backend, matmul)
     if src.n < 2:
-        raise SubspaceError(f"{_name(src)}: need at least 2 rows to fit a subspace, got {src.n}")
+        raise SubspaceError(f"{source_name(src)}: need at least 2 rows to fit a subspace, got {src.n}")
     if k is not None and int(k) > min(src.n - 1, src.d):
-        raise SubspaceError(f"{_name(src)}: k={k} exceeds min(n-1, d) = {min(src.n - 1, src.d)}, the largest "
+        raise SubspaceError(f"{source_name(src)}: k={k} exceeds min(n-1, d) = {min(src.n - 1, src.d)}, the largest "
                             f"possible rank of the centred matrix; choose a smaller k")
     if solver == "auto":
         chosen, reason = choose_solver(src.n, src.d, k, oversample)
@@ -132,23 +132,23 @@ def fit_subspace(source, energy: float = 0.9, k: int | None = None, solver: str 
         chosen, reason = solver, "requested"
     else:
         raise SubspaceError(f"unknown solver {solver!r}; use 'auto', 'exact' or 'randomized'")
-    tracker = _InvalidTracker(src, drop_invalid)
+    tracker = InvalidTracker(src, drop_invalid)
     timings: dict[str, float] = {}
     info = fit_info(src, solver_requested=solver, backend=be.name, block_rows=block_rows, seed=seed,
                     drop_invalid=drop_invalid, standardize=standardize)
     if chosen == "exact":
-        sub = _fit_exact(src, energy, k, standardize, l2_normalize, block_rows, be, tracker, timings,
+        sub = fit_exact(src, energy, k, standardize, l2_normalize, block_rows, be, tracker, timings,
                          info=info, checkpoint=checkpoint)
     else:
         try:
-            fields, passes, extra = _fit_randomized(src, energy, k, standardize, l2_normalize, block_rows, be,
+            fields, passes, extra = fit_randomized(src, energy, k, standardize, l2_normalize, block_rows, be,
                                                     tracker, timings, seed,
                                                     SketchOptions(oversample=oversample, n_iter=n_iter))
             sub = Subspace(solver="randomized", passes=passes, info={**info, "timings": timings, **extra},
                            provenance=dict(src.provenance), **fields)
-        except _SwitchToExact as sw:
-            tracker = _InvalidTracker(src, drop_invalid)  # the exact pass records the rows again
-            sub = _fit_exact(src, energy, k, standardize, l2_normalize, block_rows, be, tracker, timings,
+        except SwitchToExact as sw:
+            tracker = InvalidTracker(src, drop_invalid)  # the exact pass records the rows again
+            sub = fit_exact(src, energy, k, standardize, l2_normalize, block_rows, be, tracker, timings,
                              info=info, checkpoint=checkpoint)
             sub.passes += sw.passes
             sub.info.update(randomized_gave_up=sw.reason, randomized_passes=sw.passes, history=sw.history)

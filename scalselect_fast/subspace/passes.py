@@ -1,4 +1,4 @@
-"""Streaming passes over a source: the reused compute buffer (:class:`_Pass`), the per-shard moment
+"""Streaming passes over a source: the reused compute buffer (:class:`StorePass`), the per-shard moment
 and Gram passes combined by :func:`~.accumulators.tree_reduce`, and the BLAS threading that keeps
 their bits independent of the thread count (shards side by side, chunks concurrently).
 """
@@ -12,7 +12,7 @@ from .. import native
 from ..store import DEFAULT_PREFETCH, MatrixSource
 from .accumulators import GRAM_CHUNK_ROWS, GramAccumulator, MomentAccumulator, TreeReducer, tree_reduce
 from .result import SubspaceError
-from .rows import _bad_rows_in, _InvalidTracker, _name
+from .rows import bad_rows_in, InvalidTracker, source_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +43,7 @@ class PassOptions:
     l2: bool = False
     known_bad: np.ndarray | None = None
 
-    def blocks(self, p: "_Pass", acc, shard):
+    def blocks(self, p: "StorePass", acc, shard):
         """``p.blocks`` over ``shard`` with these options (``acc.shift`` unless ``shift``)."""
         return p.blocks(acc.shift if self.shift is None else self.shift, verify=self.verify,
                         inv_scale=self.inv_scale, l2=self.l2, known_bad=self.known_bad, shard=shard)
@@ -53,16 +53,16 @@ class PassOptions:
 FIRST_PASS = PassOptions()
 
 
-def _compute_dtype(src: MatrixSource):
+def compute_dtype(src: MatrixSource):
     """float64 for every storage dtype: float32 products (2× faster) left ~1e-5 relative differences
     in the scores between CPUs' BLAS kernels and moved ranks; see :func:`native.leverage_block`."""
     return np.float64
 
 
-def _first_block_mean(src: MatrixSource, block_rows: int) -> np.ndarray:
+def first_block_mean(src: MatrixSource, block_rows: int) -> np.ndarray:
     """Mean of the finite rows of the first block: the shift that keeps centring accurate."""
     for _, block in src.iter_blocks(min(block_rows, 4096)):
-        b = block if not src.is_bf16 else native._decode(block, True)
+        b = block if not src.is_bf16 else native.decode_block(block, True)
         b = b.astype(np.float64)
         ok = np.isfinite(b).all(axis=1)
         if ok.any():
@@ -74,12 +74,12 @@ def _first_block_mean(src: MatrixSource, block_rows: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 # streaming passes
 # --------------------------------------------------------------------------------------------------
-class _Pass:
+class StorePass:
     """One streaming pass over the source with a reused compute buffer and invalid-row handling."""
 
-    def __init__(self, src: MatrixSource, block_rows: int, be, tracker: _InvalidTracker):
+    def __init__(self, src: MatrixSource, block_rows: int, be, tracker: InvalidTracker):
         self.src, self.block_rows, self.be, self.tracker = src, block_rows, be, tracker
-        self.dtype = _compute_dtype(src)
+        self.dtype = compute_dtype(src)
         m = max(1, min(block_rows, max(s.count for s in src.shards) if src.shards else 1))
         self.buf = be.xp.empty((m, src.d), dtype=self.dtype)
         self._norms = be.xp.empty(m, dtype=self.dtype)
@@ -115,9 +115,9 @@ class _Pass:
 
     def fix(self, off: int, b: np.ndarray, record: bool) -> int:
         """A partial sum was non-finite: find the rows, raise or zero them; returns rows zeroed."""
-        bad = _bad_rows_in(b)
+        bad = bad_rows_in(b)
         if bad.size == 0:
-            raise SubspaceError(f"{_name(self.src)}: values too large: a product overflowed in the "
+            raise SubspaceError(f"{source_name(self.src)}: values too large: a product overflowed in the "
                                 f"block at row {off} although every value is finite; rescale the "
                                 f"representations (e.g. divide by their max norm)")
         self.tracker.found(off, bad, record)
@@ -179,7 +179,7 @@ class _SingleThreadedBlas:
         return outs
 
 
-def _gram_pass(p: _Pass, acc: GramAccumulator, opts: PassOptions = FIRST_PASS, *, shards=None,
+def gram_pass(p: StorePass, acc: GramAccumulator, opts: PassOptions = FIRST_PASS, *, shards=None,
                reducer: TreeReducer | None = None, after_shard=None) -> None:
     """Stream ``p`` into ``acc`` (blocks transformed as ``opts`` says).
 
@@ -195,7 +195,7 @@ def _gram_pass(p: _Pass, acc: GramAccumulator, opts: PassOptions = FIRST_PASS, *
     reducer = reducer or TreeReducer(GramAccumulator.merge)
     shards = p.src.shards if shards is None else list(shards)
     with _SingleThreadedBlas() as blas:
-        def partial(q: _Pass, shard, products):
+        def partial(q: StorePass, shard, products):
             part = GramAccumulator(acc.d, acc.shift, matmul=acc._matmul, xp=acc._xp_name)
             _gram_shard(q, part, shard, opts, products)
             return part
@@ -203,7 +203,7 @@ def _gram_pass(p: _Pass, acc: GramAccumulator, opts: PassOptions = FIRST_PASS, *
         workers = _shards_side_by_side(blas, acc, shards, p.block_rows)
         if workers:
             parts = _ordered_parallel(blas, workers, shards, lambda q, shard: partial(q, shard, _SEQUENTIAL_GRAMS),
-                                      lambda: _Pass(p.src, p.block_rows, p.be, p.tracker))
+                                      lambda: StorePass(p.src, p.block_rows, p.be, p.tracker))
         else:
             parts = (partial(p, shard, blas) for shard in shards)
         for shard, part in zip(shards, parts):
@@ -253,7 +253,7 @@ SIDE_BY_SIDE_MAX_BYTES = 2 * 2**30
 
 def _ordered_parallel(blas: _SingleThreadedBlas, workers: int, shards, work, make_pass):
     """Yield ``work(pass, shard)`` for each shard in order, at most ``workers`` shards in flight,
-    each worker thread with its own :class:`_Pass` (buffers)."""
+    each worker thread with its own :class:`StorePass` (buffers)."""
     import threading
 
     local = threading.local()
@@ -272,7 +272,7 @@ def _ordered_parallel(blas: _SingleThreadedBlas, workers: int, shards, work, mak
         yield fut.result()
 
 
-def _gram_shard(p: _Pass, acc: GramAccumulator, shard, opts: PassOptions, blas) -> None:
+def _gram_shard(p: StorePass, acc: GramAccumulator, shard, opts: PassOptions, blas) -> None:
     """One shard into ``acc``, chunk products from ``blas.grams``; invalid rows raise or are zeroed."""
     if acc.xp is not np and _gram_shard_unchecked(p, acc, shard, opts):
         return
@@ -291,7 +291,7 @@ def _gram_shard(p: _Pass, acc: GramAccumulator, shard, opts: PassOptions, blas) 
         acc.n -= zeroed_total
 
 
-def _gram_shard_unchecked(p: _Pass, acc: GramAccumulator, shard, opts: PassOptions) -> bool:
+def _gram_shard_unchecked(p: StorePass, acc: GramAccumulator, shard, opts: PassOptions) -> bool:
     """Device fast path: accumulate the whole shard without reading anything back, then check once.
 
     On a GPU, asking per chunk whether the Gram's diagonal is finite would make the host wait for
@@ -316,7 +316,7 @@ def _gram_shard_unchecked(p: _Pass, acc: GramAccumulator, shard, opts: PassOptio
     return False
 
 
-def _moment_pass(p: _Pass, acc: MomentAccumulator, opts: PassOptions = FIRST_PASS) -> None:
+def moment_pass(p: StorePass, acc: MomentAccumulator, opts: PassOptions = FIRST_PASS) -> None:
     """Moments of ``p`` into ``acc`` (rows shifted only), per-shard partials combined by
     :func:`tree_reduce`; ``opts.record``/``opts.verify`` as in :class:`PassOptions`."""
     def shard_partials():
@@ -329,7 +329,7 @@ def _moment_pass(p: _Pass, acc: MomentAccumulator, opts: PassOptions = FIRST_PAS
         acc.merge(tree_reduce(shard_partials(), MomentAccumulator.merge))
 
 
-def _moment_shard(p: _Pass, acc: MomentAccumulator, shard, opts: PassOptions) -> None:
+def _moment_shard(p: StorePass, acc: MomentAccumulator, shard, opts: PassOptions) -> None:
     for off, b, n_valid in p.blocks(acc.shift, verify=opts.verify, shard=shard):
         m = b.shape[0]
         xp = acc.xp

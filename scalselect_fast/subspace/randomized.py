@@ -10,17 +10,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from .accumulators import EXACT_GRAM_MAX_BYTES, MomentAccumulator, SketchAccumulator
-from .eigen import _check_rows_and_variance, _eps_for, _pick_k, _scale_from_moments, _signs
-from .passes import FIRST_PASS, _first_block_mean, _moment_pass, _Pass
+from .eigen import check_rows_and_variance, eps_for, pick_k, scale_from_moments, canonical_signs
+from .passes import FIRST_PASS, first_block_mean, moment_pass, StorePass
 from .result import SubspaceError
-from .rows import _name
+from .rows import source_name
 
 #: above this width the randomized solver hands over to the exact one once its sketch needs > d/2
 SKETCH_SWITCH_MIN_D = 256
 # --------------------------------------------------------------------------------------------------
 # randomized solver
 # --------------------------------------------------------------------------------------------------
-class _SwitchToExact(Exception):
+class SwitchToExact(Exception):
     """The randomized solver gave up for a cost or convergence reason; the exact solver takes over."""
 
     def __init__(self, reason: str, passes: int, history: list):
@@ -65,7 +65,7 @@ class _CentredGramOperator:
     invalid, and ``total`` = ‖A‖_F² (set by the first product for L2-normalised rows).
     """
 
-    def __init__(self, p: _Pass, shift: np.ndarray, mom, bad: np.ndarray, standardize: bool, l2_normalize: bool):
+    def __init__(self, p: StorePass, shift: np.ndarray, mom, bad: np.ndarray, standardize: bool, l2_normalize: bool):
         be = p.be
         self.p, self.be, self.shift, self.bad, self.l2_normalize = p, be, shift, bad, l2_normalize
         self.n, self.mean = mom.n, be.to_host(mom.mean)
@@ -73,7 +73,7 @@ class _CentredGramOperator:
         self.raw_total = float(csq.sum())
         self.scale, self.n_const = (None, 0)
         if standardize:
-            self.scale, self.n_const = _scale_from_moments(csq / max(self.n, 1))
+            self.scale, self.n_const = scale_from_moments(csq / max(self.n, 1))
         self.inv = None if self.scale is None else 1.0 / self.scale
         # every valid non-zero L2-normalised row has norm 1: its total is summed on the first product
         self.total = None if l2_normalize else (
@@ -83,7 +83,7 @@ class _CentredGramOperator:
 
     def check(self, src) -> None:
         """Refuse too few rows or zero variance (before dividing by n)."""
-        _check_rows_and_variance(src, self.n, self.raw_total, self.mean, self.bad.size)
+        check_rows_and_variance(src, self.n, self.raw_total, self.mean, self.bad.size)
         self.delta = self.be.to_host(self._mom.colsum) / self.n
 
     def apply(self, Q: np.ndarray) -> tuple[np.ndarray, float | None]:
@@ -105,7 +105,7 @@ class _CentredGramOperator:
         return (Z if self.inv is None else Z * self.inv[:, None]), None
 
 
-def _first_pass(src, p: _Pass, omega: np.ndarray, standardize: bool, l2_normalize: bool, tracker,
+def _first_pass(src, p: StorePass, omega: np.ndarray, standardize: bool, l2_normalize: bool, tracker,
                 timings: dict) -> tuple[_CentredGramOperator, np.ndarray, int]:
     """Moments, and ``AᵀA Ω`` for the random start ``omega`` (d×ℓ): ``(operator, Z, passes)``.
 
@@ -114,7 +114,7 @@ def _first_pass(src, p: _Pass, omega: np.ndarray, standardize: bool, l2_normaliz
     known first, so the product takes a second pass.
     """
     be, xp, d = p.be, p.be.xp, src.d
-    shift = _first_block_mean(src, p.block_rows)
+    shift = first_block_mean(src, p.block_rows)
     t0 = time.perf_counter()
     if not l2_normalize:
         acc = SketchAccumulator(d, shift, omega, moments=True, matmul=be.matmul, dtype=p.dtype, xp=xp)
@@ -126,11 +126,11 @@ def _first_pass(src, p: _Pass, omega: np.ndarray, standardize: bool, l2_normaliz
                 z = acc.products(b)
             acc.add(b, z, n_valid)
             if not (bool(xp.isfinite(acc.colsum).all()) and bool(xp.isfinite(acc.sumsq).all())):
-                raise SubspaceError(f"{_name(src)}: values too large near row {off}; rescale the data")
+                raise SubspaceError(f"{source_name(src)}: values too large near row {off}; rescale the data")
         mom = acc
     else:
         mom = MomentAccumulator(d, shift, xp=xp)
-        _moment_pass(p, mom, FIRST_PASS)
+        moment_pass(p, mom, FIRST_PASS)
         acc = None
     timings["pass1_s"] = time.perf_counter() - t0
     op = _CentredGramOperator(p, shift, mom, np.sort(tracker.all_rows()), standardize, l2_normalize)
@@ -143,7 +143,7 @@ def _first_pass(src, p: _Pass, omega: np.ndarray, standardize: bool, l2_normaliz
     else:
         Z, op.total = op.apply(omega)
         passes += 1
-    _check_rows_and_variance(src, op.n, op.total, op.mean)
+    check_rows_and_variance(src, op.n, op.total, op.mean)
     return op, Z, passes
 
 
@@ -167,7 +167,7 @@ def _range_finder(src, op: _CentredGramOperator, Z: np.ndarray, rng, energy, k, 
     the energy target with ``oversample`` spare columns, then ``n_iter`` more iterations until the
     top-k Ritz values are stable.
 
-    Raises :class:`_SwitchToExact` when the exact solver is cheaper (a flat spectrum) or the sketch
+    Raises :class:`SwitchToExact` when the exact solver is cheaper (a flat spectrum) or the sketch
     does not converge within ``max_passes``.
     """
     d = src.d
@@ -186,7 +186,7 @@ def _range_finder(src, op: _CentredGramOperator, Z: np.ndarray, rng, energy, k, 
         M = Q.T @ Z
         lam, U = np.linalg.eigh((M + M.T) * 0.5)
         lam, U = np.maximum(lam[::-1], 0.0), U[:, ::-1]
-        kk = _pick_k(lam, total, energy, k, rank=ell, n=op.n, d=d, src_name=_name(src))
+        kk = pick_k(lam, total, energy, k, rank=ell, n=op.n, d=d, src_name=source_name(src))
         captured = float(lam[:kk].sum()) if kk is not None else float(lam.sum())
         history.append({"ell": ell, "k": kk, "captured": captured / total})
         enough = kk is not None and (kk + opts.oversample <= ell or ell == d)
@@ -209,18 +209,18 @@ def _range_finder(src, op: _CentredGramOperator, Z: np.ndarray, rng, energy, k, 
         if iters_after_fit >= opts.n_iter and converged:
             return _Sketch(Q, lam, U, kk, passes, growths, history)
         if passes >= opts.max_passes:
-            raise _SwitchToExact(f"the sketch did not converge within {opts.max_passes} passes", passes, history)
+            raise SwitchToExact(f"the sketch did not converge within {opts.max_passes} passes", passes, history)
 
 
 def _grown_width(lam, total, energy, k, kk, ell: int, d: int, passes: int, history: list,
                  opts: SketchOptions) -> int:
-    """The next, wider ℓ; raises :class:`_SwitchToExact` when that width costs more than exact."""
+    """The next, wider ℓ; raises :class:`SwitchToExact` when that width costs more than exact."""
     if SKETCH_SWITCH_MIN_D < d and 8 * d * d <= EXACT_GRAM_MAX_BYTES:
         need = _predict_sketch_width(lam, total, energy, k, opts.oversample, d)
         # finishing needs at least one pass at that width plus n_iter refinements, each
         # 4·N·d·ℓ flops; the exact solver's one Gram pass costs N·d² (and its Gram fits)
         if (opts.n_iter + 1) * 4 * need > d:
-            raise _SwitchToExact(
+            raise SwitchToExact(
                 f"the sketch would need ℓ≈{need} columns (Ritz spectrum extrapolated after "
                 f"{passes} passes), and {opts.n_iter + 1} more passes at that width cost more than "
                 f"one exact Gram pass (flat spectrum; ℓ > d/2={d // 2} would exceed it per pass)",
@@ -231,7 +231,7 @@ def _grown_width(lam, total, energy, k, kk, ell: int, d: int, passes: int, histo
         # A pass with ℓ > d/2 columns costs 4·N·d·ℓ > 2·N·d² flops, more than the exact
         # solver's whole Gram pass: finish exactly instead (the user gets the exact answer).
         # Small d keeps sketching (up to ℓ = d, where one Rayleigh-Ritz pass is exact).
-        raise _SwitchToExact(f"the sketch needed ℓ={new} > d/2={d // 2} columns (spectrum too "
+        raise SwitchToExact(f"the sketch needed ℓ={new} > d/2={d // 2} columns (spectrum too "
                              f"flat for a low-rank sketch)", passes, history)
     return new
 
@@ -244,19 +244,19 @@ def _ritz_svd(src, op: _CentredGramOperator, sketch: _Sketch, energy, k, opts: S
     """
     lam, kk, d = sketch.lam, sketch.k, src.d
     if kk is None:
-        raise SubspaceError(f"{_name(src)}: the randomized sketch (ℓ={sketch.Q.shape[1]}) did not reach energy "
+        raise SubspaceError(f"{source_name(src)}: the randomized sketch (ℓ={sketch.Q.shape[1]}) did not reach energy "
                             f"{energy} within {opts.max_passes} passes; use solver='exact'")
-    if k is not None and kk > int((lam > lam[0] * d * _eps_for(dtype) * 4).sum()):
-        raise SubspaceError(f"{_name(src)}: k={k} exceeds the numerical rank of the centred matrix; "
+    if k is not None and kk > int((lam > lam[0] * d * eps_for(dtype) * 4).sum()):
+        raise SubspaceError(f"{source_name(src)}: k={k} exceeds the numerical rank of the centred matrix; "
                             f"choose a smaller k")
-    V = _signs(np.ascontiguousarray(sketch.Q @ sketch.U[:, :kk]))
+    V = canonical_signs(np.ascontiguousarray(sketch.Q @ sketch.U[:, :kk]))
     sv = np.sqrt(lam[:kk])
     return dict(mean=op.mean, scale=op.scale, l2_normalize=op.l2_normalize, components=V, singular_values=sv,
                 energy_curve=lam, k=int(kk), energy=None if k is not None else float(energy),
                 captured_energy=float(lam[:kk].sum()), total_energy=float(op.total), n=op.n, d=d)
 
 
-def _fit_randomized(src, energy, k, standardize: bool, l2_normalize: bool, block_rows: int, be, tracker,
+def fit_randomized(src, energy, k, standardize: bool, l2_normalize: bool, block_rows: int, be, tracker,
                     timings: dict, seed: int, opts: SketchOptions = SketchOptions()):
     """Randomized fit: first pass, range finder, Rayleigh-Ritz finish.
 
@@ -270,7 +270,7 @@ def _fit_randomized(src, energy, k, standardize: bool, l2_normalize: bool, block
     with the sketch widened adaptively until it holds the energy target.
     """
     rng = np.random.default_rng(seed)
-    p = _Pass(src, block_rows, be, tracker)
+    p = StorePass(src, block_rows, be, tracker)
     omega = rng.standard_normal((src.d, opts.initial_width(src.d, k)))
     op, Z, passes = _first_pass(src, p, omega, standardize, l2_normalize, tracker, timings)
     sketch = _range_finder(src, op, Z, rng, energy, k, opts, passes, timings)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..store import MatrixSource, StoreError
-from .backends import _xp_module
+from .backends import xp_module
 from .result import InvalidRowsError
 
 # --------------------------------------------------------------------------------------------------
@@ -23,9 +23,9 @@ def describe_rows(src: MatrixSource, rows, limit: int = 5) -> str:
                 sid = src._ids[r]
             elif shard.ids_path is not None:
                 if shard.name not in ids_cache:
-                    from ..store import _read_ids
+                    from ..store import read_ids
 
-                    ids_cache[shard.name] = _read_ids(shard)
+                    ids_cache[shard.name] = read_ids(shard)
                 sid = ids_cache[shard.name][r - shard.offset]
         except (OSError, StoreError):  # an id lookup must not hide the real error
             pass
@@ -34,15 +34,15 @@ def describe_rows(src: MatrixSource, rows, limit: int = 5) -> str:
     return ", ".join(parts) + more
 
 
-def _bad_rows_in(buf: np.ndarray) -> np.ndarray:
+def bad_rows_in(buf: np.ndarray) -> np.ndarray:
     """Local indices of rows of ``buf`` with a non-finite value (only called when a sum was)."""
     if isinstance(buf, np.ndarray):
         return np.flatnonzero(~np.isfinite(buf).all(axis=1))
-    xp = _xp_module(type(buf).__module__.split(".")[0])  # device array: scan there, indices to host
+    xp = xp_module(type(buf).__module__.split(".")[0])  # device array: scan there, indices to host
     return np.asarray(xp.asnumpy(xp.flatnonzero(~xp.isfinite(buf).all(axis=1))), dtype=np.int64)
 
 
-class _InvalidTracker:
+class InvalidTracker:
     """Collects invalid rows during the first pass; raises or drops per ``drop_invalid``."""
 
     def __init__(self, src: MatrixSource, drop: bool):
@@ -65,7 +65,7 @@ class _InvalidTracker:
         return np.sort(np.concatenate(self.rows)) if self.rows else np.empty(0, np.int64)
 
 
-def _name(src: MatrixSource) -> str:
+def source_name(src: MatrixSource) -> str:
     p = getattr(src, "path", None)
     if p is not None:
         return str(p)

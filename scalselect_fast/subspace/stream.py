@@ -23,7 +23,7 @@ import numpy as np
 from .. import native
 from .accumulators import EXACT_GRAM_MAX_BYTES as MAX_GRAM_BYTES  # the largest Gram it will hold, as auto
 from .accumulators import GramAccumulator
-from .eigen import _check_energy_k
+from .eigen import check_energy_k
 from .exact import finish_exact
 from .result import Subspace, SubspaceError
 
@@ -62,7 +62,7 @@ class SubspaceAccumulator:
 
     def __init__(self, energy: float = 0.9, k: int | None = None, solver: str = "auto",
                  standardize: bool = False, provenance: dict | None = None):
-        _check_energy_k(energy, k)
+        check_energy_k(energy, k)
         if solver not in ("auto", "exact", "randomized"):
             raise ValueError(f"unknown solver {solver!r}; use 'auto' or 'exact'")
         if solver == "randomized":
