@@ -201,8 +201,10 @@ def _cmd_fit_dask(args) -> int:
 
     _no_overwrite([_out_file(args.out)], [args.source])
     with distributed.connect(args.dask_scheduler) as client:
+        kwargs = _fit_kwargs(args)
+        kwargs.pop("seed")  # the exact solver, the only one on Dask, draws nothing
         sub = distributed.fit_subspace(args.source, client, block_rows=args.block_rows,
-                                       drop_invalid=args.drop_invalid, **_fit_kwargs(args))
+                                       drop_invalid=args.drop_invalid, **kwargs)
     sub.save(args.out)
     w = sub.info["distributed"]
     print(f"fit (dask, {w['workers']} workers, {w['shards']} shards): {sub.summary()} -> {args.out}")

@@ -225,9 +225,8 @@ def _reduce_partials(client, futures):
     return tree_reduce(futures, lambda a, b: client.submit(_merge_task, a, b, pure=False)).result()
 
 
-def fit_subspace(source, client, energy: float = 0.9, k: int | None = None, solver: str = "auto",
-                 center: bool = True, standardize: bool = False, l2_normalize: bool = False, seed: int = 0,
-                 *, block_rows: int = DEFAULT_BLOCK_ROWS, drop_invalid: bool = False):
+def fit_subspace(source, client, energy: float = 0.9, k: int | None = None, solver: str = "auto", *,
+                 standardize: bool = False, l2_normalize: bool = False, block_rows: int = DEFAULT_BLOCK_ROWS, drop_invalid: bool = False):
     """:func:`scalselect_fast.fit_subspace` on a Dask cluster (exact solver), one task per shard.
 
     Parameters
@@ -239,10 +238,6 @@ def fit_subspace(source, client, energy: float = 0.9, k: int | None = None, solv
         As in :func:`scalselect_fast.fit_subspace`; results are identical to it.
     solver : {"auto", "exact"}
         Only the exact (Gram) solver is distributed; ``auto`` means exact here.
-    center : bool
-        Must be True.
-    seed : int
-        Unused by the exact solver (kept for the same signature).
 
     Returns
     -------
@@ -261,8 +256,6 @@ def fit_subspace(source, client, energy: float = 0.9, k: int | None = None, solv
     from .subspace.passes import compute_dtype
     from .subspace.rows import source_name
 
-    if not center:
-        raise SubspaceError("center=False is not supported: ScalSelect's subspace is that of the centred matrix")
     check_energy_k(energy, k)
     src = open_source(source)
     d = src.d
@@ -299,7 +292,7 @@ def fit_subspace(source, client, energy: float = 0.9, k: int | None = None, solv
         passes = 2
     invalid = np.sort(invalid)
     workers = len(client.scheduler_info().get("workers", {}))
-    info = {**fit_info(src, solver_requested=solver, backend="numpy", block_rows=block_rows, seed=seed,
+    info = {**fit_info(src, solver_requested=solver, backend="numpy", block_rows=block_rows, seed=None,
                        drop_invalid=drop_invalid, standardize=standardize),
             "solver_reason": "distributed: exact Gram tree reduction", "invalid_rows": invalid.tolist(),
             "timings": timings,
@@ -396,6 +389,7 @@ class DaskExecutor:
         self._shards = None
 
     def fit(self, src, *, drop_invalid: bool, **fit_kwargs):
+        fit_kwargs.pop("seed", None)  # the exact solver, the only one on Dask, draws nothing
         return fit_subspace(src, self.client, block_rows=self.block_rows, drop_invalid=drop_invalid, **fit_kwargs)
 
     def score_and_select(self, src, sub, m: int, *, drop_invalid: bool):

@@ -39,9 +39,9 @@ def choose_solver(n: int, d: int, k: int | None = None, oversample: int = 10, pa
     return "exact", f"exact cost {exact:.3g} flops ≤ sketch {rand:.3g} (ℓ≈{ell}, {passes} passes)"
 
 
-def fit_subspace(source, energy: float = 0.9, k: int | None = None, solver: str = "auto",
-                 center: bool = True, standardize: bool = False, l2_normalize: bool = False,
-                 seed: int = 0, *, block_rows: int = DEFAULT_BLOCK_ROWS, drop_invalid: bool = False,
+def fit_subspace(source, energy: float = 0.9, k: int | None = None, solver: str = "auto", *,
+                 standardize: bool = False, l2_normalize: bool = False,
+                 seed: int = 0, block_rows: int = DEFAULT_BLOCK_ROWS, drop_invalid: bool = False,
                  array_backend: str = "numpy", matmul=None, oversample: int = 10, n_iter: int = 2,
                  checkpoint=None, backend: str | None = None) -> Subspace:
     """Fit the dominant subspace of the centred representation matrix, streaming.
@@ -55,8 +55,6 @@ def fit_subspace(source, energy: float = 0.9, k: int | None = None, solver: str 
     k : int, optional
         Use exactly k components (1 ≤ k ≤ rank); overrides ``energy``.
     solver : {"auto", "exact", "randomized"}
-    center : bool, default True
-        Must be True: the method is defined on the centred matrix (kept for API stability).
     standardize : bool
         Divide centred columns by their standard deviation (ddof=0; constant columns keep scale 1).
     l2_normalize : bool
@@ -108,9 +106,6 @@ def fit_subspace(source, energy: float = 0.9, k: int | None = None, solver: str 
     >>> sub.components.shape == (16, sub.k)
     True
     """
-    if not center:
-        raise SubspaceError("center=False is not supported: ScalSelect's subspace is that of the centred "
-                            "matrix (leverage of uncentred data mostly measures the distance to the mean)")
     check_energy_k(energy, k)
     if block_rows < 1:
         raise SubspaceError(f"block_rows must be ≥ 1, got {block_rows}")
@@ -158,9 +153,9 @@ def fit_subspace(source, energy: float = 0.9, k: int | None = None, solver: str 
     return sub
 
 
-def fit_info(src, *, solver_requested: str, backend: str, block_rows: int, seed: int, drop_invalid: bool,
-             standardize: bool) -> dict:
+def fit_info(src, *, solver_requested: str, backend: str, block_rows: int, seed: int | None,
+             drop_invalid: bool, standardize: bool) -> dict:
     """The part of ``Subspace.info`` every fit of ``src`` records (local, Dask, ``scalselect run``)."""
     return {"solver_requested": solver_requested, "backend": backend, "native": native.BACKEND,
-            "block_rows": int(block_rows), "seed": int(seed), "source_dtype": src.dtype,
+            "block_rows": int(block_rows), "seed": None if seed is None else int(seed), "source_dtype": src.dtype,
             "source_rows": int(src.n), "drop_invalid": bool(drop_invalid), "standardize": bool(standardize)}
