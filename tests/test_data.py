@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 import os
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import png_file, write_parquet
 from PIL import Image
 
 from scalselect_fast.data import (IMAGE_TOKEN, DatasetError, ImageError, SkipLog, count_records,
@@ -16,12 +16,6 @@ from scalselect_fast.data import (IMAGE_TOKEN, DatasetError, ImageError, SkipLog
 # --------------------------------------------------------------------------------------------------
 # helpers: tiny datasets written by hand, read back by an obvious reference
 # --------------------------------------------------------------------------------------------------
-def _png(path, colour=(200, 30, 30), size=(8, 6)):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, colour).save(path)
-    return path
-
-
 def _llava_records():
     return [
         {"id": "a1", "image": "img/a.png", "source": "caption",
@@ -58,8 +52,8 @@ def _sharegpt_records():
 
 @pytest.fixture
 def root(tmp_path):
-    _png(tmp_path / "img" / "a.png")
-    _png(tmp_path / "img" / "b.png", colour=(10, 10, 240))
+    png_file(tmp_path / "img" / "a.png")
+    png_file(tmp_path / "img" / "b.png", colour=(10, 10, 240))
     return tmp_path
 
 
@@ -70,12 +64,6 @@ def _write_json(path, records, indent=2):
 
 def _write_jsonl(path, records):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
-def _write_parquet(path, records):
-    keys = list(dict.fromkeys(k for r in records for k in r))  # from_pylist looks at row 0 only
-    pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in records]), path)
     return path
 
 
@@ -107,7 +95,7 @@ def _summary(samples):
 # --------------------------------------------------------------------------------------------------
 # readers
 # --------------------------------------------------------------------------------------------------
-WRITERS = {"json": _write_json, "jsonl": _write_jsonl, "parquet": _write_parquet}
+WRITERS = {"json": _write_json, "jsonl": _write_jsonl, "parquet": write_parquet}
 
 
 @pytest.mark.parametrize("container", ["json", "jsonl", "parquet"])
@@ -200,8 +188,8 @@ def _one(image):
 @pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
 def test_image_root_escape_refused(tmp_path, kind):
     root = tmp_path / "root"
-    outside = _png(tmp_path / "outside" / "secret.png")
-    _png(root / "ok.png")
+    outside = png_file(tmp_path / "outside" / "secret.png")
+    png_file(root / "ok.png")
     if kind == "dotdot":
         image = "../outside/secret.png"
     elif kind == "absolute":
@@ -226,7 +214,7 @@ def test_image_root_escape_refused(tmp_path, kind):
 
 def test_image_root_inside_paths_allowed(tmp_path):
     root = tmp_path / "root"
-    _png(root / "a" / "x.png")
+    png_file(root / "a" / "x.png")
     os.symlink(root / "a" / "x.png", root / "inner_link.png")
     recs = [dict(_one(p)[0], id=str(i)) for i, p in
             enumerate(["a/../a/x.png", str(root / "a" / "x.png"), "inner_link.png"])]
@@ -626,7 +614,7 @@ def test_write_selected_parquet_integer_ids(root):
 
     recs = [{"id": i, "image": ["img/a.png"],
              "conversations": [{"from": "human", "value": "<image>x"}]} for i in range(6)]
-    path = _write_parquet(root / "d.parquet", recs)
+    path = write_parquet(root / "d.parquet", recs)
     write_selected(path, root / "o.parquet", ["4", "1"], order="score")
     t = pq.read_table(root / "o.parquet")
     assert t.column("id").to_pylist() == [4, 1] and t.schema == pq.read_schema(path)
@@ -754,8 +742,8 @@ def test_image_resolver_matches_realpath_reference(tmp_path):
     from scalselect_fast.data.images import ImageResolver
 
     root = tmp_path / "root"
-    _png(root / "a" / "x.png")
-    _png(tmp_path / "elsewhere" / "y.png")
+    png_file(root / "a" / "x.png")
+    png_file(tmp_path / "elsewhere" / "y.png")
     os.symlink(root / "a", root / "dirlink")
     os.symlink(tmp_path / "elsewhere", root / "outdir")
     os.symlink(root / "a" / "x.png", root / "a" / "filelink.png")

@@ -10,13 +10,12 @@ spellings, null and empty turns, the Cauldron ``texts`` flavour, ShareGPT, LLaVA
 """
 from __future__ import annotations
 
-import io
 import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from conftest import png_bytes
 
 from scalselect_fast.data import EmbeddedImage, read_dataset
 from scalselect_fast.data.images import ImageResolver
@@ -27,10 +26,10 @@ from scalselect_fast.data.records import RecordProblem as _Problem, parse_record
 IMG = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
 
-def _png(shade: int) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (3, 2), (shade, 0, 0)).save(buf, format="PNG")
-    return buf.getvalue()
+
+def _red_png(shade: int) -> bytes:
+    """A 3×2 PNG whose red channel is ``shade``: distinct bytes per shade."""
+    return png_bytes((shade, 0, 0), (3, 2))
 
 
 class _Skips:
@@ -73,13 +72,13 @@ def _llava_rows():
     q, a = "<image>\nWhat is it?", "A red patch."
     two = "<image> and <image>: same?"
     return [
-        {"id": "a0", "images": [{"bytes": _png(1), "path": None}], "source": "vqa", "dataset": "d",
+        {"id": "a0", "images": [{"bytes": _red_png(1), "path": None}], "source": "vqa", "dataset": "d",
          "conversations": _turns(("human", q), ("gpt", a))},
         # two images, two placeholders; one named, one not
-        {"id": "a1", "images": [{"bytes": _png(2), "path": "named.png"}, {"bytes": _png(3), "path": None}],
+        {"id": "a1", "images": [{"bytes": _red_png(2), "path": "named.png"}, {"bytes": _red_png(3), "path": None}],
          "source": "", "dataset": "fallback", "conversations": _turns(("human", two), ("gpt", "no"))},
         # images without placeholders: prepended to the first user turn
-        {"id": "a2", "images": [{"bytes": _png(4), "path": ""}, {"bytes": _png(5), "path": None}],
+        {"id": "a2", "images": [{"bytes": _red_png(4), "path": ""}, {"bytes": _red_png(5), "path": None}],
          "source": None, "dataset": None, "conversations": _turns(("system", "be brief"), ("human", "Which?"),
                                                                   ("gpt", "left"))},
         # a path-only struct (an image beside the dataset) and an empty one
@@ -102,9 +101,9 @@ def _llava_rows():
         {"id": "a11", "images": None, "source": "t", "dataset": None, "conversations": []},
         {"id": "a12", "images": None, "source": "t", "dataset": None, "conversations": None},
         # placeholder mismatch; images but no user turn
-        {"id": "a13", "images": [{"bytes": _png(6), "path": None}], "source": "t", "dataset": None,
+        {"id": "a13", "images": [{"bytes": _red_png(6), "path": None}], "source": "t", "dataset": None,
          "conversations": _turns(("human", "<image><image>"), ("gpt", "?"))},
-        {"id": "a14", "images": [{"bytes": _png(7), "path": None}], "source": "t", "dataset": None,
+        {"id": "a14", "images": [{"bytes": _red_png(7), "path": None}], "source": "t", "dataset": None,
          "conversations": _turns(("gpt", "only an answer"))},
         # bad ids: missing, empty, with a line break
         {"id": None, "images": None, "source": "t", "dataset": None, "conversations": _turns(("human", "hi"))},
@@ -232,7 +231,7 @@ def test_rows_without_an_id_column_are_named_by_position(tmp_path):
 def test_null_struct_in_a_batch_and_small_row_groups(tmp_path, odd):
     rows = _llava_rows()[:8]
     if odd == "image":
-        rows[5] = dict(rows[5], images=[None, {"bytes": _png(9), "path": None}])  # a null struct element
+        rows[5] = dict(rows[5], images=[None, {"bytes": _red_png(9), "path": None}])  # a null struct element
     else:
         rows[6] = dict(rows[6], conversations=[None, {"from": "human", "value": "hi"}])  # a null turn
     tables = _write(tmp_path, [pa.Table.from_pylist(rows, schema=_LLAVA)], row_group_size=3)
@@ -246,12 +245,12 @@ def test_null_struct_in_a_batch_and_small_row_groups(tmp_path, odd):
 def test_sharegpt_binary_column_and_int_ids(tmp_path):
     msg = pa.struct([("role", pa.string()), ("content", pa.string())])
     schema = pa.schema([("id", pa.int64()), ("image", pa.binary()), ("task", pa.string()), ("messages", pa.list_(msg))])
-    rows = [{"id": 1, "image": _png(1), "task": "ocr", "messages": _turns(("user", "<image>read"), ("assistant", "A"),
+    rows = [{"id": 1, "image": _red_png(1), "task": "ocr", "messages": _turns(("user", "<image>read"), ("assistant", "A"),
                                                                           keys=("role", "content"))},
             {"id": 2, "image": None, "task": "chat", "messages": _turns(("user", "hi"), keys=("role", "content"))},
             {"id": 3, "image": b"", "task": "ocr", "messages": _turns(("user", "x"), keys=("role", "content"))},
-            {"id": None, "image": _png(2), "task": "ocr", "messages": _turns(("user", "x"), keys=("role", "content"))},
-            {"id": 5, "image": _png(3), "task": None, "messages": _turns(("bot", "first"), ("user", "then"),
+            {"id": None, "image": _red_png(2), "task": "ocr", "messages": _turns(("user", "x"), keys=("role", "content"))},
+            {"id": 5, "image": _red_png(3), "task": None, "messages": _turns(("bot", "first"), ("user", "then"),
                                                                           keys=("role", "content"))}]
     assert (ArrowPlan.for_schema(schema, "id") is not None) == HAVE_NATIVE
     tables = _write(tmp_path, [pa.Table.from_pylist(rows, schema=schema)])
@@ -267,7 +266,7 @@ def test_sharegpt_binary_column_and_int_ids(tmp_path):
 
 def test_single_struct_image_column(tmp_path):
     schema = pa.schema([("id", pa.string()), ("image", IMG), ("conversations", _LLAVA.field("conversations").type)])
-    rows = [{"id": "x", "image": {"bytes": _png(1), "path": "a.png"}, "conversations": _turns(("human", "q"))},
+    rows = [{"id": "x", "image": {"bytes": _red_png(1), "path": "a.png"}, "conversations": _turns(("human", "q"))},
             {"id": "y", "image": None, "conversations": _turns(("human", "q"))},
             {"id": "z", "image": {"bytes": None, "path": None}, "conversations": _turns(("human", "q"))}]
     tables = _write(tmp_path, [pa.Table.from_pylist(rows, schema=schema)])
@@ -279,7 +278,7 @@ def test_single_struct_image_column(tmp_path):
 def test_cauldron_texts_and_path_lists_take_the_record_path(tmp_path):
     texts = pa.list_(pa.struct([("user", pa.string()), ("assistant", pa.string()), ("source", pa.string())]))
     schema = pa.schema([("id", pa.string()), ("images", pa.list_(IMG)), ("texts", texts)])
-    rows = [{"id": "c0", "images": [{"bytes": _png(1), "path": None}, {"bytes": _png(2), "path": None}],
+    rows = [{"id": "c0", "images": [{"bytes": _red_png(1), "path": None}, {"bytes": _red_png(2), "path": None}],
              "texts": [{"user": "Compare.", "assistant": "Same.", "source": "cauldron/x"},
                        {"user": "Sure?", "assistant": None, "source": None}]},
             {"id": "c1", "images": [], "texts": [{"user": "Hi", "assistant": "Yo", "source": None}]}]
@@ -334,7 +333,7 @@ def test_duplicate_ids_across_shards_are_found_on_the_batch_path(tmp_path):
 def test_null_image_list_that_owns_child_elements(tmp_path):
     """A null list row may still own a range of the child array (Arrow allows it); its images are
     none at all, and the next rows' images stay theirs."""
-    structs = pa.array([{"bytes": _png(k), "path": None} for k in range(3)], type=IMG)
+    structs = pa.array([{"bytes": _red_png(k), "path": None} for k in range(3)], type=IMG)
     images = pa.ListArray.from_arrays(pa.array([0, 1, 2, 3], pa.int32()), structs,
                                       mask=pa.array([False, True, False]))
     conv = pa.array([_turns(("human", "<image> a")), _turns(("human", "no image")), _turns(("human", "<image> c"))],
@@ -343,7 +342,7 @@ def test_null_image_list_that_owns_child_elements(tmp_path):
     assert table.column("images").to_pylist()[1] is None
     datasets = pytest.importorskip("datasets")
     got, _ = _check(datasets.Dataset(table), [("<datasets.Dataset (3 rows)>", table)], os.getcwd())
-    assert [len(s.images) for s in got] == [1, 0, 1] and got[2].images[0].data == _png(2)
+    assert [len(s.images) for s in got] == [1, 0, 1] and got[2].images[0].data == _red_png(2)
 
 
 def _many_rows(n: int, seed: int) -> list[dict]:
@@ -452,7 +451,7 @@ def test_placeholder_counting_in_the_bytes_matches_str_count(tmp_path):
     rows = []
     for i, t in enumerate(texts):
         n = t.count("<image>")
-        rows.append({"id": f"t{i}", "images": [{"bytes": _png(i), "path": None}] * max(n, 1), "source": None,
+        rows.append({"id": f"t{i}", "images": [{"bytes": _red_png(i), "path": None}] * max(n, 1), "source": None,
                      "dataset": None, "conversations": _turns(("human", t), ("gpt", "ok"))})
     tables = _write(tmp_path, [pa.Table.from_pylist(rows, schema=_LLAVA)])
     got, skips = _check(str(tmp_path), tables, str(tmp_path))
@@ -480,7 +479,7 @@ def test_random_rows_match_the_record_path(tmp_path, seed):
             return {"bytes": b"", "path": rng.choice([None, "p.png", ""])}
         if r < 0.22:
             return {"bytes": None, "path": rng.choice([None, "beside.png"])}
-        return {"bytes": _png(rng.randrange(9)), "path": rng.choice([None, None, "", f"n{rng.randrange(5)}.png"])}
+        return {"bytes": _red_png(rng.randrange(9)), "path": rng.choice([None, None, "", f"n{rng.randrange(5)}.png"])}
 
     rows = []
     for i in range(300):

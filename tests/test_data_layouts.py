@@ -10,14 +10,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from conftest import png_bytes
 
 from scalselect_fast.atomic import atomic_dir
 from scalselect_fast.data import DatasetError, EmbeddedImage, ImageError, SkipLog, load_image, open_source, read_dataset
@@ -29,12 +28,6 @@ from scalselect_fast.data.writers import input_layout, selected_name, write_sele
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
-def _png(colour=(200, 30, 30), size=(5, 4)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, colour).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _rec(sid=None, text="<image>\nWhat is it?", **extra) -> bytes:
     r = {} if sid is None else {"id": sid}
     r.update(extra)
@@ -62,9 +55,9 @@ def _shards(d: Path, n_shards=3, per=4, fmt=tarfile.GNU_FORMAT) -> list[Path]:
             key = f"k{s}{j}"
             if (s * per + j) % 3 == 2:
                 members += [(f"{key}.json", _rec(f"id-{key}", text="<image> vs <image>")),
-                            (f"{key}.0.png", _png((s * 40, j * 50, 7))), (f"{key}.1.png", _png((9, s, j)))]
+                            (f"{key}.0.png", png_bytes((s * 40, j * 50, 7))), (f"{key}.1.png", png_bytes((9, s, j)))]
             else:
-                members += [(f"{key}.json", _rec(f"id-{key}", source="vqa")), (f"{key}.png", _png((s, j, 99))),
+                members += [(f"{key}.json", _rec(f"id-{key}", source="vqa")), (f"{key}.png", png_bytes((s, j, 99))),
                             (f"{key}.txt", f"caption {key}".encode())]
         out.append(_tar(d / f"shard-{s:06d}.tar", members, fmt))
     return out
@@ -114,7 +107,7 @@ def test_reads_keys_images_and_ids_across_brace_shards(tmp_path):
 
 
 def test_image_matching_rules(tmp_path):
-    a, b, c = _png((1, 2, 3)), _png((4, 5, 6)), _png((7, 8, 9))
+    a, b, c = png_bytes((1, 2, 3)), png_bytes((4, 5, 6)), png_bytes((7, 8, 9))
     shard = _tar(tmp_path / "s.tar", [
         # numeric order, not tar or string order: .2 before .10
         ("multi.json", _rec(text="<image><image><image>")), ("multi.10.jpg", c), ("multi.0.png", a),
@@ -151,13 +144,13 @@ def test_member_that_is_not_an_image_fails_at_decode_with_its_name(tmp_path):
         load_image(rec["images"][0])
     assert e.value.reason == "image_corrupt" and f"{shard}#a.jpg" in str(e.value)
     # and a real one decodes from memory
-    good = EmbeddedImage(_png((10, 20, 30)), "x")
+    good = EmbeddedImage(png_bytes((10, 20, 30)), "x")
     assert load_image(good).getpixel((0, 0)) == (10, 20, 30)
 
 
 @pytest.mark.parametrize("cut", ["mid_data", "member_boundary", "mid_header", "garbage_header"])
 def test_truncated_or_corrupt_tar_is_one_clear_error(tmp_path, cut):
-    members = [("a.json", _rec("a")), ("a.png", _png()), ("b.json", _rec("b")), ("b.png", _png((1, 1, 1)))]
+    members = [("a.json", _rec("a")), ("a.png", png_bytes()), ("b.json", _rec("b")), ("b.png", png_bytes((1, 1, 1)))]
     src = _tar(tmp_path / "ok.tar", members)
     infos = [ti for ti, _ in _members(src)]
     raw = src.read_bytes()
@@ -177,9 +170,9 @@ def test_truncated_or_corrupt_tar_is_one_clear_error(tmp_path, cut):
 
 
 def test_duplicate_keys_and_missing_shards(tmp_path):
-    _tar(tmp_path / "a" / "s-0.tar", [("k1.json", _rec()), ("k1.png", _png())])
+    _tar(tmp_path / "a" / "s-0.tar", [("k1.json", _rec()), ("k1.png", png_bytes())])
     _tar(tmp_path / "a" / "s-1.tar", [("k2.json", _rec()), ("k1.json", _rec())])
-    one = _tar(tmp_path / "b.tar", [("k.json", _rec()), ("j.json", _rec()), ("k.png", _png())])
+    one = _tar(tmp_path / "b.tar", [("k.json", _rec()), ("j.json", _rec()), ("k.png", png_bytes())])
     with pytest.raises(DatasetError, match="occurs twice"):
         list(iter_webdataset_records(one))
     two = _tar(tmp_path / "c.tar", [("k.json", _rec()), ("k.json", _rec())])
@@ -217,7 +210,7 @@ def test_webdataset_selection_copies_members_byte_for_byte(tmp_path, order, fmt)
     if fmt == tarfile.PAX_FORMAT:  # a long non-ASCII name needs pax header blocks before the member
         long = "x" * 120 + "\u00e9"
         paths.append(_tar(tmp_path / "in" / "shard-000003.tar",
-                          [(f"{long}.json", _rec("long")), (f"{long}.png", _png())], fmt))
+                          [(f"{long}.json", _rec("long")), (f"{long}.png", png_bytes())], fmt))
     before = _sha_tree(tmp_path / "in")
     keep = ["id-k21", "id-k02", "id-k13", "id-k00", "id-k22"] + (["long"] if fmt == tarfile.PAX_FORMAT else [])
     out = tmp_path / "out" / "selected"
@@ -299,7 +292,7 @@ def _parquet_shards(d: Path, sizes=(5, 7, 3)) -> list[Path]:
     out, k = [], 0
     for s, size in enumerate(sizes):
         rows = [{"id": f"r{k + i:03d}", "n": k + i,
-                 "images": [{"bytes": _png((k + i, 3, 5)), "path": None}] * (1 + (k + i) % 2)}
+                 "images": [{"bytes": png_bytes((k + i, 3, 5)), "path": None}] * (1 + (k + i) % 2)}
                 for i in range(size)]
         k += size
         p = d / f"train-{s:05d}-of-{len(sizes):05d}.parquet"
@@ -354,7 +347,7 @@ def test_save_to_disk_in_save_to_disk_out(tmp_path):
                                "conversations": [{"from": datasets.Value("string"),
                                                   "value": datasets.Value("string")}]})
     rows = {"id": [f"d{i}" for i in range(9)],
-            "image": [{"bytes": _png((i, i, i)), "path": None} for i in range(9)],
+            "image": [{"bytes": png_bytes((i, i, i)), "path": None} for i in range(9)],
             "conversations": [[{"from": "human", "value": f"q{i}"}] for i in range(9)]}
     src = tmp_path / "ds"
     datasets.Dataset.from_dict(rows, features=feats).save_to_disk(str(src))
@@ -427,17 +420,15 @@ def test_demo_parquet_layout_is_hf_image_shards(tmp_path):
 # `scalselect run` end to end on every layout of the same samples
 # --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def layouts(tmp_path_factory):
-    pytest.importorskip("scalselect_fast.extract.tiny")
+def layouts(tmp_path_factory, tiny_llava):
     from scalselect_fast.data.demo import LAYOUTS, make_demo_dataset
-    from scalselect_fast.extract.tiny import build_tiny_model
 
     base = tmp_path_factory.mktemp("layouts")
     data = {}
     for layout in LAYOUTS:
         truth = make_demo_dataset(base / layout, n=40, seed=3, layout=layout, shard_size=16)
         data[layout] = base / layout / truth["data"]
-    return {"base": base, "data": data, "model": build_tiny_model("llava", base / "tiny-llava", seed=0)}
+    return {"base": base, "data": data, "model": tiny_llava}
 
 
 def test_run_selects_the_same_samples_in_every_layout(layouts):
@@ -579,7 +570,7 @@ def test_key_grouping_agrees_with_the_webdataset_package(tmp_path):
     from scalselect_fast.data.webdataset import iter_key_groups
 
     paths = _shards(tmp_path, n_shards=2, per=5)
-    paths.append(_tar(tmp_path / "shard-000002.tar", [("d/a.b.JSON", _rec()), ("d/a.b.0.PNG", _png()),
+    paths.append(_tar(tmp_path / "shard-000002.tar", [("d/a.b.JSON", _rec()), ("d/a.b.0.PNG", png_bytes()),
                                                       ("d/c.json", _rec()), ("noext", b"x")]))
     for p in paths:
         with open(p, "rb") as fh:
@@ -613,8 +604,8 @@ def test_select_stage_record_pass_reads_only_the_json_members(tmp_path):
     from scalselect_fast.run.stages import _raw_records, _record_table
 
     paths = _shards(tmp_path / "in", n_shards=2)
-    _tar(tmp_path / "in" / "shard-000009.tar", [("lonely.png", _png()), ("k9.json", _rec(None, source="s9")),
-                                                 ("k9.png", _png())])
+    _tar(tmp_path / "in" / "shard-000009.tar", [("lonely.png", png_bytes()), ("k9.json", _rec(None, source="s9")),
+                                                 ("k9.png", png_bytes())])
     cfg = make_config(data=str(tmp_path / "in"), model="m", out=str(tmp_path / "out"))
     full = [r for _i, _l, r in iter_webdataset_records(tmp_path / "in")]
     got = _record_table(cfg, ["source"])

@@ -6,7 +6,6 @@ References are slow and obvious: whole-file ``json.loads``, each shard read on i
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 
@@ -14,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import png_bytes, write_parquet
 
 from scalselect_fast.data import (DatasetError, EmbeddedImage, ImageError, SkipLog, count_records, input_files,
                                   iter_records, load_image, open_source, read_dataset)
@@ -21,25 +21,11 @@ from scalselect_fast.data import json_list
 from scalselect_fast.run.fingerprints import data_fingerprint
 
 
-def _png_bytes(colour=(200, 30, 30), size=(8, 6), fmt="PNG") -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", size, colour).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-RED, BLUE = _png_bytes(), _png_bytes((10, 10, 240), (5, 7))
+RED, BLUE = png_bytes(), png_bytes((10, 10, 240), (5, 7))
 
 
 def _conv(q="What is this?", a="A thing."):
     return [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
-
-
-def _write_parquet(path, rows, schema=None):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
-    return path
 
 
 def _write_jsonl(path, rows):
@@ -59,7 +45,7 @@ def test_parquet_image_struct_list_binary_and_path_only(tmp_path):
         {"id": "nameless", "image": {"bytes": BLUE, "path": None}, "conversations": _conv()},
         {"id": "pathonly", "image": {"bytes": None, "path": "img/p.png"}, "conversations": _conv()},
     ]
-    p1 = _write_parquet(tmp_path / "structs.parquet", rows)
+    p1 = write_parquet(tmp_path / "structs.parquet", rows)
     s = list(read_dataset(p1))
     assert [x.id for x in s] == ["one", "nameless", "pathonly"]
     assert s[0].images == [EmbeddedImage(RED, "red.png")]
@@ -73,14 +59,14 @@ def test_parquet_image_struct_list_binary_and_path_only(tmp_path):
     multi = [{"id": "m", "images": [{"bytes": RED, "path": None}, {"bytes": BLUE, "path": None}],
               "conversations": [{"from": "human", "value": "first <image> then <image>?"},
                                 {"from": "gpt", "value": "ok"}]}]
-    (m,) = read_dataset(_write_parquet(tmp_path / "multi.parquet", multi))
+    (m,) = read_dataset(write_parquet(tmp_path / "multi.parquet", multi))
     assert [load_image(i).size for i in m.images] == [(8, 6), (5, 7)]
     assert m.to_chat()[0]["content"][1]["path"] is m.images[0]
 
     # a plain binary column
     schema = pa.schema([("id", pa.string()), ("image", pa.binary()),
                         ("conversations", pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())])))])
-    (b,) = read_dataset(_write_parquet(tmp_path / "bin.parquet", [{"id": "b", "image": BLUE,
+    (b,) = read_dataset(write_parquet(tmp_path / "bin.parquet", [{"id": "b", "image": BLUE,
                                                                     "conversations": _conv()}], schema))
     assert isinstance(b.images[0], EmbeddedImage) and b.images[0].data == BLUE
 
@@ -89,7 +75,7 @@ def test_cauldron_flavour(tmp_path):
     rows = [{"images": [{"bytes": RED, "path": None}, {"bytes": BLUE, "path": None}], "id": 7,
              "texts": [{"user": "Describe.", "assistant": "Red and blue.", "source": "vqav2"},
                        {"user": "Sure?", "assistant": "Yes."}]}]
-    (s,) = read_dataset(_write_parquet(tmp_path / "c.parquet", rows))
+    (s,) = read_dataset(write_parquet(tmp_path / "c.parquet", rows))
     assert s.id == "7" and s.source == "vqav2" and len(s.images) == 2
     assert s.messages == [{"role": "user", "content": "<image>\n<image>\nDescribe."},
                           {"role": "assistant", "content": "Red and blue."},
@@ -100,9 +86,9 @@ def test_embedded_bad_images_skip_with_reason(tmp_path):
     rows = [{"id": "ok", "image": {"bytes": RED, "path": None}, "conversations": _conv()},
             {"id": "null", "image": {"bytes": None, "path": None}, "conversations": _conv()},
             {"id": "bad", "image": {"bytes": b"not an image at all", "path": None}, "conversations": _conv()},
-            {"id": "cut", "image": {"bytes": _png_bytes(size=(64, 64), fmt="JPEG")[:200], "path": None},
+            {"id": "cut", "image": {"bytes": png_bytes(size=(64, 64), fmt="JPEG")[:200], "path": None},
              "conversations": _conv()}]
-    p = _write_parquet(tmp_path / "d.parquet", rows)
+    p = write_parquet(tmp_path / "d.parquet", rows)
     with pytest.raises(DatasetError, match=r"record 1 \(id 'null'\).*neither bytes nor a path") as ei:
         list(read_dataset(p))
     assert ei.value.reason == "image_empty" and "\n" not in str(ei.value)
@@ -130,7 +116,7 @@ def _shards(tmp_path, sizes=(3, 1, 4)):
         part = [{"id": f"s{k + i}", "image": {"bytes": RED if (k + i) % 2 else BLUE, "path": None},
                  "conversations": _conv(f"q{k + i}")} for i in range(n)]
         k += n
-        paths.append(_write_parquet(tmp_path / "data" / f"train-{j:05d}-of-{len(sizes):05d}.parquet", part))
+        paths.append(write_parquet(tmp_path / "data" / f"train-{j:05d}-of-{len(sizes):05d}.parquet", part))
         rows += part
     (tmp_path / "data" / "README.md").write_text("# not data\n")
     return paths, rows
@@ -190,13 +176,13 @@ def test_bad_sharded_inputs_one_line_errors(tmp_path):
         count_records(tmp_path / "empty")
     # mixed containers
     _write_jsonl(tmp_path / "mix" / "a.jsonl", [{"id": "a", "conversations": _conv()}])
-    _write_parquet(tmp_path / "mix" / "b.parquet", [{"id": "b", "conversations": _conv()}])
+    write_parquet(tmp_path / "mix" / "b.parquet", [{"id": "b", "conversations": _conv()}])
     with pytest.raises(DatasetError, match="mixes containers") as ei:
         count_records(tmp_path / "mix")
     assert ei.value.reason == "format"
     # shards with different schemas
-    _write_parquet(tmp_path / "sch" / "a.parquet", [{"id": "a", "conversations": _conv()}])
-    _write_parquet(tmp_path / "sch" / "b.parquet", [{"id": 1, "conversations": _conv(), "extra": 1.5}])
+    write_parquet(tmp_path / "sch" / "a.parquet", [{"id": "a", "conversations": _conv()}])
+    write_parquet(tmp_path / "sch" / "b.parquet", [{"id": 1, "conversations": _conv(), "extra": 1.5}])
     for call in (lambda: count_records(tmp_path / "sch"), lambda: list(read_dataset(tmp_path / "sch"))):
         with pytest.raises(DatasetError, match="different schemas") as ei:
             call()
@@ -212,9 +198,9 @@ def test_fingerprint_covers_every_file(tmp_path):
     assert fp == data_fingerprint([str(p) for p in paths[::-1]], None) == data_fingerprint(tmp_path / "data", None)
     rows = pq.read_table(paths[1]).to_pylist()
     rows[0]["conversations"][0]["value"] = "changed"
-    _write_parquet(paths[1], rows)  # the middle shard only
+    write_parquet(paths[1], rows)  # the middle shard only
     assert data_fingerprint(glob, None) != fp
-    _write_parquet(tmp_path / "data" / "train-00003-of-00003.parquet", rows)
+    write_parquet(tmp_path / "data" / "train-00003-of-00003.parquet", rows)
     assert data_fingerprint(glob, None) != data_fingerprint([str(p) for p in paths], None)
 
 
@@ -227,7 +213,7 @@ def test_fingerprint_sees_a_same_size_edit_in_the_middle_of_a_big_file(tmp_path)
     rows = [{"id": f"b{i}", "image": {"bytes": b, "path": None}, "conversations": _conv()}
             for i, b in enumerate(blobs)]
     path = tmp_path / "big.parquet"
-    _write_parquet(path, rows)
+    write_parquet(path, rows)
     size = path.stat().st_size
     assert size > 5 << 20
     fp = data_fingerprint(path, None)
@@ -354,7 +340,7 @@ def _summary(samples):
 
 def test_hf_dataset_object_disk_and_iterable(tmp_path):
     ds = _hf_dataset()
-    want = _summary(read_dataset(_write_parquet(tmp_path / "ref.parquet", [
+    want = _summary(read_dataset(write_parquet(tmp_path / "ref.parquet", [
         {"id": f"h{i}", "image": {"bytes": b, "path": None}, "conversations": _conv(f"q{i}")}
         for i, b in enumerate((RED, BLUE, RED))])))
     assert _summary(read_dataset(ds)) == want
@@ -378,11 +364,8 @@ def test_hf_dataset_object_disk_and_iterable(tmp_path):
 # end to end: `scalselect run` on an embedded-image Parquet selects what it selects on the LLaVA JSON
 # --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    pytest.importorskip("scalselect_fast.extract.tiny")
-    from scalselect_fast.extract.tiny import build_tiny_model
-
-    return build_tiny_model("llava", tmp_path_factory.mktemp("tiny") / "llava", seed=0)
+def tiny_model(tiny_llava):
+    return tiny_llava
 
 
 def test_plan_names_the_sharded_input(tmp_path, tiny_model, capsys):
@@ -414,7 +397,7 @@ def test_run_on_embedded_parquet_matches_json(tmp_path, tiny_model):
             for r in records]
     rows += [{"id": "null-struct", "conversations": _conv(), "image": {"bytes": None, "path": None}},
              {"id": "corrupt", "conversations": _conv(), "image": {"bytes": b"\x89PNG garbage", "path": None}}]
-    emb = _write_parquet(tmp_path / "emb" / "train.parquet", rows)
+    emb = write_parquet(tmp_path / "emb" / "train.parquet", rows)
     emb_sha = hashlib.sha256(emb.read_bytes()).hexdigest()
 
     common = ["--model", str(model), "--budget", "6", "--shard-size", "8", "--batch-size", "4", "--quiet",
@@ -490,7 +473,7 @@ def test_duplicates_found_after_spills_and_before_a_run(tmp_path, monkeypatch):
     rows = [{"id": f"r{i}", "conversations": _conv()} for i in range(30)]
     rows[27]["id"] = "r3"
     for j, part in enumerate((rows[:10], rows[10:20], rows[20:])):
-        _write_parquet(tmp_path / "d" / f"p{j}.parquet", part)
+        write_parquet(tmp_path / "d" / f"p{j}.parquet", part)
         _write_jsonl(tmp_path / "j" / f"p{j}.jsonl", part)
     for data in (tmp_path / "d", tmp_path / "j"):
         for call in (lambda: list(read_dataset(data)), lambda: check_unique_ids(data)):
@@ -499,12 +482,12 @@ def test_duplicates_found_after_spills_and_before_a_run(tmp_path, monkeypatch):
                 call()
             assert ei.value.index == 27 and ei.value.reason == "duplicate_id"
     rows[27]["id"] = "r27"
-    _write_parquet(tmp_path / "d" / "p2.parquet", rows[20:])
+    write_parquet(tmp_path / "d" / "p2.parquet", rows[20:])
     _write_jsonl(tmp_path / "j" / "p2.jsonl", rows[20:])
     assert check_unique_ids(tmp_path / "d") == 30 and len(list(read_dataset(tmp_path / "d"))) == 30
     # the id pass also counts every record (ids or not), as the containers' own counters do
     _write_jsonl(tmp_path / "j" / "p3.jsonl", [{"conversations": _conv()}, {"id": None}, {"id": "z"}])
-    _write_parquet(tmp_path / "n" / "noid.parquet", [{"conversations": _conv()}] * 4)
+    write_parquet(tmp_path / "n" / "noid.parquet", [{"conversations": _conv()}] * 4)
     for data in (tmp_path / "j", tmp_path / "n"):
         src = open_source(data)
         check_unique_ids(src)
@@ -535,7 +518,7 @@ def test_run_record_table_reads_only_the_columns_it_needs(tmp_path):
              "dataset": ["a", "b", None][i % 3], "lang": ["en", None][i % 2], "conversations": _conv()}
             for i in range(9)]
     for j, part in enumerate((rows[:4], rows[4:])):
-        _write_parquet(tmp_path / "d" / f"p{j}.parquet", part)
+        write_parquet(tmp_path / "d" / f"p{j}.parquet", part)
     cfg = make_config(data=str(tmp_path / "d"), model="m", out=str(tmp_path / "out"))
     got = _record_table(cfg, ["lang", "source"])
     full = [r for _i, _l, r in iter_records(str(tmp_path / "d"))]

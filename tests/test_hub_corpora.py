@@ -8,13 +8,13 @@ the rows that were written, never from the code under test.
 """
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import png_bytes
 
 datasets = pytest.importorskip("datasets")
 pytest.importorskip("scalselect_fast.extract.tiny")
@@ -28,12 +28,9 @@ COMMON = ["--budget", "25%", "--shard-size", "8", "--batch-size", "4", "--quiet"
 RATINGS = ("relevance", "image_correspondence", "visual_dependency", "formatting")
 
 
-def _png(i: int, size=(12, 10)) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", size, ((37 * i) % 256, (91 * i + 40) % 256, (13 * i + 200) % 256)).save(buf, format="PNG")
-    return buf.getvalue()
+def _numbered_png(i: int, size=(12, 10)) -> bytes:
+    """A PNG whose colour differs for each i (so each row's image has its own bytes)."""
+    return png_bytes(((37 * i) % 256, (91 * i + 40) % 256, (13 * i + 200) % 256), size)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -49,7 +46,7 @@ def llava_onevision(n: int, text_only=(), start: int = 0):
     for i in range(start, start + n):
         img = i not in text_only
         rows["id"].append(f"ov-{i}")
-        rows["image"].append({"bytes": _png(i), "path": None} if img else None)
+        rows["image"].append({"bytes": _numbered_png(i), "path": None} if img else None)
         rows["conversations"].append([{"from": "human", "value": ("<image>\n" if img else "") + f"Describe item {i}."},
                                       {"from": "gpt", "value": f"It is item {i}."}])
         rows["data_source"].append(f"src{i % 3}")
@@ -60,7 +57,7 @@ def _cauldron_rows(n: int, subset: str, start: int, two_images=(), text_only=())
     rows = {"images": [], "texts": []}
     for i in range(start, start + n):
         k = 0 if i in text_only else 2 if i in two_images else 1
-        rows["images"].append([{"bytes": _png(i + 100 * j), "path": None} for j in range(k)])
+        rows["images"].append([{"bytes": _numbered_png(i + 100 * j), "path": None} for j in range(k)])
         rows["texts"].append([{"user": f"What is in picture {i}?", "assistant": f"Thing {i}.", "source": subset}])
     return rows
 
@@ -96,7 +93,7 @@ def finevision(root: Path, subsets: dict[str, int], text_only=(), shards: int = 
     for subset, n in subsets.items():
         rows = {k: [] for k in spec}
         for i in range(start, start + n):
-            rows["images"].append([] if i in text_only else [{"bytes": _png(i), "path": None}])
+            rows["images"].append([] if i in text_only else [{"bytes": _numbered_png(i), "path": None}])
             rows["texts"].append([{"user": f"Question {i}?", "assistant": f"Answer {i}."},
                                   {"user": "And then?", "assistant": "Done."}])
             rows["source"].append(subset)
@@ -116,10 +113,8 @@ def finevision(root: Path, subsets: dict[str, int], text_only=(), shards: int = 
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from scalselect_fast.extract.tiny import build_tiny_model
-
-    return build_tiny_model("llava", tmp_path_factory.mktemp("tiny") / "llava", seed=0)
+def model(tiny_llava):
+    return tiny_llava
 
 
 def _kept(out: Path) -> list[str]:
