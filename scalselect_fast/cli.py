@@ -329,7 +329,7 @@ def _cmd_extract(args) -> int:
 
         quiet_libraries()
     try:
-        from .data.sources import open_source as open_data
+        from .data.sources import open_dataset as open_data
 
         from .run.config import check_extract_options
 

@@ -234,9 +234,9 @@ def count_samples(path) -> tuple[int, int]:
     The data layer's :func:`~scalselect_fast.data.count_records` counts (Parquet reads footers).
     """
     from .data import count_records
-    from .data.sources import open_source
+    from .data.sources import open_dataset
 
-    source = open_source(path)
+    source = open_dataset(path)
     return count_records(source), source.total_bytes()
 
 
@@ -387,7 +387,7 @@ def calibrate(model, data, *, image_root=None, format: str = "auto", id_field: s
     ----------
     model : path
         The model directory the run will load.
-    data : DataSource or anything :func:`~scalselect_fast.data.sources.open_source` accepts
+    data : DataSource or anything :func:`~scalselect_fast.data.sources.open_dataset` accepts
         The run's dataset.
     image_root, format, id_field
         As for :func:`scalselect_fast.data.read_dataset`.
@@ -418,11 +418,11 @@ def calibrate(model, data, *, image_root=None, format: str = "auto", id_field: s
     extraction uses, so image decoding and preprocessing are inside the timing; (4) a report page of
     the run's shape is rendered with thumbnails of the first images.
     """
-    from .data import DatasetError, open_source
+    from .data import DatasetError, open_dataset
 
     cal = Calibration()
     try:
-        source = open_source(data, format)
+        source = open_dataset(data, format)
         samples = _parse_probe(cal, source, image_root=image_root, format=format, id_field=id_field,
                                want=max(3, int(batches)) * int(batch_size))
         t0 = time.perf_counter()

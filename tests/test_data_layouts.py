@@ -19,7 +19,7 @@ import pytest
 from conftest import png_bytes
 
 from scalselect_fast.atomic import atomic_dir
-from scalselect_fast.data import DatasetError, EmbeddedImage, ImageError, SkipLog, load_image, open_source, read_dataset
+from scalselect_fast.data import DatasetError, EmbeddedImage, ImageError, SkipLog, load_image, open_dataset, read_dataset
 from scalselect_fast.data.sample import UnusableRecord
 from scalselect_fast.data.webdataset import REASON_MISSING_RECORD, iter_webdataset_records
 from scalselect_fast.data.writers import input_layout, selected_name, write_selected
@@ -96,7 +96,7 @@ def test_reads_keys_images_and_ids_across_brace_shards(tmp_path):
     # a list, a directory and a glob name the same shards, sorted, recognised as tar shards
 
     def files(spec):
-        source = open_source(spec)
+        source = open_dataset(spec)
         assert source.container == "webdataset"
         return [f.path for f in source.files]
 
@@ -592,7 +592,7 @@ def test_save_to_disk_ids_are_checked_from_the_id_column(tmp_path):
         check_unique_ids(tmp_path / "s")
     assert e.value.reason == "duplicate_id" and e.value.index == 3 and "'b'" in str(e.value)
     datasets.Dataset.from_dict({"id": [5, 6, 7, 8], "conversations": conv}).save_to_disk(str(tmp_path / "i"))
-    src = open_source(tmp_path / "i")
+    src = open_dataset(tmp_path / "i")
     assert check_unique_ids(src) == 4 and src.counts() == [4]
     assert [s.id for s in read_dataset(tmp_path / "i")] == ["5", "6", "7", "8"]
 

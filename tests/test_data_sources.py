@@ -16,7 +16,7 @@ import pytest
 from conftest import png_bytes, write_parquet
 
 from scalselect_fast.data import (DatasetError, EmbeddedImage, ImageError, SkipLog, count_records, input_files,
-                                  iter_records, load_image, open_source, read_dataset)
+                                  iter_records, load_image, open_dataset, read_dataset)
 from scalselect_fast.data import json_list
 from scalselect_fast.run.fingerprints import data_fingerprint
 
@@ -141,7 +141,7 @@ def test_sharded_inputs_global_order(tmp_path, how):
     assert got == _reference(paths)
     assert count_records(data) == 8 and [i for i, _l, _r in iter_records(data)] == list(range(8))
     assert input_files(data) == sorted(str(p) for p in paths)
-    src = open_source(data)
+    src = open_dataset(data)
     assert src.locate(3) == (src.files[1], 0) and src.locate(7) == (src.files[2], 3)
 
 
@@ -346,7 +346,7 @@ def test_hf_dataset_object_disk_and_iterable(tmp_path):
     assert _summary(read_dataset(ds)) == want
     assert count_records(ds) == 3
     ds.save_to_disk(str(tmp_path / "saved"))
-    assert open_source(tmp_path / "saved").container == "datasets"
+    assert open_dataset(tmp_path / "saved").container == "datasets"
     assert _summary(read_dataset(tmp_path / "saved")) == want and count_records(tmp_path / "saved") == 3
     it = ds.to_iterable_dataset()
     assert _summary(read_dataset(it)) == want and count_records(it) == 3
@@ -489,9 +489,9 @@ def test_duplicates_found_after_spills_and_before_a_run(tmp_path, monkeypatch):
     _write_jsonl(tmp_path / "j" / "p3.jsonl", [{"conversations": _conv()}, {"id": None}, {"id": "z"}])
     write_parquet(tmp_path / "n" / "noid.parquet", [{"conversations": _conv()}] * 4)
     for data in (tmp_path / "j", tmp_path / "n"):
-        src = open_source(data)
+        src = open_dataset(data)
         check_unique_ids(src)
-        assert src.counts() == open_source(data).counts() == ([10, 10, 10, 3] if data.name == "j" else [4])
+        assert src.counts() == open_dataset(data).counts() == ([10, 10, 10, 3] if data.name == "j" else [4])
 
 
 def test_config_file_data_list_and_url(tmp_path):

@@ -1152,7 +1152,7 @@ def test_a_lone_surrogate_id_is_skipped_by_read_dataset(tmp_path):
 
 def _api_calls() -> dict:
     """name -> (a call with an argument of the wrong type, the TypeError message it must give)."""
-    from scalselect_fast.data import count_records, open_source, read_dataset
+    from scalselect_fast.data import count_records, open_dataset, read_dataset
     from scalselect_fast.run import load_config_file, make_config, run
 
     return {
@@ -1167,7 +1167,7 @@ def _api_calls() -> dict:
                                           r"read_dataset: image_root must be a directory path \(str or os.PathLike\) "
                                           r"or None, got bytes"),
         "count_records-int": (lambda: count_records(3), r"count_records: path must be a path .*got int"),
-        "open_source-format-None": (lambda: open_source("d.json", format=None),
+        "open_dataset-format-None": (lambda: open_dataset("d.json", format=None),
                                     r"format must be a string \('auto' or one of json"),
         "make_config-budget-list": (lambda: make_config(budget=[3]),
                                     r"setting budget: \[3\] is not a count \(int, e.g. 100000\), a fraction "

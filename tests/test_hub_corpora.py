@@ -20,7 +20,7 @@ datasets = pytest.importorskip("datasets")
 pytest.importorskip("scalselect_fast.extract.tiny")
 
 from scalselect_fast import cli  # noqa: E402
-from scalselect_fast.data import DatasetError, open_source, read_dataset  # noqa: E402
+from scalselect_fast.data import DatasetError, open_dataset, read_dataset  # noqa: E402
 from scalselect_fast.run import make_config, run  # noqa: E402
 from scalselect_fast.run.fingerprints import data_fingerprint  # noqa: E402
 
@@ -183,7 +183,7 @@ def test_folder_fingerprint_covers_its_data_files(saved, tmp_path):
     shutil.copytree(src, copy)
     fp = data_fingerprint(str(copy), None)
     assert fp == data_fingerprint(str(copy) + "/", None)  # one folder, however it is spelled
-    assert open_source(str(copy)).total_bytes() == sum(p.stat().st_size for p in copy.iterdir())
+    assert open_dataset(str(copy)).total_bytes() == sum(p.stat().st_size for p in copy.iterdir())
     arrow = sorted(copy.glob("data-*.arrow"))[1]
     blob = bytearray(arrow.read_bytes())
     blob[len(blob) // 2] ^= 0xFF  # one byte of the second shard (hashed whole: it is small)

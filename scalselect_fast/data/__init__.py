@@ -17,12 +17,12 @@ from .readers import count_records, detect_format, iter_records, read_dataset
 from .records import SOURCE_FIELDS, record_id_or_none, record_source
 from .sample import IMAGE_TOKEN, ROLES, DatasetError, EmbeddedImage, ImageError, Sample
 from .skiplog import SkipLog, read_skip_log
-from .sources import DataSource, formats, input_files, open_source
+from .sources import DataSource, formats, input_files, open_dataset
 from .writers import input_layout, selected_name, write_selected
 
 __all__ = [
     "DataSource", "DatasetError", "EmbeddedImage", "FORMATS", "IMAGE_TOKEN", "ImageError", "ROLES", "SOURCE_FIELDS", "Sample", "SkipLog",
-    "count_records", "detect_format", "formats", "input_files", "open_source", "iter_records", "load_image", "read_dataset",
+    "count_records", "detect_format", "formats", "input_files", "open_dataset", "iter_records", "load_image", "read_dataset",
     "record_id_or_none", "read_skip_log", "record_source", "resolve_image_path",
     "input_layout", "selected_name", "write_selected",
 ]

@@ -83,7 +83,7 @@ def split_dir(path: str) -> str:
 
 def _load(file: InputFile):
     ds_mod = import_datasets(file.path)
-    path = split_dir(file.path)  # open_source resolves it already; an InputFile made by hand may not
+    path = split_dir(file.path)  # open_dataset resolves it already; an InputFile made by hand may not
     try:
         return ds_mod.load_from_disk(path)
     except Exception as e:  # FileNotFoundError, json errors in state.json, Arrow errors

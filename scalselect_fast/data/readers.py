@@ -1,6 +1,6 @@
 """The read loop: a dataset (any input, any container) into a stream of :class:`~.sample.Sample`.
 
-:func:`read_dataset` opens the input (:func:`~.sources.open_source`: files, globs, URLs, ``datasets``
+:func:`read_dataset` opens the input (:func:`~.sources.open_dataset`: files, globs, URLs, ``datasets``
 objects), walks its records in order through the container modules that registered themselves
 with :mod:`.sources` (:mod:`.json_list`, :mod:`.jsonl`, :mod:`.parquet`, :mod:`.hf`,
 :mod:`.webdataset`), turns each into a sample by the rules of :mod:`.records`, and checks that ids
@@ -49,25 +49,25 @@ from .images import ImagePathError, ImageResolver, resolve_root
 from .records import IdRule, RecordProblem, parse_record, position_id, record_id
 from .sample import REASON_INVALID_FIELD, DatasetError, Sample, UnusableRecord, position_text
 from .skiplog import summarize_skips
-from .sources import NO_ID_FIELD, DataSource, InputFile, check_data_argument, containers, open_source, sniff_container
+from .sources import NO_ID_FIELD, DataSource, InputFile, check_data_argument, containers, open_dataset, sniff_container
 
 
 def detect_format(path: str | os.PathLike) -> str:
     """Return the container of ``path`` (a file, directory, glob, URL or list): ``"json"``, ``"jsonl"``,
     ``"parquet"`` or another registered container, from the files' first bytes."""
     check_data_argument(path, "detect_format: path")
-    return open_source(path).container
+    return open_dataset(path).container
 
 
 def iter_records(path, format: str = "auto") -> Iterator[tuple[int, int | None, Any]]:
     """Yield ``(index, line, record)`` for every record, unvalidated and streamed.
 
-    ``path`` is anything :func:`~scalselect_fast.data.sources.open_source` accepts (a file, directory,
+    ``path`` is anything :func:`~scalselect_fast.data.sources.open_dataset` accepts (a file, directory,
     glob, URL, list, or ``datasets`` object); ``index`` is global across files (sorted file names,
     then record order) and ``line`` is the line inside the record's own file.
     """
     check_data_argument(path, "iter_records: path", format)
-    for index, line, record, _f, _l in open_source(path, format).iter_records():
+    for index, line, record, _f, _l in open_dataset(path, format).iter_records():
         yield index, line, record
 
 
@@ -80,7 +80,7 @@ def count_records(path, format: str = "auto") -> int:
     """
     try:
         check_data_argument(path, "count_records: path", format)
-        return open_source(path, format).count()
+        return open_dataset(path, format).count()
     except DatasetError as e:
         if e.reason == "empty":  # an empty file holds zero records; that is an answer, not an error
             return 0
@@ -120,7 +120,7 @@ def check_unique_ids(data, format: str = "auto", id_field: str | None = None) ->
     Containers without an id reader are checked while reading. ``id_field`` as for
     :func:`read_dataset` (records without an id field are counted with their positional id).
     """
-    source = open_source(data, format)
+    source = open_dataset(data, format)
     rule = IdRule(id_field)
     c = containers()[source.container]
     with IdRegistry() as registry:
@@ -170,7 +170,7 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
     path : str, path-like, list, DataSource, or datasets.Dataset / IterableDataset
         A file (LLaVA JSON, ShareGPT JSON, JSONL of either, Parquet, ...), a directory, a glob
         (``data/train-*.parquet``), a URL (``s3://``, ``hf://``, ``memory://`` ...), a list of those,
-        or a Hugging Face ``datasets`` object; see :func:`~scalselect_fast.data.sources.open_source`.
+        or a Hugging Face ``datasets`` object; see :func:`~scalselect_fast.data.sources.open_dataset`.
     image_root : str or path-like, optional
         Directory that relative image paths are joined to; every resolved image path (after ``..``
         and symlinks) must lie inside it, otherwise the sample is refused. Without it, relative
@@ -206,7 +206,7 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
             isinstance(image_root, os.PathLike) and isinstance(os.fspath(image_root), str))):
         raise TypeError(f"read_dataset: image_root must be a directory path (str or os.PathLike) or None, got "
                         f"{type(image_root).__name__}")
-    source = open_source(path, format)
+    source = open_dataset(path, format)
     rule = IdRule(id_field)
     id_field = rule.field
     root = resolve_root(image_root) if image_root is not None else None

@@ -1,6 +1,6 @@
 """What ``--data`` names: one file, a directory, a glob, a list of them, a URL, or a ``datasets`` object.
 
-:func:`open_source` turns any of these into a :class:`DataSource`: the sorted list of input files,
+:func:`open_dataset` turns any of these into a :class:`DataSource`: the sorted list of input files,
 the one container they share, and a global record numbering (sorted file names, then row order),
 so extraction shards, resume and the manifest stay fixed however the dataset is split into files.
 It does not parse records into samples (that is :mod:`.records`, driven by :mod:`.readers`) and
@@ -35,7 +35,7 @@ from typing import Any
 
 from .sample import DatasetError
 
-__all__ = ["Container", "DataSource", "InputFile", "register_container", "containers", "formats", "open_source",
+__all__ = ["Container", "DataSource", "InputFile", "register_container", "containers", "formats", "open_dataset",
            "input_files", "check_data_argument", "sniff_container", "as_input_file", "SNIFF_BYTES", "NO_ID_FIELD"]
 
 
@@ -257,7 +257,7 @@ _CONTAINERS: dict[str, Container] = {}
 
 
 def register_container(container: Container) -> Container:
-    """Make ``container`` known to :func:`open_source` (``format=container.name`` and sniffing)."""
+    """Make ``container`` known to :func:`open_dataset` (``format=container.name`` and sniffing)."""
     _CONTAINERS[container.name] = container
     return container
 
@@ -301,7 +301,7 @@ def sniff_container(file: InputFile) -> str:
 class DataSource:
     """A resolved dataset input: its files (sorted), their container, and global record numbers.
 
-    Build it with :func:`open_source`. Records are numbered across files in file order; a file's
+    Build it with :func:`open_dataset`. Records are numbered across files in file order; a file's
     first record is number ``offsets[i]``, known once the file before it has been read (or counted).
 
     Attributes
@@ -709,7 +709,7 @@ def check_data_argument(data: Any, name: str = "data", format: Any = "auto") -> 
                                                            if isinstance(item, (bytes, bytearray)) else ""))
 
 
-def open_source(data: Any, format: str = "auto") -> DataSource:
+def open_dataset(data: Any, format: str = "auto") -> DataSource:
     """Resolve ``data`` into a :class:`DataSource`.
 
     Parameters
@@ -803,5 +803,5 @@ def _common_root(roots: list[str]) -> str | None:
 
 
 def input_files(data: Any, format: str = "auto") -> list[str]:
-    """Every input file of ``data`` (as :func:`open_source` resolves it): what an output must never be."""
-    return open_source(data, format).input_paths()
+    """Every input file of ``data`` (as :func:`open_dataset` resolves it): what an output must never be."""
+    return open_dataset(data, format).input_paths()

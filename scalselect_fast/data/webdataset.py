@@ -18,7 +18,7 @@ A sample's members are contiguous in the tar. Per key:
 This module registers the ``"webdataset"`` container (one input file = one shard, recognised by
 its ``ustar`` header), so ``--data`` takes a ``.tar``, a list, a directory or a glob of them, or a
 brace pattern (``shard-{000000..000127}.tar``, expanded with ``braceexpand``, the package
-``webdataset`` uses) like any input (:func:`~scalselect_fast.data.open_source`). Samples are
+``webdataset`` uses) like any input (:func:`~scalselect_fast.data.open_dataset`). Samples are
 numbered globally: shards in sorted name order, then member order.
 
 Why ``tarfile`` and not the ``webdataset`` package for the walk: the selection writer copies kept
@@ -50,7 +50,7 @@ from typing import Any, BinaryIO
 
 from .sample import REASON_IMAGE_MISSING, DatasetError, EmbeddedImage, UnusableRecord
 from .records import record_id_or_none
-from .sources import Container, open_source, register_container
+from .sources import Container, open_dataset, register_container
 
 #: Extension suffixes (lower case) whose members are images.
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
@@ -302,7 +302,7 @@ def iter_webdataset_records(spec, id_field: str = "id") -> Iterator[tuple[int, N
     ----------
     spec : str, path-like or list
         Shards: a ``.tar``, a brace pattern, a glob, a directory or a list (anything
-        :func:`~scalselect_fast.data.open_source` accepts).
+        :func:`~scalselect_fast.data.open_dataset` accepts).
     id_field : str
         Record field holding the id (set to the key when absent).
 
@@ -318,7 +318,7 @@ def iter_webdataset_records(spec, id_field: str = "id") -> Iterator[tuple[int, N
         See the module notes.
     """
     index = 0
-    for file in open_source(spec, "webdataset").files:
+    for file in open_dataset(spec, "webdataset").files:
         for group in iter_key_groups(file.path, _want_read, shard_opener(file)):
             yield index, None, group_record(group, id_field)
             index += 1

@@ -37,7 +37,7 @@ from .hf import import_datasets, iter_dataset_rows
 from .parquet import open_parquet
 from .records import IdRule, position_id
 from .sample import DatasetError, position_text
-from .sources import containers, open_source
+from .sources import containers, open_dataset
 from .webdataset import group_id, iter_key_groups, shard_opener
 
 ORDERS = ("original", "score")
@@ -102,7 +102,7 @@ def input_layout(spec, format: str = "auto") -> str:
     Parameters
     ----------
     spec : str, path-like, list, DataSource or datasets object
-        Anything :func:`~scalselect_fast.data.open_source` accepts.
+        Anything :func:`~scalselect_fast.data.open_dataset` accepts.
     format : str
         ``"auto"`` or a container name, as for the readers.
 
@@ -113,14 +113,14 @@ def input_layout(spec, format: str = "auto") -> str:
         ``"save_to_disk"`` (a ``datasets`` directory), ``"datasets_object"`` (a ``datasets.Dataset``
         given in Python), ``"files"`` (several JSON or JSONL files: one file out) or ``"file"``.
     """
-    return _layout(open_source(spec, format))
+    return _layout(open_dataset(spec, format))
 
 
 def selected_name(spec, format: str = "auto") -> str:
     """File or directory name of the selection written for input ``spec``: ``selected.json``,
     ``selected.jsonl``, ``selected.parquet`` (the input file's own suffix when it has one), or
     ``selected`` (a directory) for the multi-file layouts."""
-    source = open_source(spec, format)
+    source = open_dataset(spec, format)
     layout = _layout(source)
     if layout in MULTI_FILE_LAYOUTS:
         return "selected"
@@ -183,7 +183,7 @@ def write_selected(input_path, out_path: str | os.PathLike,
     if format != "auto" and format not in containers():
         raise ValueError(f"format must be 'auto' or one of {tuple(containers())}, got {format!r}")
     keep_set, rank = _normalise_keep(keep, order)
-    source = open_source(input_path)
+    source = open_dataset(input_path)
     layout = _layout(source)
     id_rule = _Ids(IdRule(id_field), source)
     if format not in ("auto", source.container) and not {format, source.container} <= {"json", "jsonl"}:

@@ -126,12 +126,12 @@ def data_provenance(data, format: str = "auto") -> dict:
     A dict (the store provenance's ``"data"`` entry), not the run's one-string
     :func:`scalselect_fast.run.fingerprints.data_fingerprint`, which also covers the image root.
 
-    ``data`` is anything :func:`~scalselect_fast.data.sources.open_source` accepts; the digest is
+    ``data`` is anything :func:`~scalselect_fast.data.sources.open_dataset` accepts; the digest is
     :meth:`~scalselect_fast.data.sources.DataSource.digest` (shared with the run's fingerprint).
     """
-    from ..data.sources import open_source
+    from ..data.sources import open_dataset
 
-    source = open_source(data, format)
+    source = open_dataset(data, format)
     paths = source.input_paths()
     where = {"path": paths[0]} if source.single and paths else {"paths": paths, "label": source.label}
     return {**where, "container": source.container, "bytes": source.total_bytes(), "sha256": source.digest()}
@@ -147,7 +147,7 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *,
         Checkpoint directory or a loaded :class:`~.model.VLM`.
     data : path
         Dataset: a file (LLaVA JSON, ShareGPT JSON, JSONL, Parquet, ...), directory, glob, URL, list
-        of those, or a ``datasets`` object (see :func:`scalselect_fast.data.sources.open_source`).
+        of those, or a ``datasets`` object (see :func:`scalselect_fast.data.sources.open_dataset`).
     out : path
         Store directory; ``skipped.jsonl`` is written inside it.
     options : ExtractOptions, optional
@@ -182,13 +182,13 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *,
     again.
     """
     from ..data import count_records
-    from ..data.sources import open_source
+    from ..data.sources import open_dataset
 
     opts = extract_options(options, settings, "extract_to_store")
     env_r, env_world = env_rank()
     rank = env_r if opts.rank is None else int(opts.rank)
     world = env_world if opts.world_size is None else int(opts.world_size)
-    data = open_source(data, opts.format)  # resolved once: files sorted, container checked (DatasetError)
+    data = open_dataset(data, opts.format)  # resolved once: files sorted, container checked (DatasetError)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"output {out} exists and is not a directory; choose another --out")

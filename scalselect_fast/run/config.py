@@ -30,7 +30,7 @@ class RunConfig:
     """Everything ``scalselect run`` needs. Field names are the config-file keys (``-`` or ``_``)."""
 
     model: str | None = None
-    data: str | list | None = None  # file, directory, glob, URL, or a list of them (see data.open_source)
+    data: str | list | None = None  # file, directory, glob, URL, or a list of them (see data.open_dataset)
     out: str | None = None
     image_root: str | None = None
     format: str = "auto"

@@ -28,10 +28,10 @@ def data_fingerprint(data, image_root: str | None, format: str = "auto") -> str:
 
     ``data`` is anything ``--data`` accepts (file, directory, glob, URL, list, ``datasets`` object).
     """
-    from ..data.sources import open_source
+    from ..data.sources import open_dataset
 
     h = hashlib.sha256(b"data\0")
-    h.update(open_source(data, format).digest().encode())
+    h.update(open_dataset(data, format).digest().encode())
     h.update(str(Path(image_root).resolve() if image_root else "").encode())
     return h.hexdigest()[:32]
 

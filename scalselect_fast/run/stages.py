@@ -254,10 +254,10 @@ def _raw_records(cfg: RunConfig, fields: Iterable[str]) -> Iterator[tuple[Any, s
     A record without an id field is named by its position, as the readers name it
     (:class:`~scalselect_fast.data.records.IdRule`)."""
     from ..data.records import IdRule, position_id, source_columns
-    from ..data.sources import open_source
+    from ..data.sources import open_dataset
 
     rule = IdRule(cfg.id_field)
-    source = open_source(cfg.data, cfg.format)
+    source = open_dataset(cfg.data, cfg.format)
 
     def named(rec, name, row):
         if rule.by_position(rec):
@@ -402,12 +402,12 @@ def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, sco
 
 def _config_for_report(cfg: RunConfig) -> dict:
     """The settings as JSON-able values; a ``datasets`` object given as ``data`` is named, not copied."""
-    from ..data.sources import open_source
+    from ..data.sources import open_dataset
 
     conf = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
             if f.name not in ("quiet", "log_json", "force")}
     if not isinstance(conf["data"], (str, list)):
-        conf["data"] = open_source(conf["data"]).label
+        conf["data"] = open_dataset(conf["data"]).label
     return conf
 
 
@@ -519,12 +519,12 @@ def _preflight(cfg: RunConfig, out: Path, events: Events, plan_only: bool, sourc
     """The plan of this run. ``plan_only`` (``--plan``) calibrates on the data and model (seconds of
     real extraction); the check before a real run does not, and budgets time by FLOPs and disk by layout."""
     from ..data import count_records
-    from ..data.sources import open_source
+    from ..data.sources import open_dataset
     from ..plan import PlanError, calibrate, estimate_run, startup_seconds
 
     from ..scoring import resolve_budget
 
-    source = open_source(source if source is not None else cfg.data, cfg.format)
+    source = open_dataset(source if source is not None else cfg.data, cfg.format)
     n = count_records(source)
     try:  # the budget the run will use, read the one way resolve_budget reads it
         frac = resolve_budget(cfg.budget, n) / max(n, 1)
@@ -590,10 +590,10 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
     cfg = _resolve_auto_device(cfg)
     events = events or Events(cfg.quiet, cfg.log_json)
     out = Path(cfg.out).expanduser()
-    from ..data.sources import open_source
+    from ..data.sources import open_dataset
 
     # a file, directory, glob, URL or list; a missing input or a glob matching nothing is a DatasetError
-    source = open_source(cfg.data, cfg.format)
+    source = open_dataset(cfg.data, cfg.format)
     data = source.label
     # The run writes several files and a work folder into --out: it may hold no input (the model may
     # live there, as the demo's does: only the dataset is at risk of a same-named output).
@@ -695,11 +695,11 @@ class _InputsUnchanged:
 
     def __call__(self) -> None:
         from ..data import DatasetError
-        from ..data.sources import open_source
+        from ..data.sources import open_dataset
 
         cfg = self.cfg
         try:
-            now_source = open_source(cfg.data, cfg.format)
+            now_source = open_dataset(cfg.data, cfg.format)
             added = sorted({f.path for f in now_source.files} - set(self.start))
             removed = sorted(set(self.start) - {f.path for f in now_source.files})
             now = now_source.file_digests() if not (added or removed) else {}
