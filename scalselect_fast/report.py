@@ -10,8 +10,9 @@ The one exception is the thumbnail gallery (the samples at the top, around the c
 bottom of the ranking): its downscaled JPEG thumbnails are embedded as data URIs too, but they are not
 in ``report.json`` (they would bloat it); :func:`render_html` takes them as ``gallery``.
 
-This module does not compute anything about the selection itself; the selection job
-(:mod:`scalselect_fast.selection`) assembles the dict with the helpers here and hands it over.
+:func:`build_report` is the one schema of ``report.json``: it summarises a selection the job
+(:mod:`scalselect_fast.selection`) has made. This module does not rank, select or write the other
+outputs, and it does not choose the gallery's samples (:mod:`scalselect_fast.gallery` does).
 """
 from __future__ import annotations
 
@@ -21,15 +22,18 @@ import io
 import json
 import math
 import platform
+import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from .atomic import atomic_write_bytes, atomic_write_json
+from .manifest import RANK_BASE
+from .rowmap import budget_base, ids_of, row_record
 
-__all__ = ["score_histogram", "spectrum_summary", "collect_versions", "render_html", "write_report",
-           "thumbnail", "REPORT_JSON", "REPORT_HTML", "THUMBNAIL_PX"]
+__all__ = ["build_report", "score_histogram", "spectrum_summary", "collect_versions", "render_html", "write_report",
+           "thumbnail", "to_jsonable", "REPORT_JSON", "REPORT_HTML", "THUMBNAIL_PX"]
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
@@ -40,6 +44,97 @@ THUMBNAIL_PX = 128
 # --------------------------------------------------------------------------------------------------
 # pieces of the JSON report
 # --------------------------------------------------------------------------------------------------
+def build_report(src, sub, scores, kept_rows, kept_mask, m, budget, *, records=None, post_info=None,
+                 stability=None, reused=None, executor=None, source=None, outputs=None, timings=None,
+                 drop_invalid=False) -> dict:
+    """The one report schema (``report.json``) of a selection.
+
+    Parameters
+    ----------
+    src : MatrixSource
+        The stored representations (n rows).
+    sub : Subspace
+        The fit the scores were computed with.
+    scores : ndarray (n,) float64
+        NaN where a row has no score.
+    kept_rows : ndarray of int64
+        The selection, in selection order.
+    kept_mask : ndarray (n,) bool
+        ``kept_rows`` as a mask.
+    m : int
+        The resolved budget.
+    budget : int, float or str
+        The budget as requested.
+    records : Records, optional
+        The dataset behind the store (per-source counts, skip reasons, text-only records).
+    post_info : dict, optional
+        :func:`scalselect_fast.postselect.select_ranked`'s info (its ``rejected`` is left out).
+    stability, reused, executor, source, outputs, timings, drop_invalid
+        Carried into the sections of the same names.
+
+    Returns
+    -------
+    dict
+        With ``"gallery": None``, filled in when ``report.html`` is written.
+    """
+    valid = ~np.isnan(scores)
+    invalid = np.flatnonzero(~valid)
+    n_samples = len(records.ids) if records is not None else int(src.n)
+    n_valid = int(valid.sum())
+    skip_counts = dict(records.skip_counts) if records is not None else {}
+    if invalid.size:
+        skip_counts["invalid_row"] = skip_counts.get("invalid_row", 0) + int(invalid.size)
+    cutoff = float(scores[kept_rows].min()) if kept_rows.size else None
+    per_source = None
+    if records is not None:
+        per_source = {}
+        for s in records.sources:
+            d = per_source.setdefault(s if s is not None else "<none>", {"total": 0, "kept": 0, "valid": 0})
+            d["total"] += 1
+        for r, rec_i in enumerate(row_record(src, records).tolist()):
+            s = records.sources[rec_i]
+            d = per_source[s if s is not None else "<none>"]
+            d["valid"] += int(valid[r])
+            d["kept"] += int(kept_mask[r])
+    spectrum = spectrum_summary(np.sqrt(np.maximum(np.asarray(sub.energy_curve, np.float64), 0)), sub.k,
+                                sub.energy, sub.total_energy)
+    return {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": "ndarray" if isinstance(source, np.ndarray) else str(source),
+        "source_dtype": src.dtype,
+        "n_samples": n_samples, "n_valid": n_valid, "n_skipped": n_samples - n_valid,
+        "budget": int(m), "budget_requested": str(budget), "n_selected": int(kept_rows.size),
+        "order": records.order if records is not None else "score",
+        "rank_base": RANK_BASE,
+        "subspace": {"k": int(sub.k), "d": int(sub.d), "n": int(sub.n), "solver": sub.solver,
+                     "solver_reason": sub.info.get("solver_reason"), "passes": int(sub.passes),
+                     "energy": sub.energy, "captured_energy": float(sub.captured_energy / sub.total_energy),
+                     "total_energy": float(sub.total_energy), "standardize": sub.scale is not None,
+                     "l2_normalize": bool(sub.l2_normalize), "reused_from": reused,
+                     "fit_timings": sub.info.get("timings", {}), "provenance": sub.provenance},
+        "spectrum": spectrum,
+        "scores": score_histogram(scores[valid], cutoff),
+        "per_source": per_source,
+        "skip_reasons": skip_counts,
+        "invalid_rows": {"count": int(invalid.size), "rows": invalid[:1000].tolist(),
+                         "ids": ids_of(src, invalid[:1000]), "dropped": bool(drop_invalid)},
+        "budget_base": budget_base(src, records),
+        "text_only": None if records is None else {
+            "n": len(records.text_only), "action": "kept" if records.keep_text_only else "dropped",
+            "in_output": len(records.passthrough),
+            "rule": ("text-only rows have no image, so no representation: they are never scored or ranked; "
+                     "--text-only keep writes them to the selected dataset outside the budget, drop leaves "
+                     "them out")},
+        "postselect": {k: v for k, v in (post_info or {}).items() if k != "rejected"} or None,
+        "stability": stability,
+        "timings": dict(timings or {}),
+        "executor": executor.describe() if executor is not None else None,
+        "gallery": None,  # filled when report.html is written
+        "versions": collect_versions(),
+        "outputs": dict(outputs or {}),
+    }
+
+
 def score_histogram(scores: np.ndarray, cutoff: float | None, bins: int = 60) -> dict:
     """Summarise a score vector for the report.
 
@@ -409,22 +504,22 @@ def write_report(out_dir: str | Path, report: Mapping[str, Any], html_report: bo
     """
     out_dir = Path(out_dir)
     jpath = out_dir / REPORT_JSON
-    atomic_write_json(jpath, _jsonable(report))
+    atomic_write_json(jpath, to_jsonable(report))
     hpath = None
     if html_report:
         hpath = out_dir / REPORT_HTML
-        atomic_write_bytes(hpath, render_html(_jsonable(report)).encode("utf-8"))
+        atomic_write_bytes(hpath, render_html(to_jsonable(report)).encode("utf-8"))
     return {"json": str(jpath), "html": None if hpath is None else str(hpath)}
 
 
-def _jsonable(obj):
-    """Numpy scalars/arrays and paths -> plain JSON types (recursively)."""
+def to_jsonable(obj):
+    """Numpy scalars/arrays and paths -> plain JSON types (recursively); non-finite floats as strings."""
     if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [to_jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
+        return to_jsonable(obj.tolist())
     if isinstance(obj, np.integer):
         return int(obj)
     if isinstance(obj, np.floating):

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from scalselect_fast import cli, selection
+from scalselect_fast.atomic import StagedOutputs
 from scalselect_fast.selection import MANIFEST_SCHEMA, RANK_BASE, run_selection
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -104,7 +105,7 @@ def test_commit_renames_over_a_directory_output(tmp_path):
     out.mkdir()
     (out / "sel").mkdir()
     (out / "sel" / "old-shard").write_text("old")
-    with selection._Staged(out) as stage:
+    with StagedOutputs(out) as stage:
         tmp = stage.path(out / "sel")
         tmp.mkdir()
         (tmp / "new-shard").write_text("new")
