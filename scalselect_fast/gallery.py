@@ -1,8 +1,9 @@
 """What the thumbnail gallery of ``report.html`` shows: which samples, with which images and text.
 
 Four groups of the ranking, :data:`GALLERY_SIZE` samples each: the highest-scored kept rows, the last
-kept and first rejected around the cut-off (in score order), and the lowest-scored rows, each with
-its first image.
+kept and first rejected around the cut-off (in score order), and the lowest-scored rows. Every image
+of a multi-image sample is shown, up to :data:`IMAGES_PER_SAMPLE` (the rest are counted, so the page
+stays bounded); the first at :data:`~scalselect_fast.report.THUMBNAIL_PX`, the others at half that.
 
 This module picks the samples and loads their thumbnails (one streaming pass over the dataset); it
 does not render HTML (:func:`scalselect_fast.report.render_html` does) and it does not rank.
@@ -14,10 +15,12 @@ import numpy as np
 from .manifest import RANK_BASE
 from .rowmap import Records, row_record
 
-__all__ = ["build_gallery", "GALLERY_SIZE"]
+__all__ = ["build_gallery", "GALLERY_SIZE", "IMAGES_PER_SAMPLE"]
 
 #: thumbnails per gallery group in report.html
 GALLERY_SIZE = 12
+#: images shown per multi-image sample; the others are counted ("+N more")
+IMAGES_PER_SAMPLE = 4
 
 _NO_RECORDS = ("no gallery: this selection was made from stored representations only "
                "(no dataset, so no images to show)")
@@ -44,7 +47,7 @@ def build_gallery(src, scores, order, kept_mask, records: Records | None, warn=N
     gallery : dict of str to list of dict, or None
         Per group, in display order, the items :func:`scalselect_fast.report.render_html` takes:
         ``id``, ``score``, ``rank``, ``kept``, ``source``, ``text``, ``thumbnail``/``missing`` (the
-        first image), ``images`` (the same, as a list) and ``more_images`` (0).
+        first image), ``images`` (each shown image's ``thumbnail``/``missing``) and ``more_images``.
     summary : dict
         ``groups`` (the ids per group) and ``note`` (what could not be shown), for ``report.json``.
     """
@@ -81,15 +84,18 @@ def build_gallery(src, scores, order, kept_mask, records: Records | None, warn=N
 
 
 def _thumbnails(sample) -> tuple[list[dict], int]:
-    """``([{thumbnail, missing}], 0)``: the first image, or a placeholder saying why there is none."""
-    from .report import thumbnail
+    """``([{thumbnail, missing}, ...], images left out)``: at least one entry (a placeholder if none)."""
+    from .report import THUMBNAIL_PX, thumbnail
 
     if sample is None:
         return [{"thumbnail": None, "missing": "record could not be read again"}], 0
     if not sample.images:
         return [{"thumbnail": None, "missing": "text only"}], 0
-    uri, why = thumbnail(sample.images[0])
-    return [{"thumbnail": uri, "missing": why}], 0
+    shown = []
+    for j, image in enumerate(sample.images[:IMAGES_PER_SAMPLE]):
+        uri, why = thumbnail(image, THUMBNAIL_PX if j == 0 else THUMBNAIL_PX // 2)
+        shown.append({"thumbnail": uri, "missing": why})
+    return shown, max(len(sample.images) - IMAGES_PER_SAMPLE, 0)
 
 
 class _DiscardSkips:

@@ -334,6 +334,19 @@ def thumbnail(image, px: int = THUMBNAIL_PX) -> tuple[str | None, str | None]:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), None
 
 
+def _more_images_html(it: Mapping[str, Any]) -> str:
+    """The images of a multi-image sample after the first (small), and how many are not shown."""
+    rest, more = list(it.get("images") or [])[1:], int(it.get("more_images") or 0)
+    if not rest and not more:
+        return ""
+    imgs = [f'<img alt="{_esc(it.get("id"))} image {j}" src="{im["thumbnail"]}">' if im.get("thumbnail") else
+            f'<span class="noimg" title="{_esc(im.get("missing") or "no image")}">image {j} missing</span>'
+            for j, im in enumerate(rest, start=2)]
+    if more:
+        imgs.append(f'<span class="more">+{more} more</span>')
+    return '<div class="more-imgs">' + "".join(imgs) + "</div>"
+
+
 def _gallery_html(gallery: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
     parts = []
     for name, items in gallery.items():
@@ -341,7 +354,7 @@ def _gallery_html(gallery: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
         for it in items:
             cls = "kept" if it.get("kept") else "rejected"
             img = (f'<img alt="{_esc(it.get("id"))}" src="{it["thumbnail"]}">' if it.get("thumbnail") else
-                   f'<div class="noimg">{_esc(it.get("missing") or "no image")}</div>')
+                   f'<div class="noimg">{_esc(it.get("missing") or "no image")}</div>') + _more_images_html(it)
             meta = (f'<div class="meta">#{_esc(it.get("rank"))} · {_esc(_fmt(it.get("score")))} · '
                     f'{"kept" if it.get("kept") else "rejected"}<br>{_esc(it.get("id"))}'
                     + (f' · {_esc(it["source"])}' if it.get("source") else "") + "</div>")
@@ -367,6 +380,10 @@ img{max-width:100%}code,pre{background:#f6f6f6;font-size:.85em}pre{padding:.6em;
 .gallery img{display:block;margin:0 auto .3em;width:140px;height:140px;object-fit:contain}
 .gallery .noimg{height:90px;display:flex;align-items:center;justify-content:center;color:#888;text-align:center}
 .gallery .meta{color:#555}.gallery .text{margin-top:.2em;overflow-wrap:anywhere}
+.gallery .more-imgs{display:flex;flex-wrap:wrap;gap:2px;margin-bottom:.3em}
+.gallery .more-imgs img{width:44px;height:44px;margin:0}
+.gallery .more-imgs .noimg,.gallery .more-imgs .more{height:44px;font-size:.9em;color:#888;display:flex;
+align-items:center}
 """
 
 
@@ -410,8 +427,10 @@ def render_html(report: Mapping[str, Any], gallery: Mapping[str, Sequence[Mappin
     gallery : mapping of group name to list of dict, optional
         Samples to show as thumbnails, per group in display order; each item has ``id``, ``score``,
         ``rank``, ``kept``, ``source``, ``text`` (the truncated instruction) and ``thumbnail`` (a data
-        URI from :func:`thumbnail`, or None with the reason in ``missing``). Without it the page says
-        why there is no gallery (``report["gallery"]["note"]``).
+        URI from :func:`thumbnail`, or None with the reason in ``missing``); a multi-image sample also
+        has ``images`` (every shown image's ``thumbnail``/``missing``, the first included) and
+        ``more_images`` (how many were left out), see :func:`scalselect_fast.gallery.build_gallery`.
+        Without it the page says why there is no gallery (``report["gallery"]["note"]``).
 
     Returns
     -------
