@@ -3,7 +3,12 @@
 Every writer in the package goes through :func:`atomic_path` (temporary name beside the target,
 fsync, rename, fsync of the directory); outputs made of several files (dataset shards) go through
 :func:`atomic_dir`, which commits a whole directory as one set. This module knows nothing about stores
-or datasets. It also holds :func:`crashpoint`, the named places where the durability tests kill a writer.
+or datasets. :class:`StagedOutputs` commits several outputs of one job as a set, with a marker file
+(the selection's ``report.json``) written last. It also holds :func:`crashpoint`, the named places where
+the durability tests kill a writer.
+
+What the outputs are and how they are written is the caller's business: this module only names,
+renames, fsyncs and deletes.
 """
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ import signal
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_dir", "atomic_path", "atomic_write_bytes", "atomic_write_json", "fsync_dir", "crashpoint"]
+__all__ = ["atomic_dir", "atomic_path", "atomic_write_bytes", "atomic_write_json", "fsync_dir", "crashpoint",
+           "StagedOutputs"]
 
 
 def fsync_dir(path: Path) -> None:
@@ -99,13 +105,90 @@ def atomic_dir(path: str | os.PathLike):
         os.rename(tmp, path)
         fsync_dir(path.parent)
         if old is not None:
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink()
+            _remove(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+class StagedOutputs:
+    """Temporary names for the outputs of one job, committed together with a marker file written last.
+
+    ``path(final)`` hands out a fresh temporary path beside ``final`` (``.<name>.stage-XXXX.tmp``:
+    the ``stage-`` tag keeps ``selected`` and ``selected.txt`` apart); ``commit(marker_path,
+    marker)`` removes the old marker (so a reader knows the set is in flux), renames every staged file
+    into place (directories too: an old one is moved aside and deleted after) and writes the marker
+    as JSON atomically as the last step. On an exception every staged file is deleted and the
+    previous outputs are left as they were, marker included.
+
+    Parameters
+    ----------
+    out : Path
+        The directory the outputs live in (fsynced around the renames).
+
+    Examples
+    --------
+    >>> with StagedOutputs(out) as stage:                               # doctest: +SKIP
+    ...     atomic_write_bytes(stage.path(out / "selected.txt"), b"a\\n")
+    ...     stage.commit(out / "report.json", {"n_selected": 1})
+    """
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.staged: list[tuple[Path, Path]] = []
+
+    def __enter__(self):
+        return self
+
+    def path(self, final: Path) -> Path:
+        """A fresh temporary path beside ``final``, renamed onto it by :meth:`commit`; not created."""
+        final = Path(final)
+        # left by a killed job: staged names, and the writers' own temporaries of those
+        for pattern in (f".{final.name}.stage-*.tmp", f"..{final.name}.stage-*.tmp.*.tmp"):
+            for old in final.parent.glob(pattern):
+                _remove(old)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.stage-", suffix=".tmp", dir=final.parent)
+        os.close(fd)
+        os.unlink(tmp)  # the writers create it (file or directory) through their own atomic path
+        self.staged.append((Path(tmp), final))
+        return Path(tmp)
+
+    def commit(self, marker_path: Path, marker) -> None:
+        """Rename every staged output into place, then write ``marker`` (JSON-able) to ``marker_path``."""
+        for tmp, _ in self.staged:
+            if not tmp.exists():
+                raise FileNotFoundError(f"staged output {tmp} was not written")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(marker_path)
+        fsync_dir(self.out)
+        for tmp, final in self.staged:
+            if final.is_dir() and not final.is_symlink():
+                aside = final.with_name(f".{final.name}.old.tmp")
+                _remove(aside)
+                os.replace(final, aside)
+                os.replace(tmp, final)
+                _remove(aside)
+            else:
+                os.replace(tmp, final)
+            crashpoint("select.commit")  # the tests kill here after the n-th rename
+        fsync_dir(self.out)
+        self.staged = []
+        atomic_write_json(marker_path, marker)
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            for tmp, _ in self.staged:
+                _remove(tmp)
+        return False
+
+
+def _remove(p: Path) -> None:
+    """Delete a file, link or directory tree; a missing one is fine."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
 
 
 _CRASH_COUNTS: dict[str, int] = {}

@@ -74,7 +74,7 @@ class ShardView(MatrixSource):
         return self.parent._shard_array(self.orig)
 
     def ids(self) -> list[str]:
-        from .selection import shard_ids
+        from .rowmap import shard_ids
 
         return shard_ids(self.parent, self.orig)
 

@@ -614,7 +614,7 @@ def estimate_run(n: int, *, model: str | os.PathLike | Mapping | None = None, d:
     rows = int(round(n * keep))
     n_sel = int(round(n * min(1.0, max(0.0, budget_fraction))))
     id_bytes = cal.id_bytes if cal is not None and cal.id_bytes else avg_id_bytes
-    from .selection import GALLERY_SIZE
+    from .gallery import GALLERY_SIZE
 
     gallery = min(4 * GALLERY_SIZE, rows)  # four groups: top, both sides of the cut-off, bottom
     selected_bytes = int(data_bytes * n_sel / max(n, 1))

@@ -204,120 +204,150 @@ def select_ranked(order: np.ndarray, budget: int, *, labels: Mapping[str, Sequen
     for q in quotas:
         if q.field not in labels:
             raise PostSelectError(f"--quota on field {q.field!r}: the samples have no such field")
-
-    # per (field, value) integer bounds in samples
-    def cap(q: Quota, v: str) -> int:
-        return int(math.floor(q.bounds(v)[1] * budget + 1e-9))
-
-    def need(q: Quota, v: str) -> int:
-        return int(math.ceil(q.bounds(v)[0] * budget - 1e-9))
-
-    counts: list[dict[str, int]] = [dict() for _ in quotas]
-    rejected: dict[int, str] = {}
-    kept: list[int] = []
-    taken = np.zeros(int(order.max()) + 1 if order.size else 0, dtype=bool)
     if index == "auto":
         index = "hnsw" if budget > 200_000 else "flat"
-    kidx: _KeptIndex | None = None
-    thr = None if dedup_eps is None else 1.0 - float(dedup_eps)
-    n_dup = 0
-    n_quota = 0
+    walk = _GreedyWalk(budget, int(order.max()) + 1 if order.size else 0, labels, quotas, vectors, dedup_eps,
+                       index, chunk)
+    walk.fill_minimums(order)  # phase 1
+    walk.walk(order, walk.under_cap, record_quota=True)  # phase 2: the rest, in rank order, under the caps
+    return walk.result(order)
 
-    def groups_of(r: int) -> list[str]:
-        return [str(labels[q.field][r]) for q in quotas]
 
-    def under_cap(g: list[str]) -> bool:
-        return all(counts[i].get(v, 0) < cap(q, v) for i, (q, v) in enumerate(zip(quotas, g)))
+class _GreedyWalk:
+    """One :func:`select_ranked` call: what is kept so far, per-group counts, rejections and the index of
+    the kept rows, shared by the two phases of the walk (minimum shares first, then the rest)."""
 
-    def wants_min(g: list[str]) -> bool:
-        return any(counts[i].get(v, 0) < need(q, v) for i, (q, v) in enumerate(zip(quotas, g)))
+    def __init__(self, budget: int, n_rows: int, labels: Mapping[str, Sequence[str]], quotas: list[Quota],
+                 vectors: Callable[[np.ndarray], np.ndarray] | None, dedup_eps: float | None, index: str,
+                 chunk: int):
+        self.budget, self.labels, self.quotas, self.vectors = budget, labels, quotas, vectors
+        self.index_kind, self.chunk = index, chunk
+        self.thr = None if dedup_eps is None else 1.0 - float(dedup_eps)  # cosine similarity that is a duplicate
+        self.counts: list[dict[str, int]] = [dict() for _ in quotas]
+        self.rejected: dict[int, str] = {}
+        self.kept: list[int] = []
+        self.taken = np.zeros(n_rows, dtype=bool)  # kept, or dropped as a duplicate: never looked at again
+        self.kidx: _KeptIndex | None = None
+        self.n_dup = 0
+        self.n_quota = 0
 
-    def walk(cands: np.ndarray, admit: Callable[[list[str]], bool], stop: Callable[[], bool],
-             record_quota: bool) -> None:
-        nonlocal kidx, n_dup, n_quota
-        for s in range(0, cands.size, chunk):
-            if stop():
-                return
-            rows = cands[s:s + chunk]
-            rows = rows[~taken[rows]]
-            if rows.size == 0:
-                continue
-            if thr is not None:
-                vecs = _normalize(vectors(rows))
-                if kidx is None:
-                    kidx = _KeptIndex(vecs.shape[1], index)
-                sim_kept, pos_kept = kidx.nearest(vecs)
-                sim_chunk = vecs @ vecs.T
-            acc_local: list[int] = []
-            for j, r in enumerate(rows.tolist()):
-                if stop():
-                    break
-                g = groups_of(r) if quotas else []
-                if quotas and not admit(g):
-                    if record_quota and r not in rejected:
-                        n_quota += 1
-                        full = [f"{q.field}={v}" for i, (q, v) in enumerate(zip(quotas, g))
-                                if counts[i].get(v, 0) >= cap(q, v)]
-                        rejected[r] = f"quota: {', '.join(full)} reached its maximum share"
-                    continue
-                if thr is not None:
-                    best, who = float(sim_kept[j]), int(pos_kept[j])
-                    who_row = kidx.kept_rows[who] if who >= 0 else -1
-                    if acc_local:
-                        loc = sim_chunk[j, acc_local]
-                        m = int(np.argmax(loc))
-                        if loc[m] > best:
-                            best, who_row = float(loc[m]), int(rows[acc_local[m]])
-                    if best >= thr:
-                        n_dup += 1
-                        rejected[r] = f"near-duplicate of row {who_row} (cosine distance {1.0 - best:.4g})"
-                        taken[r] = True  # never reconsidered in a later phase
-                        continue
-                    acc_local.append(j)
-                kept.append(r)
-                taken[r] = True
-                rejected.pop(r, None)
-                for i, v in enumerate(g):
-                    counts[i][v] = counts[i].get(v, 0) + 1
-            if thr is not None and acc_local:
-                kidx.add(vecs[acc_local], rows[acc_local])
+    # per (field, value) integer bounds in samples
+    def cap(self, q: Quota, v: str) -> int:
+        return int(math.floor(q.bounds(v)[1] * self.budget + 1e-9))
 
-    # phase 1: fill minimum shares, walking the global ranking restricted to groups with a minimum
-    if quotas and any(r.min_share > 0 for q in quotas for r in q.rules):
+    def need(self, q: Quota, v: str) -> int:
+        return int(math.ceil(q.bounds(v)[0] * self.budget - 1e-9))
+
+    def groups_of(self, r: int) -> list[str]:
+        return [str(self.labels[q.field][r]) for q in self.quotas]
+
+    def under_cap(self, g: list[str]) -> bool:
+        return all(self.counts[i].get(v, 0) < self.cap(q, v) for i, (q, v) in enumerate(zip(self.quotas, g)))
+
+    def wants_min(self, g: list[str]) -> bool:
+        return any(self.counts[i].get(v, 0) < self.need(q, v) for i, (q, v) in enumerate(zip(self.quotas, g)))
+
+    def full(self) -> bool:
+        return len(self.kept) >= self.budget
+
+    def fill_minimums(self, order: np.ndarray) -> None:
+        """Phase 1: fill minimum shares, walking the global ranking restricted to groups with a minimum."""
+        if not (self.quotas and any(r.min_share > 0 for q in self.quotas for r in q.rules)):
+            return
         has_min = np.zeros(order.size, dtype=bool)
-        for i, q in enumerate(quotas):
-            lab = labels[q.field]
+        for q in self.quotas:
+            lab = self.labels[q.field]
             mins = {r.value for r in q.rules if r.min_share > 0 and r.value != "*"}
             star_min = any(r.value == "*" and r.min_share > 0 for r in q.rules)
-            has_min |= np.fromiter(((str(lab[r]) in mins) or (star_min and need(q, str(lab[r])) > 0)
+            has_min |= np.fromiter(((str(lab[r]) in mins) or (star_min and self.need(q, str(lab[r])) > 0)
                                     for r in order.tolist()), dtype=bool, count=order.size)
+        self.walk(order[has_min], lambda g: self.wants_min(g) and self.under_cap(g), record_quota=False)
 
-        def phase1_admit(g):
-            return wants_min(g) and under_cap(g)
+    def walk(self, cands: np.ndarray, admit: Callable[[list[str]], bool], record_quota: bool) -> None:
+        """Keep admitted, non-duplicate candidates in rank order until the budget is full.
 
-        walk(order[has_min], phase1_admit, lambda: len(kept) >= budget, record_quota=False)
-
-    walk(order, under_cap, lambda: len(kept) >= budget, record_quota=True)
-
-    shortfalls = {}
-    for i, q in enumerate(quotas):
-        for r in q.rules:
-            if r.value == "*":
+        ``record_quota``: a candidate ``admit`` refuses is counted and given a reason (phase 2; in
+        phase 1 a refusal only means the group has its minimum).
+        """
+        quotas = self.quotas
+        for s in range(0, cands.size, self.chunk):
+            if self.full():
+                return
+            rows = cands[s:s + self.chunk]
+            rows = rows[~self.taken[rows]]
+            if rows.size == 0:
                 continue
-            if counts[i].get(r.value, 0) < need(q, r.value):
-                shortfalls[f"{q.field}={r.value}"] = {"wanted": need(q, r.value), "got": counts[i].get(r.value, 0)}
-    if len(kept) < budget and quotas and n_quota:
-        raise PostSelectError(
-            f"the quota caps leave only {len(kept)} of the {budget} budgeted samples selectable "
-            f"({n_quota} candidates were refused by a cap); raise the maximum shares "
-            f"({', '.join(f'--quota {q.field}=...' for q in quotas)}) or lower --budget")
-    # rank order of the kept set (phase 1 picks interleave with phase 2 picks)
-    pos = np.empty(taken.size, dtype=np.int64)
-    pos[order] = np.arange(order.size)
-    kept_arr = np.asarray(kept, dtype=np.int64)
-    kept_arr = kept_arr[np.argsort(pos[kept_arr], kind="stable")] if kept_arr.size else kept_arr
-    info = {"rejected": rejected, "n_dedup_dropped": n_dup, "n_quota_skipped": n_quota,
-            "quota_counts": {q.field: dict(sorted(counts[i].items())) for i, q in enumerate(quotas)},
-            "quota_shortfalls": shortfalls, "index": index if thr is not None else None,
-            "n_kept": int(kept_arr.size)}
-    return kept_arr, info
+            if self.thr is not None:
+                vecs = _normalize(self.vectors(rows))
+                if self.kidx is None:
+                    self.kidx = _KeptIndex(vecs.shape[1], self.index_kind)
+                sim_kept, pos_kept = self.kidx.nearest(vecs)
+                sim_chunk = vecs @ vecs.T
+            acc_local: list[int] = []  # positions in this chunk kept so far (not yet in the index)
+            for j, r in enumerate(rows.tolist()):
+                if self.full():
+                    break
+                g = self.groups_of(r) if quotas else []
+                if quotas and not admit(g):
+                    if record_quota and r not in self.rejected:
+                        self.n_quota += 1
+                        at_cap = [f"{q.field}={v}" for i, (q, v) in enumerate(zip(quotas, g))
+                                  if self.counts[i].get(v, 0) >= self.cap(q, v)]
+                        self.rejected[r] = f"quota: {', '.join(at_cap)} reached its maximum share"
+                    continue
+                if self.thr is not None:
+                    if self._is_duplicate(r, j, rows, sim_kept, pos_kept, sim_chunk, acc_local):
+                        continue
+                    acc_local.append(j)
+                self.kept.append(r)
+                self.taken[r] = True
+                self.rejected.pop(r, None)
+                for i, v in enumerate(g):
+                    self.counts[i][v] = self.counts[i].get(v, 0) + 1
+            if self.thr is not None and acc_local:
+                self.kidx.add(vecs[acc_local], rows[acc_local])
+
+    def _is_duplicate(self, r: int, j: int, rows: np.ndarray, sim_kept, pos_kept, sim_chunk,
+                      acc_local: list[int]) -> bool:
+        """Whether candidate ``r`` (position ``j`` of the chunk) is within ``dedup_eps`` of a kept row,
+        in the index or kept earlier in this chunk; a duplicate is recorded and never reconsidered."""
+        best, who = float(sim_kept[j]), int(pos_kept[j])
+        who_row = self.kidx.kept_rows[who] if who >= 0 else -1
+        if acc_local:
+            loc = sim_chunk[j, acc_local]
+            m = int(np.argmax(loc))
+            if loc[m] > best:
+                best, who_row = float(loc[m]), int(rows[acc_local[m]])
+        if best < self.thr:
+            return False
+        self.n_dup += 1
+        self.rejected[r] = f"near-duplicate of row {who_row} (cosine distance {1.0 - best:.4g})"
+        self.taken[r] = True
+        return True
+
+    def result(self, order: np.ndarray) -> tuple[np.ndarray, dict]:
+        """``(kept rows in rank order, info)``; refuses a budget the caps left unfilled."""
+        quotas, counts = self.quotas, self.counts
+        shortfalls = {}
+        for i, q in enumerate(quotas):
+            for r in q.rules:
+                if r.value == "*":
+                    continue
+                if counts[i].get(r.value, 0) < self.need(q, r.value):
+                    shortfalls[f"{q.field}={r.value}"] = {"wanted": self.need(q, r.value),
+                                                          "got": counts[i].get(r.value, 0)}
+        if len(self.kept) < self.budget and quotas and self.n_quota:
+            raise PostSelectError(
+                f"the quota caps leave only {len(self.kept)} of the {self.budget} budgeted samples selectable "
+                f"({self.n_quota} candidates were refused by a cap); raise the maximum shares "
+                f"({', '.join(f'--quota {q.field}=...' for q in quotas)}) or lower --budget")
+        # rank order of the kept set (phase 1 picks interleave with phase 2 picks)
+        pos = np.empty(self.taken.size, dtype=np.int64)
+        pos[order] = np.arange(order.size)
+        kept_arr = np.asarray(self.kept, dtype=np.int64)
+        kept_arr = kept_arr[np.argsort(pos[kept_arr], kind="stable")] if kept_arr.size else kept_arr
+        info = {"rejected": self.rejected, "n_dedup_dropped": self.n_dup, "n_quota_skipped": self.n_quota,
+                "quota_counts": {q.field: dict(sorted(counts[i].items())) for i, q in enumerate(quotas)},
+                "quota_shortfalls": shortfalls, "index": self.index_kind if self.thr is not None else None,
+                "n_kept": int(kept_arr.size)}
+        return kept_arr, info

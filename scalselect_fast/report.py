@@ -10,8 +10,9 @@ The one exception is the thumbnail gallery (the samples at the top, around the c
 bottom of the ranking): its downscaled JPEG thumbnails are embedded as data URIs too, but they are not
 in ``report.json`` (they would bloat it); :func:`render_html` takes them as ``gallery``.
 
-This module does not compute anything about the selection itself; the selection job
-(:mod:`scalselect_fast.selection`) assembles the dict with the helpers here and hands it over.
+:func:`build_report` is the one schema of ``report.json``: it summarises a selection the job
+(:mod:`scalselect_fast.selection`) has made. This module does not rank, select or write the other
+outputs, and it does not choose the gallery's samples (:mod:`scalselect_fast.gallery` does).
 """
 from __future__ import annotations
 
@@ -21,15 +22,18 @@ import io
 import json
 import math
 import platform
+import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from .atomic import atomic_write_bytes, atomic_write_json
+from .manifest import RANK_BASE
+from .rowmap import budget_base, ids_of, row_record
 
-__all__ = ["score_histogram", "spectrum_summary", "collect_versions", "render_html", "write_report",
-           "thumbnail", "REPORT_JSON", "REPORT_HTML", "THUMBNAIL_PX"]
+__all__ = ["build_report", "score_histogram", "spectrum_summary", "collect_versions", "render_html", "write_report",
+           "thumbnail", "to_jsonable", "REPORT_JSON", "REPORT_HTML", "THUMBNAIL_PX"]
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
@@ -40,6 +44,97 @@ THUMBNAIL_PX = 128
 # --------------------------------------------------------------------------------------------------
 # pieces of the JSON report
 # --------------------------------------------------------------------------------------------------
+def build_report(src, sub, scores, kept_rows, kept_mask, m, budget, *, records=None, post_info=None,
+                 stability=None, reused=None, executor=None, source=None, outputs=None, timings=None,
+                 drop_invalid=False) -> dict:
+    """The one report schema (``report.json``) of a selection.
+
+    Parameters
+    ----------
+    src : MatrixSource
+        The stored representations (n rows).
+    sub : Subspace
+        The fit the scores were computed with.
+    scores : ndarray (n,) float64
+        NaN where a row has no score.
+    kept_rows : ndarray of int64
+        The selection, in selection order.
+    kept_mask : ndarray (n,) bool
+        ``kept_rows`` as a mask.
+    m : int
+        The resolved budget.
+    budget : int, float or str
+        The budget as requested.
+    records : Records, optional
+        The dataset behind the store (per-source counts, skip reasons, text-only records).
+    post_info : dict, optional
+        :func:`scalselect_fast.postselect.select_ranked`'s info (its ``rejected`` is left out).
+    stability, reused, executor, source, outputs, timings, drop_invalid
+        Carried into the sections of the same names.
+
+    Returns
+    -------
+    dict
+        With ``"gallery": None``, filled in when ``report.html`` is written.
+    """
+    valid = ~np.isnan(scores)
+    invalid = np.flatnonzero(~valid)
+    n_samples = len(records.ids) if records is not None else int(src.n)
+    n_valid = int(valid.sum())
+    skip_counts = dict(records.skip_counts) if records is not None else {}
+    if invalid.size:
+        skip_counts["invalid_row"] = skip_counts.get("invalid_row", 0) + int(invalid.size)
+    cutoff = float(scores[kept_rows].min()) if kept_rows.size else None
+    per_source = None
+    if records is not None:
+        per_source = {}
+        for s in records.sources:
+            d = per_source.setdefault(s if s is not None else "<none>", {"total": 0, "kept": 0, "valid": 0})
+            d["total"] += 1
+        for r, rec_i in enumerate(row_record(src, records).tolist()):
+            s = records.sources[rec_i]
+            d = per_source[s if s is not None else "<none>"]
+            d["valid"] += int(valid[r])
+            d["kept"] += int(kept_mask[r])
+    spectrum = spectrum_summary(np.sqrt(np.maximum(np.asarray(sub.energy_curve, np.float64), 0)), sub.k,
+                                sub.energy, sub.total_energy)
+    return {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": "ndarray" if isinstance(source, np.ndarray) else str(source),
+        "source_dtype": src.dtype,
+        "n_samples": n_samples, "n_valid": n_valid, "n_skipped": n_samples - n_valid,
+        "budget": int(m), "budget_requested": str(budget), "n_selected": int(kept_rows.size),
+        "order": records.order if records is not None else "score",
+        "rank_base": RANK_BASE,
+        "subspace": {"k": int(sub.k), "d": int(sub.d), "n": int(sub.n), "solver": sub.solver,
+                     "solver_reason": sub.info.get("solver_reason"), "passes": int(sub.passes),
+                     "energy": sub.energy, "captured_energy": float(sub.captured_energy / sub.total_energy),
+                     "total_energy": float(sub.total_energy), "standardize": sub.scale is not None,
+                     "l2_normalize": bool(sub.l2_normalize), "reused_from": reused,
+                     "fit_timings": sub.info.get("timings", {}), "provenance": sub.provenance},
+        "spectrum": spectrum,
+        "scores": score_histogram(scores[valid], cutoff),
+        "per_source": per_source,
+        "skip_reasons": skip_counts,
+        "invalid_rows": {"count": int(invalid.size), "rows": invalid[:1000].tolist(),
+                         "ids": ids_of(src, invalid[:1000]), "dropped": bool(drop_invalid)},
+        "budget_base": budget_base(src, records),
+        "text_only": None if records is None else {
+            "n": len(records.text_only), "action": "kept" if records.keep_text_only else "dropped",
+            "in_output": len(records.passthrough),
+            "rule": ("text-only rows have no image, so no representation: they are never scored or ranked; "
+                     "--text-only keep writes them to the selected dataset outside the budget, drop leaves "
+                     "them out")},
+        "postselect": {k: v for k, v in (post_info or {}).items() if k != "rejected"} or None,
+        "stability": stability,
+        "timings": dict(timings or {}),
+        "executor": executor.describe() if executor is not None else None,
+        "gallery": None,  # filled when report.html is written
+        "versions": collect_versions(),
+        "outputs": dict(outputs or {}),
+    }
+
+
 def score_histogram(scores: np.ndarray, cutoff: float | None, bins: int = 60) -> dict:
     """Summarise a score vector for the report.
 
@@ -239,6 +334,19 @@ def thumbnail(image, px: int = THUMBNAIL_PX) -> tuple[str | None, str | None]:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), None
 
 
+def _more_images_html(it: Mapping[str, Any]) -> str:
+    """The images of a multi-image sample after the first (small), and how many are not shown."""
+    rest, more = list(it.get("images") or [])[1:], int(it.get("more_images") or 0)
+    if not rest and not more:
+        return ""
+    imgs = [f'<img alt="{_esc(it.get("id"))} image {j}" src="{im["thumbnail"]}">' if im.get("thumbnail") else
+            f'<span class="noimg" title="{_esc(im.get("missing") or "no image")}">image {j} missing</span>'
+            for j, im in enumerate(rest, start=2)]
+    if more:
+        imgs.append(f'<span class="more">+{more} more</span>')
+    return '<div class="more-imgs">' + "".join(imgs) + "</div>"
+
+
 def _gallery_html(gallery: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
     parts = []
     for name, items in gallery.items():
@@ -246,7 +354,7 @@ def _gallery_html(gallery: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
         for it in items:
             cls = "kept" if it.get("kept") else "rejected"
             img = (f'<img alt="{_esc(it.get("id"))}" src="{it["thumbnail"]}">' if it.get("thumbnail") else
-                   f'<div class="noimg">{_esc(it.get("missing") or "no image")}</div>')
+                   f'<div class="noimg">{_esc(it.get("missing") or "no image")}</div>') + _more_images_html(it)
             meta = (f'<div class="meta">#{_esc(it.get("rank"))} · {_esc(_fmt(it.get("score")))} · '
                     f'{"kept" if it.get("kept") else "rejected"}<br>{_esc(it.get("id"))}'
                     + (f' · {_esc(it["source"])}' if it.get("source") else "") + "</div>")
@@ -272,6 +380,10 @@ img{max-width:100%}code,pre{background:#f6f6f6;font-size:.85em}pre{padding:.6em;
 .gallery img{display:block;margin:0 auto .3em;width:140px;height:140px;object-fit:contain}
 .gallery .noimg{height:90px;display:flex;align-items:center;justify-content:center;color:#888;text-align:center}
 .gallery .meta{color:#555}.gallery .text{margin-top:.2em;overflow-wrap:anywhere}
+.gallery .more-imgs{display:flex;flex-wrap:wrap;gap:2px;margin-bottom:.3em}
+.gallery .more-imgs img{width:44px;height:44px;margin:0}
+.gallery .more-imgs .noimg,.gallery .more-imgs .more{height:44px;font-size:.9em;color:#888;display:flex;
+align-items:center}
 """
 
 
@@ -315,8 +427,10 @@ def render_html(report: Mapping[str, Any], gallery: Mapping[str, Sequence[Mappin
     gallery : mapping of group name to list of dict, optional
         Samples to show as thumbnails, per group in display order; each item has ``id``, ``score``,
         ``rank``, ``kept``, ``source``, ``text`` (the truncated instruction) and ``thumbnail`` (a data
-        URI from :func:`thumbnail`, or None with the reason in ``missing``). Without it the page says
-        why there is no gallery (``report["gallery"]["note"]``).
+        URI from :func:`thumbnail`, or None with the reason in ``missing``); a multi-image sample also
+        has ``images`` (every shown image's ``thumbnail``/``missing``, the first included) and
+        ``more_images`` (how many were left out), see :func:`scalselect_fast.gallery.build_gallery`.
+        Without it the page says why there is no gallery (``report["gallery"]["note"]``).
 
     Returns
     -------
@@ -409,22 +523,22 @@ def write_report(out_dir: str | Path, report: Mapping[str, Any], html_report: bo
     """
     out_dir = Path(out_dir)
     jpath = out_dir / REPORT_JSON
-    atomic_write_json(jpath, _jsonable(report))
+    atomic_write_json(jpath, to_jsonable(report))
     hpath = None
     if html_report:
         hpath = out_dir / REPORT_HTML
-        atomic_write_bytes(hpath, render_html(_jsonable(report)).encode("utf-8"))
+        atomic_write_bytes(hpath, render_html(to_jsonable(report)).encode("utf-8"))
     return {"json": str(jpath), "html": None if hpath is None else str(hpath)}
 
 
-def _jsonable(obj):
-    """Numpy scalars/arrays and paths -> plain JSON types (recursively)."""
+def to_jsonable(obj):
+    """Numpy scalars/arrays and paths -> plain JSON types (recursively); non-finite floats as strings."""
     if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [to_jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
+        return to_jsonable(obj.tolist())
     if isinstance(obj, np.integer):
         return int(obj)
     if isinstance(obj, np.floating):

@@ -1,4 +1,4 @@
-"""The one selection job: fit-or-load, score, top-k, post-selection, then manifest + report.
+"""The one selection job: fit-or-load, score, top-k, post-selection, then every output committed as a set.
 
 ``scalselect select`` (local executor), ``scalselect select --dask-scheduler``
 (:class:`scalselect_fast.distributed.DaskExecutor`) and the select stage of ``scalselect run`` (which
@@ -6,115 +6,49 @@ hands over its checkpointed subspace and scores) all go through :func:`run_selec
 the same files with the same schemas:
 
 ``manifest.parquet`` (or ``.jsonl``)
-    One row per input record (``run``) or per stored row (``select``)::
-
-        id: string, index: int64, shard: string, row: int64, score: float64, rank: int64,
-        kept: bool, skip_reason: string
-
-    ``index`` is the record's position in the dataset (``select``: the global row), ``shard``/``row``
-    where its representation is stored, ``rank`` the **1-based** position in the score order
-    (descending score, ties → lower row) over the rows that have a score; rows without a score
-    (skipped records, NaN/inf rows) have null ``shard``/``row``/``score``/``rank`` and a
-    ``skip_reason``. The Parquet schema metadata carries ``scalselect.rank_base`` = ``"1"``, the budget
-    and the caller's fingerprints.
+    One row per input record (``run``) or per stored row (``select``); the schema, the rank base
+    and the writer are in :mod:`scalselect_fast.manifest`.
 ``report.json`` / ``report.html``
-    One schema (:func:`build_report`): ``n_samples``, ``n_valid``, ``n_skipped``, ``budget``,
-    ``n_selected``, ``subspace``, ``spectrum``, ``scores``, ``stability``, ``timings``, ``executor``,
-    ``outputs``, ... (see the README).
+    One schema (:func:`scalselect_fast.report.build_report`): ``n_samples``, ``n_valid``,
+    ``n_skipped``, ``budget``, ``n_selected``, ``subspace``, ``spectrum``, ``scores``, ``stability``,
+    ``timings``, ``executor``, ``outputs``, ... (see docs/engine.md); the page's thumbnail gallery is
+    chosen by :mod:`scalselect_fast.gallery`.
 ``selected.txt``, ``scores.npy``, ``subspace.npz`` and, with a dataset, ``selected.<ext>``
     The kept ids in selection order; the (N,) float64 scores of the stored rows; the fit; the kept
     records in the input's own format (:func:`scalselect_fast.data.write_selected`).
 
-**Commit protocol.** All outputs of one selection are first written under temporary names
-(``.<name>.<random>.tmp`` beside their targets), then the previous ``report.json`` is removed, the
-staged files are renamed into place, and ``report.json`` is written last. A reader that finds no
-``report.json`` knows the set is incomplete; one that finds it knows every other output belongs to
-the same selection (a kill at any moment leaves either that, or no report).
+**Commit protocol** (:class:`scalselect_fast.atomic.StagedOutputs`). All outputs of one selection are
+first written under temporary names (``.<name>.<random>.tmp`` beside their targets), then the previous
+``report.json`` is removed, the staged files are renamed into place, and ``report.json`` is written
+last. A reader that finds no ``report.json`` knows the set is incomplete; one that finds it knows every
+other output belongs to the same selection (a kill at any moment leaves either that, or no report).
 
 Executors compute; they do not write. :class:`LocalExecutor` is this machine;
 :class:`scalselect_fast.distributed.DaskExecutor` runs the same fit, scores and top-k as Dask tasks.
+This module is the job's order of steps; it holds no schema and no file format of its own.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .atomic import crashpoint, fsync_dir
+from .atomic import StagedOutputs, atomic_path, atomic_write_bytes, crashpoint
+from .devices import array_backend
+from .gallery import build_gallery
+from .manifest import MANIFEST_FORMATS, RANK_BASE, manifest_batches, write_manifest
+from .report import REPORT_HTML, REPORT_JSON, build_report, render_html, to_jsonable
+from .rowmap import Records, budget_base, ids_of, row_record
 from .store import DEFAULT_BLOCK_ROWS, open_source
 from .subspace import Subspace, SubspaceError
 
-__all__ = ["run_selection", "LocalExecutor", "Records", "budget_base", "fit_or_load", "write_scores", "shard_ids",
-           "iter_shard_ids", "print_selection", "MANIFEST_SCHEMA", "RANK_BASE", "GALLERY_SIZE"]
-
-#: column names and Arrow types of every manifest, in order
-MANIFEST_SCHEMA = (("id", "string"), ("index", "int64"), ("shard", "string"), ("row", "int64"),
-                   ("score", "float64"), ("rank", "int64"), ("kept", "bool"), ("skip_reason", "string"))
-#: rank of the best row
-RANK_BASE = 1
-#: thumbnails per gallery group in report.html
-GALLERY_SIZE = 12
-INVALID_ROW = "invalid_row: NaN/inf in the representation (--drop-invalid)"
-
-
-# --------------------------------------------------------------------------------------------------
-# ids of stored rows
-# --------------------------------------------------------------------------------------------------
-def shard_ids(src, shard) -> list[str]:
-    """The ids of one shard (row numbers as strings where the source has none).
-
-    A store whose shards share an id is refused (:meth:`MatrixSource.check_unique_ids`, once per source).
-    """
-    from .store import read_ids
-
-    if hasattr(src, "check_unique_ids"):
-        src.check_unique_ids()
-
-    arr_ids = getattr(src, "_ids", None)
-    if arr_ids is not None:
-        return arr_ids[shard.offset:shard.offset + shard.count]
-    if shard.ids_path is not None:
-        return read_ids(shard)
-    return [str(i) for i in range(shard.offset, shard.offset + shard.count)]
-
-
-def iter_shard_ids(src):
-    """Yield ``(shard, ids)`` per shard, reading one shard's ids at a time (memory O(shard))."""
-    for shard in src.shards:
-        yield shard, shard_ids(src, shard)
-
-
-def _ids_of(src, rows: np.ndarray) -> list[str]:
-    rows = np.asarray(rows, dtype=np.int64)
-    if rows.size == 0:
-        return []
-    out = [""] * rows.size
-    pos: dict[int, list[int]] = {}
-    for j, r in enumerate(rows.tolist()):
-        pos.setdefault(r, []).append(j)
-    want = np.unique(rows)
-    for shard in src.shards:
-        lo, hi = np.searchsorted(want, [shard.offset, shard.offset + shard.count])
-        if hi == lo:
-            continue
-        ids = shard_ids(src, shard)
-        for r in want[lo:hi].tolist():
-            for j in pos[r]:
-                out[j] = ids[r - shard.offset]
-    return out
+__all__ = ["run_selection", "LocalExecutor", "fit_or_load", "write_scores", "print_selection"]
 
 
 def write_scores(path, scores: np.ndarray) -> None:
     """Atomically write the (n,) float64 scores as ``.npy``."""
-    from .atomic import atomic_path
-
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.save(fh, np.asarray(scores, dtype=np.float64), allow_pickle=False)
@@ -155,7 +89,7 @@ class LocalExecutor:
         from .subspace import fit_subspace
 
         return fit_subspace(src, block_rows=self.block_rows, drop_invalid=drop_invalid,
-                            backend="cupy" if self.device == "cuda" else "numpy", **fit_kwargs)
+                            array_backend=array_backend(self.device, check=False), **fit_kwargs)
 
     def score_and_select(self, src, sub: Subspace, m: int, *, drop_invalid: bool):
         """``(scores (n,) float64, top-m rows int64)`` and the seconds each took."""
@@ -179,68 +113,6 @@ class LocalExecutor:
         from . import native
 
         return {"name": self.name, "device": self.device, "native_backend": native.BACKEND}
-
-
-# --------------------------------------------------------------------------------------------------
-# the dataset behind a store (run): one entry per input record
-# --------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Records:
-    """The input dataset a store was extracted from, as ``run`` reads it.
-
-    Attributes
-    ----------
-    path : str, list or dataset object
-        The input as ``run`` was given it (read again by :func:`scalselect_fast.data.write_selected`
-        and the gallery).
-    ids : list of str or None
-        Id per record (None where the record has no usable id).
-    sources : list of str or None
-        ``Sample.source`` per record (per-source counts).
-    fields : dict of str to list
-        Quota field values per record.
-    skip_reason : dict of int to str
-        Record index → why it has no representation.
-    skip_counts : dict of str to int
-        Reason → records skipped.
-    selected_name : str
-        File name of the selected dataset in the output directory (``selected.json``, ...).
-    format : str
-        Input container (``auto``, ``json``, ``jsonl``, ``parquet``).
-    image_root : str or None
-        Where relative image paths resolve (the gallery loads thumbnails from there).
-    order : {"original", "score"}
-        Record order of the selected dataset.
-    id_field : str or None
-        The id column the records were read with (``None``: ``id``, or the positional id of a
-        record without one; see :func:`scalselect_fast.data.read_dataset`).
-    text_only : list of int
-        Indices of the text-only records (no image, so no representation). A fractional budget is
-        of the records that are not text-only.
-    keep_text_only : bool
-        Write the text-only records to the selected dataset outside the budget (``run --text-only
-        keep``): they are ``kept`` in the manifest, with no rank, and follow the ranked ids in
-        ``selected.txt``.
-    """
-
-    path: Any
-    ids: list
-    sources: list
-    fields: dict
-    skip_reason: dict
-    skip_counts: dict
-    selected_name: str
-    format: str = "auto"
-    image_root: str | None = None
-    order: str = "original"
-    id_field: str | None = None
-    text_only: list = dataclasses.field(default_factory=list)
-    keep_text_only: bool = False
-
-    @property
-    def passthrough(self) -> list:
-        """Record indices written outside the budget."""
-        return self.text_only if self.keep_text_only else []
 
 
 # --------------------------------------------------------------------------------------------------
@@ -316,9 +188,9 @@ def run_selection(source, out_dir, budget, *, executor=None, subspace=None, scor
     BudgetError, SubspaceError, InvalidRowsError, StoreError, PostSelectError
         Bad budget or input; nothing is written (or a previous complete selection stays).
     """
-    from .scoring import BudgetError, resolve_budget
+    from .scoring import resolve_budget
 
-    if manifest_format not in ("parquet", "jsonl"):
+    if manifest_format not in MANIFEST_FORMATS:
         raise ValueError(f"unknown manifest format {manifest_format!r}; use 'parquet' or 'jsonl'")
     if quotas and records is None:
         raise ValueError("quotas need the dataset's records (scalselect run)")
@@ -327,469 +199,182 @@ def run_selection(source, out_dir, budget, *, executor=None, subspace=None, scor
         raise SubspaceError(f"{out} exists and is not a directory; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     src = open_source(source)
-    n_total = budget_base(src, records)["n"]
-    m = resolve_budget(budget, n_total)  # fail before any heavy work
+    m = resolve_budget(budget, budget_base(src, records)["n"])  # fail before any heavy work
     src.check_unique_ids()  # the outputs name rows by id: a store with a repeated id is refused now
-    executor = executor or LocalExecutor(device, block_rows)
-    times: dict[str, float] = {k: float(v) for k, v in (timings or {}).items()}
+    job = _SelectionJob(src, m, budget, executor or LocalExecutor(device, block_rows), records,
+                        drop_invalid, timings, warn)
+    sub, reused = job.fit(subspace, fit_kwargs)
+    scores, top = job.score(sub, scores)
+    ranked = job.select(scores, top, quotas, dedup_eps)
+    stability = job.stability(sub, scores, ranked.kept_rows, stability_seeds)
+    names = _output_names(out, manifest_format, records, html)
+    t_write = time.perf_counter()
+    report = build_report(src, sub, scores, ranked.kept_rows, ranked.kept_mask, m, budget, records=records,
+                          post_info=ranked.post_info, stability=stability, reused=reused,
+                          executor=job.executor, source=source, outputs={k: str(v) for k, v in names.items()},
+                          timings=job.times, drop_invalid=drop_invalid)
+    kept_ids = ids_of(src, ranked.kept_rows)  # selection order
+    if report_extra is not None:
+        report.update(report_extra(kept_ids))
+    gallery = job.gallery(report, scores, ranked) if html else None
+    meta = {"scalselect.rank_base": str(RANK_BASE), "scalselect.budget": str(m), **dict(metadata or {})}
+    with StagedOutputs(out) as stage:
+        job.write_outputs(stage, names, sub, scores, ranked, kept_ids, manifest_format, meta)
+        crashpoint("select.staged")
+        job.times["write"] = time.perf_counter() - t_write - job.times.get("gallery", 0.0)
+        report["timings"] = dict(job.times)
+        if html:
+            atomic_write_bytes(stage.path(names["report_html"]),
+                               render_html(to_jsonable(report), gallery=gallery).encode("utf-8"))
+        if before_commit is not None:
+            before_commit()
+        stage.commit(names["report"], to_jsonable(report))
+    return report
 
-    t = time.perf_counter()
-    sub, reused = fit_or_load(subspace, lambda: executor.fit(src, drop_invalid=drop_invalid, **fit_kwargs))
-    if subspace is None or "fit" not in times:
-        times["fit"] = times.get("fit", 0.0) + (time.perf_counter() - t)
-    if scores is None:
-        scores, top, t_score, t_top = executor.score_and_select(src, sub, m, drop_invalid=drop_invalid)
-        times["score"], select_s = t_score, t_top
-    else:
-        from .scoring import top_k
 
+class _Ranked:
+    """The ranking and the kept set of one selection."""
+
+    def __init__(self, n: int, order: np.ndarray, kept_rows: np.ndarray, post_info: dict):
+        self.order = order  # the scored rows, descending score, ties -> lower row
+        self.kept_rows = kept_rows  # selection order
+        self.post_info = post_info  # select_ranked's info ({} without post-selection)
+        self.rank = np.zeros(n, np.int64)
+        self.rank[order] = np.arange(RANK_BASE, RANK_BASE + order.size)
+        self.kept_mask = np.zeros(n, bool)
+        self.kept_mask[kept_rows] = True
+
+
+class _SelectionJob:
+    """The steps of :func:`run_selection` and what they share: the source, the budget, where the work
+    runs, the dataset behind the store and the seconds each step took (``times``, in step order)."""
+
+    def __init__(self, src, m: int, budget, executor, records: Records | None, drop_invalid: bool,
+                 timings: Mapping[str, float] | None, warn: Callable[[str], None] | None):
+        self.src, self.m, self.budget, self.executor = src, m, budget, executor
+        self.records, self.drop_invalid, self.warn = records, drop_invalid, warn
+        self.times: dict[str, float] = {k: float(v) for k, v in (timings or {}).items()}
+        self._top_s = 0.0  # the top-k's seconds, counted into the select step's
+
+    def fit(self, subspace, fit_kwargs: dict) -> tuple[Subspace, str | None]:
+        """Fit, or reuse ``subspace``; the fit's seconds go to ``times`` unless the caller timed it."""
+        t = time.perf_counter()
+        sub, reused = fit_or_load(subspace, lambda: self.executor.fit(self.src, drop_invalid=self.drop_invalid,
+                                                                      **fit_kwargs))
+        if subspace is None or "fit" not in self.times:
+            self.times["fit"] = self.times.get("fit", 0.0) + (time.perf_counter() - t)
+        return sub, reused
+
+    def score(self, sub: Subspace, scores) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores (n,) float64, top-m rows)``: scored by the executor, or the given ones checked."""
+        from .scoring import BudgetError, top_k
+
+        if scores is None:
+            scores, top, t_score, self._top_s = self.executor.score_and_select(self.src, sub, self.m,
+                                                                                drop_invalid=self.drop_invalid)
+            self.times["score"] = t_score
+            return scores, top
         scores = np.asarray(scores, dtype=np.float64)
-        if scores.shape != (src.n,):
-            raise ValueError(f"scores has shape {scores.shape} but the source has {src.n} rows")
+        if scores.shape != (self.src.n,):
+            raise ValueError(f"scores has shape {scores.shape} but the source has {self.src.n} rows")
         t = time.perf_counter()
         n_scored = int(np.count_nonzero(~np.isnan(scores)))
-        if m > n_scored:
-            raise BudgetError(f"budget {budget!r} asks for {m} rows but only {n_scored} have a score")
-        top = top_k(scores, m)
-        select_s = time.perf_counter() - t
-    t = time.perf_counter()
-    valid = ~np.isnan(scores)
-    order = np.flatnonzero(valid)
-    order = order[np.lexsort((order, -scores[order]))]  # descending score, ties -> lower row
-    post_info: dict[str, Any] = {}
-    if dedup_eps is not None or quotas:
+        if self.m > n_scored:
+            raise BudgetError(f"budget {self.budget!r} asks for {self.m} rows but only {n_scored} have a score")
+        top = top_k(scores, self.m)
+        self._top_s = time.perf_counter() - t
+        return scores, top
+
+    def select(self, scores: np.ndarray, top: np.ndarray, quotas: Sequence, dedup_eps: float | None) -> _Ranked:
+        """The ranking, and the top-m or (with quotas or ``dedup_eps``) the post-selected rows."""
+        t = time.perf_counter()
+        order = np.flatnonzero(~np.isnan(scores))
+        order = order[np.lexsort((order, -scores[order]))]  # descending score, ties -> lower row
+        post_info: dict[str, Any] = {}
+        if dedup_eps is not None or quotas:
+            kept_rows, post_info = self._post_select(order, quotas, dedup_eps)
+        else:
+            kept_rows = np.asarray(top, dtype=np.int64)
+        self.times["select"] = self._top_s + (time.perf_counter() - t)
+        return _Ranked(self.src.n, order, kept_rows, post_info)
+
+    def _post_select(self, order: np.ndarray, quotas: Sequence, dedup_eps: float | None) -> tuple[np.ndarray, dict]:
         from .postselect import select_ranked
 
         labels = None
         if quotas:
-            row_record = _row_record(src, records)
-            labels = {q.field: [records.fields[q.field][r] if records.fields[q.field][r] is not None else "<none>"
-                                for r in row_record.tolist()] for q in quotas}
-        kept_rows, post_info = select_ranked(order, m, labels=labels, quotas=list(quotas),
-                                             vectors=src.read_rows, dedup_eps=dedup_eps)
+            rec_of = row_record(self.src, self.records)
+            fields = self.records.fields
+            labels = {q.field: [fields[q.field][r] if fields[q.field][r] is not None else "<none>"
+                                for r in rec_of.tolist()] for q in quotas}
+        kept_rows, post_info = select_ranked(order, self.m, labels=labels, quotas=list(quotas),
+                                             vectors=self.src.read_rows, dedup_eps=dedup_eps)
         kept_rows = np.asarray(kept_rows, dtype=np.int64)
-        if kept_rows.size < m and warn is not None:
-            warn(f"only {kept_rows.size} of the {m} budgeted samples remain after near-duplicate removal "
-                 f"(--dedup-selected {dedup_eps}); lower the threshold to keep more")
-    else:
-        kept_rows = np.asarray(top, dtype=np.int64)
-    times["select"] = select_s + (time.perf_counter() - t)
+        if kept_rows.size < self.m and self.warn is not None:
+            self.warn(f"only {kept_rows.size} of the {self.m} budgeted samples remain after near-duplicate "
+                      f"removal (--dedup-selected {dedup_eps}); lower the threshold to keep more")
+        return kept_rows, post_info
 
-    stability = None
-    if stability_seeds is not None:
+    def stability(self, sub: Subspace, scores: np.ndarray, kept_rows: np.ndarray, seeds) -> dict | None:
+        """The report's stability entry (None when ``seeds`` is None): margin and bound, re-fits with seeds."""
+        from .scoring import top_k
+        from .stability import stability_bound
+
+        if seeds is None:
+            return None
         t = time.perf_counter()
-        stability = _stability(executor, src, sub, scores, m, tuple(stability_seeds), drop_invalid, kept_rows)
-        times["stability"] = time.perf_counter() - t
+        seeds = tuple(seeds)
+        if seeds and hasattr(self.executor, "stability"):
+            st = self.executor.stability(self.src, sub, scores, self.m, seeds, self.drop_invalid)
+        else:
+            st = stability_bound(sub, scores, self.m)
+            st["refits"] = "not requested" if not seeds else \
+                f"not applicable: the {self.executor.name} executor does not run the randomized solver"
+        same = np.array_equal(np.sort(kept_rows), np.sort(top_k(scores, self.m)))
+        st["certifies"] = ("the written selection (the top budget by score)" if same else
+                           "the top budget by score, before post-selection changed the written selection")
+        self.times["stability"] = time.perf_counter() - t
+        return st
 
-    t = time.perf_counter()
-    rank = np.zeros(src.n, np.int64)
-    rank[order] = np.arange(RANK_BASE, RANK_BASE + order.size)
-    kept_mask = np.zeros(src.n, bool)
-    kept_mask[kept_rows] = True
-    kept_ids = _ids_of(src, kept_rows)  # selection order
-    # records written outside the budget (text-only ones, run --text-only keep), after the ranked ones
-    extra_ids = [records.ids[i] for i in records.passthrough if records.ids[i] is not None] if records else []
-    names = _output_names(out, manifest_format, records, html)
-    report = build_report(src, sub, scores, kept_rows, kept_mask, m, budget, records=records,
-                          post_info=post_info, stability=stability, reused=reused, executor=executor,
-                          source=source, outputs={k: str(v) for k, v in names.items()}, timings=times,
-                          drop_invalid=drop_invalid)
-    if report_extra is not None:
-        report.update(report_extra(kept_ids))
-    gallery = None
-    if html:
-        t_g = time.perf_counter()
-        gallery, report["gallery"] = _gallery(src, scores, order, kept_mask, records, warn)
-        times["gallery"] = time.perf_counter() - t_g
-    meta = {"scalselect.rank_base": str(RANK_BASE), "scalselect.budget": str(m), **dict(metadata or {})}
-    with _Staged(out) as stage:
+    def gallery(self, report: dict, scores: np.ndarray, ranked: _Ranked) -> dict | None:
+        """The thumbnails for report.html; their summary goes into ``report["gallery"]``."""
+        t = time.perf_counter()
+        gallery, report["gallery"] = build_gallery(self.src, scores, ranked.order, ranked.kept_mask,
+                                                   self.records, self.warn)
+        self.times["gallery"] = time.perf_counter() - t
+        return gallery
+
+    def write_outputs(self, stage: StagedOutputs, names: dict[str, Path], sub: Subspace, scores: np.ndarray,
+                      ranked: _Ranked, kept_ids: list[str], manifest_format: str, meta: dict) -> None:
+        """Every output but the report, under the stage's temporary names."""
+        records = self.records
         sub.save(stage.path(names["subspace"]))
         write_scores(stage.path(names["scores"]), scores)
-        _write_manifest(stage.path(names["manifest"]), manifest_format,
-                        _manifest_batches(src, scores, rank, kept_mask, records, post_info.get("rejected", {})),
-                        meta)
-        from .atomic import atomic_write_bytes
-
-        atomic_write_bytes(stage.path(names["selected_ids"]),
-                           "".join(f"{i}\n" for i in kept_ids + extra_ids).encode("utf-8"))
+        write_manifest(stage.path(names["manifest"]), manifest_format,
+                       manifest_batches(self.src, scores, ranked.rank, ranked.kept_mask, records,
+                                        ranked.post_info.get("rejected", {})), meta)
+        # records written outside the budget (text-only ones, run --text-only keep), after the ranked ones
+        extra_ids = [records.ids[i] for i in records.passthrough if records.ids[i] is not None] if records else []
+        written = kept_ids + extra_ids
+        atomic_write_bytes(stage.path(names["selected_ids"]), "".join(f"{i}\n" for i in written).encode("utf-8"))
         if records is not None:
             from .data import write_selected
 
-            written = kept_ids + extra_ids
             write_selected(records.path, stage.path(names["selected"]),
                            keep=written if records.order == "score" else set(written),
                            order=records.order, format=records.format, id_field=records.id_field)
-        crashpoint("select.staged")
-        times["write"] = time.perf_counter() - t - times.get("gallery", 0.0)
-        report["timings"] = dict(times)
-        if html:
-            from .report import render_html
-
-            atomic_write_bytes(stage.path(names["report_html"]),
-                               render_html(_jsonable(report), gallery=gallery).encode("utf-8"))
-        if before_commit is not None:
-            before_commit()
-        stage.commit(names["report"], _jsonable(report))
-    return report
 
 
-def _row_record(src, records: Records) -> np.ndarray:
-    """Record index of every stored row (ids are matched; the store holds the records' ids)."""
-    from .data.ids import locate_ids
-
-    ids = src.ids()
-    rows = locate_ids(records.ids, ids)
-    if (rows < 0).any():
-        missing = [ids[j] for j in np.flatnonzero(rows < 0)[:3].tolist()]
-        raise SubspaceError(f"the representation store holds ids not in {records.path} (e.g. {missing}); "
-                            f"the dataset changed after extraction")
-    return rows
-
-
-def _stability(executor, src, sub, scores, m, seeds, drop_invalid, kept_rows) -> dict:
-    from .scoring import top_k
-    from .stability import stability_bound
-
-    if seeds and hasattr(executor, "stability"):
-        st = executor.stability(src, sub, scores, m, seeds, drop_invalid)
-    else:
-        st = stability_bound(sub, scores, m)
-        st["refits"] = "not requested" if not seeds else \
-            f"not applicable: the {executor.name} executor does not run the randomized solver"
-    same = np.array_equal(np.sort(kept_rows), np.sort(top_k(scores, m)))
-    st["certifies"] = ("the written selection (the top budget by score)" if same else
-                       "the top budget by score, before post-selection changed the written selection")
-    return st
-
-
-def _output_names(out: Path, manifest_format: str, records, html: bool) -> dict[str, Path]:
+def _output_names(out: Path, manifest_format: str, records: Records | None, html: bool) -> dict[str, Path]:
+    """Where each output goes (the report's ``outputs``, in this order)."""
     names = {"subspace": out / "subspace.npz", "scores": out / "scores.npy",
              "manifest": out / f"manifest.{manifest_format}", "selected_ids": out / "selected.txt",
-             "report": out / "report.json"}
+             "report": out / REPORT_JSON}
     if records is not None:
         names["selected"] = out / records.selected_name
     if html:
-        names["report_html"] = out / "report.html"
+        names["report_html"] = out / REPORT_HTML
     return names
-
-
-# --------------------------------------------------------------------------------------------------
-# manifest
-# --------------------------------------------------------------------------------------------------
-def _manifest_batches(src, scores, rank, kept_mask, records, rejected: Mapping[int, str]) -> Iterator[dict]:
-    """Column batches of the manifest: per store shard (select) or one batch per records table (run).
-
-    ``rejected`` maps a stored row to why post-selection dropped it (``near-duplicate of row R``).
-    """
-    if records is None:
-        for shard, ids in iter_shard_ids(src):
-            sl = slice(shard.offset, shard.offset + shard.count)
-            v = ~np.isnan(scores[sl])
-            reasons = [rejected.get(shard.offset + j) if ok else INVALID_ROW for j, ok in enumerate(v.tolist())]
-            yield {"id": list(ids), "index": np.arange(shard.offset, shard.offset + shard.count),
-                   "shard": [shard.name] * shard.count, "row": np.arange(shard.count), "score": scores[sl],
-                   "rank": rank[sl], "kept": kept_mask[sl], "skip_reason": reasons,
-                   "_valid": v, "_placed": np.ones(shard.count, bool)}
-        return
-    n_rec = len(records.ids)
-    row_record = _row_record(src, records)
-    rec_row = np.full(n_rec, -1, np.int64)
-    rec_row[row_record] = np.arange(src.n)
-    has = rec_row >= 0
-    rr = np.where(has, rec_row, 0)
-    shard_of = np.empty(src.n, dtype=object)
-    row_in = np.empty(src.n, np.int64)
-    for sh in src.shards:
-        shard_of[sh.offset:sh.offset + sh.count] = sh.name
-        row_in[sh.offset:sh.offset + sh.count] = np.arange(sh.count)
-    sc = scores[rr] if src.n else np.zeros(n_rec)
-    valid = has & ~np.isnan(sc) if src.n else has
-    reasons = []
-    for i in range(n_rec):
-        if not has[i]:
-            reasons.append(records.skip_reason.get(i, "not extracted (no representation; see skipped.jsonl)"))
-        elif not valid[i]:
-            reasons.append(INVALID_ROW)
-        else:
-            reasons.append(rejected.get(int(rec_row[i])))
-    kept = (kept_mask[rr] & has) if src.n else np.zeros(n_rec, bool)
-    kept[np.asarray(records.passthrough, dtype=np.int64)] = True  # written outside the budget
-    yield {"id": list(records.ids), "index": np.arange(n_rec),
-           "shard": [shard_of[r] if h else None for r, h in zip(rr.tolist(), has.tolist())],
-           "row": row_in[rr] if src.n else np.zeros(n_rec, np.int64), "score": sc,
-           "rank": rank[rr] if src.n else np.zeros(n_rec, np.int64),
-           "kept": kept,
-           "skip_reason": reasons, "_valid": valid, "_placed": has}
-
-
-def _write_manifest(path: Path, fmt: str, batches, metadata: Mapping[str, str]) -> None:
-    """Write the manifest batches (see :data:`MANIFEST_SCHEMA`) to ``path`` (a staged temp name)."""
-    if fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        schema = pa.schema([(n, getattr(pa, {"bool": "bool_"}.get(t, t))()) for n, t in MANIFEST_SCHEMA],
-                           metadata={k: str(v) for k, v in metadata.items()})
-        with pq.ParquetWriter(path, schema, compression="zstd") as w:
-            for b in batches:
-                v, placed = b["_valid"], b["_placed"]
-                w.write_table(pa.table({
-                    "id": pa.array(b["id"], pa.string()),
-                    "index": pa.array(np.asarray(b["index"], np.int64), pa.int64()),
-                    "shard": pa.array(b["shard"], pa.string()),
-                    "row": pa.array(np.asarray(b["row"], np.int64), pa.int64(), mask=~placed),
-                    "score": pa.array(np.where(v, b["score"], 0.0), pa.float64(), mask=~v),
-                    "rank": pa.array(np.where(v, b["rank"], 0), pa.int64(), mask=~v),
-                    "kept": pa.array(np.asarray(b["kept"], bool), pa.bool_()),
-                    "skip_reason": pa.array(b["skip_reason"], pa.string())}, schema=schema))
-        return
-    import json
-
-    with open(path, "w", encoding="utf-8") as fh:
-        for b in batches:
-            v, placed = b["_valid"], b["_placed"]
-            for j in range(len(b["id"])):
-                ok = bool(v[j])
-                fh.write(json.dumps({
-                    "id": b["id"][j], "index": int(b["index"][j]), "shard": b["shard"][j],
-                    "row": int(b["row"][j]) if placed[j] else None,
-                    "score": float(b["score"][j]) if ok else None, "rank": int(b["rank"][j]) if ok else None,
-                    "kept": bool(b["kept"][j]), "skip_reason": b["skip_reason"][j]}) + "\n")
-
-
-# --------------------------------------------------------------------------------------------------
-# report
-# --------------------------------------------------------------------------------------------------
-def build_report(src, sub, scores, kept_rows, kept_mask, m, budget, *, records=None, post_info=None,
-                 stability=None, reused=None, executor=None, source=None, outputs=None, timings=None,
-                 drop_invalid=False) -> dict:
-    """The one report schema (``report.json``) of a selection."""
-    from .report import collect_versions, score_histogram, spectrum_summary
-
-    valid = ~np.isnan(scores)
-    invalid = np.flatnonzero(~valid)
-    n_samples = len(records.ids) if records is not None else int(src.n)
-    n_valid = int(valid.sum())
-    skip_counts = dict(records.skip_counts) if records is not None else {}
-    if invalid.size:
-        skip_counts["invalid_row"] = skip_counts.get("invalid_row", 0) + int(invalid.size)
-    cutoff = float(scores[kept_rows].min()) if kept_rows.size else None
-    per_source = None
-    if records is not None:
-        per_source = {}
-        for s in records.sources:
-            d = per_source.setdefault(s if s is not None else "<none>", {"total": 0, "kept": 0, "valid": 0})
-            d["total"] += 1
-        row_record = _row_record(src, records)
-        for r, rec_i in enumerate(row_record.tolist()):
-            s = records.sources[rec_i]
-            d = per_source[s if s is not None else "<none>"]
-            d["valid"] += int(valid[r])
-            d["kept"] += int(kept_mask[r])
-    spectrum = spectrum_summary(np.sqrt(np.maximum(np.asarray(sub.energy_curve, np.float64), 0)), sub.k,
-                                sub.energy, sub.total_energy)
-    return {
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source": "ndarray" if isinstance(source, np.ndarray) else str(source),
-        "source_dtype": src.dtype,
-        "n_samples": n_samples, "n_valid": n_valid, "n_skipped": n_samples - n_valid,
-        "budget": int(m), "budget_requested": str(budget), "n_selected": int(kept_rows.size),
-        "order": records.order if records is not None else "score",
-        "rank_base": RANK_BASE,
-        "subspace": {"k": int(sub.k), "d": int(sub.d), "n": int(sub.n), "solver": sub.solver,
-                     "solver_reason": sub.info.get("solver_reason"), "passes": int(sub.passes),
-                     "energy": sub.energy, "captured_energy": float(sub.captured_energy / sub.total_energy),
-                     "total_energy": float(sub.total_energy), "standardize": sub.scale is not None,
-                     "l2_normalize": bool(sub.l2_normalize), "reused_from": reused,
-                     "fit_timings": sub.info.get("timings", {}), "provenance": sub.provenance},
-        "spectrum": spectrum,
-        "scores": score_histogram(scores[valid], cutoff),
-        "per_source": per_source,
-        "skip_reasons": skip_counts,
-        "invalid_rows": {"count": int(invalid.size), "rows": invalid[:1000].tolist(),
-                         "ids": _ids_of(src, invalid[:1000]), "dropped": bool(drop_invalid)},
-        "budget_base": budget_base(src, records),
-        "text_only": None if records is None else {
-            "n": len(records.text_only), "action": "kept" if records.keep_text_only else "dropped",
-            "in_output": len(records.passthrough),
-            "rule": ("text-only rows have no image, so no representation: they are never scored or ranked; "
-                     "--text-only keep writes them to the selected dataset outside the budget, drop leaves "
-                     "them out")},
-        "postselect": {k: v for k, v in (post_info or {}).items() if k != "rejected"} or None,
-        "stability": stability,
-        "timings": dict(timings or {}),
-        "executor": executor.describe() if executor is not None else None,
-        "gallery": None,  # filled when report.html is written
-        "versions": collect_versions(),
-        "outputs": dict(outputs or {}),
-    }
-
-
-def budget_base(src, records: Records | None) -> dict:
-    """What a fractional budget is a fraction of: the records that are not text-only (``run``; they
-    have no representation by nature), or the stored rows (a store alone, ``src``)."""
-    if records is None:
-        return {"n": int(src.n), "of": "stored rows"}
-    n = len(records.ids)
-    return {"n": n - len(records.text_only), "of": "records that are not text-only", "n_records": n,
-            "n_text_only": len(records.text_only)}
-
-
-def _jsonable(obj):
-    from .report import _jsonable as j
-
-    return j(obj)
-
-
-# --------------------------------------------------------------------------------------------------
-# gallery (report.html)
-# --------------------------------------------------------------------------------------------------
-def _gallery(src, scores, order, kept_mask, records, warn):
-    """Thumbnails for report.html and the JSON summary of what they show.
-
-    Groups: the 12 highest-scored kept rows, the 12 last kept and 12 first rejected around the
-    cut-off (in score order), and the 12 lowest-scored rows.
-    """
-    if records is None:
-        return None, {"note": "no gallery: this selection was made from stored representations only "
-                              "(no dataset, so no images to show)"}
-    kept_order = order[kept_mask[order]]
-    rej_order = order[~kept_mask[order]]
-    g = GALLERY_SIZE
-    groups = {"top kept": kept_order[:g], "last kept (cut-off)": kept_order[-g:],
-              "first rejected (cut-off)": rej_order[:g], "lowest scored": order[::-1][:g][::-1]}
-    row_record = _row_record(src, records)
-    want = {int(row_record[r]) for rows in groups.values() for r in rows.tolist()}
-    from .report import thumbnail
-
-    samples = _load_samples(records, want)
-    rank_of = np.empty(src.n, np.int64)
-    rank_of[order] = np.arange(RANK_BASE, RANK_BASE + order.size)
-    out, summary, failed = {}, {}, 0
-    for name, rows in groups.items():
-        items = []
-        for r in rows.tolist():
-            rec = int(row_record[r])
-            sample = samples.get(rec)
-            uri, why = (None, "record could not be read again") if sample is None else (None, "text only")
-            if sample is not None and sample.images:
-                uri, why = thumbnail(sample.images[0])
-            failed += uri is None
-            items.append({"id": records.ids[rec], "score": float(scores[r]), "rank": int(rank_of[r]),
-                          "kept": bool(kept_mask[r]), "source": records.sources[rec],
-                          "text": _instruction(sample), "thumbnail": uri, "missing": why if uri is None else None})
-        out[name] = items
-        summary[name] = [it["id"] for it in items]
-    note = None
-    if failed:
-        note = f"{failed} thumbnail(s) could not be loaded (shown as placeholders with the reason)"
-        if warn is not None:
-            warn(f"report gallery: {note}")
-    return out, {"groups": summary, "note": note}
-
-
-class _NoSkipLog:
-    """A skip log that forgets: records without a representation are not in the gallery anyway."""
-
-    def add(self, *args, **kwargs) -> None:
-        pass
-
-
-def _load_samples(records: Records, want: set[int]) -> dict:
-    """The Samples at the wanted record indices (one streaming pass, stopped once all are found)."""
-    from .data import read_dataset
-
-    found = {}
-    if not want:
-        return found
-    for sample in read_dataset(records.path, records.image_root, records.format, skip_log=_NoSkipLog(),
-                               id_field=records.id_field):
-        if sample.index in want:
-            found[sample.index] = sample
-            if len(found) == len(want):
-                break
-    return found
-
-
-def _instruction(sample, limit: int = 160) -> str:
-    if sample is None:
-        return ""
-    from .data import IMAGE_TOKEN
-
-    text = next((m["content"] for m in sample.messages if m["role"] == "user"), "")
-    text = " ".join(text.replace(IMAGE_TOKEN, " ").split())
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
-# --------------------------------------------------------------------------------------------------
-# staging and commit
-# --------------------------------------------------------------------------------------------------
-class _Staged:
-    """Temporary names for the outputs of one selection, committed together with the report last.
-
-    ``path(final)`` hands out a fresh temporary path beside ``final`` (``.<name>.stage-XXXX.tmp``:
-    the ``stage-`` tag keeps ``selected`` and ``selected.txt`` apart); ``commit(report_path,
-    report)`` removes the old report (so a reader knows the set is in flux), renames every staged file
-    into place (directories too: an old one is moved aside and deleted after) and writes the report
-    atomically as the last step. On an exception every staged file is deleted and the previous
-    outputs are left as they were, report included.
-    """
-
-    def __init__(self, out: Path):
-        self.out = out
-        self.staged: list[tuple[Path, Path]] = []
-
-    def __enter__(self):
-        return self
-
-    def path(self, final: Path) -> Path:
-        final = Path(final)
-        # left by a killed selection: staged names, and the writers' own temporaries of those
-        for pattern in (f".{final.name}.stage-*.tmp", f"..{final.name}.stage-*.tmp.*.tmp"):
-            for old in final.parent.glob(pattern):
-                _remove(old)
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.stage-", suffix=".tmp", dir=final.parent)
-        os.close(fd)
-        os.unlink(tmp)  # the writers create it (file or directory) through their own atomic path
-        self.staged.append((Path(tmp), final))
-        return Path(tmp)
-
-    def commit(self, report_path: Path, report: dict) -> None:
-        from .atomic import atomic_write_json
-
-        for tmp, _ in self.staged:
-            if not tmp.exists():
-                raise FileNotFoundError(f"staged output {tmp} was not written")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(report_path)
-        fsync_dir(self.out)
-        for tmp, final in self.staged:
-            if final.is_dir() and not final.is_symlink():
-                aside = final.with_name(f".{final.name}.old.tmp")
-                _remove(aside)
-                os.replace(final, aside)
-                os.replace(tmp, final)
-                _remove(aside)
-            else:
-                os.replace(tmp, final)
-            crashpoint("select.commit")  # the tests kill here after the n-th rename
-        fsync_dir(self.out)
-        self.staged = []
-        atomic_write_json(report_path, report)
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            for tmp, _ in self.staged:
-                _remove(tmp)
-        return False
-
-
-def _remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
 
 
 # --------------------------------------------------------------------------------------------------

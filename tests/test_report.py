@@ -4,6 +4,7 @@ import json
 import re
 
 import numpy as np
+import pytest
 
 from scalselect_fast.report import render_html, score_histogram, spectrum_summary, write_report
 
@@ -60,3 +61,101 @@ def test_write_report_is_self_contained(tmp_path):
 def test_render_tolerates_missing_sections():
     html = render_html({"n_samples": 3})
     assert "<html>" in html and "n_samples" in html
+
+
+# --------------------------------------------------------------------------------------------------
+# the gallery of a multi-image dataset, through `scalselect run`
+# --------------------------------------------------------------------------------------------------
+class _Figures:
+    """The gallery figures of report.html: per figure, its images' data URIs in page order and the
+    "+N more" text."""
+
+    def __init__(self, page: str):
+        import html.parser
+
+        figs: list[dict] = []
+
+        class Parser(html.parser.HTMLParser):
+            cur, in_more = None, False
+
+            def handle_starttag(self, tag, attrs):
+                a = dict(attrs)
+                if tag == "figure":
+                    self.cur = {"id": None, "imgs": [], "more": ""}
+                    figs.append(self.cur)
+                elif self.cur is not None and tag == "img":
+                    self.cur["id"] = self.cur["id"] or a["alt"]
+                    self.cur["imgs"].append(a["src"])
+                self.in_more = self.cur is not None and tag == "span" and a.get("class") == "more"
+
+            def handle_data(self, data):
+                if self.in_more:
+                    self.cur["more"] += data
+
+            def handle_endtag(self, tag):
+                self.in_more = False
+                if tag == "figure":
+                    self.cur = None
+
+        Parser().feed(page)
+        self.by_id = {f["id"]: f for f in figs}
+
+
+def _mean_colour(uri: str) -> tuple:
+    import io
+
+    from PIL import Image
+
+    assert uri.startswith("data:image/jpeg;base64,")
+    img = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB")
+    return tuple(np.asarray(img, np.float64).reshape(-1, 3).mean(axis=0))
+
+
+def test_run_gallery_shows_every_image_of_a_multi_image_sample(tmp_path):
+    """`scalselect run` on a LLaVA JSON dataset whose samples have 2, 3 or 6 images: each sample's figure
+    in report.html shows its images in order (the first large, the rest small), up to
+    IMAGES_PER_SAMPLE, and counts the rest."""
+    pytest.importorskip("scalselect_fast.extract.tiny")
+    from PIL import Image
+
+    from scalselect_fast import cli
+    from scalselect_fast.extract.tiny import build_tiny_model
+    from scalselect_fast.gallery import IMAGES_PER_SAMPLE
+
+    data = tmp_path / "data"
+    (data / "img").mkdir(parents=True)
+    rng = np.random.default_rng(7)
+    records, colours = [], {}
+    for i in range(10):
+        n_img = (2, 3, 6)[i % 3]
+        paths = []
+        for j in range(n_img):
+            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+            path = f"img/s{i}-{j}.png"
+            Image.new("RGB", (24 + 4 * j, 24), colour).save(data / path)
+            paths.append(path)
+            colours[path] = colour
+        records.append({"id": f"s{i}", "image": paths, "conversations": [
+            {"from": "human", "value": "<image>\n" * n_img + f"Which of these {n_img} differ?"},
+            {"from": "gpt", "value": "The last."}]})
+    (data / "multi.json").write_text(json.dumps(records))
+    model = build_tiny_model("llava", tmp_path / "tiny", seed=0)
+    out = tmp_path / "o"
+    assert cli.main(["run", "--model", str(model), "--data", str(data / "multi.json"), "--image-root", str(data),
+                     "--out", str(out), "--budget", "4", "--shard-size", "8", "--batch-size", "4", "--quiet",
+                     "--no-plan-check"]) == 0
+
+    figs = _Figures((out / "report.html").read_text()).by_id
+    selected = (out / "selected.txt").read_text().split()
+    assert len(selected) == 4 and set(selected) <= set(figs)
+    assert set(figs) == {r["id"] for r in records}  # 10 samples: every one is in some group
+    for rec in records:
+        fig, paths = figs[rec["id"]], rec["image"]
+        shown = paths[:IMAGES_PER_SAMPLE]
+        assert len(fig["imgs"]) == len(shown)
+        for uri, path in zip(fig["imgs"], shown):  # each image, in the sample's order
+            np.testing.assert_allclose(_mean_colour(uri), colours[path], atol=8)
+        left = len(paths) - len(shown)
+        assert fig["more"] == (f"+{left} more" if left else "")
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["gallery"]["note"] is None

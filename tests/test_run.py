@@ -143,7 +143,7 @@ def test_run_writes_selection_manifest_and_report(env, baseline):
 
 
 def test_run_and_select_share_one_manifest_and_report_schema(env, baseline, tmp_path):
-    from scalselect_fast.selection import MANIFEST_SCHEMA
+    from scalselect_fast.manifest import MANIFEST_SCHEMA
 
     out = baseline["out"]
     store = out / ".scalselect" / "reps"

@@ -11,7 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from scalselect_fast import cli, selection
-from scalselect_fast.selection import MANIFEST_SCHEMA, RANK_BASE, run_selection
+from scalselect_fast.atomic import StagedOutputs
+from scalselect_fast.manifest import MANIFEST_SCHEMA, RANK_BASE
+from scalselect_fast.selection import run_selection
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _selection_reference import assert_selection_matches, reference_scores  # noqa: E402
@@ -104,7 +106,7 @@ def test_commit_renames_over_a_directory_output(tmp_path):
     out.mkdir()
     (out / "sel").mkdir()
     (out / "sel" / "old-shard").write_text("old")
-    with selection._Staged(out) as stage:
+    with StagedOutputs(out) as stage:
         tmp = stage.path(out / "sel")
         tmp.mkdir()
         (tmp / "new-shard").write_text("new")
@@ -132,7 +134,8 @@ def test_gallery_groups_thumbnails_and_placeholders(tmp_path):
     import os
 
     from scalselect_fast.data.demo import make_demo_dataset
-    from scalselect_fast.selection import GALLERY_SIZE, Records
+    from scalselect_fast.gallery import GALLERY_SIZE
+    from scalselect_fast.rowmap import Records
     from scalselect_fast.store import StoreWriter
 
     data_dir = tmp_path / "data"

@@ -341,7 +341,8 @@ def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, sco
     from ..data import read_skip_log
     from ..data.ids import locate_ids
     from ..postselect import parse_quota
-    from ..selection import Records, budget_base, run_selection
+    from ..rowmap import Records, budget_base
+    from ..selection import run_selection
     from ..stability import parse_seeds
 
     t0 = time.perf_counter()
