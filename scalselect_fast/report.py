@@ -29,11 +29,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .atomic import atomic_write_bytes, atomic_write_json
+from .jsonable import to_jsonable
 from .manifest import RANK_BASE
 from .rowmap import budget_base, ids_of, row_record
 
 __all__ = ["build_report", "score_histogram", "spectrum_summary", "collect_versions", "render_html", "write_report",
-           "thumbnail", "to_jsonable", "REPORT_JSON", "REPORT_HTML", "THUMBNAIL_PX"]
+           "thumbnail", "REPORT_JSON", "REPORT_HTML", "THUMBNAIL_PX"]
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
@@ -531,21 +532,3 @@ def write_report(out_dir: str | Path, report: Mapping[str, Any], html_report: bo
     return {"json": str(jpath), "html": None if hpath is None else str(hpath)}
 
 
-def to_jsonable(obj):
-    """Numpy scalars/arrays and paths -> plain JSON types (recursively); non-finite floats as strings."""
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        v = float(obj)
-        return v if math.isfinite(v) else str(v)
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj

@@ -39,7 +39,8 @@ from .atomic import StagedOutputs, atomic_path, atomic_write_bytes, crashpoint
 from .devices import array_backend
 from .gallery import build_gallery
 from .manifest import MANIFEST_FORMATS, RANK_BASE, manifest_batches, write_manifest
-from .report import REPORT_HTML, REPORT_JSON, build_report, render_html, to_jsonable
+from .jsonable import to_jsonable
+from .report import REPORT_HTML, REPORT_JSON, build_report, render_html
 from .rowmap import Records, budget_base, ids_of, row_record
 from .store import DEFAULT_BLOCK_ROWS, open_source
 from .subspace import Subspace, SubspaceError

@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import native
 from ..atomic import atomic_write_bytes
+from ..jsonable import to_jsonable
 
 SUBSPACE_FORMAT = "scalselect-subspace"
 SUBSPACE_VERSION = 1
@@ -139,7 +140,7 @@ class Subspace:
         return {"format": SUBSPACE_FORMAT, "version": SUBSPACE_VERSION, "k": self.k, "energy": self.energy,
                 "captured_energy": self.captured_energy, "total_energy": self.total_energy, "n": self.n,
                 "d": self.d, "solver": self.solver, "passes": self.passes, "l2_normalize": self.l2_normalize,
-                "info": _jsonable(self.info), "provenance": _jsonable(self.provenance)}
+                "info": to_jsonable(self.info, "keep"), "provenance": to_jsonable(self.provenance, "keep")}
 
     def save(self, path) -> Path:
         """Write an ``.npz`` (arrays + a JSON metadata string) atomically; returns the path."""
@@ -186,17 +187,3 @@ class Subspace:
     def summary(self) -> str:
         return (f"k={self.k} of d={self.d} capture {self.captured_energy / self.total_energy:.4f} of the "
                 f"energy (n={self.n}, solver={self.solver}, passes={self.passes})")
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
-
-
