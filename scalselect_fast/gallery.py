@@ -98,21 +98,15 @@ def _thumbnails(sample) -> tuple[list[dict], int]:
     return shown, max(len(sample.images) - IMAGES_PER_SAMPLE, 0)
 
 
-class _DiscardSkips:
-    """A skip log that keeps nothing: records without a representation are not in the gallery anyway."""
-
-    def add(self, *args, **kwargs) -> None:
-        pass
-
-
 def _load_samples(records: Records, want: set[int]) -> dict:
     """The Samples at the wanted record indices (one streaming pass, stopped once all are found)."""
     from .data import read_dataset
+    from .data.skiplog import DiscardSkips
 
     found = {}
     if not want:
         return found
-    for sample in read_dataset(records.path, records.image_root, records.format, skip_log=_DiscardSkips(),
+    for sample in read_dataset(records.path, records.image_root, records.format, skip_log=DiscardSkips(),
                                id_field=records.id_field):
         if sample.index in want:
             found[sample.index] = sample

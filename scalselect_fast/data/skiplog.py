@@ -117,6 +117,16 @@ def summarize_skip_log(path: str | os.PathLike, top: int = 3) -> str:
     return summarize_skips(counts, example, top)
 
 
+class DiscardSkips:
+    """A skip log that keeps nothing: for a second read of a dataset whose skips were already logged
+    (or do not matter to the reader), so :func:`~.readers.read_dataset` goes past bad records instead
+    of raising on the first."""
+
+    def add(self, *args, **kwargs) -> bool:
+        """Accept and forget one skipped sample; ``False``: nothing new was recorded."""
+        return False
+
+
 class SkipLog:
     """Append-only, resumable writer of ``skipped.jsonl``.
 

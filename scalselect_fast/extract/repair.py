@@ -55,13 +55,6 @@ class ImagesDigest:
         return "sha256:" + self._h.hexdigest()
 
 
-class _NoSkipLog:
-    """Lets a re-read of the dataset continue past bad records without logging them a second time."""
-
-    def add(self, *args, **kwargs) -> bool:
-        return False
-
-
 def _stale_shards(store: Path, records: dict[str, dict], data, image_root, format, id_field=None) -> dict[str, str]:
     """Which committed shards must be extracted again, and why: ``{name: reason}``.
 
@@ -73,6 +66,7 @@ def _stale_shards(store: Path, records: dict[str, dict], data, image_root, forma
     import bisect
 
     from ..data import read_dataset
+    from ..data.skiplog import DiscardSkips
     from ..store import StoreError, StoreSource, shard_file_stat
 
     bad: dict[str, str] = {}
@@ -98,7 +92,7 @@ def _stale_shards(store: Path, records: dict[str, dict], data, image_root, forma
     if spans:
         starts = [a for a, _, _ in spans]
         digests = {name: ImagesDigest() for _, _, name in spans}
-        for sample in read_dataset(data, image_root=image_root, format=format, skip_log=_NoSkipLog(),
+        for sample in read_dataset(data, image_root=image_root, format=format, skip_log=DiscardSkips(),
                                    id_field=id_field):
             if sample.index >= spans[-1][1]:
                 break

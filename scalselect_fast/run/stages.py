@@ -38,6 +38,7 @@ import numpy as np
 
 from ..atomic import atomic_path, atomic_write_bytes
 from ..data.sample import DatasetError
+from ..data.skiplog import DiscardSkips
 from ..paths import refuse_overwrite
 from ..lock import exclusive_lock
 from ..store import StoreError
@@ -665,14 +666,6 @@ def _check_quota_fields(cfg: RunConfig, events: Events, label: str) -> None:
                         f"bounded by the '*' rule if there is one")
 
 
-class _DiscardSkips:
-    """A skip log that keeps nothing: :func:`read_dataset` names the skip reasons itself when it skips
-    every record."""
-
-    def add(self, *args, **kwargs) -> None:
-        pass
-
-
 def _refuse_if_no_record_is_usable(source, cfg: RunConfig) -> None:
     """Raise read_dataset's own :class:`DatasetError` (naming the skip reasons and the first skipped
     record) when no record of ``source`` parses into a sample; return at the first one that does.
@@ -681,7 +674,7 @@ def _refuse_if_no_record_is_usable(source, cfg: RunConfig) -> None:
     """
     from ..data import read_dataset
 
-    for _sample in read_dataset(source, image_root=cfg.image_root, format=cfg.format, skip_log=_DiscardSkips()):
+    for _sample in read_dataset(source, image_root=cfg.image_root, format=cfg.format, skip_log=DiscardSkips()):
         return
 
 
