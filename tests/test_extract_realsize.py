@@ -159,6 +159,7 @@ def test_missing_weights_refused_unless_random_weights(tmp_path):
     assert len(vlm.language_model.layers) == 1
 
 
+@pytest.mark.native_kernels  # reads its Parquet input through the native Arrow rows
 def test_bench_extract_gpu_cpu_smoke_runs_and_both_contenders_agree(tmp_path):
     """The GPU benchmark's --cpu-smoke mode runs end to end: real data path (Parquet, JPEG bytes),
     ours vs the authors' whole eager model on the same weights give the same vectors."""
