@@ -41,6 +41,9 @@ from .repair import ImagesDigest, repair_shards, repair_store
 
 log = logging.getLogger(__name__)
 
+#: records whose cache keys are looked up together (their pinned image bytes are held meanwhile)
+LOOKUP_CHUNK = 256
+
 # encode_and_pool, repair_store, rank_range and the reason codes moved to their own modules; they are
 # still importable from here
 __all__ = ["extract_representations", "extract_to_store", "ExtractOptions", "encode_and_pool", "data_provenance",
@@ -301,34 +304,55 @@ class _ShardJob:
         """("batch", samples) for each todo shard's records, then ("end", shard); never across shards.
 
         With a cache, records found in it are not batched: they travel with the shard's end marker
-        as ``(sample, vector or None)`` and are merged back in record order."""
-        cache, batch_size = self.cache, self.opts.batch_size
+        as ``(sample, vector or None)`` and are merged back in record order. Records are looked up
+        ``LOOKUP_CHUNK`` at a time (one vectorised search and one read per cache batch file)."""
+        batch_size = self.opts.batch_size
         for j, a, b in self.todo:
             batch: list = []
             images = ImagesDigest()
             hits: list = []
+            pending: list = []  # (sample, key, pinned images) waiting for their lookup
             while (s := stream.peek()) is not None and s.index < b:
                 next(stream)
                 if s.index < a:  # inside an already committed shard
                     continue
-                images.add(s)
-                if cache is not None:
-                    pinned: list = []
-                    key = cache.key(s, pinned)
-                    found, ok, vec = cache.get(key)
-                    if found:
-                        hits.append((s, vec if ok else None))
+                if self.cache is None:
+                    images.add(s)
+                    batch.append(s)
+                else:
+                    pending.append(self._keyed(s, images))
+                    if len(pending) < LOOKUP_CHUNK:
                         continue
-                    self.keys[s.index] = key
-                    if key is not None:  # extract the very bytes the key was made of (see sample_key)
-                        s.images = pinned
-                batch.append(s)
-                if len(batch) == batch_size:
-                    yield "batch", batch
-                    batch = []
-            if batch:
-                yield "batch", batch
+                    pending = self._look_up(pending, hits, batch)
+                while len(batch) >= batch_size:
+                    yield "batch", batch[:batch_size]
+                    batch = batch[batch_size:]
+            if pending:
+                self._look_up(pending, hits, batch)
+            while batch:
+                yield "batch", batch[:batch_size]
+                batch = batch[batch_size:]
             yield "end", (j, a, b, images, hits)
+
+    def _keyed(self, s, images: ImagesDigest) -> tuple:
+        """``(s, key, pinned images)``; records ``s``'s images with the stats the key's reads took."""
+        pinned: list = []
+        stats: list = []
+        key = self.cache.key(s, pinned, stats)
+        images.add(s, stats if key is not None else None)
+        return s, key, pinned
+
+    def _look_up(self, pending: list, hits: list, batch: list) -> list:
+        """Sort ``pending`` into cache hits and records to extract (appended to ``batch``); returns []."""
+        for (s, key, pinned), (found, ok, vec) in zip(pending, self.cache.get_many([k for _, k, _ in pending])):
+            if found:
+                hits.append((s, vec if ok else None))
+                continue
+            self.keys[s.index] = key
+            if key is not None:  # extract the very bytes the key was made of (see sample_key)
+                s.images = pinned
+            batch.append(s)
+        return []
 
     def add_batch(self, res) -> None:
         """Keep one pooled batch's rows, log its skips, feed the cache, show the progress."""
