@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 #: records whose cache keys are looked up together (their pinned image bytes are held meanwhile)
 LOOKUP_CHUNK = 256
+#: shards taken whole from the cache that may wait for one manifest update (a crash redoes them: from
+#: the cache again, at lookup cost)
+DEFERRED_SHARDS = 16
 
 # encode_and_pool, repair_store, rank_range and the reason codes moved to their own modules; they are
 # still importable from here
@@ -275,6 +278,7 @@ def _extract_locked(vlm, data, out: Path, provenance: dict, opts: ExtractOptions
                     job.add_batch(res)
                 else:
                     job.commit_shard(*res)
+            job.finish()
         finally:
             pool.close()
     if bar is not None:
@@ -295,6 +299,7 @@ class _ShardJob:
         self.ids: list[str] = []
         self.row_index: list = []
         self.n_skip = 0
+        self.uncommitted: list[dict] = []  # records of shards written, waiting for one manifest update
         self.pos = todo[0][1]  # next record index not yet shown on the progress bar
         # records in finished shards and the start of the shard in progress
         self.done_before = done_records
@@ -304,14 +309,16 @@ class _ShardJob:
         """("batch", samples) for each todo shard's records, then ("end", shard); never across shards.
 
         With a cache, records found in it are not batched: they travel with the shard's end marker
-        as ``(sample, vector or None)`` and are merged back in record order. Records are looked up
-        ``LOOKUP_CHUNK`` at a time (one vectorised search and one read per cache batch file)."""
+        as ``(sample, vector or None)`` and are merged back in record order, with the number of the
+        shard's records sent to the model. Records are looked up ``LOOKUP_CHUNK`` at a time (one
+        vectorised search and one read per cache batch file)."""
         batch_size = self.opts.batch_size
         for j, a, b in self.todo:
             batch: list = []
             images = ImagesDigest()
             hits: list = []
             pending: list = []  # (sample, key, pinned images) waiting for their lookup
+            fresh = 0  # records of this shard sent to the model
             while (s := stream.peek()) is not None and s.index < b:
                 next(stream)
                 if s.index < a:  # inside an already committed shard
@@ -325,14 +332,23 @@ class _ShardJob:
                         continue
                     pending = self._look_up(pending, hits, batch)
                 while len(batch) >= batch_size:
+                    fresh += batch_size
                     yield "batch", batch[:batch_size]
                     batch = batch[batch_size:]
             if pending:
                 self._look_up(pending, hits, batch)
+            fresh += len(batch)
             while batch:
                 yield "batch", batch[:batch_size]
                 batch = batch[batch_size:]
-            yield "end", (j, a, b, images, hits)
+            yield "end", (j, a, b, images, hits, fresh)
+
+    def finish(self) -> None:
+        """Commit the shards written and not yet committed, after their skips are on disk."""
+        if self.uncommitted:
+            self.slog.sync()
+            self.writer.commit(self.uncommitted)
+            self.uncommitted = []
 
     def _keyed(self, s, images: ImagesDigest) -> tuple:
         """``(s, key, pinned images)``; records ``s``'s images with the stats the key's reads took."""
@@ -374,8 +390,14 @@ class _ShardJob:
             self.opts.on_progress(self.done_before + max(res.max_index + 1 - self.shard_start, 0),
                                   self.sl.hi - self.sl.lo)
 
-    def commit_shard(self, j: int, a: int, b: int, images: ImagesDigest, hits: list) -> None:
-        """Write shard ``j`` (records ``[a, b)``): its rows with the cache hits merged in, its skips."""
+    def commit_shard(self, j: int, a: int, b: int, images: ImagesDigest, hits: list, fresh: int) -> None:
+        """Write shard ``j`` (records ``[a, b)``): its rows with the cache hits merged in, its skips.
+
+        A shard taken whole from the cache (``fresh == 0``) is written but committed later, with the
+        next shard that ran the model, every ``DEFERRED_SHARDS`` shards, or at the end (:meth:`finish`):
+        one manifest update and directory fsync for many, and redoing one after a crash costs only
+        lookups. A shard that ran the model commits at once (with those waiting).
+        """
         summary, cache = self.summary, self.cache
         # Records the reader itself refused (bad fields, images outside the root) count as skipped.
         self.n_skip += self.reader_log.count(a, b)
@@ -386,10 +408,12 @@ class _ShardJob:
         if cache is not None:
             cache.flush()  # before the shard commits: a vector the store holds is in the cache too
         mat = np.concatenate(self.rows) if self.rows else np.zeros((0, self.vlm.hidden_size), np.float32)
-        self.writer.write_shard(mat, self.ids, index=j,
-                                extra={"range": [a, b], "skipped": self.n_skip, "rank": self.sl.rank,
-                                       "images": images.hexdigest(), "image_files": images.files})
-        self.slog.sync()
+        self.uncommitted.append(self.writer.write_shard(
+            mat, self.ids, index=j, commit=False,
+            extra={"range": [a, b], "skipped": self.n_skip, "rank": self.sl.rank, "images": images.hexdigest(),
+                   "image_files": images.files}))
+        if fresh or cache is None or len(self.uncommitted) >= DEFERRED_SHARDS:
+            self.finish()
         summary["rows"] += len(self.ids)
         summary["skipped"] += self.n_skip
         summary["shards_written"] += 1
