@@ -29,18 +29,19 @@ class ImagesDigest:
     """
 
     def __init__(self):
+        from ..data import EmbeddedImage
+
         self._h = hashlib.sha256()
         self.files = False
+        self._embedded = EmbeddedImage  # imported once per shard, not per sample
 
     def add(self, sample, stats: list | None = None) -> None:
         """Record one sample's images. ``stats``, when given, holds one ``os.stat_result`` (or None) per
         image, taken when its bytes were read for the cache key (:func:`~.cache.sample_key`): a file
         with one is not stat'ed a second time."""
-        from ..data import EmbeddedImage
-
         parts = [str(sample.index)]
         for n, img in enumerate(sample.images):
-            if isinstance(img, EmbeddedImage):
+            if isinstance(img, self._embedded):
                 parts.append(f"embedded:{img.name}")
             elif isinstance(img, (str, os.PathLike)):
                 self.files = True
