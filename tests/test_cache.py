@@ -333,3 +333,34 @@ def test_get_many_equals_one_lookup_per_key(tmp_path):
         if ok:
             np.testing.assert_array_equal(vec, want)
         assert (found, ok) == c.get(k)[:2]
+
+
+def test_a_cached_rerun_killed_between_shards_resumes(env, tmp_path):
+    """Shards served whole from the cache share one manifest update: ``kill -9`` after some are written
+    but before it leaves a store that resumes (those shards are redone from the cache) and ends with
+    the rows of an uninterrupted run."""
+    cache = tmp_path / "c"
+    cmd = [sys.executable, "-m", "scalselect_fast.cli", "extract", "--model", str(env["model"]), "--data",
+           str(env["files"]["A"]), str(env["files"]["B"]), "--image-root", str(env["root"]), "--shard-size", "3",
+           "--batch-size", "4", "--quiet", "--cache", str(cache)]
+    envv = {**os.environ, "PYTHONPATH": str(ROOT)}
+    envv.pop("SCALSELECT_CRASH_AT", None)
+    first = subprocess.run([*cmd, "--out", str(tmp_path / "s1")], capture_output=True, text=True, env=envv)
+    assert first.returncode == 0, first.stderr
+    from scalselect_fast.store import StoreSource
+
+    for n in (1, 5):  # killed at the first shard written, and after some were committed
+        out = tmp_path / f"k{n}"
+        killed = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True,
+                                env={**envv, "SCALSELECT_CRASH_AT": f"extract.shard:{n}"})
+        assert killed.returncode == -9, killed.stderr
+        committed = json.loads((out / "manifest.json").read_text())["shards"]
+        assert len(committed) < len(list(out.glob("shard-*.npy")))  # written shards waited for their commit
+        resumed = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, env=envv)
+        assert resumed.returncode == 0, resumed.stderr
+        summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+        assert summary["cache"]["extracted"] == 0  # what the killed run had not committed came from the cache
+        want, got = StoreSource(tmp_path / "s1"), StoreSource(out)
+        assert got.ids() == want.ids()
+        np.testing.assert_array_equal(np.concatenate([b for _, b in got.iter_blocks()]),
+                                      np.concatenate([b for _, b in want.iter_blocks()]))

@@ -30,6 +30,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from ..atomic import crashpoint
 from ..lock import exclusive_lock
 from .batch import (REASON_ENCODE, REASON_NO_ATTENTION, REASON_TEXT_ONLY, REASON_TOO_LONG, STAGE, EncodePool,
                     batches, encode_and_pool, image_loader_for, pipelined)
@@ -412,6 +413,7 @@ class _ShardJob:
             mat, self.ids, index=j, commit=False,
             extra={"range": [a, b], "skipped": self.n_skip, "rank": self.sl.rank, "images": images.hexdigest(),
                    "image_files": images.files}))
+        crashpoint("extract.shard")  # the tests kill here: a shard written, maybe not yet committed
         if fresh or cache is None or len(self.uncommitted) >= DEFERRED_SHARDS:
             self.finish()
         summary["rows"] += len(self.ids)
