@@ -43,8 +43,12 @@ _UMASK = _read_umask()
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds."""
+def atomic_path(path: str | os.PathLike, sync_dir: bool = True):
+    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds.
+
+    The file's data is fsynced before the rename; with ``sync_dir`` False the directory is not, and the
+    caller makes the rename durable itself (one :func:`fsync_dir` after several renames in one folder).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -57,16 +61,18 @@ def atomic_path(path: str | os.PathLike):
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        if sync_dir:
+            fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see either the old file or the complete new one."""
-    with atomic_path(path) as tmp:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, sync_dir: bool = True) -> None:
+    """Write ``data`` to ``path`` so readers see either the old file or the complete new one
+    (``sync_dir``: see :func:`atomic_path`)."""
+    with atomic_path(path, sync_dir) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(data)
 

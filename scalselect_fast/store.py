@@ -35,7 +35,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .atomic import atomic_path, atomic_write_bytes, atomic_write_json
+from .atomic import atomic_path, atomic_write_bytes, atomic_write_json, fsync_dir
 
 __all__ = [
     "StoreError",
@@ -818,7 +818,7 @@ class StoreWriter:
         return f"{self.prefix}-{index:05d}"
 
     def write_shard(self, rows: np.ndarray, ids: Sequence[str], index: int | None = None,
-                    extra: dict | None = None) -> dict:
+                    extra: dict | None = None, commit: bool = True) -> dict:
         """Write one shard and commit it to the manifest.
 
         Parameters
@@ -831,11 +831,14 @@ class StoreWriter:
             Shard number; defaults to one past the highest committed shard of this prefix.
         extra : dict, optional
             Extra fields stored in the shard record (e.g. the input range it covers).
+        commit : bool
+            False: write the shard's files (their data fsynced) but leave it off the manifest; pass the
+            returned record to :meth:`commit`, with others, to commit them together.
 
         Returns
         -------
         dict
-            The committed shard record.
+            The shard record (committed when ``commit``).
         """
         rows = np.asarray(rows)
         if rows.ndim != 2 or rows.shape[1] != self.d:
@@ -852,20 +855,32 @@ class StoreWriter:
             index = max(mine, default=-1) + 1
         name = self.shard_name(index)
         rows_file, ids_file = f"{name}.npy", f"{name}.ids.txt"
-        with atomic_path(self.path / rows_file) as tmp:
+        # the renames are made durable by commit()'s one directory fsync, before the manifest names them
+        with atomic_path(self.path / rows_file, sync_dir=False) as tmp:
             with open(tmp, "wb") as fh:  # a file object: np.save would append ".npy" to a bare path
                 np.save(fh, data, allow_pickle=False)
-        atomic_write_bytes(self.path / ids_file, ("\n".join(ids) + ("\n" if ids else "")).encode("utf-8"))
+        atomic_write_bytes(self.path / ids_file, ("\n".join(ids) + ("\n" if ids else "")).encode("utf-8"),
+                           sync_dir=False)
         rec = {"name": name, "count": int(rows.shape[0]), "rows_file": rows_file, "ids_file": ids_file,
                "checksum": _crc32_array(data), "stat": shard_file_stat(self.path, rows_file, ids_file),
                **(extra or {})}
-        self._commit(rec)
+        if commit:
+            self.commit([rec])
         return rec
 
-    def _commit(self, rec: dict) -> None:
+    def commit(self, records: Sequence[dict]) -> None:
+        """Put shards written with ``write_shard(..., commit=False)`` on the manifest, in one update.
+
+        Their files' data was fsynced when written; one fsync of the store directory makes their renames
+        durable before the manifest (itself written atomically) names them, so a crash at any point
+        leaves each shard either committed whole or absent from the manifest (extracted again).
+        """
+        if not records:
+            return
+        fsync_dir(self.path)
         with _manifest_lock(self.path):
             shards = self.committed()
-            shards[rec["name"]] = rec
+            shards.update((rec["name"], rec) for rec in records)
             atomic_write_json(self.path / MANIFEST, self._manifest(list(shards.values())))
 
 

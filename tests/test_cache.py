@@ -256,8 +256,8 @@ def test_an_image_edited_during_the_run_is_extracted_as_its_key_says(env, tmp_pa
     live = tmp_path / "live"
     orig_key = RepCache.key
 
-    def key_then_edit(self, sample, pinned=None):
-        k = orig_key(self, sample, pinned)
+    def key_then_edit(self, sample, *args):
+        k = orig_key(self, sample, *args)
         if str(sample.id) == victim["id"]:  # someone rewrites the image right after it was hashed
             (live / victim["image"]).write_bytes((live / donor["image"]).read_bytes())
         return k
@@ -279,3 +279,88 @@ def test_cache_setting_in_a_config_file_is_relative_to_it(tmp_path):
     (tmp_path / "conf" / "run.toml").write_text('cache = "shared/reps"\n')
     assert make_config(tmp_path / "conf" / "run.toml").cache == str(tmp_path / "conf" / "shared" / "reps")
     assert make_config(tmp_path / "conf" / "run.toml", cache="none").cache == "none"
+
+
+def test_sample_key_is_the_documented_digest_and_hands_back_its_stats(env):
+    """The fast key (copied prefix hasher, one encoder, os-level reads) hashes exactly the bytes the
+    obvious reference does, so caches written before it keep their addresses; the stats it returns are
+    the file's size and mtime (what the shard's ImagesDigest records)."""
+    from scalselect_fast.data import read_dataset
+    from scalselect_fast.extract.cache import sample_key
+
+    context = b'{"model": "m", "layer": 3}'
+    for s in read_dataset(env["files"]["A"], image_root=env["root"]):
+        ref = hashlib.sha256(b"sample\0" + context)
+        ref.update(json.dumps(s.messages, sort_keys=True, ensure_ascii=False, default=str).encode())
+        ref.update(f"\0{len(s.images)}\0".encode())
+        for img in s.images:
+            data = Path(img).read_bytes()
+            ref.update(len(data).to_bytes(8, "little") + data)
+        stats, pinned = [], []
+        assert sample_key(context, s, pinned, stats) == ref.digest()
+        assert [(st.st_size, st.st_mtime_ns) for st in stats] == \
+            [(os.stat(i).st_size, os.stat(i).st_mtime_ns) for i in s.images]
+        assert [p.data for p in pinned] == [Path(i).read_bytes() for i in s.images]
+
+
+def test_get_many_equals_one_lookup_per_key(tmp_path):
+    """Batched lookups against a dict reference: misses, None keys, repeated keys, and a key stored
+    twice whose first copy fails its CRC (the second, good copy is returned)."""
+    from scalselect_fast.extract.cache import RepCache
+
+    rng = np.random.default_rng(0)
+    keys = [hashlib.sha256(bytes([i])).digest() for i in range(40)]
+    vecs = {k: rng.standard_normal(7).astype(np.float32) for k in keys}
+    c = RepCache(tmp_path, {"m": 1}, 7)
+    for k in keys[:30]:
+        c.put(k, vecs[k] if k != keys[5] else None)  # keys[5]: a sample without representation
+    c.flush()
+    first = sorted(tmp_path.glob("*/*.vec.npy"))[0]
+    raw = bytearray(first.read_bytes())
+    raw[-7 * 4 * 20] ^= 0xFF  # corrupt one byte of row 10 (keys[10])
+    first.write_bytes(bytes(raw))
+    c.put(keys[10], vecs[keys[10]])  # ... extracted again into a second batch
+    c.flush()
+    warned: list = []
+    c = RepCache(tmp_path, {"m": 1}, 7, warn=warned.append)
+    asked = [keys[10], None, keys[35], keys[5], keys[0], keys[0], keys[29]]
+    got = c.get_many(asked)
+    assert len(warned) == 1 and "checksum" in warned[0]  # the corrupt copy was seen and passed over
+    for k, (found, ok, vec) in zip(asked, got):
+        want = vecs.get(k) if k in keys[:30] else None
+        assert found == (k in keys[:30])
+        assert ok == (found and k != keys[5])
+        if ok:
+            np.testing.assert_array_equal(vec, want)
+        assert (found, ok) == c.get(k)[:2]
+
+
+def test_a_cached_rerun_killed_between_shards_resumes(env, tmp_path):
+    """Shards served whole from the cache share one manifest update: ``kill -9`` after some are written
+    but before it leaves a store that resumes (those shards are redone from the cache) and ends with
+    the rows of an uninterrupted run."""
+    cache = tmp_path / "c"
+    cmd = [sys.executable, "-m", "scalselect_fast.cli", "extract", "--model", str(env["model"]), "--data",
+           str(env["files"]["A"]), str(env["files"]["B"]), "--image-root", str(env["root"]), "--shard-size", "3",
+           "--batch-size", "4", "--quiet", "--cache", str(cache)]
+    envv = {**os.environ, "PYTHONPATH": str(ROOT)}
+    envv.pop("SCALSELECT_CRASH_AT", None)
+    first = subprocess.run([*cmd, "--out", str(tmp_path / "s1")], capture_output=True, text=True, env=envv)
+    assert first.returncode == 0, first.stderr
+    from scalselect_fast.store import StoreSource
+
+    for n in (1, 5):  # killed at the first shard written, and after some were committed
+        out = tmp_path / f"k{n}"
+        killed = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True,
+                                env={**envv, "SCALSELECT_CRASH_AT": f"extract.shard:{n}"})
+        assert killed.returncode == -9, killed.stderr
+        committed = json.loads((out / "manifest.json").read_text())["shards"]
+        assert len(committed) < len(list(out.glob("shard-*.npy")))  # written shards waited for their commit
+        resumed = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, env=envv)
+        assert resumed.returncode == 0, resumed.stderr
+        summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+        assert summary["cache"]["extracted"] == 0  # what the killed run had not committed came from the cache
+        want, got = StoreSource(tmp_path / "s1"), StoreSource(out)
+        assert got.ids() == want.ids()
+        np.testing.assert_array_equal(np.concatenate([b for _, b in got.iter_blocks()]),
+                                      np.concatenate([b for _, b in want.iter_blocks()]))

@@ -35,6 +35,7 @@ what to look up (:mod:`.loop`).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -92,55 +93,100 @@ def model_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()[:32]
 
 
-def _image_bytes(img) -> bytes | None:
-    """The bytes an image contributes to the key; None when it cannot be read (the sample then misses
-    and the extraction reports it as it always does)."""
-    from ..data import EmbeddedImage
+_EMBEDDED = None
 
-    if isinstance(img, EmbeddedImage):
-        return bytes(img.data)
+
+def _embedded_type():
+    """:class:`~scalselect_fast.data.EmbeddedImage`, imported on first use (this module is also what
+    ``scalselect cache info`` imports, which needs no dataset code) and then kept: per-sample imports
+    were a measurable part of a cached rerun."""
+    global _EMBEDDED
+    if _EMBEDDED is None:
+        from ..data.sample import EmbeddedImage
+
+        _EMBEDDED = EmbeddedImage
+    return _EMBEDDED
+
+
+def _read_regular_file(path) -> tuple[bytes | None, os.stat_result | None]:
+    """``(bytes, stat)`` of a regular file read whole, stat taken on the open descriptor before the read;
+    ``(None, None)`` when it cannot be opened or read or is not a regular file (a FIFO or device named as
+    an image must not hang the key: it is opened without blocking)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except (OSError, ValueError):
+        return None, None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None, None
+        # the size says how much to ask for; reading on to end of file covers a file that grows meanwhile
+        chunks = []
+        want = st.st_size + 1
+        while chunk := os.read(fd, want):
+            chunks.append(chunk)
+            want = 1 << 20
+        return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), st
+    except OSError:
+        return None, None
+    finally:
+        os.close(fd)
+
+
+def _read_image(img) -> tuple[bytes | None, os.stat_result | None]:
+    """The bytes an image contributes to the key, and the file's stat when it is a file (else None);
+    bytes None when it cannot be read (the sample then misses and the extraction reports it as it
+    always does)."""
+    if isinstance(img, _embedded_type()):
+        return bytes(img.data), None
     if isinstance(img, (str, os.PathLike)):
-        # regular files only, opened without blocking: a FIFO or device named as an image must not
-        # hang the key; the extraction then reports it as it always does
-        try:
-            fd = os.open(img, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        except OSError:
-            return None
-        with open(fd, "rb", closefd=True) as fh:
-            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                return None
-            try:
-                return fh.read()
-            except OSError:
-                return None
+        return _read_regular_file(img)
     tobytes = getattr(img, "tobytes", None)  # an in-memory PIL image handed to the API
     if tobytes is not None and hasattr(img, "mode") and hasattr(img, "size"):
-        return f"pil:{img.mode}:{img.size}\0".encode() + tobytes()
-    return None
+        return f"pil:{img.mode}:{img.size}\0".encode() + tobytes(), None
+    return None, None
 
 
-def sample_key(context: bytes, sample, pinned: list | None = None) -> bytes | None:
+def _image_bytes(img) -> bytes | None:
+    """The bytes an image contributes to the key (see :func:`_read_image`)."""
+    return _read_image(img)[0]
+
+
+#: one encoder for every key: ``json.dumps`` with options builds a new encoder per call
+_MESSAGES_JSON = json.JSONEncoder(sort_keys=True, ensure_ascii=False, default=str)
+
+
+@functools.lru_cache(maxsize=8)
+def _context_hasher(context: bytes):
+    """sha256 that has consumed the key's prefix for ``context``; copied per sample."""
+    return hashlib.sha256(b"sample\0" + context)
+
+
+def sample_key(context: bytes, sample, pinned: list | None = None, stats: list | None = None) -> bytes | None:
     """The 32-byte key of ``sample`` under ``context`` (see :meth:`RepCache.context_digest`).
 
     Covers the sample's messages (canonical JSON) and each image's bytes, in order; not its id,
     index, file or source. None when an image cannot be read. ``pinned``, when given, receives the
     sample's images with every file replaced by the bytes just hashed (an ``EmbeddedImage`` of the
     same name), so what is extracted is exactly what the key names even if the file changes meanwhile.
+    ``stats``, when given, receives one entry per image: the file's ``os.stat_result`` taken on the
+    descriptor the bytes were read from, or None for an image that is not a file (the caller records
+    size and mtime without a second ``stat``); it is complete only when the key is not None.
     """
-    from ..data import EmbeddedImage
-
-    h = hashlib.sha256(b"sample\0" + context)
-    h.update(json.dumps(sample.messages, sort_keys=True, ensure_ascii=False, default=str).encode())
+    embedded = _embedded_type()
+    h = _context_hasher(context).copy()
+    h.update(_MESSAGES_JSON.encode(sample.messages).encode())
     h.update(f"\0{len(sample.images)}\0".encode())
     for img in sample.images:
-        data = _image_bytes(img)
+        data, st = _read_image(img)
         if data is None:
             return None
         h.update(len(data).to_bytes(8, "little"))
         h.update(data)
+        if stats is not None:
+            stats.append(st)
         if pinned is not None:
-            pinned.append(EmbeddedImage(data, os.fspath(img)) if isinstance(img, (str, os.PathLike))
-                          and not isinstance(img, EmbeddedImage) else img)
+            pinned.append(embedded(data, os.fspath(img)) if st is not None else img)
     return h.digest()
 
 
@@ -277,9 +323,9 @@ class RepCache:
     def context_digest(self) -> bytes:
         return self.context_bytes
 
-    def key(self, sample, pinned: list | None = None) -> bytes | None:
+    def key(self, sample, pinned: list | None = None, stats: list | None = None) -> bytes | None:
         """The sample's key under this cache's context (see :func:`sample_key`)."""
-        return sample_key(self.context_bytes, sample, pinned)
+        return sample_key(self.context_bytes, sample, pinned, stats)
 
     def get(self, key: bytes | None):
         """``(found, ok, vector)``: a checked float32 copy of the entry for ``key``, if any.
@@ -287,29 +333,53 @@ class RepCache:
         An entry whose CRC does not match (a flipped bit on disk) is reported once and treated as
         absent, so the caller extracts the sample again.
         """
-        if key is None or not len(self._prefix):
-            return False, False, None
-        q = int.from_bytes(key[:8], "little")
-        at = int(self._prefix.searchsorted(np.uint64(q)))
+        return self.get_many([key])[0]
+
+    def get_many(self, keys: list) -> list:
+        """:meth:`get` for many keys at once: one ``(found, ok, vector)`` per key, in order.
+
+        One vectorised binary search for all keys and one gather per batch file, instead of a numpy
+        call per key; every entry returned has passed its CRC like :meth:`get`'s.
+        """
+        out = [(False, False, None)] * len(keys)
         n = len(self._prefix)
-        while at < n and int(self._prefix[at]) == q:
-            pos = int(self._order[at])
-            at += 1
-            if self._key_bytes[pos * 32:(pos + 1) * 32] != key:
-                continue
-            b = self._batches[self._which[pos]]
-            r = int(self._rows[pos])
+        asked = [i for i, k in enumerate(keys) if k is not None]
+        if not n or not asked:
+            return out
+        q = np.frombuffer(b"".join(keys[i][:8] for i in asked), "<u8")
+        starts = self._prefix.searchsorted(q).tolist()
+        prefix = self._prefix
+        # every entry holding each key (two, when a corrupt entry was extracted again), in index order
+        candidates: list[tuple[int, int, int]] = []  # (key position in `keys`, batch, row)
+        for i, at, qi in zip(asked, starts, q.tolist()):
+            key = keys[i]
+            while at < n and int(prefix[at]) == qi:
+                pos = int(self._order[at])
+                at += 1
+                if self._key_bytes[pos * 32:(pos + 1) * 32] == key:
+                    candidates.append((i, int(self._which[pos]), int(self._rows[pos])))
+        by_batch: dict[int, list] = {}
+        for c in candidates:
+            by_batch.setdefault(c[1], []).append(c)
+        checked: dict[tuple, tuple] = {}  # (key position, batch, row) -> (ok, vector) that passed
+        for which, cs in by_batch.items():
+            b = self._batches[which]
             try:
-                vec = np.array(b.vectors()[r], dtype=np.float32)
+                vecs = np.asarray(b.vectors())[[r for _, _, r in cs]].astype(np.float32, copy=False)
             except (OSError, ValueError, IndexError) as exc:
                 self.warn(f"cache batch {b.vec_path} is unreadable ({exc}); extracting its samples again")
                 continue
-            ok = bool(b.ok[r])
-            if _row_crc(key, vec, ok) != int(b.crc[r]):
-                self.warn(f"cache entry {key.hex()[:16]} in {b.vec_path} fails its checksum; extracting it again")
-                continue
-            return True, ok, vec
-        return False, False, None
+            for (i, _, r), vec in zip(cs, vecs):
+                ok = bool(b.ok[r])
+                if _row_crc(keys[i], vec, ok) != int(b.crc[r]):
+                    self.warn(f"cache entry {keys[i].hex()[:16]} in {b.vec_path} fails its checksum; extracting "
+                              f"it again")
+                    continue
+                checked[(i, which, r)] = (ok, vec)
+        for c in candidates:
+            if not out[c[0]][0] and c in checked:
+                out[c[0]] = (True, *checked[c])
+        return out
 
     def put(self, key: bytes | None, vector: np.ndarray | None) -> None:
         """Add an entry (``vector`` None: the sample has no representation, see the module notes);

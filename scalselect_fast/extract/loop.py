@@ -30,6 +30,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from ..atomic import crashpoint
 from ..lock import exclusive_lock
 from .batch import (REASON_ENCODE, REASON_NO_ATTENTION, REASON_TEXT_ONLY, REASON_TOO_LONG, STAGE, EncodePool,
                     batches, encode_and_pool, image_loader_for, pipelined)
@@ -40,6 +41,12 @@ from .ranks import RangeSkipLog, env_rank, rank_device, rank_range
 from .repair import ImagesDigest, repair_shards, repair_store
 
 log = logging.getLogger(__name__)
+
+#: records whose cache keys are looked up together (their pinned image bytes are held meanwhile)
+LOOKUP_CHUNK = 256
+#: shards taken whole from the cache that may wait for one manifest update (a crash redoes them: from
+#: the cache again, at lookup cost)
+DEFERRED_SHARDS = 16
 
 # encode_and_pool, repair_store, rank_range and the reason codes moved to their own modules; they are
 # still importable from here
@@ -272,6 +279,7 @@ def _extract_locked(vlm, data, out: Path, provenance: dict, opts: ExtractOptions
                     job.add_batch(res)
                 else:
                     job.commit_shard(*res)
+            job.finish()
         finally:
             pool.close()
     if bar is not None:
@@ -292,6 +300,7 @@ class _ShardJob:
         self.ids: list[str] = []
         self.row_index: list = []
         self.n_skip = 0
+        self.uncommitted: list[dict] = []  # records of shards written, waiting for one manifest update
         self.pos = todo[0][1]  # next record index not yet shown on the progress bar
         # records in finished shards and the start of the shard in progress
         self.done_before = done_records
@@ -301,34 +310,66 @@ class _ShardJob:
         """("batch", samples) for each todo shard's records, then ("end", shard); never across shards.
 
         With a cache, records found in it are not batched: they travel with the shard's end marker
-        as ``(sample, vector or None)`` and are merged back in record order."""
-        cache, batch_size = self.cache, self.opts.batch_size
+        as ``(sample, vector or None)`` and are merged back in record order, with the number of the
+        shard's records sent to the model. Records are looked up ``LOOKUP_CHUNK`` at a time (one
+        vectorised search and one read per cache batch file)."""
+        batch_size = self.opts.batch_size
         for j, a, b in self.todo:
             batch: list = []
             images = ImagesDigest()
             hits: list = []
+            pending: list = []  # (sample, key, pinned images) waiting for their lookup
+            fresh = 0  # records of this shard sent to the model
             while (s := stream.peek()) is not None and s.index < b:
                 next(stream)
                 if s.index < a:  # inside an already committed shard
                     continue
-                images.add(s)
-                if cache is not None:
-                    pinned: list = []
-                    key = cache.key(s, pinned)
-                    found, ok, vec = cache.get(key)
-                    if found:
-                        hits.append((s, vec if ok else None))
+                if self.cache is None:
+                    images.add(s)
+                    batch.append(s)
+                else:
+                    pending.append(self._keyed(s, images))
+                    if len(pending) < LOOKUP_CHUNK:
                         continue
-                    self.keys[s.index] = key
-                    if key is not None:  # extract the very bytes the key was made of (see sample_key)
-                        s.images = pinned
-                batch.append(s)
-                if len(batch) == batch_size:
-                    yield "batch", batch
-                    batch = []
-            if batch:
-                yield "batch", batch
-            yield "end", (j, a, b, images, hits)
+                    pending = self._look_up(pending, hits, batch)
+                while len(batch) >= batch_size:
+                    fresh += batch_size
+                    yield "batch", batch[:batch_size]
+                    batch = batch[batch_size:]
+            if pending:
+                self._look_up(pending, hits, batch)
+            fresh += len(batch)
+            while batch:
+                yield "batch", batch[:batch_size]
+                batch = batch[batch_size:]
+            yield "end", (j, a, b, images, hits, fresh)
+
+    def finish(self) -> None:
+        """Commit the shards written and not yet committed, after their skips are on disk."""
+        if self.uncommitted:
+            self.slog.sync()
+            self.writer.commit(self.uncommitted)
+            self.uncommitted = []
+
+    def _keyed(self, s, images: ImagesDigest) -> tuple:
+        """``(s, key, pinned images)``; records ``s``'s images with the stats the key's reads took."""
+        pinned: list = []
+        stats: list = []
+        key = self.cache.key(s, pinned, stats)
+        images.add(s, stats if key is not None else None)
+        return s, key, pinned
+
+    def _look_up(self, pending: list, hits: list, batch: list) -> list:
+        """Sort ``pending`` into cache hits and records to extract (appended to ``batch``); returns []."""
+        for (s, key, pinned), (found, ok, vec) in zip(pending, self.cache.get_many([k for _, k, _ in pending])):
+            if found:
+                hits.append((s, vec if ok else None))
+                continue
+            self.keys[s.index] = key
+            if key is not None:  # extract the very bytes the key was made of (see sample_key)
+                s.images = pinned
+            batch.append(s)
+        return []
 
     def add_batch(self, res) -> None:
         """Keep one pooled batch's rows, log its skips, feed the cache, show the progress."""
@@ -350,8 +391,14 @@ class _ShardJob:
             self.opts.on_progress(self.done_before + max(res.max_index + 1 - self.shard_start, 0),
                                   self.sl.hi - self.sl.lo)
 
-    def commit_shard(self, j: int, a: int, b: int, images: ImagesDigest, hits: list) -> None:
-        """Write shard ``j`` (records ``[a, b)``): its rows with the cache hits merged in, its skips."""
+    def commit_shard(self, j: int, a: int, b: int, images: ImagesDigest, hits: list, fresh: int) -> None:
+        """Write shard ``j`` (records ``[a, b)``): its rows with the cache hits merged in, its skips.
+
+        A shard taken whole from the cache (``fresh == 0``) is written but committed later, with the
+        next shard that ran the model, every ``DEFERRED_SHARDS`` shards, or at the end (:meth:`finish`):
+        one manifest update and directory fsync for many, and redoing one after a crash costs only
+        lookups. A shard that ran the model commits at once (with those waiting).
+        """
         summary, cache = self.summary, self.cache
         # Records the reader itself refused (bad fields, images outside the root) count as skipped.
         self.n_skip += self.reader_log.count(a, b)
@@ -362,10 +409,13 @@ class _ShardJob:
         if cache is not None:
             cache.flush()  # before the shard commits: a vector the store holds is in the cache too
         mat = np.concatenate(self.rows) if self.rows else np.zeros((0, self.vlm.hidden_size), np.float32)
-        self.writer.write_shard(mat, self.ids, index=j,
-                                extra={"range": [a, b], "skipped": self.n_skip, "rank": self.sl.rank,
-                                       "images": images.hexdigest(), "image_files": images.files})
-        self.slog.sync()
+        self.uncommitted.append(self.writer.write_shard(
+            mat, self.ids, index=j, commit=False,
+            extra={"range": [a, b], "skipped": self.n_skip, "rank": self.sl.rank, "images": images.hexdigest(),
+                   "image_files": images.files}))
+        crashpoint("extract.shard")  # the tests kill here: a shard written, maybe not yet committed
+        if fresh or cache is None or len(self.uncommitted) >= DEFERRED_SHARDS:
+            self.finish()
         summary["rows"] += len(self.ids)
         summary["skipped"] += self.n_skip
         summary["shards_written"] += 1

@@ -29,20 +29,24 @@ class ImagesDigest:
     """
 
     def __init__(self):
-        self._h = hashlib.sha256()
-        self.files = False
-
-    def add(self, sample) -> None:
         from ..data import EmbeddedImage
 
+        self._h = hashlib.sha256()
+        self.files = False
+        self._embedded = EmbeddedImage  # imported once per shard, not per sample
+
+    def add(self, sample, stats: list | None = None) -> None:
+        """Record one sample's images. ``stats``, when given, holds one ``os.stat_result`` (or None) per
+        image, taken when its bytes were read for the cache key (:func:`~.cache.sample_key`): a file
+        with one is not stat'ed a second time."""
         parts = [str(sample.index)]
-        for img in sample.images:
-            if isinstance(img, EmbeddedImage):
+        for n, img in enumerate(sample.images):
+            if isinstance(img, self._embedded):
                 parts.append(f"embedded:{img.name}")
             elif isinstance(img, (str, os.PathLike)):
                 self.files = True
                 try:
-                    st = os.stat(img)
+                    st = stats[n] if stats is not None and stats[n] is not None else os.stat(img)
                     parts.append(f"file:{os.fspath(img)}:{st.st_size}:{st.st_mtime_ns}")
                 except OSError as e:  # missing now: if it appears later the shard is redone
                     parts.append(f"file:{os.fspath(img)}:errno{e.errno}")
