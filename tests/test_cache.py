@@ -28,10 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """A 36-record demo dataset cut into three LLaVA JSON files A, B, C, and a tiny random LLaVA."""
+def env(tmp_path_factory, tiny_llava):
+    """A 36-record demo dataset cut into three LLaVA JSON files A, B, C, and the suite's tiny LLaVA."""
     from scalselect_fast.data.demo import make_demo_dataset
-    from scalselect_fast.extract.tiny import build_tiny_model
 
     base = tmp_path_factory.mktemp("cache")
     make_demo_dataset(base / "data", n=36, seed=5)
@@ -41,8 +40,7 @@ def env(tmp_path_factory):
     for name, recs in parts.items():
         files[name] = base / "data" / f"{name}.json"
         files[name].write_text(json.dumps(recs))
-    model = build_tiny_model("llava", base / "tiny-llava", seed=0)
-    return {"base": base, "root": base / "data", "model": model, "parts": parts, "files": files}
+    return {"base": base, "root": base / "data", "model": tiny_llava, "parts": parts, "files": files}
 
 
 def _content(rec, root: Path) -> str | None:
