@@ -148,7 +148,7 @@ def main(argv=None) -> int:
                 cap = ours.forward_layer(c["inputs"])
                 q = torch.from_numpy(R.instruction_mask(c["roles"].numpy(), "all"))
                 res.append(ops.instruction_attended_pool(cap.query, cap.key, cap.hidden, q, c["roles"] == R.VISUAL,
-                                                         c["mask"], 0.9, cap.scaling, backend="torch").numpy())
+                                                         c["mask"], 0.9, cap.scaling, pool_impl="torch").numpy())
             return res
 
         def run_base_fwd():

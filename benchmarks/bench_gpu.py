@@ -187,7 +187,7 @@ def main(argv=None) -> int:
                      note=f"{stage_gbs / h2d_gbs:.2f} of pinned H2D; {staging.copy_threads} copy threads"))
 
     t = time.perf_counter()
-    sub = ss.fit_subspace(src, solver="exact", backend="cupy", block_rows=args.block_rows)
+    sub = ss.fit_subspace(src, solver="exact", array_backend="cupy", block_rows=args.block_rows)
     t_fit = time.perf_counter() - t
     t = time.perf_counter()
     scores = ss.leverage_scores(src, sub, device="cuda", block_rows=args.block_rows)

@@ -128,14 +128,14 @@ def _child(variant, out_npy, B, Hq, Hkv, L, Dh, D):
     q, k, hidden, qm, km, am = make_inputs(B, Hq, Hkv, L, Dh, D, torch.float32, "cpu")
     # Touch the code paths once on a tiny case so lazy imports/allocator setup are not counted.
     t = make_inputs(1, 2, 2, 8, 8, 4, torch.float32, "cpu")
-    instruction_attended_pool(*t, backend="torch")
+    instruction_attended_pool(*t, pool_impl="torch")
     eager_column_attention(t[0], t[1], t[3], t[4], t[5])
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()
     if variant == "eager":
         a = eager_column_attention(q, k, qm, km, am)
     else:
-        a, _ = instruction_column_attention(q, k, qm, km, am, backend="torch")
+        a, _ = instruction_column_attention(q, k, qm, km, am, pool_impl="torch")
     secs = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     np.save(out_npy, a.numpy())  # (B, L) attention: the parent checks the variants agree
@@ -198,10 +198,10 @@ def cpu_time(rows, base, full):
     case = f"B{B}_Hq{Hq}_Hkv{Hkv}_L{L}_Dh{Dh}_D{D}_fp32"
     q, k, hidden, qm, km, am = make_inputs(B, Hq, Hkv, L, Dh, D, torch.float32, "cpu")
     t_e = median_time(lambda: eager_column_attention(q, k, qm, km, am), repeats)
-    t_c = median_time(lambda: instruction_column_attention(q, k, qm, km, am, backend="torch"), repeats)
-    t_p = median_time(lambda: instruction_attended_pool(q, k, hidden, qm, km, am, backend="torch"), repeats)
+    t_c = median_time(lambda: instruction_column_attention(q, k, qm, km, am, pool_impl="torch"), repeats)
+    t_p = median_time(lambda: instruction_attended_pool(q, k, hidden, qm, km, am, pool_impl="torch"), repeats)
     a_e = eager_column_attention(q, k, qm, km, am)
-    a_c, _ = instruction_column_attention(q, k, qm, km, am, backend="torch")
+    a_c, _ = instruction_column_attention(q, k, qm, km, am, pool_impl="torch")
     err = (a_e - a_c).abs().max().item()
     # Useful FLOPs of the chunked path: logits of instruction rows against their visible keys.
     n_rows = int(qm.sum())
@@ -246,9 +246,9 @@ def gpu(rows, base, full, dims=(8, 32, 32, 2048, 128, 4096), repeats=None):
 
     variants = {
         "eager": lambda: eager_column_attention(q, k, qm, km, am),
-        "triton": lambda: instruction_column_attention(q, k, qm, km, am, backend="triton"),
-        "torch_chunked": lambda: instruction_column_attention(q, k, qm, km, am, backend="torch"),
-        "triton+pool": lambda: instruction_attended_pool(q, k, hidden, qm, km, am, backend="triton"),
+        "triton": lambda: instruction_column_attention(q, k, qm, km, am, pool_impl="triton"),
+        "torch_chunked": lambda: instruction_column_attention(q, k, qm, km, am, pool_impl="torch"),
+        "triton+pool": lambda: instruction_attended_pool(q, k, hidden, qm, km, am, pool_impl="triton"),
     }
     res = {}
     for name, fn in variants.items():
@@ -256,7 +256,7 @@ def gpu(rows, base, full, dims=(8, 32, 32, 2048, 128, 4096), repeats=None):
         m = peak(fn)
         res[name] = (t, m)
     a_e = eager_column_attention(q, k, qm, km, am)
-    a_t, _ = instruction_column_attention(q, k, qm, km, am, backend="triton")
+    a_t, _ = instruction_column_attention(q, k, qm, km, am, pool_impl="triton")
     err = (a_e - a_t).abs().max().item()
     t_e, m_e = res["eager"]
     n_rows = int(qm.sum()) // B

@@ -55,7 +55,7 @@ def _ours(model_dir, family, samples, monkeypatch, **kw):
     vlm = load_vlm(model_dir, layer=0, dtype="fp32", device="cpu", **kw)
     assert (vlm.encoder.processor is not None) == (family == "generic")
     out = {}
-    for ids, vecs in extract_representations(vlm, samples, batch_size=8, backend="torch"):
+    for ids, vecs in extract_representations(vlm, samples, batch_size=8, pool_impl="torch"):
         out.update(zip(ids, vecs.astype(np.float64)))
     return out
 
@@ -169,7 +169,7 @@ def test_paper_pixels_are_the_default_and_match_the_reference(tmp_path, demo, fa
     want = _smart_resize_tokens(32, 32, 2 * patch, *PAPER_PIXELS)
     assert int((enc.input_ids == vlm.image_token_id).sum()) == want > 250
     got = {}
-    for ids, vecs in extract_representations(vlm, samples, batch_size=3, backend="torch"):
+    for ids, vecs in extract_representations(vlm, samples, batch_size=3, pool_impl="torch"):
         got.update(zip(ids, vecs.astype(np.float64)))
     ref = authors_vectors(path, family, records, pixels=PAPER_PIXELS)
     diff = np.array([np.abs(ref[k] - got[k]).max() for k in ref])
