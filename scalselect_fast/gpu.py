@@ -21,15 +21,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .devices import DeviceError, array_device
+from .devices import DeviceError
 
-__all__ = ["DeviceError", "resolve_device", "cuda_available", "DeviceStaging", "leverage_scores_cupy"]
+__all__ = ["DeviceError", "cuda_available", "DeviceStaging", "leverage_scores_cupy"]
 
 log = logging.getLogger(__name__)
-
-# the fit device's resolver, under the name its callers know (see scalselect_fast.devices)
-resolve_device = array_device
-
 
 def _cupy():
     try:

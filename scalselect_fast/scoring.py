@@ -20,7 +20,7 @@ import numbers
 import numpy as np
 
 from . import native
-from .gpu import resolve_device
+from .devices import array_device
 from .store import DEFAULT_BLOCK_ROWS, DEFAULT_PREFETCH, open_source
 from .subspace import InvalidRowsError, Subspace, SubspaceError, describe_rows
 
@@ -83,7 +83,7 @@ def leverage_scores(source, sub: Subspace, block_rows: int = DEFAULT_BLOCK_ROWS,
     W = sub._W()
     mean = np.ascontiguousarray(sub.mean, dtype=np.float64)
     inv_scale = sub.inv_scale
-    if resolve_device(device) == "cuda":
+    if array_device(device) == "cuda":
         from .gpu import leverage_scores_cupy
 
         return check_scores(src, leverage_scores_cupy(src, sub, block_rows), 0, drop_invalid)

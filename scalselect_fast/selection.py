@@ -81,9 +81,9 @@ class LocalExecutor:
     name = "local"
 
     def __init__(self, device: str = "cpu", block_rows: int = DEFAULT_BLOCK_ROWS):
-        from .gpu import resolve_device
+        from .devices import array_device
 
-        self.device = resolve_device(device)
+        self.device = array_device(device)
         self.block_rows = int(block_rows)
 
     def fit(self, src, *, drop_invalid: bool, **fit_kwargs) -> Subspace:

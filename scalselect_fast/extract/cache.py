@@ -147,11 +147,6 @@ def _read_image(img) -> tuple[bytes | None, os.stat_result | None]:
     return None, None
 
 
-def _image_bytes(img) -> bytes | None:
-    """The bytes an image contributes to the key (see :func:`_read_image`)."""
-    return _read_image(img)[0]
-
-
 #: one encoder for every key: ``json.dumps`` with options builds a new encoder per call
 _MESSAGES_JSON = json.JSONEncoder(sort_keys=True, ensure_ascii=False, default=str)
 

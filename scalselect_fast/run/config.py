@@ -174,10 +174,10 @@ class RunConfig:
         except UnsupportedModelError as exc:
             raise RunError(str(exc)) from None
         if self.fit_device == "cuda":  # CuPy and a GPU, checked now rather than after extraction
-            from ..gpu import DeviceError, resolve_device as resolve_fit_device
+            from ..devices import DeviceError, array_device
 
             try:
-                resolve_fit_device(self.fit_device)
+                array_device(self.fit_device)
             except DeviceError as exc:
                 raise RunError(f"--fit-device cuda: {exc}") from None
 
