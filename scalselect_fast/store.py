@@ -389,8 +389,9 @@ def read_shard_keys(shard: ShardInfo, rows: Sequence[int] | np.ndarray | None = 
     """
     if shard.keys_path is None:
         return None
-    fix = ("rerun the `scalselect run` / `scalselect extract` command that wrote the store (it re-extracts "
-           "the shard) or restore the file")
+    fix = ("rerun the command that wrote the store: it re-extracts a shard whose files changed size or time; "
+           "for damage that changed neither, add --force (with the representation cache only lookups are "
+           "redone), or restore the file")
     try:
         data = Path(shard.keys_path).read_bytes()
         context = Path(shard.keys_context_path).read_bytes()
@@ -948,10 +949,10 @@ class StoreWriter:
         atomic_write_bytes(self.path / ids_file, ("\n".join(ids) + ("\n" if ids else "")).encode("utf-8"),
                            sync_dir=False)
         rec = {"name": name, "count": int(rows.shape[0]), "rows_file": rows_file, "ids_file": ids_file,
-               "checksum": _crc32_array(data), "stat": shard_file_stat(self.path, rows_file, ids_file),
-               **(extra or {})}
+               "checksum": _crc32_array(data), **(extra or {})}
         if keys is not None:
             rec.update(self._write_keys(name, keys, key_context, len(ids)))
+        rec["stat"] = shard_file_stat(self.path, rows_file, ids_file, rec.get("keys_file"))
         if commit:
             self.commit([rec])
         return rec
@@ -990,14 +991,18 @@ class StoreWriter:
             atomic_write_json(self.path / MANIFEST, self._manifest(list(shards.values())))
 
 
-def shard_file_stat(store: str | os.PathLike, rows_file: str, ids_file: str) -> dict | None:
-    """``{"rows": [size, mtime_ns], "ids": [size, mtime_ns]}`` of a shard's files (None if one is missing).
+def shard_file_stat(store: str | os.PathLike, rows_file: str, ids_file: str, keys_file: str | None = None
+                    ) -> dict | None:
+    """``{"rows": [size, mtime_ns], "ids": [size, mtime_ns]}`` of a shard's files (None if one is missing),
+    with ``"keys"`` too when the shard has a keys sidecar.
 
     Recorded when a shard is committed: a resumed job re-reads (and checksums) only the shards whose
     files no longer match it; the others are still verified by their first full read.
     """
     out = {}
-    for key, name in (("rows", rows_file), ("ids", ids_file)):
+    for key, name in (("rows", rows_file), ("ids", ids_file), ("keys", keys_file)):
+        if name is None:
+            continue
         try:
             st = os.stat(Path(store) / name)
         except OSError:

@@ -271,3 +271,16 @@ def test_a_damaged_keys_file_is_refused_naming_its_shard(tmp_path):
         w.write_shard(rows, ["a", "b", "c"], keys=keys)
     with pytest.raises(StoreError, match="3 content keys for 2 rows"):
         w.write_shard(rows[:2], ["a", "b"], keys=keys, key_context=b"ctx")
+
+
+def test_a_truncated_keys_file_makes_the_rerun_extract_its_shard_again(demo, reference, tmp_path):
+    data = _copy(demo, tmp_path)
+    out = tmp_path / "out"
+    run(_cfg(demo, data, out), events=EditAtSelect())
+    keys = out / ".scalselect" / "reps" / "shard-00002.keys"
+    keys.write_bytes(keys.read_bytes()[:-KEY_BYTES])
+    ev = EditAtSelect()
+    res = run(_cfg(demo, data, out), events=ev)
+    assert any(w.startswith("shard shard-00002 of") and "content keys" in w for w in ev.warnings), ev.warnings
+    assert _kept(out) == reference["kept"] and res.report["changed_during_run"]["unkeyed"] == 0
+    assert len(keys.read_bytes()) % KEY_BYTES == 0 and len(keys.read_bytes()) > 0
