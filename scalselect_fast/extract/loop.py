@@ -364,11 +364,14 @@ class _ShardJob:
         stats: list = []
         if self.cache is not None:
             key = self.cache.key(s, pinned, stats)
-        else:  # no lookup: extract the very bytes the stored key is made of at once
+        else:
             key = sample_key(self.key_context, s, pinned, stats)
         images.add(s, stats if key is not None else None)
         self.row_keys[s.index] = key
-        if self.cache is None and key is not None:
+        # no lookup: extract the very bytes the stored key is made of, unless the caller's own image_loader
+        # expects the paths (the rows are then read again: an image edited meanwhile has a key of its old
+        # bytes, so the output check withholds it)
+        if self.cache is None and key is not None and self.opts.image_loader is None:
             s.images = pinned
         return s, key, pinned
 
