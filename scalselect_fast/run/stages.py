@@ -686,7 +686,8 @@ def _refuse_if_no_record_is_usable(source, cfg: RunConfig) -> None:
 class _InputsUnchanged:
     """The dataset files' digests when the run started (read with its data fingerprint); called before
     the outputs are committed, it refuses them if a file was edited, added or removed since, as the
-    selected dataset copies records that must be the ones the representations were computed from."""
+    selected dataset copies records that must be the ones the representations were computed from.
+    When every selected row has a content key, :meth:`rebase` moves "since" to the output check."""
 
     def __init__(self, cfg: RunConfig, source):
         self.cfg = cfg
