@@ -188,8 +188,9 @@ def test_a_record_whose_text_is_edited_before_the_output_is_withheld(demo, refer
     res = run(_cfg(demo, data, out), events=EditAtSelect())
     assert res.report["cache"]["extracted"] == 1
     assert res.report["changed_during_run"]["changed"] == 0
-    if victim in _kept(out):  # the new text has its own representation: selected or not on its merits
-        assert _record(data, victim) in json.loads((out / "selected.json").read_text())
+    fresh = tmp_path / "fresh"  # the new text has its own representation: selected or not on its merits
+    run(_cfg(demo, data, fresh, cache="none"), events=EditAtSelect())
+    assert (out / "selected.json").read_bytes() == (fresh / "selected.json").read_bytes()
 
 
 def test_a_store_without_keys_falls_back_to_the_file_level_rule(demo, tmp_path):
@@ -284,3 +285,44 @@ def test_a_truncated_keys_file_makes_the_rerun_extract_its_shard_again(demo, ref
     assert any(w.startswith("shard shard-00002 of") and "content keys" in w for w in ev.warnings), ev.warnings
     assert _kept(out) == reference["kept"] and res.report["changed_during_run"]["unkeyed"] == 0
     assert len(keys.read_bytes()) % KEY_BYTES == 0 and len(keys.read_bytes()) > 0
+
+
+def test_an_embedded_image_edited_in_a_parquet_file_is_withheld(demo, tmp_path):
+    """Images inside the dataset (Parquet ``Image`` structs): the key covers their bytes as read, so a
+    re-encoded image in a rewritten file withholds just its record."""
+    import io
+
+    import pyarrow.parquet as pq_
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    from scalselect_fast.data.demo import make_demo_dataset
+
+    truth = make_demo_dataset(tmp_path / "pq", n=40, seed=3, layout="parquet", shard_size=40)
+    data = tmp_path / "pq" / truth["data"]
+    (path,) = sorted(Path(tmp_path / "pq").rglob("*.parquet"))
+    cfg = dict(model=str(demo["model"]), data=str(data), out=str(tmp_path / "ref"), budget="25%",
+               shard_size=SHARD, batch_size=4, quiet=True)
+    ref = run(make_config(**cfg), events=EditAtSelect())
+    kept = (tmp_path / "ref" / "selected.txt").read_text().split()
+    assert ref.report["changed_during_run"]["checked"] == len(kept) == 10
+    victim = kept[2]
+
+    def edit():
+        t = pq_.read_table(path).to_pylist()
+        for r in t:
+            if r["id"] == victim:
+                im = Image.open(io.BytesIO(r["images"][0]["bytes"]))
+                info = PngInfo()
+                info.add_text("edited", "yes")
+                buf = io.BytesIO()
+                im.save(buf, format="PNG", pnginfo=info)
+                r["images"][0]["bytes"] = buf.getvalue()
+        import pyarrow as pa
+
+        pq_.write_table(pa.Table.from_pylist(t, schema=pq_.read_schema(path)), path)
+
+    out = tmp_path / "out"
+    res = run(make_config(**{**cfg, "out": str(out)}), events=EditAtSelect(edit))
+    assert (out / "selected.txt").read_text().split() == [i for i in kept if i != victim]
+    assert res.report["changed_during_run"]["changed"] == 1 and _changed_entries(out)[0]["id"] == victim
