@@ -7,6 +7,10 @@ A store is a directory of shards plus a manifest::
       shard-00000.npy        (count, d) matrix in numpy's .npy format (memory-mappable);
                              bfloat16 is stored as uint16 bit patterns
       shard-00000.ids.txt    one sample id per line, UTF-8, same order as the rows
+      shard-00000.keys       optional: each row's 32-byte content key (what the row was computed
+                             from, :func:`scalselect_fast.extract.cache.sample_key`), raw, row order;
+                             32 zero bytes for a row without one
+      keys-<sha256:16>.context   the key context the shards' keys were made under (named by its digest)
 
 Shards are committed atomically: data and ids are written to temporary names, fsynced and renamed,
 and only then is the shard recorded in the manifest (itself replaced atomically). A shard that is on
@@ -49,7 +53,9 @@ __all__ = [
     "load_npy",
     "uncommit_shards",
     "shard_file_stat",
+    "read_shard_keys",
     "SUPPORTED_DTYPES",
+    "KEY_BYTES",
 ]
 
 FORMAT_NAME = "scalselect-store"
@@ -60,6 +66,8 @@ SUPPORTED_DTYPES = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.
 DEFAULT_BLOCK_ROWS = 16384
 #: blocks the streaming passes read ahead (BlockReader); 0 = memory-mapped views, no thread
 DEFAULT_PREFETCH = 2
+#: width of one row's content key in a ``.keys`` sidecar (a sha256 digest)
+KEY_BYTES = 32
 
 
 class StoreError(ValueError):
@@ -97,6 +105,9 @@ class ShardInfo:
         Path of the ids file, or None when ids are row numbers.
     checksum : str or None
         ``"crc32:xxxxxxxx"`` of the matrix payload, or None.
+    keys_path, keys_checksum, keys_context_path : str or None
+        The row content keys sidecar, its CRC-32 and the file holding the context they were made
+        under; None for shards written without keys (older stores, in-memory data).
     """
 
     name: str
@@ -105,6 +116,9 @@ class ShardInfo:
     path: str | None = None
     ids_path: str | None = None
     checksum: str | None = None
+    keys_path: str | None = None
+    keys_checksum: str | None = None
+    keys_context_path: str | None = None
 
 
 class MatrixSource:
@@ -346,6 +360,66 @@ def read_ids(shard: ShardInfo) -> list[str]:
     return ids
 
 
+def read_shard_keys(shard: ShardInfo, rows: Sequence[int] | np.ndarray | None = None
+                    ) -> tuple[np.ndarray, bytes] | None:
+    """The content keys of a shard's rows and the context they were made under (None without keys).
+
+    The sidecar is read whole (``KEY_BYTES`` per row: 128 KiB for 4096 rows) and checked against the
+    manifest's CRC-32; the context file against the digest in its name. Only this shard's keys are
+    held, so a caller going shard by shard never holds the whole store's keys.
+
+    Parameters
+    ----------
+    shard : ShardInfo
+        A store shard; its ``keys_path`` None means it was written without keys.
+    rows : sequence of int, optional
+        Shard-local row numbers (0 .. count-1); default every row.
+
+    Returns
+    -------
+    keys : ndarray, uint8, shape (len(rows), KEY_BYTES)
+        One raw sha256 key per row; all zero for a row stored without one.
+    context : bytes
+        The key context (pass it to :func:`~scalselect_fast.extract.cache.sample_key`).
+
+    Raises
+    ------
+    StoreError
+        A file is missing, of the wrong size, or fails its checksum; the message names the shard.
+    """
+    if shard.keys_path is None:
+        return None
+    fix = ("rerun the command that wrote the store: it re-extracts a shard whose files changed size or time; "
+           "for damage that changed neither, add --force (with the representation cache only lookups are "
+           "redone), or restore the file")
+    try:
+        data = Path(shard.keys_path).read_bytes()
+        context = Path(shard.keys_context_path).read_bytes()
+    except OSError as exc:
+        err = StoreError(f"shard {shard.name!r}: cannot read its content keys ({exc.filename}: "
+                         f"{exc.strerror or exc}); {fix}")
+        err.shard = shard.name
+        raise err from None
+    got = f"crc32:{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+    ctx_ok = Path(shard.keys_context_path).name == _context_file_name(context)
+    if len(data) != shard.count * KEY_BYTES or got != shard.keys_checksum or not ctx_ok:
+        err = StoreError(f"shard {shard.name!r}: its content keys ({shard.keys_path if ctx_ok else shard.keys_context_path}"
+                         f") do not match the manifest (size {len(data)} for {shard.count} rows, {got} vs "
+                         f"{shard.keys_checksum}); the file was modified or truncated after it was written; {fix}")
+        err.shard = shard.name
+        raise err
+    keys = np.frombuffer(data, np.uint8).reshape(shard.count, KEY_BYTES)
+    if rows is not None:
+        keys = keys[np.asarray(rows, np.int64)]
+    return keys, context
+
+
+def _context_file_name(context: bytes) -> str:
+    import hashlib
+
+    return f"keys-{hashlib.sha256(context).hexdigest()[:16]}.context"
+
+
 class ArraySource(MatrixSource):
     """An in-memory ndarray or ``np.memmap`` of shape (n, d) as a single-shard source.
 
@@ -415,11 +489,15 @@ class StoreSource(MatrixSource):
                 if name in names or count < 0:
                     raise StoreError(f"{mpath}: shard {name!r} is listed twice or has a negative count")
                 names.add(name)
+                keys = rec.get("keys_file") is not None
                 self.shards.append(ShardInfo(
                     name=name, offset=offset, count=count,
                     path=self._confined(rec["rows_file"], name, mpath),
                     ids_path=self._confined(rec["ids_file"], name, mpath),
-                    checksum=rec.get("checksum")))
+                    checksum=rec.get("checksum"),
+                    keys_path=self._confined(rec["keys_file"], name, mpath) if keys else None,
+                    keys_checksum=rec.get("keys_checksum") if keys else None,
+                    keys_context_path=self._confined(rec["keys_context_file"], name, mpath) if keys else None))
                 offset += count
         except StoreError:
             raise
@@ -465,6 +543,8 @@ class StoreSource(MatrixSource):
         missing or damaged or fails its checksum."""
         try:
             read_ids(shard)
+            if shard.keys_path is not None:
+                read_shard_keys(shard)
             for _ in self.iter_shard_blocks(shard, verify=True, prefetch=2):
                 pass
         except OSError as exc:
@@ -801,7 +881,7 @@ class StoreWriter:
 
     def _reset(self):
         for p in self.path.glob("*"):
-            if p.name == MANIFEST or p.suffix in (".npy", ".txt"):
+            if p.name == MANIFEST or p.suffix in (".npy", ".txt", ".keys", ".context"):
                 p.unlink()
 
     def _manifest(self, shards: list[dict]) -> dict:
@@ -818,7 +898,8 @@ class StoreWriter:
         return f"{self.prefix}-{index:05d}"
 
     def write_shard(self, rows: np.ndarray, ids: Sequence[str], index: int | None = None,
-                    extra: dict | None = None, commit: bool = True) -> dict:
+                    extra: dict | None = None, commit: bool = True, keys: Sequence[bytes | None] | None = None,
+                    key_context: bytes | None = None) -> dict:
         """Write one shard and commit it to the manifest.
 
         Parameters
@@ -834,6 +915,12 @@ class StoreWriter:
         commit : bool
             False: write the shard's files (their data fsynced) but leave it off the manifest; pass the
             returned record to :meth:`commit`, with others, to commit them together.
+        keys : sequence of bytes or None, optional
+            One ``KEY_BYTES``-byte content key per row (None: the row has none, stored as zeros), written
+            to ``<shard>.keys`` and checksummed in the record (see :func:`read_shard_keys`).
+        key_context : bytes
+            The context the keys were made under (required with ``keys``); stored once per store in a
+            file named by its digest.
 
         Returns
         -------
@@ -862,11 +949,31 @@ class StoreWriter:
         atomic_write_bytes(self.path / ids_file, ("\n".join(ids) + ("\n" if ids else "")).encode("utf-8"),
                            sync_dir=False)
         rec = {"name": name, "count": int(rows.shape[0]), "rows_file": rows_file, "ids_file": ids_file,
-               "checksum": _crc32_array(data), "stat": shard_file_stat(self.path, rows_file, ids_file),
-               **(extra or {})}
+               "checksum": _crc32_array(data), **(extra or {})}
+        if keys is not None:
+            rec.update(self._write_keys(name, keys, key_context, len(ids)))
+        rec["stat"] = shard_file_stat(self.path, rows_file, ids_file, rec.get("keys_file"))
         if commit:
             self.commit([rec])
         return rec
+
+    def _write_keys(self, name: str, keys: Sequence[bytes | None], context: bytes | None, count: int) -> dict:
+        if context is None:
+            raise StoreError(f"{self.path}: shard keys need the key_context they were made under")
+        if len(keys) != count:
+            raise StoreError(f"{self.path}: {len(keys)} content keys for {count} rows")
+        zero = bytes(KEY_BYTES)
+        for k in keys:
+            if k is not None and len(k) != KEY_BYTES:
+                raise StoreError(f"{self.path}: a content key has {len(k)} bytes, {KEY_BYTES} expected")
+        blob = b"".join(zero if k is None else bytes(k) for k in keys)
+        keys_file, context_file = f"{name}.keys", _context_file_name(context)
+        cpath = self.path / context_file
+        if not (cpath.is_file() and cpath.read_bytes() == context):
+            atomic_write_bytes(cpath, context, sync_dir=False)
+        atomic_write_bytes(self.path / keys_file, blob, sync_dir=False)
+        return {"keys_file": keys_file, "keys_checksum": f"crc32:{zlib.crc32(blob) & 0xFFFFFFFF:08x}",
+                "keys_context_file": context_file}
 
     def commit(self, records: Sequence[dict]) -> None:
         """Put shards written with ``write_shard(..., commit=False)`` on the manifest, in one update.
@@ -884,14 +991,18 @@ class StoreWriter:
             atomic_write_json(self.path / MANIFEST, self._manifest(list(shards.values())))
 
 
-def shard_file_stat(store: str | os.PathLike, rows_file: str, ids_file: str) -> dict | None:
-    """``{"rows": [size, mtime_ns], "ids": [size, mtime_ns]}`` of a shard's files (None if one is missing).
+def shard_file_stat(store: str | os.PathLike, rows_file: str, ids_file: str, keys_file: str | None = None
+                    ) -> dict | None:
+    """``{"rows": [size, mtime_ns], "ids": [size, mtime_ns]}`` of a shard's files (None if one is missing),
+    with ``"keys"`` too when the shard has a keys sidecar.
 
     Recorded when a shard is committed: a resumed job re-reads (and checksums) only the shards whose
     files no longer match it; the others are still verified by their first full read.
     """
     out = {}
-    for key, name in (("rows", rows_file), ("ids", ids_file)):
+    for key, name in (("rows", rows_file), ("ids", ids_file), ("keys", keys_file)):
+        if name is None:
+            continue
         try:
             st = os.stat(Path(store) / name)
         except OSError:
@@ -946,7 +1057,9 @@ def uncommit_shards(store: str | os.PathLike, names: Sequence[str], move_aside: 
     moved = []
     if move_aside:
         for rec in dropped:
-            for key in ("rows_file", "ids_file"):
+            for key in ("rows_file", "ids_file", "keys_file"):
+                if rec.get(key) is None:
+                    continue
                 p = store / str(rec.get(key, ""))
                 if p.parent.resolve() == store.resolve() and p.is_file():  # never outside the store
                     dst = p.with_name(f"{p.name}.corrupt-{stamp}")

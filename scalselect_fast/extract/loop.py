@@ -34,6 +34,7 @@ from ..atomic import crashpoint
 from ..lock import exclusive_lock
 from .batch import (REASON_ENCODE, REASON_NO_ATTENTION, REASON_TEXT_ONLY, REASON_TOO_LONG, STAGE, EncodePool,
                     batches, encode_and_pool, image_loader_for, pipelined)
+from .cache import sample_key
 from .cache_lookup import cache_batch, merge_hits, open_cache
 from .model import VLM, load_vlm
 from .options import ExtractOptions, extract_options
@@ -47,6 +48,10 @@ LOOKUP_CHUNK = 256
 #: shards taken whole from the cache that may wait for one manifest update (a crash redoes them: from
 #: the cache again, at lookup cost)
 DEFERRED_SHARDS = 16
+#: the context of the stored rows' content keys under ``cache=None`` (with a cache, the cache's own keys
+#: are stored): the keys only have to match themselves when the run's output is checked
+#: (:mod:`scalselect_fast.output_check`), so no model digest is needed
+STORE_KEY_CONTEXT = b"scalselect-store-keys/1"
 
 # encode_and_pool, repair_store, rank_range and the reason codes moved to their own modules; they are
 # still importable from here
@@ -296,6 +301,9 @@ class _ShardJob:
         self.vlm, self.writer, self.opts, self.sl, self.todo = vlm, writer, opts, sl, todo
         self.summary, self.cache, self.slog, self.reader_log, self.bar = summary, cache, slog, reader_log, bar
         self.keys: dict[int, bytes | None] = {}  # record index -> cache key, for the misses in flight
+        # record index -> content key, for every record in flight (stored beside its row)
+        self.row_keys: dict[int, bytes | None] = {}
+        self.key_context = cache.context_digest() if cache is not None else STORE_KEY_CONTEXT
         self.rows: list[np.ndarray] = []
         self.ids: list[str] = []
         self.row_index: list = []
@@ -325,8 +333,7 @@ class _ShardJob:
                 if s.index < a:  # inside an already committed shard
                     continue
                 if self.cache is None:
-                    images.add(s)
-                    batch.append(s)
+                    batch.append(self._keyed(s, images)[0])
                 else:
                     pending.append(self._keyed(s, images))
                     if len(pending) < LOOKUP_CHUNK:
@@ -355,8 +362,17 @@ class _ShardJob:
         """``(s, key, pinned images)``; records ``s``'s images with the stats the key's reads took."""
         pinned: list = []
         stats: list = []
-        key = self.cache.key(s, pinned, stats)
+        if self.cache is not None:
+            key = self.cache.key(s, pinned, stats)
+        else:
+            key = sample_key(self.key_context, s, pinned, stats)
         images.add(s, stats if key is not None else None)
+        self.row_keys[s.index] = key
+        # no lookup: extract the very bytes the stored key is made of, unless the caller's own image_loader
+        # expects the paths (the rows are then read again: an image edited meanwhile has a key of its old
+        # bytes, so the output check withholds it)
+        if self.cache is None and key is not None and self.opts.image_loader is None:
+            s.images = pinned
         return s, key, pinned
 
     def _look_up(self, pending: list, hits: list, batch: list) -> list:
@@ -409,8 +425,10 @@ class _ShardJob:
         if cache is not None:
             cache.flush()  # before the shard commits: a vector the store holds is in the cache too
         mat = np.concatenate(self.rows) if self.rows else np.zeros((0, self.vlm.hidden_size), np.float32)
+        keys = [self.row_keys.pop(i, None) for i in self.row_index]
+        self.row_keys = {i: k for i, k in self.row_keys.items() if i >= b}  # the next shard's, read ahead
         self.uncommitted.append(self.writer.write_shard(
-            mat, self.ids, index=j, commit=False,
+            mat, self.ids, index=j, commit=False, keys=keys, key_context=self.key_context,
             extra={"range": [a, b], "skipped": self.n_skip, "rank": self.sl.rank, "images": images.hexdigest(),
                    "image_files": images.files}))
         crashpoint("extract.shard")  # the tests kill here: a shard written, maybe not yet committed

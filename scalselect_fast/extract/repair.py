@@ -79,10 +79,12 @@ def _stale_shards(store: Path, records: dict[str, dict], data, image_root, forma
         rec = records.get(shard.name)
         if rec is None:
             continue
-        if not (Path(shard.path).is_file() and Path(shard.ids_path).is_file()):
+        if not all(Path(p).is_file() for p in (shard.path, shard.ids_path, shard.keys_path, shard.keys_context_path)
+                   if p is not None):
             bad[shard.name] = "missing"
             continue
-        if rec.get("stat") is not None and rec["stat"] == shard_file_stat(store, rec["rows_file"], rec["ids_file"]):
+        if rec.get("stat") is not None and rec["stat"] == shard_file_stat(store, rec["rows_file"], rec["ids_file"],
+                                                                          rec.get("keys_file")):
             continue  # untouched since its commit (its first full read still checks the CRC)
         try:
             src.check_shard(shard)
