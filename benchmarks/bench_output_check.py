@@ -4,14 +4,14 @@
 writes them (:mod:`scalselect_fast.output_check`). Measured here, in CPU seconds (``time.process_time``,
 one process; medians of alternating repeats):
 
-1. the check itself (``changed_records`` over the selected rows), and the bare reader pass it contains,
+1. the check itself (``first_changed`` over the selected rows), and the bare reader pass it contains,
    so the hashing share per selected record shows;
 2. the content key at extraction (``sample_key`` of every record), against the extraction's own CPU per
    record with ``cache=None`` (keys are computed there too: this is what that choice costs);
-3. the file-level rebase the run makes when every selected row has a key (one digest of the data files).
+3. the file-level digest of the data files the run makes before it commits (one per run).
 
 Correctness lines (PASS/FAIL): the unchanged demo has no changed record; a selected image re-encoded
-(same pixels, new bytes) in a copy of the demo is found, and only it. Cost line: the check's CPU is at
+(same pixels, new bytes) in a copy of the demo is found and named. Cost line: the check's CPU is at
 most ``CHECK_FLOOR`` of the extraction's CPU (PASS/FAIL).
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     from scalselect_fast.extract.cache import sample_key
     from scalselect_fast.extract.loop import STORE_KEY_CONTEXT
     from scalselect_fast.extract.tiny import build_tiny_model
-    from scalselect_fast.output_check import changed_records
+    from scalselect_fast.output_check import first_changed
     from scalselect_fast.run import Events, make_config, run
     from scalselect_fast.store import StoreSource
 
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
             return sum(1 for _ in read_dataset(data, image_root=DEMO_DIR))
 
         def check():
-            return changed_records(src, kept, data, image_root=DEMO_DIR)
+            return first_changed(src, kept, data, image_root=DEMO_DIR)
 
         def keys():
             return [sample_key(STORE_KEY_CONTEXT, s) for s in samples]
@@ -90,9 +90,10 @@ def main(argv=None) -> int:
         for _ in range(args.repeats):  # alternating: load on the shared machine drifts into all alike
             for fn, acc in ((reader, t_read), (check, t_check), (keys, t_keys), (digest, t_digest)):
                 acc.extend(_cpu(fn, 1)[0])
-        changed, unkeyed = check()
-        checks.append((changed == {} and unkeyed == [], f"unchanged demo: {len(changed)} changed, "
-                                                         f"{len(unkeyed)} unkeyed of {m} selected"))
+        changed, checked, unkeyed = check()
+        checks.append((changed is None and checked == m and unkeyed == 0,
+                       f"unchanged demo: {'none' if changed is None else changed.id} changed, {checked} checked, "
+                       f"{unkeyed} unkeyed of {m} selected"))
         t0 = time.process_time()
         extract_to_store(str(model), data, tmp / "nocache", image_root=DEMO_DIR, batch_size=16, shard_size=64,
                          cache=None, progress=False)
@@ -113,9 +114,11 @@ def main(argv=None) -> int:
             info = PngInfo()
             info.add_text("edited", "yes")
             im.save(img, format="PNG", pnginfo=info)
-        changed, _ = changed_records(src_copy, [at_copy[ids[r]] for r in kept], copy / DEMO_DATA, image_root=copy)
-        got = sorted(e["id"] for e in changed.values())
-        checks.append((got == [victim], f"one selected image re-encoded: found {got}, expected [{victim!r}]"))
+        changed, _, _ = first_changed(src_copy, [at_copy[ids[r]] for r in kept], copy / DEMO_DATA, image_root=copy)
+        got = None if changed is None else changed.id
+        checks.append((got == victim and str(img) in (changed.file or ""),
+                       f"one selected image re-encoded: found {got!r} ({None if changed is None else changed.file}), "
+                       f"expected {victim!r} ({img})"))
 
         n = len(samples)
         med = statistics.median

@@ -625,8 +625,8 @@ def add_run_command(sub: argparse._SubParsersAction) -> None:
                    help="representation cache shared between runs and datasets: samples are looked up by "
                         "content (model, settings, messages, image bytes) and only new ones are extracted "
                         "(default OUT/.scalselect/cache; 'none' turns it off). Either way each stored row keeps "
-                        "its content key and a selected record edited after extraction is not copied (listed in "
-                        "skipped.jsonl as changed_during_run; rerun to extract it again)")
+                        "its content key, and a run whose selected record was edited after extraction writes no "
+                        "selection, naming the record (rerun to extract it again)")
     _add_fidelity_options(g, defaults=False)
     g = p.add_argument_group("beyond the paper (off by default)")
     g.add_argument("--dedup-selected", type=float, metavar="EPS",

@@ -126,7 +126,7 @@ def run_selection(source, out_dir, budget, *, executor=None, subspace=None, scor
                   dedup_eps: float | None = None, html: bool = True, metadata: Mapping[str, str] | None = None,
                   timings: Mapping[str, float] | None = None, report_extra: Callable | None = None,
                   warn: Callable[[str], None] | None = None, before_commit: Callable[[], None] | None = None,
-                  withhold: Callable[[np.ndarray], Mapping[int, str]] | None = None, **fit_kwargs) -> dict:
+                  check_kept: Callable[[np.ndarray], None] | None = None, **fit_kwargs) -> dict:
     """Fit (unless given), score (unless given), select, and write every output into ``out_dir``.
 
     Parameters
@@ -176,11 +176,10 @@ def run_selection(source, out_dir, budget, *, executor=None, subspace=None, scor
         Called once every output is written under its temporary name, before any is renamed into
         place; an exception it raises deletes them and leaves the previous outputs (``run`` checks
         here that the dataset files still hold what it read).
-    withhold : callable, optional
-        ``f(kept_rows) -> {row: reason}``, called with the selected rows (selection order) before
-        anything is written; the rows it names leave the selection (not in the selected dataset nor
-        ``selected.txt``, not counted as selected) and the manifest gives them the reason (``run``
-        withholds records edited after extraction, :class:`scalselect_fast.output_check.RecordCheck`).
+    check_kept : callable, optional
+        ``f(kept_rows)``, called with the selected rows (selection order) before anything is written;
+        an exception it raises stops the selection with nothing written (``run`` refuses records edited
+        after extraction here, :class:`scalselect_fast.output_check.RecordCheck`).
     **fit_kwargs
         Passed to the executor's fit (energy, k, solver, standardize, l2_normalize, seed, ...).
 
@@ -212,8 +211,8 @@ def run_selection(source, out_dir, budget, *, executor=None, subspace=None, scor
     sub, reused = job.fit(subspace, fit_kwargs)
     scores, top = job.score(sub, scores)
     ranked = job.select(scores, top, quotas, dedup_eps)
-    if withhold is not None:
-        ranked = job.withhold(ranked, withhold(ranked.kept_rows))
+    if check_kept is not None:
+        check_kept(ranked.kept_rows)
     stability = job.stability(sub, scores, ranked.kept_rows, stability_seeds)
     names = _output_names(out, manifest_format, records, html)
     t_write = time.perf_counter()
@@ -305,14 +304,6 @@ class _SelectionJob:
             kept_rows = np.asarray(top, dtype=np.int64)
         self.times["select"] = self._top_s + (time.perf_counter() - t)
         return _Ranked(self.src.n, order, kept_rows, post_info)
-
-    def withhold(self, ranked: _Ranked, reasons: Mapping[int, str]) -> _Ranked:
-        """``ranked`` without the kept rows in ``reasons`` (the manifest's reason for each of them)."""
-        if not reasons:
-            return ranked
-        keep = np.array([r not in reasons for r in ranked.kept_rows.tolist()], bool)
-        post_info = {**ranked.post_info, "rejected": {**ranked.post_info.get("rejected", {}), **reasons}}
-        return _Ranked(self.src.n, ranked.order, ranked.kept_rows[keep], post_info)
 
     def _post_select(self, order: np.ndarray, quotas: Sequence, dedup_eps: float | None) -> tuple[np.ndarray, dict]:
         from .postselect import select_ranked

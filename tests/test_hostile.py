@@ -1357,12 +1357,11 @@ def _edit_between(monkeypatch, after_extract=None, before_output=None):
 
 
 @pytest.mark.parametrize("how", ["longer-text", "same-size-and-mtime"])
-def test_a_dataset_edited_during_the_run_withholds_the_edited_records(hostile_env, tmp_path, capsys, monkeypatch,
+def test_a_dataset_edited_during_the_run_is_refused_before_the_output(hostile_env, tmp_path, capsys, monkeypatch,
                                                                       how):
-    """The selected dataset copies records from the input file: if a record changed after the run read
-    it, the copied text would not be the text its vector was computed from. Each selected record is
-    checked against its stored content key (issue 22): the edited ones are not copied, they are listed
-    in skipped.jsonl and named in one warning, and the rerun extracts them again."""
+    """The selected dataset copies records from the input file: if the file changed after the run read
+    it, the copied text would not be the text the vectors were computed from. The run refuses, naming
+    the file, and commits no selection; the rerun is refused until --force."""
     env = hostile_env
     data = tmp_path / "data.json"
     data.write_text(json.dumps(env["good"]))
@@ -1382,12 +1381,12 @@ def test_a_dataset_edited_during_the_run_withholds_the_edited_records(hostile_en
     out = tmp_path / "out"
     rc = cli.main(_run_args(env, data, out))
     line = _one_line(capsys.readouterr().err)
-    assert rc == 0
-    assert line.startswith("warning: 3 selected records changed after extraction") and "Rerun the same command" in line
-    assert json.loads((out / "selected.json").read_text()) == []  # every record was edited: none is copied
-    changed = [json.loads(x) for x in (out / "skipped.jsonl").read_text().splitlines()]
-    assert [e["reason"] for e in changed].count("changed_during_run") == 3
-    assert json.loads((out / "report.json").read_text())["changed_during_run"]["changed"] == 3
+    assert rc == 2
+    assert line.startswith(f"error: {data} was edited while this run used --data {data}")
+    assert "so the selection was not written" in line and "--force" in line
+    assert not any((out / name).exists() for name in ("selected.json", "manifest.parquet", "report.json",
+                                                      "selected.txt", "subspace.npz"))
+    assert not list(out.glob(".*stage-*")), "a staged output was left behind"
     # the next run sees the changed data in its fingerprint: never silently mixed. It starts over through
     # the representation cache (issue 22): the edited records have other keys, so they are extracted
     # anew, and the output is the edited text

@@ -1,5 +1,7 @@
-"""Issue 22 item 4: every stored row keeps its content key, and `scalselect run` copies a selected record
-only if its content (text + image bytes) still matches that key.
+"""Issue 22 item 4 (and issue 21's edited dataset): every stored row keeps its content key, and
+`scalselect run` writes its selection only if every selected record's content (text + image bytes)
+still matches that key; otherwise it refuses, naming the record and the file, and the rerun extracts
+the changed record again.
 
 Real components throughout: the tiny random-weight LLaVA, the demo dataset's readers and writers, the
 store, the representation cache. Records are edited at the stage boundary through the run's own events
@@ -21,7 +23,6 @@ for _mod in ("scalselect_fast.subspace", "scalselect_fast.data.demo", "scalselec
 
 from conftest import png_file  # noqa: E402
 
-from scalselect_fast.output_check import REASON_CHANGED  # noqa: E402
 from scalselect_fast.run import Events, RunError, make_config, run  # noqa: E402
 from scalselect_fast.store import KEY_BYTES, StoreError, StoreSource, StoreWriter, read_shard_keys  # noqa: E402
 
@@ -78,9 +79,8 @@ def _kept(out: Path) -> list[str]:
     return [r["id"] for r in json.loads((out / "selected.json").read_text())]
 
 
-def _changed_entries(out: Path) -> list[dict]:
-    lines = (out / "skipped.jsonl").read_text().splitlines()
-    return [e for e in map(json.loads, lines) if e["reason"] == REASON_CHANGED]
+def _nothing_written(out: Path) -> bool:
+    return not any((out / n).exists() for n in ("selected.json", "selected.txt", "manifest.parquet", "report.json"))
 
 
 def _record(data: Path, sid: str) -> dict:
@@ -108,65 +108,51 @@ def test_an_unchanged_run_checks_and_copies_every_selected_record(reference):
     out, res = reference["out"], reference["res"]
     assert len(reference["kept"]) == res.n_selected == 10
     rep = json.loads((out / "report.json").read_text())
-    assert rep["changed_during_run"]["checked"] == 10
-    assert rep["changed_during_run"]["changed"] == 0 and rep["changed_during_run"]["unkeyed"] == 0
-    assert _changed_entries(out) == []
+    assert rep["output_check"]["checked"] == 10 and rep["output_check"]["unkeyed"] == 0
 
 
 @pytest.mark.parametrize("cache", ["default", "none"])
-def test_an_image_edited_before_the_output_is_withheld_and_the_rerun_restores_it(demo, reference, tmp_path, cache):
-    """Same pixels, new bytes: the record's key no longer matches, so it is not copied; the rerun
-    re-extracts just it (the cache holds the others) and writes the reference selection."""
+def test_an_image_edited_before_the_output_is_refused_and_the_rerun_restores_it(demo, reference, tmp_path, cache):
+    """Same pixels, new bytes: the record's key no longer matches, so the run writes nothing and names
+    the record and its image; the rerun re-extracts just it (the cache holds the others) and writes the
+    reference selection."""
     data = _copy(demo, tmp_path)
     victim = reference["kept"][3]
     image = data / _record(data, victim)["image"]
     kw = {} if cache == "default" else {"cache": "none"}
-    ev = EditAtSelect(lambda: _reencode(image))
     out = tmp_path / "out"
-    res = run(_cfg(demo, data, out, **kw), events=ev)
-    kept = _kept(out)
-    assert victim not in kept and kept == [i for i in reference["kept"] if i != victim]
-    assert res.n_selected == 9
-    entries = _changed_entries(out)
-    assert [e["id"] for e in entries] == [victim] and entries[0]["stage"] == "output"
-    rep = json.loads((out / "report.json").read_text())
-    assert rep["changed_during_run"]["changed"] == 1 and rep["changed_during_run"]["first_id"] == victim
-    assert rep["n_selected"] == 9
-    man = {m["id"]: m for m in pq.read_table(out / "manifest.parquet").to_pylist()}
-    assert not man[victim]["kept"] and man[victim]["skip_reason"].startswith(REASON_CHANGED)
-    (msg,) = [w for w in ev.warnings if REASON_CHANGED in w]
-    assert msg.startswith("1 selected record changed after extraction") and repr(victim) in msg
-    assert "Rerun the same command" in msg
+    with pytest.raises(RunError) as e:
+        run(_cfg(demo, data, out, **kw), events=EditAtSelect(lambda: _reencode(image)))
+    msg = str(e.value)
+    assert msg.startswith(f"record {victim!r}") and str(image.resolve()) in msg
+    assert "the selection was not written" in msg and "Rerun the same command" in msg
+    assert _nothing_written(out)
 
-    ev2 = EditAtSelect()
-    res2 = run(_cfg(demo, data, out, **kw), events=ev2)
+    res2 = run(_cfg(demo, data, out, **kw), events=EditAtSelect())
     assert _kept(out) == reference["kept"]
-    assert _changed_entries(out) == []
-    assert res2.report["changed_during_run"]["changed"] == 0
+    assert res2.report["output_check"]["checked"] == 10
     if cache == "default":  # the counts add up over the attempts of one extraction: just the edited record
-        assert res2.report["cache"]["extracted"] == res.report["cache"]["extracted"] + 1
-    assert any("changed: its images changed" in w for w in ev2.warnings)  # its shard was redone
+        assert res2.report["cache"]["extracted"] == reference["res"].report["cache"]["extracted"] + 1
 
 
-def test_a_visibly_edited_image_is_withheld_and_the_rerun_equals_a_fresh_run(demo, reference, tmp_path):
+def test_a_visibly_edited_image_is_refused_and_the_rerun_equals_a_fresh_run(demo, reference, tmp_path):
     data = _copy(demo, tmp_path)
     victim = reference["kept"][0]
     image = data / _record(data, victim)["image"]
     out = tmp_path / "out"
-    first = run(_cfg(demo, data, out),
-                events=EditAtSelect(lambda: png_file(image, colour=(7, 200, 90), size=(32, 32))))
-    assert victim not in _kept(out) and [e["id"] for e in _changed_entries(out)] == [victim]
+    with pytest.raises(RunError, match=f"record {victim!r}"):
+        run(_cfg(demo, data, out), events=EditAtSelect(lambda: png_file(image, colour=(7, 200, 90), size=(32, 32))))
+    assert _nothing_written(out)
     res = run(_cfg(demo, data, out), events=EditAtSelect())
-    assert res.report["cache"]["extracted"] == first.report["cache"]["extracted"] + 1
+    assert res.report["cache"]["extracted"] == reference["res"].report["cache"]["extracted"] + 1
     fresh = tmp_path / "fresh"
     run(_cfg(demo, data, fresh, cache="none"), events=EditAtSelect())
     assert (out / "selected.json").read_bytes() == (fresh / "selected.json").read_bytes()
 
 
-def test_a_record_whose_text_is_edited_before_the_output_is_withheld(demo, reference, tmp_path):
-    """The dataset file changes under the run: the one selected record whose text changed is withheld
-    (the others still match their keys and are copied); the rerun starts over through the cache and
-    extracts only that record."""
+def test_a_record_whose_text_is_edited_before_the_output_is_refused_naming_the_file(demo, reference, tmp_path):
+    """The dataset file changes under the run: the run refuses, naming the file (issue 21); the rerun
+    starts over through the cache and extracts only the edited record."""
     data = _copy(demo, tmp_path)
     victim = reference["kept"][5]
     path = data / "demo.json"
@@ -179,18 +165,53 @@ def test_a_record_whose_text_is_edited_before_the_output_is_withheld(demo, refer
         path.write_text(json.dumps(records))
 
     out = tmp_path / "out"
-    ev = EditAtSelect(edit)
-    run(_cfg(demo, data, out), events=ev)
-    assert _kept(out) == [i for i in reference["kept"] if i != victim]
-    assert [e["id"] for e in _changed_entries(out)] == [victim]
-    written = json.loads((out / "selected.json").read_text())
-    assert all(r == _record(demo["base"] / "pristine", r["id"]) for r in written)  # the extracted text
+    with pytest.raises(RunError, match=f"^{path} was edited while this run used --data"):
+        run(_cfg(demo, data, out), events=EditAtSelect(edit))
+    assert _nothing_written(out)
     res = run(_cfg(demo, data, out), events=EditAtSelect())
     assert res.report["cache"]["extracted"] == 1
-    assert res.report["changed_during_run"]["changed"] == 0
     fresh = tmp_path / "fresh"  # the new text has its own representation: selected or not on its merits
     run(_cfg(demo, data, fresh, cache="none"), events=EditAtSelect())
     assert (out / "selected.json").read_bytes() == (fresh / "selected.json").read_bytes()
+
+
+def test_the_check_streams_and_finds_each_changed_record(demo, reference, tmp_path):
+    """``first_changed`` against a slow reference: every selected record re-keyed one by one; for each
+    single edited image the streamed check names exactly that record, and a record gone from the input
+    is named as gone."""
+    from scalselect_fast.data import read_dataset
+    from scalselect_fast.extract.cache import sample_key
+    from scalselect_fast.output_check import first_changed
+
+    src = StoreSource(reference["out"] / ".scalselect" / "reps")
+    ids = src.ids()
+    at = {sid: r for r, sid in enumerate(ids)}
+    rows = [at[i] for i in reference["kept"]]
+    data = _copy(demo, tmp_path)
+    changed, checked, unkeyed = first_changed(src, rows, data / "demo.json", image_root=data)
+    assert changed is None and checked == 10 and unkeyed == 0
+    for victim in (reference["kept"][0], reference["kept"][-1], sorted(reference["kept"])[4]):
+        image = data / _record(data, victim)["image"]
+        before = image.read_bytes()
+        _reencode(image)
+        samples = {s.id: s for s in read_dataset(data / "demo.json", image_root=data)}
+        slow = [i for i in reference["kept"]
+                if sample_key(read_shard_keys(src.shards[0])[1], samples[i]) != _stored_key(src, at[i])]
+        changed, _, _ = first_changed(src, rows, data / "demo.json", image_root=data)
+        assert slow == [victim] and changed.id == victim and not changed.gone
+        image.write_bytes(before)
+    gone = reference["kept"][2]
+    records = [r for r in json.loads((data / "demo.json").read_text()) if r["id"] != gone]
+    (data / "demo.json").write_text(json.dumps(records))
+    changed, _, _ = first_changed(src, rows, data / "demo.json", image_root=data)
+    assert changed.id == gone and changed.gone
+
+
+def _stored_key(src, row: int) -> bytes:
+    for shard in src.shards:
+        if shard.offset <= row < shard.offset + shard.count:
+            return read_shard_keys(shard, [row - shard.offset])[0][0].tobytes()
+    raise AssertionError(row)
 
 
 def test_a_store_without_keys_falls_back_to_the_file_level_rule(demo, tmp_path):
@@ -206,8 +227,7 @@ def test_a_store_without_keys_falls_back_to_the_file_level_rule(demo, tmp_path):
             rec.pop(k)
     mpath.write_text(json.dumps(m))
     res = run(_cfg(demo, data, out), events=EditAtSelect())
-    assert res.report["changed_during_run"] == {**res.report["changed_during_run"], "checked": 0, "unkeyed": 10,
-                                                "changed": 0}
+    assert res.report["output_check"] == {**res.report["output_check"], "checked": 0, "unkeyed": 10}
     path = data / "demo.json"
     with pytest.raises(RunError, match="was edited while this run used --data"):
         run(_cfg(demo, data, out), events=EditAtSelect(lambda: path.write_text(path.read_text().replace(
@@ -283,13 +303,13 @@ def test_a_truncated_keys_file_makes_the_rerun_extract_its_shard_again(demo, ref
     ev = EditAtSelect()
     res = run(_cfg(demo, data, out), events=ev)
     assert any(w.startswith("shard shard-00002 of") and "content keys" in w for w in ev.warnings), ev.warnings
-    assert _kept(out) == reference["kept"] and res.report["changed_during_run"]["unkeyed"] == 0
+    assert _kept(out) == reference["kept"] and res.report["output_check"]["unkeyed"] == 0
     assert len(keys.read_bytes()) % KEY_BYTES == 0 and len(keys.read_bytes()) > 0
 
 
-def test_an_embedded_image_edited_in_a_parquet_file_is_withheld(demo, tmp_path):
+def test_an_embedded_image_edited_in_a_parquet_file_is_refused_naming_the_file(demo, tmp_path):
     """Images inside the dataset (Parquet ``Image`` structs): the key covers their bytes as read, so a
-    re-encoded image in a rewritten file withholds just its record."""
+    re-encoded image in a rewritten file stops the run naming the file; the rerun extracts just its record."""
     import io
 
     import pyarrow.parquet as pq_
@@ -305,7 +325,7 @@ def test_an_embedded_image_edited_in_a_parquet_file_is_withheld(demo, tmp_path):
                shard_size=SHARD, batch_size=4, quiet=True)
     ref = run(make_config(**cfg), events=EditAtSelect())
     kept = (tmp_path / "ref" / "selected.txt").read_text().split()
-    assert ref.report["changed_during_run"]["checked"] == len(kept) == 10
+    assert ref.report["output_check"]["checked"] == len(kept) == 10
     victim = kept[2]
 
     def edit():
@@ -323,6 +343,8 @@ def test_an_embedded_image_edited_in_a_parquet_file_is_withheld(demo, tmp_path):
         pq_.write_table(pa.Table.from_pylist(t, schema=pq_.read_schema(path)), path)
 
     out = tmp_path / "out"
-    res = run(make_config(**{**cfg, "out": str(out)}), events=EditAtSelect(edit))
-    assert (out / "selected.txt").read_text().split() == [i for i in kept if i != victim]
-    assert res.report["changed_during_run"]["changed"] == 1 and _changed_entries(out)[0]["id"] == victim
+    with pytest.raises(RunError, match=f"^{path} was edited while this run used --data"):
+        run(make_config(**{**cfg, "out": str(out)}), events=EditAtSelect(edit))
+    assert _nothing_written(out)
+    res = run(make_config(**{**cfg, "out": str(out)}), events=EditAtSelect())
+    assert res.report["cache"]["extracted"] == 1 and res.report["output_check"]["checked"] == 10

@@ -156,7 +156,7 @@ def test_run_and_select_share_one_manifest_and_report_schema(env, baseline, tmp_
     run_rep = json.loads((out / "report.json").read_text())
     sel_rep = json.loads((tmp_path / "sel" / "report.json").read_text())
     assert set(sel_rep) <= set(run_rep) and set(run_rep) - set(sel_rep) <= {"config_hash", "fingerprint", "config", "cache",
-                                                                       "changed_during_run"}
+                                                                       "output_check"}
     assert set(sel_rep["subspace"]) == set(run_rep["subspace"]) and set(sel_rep["stability"]) == set(run_rep["stability"])
     # same job on the same rows: the same kept set and ranks
     run_rank = {m["id"]: m["rank"] for m in run_t.to_pylist() if m["rank"] is not None}

@@ -375,18 +375,25 @@ def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, sco
     budget = _resolve_budget(cfg, budget_base(src, records)["n"], n_valid, skip_counts, skipped_path, n_records)
     fps = state.fps
     timings = {k: v for k, v in state.data.get("timings", {}).items() if k != "select"}
-    from ..output_check import RecordCheck  # selected records still what was extracted (issue 22)
+    from ..output_check import RecordCheck  # selected records still what was extracted (issues 21, 22)
+
+    def refuse(changed) -> None:
+        if before_commit is not None:
+            before_commit()  # an edited, added or removed dataset file is named as such
+        again = ("the records whose content changed are extracted again (the representation cache keeps the "
+                 "others)" if _cache_dir(cfg, out) is not None else "the shards of changed records are extracted again")
+        raise RunError(f"{changed}; the selection was not written, as it would copy a record that is not the one its "
+                       f"representation was computed from. Rerun the same command: {again}")
 
     check = RecordCheck(src, cfg.data, image_root=cfg.image_root, format=cfg.format, id_field=cfg.id_field,
-                        skipped=skipped_path, warn=events.warn, cache=_cache_dir(cfg, out) is not None,
-                        all_keyed=getattr(before_commit, "rebase", None))
+                        refuse=refuse)
 
     def extra(kept_ids):
         more = {"config_hash": fps["config"],
                 "cache": ({"reused": 0, "extracted": 0, **state.data.get("cache", {})}
                           if _cache_dir(cfg, out) is not None else None),
                 "fingerprint": {k: fps[k] for k in ("model", "data", "config", "extract", "fit")},
-                "config": _config_for_report(cfg), "changed_during_run": check.summary}
+                "config": _config_for_report(cfg), "output_check": check.summary}
         if report_extra is not None:
             more.update(report_extra(kept_ids))
         return more
@@ -394,7 +401,7 @@ def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, sco
     report = run_selection(
         src, out, budget, subspace=sub, scores=scores, records=records, quotas=quotas,
         dedup_eps=cfg.dedup_selected, stability_seeds=parse_seeds(cfg.stability_seeds), html=cfg.html,
-        timings=timings, report_extra=extra, warn=events.warn, before_commit=before_commit, withhold=check,
+        timings=timings, report_extra=extra, warn=events.warn, before_commit=before_commit, check_kept=check,
         metadata={"scalselect.fingerprint.model": fps["model"], "scalselect.fingerprint.data": fps["data"],
                   "scalselect.fingerprint.config": fps["config"], "scalselect.fingerprint.fit": fps["fit"]})
     state.data.setdefault("timings", {})["select"] = time.perf_counter() - t0  # recomputed each run
@@ -686,23 +693,11 @@ def _refuse_if_no_record_is_usable(source, cfg: RunConfig) -> None:
 class _InputsUnchanged:
     """The dataset files' digests when the run started (read with its data fingerprint); called before
     the outputs are committed, it refuses them if a file was edited, added or removed since, as the
-    selected dataset copies records that must be the ones the representations were computed from.
-    When every selected row has a content key, :meth:`rebase` moves "since" to the output check."""
+    selected dataset copies records that must be the ones the representations were computed from."""
 
     def __init__(self, cfg: RunConfig, source):
         self.cfg = cfg
         self.start = source.read_digests if source.read_digests is not None else source.file_digests()
-
-    def rebase(self) -> None:
-        """Every selected record is about to be checked against its content key: edits made before now
-        are caught per record, so compare the files only with what they hold now (same files only)."""
-        from ..data import DatasetError
-        from ..data.sources import open_dataset
-
-        with contextlib.suppress(DatasetError, OSError):  # unreadable now: __call__ reports it
-            now = open_dataset(self.cfg.data, self.cfg.format).file_digests()
-            if set(now) == set(self.start):
-                self.start = now
 
     def __call__(self) -> None:
         from ..data import DatasetError
