@@ -279,17 +279,26 @@ def test_cache_setting_in_a_config_file_is_relative_to_it(tmp_path):
     assert make_config(tmp_path / "conf" / "run.toml", cache="none").cache == "none"
 
 
+def _reference_messages(messages) -> bytes:
+    """The obvious form of :func:`messages_bytes`: length-prefixed role/content pairs, or tagged JSON."""
+    if all(isinstance(m, dict) and set(m) == {"role", "content"} and all(isinstance(v, str) for v in m.values())
+           for m in messages):
+        text = "".join(f"{len(m['role'])}:{len(m['content'])}:{m['role']}{m['content']}" for m in messages)
+        return b"L" + text.encode("utf-8", "surrogatepass")
+    return b"J" + json.dumps(messages, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass")
+
+
 def test_sample_key_is_the_documented_digest_and_hands_back_its_stats(env):
-    """The fast key (copied prefix hasher, one encoder, os-level reads) hashes exactly the bytes the
-    obvious reference does, so caches written before it keep their addresses; the stats it returns are
-    the file's size and mtime (what the shard's ImagesDigest records)."""
+    """The fast key (copied prefix hasher, os-level reads, length-prefixed messages) hashes exactly the
+    bytes its docstring names; the stats it returns are the file's size and mtime (what the shard's
+    ImagesDigest records) and the pinned images the very bytes hashed."""
     from scalselect_fast.data import read_dataset
     from scalselect_fast.extract.cache import sample_key
 
     context = b'{"model": "m", "layer": 3}'
     for s in read_dataset(env["files"]["A"], image_root=env["root"]):
         ref = hashlib.sha256(b"sample\0" + context)
-        ref.update(json.dumps(s.messages, sort_keys=True, ensure_ascii=False, default=str).encode())
+        ref.update(_reference_messages(s.messages))
         ref.update(f"\0{len(s.images)}\0".encode())
         for img in s.images:
             data = Path(img).read_bytes()
@@ -299,6 +308,53 @@ def test_sample_key_is_the_documented_digest_and_hands_back_its_stats(env):
         assert [(st.st_size, st.st_mtime_ns) for st in stats] == \
             [(os.stat(i).st_size, os.stat(i).st_mtime_ns) for i in s.images]
         assert [p.data for p in pinned] == [Path(i).read_bytes() for i in s.images]
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "<image>\nWhat is it?"}, {"role": "assistant", "content": "A cat."}],
+    [{"role": "user", "content": ""}],
+    [{"role": "user", "content": "caf\u00e9 \ud800 \u4e2d"}],  # non-ASCII and a lone surrogate
+    [{"role": "user", "content": "x", "name": "extra key"}],  # not a plain pair: the JSON form
+    [{"role": "user", "content": ["a", "list"]}],
+    [],
+])
+def test_messages_bytes_matches_its_reference(messages):
+    from scalselect_fast.extract.cache import messages_bytes
+
+    assert messages_bytes(messages) == _reference_messages(messages)
+
+
+def test_messages_bytes_tells_apart_what_a_plain_join_would_not():
+    """Equal bytes must mean equal messages: boundaries moved between role and content or between
+    messages, and the JSON form of other messages, all give other bytes."""
+    from scalselect_fast.extract.cache import messages_bytes
+
+    variants = [
+        [{"role": "user", "content": "ab"}],
+        [{"role": "use", "content": "rab"}],
+        [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+        [{"role": "user", "content": "a1:1:userb"}],
+        [{"role": "user", "content": "ab", "x": 1}],
+        [{"content": "ab", "role": "user"}],  # same dict, other insertion order: same bytes (equal messages)
+    ]
+    got = [messages_bytes(m) for m in variants]
+    assert len(set(got[:5])) == 5
+    assert got[5] == got[0]
+
+
+def test_a_key_version_bump_moves_every_entry_out_of_reach(tmp_path, monkeypatch):
+    """Entries keyed the old way live under another context folder: after a bump they are misses,
+    never hits under the new key scheme."""
+    from scalselect_fast.extract import cache as cache_mod
+
+    old = cache_mod.RepCache(tmp_path, {"m": 1}, 4)
+    key = hashlib.sha256(b"k").digest()
+    old.put(key, np.ones(4, np.float32))
+    old.flush()
+    assert cache_mod.RepCache(tmp_path, {"m": 1}, 4).get(key)[0]
+    monkeypatch.setattr(cache_mod, "KEY_VERSION", cache_mod.KEY_VERSION + 1)
+    new = cache_mod.RepCache(tmp_path, {"m": 1}, 4)
+    assert new.dir != old.dir and len(new) == 0 and not new.get(key)[0]
 
 
 def test_get_many_equals_one_lookup_per_key(tmp_path):

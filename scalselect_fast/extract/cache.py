@@ -51,11 +51,15 @@ import numpy as np
 
 from ..atomic import atomic_path, atomic_write_bytes, atomic_write_json
 
-__all__ = ["RepCache", "CacheError", "model_digest", "sample_key", "POOL_VERSION", "cache_info", "verify_cache",
-           "prune_cache"]
+__all__ = ["RepCache", "CacheError", "model_digest", "sample_key", "messages_bytes", "POOL_VERSION", "KEY_VERSION",
+           "cache_info", "verify_cache", "prune_cache"]
 
 #: bump when encoding or pooling changes what vector a sample gets: every older entry then misses
 POOL_VERSION = 1
+#: bump when :func:`sample_key` hashes other bytes for the same sample; part of the context, so every
+#: entry keyed the old way lives under another context folder and misses (never a wrong hit).
+#: 1: messages as canonical JSON; 2: :func:`messages_bytes`
+KEY_VERSION = 2
 FORMAT = "scalselect-rep-cache"
 VERSION = 1
 #: entries buffered before a batch file is written (a crash loses at most these)
@@ -108,25 +112,30 @@ def _embedded_type():
     return _EMBEDDED
 
 
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
 def _read_regular_file(path) -> tuple[bytes | None, os.stat_result | None]:
     """``(bytes, stat)`` of a regular file read whole, stat taken on the open descriptor before the read;
     ``(None, None)`` when it cannot be opened or read or is not a regular file (a FIFO or device named as
     an image must not hang the key: it is opened without blocking)."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        fd = os.open(path, _OPEN_FLAGS)
     except (OSError, ValueError):
         return None, None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return None, None
-        # the size says how much to ask for; reading on to end of file covers a file that grows meanwhile
-        chunks = []
-        want = st.st_size + 1
-        while chunk := os.read(fd, want):
-            chunks.append(chunk)
-            want = 1 << 20
-        return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), st
+        # one read of size + 1 bytes: a short read is the end of a regular file; a full one means the
+        # file grew since the stat, so read on to its end
+        data = os.read(fd, st.st_size + 1)
+        if len(data) > st.st_size:
+            chunks = [data]
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
+            data = b"".join(chunks)
+        return data, st
     except OSError:
         return None, None
     finally:
@@ -137,7 +146,7 @@ def _read_image(img) -> tuple[bytes | None, os.stat_result | None]:
     """The bytes an image contributes to the key, and the file's stat when it is a file (else None);
     bytes None when it cannot be read (the sample then misses and the extraction reports it as it
     always does)."""
-    if isinstance(img, _embedded_type()):
+    if isinstance(img, _embedded_type()):  # (before PathLike: it has __fspath__, for its name)
         return bytes(img.data), None
     if isinstance(img, (str, os.PathLike)):
         return _read_regular_file(img)
@@ -147,8 +156,29 @@ def _read_image(img) -> tuple[bytes | None, os.stat_result | None]:
     return None, None
 
 
-#: one encoder for every key: ``json.dumps`` with options builds a new encoder per call
+#: one encoder for messages that are not plain ``{"role", "content"}`` string pairs (see
+#: :func:`messages_bytes`): ``json.dumps`` with options builds a new encoder per call
 _MESSAGES_JSON = json.JSONEncoder(sort_keys=True, ensure_ascii=False, default=str)
+
+
+def messages_bytes(messages: list) -> bytes:
+    """The bytes a sample's messages contribute to its key: an unambiguous encoding of everything in them.
+
+    Messages that are all ``{"role": str, "content": str}`` (what every reader yields) are written
+    length-prefixed, ``b"L"`` then ``f"{len(role)}:{len(content)}:{role}{content}"`` per message
+    (UTF-8, lone surrogates kept as themselves); anything else (other keys, non-string values) as
+    ``b"J"`` + canonical JSON (sorted keys). The tag keeps the two forms from ever meeting: equal bytes
+    mean equal messages. Four times cheaper than canonical JSON for every message (measured on the demo).
+    """
+    parts = []
+    for m in messages:
+        if type(m) is dict and len(m) == 2:
+            role, content = m.get("role"), m.get("content")
+            if type(role) is str and type(content) is str:
+                parts.append(f"{len(role)}:{len(content)}:{role}{content}")
+                continue
+        return b"J" + _MESSAGES_JSON.encode(messages).encode("utf-8", "surrogatepass")
+    return b"L" + "".join(parts).encode("utf-8", "surrogatepass")
 
 
 @functools.lru_cache(maxsize=8)
@@ -160,20 +190,23 @@ def _context_hasher(context: bytes):
 def sample_key(context: bytes, sample, pinned: list | None = None, stats: list | None = None) -> bytes | None:
     """The 32-byte key of ``sample`` under ``context`` (see :meth:`RepCache.context_digest`).
 
-    Covers the sample's messages (canonical JSON) and each image's bytes, in order; not its id,
-    index, file or source. None when an image cannot be read. ``pinned``, when given, receives the
-    sample's images with every file replaced by the bytes just hashed (an ``EmbeddedImage`` of the
-    same name), so what is extracted is exactly what the key names even if the file changes meanwhile.
-    ``stats``, when given, receives one entry per image: the file's ``os.stat_result`` taken on the
-    descriptor the bytes were read from, or None for an image that is not a file (the caller records
-    size and mtime without a second ``stat``); it is complete only when the key is not None.
+    ``sha256(b"sample\\0" + context + messages_bytes(sample.messages) + f"\\0{n_images}\\0" +
+    (len(image) as 8 little-endian bytes + image bytes) per image)``: the sample's messages
+    (:func:`messages_bytes`) and each image's bytes, in order; not its id, index, file or source.
+    None when an image cannot be read. ``pinned``, when given, receives the sample's images with every
+    file replaced by the bytes just hashed (an ``EmbeddedImage`` of the same name), so what is
+    extracted is exactly what the key names even if the file changes meanwhile. ``stats``, when given,
+    receives one entry per image: the file's ``os.stat_result`` taken on the descriptor the bytes were
+    read from, or None for an image that is not a file (the caller records size and mtime without a
+    second ``stat``); it is complete only when the key is not None.
     """
-    embedded = _embedded_type()
     h = _context_hasher(context).copy()
-    h.update(_MESSAGES_JSON.encode(sample.messages).encode())
-    h.update(f"\0{len(sample.images)}\0".encode())
-    for img in sample.images:
-        data, st = _read_image(img)
+    images = sample.images
+    h.update(messages_bytes(sample.messages) + f"\0{len(images)}\0".encode())
+    embedded = None
+    for img in images:
+        # a path string is what every file-based reader yields: read it without the type dispatch
+        data, st = _read_regular_file(img) if type(img) is str else _read_image(img)
         if data is None:
             return None
         h.update(len(data).to_bytes(8, "little"))
@@ -181,7 +214,10 @@ def sample_key(context: bytes, sample, pinned: list | None = None, stats: list |
         if stats is not None:
             stats.append(st)
         if pinned is not None:
-            pinned.append(embedded(data, os.fspath(img)) if st is not None else img)
+            if st is not None:
+                embedded = embedded or _embedded_type()
+                img = embedded(data, os.fspath(img))
+            pinned.append(img)
     return h.digest()
 
 
@@ -272,7 +308,7 @@ class RepCache:
     def __init__(self, root: str | os.PathLike, context: dict, d: int, warn=None, about: dict | None = None):
         self.root = Path(root)
         _check_root(self.root)
-        self.context = dict(context, pool_version=POOL_VERSION, d=int(d))
+        self.context = dict(context, pool_version=POOL_VERSION, key_version=KEY_VERSION, d=int(d))
         self.context_bytes = json.dumps(self.context, sort_keys=True, default=str).encode()
         self.digest = hashlib.sha256(self.context_bytes).hexdigest()[:24]
         self.dir = self.root / self.digest
@@ -310,7 +346,8 @@ class RepCache:
         prefix = np.ascontiguousarray(all_keys[:, :8]).view("<u8").ravel()
         self._order = np.argsort(prefix, kind="stable")
         self._prefix = prefix[self._order]
-        self._key_bytes = all_keys.tobytes()  # byte-slice comparisons: no numpy call per candidate
+        self._keys = all_keys  # (n, 32) uint8: compared a lookup's worth at once
+        self._key_bytes = all_keys.tobytes()  # byte-slice comparisons for the rare shared prefixes
 
     def __len__(self) -> int:
         return len(self._prefix)
@@ -338,35 +375,50 @@ class RepCache:
         """
         out = [(False, False, None)] * len(keys)
         n = len(self._prefix)
-        asked = [i for i, k in enumerate(keys) if k is not None]
+        asked = [i for i, k in enumerate(keys) if k is not None and len(k) == 32]
         if not n or not asked:
             return out
-        q = np.frombuffer(b"".join(keys[i][:8] for i in asked), "<u8")
-        starts = self._prefix.searchsorted(q).tolist()
+        q = np.frombuffer(b"".join([keys[i] for i in asked]), np.uint8).reshape(-1, 32)
+        qp = np.ascontiguousarray(q[:, :8]).view("<u8").ravel()
+        at = self._prefix.searchsorted(qp)
         prefix = self._prefix
-        # every entry holding each key (two, when a corrupt entry was extracted again), in index order
-        candidates: list[tuple[int, int, int]] = []  # (key position in `keys`, batch, row)
-        for i, at, qi in zip(asked, starts, q.tolist()):
+        found = at < n
+        found[found] = prefix[at[found]] == qp[found]
+        # a prefix held by more than one entry (a key stored twice after a corrupt copy, or a 64-bit
+        # prefix collision) is rare: those keys walk their entries one by one below
+        nxt = at + 1
+        several = found & (nxt < n)
+        several[several] = prefix[nxt[several]] == qp[several]
+        single = found & ~several
+        pos = self._order[at[single]]
+        same = (self._keys[pos] == q[single]).all(axis=1)
+        # every entry holding each key, in index order: (key position in `keys`, batch, row)
+        candidates: list[tuple[int, int, int]] = list(zip(
+            np.asarray(asked)[single][same].tolist(), self._which[pos[same]].tolist(),
+            self._rows[pos[same]].tolist()))
+        key_bytes = self._key_bytes
+        for k in np.flatnonzero(several).tolist():
+            i, a, qi = asked[k], int(at[k]), int(qp[k])
             key = keys[i]
-            while at < n and int(prefix[at]) == qi:
-                pos = int(self._order[at])
-                at += 1
-                if self._key_bytes[pos * 32:(pos + 1) * 32] == key:
-                    candidates.append((i, int(self._which[pos]), int(self._rows[pos])))
+            while a < n and int(prefix[a]) == qi:
+                p = int(self._order[a])
+                a += 1
+                if key_bytes[p * 32:(p + 1) * 32] == key:
+                    candidates.append((i, int(self._which[p]), int(self._rows[p])))
         by_batch: dict[int, list] = {}
         for c in candidates:
             by_batch.setdefault(c[1], []).append(c)
         checked: dict[tuple, tuple] = {}  # (key position, batch, row) -> (ok, vector) that passed
         for which, cs in by_batch.items():
             b = self._batches[which]
+            rows = [r for _, _, r in cs]
             try:
-                vecs = np.asarray(b.vectors())[[r for _, _, r in cs]].astype(np.float32, copy=False)
+                vecs = np.asarray(b.vectors())[rows].astype(np.float32, copy=False)
             except (OSError, ValueError, IndexError) as exc:
                 self.warn(f"cache batch {b.vec_path} is unreadable ({exc}); extracting its samples again")
                 continue
-            for (i, _, r), vec in zip(cs, vecs):
-                ok = bool(b.ok[r])
-                if _row_crc(keys[i], vec, ok) != int(b.crc[r]):
+            for (i, _, r), vec, ok, crc in zip(cs, vecs, b.ok[rows].tolist(), b.crc[rows].tolist()):
+                if _row_crc(keys[i], vec, ok) != crc:
                     self.warn(f"cache entry {keys[i].hex()[:16]} in {b.vec_path} fails its checksum; extracting "
                               f"it again")
                     continue
