@@ -87,9 +87,11 @@ def _bare_read(files: list[Path], root: Path) -> int:
 
 
 def _key_cost(samples: list, context: bytes, repeats: int) -> dict:
-    from scalselect_fast.extract.cache import _image_bytes, sample_key
+    from scalselect_fast.data import EmbeddedImage
+    from scalselect_fast.extract.cache import sample_key
 
-    nbytes = sum(len(_image_bytes(im) or b"") for s in samples for im in s.images)
+    nbytes = sum(len(im.data) if isinstance(im, EmbeddedImage) else os.path.getsize(im)
+                 for s in samples for im in s.images)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
