@@ -179,9 +179,13 @@ def test_corrupt_or_missing_entries_are_extracted_again(env, forwards, tmp_path)
     # a flipped bit inside one vector (the last row of the first batch): that sample only is redone
     _flip_byte(vec_files[0], 3)
     # a batch whose index is gone: its samples are no longer in the cache
-    idx = vec_files[-1].with_name(vec_files[-1].name.replace(".vec.npy", ".idx.npz"))
-    lost = int(np.load(idx)["ok"].size)
+    from scalselect_fast.extract.cache import cache_info
+
+    idx = vec_files[-1].with_name(vec_files[-1].name.replace(".vec.npy", ".idx"))
+    before = cache_info(cache)["entries"]
     idx.unlink()
+    lost = before - cache_info(cache)["entries"]
+    assert lost > 0
     assert cli.main(["cache", "verify", str(cache)]) == 1
     forwards["samples"] = 0
     warnings = []
@@ -418,3 +422,52 @@ def test_a_cached_rerun_killed_between_shards_resumes(env, tmp_path):
         assert got.ids() == want.ids()
         np.testing.assert_array_equal(np.concatenate([b for _, b in got.iter_blocks()]),
                                       np.concatenate([b for _, b in want.iter_blocks()]))
+
+
+def test_index_files_damaged_or_written_the_old_way(tmp_path):
+    """A truncated index makes its batch unusable (a warning; its samples are extracted again), a
+    damaged ``.npy`` header leaves the rows (located from the file's end, CRC-checked) usable, and a
+    batch indexed the old way (``.idx.npz``) is still counted and verified by ``cache info|verify``."""
+    from scalselect_fast.extract.cache import RepCache, cache_info, verify_cache
+
+    rng = np.random.default_rng(1)
+    keys = [hashlib.sha256(bytes([i, 7])).digest() for i in range(9)]
+    vecs = {k: rng.standard_normal(5).astype(np.float32) for k in keys}
+    c = RepCache(tmp_path, {"m": 2}, 5)
+    for k in keys[:6]:
+        c.put(k, vecs[k])
+    c.flush()
+    for k in keys[6:]:
+        c.put(k, vecs[k])
+    c.flush()
+    idx_files = sorted(c.dir.glob("*.idx"), key=lambda p: -p.stat().st_size)  # the six-entry batch first
+    assert len(idx_files) == 2 and cache_info(tmp_path)["entries"] == 9
+    # the first batch's .npy header: flip a byte of its dtype/shape text (not the rows)
+    first_vec = idx_files[0].with_name(idx_files[0].name[:-4] + ".vec.npy")
+    data = bytearray(first_vec.read_bytes())
+    data[20] ^= 0x01
+    first_vec.write_bytes(bytes(data))
+    # the second batch's index loses its last byte
+    idx_files[1].write_bytes(idx_files[1].read_bytes()[:-1])
+    warned: list = []
+    c = RepCache(tmp_path, {"m": 2}, 5, warn=warned.append)
+    assert len(warned) == 1 and "unusable" in warned[0] and idx_files[1].name in warned[0]
+    got = c.get_many(keys)
+    for k, (found, ok, vec) in zip(keys, got):
+        assert found == (k in keys[:6]) and ok == found
+        if found:
+            np.testing.assert_array_equal(vec, vecs[k])
+    # an old-style batch beside them: keys/ok/crc/vec_bytes in an .npz
+    import zlib
+
+    old_keys = np.frombuffer(b"".join(keys[6:]), np.uint8).reshape(-1, 32)
+    old_vecs = np.stack([vecs[k] for k in keys[6:]])
+    old_vec = c.dir / "old.vec.npy"
+    np.save(old_vec, old_vecs)
+    crc = [zlib.crc32(v.tobytes(), zlib.crc32(k + b"\1")) for k, v in zip(keys[6:], old_vecs)]
+    np.savez(c.dir / "old.idx.npz", keys=old_keys, ok=np.ones(3, bool), crc=np.asarray(crc, np.uint32),
+             vec_bytes=np.int64(old_vec.stat().st_size))
+    assert cache_info(tmp_path)["entries"] == 6 + 3
+    rep = verify_cache(tmp_path)  # what a run reads: the damaged header's rows pass, the truncated index not
+    assert rep["entries"] == 9 and rep["bad_entries"] == 0
+    assert [b["batch"] for b in rep["bad_batches"]] == [str(idx_files[1])]
