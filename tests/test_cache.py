@@ -179,9 +179,13 @@ def test_corrupt_or_missing_entries_are_extracted_again(env, forwards, tmp_path)
     # a flipped bit inside one vector (the last row of the first batch): that sample only is redone
     _flip_byte(vec_files[0], 3)
     # a batch whose index is gone: its samples are no longer in the cache
-    idx = vec_files[-1].with_name(vec_files[-1].name.replace(".vec.npy", ".idx.npz"))
-    lost = int(np.load(idx)["ok"].size)
+    from scalselect_fast.extract.cache import cache_info
+
+    idx = vec_files[-1].with_name(vec_files[-1].name.replace(".vec.npy", ".idx"))
+    before = cache_info(cache)["entries"]
     idx.unlink()
+    lost = before - cache_info(cache)["entries"]
+    assert lost > 0
     assert cli.main(["cache", "verify", str(cache)]) == 1
     forwards["samples"] = 0
     warnings = []
@@ -279,17 +283,26 @@ def test_cache_setting_in_a_config_file_is_relative_to_it(tmp_path):
     assert make_config(tmp_path / "conf" / "run.toml", cache="none").cache == "none"
 
 
+def _reference_messages(messages) -> bytes:
+    """The obvious form of :func:`messages_bytes`: length-prefixed role/content pairs, or tagged JSON."""
+    if all(isinstance(m, dict) and set(m) == {"role", "content"} and all(isinstance(v, str) for v in m.values())
+           for m in messages):
+        text = "".join(f"{len(m['role'])}:{len(m['content'])}:{m['role']}{m['content']}" for m in messages)
+        return b"L" + text.encode("utf-8", "surrogatepass")
+    return b"J" + json.dumps(messages, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass")
+
+
 def test_sample_key_is_the_documented_digest_and_hands_back_its_stats(env):
-    """The fast key (copied prefix hasher, one encoder, os-level reads) hashes exactly the bytes the
-    obvious reference does, so caches written before it keep their addresses; the stats it returns are
-    the file's size and mtime (what the shard's ImagesDigest records)."""
+    """The fast key (copied prefix hasher, os-level reads, length-prefixed messages) hashes exactly the
+    bytes its docstring names; the stats it returns are the file's size and mtime (what the shard's
+    ImagesDigest records) and the pinned images the very bytes hashed."""
     from scalselect_fast.data import read_dataset
     from scalselect_fast.extract.cache import sample_key
 
     context = b'{"model": "m", "layer": 3}'
     for s in read_dataset(env["files"]["A"], image_root=env["root"]):
         ref = hashlib.sha256(b"sample\0" + context)
-        ref.update(json.dumps(s.messages, sort_keys=True, ensure_ascii=False, default=str).encode())
+        ref.update(_reference_messages(s.messages))
         ref.update(f"\0{len(s.images)}\0".encode())
         for img in s.images:
             data = Path(img).read_bytes()
@@ -299,6 +312,53 @@ def test_sample_key_is_the_documented_digest_and_hands_back_its_stats(env):
         assert [(st.st_size, st.st_mtime_ns) for st in stats] == \
             [(os.stat(i).st_size, os.stat(i).st_mtime_ns) for i in s.images]
         assert [p.data for p in pinned] == [Path(i).read_bytes() for i in s.images]
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "<image>\nWhat is it?"}, {"role": "assistant", "content": "A cat."}],
+    [{"role": "user", "content": ""}],
+    [{"role": "user", "content": "caf\u00e9 \ud800 \u4e2d"}],  # non-ASCII and a lone surrogate
+    [{"role": "user", "content": "x", "name": "extra key"}],  # not a plain pair: the JSON form
+    [{"role": "user", "content": ["a", "list"]}],
+    [],
+])
+def test_messages_bytes_matches_its_reference(messages):
+    from scalselect_fast.extract.cache import messages_bytes
+
+    assert messages_bytes(messages) == _reference_messages(messages)
+
+
+def test_messages_bytes_tells_apart_what_a_plain_join_would_not():
+    """Equal bytes must mean equal messages: boundaries moved between role and content or between
+    messages, and the JSON form of other messages, all give other bytes."""
+    from scalselect_fast.extract.cache import messages_bytes
+
+    variants = [
+        [{"role": "user", "content": "ab"}],
+        [{"role": "use", "content": "rab"}],
+        [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+        [{"role": "user", "content": "a1:1:userb"}],
+        [{"role": "user", "content": "ab", "x": 1}],
+        [{"content": "ab", "role": "user"}],  # same dict, other insertion order: same bytes (equal messages)
+    ]
+    got = [messages_bytes(m) for m in variants]
+    assert len(set(got[:5])) == 5
+    assert got[5] == got[0]
+
+
+def test_a_key_version_bump_moves_every_entry_out_of_reach(tmp_path, monkeypatch):
+    """Entries keyed the old way live under another context folder: after a bump they are misses,
+    never hits under the new key scheme."""
+    from scalselect_fast.extract import cache as cache_mod
+
+    old = cache_mod.RepCache(tmp_path, {"m": 1}, 4)
+    key = hashlib.sha256(b"k").digest()
+    old.put(key, np.ones(4, np.float32))
+    old.flush()
+    assert cache_mod.RepCache(tmp_path, {"m": 1}, 4).get(key)[0]
+    monkeypatch.setattr(cache_mod, "KEY_VERSION", cache_mod.KEY_VERSION + 1)
+    new = cache_mod.RepCache(tmp_path, {"m": 1}, 4)
+    assert new.dir != old.dir and len(new) == 0 and not new.get(key)[0]
 
 
 def test_get_many_equals_one_lookup_per_key(tmp_path):
@@ -362,3 +422,52 @@ def test_a_cached_rerun_killed_between_shards_resumes(env, tmp_path):
         assert got.ids() == want.ids()
         np.testing.assert_array_equal(np.concatenate([b for _, b in got.iter_blocks()]),
                                       np.concatenate([b for _, b in want.iter_blocks()]))
+
+
+def test_index_files_damaged_or_written_the_old_way(tmp_path):
+    """A truncated index makes its batch unusable (a warning; its samples are extracted again), a
+    damaged ``.npy`` header leaves the rows (located from the file's end, CRC-checked) usable, and a
+    batch indexed the old way (``.idx.npz``) is still counted and verified by ``cache info|verify``."""
+    from scalselect_fast.extract.cache import RepCache, cache_info, verify_cache
+
+    rng = np.random.default_rng(1)
+    keys = [hashlib.sha256(bytes([i, 7])).digest() for i in range(9)]
+    vecs = {k: rng.standard_normal(5).astype(np.float32) for k in keys}
+    c = RepCache(tmp_path, {"m": 2}, 5)
+    for k in keys[:6]:
+        c.put(k, vecs[k])
+    c.flush()
+    for k in keys[6:]:
+        c.put(k, vecs[k])
+    c.flush()
+    idx_files = sorted(c.dir.glob("*.idx"), key=lambda p: -p.stat().st_size)  # the six-entry batch first
+    assert len(idx_files) == 2 and cache_info(tmp_path)["entries"] == 9
+    # the first batch's .npy header: flip a byte of its dtype/shape text (not the rows)
+    first_vec = idx_files[0].with_name(idx_files[0].name[:-4] + ".vec.npy")
+    data = bytearray(first_vec.read_bytes())
+    data[20] ^= 0x01
+    first_vec.write_bytes(bytes(data))
+    # the second batch's index loses its last byte
+    idx_files[1].write_bytes(idx_files[1].read_bytes()[:-1])
+    warned: list = []
+    c = RepCache(tmp_path, {"m": 2}, 5, warn=warned.append)
+    assert len(warned) == 1 and "unusable" in warned[0] and idx_files[1].name in warned[0]
+    got = c.get_many(keys)
+    for k, (found, ok, vec) in zip(keys, got):
+        assert found == (k in keys[:6]) and ok == found
+        if found:
+            np.testing.assert_array_equal(vec, vecs[k])
+    # an old-style batch beside them: keys/ok/crc/vec_bytes in an .npz
+    import zlib
+
+    old_keys = np.frombuffer(b"".join(keys[6:]), np.uint8).reshape(-1, 32)
+    old_vecs = np.stack([vecs[k] for k in keys[6:]])
+    old_vec = c.dir / "old.vec.npy"
+    np.save(old_vec, old_vecs)
+    crc = [zlib.crc32(v.tobytes(), zlib.crc32(k + b"\1")) for k, v in zip(keys[6:], old_vecs)]
+    np.savez(c.dir / "old.idx.npz", keys=old_keys, ok=np.ones(3, bool), crc=np.asarray(crc, np.uint32),
+             vec_bytes=np.int64(old_vec.stat().st_size))
+    assert cache_info(tmp_path)["entries"] == 6 + 3
+    rep = verify_cache(tmp_path)  # what a run reads: the damaged header's rows pass, the truncated index not
+    assert rep["entries"] == 9 and rep["bad_entries"] == 0
+    assert [b["batch"] for b in rep["bad_batches"]] == [str(idx_files[1])]

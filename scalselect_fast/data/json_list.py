@@ -11,6 +11,7 @@ record means is :mod:`.records`' business.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -177,11 +178,13 @@ def iter_json_stream(fh, path: str, layout: dict | None = None) -> Iterator[tupl
     if layout is not None:
         layout.update(lead=st.buf[open_at + 1:pos], sep=None, tail="")
     index = 0
+    ws = _WS.match
     if pos < len(st.buf) and st.buf[pos] == "]":
         pos += 1
     else:
         while True:
-            pos = st.drop(pos)
+            if pos >= st.CHUNK:
+                pos = st.drop(pos)
             while True:
                 try:
                     obj, end = dec.raw_decode(st.buf, pos)
@@ -200,14 +203,26 @@ def iter_json_stream(fh, path: str, layout: dict | None = None) -> Iterator[tupl
                 if end >= len(st.buf) and not st.eof and st.more():
                     continue  # a bare number may go on in the next chunk
                 break
-            if layout is None:
-                yield index, st.line(pos), obj
+            buf = st.buf
+            if pos >= st.cnt_pos:  # st.line(pos), inline: it runs once per record
+                st.cnt_line += buf.count("\n", st.cnt_pos, pos)
+                st.cnt_pos = pos
+                line = st.cnt_line
             else:
-                yield index, st.line(pos), obj, st.buf[pos:end]
+                line = st.line(pos)
+            if layout is None:
+                yield index, line, obj
+            else:
+                yield index, line, obj, buf[pos:end]
             index += 1
-            pos = st.skip_ws(end)
+            # st.skip_ws, inline for the common case: the separator and the next record are in the window
+            pos = ws(buf, end).end()
+            if pos >= len(buf):
+                pos = st.skip_ws(pos)
             if pos < len(st.buf) and st.buf[pos] == ",":
-                pos = st.skip_ws(pos + 1)
+                buf = st.buf
+                nxt = ws(buf, pos + 1).end()
+                pos = nxt if nxt < len(buf) else st.skip_ws(nxt)
                 if layout is not None and layout["sep"] is None:
                     layout["sep"] = st.buf[end:pos]
                 continue
@@ -248,6 +263,30 @@ def _iter_json_file(file: InputFile) -> Iterator[tuple[int, int, Any]]:
         yield from iter_json_stream(fh, file.path)
 
 
+#: files up to this size are counted by one ``json.loads`` of the whole text (about half the time of the
+#: element-by-element walk; the parsed list lives for the count only)
+COUNT_WHOLE_BYTES = 4 << 20
+
+
+def count_json_file(file: InputFile) -> int:
+    """Number of records of a JSON list file, checking its syntax (:func:`iter_json_stream`'s errors).
+
+    A small local file that parses whole as a list is counted by its length; anything else (a large or
+    remote file, malformed JSON, another top level, invalid UTF-8) is counted by the streaming walk,
+    which raises the exact error with its line and column.
+    """
+    if file.local:
+        try:
+            if os.path.getsize(file.path) <= COUNT_WHOLE_BYTES:
+                with open(file.path, "rb") as fh:
+                    value = json.loads(fh.read().decode("utf-8-sig"))
+                if type(value) is list:
+                    return len(value)
+        except (OSError, ValueError, RecursionError):
+            pass  # the walk below reports it (DatasetError naming the file, line and column)
+    return sum(1 for _ in _iter_json_file(file))
+
+
 def _one_json_object(head: bytes, name: str) -> bool:
     """A ``.json`` file that starts with ``{`` but is not JSONL: one object, on one line or pretty-printed.
 
@@ -268,6 +307,6 @@ def _one_json_object(head: bytes, name: str) -> bool:
 
 
 register_container(Container(
-    "json", iter_records=_iter_json_file, count=lambda f: sum(1 for _ in _iter_json_file(f)),
+    "json", iter_records=_iter_json_file, count=count_json_file,
     sniff=lambda head, name: first_char(head) == b"[" or _one_json_object(head, name), extensions=(".json",),
     ids=ids_of_records(_iter_json_file)))

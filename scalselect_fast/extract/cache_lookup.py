@@ -6,6 +6,7 @@ does with it.
 """
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,11 @@ from .options import ExtractOptions, extract_options
 
 __all__ = ["open_cache", "cache_batch", "merge_hits"]
 
+#: model digest of each loaded model, taken when a cache is first opened for it: the vectors come from
+#: the weights in memory, so a later edit of the files on disk must not change the key either (and a
+#: process that extracts many datasets with one model hashes its files once)
+_MODEL_DIGESTS: "weakref.WeakKeyDictionary[VLM, str]" = weakref.WeakKeyDictionary()
+
 
 def open_cache(root, vlm: VLM, *, options: ExtractOptions | None = None, warn=None, **settings):
     """The representation cache at ``root`` opened for ``vlm`` and these settings (see :mod:`.cache`).
@@ -25,7 +31,7 @@ def open_cache(root, vlm: VLM, *, options: ExtractOptions | None = None, warn=No
     ``max_image_pixels``. The context digest covers the model directory's files
     (:func:`~.cache.model_digest`), its family, layer, dtype, max length and encoding options, the
     pooling settings, the image-size limit and the device type (CPU and GPU kernels round
-    differently), not the model's path.
+    differently), not the model's path. The model's digest is taken once per loaded ``vlm``.
     """
     from .cache import RepCache, model_digest
 
@@ -34,7 +40,10 @@ def open_cache(root, vlm: VLM, *, options: ExtractOptions | None = None, warn=No
         device_type = next(vlm.model.parameters()).device.type
     except (AttributeError, StopIteration):
         device_type = str(vlm.device).split(":")[0]
-    context = {"model_digest": model_digest(vlm.path), "family": vlm.family, "layer": vlm.layer,
+    digest = _MODEL_DIGESTS.get(vlm)
+    if digest is None:
+        digest = _MODEL_DIGESTS[vlm] = model_digest(vlm.path)
+    context = {"model_digest": digest, "family": vlm.family, "layer": vlm.layer,
                "dtype": str(vlm.dtype).replace("torch.", ""), "max_length": vlm.max_length, **vlm.options(),
                "threshold": float(opts.threshold), "instruction": opts.instruction,
                "padding_side": opts.padding_side,

@@ -319,7 +319,7 @@ class _ShardJob:
 
         With a cache, records found in it are not batched: they travel with the shard's end marker
         as ``(sample, vector or None)`` and are merged back in record order, with the number of the
-        shard's records sent to the model. Records are looked up ``LOOKUP_CHUNK`` at a time (one
+        shard's records that may reach the model (misses with an image). Records are looked up ``LOOKUP_CHUNK`` at a time (one
         vectorised search and one read per cache batch file)."""
         batch_size = self.opts.batch_size
         for j, a, b in self.todo:
@@ -327,25 +327,25 @@ class _ShardJob:
             images = ImagesDigest()
             hits: list = []
             pending: list = []  # (sample, key, pinned images) waiting for their lookup
-            fresh = 0  # records of this shard sent to the model
+            fresh = 0  # records of this shard that may reach the model
             while (s := stream.peek()) is not None and s.index < b:
                 next(stream)
                 if s.index < a:  # inside an already committed shard
                     continue
                 if self.cache is None:
                     batch.append(self._keyed(s, images)[0])
+                    fresh += 1
                 else:
                     pending.append(self._keyed(s, images))
                     if len(pending) < LOOKUP_CHUNK:
                         continue
-                    pending = self._look_up(pending, hits, batch)
+                    fresh += self._look_up(pending, hits, batch)
+                    pending = []
                 while len(batch) >= batch_size:
-                    fresh += batch_size
                     yield "batch", batch[:batch_size]
                     batch = batch[batch_size:]
             if pending:
-                self._look_up(pending, hits, batch)
-            fresh += len(batch)
+                fresh += self._look_up(pending, hits, batch)
             while batch:
                 yield "batch", batch[:batch_size]
                 batch = batch[batch_size:]
@@ -375,8 +375,12 @@ class _ShardJob:
             s.images = pinned
         return s, key, pinned
 
-    def _look_up(self, pending: list, hits: list, batch: list) -> list:
-        """Sort ``pending`` into cache hits and records to extract (appended to ``batch``); returns []."""
+    def _look_up(self, pending: list, hits: list, batch: list) -> int:
+        """Sort ``pending`` into cache hits and records to extract (appended to ``batch``); returns how
+        many of those may reach the model. A text-only record is batched only to be skipped there as
+        always: no model work, so a shard of hits and text-only records still counts as taken whole
+        from the cache (its commit may wait, see :meth:`commit_shard`)."""
+        fresh = 0
         for (s, key, pinned), (found, ok, vec) in zip(pending, self.cache.get_many([k for _, k, _ in pending])):
             if found:
                 hits.append((s, vec if ok else None))
@@ -384,8 +388,9 @@ class _ShardJob:
             self.keys[s.index] = key
             if key is not None:  # extract the very bytes the key was made of (see sample_key)
                 s.images = pinned
+            fresh += bool(s.images)
             batch.append(s)
-        return []
+        return fresh
 
     def add_batch(self, res) -> None:
         """Keep one pooled batch's rows, log its skips, feed the cache, show the progress."""
