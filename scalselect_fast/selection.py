@@ -41,7 +41,7 @@ from .gallery import build_gallery
 from .manifest import MANIFEST_FORMATS, RANK_BASE, manifest_batches, write_manifest
 from .jsonable import to_jsonable
 from .report import REPORT_HTML, REPORT_JSON, build_report, render_html
-from .rowmap import Records, budget_base, ids_of, row_record
+from .rowmap import Records, budget_base, ids_of, row_record, value_codes
 from .store import DEFAULT_BLOCK_ROWS, open_source
 from .subspace import Subspace, SubspaceError
 
@@ -305,9 +305,11 @@ class _SelectionJob:
         labels = None
         if quotas:
             rec_of = row_record(self.src, self.records)
-            fields = self.records.fields
-            labels = {q.field: [fields[q.field][r] if fields[q.field][r] is not None else "<none>"
-                                for r in rec_of.tolist()] for q in quotas}
+            labels = {}
+            for q in quotas:
+                codes, values = value_codes(self.records.fields[q.field])
+                names = ["<none>" if v is None else v for v in values]
+                labels[q.field] = [names[c] for c in codes[rec_of].tolist()]
         kept_rows, post_info = select_ranked(order, self.m, labels=labels, quotas=list(quotas),
                                              vectors=self.src.read_rows, dedup_eps=dedup_eps)
         kept_rows = np.asarray(kept_rows, dtype=np.int64)
