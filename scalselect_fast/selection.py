@@ -289,8 +289,11 @@ class _SelectionJob:
     def select(self, scores: np.ndarray, top: np.ndarray, quotas: Sequence, dedup_eps: float | None) -> _Ranked:
         """The ranking, and the top-m or (with quotas or ``dedup_eps``) the post-selected rows."""
         t = time.perf_counter()
-        order = np.flatnonzero(~np.isnan(scores))
-        order = order[np.lexsort((order, -scores[order]))]  # descending score, ties -> lower row
+        # descending score, ties -> lower row: a stable sort of the negated scores keeps equal ones in
+        # row order, and puts the NaN rows (no score) last, where they are cut off (two (n,) arrays
+        # at the peak, where taking the scored rows first and lexsorting them held four)
+        n_scored = int(np.count_nonzero(~np.isnan(scores)))
+        order = np.argsort(np.negative(scores), kind="stable")[:n_scored]
         post_info: dict[str, Any] = {}
         if dedup_eps is not None or quotas:
             kept_rows, post_info = self._post_select(order, quotas, dedup_eps)

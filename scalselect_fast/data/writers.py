@@ -24,6 +24,7 @@ a previous complete one, never a partial file or a partial set of shards.
 """
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import tarfile
@@ -33,6 +34,7 @@ from collections.abc import Iterable, Sequence
 from ..atomic import atomic_dir, atomic_path, atomic_write_bytes
 from .json_list import iter_json_stream
 from .jsonl import iter_jsonl_lines
+from .ids import IdRegistry
 from .hf import import_datasets, iter_dataset_rows
 from .parquet import open_parquet
 from .records import IdRule, position_id
@@ -64,7 +66,51 @@ def _normalise_keep(keep, order: str) -> tuple[set[str], dict[str, int] | None]:
     return set(rank), (rank if order == "score" else None)
 
 
-def _check_found(path: str, keep: set[str], found: dict[str, int]) -> None:
+class _Recheck(Exception):
+    """Two ids share a digest (a duplicate id, or a rare digest collision): the writer is rerun with
+    an exact table of every id, which names the duplicate as before or finds none."""
+
+
+#: while set, writers note every id in a plain dict (exact; memory grows with the input)
+_EXACT_IDS = contextvars.ContextVar("scalselect_exact_ids", default=False)
+
+
+class _SeenIds:
+    """The ids a writer has read, in memory that does not grow with the input: the kept ids by value
+    (the output needs them) and every id's 64-bit digest in partition files on disk
+    (:class:`~scalselect_fast.data.ids.IdRegistry`), checked once the pass is over. Any shared digest
+    raises :class:`_Recheck` (handled by :func:`write_selected`), so errors stay those of the exact
+    path: the first duplicate in input order is the one named."""
+
+    def __init__(self, keep: set[str]):
+        self.keep, self.kept = keep, {}
+        self.registry = IdRegistry()
+
+    def setdefault(self, sid: str, index: int) -> int:
+        self.registry.add(sid, index)
+        if sid in self.keep and self.kept.setdefault(sid, index) != index:
+            raise _Recheck
+        return index
+
+    def __contains__(self, sid) -> bool:
+        return sid in self.kept
+
+    def verify(self) -> None:
+        try:
+            if self.registry.duplicates(limit=1):
+                raise _Recheck
+        finally:
+            self.registry.close()
+
+
+def _seen_ids(keep: set[str]):
+    """Where a writer notes the ids it reads: a plain dict on the exact rerun, else :class:`_SeenIds`."""
+    return {} if _EXACT_IDS.get() else _SeenIds(keep)
+
+
+def _check_found(path: str, keep: set[str], found) -> None:
+    if isinstance(found, _SeenIds):
+        found.verify()
     missing = [k for k in keep if k not in found]
     if missing:
         shown = ", ".join(repr(m) for m in sorted(missing)[:5])
@@ -72,7 +118,7 @@ def _check_found(path: str, keep: set[str], found: dict[str, int]) -> None:
                            "selection does not belong to this dataset", reason="selection", path=path)
 
 
-def _note(path: str, found: dict[str, int], sid: str, index: int, line: int | None) -> None:
+def _note(path: str, found, sid: str, index: int, line: int | None) -> None:
     first = found.setdefault(sid, index)
     if first != index:
         raise DatasetError(f"{path}: duplicate id {sid!r}: record {first} and {position_text(index, line)}; a "
@@ -179,6 +225,17 @@ def write_selected(input_path, out_path: str | os.PathLike,
     DatasetError
         An id in ``keep`` is not in the input, or a selected id occurs twice in the input.
     """
+    try:
+        return _write_selected(input_path, out_path, keep, order, format, id_field)
+    except _Recheck:  # two ids share a digest: the exact pass names the duplicate (or finds none)
+        token = _EXACT_IDS.set(True)
+        try:
+            return _write_selected(input_path, out_path, keep, order, format, id_field)
+        finally:
+            _EXACT_IDS.reset(token)
+
+
+def _write_selected(input_path, out_path, keep, order: str, format: str, id_field: str | None) -> int:
     dst = os.fspath(out_path)
     if format != "auto" and format not in containers():
         raise ValueError(f"format must be 'auto' or one of {tuple(containers())}, got {format!r}")
@@ -254,7 +311,7 @@ def _label(files) -> str:
 def _write_from_json(files, dst, keep, rank, out_container, id_rule) -> int:
     """JSON list(s) in: kept records' source text copied verbatim, joined with the (first) input's own
     separators and indentation. Streamed: memory is the kept records, not the input."""
-    found: dict[str, int] = {}
+    found = _seen_ids(keep)
     kept = []
     first_layout = None
     offset = 0
@@ -290,7 +347,7 @@ def _write_from_json(files, dst, keep, rank, out_container, id_rule) -> int:
 
 
 def _write_from_jsonl(files, dst, keep, rank, out_container, id_rule) -> int:
-    found: dict[str, int] = {}
+    found = _seen_ids(keep)
     kept = []  # (sid, (file, offset, length)): the bytes are re-read, so memory stays O(len(keep))
     base = 0
     for fi, file in enumerate(files):
@@ -359,7 +416,7 @@ def _write_parquet(inputs: list, dst: str, keep: set[str], rank: dict[str, int] 
                                "needs the same columns and types", reason="format", path=f)
     has_ids = id_rule.column(schema.names, files[0], files[0])
     value_set = pa.array(sorted(keep), type=pa.string())
-    found: dict[str, int] = {}
+    found = _seen_ids(keep)
     picks: list[tuple[str, int, int, int]] = []  # (id, file, row group, row in group), input order
     index = 0
     for fi, (f, pf) in enumerate(zip(files, pfs)):
@@ -412,7 +469,23 @@ def _write_parquet(inputs: list, dst: str, keep: set[str], rank: dict[str, int] 
 
     def write(path, chunk) -> None:
         with pq.ParquetWriter(path, schema) as writer:
-            writer.write_table(table_of(chunk), row_group_size=group_rows)
+            if rank is not None or not chunk:  # best first: the kept rows are gathered, then reordered
+                writer.write_table(table_of(chunk), row_group_size=group_rows)
+                return
+            # input order: one input row group at a time, cut into the same output row groups as
+            # one table of every kept row would be (memory: a row group in, a row group out)
+            pending, n_pending = [], 0
+            for (fi, g), picked in _by_group(chunk):
+                rows = pa.array([p[1][2] for p in picked], type=pa.int64())
+                pending.append(pfs[fi].read_row_group(g).take(rows).replace_schema_metadata(schema.metadata))
+                n_pending += len(rows)
+                while n_pending >= group_rows:
+                    table = pa.concat_tables(pending)
+                    writer.write_table(table.slice(0, group_rows), row_group_size=group_rows)
+                    rest = table.slice(group_rows)
+                    pending, n_pending = ([rest] if rest.num_rows else []), rest.num_rows
+            if pending:
+                writer.write_table(pa.concat_tables(pending), row_group_size=group_rows)
 
     if single:
         with atomic_path(dst) as tmp:
@@ -424,6 +497,18 @@ def _write_parquet(inputs: list, dst: str, keep: set[str], rank: dict[str, int] 
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 write(path, chunk)
     return len(picks)
+
+
+def _by_group(chunk: list):
+    """Runs of consecutive picks ``(sid, (file, row group, row))`` from one input row group."""
+    run: list = []
+    for pick in chunk:
+        if run and pick[1][:2] != run[0][1][:2]:
+            yield run[0][1][:2], run
+            run = []
+        run.append(pick)
+    if run:
+        yield run[0][1][:2], run
 
 
 def _mirror_names(inputs: list, source) -> list[str]:
@@ -474,7 +559,7 @@ def _copy_range(fin, fout, start: int, end: int, path: str) -> None:
 
 def _write_webdataset(inputs: list, dst: str, keep: set[str], rank: dict[str, int] | None, id_rule: "_Ids") -> int:
     """Tar shards in, tar shards out; each kept key's members are copied byte for byte."""
-    found: dict[str, int] = {}
+    found = _seen_ids(keep)
     picks = []  # (id, (InputFile, [(start, end), ...]))
     per_shard = [0] * len(inputs)
     index = 0
@@ -524,7 +609,7 @@ def _write_datasets(src: str | None, ds, dst: str, keep: set[str], rank: dict[st
         ds = datasets.load_from_disk(src)
     file = id_rule.source.files[0] if id_rule.source.files else None
     has_ids = id_rule.column(ds.column_names or [id_rule.field], what, src)
-    found: dict[str, int] = {}
+    found = _seen_ids(keep)
     picks = []
     kept_rows: dict[str, dict] = {}
     if isinstance(ds, datasets.Dataset):
