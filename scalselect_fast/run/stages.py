@@ -227,7 +227,9 @@ def _stage_score(cfg: RunConfig, state: RunState, events: Events, src, sub) -> n
                     s = None
             if s is None:
                 s = np.empty(shard.count, dtype=np.float64)
-                for off, block in src.iter_shard_blocks(shard, verify=True):
+                # read into reused buffers (prefetch): a memory map of every shard would stay
+                # resident, the whole store counted in this process's memory by the end
+                for off, block in src.iter_shard_blocks(shard, verify=True, prefetch=2):
                     s[off - shard.offset: off - shard.offset + block.shape[0]] = sub.score(block, bf16=src.is_bf16)
                 # NaN/inf rows: NaN scores (never selected) with --drop-invalid, else a clear error
                 check_scores(src, s, shard.offset, bool(cfg.drop_invalid))
