@@ -225,31 +225,33 @@ def ids_of(src, rows: np.ndarray) -> list[str]:
     rows = np.asarray(rows, dtype=np.int64)
     if rows.size == 0:
         return []
-    out = [""] * rows.size
-    pos: dict[int, list[int]] = {}
-    for j, r in enumerate(rows.tolist()):
-        pos.setdefault(r, []).append(j)
-    want = np.unique(rows)
+    out: list = [""] * rows.size
+    by_row = np.argsort(rows, kind="stable")  # positions in row order: no dict of every row
+    sorted_rows = rows[by_row]
     for shard in src.shards:
-        lo, hi = np.searchsorted(want, [shard.offset, shard.offset + shard.count])
+        lo, hi = np.searchsorted(sorted_rows, [shard.offset, shard.offset + shard.count])
         if hi == lo:
             continue
         ids = shard_ids(src, shard)
-        for r in want[lo:hi].tolist():
-            for j in pos[r]:
-                out[j] = ids[r - shard.offset]
+        for j, r in zip(by_row[lo:hi].tolist(), sorted_rows[lo:hi].tolist()):
+            out[j] = ids[r - shard.offset]
     return out
 
 
+def _index_dtype(n: int) -> np.dtype:
+    """int32 for indices below 2**31 (half the memory per row), else int64."""
+    return np.dtype(np.int32 if n < 2**31 else np.int64)
+
+
 def locate_store_rows(src, records: Records) -> tuple[np.ndarray, list[str]]:
-    """``(record index per stored row (src.n,) int64, up to 3 stored ids not among the records)``.
+    """``(record index per stored row (src.n,) int32 or int64, up to 3 stored ids not among the records)``.
 
     Stored rows are in record order (the extraction writes them so), so the two sequences are merged
     in one pass, one shard's ids and one chunk of record ids at a time: memory is the (n,) result.
     A store in another order (or holding an id the records lack) is matched again by hash lookup
     (:func:`~scalselect_fast.data.ids.locate_ids`), which names the missing ids.
     """
-    out = np.empty(src.n, np.int64)
+    out = np.empty(src.n, _index_dtype(len(records.ids)))
     rec_ids = iter(records.ids)
     j = -1
     ok = True

@@ -240,8 +240,9 @@ class _Ranked:
         self.order = order  # the scored rows, descending score, ties -> lower row
         self.kept_rows = kept_rows  # selection order
         self.post_info = post_info  # select_ranked's info ({} without post-selection)
-        self.rank = np.zeros(n, np.int64)
-        self.rank[order] = np.arange(RANK_BASE, RANK_BASE + order.size)
+        # int32 below 2**31 rows: one (n,) array held until the manifest is written
+        self.rank = np.zeros(n, np.int32 if n < 2**31 - RANK_BASE else np.int64)
+        self.rank[order] = np.arange(RANK_BASE, RANK_BASE + order.size, dtype=self.rank.dtype)
         self.kept_mask = np.zeros(n, bool)
         self.kept_mask[kept_rows] = True
 

@@ -331,3 +331,11 @@ def test_selection_writer_names_a_duplicate_id_outside_the_kept_ones(tmp_path):
     data.write_text("".join(json.dumps({"id": s, "image": "a.jpg"}) + "\n" for s in ids))
     assert write_selected(data, tmp_path / "o.jsonl", keep={"u1", "u2"}) == 2
     assert [json.loads(x)["id"] for x in (tmp_path / "o.jsonl").read_text().splitlines()] == ["u1", "u2"]
+
+
+def test_ids_of_matches_indexing_every_id(tmp_path):
+    src = _store(tmp_path / "s", [[f"a{i}" for i in range(7)], [], [f"b{i}" for i in range(5)], ["c0"]])
+    every = src.ids()
+    rows = np.array([12, 0, 8, 8, 3, 7, 11, 0], np.int64)  # any order, repeats
+    assert rowmap.ids_of(src, rows) == [every[r] for r in rows.tolist()]
+    assert rowmap.ids_of(src, np.zeros(0, np.int64)) == []

@@ -402,6 +402,7 @@ def _write_parquet(inputs: list, dst: str, keep: set[str], rank: dict[str, int] 
     Two passes: the id column alone finds the kept rows (and checks ids); then only the row groups
     that hold kept rows are read, whole, and the rows taken from them in output order.
     """
+    import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -417,7 +418,9 @@ def _write_parquet(inputs: list, dst: str, keep: set[str], rank: dict[str, int] 
     has_ids = id_rule.column(schema.names, files[0], files[0])
     value_set = pa.array(sorted(keep), type=pa.string())
     found = _seen_ids(keep)
-    picks: list[tuple[str, int, int, int]] = []  # (id, file, row group, row in group), input order
+    # input order: (None, (file, row group, kept rows of the group as int64)), one entry per group;
+    # best first: (id, (file, row group, row in group)), one per kept row, to be sorted by rank
+    picks: list = []
     index = 0
     for fi, (f, pf) in enumerate(zip(files, pfs)):
         row = 0
@@ -431,11 +434,16 @@ def _write_parquet(inputs: list, dst: str, keep: set[str], rank: dict[str, int] 
             for i, sid in enumerate(ids.to_pylist()):
                 if sid is not None:
                     _note(f, found, sid, index + i, None)
-            hit = pc.indices_nonzero(pc.fill_null(pc.is_in(ids, value_set=value_set), False)).to_pylist()
-            picks.extend((ids[r].as_py(), fi, g, r) for r in hit)
+            hit = pc.indices_nonzero(pc.fill_null(pc.is_in(ids, value_set=value_set), False))
+            if rank is None:
+                if len(hit):
+                    picks.append((None, (fi, g, hit.to_numpy().astype(np.int64))))
+            else:
+                picks.extend((ids[r].as_py(), (fi, g, r)) for r in hit.to_pylist())
             index += len(ids)
     _check_found(files[0] if single else f"the {len(files)} Parquet shards", keep, found)
-    picks = _ranked([(p[0], p[1:]) for p in picks], rank)
+    picks = _ranked(picks, rank)
+    n_kept = len(picks) if rank is not None else sum(len(p[1][2]) for p in picks)
     n_rows = sum(pf.metadata.num_rows for pf in pfs)
     row_bytes = sum(pf.metadata.row_group(g).total_byte_size for pf in pfs
                     for g in range(pf.num_row_groups)) / max(1, n_rows)
@@ -475,8 +483,8 @@ def _write_parquet(inputs: list, dst: str, keep: set[str], rank: dict[str, int] 
             # input order: one input row group at a time, cut into the same output row groups as
             # one table of every kept row would be (memory: a row group in, a row group out)
             pending, n_pending = [], 0
-            for (fi, g), picked in _by_group(chunk):
-                rows = pa.array([p[1][2] for p in picked], type=pa.int64())
+            for _none, (fi, g, kept_rows) in chunk:
+                rows = pa.array(kept_rows, type=pa.int64())
                 pending.append(pfs[fi].read_row_group(g).take(rows).replace_schema_metadata(schema.metadata))
                 n_pending += len(rows)
                 while n_pending >= group_rows:
@@ -496,19 +504,7 @@ def _write_parquet(inputs: list, dst: str, keep: set[str], rank: dict[str, int] 
                 path = os.path.join(tmp, *name.split("/"))
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 write(path, chunk)
-    return len(picks)
-
-
-def _by_group(chunk: list):
-    """Runs of consecutive picks ``(sid, (file, row group, row))`` from one input row group."""
-    run: list = []
-    for pick in chunk:
-        if run and pick[1][:2] != run[0][1][:2]:
-            yield run[0][1][:2], run
-            run = []
-        run.append(pick)
-    if run:
-        yield run[0][1][:2], run
+    return n_kept
 
 
 def _mirror_names(inputs: list, source) -> list[str]:
