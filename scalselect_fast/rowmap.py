@@ -232,10 +232,31 @@ def ids_of(src, rows: np.ndarray) -> list[str]:
         lo, hi = np.searchsorted(sorted_rows, [shard.offset, shard.offset + shard.count])
         if hi == lo:
             continue
-        ids = shard_ids(src, shard)
-        for j, r in zip(by_row[lo:hi].tolist(), sorted_rows[lo:hi].tolist()):
-            out[j] = ids[r - shard.offset]
+        for j, sid in zip(by_row[lo:hi].tolist(), _shard_ids_at(src, shard, sorted_rows[lo:hi] - shard.offset)):
+            out[j] = sid
     return out
+
+
+def _shard_ids_at(src, shard, local: np.ndarray) -> list[str]:
+    """The ids of rows ``local`` (sorted) of one shard. From a store's ids file only those ids become
+    Python strings (the file is split as bytes): keeping a few strings out of a list of the whole
+    shard's would pin the allocator's pages of all of them."""
+    if getattr(src, "_ids", None) is not None or shard.ids_path is None:
+        ids = shard_ids(src, shard)
+        return [ids[r] for r in local.tolist()]
+    src.check_unique_ids()
+    with open(shard.ids_path, "rb") as fh:
+        raw = fh.read()
+    if b"\r" in raw:  # text mode reads "\r" as a line end: leave that to the one reader
+        ids = shard_ids(src, shard)
+        return [ids[r] for r in local.tolist()]
+    ends = np.flatnonzero(np.frombuffer(raw, np.uint8) == 10)
+    if not raw.endswith(b"\n"):
+        ends = np.append(ends, len(raw))
+    if ends.size != shard.count:
+        return [shard_ids(src, shard)[r] for r in local.tolist()]  # raises read_ids' damaged-shard error
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    return [raw[a:b].decode("utf-8") for a, b in zip(starts[local].tolist(), ends[local].tolist())]
 
 
 def _index_dtype(n: int) -> np.dtype:

@@ -300,6 +300,7 @@ def test_parquet_selection_streamed_equals_one_table_write(tmp_path, monkeypatch
     data = tmp_path / "d.parquet"
     pq.write_table(t, data, row_group_size=64)
     monkeypatch.setattr(writers, "ROW_GROUP_BYTES", 700)  # small output row groups, cut across input ones
+    monkeypatch.setattr(writers, "_READ_BATCH_ROWS", 5)  # input row groups read in several batches
     keep = [f"p{i}" for i in range(n - 1, -1, -1) if i % 3 != 1 and i % 7 != 0]  # "best first"
     got = tmp_path / "sel.parquet"
     write_selected(data, got, keep=keep if order == "score" else set(keep), order=order)

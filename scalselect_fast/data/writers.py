@@ -47,6 +47,8 @@ ORDERS = ("original", "score")
 #: row count alone would make groups of gigabytes or of a few kilobytes).
 ROW_GROUP_BYTES = 32 << 20
 _MAX_GROUP_ROWS = 65536
+#: rows per batch read from an input Parquet row group while its kept rows are written
+_READ_BATCH_ROWS = 8192
 
 
 def _normalise_keep(keep, order: str) -> tuple[set[str], dict[str, int] | None]:
@@ -83,17 +85,22 @@ class _SeenIds:
     path: the first duplicate in input order is the one named."""
 
     def __init__(self, keep: set[str]):
-        self.keep, self.kept = keep, {}
+        # keyed by keep's own str objects (a value set later keeps its key): a kept id read from the
+        # input is not retained, which would pin the allocator's pages of every id read around it
+        self.first = dict.fromkeys(keep, -1)
         self.registry = IdRegistry()
 
     def setdefault(self, sid: str, index: int) -> int:
         self.registry.add(sid, index)
-        if sid in self.keep and self.kept.setdefault(sid, index) != index:
-            raise _Recheck
+        first = self.first.get(sid)
+        if first is not None:
+            if first >= 0 and first != index:
+                raise _Recheck
+            self.first[sid] = index
         return index
 
     def __contains__(self, sid) -> bool:
-        return sid in self.kept
+        return self.first.get(sid, -1) >= 0
 
     def verify(self) -> None:
         try:
@@ -480,18 +487,25 @@ def _write_parquet(inputs: list, dst: str, keep: set[str], rank: dict[str, int] 
             if rank is not None or not chunk:  # best first: the kept rows are gathered, then reordered
                 writer.write_table(table_of(chunk), row_group_size=group_rows)
                 return
-            # input order: one input row group at a time, cut into the same output row groups as
-            # one table of every kept row would be (memory: a row group in, a row group out)
+            # input order: kept rows taken from the input a batch at a time and cut into the same
+            # output row groups as one table of every kept row would be (memory: one batch in, one
+            # output row group out, whatever the number of kept rows)
             pending, n_pending = [], 0
             for _none, (fi, g, kept_rows) in chunk:
-                rows = pa.array(kept_rows, type=pa.int64())
-                pending.append(pfs[fi].read_row_group(g).take(rows).replace_schema_metadata(schema.metadata))
-                n_pending += len(rows)
-                while n_pending >= group_rows:
-                    table = pa.concat_tables(pending)
-                    writer.write_table(table.slice(0, group_rows), row_group_size=group_rows)
-                    rest = table.slice(group_rows)
-                    pending, n_pending = ([rest] if rest.num_rows else []), rest.num_rows
+                at = 0  # the input row group in batches: a row group of a million rows is not read whole
+                for batch in pfs[fi].iter_batches(batch_size=_READ_BATCH_ROWS, row_groups=[g]):
+                    lo, hi = np.searchsorted(kept_rows, [at, at + batch.num_rows])
+                    start, at = at, at + batch.num_rows
+                    if hi == lo:
+                        continue
+                    taken = pa.Table.from_batches([batch]).take(pa.array(kept_rows[lo:hi] - start))
+                    pending.append(taken.replace_schema_metadata(schema.metadata))
+                    n_pending += int(hi - lo)
+                    while n_pending >= group_rows:
+                        table = pa.concat_tables(pending)
+                        writer.write_table(table.slice(0, group_rows), row_group_size=group_rows)
+                        rest = table.slice(group_rows)
+                        pending, n_pending = ([rest] if rest.num_rows else []), rest.num_rows
             if pending:
                 writer.write_table(pa.concat_tables(pending), row_group_size=group_rows)
 
