@@ -30,6 +30,14 @@ __all__ = ["Records", "IdColumn", "CodedColumn", "ID_CHUNK", "shard_ids", "iter_
 ID_CHUNK = 1 << 16
 
 
+def _id_pool():
+    """The system allocator for the ids' chunks, which live as long as the record table: in Arrow's
+    default pool they would share pages with the transient batches read beside them, and pin them."""
+    import pyarrow as pa
+
+    return pa.system_memory_pool()
+
+
 class IdColumn:
     """One id (``str`` or None) per record, held as Arrow string chunks of :data:`ID_CHUNK` records.
 
@@ -52,7 +60,7 @@ class IdColumn:
         import pyarrow as pa
 
         if self._pending:
-            self._chunks.append(pa.array(self._pending, pa.large_string()))
+            self._chunks.append(pa.array(self._pending, pa.large_string(), memory_pool=_id_pool()))
             self._pending = []
 
     def finish(self) -> "IdColumn":

@@ -246,6 +246,10 @@ def _stage_score(cfg: RunConfig, state: RunState, events: Events, src, sub) -> n
     return out
 
 
+#: rows of an Arrow batch turned into Python dicts at once by the record pass
+_PYLIST_ROWS = 1 << 14
+
+
 def _raw_records(cfg: RunConfig, fields: Iterable[str]) -> Iterator[tuple[Any, str | None]]:
     """Every raw record in order, with its id (None where it has no usable one); from Arrow inputs
     (Parquet, ``save_to_disk``) only the id, source and ``fields`` columns are read, and from
@@ -275,8 +279,11 @@ def _raw_records(cfg: RunConfig, fields: Iterable[str]) -> Iterator[tuple[Any, s
         for _index, batch, file, local in source.iter_batches(
                 columns=[rule.field, *source_columns(cfg.source_field), *fields]):
             name = source.relative_name(file)
-            for i, rec in enumerate(batch.to_pylist()):
-                yield rec, named(rec, name, local + i)
+            # a slice at a time: a batch can be a whole row group (a million rows), and that many
+            # dicts at once would leave their memory with the process long after the pass
+            for a in range(0, batch.num_rows, _PYLIST_ROWS):
+                for i, rec in enumerate(batch.slice(a, _PYLIST_ROWS).to_pylist(), start=a):
+                    yield rec, named(rec, name, local + i)
     else:
         for _index, _line, rec, file, local in source.iter_records():
             yield rec, named(rec, source.relative_name(file), local)
