@@ -340,3 +340,14 @@ def test_ids_of_matches_indexing_every_id(tmp_path):
     rows = np.array([12, 0, 8, 8, 3, 7, 11, 0], np.int64)  # any order, repeats
     assert rowmap.ids_of(src, rows) == [every[r] for r in rows.tolist()]
     assert rowmap.ids_of(src, np.zeros(0, np.int64)) == []
+
+
+def test_selection_writer_names_kept_ids_missing_from_the_input(tmp_path):
+    from scalselect_fast.data import DatasetError, write_selected
+
+    data = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"id": [f"m{i}" for i in range(50)], "image": ["a.jpg"] * 50}), data)
+    with pytest.raises(DatasetError, match=r"2 selected id\(s\) are not in .*\(e.g. 'nope1', 'nope2'\)"):
+        write_selected(data, tmp_path / "o.parquet", keep={"m3", "nope1", "nope2"})
+    assert write_selected(data, tmp_path / "o.parquet", keep={"m3", "m49"}) == 2
+    assert pq.read_table(tmp_path / "o.parquet")["id"].to_pylist() == ["m3", "m49"]

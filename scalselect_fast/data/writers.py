@@ -57,7 +57,8 @@ def _normalise_keep(keep, order: str) -> tuple[set[str], dict[str, int] | None]:
     if isinstance(keep, (set, frozenset)):
         if order == "score":
             raise ValueError("order='score' needs `keep` as a sequence of ids in rank order, not a set")
-        return {str(k) for k in keep}, None
+        # the caller's set as it is when it holds strings only (a copy is one more table of every kept id)
+        return (keep if all(type(k) is str for k in keep) else {str(k) for k in keep}), None
     if isinstance(keep, (str, bytes)) or not isinstance(keep, Iterable):
         raise TypeError(f"keep must be a set or a sequence of ids, got {type(keep).__name__}")
     ids = [str(k) for k in keep]
@@ -78,33 +79,25 @@ _EXACT_IDS = contextvars.ContextVar("scalselect_exact_ids", default=False)
 
 
 class _SeenIds:
-    """The ids a writer has read, in memory that does not grow with the input: the kept ids by value
-    (the output needs them) and every id's 64-bit digest in partition files on disk
-    (:class:`~scalselect_fast.data.ids.IdRegistry`), checked once the pass is over. Any shared digest
-    raises :class:`_Recheck` (handled by :func:`write_selected`), so errors stay those of the exact
-    path: the first duplicate in input order is the one named."""
+    """The ids a writer has read, in memory that does not grow with the input or the selection: every
+    id's 64-bit digest in partition files on disk (:class:`~scalselect_fast.data.ids.IdRegistry`) and a
+    count of the reads that are in ``keep``. Once the pass is over, no shared digest means no repeated
+    id, so the count is the number of kept ids found; a shared digest or a kept id not found raises
+    :class:`_Recheck` (handled by :func:`write_selected`): the exact rerun then names the first
+    repeated id in input order, or the missing ones, as before."""
 
     def __init__(self, keep: set[str]):
-        # keyed by keep's own str objects (a value set later keeps its key): a kept id read from the
-        # input is not retained, which would pin the allocator's pages of every id read around it
-        self.first = dict.fromkeys(keep, -1)
+        self.keep, self.n_kept = keep, 0
         self.registry = IdRegistry()
 
     def setdefault(self, sid: str, index: int) -> int:
         self.registry.add(sid, index)
-        first = self.first.get(sid)
-        if first is not None:
-            if first >= 0 and first != index:
-                raise _Recheck
-            self.first[sid] = index
+        self.n_kept += sid in self.keep
         return index
-
-    def __contains__(self, sid) -> bool:
-        return self.first.get(sid, -1) >= 0
 
     def verify(self) -> None:
         try:
-            if self.registry.duplicates(limit=1):
+            if self.registry.duplicates(limit=1) or self.n_kept != len(self.keep):
                 raise _Recheck
         finally:
             self.registry.close()
@@ -117,7 +110,8 @@ def _seen_ids(keep: set[str]):
 
 def _check_found(path: str, keep: set[str], found) -> None:
     if isinstance(found, _SeenIds):
-        found.verify()
+        found.verify()  # every kept id found once, or a _Recheck
+        return
     missing = [k for k in keep if k not in found]
     if missing:
         shown = ", ".join(repr(m) for m in sorted(missing)[:5])
@@ -231,6 +225,14 @@ def write_selected(input_path, out_path: str | os.PathLike,
     ------
     DatasetError
         An id in ``keep`` is not in the input, or a selected id occurs twice in the input.
+
+    Notes
+    -----
+    Memory does not hold the input's ids: their 64-bit digests go to temporary files
+    (:class:`~scalselect_fast.data.ids.IdRegistry`); only ``keep`` is held by value. When two digests
+    match (a repeated id, or a rare collision) or a kept id is missing, the writer runs again with an
+    exact table of every id, so the error names the first repeated id in input order, or the missing
+    ids, as before.
     """
     try:
         return _write_selected(input_path, out_path, keep, order, format, id_field)
