@@ -35,12 +35,15 @@ MANIFEST_SCHEMA = (("id", "string"), ("index", "int64"), ("shard", "string"), ("
 MANIFEST_FORMATS = ("parquet", "jsonl")
 #: rank of the best row
 RANK_BASE = 1
+#: records per manifest batch (``run``), so the columns of all records are never held at once
+BATCH_ROWS = 1 << 16
 #: ``skip_reason`` of a stored row whose representation holds NaN/inf
 INVALID_ROW = "invalid_row: NaN/inf in the representation (--drop-invalid)"
 
 
-def manifest_batches(src, scores, rank, kept_mask, records, rejected: Mapping[int, str]) -> Iterator[dict]:
-    """Column batches of the manifest: per store shard (select) or one batch per records table (run).
+def manifest_batches(src, scores, rank, kept_mask, records, rejected: Mapping[int, str],
+                     batch_rows: int = BATCH_ROWS) -> Iterator[dict]:
+    """Column batches of the manifest: per store shard (select) or per ``batch_rows`` records (run).
 
     Parameters
     ----------
@@ -55,6 +58,8 @@ def manifest_batches(src, scores, rank, kept_mask, records, rejected: Mapping[in
         The dataset behind the store (``run``): one row per record instead of one per stored row.
     rejected : mapping of int to str
         Stored row → why post-selection dropped it (``near-duplicate of row R``).
+    batch_rows : int
+        Records per batch (``run``): memory of one batch, whatever the number of records.
 
     Yields
     ------
@@ -73,33 +78,44 @@ def manifest_batches(src, scores, rank, kept_mask, records, rejected: Mapping[in
                    "_valid": v, "_placed": np.ones(shard.count, bool)}
         return
     n_rec = len(records.ids)
-    rec_row = np.full(n_rec, -1, np.int64)
-    rec_row[row_record(src, records)] = np.arange(src.n)
-    has = rec_row >= 0
-    rr = np.where(has, rec_row, 0)
-    shard_of = np.empty(src.n, dtype=object)
-    row_in = np.empty(src.n, np.int64)
-    for sh in src.shards:
-        shard_of[sh.offset:sh.offset + sh.count] = sh.name
-        row_in[sh.offset:sh.offset + sh.count] = np.arange(sh.count)
-    sc = scores[rr] if src.n else np.zeros(n_rec)
-    valid = has & ~np.isnan(sc) if src.n else has
-    reasons = []
-    for i in range(n_rec):
-        if not has[i]:
-            reasons.append(records.skip_reason.get(i, "not extracted (no representation; see skipped.jsonl)"))
-        elif not valid[i]:
-            reasons.append(INVALID_ROW)
+    rec_of = row_record(src, records) if src.n else np.zeros(0, np.int64)
+    in_order = bool(np.all(rec_of[1:] > rec_of[:-1]))  # rows in record order: no (n_records,) inverse
+    inverse = None
+    if not in_order:
+        inverse = np.full(n_rec, -1, np.int64)
+        inverse[rec_of] = np.arange(src.n)
+    offsets = np.array([sh.offset for sh in src.shards], np.int64)
+    names = [sh.name for sh in src.shards]
+    passthrough = np.asarray(records.passthrough, dtype=np.int64)
+    for a in range(0, n_rec, batch_rows):
+        b = min(a + batch_rows, n_rec)
+        if in_order:  # this batch's records with a stored row are rows lo..hi, in order
+            lo, hi = np.searchsorted(rec_of, [a, b])
+            rec_row = np.full(b - a, -1, np.int64)
+            rec_row[rec_of[lo:hi] - a] = np.arange(lo, hi)
         else:
-            reasons.append(rejected.get(int(rec_row[i])))
-    kept = (kept_mask[rr] & has) if src.n else np.zeros(n_rec, bool)
-    kept[np.asarray(records.passthrough, dtype=np.int64)] = True  # written outside the budget
-    yield {"id": list(records.ids), "index": np.arange(n_rec),
-           "shard": [shard_of[r] if h else None for r, h in zip(rr.tolist(), has.tolist())],
-           "row": row_in[rr] if src.n else np.zeros(n_rec, np.int64), "score": sc,
-           "rank": rank[rr] if src.n else np.zeros(n_rec, np.int64),
-           "kept": kept,
-           "skip_reason": reasons, "_valid": valid, "_placed": has}
+            rec_row = inverse[a:b]
+        has = rec_row >= 0
+        rr = np.where(has, rec_row, 0)
+        sh = np.searchsorted(offsets, rr, side="right") - 1 if src.n else np.zeros(b - a, np.int64)
+        sc = scores[rr] if src.n else np.zeros(b - a)
+        valid = has & ~np.isnan(sc) if src.n else has
+        reasons = []
+        for i, h, ok, r in zip(range(a, b), has.tolist(), valid.tolist(), rr.tolist()):
+            if not h:
+                reasons.append(records.skip_reason.get(i, "not extracted (no representation; see skipped.jsonl)"))
+            elif not ok:
+                reasons.append(INVALID_ROW)
+            else:
+                reasons.append(rejected.get(r))
+        kept = (kept_mask[rr] & has) if src.n else np.zeros(b - a, bool)
+        p = passthrough[(passthrough >= a) & (passthrough < b)]
+        kept[p - a] = True  # written outside the budget
+        yield {"id": records.ids[a:b], "index": np.arange(a, b),
+               "shard": [names[s] if h else None for s, h in zip(sh.tolist(), has.tolist())],
+               "row": rr - offsets[sh] if src.n else np.zeros(b - a, np.int64), "score": sc,
+               "rank": rank[rr] if src.n else np.zeros(b - a, np.int64),
+               "kept": kept, "skip_reason": reasons, "_valid": valid, "_placed": has}
 
 
 def write_manifest(path: Path, fmt: str, batches, metadata: Mapping[str, str]) -> None:

@@ -31,7 +31,7 @@ import numpy as np
 from .atomic import atomic_write_bytes, atomic_write_json
 from .jsonable import to_jsonable
 from .manifest import RANK_BASE
-from .rowmap import budget_base, ids_of, row_record
+from .rowmap import ID_CHUNK, budget_base, ids_of, row_record, value_codes
 
 __all__ = ["build_report", "score_histogram", "spectrum_summary", "collect_versions", "render_html", "write_report",
            "thumbnail", "REPORT_JSON", "REPORT_HTML", "THUMBNAIL_PX"]
@@ -89,14 +89,21 @@ def build_report(src, sub, scores, kept_rows, kept_mask, m, budget, *, records=N
     per_source = None
     if records is not None:
         per_source = {}
-        for s in records.sources:
+        codes, values = value_codes(records.sources)
+        n_val = len(values)
+        total = np.bincount(codes, minlength=n_val)
+        n_valid_of = np.zeros(n_val, np.int64)
+        n_kept_of = np.zeros(n_val, np.int64)
+        rec_of = row_record(src, records)
+        for a in range(0, rec_of.size, ID_CHUNK):  # per block: no (n,) temporaries
+            c = codes[rec_of[a:a + ID_CHUNK]]
+            n_valid_of += np.bincount(c[valid[a:a + ID_CHUNK]], minlength=n_val)
+            n_kept_of += np.bincount(c[np.asarray(kept_mask[a:a + ID_CHUNK], bool)], minlength=n_val)
+        for code, s in enumerate(values):  # codes are in order of first occurrence, as the keys were
             d = per_source.setdefault(s if s is not None else "<none>", {"total": 0, "kept": 0, "valid": 0})
-            d["total"] += 1
-        for r, rec_i in enumerate(row_record(src, records).tolist()):
-            s = records.sources[rec_i]
-            d = per_source[s if s is not None else "<none>"]
-            d["valid"] += int(valid[r])
-            d["kept"] += int(kept_mask[r])
+            d["total"] += int(total[code])
+            d["valid"] += int(n_valid_of[code])
+            d["kept"] += int(n_kept_of[code])
     spectrum = spectrum_summary(np.sqrt(np.maximum(np.asarray(sub.energy_curve, np.float64), 0)), sub.k,
                                 sub.energy, sub.total_energy)
     return {

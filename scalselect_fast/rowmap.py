@@ -6,17 +6,141 @@ the report, the gallery and post-selection by record fields all need the same tw
 row → id (:func:`shard_ids`, :func:`ids_of`) and stored row → record (:func:`row_record`), so they
 live here once.
 
+Memory: ``run`` holds the record table as compact columns (:class:`IdColumn`: the ids' UTF-8 bytes
+in Arrow buffers, about ``len(id) + 8`` bytes per record instead of a Python ``str`` each;
+:class:`CodedColumn`: an int32 code per record and one ``str`` per distinct value), and
+:func:`row_record` matches stored rows to records by a merge of the two orders (the store's rows are
+in record order) instead of a hash table of every id, falling back to the hash lookup
+(:func:`~scalselect_fast.data.ids.locate_ids`) for a store whose rows are in another order.
+
 This module does not select, score or write anything, and it does not read the dataset (only the
 ids ``run`` already read into :class:`Records`).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["Records", "shard_ids", "iter_shard_ids", "ids_of", "row_record", "budget_base"]
+__all__ = ["Records", "IdColumn", "CodedColumn", "ID_CHUNK", "shard_ids", "iter_shard_ids", "ids_of", "row_record",
+           "locate_store_rows", "budget_base", "value_codes"]
+
+#: records per chunk of an :class:`IdColumn` (and per block where records are walked in blocks)
+ID_CHUNK = 1 << 16
+
+
+def _id_pool():
+    """The system allocator for the ids' chunks, which live as long as the record table: in Arrow's
+    default pool they would share pages with the transient batches read beside them, and pin them."""
+    import pyarrow as pa
+
+    return pa.system_memory_pool()
+
+
+class IdColumn:
+    """One id (``str`` or None) per record, held as Arrow string chunks of :data:`ID_CHUNK` records.
+
+    A read-only sequence: ``len``, ``col[i]`` (``str`` or None), ``col[a:b]`` (a list) and iteration
+    (one chunk converted at a time). Build it with :meth:`append` then :meth:`finish`.
+    """
+
+    def __init__(self):
+        self._chunks: list = []
+        self._pending: list = []
+        self._n = 0
+
+    def append(self, sample_id: str | None) -> None:
+        self._pending.append(sample_id)
+        self._n += 1
+        if len(self._pending) == ID_CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if self._pending:
+            self._chunks.append(pa.array(self._pending, pa.large_string(), memory_pool=_id_pool()))
+            self._pending = []
+
+    def finish(self) -> "IdColumn":
+        self._flush()
+        return self
+
+    def __len__(self) -> int:
+        return self._n
+
+    def chunk(self, c: int) -> list:
+        """Ids of records ``c * ID_CHUNK`` to ``(c + 1) * ID_CHUNK`` as a list."""
+        return self._chunks[c].to_pylist() if c < len(self._chunks) else list(self._pending)
+
+    def __iter__(self):
+        for c in range(len(self._chunks)):
+            yield from self.chunk(c)
+        yield from list(self._pending)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            a, b, step = i.indices(self._n)
+            out: list = []
+            for c in range(a // ID_CHUNK, (max(b, a + 1) - 1) // ID_CHUNK + 1):
+                lo = c * ID_CHUNK
+                part = self.chunk(c)[max(a - lo, 0):max(b - lo, 0)]
+                out.extend(part)
+            return out[::step] if step != 1 else out
+        i = int(i)
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(f"record {i} out of range ({self._n} records)")
+        c, j = divmod(i, ID_CHUNK)
+        return self._chunks[c][j].as_py() if c < len(self._chunks) else self._pending[j]
+
+
+class CodedColumn:
+    """One value per record (``str`` or None) as an int32 code into a small table of distinct values.
+
+    Attributes
+    ----------
+    codes : ndarray (n,) int32
+        Index into ``values`` per record.
+    values : list of str or None
+        The distinct values, in order of first occurrence.
+    """
+
+    def __init__(self, codes: np.ndarray, values: list):
+        self.codes, self.values = codes, values
+
+    @classmethod
+    def build(cls, values) -> "CodedColumn":
+        """Code an iterable of values (``str`` or None)."""
+        from array import array
+
+        table: dict = {}
+        codes = array("i", (table.setdefault(v, len(table)) for v in values))
+        return cls(np.frombuffer(codes, dtype=np.int32) if len(codes) else np.zeros(0, np.int32), list(table))
+
+    def __len__(self) -> int:
+        return int(self.codes.size)
+
+    def __iter__(self):
+        vals = self.values
+        for a in range(0, self.codes.size, ID_CHUNK):
+            yield from (vals[c] for c in self.codes[a:a + ID_CHUNK].tolist())
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.values[c] for c in self.codes[i].tolist()]
+        return self.values[int(self.codes[i])]
+
+
+def value_codes(column) -> tuple[np.ndarray, list]:
+    """``(codes (n,) int32, distinct values)`` of a per-record column (a :class:`CodedColumn` as it is,
+    any other sequence coded on the fly)."""
+    if isinstance(column, CodedColumn):
+        return column.codes, column.values
+    c = CodedColumn.build(column)
+    return c.codes, c.values
 
 
 @dataclasses.dataclass
@@ -28,12 +152,12 @@ class Records:
     path : str, list or dataset object
         The input as ``run`` was given it (read again by :func:`scalselect_fast.data.write_selected`
         and the gallery).
-    ids : list of str or None
-        Id per record (None where the record has no usable id).
-    sources : list of str or None
-        ``Sample.source`` per record (per-source counts).
-    fields : dict of str to list
-        Quota field values per record.
+    ids : sequence of str or None
+        Id per record (None where the record has no usable id): a list, or an :class:`IdColumn`.
+    sources : sequence of str or None
+        ``Sample.source`` per record (per-source counts): a list, or a :class:`CodedColumn`.
+    fields : dict of str to sequence
+        Quota field values per record (lists or :class:`CodedColumn`).
     skip_reason : dict of int to str
         Record index → why it has no representation.
     skip_counts : dict of str to int
@@ -59,8 +183,8 @@ class Records:
     """
 
     path: Any
-    ids: list
-    sources: list
+    ids: Sequence
+    sources: Sequence
     fields: dict
     skip_reason: dict
     skip_counts: dict
@@ -71,6 +195,8 @@ class Records:
     id_field: str | None = None
     text_only: list = dataclasses.field(default_factory=list)
     keep_text_only: bool = False
+    #: record index per stored row, filled by :func:`row_record` on first use (one store per Records)
+    stored_record: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def passthrough(self) -> list:
@@ -107,33 +233,91 @@ def ids_of(src, rows: np.ndarray) -> list[str]:
     rows = np.asarray(rows, dtype=np.int64)
     if rows.size == 0:
         return []
-    out = [""] * rows.size
-    pos: dict[int, list[int]] = {}
-    for j, r in enumerate(rows.tolist()):
-        pos.setdefault(r, []).append(j)
-    want = np.unique(rows)
+    out: list = [""] * rows.size
+    by_row = np.argsort(rows, kind="stable")  # positions in row order: no dict of every row
+    sorted_rows = rows[by_row]
     for shard in src.shards:
-        lo, hi = np.searchsorted(want, [shard.offset, shard.offset + shard.count])
+        lo, hi = np.searchsorted(sorted_rows, [shard.offset, shard.offset + shard.count])
         if hi == lo:
             continue
-        ids = shard_ids(src, shard)
-        for r in want[lo:hi].tolist():
-            for j in pos[r]:
-                out[j] = ids[r - shard.offset]
+        for j, sid in zip(by_row[lo:hi].tolist(), _shard_ids_at(src, shard, sorted_rows[lo:hi] - shard.offset)):
+            out[j] = sid
     return out
 
 
-def row_record(src, records: Records) -> np.ndarray:
-    """Record index of every stored row (ids are matched; the store holds the records' ids)."""
+def _shard_ids_at(src, shard, local: np.ndarray) -> list[str]:
+    """The ids of rows ``local`` (sorted) of one shard. From a store's ids file only those ids become
+    Python strings (the file is split as bytes): keeping a few strings out of a list of the whole
+    shard's would pin the allocator's pages of all of them."""
+    if getattr(src, "_ids", None) is not None or shard.ids_path is None:
+        ids = shard_ids(src, shard)
+        return [ids[r] for r in local.tolist()]
+    src.check_unique_ids()
+    with open(shard.ids_path, "rb") as fh:
+        raw = fh.read()
+    if b"\r" in raw:  # text mode reads "\r" as a line end: leave that to the one reader
+        ids = shard_ids(src, shard)
+        return [ids[r] for r in local.tolist()]
+    ends = np.flatnonzero(np.frombuffer(raw, np.uint8) == 10)
+    if not raw.endswith(b"\n"):
+        ends = np.append(ends, len(raw))
+    if ends.size != shard.count:
+        return [shard_ids(src, shard)[r] for r in local.tolist()]  # raises read_ids' damaged-shard error
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    return [raw[a:b].decode("utf-8") for a, b in zip(starts[local].tolist(), ends[local].tolist())]
+
+
+def _index_dtype(n: int) -> np.dtype:
+    """int32 for indices below 2**31 (half the memory per row), else int64."""
+    return np.dtype(np.int32 if n < 2**31 else np.int64)
+
+
+def locate_store_rows(src, records: Records) -> tuple[np.ndarray, list[str]]:
+    """``(record index per stored row (src.n,) int32 or int64, up to 3 stored ids not among the records)``.
+
+    Stored rows are in record order (the extraction writes them so), so the two sequences are merged
+    in one pass, one shard's ids and one chunk of record ids at a time: memory is the (n,) result.
+    A store in another order (or holding an id the records lack) is matched again by hash lookup
+    (:func:`~scalselect_fast.data.ids.locate_ids`), which names the missing ids.
+    """
+    out = np.empty(src.n, _index_dtype(len(records.ids)))
+    rec_ids = iter(records.ids)
+    j = -1
+    ok = True
+    for shard, ids in iter_shard_ids(src):
+        for k, sid in enumerate(ids):
+            for rid in rec_ids:
+                j += 1
+                if rid == sid:
+                    out[shard.offset + k] = j
+                    break
+            else:
+                ok = False
+                break
+        if not ok:
+            break
+    if ok:
+        return out, []
     from .data.ids import locate_ids
-    from .subspace import SubspaceError  # the job's input error; imported here so the report needs nothing of the fit
 
     ids = src.ids()
     rows = locate_ids(records.ids, ids)
-    if (rows < 0).any():
-        missing = [ids[j] for j in np.flatnonzero(rows < 0)[:3].tolist()]
+    missing = [ids[j] for j in np.flatnonzero(rows < 0)[:3].tolist()]
+    return rows, missing
+
+
+def row_record(src, records: Records) -> np.ndarray:
+    """Record index of every stored row (ids are matched; the store holds the records' ids); computed
+    once per :class:`Records` (kept in ``records.stored_record``)."""
+    from .subspace import SubspaceError  # the job's input error; imported here so the report needs nothing of the fit
+
+    if records.stored_record is not None and records.stored_record.shape == (src.n,):
+        return records.stored_record
+    rows, missing = locate_store_rows(src, records)
+    if missing:
         raise SubspaceError(f"the representation store holds ids not in {records.path} (e.g. {missing}); "
                             f"the dataset changed after extraction")
+    records.stored_record = rows
     return rows
 
 

@@ -41,7 +41,7 @@ from .gallery import build_gallery
 from .manifest import MANIFEST_FORMATS, RANK_BASE, manifest_batches, write_manifest
 from .jsonable import to_jsonable
 from .report import REPORT_HTML, REPORT_JSON, build_report, render_html
-from .rowmap import Records, budget_base, ids_of, row_record
+from .rowmap import Records, budget_base, ids_of, row_record, value_codes
 from .store import DEFAULT_BLOCK_ROWS, open_source
 from .subspace import Subspace, SubspaceError
 
@@ -246,8 +246,9 @@ class _Ranked:
         self.order = order  # the scored rows, descending score, ties -> lower row
         self.kept_rows = kept_rows  # selection order
         self.post_info = post_info  # select_ranked's info ({} without post-selection)
-        self.rank = np.zeros(n, np.int64)
-        self.rank[order] = np.arange(RANK_BASE, RANK_BASE + order.size)
+        # int32 below 2**31 rows: one (n,) array held until the manifest is written
+        self.rank = np.zeros(n, np.int32 if n < 2**31 - RANK_BASE else np.int64)
+        self.rank[order] = np.arange(RANK_BASE, RANK_BASE + order.size, dtype=self.rank.dtype)
         self.kept_mask = np.zeros(n, bool)
         self.kept_mask[kept_rows] = True
 
@@ -295,8 +296,11 @@ class _SelectionJob:
     def select(self, scores: np.ndarray, top: np.ndarray, quotas: Sequence, dedup_eps: float | None) -> _Ranked:
         """The ranking, and the top-m or (with quotas or ``dedup_eps``) the post-selected rows."""
         t = time.perf_counter()
-        order = np.flatnonzero(~np.isnan(scores))
-        order = order[np.lexsort((order, -scores[order]))]  # descending score, ties -> lower row
+        # descending score, ties -> lower row: a stable sort of the negated scores keeps equal ones in
+        # row order, and puts the NaN rows (no score) last, where they are cut off (two (n,) arrays
+        # at the peak, where taking the scored rows first and lexsorting them held four)
+        n_scored = int(np.count_nonzero(~np.isnan(scores)))
+        order = np.argsort(np.negative(scores), kind="stable")[:n_scored]
         post_info: dict[str, Any] = {}
         if dedup_eps is not None or quotas:
             kept_rows, post_info = self._post_select(order, quotas, dedup_eps)
@@ -311,9 +315,11 @@ class _SelectionJob:
         labels = None
         if quotas:
             rec_of = row_record(self.src, self.records)
-            fields = self.records.fields
-            labels = {q.field: [fields[q.field][r] if fields[q.field][r] is not None else "<none>"
-                                for r in rec_of.tolist()] for q in quotas}
+            labels = {}
+            for q in quotas:
+                codes, values = value_codes(self.records.fields[q.field])
+                names = ["<none>" if v is None else v for v in values]
+                labels[q.field] = [names[c] for c in codes[rec_of].tolist()]
         kept_rows, post_info = select_ranked(order, self.m, labels=labels, quotas=list(quotas),
                                              vectors=self.src.read_rows, dedup_eps=dedup_eps)
         kept_rows = np.asarray(kept_rows, dtype=np.int64)

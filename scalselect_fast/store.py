@@ -248,23 +248,25 @@ class MatrixSource:
     def check_unique_ids(self) -> None:
         """Raise :class:`StoreError` if two rows carry the same id (checked once per source).
 
-        Memory is one 64-bit hash per row plus one shard's ids; hash collisions are confirmed on the
-        ids themselves before anything is reported.
+        Memory is bounded: the 64-bit hashes of the ids go to partition files on disk, checked one
+        partition at a time (:class:`~scalselect_fast.data.ids.IdRegistry`), plus one shard's ids;
+        hash collisions are confirmed on the ids themselves before anything is reported.
         """
+        from .data.ids import IdRegistry
+
         if self.__dict__.get("_ids_unique") or all(s.ids_path is None for s in self.shards):
             return
-        hashes = np.empty(self.n, np.int64)
-        for shard in self.shards:
-            ids = read_ids(shard) if shard.ids_path is not None else \
-                [str(i) for i in range(shard.offset, shard.offset + shard.count)]
-            hashes[shard.offset:shard.offset + shard.count] = np.fromiter(map(hash, ids), np.int64, len(ids))
-        order = np.argsort(hashes, kind="stable")
-        hs = hashes[order]
-        cand = np.flatnonzero(hs[1:] == hs[:-1])
-        if cand.size:
-            rows = np.unique(np.concatenate([order[cand], order[cand + 1]]))
+        with IdRegistry() as reg:
+            for shard in self.shards:
+                ids = read_ids(shard) if shard.ids_path is not None else \
+                    [str(i) for i in range(shard.offset, shard.offset + shard.count)]
+                for a in range(0, len(ids), 1 << 16):
+                    part = ids[a:a + (1 << 16)]
+                    reg.add_many(part, range(shard.offset + a, shard.offset + a + len(part)))
+            cand = reg.duplicates(limit=1 << 20)
+        if cand:
             seen: dict[str, int] = {}
-            for r in rows.tolist():
+            for r in sorted({r for pair in cand for r in pair}):
                 shard = self._shard_of(r)
                 sid = (read_ids(shard) if shard.ids_path is not None else [str(r)])[
                     r - shard.offset if shard.ids_path is not None else 0]

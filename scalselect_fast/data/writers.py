@@ -24,6 +24,7 @@ a previous complete one, never a partial file or a partial set of shards.
 """
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import tarfile
@@ -33,6 +34,7 @@ from collections.abc import Iterable, Sequence
 from ..atomic import atomic_dir, atomic_path, atomic_write_bytes
 from .json_list import iter_json_stream
 from .jsonl import iter_jsonl_lines
+from .ids import IdRegistry
 from .hf import import_datasets, iter_dataset_rows
 from .parquet import open_parquet
 from .records import IdRule, position_id
@@ -45,6 +47,8 @@ ORDERS = ("original", "score")
 #: row count alone would make groups of gigabytes or of a few kilobytes).
 ROW_GROUP_BYTES = 32 << 20
 _MAX_GROUP_ROWS = 65536
+#: rows per batch read from an input Parquet row group while its kept rows are written
+_READ_BATCH_ROWS = 8192
 
 
 def _normalise_keep(keep, order: str) -> tuple[set[str], dict[str, int] | None]:
@@ -53,7 +57,8 @@ def _normalise_keep(keep, order: str) -> tuple[set[str], dict[str, int] | None]:
     if isinstance(keep, (set, frozenset)):
         if order == "score":
             raise ValueError("order='score' needs `keep` as a sequence of ids in rank order, not a set")
-        return {str(k) for k in keep}, None
+        # the caller's set as it is when it holds strings only (a copy is one more table of every kept id)
+        return (keep if all(type(k) is str for k in keep) else {str(k) for k in keep}), None
     if isinstance(keep, (str, bytes)) or not isinstance(keep, Iterable):
         raise TypeError(f"keep must be a set or a sequence of ids, got {type(keep).__name__}")
     ids = [str(k) for k in keep]
@@ -64,7 +69,49 @@ def _normalise_keep(keep, order: str) -> tuple[set[str], dict[str, int] | None]:
     return set(rank), (rank if order == "score" else None)
 
 
-def _check_found(path: str, keep: set[str], found: dict[str, int]) -> None:
+class _Recheck(Exception):
+    """Two ids share a digest (a duplicate id, or a rare digest collision): the writer is rerun with
+    an exact table of every id, which names the duplicate as before or finds none."""
+
+
+#: while set, writers note every id in a plain dict (exact; memory grows with the input)
+_EXACT_IDS = contextvars.ContextVar("scalselect_exact_ids", default=False)
+
+
+class _SeenIds:
+    """The ids a writer has read, in memory that does not grow with the input or the selection: every
+    id's 64-bit digest in partition files on disk (:class:`~scalselect_fast.data.ids.IdRegistry`) and a
+    count of the reads that are in ``keep``. Once the pass is over, no shared digest means no repeated
+    id, so the count is the number of kept ids found; a shared digest or a kept id not found raises
+    :class:`_Recheck` (handled by :func:`write_selected`): the exact rerun then names the first
+    repeated id in input order, or the missing ones, as before."""
+
+    def __init__(self, keep: set[str]):
+        self.keep, self.n_kept = keep, 0
+        self.registry = IdRegistry()
+
+    def setdefault(self, sid: str, index: int) -> int:
+        self.registry.add(sid, index)
+        self.n_kept += sid in self.keep
+        return index
+
+    def verify(self) -> None:
+        try:
+            if self.registry.duplicates(limit=1) or self.n_kept != len(self.keep):
+                raise _Recheck
+        finally:
+            self.registry.close()
+
+
+def _seen_ids(keep: set[str]):
+    """Where a writer notes the ids it reads: a plain dict on the exact rerun, else :class:`_SeenIds`."""
+    return {} if _EXACT_IDS.get() else _SeenIds(keep)
+
+
+def _check_found(path: str, keep: set[str], found) -> None:
+    if isinstance(found, _SeenIds):
+        found.verify()  # every kept id found once, or a _Recheck
+        return
     missing = [k for k in keep if k not in found]
     if missing:
         shown = ", ".join(repr(m) for m in sorted(missing)[:5])
@@ -72,7 +119,7 @@ def _check_found(path: str, keep: set[str], found: dict[str, int]) -> None:
                            "selection does not belong to this dataset", reason="selection", path=path)
 
 
-def _note(path: str, found: dict[str, int], sid: str, index: int, line: int | None) -> None:
+def _note(path: str, found, sid: str, index: int, line: int | None) -> None:
     first = found.setdefault(sid, index)
     if first != index:
         raise DatasetError(f"{path}: duplicate id {sid!r}: record {first} and {position_text(index, line)}; a "
@@ -178,7 +225,26 @@ def write_selected(input_path, out_path: str | os.PathLike,
     ------
     DatasetError
         An id in ``keep`` is not in the input, or a selected id occurs twice in the input.
+
+    Notes
+    -----
+    Memory does not hold the input's ids: their 64-bit digests go to temporary files
+    (:class:`~scalselect_fast.data.ids.IdRegistry`); only ``keep`` is held by value. When two digests
+    match (a repeated id, or a rare collision) or a kept id is missing, the writer runs again with an
+    exact table of every id, so the error names the first repeated id in input order, or the missing
+    ids, as before.
     """
+    try:
+        return _write_selected(input_path, out_path, keep, order, format, id_field)
+    except _Recheck:  # two ids share a digest: the exact pass names the duplicate (or finds none)
+        token = _EXACT_IDS.set(True)
+        try:
+            return _write_selected(input_path, out_path, keep, order, format, id_field)
+        finally:
+            _EXACT_IDS.reset(token)
+
+
+def _write_selected(input_path, out_path, keep, order: str, format: str, id_field: str | None) -> int:
     dst = os.fspath(out_path)
     if format != "auto" and format not in containers():
         raise ValueError(f"format must be 'auto' or one of {tuple(containers())}, got {format!r}")
@@ -254,7 +320,7 @@ def _label(files) -> str:
 def _write_from_json(files, dst, keep, rank, out_container, id_rule) -> int:
     """JSON list(s) in: kept records' source text copied verbatim, joined with the (first) input's own
     separators and indentation. Streamed: memory is the kept records, not the input."""
-    found: dict[str, int] = {}
+    found = _seen_ids(keep)
     kept = []
     first_layout = None
     offset = 0
@@ -290,7 +356,7 @@ def _write_from_json(files, dst, keep, rank, out_container, id_rule) -> int:
 
 
 def _write_from_jsonl(files, dst, keep, rank, out_container, id_rule) -> int:
-    found: dict[str, int] = {}
+    found = _seen_ids(keep)
     kept = []  # (sid, (file, offset, length)): the bytes are re-read, so memory stays O(len(keep))
     base = 0
     for fi, file in enumerate(files):
@@ -345,6 +411,7 @@ def _write_parquet(inputs: list, dst: str, keep: set[str], rank: dict[str, int] 
     Two passes: the id column alone finds the kept rows (and checks ids); then only the row groups
     that hold kept rows are read, whole, and the rows taken from them in output order.
     """
+    import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -359,8 +426,10 @@ def _write_parquet(inputs: list, dst: str, keep: set[str], rank: dict[str, int] 
                                "needs the same columns and types", reason="format", path=f)
     has_ids = id_rule.column(schema.names, files[0], files[0])
     value_set = pa.array(sorted(keep), type=pa.string())
-    found: dict[str, int] = {}
-    picks: list[tuple[str, int, int, int]] = []  # (id, file, row group, row in group), input order
+    found = _seen_ids(keep)
+    # input order: (None, (file, row group, kept rows of the group as int64)), one entry per group;
+    # best first: (id, (file, row group, row in group)), one per kept row, to be sorted by rank
+    picks: list = []
     index = 0
     for fi, (f, pf) in enumerate(zip(files, pfs)):
         row = 0
@@ -374,11 +443,16 @@ def _write_parquet(inputs: list, dst: str, keep: set[str], rank: dict[str, int] 
             for i, sid in enumerate(ids.to_pylist()):
                 if sid is not None:
                     _note(f, found, sid, index + i, None)
-            hit = pc.indices_nonzero(pc.fill_null(pc.is_in(ids, value_set=value_set), False)).to_pylist()
-            picks.extend((ids[r].as_py(), fi, g, r) for r in hit)
+            hit = pc.indices_nonzero(pc.fill_null(pc.is_in(ids, value_set=value_set), False))
+            if rank is None:
+                if len(hit):
+                    picks.append((None, (fi, g, hit.to_numpy().astype(np.int64))))
+            else:
+                picks.extend((ids[r].as_py(), (fi, g, r)) for r in hit.to_pylist())
             index += len(ids)
     _check_found(files[0] if single else f"the {len(files)} Parquet shards", keep, found)
-    picks = _ranked([(p[0], p[1:]) for p in picks], rank)
+    picks = _ranked(picks, rank)
+    n_kept = len(picks) if rank is not None else sum(len(p[1][2]) for p in picks)
     n_rows = sum(pf.metadata.num_rows for pf in pfs)
     row_bytes = sum(pf.metadata.row_group(g).total_byte_size for pf in pfs
                     for g in range(pf.num_row_groups)) / max(1, n_rows)
@@ -412,7 +486,30 @@ def _write_parquet(inputs: list, dst: str, keep: set[str], rank: dict[str, int] 
 
     def write(path, chunk) -> None:
         with pq.ParquetWriter(path, schema) as writer:
-            writer.write_table(table_of(chunk), row_group_size=group_rows)
+            if rank is not None or not chunk:  # best first: the kept rows are gathered, then reordered
+                writer.write_table(table_of(chunk), row_group_size=group_rows)
+                return
+            # input order: kept rows taken from the input a batch at a time and cut into the same
+            # output row groups as one table of every kept row would be (memory: one batch in, one
+            # output row group out, whatever the number of kept rows)
+            pending, n_pending = [], 0
+            for _none, (fi, g, kept_rows) in chunk:
+                at = 0  # the input row group in batches: a row group of a million rows is not read whole
+                for batch in pfs[fi].iter_batches(batch_size=_READ_BATCH_ROWS, row_groups=[g]):
+                    lo, hi = np.searchsorted(kept_rows, [at, at + batch.num_rows])
+                    start, at = at, at + batch.num_rows
+                    if hi == lo:
+                        continue
+                    taken = pa.Table.from_batches([batch]).take(pa.array(kept_rows[lo:hi] - start))
+                    pending.append(taken.replace_schema_metadata(schema.metadata))
+                    n_pending += int(hi - lo)
+                    while n_pending >= group_rows:
+                        table = pa.concat_tables(pending)
+                        writer.write_table(table.slice(0, group_rows), row_group_size=group_rows)
+                        rest = table.slice(group_rows)
+                        pending, n_pending = ([rest] if rest.num_rows else []), rest.num_rows
+            if pending:
+                writer.write_table(pa.concat_tables(pending), row_group_size=group_rows)
 
     if single:
         with atomic_path(dst) as tmp:
@@ -423,7 +520,7 @@ def _write_parquet(inputs: list, dst: str, keep: set[str], rank: dict[str, int] 
                 path = os.path.join(tmp, *name.split("/"))
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 write(path, chunk)
-    return len(picks)
+    return n_kept
 
 
 def _mirror_names(inputs: list, source) -> list[str]:
@@ -474,7 +571,7 @@ def _copy_range(fin, fout, start: int, end: int, path: str) -> None:
 
 def _write_webdataset(inputs: list, dst: str, keep: set[str], rank: dict[str, int] | None, id_rule: "_Ids") -> int:
     """Tar shards in, tar shards out; each kept key's members are copied byte for byte."""
-    found: dict[str, int] = {}
+    found = _seen_ids(keep)
     picks = []  # (id, (InputFile, [(start, end), ...]))
     per_shard = [0] * len(inputs)
     index = 0
@@ -524,7 +621,7 @@ def _write_datasets(src: str | None, ds, dst: str, keep: set[str], rank: dict[st
         ds = datasets.load_from_disk(src)
     file = id_rule.source.files[0] if id_rule.source.files else None
     has_ids = id_rule.column(ds.column_names or [id_rule.field], what, src)
-    found: dict[str, int] = {}
+    found = _seen_ids(keep)
     picks = []
     kept_rows: dict[str, dict] = {}
     if isinstance(ds, datasets.Dataset):

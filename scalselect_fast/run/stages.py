@@ -227,7 +227,9 @@ def _stage_score(cfg: RunConfig, state: RunState, events: Events, src, sub) -> n
                     s = None
             if s is None:
                 s = np.empty(shard.count, dtype=np.float64)
-                for off, block in src.iter_shard_blocks(shard, verify=True):
+                # read into reused buffers (prefetch): a memory map of every shard would stay
+                # resident, the whole store counted in this process's memory by the end
+                for off, block in src.iter_shard_blocks(shard, verify=True, prefetch=2):
                     s[off - shard.offset: off - shard.offset + block.shape[0]] = sub.score(block, bf16=src.is_bf16)
                 # NaN/inf rows: NaN scores (never selected) with --drop-invalid, else a clear error
                 check_scores(src, s, shard.offset, bool(cfg.drop_invalid))
@@ -244,8 +246,8 @@ def _stage_score(cfg: RunConfig, state: RunState, events: Events, src, sub) -> n
     return out
 
 
-#: distinct source / quota values whose str objects the record table shares
-_INTERN_MAX = 1 << 16
+#: rows of an Arrow batch turned into Python dicts at once by the record pass
+_PYLIST_ROWS = 1 << 14
 
 
 def _raw_records(cfg: RunConfig, fields: Iterable[str]) -> Iterator[tuple[Any, str | None]]:
@@ -277,42 +279,53 @@ def _raw_records(cfg: RunConfig, fields: Iterable[str]) -> Iterator[tuple[Any, s
         for _index, batch, file, local in source.iter_batches(
                 columns=[rule.field, *source_columns(cfg.source_field), *fields]):
             name = source.relative_name(file)
-            for i, rec in enumerate(batch.to_pylist()):
-                yield rec, named(rec, name, local + i)
+            # a slice at a time: a batch can be a whole row group (a million rows), and that many
+            # dicts at once would leave their memory with the process long after the pass
+            for a in range(0, batch.num_rows, _PYLIST_ROWS):
+                for i, rec in enumerate(batch.slice(a, _PYLIST_ROWS).to_pylist(), start=a):
+                    yield rec, named(rec, name, local + i)
     else:
         for _index, _line, rec, file, local in source.iter_records():
             yield rec, named(rec, source.relative_name(file), local)
 
 
 def _record_table(cfg: RunConfig, fields: Iterable[str]) -> dict:
-    """One pass over the raw records: id, source and any quota field per record index."""
+    """One pass over the raw records: id, source and any quota field per record index, as compact
+    columns (:class:`~scalselect_fast.rowmap.IdColumn`, :class:`~scalselect_fast.rowmap.CodedColumn`):
+    no Python object per record is kept."""
+    from array import array
+
     from ..data import record_source
     from ..data.records import writable_text
+    from ..rowmap import CodedColumn, IdColumn
 
-    ids: list[str | None] = []
-    cols: dict[str, list] = {f: [] for f in fields}
-    sources: list[str | None] = []
-    # sources and quota values repeat: keep one str object per distinct value, not one per record
-    # (up to _INTERN_MAX distinct values; a field with more is kept as read)
-    interned: dict = {}
+    ids = IdColumn()
+    fields = list(fields)
+    codes = {f: array("i") for f in ["source", *fields]}
+    tables: dict = {f: {} for f in codes}
 
     def one(v):
         if v is not None and not v.isascii():
             v = writable_text(v)  # a lone surrogate ("\ud800" in JSON) has no UTF-8 form for the manifest
-        if v is None or len(interned) >= _INTERN_MAX:
-            return interned.get(v, v)
-        return interned.setdefault(v, v)
+        return v
 
-    for rec, sid in _raw_records(cfg, list(fields)):
+    for rec, sid in _raw_records(cfg, fields):
         r = rec if isinstance(rec, dict) else {}
         if sid is not None and writable_text(sid) is not sid:  # skipped as invalid_id: it has no usable id
             sid = None
         ids.append(sid)
         src = one(record_source(r, cfg.source_field))
-        sources.append(src)
-        for f in cols:
-            cols[f].append(src if f == "source" else (None if r.get(f) is None else one(str(r.get(f)))))
-    return {"ids": ids, "sources": sources, "fields": cols}
+        t = tables["source"]
+        codes["source"].append(t.setdefault(src, len(t)))
+        for f in fields:
+            if f == "source":
+                continue
+            v = None if r.get(f) is None else one(str(r.get(f)))
+            t = tables[f]
+            codes[f].append(t.setdefault(v, len(t)))
+    cols = {f: CodedColumn(np.frombuffer(c, np.int32) if len(c) else np.zeros(0, np.int32), list(tables[f]))
+            for f, c in codes.items()}
+    return {"ids": ids.finish(), "sources": cols["source"], "fields": {f: cols[f] for f in fields}}
 
 
 def _resolve_budget(cfg: RunConfig, n_base: int, n_valid: int, skip_counts: Mapping[str, int],
@@ -340,9 +353,8 @@ def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, sco
                   out: Path, skipped_path: Path, report_extra=None, before_commit=None) -> RunResult:
     """The selection job (:func:`scalselect_fast.selection.run_selection`) over the run's checkpoints."""
     from ..data import read_skip_log
-    from ..data.ids import locate_ids
     from ..postselect import parse_quota
-    from ..rowmap import Records, budget_base
+    from ..rowmap import Records, budget_base, locate_store_rows
     from ..selection import run_selection
     from ..stability import parse_seeds
 
@@ -351,10 +363,12 @@ def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, sco
     quotas = [parse_quota(q) for q in cfg.quota]
     recs = _record_table(cfg, [q.field for q in quotas])
     n_records = len(recs["ids"])
-    stored = src.ids()
-    at = locate_ids(recs["ids"], stored)  # not a set of every id: 1/4 of its memory at 10M records
-    missing = [stored[j] for j in np.flatnonzero(at < 0)[:3].tolist()]
-    del at, stored
+    records = Records(path=cfg.data, ids=recs["ids"], sources=recs["sources"], fields=recs["fields"],
+                      skip_reason={}, skip_counts={}, selected_name=_selected_name(cfg),
+                      format=cfg.format, image_root=cfg.image_root, order=cfg.order, id_field=cfg.id_field,
+                      keep_text_only=cfg.text_only == "keep")
+    # stored rows → records by a merge of the two orders (no table of every id)
+    records.stored_record, missing = locate_store_rows(src, records)
     if missing:
         raise RunError(f"the representation store holds ids not in {cfg.data} (e.g. {missing[:3]}); the "
                        f"dataset changed after extraction. Rerun with --force")
@@ -367,11 +381,8 @@ def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, sco
     for e in skip_entries:
         skip_counts[e.get("reason")] = skip_counts.get(e.get("reason"), 0) + 1
     n_valid = src.n - int(np.isnan(scores).sum())  # rows excluded by --drop-invalid have no score
-    text_only = sorted(i for i, why in skip_reason.items() if why.split(":", 1)[0] == REASON_TEXT_ONLY)
-    records = Records(path=cfg.data, ids=recs["ids"], sources=recs["sources"], fields=recs["fields"],
-                      skip_reason=skip_reason, skip_counts=skip_counts, selected_name=_selected_name(cfg),
-                      format=cfg.format, image_root=cfg.image_root, order=cfg.order, id_field=cfg.id_field,
-                      text_only=text_only, keep_text_only=cfg.text_only == "keep")
+    records.text_only = sorted(i for i, why in skip_reason.items() if why.split(":", 1)[0] == REASON_TEXT_ONLY)
+    records.skip_reason, records.skip_counts = skip_reason, skip_counts
     budget = _resolve_budget(cfg, budget_base(src, records)["n"], n_valid, skip_counts, skipped_path, n_records)
     fps = state.fps
     timings = {k: v for k, v in state.data.get("timings", {}).items() if k != "select"}
