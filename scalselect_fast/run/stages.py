@@ -437,7 +437,7 @@ def _stage_extract(cfg: RunConfig, state: RunState, events: Events, source=None)
 
     Skipped samples (text-only, missing/corrupt images, bad records) go to ``reps/skipped.jsonl``.
     """
-    from ..extract import extract_to_store, repair_store
+    from ..extract import extract_to_store, parse_devices, repair_store
     from ..store import StoreSource
 
     store = _store_dir(state)
@@ -451,12 +451,14 @@ def _stage_extract(cfg: RunConfig, state: RunState, events: Events, source=None)
         events.warn(f"discarding the fit and score checkpoints in {state.work}: they depend on the shards "
                     f"being re-extracted")
         state.forget("extract", "fit", "score")
+    devices = parse_devices(cfg.devices, cfg.device)
+    _restart_store_of_other_world(cfg, state, events, store, len(devices))
     t0 = time.perf_counter()
-    events.emit("stage_start", stage="extract")
+    events.emit("stage_start", stage="extract", devices=devices)
     summary = extract_to_store(cfg.model, data, store, image_root=cfg.image_root, format=cfg.format,
                                batch_size=cfg.batch_size, **_model_options(cfg), **_batch_options(cfg),
                                warn=events.warn, id_field=cfg.id_field, store_dtype=cfg.store_dtype,
-                               shard_size=cfg.shard_size,
+                               shard_size=cfg.shard_size, devices=devices if len(devices) > 1 else None,
                                cache=_cache_dir(cfg, state.work.parent),
                                # humans get the engine's own tqdm bar (rate + ETA), machines events
                                progress=not (cfg.quiet or events.log_json),
@@ -477,6 +479,35 @@ def _stage_extract(cfg: RunConfig, state: RunState, events: Events, source=None)
                 shards_written=summary.get("shards_written"), shards_resumed=summary.get("shards_resumed"),
                 cache=cache)
     return src
+
+def _restart_store_of_other_world(cfg: RunConfig, state: RunState, events: Events, store: Path, world: int) -> None:
+    """A partial store extracted by another number of processes is started again through the cache.
+
+    Its ranks own other record ranges than this run's, so its shards cannot be resumed (nor mixed
+    with new ones). With the representation cache (the default) every vector it holds is in the cache,
+    so re-extracting costs lookups; without one the run is refused rather than throwing work away.
+    """
+    import json
+    import shutil
+
+    try:
+        old = json.loads((store / "manifest.json").read_text()).get("provenance", {}).get("world_size")
+    except (OSError, ValueError):
+        return
+    if old is None or int(old) == world:
+        return
+    cache = _cache_dir(cfg, state.work.parent)
+    if cache is None:
+        raise RunError(f"{store} holds a partial extraction by {old} process(es) and this run has {world} "
+                       f"(--devices {cfg.devices}); their record ranges differ, so it cannot be resumed and "
+                       f"there is no --cache to re-extract from. Rerun with {old} device(s) to resume it, or "
+                       f"with --force to start over")
+    events.warn(f"{store} holds a partial extraction by {old} process(es) and this run has {world}: their "
+                f"record ranges differ, so the store is started again; samples already extracted are taken "
+                f"from the representation cache {cache}")
+    shutil.rmtree(store)
+    state.forget("extract", "fit", "score")
+
 
 def _add_cache_counts(state: RunState, counts: dict | None) -> dict | None:
     """This run's cache counts added to those of earlier attempts of the same extraction (a resume)."""
@@ -554,12 +585,24 @@ def _preflight(cfg: RunConfig, out: Path, events: Events, plan_only: bool, sourc
 
 
 def _resolve_auto_device(cfg: RunConfig) -> RunConfig:
-    """``--device auto`` / ``--dtype auto`` made concrete before anything depends on them.
+    """``--device auto`` / ``--devices auto`` / ``--dtype auto`` made concrete before anything depends
+    on them.
 
-    auto device = the GPU when torch sees one, else cpu; auto dtype = bf16 on a GPU that supports
-    it, else fp32. The fingerprints, the plan and the report then name what actually ran, so a run
-    resumed on a machine that resolves differently is refused instead of mixing precisions.
+    auto devices = every GPU torch sees (one extraction process each), else one CPU process; the
+    device is then their kind (``cuda`` or ``cpu``: how many processes ran does not change the
+    representations, so it is not part of the fingerprints), or the one device. auto dtype = bf16 on a
+    GPU that supports it, else fp32. The fingerprints, the plan and the report then name what
+    actually ran, so a run resumed on a machine that resolves differently is refused instead of mixing
+    precisions.
     """
+    from ..extract.launch import parse_devices
+
+    devices = parse_devices(cfg.devices, cfg.device)
+    if len(devices) > 1:
+        cfg = dataclasses.replace(cfg, device=devices[0].split(":")[0])
+    elif str(cfg.devices).lower() != "auto" and cfg.device in (None, "auto"):
+        cfg = dataclasses.replace(cfg, device=devices[0])  # --devices cuda:1: that one GPU
+    cfg = dataclasses.replace(cfg, devices=_devices_text(devices))
     if cfg.device not in (None, "auto") and str(cfg.dtype).lower() != "auto":
         return cfg
     from ..extract.model import resolve_device, resolve_dtype
@@ -571,6 +614,13 @@ def _resolve_auto_device(cfg: RunConfig) -> RunConfig:
 
         dtype = "bf16" if resolve_dtype("auto", device) == torch.bfloat16 else "fp32"
     return dataclasses.replace(cfg, device=device, dtype=dtype)
+
+
+def _devices_text(devices: list[str]) -> str:
+    """The canonical ``--devices`` value of a device list: ``cpu:N`` or ``cuda:0,cuda:3``."""
+    if devices[0] == "cpu":
+        return f"cpu:{len(devices)}"
+    return ",".join(devices)
 
 
 def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, report_extra=None):
