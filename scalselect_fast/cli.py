@@ -729,6 +729,8 @@ def _cmd_run(args) -> int:
         res = run(cfg)
     except _run_errors() as exc:
         return _fail(args, exc)
+    if res is None:  # a rank other than 0 under torchrun: rank 0 writes and prints the selection
+        return 0
     if not cfg.log_json:
         from .selection import print_selection
 

@@ -236,3 +236,21 @@ def test_rerun_with_another_process_count_restarts_through_the_cache(env, double
     assert "partial extraction by 2 process(es) and this run has 1" in p.stderr
     assert all(n.startswith("shard-") for n in _manifest_shards(out))  # one store layout, never mixed
     assert (out / "selected.json").read_bytes() == double["selected"]
+
+
+# --------------------------------------------------------------------------------------------------
+# a run launched by torchrun
+# --------------------------------------------------------------------------------------------------
+def test_run_under_torchrun_every_rank_extracts_and_rank_0_selects(env, double, tmp_path):
+    pytest.importorskip("torch.distributed.run")
+    out = tmp_path / "out"
+    args = _args(env, out, devices="auto")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+              "scalselect_fast", *args[3:]]
+    p = _cli(launch)
+    assert p.returncode == 0, p.stderr[-3000:]
+    shards = _manifest_shards(out)
+    assert {n[:7] for n in shards} == {"rank000", "rank001"}  # both ranks wrote their range of the store
+    # the same ranks, ranges and batches as --devices cpu:2: the same bytes
+    assert (out / "selected.json").read_bytes() == double["selected"]
+    assert (out / "manifest.parquet").read_bytes() == double["manifest"]

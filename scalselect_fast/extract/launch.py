@@ -244,6 +244,8 @@ def extract_on_devices(model, data, out, devices: list[str], opts: ExtractOption
                                    f"must be a module-level function for several devices") from None
             r, w = os.pipe()
             env = dict(os.environ, SCALSELECT_WORKER_FD=str(w))
+            for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+                env.setdefault(var, str(threads))  # no library oversubscribes the cores the others use
             root = str(Path(__file__).resolve().parents[2])
             env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
             proc = subprocess.Popen([sys.executable, "-m", "scalselect_fast.extract.launch"], stdin=subprocess.PIPE,
