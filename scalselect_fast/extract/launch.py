@@ -296,48 +296,47 @@ def _check_store_world(out: Path, world: int, force: bool) -> None:
 def _watch(children: list[_Child], sel, bar, on_progress, total: int, warn) -> None:
     """Read the children's reports until all have finished; raise at the first one that dies."""
     seen: set[str] = set()
+
+    def handle(c: _Child, chunk: bytes) -> None:
+        c.buf += chunk
+        *lines, c.buf = c.buf.split(b"\n")
+        for line in lines:
+            msg = json.loads(line)
+            if msg["k"] == "p":
+                c.done = int(msg["done"])
+                done = sum(x.done for x in children)
+                if bar is not None:
+                    bar.update(done - bar.n)
+                if on_progress is not None:
+                    on_progress(done, total)
+                crashpoint("devices.parent")  # the tests kill the parent here
+            elif msg["k"] == "w" and msg["m"] not in seen:
+                seen.add(msg["m"])
+                warn(msg["m"])
+            elif msg["k"] == "s":
+                c.summary = msg["summary"]
+            elif msg["k"] == "e":
+                c.error = msg
+
     running = list(children)
     while running:
         for key, _ in sel.select(timeout=1.0):
             c: _Child = key.data
             chunk = os.read(c.fd, 65536)
-            if not chunk:
+            if chunk:
+                handle(c, chunk)
+            else:
                 sel.unregister(c.fd)
-                continue
-            c.buf += chunk
-            *lines, c.buf = c.buf.split(b"\n")
-            for line in lines:
-                msg = json.loads(line)
-                if msg["k"] == "p":
-                    c.done = int(msg["done"])
-                    done = sum(x.done for x in children)
-                    if bar is not None:
-                        bar.update(done - bar.n)
-                    if on_progress is not None:
-                        on_progress(done, total)
-                    crashpoint("devices.parent")  # the tests kill the parent here
-                elif msg["k"] == "w" and msg["m"] not in seen:
-                    seen.add(msg["m"])
-                    warn(msg["m"])
-                elif msg["k"] == "s":
-                    c.summary = msg["summary"]
-                elif msg["k"] == "e":
-                    c.error = msg
         for c in list(running):
             code = c.proc.poll()
             if code is None:
                 continue
+            with contextlib.suppress(OSError):  # its last reports may still be in the pipe
+                while _readable(c.fd) and (chunk := os.read(c.fd, 65536)):
+                    handle(c, chunk)
             if code == 0 and c.summary is not None:
                 running.remove(c)
                 continue
-            with contextlib.suppress(OSError):  # the error line may still be in the pipe
-                while _readable(c.fd) and (chunk := os.read(c.fd, 65536)):
-                    c.buf += chunk
-            for line in c.buf.split(b"\n"):
-                with contextlib.suppress(ValueError):
-                    m = json.loads(line)
-                    if m.get("k") == "e":
-                        c.error = m
             others = [x for x in children if x is not c and x.proc.poll() is None]
             _stop(others)
             then = ("shards already committed are kept" if c.error is not None else
