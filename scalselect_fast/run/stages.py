@@ -646,11 +646,15 @@ def _resolve_auto_device(cfg: RunConfig) -> RunConfig:
         devices = ["cuda" if cfg.device in (None, "auto") and _cuda_count() else cfg.device or "auto"]
     else:
         devices = parse_devices(cfg.devices, cfg.device)
+    changes = {}
+    if len(devices) > 1 or str(cfg.devices).lower() != "auto":
+        changes["devices"] = _devices_text(devices)
     if len(devices) > 1:
-        cfg = dataclasses.replace(cfg, device=devices[0].split(":")[0])
+        changes["device"] = devices[0].split(":")[0]
     elif str(cfg.devices).lower() != "auto" and cfg.device in (None, "auto"):
-        cfg = dataclasses.replace(cfg, device=devices[0])  # --devices cuda:1: that one GPU
-    cfg = dataclasses.replace(cfg, devices=_devices_text(devices))
+        changes["device"] = devices[0]  # --devices cuda:1: that one GPU
+    if any(getattr(cfg, k) != v for k, v in changes.items()):
+        cfg = dataclasses.replace(cfg, **changes)
     if cfg.device not in (None, "auto") and str(cfg.dtype).lower() != "auto":
         return cfg
     from ..extract.model import resolve_device, resolve_dtype
