@@ -276,7 +276,8 @@ def add_extract_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "extract", help="extract ScalSelect representations from a vision-language model into a store",
         description="Run a VLM up to decoder layer L on every sample and store one instruction-attended "
-                    "vector per sample (resumable; torchrun/accelerate launch for data parallelism).")
+                    "vector per sample (resumable; one process per device with --devices, or launched "
+                    "by torchrun/accelerate).")
     p.add_argument("--model", required=True, help="local checkpoint directory (LLaVA-1.5 hf, Qwen2/2.5/3-VL, ...)")
     p.add_argument("--data", required=True, nargs="+", action=_DataAction, help=_DATA_HELP)
     p.add_argument("--image-root", default=None, help="directory relative image paths are joined to")
@@ -288,6 +289,10 @@ def add_extract_command(sub: argparse._SubParsersAction) -> None:
                    help="model compute dtype; auto = bf16 on a GPU that supports it, fp32 on CPU [auto]")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (the GPU when one is usable, "
                                                     "else cpu) [auto]")
+    p.add_argument("--devices", default="auto",
+                   help="extraction processes, one per device, writing one store: auto (every visible GPU, else "
+                        "one CPU process; --device cuda:N keeps that one), a list such as cuda:0,cuda:3, or cpu:N "
+                        "(N CPU processes) [auto]")
     p.add_argument("--device-map", default=None, help="transformers device_map (e.g. auto) for models that "
                                                       "do not fit one device")
     p.add_argument("--instruction", default="all", choices=["all", "user"],
@@ -349,7 +354,7 @@ def _extract(args, extract_to_store) -> dict:
     return extract_to_store(
         args.model, args.data, args.out, image_root=args.image_root, format=args.format,
         batch_size=args.batch_size, layer=args.layer, threshold=args.threshold, instruction=args.instruction,
-        dtype=args.dtype, device=args.device, device_map=args.device_map, store_dtype=args.store_dtype,
+        dtype=args.dtype, device=args.device, devices=args.devices, device_map=args.device_map, store_dtype=args.store_dtype,
         shard_size=args.shard_size, max_length=args.max_length, padding_side=args.padding_side,
         pool_impl=_pool_impl_arg(args), force=args.force, progress=not args.quiet, num_workers=args.num_workers,
         roles=args.roles, vision_tokens=args.vision_tokens, pixels=args.pixels,
@@ -609,6 +614,9 @@ def add_run_command(sub: argparse._SubParsersAction) -> None:
                         "(cpu, as `scalselect fit`)")
     g.add_argument("--batch-size", type=int, help="extraction batch size (8)")
     g.add_argument("--device", help="cpu, cuda, cuda:1 or auto: the GPU when one is usable, else cpu (auto)")
+    g.add_argument("--devices", help="extraction processes, one per device, then one fit and selection: auto "
+                                     "(every visible GPU, else one CPU process), a list such as cuda:0,cuda:3, or "
+                                     "cpu:N (N CPU processes) (auto)")
     g.add_argument("--dtype", help="model dtype: auto (bf16 on a GPU that supports it, float32 on CPU), "
                                    "float32, bfloat16, float16 (auto)")
     g.add_argument("--store-dtype", choices=["float16", "bfloat16", "float32"],
@@ -666,7 +674,7 @@ def add_run_command(sub: argparse._SubParsersAction) -> None:
 
 _RUN_FIELDS = ("model", "data", "image_root", "format", "id_field", "source_field", "text_only", "out", "budget",
                "order", "layer", "threshold", "energy", "k", "solver", "seed", "standardize", "l2_normalize",
-               "drop_invalid", "fit_device", "batch_size", "device", "dtype", "store_dtype", "shard_size",
+               "drop_invalid", "fit_device", "batch_size", "device", "devices", "dtype", "store_dtype", "shard_size",
                "instruction", "roles", "vision_tokens", "pixels", "max_length", "max_image_pixels", "num_workers",
                "cache", "dedup_selected", "quota", "stability_seeds", "force", "quiet", "log_json", "plan_check",
                "html")
@@ -686,6 +694,7 @@ def _run_errors():
                       ("scalselect_fast.subspace", "SubspaceError"),
                       ("scalselect_fast.extract", "UnsupportedModelError"),
                       ("scalselect_fast.extract", "ExtractError"),
+                      ("scalselect_fast.extract", "WorkerError"),
                       ("scalselect_fast.extract.cache", "CacheError")):
         try:
             import importlib
@@ -722,6 +731,8 @@ def _cmd_run(args) -> int:
         res = run(cfg)
     except _run_errors() as exc:
         return _fail(args, exc)
+    if res is None:  # a rank other than 0 under torchrun: rank 0 writes and prints the selection
+        return 0
     if not cfg.log_json:
         from .selection import print_selection
 

@@ -8,7 +8,8 @@ averaged into one vector. No attention map is built (see :mod:`scalselect_fast.o
 Modules: :mod:`.model` (loading, adapters, encoding, truncated forward), :mod:`.roles` (token roles
 from the chat template), :mod:`.hook` (attention capture + early exit), :mod:`.options` (the
 settings, validated once), :mod:`.batch` (one batch: encode, forward, pool), :mod:`.loop` (the loop
-and the store writer), :mod:`.ranks` (which records a rank owns), :mod:`.repair` (stale shards),
+and the store writer), :mod:`.ranks` (which records a rank owns), :mod:`.launch`
+(one process per device), :mod:`.repair` (stale shards),
 :mod:`.cache` and :mod:`.cache_lookup` (the representation cache), :mod:`.tiny` (random-weight tiny
 models for tests and the demo).
 Importing this package is cheap; torch and transformers load on first use.
@@ -30,6 +31,9 @@ _LAZY = {
     "ChatTemplateError": "scalselect_fast.extract.roles",
     "ExtractError": "scalselect_fast.extract.roles",
     "SampleError": "scalselect_fast.extract.roles",
+    "parse_devices": "scalselect_fast.extract.launch",
+    "DevicesError": "scalselect_fast.extract.launch",
+    "WorkerError": "scalselect_fast.extract.launch",
 }
 
 __all__ = sorted(_LAZY)

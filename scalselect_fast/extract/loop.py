@@ -22,6 +22,7 @@ sample: id, index, reason code, detail) and counted in the shard record.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from .batch import (REASON_ENCODE, REASON_NO_ATTENTION, REASON_TEXT_ONLY, REASON
                     batches, encode_and_pool, image_loader_for, pipelined)
 from .cache import sample_key
 from .cache_lookup import cache_batch, merge_hits, open_cache
+from .launch import extract_on_devices, plan_devices
 from .model import VLM, load_vlm
 from .options import ExtractOptions, extract_options
 from .ranks import RangeSkipLog, env_rank, rank_device, rank_range
@@ -175,6 +177,11 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *,
     is looked up by its content first and only the misses reach the model; new vectors are added to
     it (shared safely between runs, datasets and concurrent processes).
 
+    With several ``devices`` (``"cpu:2"``, ``"cuda:0,cuda:3"``, or ``"auto"`` on a multi-GPU machine),
+    one process per device extracts its rank's records into this store and the call returns their
+    summaries added up (:func:`~.launch.extract_on_devices`; a dying process raises
+    :class:`~.launch.WorkerError` naming its device).
+
     Returns
     -------
     dict
@@ -197,6 +204,11 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *,
     from ..data.sources import open_dataset
 
     opts = extract_options(options, settings, "extract_to_store")
+    devices = plan_devices(opts)  # several: one process each (see .launch); None: this process alone
+    if devices is not None and len(devices) > 1:
+        return extract_on_devices(model, data, out, devices, opts)
+    if devices is not None and opts.devices not in (None, "auto"):
+        opts = dataclasses.replace(opts, device=devices[0])  # --devices cuda:1: one process, on that GPU
     env_r, env_world = env_rank()
     rank = env_r if opts.rank is None else int(opts.rank)
     world = env_world if opts.world_size is None else int(opts.world_size)

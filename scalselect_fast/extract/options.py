@@ -40,6 +40,10 @@ class ExtractOptions:
         Model compute dtype.
     device : {"auto", "cpu", "cuda", "cuda:N"} or None
         Where the model runs (:func:`scalselect_fast.devices.torch_device`; None = ``"auto"``).
+    devices : str or list of str, optional
+        Processes to extract with, one per device (:func:`~.launch.parse_devices`): ``"auto"`` (None:
+        every visible CUDA device, else one CPU process; a ``device`` that names one device keeps that
+        one), ``"cuda:0,cuda:3"``, or ``"cpu:N"``. Ignored inside a process launched as one rank.
     device_map : str or dict, optional
         Passed to ``from_pretrained`` for models that do not fit one device.
     max_length : int, optional
@@ -106,6 +110,7 @@ class ExtractOptions:
     instruction: str = "all"
     dtype: str = "fp32"
     device: str | None = "auto"
+    devices: str | list | None = "auto"
     device_map: object = None
     max_length: int | None = None
     padding_side: str = "right"

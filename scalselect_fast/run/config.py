@@ -52,6 +52,9 @@ class RunConfig:
     fit_device: str = "cpu"
     batch_size: int = 8
     device: str = "auto"
+    # extraction processes, one per device: "auto" (every visible GPU, else one CPU process),
+    # "cuda:0,cuda:3", "cpu:N" (a list in a config file / the API); see extract.launch.parse_devices
+    devices: str | list = "auto"
     dtype: str = "auto"
     store_dtype: str = "float16"
     shard_size: int = 4096
@@ -162,8 +165,9 @@ class RunConfig:
         self.validate_device()
 
     def validate_device(self) -> None:
-        """Refuse an unknown --dtype / --device, or CUDA (for extraction or the fit) that is not there,
-        before any stage runs."""
+        """Refuse an unknown --dtype / --device / --devices, or CUDA (for extraction or the fit) that is
+        not there, before any stage runs."""
+        from ..extract.launch import DevicesError, parse_devices
         from ..extract.model import UnsupportedModelError, resolve_device, resolve_dtype
 
         try:
@@ -171,7 +175,10 @@ class RunConfig:
                 resolve_dtype(self.dtype)
             if str(self.device).lower() != "auto":
                 resolve_device(self.device)
+            parse_devices(self.devices, self.device)
         except UnsupportedModelError as exc:
+            raise RunError(str(exc)) from None
+        except DevicesError as exc:
             raise RunError(str(exc)) from None
         if self.fit_device == "cuda":  # CuPy and a GPU, checked now rather than after extraction
             from ..devices import DeviceError, array_device
@@ -331,6 +338,14 @@ def _coerce(name: str, value, source) -> object:
             return value
         raise SettingTypeError(f"setting data{where}: {value!r:.200} is not a path (str or os.PathLike), a list "
                                "of paths or a datasets Dataset")
+    if name == "devices":  # "auto", "cuda:0,cuda:3", "cpu:2", or a list of device names
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+            return ",".join(value)
+        where = f" (in {source})" if source else ""
+        raise SettingTypeError(f"setting devices{where}: {value!r:.200} is not 'auto', 'cpu:N' or a list of "
+                               f"devices such as ['cuda:0', 'cuda:3']")
     if name == "budget":
         accepts = "a count (int, e.g. 100000), a fraction (float, e.g. 0.16) or a string ('16%', '0.16', '100000')"
     else:

@@ -455,12 +455,14 @@ def _batch_options(cfg: RunConfig) -> dict:
             "max_image_pixels": cfg.max_image_pixels}
 
 
-def _stage_extract(cfg: RunConfig, state: RunState, events: Events, source=None):
+def _stage_extract(cfg: RunConfig, state: RunState, events: Events, source=None, group=None):
     """Representations into the run's store (the extraction engine resumes after its last shard).
 
+    With several ``--devices``, one process per device extracts its rank's range of the one store;
+    under torchrun (``group``) this process extracts rank 0's range and waits for the other ranks.
     Skipped samples (text-only, missing/corrupt images, bad records) go to ``reps/skipped.jsonl``.
     """
-    from ..extract import extract_to_store, repair_store
+    from ..extract import extract_to_store, parse_devices, repair_store
     from ..store import StoreSource
 
     store = _store_dir(state)
@@ -474,16 +476,56 @@ def _stage_extract(cfg: RunConfig, state: RunState, events: Events, source=None)
         events.warn(f"discarding the fit and score checkpoints in {state.work}: they depend on the shards "
                     f"being re-extracted")
         state.forget("extract", "fit", "score")
+    if group is not None:
+        return _finish_extract(cfg, state, events, *_extract_launched(cfg, events, data, store, group))
+    devices = parse_devices(cfg.devices, cfg.device)
+    _restart_store_of_other_world(cfg, state, events, store, len(devices))
     t0 = time.perf_counter()
-    events.emit("stage_start", stage="extract")
+    events.emit("stage_start", stage="extract", devices=devices)
     summary = extract_to_store(cfg.model, data, store, image_root=cfg.image_root, format=cfg.format,
                                batch_size=cfg.batch_size, **_model_options(cfg), **_batch_options(cfg),
                                warn=events.warn, id_field=cfg.id_field, store_dtype=cfg.store_dtype,
-                               shard_size=cfg.shard_size,
+                               shard_size=cfg.shard_size, devices=devices if len(devices) > 1 else None,
                                cache=_cache_dir(cfg, state.work.parent),
                                # humans get the engine's own tqdm bar (rate + ETA), machines events
                                progress=not (cfg.quiet or events.log_json),
                                on_progress=json_progress(events, "extract") if events.log_json else None)
+    return _finish_extract(cfg, state, events, store, summary, t0)
+
+
+def _extract_launched(cfg: RunConfig, events: Events, data, store: Path, group) -> tuple:
+    """Rank 0 of a torchrun-launched run: its own range, then wait for the others; a range still not
+    committed after that (a shard set aside as corrupt since) is extracted here, on this device."""
+    import json
+
+    from ..extract.ranks import rank_range
+
+    t0 = time.perf_counter()
+    events.emit("stage_start", stage="extract", ranks=group.world)
+    summary = _extract_range(cfg, events, data, store, 0, group.world, progress=not (cfg.quiet or events.log_json),
+                             on_progress=json_progress(events, "extract") if events.log_json else None)
+    group.wait_all()
+    n = int(json.loads((store / "manifest.json").read_text())["provenance"]["data"]["records"])
+    for r in range(1, group.world):
+        lo, hi = rank_range(n, r, group.world)
+        if _committed_records(store, r) < hi - lo:
+            _extract_range(cfg, events, data, store, r, group.world, progress=False)
+    return store, summary, t0
+
+
+def _committed_records(store: Path, rank: int) -> int:
+    """Records of rank ``rank``'s range covered by committed shards of ``store``."""
+    import json
+
+    shards = json.loads((store / "manifest.json").read_text())["shards"]
+    return sum(int(sh["range"][1]) - int(sh["range"][0]) for sh in shards
+               if sh["name"].startswith(f"rank{rank:03d}-") and "range" in sh)
+
+
+def _finish_extract(cfg: RunConfig, state: RunState, events: Events, store: Path, summary: dict, t0: float):
+    """The finished store as a source; refused when no sample has a representation; the stage marked done."""
+    from ..store import StoreSource
+
     src = StoreSource(store)
     if src.n == 0:
         from ..data.skiplog import summarize_skip_log
@@ -500,6 +542,36 @@ def _stage_extract(cfg: RunConfig, state: RunState, events: Events, source=None)
                 shards_written=summary.get("shards_written"), shards_resumed=summary.get("shards_resumed"),
                 cache=cache)
     return src
+
+
+def _restart_store_of_other_world(cfg: RunConfig, state: RunState, events: Events, store: Path, world: int) -> None:
+    """A partial store extracted by another number of processes is started again through the cache.
+
+    Its ranks own other record ranges than this run's, so its shards cannot be resumed (nor mixed
+    with new ones). With the representation cache (the default) every vector it holds is in the cache,
+    so re-extracting costs lookups; without one the run is refused rather than throwing work away.
+    """
+    import json
+    import shutil
+
+    try:
+        old = json.loads((store / "manifest.json").read_text()).get("provenance", {}).get("world_size")
+    except (OSError, ValueError):
+        return
+    if old is None or int(old) == world:
+        return
+    cache = _cache_dir(cfg, state.work.parent)
+    if cache is None:
+        raise RunError(f"{store} holds a partial extraction by {old} process(es) and this run has {world} "
+                       f"(--devices {cfg.devices}); their record ranges differ, so it cannot be resumed and "
+                       f"there is no --cache to re-extract from. Rerun with {old} device(s) to resume it, or "
+                       f"with --force to start over")
+    events.warn(f"{store} holds a partial extraction by {old} process(es) and this run has {world}: their "
+                f"record ranges differ, so the store is started again; samples already extracted are taken "
+                f"from the representation cache {cache}")
+    shutil.rmtree(store)
+    state.forget("extract", "fit", "score")
+
 
 def _add_cache_counts(state: RunState, counts: dict | None) -> dict | None:
     """This run's cache counts added to those of earlier attempts of the same extraction (a resume)."""
@@ -577,12 +649,35 @@ def _preflight(cfg: RunConfig, out: Path, events: Events, plan_only: bool, sourc
 
 
 def _resolve_auto_device(cfg: RunConfig) -> RunConfig:
-    """``--device auto`` / ``--dtype auto`` made concrete before anything depends on them.
+    """``--device auto`` / ``--devices auto`` / ``--dtype auto`` made concrete before anything depends
+    on them.
 
-    auto device = the GPU when torch sees one, else cpu; auto dtype = bf16 on a GPU that supports
-    it, else fp32. The fingerprints, the plan and the report then name what actually ran, so a run
-    resumed on a machine that resolves differently is refused instead of mixing precisions.
+    auto devices = every GPU torch sees (one extraction process each), else one CPU process; the
+    device is then their kind (``cuda`` or ``cpu``: how many processes ran does not change the
+    representations, so it is not part of the fingerprints), or the one device. auto dtype = bf16 on a
+    GPU that supports it, else fp32. The fingerprints, the plan and the report then name what
+    actually ran, so a run resumed on a machine that resolves differently is refused instead of mixing
+    precisions.
     """
+    from ..extract.launch import parse_devices
+    from ..extract.ranks import env_rank
+
+    if env_rank()[1] > 1:  # launched by torchrun: this process is one rank (run.launched)
+        if str(cfg.devices).lower() != "auto":
+            raise RunError(f"--devices {cfg.devices} under torchrun: each launched process is one rank already "
+                           f"(on cuda:LOCAL_RANK); leave --devices at auto, or run without torchrun")
+        devices = ["cuda" if cfg.device in (None, "auto") and _cuda_count() else cfg.device or "auto"]
+    else:
+        devices = parse_devices(cfg.devices, cfg.device)
+    changes = {}
+    if len(devices) > 1 or str(cfg.devices).lower() != "auto":
+        changes["devices"] = _devices_text(devices)
+    if len(devices) > 1:
+        changes["device"] = devices[0].split(":")[0]
+    elif str(cfg.devices).lower() != "auto" and cfg.device in (None, "auto"):
+        changes["device"] = devices[0]  # --devices cuda:1: that one GPU
+    if any(getattr(cfg, k) != v for k, v in changes.items()):
+        cfg = dataclasses.replace(cfg, **changes)
     if cfg.device not in (None, "auto") and str(cfg.dtype).lower() != "auto":
         return cfg
     from ..extract.model import resolve_device, resolve_dtype
@@ -594,6 +689,19 @@ def _resolve_auto_device(cfg: RunConfig) -> RunConfig:
 
         dtype = "bf16" if resolve_dtype("auto", device) == torch.bfloat16 else "fp32"
     return dataclasses.replace(cfg, device=device, dtype=dtype)
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _devices_text(devices: list[str]) -> str:
+    """The canonical ``--devices`` value of a device list: ``cpu:N`` or ``cuda:0,cuda:3``."""
+    if devices[0] in ("cpu", "auto", "cuda"):
+        return devices[0] if devices[0] != "cpu" else f"cpu:{len(devices)}"
+    return ",".join(devices)
 
 
 def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, report_extra=None):
@@ -657,9 +765,45 @@ def run(cfg: RunConfig, events: Events | None = None, plan_only: bool = False, r
     if plan_only:
         return _preflight(cfg, out, events, True, source, started=started)
     _check_out_dir(out)
+    from .launched import launched_group
+
+    group = launched_group()  # None unless torchrun launched several ranks
+    if group is not None and group.rank != 0:
+        return _run_as_rank(cfg, events, out, source, group)
     # one run per --out: a second one would interleave skipped.jsonl lines and contradict the report
     with exclusive_lock(out / RUN_LOCK, f"--out {out}"):
-        return _run_locked(cfg, events, out, source, model_fp, report_extra)
+        return _run_locked(cfg, events, out, source, model_fp, report_extra, group)
+
+
+def _rank_device(cfg: RunConfig) -> str:
+    """The model device of this rank under torchrun: ``cuda:LOCAL_RANK`` for ``cuda``, else as set."""
+    if cfg.device == "cuda":
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', os.environ.get('RANK', '0')))}"
+    return cfg.device
+
+
+def _extract_range(cfg: RunConfig, events: Events, source, store: Path, rank: int, world: int, progress: bool,
+                   on_progress=None) -> dict:
+    """Rank ``rank`` of ``world``'s records into the run's store (resumes after its committed shards)."""
+    from ..extract import extract_to_store
+
+    return extract_to_store(cfg.model, source, store, image_root=cfg.image_root, format=cfg.format,
+                            batch_size=cfg.batch_size, **{**_model_options(cfg), "device": _rank_device(cfg)},
+                            **_batch_options(cfg), warn=events.warn, id_field=cfg.id_field,
+                            store_dtype=cfg.store_dtype, shard_size=cfg.shard_size, rank=rank, world_size=world,
+                            cache=_cache_dir(cfg, Path(cfg.out).expanduser()), progress=progress,
+                            on_progress=on_progress)
+
+
+def _run_as_rank(cfg: RunConfig, events: Events, out: Path, source, group) -> None:
+    """A rank other than 0 of a torchrun-launched run: wait for rank 0 to set the run up, extract this
+    rank's records into the run's store, wait for every rank, and return None (rank 0 selects)."""
+    if group.release(False):
+        _extract_range(cfg, events, source, out / WORK / "reps", group.rank, group.world, progress=False)
+    group.wait_all()
+    events.info(f"rank {group.rank} of {group.world}: extraction done; rank 0 fits, scores and writes the "
+                f"selection to {out}")
+    return None
 
 
 def _check_quota_fields(cfg: RunConfig, events: Events, label: str) -> None:
@@ -734,7 +878,7 @@ class _InputsUnchanged:
                                f"restore the file and rerun the same command)")
 
 
-def _run_locked(cfg: RunConfig, events: Events, out: Path, source, model_fp: str, report_extra):
+def _run_locked(cfg: RunConfig, events: Events, out: Path, source, model_fp: str, report_extra, group=None):
     fps = stage_fingerprints(cfg, model_fp, data_fingerprint(source, cfg.image_root))
     inputs_unchanged = _InputsUnchanged(cfg, source) if source.dataset is None else None
     if cfg.plan_check:
@@ -750,11 +894,19 @@ def _run_locked(cfg: RunConfig, events: Events, out: Path, source, model_fp: str
     try:
         stage = "setup"
         state = RunState(out, fps, cfg.force, events, cache=_cache_dir(cfg, out) is not None)
+        if group is not None:  # torchrun: the folder is ready, the other ranks may write their ranges
+            store = _store_dir(state)
+            extract = not (state.done("extract") and (store / "manifest.json").exists())
+            if extract:
+                _restart_store_of_other_world(cfg, state, events, store, group.world)
+            group.release(extract)
+            if not extract:
+                group.wait_all()
         for attempt in (1, 2):
             try:
                 stage = "extract"
                 try:
-                    src = _stage_extract(cfg, state, events, source)
+                    src = _stage_extract(cfg, state, events, source, group)
                 except DatasetError as exc:
                     if exc.reason != "empty":
                         raise
