@@ -112,6 +112,11 @@ class MomentAccumulator:
     def xp(self):
         return xp_module(self._xp_name)
 
+    def empty_like(self) -> "MomentAccumulator":
+        """A new, empty accumulator with this one's width, shift and array namespace (a per-shard
+        partial to :meth:`merge` back)."""
+        return MomentAccumulator(self.d, self.shift, xp=self._xp_name)
+
     def update(self, buf: np.ndarray, n_rows: int | None = None) -> "MomentAccumulator":
         """Add a block already shifted (``buf = block - shift``); ``n_rows`` excludes zeroed rows."""
         xp = self.xp
@@ -174,6 +179,15 @@ class GramAccumulator(MomentAccumulator):
         state["_g32"] = None
         state["_matmul"] = None
         return state
+
+    def empty_like(self) -> "GramAccumulator":
+        """A new, empty accumulator with this one's width, shift, array namespace and product."""
+        return GramAccumulator(self.d, self.shift, matmul=self._matmul, xp=self._xp_name)
+
+    @property
+    def default_matmul(self) -> bool:
+        """True when the chunk products are the array namespace's own ``matmul`` (no custom one)."""
+        return self._matmul in (None, self.xp.matmul)
 
     def chunk_gram(self, chunk: np.ndarray) -> np.ndarray:
         """``chunkᵀ chunk`` in the chunk's dtype into a reused buffer (not yet accumulated)."""

@@ -170,7 +170,7 @@ class _SingleThreadedBlas:
     def grams(self, acc: GramAccumulator, chunks: list):
         """``cᵀc`` of each chunk (buffers reused across calls; not yet accumulated), in
         chunk order; each must be accumulated before the next is taken."""
-        if self._pool is None or len(chunks) < 2 or acc._matmul not in (None, np.matmul) or acc.xp is not np:
+        if self._pool is None or len(chunks) < 2 or acc.xp is not np or not acc.default_matmul:
             return _SequentialGrams.grams(acc, chunks)
         while len(self._bufs) < len(chunks):
             self._bufs.append(np.empty((acc.d, acc.d), dtype=chunks[0].dtype))
@@ -196,7 +196,7 @@ def gram_pass(p: StorePass, acc: GramAccumulator, opts: PassOptions = FIRST_PASS
     shards = p.src.shards if shards is None else list(shards)
     with _SingleThreadedBlas() as blas:
         def partial(q: StorePass, shard, products):
-            part = GramAccumulator(acc.d, acc.shift, matmul=acc._matmul, xp=acc._xp_name)
+            part = acc.empty_like()
             _gram_shard(q, part, shard, opts, products)
             return part
 
@@ -237,7 +237,7 @@ def _shards_side_by_side(blas: _SingleThreadedBlas, acc: GramAccumulator, shards
     buffer, read-ahead buffers and d×d float64 partial, so their number is capped to keep that
     extra memory under :data:`SIDE_BY_SIDE_MAX_BYTES`.
     """
-    if blas._pool is None or acc.xp is not np or acc._matmul not in (None, np.matmul) or len(shards) < 2:
+    if blas._pool is None or acc.xp is not np or not acc.default_matmul or len(shards) < 2:
         return 0
     per_block = min(block_rows, max(s.count for s in shards))
     if -(-per_block // GRAM_CHUNK_ROWS) >= blas.threads:
@@ -321,7 +321,7 @@ def moment_pass(p: StorePass, acc: MomentAccumulator, opts: PassOptions = FIRST_
     :func:`tree_reduce`; ``opts.record``/``opts.verify`` as in :class:`PassOptions`."""
     def shard_partials():
         for shard in p.src.shards:
-            part = MomentAccumulator(acc.d, acc.shift, xp=acc._xp_name)
+            part = MomentAccumulator.empty_like(acc)  # moments only, whatever acc also sums
             _moment_shard(p, part, shard, opts)
             yield part
 
