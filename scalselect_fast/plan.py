@@ -332,7 +332,7 @@ def _missing_images(sample) -> list[str]:
     return [p for p in sample.images if isinstance(p, str) and "://" not in p and not os.path.exists(p)]
 
 
-def _parse_probe(cal: Calibration, source, *, image_root, format, id_field, want: int) -> list:
+def _parse_probe(cal: Calibration, source, *, image_root, format, id_field, source_field, want: int) -> list:
     """Parse the first records with the run's reader; return the first ``want`` samples (for the model).
 
     A sample without an image, or whose image file is missing, counts as the skip the extraction
@@ -346,7 +346,7 @@ def _parse_probe(cal: Calibration, source, *, image_root, format, id_field, want
     log = _ProbeSkips(cal, deadline=t0 + 4 * PROBE_SECONDS)
     try:
         _read_probe(cal, read_dataset(source, image_root=image_root, format=format, skip_log=log,
-                                      id_field=id_field), log, samples, want, t0)
+                                      id_field=id_field, source_field=source_field), log, samples, want, t0)
     except _ProbeDone:
         cal.exhausted = False
     cal.parsed = max(cal.parsed, sum(cal.skips.values()))
@@ -378,7 +378,7 @@ def _read_probe(cal: Calibration, it, log: _ProbeSkips, samples: list, want: int
 
 
 def calibrate(model, data, *, image_root=None, format: str = "auto", id_field: str | None = None,
-              batch_size: int = 8, extract_options: Mapping[str, Any] | None = None,
+              source_field: str | None = None, batch_size: int = 8, extract_options: Mapping[str, Any] | None = None,
               model_options: Mapping[str, Any] | None = None, batches: int = CALIBRATION_BATCHES,
               max_seconds: float = CALIBRATION_SECONDS) -> Calibration:
     """Measure the run's costs on its own data and model, in bounded time.
@@ -389,8 +389,9 @@ def calibrate(model, data, *, image_root=None, format: str = "auto", id_field: s
         The model directory the run will load.
     data : DataSource or anything :func:`~scalselect_fast.data.sources.open_dataset` accepts
         The run's dataset.
-    image_root, format, id_field
-        As for :func:`scalselect_fast.data.read_dataset`.
+    image_root, format, id_field, source_field
+        As for :func:`scalselect_fast.data.read_dataset` (``sources`` counts by ``source_field``, as
+        the run's per-source counts do).
     batch_size : int
         The run's batch size; ``batches`` batches of it are run (the first half timed apart, as warm-up).
     extract_options : mapping, optional
@@ -424,7 +425,7 @@ def calibrate(model, data, *, image_root=None, format: str = "auto", id_field: s
     try:
         source = open_dataset(data, format)
         samples = _parse_probe(cal, source, image_root=image_root, format=format, id_field=id_field,
-                               want=max(3, int(batches)) * int(batch_size))
+                               source_field=source_field, want=max(3, int(batches)) * int(batch_size))
         t0 = time.perf_counter()
         source.digest()
         cal.digest_seconds = time.perf_counter() - t0

@@ -193,3 +193,24 @@ def test_plan_reports_a_budget_the_usable_records_cannot_meet(tiny, llava_json, 
     rc, est = _plan_json(capsys, args)
     assert rc == 3 and any(p.startswith("budget:") and "image_missing" in p for p in est["problems"])
     assert cli.main(["run", *args, "--quiet"]) != 0
+
+
+def test_calibration_counts_sources_by_the_source_field(tiny, llava_json, tmp_path):
+    """``--source-field``: the plan's calibration (which sizes the report's per-source table) counts
+    each record under the source the run's report counts it under, not under the default fields."""
+    from scalselect_fast import cli
+    from scalselect_fast.plan import calibrate
+
+    records = json.loads((llava_json / "demo.json").read_text())
+    for i, r in enumerate(records):
+        r["task"] = f"t{i % 3}"  # the default fields name other sources (the demo's own "source")
+    data = llava_json / "tasks.json"
+    data.write_text(json.dumps(records))
+    out = tmp_path / "out"
+    assert cli.main(["run", "--model", str(tiny), "--data", str(data), "--image-root", str(llava_json),
+                     "--out", str(out), "--batch-size", "4", "--source-field", "task", "--quiet"]) == 0
+    per_source = json.loads((out / "report.json").read_text())["per_source"]
+    assert sorted(per_source) == ["t0", "t1", "t2"]
+    cal = calibrate(tiny, data, image_root=llava_json, source_field="task", batch_size=4, batches=3)
+    assert cal.exhausted and not cal.problems
+    assert cal.sources == {k: v["total"] for k, v in per_source.items()}

@@ -633,7 +633,7 @@ def _preflight(cfg: RunConfig, out: Path, events: Events, plan_only: bool, sourc
         if cfg.quiet or cfg.log_json:
             quiet_libraries()  # the calibration loads the model: no progress bars on a JSON stdout
         cal = calibrate(cfg.model, source, image_root=cfg.image_root, format=cfg.format, id_field=cfg.id_field,
-                        batch_size=cfg.batch_size, extract_options=_batch_options(cfg),
+                        source_field=cfg.source_field, batch_size=cfg.batch_size, extract_options=_batch_options(cfg),
                         model_options=_model_options(cfg))
     try:
         est = estimate_run(n, model=cfg.model, device=cfg.device, dtype=cfg.dtype, store_dtype=cfg.store_dtype,
