@@ -60,6 +60,7 @@ class PlanEstimate:
     n: int
     d: int
     device: str
+    processes: int = 1
     seconds: dict[str, float] = field(default_factory=dict)
     disk_bytes: dict[str, int] = field(default_factory=dict)
     memory_bytes: dict[str, int] = field(default_factory=dict)
@@ -84,7 +85,7 @@ class PlanEstimate:
         return not self.problems
 
     def to_dict(self) -> dict:
-        return {"n": self.n, "d": self.d, "device": self.device, "seconds": self.seconds,
+        return {"n": self.n, "d": self.d, "device": self.device, "processes": self.processes, "seconds": self.seconds,
                 "total_seconds": self.total_seconds, "disk_bytes": self.disk_bytes,
                 "total_disk_bytes": self.total_disk, "memory_bytes": self.memory_bytes,
                 "peak_memory_bytes": self.peak_memory, "available": self.available,
@@ -96,7 +97,8 @@ class PlanEstimate:
         def dur(s):
             return f"{s:.1f} s" if s < 120 else (f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h")
 
-        lines = [f"Plan for N={self.n:,} samples, d={self.d}, device={self.device}"]
+        lines = [f"Plan for N={self.n:,} samples, d={self.d}, device={self.device}"
+                 + (f", {self.processes} extraction processes" if self.processes > 1 else "")]
         lines.append("  time (estimate):")
         lines += [f"    {k:<14} {dur(v):>12}" for k, v in self.seconds.items()]
         lines.append(f"    {'total':<14} {dur(self.total_seconds):>12}")
@@ -332,7 +334,7 @@ def _missing_images(sample) -> list[str]:
     return [p for p in sample.images if isinstance(p, str) and "://" not in p and not os.path.exists(p)]
 
 
-def _parse_probe(cal: Calibration, source, *, image_root, format, id_field, want: int) -> list:
+def _parse_probe(cal: Calibration, source, *, image_root, format, id_field, source_field, want: int) -> list:
     """Parse the first records with the run's reader; return the first ``want`` samples (for the model).
 
     A sample without an image, or whose image file is missing, counts as the skip the extraction
@@ -346,7 +348,7 @@ def _parse_probe(cal: Calibration, source, *, image_root, format, id_field, want
     log = _ProbeSkips(cal, deadline=t0 + 4 * PROBE_SECONDS)
     try:
         _read_probe(cal, read_dataset(source, image_root=image_root, format=format, skip_log=log,
-                                      id_field=id_field), log, samples, want, t0)
+                                      id_field=id_field, source_field=source_field), log, samples, want, t0)
     except _ProbeDone:
         cal.exhausted = False
     cal.parsed = max(cal.parsed, sum(cal.skips.values()))
@@ -378,7 +380,7 @@ def _read_probe(cal: Calibration, it, log: _ProbeSkips, samples: list, want: int
 
 
 def calibrate(model, data, *, image_root=None, format: str = "auto", id_field: str | None = None,
-              batch_size: int = 8, extract_options: Mapping[str, Any] | None = None,
+              source_field: str | None = None, batch_size: int = 8, extract_options: Mapping[str, Any] | None = None,
               model_options: Mapping[str, Any] | None = None, batches: int = CALIBRATION_BATCHES,
               max_seconds: float = CALIBRATION_SECONDS) -> Calibration:
     """Measure the run's costs on its own data and model, in bounded time.
@@ -389,8 +391,9 @@ def calibrate(model, data, *, image_root=None, format: str = "auto", id_field: s
         The model directory the run will load.
     data : DataSource or anything :func:`~scalselect_fast.data.sources.open_dataset` accepts
         The run's dataset.
-    image_root, format, id_field
-        As for :func:`scalselect_fast.data.read_dataset`.
+    image_root, format, id_field, source_field
+        As for :func:`scalselect_fast.data.read_dataset` (``sources`` counts by ``source_field``, as
+        the run's per-source counts do).
     batch_size : int
         The run's batch size; ``batches`` batches of it are run (the first half timed apart, as warm-up).
     extract_options : mapping, optional
@@ -424,7 +427,7 @@ def calibrate(model, data, *, image_root=None, format: str = "auto", id_field: s
     try:
         source = open_dataset(data, format)
         samples = _parse_probe(cal, source, image_root=image_root, format=format, id_field=id_field,
-                               want=max(3, int(batches)) * int(batch_size))
+                               source_field=source_field, want=max(3, int(batches)) * int(batch_size))
         t0 = time.perf_counter()
         source.digest()
         cal.digest_seconds = time.perf_counter() - t0
@@ -552,7 +555,7 @@ def estimate_run(n: int, *, model: str | os.PathLike | Mapping | None = None, d:
                  memory_available: int | None = None, disk_free: int | None = None,
                  calibration: Calibration | None = None, shard_size: int = 4096,
                  cache_dir: str | os.PathLike | None = None, html: bool = True,
-                 startup_seconds: float = 0.0) -> PlanEstimate:
+                 startup_seconds: float = 0.0, processes: int = 1) -> PlanEstimate:
     """Estimate time, disk and peak memory of ``scalselect run`` and list what would not fit.
 
     Parameters
@@ -588,6 +591,11 @@ def estimate_run(n: int, *, model: str | os.PathLike | Mapping | None = None, d:
         Whether report.html is written.
     startup_seconds : float
         Time the run spends before its first stage (imports and input checks), measured by the caller.
+    processes : int, >= 1
+        Extraction processes (``--devices``: one per device, ``cpu:N``: N). Each owns ``n / processes``
+        records and starts in parallel with the others, paying on its own the start-up
+        (``startup_seconds``), the model load and the warm-up, and parsing the records before its
+        range; its memory is counted once per process (each loads its own copy of the model).
 
     Returns
     -------
@@ -605,7 +613,11 @@ def estimate_run(n: int, *, model: str | os.PathLike | Mapping | None = None, d:
     rate = float(flops_per_s) if flops_per_s else measure_flops(device)
     wbytes = _DTYPE_BYTES.get(str(dtype).lower(), 4)
     sbytes = _DTYPE_BYTES.get(str(store_dtype).lower(), 2)
-    est = PlanEstimate(n=n, d=d, device=str(device))
+    processes = int(processes)
+    if processes < 1:
+        raise PlanError(f"estimate_run: processes must be >= 1, got {processes}")
+    est = PlanEstimate(n=n, d=d, device=str(device), processes=processes)
+    own = -(-n // processes)  # the records of the largest rank
     from .subspace import choose_solver  # the fit's own auto rule, so the plan budgets the solver it runs
 
     exact = solver == "exact" or (solver == "auto" and choose_solver(n, d)[0] == "exact")
@@ -622,11 +634,20 @@ def estimate_run(n: int, *, model: str | os.PathLike | Mapping | None = None, d:
     if startup_seconds:
         est.seconds["startup"] = float(startup_seconds) + (cal.digest_seconds if cal is not None else 0.0)
     read = cal.parse_seconds / cal.parsed if cal is not None and cal.parsed else 0.0
+    # Several processes run side by side, so the wall time is the largest rank's: a fresh interpreter
+    # (the start-up measured on this one), the model load and the warm-up, its own records, and parsing
+    # every record up to the end of its range (read * n). cpu:N processes share the machine's cores,
+    # so past one process per core the per-sample time grows in proportion. The FLOP count (no
+    # calibration) is the machine's matmul rate: GPUs add theirs, CPU processes share one.
+    cuda = str(device).startswith("cuda")
+    child_start = float(startup_seconds) if processes > 1 else 0.0
+    crowding = 1.0 if cuda else processes / min(processes, os.cpu_count() or 1)
     if cal is not None and cal.warmup[0]:
-        est.seconds["extract"] = (cal.load_seconds + cal.warmup[1]
-                                  + cal.seconds_per_sample * max(n - cal.warmup[0], 0) + read * n)
+        est.seconds["extract"] = (child_start + cal.load_seconds + cal.warmup[1]
+                                  + cal.seconds_per_sample * max(own - cal.warmup[0], 0) * crowding + read * n)
     elif cost is not None:
-        est.seconds["extract"] = n * cost["flops_per_sample"] / (rate * FORWARD_EFFICIENCY)
+        est.seconds["extract"] = child_start + n * cost["flops_per_sample"] / (rate * FORWARD_EFFICIENCY) / (
+            processes if cuda else 1)
     fit_flops = 2.0 * rows * d * d + 10.0 * d ** 3 if exact else 2 * 2.0 * rows * d * (2 * k_guess) * 3
     est.seconds["fit"] = fit_flops / rate
     est.seconds["score"] = (2.0 * rows * d * k_guess) / rate
@@ -662,8 +683,8 @@ def estimate_run(n: int, *, model: str | os.PathLike | Mapping | None = None, d:
     if cost is not None:
         act = batch_size * cost["seq_tokens"] * (cost["hidden_size"] * 8 + cost["intermediate_size"] * 3) * 4
         # extraction loads only the layers it runs (vision tower, projector, embeddings, layers 0..ℓ)
-        est.memory_bytes["extract"] = BASE_PROCESS_BYTES + cost["run_params"] * wbytes + act \
-            if not str(device).startswith("cuda") else BASE_PROCESS_BYTES + act // 8
+        est.memory_bytes["extract"] = processes * (BASE_PROCESS_BYTES + cost["run_params"] * wbytes + act
+                                                   if not str(device).startswith("cuda") else BASE_PROCESS_BYTES + act // 8)
         if str(device).startswith("cuda"):
             est.assumptions["gpu_weights_bytes"] = cost["run_params"] * wbytes + act
     est.memory_bytes["fit"] = BASE_PROCESS_BYTES + (3 * d * d * 8 if exact else 3 * d * 2 * k_guess * 8) + block
@@ -673,7 +694,7 @@ def estimate_run(n: int, *, model: str | os.PathLike | Mapping | None = None, d:
                      "gpu_memory": _gpu_free(device)}
     est.assumptions.update({"matmul_flops_per_s": f"{rate:.3g}", "forward_efficiency": FORWARD_EFFICIENCY,
                             "solver": "exact" if exact else "randomized", "k_guess": k_guess,
-                            "store_dtype": store_dtype, "model_dtype": dtype})
+                            "store_dtype": store_dtype, "model_dtype": dtype, "extract_processes": processes})
     if cost is not None:
         est.assumptions.update({"model_params_loaded": cost["run_params"], "image_tokens": cost["image_tokens"],
                                 "text_tokens": text_tokens})

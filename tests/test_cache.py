@@ -471,3 +471,43 @@ def test_index_files_damaged_or_written_the_old_way(tmp_path):
     rep = verify_cache(tmp_path)  # what a run reads: the damaged header's rows pass, the truncated index not
     assert rep["entries"] == 9 and rep["bad_entries"] == 0
     assert [b["batch"] for b in rep["bad_batches"]] == [str(idx_files[1])]
+
+
+def _model_digest_reference(folder: Path) -> str:
+    """The model digest by its documented rule, spelled out: per file (sorted, dot-files left out) its
+    name and size, then its bytes: whole for config/tokenizer files and files up to 4 MiB, the first
+    and last MiB of a bigger weight file. No modification time: a copied checkpoint keeps its digest."""
+    h = hashlib.sha256(b"model\0")
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        data = f.read_bytes()
+        h.update(f"{f.name}\0{len(data)}\0".encode())
+        weight = f.suffix in (".safetensors", ".bin")
+        h.update(data if not weight or len(data) <= 4 << 20 else data[:1 << 20] + data[-(1 << 20):])
+    return h.hexdigest()[:32]
+
+
+def test_model_digest_follows_its_rule_and_survives_a_copy(tmp_path):
+    """The model's fingerprint (cache context, run fingerprint) hashes a big weight file by size, head
+    and tail; unlike the data's digest it leaves the modification time out, so a copied or
+    re-downloaded checkpoint keeps its cache entries."""
+    import shutil
+
+    from scalselect_fast.extract.cache import model_digest
+    from scalselect_fast.run import model_fingerprint
+
+    rng = np.random.default_rng(0)
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llava"}')
+    (model / "model.safetensors").write_bytes(rng.integers(0, 256, (5 << 20) + 3, dtype=np.uint8).tobytes())
+    (model / "small.bin").write_bytes(b"\x01" * 1000)
+    digest = model_digest(model)
+    assert digest == _model_digest_reference(model) == model_fingerprint(model)
+    copy = tmp_path / "copy" / "m"
+    shutil.copytree(model, copy, copy_function=shutil.copyfile)  # new modification times
+    os.utime(copy / "model.safetensors", ns=(1, 1))
+    assert model_digest(copy) == digest
+    w = bytearray((copy / "model.safetensors").read_bytes())
+    w[-5] ^= 0xFF  # the tail is read
+    (copy / "model.safetensors").write_bytes(bytes(w))
+    assert model_digest(copy) == _model_digest_reference(copy) != digest

@@ -495,3 +495,50 @@ def test_random_rows_match_the_record_path(tmp_path, seed):
                                pa.Table.from_pylist(rows[170:], schema=_LLAVA)], row_group_size=37)
     got, skips = _check(str(tmp_path), tables, str(tmp_path))
     assert got and skips  # both paths were exercised
+
+
+def _sourced_rows(n: int) -> list[dict]:
+    """Rows whose sources differ by field: ``dataset`` (strings, some empty or null), ``task``
+    (integers), and the first folder of the first image's path (some without a folder, a path or
+    any image)."""
+    paths = ["coco/train/a.png", "ocr_vqa/b.png", "flat.png", None, "./vg/c.png"]
+    out = []
+    for i in range(n):
+        k = i % 7
+        images = ([] if k == 5 else None if k == 6
+                  else [{"bytes": _red_png(i % 250 + 1), "path": paths[i % len(paths)]},
+                        {"bytes": _red_png(3), "path": "gqa/second.png"}][:1 + i % 2])
+        q = " ".join(["<image>"] * len(images or [])) + " What?"
+        out.append({"id": f"s{i}", "images": images, "dataset": ["vqa", "", None, "ocr"][i % 4], "task": i % 3,
+                    "conversations": _turns(("human", q.strip()), ("gpt", "yes"))})
+    return out
+
+
+@pytest.mark.parametrize("source_field", [None, "dataset", "task", "no_such_field", "image_folder"])
+@pytest.mark.parametrize("layout", ["image_list", "one_image", "json"])
+def test_sample_source_follows_the_source_field(tmp_path, source_field, layout):
+    """``read_dataset(..., source_field=)`` gives each sample the source the run's record table
+    counts it under (``record_source(record, source_field)``), on the native Arrow path (a list of
+    image structs, or one struct) and the record path alike."""
+    import json
+
+    from scalselect_fast.data import record_source
+
+    rows = _sourced_rows(3 * CHUNK_ROWS + 5)
+    if layout == "one_image":
+        rows = [dict(r, images=(r["images"] or [None])[0]) for r in rows]
+    if layout == "json":
+        for r in rows:  # image paths only (existence is checked at decode time, not here)
+            r["images"] = [im["path"] or "x.png" for im in r["images"] or []]
+        data = tmp_path / "data.json"
+        data.write_text(json.dumps(rows))
+    else:
+        data = tmp_path / "data.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), data, row_group_size=100)
+        plan = ArrowPlan.for_schema(pq.read_schema(data), "id", source_field=source_field)
+        assert (plan is not None) == HAVE_NATIVE  # the fast path is what is tested where it exists
+    got = list(read_dataset(str(data), skip_log=_Skips(), source_field=source_field))
+    assert len(got) > len(rows) // 2
+    want = [record_source(rows[s.index], source_field) for s in got]
+    assert [s.source for s in got] == want
+    assert len(set(want)) > 1 or source_field == "no_such_field"

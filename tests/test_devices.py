@@ -254,3 +254,31 @@ def test_run_under_torchrun_every_rank_extracts_and_rank_0_selects(env, double, 
     # the same ranks, ranges and batches as --devices cpu:2: the same bytes
     assert (out / "selected.json").read_bytes() == double["selected"]
     assert (out / "manifest.parquet").read_bytes() == double["manifest"]
+
+
+def test_rerun_under_torchrun_re_extracts_only_a_deleted_rank_range(env, double, tmp_path):
+    """A finished two-rank run whose rank 1 shards were deleted: the rerun under torchrun finds them
+    missing, rank 0 extracts rank 1's range again (rank 1 had already been told the store was done),
+    rank 0's shards are kept as they are, and the outputs are the uninterrupted run's, byte for byte."""
+    import shutil
+
+    pytest.importorskip("torch.distributed.run")
+    out = tmp_path / "out"
+    shutil.copytree(double["out"], out)
+    store = out / ".scalselect" / "reps"
+    gone = sorted(p for p in store.iterdir() if p.name.startswith("rank001-"))
+    kept = {p.name: p.stat().st_mtime_ns for p in store.iterdir() if p.name.startswith("rank000-")}
+    assert gone and kept
+    for p in gone:
+        p.unlink()
+    args = _args(env, out, devices="auto")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+              "scalselect_fast", *args[3:]]
+    p = _cli(launch)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "rank001-shard-" in p.stderr  # the missing shards were named
+    assert sorted(p.name for p in store.iterdir() if p.name.startswith("rank001-")) == [p.name for p in gone]
+    assert {p.name: p.stat().st_mtime_ns for p in store.iterdir() if p.name.startswith("rank000-")} == kept
+    assert sorted(_manifest_shards(out)) == sorted(_manifest_shards(double["out"]))
+    assert (out / "selected.json").read_bytes() == double["selected"]
+    assert (out / "manifest.parquet").read_bytes() == double["manifest"]

@@ -193,3 +193,69 @@ def test_plan_reports_a_budget_the_usable_records_cannot_meet(tiny, llava_json, 
     rc, est = _plan_json(capsys, args)
     assert rc == 3 and any(p.startswith("budget:") and "image_missing" in p for p in est["problems"])
     assert cli.main(["run", *args, "--quiet"]) != 0
+
+
+def test_calibration_counts_sources_by_the_source_field(tiny, llava_json, tmp_path):
+    """``--source-field``: the plan's calibration (which sizes the report's per-source table) counts
+    each record under the source the run's report counts it under, not under the default fields."""
+    from scalselect_fast import cli
+    from scalselect_fast.plan import calibrate
+
+    records = json.loads((llava_json / "demo.json").read_text())
+    for i, r in enumerate(records):
+        r["task"] = f"t{i % 3}"  # the default fields name other sources (the demo's own "source")
+    data = llava_json / "tasks.json"
+    data.write_text(json.dumps(records))
+    out = tmp_path / "out"
+    assert cli.main(["run", "--model", str(tiny), "--data", str(data), "--image-root", str(llava_json),
+                     "--out", str(out), "--batch-size", "4", "--source-field", "task", "--quiet"]) == 0
+    per_source = json.loads((out / "report.json").read_text())["per_source"]
+    assert sorted(per_source) == ["t0", "t1", "t2"]
+    cal = calibrate(tiny, data, image_root=llava_json, source_field="task", batch_size=4, batches=3)
+    assert cal.exhausted and not cal.problems
+    assert cal.sources == {k: v["total"] for k, v in per_source.items()}
+
+
+def test_plan_names_the_extraction_processes_of_devices(tiny, llava_json, tmp_path, capsys):
+    """``--devices cpu:2 --plan``: the plan says it assumed two extraction processes (text and JSON),
+    and counts the extraction's memory once per process; one process stays as before."""
+    from scalselect_fast import cli
+
+    args = ["--model", str(tiny), "--data", str(llava_json / "demo.json"), "--image-root", str(llava_json),
+            "--out", str(tmp_path / "out"), "--batch-size", "4"]
+    rc1, one = _plan_json(capsys, args)
+    rc2, two = _plan_json(capsys, [*args, "--devices", "cpu:2"])
+    assert rc1 == rc2 == 0
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert (one["assumptions"]["extract_processes"], two["assumptions"]["extract_processes"]) == (1, 2)
+    assert two["memory_bytes"]["extract"] == 2 * one["memory_bytes"]["extract"]
+    assert cli.main(["run", *args, "--devices", "cpu:2", "--plan"]) == 0
+    head = capsys.readouterr().out.splitlines()[0]
+    assert head.endswith("device=cpu, 2 extraction processes"), head
+    assert cli.main(["run", *args, "--plan"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith("device=cpu")
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_extraction_time_is_divided_across_the_processes(tmp_path, device):
+    """The largest rank's records at the calibrated rate, plus what every process pays on its own
+    (start-up, model load, warm-up) and parsing every record; CPU processes past one per core share it."""
+    import os
+
+    from scalselect_fast.plan import Calibration
+
+    cal = Calibration(parsed=1000, parse_seconds=0.5, exhausted=False, load_seconds=3.0, warmup=(32, 4.0),
+                      timed=(100, 2.0), model_fed=132, model_kept=132, d=64)
+    n, startup = 10_001, 6.0
+
+    def extract(processes):
+        return estimate_run(n, d=64, device=device, out_dir=tmp_path, flops_per_s=1e11, calibration=cal,
+                            startup_seconds=startup, processes=processes, disk_free=1 << 40,
+                            memory_available=1 << 40).seconds["extract"]
+
+    read = 0.5 / 1000 * n
+    assert extract(1) == pytest.approx(3.0 + 4.0 + 0.02 * (n - 32) + read)
+    crowding = 1 if device == "cuda" else 4 / min(4, os.cpu_count())  # (2 on a 2-core box)
+    assert extract(4) == pytest.approx(startup + 3.0 + 4.0 + 0.02 * (2501 - 32) * crowding + read)
+    with pytest.raises(Exception, match="processes must be >= 1"):
+        extract(0)

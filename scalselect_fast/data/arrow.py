@@ -31,7 +31,7 @@ import numpy as np
 
 from ..native import HAVE_NATIVE, arrow_samples
 from .ids import IdRegistry
-from .records import ROLE_ALIASES, SOURCE_FIELDS, position_id, record_source
+from .records import IMAGE_FOLDER, ROLE_ALIASES, SOURCE_FIELDS, image_folder, position_id, record_source
 from .sample import IMAGE_TOKEN, EmbeddedImage, LazyRow, Sample, raw_slot
 
 __all__ = ["ArrowPlan"]
@@ -94,10 +94,12 @@ class ArrowPlan:
     ``image`` and ``images``, ...)."""
 
     @classmethod
-    def for_schema(cls, schema, id_field: str, positional: bool = False) -> "ArrowPlan | None":
+    def for_schema(cls, schema, id_field: str, positional: bool = False,
+                   source_field: str | None = None) -> "ArrowPlan | None":
         """The plan for batches of ``schema``, or ``None`` (every row through the record path).
         ``positional``: rows of a schema without ``id_field`` get their positional id
-        (:func:`~.records.position_id`), as the record path gives them (:class:`~.records.IdRule`)."""
+        (:func:`~.records.position_id`), as the record path gives them (:class:`~.records.IdRule`).
+        ``source_field``: what ``Sample.source`` reads, as for :func:`~.records.record_source`."""
         import pyarrow.types as pt
 
         if not HAVE_NATIVE:  # the samples are built by the extension; without it, the record path
@@ -133,7 +135,10 @@ class ArrowPlan:
                 kind = "bytes"
             else:
                 return None  # paths, lists of bytes, ...: the record path
-        sources = [f for f in SOURCE_FIELDS if f in names]
+        if source_field is None:
+            sources = [f for f in SOURCE_FIELDS if f in names]
+        else:  # one named field (absent: no row has a source), or none read at all (IMAGE_FOLDER)
+            sources = [source_field] if source_field != IMAGE_FOLDER and source_field in names else []
         plan = cls()
         # whether each array the native side reads has 64-bit offsets (large_string, large_list, ...)
         img_t = schema.field(img_fields[0]).type if img_fields else None
@@ -147,10 +152,35 @@ class ArrowPlan:
         plan.img_field = img_fields[0] if img_fields else None
         plan.kind = kind
         plan.sources = sources
+        plan.image_folder = source_field == IMAGE_FOLDER
         plan.one_str_source = len(sources) == 1 and _is_str(schema.field(sources[0]).type)
         plan.int_ids = idt is not None and pt.is_integer(idt)
         plan.positional = idt is None
         return plan
+
+    def _image_folders(self, batch) -> list:
+        """Each row's :func:`~.records.image_folder`, from the paths of its image structs only (the
+        row dicts would copy every image's bytes)."""
+        n = batch.num_rows
+        if self.kind not in ("struct", "struct_list"):  # no image column, or bare bytes: no path
+            return [None] * n
+        col = batch.column(self.img_field)
+        if self.kind == "struct":
+            paths, valid = col.field("path").to_pylist(), col.is_valid().to_pylist()
+            return [image_folder({self.img_field: {"path": p}}) if ok else None for p, ok in zip(paths, valid)]
+        # a list's offsets index its child array as a whole (a sliced list keeps the child unsliced)
+        offsets, valid = col.offsets.to_pylist(), col.is_valid().to_pylist()
+        structs = col.values
+        paths, ok_struct = structs.field("path"), structs.is_valid()
+        out = []
+        for i in range(n):
+            j = offsets[i]
+            if not valid[i] or offsets[i + 1] == j:
+                out.append(None)
+            else:
+                first = {"path": paths[j].as_py()} if ok_struct[j].as_py() else None
+                out.append(image_folder({self.img_field: [first]}))
+        return out
 
     def samples(self, batch, index: int, local: int, where: str, registry: IdRegistry, name: str = ""
                 ) -> Iterator[tuple[list, list[int]]]:
@@ -206,7 +236,9 @@ class ArrowPlan:
                 spec["image_bytes"] = _strings(structs.field("bytes"), large["bytes"])
                 paths = structs.field("path")
                 spec["image_paths"] = None if paths.null_count == len(paths) else _strings(paths, large["path"])
-        if self.one_str_source:
+        if self.image_folder:
+            spec["source_list"] = self._image_folders(batch)
+        elif self.one_str_source:
             spec["source"] = _strings(batch.column(self.sources[0]), large["source"])
         elif self.sources:
             cols = [batch.column(f).to_pylist() for f in self.sources]

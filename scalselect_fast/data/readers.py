@@ -162,7 +162,8 @@ class _RemoteImages:
 
 
 def read_dataset(path, image_root: str | os.PathLike | None = None,
-                 format: str = "auto", skip_log=None, id_field: str | None = None) -> Iterator[Sample]:
+                 format: str = "auto", skip_log=None, id_field: str | None = None,
+                 source_field: str | None = None) -> Iterator[Sample]:
     """Stream the samples of a dataset.
 
     Parameters
@@ -187,6 +188,10 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
         folder without an ``id`` column, as the Cauldron and FineVision ship) gets the positional id
         ``<file relative to the dataset root>#<row in the file>`` (:func:`position_id`). A named
         field is required: a record without it is skipped with ``missing_field``.
+    source_field : str, optional
+        What ``Sample.source`` reads (the run's ``--source-field``): ``None`` (the default) the first
+        of :data:`~.records.SOURCE_FIELDS` present, a field name that field only, ``"image_folder"``
+        the first folder of the image path; see :func:`~.records.record_source`.
 
     Yields
     ------
@@ -206,6 +211,9 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
             isinstance(image_root, os.PathLike) and isinstance(os.fspath(image_root), str))):
         raise TypeError(f"read_dataset: image_root must be a directory path (str or os.PathLike) or None, got "
                         f"{type(image_root).__name__}")
+    if source_field is not None and (not isinstance(source_field, str) or not source_field):
+        raise TypeError(f"read_dataset: source_field must be a field name (a non-empty str), 'image_folder' or "
+                        f"None, got {source_field!r:.100}")
     source = open_dataset(path, format)
     rule = IdRule(id_field)
     id_field = rule.field
@@ -256,7 +264,7 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
                         sid = record_id(record, id_field)
                     add_id(sid, index)
                 return parse_record(record, index=index, line=line, resolve=resolve, id_field=id_field,
-                                    sample_id=sid, where=file.name, local=local)
+                                    sample_id=sid, where=file.name, local=local, source_field=source_field)
             except RecordProblem as p:
                 p.read_id = sid
                 raise
@@ -269,7 +277,7 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
                 n_records += batch.num_rows
                 if schema is None or not batch.schema.equals(schema):  # (hashing a schema costs 6 us)
                     schema = batch.schema
-                    plan = ArrowPlan.for_schema(schema, id_field, rule.positional)
+                    plan = ArrowPlan.for_schema(schema, id_field, rule.positional, source_field)
                 if plan is None:  # every row through the record path
                     records = batch.to_pylist()
                     chunks = [([None] * batch.num_rows, list(range(batch.num_rows)))]

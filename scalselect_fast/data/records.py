@@ -292,11 +292,12 @@ def _texts_messages(turns: Any) -> tuple[list[dict], list[Any], int]:
 
 def parse_record(record: Any, *, index: int, line: int | None, resolve: ImageResolver,
                  id_field: str = "id", sample_id: str | None = None, where: str | None = None,
-                 local: int | None = None) -> Sample:
+                 local: int | None = None, source_field: str | None = None) -> Sample:
     """Normalise one parsed record into a :class:`Sample` (raises ``RecordProblem`` for per-sample issues).
 
     ``where`` (the file's name) and ``local`` (the record's index in it) name embedded images that
-    carry no name of their own: ``"<file>#<local>/image<i>"``.
+    carry no name of their own: ``"<file>#<local>/image<i>"``. ``source_field`` picks
+    ``Sample.source`` as for :func:`record_source`.
     """
     sid = sample_id if sample_id is not None else record_id(record, id_field)
     messages, part_paths, n_parts = _messages(record)
@@ -306,8 +307,8 @@ def parse_record(record: Any, *, index: int, line: int | None, resolve: ImageRes
         raw = _image_refs(record["image"], "image")
     else:
         raw = []
-    return _assemble(sid, messages, part_paths, n_parts, raw, record_source(record), index, line, record,
-                     resolve, where, local)
+    return _assemble(sid, messages, part_paths, n_parts, raw, record_source(record, source_field), index, line,
+                     record, resolve, where, local)
 
 
 def _assemble(sid: str, messages: list[dict], part_paths: list[Any], n_parts: int, raw: list[Any],

@@ -140,8 +140,9 @@ class Sample:
         ``{"role": "system" | "user" | "assistant", "content": str}`` in conversation order, with one
         ``"<image>"`` placeholder per image.
     source : str or None
-        The record's ``source`` / ``dataset`` / ``data_source`` / ``task`` / ``task_type`` /
-        ``category`` field (first present, as a string), for per-source reports and quotas.
+        The record's source as :func:`~.records.record_source` reads it with the reader's
+        ``source_field`` (by default the first of ``source`` / ``dataset`` / ``data_source`` /
+        ``task`` / ``task_type`` / ``category`` present, as a string), for per-source counts.
     index : int
         0-based position of the record in the file (counting every record, skipped ones included).
     line : int or None

@@ -36,7 +36,8 @@ from typing import Any
 from .sample import DatasetError
 
 __all__ = ["Container", "DataSource", "InputFile", "register_container", "containers", "formats", "open_dataset",
-           "input_files", "check_data_argument", "sniff_container", "as_input_file", "SNIFF_BYTES", "NO_ID_FIELD"]
+           "input_files", "check_data_argument", "sniff_container", "as_input_file", "SNIFF_BYTES", "NO_ID_FIELD",
+           "hash_file"]
 
 
 class _NoIdField:
@@ -471,7 +472,7 @@ class DataSource:
             if rel != f.name:  # a file in a subfolder of the root: positional ids carry that path
                 h.update(f"path\0{rel}\0".encode())
             hf = hashlib.sha256()
-            self._hash_file(_Tee(h, hf), f)
+            self._hash_input(_Tee(h, hf), f)
             per_file[f.path] = hf.hexdigest()
         self.read_digests = per_file
         if len(_DIGESTS) > 64:
@@ -479,7 +480,7 @@ class DataSource:
         _DIGESTS[key] = h.hexdigest()
         return _DIGESTS[key]
 
-    def _hash_file(self, h, f: InputFile) -> None:
+    def _hash_input(self, h, f: InputFile) -> None:
         """Feed ``f`` to ``h`` by :meth:`digest`'s rules (name, size, content or its edges; a dataset
         folder as its member files)."""
         whole = self.container in ("json", "jsonl")
@@ -487,10 +488,10 @@ class DataSource:
             # a dataset folder (save_to_disk): its data files, each hashed like a file of its own
             h.update(f"{f.name}\0folder\0".encode())
             for name, path in folder_members(f.path):
-                _hash_file(h, name, os.path.getsize(path), lambda p=path: open(p, "rb"),
-                           lambda p=path: _file_stat(p)[1], whole)
+                hash_file(h, name, os.path.getsize(path), lambda p=path: open(p, "rb"), whole=whole,
+                          mtime=lambda p=path: _file_stat(p)[1])
         else:
-            _hash_file(h, f.name, f.size(), f.open, lambda f=f: _stat_key(f)[1], whole)
+            hash_file(h, f.name, f.size(), f.open, whole=whole, mtime=lambda f=f: _stat_key(f)[1])
 
     def file_digests(self) -> dict[str, str]:
         """sha256 of each input file (path -> hex) by :meth:`digest`'s rules, read now, never memoised:
@@ -499,7 +500,7 @@ class DataSource:
         out = {}
         for f in self.files if self.dataset is None else []:
             hf = hashlib.sha256()
-            self._hash_file(hf, f)
+            self._hash_input(hf, f)
             out[f.path] = hf.hexdigest()
         return out
 
@@ -526,17 +527,24 @@ class _Tee:
             h.update(data)
 
 
-def _hash_file(h, name: str, size: int, opener, mtime, whole: bool) -> None:
-    """Add one file to digest ``h``: name, size, and the bytes (whole, or head + tail + mtime)."""
+def hash_file(h, name: str, size: int, opener, *, whole: bool, mtime=None) -> None:
+    """Add one file to the digest ``h``: its name and size, then its bytes.
+
+    The bytes go in whole when ``whole`` or the file is at most 4 MiB; a bigger file contributes its
+    first and last MiB, preceded by ``mtime()`` when ``mtime`` is given. The input's digest passes it
+    (the modification time stands in for the unread middle: an image replaced in place by one of the
+    same size leaves size, head and footer unchanged); the model's digest does not, so a copied or
+    re-downloaded checkpoint keeps its digest (:func:`~scalselect_fast.extract.cache.model_digest`).
+    ``opener()`` returns a binary file object that can seek.
+    """
     h.update(f"{name}\0{size}\0".encode())
     with opener() as fh:
         if whole or size <= _HASH_WHOLE_MAX:
             for chunk in iter(lambda: fh.read(1 << 22), b""):
                 h.update(chunk)
         else:
-            # the modification time stands in for the unread middle: an image replaced
-            # in place by one of the same size leaves size, head and footer unchanged
-            h.update(f"{mtime()}\0".encode())
+            if mtime is not None:
+                h.update(f"{mtime()}\0".encode())
             h.update(fh.read(_EDGE))
             fh.seek(size - _EDGE)
             h.update(fh.read(_EDGE))

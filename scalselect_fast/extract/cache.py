@@ -66,34 +66,26 @@ VERSION = 1
 FLUSH_ROWS = 4096
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
-_EDGE = 1 << 20
 
 
 class CacheError(RuntimeError):
     """The cache directory cannot be used (not a cache, unwritable); the message says what to do."""
 
 
-def _hash_file(h, path: Path, whole: bool) -> None:
-    size = path.stat().st_size
-    h.update(f"{path.name}\0{size}\0".encode())
-    with open(path, "rb") as fh:
-        if whole or size <= 4 * _EDGE:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-        else:
-            # big weight files: header + tail + size identify a checkpoint without reading GBs
-            h.update(fh.read(_EDGE))
-            fh.seek(size - _EDGE)
-            h.update(fh.read(_EDGE))
-
-
 def model_digest(path: str | os.PathLike) -> str:
-    """sha256 over a model directory: every config/tokenizer file whole, weights by size + head + tail."""
+    """sha256 over a model directory: every config/tokenizer file whole, weights by size + head + tail.
+
+    Big weight files are identified by size, first and last MiB without reading GBs, and without
+    their modification time (unlike the input's digest), so a copied or re-downloaded checkpoint
+    keeps its cache entries and run fingerprint.
+    """
+    from ..data.sources import hash_file
+
     p = Path(path)
     h = hashlib.sha256(b"model\0")
     files = sorted(f for f in (p.rglob("*") if p.is_dir() else [p]) if f.is_file() and not f.name.startswith("."))
     for f in files:
-        _hash_file(h, f, whole=not f.name.endswith(_WEIGHT_SUFFIXES))
+        hash_file(h, f.name, f.stat().st_size, lambda f=f: open(f, "rb"), whole=not f.name.endswith(_WEIGHT_SUFFIXES))
     return h.hexdigest()[:32]
 
 

@@ -633,19 +633,29 @@ def _preflight(cfg: RunConfig, out: Path, events: Events, plan_only: bool, sourc
         if cfg.quiet or cfg.log_json:
             quiet_libraries()  # the calibration loads the model: no progress bars on a JSON stdout
         cal = calibrate(cfg.model, source, image_root=cfg.image_root, format=cfg.format, id_field=cfg.id_field,
-                        batch_size=cfg.batch_size, extract_options=_batch_options(cfg),
+                        source_field=cfg.source_field, batch_size=cfg.batch_size, extract_options=_batch_options(cfg),
                         model_options=_model_options(cfg))
     try:
         est = estimate_run(n, model=cfg.model, device=cfg.device, dtype=cfg.dtype, store_dtype=cfg.store_dtype,
                            batch_size=cfg.batch_size, layer=cfg.layer, out_dir=out,
                            data_bytes=source.total_bytes(), budget_fraction=frac, solver=cfg.solver,
                            calibration=cal, shard_size=cfg.shard_size, cache_dir=_cache_dir(cfg, out),
-                           html=cfg.html, startup_seconds=startup)
+                           html=cfg.html, startup_seconds=startup, processes=_extract_processes(cfg))
     except PlanError as exc:
         raise RunError(str(exc)) from exc
     est.assumptions["input"] = (f"{source.container}, {len(source.files)} file(s)" if source.files
                                 else f"{source.container} object")
     return est
+
+
+def _extract_processes(cfg: RunConfig) -> int:
+    """How many processes extract (the plan divides the extraction across them): the ranks torchrun
+    launched, else one per ``--devices`` entry."""
+    from ..extract.launch import parse_devices
+    from ..extract.ranks import env_rank
+
+    world = env_rank()[1]
+    return world if world > 1 else len(parse_devices(cfg.devices, cfg.device))
 
 
 def _resolve_auto_device(cfg: RunConfig) -> RunConfig:
