@@ -18,6 +18,10 @@ with one ``--out`` (so the default cache inside it), all in this run:
    show how much of the distance is the reader's and how much the cache's. The full ``run`` wall times
    are printed too (they include torch start-up work, the fit, the report: fixed costs that dominate at
    demo size).
+3b. The garbage collector on a long cached extraction: the loop keeps the objects loaded before it
+   (torch, transformers, the model) out of full collections (``gc.freeze``, see ``extract/loop.py``);
+   a fully cached extraction of a 10x larger demo with and without it, alternately (CPU time, medians
+   of ``--gc-rounds``), and how many full collections each met.
 4. Cost of the key (sha256 over messages + image bytes): CPU time per sample and MB/s, on the demo's
    images and on ``bench_data``'s 256 px JPEGs (~32 KB), with what a 10M-image rerun costs at that rate.
 5. Disk cost per cached sample (``cache info``: bytes / entries; vectors are float32, 4·d bytes + 37).
@@ -65,6 +69,61 @@ class _Forwards:
     def take(self) -> int:
         n, self.samples, self.calls = self.samples, 0, 0
         return n
+
+
+class _FullCollections:
+    """Number and wall time of the garbage collector's full (generation 2) collections until ``stop``."""
+
+    def __init__(self):
+        import gc
+
+        self.n, self.seconds, self._t0 = 0, 0.0, 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.n += 1
+            self.seconds += time.perf_counter() - self._t0
+
+    def stop(self) -> None:
+        import gc
+
+        gc.callbacks.remove(self._callback)
+
+
+def _freeze_ab(vlm, d: Path, n: int, rounds: int) -> dict:
+    """CPU time of a fully cached ``extract_to_store`` of an ``n``-record demo with the loop's
+    ``gc.freeze`` (as shipped) and with it replaced by a no-op, alternately; medians and the number of
+    full collections each variant met."""
+    import contextlib
+
+    import scalselect_fast.extract.loop as loop
+    from scalselect_fast.data.demo import make_demo_dataset
+    from scalselect_fast.extract import extract_to_store
+
+    make_demo_dataset(d / "data", n=n, seed=11)
+    kw = dict(image_root=d / "data", batch_size=8, dtype="fp32", device="cpu", progress=False, cache=d / "cache")
+    data = str(d / "data" / "demo.json")
+    extract_to_store(vlm, data, d / "first", **kw)  # fills the cache
+    shipped, times, collections = loop._loaded_objects_frozen, {"on": [], "off": []}, {"on": 0, "off": 0}
+    try:
+        for r in range(rounds):
+            for mode in ("off", "on"):
+                loop._loaded_objects_frozen = shipped if mode == "on" else contextlib.nullcontext
+                full_gc = _FullCollections()
+                t0 = time.process_time()
+                extract_to_store(vlm, data, d / f"{mode}{r}", **kw)
+                times[mode].append(time.process_time() - t0)
+                full_gc.stop()
+                collections[mode] += full_gc.n
+    finally:
+        loop._loaded_objects_frozen = shipped
+    return {"n": n, "on_s": float(np.median(times["on"])), "off_s": float(np.median(times["off"])),
+            "on_gc": collections["on"], "off_gc": collections["off"]}
 
 
 def _store_rows(out: Path) -> dict:
@@ -135,6 +194,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=600, help="demo records (split into thirds A, B, C)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--gc-rounds", type=int, default=3, help="rounds of the freeze on/off comparison (10x --n records)")
     args = p.parse_args(argv)
 
     from scalselect_fast.data import read_dataset
@@ -231,9 +291,11 @@ def main(argv=None) -> int:
             return s["cache"]
 
         cpu = {"bare": [], "cached": []}
+        full_gc = _FullCollections()
         tb, tc, _, last = alternating_times(_cpu_timed(lambda: _bare_read(all_files, root), cpu["bare"]),
                                             _cpu_timed(cached_extract, cpu["cached"]), args.repeats)
         fw.take()
+        full_gc.stop()
         t_bare, t_cached = float(np.median(tb)), float(np.median(tc))
         ratio = t_cached / t_bare
         # CPU time of this process too: on a shared machine it moves less with the neighbours' load
@@ -242,6 +304,8 @@ def main(argv=None) -> int:
         print(f"fully cached extraction {t_cached * 1e3:.1f} ms vs bare read {t_bare * 1e3:.1f} ms: {ratio:.2f}x "
               f"(floor {OVERHEAD_FLOOR}x) {'PASS' if ratio <= OVERHEAD_FLOOR else 'FAIL'}; CPU time {c_cached * 1e3:.1f} "
               f"vs {c_bare * 1e3:.1f} ms = {cpu_ratio:.2f}x; cache {last}")
+        print(f"  full garbage collections (generation 2) during these runs: {full_gc.n}, {full_gc.seconds * 1e3:.0f} ms "
+              f"(the extraction keeps the objects loaded before it out of them: gc.freeze)")
         checks.append((f"cached extraction <= {OVERHEAD_FLOOR}x bare read", ratio <= OVERHEAD_FLOOR))
         # where the distance to the floor comes from: the validating reader every run uses anyway
         t_reader = float(np.median(alternating_times(
@@ -263,6 +327,14 @@ def main(argv=None) -> int:
         marginal = per_cached / per_bare if per_bare > 0 else float("nan")
         print(f"  per sample (slope {n_one} -> {n_all} records): cached extraction {per_cached * 1e6:.0f} us, bare read "
               f"{per_bare * 1e6:.0f} us = {marginal:.2f}x; fixed cost of a cached extraction {fixed * 1e3:.0f} ms")
+
+        # 3b. a long cached extraction meets full garbage collections (each walks every object torch and
+        # transformers loaded) unless those objects are frozen out of them (extract/loop.py): the same
+        # extraction of a 10x larger demo with the freeze and without it, alternately, CPU time
+        gc_ab = _freeze_ab(vlm, d / "big", args.n * 10, args.gc_rounds)
+        print(f"  {gc_ab['n']} records, fully cached, CPU time (median of {args.gc_rounds}): objects frozen "
+              f"{gc_ab['on_s'] * 1e3:.0f} ms ({gc_ab['on_gc']} full collections) vs not frozen {gc_ab['off_s'] * 1e3:.0f} ms "
+              f"({gc_ab['off_gc']} full collections): {gc_ab['off_s'] / gc_ab['on_s']:.2f}x")
 
         # 4. the key's cost
         rc = open_cache(cache_dir, vlm, threshold=0.9, instruction="all")
@@ -286,7 +358,9 @@ def main(argv=None) -> int:
                "overhead_cpu_x": round(cpu_ratio, 3),
                "read_dataset_s": round(t_reader, 4), "cached_us_per_sample": round(per_cached * 1e6, 1),
                "bare_us_per_sample": round(per_bare * 1e6, 1), "marginal_x": round(marginal, 3),
-               "cached_fixed_s": round(fixed, 4),
+               "cached_fixed_s": round(fixed, 4), "full_gc_n": full_gc.n, "full_gc_s": round(full_gc.seconds, 4),
+               "gc_ab_n": gc_ab["n"], "gc_frozen_cpu_s": round(gc_ab["on_s"], 4), "gc_unfrozen_cpu_s": round(gc_ab["off_s"], 4),
+               "gc_frozen_full": gc_ab["on_gc"], "gc_unfrozen_full": gc_ab["off_gc"],
                "key_us_demo": kc_demo["us_per_sample"], "key_mb_s_demo": kc_demo["mb_s"],
                "key_us_jpeg256": kc_jpeg["us_per_sample"], "key_mb_s_jpeg256": kc_jpeg["mb_s"],
                "key_10M_min_jpeg256": kc_jpeg["10M_images_min"], "bytes_per_entry": info["bytes_per_entry"],

@@ -511,3 +511,35 @@ def test_model_digest_follows_its_rule_and_survives_a_copy(tmp_path):
     w[-5] ^= 0xFF  # the tail is read
     (copy / "model.safetensors").write_bytes(bytes(w))
     assert model_digest(copy) == _model_digest_reference(copy) != digest
+
+
+def test_extraction_freezes_the_loaded_objects_only_while_it_runs(env, tmp_path):
+    """The loop keeps the objects alive before it out of full collections (gc.freeze) and gives them
+    back after, even when it fails; a caller's own freeze is left as it is."""
+    import gc
+
+    from scalselect_fast.extract import extract_to_store
+
+    seen = []
+    kw = dict(image_root=env["root"], shard_size=5, batch_size=4, progress=False, dtype="fp32", device="cpu",
+              cache=tmp_path / "c", on_progress=lambda done, total: seen.append(gc.get_freeze_count()))
+    assert gc.get_freeze_count() == 0
+    extract_to_store(str(env["model"]), str(env["files"]["A"]), tmp_path / "s1", **kw)
+    assert seen and min(seen) > 0  # frozen while the loop ran
+    assert gc.get_freeze_count() == 0  # and unfrozen after it
+
+    def failing(done, total):
+        raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        extract_to_store(str(env["model"]), str(env["files"]["B"]), tmp_path / "s2", **{**kw, "on_progress": failing})
+    assert gc.get_freeze_count() == 0
+
+    gc.freeze()  # a caller that froze its own objects (before forking, say) keeps exactly that freeze
+    try:
+        mine, seen[:] = gc.get_freeze_count(), []
+        extract_to_store(str(env["model"]), str(env["files"]["C"]), tmp_path / "s3", **kw)
+        # nothing added to it, nothing given back (frozen objects freed by refcount leave it, a few)
+        assert seen and max(seen) <= mine and min(seen) > mine // 2 and mine // 2 < gc.get_freeze_count() <= mine
+    finally:
+        gc.unfreeze()
