@@ -19,7 +19,7 @@ with one ``--out`` (so the default cache inside it), all in this run:
    are printed too (they include torch start-up work, the fit, the report: fixed costs that dominate at
    demo size).
 3b. The garbage collector on a long cached extraction: the loop keeps the objects loaded before it
-   (torch, transformers, the model) out of full collections (``gc.freeze``, see ``extract/loop.py``);
+   (torch, transformers, the model) out of full collections (``gc.freeze``, see ``scalselect_fast/gcfreeze.py``);
    a fully cached extraction of a 10x larger demo with and without it, alternately (CPU time, medians
    of ``--gc-rounds``), and how many full collections each met.
 4. Cost of the key (sha256 over messages + image bytes): CPU time per sample and MB/s, on the demo's
@@ -109,11 +109,11 @@ def _freeze_ab(vlm, d: Path, n: int, rounds: int) -> dict:
     kw = dict(image_root=d / "data", batch_size=8, dtype="fp32", device="cpu", progress=False, cache=d / "cache")
     data = str(d / "data" / "demo.json")
     extract_to_store(vlm, data, d / "first", **kw)  # fills the cache
-    shipped, times, collections = loop._loaded_objects_frozen, {"on": [], "off": []}, {"on": 0, "off": 0}
+    shipped, times, collections = loop.loaded_objects_frozen, {"on": [], "off": []}, {"on": 0, "off": 0}
     try:
         for r in range(rounds):
             for mode in ("off", "on"):
-                loop._loaded_objects_frozen = shipped if mode == "on" else contextlib.nullcontext
+                loop.loaded_objects_frozen = shipped if mode == "on" else contextlib.nullcontext
                 full_gc = _FullCollections()
                 t0 = time.process_time()
                 extract_to_store(vlm, data, d / f"{mode}{r}", **kw)
@@ -121,7 +121,7 @@ def _freeze_ab(vlm, d: Path, n: int, rounds: int) -> dict:
                 full_gc.stop()
                 collections[mode] += full_gc.n
     finally:
-        loop._loaded_objects_frozen = shipped
+        loop.loaded_objects_frozen = shipped
     return {"n": n, "on_s": float(np.median(times["on"])), "off_s": float(np.median(times["off"])),
             "on_gc": collections["on"], "off_gc": collections["off"]}
 
@@ -305,7 +305,7 @@ def main(argv=None) -> int:
               f"(floor {OVERHEAD_FLOOR}x) {'PASS' if ratio <= OVERHEAD_FLOOR else 'FAIL'}; CPU time {c_cached * 1e3:.1f} "
               f"vs {c_bare * 1e3:.1f} ms = {cpu_ratio:.2f}x; cache {last}")
         print(f"  full garbage collections (generation 2) during these runs: {full_gc.n}, {full_gc.seconds * 1e3:.0f} ms "
-              f"(the extraction keeps the objects loaded before it out of them: gc.freeze)")
+              f"(the extraction keeps the objects loaded before it out of them: scalselect_fast/gcfreeze.py)")
         checks.append((f"cached extraction <= {OVERHEAD_FLOOR}x bare read", ratio <= OVERHEAD_FLOOR))
         # where the distance to the floor comes from: the validating reader every run uses anyway
         t_reader = float(np.median(alternating_times(

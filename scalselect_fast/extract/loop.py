@@ -22,9 +22,7 @@ sample: id, index, reason code, detail) and counted in the shard record.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from ..atomic import crashpoint
+from ..gcfreeze import loaded_objects_frozen
 from ..lock import exclusive_lock
 from .batch import (REASON_ENCODE, REASON_NO_ATTENTION, REASON_TEXT_ONLY, REASON_TOO_LONG, STAGE, EncodePool,
                     batches, encode_and_pool, image_loader_for, pipelined)
@@ -218,7 +217,7 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *,
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"output {out} exists and is not a directory; choose another --out")
-    with _loaded_objects_frozen():  # the counting pass parses every record too
+    with loaded_objects_frozen():  # the counting pass parses every record too
         n_records = count_records(data, opts.format)
     lo, hi = rank_range(n_records, rank, world)
     vlm = _load(model, opts, rank_device(opts.device, opts.device_map, rank, world))
@@ -243,32 +242,8 @@ def extract_to_store(model, data: str | os.PathLike, out: str | os.PathLike, *,
     out.mkdir(parents=True, exist_ok=True)
     # one writer per store (per rank: ranks write disjoint shards of one store)
     lock = out / (".extract.lock" if world == 1 else f".extract-rank{rank:03d}.lock")
-    with exclusive_lock(lock, f"store {out}" + (f" (rank {rank})" if world > 1 else "")), _loaded_objects_frozen():
+    with exclusive_lock(lock, f"store {out}" + (f" (rank {rank})" if world > 1 else "")), loaded_objects_frozen():
         return _extract_locked(vlm, data, out, provenance, opts, _Slice(rank, world, lo, hi), warn, rep_cache)
-
-
-@contextlib.contextmanager
-def _loaded_objects_frozen():
-    """Keep the objects alive on entry (torch, transformers, the model: ~400k of them) out of the
-    cyclic garbage collector's full collections while the loop runs.
-
-    The loop allocates a few objects per record that outlive the young generations (pending
-    lookups, rows of the shard in progress), so a full collection comes every ~10k records and walks
-    every object of the process: ~0.2 s each, a quarter of a fully cached rerun's CPU time on the
-    2-core box (``benchmarks/bench_cache.py`` prints the collections' time). ``gc.freeze`` moves the
-    objects tracked now to the permanent generation; they return to the oldest one on exit, so
-    garbage among them is still found later. A caller that froze objects itself (e.g. before
-    forking) keeps its own freeze: nothing is frozen or unfrozen then.
-    """
-    if not gc.isenabled() or gc.get_freeze_count():
-        yield
-        return
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
 
 @dataclass(frozen=True)
 class _Slice:

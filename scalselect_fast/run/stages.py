@@ -40,6 +40,7 @@ from ..atomic import atomic_path, atomic_write_bytes
 from ..data.sample import DatasetError
 from ..data.skiplog import DiscardSkips
 from ..paths import refuse_overwrite
+from ..gcfreeze import loaded_objects_frozen
 from ..lock import exclusive_lock
 from ..store import StoreError
 from .config import RunConfig, RunError
@@ -939,8 +940,9 @@ def _run_locked(cfg: RunConfig, events: Events, out: Path, source, model_fp: str
                     raise
         stage = "select"
         skipped_out = out / "skipped.jsonl"  # published after the extraction stage (_publish_skips)
-        result = _stage_select(cfg, state, events, src, sub, scores, out, skipped_out, report_extra,
-                               before_commit=inputs_unchanged)
+        with loaded_objects_frozen():  # (the extraction freezes its own, the model loaded by then)
+            result = _stage_select(cfg, state, events, src, sub, scores, out, skipped_out, report_extra,
+                                   before_commit=inputs_unchanged)
     except OSError as exc:
         if _disk_full(exc):
             where = exc.filename or f"under {out}"
