@@ -22,6 +22,8 @@ sample; 32 px, ~1 KB: the per-sample overhead's worst case). For each, in the sa
   read, printed PASS/FAIL;
 * ``write_selected`` of a 16% subset in kind (tar members copied byte for byte, Parquet shards,
   ``save_to_disk``);
+* the last of 8 ranks reaching its range: ``read_dataset(start=7N/8)`` (the files before it passed
+  over) against the whole read filtered by index, both yielding the same last eighth;
 * image decode rate per core: ``load_image`` of the embedded bytes on one thread (images/s, MB/s of
   encoded bytes, megapixels/s), against Pillow's own ``open`` + ``convert("RGB")``.
 
@@ -262,6 +264,12 @@ def bench_layouts(n: int, repeats: int) -> list[dict]:
                                                               lambda: sum(1 for _ in read_dataset(spec)), repeats)
                 assert n_base == n_read == n_side, (layout, n_base, n_read)
                 t_write = median_time(lambda: write_selected(spec, d / f"sel-{layout}", keep), repeats)[0]
+                # the last of 8 ranks reaching its range: read_dataset(start=) passes over the files before it
+                last = n_side - n_side // 8
+                t_skip, t_filter, n_skip, n_filter = _alternating(
+                    lambda: sum(1 for _ in read_dataset(spec, start=last)),
+                    lambda: sum(1 for s in read_dataset(spec) if s.index >= last), repeats)
+                assert n_skip == n_filter == n_side - last, (layout, n_skip, n_filter)
                 ratio = t_base / t_read
                 rows.append({"layout": layout, "image_px": side, "image_kb": round(len(jpegs[0]) / 1e3, 1),
                              "n": n_side, "size_mb": round(mb, 1), "bare_read_s": round(t_base, 4),
@@ -269,7 +277,8 @@ def bench_layouts(n: int, repeats: int) -> list[dict]:
                              "read_mb_s": round(mb / t_read, 1), "bare_samples_s": round(n_side / t_base),
                              "rate_vs_bare": round(ratio, 3), "floor": LAYOUT_FLOOR,
                              "verdict": "PASS" if ratio >= LAYOUT_FLOOR else "FAIL",
-                             "write16_s": round(t_write, 4),
+                             "write16_s": round(t_write, 4), "rank7of8_start_s": round(t_skip, 4),
+                             "rank7of8_filter_s": round(t_filter, 4),
                              **{k: round(v, 2) for k, v in decode.items()}})
     return rows
 
@@ -277,12 +286,13 @@ def bench_layouts(n: int, repeats: int) -> list[dict]:
 def _print_layouts(rows: list[dict]) -> None:
     print(f"\n{'layout':<15} {'px':>4} {'KB/img':>6} {'N':>7} {'MB':>7} {'bare/s':>9} {'read/s':>9} {'MB/s':>7} "
           f"{'x bare':>7} {'floor':>5} {'':>4} {'write16% s':>10} {'decode img/s/core':>17} {'MB/s':>6} "
-          f"{'x PIL':>6}")
+          f"{'x PIL':>6} {'rank 7/8: start= vs filter s':>28}")
     for r in rows:
         print(f"{r['layout']:<15} {r['image_px']:>4} {r['image_kb']:>6} {r['n']:>7} {r['size_mb']:>7} "
               f"{r['bare_samples_s']:>9,} {r['read_samples_s']:>9,} {r['read_mb_s']:>7} {r['rate_vs_bare']:>7.2f} "
               f"{r['floor']:>5} {r['verdict']:>4} {r['write16_s']:>10.2f} {r['decode_img_s_core']:>17,.0f} "
-              f"{r['decode_mb_s_core']:>6.1f} {r['decode_vs_pillow']:>6.2f}")
+              f"{r['decode_mb_s_core']:>6.1f} {r['decode_vs_pillow']:>6.2f} "
+              f"{r['rank7of8_start_s']:>13.3f} vs {r['rank7of8_filter_s']:<10.3f}")
 
 
 _RSS_CHILD = """

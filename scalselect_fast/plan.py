@@ -636,7 +636,8 @@ def estimate_run(n: int, *, model: str | os.PathLike | Mapping | None = None, d:
     read = cal.parse_seconds / cal.parsed if cal is not None and cal.parsed else 0.0
     # Several processes run side by side, so the wall time is the largest rank's: a fresh interpreter
     # (the start-up measured on this one), the model load and the warm-up, its own records, and parsing
-    # every record up to the end of its range (read * n). cpu:N processes share the machine's cores,
+    # every record up to the end of its range (read * n; at most: the files wholly before a range are
+    # passed over, so a sharded input costs less). cpu:N processes share the machine's cores,
     # so past one process per core the per-sample time grows in proportion. The FLOP count (no
     # calibration) is the machine's matmul rate: GPUs add theirs, CPU processes share one.
     cuda = str(device).startswith("cuda")

@@ -145,6 +145,64 @@ def test_sharded_inputs_global_order(tmp_path, how):
     assert src.locate(3) == (src.files[1], 0) and src.locate(7) == (src.files[2], 3)
 
 
+def _as_rows(samples):
+    return [(s.index, s.id, s.line, s.messages, [i.data if isinstance(i, EmbeddedImage) else i for i in s.images])
+            for s in samples]
+
+
+@pytest.mark.parametrize("layout", ["parquet", "jsonl", "json", "hf-dataset"])
+def test_reading_from_a_start_record_equals_the_whole_read_from_there_and_skips_earlier_files(tmp_path, layout):
+    """read_dataset(start=k) is the whole read's samples with index >= k (a rank's range, a resumed
+    extraction), and the files wholly before record k are not read: they are made unreadable after
+    the counts are taken, and reading from k still works."""
+    if layout == "hf-dataset":
+        data = _hf_dataset()
+        spec, files = data, []
+    else:
+        paths, rows = _shards(tmp_path)  # 3 + 1 + 4 records; the third has no image: a skip to log
+        rows[2] = {k: v for k, v in rows[2].items() if k != "image"} | {"conversations": "not a list"}
+        if layout == "parquet":
+            files = paths
+        else:
+            files, k = [], 0
+            for j, n in enumerate((3, 1, 4)):
+                part = [{**r, "image": None} if isinstance(r.get("image"), dict) else r for r in rows[k:k + n]]
+                k += n
+                f = tmp_path / f"part{j}.{layout}"
+                if layout == "jsonl":
+                    _write_jsonl(f, part)
+                else:
+                    f.write_text(json.dumps(part))
+                files.append(f)
+        spec = [str(f) for f in files]
+    with SkipLog(tmp_path / "whole.jsonl") as log:
+        whole = _as_rows(read_dataset(spec, skip_log=log))
+    for start in range(0, len(whole) + 2):
+        with SkipLog(tmp_path / f"from{start}.jsonl") as log:
+            got = _as_rows(read_dataset(spec, skip_log=log, start=start))
+        assert got == [r for r in whole if r[0] >= start], start
+    if len(files) > 1:
+        src = open_dataset(spec)
+        src.counts()  # taken: the files are still readable
+        for f in files[:2]:
+            os.chmod(f, 0)
+        try:
+            if os.access(files[0], os.R_OK):  # root reads anything: make them unparseable instead
+                for f in files[:2]:
+                    os.chmod(f, 0o644)
+                    f.write_bytes(b"garbage")
+            with SkipLog(tmp_path / "tail.jsonl") as log:
+                got = _as_rows(read_dataset(src, skip_log=log, start=4))
+            assert got == [r for r in whole if r[0] >= 4] and got
+            with pytest.raises(DatasetError):
+                list(read_dataset(src, skip_log=SkipLog(tmp_path / "head.jsonl"), start=3))
+        finally:
+            for f in files[:2]:
+                os.chmod(f, 0o644)
+    with pytest.raises(TypeError, match="start must be a record index"):
+        list(read_dataset(spec, start=-1))
+
+
 def test_sharded_jsonl_lines_are_per_file_and_skips_name_the_file(tmp_path):
     a = _write_jsonl(tmp_path / "a.jsonl", [{"id": "a0", "conversations": _conv()}, {"id": "a1"}])
     b = _write_jsonl(tmp_path / "b.jsonl", [{"id": "b0", "conversations": _conv()}, {"id": "b1"}])

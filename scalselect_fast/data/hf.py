@@ -198,14 +198,15 @@ class _ObjectSource(DataSource):
             self._counts = [int(n) if n is not None else sum(1 for _ in iter_dataset_rows(self.dataset, self.label))]
         return list(self._counts)
 
-    def iter_records(self):
+    def iter_records(self, start: int = 0):
+        # one object, no files to pass over: the reader drops the rows before ``start``
         for i, row in enumerate(iter_dataset_rows(self.dataset, self.label)):
             yield i, None, row, self._pseudo, i
 
     def has_batches(self) -> bool:
         return type(self.dataset).__name__ == "Dataset"
 
-    def iter_batches(self, columns: "list[str] | None" = None):
+    def iter_batches(self, columns: "list[str] | None" = None, start: int = 0):
         i = 0
         for batch in iter_dataset_batches(_columns(self.dataset, columns), self.label):
             yield i, batch, self._pseudo, i

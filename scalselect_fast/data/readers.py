@@ -163,7 +163,7 @@ class _RemoteImages:
 
 def read_dataset(path, image_root: str | os.PathLike | None = None,
                  format: str = "auto", skip_log=None, id_field: str | None = None,
-                 source_field: str | None = None) -> Iterator[Sample]:
+                 source_field: str | None = None, start: int = 0) -> Iterator[Sample]:
     """Stream the samples of a dataset.
 
     Parameters
@@ -192,6 +192,13 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
         What ``Sample.source`` reads (the run's ``--source-field``): ``None`` (the default) the first
         of :data:`~.records.SOURCE_FIELDS` present, a field name that field only, ``"image_folder"``
         the first folder of the image path; see :func:`~.records.record_source`.
+    start : int, >= 0
+        Yield only the samples from record ``start`` on (a rank's range, a resumed extraction). The
+        files wholly before it are not read (their records are counted: JSON and JSONL files are
+        parsed for that, Parquet reads footers); in the file holding it, the records before it are
+        passed over unparsed (they are not validated, logged or id-checked). Ids are checked for
+        duplicates among the records from ``start`` on; the empty / all-skipped checks apply only to
+        a read from 0.
 
     Yields
     ------
@@ -214,6 +221,8 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
     if source_field is not None and (not isinstance(source_field, str) or not source_field):
         raise TypeError(f"read_dataset: source_field must be a field name (a non-empty str), 'image_folder' or "
                         f"None, got {source_field!r:.100}")
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise TypeError(f"read_dataset: start must be a record index (an int >= 0), got {start!r:.100}")
     source = open_dataset(path, format)
     rule = IdRule(id_field)
     id_field = rule.field
@@ -271,7 +280,12 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
 
         if source.has_batches():  # Arrow: column-wise per batch where the schema allows (ArrowPlan)
             file = resolve = schema = plan = None
-            for index0, batch, f, local0 in source.iter_batches():
+            for index0, batch, f, local0 in source.iter_batches(start=start):
+                if index0 + batch.num_rows <= start:
+                    continue
+                if index0 < start:  # the batch holding record `start`: its rows from there on
+                    cut = start - index0
+                    batch, index0, local0 = batch.slice(cut), start, local0 + cut
                 if f is not file:
                     file, resolve = f, resolver(f)
                 n_records += batch.num_rows
@@ -305,7 +319,9 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
                     start += len(samples)
         else:
             file = resolve = None
-            for index, line, record, f, local in source.iter_records():
+            for index, line, record, f, local in source.iter_records(start=start):
+                if index < start:
+                    continue
                 n_records += 1
                 if f is not file:
                     file, resolve = f, resolver(f)
@@ -317,6 +333,8 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
                     continue
                 yield sample
         _raise_duplicates(source, registry, rule)
+    if start:
+        return  # a tail of the dataset: whether the whole is empty or all skipped is not known here
     n_yielded = n_records - n_skipped
     if n_records == 0:
         raise DatasetError(f"dataset {source.label!r} is empty (no records)", reason="empty",

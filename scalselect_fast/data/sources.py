@@ -372,12 +372,29 @@ class DataSource:
         """Total number of records."""
         return sum(self.counts())
 
-    def iter_records(self) -> Iterator[tuple[int, int | None, Any, InputFile, int]]:
-        """Yield ``(index, line, record, file, file_index)``: ``index`` global, ``file_index`` in ``file``."""
+    def _files_from(self, start: int) -> tuple[int, list[InputFile]]:
+        """``(offset, files)``: the files from the one holding record ``start`` on, and the global index of
+        that file's first record; files wholly before ``start`` are left out (counted, never read)."""
+        if start <= 0:
+            return 0, list(self.files)
+        offset = 0
+        for i, n in enumerate(self.counts()):
+            if offset + n > start:
+                return offset, list(self.files[i:])
+            offset += n
+        return offset, []
+
+    def iter_records(self, start: int = 0) -> Iterator[tuple[int, int | None, Any, InputFile, int]]:
+        """Yield ``(index, line, record, file, file_index)``: ``index`` global, ``file_index`` in ``file``.
+
+        ``start`` > 0 begins at the file holding record ``start``: the files before it are not read
+        (their records are counted, see :meth:`counts`); that file's records before ``start`` are
+        yielded too (a record's index is only known once its file is read up to it).
+        """
         c = self._container()
         self.check_schemas()
-        offset = 0
-        for f in self.files:
+        offset, files = self._files_from(start)
+        for f in files:
             n = 0
             for local, line, record in c.iter_records(f):
                 yield offset + local, line, record, f, local
@@ -388,15 +405,16 @@ class DataSource:
         """Whether :meth:`iter_batches` can serve this source (an Arrow-backed container)."""
         return self._container().iter_batches is not None
 
-    def iter_batches(self, columns: list[str] | None = None) -> Iterator[tuple[int, Any, InputFile, int]]:
+    def iter_batches(self, columns: list[str] | None = None, start: int = 0) -> Iterator[tuple[int, Any, InputFile, int]]:
         """Yield ``(index, batch, file, file_index)`` for Arrow-backed containers: ``batch`` a
         ``pyarrow.RecordBatch`` whose first row is global record ``index`` and record ``file_index``
-        of ``file``; the rows are exactly those of :meth:`iter_records`, with only the ``columns``
-        the data has when given (the others are not read where the container allows)."""
+        of ``file``; the rows are exactly those of :meth:`iter_records` (``start`` as there), with
+        only the ``columns`` the data has when given (the others are not read where the container
+        allows)."""
         c = self._container()
         self.check_schemas()
-        offset = 0
-        for f in self.files:
+        offset, files = self._files_from(start)
+        for f in files:
             local = 0
             for batch in (c.iter_batches(f) if columns is None else c.iter_batches(f, columns=columns)):
                 yield offset + local, batch, f, local

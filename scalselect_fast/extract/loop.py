@@ -285,9 +285,9 @@ def _extract_locked(vlm, data, out: Path, provenance: dict, opts: ExtractOptions
     with SkipLog(skip_path) as slog:
         reader_log = RangeSkipLog(slog, sl.lo, sl.hi, first=sl.rank == 0)
         first = todo[0][1]
-        stream = _Peekable(s for s in read_dataset(data, image_root=opts.image_root, format=opts.format,
-                                                   skip_log=reader_log, id_field=opts.id_field)
-                           if s.index >= first)
+        # from the first record to extract: a rank, or a resumed run, does not read the files before it
+        stream = _Peekable(read_dataset(data, image_root=opts.image_root, format=opts.format, skip_log=reader_log,
+                                        id_field=opts.id_field, start=first))
         job = _ShardJob(vlm, writer, opts, sl, todo, done_records, summary, cache, slog, reader_log, bar)
         pool = EncodePool(vlm.encoder, opts.image_loader or image_loader_for(opts.max_image_pixels),
                           opts.num_workers)
