@@ -26,7 +26,8 @@ from .subspace import InvalidRowsError, Subspace, SubspaceError, describe_rows
 
 __all__ = ["leverage_scores", "top_k", "resolve_budget", "BudgetError", "TOPK_CHUNK"]
 
-#: scores per top_k_block call; the per-chunk winners are merged (same result as one global sort)
+#: scores per top_k_block call; each chunk's winners are merged into the running top (same result as one
+#: global sort; memory: two budgets' winners and one chunk, not every chunk's winners)
 TOPK_CHUNK = 1 << 20
 
 
@@ -240,13 +241,16 @@ def top_k(scores: np.ndarray, budget, chunk: int = TOPK_CHUNK) -> np.ndarray:
     if m > n - n_nan:
         raise BudgetError(f"budget {budget!r} asks for {m} rows but only {n - n_nan} of {n} rows have a "
                           f"score ({n_nan} invalid); lower the budget")
-    parts = []
+    best = None
     for a in range(0, n, chunk):
         s = scores[a:a + chunk]
         if n_nan and np.isnan(s).any():
             s = np.where(np.isnan(s), -np.inf, s)  # never ahead of a real score
-        parts.append(native.top_k_block(s, a, m))
-    idx, _ = native.top_k_merge(parts, m) if len(parts) > 1 else parts[0]
+        part = native.top_k_block(s, a, m)
+        # merged as they come: the top m of (score desc, row asc) is a total order, so the running
+        # merge equals one merge of every chunk's winners, without holding them all (up to n of them)
+        best = part if best is None else native.top_k_merge([best, part], m)
+    idx, _ = best
     idx = np.asarray(idx, dtype=np.int64)
     if n_nan and np.isnan(scores[idx]).any():
         # only possible when genuine -inf scores tie with the NaN placeholders
