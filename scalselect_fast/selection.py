@@ -242,15 +242,31 @@ def run_selection(source, out_dir, budget, *, executor=None, subspace=None, scor
 class _Ranked:
     """The ranking and the kept set of one selection."""
 
-    def __init__(self, n: int, order: np.ndarray, kept_rows: np.ndarray, post_info: dict):
-        self.order = order  # the scored rows, descending score, ties -> lower row
+    def __init__(self, scores: np.ndarray, order: np.ndarray | None, kept_rows: np.ndarray, post_info: dict):
+        from .scoring import rank_scores
+
+        n = scores.size
+        self._scores, self._order = scores, order
         self.kept_rows = kept_rows  # selection order
         self.post_info = post_info  # select_ranked's info ({} without post-selection)
-        # int32 below 2**31 rows: one (n,) array held until the manifest is written
-        self.rank = np.zeros(n, np.int32 if n < 2**31 - RANK_BASE else np.int64)
-        self.rank[order] = np.arange(RANK_BASE, RANK_BASE + order.size, dtype=self.rank.dtype)
+        # int32 below 2**31 rows: one (n,) array held until the manifest is written; without the
+        # (n,) int64 order when post-selection did not need it (rank_scores ranks a range at a time)
+        if order is None:
+            self.rank = rank_scores(scores, RANK_BASE)
+        else:
+            self.rank = np.zeros(n, np.int32 if n < 2**31 - RANK_BASE else np.int64)
+            self.rank[order] = np.arange(RANK_BASE, RANK_BASE + order.size, dtype=self.rank.dtype)
         self.kept_mask = np.zeros(n, bool)
         self.kept_mask[kept_rows] = True
+
+    @property
+    def order(self) -> np.ndarray:
+        """The scored rows, descending score, ties -> lower row (sorted on first use)."""
+        from .scoring import score_order
+
+        if self._order is None:
+            self._order = score_order(self._scores)
+        return self._order
 
 
 class _SelectionJob:
@@ -275,7 +291,7 @@ class _SelectionJob:
 
     def score(self, sub: Subspace, scores) -> tuple[np.ndarray, np.ndarray]:
         """``(scores (n,) float64, top-m rows)``: scored by the executor, or the given ones checked."""
-        from .scoring import BudgetError, top_k
+        from .scoring import BudgetError, count_scored, top_k
 
         if scores is None:
             scores, top, t_score, self._top_s = self.executor.score_and_select(self.src, sub, self.m,
@@ -286,7 +302,7 @@ class _SelectionJob:
         if scores.shape != (self.src.n,):
             raise ValueError(f"scores has shape {scores.shape} but the source has {self.src.n} rows")
         t = time.perf_counter()
-        n_scored = int(np.count_nonzero(~np.isnan(scores)))
+        n_scored = count_scored(scores)
         if self.m > n_scored:
             raise BudgetError(f"budget {self.budget!r} asks for {self.m} rows but only {n_scored} have a score")
         top = top_k(scores, self.m)
@@ -295,19 +311,19 @@ class _SelectionJob:
 
     def select(self, scores: np.ndarray, top: np.ndarray, quotas: Sequence, dedup_eps: float | None) -> _Ranked:
         """The ranking, and the top-m or (with quotas or ``dedup_eps``) the post-selected rows."""
+        from .scoring import score_order
+
         t = time.perf_counter()
-        # descending score, ties -> lower row: a stable sort of the negated scores keeps equal ones in
-        # row order, and puts the NaN rows (no score) last, where they are cut off (two (n,) arrays
-        # at the peak, where taking the scored rows first and lexsorting them held four)
-        n_scored = int(np.count_nonzero(~np.isnan(scores)))
-        order = np.argsort(np.negative(scores), kind="stable")[:n_scored]
         post_info: dict[str, Any] = {}
+        order = None  # the whole ranking only where post-selection walks it (the ranks need no order)
         if dedup_eps is not None or quotas:
+            order = score_order(scores)
             kept_rows, post_info = self._post_select(order, quotas, dedup_eps)
         else:
             kept_rows = np.asarray(top, dtype=np.int64)
+        ranked = _Ranked(scores, order, kept_rows, post_info)
         self.times["select"] = self._top_s + (time.perf_counter() - t)
-        return _Ranked(self.src.n, order, kept_rows, post_info)
+        return ranked
 
     def _post_select(self, order: np.ndarray, quotas: Sequence, dedup_eps: float | None) -> tuple[np.ndarray, dict]:
         from .postselect import select_ranked
