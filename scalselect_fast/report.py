@@ -121,7 +121,9 @@ def build_report(src, sub, scores, kept_rows, kept_mask, m, budget, *, records=N
                      "l2_normalize": bool(sub.l2_normalize), "reused_from": reused,
                      "fit_timings": sub.info.get("timings", {}), "provenance": sub.provenance},
         "spectrum": spectrum,
-        "scores": score_histogram(scores[valid], cutoff),
+        # the scores themselves where every row has one: the same values in the same order, without a copy
+        "scores": score_histogram(scores if not invalid.size and scores.flags.c_contiguous else scores[valid],
+                                  cutoff),
         "per_source": per_source,
         "skip_reasons": skip_counts,
         "invalid_rows": {"count": int(invalid.size), "rows": invalid[:1000].tolist(),
