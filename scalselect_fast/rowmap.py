@@ -7,7 +7,7 @@ row → id (:func:`shard_ids`, :func:`ids_of`) and stored row → record (:func:
 live here once.
 
 Memory: ``run`` holds the record table as compact columns (:class:`IdColumn`: the ids' UTF-8 bytes
-in Arrow buffers, about ``len(id) + 8`` bytes per record instead of a Python ``str`` each;
+in Arrow buffers, about ``len(id) + 4`` bytes per record instead of a Python ``str`` each;
 :class:`CodedColumn`: an int32 code per record and one ``str`` per distinct value), and
 :func:`row_record` matches stored rows to records by a merge of the two orders (the store's rows are
 in record order) instead of a hash table of every id, falling back to the hash lookup
@@ -60,7 +60,10 @@ class IdColumn:
         import pyarrow as pa
 
         if self._pending:
-            self._chunks.append(pa.array(self._pending, pa.large_string(), memory_pool=_id_pool()))
+            # 32-bit offsets (4 bytes per record less) unless the chunk's UTF-8 could pass 2 GiB
+            chars = sum(len(s) for s in self._pending if s is not None)
+            kind = pa.string() if 4 * chars < 2**31 else pa.large_string()
+            self._chunks.append(pa.array(self._pending, kind, memory_pool=_id_pool()))
             self._pending = []
 
     def finish(self) -> "IdColumn":
