@@ -81,19 +81,46 @@ def cutoff_margin(scores: np.ndarray, budget: int) -> dict:
     0.2
     """
     s = np.asarray(scores, dtype=np.float64)
-    s = np.where(np.isnan(s), -np.inf, s)
     n = s.size
     if not 1 <= budget <= n:
         raise ValueError(f"budget {budget} is outside [1, N={n}]")
-    last = float(-np.partition(-s, budget - 1)[budget - 1])
+    top = _largest(s, budget + 1)
+    last = float(top[budget - 1])
     out = {"last_kept": last, "first_rejected": None, "margin": None, "relative_margin": None,
-           "ties_at_cutoff": int(np.count_nonzero(s == last))}
+           "ties_at_cutoff": _count_equal(s, last)}
     if budget < n:
-        nxt = float(-np.partition(-s, budget)[budget])
+        nxt = float(top[budget])
         margin = last - nxt
         out.update(first_rejected=nxt, margin=margin,
                    relative_margin=margin / abs(last) if last not in (0.0, -np.inf) else None)
     return out
+
+
+def _chunks(s: np.ndarray):
+    """``s`` a block at a time with NaN as -inf (a NaN row ranks below every score)."""
+    from .scoring import TOPK_CHUNK
+
+    for a in range(0, s.size, TOPK_CHUNK):
+        c = s[a:a + TOPK_CHUNK]
+        yield a, (np.where(np.isnan(c), -np.inf, c) if np.isnan(c).any() else c)
+
+
+def _largest(s: np.ndarray, count: int) -> np.ndarray:
+    """The ``count`` largest values of ``s`` (NaN as -inf), descending: each block's top
+    (:func:`~scalselect_fast.native.top_k_block`) merged into the running top, so memory is two
+    ``count``-long tops and one block, where a partition of the negated scores copied them twice."""
+    from . import native
+
+    best = None
+    for a, c in _chunks(s):
+        part = native.top_k_block(c, a, count)
+        best = part if best is None else native.top_k_merge([best, part], count)
+    return best[1]
+
+
+def _count_equal(s: np.ndarray, value: float) -> int:
+    """Rows of ``s`` (NaN as -inf) equal to ``value``, counted a block at a time."""
+    return sum(int(np.count_nonzero(c == value)) for _a, c in _chunks(s))
 
 
 def _fit_kwargs(sub) -> dict:
