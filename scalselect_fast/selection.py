@@ -39,6 +39,7 @@ from .atomic import StagedOutputs, atomic_path, atomic_write_bytes, crashpoint
 from .devices import array_backend
 from .gallery import build_gallery
 from .manifest import MANIFEST_FORMATS, RANK_BASE, manifest_batches, write_manifest
+from .memory import release_freed
 from .jsonable import to_jsonable
 from .report import REPORT_HTML, REPORT_JSON, build_report, render_html
 from .rowmap import Records, budget_base, ids_of, row_record, value_codes
@@ -213,6 +214,7 @@ def run_selection(source, out_dir, budget, *, executor=None, subspace=None, scor
     ranked = job.select(scores, top, quotas, dedup_eps)
     if check_kept is not None:
         check_kept(ranked.kept_rows)
+    release_freed()  # the ranking's and the record check's temporaries, before the outputs are built
     stability = job.stability(sub, scores, ranked.kept_rows, stability_seeds)
     names = _output_names(out, manifest_format, records, html)
     t_write = time.perf_counter()
@@ -382,6 +384,7 @@ class _SelectionJob:
         write_manifest(stage.path(names["manifest"]), manifest_format,
                        manifest_batches(self.src, scores, ranked.rank, ranked.kept_mask, records,
                                         ranked.post_info.get("rejected", {})), meta)
+        release_freed()  # the manifest's batches, before the selected dataset is read and written
         # records written outside the budget (text-only ones, run --text-only keep), after the ranked ones
         extra_ids = [records.ids[i] for i in records.passthrough if records.ids[i] is not None] if records else []
         written = kept_ids + extra_ids

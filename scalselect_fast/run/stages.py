@@ -353,6 +353,7 @@ def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, sco
                   out: Path, skipped_path: Path, report_extra=None, before_commit=None) -> RunResult:
     """The selection job (:func:`scalselect_fast.selection.run_selection`) over the run's checkpoints."""
     from ..data import read_skip_log
+    from ..memory import release_freed
     from ..postselect import parse_quota
     from ..rowmap import Records, budget_base, locate_store_rows
     from ..selection import run_selection
@@ -362,6 +363,7 @@ def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, sco
     events.emit("stage_start", stage="select")
     quotas = [parse_quota(q) for q in cfg.quota]
     recs = _record_table(cfg, [q.field for q in quotas])
+    release_freed()  # the record pass's batches and dicts: not under the steps that follow
     n_records = len(recs["ids"])
     records = Records(path=cfg.data, ids=recs["ids"], sources=recs["sources"], fields=recs["fields"],
                       skip_reason={}, skip_counts={}, selected_name=_selected_name(cfg),
@@ -369,6 +371,7 @@ def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, sco
                       keep_text_only=cfg.text_only == "keep")
     # stored rows → records by a merge of the two orders (no table of every id)
     records.stored_record, missing = locate_store_rows(src, records)
+    release_freed()  # each shard's ids as strings
     if missing:
         raise RunError(f"the representation store holds ids not in {cfg.data} (e.g. {missing[:3]}); the "
                        f"dataset changed after extraction. Rerun with --force")
