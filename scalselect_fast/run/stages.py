@@ -289,17 +289,18 @@ def _raw_records(cfg: RunConfig, fields: Iterable[str]) -> Iterator[tuple[Any, s
             yield rec, named(rec, source.relative_name(file), local)
 
 
-def _record_table(cfg: RunConfig, fields: Iterable[str]) -> dict:
+def _record_table(cfg: RunConfig, fields: Iterable[str], spill_dir: Path | None = None) -> dict:
     """One pass over the raw records: id, source and any quota field per record index, as compact
     columns (:class:`~scalselect_fast.rowmap.IdColumn`, :class:`~scalselect_fast.rowmap.CodedColumn`):
-    no Python object per record is kept."""
+    no Python object per record is kept, and with ``spill_dir`` the ids go to a temporary file there
+    (read back a chunk at a time) rather than memory."""
     from array import array
 
     from ..data import record_source
     from ..data.records import writable_text
     from ..rowmap import CodedColumn, IdColumn
 
-    ids = IdColumn()
+    ids = IdColumn(spill_dir)
     fields = list(fields)
     codes = {f: array("i") for f in ["source", *fields]}
     tables: dict = {f: {} for f in codes}
@@ -362,7 +363,7 @@ def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, sco
     t0 = time.perf_counter()
     events.emit("stage_start", stage="select")
     quotas = [parse_quota(q) for q in cfg.quota]
-    recs = _record_table(cfg, [q.field for q in quotas])
+    recs = _record_table(cfg, [q.field for q in quotas], spill_dir=state.work)  # ids on disk: 14 B/record less
     release_freed()  # the record pass's batches and dicts: not under the steps that follow
     n_records = len(recs["ids"])
     records = Records(path=cfg.data, ids=recs["ids"], sources=recs["sources"], fields=recs["fields"],
