@@ -387,8 +387,10 @@ class _SelectionJob:
         release_freed()  # the manifest's batches, before the selected dataset is read and written
         # records written outside the budget (text-only ones, run --text-only keep), after the ranked ones
         extra_ids = [records.ids[i] for i in records.passthrough if records.ids[i] is not None] if records else []
-        written = kept_ids + extra_ids
-        atomic_write_bytes(stage.path(names["selected_ids"]), "".join(f"{i}\n" for i in written).encode("utf-8"))
+        written = kept_ids + extra_ids if extra_ids else kept_ids
+        with atomic_path(stage.path(names["selected_ids"])) as tmp, open(tmp, "wb") as fh:
+            for a in range(0, len(written), 1 << 16):  # a block of ids at a time, not one string of all
+                fh.write("".join(f"{i}\n" for i in written[a:a + (1 << 16)]).encode("utf-8"))
         if records is not None:
             from .data import write_selected
 
