@@ -216,12 +216,13 @@ def run_selection(source, out_dir, budget, *, executor=None, subspace=None, scor
         check_kept(ranked.kept_rows)
     release_freed()  # the ranking's and the record check's temporaries, before the outputs are built
     stability = job.stability(sub, scores, ranked.kept_rows, stability_seeds)
+    release_freed()  # the cut-off's tops
     names = _output_names(out, manifest_format, records, html)
     t_write = time.perf_counter()
     report = build_report(src, sub, scores, ranked.kept_rows, ranked.kept_mask, m, budget, records=records,
                           post_info=ranked.post_info, stability=stability, reused=reused,
                           executor=job.executor, source=source, outputs={k: str(v) for k, v in names.items()},
-                          timings=job.times, drop_invalid=drop_invalid)
+                          timings=job.times, drop_invalid=drop_invalid, rank=ranked.rank)
     kept_ids = ids_of(src, ranked.kept_rows)  # selection order
     if report_extra is not None:
         report.update(report_extra(kept_ids))

@@ -159,3 +159,22 @@ def test_run_gallery_shows_every_image_of_a_multi_image_sample(tmp_path):
         assert fig["more"] == (f"+{left} more" if left else "")
     rep = json.loads((out / "report.json").read_text())
     assert rep["gallery"]["note"] is None
+
+
+@pytest.mark.parametrize("n,nan_rows", [(101, ()), (100, ()), (57, (3, 10, 11)), (58, (3, 10, 11)), (9, ()), (8, ())])
+def test_report_median_from_the_ranks_is_np_median(tmp_path, n, nan_rows):
+    """The selection's report reads the median at the middle ranks; np.median of the written scores is
+    the reference (odd and even counts, ties, rows without a score)."""
+    from scalselect_fast.selection import run_selection
+
+    rng = np.random.default_rng(n)
+    X = np.round(rng.standard_normal((n, 4)), 1)  # rounded: repeated rows, so tied scores
+    X[1::5] = X[0]
+    if nan_rows:
+        X[list(nan_rows)] = np.nan
+    rep = run_selection(X, tmp_path / "out", 1, html=False, drop_invalid=bool(nan_rows), k=2, stability_seeds=None)
+    scores = np.load(tmp_path / "out" / "scores.npy")
+    valid = scores[~np.isnan(scores)]
+    assert valid.size == n - len(nan_rows)
+    assert rep["scores"]["median"] == float(np.median(valid))
+    assert rep["scores"]["sum"] == float(valid.sum()) and rep["scores"]["mean"] == float(valid.mean())
