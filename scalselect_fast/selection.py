@@ -215,7 +215,7 @@ def run_selection(source, out_dir, budget, *, executor=None, subspace=None, scor
     if check_kept is not None:
         check_kept(ranked.kept_rows)
     release_freed()  # the ranking's and the record check's temporaries, before the outputs are built
-    stability = job.stability(sub, scores, ranked.kept_rows, stability_seeds)
+    stability = job.stability(sub, scores, ranked, stability_seeds)
     release_freed()  # the cut-off's tops
     names = _output_names(out, manifest_format, records, html)
     t_write = time.perf_counter()
@@ -347,9 +347,8 @@ class _SelectionJob:
                       f"removal (--dedup-selected {dedup_eps}); lower the threshold to keep more")
         return kept_rows, post_info
 
-    def stability(self, sub: Subspace, scores: np.ndarray, kept_rows: np.ndarray, seeds) -> dict | None:
+    def stability(self, sub: Subspace, scores: np.ndarray, ranked: _Ranked, seeds) -> dict | None:
         """The report's stability entry (None when ``seeds`` is None): margin and bound, re-fits with seeds."""
-        from .scoring import top_k
         from .stability import stability_bound
 
         if seeds is None:
@@ -359,10 +358,13 @@ class _SelectionJob:
         if seeds and hasattr(self.executor, "stability"):
             st = self.executor.stability(self.src, sub, scores, self.m, seeds, self.drop_invalid)
         else:
-            st = stability_bound(sub, scores, self.m)
+            st = stability_bound(sub, scores, self.m, ranked.rank, RANK_BASE)
             st["refits"] = "not requested" if not seeds else \
                 f"not applicable: the {self.executor.name} executor does not run the randomized solver"
-        same = np.array_equal(np.sort(kept_rows), np.sort(top_k(scores, self.m)))
+        # the written rows are the top budget when they are that many distinct rows, all ranked within it
+        kept = ranked.kept_rows
+        same = (kept.size == self.m and np.unique(kept).size == kept.size
+                and bool(np.all((ranked.rank[kept] >= RANK_BASE) & (ranked.rank[kept] < RANK_BASE + self.m))))
         st["certifies"] = ("the written selection (the top budget by score)" if same else
                            "the top budget by score, before post-selection changed the written selection")
         self.times["stability"] = time.perf_counter() - t

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import scalselect_fast as ss
+from scalselect_fast.scoring import rank_scores
 from scalselect_fast.stability import (cutoff_margin, overlap, randomized_hands_over, score_shift_bound,
                                        stability_bound, stability_certificate)
 
@@ -53,6 +54,8 @@ def test_cutoff_margin_by_blocks_matches_a_full_sort(chunk, monkeypatch):
         last, nxt, ties = reference_cutoff(s, b)
         m = cutoff_margin(s, b)
         assert m["last_kept"] == last and m["first_rejected"] == nxt and m["ties_at_cutoff"] == ties, b
+        for base in (1, 5):  # read at the ranks instead of from a top: the same dict
+            np.testing.assert_equal(cutoff_margin(s, b, rank_scores(s, base), base), m)  # NaN margins equal
 
 
 def test_overlap():
