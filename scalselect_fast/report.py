@@ -94,7 +94,9 @@ def build_report(src, sub, scores, kept_rows, kept_mask, m, budget, *, records=N
         per_source = {}
         codes, values = value_codes(records.sources)
         n_val = len(values)
-        total = np.bincount(codes, minlength=n_val)
+        total = np.zeros(n_val, np.int64)
+        for a in range(0, codes.size, ID_CHUNK):  # bincount of all codes at once makes an (n,) int64 copy
+            total += np.bincount(codes[a:a + ID_CHUNK], minlength=n_val)
         n_valid_of = np.zeros(n_val, np.int64)
         n_kept_of = np.zeros(n_val, np.int64)
         rec_of = row_record(src, records)
