@@ -249,7 +249,6 @@ class _Ranked:
         from .scoring import rank_scores
 
         n = scores.size
-        self._scores, self._order = scores, order
         self.kept_rows = kept_rows  # selection order
         self.post_info = post_info  # select_ranked's info ({} without post-selection)
         # int32 below 2**31 rows: one (n,) array held until the manifest is written; without the
@@ -261,15 +260,6 @@ class _Ranked:
             self.rank[order] = np.arange(RANK_BASE, RANK_BASE + order.size, dtype=self.rank.dtype)
         self.kept_mask = np.zeros(n, bool)
         self.kept_mask[kept_rows] = True
-
-    @property
-    def order(self) -> np.ndarray:
-        """The scored rows, descending score, ties -> lower row (sorted on first use)."""
-        from .scoring import score_order
-
-        if self._order is None:
-            self._order = score_order(self._scores)
-        return self._order
 
 
 class _SelectionJob:
@@ -373,7 +363,7 @@ class _SelectionJob:
     def gallery(self, report: dict, scores: np.ndarray, ranked: _Ranked) -> dict | None:
         """The thumbnails for report.html; their summary goes into ``report["gallery"]``."""
         t = time.perf_counter()
-        gallery, report["gallery"] = build_gallery(self.src, scores, ranked.order, ranked.kept_mask,
+        gallery, report["gallery"] = build_gallery(self.src, scores, ranked.rank, ranked.kept_mask,
                                                    self.records, self.warn)
         self.times["gallery"] = time.perf_counter() - t
         return gallery
