@@ -9,7 +9,7 @@ live here once.
 Memory: ``run`` holds the record table as compact columns (:class:`IdColumn`: the ids' UTF-8 bytes
 in Arrow buffers, about ``len(id) + 4`` bytes per record instead of a Python ``str`` each, or none in
 memory where they are spilled to a temporary file, as ``run`` does;
-:class:`CodedColumn`: an int32 code per record and one ``str`` per distinct value), and
+:class:`CodedColumn`: an int8/16/32 code per record and one ``str`` per distinct value), and
 :func:`row_record` matches stored rows to records by a merge of the two orders (the store's rows are
 in record order) instead of a hash table of every id, falling back to the hash lookup
 (:func:`~scalselect_fast.data.ids.locate_ids`) for a store whose rows are in another order.
@@ -142,12 +142,13 @@ class IdColumn:
 
 
 class CodedColumn:
-    """One value per record (``str`` or None) as an int32 code into a small table of distinct values.
+    """One value per record (``str`` or None) as a small integer code into a table of distinct values.
 
     Attributes
     ----------
-    codes : ndarray (n,) int32
-        Index into ``values`` per record.
+    codes : ndarray (n,) int8, int16 or int32
+        Index into ``values`` per record, in the narrowest of those types that holds every code (a
+        source column of a few dozen values costs one byte per record, not four).
     values : list of str or None
         The distinct values, in order of first occurrence.
     """
@@ -156,13 +157,22 @@ class CodedColumn:
         self.codes, self.values = codes, values
 
     @classmethod
+    def compact(cls, codes, values: list) -> "CodedColumn":
+        """A column from int32 ``codes`` (an ``array('i')`` or ndarray), narrowed to fit ``values``."""
+        codes = np.frombuffer(codes, np.int32) if len(codes) else np.zeros(0, np.int32)
+        for dt in (np.int8, np.int16):
+            if len(values) <= np.iinfo(dt).max + 1:
+                return cls(codes.astype(dt), values)
+        return cls(codes, values)
+
+    @classmethod
     def build(cls, values) -> "CodedColumn":
         """Code an iterable of values (``str`` or None)."""
         from array import array
 
         table: dict = {}
         codes = array("i", (table.setdefault(v, len(table)) for v in values))
-        return cls(np.frombuffer(codes, dtype=np.int32) if len(codes) else np.zeros(0, np.int32), list(table))
+        return cls.compact(codes, list(table))
 
     def __len__(self) -> int:
         return int(self.codes.size)
@@ -179,7 +189,7 @@ class CodedColumn:
 
 
 def value_codes(column) -> tuple[np.ndarray, list]:
-    """``(codes (n,) int32, distinct values)`` of a per-record column (a :class:`CodedColumn` as it is,
+    """``(codes (n,) int8/16/32, distinct values)`` of a per-record column (a :class:`CodedColumn` as it is,
     any other sequence coded on the fly)."""
     if isinstance(column, CodedColumn):
         return column.codes, column.values

@@ -116,6 +116,17 @@ def test_id_column_spills_its_chunks_out_of_memory(tmp_path):
     assert spilled < in_memory / 4  # at most the chunk read back
 
 
+@pytest.mark.parametrize("n_values,dtype", [(1, np.int8), (128, np.int8), (129, np.int16), (32768, np.int16),
+                                            (32769, np.int32)])
+def test_coded_column_codes_in_the_narrowest_type_that_holds_them(n_values, dtype):
+    vals = [None] + [f"v{i}" for i in range(n_values - 1)]
+    vals = vals + vals[::-1]  # every value twice, the last one's code the largest
+    col = CodedColumn.build(vals)
+    assert col.codes.dtype == dtype and len(col.values) == n_values
+    assert list(col) == vals and col[n_values - 1] == vals[n_values - 1]
+    assert col.codes.max() == n_values - 1
+
+
 def test_coded_column_round_trips_and_codes_in_first_occurrence_order():
     vals = ["b", None, "a", "b", "<none>", None, "a", "c"]
     col = CodedColumn.build(vals)

@@ -324,8 +324,7 @@ def _record_table(cfg: RunConfig, fields: Iterable[str], spill_dir: Path | None 
             v = None if r.get(f) is None else one(str(r.get(f)))
             t = tables[f]
             codes[f].append(t.setdefault(v, len(t)))
-    cols = {f: CodedColumn(np.frombuffer(c, np.int32) if len(c) else np.zeros(0, np.int32), list(tables[f]))
-            for f, c in codes.items()}
+    cols = {f: CodedColumn.compact(c, list(tables[f])) for f, c in codes.items()}
     return {"ids": ids.finish(), "sources": cols["source"], "fields": {f: cols[f] for f in fields}}
 
 
