@@ -15,7 +15,7 @@ import numpy as np
 from .manifest import RANK_BASE
 from .rowmap import Records, row_record
 
-__all__ = ["build_gallery", "GALLERY_SIZE", "IMAGES_PER_SAMPLE"]
+__all__ = ["build_gallery", "gallery_groups", "GALLERY_SIZE", "IMAGES_PER_SAMPLE"]
 
 #: thumbnails per gallery group in report.html
 GALLERY_SIZE = 12
@@ -26,7 +26,45 @@ _NO_RECORDS = ("no gallery: this selection was made from stored representations 
                "(no dataset, so no images to show)")
 
 
-def build_gallery(src, scores, order, kept_mask, records: Records | None, warn=None) -> tuple[dict | None, dict]:
+def gallery_groups(rank: np.ndarray, kept_mask: np.ndarray, size: int = GALLERY_SIZE) -> dict[str, np.ndarray]:
+    """The rows each gallery group shows, in rank order: the first and last ``size`` kept rows, the
+    first ``size`` rejected ones and the ``size`` lowest scored.
+
+    Parameters
+    ----------
+    rank : ndarray (n,) of int
+        :data:`~scalselect_fast.manifest.RANK_BASE`-based rank of every scored row, 0 for the others
+        (:func:`scalselect_fast.scoring.rank_scores`).
+    kept_mask : ndarray (n,) bool
+        The kept rows (all scored).
+    size : int
+
+    Returns
+    -------
+    dict of str to ndarray of int64
+        The same rows as slicing the whole order (kept / rejected parts, its tail), read from the
+        ranks a block at a time: memory is the kept rows, not an (n,) order.
+    """
+    kept = np.flatnonzero(kept_mask)
+    kept_order = kept[np.argsort(rank[kept], kind="stable")]
+    n_scored = sum(int(np.count_nonzero(rank[a:a + (1 << 20)])) for a in range(0, rank.size, 1 << 20))
+    # among the best kept.size + size ranks at most kept.size rows are kept: the first rejected are there
+    head = _ranked_rows(rank, RANK_BASE, RANK_BASE + min(kept.size + size, n_scored))
+    rejected = head[~kept_mask[head]][:size]
+    tail = _ranked_rows(rank, RANK_BASE + max(n_scored - size, 0), RANK_BASE + n_scored)
+    return {"top kept": kept_order[:size], "last kept (cut-off)": kept_order[-size:],
+            "first rejected (cut-off)": rejected, "lowest scored": tail}
+
+
+def _ranked_rows(rank: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """The rows ranked ``lo <= rank < hi``, best first (found a block at a time)."""
+    rows = [np.flatnonzero((rank[a:a + (1 << 20)] >= lo) & (rank[a:a + (1 << 20)] < hi)) + a
+            for a in range(0, rank.size, 1 << 20)]
+    rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    return rows[np.argsort(rank[rows], kind="stable")].astype(np.int64, copy=False)
+
+
+def build_gallery(src, scores, rank, kept_mask, records: Records | None, warn=None) -> tuple[dict | None, dict]:
     """Thumbnails for report.html and the JSON summary of what they show.
 
     Parameters
@@ -34,8 +72,8 @@ def build_gallery(src, scores, order, kept_mask, records: Records | None, warn=N
     src : MatrixSource
         The stored representations (n rows).
     scores : ndarray (n,) float64
-    order : ndarray of int64
-        The scored rows in rank order (best first).
+    rank : ndarray (n,) of int
+        :data:`~scalselect_fast.manifest.RANK_BASE`-based rank of every scored row, 0 for the others.
     kept_mask : ndarray (n,) bool
     records : Records or None
         The dataset behind the store; None gives no gallery, with a note saying why.
@@ -53,15 +91,9 @@ def build_gallery(src, scores, order, kept_mask, records: Records | None, warn=N
     """
     if records is None:
         return None, {"note": _NO_RECORDS}
-    kept_order = order[kept_mask[order]]
-    rej_order = order[~kept_mask[order]]
-    g = GALLERY_SIZE
-    groups = {"top kept": kept_order[:g], "last kept (cut-off)": kept_order[-g:],
-              "first rejected (cut-off)": rej_order[:g], "lowest scored": order[::-1][:g][::-1]}
+    groups = gallery_groups(rank, kept_mask)
     rec_of = row_record(src, records)
     samples = _load_samples(records, {int(rec_of[r]) for rows in groups.values() for r in rows.tolist()})
-    rank_of = np.empty(src.n, np.int64)
-    rank_of[order] = np.arange(RANK_BASE, RANK_BASE + order.size)
     out, summary, failed = {}, {}, 0
     for name, rows in groups.items():
         items = []
@@ -70,7 +102,7 @@ def build_gallery(src, scores, order, kept_mask, records: Records | None, warn=N
             sample = samples.get(rec)
             images, more = _thumbnails(sample)
             failed += sum(im["thumbnail"] is None for im in images)
-            items.append({"id": records.ids[rec], "score": float(scores[r]), "rank": int(rank_of[r]),
+            items.append({"id": records.ids[rec], "score": float(scores[r]), "rank": int(rank[r]),
                           "kept": bool(kept_mask[r]), "source": records.sources[rec],
                           "text": _instruction(sample), **images[0], "images": images, "more_images": more})
         out[name] = items

@@ -90,7 +90,8 @@ def manifest_batches(src, scores, rank, kept_mask, records, rejected: Mapping[in
     for a in range(0, n_rec, batch_rows):
         b = min(a + batch_rows, n_rec)
         if in_order:  # this batch's records with a stored row are rows lo..hi, in order
-            lo, hi = np.searchsorted(rec_of, [a, b])
+            # the keys in rec_of's own dtype: int64 keys would make numpy cast all of int32 rec_of per batch
+            lo, hi = np.searchsorted(rec_of, np.array([a, b], rec_of.dtype))
             rec_row = np.full(b - a, -1, np.int64)
             rec_row[rec_of[lo:hi] - a] = np.arange(lo, hi)
         else:

@@ -689,7 +689,10 @@ def estimate_run(n: int, *, model: str | os.PathLike | Mapping | None = None, d:
         if str(device).startswith("cuda"):
             est.assumptions["gpu_weights_bytes"] = cost["run_params"] * wbytes + act
     est.memory_bytes["fit"] = BASE_PROCESS_BYTES + (3 * d * d * 8 if exact else 3 * d * 2 * k_guess * 8) + block
-    est.memory_bytes["score+select"] = BASE_PROCESS_BYTES + n * (8 + 8 + 8 + avg_id_bytes + 56) + block
+    # per record: the float64 score, the int32 rank and record index, a code (at most int32) and the kept
+    # mask; the record ids wait in a temporary file; per kept record its id as a Python string and in a set
+    est.memory_bytes["score+select"] = BASE_PROCESS_BYTES + n * (8 + 4 + 4 + 4 + 1) + n_sel * int(id_bytes + 100) \
+        + block
     est.available = {"disk_free": disk_free if disk_free is not None else _disk_free(out_dir),
                      "memory_available": memory_available if memory_available is not None else _mem_available(),
                      "gpu_memory": _gpu_free(device)}

@@ -47,7 +47,7 @@ THUMBNAIL_PX = 128
 # --------------------------------------------------------------------------------------------------
 def build_report(src, sub, scores, kept_rows, kept_mask, m, budget, *, records=None, post_info=None,
                  stability=None, reused=None, executor=None, source=None, outputs=None, timings=None,
-                 drop_invalid=False) -> dict:
+                 drop_invalid=False, rank=None) -> dict:
     """The one report schema (``report.json``) of a selection.
 
     Parameters
@@ -72,6 +72,9 @@ def build_report(src, sub, scores, kept_rows, kept_mask, m, budget, *, records=N
         :func:`scalselect_fast.postselect.select_ranked`'s info (its ``rejected`` is left out).
     stability, reused, executor, source, outputs, timings, drop_invalid
         Carried into the sections of the same names.
+    rank : ndarray (n,) of int, optional
+        :data:`~scalselect_fast.manifest.RANK_BASE`-based rank of every scored row (0 for the others),
+        as the manifest writes it: the median is then read at the middle ranks, not from a sorted copy.
 
     Returns
     -------
@@ -91,7 +94,9 @@ def build_report(src, sub, scores, kept_rows, kept_mask, m, budget, *, records=N
         per_source = {}
         codes, values = value_codes(records.sources)
         n_val = len(values)
-        total = np.bincount(codes, minlength=n_val)
+        total = np.zeros(n_val, np.int64)
+        for a in range(0, codes.size, ID_CHUNK):  # bincount of all codes at once makes an (n,) int64 copy
+            total += np.bincount(codes[a:a + ID_CHUNK], minlength=n_val)
         n_valid_of = np.zeros(n_val, np.int64)
         n_kept_of = np.zeros(n_val, np.int64)
         rec_of = row_record(src, records)
@@ -121,7 +126,9 @@ def build_report(src, sub, scores, kept_rows, kept_mask, m, budget, *, records=N
                      "l2_normalize": bool(sub.l2_normalize), "reused_from": reused,
                      "fit_timings": sub.info.get("timings", {}), "provenance": sub.provenance},
         "spectrum": spectrum,
-        "scores": score_histogram(scores[valid], cutoff),
+        # the scores themselves where every row has one: the same values in the same order, without a copy
+        "scores": score_histogram(scores if not invalid.size and scores.flags.c_contiguous else scores[valid],
+                                  cutoff, median=None if rank is None else _median_at_ranks(scores, rank, n_valid)),
         "per_source": per_source,
         "skip_reasons": skip_counts,
         "invalid_rows": {"count": int(invalid.size), "rows": invalid[:1000].tolist(),
@@ -143,7 +150,27 @@ def build_report(src, sub, scores, kept_rows, kept_mask, m, budget, *, records=N
     }
 
 
-def score_histogram(scores: np.ndarray, cutoff: float | None, bins: int = 60) -> dict:
+def _median_at_ranks(scores: np.ndarray, rank: np.ndarray, n_valid: int) -> float | None:
+    """``np.median`` of the scored values, from the rows at the middle ranks (no sorted copy of them).
+
+    The ascending order statistic ``k`` of the ``n_valid`` scores is the row ranked
+    ``RANK_BASE + n_valid - 1 - k``; ``np.median`` of the one or two middle values is the median of all.
+    """
+    if n_valid == 0:
+        return None
+    ks = [n_valid // 2] if n_valid % 2 else [n_valid // 2 - 1, n_valid // 2]
+    want = [RANK_BASE + n_valid - 1 - k for k in ks]
+    found: dict = {}
+    for a in range(0, rank.size, 1 << 20):
+        r = rank[a:a + (1 << 20)]
+        for w in want:
+            hit = np.flatnonzero(r == w)
+            if hit.size:
+                found[w] = scores[a + int(hit[0])]
+    return float(np.median(np.array([found[w] for w in want], np.float64)))
+
+
+def score_histogram(scores: np.ndarray, cutoff: float | None, bins: int = 60, median: float | None = None) -> dict:
     """Summarise a score vector for the report.
 
     Parameters
@@ -154,6 +181,8 @@ def score_histogram(scores: np.ndarray, cutoff: float | None, bins: int = 60) ->
         Score of the last kept sample (the selection threshold); None when nothing was kept.
     bins : int
         Number of equal-width histogram bins between min and max.
+    median : float, optional
+        The median when the caller knows it (from the ranks); default ``np.median(scores)``.
 
     Returns
     -------
@@ -170,7 +199,7 @@ def score_histogram(scores: np.ndarray, cutoff: float | None, bins: int = 60) ->
         hi = lo + max(abs(lo), 1.0) * 1e-9
     counts, edges = np.histogram(s, bins=bins, range=(lo, hi))
     return {"n": int(s.size), "min": float(s.min()), "max": float(s.max()), "mean": float(s.mean()),
-            "median": float(np.median(s)), "sum": float(s.sum()),
+            "median": float(np.median(s)) if median is None else float(median), "sum": float(s.sum()),
             "cutoff": None if cutoff is None else float(cutoff),
             "histogram": {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}}
 

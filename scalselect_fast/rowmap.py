@@ -7,8 +7,9 @@ row → id (:func:`shard_ids`, :func:`ids_of`) and stored row → record (:func:
 live here once.
 
 Memory: ``run`` holds the record table as compact columns (:class:`IdColumn`: the ids' UTF-8 bytes
-in Arrow buffers, about ``len(id) + 8`` bytes per record instead of a Python ``str`` each;
-:class:`CodedColumn`: an int32 code per record and one ``str`` per distinct value), and
+in Arrow buffers, about ``len(id) + 4`` bytes per record instead of a Python ``str`` each, or none in
+memory where they are spilled to a temporary file, as ``run`` does;
+:class:`CodedColumn`: an int8/16/32 code per record and one ``str`` per distinct value), and
 :func:`row_record` matches stored rows to records by a merge of the two orders (the store's rows are
 in record order) instead of a hash table of every id, falling back to the hash lookup
 (:func:`~scalselect_fast.data.ids.locate_ids`) for a store whose rows are in another order.
@@ -43,12 +44,24 @@ class IdColumn:
 
     A read-only sequence: ``len``, ``col[i]`` (``str`` or None), ``col[a:b]`` (a list) and iteration
     (one chunk converted at a time). Build it with :meth:`append` then :meth:`finish`.
+
+    Parameters
+    ----------
+    spill_dir : str or PathLike, optional
+        Where the finished chunks go instead of memory: an anonymous temporary file in that folder
+        (deleted by the system when the column is dropped or the process ends). A chunk is read back
+        when it is used (the last one read is kept), so memory is one chunk whatever the number of
+        records; ``run`` reads its ids in order (the merge with the store, the manifest), a chunk at a
+        time. Default: in memory (about ``len(id) + 4`` bytes per record).
     """
 
-    def __init__(self):
-        self._chunks: list = []
+    def __init__(self, spill_dir=None):
+        self._chunks: list = []  # Arrow arrays, or (offset, length, schema) in the spill file
         self._pending: list = []
         self._n = 0
+        self._spill_dir = spill_dir
+        self._file = None
+        self._cached: tuple = (-1, None)
 
     def append(self, sample_id: str | None) -> None:
         self._pending.append(sample_id)
@@ -60,19 +73,50 @@ class IdColumn:
         import pyarrow as pa
 
         if self._pending:
-            self._chunks.append(pa.array(self._pending, pa.large_string(), memory_pool=_id_pool()))
+            # 32-bit offsets (4 bytes per record less) unless the chunk's UTF-8 could pass 2 GiB
+            chars = sum(len(s) for s in self._pending if s is not None)
+            kind = pa.string() if 4 * chars < 2**31 else pa.large_string()
+            arr = pa.array(self._pending, kind, memory_pool=_id_pool())
             self._pending = []
+            if self._spill_dir is None:
+                self._chunks.append(arr)
+                return
+            if self._file is None:
+                import tempfile
+
+                self._file = tempfile.TemporaryFile(dir=self._spill_dir)
+            batch = pa.record_batch([arr], names=["id"])
+            data = batch.serialize()
+            self._file.seek(0, 2)
+            self._chunks.append((self._file.tell(), data.size, batch.schema))
+            self._file.write(data)
 
     def finish(self) -> "IdColumn":
         self._flush()
+        if self._file is not None:
+            self._file.flush()
         return self
 
     def __len__(self) -> int:
         return self._n
 
+    def _array(self, c: int):
+        """Chunk ``c`` (finished) as an Arrow array, read back from the spill file where it went there."""
+        import pyarrow as pa
+
+        chunk = self._chunks[c]
+        if not isinstance(chunk, tuple):
+            return chunk
+        if self._cached[0] != c:
+            offset, size, schema = chunk
+            self._file.seek(offset)
+            data = self._file.read(size)
+            self._cached = (c, pa.ipc.read_record_batch(pa.py_buffer(data), schema).column(0))
+        return self._cached[1]
+
     def chunk(self, c: int) -> list:
         """Ids of records ``c * ID_CHUNK`` to ``(c + 1) * ID_CHUNK`` as a list."""
-        return self._chunks[c].to_pylist() if c < len(self._chunks) else list(self._pending)
+        return self._array(c).to_pylist() if c < len(self._chunks) else list(self._pending)
 
     def __iter__(self):
         for c in range(len(self._chunks)):
@@ -94,16 +138,17 @@ class IdColumn:
         if not 0 <= i < self._n:
             raise IndexError(f"record {i} out of range ({self._n} records)")
         c, j = divmod(i, ID_CHUNK)
-        return self._chunks[c][j].as_py() if c < len(self._chunks) else self._pending[j]
+        return self._array(c)[j].as_py() if c < len(self._chunks) else self._pending[j]
 
 
 class CodedColumn:
-    """One value per record (``str`` or None) as an int32 code into a small table of distinct values.
+    """One value per record (``str`` or None) as a small integer code into a table of distinct values.
 
     Attributes
     ----------
-    codes : ndarray (n,) int32
-        Index into ``values`` per record.
+    codes : ndarray (n,) int8, int16 or int32
+        Index into ``values`` per record, in the narrowest of those types that holds every code (a
+        source column of a few dozen values costs one byte per record, not four).
     values : list of str or None
         The distinct values, in order of first occurrence.
     """
@@ -112,13 +157,22 @@ class CodedColumn:
         self.codes, self.values = codes, values
 
     @classmethod
+    def compact(cls, codes, values: list) -> "CodedColumn":
+        """A column from int32 ``codes`` (an ``array('i')`` or ndarray), narrowed to fit ``values``."""
+        codes = np.frombuffer(codes, np.int32) if len(codes) else np.zeros(0, np.int32)
+        for dt in (np.int8, np.int16):
+            if len(values) <= np.iinfo(dt).max + 1:
+                return cls(codes.astype(dt), values)
+        return cls(codes, values)
+
+    @classmethod
     def build(cls, values) -> "CodedColumn":
         """Code an iterable of values (``str`` or None)."""
         from array import array
 
         table: dict = {}
         codes = array("i", (table.setdefault(v, len(table)) for v in values))
-        return cls(np.frombuffer(codes, dtype=np.int32) if len(codes) else np.zeros(0, np.int32), list(table))
+        return cls.compact(codes, list(table))
 
     def __len__(self) -> int:
         return int(self.codes.size)
@@ -135,7 +189,7 @@ class CodedColumn:
 
 
 def value_codes(column) -> tuple[np.ndarray, list]:
-    """``(codes (n,) int32, distinct values)`` of a per-record column (a :class:`CodedColumn` as it is,
+    """``(codes (n,) int8/16/32, distinct values)`` of a per-record column (a :class:`CodedColumn` as it is,
     any other sequence coded on the fly)."""
     if isinstance(column, CodedColumn):
         return column.codes, column.values

@@ -24,10 +24,15 @@ from .devices import array_device
 from .store import DEFAULT_BLOCK_ROWS, DEFAULT_PREFETCH, open_source
 from .subspace import InvalidRowsError, Subspace, SubspaceError, describe_rows
 
-__all__ = ["leverage_scores", "top_k", "resolve_budget", "BudgetError", "TOPK_CHUNK"]
+__all__ = ["leverage_scores", "top_k", "rank_scores", "score_order", "count_scored", "resolve_budget", "BudgetError", "TOPK_CHUNK",
+           "RANK_BLOCK"]
 
-#: scores per top_k_block call; the per-chunk winners are merged (same result as one global sort)
+#: scores per top_k_block call; each chunk's winners are merged into the running top (same result as one
+#: global sort; memory: two budgets' winners and one chunk, not every chunk's winners)
 TOPK_CHUNK = 1 << 20
+
+#: about this many rows are ranked at once by :func:`rank_scores` (one range of score values per pass)
+RANK_BLOCK = 1 << 19
 
 
 class BudgetError(ValueError):
@@ -235,18 +240,20 @@ def top_k(scores: np.ndarray, budget, chunk: int = TOPK_CHUNK) -> np.ndarray:
     scores = np.ascontiguousarray(arr, dtype=np.float64)
     n = scores.size
     m = resolve_budget(budget, n)
-    nan = np.isnan(scores)
-    n_nan = int(nan.sum())
+    n_nan = n - count_scored(scores)
     if m > n - n_nan:
         raise BudgetError(f"budget {budget!r} asks for {m} rows but only {n - n_nan} of {n} rows have a "
                           f"score ({n_nan} invalid); lower the budget")
-    parts = []
+    best = None
     for a in range(0, n, chunk):
         s = scores[a:a + chunk]
         if n_nan and np.isnan(s).any():
             s = np.where(np.isnan(s), -np.inf, s)  # never ahead of a real score
-        parts.append(native.top_k_block(s, a, m))
-    idx, _ = native.top_k_merge(parts, m) if len(parts) > 1 else parts[0]
+        part = native.top_k_block(s, a, m)
+        # merged as they come: the top m of (score desc, row asc) is a total order, so the running
+        # merge equals one merge of every chunk's winners, without holding them all (up to n of them)
+        best = part if best is None else native.top_k_merge([best, part], m)
+    idx, _ = best
     idx = np.asarray(idx, dtype=np.int64)
     if n_nan and np.isnan(scores[idx]).any():
         # only possible when genuine -inf scores tie with the NaN placeholders
@@ -254,3 +261,95 @@ def top_k(scores: np.ndarray, budget, chunk: int = TOPK_CHUNK) -> np.ndarray:
         raise BudgetError(f"budget {m} reaches rows scored -inf ({keep.size} rows have a larger score); "
                           f"lower the budget")
     return idx
+
+
+def score_order(scores: np.ndarray) -> np.ndarray:
+    """The scored rows best first: descending score, ties → lower row; NaN rows (no score) left out.
+
+    Parameters
+    ----------
+    scores : ndarray, shape (n,), float64
+
+    Returns
+    -------
+    ndarray, shape (n_scored,), int64
+
+    Notes
+    -----
+    A stable sort of the negated scores keeps equal ones in row order and puts the NaN rows last,
+    where they are cut off. Memory: two (n,) 8-byte arrays and the sort's buffer; where only each
+    row's rank is needed, :func:`rank_scores` gives it without them.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    n_scored = count_scored(scores)
+    return np.argsort(np.negative(scores), kind="stable")[:n_scored]
+
+
+def count_scored(scores: np.ndarray, block: int = TOPK_CHUNK) -> int:
+    """Rows with a score (not NaN), counted a block at a time (no (n,) temporaries)."""
+    return sum(int(block - np.count_nonzero(np.isnan(scores[a:a + block])))
+               if a + block <= scores.size else int(np.count_nonzero(~np.isnan(scores[a:])))
+               for a in range(0, scores.size, block))
+
+
+def rank_scores(scores: np.ndarray, base: int = 1, block: int = RANK_BLOCK) -> np.ndarray:
+    """Rank of every row in the order of :func:`score_order`: ``base`` for the best row, 0 for a NaN row.
+
+    Parameters
+    ----------
+    scores : ndarray, shape (n,), float64
+        NaN marks a row with no score (it gets rank 0).
+    base : int
+        Rank of the best row (the manifest's ``RANK_BASE``).
+    block : int, > 0
+        About how many rows are sorted at once.
+
+    Returns
+    -------
+    ndarray, shape (n,), int32 (int64 from 2**31 - base rows on)
+        ``rank[score_order(scores)] == arange(base, base + n_scored)``, every other entry 0.
+
+    Notes
+    -----
+    Exact, without the (n,) int64 order: the scored values are cut into ranges of about ``block``
+    rows at quantiles of a strided sample; the ranges are walked from the highest values down, each
+    range's rows found by one pass over the scores (in row order) and sorted stably by descending
+    score, so ties keep row order within a range, and equal values never straddle two ranges (a range
+    is ``lo <= s < hi``). A range holding many equal values is larger than ``block``, never wrong.
+    Memory: the (n,) ranks and one range's rows; time: one pass over the scores per range.
+
+    Examples
+    --------
+    >>> rank_scores(np.array([0.5, 2.0, np.nan, 0.5]))
+    array([2, 1, 0, 3], dtype=int32)
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 1:
+        raise ValueError(f"rank_scores: scores must be 1-D, got shape {s.shape}")
+    block = int(block)
+    if block < 1:
+        raise ValueError(f"rank_scores: block must be >= 1, got {block}")
+    n = s.size
+    rank = np.zeros(n, np.int32 if n < 2**31 - base else np.int64)
+    n_scored = count_scored(s)
+    n_ranges = -(-n_scored // block)
+    edges = np.zeros(0)
+    if n_ranges > 1:
+        sample = s[::max(1, n // (64 * n_ranges))]
+        sample = np.sort(sample[~np.isnan(sample)])
+        edges = np.unique(sample[(np.arange(1, n_ranges) * sample.size) // n_ranges])[::-1]  # descending
+    done, hi = 0, None
+    for lo in [*edges.tolist(), None]:  # ranges lo <= s < hi, highest first; the last is s < hi
+        rows = []
+        for a in range(0, n, TOPK_CHUNK):
+            c = s[a:a + TOPK_CHUNK]
+            m = ~np.isnan(c) if lo is None else c >= lo
+            if hi is not None:
+                m &= c < hi
+            rows.append(np.flatnonzero(m) + a)
+        rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        rows = rows[np.argsort(np.negative(s[rows]), kind="stable")]
+        rank[rows] = np.arange(base + done, base + done + rows.size, dtype=rank.dtype)
+        done += rows.size
+        hi = lo
+    return rank

@@ -39,6 +39,7 @@ from .atomic import StagedOutputs, atomic_path, atomic_write_bytes, crashpoint
 from .devices import array_backend
 from .gallery import build_gallery
 from .manifest import MANIFEST_FORMATS, RANK_BASE, manifest_batches, write_manifest
+from .memory import release_freed
 from .jsonable import to_jsonable
 from .report import REPORT_HTML, REPORT_JSON, build_report, render_html
 from .rowmap import Records, budget_base, ids_of, row_record, value_codes
@@ -213,13 +214,15 @@ def run_selection(source, out_dir, budget, *, executor=None, subspace=None, scor
     ranked = job.select(scores, top, quotas, dedup_eps)
     if check_kept is not None:
         check_kept(ranked.kept_rows)
-    stability = job.stability(sub, scores, ranked.kept_rows, stability_seeds)
+    release_freed()  # the ranking's and the record check's temporaries, before the outputs are built
+    stability = job.stability(sub, scores, ranked, stability_seeds)
+    release_freed()  # the cut-off's tops
     names = _output_names(out, manifest_format, records, html)
     t_write = time.perf_counter()
     report = build_report(src, sub, scores, ranked.kept_rows, ranked.kept_mask, m, budget, records=records,
                           post_info=ranked.post_info, stability=stability, reused=reused,
                           executor=job.executor, source=source, outputs={k: str(v) for k, v in names.items()},
-                          timings=job.times, drop_invalid=drop_invalid)
+                          timings=job.times, drop_invalid=drop_invalid, rank=ranked.rank)
     kept_ids = ids_of(src, ranked.kept_rows)  # selection order
     if report_extra is not None:
         report.update(report_extra(kept_ids))
@@ -242,13 +245,19 @@ def run_selection(source, out_dir, budget, *, executor=None, subspace=None, scor
 class _Ranked:
     """The ranking and the kept set of one selection."""
 
-    def __init__(self, n: int, order: np.ndarray, kept_rows: np.ndarray, post_info: dict):
-        self.order = order  # the scored rows, descending score, ties -> lower row
+    def __init__(self, scores: np.ndarray, order: np.ndarray | None, kept_rows: np.ndarray, post_info: dict):
+        from .scoring import rank_scores
+
+        n = scores.size
         self.kept_rows = kept_rows  # selection order
         self.post_info = post_info  # select_ranked's info ({} without post-selection)
-        # int32 below 2**31 rows: one (n,) array held until the manifest is written
-        self.rank = np.zeros(n, np.int32 if n < 2**31 - RANK_BASE else np.int64)
-        self.rank[order] = np.arange(RANK_BASE, RANK_BASE + order.size, dtype=self.rank.dtype)
+        # int32 below 2**31 rows: one (n,) array held until the manifest is written; without the
+        # (n,) int64 order when post-selection did not need it (rank_scores ranks a range at a time)
+        if order is None:
+            self.rank = rank_scores(scores, RANK_BASE)
+        else:
+            self.rank = np.zeros(n, np.int32 if n < 2**31 - RANK_BASE else np.int64)
+            self.rank[order] = np.arange(RANK_BASE, RANK_BASE + order.size, dtype=self.rank.dtype)
         self.kept_mask = np.zeros(n, bool)
         self.kept_mask[kept_rows] = True
 
@@ -275,7 +284,7 @@ class _SelectionJob:
 
     def score(self, sub: Subspace, scores) -> tuple[np.ndarray, np.ndarray]:
         """``(scores (n,) float64, top-m rows)``: scored by the executor, or the given ones checked."""
-        from .scoring import BudgetError, top_k
+        from .scoring import BudgetError, count_scored, top_k
 
         if scores is None:
             scores, top, t_score, self._top_s = self.executor.score_and_select(self.src, sub, self.m,
@@ -286,7 +295,7 @@ class _SelectionJob:
         if scores.shape != (self.src.n,):
             raise ValueError(f"scores has shape {scores.shape} but the source has {self.src.n} rows")
         t = time.perf_counter()
-        n_scored = int(np.count_nonzero(~np.isnan(scores)))
+        n_scored = count_scored(scores)
         if self.m > n_scored:
             raise BudgetError(f"budget {self.budget!r} asks for {self.m} rows but only {n_scored} have a score")
         top = top_k(scores, self.m)
@@ -295,19 +304,19 @@ class _SelectionJob:
 
     def select(self, scores: np.ndarray, top: np.ndarray, quotas: Sequence, dedup_eps: float | None) -> _Ranked:
         """The ranking, and the top-m or (with quotas or ``dedup_eps``) the post-selected rows."""
+        from .scoring import score_order
+
         t = time.perf_counter()
-        # descending score, ties -> lower row: a stable sort of the negated scores keeps equal ones in
-        # row order, and puts the NaN rows (no score) last, where they are cut off (two (n,) arrays
-        # at the peak, where taking the scored rows first and lexsorting them held four)
-        n_scored = int(np.count_nonzero(~np.isnan(scores)))
-        order = np.argsort(np.negative(scores), kind="stable")[:n_scored]
         post_info: dict[str, Any] = {}
+        order = None  # the whole ranking only where post-selection walks it (the ranks need no order)
         if dedup_eps is not None or quotas:
+            order = score_order(scores)
             kept_rows, post_info = self._post_select(order, quotas, dedup_eps)
         else:
             kept_rows = np.asarray(top, dtype=np.int64)
+        ranked = _Ranked(scores, order, kept_rows, post_info)
         self.times["select"] = self._top_s + (time.perf_counter() - t)
-        return _Ranked(self.src.n, order, kept_rows, post_info)
+        return ranked
 
     def _post_select(self, order: np.ndarray, quotas: Sequence, dedup_eps: float | None) -> tuple[np.ndarray, dict]:
         from .postselect import select_ranked
@@ -328,9 +337,8 @@ class _SelectionJob:
                       f"removal (--dedup-selected {dedup_eps}); lower the threshold to keep more")
         return kept_rows, post_info
 
-    def stability(self, sub: Subspace, scores: np.ndarray, kept_rows: np.ndarray, seeds) -> dict | None:
+    def stability(self, sub: Subspace, scores: np.ndarray, ranked: _Ranked, seeds) -> dict | None:
         """The report's stability entry (None when ``seeds`` is None): margin and bound, re-fits with seeds."""
-        from .scoring import top_k
         from .stability import stability_bound
 
         if seeds is None:
@@ -340,10 +348,13 @@ class _SelectionJob:
         if seeds and hasattr(self.executor, "stability"):
             st = self.executor.stability(self.src, sub, scores, self.m, seeds, self.drop_invalid)
         else:
-            st = stability_bound(sub, scores, self.m)
+            st = stability_bound(sub, scores, self.m, ranked.rank, RANK_BASE)
             st["refits"] = "not requested" if not seeds else \
                 f"not applicable: the {self.executor.name} executor does not run the randomized solver"
-        same = np.array_equal(np.sort(kept_rows), np.sort(top_k(scores, self.m)))
+        # the written rows are the top budget when they are that many distinct rows, all ranked within it
+        kept = ranked.kept_rows
+        same = (kept.size == self.m and np.unique(kept).size == kept.size
+                and bool(np.all((ranked.rank[kept] >= RANK_BASE) & (ranked.rank[kept] < RANK_BASE + self.m))))
         st["certifies"] = ("the written selection (the top budget by score)" if same else
                            "the top budget by score, before post-selection changed the written selection")
         self.times["stability"] = time.perf_counter() - t
@@ -352,7 +363,7 @@ class _SelectionJob:
     def gallery(self, report: dict, scores: np.ndarray, ranked: _Ranked) -> dict | None:
         """The thumbnails for report.html; their summary goes into ``report["gallery"]``."""
         t = time.perf_counter()
-        gallery, report["gallery"] = build_gallery(self.src, scores, ranked.order, ranked.kept_mask,
+        gallery, report["gallery"] = build_gallery(self.src, scores, ranked.rank, ranked.kept_mask,
                                                    self.records, self.warn)
         self.times["gallery"] = time.perf_counter() - t
         return gallery
@@ -366,10 +377,13 @@ class _SelectionJob:
         write_manifest(stage.path(names["manifest"]), manifest_format,
                        manifest_batches(self.src, scores, ranked.rank, ranked.kept_mask, records,
                                         ranked.post_info.get("rejected", {})), meta)
+        release_freed()  # the manifest's batches, before the selected dataset is read and written
         # records written outside the budget (text-only ones, run --text-only keep), after the ranked ones
         extra_ids = [records.ids[i] for i in records.passthrough if records.ids[i] is not None] if records else []
-        written = kept_ids + extra_ids
-        atomic_write_bytes(stage.path(names["selected_ids"]), "".join(f"{i}\n" for i in written).encode("utf-8"))
+        written = kept_ids + extra_ids if extra_ids else kept_ids
+        with atomic_path(stage.path(names["selected_ids"])) as tmp, open(tmp, "wb") as fh:
+            for a in range(0, len(written), 1 << 16):  # a block of ids at a time, not one string of all
+                fh.write("".join(f"{i}\n" for i in written[a:a + (1 << 16)]).encode("utf-8"))
         if records is not None:
             from .data import write_selected
 

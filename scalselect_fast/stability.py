@@ -56,7 +56,7 @@ def overlap(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if m == 0 else float(np.intersect1d(a, b).size / m)
 
 
-def cutoff_margin(scores: np.ndarray, budget: int) -> dict:
+def cutoff_margin(scores: np.ndarray, budget: int, rank: np.ndarray | None = None, rank_base: int = 1) -> dict:
     """Score gap at the selection boundary.
 
     Parameters
@@ -64,6 +64,11 @@ def cutoff_margin(scores: np.ndarray, budget: int) -> dict:
     scores : (N,) float
         Leverage scores; NaN (rows excluded from the fit) rank below everything.
     budget : int, 1 <= budget <= N
+    rank : (N,) int, optional
+        The rank of every scored row (:func:`scalselect_fast.scoring.rank_scores`, 0 for NaN rows):
+        the cut-off values are then read at ranks ``budget`` and ``budget + 1``, with no top kept.
+    rank_base : int
+        The best row's rank in ``rank``.
 
     Returns
     -------
@@ -81,19 +86,64 @@ def cutoff_margin(scores: np.ndarray, budget: int) -> dict:
     0.2
     """
     s = np.asarray(scores, dtype=np.float64)
-    s = np.where(np.isnan(s), -np.inf, s)
     n = s.size
     if not 1 <= budget <= n:
         raise ValueError(f"budget {budget} is outside [1, N={n}]")
-    last = float(-np.partition(-s, budget - 1)[budget - 1])
+    top = _largest(s, budget + 1) if rank is None else _at_positions(s, rank, rank_base, min(budget + 1, n))
+    last = float(top[budget - 1])
     out = {"last_kept": last, "first_rejected": None, "margin": None, "relative_margin": None,
-           "ties_at_cutoff": int(np.count_nonzero(s == last))}
+           "ties_at_cutoff": _count_equal(s, last)}
     if budget < n:
-        nxt = float(-np.partition(-s, budget)[budget])
+        nxt = float(top[budget])
         margin = last - nxt
         out.update(first_rejected=nxt, margin=margin,
                    relative_margin=margin / abs(last) if last not in (0.0, -np.inf) else None)
     return out
+
+
+def _chunks(s: np.ndarray):
+    """``s`` a block at a time with NaN as -inf (a NaN row ranks below every score)."""
+    from .scoring import TOPK_CHUNK
+
+    for a in range(0, s.size, TOPK_CHUNK):
+        c = s[a:a + TOPK_CHUNK]
+        yield a, (np.where(np.isnan(c), -np.inf, c) if np.isnan(c).any() else c)
+
+
+def _largest(s: np.ndarray, count: int) -> np.ndarray:
+    """The ``count`` largest values of ``s`` (NaN as -inf), descending: each block's top
+    (:func:`~scalselect_fast.native.top_k_block`) merged into the running top, so memory is two
+    ``count``-long tops and one block, where a partition of the negated scores copied them twice."""
+    from . import native
+
+    best = None
+    for a, c in _chunks(s):
+        part = native.top_k_block(c, a, count)
+        best = part if best is None else native.top_k_merge([best, part], count)
+    return best[1]
+
+
+def _at_positions(s: np.ndarray, rank: np.ndarray, rank_base: int, upto: int) -> dict:
+    """``{p: value}`` for descending positions ``p = upto - 1`` and ``upto`` (1-based; NaN as -inf, so
+    a position past the scored rows is -inf), found at those ranks a block at a time."""
+    from .scoring import TOPK_CHUNK, count_scored
+
+    n_scored = count_scored(s)
+    want = [p for p in (upto - 1, upto) if p >= 1]
+    out = {p - 1: -np.inf for p in want if p > n_scored}  # keyed like a 0-based top
+    for a in range(0, rank.size, TOPK_CHUNK):
+        r = rank[a:a + TOPK_CHUNK]
+        for p in want:
+            if p <= n_scored:
+                hit = np.flatnonzero(r == rank_base + p - 1)
+                if hit.size:
+                    out[p - 1] = s[a + int(hit[0])]
+    return out
+
+
+def _count_equal(s: np.ndarray, value: float) -> int:
+    """Rows of ``s`` (NaN as -inf) equal to ``value``, counted a block at a time."""
+    return sum(int(np.count_nonzero(c == value)) for _a, c in _chunks(s))
 
 
 def _fit_kwargs(sub) -> dict:
@@ -313,7 +363,7 @@ def _rounding_error(sub) -> dict | None:
                      f"summed in float64; worst case c·u·‖X‖_F², typical √c·u·‖X‖_F²"}
 
 
-def stability_bound(sub, scores: np.ndarray, budget: int) -> dict:
+def stability_bound(sub, scores: np.ndarray, budget: int, rank: np.ndarray | None = None, rank_base: int = 1) -> dict:
     """Cut-off margin and the perturbation bound of a selection, from the fit alone (no data pass).
 
     Parameters
@@ -323,6 +373,8 @@ def stability_bound(sub, scores: np.ndarray, budget: int) -> dict:
     scores : (N,) float64
         The leverage scores; NaN rows (invalid) rank last.
     budget : int, 1 ≤ budget ≤ N
+    rank, rank_base : optional
+        Every row's rank, for :func:`cutoff_margin`.
 
     Returns
     -------
@@ -337,14 +389,16 @@ def stability_bound(sub, scores: np.ndarray, budget: int) -> dict:
         tolerated perturbation (a proof the solver's rounding cannot have changed the set);
         ``certified_typical``: the same for the typical rounding size. ``basis`` says what was used.
     """
-    m = cutoff_margin(scores, int(budget))
+    from .scoring import count_scored
+
+    m = cutoff_margin(scores, int(budget), rank, rank_base)
     lam = np.asarray(getattr(sub, "energy_curve", []), dtype=np.float64)
     k, d = int(sub.k), int(sub.d)
     out = {"budget": int(budget), "k": k, "reference_solver": getattr(sub, "solver", "unknown"), "margin": m}
     bound: dict = {"lambda_k": None, "lambda_k1": None, "relative_eigengap": None,
                    "tolerated_gram_perturbation": None, "tolerated_relative": None, "solver_error": None,
                    "max_score_shift": None}
-    certified = certified_typical = int(budget) >= int(np.count_nonzero(~np.isnan(scores)))
+    certified = certified_typical = int(budget) >= count_scored(scores)
     if lam.size >= k and k >= 1:
         lk = float(lam[k - 1])
         lk1 = float(lam[k]) if lam.size > k else (0.0 if k >= d else None)

@@ -78,17 +78,53 @@ def _id_column(ids) -> IdColumn:
 # --------------------------------------------------------------------------------------------------
 # compact columns
 # --------------------------------------------------------------------------------------------------
-def test_id_column_is_the_list_it_was_built_from():
-    n = rowmap.ID_CHUNK + 1001  # two chunks, the second partial
+@pytest.mark.parametrize("spill", [False, True])
+def test_id_column_is_the_list_it_was_built_from(spill, tmp_path):
+    n = 2 * rowmap.ID_CHUNK + 1001  # three chunks, the last partial
     ids = [None if i % 97 == 5 else f"id-{i}-é" for i in range(n)]
-    col = _id_column(ids)
+    col = IdColumn(tmp_path if spill else None)
+    for s in ids:
+        col.append(s)
+    col.finish()
     assert len(col) == n and list(col) == ids
-    for i in (0, 5, rowmap.ID_CHUNK - 1, rowmap.ID_CHUNK, n - 1, -1):
+    # out of order: a chunk read back from the spill file again after another one was
+    for i in (0, 5, rowmap.ID_CHUNK - 1, rowmap.ID_CHUNK, n - 1, 3, -1, rowmap.ID_CHUNK + 7, 2 * rowmap.ID_CHUNK):
         assert col[i] == ids[i]
-    for a, b in ((0, 3), (rowmap.ID_CHUNK - 2, rowmap.ID_CHUNK + 3), (n - 5, n + 10), (7, 7), (0, n)):
+    for a, b in ((0, 3), (rowmap.ID_CHUNK - 2, rowmap.ID_CHUNK + 3), (n - 5, n + 10), (7, 7), (0, n),
+                 (rowmap.ID_CHUNK, 2 * rowmap.ID_CHUNK)):
         assert col[a:b] == ids[a:b]
     with pytest.raises(IndexError, match="out of range"):
         col[n]
+    assert list(tmp_path.iterdir()) == []  # the spill file has no name: nothing is left behind
+
+
+def test_id_column_spills_its_chunks_out_of_memory(tmp_path):
+    pool = pa.system_memory_pool()  # where the ids' chunks are allocated
+
+    def held(spill_dir):
+        before = pool.bytes_allocated()
+        col = IdColumn(spill_dir)
+        for i in range(4 * rowmap.ID_CHUNK):
+            col.append(f"record-{i:012d}")
+        col.finish()
+        assert col[2 * rowmap.ID_CHUNK + 1] == f"record-{2 * rowmap.ID_CHUNK + 1:012d}"
+        return pool.bytes_allocated() - before, col
+
+    in_memory, _a = held(None)
+    spilled, _b = held(tmp_path)
+    assert in_memory >= 4 * rowmap.ID_CHUNK * 19  # 19 bytes of UTF-8 per id, all held
+    assert spilled < in_memory / 4  # at most the chunk read back
+
+
+@pytest.mark.parametrize("n_values,dtype", [(1, np.int8), (128, np.int8), (129, np.int16), (32768, np.int16),
+                                            (32769, np.int32)])
+def test_coded_column_codes_in_the_narrowest_type_that_holds_them(n_values, dtype):
+    vals = [None] + [f"v{i}" for i in range(n_values - 1)]
+    vals = vals + vals[::-1]  # every value twice, the last one's code the largest
+    col = CodedColumn.build(vals)
+    assert col.codes.dtype == dtype and len(col.values) == n_values
+    assert list(col) == vals and col[n_values - 1] == vals[n_values - 1]
+    assert col.codes.max() == n_values - 1
 
 
 def test_coded_column_round_trips_and_codes_in_first_occurrence_order():

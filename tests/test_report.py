@@ -159,3 +159,52 @@ def test_run_gallery_shows_every_image_of_a_multi_image_sample(tmp_path):
         assert fig["more"] == (f"+{left} more" if left else "")
     rep = json.loads((out / "report.json").read_text())
     assert rep["gallery"]["note"] is None
+
+
+@pytest.mark.parametrize("n,nan_rows", [(101, ()), (100, ()), (57, (3, 10, 11)), (58, (3, 10, 11)), (9, ()), (8, ())])
+def test_report_median_from_the_ranks_is_np_median(tmp_path, n, nan_rows):
+    """The selection's report reads the median at the middle ranks; np.median of the written scores is
+    the reference (odd and even counts, ties, rows without a score)."""
+    from scalselect_fast.selection import run_selection
+
+    rng = np.random.default_rng(n)
+    X = np.round(rng.standard_normal((n, 4)), 1)  # rounded: repeated rows, so tied scores
+    X[1::5] = X[0]
+    if nan_rows:
+        X[list(nan_rows)] = np.nan
+    rep = run_selection(X, tmp_path / "out", 1, html=False, drop_invalid=bool(nan_rows), k=2, stability_seeds=None)
+    scores = np.load(tmp_path / "out" / "scores.npy")
+    valid = scores[~np.isnan(scores)]
+    assert valid.size == n - len(nan_rows)
+    assert rep["scores"]["median"] == float(np.median(valid))
+    assert rep["scores"]["sum"] == float(valid.sum()) and rep["scores"]["mean"] == float(valid.mean())
+
+
+def reference_gallery_groups(scores, kept_mask, g):
+    """The gallery's groups by slicing the whole order (one stable sort of every scored row)."""
+    n_scored = int((~np.isnan(scores)).sum())
+    order = np.argsort(-scores, kind="stable")[:n_scored]
+    kept_order, rej_order = order[kept_mask[order]], order[~kept_mask[order]]
+    return {"top kept": kept_order[:g], "last kept (cut-off)": kept_order[-g:],
+            "first rejected (cut-off)": rej_order[:g], "lowest scored": order[::-1][:g][::-1]}
+
+
+@pytest.mark.parametrize("n,g", [(1, 12), (5, 12), (40, 12), (1001, 12), (1001, 3)])
+@pytest.mark.parametrize("post_selected", [False, True])
+def test_gallery_groups_from_the_ranks_match_the_whole_order(n, g, post_selected):
+    from scalselect_fast.gallery import gallery_groups
+    from scalselect_fast.scoring import rank_scores, score_order
+
+    rng = np.random.default_rng(n + g)
+    scores = rng.integers(0, 9, n).astype(np.float64) / 4  # ties
+    scores[rng.random(n) < 0.1] = np.nan
+    order = score_order(scores)
+    m = max(order.size // 3, min(order.size, 1))
+    kept = order[:m] if not post_selected else rng.choice(order, size=m, replace=False)  # a post-selection
+    kept_mask = np.zeros(n, bool)
+    kept_mask[kept] = True
+    got = gallery_groups(rank_scores(scores, 1), kept_mask, g)
+    ref = reference_gallery_groups(scores, kept_mask, g)
+    assert list(got) == list(ref)
+    for name in ref:
+        np.testing.assert_array_equal(got[name], ref[name], err_msg=name)

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from scalselect_fast import native
-from scalselect_fast.scoring import BudgetError, leverage_scores, resolve_budget, top_k
+from scalselect_fast.scoring import (BudgetError, count_scored, leverage_scores, rank_scores, resolve_budget,
+                                     score_order, top_k)
 from scalselect_fast.store import StoreWriter
 from scalselect_fast.subspace import InvalidRowsError, SubspaceError, fit_subspace
 
@@ -86,6 +87,59 @@ def test_top_k_matches_sorted_reference(chunk):
     with_nan[[0, 10, 500]] = np.nan
     ref = [i for i in reference_top_k(np.nan_to_num(with_nan, nan=-1.0), 998)]
     np.testing.assert_array_equal(top_k(with_nan, 998, chunk=chunk), ref)
+
+
+def reference_ranks(scores, base):
+    """Rank per row by one plain sort of every scored row on (-score, row); 0 for NaN rows."""
+    scored = [i for i in range(len(scores)) if not np.isnan(scores[i])]
+    rank = np.zeros(len(scores), np.int64)
+    for r, i in enumerate(sorted(scored, key=lambda i: (-scores[i], i))):
+        rank[i] = base + r
+    return rank
+
+
+def _ranked_scores(kind, n, rng):
+    if kind == "ties":
+        return rng.integers(0, 20, size=n).astype(np.float64) / 7
+    s = rng.random(n)
+    if kind == "nan":
+        s[rng.random(n) < 0.1] = np.nan
+        if n:
+            s[rng.integers(0, n, 5)] = 0.25  # ties among NaNs
+    elif kind == "signed-zero-inf":
+        s[::3] = 0.0
+        s[1::7] = -0.0  # equal to 0.0: ties broken by row, as the stable sort breaks them
+        s[2::11] = np.inf
+        s[4::13] = -np.inf
+        s[5::17] = np.nan
+    elif kind == "all-equal":
+        s[:] = 1.5
+    elif kind == "all-nan":
+        s[:] = np.nan
+    return s
+
+
+@pytest.mark.parametrize("kind", ["ties", "nan", "signed-zero-inf", "all-equal", "all-nan", "distinct"])
+@pytest.mark.parametrize("block", [1, 3, 64, 1 << 19])
+@pytest.mark.parametrize("n", [0, 1, 1001])
+def test_rank_scores_matches_a_full_sort(kind, block, n):
+    scores = _ranked_scores(kind, n, np.random.default_rng(n + 17))
+    ref = reference_ranks(scores, 1)
+    got = rank_scores(scores, 1, block=block)
+    assert got.dtype == np.int32 and got.shape == (n,)
+    np.testing.assert_array_equal(got, ref)
+    np.testing.assert_array_equal(rank_scores(scores, 0, block=block)[~np.isnan(scores)],
+                                  ref[~np.isnan(scores)] - 1)
+    order = score_order(scores)
+    assert order.dtype == np.int64 and order.size == count_scored(scores) == int((~np.isnan(scores)).sum())
+    np.testing.assert_array_equal(got[order], np.arange(1, order.size + 1))
+
+
+def test_rank_scores_refuses_bad_input():
+    with pytest.raises(ValueError, match="1-D"):
+        rank_scores(np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="block"):
+        rank_scores(np.zeros(3), block=0)
 
 
 @pytest.mark.parametrize("bad,exc,match", [

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import scalselect_fast as ss
+from scalselect_fast.scoring import rank_scores
 from scalselect_fast.stability import (cutoff_margin, overlap, randomized_hands_over, score_shift_bound,
                                        stability_bound, stability_certificate)
 
@@ -31,6 +32,30 @@ def test_cutoff_margin_matches_sorting():
     assert nan["last_kept"] == 1.0
     with pytest.raises(ValueError):
         cutoff_margin(s, 0)
+
+
+def reference_cutoff(s, b):
+    """Cut-off values by one full descending sort (NaN as -inf)."""
+    s = np.where(np.isnan(s), -np.inf, s)
+    desc = np.sort(s)[::-1]
+    return desc[b - 1], (desc[b] if b < s.size else None), int(np.count_nonzero(s == desc[b - 1]))
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1 << 20])
+def test_cutoff_margin_by_blocks_matches_a_full_sort(chunk, monkeypatch):
+    import scalselect_fast.scoring as scoring
+
+    monkeypatch.setattr(scoring, "TOPK_CHUNK", chunk)  # several blocks merged
+    rng = np.random.default_rng(5)
+    s = rng.integers(0, 12, size=1001).astype(np.float64) / 3  # many ties
+    s[rng.integers(0, 1001, 40)] = np.nan
+    s[[3, 700]] = -np.inf
+    for b in (1, 2, 17, 500, 960, 961, 962, 1000, 1001):
+        last, nxt, ties = reference_cutoff(s, b)
+        m = cutoff_margin(s, b)
+        assert m["last_kept"] == last and m["first_rejected"] == nxt and m["ties_at_cutoff"] == ties, b
+        for base in (1, 5):  # read at the ranks instead of from a top: the same dict
+            np.testing.assert_equal(cutoff_margin(s, b, rank_scores(s, base), base), m)  # NaN margins equal
 
 
 def test_overlap():

@@ -413,7 +413,6 @@ def _write_parquet(inputs: list, dst: str, keep: set[str], rank: dict[str, int] 
     """
     import numpy as np
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     pfs = [open_parquet(f) for f in inputs]
@@ -425,7 +424,6 @@ def _write_parquet(inputs: list, dst: str, keep: set[str], rank: dict[str, int] 
                                f"({schema.types} vs {pf.schema_arrow.types}); every shard of one dataset "
                                "needs the same columns and types", reason="format", path=f)
     has_ids = id_rule.column(schema.names, files[0], files[0])
-    value_set = pa.array(sorted(keep), type=pa.string())
     found = _seen_ids(keep)
     # input order: (None, (file, row group, kept rows of the group as int64)), one entry per group;
     # best first: (id, (file, row group, row in group)), one per kept row, to be sorted by rank
@@ -440,15 +438,19 @@ def _write_parquet(inputs: list, dst: str, keep: set[str], rank: dict[str, int] 
                 n = pf.metadata.row_group(g).num_rows
                 ids = pa.array(id_rule.positions(inputs[fi], row, n), type=pa.string())
             row += len(ids)
+            # the kept rows by the set the ids are noted against anyway: an Arrow value set of every
+            # kept id (and the hash table is_in builds from it per row group) would grow with the selection
+            hit = []
             for i, sid in enumerate(ids.to_pylist()):
                 if sid is not None:
                     _note(f, found, sid, index + i, None)
-            hit = pc.indices_nonzero(pc.fill_null(pc.is_in(ids, value_set=value_set), False))
+                    if sid in keep:
+                        hit.append(i)
             if rank is None:
-                if len(hit):
-                    picks.append((None, (fi, g, hit.to_numpy().astype(np.int64))))
+                if hit:
+                    picks.append((None, (fi, g, np.array(hit, np.int64))))
             else:
-                picks.extend((ids[r].as_py(), (fi, g, r)) for r in hit.to_pylist())
+                picks.extend((ids[r].as_py(), (fi, g, r)) for r in hit)
             index += len(ids)
     _check_found(files[0] if single else f"the {len(files)} Parquet shards", keep, found)
     picks = _ranked(picks, rank)

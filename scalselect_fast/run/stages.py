@@ -290,17 +290,18 @@ def _raw_records(cfg: RunConfig, fields: Iterable[str]) -> Iterator[tuple[Any, s
             yield rec, named(rec, source.relative_name(file), local)
 
 
-def _record_table(cfg: RunConfig, fields: Iterable[str]) -> dict:
+def _record_table(cfg: RunConfig, fields: Iterable[str], spill_dir: Path | None = None) -> dict:
     """One pass over the raw records: id, source and any quota field per record index, as compact
     columns (:class:`~scalselect_fast.rowmap.IdColumn`, :class:`~scalselect_fast.rowmap.CodedColumn`):
-    no Python object per record is kept."""
+    no Python object per record is kept, and with ``spill_dir`` the ids go to a temporary file there
+    (read back a chunk at a time) rather than memory."""
     from array import array
 
     from ..data import record_source
     from ..data.records import writable_text
     from ..rowmap import CodedColumn, IdColumn
 
-    ids = IdColumn()
+    ids = IdColumn(spill_dir)
     fields = list(fields)
     codes = {f: array("i") for f in ["source", *fields]}
     tables: dict = {f: {} for f in codes}
@@ -324,8 +325,7 @@ def _record_table(cfg: RunConfig, fields: Iterable[str]) -> dict:
             v = None if r.get(f) is None else one(str(r.get(f)))
             t = tables[f]
             codes[f].append(t.setdefault(v, len(t)))
-    cols = {f: CodedColumn(np.frombuffer(c, np.int32) if len(c) else np.zeros(0, np.int32), list(tables[f]))
-            for f, c in codes.items()}
+    cols = {f: CodedColumn.compact(c, list(tables[f])) for f, c in codes.items()}
     return {"ids": ids.finish(), "sources": cols["source"], "fields": {f: cols[f] for f in fields}}
 
 
@@ -354,6 +354,7 @@ def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, sco
                   out: Path, skipped_path: Path, report_extra=None, before_commit=None) -> RunResult:
     """The selection job (:func:`scalselect_fast.selection.run_selection`) over the run's checkpoints."""
     from ..data import read_skip_log
+    from ..memory import release_freed
     from ..postselect import parse_quota
     from ..rowmap import Records, budget_base, locate_store_rows
     from ..selection import run_selection
@@ -362,7 +363,8 @@ def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, sco
     t0 = time.perf_counter()
     events.emit("stage_start", stage="select")
     quotas = [parse_quota(q) for q in cfg.quota]
-    recs = _record_table(cfg, [q.field for q in quotas])
+    recs = _record_table(cfg, [q.field for q in quotas], spill_dir=state.work)  # ids on disk: 14 B/record less
+    release_freed()  # the record pass's batches and dicts: not under the steps that follow
     n_records = len(recs["ids"])
     records = Records(path=cfg.data, ids=recs["ids"], sources=recs["sources"], fields=recs["fields"],
                       skip_reason={}, skip_counts={}, selected_name=_selected_name(cfg),
@@ -370,6 +372,7 @@ def _stage_select(cfg: RunConfig, state: RunState, events: Events, src, sub, sco
                       keep_text_only=cfg.text_only == "keep")
     # stored rows → records by a merge of the two orders (no table of every id)
     records.stored_record, missing = locate_store_rows(src, records)
+    release_freed()  # each shard's ids as strings
     if missing:
         raise RunError(f"the representation store holds ids not in {cfg.data} (e.g. {missing[:3]}); the "
                        f"dataset changed after extraction. Rerun with --force")
