@@ -203,6 +203,32 @@ def test_reading_from_a_start_record_equals_the_whole_read_from_there_and_skips_
         list(read_dataset(spec, start=-1))
 
 
+def test_reading_from_a_start_record_inside_multi_batch_parquet_files(tmp_path, monkeypatch):
+    """Files read in several Arrow batches: ``start`` anywhere (first batch, inside a later one, on a
+    batch or file boundary) gives the whole read's tail, and a read from 0 still checks the whole."""
+    from scalselect_fast.data import parquet
+
+    monkeypatch.setattr(parquet, "PARQUET_BATCH_ROWS", 4)
+    paths = []
+    for j, n in enumerate((11, 6)):
+        rows = [{"id": f"f{j}-{i}", "image": {"bytes": RED, "path": None}, "conversations": _conv(f"q{j}.{i}")}
+                for i in range(n)]
+        rows[5]["conversations"] = None  # a skip inside the second batch of each file
+        paths.append(write_parquet(tmp_path / "d" / f"train-{j:05d}.parquet", rows))
+    spec = [str(p) for p in paths]
+    with SkipLog(tmp_path / "w.jsonl") as log:
+        whole = _as_rows(read_dataset(spec, skip_log=log))
+        assert [e["index"] for e in log.entries()] == [5, 16]
+    assert [r[0] for r in whole] == [i for i in range(17) if i not in (5, 16)]
+    for start in (0, 1, 3, 4, 5, 6, 8, 10, 11, 12, 15, 16, 17):
+        with SkipLog(tmp_path / f"s{start}.jsonl") as log:
+            assert _as_rows(read_dataset(spec, skip_log=log, start=start)) == [r for r in whole if r[0] >= start]
+    bad = write_parquet(tmp_path / "bad" / "x.parquet", [{"id": f"b{i}", "conversations": None, "image": {"bytes": RED, "path": None}}
+                                                                  for i in range(9)])
+    with pytest.raises(DatasetError, match="all 9 records were skipped"):
+        list(read_dataset(str(bad), skip_log=SkipLog(tmp_path / "bad.jsonl")))
+
+
 def test_sharded_jsonl_lines_are_per_file_and_skips_name_the_file(tmp_path):
     a = _write_jsonl(tmp_path / "a.jsonl", [{"id": "a0", "conversations": _conv()}, {"id": "a1"}])
     b = _write_jsonl(tmp_path / "b.jsonl", [{"id": "b0", "conversations": _conv()}, {"id": "b1"}])

@@ -299,15 +299,15 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
                     records = None
                     name = names.get(file.path) or names.setdefault(file.path, source.relative_name(file))
                     chunks = plan.samples(batch, index0, local0, file.name, registry, name)
-                start = 0
+                row = 0  # the chunk's first row in the batch
                 for samples, others in chunks:
                     if not others:
                         yield from samples
-                        start += len(samples)
+                        row += len(samples)
                         continue
                     for k, sample in enumerate(samples):
                         if sample is None:  # the record path decides: a sample, or a skip and why
-                            i = start + k
+                            i = row + k
                             try:
                                 record = records[i] if records is not None else batch.slice(i, 1).to_pylist()[0]
                                 sample = record_sample(record, index0 + i, None, file, local0 + i, resolve)
@@ -316,7 +316,7 @@ def read_dataset(path, image_root: str | os.PathLike | None = None,
                                 n_skipped += 1
                                 continue
                         yield sample
-                    start += len(samples)
+                    row += len(samples)
         else:
             file = resolve = None
             for index, line, record, f, local in source.iter_records(start=start):
