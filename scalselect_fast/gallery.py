@@ -45,23 +45,17 @@ def gallery_groups(rank: np.ndarray, kept_mask: np.ndarray, size: int = GALLERY_
         The same rows as slicing the whole order (kept / rejected parts, its tail), read from the
         ranks a block at a time: memory is the kept rows, not an (n,) order.
     """
+    from .scoring import rows_ranked
+
     kept = np.flatnonzero(kept_mask)
     kept_order = kept[np.argsort(rank[kept], kind="stable")]
     n_scored = sum(int(np.count_nonzero(rank[a:a + (1 << 20)])) for a in range(0, rank.size, 1 << 20))
     # among the best kept.size + size ranks at most kept.size rows are kept: the first rejected are there
-    head = _ranked_rows(rank, RANK_BASE, RANK_BASE + min(kept.size + size, n_scored))
+    head = rows_ranked(rank, RANK_BASE, RANK_BASE + min(kept.size + size, n_scored))
     rejected = head[~kept_mask[head]][:size]
-    tail = _ranked_rows(rank, RANK_BASE + max(n_scored - size, 0), RANK_BASE + n_scored)
+    tail = rows_ranked(rank, RANK_BASE + max(n_scored - size, 0), RANK_BASE + n_scored)
     return {"top kept": kept_order[:size], "last kept (cut-off)": kept_order[-size:],
             "first rejected (cut-off)": rejected, "lowest scored": tail}
-
-
-def _ranked_rows(rank: np.ndarray, lo: int, hi: int) -> np.ndarray:
-    """The rows ranked ``lo <= rank < hi``, best first (found a block at a time)."""
-    rows = [np.flatnonzero((rank[a:a + (1 << 20)] >= lo) & (rank[a:a + (1 << 20)] < hi)) + a
-            for a in range(0, rank.size, 1 << 20)]
-    rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    return rows[np.argsort(rank[rows], kind="stable")].astype(np.int64, copy=False)
 
 
 def build_gallery(src, scores, rank, kept_mask, records: Records | None, warn=None) -> tuple[dict | None, dict]:

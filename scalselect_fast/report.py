@@ -156,18 +156,13 @@ def _median_at_ranks(scores: np.ndarray, rank: np.ndarray, n_valid: int) -> floa
     The ascending order statistic ``k`` of the ``n_valid`` scores is the row ranked
     ``RANK_BASE + n_valid - 1 - k``; ``np.median`` of the one or two middle values is the median of all.
     """
+    from .scoring import rows_ranked
+
     if n_valid == 0:
         return None
-    ks = [n_valid // 2] if n_valid % 2 else [n_valid // 2 - 1, n_valid // 2]
-    want = [RANK_BASE + n_valid - 1 - k for k in ks]
-    found: dict = {}
-    for a in range(0, rank.size, 1 << 20):
-        r = rank[a:a + (1 << 20)]
-        for w in want:
-            hit = np.flatnonzero(r == w)
-            if hit.size:
-                found[w] = scores[a + int(hit[0])]
-    return float(np.median(np.array([found[w] for w in want], np.float64)))
+    # ascending order statistics (n-1)//2 and n//2 (one row when n is odd) sit at these ranks
+    lo, hi = RANK_BASE + n_valid - 1 - n_valid // 2, RANK_BASE + n_valid - (n_valid - 1) // 2
+    return float(np.median(scores[rows_ranked(rank, lo, hi)]))
 
 
 def score_histogram(scores: np.ndarray, cutoff: float | None, bins: int = 60, median: float | None = None) -> dict:

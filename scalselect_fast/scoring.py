@@ -24,7 +24,7 @@ from .devices import array_device
 from .store import DEFAULT_BLOCK_ROWS, DEFAULT_PREFETCH, open_source
 from .subspace import InvalidRowsError, Subspace, SubspaceError, describe_rows
 
-__all__ = ["leverage_scores", "top_k", "rank_scores", "score_order", "count_scored", "resolve_budget", "BudgetError", "TOPK_CHUNK",
+__all__ = ["leverage_scores", "top_k", "top_rows", "rows_ranked", "rank_scores", "score_order", "count_scored", "resolve_budget", "BudgetError", "TOPK_CHUNK",
            "RANK_BLOCK"]
 
 #: scores per top_k_block call; each chunk's winners are merged into the running top (same result as one
@@ -244,23 +244,46 @@ def top_k(scores: np.ndarray, budget, chunk: int = TOPK_CHUNK) -> np.ndarray:
     if m > n - n_nan:
         raise BudgetError(f"budget {budget!r} asks for {m} rows but only {n - n_nan} of {n} rows have a "
                           f"score ({n_nan} invalid); lower the budget")
-    best = None
-    for a in range(0, n, chunk):
-        s = scores[a:a + chunk]
-        if n_nan and np.isnan(s).any():
-            s = np.where(np.isnan(s), -np.inf, s)  # never ahead of a real score
-        part = native.top_k_block(s, a, m)
-        # merged as they come: the top m of (score desc, row asc) is a total order, so the running
-        # merge equals one merge of every chunk's winners, without holding them all (up to n of them)
-        best = part if best is None else native.top_k_merge([best, part], m)
-    idx, _ = best
-    idx = np.asarray(idx, dtype=np.int64)
+    idx = np.asarray(top_rows(scores, m, chunk)[0], dtype=np.int64)
     if n_nan and np.isnan(scores[idx]).any():
         # only possible when genuine -inf scores tie with the NaN placeholders
         keep = idx[~np.isnan(scores[idx])]
         raise BudgetError(f"budget {m} reaches rows scored -inf ({keep.size} rows have a larger score); "
                           f"lower the budget")
     return idx
+
+
+def top_rows(scores: np.ndarray, m: int, chunk: int = TOPK_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, values)`` of the ``m`` largest scores, best first (ties → lower row; NaN counts as
+    -inf, never ahead of a real score), with no budget checks (:func:`top_k` makes them).
+
+    Each chunk's top (:func:`~scalselect_fast.native.top_k_block`) is merged into the running top as
+    it comes: (score desc, row asc) is a total order, so this equals one merge of every chunk's
+    winners without holding them all. Memory: two ``m``-long tops and one chunk.
+    """
+    best = None
+    for a in range(0, scores.size, chunk):
+        s = scores[a:a + chunk]
+        if np.isnan(s).any():
+            s = np.where(np.isnan(s), -np.inf, s)
+        part = native.top_k_block(s, a, m)
+        best = part if best is None else native.top_k_merge([best, part], m)
+    return best
+
+
+def rows_ranked(rank: np.ndarray, lo: int, hi: int, block: int = TOPK_CHUNK) -> np.ndarray:
+    """The rows ranked ``lo <= rank < hi`` (ranks as :func:`rank_scores` gives them), best first.
+
+    Found a block of ``rank`` at a time: memory is the rows found, not an (n,) order.
+
+    Returns
+    -------
+    ndarray, shape (k,), int64
+    """
+    rows = [np.flatnonzero((rank[a:a + block] >= lo) & (rank[a:a + block] < hi)) + a
+            for a in range(0, rank.size, block)]
+    rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    return rows[np.argsort(rank[rows], kind="stable")].astype(np.int64, copy=False)
 
 
 def score_order(scores: np.ndarray) -> np.ndarray:

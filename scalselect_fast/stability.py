@@ -101,49 +101,31 @@ def cutoff_margin(scores: np.ndarray, budget: int, rank: np.ndarray | None = Non
     return out
 
 
-def _chunks(s: np.ndarray):
-    """``s`` a block at a time with NaN as -inf (a NaN row ranks below every score)."""
-    from .scoring import TOPK_CHUNK
-
-    for a in range(0, s.size, TOPK_CHUNK):
-        c = s[a:a + TOPK_CHUNK]
-        yield a, (np.where(np.isnan(c), -np.inf, c) if np.isnan(c).any() else c)
-
-
 def _largest(s: np.ndarray, count: int) -> np.ndarray:
-    """The ``count`` largest values of ``s`` (NaN as -inf), descending: each block's top
-    (:func:`~scalselect_fast.native.top_k_block`) merged into the running top, so memory is two
-    ``count``-long tops and one block, where a partition of the negated scores copied them twice."""
-    from . import native
+    """The ``count`` largest values of ``s`` (NaN as -inf), descending (:func:`~scalselect_fast.scoring.
+    top_rows`: memory two ``count``-long tops and one block, not partitioned copies of the scores)."""
+    from .scoring import top_rows
 
-    best = None
-    for a, c in _chunks(s):
-        part = native.top_k_block(c, a, count)
-        best = part if best is None else native.top_k_merge([best, part], count)
-    return best[1]
+    return top_rows(s, count)[1]
 
 
 def _at_positions(s: np.ndarray, rank: np.ndarray, rank_base: int, upto: int) -> dict:
-    """``{p: value}`` for descending positions ``p = upto - 1`` and ``upto`` (1-based; NaN as -inf, so
-    a position past the scored rows is -inf), found at those ranks a block at a time."""
-    from .scoring import TOPK_CHUNK, count_scored
+    """``{p: value}`` for the 0-based descending positions ``upto - 2`` and ``upto - 1`` (NaN as -inf, so
+    a position past the scored rows is -inf), read at those ranks."""
+    from .scoring import rows_ranked
 
-    n_scored = count_scored(s)
-    want = [p for p in (upto - 1, upto) if p >= 1]
-    out = {p - 1: -np.inf for p in want if p > n_scored}  # keyed like a 0-based top
-    for a in range(0, rank.size, TOPK_CHUNK):
-        r = rank[a:a + TOPK_CHUNK]
-        for p in want:
-            if p <= n_scored:
-                hit = np.flatnonzero(r == rank_base + p - 1)
-                if hit.size:
-                    out[p - 1] = s[a + int(hit[0])]
+    first = max(upto - 2, 0)
+    out = {p: -np.inf for p in range(first, upto)}
+    out.update(zip(range(first, upto), s[rows_ranked(rank, rank_base + first, rank_base + upto)].tolist()))
     return out
 
 
 def _count_equal(s: np.ndarray, value: float) -> int:
     """Rows of ``s`` (NaN as -inf) equal to ``value``, counted a block at a time."""
-    return sum(int(np.count_nonzero(c == value)) for _a, c in _chunks(s))
+    from .scoring import TOPK_CHUNK, count_scored
+
+    n = sum(int(np.count_nonzero(s[a:a + TOPK_CHUNK] == value)) for a in range(0, s.size, TOPK_CHUNK))
+    return n + (s.size - count_scored(s) if value == -np.inf else 0)  # the NaN rows count as -inf
 
 
 def _fit_kwargs(sub) -> dict:
